@@ -1,0 +1,30 @@
+# The only set-up: `make demo` and `make test` each install everything from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCHREC := torchrec==1.8.0
+
+.PHONY: install demo test bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# torchrec's metadata requires the CUDA fbgemm-gpu; its real needs are in requirements.txt.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(TORCHREC)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml --out prepared/kuairand_random
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/reader_throughput.py
+
+clean:
+	rm -rf $(VENV) prepared runs

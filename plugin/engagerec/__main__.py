@@ -1,0 +1,5 @@
+import sys
+
+from engagerec.cli import main
+
+sys.exit(main())

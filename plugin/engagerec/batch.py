@@ -1,0 +1,44 @@
+"""Batch: what the reader yields and the model consumes; a TorchRec Pipelineable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """sparse_features: one key per sparse feature; dense_features: [B, num_dense] float32;
+    labels: task label name -> [B] float32."""
+
+    dense_features: torch.Tensor
+    sparse_features: KeyedJaggedTensor
+    labels: Dict[str, torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense_features.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.labels.items()},
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense_features.record_stream(stream)
+        self.sparse_features.record_stream(stream)
+        for value in self.labels.values():
+            value.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            dense_features=self.dense_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+        )

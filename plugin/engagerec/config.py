@@ -1,0 +1,230 @@
+"""Typed experiment configuration: dataclasses loaded strictly from YAML.
+
+Strict means an unknown key is an error that names the nearest valid key, and a
+value of the wrong type is an error that names its dotted path. ``--set a.b=c``
+overrides are applied to the raw mapping before it is typed, so they get the same
+checks as the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class FeatureConfig:
+    """One input feature and how it is encoded.
+
+    kind:
+      categorical  one id per row -> vocabulary (fitted on train) -> embedding table
+      multi_hot    a separator-joined list of ids per row (e.g. genres) -> one bag
+      numeric      a float -> optional transform -> standardised dense input;
+                   ``buckets`` > 0 also adds a quantile-bucket sparse feature
+      history      the user's last ``length`` ``of`` ids strictly before this row
+    """
+
+    name: str
+    kind: str = "categorical"
+    column: Optional[str] = None  # source column; defaults to ``name``
+    id_space: Optional[str] = None  # features sharing an id space share a vocab/table
+    min_count: int = 1  # rarer ids map to the out-of-vocabulary row
+    separator: str = ","
+    transform: str = "none"  # numeric: none | log1p
+    missing: str = "error"  # numeric: error | mean (impute with the train mean)
+    buckets: int = 0
+    length: int = 20  # history length
+    of: str = "content_id"  # history: which id column
+
+
+@dataclass
+class LabelConfig:
+    """watch_ratio = watch_time / duration; skip = watch_ratio < skip_threshold."""
+
+    ratio_cap: float = 1.0
+    # What to do with ratios above ratio_cap (replays): clip them to the cap, drop
+    # the row (counted), or keep them unchanged.
+    over_cap: str = "clip"
+    skip_threshold: float = 0.5
+
+
+@dataclass
+class FilterConfig:
+    min_user_views: int = 10  # keep users with MORE than this many views (the study's rule)
+    drop_zero_watch_time: bool = True
+
+
+@dataclass
+class SplitConfig:
+    kind: str = "random"  # random | temporal | user
+    test_fraction: float = 0.3
+    val_fraction: float = 0.1  # carved from train, never from test
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the generators in engagerec.data.synthetic."""
+
+    kind: str = "study"  # study | mmoe
+    num_rows: int = 100_000
+    num_users: int = 2_000
+    num_contents: int = 1_000
+    num_genres: int = 20
+    latent_dim: int = 8
+    noise: float = 0.3
+    seed: int = 0
+    # MMoE generator (Ma et al. 2018, section 3.2)
+    input_dim: int = 100
+    task_correlation: float = 0.5
+    num_sin: int = 10
+
+
+@dataclass
+class SourceConfig:
+    """Where the three tables come from.
+
+    adapter:
+      tables     generic interactions/users/content files + a column mapping
+      study      the study's own schema (age, gender; genres, rating, duration)
+      kuairand   KuaiRand's official layout (log_*.csv, user_features_*.csv, ...)
+      synthetic  generated in the study's schema (see ``synthetic``)
+    """
+
+    adapter: str = "tables"
+    interactions: Optional[str] = None  # file, or a directory/glob for kuairand logs
+    users: Optional[str] = None
+    content: Optional[str] = None
+    # canonical name -> name in the files (user_id, content_id, watch_time, duration, timestamp)
+    columns: Dict[str, str] = field(default_factory=dict)
+    # unjoined ids: error | keep (features missing -> OOV / imputed) | drop (counted)
+    unjoined_users: str = "error"
+    unjoined_content: str = "error"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DataConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    features: List[FeatureConfig] = field(default_factory=list)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    row_group_size: int = 65_536
+    rows_per_file: int = 1_048_576
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: Any, data: Dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def apply_override(raw: Dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value")
+    key, text = assignment.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: '{part}' is not a mapping")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> ExperimentConfig:
+    """Read a YAML experiment file strictly; ``overrides`` are ``key=value`` strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return _build(ExperimentConfig, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
+    return _build(ExperimentConfig, raw, "")
+
+
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)

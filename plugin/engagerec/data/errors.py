@@ -1,0 +1,40 @@
+"""One error type for bad input data, with the file, column and row it concerns."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, column, row and what was expected.
+
+    ``row`` is the 0-based data row (header excluded); for CSV files the message
+    also gives the 1-based line number, which is what an editor shows.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: Optional[str] = None,
+        column: Optional[str] = None,
+        row: Optional[int] = None,
+        expected: Optional[str] = None,
+        got: Any = None,
+    ) -> None:
+        self.file, self.column, self.row, self.expected, self.got = file, column, row, expected, got
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        if row is not None:
+            line = f" (line {row + 2})" if file and str(file).endswith((".csv", ".tsv", ".txt")) else ""
+            where.append(f"row {row}{line}")
+        text = ", ".join(where)
+        text = f"{text}: {message}" if text else message
+        if expected is not None:
+            text += f"; expected {expected}"
+        if got is not None:
+            text += f", got {got!r}"
+        super().__init__(text)

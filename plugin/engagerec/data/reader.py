@@ -1,0 +1,224 @@
+"""Streaming reader: prepared parquet shards -> Batch, vectorised, sharded by rank and worker.
+
+Order is defined once per epoch and does not depend on the number of loader workers:
+
+1. the split's row groups ("chunks") are put in a seeded order (``shuffle``), and
+   the rows inside each chunk are permuted by a seed of (seed, epoch, chunk);
+2. the resulting row sequence is cut into one contiguous range per rank (sizes
+   differ by at most one row);
+3. a rank's range is cut into batches; loader worker ``w`` of ``W`` makes batches
+   ``w, w+W, ...``, which a torch DataLoader hands out round-robin, i.e. in order.
+
+So batch ``k`` of an epoch is the same whatever the worker count, which is what an
+exact resume needs (``start_batch``). Memory holds one decoded chunk per worker,
+whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from engagerec.batch import Batch
+from engagerec.data.errors import DataError
+from engagerec.data.jagged import gather_rows, list_array_parts
+from engagerec.data.schema import DatasetSchema
+
+
+@dataclass
+class _Chunk:
+    """One decoded row group. singles is feature-major [S, rows] so that a batch's slice
+    ``singles[:, lo:hi]`` flattens straight into the KJT's key-major value layout."""
+
+    singles: np.ndarray
+    multis: List[Tuple[np.ndarray, np.ndarray]]
+    dense: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return self.dense.shape[0]
+
+
+class ShardReader(IterableDataset):
+    """Iterate ``Batch`` objects over one split of a prepared dataset.
+
+    Args:
+        data_dir: a directory written by ``engagerec prepare`` (holds schema.json).
+        split: "train", "val" or "test".
+        batch_size: rows per batch on this rank.
+        shuffle: seeded chunk order and in-chunk row order, new each ``set_epoch``.
+        rank, world_size: default to torch.distributed's when it is initialised.
+        drop_last: every rank yields the same number of full batches (what lock-step
+            distributed training needs); the rows left over are counted in ``rows_dropped``.
+        start_batch: skip this many batches of the epoch (resume).
+
+    Example::
+
+        reader = ShardReader("prepared/kuairand_random", "train", batch_size=4096, shuffle=True)
+        for batch in make_loader(reader, num_workers=1):
+            batch.sparse_features, batch.dense_features, batch.labels["skip"]
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 8192,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        drop_last: bool = False,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.schema = DatasetSchema.load(self.data_dir)
+        splits = self.schema.meta.get("splits", {})
+        if split not in splits:
+            raise DataError(f"split '{split}' is not in this dataset", file=str(self.data_dir / "schema.json"),
+                            expected=f"one of {sorted(splits)}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.drop_last, self.start_batch, self.epoch = drop_last, start_batch, 0
+        if world_size is None:
+            initialised = dist.is_available() and dist.is_initialized()
+            world_size = dist.get_world_size() if initialised else 1
+            rank = dist.get_rank() if initialised else 0
+        self.rank, self.world_size = int(rank or 0), int(world_size)
+        self.single_names = [f.name for f in self.schema.sparse if not f.multi]
+        self.multi_names = [f.name for f in self.schema.sparse if f.multi]
+        self.keys = self.single_names + self.multi_names
+        self.chunks: List[Tuple[Path, int, int]] = []  # (file, row group, rows)
+        for name in splits[split]["files"]:
+            path = self.data_dir / split / name
+            if not path.is_file():
+                raise DataError("shard listed in schema.json is missing", file=str(path))
+            metadata = pq.ParquetFile(path).metadata
+            self.chunks += [(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+        self.total_rows = sum(rows for _, _, rows in self.chunks)
+        self._files: dict = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = {}  # open parquet handles stay in the process that opened them
+        return state
+
+    # ------------------------------------------------------------ bookkeeping
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank_rows(self, rank: int) -> Tuple[int, int]:
+        return rank * self.total_rows // self.world_size, (rank + 1) * self.total_rows // self.world_size
+
+    def num_batches(self) -> int:
+        """Batches this rank yields in one epoch (before ``start_batch``)."""
+        if self.drop_last:
+            fewest = min(end - start for start, end in map(self._rank_rows, range(self.world_size)))
+            return fewest // self.batch_size
+        start, end = self._rank_rows(self.rank)
+        return -(-(end - start) // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches() - self.start_batch)
+
+    @property
+    def rows_dropped(self) -> int:
+        start, end = self._rank_rows(self.rank)
+        return (end - start) - min(end - start, self.num_batches() * self.batch_size)
+
+    # --------------------------------------------------------------- reading
+    def _chunk_order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.chunks))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.chunks))
+
+    def _load(self, chunk_id: int) -> _Chunk:
+        path, group, rows = self.chunks[chunk_id]
+        if path not in self._files:
+            self._files = {path: pq.ParquetFile(path)}  # one open file per worker
+        table = self._files[path].read_row_group(group, use_threads=False)
+        order = (np.random.default_rng([self.seed, self.epoch, chunk_id]).permutation(rows)
+                 if self.shuffle else None)
+
+        def matrix(names: List[str], dtype, axis: int) -> np.ndarray:
+            if not names:
+                return np.zeros((0, rows) if axis == 0 else (rows, 0), dtype=dtype)
+            stacked = np.stack([table.column(n).to_numpy().astype(dtype, copy=False) for n in names], axis=axis)
+            return stacked if order is None else np.take(stacked, order, axis=1 - axis)
+
+        multis = []
+        for name in self.multi_names:
+            offsets, values = list_array_parts(table.column(name))
+            multis.append((offsets, values) if order is None else gather_rows(offsets, values, order))
+        return _Chunk(
+            singles=matrix(self.single_names, np.int32, axis=0),
+            multis=multis,
+            dense=matrix(self.schema.dense_names, np.float32, axis=1),
+            labels=matrix(self.schema.label_names, np.float32, axis=1),
+        )
+
+    def _make_batch(self, pieces: List[Tuple[_Chunk, int, int]]) -> Batch:
+        def cat(arrays: List[np.ndarray]) -> np.ndarray:
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+        singles = [c.singles[:, lo:hi] for c, lo, hi in pieces]
+        singles = singles[0] if len(singles) == 1 else np.concatenate(singles, axis=1)
+        values = [singles.reshape(-1)]
+        lengths = [np.ones(singles.size, dtype=np.int32)]
+        for k in range(len(self.multi_names)):
+            for chunk, lo, hi in pieces:
+                offsets, flat = chunk.multis[k]
+                values.append(flat[offsets[lo]: offsets[hi]])
+                lengths.append(np.diff(offsets[lo: hi + 1]).astype(np.int32))
+        labels = torch.from_numpy(cat([c.labels[lo:hi] for c, lo, hi in pieces]))
+        return Batch(
+            dense_features=torch.from_numpy(cat([c.dense[lo:hi] for c, lo, hi in pieces])),
+            sparse_features=KeyedJaggedTensor(
+                keys=self.keys,
+                values=torch.from_numpy(np.concatenate(values, dtype=np.int64)),
+                lengths=torch.from_numpy(np.concatenate(lengths)),
+            ),
+            labels={name: labels[:, i] for i, name in enumerate(self.schema.label_names)},
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        order = self._chunk_order()
+        sizes = np.array([self.chunks[c][2] for c in order], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        rank_start, rank_end = self._rank_rows(self.rank)
+        cache: dict = {}
+        for b in range(self.start_batch + worker_id, self.num_batches(), num_workers):
+            lo = rank_start + b * self.batch_size
+            hi = min(lo + self.batch_size, rank_end)
+            pieces = []
+            position = int(np.searchsorted(ends, lo, side="right"))
+            while lo < hi:
+                chunk_id = int(order[position])
+                if chunk_id not in cache:
+                    cache = {chunk_id: self._load(chunk_id)}  # keep one decoded chunk
+                chunk_start = int(ends[position] - sizes[position])
+                take_hi = min(hi, int(ends[position]))
+                pieces.append((cache[chunk_id], lo - chunk_start, take_hi - chunk_start))
+                lo = take_hi
+                position += 1
+            yield self._make_batch(pieces)
+
+
+def make_loader(reader: ShardReader, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that keeps the reader's batch order (batches are made by the reader)."""
+    return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

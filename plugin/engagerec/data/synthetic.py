@@ -1,0 +1,269 @@
+"""Synthetic data with planted, known signal. Deterministic by seed; generated in chunks,
+so any row count streams to parquet in bounded memory.
+
+Two generators:
+
+* ``study``: the study's schema (users: age, gender; content: genres, rating, duration;
+  interactions: watch time, timestamp). The watch ratio is sigmoid of a score built
+  from user and content latent factors, per-user genre preferences, rating, a
+  duration effect and Gaussian noise; a few views are replays (ratio above 1).
+* ``mmoe``: the two-task regression benchmark of Ma et al., "Modeling Task
+  Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts" (KDD
+  2018), section 3.2, whose task correlation is set by ``task_correlation`` (p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engagerec.config import DataConfig, SyntheticConfig
+from engagerec.data.raw import RawTables
+from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec
+from engagerec.data.shards import ShardWriter
+
+DEFAULT_CHUNK_ROWS = 1_000_000
+MAX_GENRES_PER_ITEM = 3
+REPLAY_PROBABILITY = 0.05
+
+
+def _chunks(total: int, chunk_rows: int) -> Iterator[Tuple[int, int]]:
+    for index, start in enumerate(range(0, total, chunk_rows)):
+        yield index, min(chunk_rows, total - start)
+
+
+def _random_parts(seed: int, chunk: int, rows: int, data: DataConfig) -> Dict[str, np.ndarray]:
+    """Row masks of train / val / test for one chunk; val is carved from the non-test rows."""
+    draw = np.random.default_rng([seed, 2, chunk]).random(rows)
+    test_fraction, val_fraction = data.split.test_fraction, data.split.val_fraction
+    test = draw < test_fraction
+    val = ~test & (draw < test_fraction + (1 - test_fraction) * val_fraction)
+    return {"train": ~test & ~val, "val": val, "test": test}
+
+
+# ------------------------------------------------------------------ study schema
+
+
+@dataclass
+class StudyWorld:
+    """The hidden truth behind the study-schema generator."""
+
+    users: pd.DataFrame
+    content: pd.DataFrame
+    user_factors: np.ndarray  # [U, d]
+    content_factors: np.ndarray  # [C, d]
+    genre_preference: np.ndarray  # [U, G]
+    content_genres: np.ndarray  # [C, MAX_GENRES_PER_ITEM], -1 = none
+    log_duration_mean: float
+
+
+def study_world(cfg: SyntheticConfig) -> StudyWorld:
+    rng = np.random.default_rng([cfg.seed, 0])
+    n_users, n_items, n_genres = cfg.num_users, cfg.num_contents, cfg.num_genres
+    genre_popularity = rng.dirichlet(np.ones(n_genres))
+    counts = rng.integers(1, MAX_GENRES_PER_ITEM + 1, size=n_items)
+    genres = np.full((n_items, MAX_GENRES_PER_ITEM), -1, dtype=np.int64)
+    for slot in range(MAX_GENRES_PER_ITEM):  # without replacement within an item
+        draw = rng.choice(n_genres, size=n_items, p=genre_popularity)
+        taken = (genres == draw[:, None]).any(axis=1)
+        genres[:, slot] = np.where((slot < counts) & ~taken, draw, -1)
+    genre_text = [",".join(str(g) for g in row if g >= 0) for row in genres]
+    log_duration_mean = np.log(60.0)
+    duration = np.round(np.exp(rng.normal(log_duration_mean, 0.8, size=n_items)), 1) + 1.0
+    users = pd.DataFrame({
+        "user_id": np.arange(n_users),
+        "age": rng.integers(18, 71, size=n_users),
+        "gender": rng.choice(np.array(["F", "M"]), size=n_users),
+    })
+    content = pd.DataFrame({
+        "content_id": np.arange(n_items),
+        "genres": genre_text,
+        "rating": np.round(rng.uniform(1, 5, size=n_items), 1),
+        "duration": duration,
+    })
+    return StudyWorld(
+        users=users,
+        content=content,
+        user_factors=rng.normal(size=(n_users, cfg.latent_dim)),
+        content_factors=rng.normal(size=(n_items, cfg.latent_dim)),
+        genre_preference=rng.normal(0, 0.7, size=(n_users, n_genres)),
+        content_genres=genres,
+        log_duration_mean=float(log_duration_mean),
+    )
+
+
+def study_interactions(world: StudyWorld, cfg: SyntheticConfig, chunk: int, rows: int, first_row: int) -> pd.DataFrame:
+    """One chunk of interactions; the same (seed, chunk) always gives the same rows."""
+    rng = np.random.default_rng([cfg.seed, 1, chunk])
+    # skewed activity and popularity, as in real logs
+    user = np.minimum((rng.random(rows) ** 2 * cfg.num_users).astype(np.int64), cfg.num_users - 1)
+    item = np.minimum((rng.random(rows) ** 3 * cfg.num_contents).astype(np.int64), cfg.num_contents - 1)
+    affinity = np.einsum("ij,ij->i", world.user_factors[user], world.content_factors[item]) / np.sqrt(cfg.latent_dim)
+    item_genres = world.content_genres[item]
+    has = item_genres >= 0
+    preference = np.where(has, world.genre_preference[user[:, None], np.maximum(item_genres, 0)], 0.0)
+    preference = preference.sum(axis=1) / np.maximum(has.sum(axis=1), 1)
+    rating = world.content["rating"].to_numpy()[item]
+    duration = world.content["duration"].to_numpy()[item]
+    score = (affinity + preference + 0.3 * (rating - 3.0)
+             - 0.6 * (np.log(duration) - world.log_duration_mean) + 0.5
+             + cfg.noise * rng.normal(size=rows))
+    ratio = 1.0 / (1.0 + np.exp(-score))
+    replay = rng.random(rows) < REPLAY_PROBABILITY
+    ratio = np.where(replay, ratio * rng.uniform(1.0, 2.0, size=rows), ratio)
+    timestamp = 1_650_000_000_000 + (first_row + np.arange(rows)) * 1_000 + rng.integers(0, 1_000, size=rows)
+    return pd.DataFrame({
+        "user_id": user,
+        "content_id": item,
+        "watch_time": np.round(ratio * duration, 2),
+        "timestamp": timestamp,
+    })
+
+
+def iter_study_interactions(world: StudyWorld, cfg: SyntheticConfig,
+                            chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    for index, rows in _chunks(cfg.num_rows, chunk_rows):
+        yield study_interactions(world, cfg, index, rows, index * chunk_rows)
+
+
+def study_tables(cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> RawTables:
+    """All three study-schema tables in memory (for data that fits)."""
+    world = study_world(cfg)
+    interactions = pd.concat(list(iter_study_interactions(world, cfg, chunk_rows)), ignore_index=True)
+    for frame, name in ((interactions, "interactions"), (world.users, "users"), (world.content, "content")):
+        frame.attrs["source_file"] = f"synthetic:{name}"
+    return RawTables(interactions, world.users, world.content)
+
+
+def write_study_tables(out_dir: str | Path, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+    """users.parquet, content.parquet and interactions.parquet, written chunk by chunk."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = study_world(cfg)
+    pq.write_table(pa.Table.from_pandas(world.users, preserve_index=False), out_dir / "users.parquet")
+    pq.write_table(pa.Table.from_pandas(world.content, preserve_index=False), out_dir / "content.parquet")
+    tmp = out_dir / ".interactions.parquet.tmp"
+    writer = None
+    for frame in iter_study_interactions(world, cfg, chunk_rows):
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table, row_group_size=min(chunk_rows, 1 << 20))
+    writer.close()
+    tmp.replace(out_dir / "interactions.parquet")
+    return out_dir
+
+
+def write_study_prepared(out_dir: str | Path, data: DataConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Dict:
+    """A prepared dataset (schema.json + shards) streamed chunk by chunk, for data too big for memory.
+
+    Differences from ``prepare`` (which needs the whole log in memory), by design:
+    the schema is fitted on the first chunk's training rows; rows go to
+    train/val/test at random (split.kind must be "random"); user filters and history
+    features, which need a user's whole log, are refused.
+    """
+    from engagerec.data.events import build_events
+    from engagerec.data.prepare import STUDY_LABELS, SPLITS
+
+    if data.split.kind != "random" or any(f.kind == "history" for f in data.features):
+        raise ValueError("streamed synthetic data supports split.kind=random and no history features")
+    if data.filters.min_user_views > 0:
+        raise ValueError("streamed synthetic data needs filters.min_user_views: 0 (it sees one chunk at a time)")
+    cfg = data.source.synthetic
+    out_dir = Path(out_dir)
+    world = study_world(cfg)
+    writers = {name: ShardWriter(out_dir / name, data.rows_per_file, data.row_group_size) for name in SPLITS}
+    schema, dropped, rows_read = None, {}, 0
+    for index, interactions in enumerate(iter_study_interactions(world, cfg, chunk_rows)):
+        interactions.attrs["source_file"] = f"synthetic:interactions[chunk {index}]"
+        events, report = build_events(RawTables(interactions, world.users, world.content), data)
+        rows_read += report.rows_read
+        for reason, count in report.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        parts = _random_parts(cfg.seed, index, len(events), data)
+        if schema is None:
+            schema = DatasetSchema.fit(events[parts["train"]], data.features, STUDY_LABELS)
+        for name, mask in parts.items():
+            writers[name].write(schema.encode(events[mask]))
+    layout = schema.encode(events.iloc[:0]).schema
+    splits = {name: {"rows": w.rows, "files": w.close(layout)} for name, w in writers.items()}
+    schema.meta = {"summary": {"adapter": "synthetic (streamed)", "rows_read": rows_read, "dropped": dropped,
+                               "schema_fitted_on": "the first chunk's training rows"},
+                   "splits": splits}
+    schema.save(out_dir)
+    return splits
+
+
+# ------------------------------------------------------------ MMoE (Ma et al. 2018)
+
+
+def mmoe_parameters(cfg: SyntheticConfig) -> Dict[str, np.ndarray]:
+    """Two orthogonal unit vectors u1, u2; w1 = u1, w2 = p*u1 + sqrt(1-p^2)*u2 (scale c = 1);
+    sinusoid shapes alpha_i, beta_i for i = 1..m."""
+    if not -1 <= cfg.task_correlation <= 1:
+        raise ValueError(f"task_correlation must be in [-1, 1], got {cfg.task_correlation}")
+    rng = np.random.default_rng([cfg.seed, 0])
+    basis, _ = np.linalg.qr(rng.normal(size=(cfg.input_dim, 2)))
+    u1, u2 = basis[:, 0], basis[:, 1]
+    p = cfg.task_correlation
+    return {
+        "w1": u1,
+        "w2": p * u1 + np.sqrt(1 - p * p) * u2,
+        "alpha": rng.normal(size=cfg.num_sin),
+        "beta": rng.normal(size=cfg.num_sin),
+    }
+
+
+def mmoe_chunk(params: Dict[str, np.ndarray], cfg: SyntheticConfig, chunk: int, rows: int) -> Tuple[np.ndarray, np.ndarray]:
+    """x ~ N(0, I); y_k = w_k.x + sum_i sin(alpha_i w_k.x + beta_i) + eps, eps ~ N(0, 0.01)."""
+    rng = np.random.default_rng([cfg.seed, 1, chunk])
+    x = rng.normal(size=(rows, cfg.input_dim)).astype(np.float32)
+    labels = []
+    for w in (params["w1"], params["w2"]):
+        z = x.astype(np.float64) @ w
+        y = z + np.sin(np.outer(z, params["alpha"]) + params["beta"]).sum(axis=1) + rng.normal(0, 0.1, size=rows)
+        labels.append(y)
+    return x, np.stack(labels, axis=1).astype(np.float32)
+
+
+def mmoe_arrays(cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tuple[np.ndarray, np.ndarray]:
+    """(x [N, input_dim], y [N, 2]) in memory."""
+    params = mmoe_parameters(cfg)
+    parts = [mmoe_chunk(params, cfg, i, rows) for i, rows in _chunks(cfg.num_rows, chunk_rows)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+MMOE_LABELS = [LabelSpec("y1", "regression"), LabelSpec("y2", "regression")]
+
+
+def write_mmoe_prepared(out_dir: str | Path, cfg: SyntheticConfig, data: DataConfig,
+                        chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+    """The MMoE benchmark as a prepared dataset: dense x0..x{d-1}, labels y1, y2, random split."""
+    from engagerec.data.prepare import SPLITS
+
+    out_dir = Path(out_dir)
+    params = mmoe_parameters(cfg)
+    names = [f"x{i}" for i in range(cfg.input_dim)]
+    writers = {name: ShardWriter(out_dir / name, data.rows_per_file, data.row_group_size) for name in SPLITS}
+    layout = None
+    for index, rows in _chunks(cfg.num_rows, chunk_rows):
+        x, y = mmoe_chunk(params, cfg, index, rows)
+        table = pa.table({**{n: x[:, i] for i, n in enumerate(names)}, "y1": y[:, 0], "y2": y[:, 1]})
+        layout = table.schema
+        for name, mask in _random_parts(cfg.seed, index, rows, data).items():
+            writers[name].write(table.filter(pa.array(mask)))
+    schema = DatasetSchema(
+        features=[], sparse=[], vocabs={}, labels=list(MMOE_LABELS),
+        dense=[DenseFeature(n, n, "none", 0.0, 1.0, None) for n in names],  # x is already N(0, 1)
+    )
+    schema.meta = {
+        "summary": {"adapter": "synthetic mmoe", "task_correlation": cfg.task_correlation, "rows_read": cfg.num_rows},
+        "splits": {name: {"rows": w.rows, "files": w.close(layout)} for name, w in writers.items()},
+    }
+    schema.save(out_dir)
+    return out_dir

@@ -1,0 +1,76 @@
+import os
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KUAIRAND = REPO / "datasets" / "kuairand"
+
+warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def kuairand_random(tmp_path_factory):
+    """The bundled KuaiRand data prepared once with configs/kuairand_random.yaml."""
+    from engagerec.config import load_config
+    from engagerec.data.prepare import prepare
+
+    cfg = load_config(REPO / "configs" / "kuairand_random.yaml")
+    os.chdir(REPO)
+    out = tmp_path_factory.mktemp("kuairand_random")
+    summary = prepare(cfg.data, out)
+    return out, summary, cfg
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> str:
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def study_files(tmp_path: Path, interactions=None, users=None, content=None):
+    """Small study-schema tables on disk; each argument overrides one table."""
+    n_users, per_user = 4, 12
+    if users is None:
+        users = pd.DataFrame({"user_id": range(n_users), "age": [20, 30, 40, 50], "gender": ["F", "M", "F", "M"]})
+    if content is None:
+        content = pd.DataFrame({"content_id": range(6), "genres": ["1,2", "2", "3", "1", "", "4,5"],
+                                "rating": [3.0, 4.5, 2.0, 5.0, 1.0, 3.3], "duration": [60, 120, 30, 90, 45, 300]})
+    if interactions is None:
+        rows = []
+        for u in range(n_users):
+            for k in range(per_user):
+                c = (u + k) % 6
+                rows.append({"user_id": u, "content_id": c, "watch_time": (k % 5) * 0.25 * content.duration[c],
+                             "timestamp": 1000 * u + k})
+        interactions = pd.DataFrame(rows)
+    return {
+        "interactions": write_csv(tmp_path / "interactions.csv", interactions),
+        "users": write_csv(tmp_path / "users.csv", users),
+        "content": write_csv(tmp_path / "content.csv", content),
+    }
+
+
+def study_config(files, **data_overrides):
+    from engagerec.config import config_from_dict
+
+    data = {
+        "source": {"adapter": "study", **files},
+        "features": [
+            {"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
+            {"name": "genres", "kind": "multi_hot"},
+            {"name": "age", "kind": "numeric"}, {"name": "rating", "kind": "numeric"},
+            {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
+        ],
+        "filters": {"min_user_views": 10, "drop_zero_watch_time": False},
+        "split": {"kind": "random", "test_fraction": 0.25, "val_fraction": 0.2, "seed": 1},
+    }
+    for key, value in data_overrides.items():
+        data[key] = value
+    return config_from_dict({"name": "study_test", "data": data})

@@ -1,0 +1,121 @@
+"""ShardReader: batches equal the encoded rows; sharding and shuffling lose and repeat nothing."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engagerec.config import config_from_dict
+from engagerec.data.reader import ShardReader, make_loader
+from engagerec.data.synthetic import write_study_prepared
+
+
+@pytest.fixture(scope="module")
+def multi_chunk(tmp_path_factory):
+    """Study-schema synthetic data in several files and row groups, with two multi-valued features."""
+    cfg = config_from_dict({"data": {
+        "source": {"adapter": "synthetic", "synthetic": {"num_rows": 5_000, "num_users": 300, "num_contents": 200}},
+        "features": [{"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
+                     {"name": "genres", "kind": "multi_hot"}, {"name": "age", "kind": "numeric"},
+                     {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4}],
+        "filters": {"min_user_views": 0},
+        "row_group_size": 300, "rows_per_file": 1_000,
+    }})
+    out = tmp_path_factory.mktemp("multi_chunk")
+    write_study_prepared(out, cfg.data, chunk_rows=2_000)
+    return out
+
+
+def _rows(batches, key="user_id"):
+    return torch.cat([b.sparse_features[key].values() for b in batches]).numpy()
+
+
+def _signature(batches):
+    """One tuple per row: (user, content, age, watch_ratio), to compare row multisets."""
+    out = []
+    for b in batches:
+        kjt = b.sparse_features
+        for u, c, a, w in zip(kjt["user_id"].values().tolist(), kjt["content_id"].values().tolist(),
+                              b.dense_features[:, 0].tolist(), b.labels["watch_ratio"].tolist()):
+            out.append((u, c, round(a, 5), round(w, 6)))
+    return sorted(out)
+
+
+def test_batches_equal_the_parquet_rows(multi_chunk):
+    reader = ShardReader(multi_chunk, "train", batch_size=128)
+    table = pq.read_table(multi_chunk / "train").to_pandas()
+    batches = list(reader)
+    assert len(reader.chunks) > 3 and len(batches) == len(reader) == -(-len(table) // 128)
+    assert np.array_equal(_rows(batches, "content_id"), table["content_id"].to_numpy())
+    genres = torch.cat([b.sparse_features["genres"].values() for b in batches]).numpy()
+    assert np.array_equal(genres, np.concatenate(table["genres"].to_numpy()))
+    lengths = torch.cat([b.sparse_features["genres"].lengths() for b in batches]).numpy()
+    assert np.array_equal(lengths, table["genres"].map(len).to_numpy())
+    dense = torch.cat([b.dense_features for b in batches]).numpy()
+    assert np.allclose(dense[:, 0], table["age"]) and np.allclose(dense[:, 1], table["duration"])
+    skip = torch.cat([b.labels["skip"] for b in batches]).numpy()
+    assert np.array_equal(skip, table["skip"].to_numpy())
+    first = batches[0].sparse_features
+    assert first.keys() == reader.keys and first.values().dtype == torch.int64
+    assert first.stride() == 128  # every key has one bag per row
+
+
+def test_shuffle_is_a_seeded_permutation_that_changes_each_epoch(multi_chunk):
+    plain = _signature(ShardReader(multi_chunk, "train", batch_size=100))
+    reader = ShardReader(multi_chunk, "train", batch_size=100, shuffle=True, seed=7)
+    epoch0 = list(reader)
+    reader.set_epoch(1)
+    epoch1 = list(reader)
+    again = list(ShardReader(multi_chunk, "train", batch_size=100, shuffle=True, seed=7))
+    assert _signature(epoch0) == plain == _signature(epoch1)
+    assert not np.array_equal(_rows(epoch0), _rows(epoch1))
+    assert np.array_equal(_rows(epoch0), _rows(again))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_partition_the_rows(multi_chunk, world_size):
+    whole = _signature(ShardReader(multi_chunk, "train", batch_size=64, shuffle=True, seed=1))
+    parts = [ShardReader(multi_chunk, "train", batch_size=64, shuffle=True, seed=1, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    assert sorted(sum((_signature(p) for p in parts), [])) == whole
+    sizes = [sum(b.batch_size for b in p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_drop_last_gives_every_rank_the_same_number_of_full_batches(multi_chunk):
+    parts = [ShardReader(multi_chunk, "train", batch_size=64, rank=r, world_size=3, drop_last=True) for r in range(3)]
+    counts = [len(list(p)) for p in parts]
+    assert len(set(counts)) == 1 and counts[0] == len(parts[0])
+    assert all(b.batch_size == 64 for p in parts for b in p)
+    total = sum(p.rows_dropped for p in parts) + sum(counts) * 64
+    assert total == parts[0].total_rows
+
+
+def test_worker_count_does_not_change_the_order(multi_chunk):
+    reader = ShardReader(multi_chunk, "train", batch_size=100, shuffle=True, seed=3)
+    single = _rows(list(reader))
+    for workers in (1, 2, 3):
+        assert np.array_equal(_rows(list(make_loader(reader, num_workers=workers))), single)
+
+
+def test_start_batch_resumes_mid_epoch(multi_chunk):
+    full = list(ShardReader(multi_chunk, "train", batch_size=100, shuffle=True, seed=3))
+    resumed = ShardReader(multi_chunk, "train", batch_size=100, shuffle=True, seed=3, start_batch=5)
+    rest = list(resumed)
+    assert len(rest) == len(resumed) == len(full) - 5
+    assert np.array_equal(_rows(rest), _rows(full[5:]))
+
+
+def test_batch_moves_as_a_pipelineable(multi_chunk):
+    batch = next(iter(ShardReader(multi_chunk, "val", batch_size=16)))
+    moved = batch.to(torch.device("cpu"), non_blocking=True)
+    assert torch.equal(moved.dense_features, batch.dense_features)
+    assert moved.sparse_features.keys() == batch.sparse_features.keys()
+    assert set(moved.labels) == {"watch_ratio", "skip"}
+
+
+def test_unknown_split_is_a_clear_error(multi_chunk):
+    from engagerec.data.errors import DataError
+
+    with pytest.raises(DataError, match="split 'dev' is not in this dataset"):
+        ShardReader(multi_chunk, "dev")
