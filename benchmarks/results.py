@@ -1,0 +1,50 @@
+"""benchmarks/RESULTS.md: one section per benchmark, each with the machine, versions and command."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "numpy")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine_block(command: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
+    return "\n".join([
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
+        f"- versions: {versions}",
+        f"- command: `{command}`",
+    ])
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or add) the section ``name`` of RESULTS.md, leaving the others as they are."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in benchmarks/; do not edit by hand.\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n## {name}\n\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
