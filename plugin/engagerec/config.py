@@ -128,10 +128,55 @@ class DataConfig:
     rows_per_file: int = 1_048_576
 
 
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class EmbeddingConfig:
+    """One embedding table per id space (features sharing an id space share a table)."""
+
+    dim: int = 16
+    dims: Dict[str, int] = field(default_factory=dict)  # per id space
+    # per feature: sum | mean. A table has one pooling, so multi-valued features sharing
+    # a table must agree; defaults: history -> mean, everything else -> sum.
+    pooling: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TowerConfig:
+    name: str = "mmoe"
+    params: Dict[str, Any] = field(default_factory=dict)  # passed to the tower's constructor
+
+
+@dataclass
+class TaskConfig:
+    """One prediction task. Adding a task is config: name its label column and kind."""
+
+    name: str
+    label: str
+    kind: str = "regression"  # regression | binary
+    weight: float = 1.0  # omega in the study's eq. 12
+    head_sizes: List[int] = field(default_factory=list)  # task-specific MLP before the output unit
+    output: str = "sigmoid"  # regression output transform: sigmoid (ratio in [0, 1]) | identity
+
+
+def study_tasks() -> List[TaskConfig]:
+    return [TaskConfig(name="watch_ratio", label="watch_ratio", kind="regression", output="sigmoid"),
+            TaskConfig(name="skip", label="skip", kind="binary")]
+
+
+@dataclass
+class ModelConfig:
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    tasks: List[TaskConfig] = field(default_factory=study_tasks)
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 # ---------------------------------------------------------------------- loading

@@ -1,0 +1,41 @@
+"""MMoE: shared experts, one softmax gate per task (study eq. 2-6; Ma et al., KDD 2018)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from engagerec.towers.common import GatedMixture, mlp, out_dim
+from engagerec.towers.registry import register_tower
+
+
+@register_tower("mmoe")
+class MMoE(nn.Module):
+    """f_k(x) = sum_i softmax(W_k x)_i f_i(x): every task mixes the same experts its own way.
+
+    Example::
+
+        tower = MMoE(input_dim=32, num_tasks=2, num_experts=4, expert_sizes=[64])
+        reps = tower(torch.randn(8, 32))   # two [8, 64] tensors
+        tower.gate_weights["task0"]        # [8, 4], rows sum to 1 (from the last forward)
+    """
+
+    def __init__(self, input_dim: int, num_tasks: int, num_experts: int = 4, expert_sizes: Sequence[int] = (64,),
+                 activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.experts = nn.ModuleList(mlp(input_dim, expert_sizes, activation, dropout) for _ in range(num_experts))
+        self.gates = nn.ModuleList(GatedMixture(input_dim, num_experts) for _ in range(num_tasks))
+        self.output_dims: List[int] = [out_dim(input_dim, expert_sizes)] * num_tasks
+        self.gate_weights: Dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, H]
+        outputs = []
+        for task, gate in enumerate(self.gates):
+            mixed, weights = gate(x, experts)
+            self.gate_weights[f"task{task}"] = weights.detach()
+            outputs.append(mixed)
+        return outputs

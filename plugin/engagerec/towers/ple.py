@@ -1,0 +1,90 @@
+"""CGC and PLE: shared and task-specific experts with per-task gates (study eq. 7-11;
+Tang et al., "Progressive Layered Extraction", RecSys 2020). One extraction level is CGC."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from engagerec.towers.common import GatedMixture, mlp, out_dim
+from engagerec.towers.registry import register_tower
+
+
+class ExtractionLevel(nn.Module):
+    """One level: task t's gate mixes its own experts and the shared ones; below the last
+    level a shared gate mixes all experts into the next level's shared input."""
+
+    def __init__(self, input_dim: int, num_tasks: int, num_shared: int, num_specific: int,
+                 expert_sizes: Sequence[int], activation: str, dropout: float, shared_gate: bool) -> None:
+        super().__init__()
+        if num_shared + num_specific == 0:
+            raise ValueError("an extraction level needs at least one expert")
+
+        def experts(count: int) -> nn.ModuleList:
+            return nn.ModuleList(mlp(input_dim, expert_sizes, activation, dropout) for _ in range(count))
+
+        self.num_tasks = num_tasks
+        self.shared_experts = experts(num_shared)
+        self.task_experts = nn.ModuleList(experts(num_specific) for _ in range(num_tasks))
+        self.task_gates = nn.ModuleList(GatedMixture(input_dim, num_specific + num_shared) for _ in range(num_tasks))
+        self.shared_gate = GatedMixture(input_dim, num_tasks * num_specific + num_shared) if shared_gate else None
+        self.output_dim = out_dim(input_dim, expert_sizes)
+
+    def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor
+                ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        shared = [expert(shared_input) for expert in self.shared_experts]
+        outputs, weights, every_expert = [], {}, []
+        for task in range(self.num_tasks):
+            own = [expert(task_inputs[task]) for expert in self.task_experts[task]]
+            every_expert += own
+            mixed, weights[f"task{task}"] = self.task_gates[task](task_inputs[task], torch.stack(own + shared, dim=1))
+            outputs.append(mixed)
+        shared_output = None
+        if self.shared_gate is not None:
+            shared_output, weights["shared"] = self.shared_gate(shared_input, torch.stack(every_expert + shared, dim=1))
+        return outputs, shared_output, weights
+
+
+@register_tower("ple")
+class PLE(nn.Module):
+    """Example::
+
+        tower = PLE(input_dim=32, num_tasks=2, num_levels=2, num_shared=2, num_specific=1, expert_sizes=[64])
+        reps = tower(torch.randn(8, 32))    # two [8, 64] tensors
+        tower.gate_weights["level1/task0"]  # [8, 3] (1 own + 2 shared experts), rows sum to 1
+    """
+
+    def __init__(self, input_dim: int, num_tasks: int, num_levels: int = 2, num_shared: int = 2,
+                 num_specific: int = 1, expert_sizes: Sequence[int] = (64,), activation: str = "relu",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        self.num_tasks = num_tasks
+        self.levels = nn.ModuleList()
+        width = input_dim
+        for level in range(num_levels):
+            self.levels.append(ExtractionLevel(width, num_tasks, num_shared, num_specific, expert_sizes, activation,
+                                               dropout, shared_gate=level < num_levels - 1))
+            width = self.levels[-1].output_dim
+        self.output_dims: List[int] = [width] * num_tasks
+        self.gate_weights: Dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        task_inputs, shared = [x for _ in range(self.num_tasks)], x
+        for index, level in enumerate(self.levels):
+            task_inputs, shared, weights = level(task_inputs, shared)
+            for name, value in weights.items():
+                self.gate_weights[f"level{index}/{name}"] = value.detach()
+        return task_inputs
+
+
+@register_tower("cgc")
+class CGC(PLE):
+    """Customized Gate Control: PLE with a single extraction level (Tang et al. 2020, section 4.2)."""
+
+    def __init__(self, input_dim: int, num_tasks: int, num_shared: int = 2, num_specific: int = 1,
+                 expert_sizes: Sequence[int] = (64,), activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__(input_dim, num_tasks, 1, num_shared, num_specific, expert_sizes, activation, dropout)
