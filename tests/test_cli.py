@@ -22,3 +22,20 @@ def test_synthesize_mmoe(repo, tmp_path, capsys):
     assert "2,000 synthetic rows (mmoe)" in capsys.readouterr().out
     reader = ShardReader(tmp_path, "train")
     assert reader.schema.label_names == ["y1", "y2"] and len(reader.schema.dense) == 100
+
+
+def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(repo)
+    out = tmp_path / "k"
+    assert main(["prepare", "--config", "configs/kuairand_random.yaml", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["describe", "--config", "configs/kuairand_random.yaml", "--data", str(out),
+                 "--towers", "mmoe,single_task", "--set", "model.embeddings.dim=4"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in text.splitlines() if line.startswith("| ")}
+    from engagerec.data.schema import DatasetSchema
+
+    users = DatasetSchema.load(out).num_embeddings("user_id")
+    assert rows["embeddings/t_user_id"][0].strip() == f"{users * 4:,}"
+    assert rows["head/skip"][0].strip() == "65"  # 64-wide expert output -> 1 logit
+    assert rows["tower"][0].strip() != rows["tower"][1].strip()

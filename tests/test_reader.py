@@ -119,3 +119,20 @@ def test_unknown_split_is_a_clear_error(multi_chunk):
 
     with pytest.raises(DataError, match="split 'dev' is not in this dataset"):
         ShardReader(multi_chunk, "dev")
+
+
+def test_even_batches_pad_with_zero_weight_rows_only(multi_chunk):
+    total = ShardReader(multi_chunk, "train").total_rows
+    world = next(w for w in range(2, 8) if total % w)  # ranks get unequal rows...
+    batch_size = total // world  # ...so the larger ranks need one batch more
+    parts = [ShardReader(multi_chunk, "train", batch_size=batch_size, rank=r, world_size=world, even_batches=True)
+             for r in range(world)]
+    counts = [len(list(p)) for p in parts]
+    assert len(set(counts)) == 1
+    weights = torch.cat([b.weights for p in parts for b in p])
+    assert weights.sum().item() == total  # every real row once, with weight 1
+    # batch k has one size on every rank (sharded lookups need it); padding has weight 0
+    sizes = [[b.batch_size for b in p] for p in parts]
+    assert all(len(set(column)) == 1 for column in zip(*sizes))
+    padded = sum(b.batch_size - int(b.weights.sum()) for p in parts for b in p)
+    assert padded > 0 and padded == sum(map(sum, sizes)) - total

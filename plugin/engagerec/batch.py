@@ -13,11 +13,13 @@ from torchrec.streamable import Pipelineable
 @dataclass
 class Batch(Pipelineable):
     """sparse_features: one key per sparse feature; dense_features: [B, num_dense] float32;
-    labels: task label name -> [B] float32."""
+    labels: label name -> [B] float32; weights: [B] float32, 1 for real rows and 0 for the
+    padding rows that keep ranks in lock-step during evaluation (metrics ignore them)."""
 
     dense_features: torch.Tensor
     sparse_features: KeyedJaggedTensor
     labels: Dict[str, torch.Tensor]
+    weights: torch.Tensor
 
     @property
     def batch_size(self) -> int:
@@ -28,6 +30,7 @@ class Batch(Pipelineable):
             dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
             sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
             labels={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.labels.items()},
+            weights=self.weights.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -35,10 +38,12 @@ class Batch(Pipelineable):
         self.sparse_features.record_stream(stream)
         for value in self.labels.values():
             value.record_stream(stream)
+        self.weights.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(
             dense_features=self.dense_features.pin_memory(),
             sparse_features=self.sparse_features.pin_memory(),
             labels={k: v.pin_memory() for k, v in self.labels.items()},
+            weights=self.weights.pin_memory(),
         )

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from engagerec.config import ConfigError, load_config
@@ -23,6 +27,32 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from engagerec.train import train
+
+    cfg = load_config(args.config, args.set)
+    run_dir = args.out or f"runs/{cfg.name}/{cfg.model.tower.name}/seed{cfg.train.seed}"
+    results = train(cfg, run_dir, resume=not args.no_resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if "test" in results:
+        print(f"test ({results['tower']}, seed {results['seed']}): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in results["test"].items() if k != "rows"))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from engagerec.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.split, args.checkpoint)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics, indent=1))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from engagerec.data.synthetic import write_mmoe_prepared, write_study_tables
 
@@ -36,6 +66,30 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from engagerec.data.schema import DatasetSchema
+    from engagerec.describe import format_parameter_table, parameter_counts
+    from engagerec.model import MultiTaskModel
+    from engagerec.towers import TOWERS
+
+    cfg = load_config(args.config, args.set)
+    schema = DatasetSchema.load(args.data or f"prepared/{cfg.name}")
+    names = args.towers.split(",") if args.towers else [cfg.model.tower.name]
+    if names == ["all"]:
+        names = sorted(TOWERS)
+    rows = {}
+    for name in names:
+        tower = cfg.model.tower if name == cfg.model.tower.name else dataclasses.replace(cfg.model.tower, name=name, params={})
+        model = MultiTaskModel.from_config(schema, dataclasses.replace(cfg.model, tower=tower))
+        rows[name] = parameter_counts(model)
+    print(f"parameters per part ({model.spec.input_dim} tower inputs: {model.spec.sparse_dim} pooled embedding "
+          f"+ {model.spec.dense_dim} dense)")
+    print(format_parameter_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engagerec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,20 +99,49 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", help="output directory (default prepared/<name>)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     prep.add_argument("--json", action="store_true", help="also print the summary as JSON")
-    prep.set_defaults(run=_prepare)
+    prep.set_defaults(handler=_prepare)
+
+    train = commands.add_parser("train", help="train one model (1 process, or under torchrun)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--out", help="run directory (default runs/<name>/<tower>/seed<seed>)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run directory")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")
+    evaluate.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    evaluate.add_argument("--json-out", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(handler=_evaluate)
 
     synth = commands.add_parser("synthesize", help="write synthetic data (study tables or MMoE shards)")
     synth.add_argument("--config", required=True)
     synth.add_argument("--out", required=True)
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    synth.set_defaults(run=_synthesize)
+    synth.set_defaults(handler=_synthesize)
+    describe = commands.add_parser("describe", help="parameter counts per embedding table, tower and head")
+    describe.add_argument("--config", required=True)
+    describe.add_argument("--data", help="prepared data directory (default prepared/<name>)")
+    describe.add_argument("--towers", help="comma-separated tower names, or 'all' (default: the config's tower)")
+    describe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    describe.set_defaults(handler=_describe)
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Known, harmless deprecation chatter from torch / torchrec / fbgemm 1.8 on CPU."""
+    for pattern in (".*broadcast_buffers.*", ".*ShardedTensor.*", ".*torch.meshgrid.*",
+                    ".*autograd kernel was not registered.*", ".*is_fx_tracing.*", ".*TypedStorage.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger().setLevel(logging.ERROR)  # "Sharding spec not found" for data-parallel tables
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_library_noise()
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (ConfigError, DataError) as err:
+        return args.handler(args)
+    except (ConfigError, DataError, KeyError, ValueError, FileNotFoundError) as err:
         print(f"engagerec {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -166,10 +166,45 @@ def study_tasks() -> List[TaskConfig]:
 
 
 @dataclass
+class LossConfig:
+    """How task losses combine: fixed (the study's eq. 12 with the tasks' weights),
+    uncertainty (Kendall et al. 2018) or gradnorm (Chen et al. 2018)."""
+
+    weighting: str = "fixed"
+    gradnorm_alpha: float = 1.5
+
+
+@dataclass
 class ModelConfig:
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
     tasks: List[TaskConfig] = field(default_factory=study_tasks)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    data_dir: Optional[str] = None  # prepared data (default prepared/<name>)
+    batch_size: int = 1024  # per rank
+    eval_batch_size: int = 8192
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many steps in all (0: no limit)
+    dense_lr: float = 1e-4  # Adam on the dense part; the study's 1e-4
+    sparse_optimizer: str = "rowwise_adagrad"  # fused into backward: rowwise_adagrad | adagrad | sgd
+    sparse_lr: float = 0.05
+    # early stopping on a validation metric: "loss" (sum of task weight x MSE | log loss)
+    # or any reported metric such as "skip/auc" (with monitor_mode: max)
+    monitor: str = "loss"
+    monitor_mode: str = "min"
+    patience: int = 3
+    checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
+    # table (or id space) -> allowed sharding types (table_wise, column_wise, data_parallel,
+    # row_wise, table_row_wise); the planner chooses among them. "*" applies to every table.
+    sharding: Dict[str, List[str]] = field(default_factory=dict)
+    num_workers: int = 0  # loader worker processes per rank
+    log_every_steps: int = 50
+    progress_bar: bool = True
 
 
 @dataclass
@@ -177,6 +212,7 @@ class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---------------------------------------------------------------------- loading

@@ -19,6 +19,7 @@ from engagerec.batch import Batch
 from engagerec.config import ModelConfig
 from engagerec.data.schema import DatasetSchema
 from engagerec.features import FeatureSpec
+from engagerec.losses import FixedWeighting, build_loss_weighting
 from engagerec.tasks import Task
 from engagerec.towers.registry import build_tower
 
@@ -36,7 +37,7 @@ class MultiTaskModel(nn.Module):
     """
 
     def __init__(self, spec: FeatureSpec, tower: nn.Module, tasks: List[Task],
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, loss_weighting: Optional[nn.Module] = None) -> None:
         super().__init__()
         if len(tower.output_dims) != len(tasks):
             raise ValueError(f"the tower makes {len(tower.output_dims)} representations for {len(tasks)} tasks")
@@ -44,11 +45,12 @@ class MultiTaskModel(nn.Module):
         self.tasks = tasks
         self.num_tasks = len(tasks)
         self.has_sparse = bool(spec.tables)
+        self.feature_names = spec.feature_names
         if self.has_sparse:
             self.sparse_arch = EmbeddingBagCollection(tables=spec.tables, device=device)
         self.tower = tower
         self.heads = nn.ModuleList(task.build_head(dim) for task, dim in zip(tasks, tower.output_dims))
-        self.register_buffer("task_weights", torch.tensor([t.weight for t in tasks], dtype=torch.float32))
+        self.loss_weighting = loss_weighting or FixedWeighting([t.weight for t in tasks])
 
     @classmethod
     def from_config(cls, schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
@@ -59,16 +61,20 @@ class MultiTaskModel(nn.Module):
         if missing:
             raise ValueError(f"task labels {missing} are not in the prepared data (labels: {schema.label_names})")
         tower = build_tower(cfg.tower.name, spec.input_dim, len(tasks), **cfg.tower.params)
-        return cls(spec, tower, tasks, device=device)
+        weighting = build_loss_weighting(cfg.loss, [t.weight for t in tasks])
+        return cls(spec, tower, tasks, device=device, loss_weighting=weighting)
 
     def tower_input(self, batch: Batch) -> torch.Tensor:
         if not self.has_sparse:
             return batch.dense_features
-        pooled = self.sparse_arch(batch.sparse_features)
-        return torch.cat([pooled.values(), batch.dense_features], dim=1)
+        pooled = self.sparse_arch(batch.sparse_features).to_dict()
+        # By name, never pooled.values(): a sharded collection returns its keys in the plan's
+        # order, which changes with the world size and would scramble the tower's inputs.
+        return torch.cat([pooled[name] for name in self.feature_names] + [batch.dense_features], dim=1)
 
     def forward(self, batch: Batch) -> ModelOutput:
-        representations = self.tower(self.tower_input(batch))
+        shared = self.tower_input(batch)
+        representations = self.tower(shared)
         losses, predictions, labels = [], {}, {}
         for i in range(self.num_tasks):  # concrete ints: the list is opaque under FX tracing
             task = self.tasks[i]
@@ -78,5 +84,5 @@ class MultiTaskModel(nn.Module):
             predictions[task.name] = task.prediction(output).detach()
             labels[task.name] = label
         task_losses = torch.stack(losses)
-        loss = (task_losses * self.task_weights).sum()  # the study's eq. 12
+        loss = self.loss_weighting(task_losses, shared)  # fixed weights: the study's eq. 12
         return loss, (task_losses.detach(), predictions, labels)

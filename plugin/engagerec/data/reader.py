@@ -59,6 +59,10 @@ class ShardReader(IterableDataset):
         rank, world_size: default to torch.distributed's when it is initialised.
         drop_last: every rank yields the same number of full batches (what lock-step
             distributed training needs); the rows left over are counted in ``rows_dropped``.
+        even_batches: without drop_last, every rank yields the same number of batches, and
+            batch k has the same size on every rank: the shorter ones are padded with copies
+            of one row at weight 0. Lock-step evaluation over sharded tables needs both, and
+            every real row is still seen exactly once (weight 1).
         start_batch: skip this many batches of the epoch (resume).
 
     Example::
@@ -79,6 +83,7 @@ class ShardReader(IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         drop_last: bool = False,
+        even_batches: bool = False,
         start_batch: int = 0,
     ) -> None:
         super().__init__()
@@ -91,7 +96,7 @@ class ShardReader(IterableDataset):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.drop_last, self.start_batch, self.epoch = drop_last, start_batch, 0
+        self.drop_last, self.even_batches, self.start_batch, self.epoch = drop_last, even_batches, start_batch, 0
         if world_size is None:
             initialised = dist.is_available() and dist.is_initialized()
             world_size = dist.get_world_size() if initialised else 1
@@ -122,13 +127,18 @@ class ShardReader(IterableDataset):
     def _rank_rows(self, rank: int) -> Tuple[int, int]:
         return rank * self.total_rows // self.world_size, (rank + 1) * self.total_rows // self.world_size
 
+    def _own_batches(self, rank: int) -> int:  # batches holding at least one of this rank's rows
+        start, end = self._rank_rows(rank)
+        return -(-(end - start) // self.batch_size)
+
     def num_batches(self) -> int:
         """Batches this rank yields in one epoch (before ``start_batch``)."""
         if self.drop_last:
             fewest = min(end - start for start, end in map(self._rank_rows, range(self.world_size)))
             return fewest // self.batch_size
-        start, end = self._rank_rows(self.rank)
-        return -(-(end - start) // self.batch_size)
+        if self.even_batches:
+            return max(self._own_batches(r) for r in range(self.world_size))
+        return self._own_batches(self.rank)
 
     def __len__(self) -> int:
         return max(0, self.num_batches() - self.start_batch)
@@ -169,29 +179,50 @@ class ShardReader(IterableDataset):
             labels=matrix(self.schema.label_names, np.float32, axis=1),
         )
 
-    def _make_batch(self, pieces: List[Tuple[_Chunk, int, int]]) -> Batch:
-        def cat(arrays: List[np.ndarray]) -> np.ndarray:
-            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    def _make_batch(self, pieces: List[Tuple[_Chunk, int, int, int, float]]) -> Batch:
+        """pieces: (chunk, lo, hi, times, weight): rows lo..hi of a chunk, repeated ``times``
+        times, at ``weight`` (1 for real rows; padding repeats one row at 0)."""
 
-        singles = [c.singles[:, lo:hi] for c, lo, hi in pieces]
-        singles = singles[0] if len(singles) == 1 else np.concatenate(singles, axis=1)
+        def rows(array: np.ndarray, lo: int, hi: int, times: int, axis: int = 0) -> np.ndarray:
+            part = array[:, lo:hi] if axis == 1 else array[lo:hi]
+            return part if times == 1 else np.concatenate([part] * times, axis=axis)
+
+        def cat(arrays: List[np.ndarray], axis: int = 0) -> np.ndarray:
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
+
+        singles = cat([rows(c.singles, lo, hi, n, axis=1) for c, lo, hi, n, _ in pieces], axis=1)
         values = [singles.reshape(-1)]
         lengths = [np.ones(singles.size, dtype=np.int32)]
         for k in range(len(self.multi_names)):
-            for chunk, lo, hi in pieces:
+            for chunk, lo, hi, times, _ in pieces:
                 offsets, flat = chunk.multis[k]
-                values.append(flat[offsets[lo]: offsets[hi]])
-                lengths.append(np.diff(offsets[lo: hi + 1]).astype(np.int32))
-        labels = torch.from_numpy(cat([c.labels[lo:hi] for c, lo, hi in pieces]))
+                values.append(np.tile(flat[offsets[lo]: offsets[hi]], times))
+                lengths.append(np.tile(np.diff(offsets[lo: hi + 1]).astype(np.int32), times))
+        labels = torch.from_numpy(cat([rows(c.labels, lo, hi, n) for c, lo, hi, n, _ in pieces]))
+        weights = np.concatenate([np.full((hi - lo) * n, w, dtype=np.float32) for _, lo, hi, n, w in pieces])
         return Batch(
-            dense_features=torch.from_numpy(cat([c.dense[lo:hi] for c, lo, hi in pieces])),
+            dense_features=torch.from_numpy(cat([rows(c.dense, lo, hi, n) for c, lo, hi, n, _ in pieces])),
             sparse_features=KeyedJaggedTensor(
                 keys=self.keys,
                 values=torch.from_numpy(np.concatenate(values, dtype=np.int64)),
                 lengths=torch.from_numpy(np.concatenate(lengths)),
             ),
             labels={name: labels[:, i] for i, name in enumerate(self.schema.label_names)},
+            weights=torch.from_numpy(weights),
         )
+
+    def _batch_rows(self, b: int) -> Tuple[int, int, int]:
+        """(lo, hi, pad): this rank's real rows of batch b, and the padding rows that make the
+        batch as large as the largest rank's batch b (even_batches: ranks stay in lock-step,
+        and sharded embedding lookups need the same batch size on every rank)."""
+        start, end = self._rank_rows(self.rank)
+        lo = min(start + b * self.batch_size, end)
+        hi = min(lo + self.batch_size, end)
+        if not self.even_batches:
+            return lo, hi, 0
+        widest = max(min(max(e - s - b * self.batch_size, 0), self.batch_size)
+                     for s, e in map(self._rank_rows, range(self.world_size)))
+        return lo, hi, widest - (hi - lo)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -201,20 +232,30 @@ class ShardReader(IterableDataset):
         ends = np.cumsum(sizes)
         rank_start, rank_end = self._rank_rows(self.rank)
         cache: dict = {}
+
+        def locate(row: int) -> Tuple[int, int]:
+            """(position in the epoch's chunk order, row within that chunk) of a rank-global row."""
+            position = int(np.searchsorted(ends, row, side="right"))
+            return position, row - int(ends[position] - sizes[position])
+
+        def chunk_at(position: int) -> _Chunk:
+            nonlocal cache
+            chunk_id = int(order[position])
+            if chunk_id not in cache:
+                cache = {chunk_id: self._load(chunk_id)}  # keep one decoded chunk
+            return cache[chunk_id]
+
         for b in range(self.start_batch + worker_id, self.num_batches(), num_workers):
-            lo = rank_start + b * self.batch_size
-            hi = min(lo + self.batch_size, rank_end)
+            lo, hi, pad = self._batch_rows(b)
             pieces = []
-            position = int(np.searchsorted(ends, lo, side="right"))
-            while lo < hi:
-                chunk_id = int(order[position])
-                if chunk_id not in cache:
-                    cache = {chunk_id: self._load(chunk_id)}  # keep one decoded chunk
-                chunk_start = int(ends[position] - sizes[position])
-                take_hi = min(hi, int(ends[position]))
-                pieces.append((cache[chunk_id], lo - chunk_start, take_hi - chunk_start))
-                lo = take_hi
-                position += 1
+            while lo < hi:  # gather [lo, hi) from the chunks it spans
+                position, offset = locate(lo)
+                take = min(hi - lo, int(sizes[position]) - offset)
+                pieces.append((chunk_at(position), offset, offset + take, 1, 1.0))
+                lo += take
+            if pad:  # repeat one row (this rank's last, or row 0 if it has none) at weight 0
+                position, offset = locate(rank_end - 1 if rank_end > rank_start else 0)
+                pieces.append((chunk_at(position), offset, offset + 1, pad, 0.0))
             yield self._make_batch(pieces)
 
 

@@ -1,0 +1,96 @@
+"""Sharded, atomic checkpoints: torch.distributed.checkpoint for the model and optimiser
+(every rank writes its own shards), plus each rank's RNG state and the run's progress.
+
+A checkpoint is written into ``.tmp-<name>/`` and renamed to ``<name>/`` by rank 0 only
+after every rank has finished writing, so a directory without the ``.tmp-`` prefix is
+always complete; a run killed mid-write leaves only a ``.tmp-`` directory, which is ignored.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+STEP_PATTERN = re.compile(r"^step-(\d+)$")
+BEST_PATTERN = re.compile(r"^best-step-(\d+)$")
+
+
+def rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save(root: Path, name: str, model: torch.nn.Module, optimizer: Any, progress: Dict[str, Any],
+         keep: Optional[re.Pattern] = None, keep_last: int = 2) -> Path:
+    """Write checkpoint ``root/name`` atomically; then keep only the newest ``keep_last``
+    checkpoints whose names match ``keep``."""
+    tmp, final = root / f".tmp-{name}", root / name
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    torch.save({"rng": rng_state(), "progress": progress}, tmp / f"rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if keep is not None:
+            for old in sorted(_matching(root, keep), key=lambda p: p[0])[:-keep_last]:
+                shutil.rmtree(old[1], ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _matching(root: Path, pattern: re.Pattern):
+    if not root.is_dir():
+        return []
+    return [(int(m.group(1)), p) for p in root.iterdir() if (m := pattern.match(p.name))]
+
+
+def latest(root: Path, pattern: re.Pattern = STEP_PATTERN) -> Optional[Path]:
+    found = _matching(root, pattern)
+    return max(found, key=lambda p: p[0])[1] if found else None
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: Optional[Any] = None,
+         restore_rng: bool = True) -> Dict[str, Any]:
+    """Restore model (and optimiser) in place from ``path``; returns the saved progress.
+    DCP reshards, so a checkpoint written by N ranks loads on M."""
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        # Adam creates its state on the first step; DCP only fills keys that exist, so a fresh
+        # optimiser must have its (zero) state created first or it silently stays empty.
+        optimizer.init_state()
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    own = path / f"rank{_rank()}.pt"
+    extra = torch.load(own if own.exists() else path / "rank0.pt", weights_only=False)
+    if restore_rng and own.exists():
+        set_rng_state(extra["rng"])
+    return extra["progress"]

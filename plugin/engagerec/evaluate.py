@@ -1,0 +1,72 @@
+"""Evaluation without gradients: every row of a split exactly once, on any number of ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import pyarrow.parquet as pq
+import torch
+
+from engagerec.data.reader import ShardReader, make_loader
+from engagerec.metrics import LossAndBaselines, build_metric_module, metric_inputs, readable
+from engagerec.tasks import Task
+
+
+def train_label_means(data_dir: str | Path, labels: List[str]) -> Dict[str, float]:
+    """Means of the label columns over the train split: what the constant baselines predict."""
+    table = pq.read_table(Path(data_dir) / "train", columns=labels)
+    return {name: float(table.column(name).to_numpy().mean()) for name in labels}
+
+
+def evaluate(model: torch.nn.Module, tasks: List[Task], data_dir: str | Path, split: str, batch_size: int,
+             device: torch.device, train_means: Dict[str, float], num_workers: int = 0) -> Dict[str, float]:
+    """``model`` is the (DMP-wrapped) MultiTaskModel; returns metrics, losses and baselines."""
+    reader = ShardReader(data_dir, split, batch_size=batch_size, even_batches=True)
+    world, rank = reader.world_size, reader.rank
+    metrics = build_metric_module(tasks, batch_size, window_size=reader.total_rows + world * batch_size,
+                                  device=device, world_size=world, rank=rank)
+    sums = LossAndBaselines(tasks, train_means, device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in make_loader(reader, num_workers=num_workers):
+            batch = batch.to(device)
+            _, (_, predictions, labels) = model(batch)
+            metrics.update(metric_inputs(tasks, predictions, labels, batch.weights))
+            sums.update(predictions, labels, batch.weights)
+    model.train(was_training)
+    out = readable(metrics.compute())
+    out.update(sums.compute())
+    return out
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best") -> Dict[str, float]:
+    """Evaluate a finished (or interrupted) run's best checkpoint (``checkpoint_name="latest"``
+    for the newest step) on ``split``, on however many ranks this process group has."""
+    import json
+
+    from engagerec import checkpoint
+    from engagerec.config import config_from_dict
+    from engagerec.distributed import close_runtime, init_runtime, shard_model
+    from engagerec.data.schema import DatasetSchema
+    from engagerec.model import MultiTaskModel
+
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    runtime = init_runtime()
+    try:
+        data_dir = cfg.train.data_dir or f"prepared/{cfg.name}"
+        model = MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
+        # the training batch size, so that on the same world size the plan is the training one
+        dmp = shard_model(model, runtime, cfg.train.batch_size, cfg.train.sharding, cfg.train.sparse_optimizer,
+                          cfg.train.sparse_lr)
+        pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
+        path = checkpoint.latest(run_dir / "checkpoints", pattern)
+        if path is None:
+            raise FileNotFoundError(f"no {checkpoint_name} checkpoint under {run_dir / 'checkpoints'}")
+        checkpoint.load(path, dmp, restore_rng=False)
+        means = train_label_means(data_dir, [t.label for t in model.tasks])
+        return evaluate(dmp, model.tasks, data_dir, split, cfg.train.eval_batch_size, runtime.device, means)
+    finally:
+        close_runtime(runtime)

@@ -1,0 +1,211 @@
+"""The training job: DMP + planner + TrainPipelineSparseDist + RecMetricModule, with
+validation each epoch, early stopping, the best checkpoint kept, sharded atomic
+checkpoints and exact resume, and one final test evaluation.
+
+The same function runs in one process or under ``torchrun --nproc-per-node N``.
+
+Run directory::
+
+    config.json  plan.json  log.csv  events.out.tfevents.*  results.json
+    checkpoints/step-<n>/  checkpoints/best-step-<n>/
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from engagerec import checkpoint
+from engagerec.config import ExperimentConfig
+from engagerec.data.reader import ShardReader, make_loader
+from engagerec.data.schema import DatasetSchema
+from engagerec.distributed import build_optimizer, close_runtime, init_runtime, plan_table, shard_model
+from engagerec.evaluate import evaluate, train_label_means
+from engagerec.metrics import build_metric_module, metric_inputs, readable
+from engagerec.model import MultiTaskModel
+
+TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class RunLog:
+    """CSV rows and TensorBoard scalars, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.rows = []
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir))
+            self.csv_path = run_dir / "log.csv"
+
+    def write(self, step: int, phase: str, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in values.items()}}
+        self.rows.append(row)
+        for key, value in values.items():
+            self.tensorboard.add_scalar(f"{phase}/{key}", value, step)
+        keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k not in ("step", "phase"), k))
+        with open(self.csv_path, "w", newline="") as handle:  # rewritten whole: columns may grow
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+def _improved(value: float, best: Optional[float], mode: str) -> bool:
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True) -> Dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics."""
+    runtime = init_runtime()
+    try:
+        return _train(cfg, Path(run_dir), resume, runtime)
+    finally:
+        close_runtime(runtime)
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[str, Any]:
+    tc = cfg.train
+    if tc.monitor_mode not in ("min", "max"):
+        raise ValueError(f"train.monitor_mode '{tc.monitor_mode}', expected min or max")
+    data_dir = tc.data_dir or f"prepared/{cfg.name}"
+    schema = DatasetSchema.load(data_dir)
+    seed_everything(tc.seed)
+    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
+    dmp = shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr)
+    optimizer = build_optimizer(dmp, tc.dense_lr)
+    tasks = model.tasks
+    ckpt_root = run_dir / "checkpoints"
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (run_dir / "plan.json").write_text(json.dumps(plan_table(dmp), indent=1))
+        print(f"sharding plan ({runtime.world_size} rank(s)):\n{dmp.plan}", flush=True)
+
+    progress: Dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_epoch": None,
+                                "bad_epochs": 0, "history": [], "done": False, "train_seconds": 0.0}
+    last = checkpoint.latest(ckpt_root) if resume else None
+    if last is not None:
+        progress = checkpoint.load(last, dmp, optimizer)
+        if runtime.is_main:
+            print(f"resumed from {last} (epoch {progress['epoch']}, step {progress['step']})", flush=True)
+
+    means = train_label_means(data_dir, [t.label for t in tasks])
+    log = RunLog(run_dir, runtime.is_main)
+    reader = ShardReader(data_dir, "train", batch_size=tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True)
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, runtime.device, execute_all_batches=True)
+    train_metrics = build_metric_module(tasks, tc.batch_size, TRAIN_METRIC_WINDOW, runtime.device,
+                                        runtime.world_size, runtime.rank)
+
+    def save_step() -> None:
+        checkpoint.save(ckpt_root, f"step-{progress['step']}", dmp, optimizer, progress, keep=checkpoint.STEP_PATTERN)
+
+    stopped = progress["done"]
+    while not stopped and progress["epoch"] < tc.epochs:
+        reader.set_epoch(progress["epoch"])
+        reader.start_batch = progress["batch_in_epoch"]
+        batches = iter(make_loader(reader, tc.num_workers))
+        bar = _progress_bar(tc.progress_bar and runtime.is_main, len(reader), progress["epoch"])
+        dmp.train()
+        started, rows = time.perf_counter(), 0
+        while True:
+            try:
+                task_losses, predictions, labels = pipeline.progress(batches)
+            except StopIteration:
+                break
+            progress["step"] += 1
+            progress["batch_in_epoch"] += 1
+            rows += tc.batch_size * runtime.world_size
+            weights = torch.ones_like(next(iter(labels.values())))
+            train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
+            if progress["step"] % tc.log_every_steps == 0:
+                values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(tasks)}
+                values.update(readable(train_metrics.compute()))
+                values["samples_per_s"] = rows / (time.perf_counter() - started)
+                log.write(progress["step"], "train", values)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))})
+            if bar is not None:
+                bar.update(1)
+            if tc.max_steps and progress["step"] >= tc.max_steps:
+                stopped = True
+                break
+            if tc.checkpoint_every_steps and progress["step"] % tc.checkpoint_every_steps == 0:
+                progress["train_seconds"] += time.perf_counter() - started
+                save_step()
+                started, rows = time.perf_counter(), 0
+        progress["train_seconds"] += time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        if stopped and progress["batch_in_epoch"] < reader.num_batches():
+            save_step()  # stopped mid-epoch (max_steps): resumable from here
+            break
+        pipeline.detach()  # evaluation runs the model's own forward
+        val = evaluate(dmp, tasks, data_dir, "val", tc.eval_batch_size, runtime.device, means, tc.num_workers)
+        log.write(progress["step"], "val", val)
+        if tc.monitor not in val:
+            raise ValueError(f"train.monitor '{tc.monitor}' is not a reported metric ({sorted(val)})")
+        progress["history"].append({"epoch": progress["epoch"], "step": progress["step"], **val})
+        progress["epoch"] += 1
+        progress["batch_in_epoch"] = 0
+        if _improved(val[tc.monitor], progress["best"], tc.monitor_mode):
+            progress.update(best=val[tc.monitor], best_epoch=progress["epoch"] - 1, bad_epochs=0)
+            checkpoint.save(ckpt_root, f"best-step-{progress['step']}", dmp, optimizer, progress,
+                            keep=checkpoint.BEST_PATTERN, keep_last=1)
+        else:
+            progress["bad_epochs"] += 1
+        if runtime.is_main:
+            print(f"epoch {progress['epoch'] - 1}: val " + ", ".join(
+                f"{k} {v:.4f}" for k, v in val.items() if k != "rows"), flush=True)
+        stopped = progress["bad_epochs"] >= tc.patience or (tc.max_steps and progress["step"] >= tc.max_steps)
+        progress["done"] = progress["epoch"] >= tc.epochs or bool(stopped)
+        save_step()
+
+    results: Dict[str, Any] = {"name": cfg.name, "tower": cfg.model.tower.name, "seed": tc.seed,
+                               "world_size": runtime.world_size, "steps": progress["step"],
+                               "train_seconds": progress["train_seconds"], "history": progress["history"]}
+    best = checkpoint.latest(ckpt_root, checkpoint.BEST_PATTERN)
+    if progress["done"] and best is not None:
+        checkpoint.load(best, dmp, restore_rng=False)
+        pipeline.detach()
+        results["best_epoch"] = progress["best_epoch"]
+        results["val"] = progress["history"][progress["best_epoch"]]
+        results["test"] = evaluate(dmp, tasks, data_dir, "test", tc.eval_batch_size, runtime.device, means,
+                                   tc.num_workers)
+        log.write(progress["step"], "test", results["test"])
+    if runtime.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    log.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return results
+
+
+def _progress_bar(enabled: bool, total: int, epoch: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", leave=False)

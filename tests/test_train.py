@@ -1,0 +1,99 @@
+"""The training job on real TorchRec parts: DMP, the planner, TrainPipelineSparseDist,
+RecMetricModule, sharded checkpoints; one process here, two gloo ranks in test_torchrun.py."""
+
+import json
+import shutil
+
+import pytest
+
+from engagerec.config import config_from_dict
+from engagerec.data.synthetic import write_study_prepared
+from engagerec.evaluate import evaluate_run
+from engagerec.train import train
+
+EQUAL_METRICS = ("loss", "watch_ratio/mse", "watch_ratio/mae", "skip/auc", "skip/accuracy", "skip/ne")
+
+
+def study_run_config(data_dir, **train):
+    return config_from_dict({
+        "name": "study_small",
+        "data": {"source": {"adapter": "synthetic",
+                            "synthetic": {"num_rows": 12_000, "num_users": 400, "num_contents": 300}},
+                 "features": [{"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
+                              {"name": "genres", "kind": "multi_hot"}, {"name": "age", "kind": "numeric"},
+                              {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 8}],
+                 "filters": {"min_user_views": 0}},
+        "model": {"embeddings": {"dim": 8}, "tower": {"name": "mmoe", "params": {"num_experts": 3, "expert_sizes": [32]}}},
+        "train": {"data_dir": str(data_dir), "batch_size": 256, "eval_batch_size": 1024, "epochs": 3,
+                  "dense_lr": 0.003, "sparse_lr": 0.05, "progress_bar": False, "log_every_steps": 5, **train},
+    })
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study_small")
+    cfg = study_run_config(out)
+    write_study_prepared(out, cfg.data)
+    return out
+
+
+def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_path):
+    results = train(study_run_config(study_data), tmp_path / "run")
+    assert len(results["history"]) == 3
+    test = results["test"]
+    assert test["watch_ratio/mse"] < 0.8 * test["watch_ratio/baseline_mse_train_mean"]
+    assert test["skip/accuracy"] > test["skip/baseline_accuracy_majority"] and test["skip/auc"] > 0.7
+    assert test["watch_ratio/mse"] == pytest.approx(test["watch_ratio/mse_loss"], rel=1e-4)  # torchrec == ours
+    run = tmp_path / "run"
+    assert json.loads((run / "results.json").read_text())["test"]["skip/auc"] == pytest.approx(test["skip/auc"])
+    import csv
+
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    train_rows = [r for r in rows if r["phase"] == "train"]
+    assert {"train", "val", "test"} <= {r["phase"] for r in rows}
+    assert float(train_rows[-1]["skip/loss"]) < float(train_rows[0]["skip/loss"])  # the training loss fell
+    assert list(run.glob("events.out.tfevents.*"))
+    plan = json.loads((run / "plan.json").read_text())
+    assert set(plan) == {"t_user_id", "t_content_id", "t_gender", "t_genres", "t_duration_bucket"}
+    assert len(list((run / "checkpoints").glob("best-step-*"))) == 1
+
+
+def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path):
+    uninterrupted = train(study_run_config(study_data), tmp_path / "a")
+    # stop mid-epoch 1 (max_steps), as a killed job would, then resume from its checkpoint
+    steps_per_epoch = uninterrupted["steps"] // 3
+    partial = train(study_run_config(study_data, max_steps=steps_per_epoch + 7), tmp_path / "b")
+    assert "test" not in partial and partial["steps"] == steps_per_epoch + 7
+    resumed = train(study_run_config(study_data), tmp_path / "b")
+    assert resumed["steps"] == uninterrupted["steps"]
+    for key in EQUAL_METRICS:
+        assert resumed["test"][key] == pytest.approx(uninterrupted["test"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_half_written_checkpoint_is_never_taken(study_data, tmp_path):
+    run = tmp_path / "run"
+    train(study_run_config(study_data, max_steps=10), run)
+    checkpoints = run / "checkpoints"
+    complete = sorted(p.name for p in checkpoints.iterdir())
+    assert complete == ["step-10"]
+    # a crash while writing step 20 leaves only a .tmp- directory with a partial shard
+    shutil.copytree(checkpoints / "step-10", checkpoints / ".tmp-step-20")
+    (checkpoints / ".tmp-step-20" / "rank0.pt").write_bytes(b"truncated")
+    resumed = train(study_run_config(study_data, max_steps=15), run)
+    assert resumed["steps"] == 15  # continued from step 10, not from the broken step 20
+
+
+def test_evaluate_run_reproduces_the_final_test_metrics(study_data, tmp_path):
+    results = train(study_run_config(study_data, epochs=1), tmp_path / "run")
+    again = evaluate_run(tmp_path / "run", "test")
+    for key in EQUAL_METRICS:
+        assert again[key] == pytest.approx(results["test"][key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
+def test_other_loss_weightings_train(study_data, tmp_path, weighting):
+    cfg = study_run_config(study_data, epochs=1)
+    cfg.model.loss.weighting = weighting
+    results = train(cfg, tmp_path / "run")
+    assert results["test"]["skip/auc"] > 0.65
+    assert results["test"]["watch_ratio/mse"] < results["test"]["watch_ratio/baseline_mse_train_mean"]
