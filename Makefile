@@ -17,8 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+DEMO_TOWERS := cross_stitch,mmoe,ple,shared_bottom,single_task
+
 demo: install
-	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml --out prepared/kuairand_random
+	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml
+	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1 --no-resume
 
 test: install
 	$(PY) -m pytest -q tests

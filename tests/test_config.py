@@ -29,4 +29,15 @@ def test_overrides_are_checked_like_the_file(repo):
 
 def test_every_shipped_config_loads(repo):
     for path in sorted((repo / "configs").glob("*.yaml")):
-        assert load_config(path).name == path.stem
+        cfg = load_config(path)
+        assert cfg.name == path.stem or path.stem.startswith(("kuairand_", "paper_"))
+        tower = path.stem.split("_", 1)[1]
+        if path.stem.startswith(("kuairand_", "paper_")) and tower in ("cross_stitch", "mmoe", "ple", "shared_bottom", "single_task"):
+            assert cfg.model.tower.name == tower
+
+
+def test_base_configs_are_merged_key_by_key(repo):
+    cfg = load_config(repo / "configs" / "paper_ple.yaml")
+    assert cfg.model.tower.name == "ple" and cfg.train.dense_lr == 1e-4  # from paper_protocol.yaml
+    assert cfg.data.source.adapter == "kuairand" and cfg.data.split.kind == "random"  # from kuairand_random.yaml
+    assert "user_id" not in [f.name for f in cfg.data.features]  # lists are replaced, not merged

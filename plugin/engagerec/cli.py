@@ -53,6 +53,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from engagerec.report import write_report
+    from engagerec.train import train
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out or f"runs/{cfg.name}/compare")
+    towers = args.towers.split(",") if args.towers else [cfg.model.tower.name]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs, started = [], time.perf_counter()
+    for tower in towers:
+        params = cfg.model.tower.params if tower == cfg.model.tower.name else {}
+        for seed in seeds:
+            run_cfg = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, tower=dataclasses.replace(cfg.model.tower, name=tower, params=params)),
+                train=dataclasses.replace(cfg.train, seed=seed, progress_bar=False))
+            results = train(run_cfg, out / tower / f"seed{seed}", resume=not args.no_resume)
+            print(f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
+                  f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}", flush=True)
+            runs.append(results)
+    table = write_report(runs, out, f"{cfg.name}: towers x seeds")
+    print(table)
+    print(f"wrote {out}/compare.md, compare.json, compare.png in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from engagerec.data.synthetic import write_mmoe_prepared, write_study_tables
 
@@ -107,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run directory")
     train.set_defaults(handler=_train)
+
+    compare = commands.add_parser("compare", help="train several towers x seeds; markdown + JSON + plot")
+    compare.add_argument("--config", required=True)
+    compare.add_argument("--towers", help="comma-separated (default: the config's tower)")
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    compare.add_argument("--out", help="output directory (default runs/<name>/compare)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--no-resume", action="store_true")
+    compare.set_defaults(handler=_compare)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")
     evaluate.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")

@@ -287,14 +287,28 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text)
 
 
-def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> ExperimentConfig:
-    """Read a YAML experiment file strictly; ``overrides`` are ``key=value`` strings."""
-    path = Path(path)
+def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_raw(path: Path) -> Dict[str, Any]:
+    """The file's mapping; ``base: other.yaml`` (relative to the file) is read first and overridden."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    base = raw.pop("base", None)
+    return _merge(_read_raw(path.parent / base), raw) if base else raw
+
+
+def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> ExperimentConfig:
+    """Read a YAML experiment file strictly; ``overrides`` are ``key=value`` strings."""
+    path = Path(path)
+    raw = _read_raw(path)
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:

@@ -1,0 +1,75 @@
+"""Comparison reports: several towers x seeds -> a markdown table (the study's Table 1 with
+AUC and MAE beside it), a JSON file and a plot. Mean +- standard deviation over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+COLUMNS = [("skip/accuracy", "skip accuracy"), ("watch_ratio/mse", "watch-ratio MSE"),
+           ("skip/auc", "skip AUC"), ("watch_ratio/mae", "watch-ratio MAE")]
+
+
+def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """tower -> {metric: (mean, std, n)} over the seeds' test metrics."""
+    by_tower: Dict[str, List[Dict[str, float]]] = {}
+    for run in runs:
+        by_tower.setdefault(run["tower"], []).append(run["test"])
+    out = {}
+    for tower, tests in by_tower.items():
+        out[tower] = {}
+        for key in tests[0]:
+            values = np.array([t[key] for t in tests], dtype=float)
+            out[tower][key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                               "n": int(len(values))}
+    return out
+
+
+def _cell(stats: Dict[str, Any]) -> str:
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}" if stats["n"] > 1 else f"{stats['mean']:.4f}"
+
+
+def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
+    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " | seeds |",
+             "|---|" + "---:|" * (len(COLUMNS) + 1)]
+    for tower, stats in summary.items():
+        lines.append(f"| {tower} | " + " | ".join(_cell(stats[key]) for key, _ in COLUMNS) + f" | {stats['loss']['n']} |")
+    any_tower = next(iter(summary.values()))
+    lines.append("| constant: train mean / majority class | "
+                 f"{any_tower['skip/baseline_accuracy_majority']['mean']:.4f} | "
+                 f"{any_tower['watch_ratio/baseline_mse_train_mean']['mean']:.4f} | 0.5000 | – | – |")
+    return "\n".join(lines)
+
+
+def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    towers = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, (key, title) in zip(axes, (("watch_ratio/mse", "watch-ratio MSE (lower is better)"),
+                                       ("skip/auc", "skip AUC (higher is better)"))):
+        means = [summary[t][key]["mean"] for t in towers]
+        stds = [summary[t][key]["std"] for t in towers]
+        ax.bar(towers, means, yerr=stds, capsize=4, color="#4C72B0")
+        ax.set_title(title)
+        ax.set_ylim(min(means) * 0.95, max(means) * 1.03)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(runs: List[Dict[str, Any]], out_dir: Path, title: str) -> str:
+    summary = summarise(runs)
+    table = markdown_table(summary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    (out_dir / "compare.md").write_text(f"# {title}\n\nTest split; mean ± std over seeds.\n\n{table}\n")
+    plot(summary, out_dir / "compare.png")
+    return table
