@@ -83,6 +83,17 @@ def test_a_half_written_checkpoint_is_never_taken(study_data, tmp_path):
     assert resumed["steps"] == 15  # continued from step 10, not from the broken step 20
 
 
+def test_no_resume_never_takes_an_older_runs_checkpoints(study_data, tmp_path):
+    run = tmp_path / "run"
+    train(study_run_config(study_data, epochs=1), run)
+    # an older, longer run's best checkpoint with a higher step number
+    older_best = next((run / "checkpoints").glob("best-step-*"))
+    shutil.copytree(older_best, run / "checkpoints" / "best-step-100000")
+    fresh = train(study_run_config(study_data, epochs=1), run, resume=False)
+    assert fresh["steps"] == fresh["history"][-1]["step"] and len(fresh["history"]) == 1
+    assert [p.name for p in (run / "checkpoints").glob("best-step-*")] == [f"best-step-{fresh['steps']}"]
+
+
 def test_evaluate_run_reproduces_the_final_test_metrics(study_data, tmp_path):
     results = train(study_run_config(study_data, epochs=1), tmp_path / "run")
     again = evaluate_run(tmp_path / "run", "test")

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -100,12 +101,16 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
     ckpt_root = run_dir / "checkpoints"
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh start: an older run's checkpoints must not be taken as this run's
+            shutil.rmtree(ckpt_root, ignore_errors=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         (run_dir / "plan.json").write_text(json.dumps(plan_table(dmp), indent=1))
         print(f"sharding plan ({runtime.world_size} rank(s)):\n{dmp.plan}", flush=True)
 
     progress: Dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_epoch": None,
                                 "bad_epochs": 0, "history": [], "done": False, "train_seconds": 0.0}
+    if dist.is_initialized():
+        dist.barrier()  # every rank sees the cleared checkpoint directory
     last = checkpoint.latest(ckpt_root) if resume else None
     if last is not None:
         progress = checkpoint.load(last, dmp, optimizer)
