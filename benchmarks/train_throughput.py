@@ -44,7 +44,8 @@ class PlainEmbeddingBagModel(nn.Module):
         self.tables = nn.ModuleDict()
         for table in reference.spec.tables:
             mode = "mean" if table.pooling.name == "MEAN" else "sum"
-            self.tables[table.name] = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode)
+            self.tables[table.name] = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode,
+                                                         include_last_offset=True)
             self.features += [(name, table.name) for name in table.feature_names]
         self.tower = reference.tower
         self.heads = reference.heads

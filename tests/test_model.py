@@ -231,3 +231,13 @@ def test_a_tower_from_another_package_is_found_by_entry_point(tmp_path, monkeypa
     finally:
         TOWERS.pop("bilinear_test", None)
         sys.modules.pop("thirdparty_towers", None)
+
+
+def test_auto_dim_sizes_small_tables_down(study_data):
+    from engagerec.features import auto_dim
+
+    assert [auto_dim(r, 16) for r in (2, 3, 25, 300, 100_000)] == [8, 8, 12, 16, 16]
+    schema = ShardReader(study_data, "train").schema
+    spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=16, auto_dim=True, dims={"gender": 4}))
+    dims = {t.name: t.embedding_dim for t in spec.tables}
+    assert dims["t_gender"] == 4 and dims["t_user_id"] == 16 and dims["t_duration_bucket"] == auto_dim(6, 16)

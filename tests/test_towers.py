@@ -112,3 +112,20 @@ def test_zero_initialised_cross_stitch_wakes_up_one_layer_per_step():
 def test_unknown_tower_suggests_the_nearest_name():
     with pytest.raises(KeyError, match="did you mean 'mmoe'"):
         build_tower("mmeo", 4, 2)
+
+
+def test_expert_group_equals_separate_expert_mlps():
+    from engagerec.towers.common import ExpertGroup, mlp
+
+    torch.manual_seed(0)
+    group = ExpertGroup(12, 3, [16, 8])
+    x = torch.randn(5, 12)
+    out = group(x)
+    assert out.shape == (5, 3, 8)
+    for e in range(3):
+        expert = mlp(12, [16, 8])
+        expert[0].weight.data = group.weights[0][e].T.clone()
+        expert[0].bias.data = group.biases[0][e, 0].clone()
+        expert[2].weight.data = group.weights[1][e].T.clone()
+        expert[2].bias.data = group.biases[1][e, 0].clone()
+        torch.testing.assert_close(out[:, e], expert(x))

@@ -137,6 +137,10 @@ class EmbeddingConfig:
 
     dim: int = 16
     dims: Dict[str, int] = field(default_factory=dict)  # per id space
+    # Size small tables by the rule of thumb dim ~ 6 * rows^(1/4) (rounded to a multiple of 4,
+    # at most ``dim``): a 3-value feature needs no 16 columns, and the tower's first layer,
+    # the costliest matmul, shrinks with its input. ``dims`` entries win.
+    auto_dim: bool = False
     # per feature: sum | mean. A table has one pooling, so multi-valued features sharing
     # a table must agree; defaults: history -> mean, everything else -> sum.
     pooling: Dict[str, str] = field(default_factory=dict)

@@ -115,7 +115,7 @@ def shard_model(model: MultiTaskModel, runtime: Runtime, batch_size: int, shardi
 def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
     """The fused sparse optimiser (already applied in backward) beside Adam for everything dense."""
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=dense_lr))
+                                  lambda params: torch.optim.Adam(params, lr=dense_lr, fused=True))
     return CombinedOptimizer([dmp.fused_optimizer, dense])
 
 

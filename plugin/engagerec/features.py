@@ -17,6 +17,11 @@ def table_name(id_space: str) -> str:
     return f"t_{id_space}"
 
 
+def auto_dim(rows: int, largest: int) -> int:
+    """6 * rows^(1/4), rounded to a multiple of 4 (FBGEMM and column-wise sharding like those), in [4, largest]."""
+    return max(4, min(largest, 4 * round(6 * rows ** 0.25 / 4)))
+
+
 @dataclass
 class FeatureSpec:
     """tables: one EmbeddingBagConfig per id space; dense_dim: width of the dense input."""
@@ -59,10 +64,11 @@ class FeatureSpec:
                     raise ValueError(f"features {[f.name for f in features]} share the table of id space '{space}' "
                                      f"but ask for different poolings; a table has one")
                 pooling = wanted
+            rows = schema.num_embeddings(space)
             tables.append(EmbeddingBagConfig(
                 name=table_name(space),
-                num_embeddings=schema.num_embeddings(space),
-                embedding_dim=cfg.dims.get(space, cfg.dim),
+                num_embeddings=rows,
+                embedding_dim=cfg.dims.get(space, auto_dim(rows, cfg.dim) if cfg.auto_dim else cfg.dim),
                 feature_names=[f.name for f in features],
                 pooling=POOLINGS[pooling or "sum"],
             ))

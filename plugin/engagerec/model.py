@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from engagerec.batch import Batch
 from engagerec.config import ModelConfig
@@ -24,6 +25,26 @@ from engagerec.tasks import Task
 from engagerec.towers.registry import build_tower
 
 ModelOutput = Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]
+
+
+_COLUMN_ORDER: Dict[Tuple, torch.Tensor] = {}
+
+
+@torch.fx.wrap  # one opaque call under tracing; runs eagerly with real keys
+def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
+    """The pooled embeddings as [B, sum of dims], features in ``names`` order. Free when the
+    collection already returns that order (one rank); else one column gather, whose index is
+    computed once per key order."""
+    keys = pooled.keys()
+    if keys == names:
+        return pooled.values()
+    signature = (tuple(keys), tuple(names), tuple(pooled.length_per_key()))
+    if signature not in _COLUMN_ORDER:
+        starts = dict(zip(keys, pooled.offset_per_key()))
+        widths = dict(zip(keys, pooled.length_per_key()))
+        _COLUMN_ORDER[signature] = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in names])
+    index = _COLUMN_ORDER[signature].to(pooled.values().device)
+    return pooled.values().index_select(1, index)
 
 
 class MultiTaskModel(nn.Module):
@@ -67,10 +88,10 @@ class MultiTaskModel(nn.Module):
     def tower_input(self, batch: Batch) -> torch.Tensor:
         if not self.has_sparse:
             return batch.dense_features
-        pooled = self.sparse_arch(batch.sparse_features).to_dict()
+        pooled = self.sparse_arch(batch.sparse_features)
         # By name, never pooled.values(): a sharded collection returns its keys in the plan's
         # order, which changes with the world size and would scramble the tower's inputs.
-        return torch.cat([pooled[name] for name in self.feature_names] + [batch.dense_features], dim=1)
+        return torch.cat([pooled_by_name(pooled, self.feature_names), batch.dense_features], dim=1)
 
     def forward(self, batch: Batch) -> ModelOutput:
         shared = self.tower_input(batch)

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from engagerec.towers.common import GatedMixture, mlp, out_dim
+from engagerec.towers.common import ExpertGroup, GatedMixture, out_dim
 from engagerec.towers.registry import register_tower
 
 
@@ -26,13 +26,13 @@ class MMoE(nn.Module):
                  activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.experts = nn.ModuleList(mlp(input_dim, expert_sizes, activation, dropout) for _ in range(num_experts))
+        self.experts = ExpertGroup(input_dim, num_experts, expert_sizes, activation, dropout)
         self.gates = nn.ModuleList(GatedMixture(input_dim, num_experts) for _ in range(num_tasks))
         self.output_dims: List[int] = [out_dim(input_dim, expert_sizes)] * num_tasks
         self.gate_weights: Dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, H]
+        experts = self.experts(x)  # [B, E, H]
         outputs = []
         for task, gate in enumerate(self.gates):
             mixed, weights = gate(x, experts)

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from engagerec.towers.common import GatedMixture, mlp, out_dim
+from engagerec.towers.common import ExpertGroup, GatedMixture, out_dim
 from engagerec.towers.registry import register_tower
 
 
@@ -22,28 +22,28 @@ class ExtractionLevel(nn.Module):
         if num_shared + num_specific == 0:
             raise ValueError("an extraction level needs at least one expert")
 
-        def experts(count: int) -> nn.ModuleList:
-            return nn.ModuleList(mlp(input_dim, expert_sizes, activation, dropout) for _ in range(count))
+        def experts(count: int) -> Optional[ExpertGroup]:
+            return ExpertGroup(input_dim, count, expert_sizes, activation, dropout) if count else None
 
         self.num_tasks = num_tasks
         self.shared_experts = experts(num_shared)
-        self.task_experts = nn.ModuleList(experts(num_specific) for _ in range(num_tasks))
+        self.task_experts = nn.ModuleList(experts(num_specific) for _ in range(num_tasks)) if num_specific else None
         self.task_gates = nn.ModuleList(GatedMixture(input_dim, num_specific + num_shared) for _ in range(num_tasks))
         self.shared_gate = GatedMixture(input_dim, num_tasks * num_specific + num_shared) if shared_gate else None
         self.output_dim = out_dim(input_dim, expert_sizes)
 
     def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor
                 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-        shared = [expert(shared_input) for expert in self.shared_experts]
+        shared = [self.shared_experts(shared_input)] if self.shared_experts is not None else []  # [B, Es, H]
         outputs, weights, every_expert = [], {}, []
         for task in range(self.num_tasks):
-            own = [expert(task_inputs[task]) for expert in self.task_experts[task]]
+            own = [self.task_experts[task](task_inputs[task])] if self.task_experts is not None else []
             every_expert += own
-            mixed, weights[f"task{task}"] = self.task_gates[task](task_inputs[task], torch.stack(own + shared, dim=1))
+            mixed, weights[f"task{task}"] = self.task_gates[task](task_inputs[task], torch.cat(own + shared, dim=1))
             outputs.append(mixed)
         shared_output = None
         if self.shared_gate is not None:
-            shared_output, weights["shared"] = self.shared_gate(shared_input, torch.stack(every_expert + shared, dim=1))
+            shared_output, weights["shared"] = self.shared_gate(shared_input, torch.cat(every_expert + shared, dim=1))
         return outputs, shared_output, weights
 
 
