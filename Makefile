@@ -21,7 +21,7 @@ DEMO_TOWERS := cross_stitch,mmoe,ple,shared_bottom,single_task
 
 demo: install
 	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml
-	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1 --no-resume
+	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1 --no-resume --gbdt
 
 test: install
 	$(PY) -m pytest -q tests

@@ -39,3 +39,16 @@ def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch
     assert rows["embeddings/t_user_id"][0].strip() == f"{users * 4:,}"
     assert rows["head/skip"][0].strip() == "65"  # 64-wide expert output -> 1 logit
     assert rows["tower"][0].strip() != rows["tower"][1].strip()
+
+
+def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch):
+    from engagerec.config import load_config
+    from engagerec.data.prepare import prepare
+    from engagerec.gbdt import gbdt_reference
+
+    monkeypatch.chdir(repo)
+    summary = prepare(load_config("configs/kuairand_random.yaml").data, tmp_path)
+    result = gbdt_reference(tmp_path, seed=0)
+    assert result["watch_ratio/mse"] < 0.8 * summary["baselines_on_test"]["watch_ratio_mse_train_mean"]
+    assert result["skip/auc"] > 0.75
+    assert result["skip/accuracy"] > summary["baselines_on_test"]["skip_accuracy_majority"]

@@ -105,3 +105,14 @@ def test_history_is_strictly_before_and_capped():
         [],        # another user's history is separate
         [13, 10],  # t=9: last two, oldest first
     ]
+
+
+def test_history_mean_averages_earlier_labels_only():
+    from engagerec.data.history import previous_label_mean
+
+    events = pd.DataFrame({"user_id": [1, 1, 1, 1, 2, 1],
+                           "watch_ratio": [0.5, 0.1, 0.3, 0.9, 0.7, 0.2],
+                           "timestamp": [5.0, 1.0, 3.0, 3.0, 1.0, 9.0]})
+    got = previous_label_mean(events, "watch_ratio", length=2)
+    expected = [(0.3 + 0.9) / 2, np.nan, 0.1, 0.1, np.nan, (0.9 + 0.5) / 2]
+    np.testing.assert_allclose(got, expected)

@@ -75,6 +75,14 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
                   f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}", flush=True)
             runs.append(results)
+    if args.gbdt:
+        from engagerec.gbdt import gbdt_reference
+
+        for seed in seeds:
+            reference = gbdt_reference(cfg.train.data_dir or f"prepared/{cfg.name}", seed)
+            print(f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
+                  f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}", flush=True)
+            runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
     table = write_report(runs, out, f"{cfg.name}: towers x seeds")
     print(table)
     print(f"wrote {out}/compare.md, compare.json, compare.png in {time.perf_counter() - started:.0f} s")
@@ -143,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output directory (default runs/<name>/compare)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--no-resume", action="store_true")
+    compare.add_argument("--gbdt", action="store_true", help="add the scikit-learn GBDT reference (target-encoded ids)")
     compare.set_defaults(handler=_compare)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")

@@ -36,6 +36,8 @@ class FeatureConfig:
       numeric      a float -> optional transform -> standardised dense input;
                    ``buckets`` > 0 also adds a quantile-bucket sparse feature
       history      the user's last ``length`` ``of`` ids strictly before this row
+      history_mean the mean of a label (``of``: watch_ratio or skip) over the user's last
+                   ``length`` views strictly before this row: numeric, first views imputed
     """
 
     name: str

@@ -36,8 +36,9 @@ def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
     lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " | seeds |",
              "|---|" + "---:|" * (len(COLUMNS) + 1)]
     for tower, stats in summary.items():
-        lines.append(f"| {tower} | " + " | ".join(_cell(stats[key]) for key, _ in COLUMNS) + f" | {stats['loss']['n']} |")
-    any_tower = next(iter(summary.values()))
+        seeds = next(iter(stats.values()))["n"]
+        lines.append(f"| {tower} | " + " | ".join(_cell(stats[key]) for key, _ in COLUMNS) + f" | {seeds} |")
+    any_tower = next(s for s in summary.values() if "skip/baseline_accuracy_majority" in s)
     lines.append("| constant: train mean / majority class | "
                  f"{any_tower['skip/baseline_accuracy_majority']['mean']:.4f} | "
                  f"{any_tower['watch_ratio/baseline_mse_train_mean']['mean']:.4f} | 0.5000 | – | – |")

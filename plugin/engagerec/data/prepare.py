@@ -21,7 +21,7 @@ import pandas as pd
 from engagerec.config import DataConfig
 from engagerec.data.adapters import load_tables
 from engagerec.data.events import SKIP, WATCH_RATIO, FilterReport, build_events
-from engagerec.data.history import previous_ids
+from engagerec.data.history import previous_ids, previous_label_mean
 from engagerec.data.raw import CONTENT_ID, USER_ID
 from engagerec.data.schema import DatasetSchema, LabelSpec, history_column
 from engagerec.data.shards import write_split
@@ -52,6 +52,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
     for feature in cfg.features:
         if feature.kind == "history":
             events[history_column(feature)] = previous_ids(events, feature.of, feature.length)
+        elif feature.kind == "history_mean":
+            events[feature.name] = previous_label_mean(events, feature.of, feature.length)
     splits = split_indices(events, cfg.split)
     train = events.iloc[splits["train"]]
     schema = DatasetSchema.fit(train, cfg.features, STUDY_LABELS, raw.post_exposure)

@@ -30,7 +30,8 @@ from engagerec.data.tables import as_numeric
 
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
-FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history")
+FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history", "history_mean")
+PAST_LABELS = ("watch_ratio", "skip")  # what a history_mean feature may average
 TRANSFORMS = ("none", "log1p")
 
 
@@ -118,14 +119,14 @@ class DatasetSchema:
                 if space not in schema.vocabs:
                     schema.vocabs[space] = _fit_vocab(_category_tokens(train, feature.of), feature.min_count)
                 schema.sparse.append(SparseFeature(feature.name, space, multi=True))
-            else:  # numeric
+            else:  # numeric, or history_mean (a numeric column prepare computed; first views impute)
                 values = _numeric_input(train, column, feature)
                 finite = values[~np.isnan(values)]
                 if finite.size == 0:
                     raise DataError("numeric feature has no values in the training split",
                                     column=column, expected="at least one number")
                 mean, std = float(finite.mean()), float(finite.std())
-                fill = mean if feature.missing == "mean" else None
+                fill = mean if feature.missing == "mean" or feature.kind == "history_mean" else None
                 schema.dense.append(DenseFeature(feature.name, column, feature.transform, mean, std if std > 0 else 1.0, fill))
                 if feature.buckets > 0:
                     bucket_name = f"{feature.name}_bucket"
@@ -232,6 +233,8 @@ def _json_default(value: Any) -> Any:
 def _input_columns(features: List[FeatureConfig]) -> List[str]:
     columns = []
     for feature in features:
+        if feature.kind == "history_mean":
+            continue  # computed by prepare from earlier rows, not read from the input tables
         column = feature.of if feature.kind == "history" else (feature.column or feature.name)
         if column not in columns:
             columns.append(column)
@@ -251,6 +254,11 @@ def _validate_features(frame: pd.DataFrame, features: List[FeatureConfig], post_
             raise DataError(f"{where}: unknown transform '{feature.transform}'", expected=f"one of {TRANSFORMS}")
         if feature.missing not in ("error", "mean"):
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
+        if feature.kind == "history_mean":
+            if feature.of not in PAST_LABELS:
+                raise DataError(f"{where}: history_mean averages a label of earlier views",
+                                expected=f"of: one of {PAST_LABELS}", got=feature.of)
+            continue
         column = feature.of if feature.kind == "history" else (feature.column or feature.name)
         if column in post_exposure or column in ("watch_time", "watch_ratio", "skip"):
             raise DataError(f"{where}: column '{column}' is observed during or after the view "

@@ -1,0 +1,101 @@
+"""A gradient-boosted-tree reference (scikit-learn) on the same prepared splits as the towers.
+
+Single-valued sparse features with many values (ids) are target-encoded with
+scikit-learn's cross-fitted TargetEncoder (fitted on train only); the other single-valued
+ones are native categorical features; each multi-valued feature (genres, history)
+contributes its length; dense features are used as they are. One
+HistGradientBoostingRegressor for the watch ratio and one HistGradientBoostingClassifier
+for skip, each with early stopping on the validation split. No tuning on test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, roc_auc_score
+from sklearn.model_selection import KFold
+from sklearn.preprocessing import TargetEncoder
+
+from engagerec.data.schema import DatasetSchema
+
+NATIVE_CATEGORICAL_MAX = 250  # HistGradientBoosting's categorical features allow at most 255 values
+
+
+def _matrix(data_dir: Path, split: str, schema: DatasetSchema) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(feature columns, label columns) of one prepared split."""
+    table = pq.read_table(data_dir / split)
+    columns: Dict[str, np.ndarray] = {}
+    for feature in schema.sparse:
+        column = table.column(feature.name)
+        if feature.multi:
+            offsets = column.combine_chunks().offsets.to_numpy()
+            columns[f"{feature.name}__length"] = np.diff(offsets).astype(np.float64)
+        else:
+            columns[feature.name] = column.to_numpy().astype(np.int64)
+    for name in schema.dense_names:
+        columns[name] = table.column(name).to_numpy().astype(np.float64)
+    labels = {name: table.column(name).to_numpy() for name in schema.label_names}
+    return columns, labels
+
+
+def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
+    """Test metrics of the GBDT reference, under the towers' metric names."""
+    data_dir = Path(data_dir)
+    schema = DatasetSchema.load(data_dir)
+    parts = {split: _matrix(data_dir, split, schema) for split in ("train", "val", "test")}
+    singles = [f for f in schema.sparse if not f.multi]
+    encoded = [f.name for f in singles if schema.num_embeddings(f.id_space) > NATIVE_CATEGORICAL_MAX]
+    native = [f.name for f in singles if f.name not in encoded]
+    plain = [k for k in parts["train"][0] if k not in encoded and k not in native]
+
+    def design(split: str, encoder: TargetEncoder, fit_target=None) -> np.ndarray:
+        columns = parts[split][0]
+        ids = np.stack([columns[n] for n in encoded], axis=1) if encoded else np.zeros((len(columns[plain[0]]), 0))
+        if fit_target is not None:
+            target_encoded = encoder.fit_transform(ids, fit_target)  # cross-fitted on train
+        else:
+            target_encoded = encoder.transform(ids)
+        rest = np.stack([columns[n].astype(np.float64) for n in native + plain], axis=1)
+        return np.concatenate([rest, target_encoded], axis=1)
+
+    categorical = np.zeros(len(native) + len(plain) + len(encoded), dtype=bool)
+    categorical[: len(native)] = True
+    out: Dict[str, float] = {}
+    for task, model_class in (("watch_ratio", HistGradientBoostingRegressor), ("skip", HistGradientBoostingClassifier)):
+        y = {split: parts[split][1][task] for split in parts}
+        encoder = TargetEncoder(target_type="continuous", cv=KFold(5, shuffle=True, random_state=seed))
+        x_train = design("train", encoder, y["train"])
+        x_val, x_test = design("val", encoder), design("test", encoder)
+        model = model_class(categorical_features=categorical, max_iter=500, learning_rate=0.05,
+                            early_stopping=False, random_state=seed)
+        # early stopping on our validation split: fit on train, then refit with the best iteration count
+        best_iter, _ = _best_iterations(model, x_train, y["train"], x_val, y["val"], task)
+        model.set_params(max_iter=best_iter)
+        model.fit(x_train, y["train"])
+        if task == "watch_ratio":
+            prediction = np.clip(model.predict(x_test), 0.0, 1.0)
+            out["watch_ratio/mse"] = float(mean_squared_error(y["test"], prediction))
+            out["watch_ratio/mae"] = float(mean_absolute_error(y["test"], prediction))
+        else:
+            probability = model.predict_proba(x_test)[:, 1]
+            out["skip/auc"] = float(roc_auc_score(y["test"], probability))
+            out["skip/accuracy"] = float(accuracy_score(y["test"], probability >= 0.5))
+        out[f"{task}/iterations"] = float(best_iter)
+    return out
+
+
+def _best_iterations(model, x_train, y_train, x_val, y_val, task: str) -> Tuple[int, float]:
+    """The iteration count with the best validation loss (MSE or log loss), by staged prediction."""
+    model.fit(x_train, y_train)
+    if task == "watch_ratio":
+        scores = [mean_squared_error(y_val, np.clip(p, 0, 1)) for p in model.staged_predict(x_val)]
+    else:
+        eps = 1e-7
+        scores = [float(-np.mean(y_val * np.log(np.clip(p[:, 1], eps, 1)) + (1 - y_val) * np.log(np.clip(1 - p[:, 1], eps, 1))))
+                  for p in model.staged_predict_proba(x_val)]
+    best = int(np.argmin(scores))
+    return best + 1, float(scores[best])
