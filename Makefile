@@ -28,6 +28,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/reader_throughput.py
+	$(PY) benchmarks/train_throughput.py --batch-size 4096 --steps 60
 
 clean:
 	rm -rf $(VENV) prepared runs

@@ -74,4 +74,5 @@ class GatedMixture(nn.Module):
     def forward(self, gate_input: torch.Tensor, experts: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """experts: [B, E, H] -> (mixture [B, H], weights [B, E])."""
         weights = torch.softmax(self.gate(gate_input), dim=-1)
-        return torch.bmm(weights.unsqueeze(1), experts).squeeze(1), weights
+        # a weighted sum over a handful of experts: elementwise beats a batch of 1-row matmuls
+        return (weights.unsqueeze(-1) * experts).sum(dim=1), weights

@@ -17,7 +17,8 @@ class ExtractionLevel(nn.Module):
     level a shared gate mixes all experts into the next level's shared input."""
 
     def __init__(self, input_dim: int, num_tasks: int, num_shared: int, num_specific: int,
-                 expert_sizes: Sequence[int], activation: str, dropout: float, shared_gate: bool) -> None:
+                 expert_sizes: Sequence[int], activation: str, dropout: float, shared_gate: bool,
+                 one_input: bool = False) -> None:
         super().__init__()
         if num_shared + num_specific == 0:
             raise ValueError("an extraction level needs at least one expert")
@@ -25,19 +26,31 @@ class ExtractionLevel(nn.Module):
         def experts(count: int) -> Optional[ExpertGroup]:
             return ExpertGroup(input_dim, count, expert_sizes, activation, dropout) if count else None
 
-        self.num_tasks = num_tasks
-        self.shared_experts = experts(num_shared)
-        self.task_experts = nn.ModuleList(experts(num_specific) for _ in range(num_tasks)) if num_specific else None
+        self.num_tasks, self.num_shared, self.num_specific = num_tasks, num_shared, num_specific
+        # one_input (the first level, where every expert reads x): all experts in one group,
+        # one wide matmul; columns [shared | task 0 | task 1 | ...]
+        self.all_experts = experts(num_shared + num_tasks * num_specific) if one_input else None
+        self.shared_experts = experts(num_shared) if not one_input else None
+        self.task_experts = (nn.ModuleList(experts(num_specific) for _ in range(num_tasks))
+                             if num_specific and not one_input else None)
         self.task_gates = nn.ModuleList(GatedMixture(input_dim, num_specific + num_shared) for _ in range(num_tasks))
         self.shared_gate = GatedMixture(input_dim, num_tasks * num_specific + num_shared) if shared_gate else None
         self.output_dim = out_dim(input_dim, expert_sizes)
 
     def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor
                 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-        shared = [self.shared_experts(shared_input)] if self.shared_experts is not None else []  # [B, Es, H]
+        if self.all_experts is not None:
+            every = self.all_experts(shared_input)  # [B, Es + T * Et, H]
+            shared = [every[:, : self.num_shared]] if self.num_shared else []
+        else:
+            shared = [self.shared_experts(shared_input)] if self.shared_experts is not None else []  # [B, Es, H]
         outputs, weights, every_expert = [], {}, []
         for task in range(self.num_tasks):
-            own = [self.task_experts[task](task_inputs[task])] if self.task_experts is not None else []
+            if self.all_experts is not None:
+                start = self.num_shared + task * self.num_specific
+                own = [every[:, start: start + self.num_specific]] if self.num_specific else []
+            else:
+                own = [self.task_experts[task](task_inputs[task])] if self.task_experts is not None else []
             every_expert += own
             mixed, weights[f"task{task}"] = self.task_gates[task](task_inputs[task], torch.cat(own + shared, dim=1))
             outputs.append(mixed)
@@ -67,7 +80,7 @@ class PLE(nn.Module):
         width = input_dim
         for level in range(num_levels):
             self.levels.append(ExtractionLevel(width, num_tasks, num_shared, num_specific, expert_sizes, activation,
-                                               dropout, shared_gate=level < num_levels - 1))
+                                               dropout, shared_gate=level < num_levels - 1, one_input=level == 0))
             width = self.levels[-1].output_dim
         self.output_dims: List[int] = [width] * num_tasks
         self.gate_weights: Dict[str, torch.Tensor] = {}
