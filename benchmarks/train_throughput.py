@@ -11,7 +11,8 @@ backward and optimiser steps, one process, all cores the machine has.
 * plain: one torch.nn.EmbeddingBag per id space (the same tables), the same tower and
   heads, Adam on every parameter, a plain loop; what a PyTorch user writes without TorchRec.
 
-samples/s are measured after --warmup steps. Writes the section "train" of
+samples/s are measured after --warmup steps; the two sides alternate --repeats times and the
+median is reported (this machine's speed drifts between minutes). Writes the section "train" of
 benchmarks/RESULTS.md with the machine, versions and command.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +128,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default=str(REPO / "configs/kuairand_random.yaml"))
     args = parser.parse_args()
 
@@ -147,17 +150,22 @@ def main() -> None:
             params = base.model.tower.params if tower == base.model.tower.name else {}
             cfg = dataclasses.replace(base, model=dataclasses.replace(
                 base.model, tower=dataclasses.replace(base.model.tower, name=tower, params=params)))
-            ours = engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup)
-            plain = plain_rate(cfg, data_dir, batch_size, args.steps, args.warmup)
-            rows.append({"tower": tower, "engagerec": ours, "plain": plain})
+            ours, plain = [], []
+            for _ in range(args.repeats):  # alternate, so drift hits both sides alike
+                ours.append(engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
+                plain.append(plain_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
+            ratios = sorted(o / p for o, p in zip(ours, plain))
+            ours, plain = statistics.median(ours), statistics.median(plain)
+            rows.append({"tower": tower, "engagerec": ours, "plain": plain, "ratios": ratios})
             print(f"{tower}: engagerec {ours:,.0f} samples/s, plain nn.EmbeddingBag {plain:,.0f} samples/s, "
                   f"ratio {ours / plain:.2f}", flush=True)
     lines = [f"### End-to-end training, bundled KuaiRand, batch {batch_size}, {torch.get_num_threads()} threads",
              "", f"{args.steps} timed steps after {args.warmup} warm-up steps per side.", "",
-             "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s | ratio |",
+             f"Medians of {args.repeats} alternating repeats; ratio = per-repeat engagerec / plain (min, median, max).", "",
+             "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s | ratio min / median / max |",
              "|---|---:|---:|---:|"]
-    lines += [f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain']:,.0f} | {r['engagerec'] / r['plain']:.2f} |"
-              for r in rows]
+    lines += [f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain']:,.0f} | "
+              f"{r['ratios'][0]:.2f} / {statistics.median(r['ratios']):.2f} / {r['ratios'][-1]:.2f} |" for r in rows]
     command = ".venv/bin/python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
     text = "\n".join([machine_block(command), "", *lines])
     write_section("train", text)
