@@ -132,10 +132,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs/kuairand_random.yaml"))
     args = parser.parse_args()
 
-    import dataclasses
-
     from engagerec.cli import quiet_library_noise
-    from engagerec.config import load_config
+    from engagerec.config import load_config, with_tower
     from engagerec.data.prepare import prepare
 
     quiet_library_noise()
@@ -147,9 +145,7 @@ def main() -> None:
         data_dir = Path(tmp) / "data"
         prepare(base.data, data_dir)
         for tower in args.towers:
-            params = base.model.tower.params if tower == base.model.tower.name else {}
-            cfg = dataclasses.replace(base, model=dataclasses.replace(
-                base.model, tower=dataclasses.replace(base.model.tower, name=tower, params=params)))
+            cfg = with_tower(base, tower)
             ours, plain = [], []
             for _ in range(args.repeats):  # alternate, so drift hits both sides alike
                 ours.append(engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup))

@@ -108,3 +108,17 @@ def test_other_loss_weightings_train(study_data, tmp_path, weighting):
     results = train(cfg, tmp_path / "run")
     assert results["test"]["skip/auc"] > 0.65
     assert results["test"]["watch_ratio/mse"] < results["test"]["watch_ratio/baseline_mse_train_mean"]
+
+
+def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_data, tmp_path):
+    from engagerec.report import run_comparison
+
+    cfg = study_run_config(study_data, epochs=1)
+    table = run_comparison(cfg, ["mmoe", "shared_bottom"], [0, 1], tmp_path, gbdt=True)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"mmoe", "shared_bottom", "gbdt (scikit-learn)", "constant: train mean / majority class"}
+    assert "±" in rows["mmoe"] and rows["mmoe"].rstrip("| ").endswith("2")  # two seeds, with spread
+    summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
+    assert summary["mmoe"]["skip/auc"]["n"] == 2
+    assert summary["gbdt (scikit-learn)"]["watch_ratio/mse"]["mean"] < summary["mmoe"]["watch_ratio/baseline_mse_train_mean"]["mean"]
+    assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "compare.md").exists()

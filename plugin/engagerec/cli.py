@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from engagerec.config import ConfigError, load_config
+from engagerec.config import ConfigError, load_config, with_tower
 from engagerec.data.errors import DataError
 
 
@@ -54,36 +54,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import dataclasses
     import time
 
-    from engagerec.report import write_report
-    from engagerec.train import train
+    from engagerec.report import run_comparison
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or f"runs/{cfg.name}/compare")
     towers = args.towers.split(",") if args.towers else [cfg.model.tower.name]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    runs, started = [], time.perf_counter()
-    for tower in towers:
-        params = cfg.model.tower.params if tower == cfg.model.tower.name else {}
-        for seed in seeds:
-            run_cfg = dataclasses.replace(
-                cfg, model=dataclasses.replace(cfg.model, tower=dataclasses.replace(cfg.model.tower, name=tower, params=params)),
-                train=dataclasses.replace(cfg.train, seed=seed, progress_bar=False))
-            results = train(run_cfg, out / tower / f"seed{seed}", resume=not args.no_resume)
-            print(f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
-                  f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}", flush=True)
-            runs.append(results)
-    if args.gbdt:
-        from engagerec.gbdt import gbdt_reference
-
-        for seed in seeds:
-            reference = gbdt_reference(cfg.train.data_dir or f"prepared/{cfg.name}", seed)
-            print(f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
-                  f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}", flush=True)
-            runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
-    table = write_report(runs, out, f"{cfg.name}: towers x seeds")
+    started = time.perf_counter()
+    table = run_comparison(cfg, towers, [int(s) for s in args.seeds.split(",")], out, resume=not args.no_resume,
+                           gbdt=args.gbdt)
     print(table)
     print(f"wrote {out}/compare.md, compare.json, compare.png in {time.perf_counter() - started:.0f} s")
     return 0
@@ -103,8 +83,6 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from engagerec.data.schema import DatasetSchema
     from engagerec.describe import format_parameter_table, parameter_counts
     from engagerec.model import MultiTaskModel
@@ -117,8 +95,7 @@ def _describe(args: argparse.Namespace) -> int:
         names = sorted(TOWERS)
     rows = {}
     for name in names:
-        tower = cfg.model.tower if name == cfg.model.tower.name else dataclasses.replace(cfg.model.tower, name=name, params={})
-        model = MultiTaskModel.from_config(schema, dataclasses.replace(cfg.model, tower=tower))
+        model = MultiTaskModel.from_config(schema, with_tower(cfg, name).model)
         rows[name] = parameter_counts(model)
     print(f"parameters per part ({model.spec.input_dim} tower inputs: {model.spec.sparse_dim} pooled embedding "
           f"+ {model.spec.dense_dim} dense)")

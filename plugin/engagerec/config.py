@@ -221,6 +221,14 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def with_tower(cfg: ExperimentConfig, tower: str, **train_changes: Any) -> ExperimentConfig:
+    """``cfg`` with another tower (its params kept only if it is the configured tower) and
+    optional changes to ``train``; the original is left as it is."""
+    params = cfg.model.tower.params if tower == cfg.model.tower.name else {}
+    model = dataclasses.replace(cfg.model, tower=TowerConfig(name=tower, params=dict(params)))
+    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, **train_changes))
+
+
 # ---------------------------------------------------------------------- loading
 
 

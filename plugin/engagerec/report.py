@@ -66,6 +66,32 @@ def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def run_comparison(cfg, towers: List[str], seeds: List[int], out_dir: Path, resume: bool = True,
+                   gbdt: bool = False) -> str:
+    """Train every tower with every seed (and the GBDT reference), then write the report;
+    returns its markdown table."""
+    from engagerec.config import with_tower
+    from engagerec.train import train
+
+    runs = []
+    for tower in towers:
+        for seed in seeds:
+            results = train(with_tower(cfg, tower, seed=seed, progress_bar=False), out_dir / tower / f"seed{seed}",
+                            resume=resume)
+            print(f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
+                  f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}", flush=True)
+            runs.append(results)
+    if gbdt:
+        from engagerec.gbdt import gbdt_reference
+
+        for seed in seeds:
+            reference = gbdt_reference(cfg.train.data_dir or f"prepared/{cfg.name}", seed)
+            print(f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
+                  f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}", flush=True)
+            runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
+    return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
+
+
 def write_report(runs: List[Dict[str, Any]], out_dir: Path, title: str) -> str:
     summary = summarise(runs)
     table = markdown_table(summary)
