@@ -64,6 +64,26 @@ class ExpertGroup(nn.Module):
         return h.transpose(0, 1)  # [B, E, H]
 
 
+def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i f_i: weights [B, E], experts [B, E, H] -> [B, H]. Elementwise: for a handful of
+    experts this beats a batch of one-row matmuls."""
+    return (weights.unsqueeze(-1) * experts).sum(dim=1)
+
+
+class GateBank(nn.Module):
+    """Several softmax gates that read the same input, as one Linear (one matmul forward, one
+    backward through the wide input instead of one per gate). Returns one [B, n_g] per gate."""
+
+    def __init__(self, input_dim: int, gate_sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.gate_sizes = list(gate_sizes)
+        self.linear = nn.Linear(input_dim, sum(gate_sizes))
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        logits = self.linear(x).split(self.gate_sizes, dim=1)
+        return [torch.softmax(l, dim=-1) for l in logits]
+
+
 class GatedMixture(nn.Module):
     """softmax(W x + b) over stacked expert outputs: sum_i g_i(x) f_i(x) (study eq. 2-6, 9-10)."""
 
@@ -74,5 +94,4 @@ class GatedMixture(nn.Module):
     def forward(self, gate_input: torch.Tensor, experts: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """experts: [B, E, H] -> (mixture [B, H], weights [B, E])."""
         weights = torch.softmax(self.gate(gate_input), dim=-1)
-        # a weighted sum over a handful of experts: elementwise beats a batch of 1-row matmuls
-        return (weights.unsqueeze(-1) * experts).sum(dim=1), weights
+        return mix(weights, experts), weights

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from engagerec.towers.common import ExpertGroup, GatedMixture, out_dim
+from engagerec.towers.common import ExpertGroup, GateBank, mix, out_dim
 from engagerec.towers.registry import register_tower
 
 
@@ -27,15 +27,14 @@ class MMoE(nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
         self.experts = ExpertGroup(input_dim, num_experts, expert_sizes, activation, dropout)
-        self.gates = nn.ModuleList(GatedMixture(input_dim, num_experts) for _ in range(num_tasks))
+        self.gates = GateBank(input_dim, [num_experts] * num_tasks)  # every gate reads x: one matmul
         self.output_dims: List[int] = [out_dim(input_dim, expert_sizes)] * num_tasks
         self.gate_weights: Dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         experts = self.experts(x)  # [B, E, H]
         outputs = []
-        for task, gate in enumerate(self.gates):
-            mixed, weights = gate(x, experts)
+        for task, weights in enumerate(self.gates(x)):
             self.gate_weights[f"task{task}"] = weights.detach()
-            outputs.append(mixed)
+            outputs.append(mix(weights, experts))
         return outputs

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from engagerec.towers.common import ExpertGroup, GatedMixture, out_dim
+from engagerec.towers.common import ExpertGroup, GateBank, GatedMixture, mix, out_dim
 from engagerec.towers.registry import register_tower
 
 
@@ -33,8 +33,13 @@ class ExtractionLevel(nn.Module):
         self.shared_experts = experts(num_shared) if not one_input else None
         self.task_experts = (nn.ModuleList(experts(num_specific) for _ in range(num_tasks))
                              if num_specific and not one_input else None)
-        self.task_gates = nn.ModuleList(GatedMixture(input_dim, num_specific + num_shared) for _ in range(num_tasks))
-        self.shared_gate = GatedMixture(input_dim, num_tasks * num_specific + num_shared) if shared_gate else None
+        gate_sizes = [num_specific + num_shared] * num_tasks + ([num_tasks * num_specific + num_shared] if shared_gate else [])
+        self.has_shared_gate = shared_gate
+        # one_input: every gate reads x too, so all gates are one GateBank (one matmul)
+        self.gate_bank = GateBank(input_dim, gate_sizes) if one_input else None
+        self.task_gates = (nn.ModuleList(GatedMixture(input_dim, size) for size in gate_sizes[:num_tasks])
+                           if not one_input else None)
+        self.shared_gate = GatedMixture(input_dim, gate_sizes[-1]) if shared_gate and not one_input else None
         self.output_dim = out_dim(input_dim, expert_sizes)
 
     def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor
@@ -44,6 +49,7 @@ class ExtractionLevel(nn.Module):
             shared = [every[:, : self.num_shared]] if self.num_shared else []
         else:
             shared = [self.shared_experts(shared_input)] if self.shared_experts is not None else []  # [B, Es, H]
+        bank = self.gate_bank(shared_input) if self.gate_bank is not None else None
         outputs, weights, every_expert = [], {}, []
         for task in range(self.num_tasks):
             if self.all_experts is not None:
@@ -52,11 +58,21 @@ class ExtractionLevel(nn.Module):
             else:
                 own = [self.task_experts[task](task_inputs[task])] if self.task_experts is not None else []
             every_expert += own
-            mixed, weights[f"task{task}"] = self.task_gates[task](task_inputs[task], torch.cat(own + shared, dim=1))
-            outputs.append(mixed)
+            candidates = torch.cat(own + shared, dim=1)
+            if bank is not None:
+                weights[f"task{task}"] = bank[task]
+                outputs.append(mix(bank[task], candidates))
+            else:
+                mixed, weights[f"task{task}"] = self.task_gates[task](task_inputs[task], candidates)
+                outputs.append(mixed)
         shared_output = None
-        if self.shared_gate is not None:
-            shared_output, weights["shared"] = self.shared_gate(shared_input, torch.cat(every_expert + shared, dim=1))
+        if self.has_shared_gate:
+            everything = torch.cat(every_expert + shared, dim=1)
+            if bank is not None:
+                weights["shared"] = bank[self.num_tasks]
+                shared_output = mix(bank[self.num_tasks], everything)
+            else:
+                shared_output, weights["shared"] = self.shared_gate(shared_input, everything)
         return outputs, shared_output, weights
 
 
