@@ -80,8 +80,12 @@ class GateBank(nn.Module):
         self.linear = nn.Linear(input_dim, sum(gate_sizes))
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        logits = self.linear(x).split(self.gate_sizes, dim=1)
-        return [torch.softmax(l, dim=-1) for l in logits]
+        logits = self.linear(x)
+        gates, start = [], 0
+        for size in self.gate_sizes:  # Python ints: FX-traceable, unlike iterating a split
+            gates.append(torch.softmax(logits[:, start: start + size], dim=-1))
+            start += size
+        return gates
 
 
 class GatedMixture(nn.Module):

@@ -33,8 +33,9 @@ class MMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         experts = self.experts(x)  # [B, E, H]
+        gates = self.gates(x)
         outputs = []
-        for task, weights in enumerate(self.gates(x)):
-            self.gate_weights[f"task{task}"] = weights.detach()
-            outputs.append(mix(weights, experts))
+        for task in range(self.num_tasks):  # index with ints: traceable whether gates is a leaf or not
+            self.gate_weights[f"task{task}"] = gates[task].detach()
+            outputs.append(mix(gates[task], experts))
         return outputs
