@@ -106,6 +106,10 @@ def test_other_loss_weightings_train(study_data, tmp_path, weighting):
     cfg = study_run_config(study_data, epochs=1)
     cfg.model.loss.weighting = weighting
     results = train(cfg, tmp_path / "run")
+    import csv
+
+    logged = [r for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["phase"] == "train"]
+    assert float(logged[-1]["skip/loss_weight"]) != float(logged[0]["skip/loss_weight"])  # the weights moved
     assert results["test"]["skip/auc"] > 0.65
     assert results["test"]["watch_ratio/mse"] < results["test"]["watch_ratio/baseline_mse_train_mean"]
 

@@ -334,6 +334,3 @@ def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Expe
 def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, raw, "")
 
-
-def config_to_dict(cfg: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -148,6 +148,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             if progress["step"] % tc.log_every_steps == 0:
                 values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(tasks)}
                 values.update(readable(train_metrics.compute()))
+                weights_now = model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
+                values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(tasks)})
                 values["samples_per_s"] = rows / (time.perf_counter() - started)
                 log.write(progress["step"], "train", values)
                 if bar is not None:

@@ -43,10 +43,6 @@ class _Chunk:
     dense: np.ndarray
     labels: np.ndarray
 
-    @property
-    def rows(self) -> int:
-        return self.dense.shape[0]
-
 
 class ShardReader(IterableDataset):
     """Iterate ``Batch`` objects over one split of a prepared dataset.

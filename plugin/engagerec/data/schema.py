@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -340,6 +340,3 @@ def _numeric_input(frame: pd.DataFrame, column: str, feature: FeatureConfig) -> 
         values = np.log1p(values)
     return values
 
-
-def label_specs(names_and_kinds: List[Tuple[str, str]]) -> List[LabelSpec]:
-    return [LabelSpec(name, kind) for name, kind in names_and_kinds]
