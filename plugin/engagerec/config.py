@@ -221,6 +221,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def prepared_dir(cfg: ExperimentConfig) -> str:
+    """Where the run reads its prepared data: ``train.data_dir``, else ``prepared/<name>``
+    (where ``engagerec prepare`` writes by default)."""
+    return cfg.train.data_dir or f"prepared/{cfg.name}"
+
+
 def with_tower(cfg: ExperimentConfig, tower: str, **train_changes: Any) -> ExperimentConfig:
     """``cfg`` with another tower (its params kept only if it is the configured tower) and
     optional changes to ``train``; the original is left as it is."""

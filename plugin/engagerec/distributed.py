@@ -23,6 +23,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from engagerec.config import ExperimentConfig, prepared_dir
+from engagerec.data.schema import DatasetSchema
 from engagerec.model import MultiTaskModel
 
 SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel", "row_wise", "table_row_wise")
@@ -110,6 +112,16 @@ def shard_model(model: MultiTaskModel, runtime: Runtime, batch_size: int, shardi
     plan = planner.collective_plan(model, sharders, pg) if model.has_sparse else ShardingPlan(plan={})
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=runtime.device,
                                     plan=plan, sharders=sharders)
+
+
+def sharded_model_from_config(cfg: ExperimentConfig, runtime: Runtime) -> "tuple[DistributedModelParallel, MultiTaskModel]":
+    """The configured model, built on the meta device for the prepared data and sharded; the
+    planner gets the training batch size, so a run's plan is the same wherever it is rebuilt
+    on the same world size (training, evaluation)."""
+    schema = DatasetSchema.load(prepared_dir(cfg))
+    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
+    tc = cfg.train
+    return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 
 
 def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:

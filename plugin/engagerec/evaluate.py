@@ -47,20 +47,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint_name: str 
     import json
 
     from engagerec import checkpoint
-    from engagerec.config import config_from_dict
-    from engagerec.distributed import close_runtime, init_runtime, shard_model
-    from engagerec.data.schema import DatasetSchema
-    from engagerec.model import MultiTaskModel
+    from engagerec.config import config_from_dict, prepared_dir
+    from engagerec.distributed import close_runtime, init_runtime, sharded_model_from_config
 
     run_dir = Path(run_dir)
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     runtime = init_runtime()
     try:
-        data_dir = cfg.train.data_dir or f"prepared/{cfg.name}"
-        model = MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
-        # the training batch size, so that on the same world size the plan is the training one
-        dmp = shard_model(model, runtime, cfg.train.batch_size, cfg.train.sharding, cfg.train.sparse_optimizer,
-                          cfg.train.sparse_lr)
+        data_dir = prepared_dir(cfg)
+        dmp, model = sharded_model_from_config(cfg, runtime)
         pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
         path = checkpoint.latest(run_dir / "checkpoints", pattern)
         if path is None:

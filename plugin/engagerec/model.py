@@ -38,13 +38,14 @@ def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
     keys = pooled.keys()
     if keys == names:
         return pooled.values()
-    signature = (tuple(keys), tuple(names), tuple(pooled.length_per_key()))
-    if signature not in _COLUMN_ORDER:
+    values = pooled.values()
+    signature = (tuple(keys), tuple(names), tuple(pooled.length_per_key()), values.device)
+    if signature not in _COLUMN_ORDER:  # kept on the values' device: no copy per forward
         starts = dict(zip(keys, pooled.offset_per_key()))
         widths = dict(zip(keys, pooled.length_per_key()))
-        _COLUMN_ORDER[signature] = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in names])
-    index = _COLUMN_ORDER[signature].to(pooled.values().device)
-    return pooled.values().index_select(1, index)
+        index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in names])
+        _COLUMN_ORDER[signature] = index.to(values.device)
+    return values.index_select(1, _COLUMN_ORDER[signature])
 
 
 class MultiTaskModel(nn.Module):

@@ -70,7 +70,7 @@ def run_comparison(cfg, towers: List[str], seeds: List[int], out_dir: Path, resu
                    gbdt: bool = False) -> str:
     """Train every tower with every seed (and the GBDT reference), then write the report;
     returns its markdown table."""
-    from engagerec.config import with_tower
+    from engagerec.config import prepared_dir, with_tower
     from engagerec.train import train
 
     runs = []
@@ -85,7 +85,7 @@ def run_comparison(cfg, towers: List[str], seeds: List[int], out_dir: Path, resu
         from engagerec.gbdt import gbdt_reference
 
         for seed in seeds:
-            reference = gbdt_reference(cfg.train.data_dir or f"prepared/{cfg.name}", seed)
+            reference = gbdt_reference(prepared_dir(cfg), seed)
             print(f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
                   f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}", flush=True)
             runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})

@@ -27,13 +27,11 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
-from engagerec.config import ExperimentConfig
+from engagerec.config import ExperimentConfig, prepared_dir
 from engagerec.data.reader import ShardReader, make_loader
-from engagerec.data.schema import DatasetSchema
-from engagerec.distributed import build_optimizer, close_runtime, init_runtime, plan_table, shard_model
+from engagerec.distributed import build_optimizer, close_runtime, init_runtime, plan_table, sharded_model_from_config
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.metrics import build_metric_module, metric_inputs, readable
-from engagerec.model import MultiTaskModel
 
 TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
 
@@ -91,11 +89,9 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
     tc = cfg.train
     if tc.monitor_mode not in ("min", "max"):
         raise ValueError(f"train.monitor_mode '{tc.monitor_mode}', expected min or max")
-    data_dir = tc.data_dir or f"prepared/{cfg.name}"
-    schema = DatasetSchema.load(data_dir)
+    data_dir = prepared_dir(cfg)
     seed_everything(tc.seed)
-    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
-    dmp = shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr)
+    dmp, model = sharded_model_from_config(cfg, runtime)
     optimizer = build_optimizer(dmp, tc.dense_lr)
     tasks = model.tasks
     ckpt_root = run_dir / "checkpoints"
