@@ -42,7 +42,9 @@ def hwm_kb():
             return int(line.split()[1])
 """
 
-STREAM_CHILD = HWM + r"""
+STREAM_CHILD = (
+    HWM
+    + r"""
 import sys, time, json
 import torch
 torch.set_num_threads(1)
@@ -56,8 +58,11 @@ seconds = time.perf_counter() - start
 print(json.dumps({"rows": rows, "seconds": seconds, "import_rss_kb": import_rss,
                   "peak_rss_kb": hwm_kb()}))
 """
+)
 
-WRITE_CHILD = HWM + r"""
+WRITE_CHILD = (
+    HWM
+    + r"""
 import sys, json
 from engagerec.config import config_from_dict
 from engagerec.data.synthetic import write_study_prepared
@@ -72,20 +77,29 @@ cfg = config_from_dict({"data": {
 write_study_prepared(sys.argv[1], cfg.data)
 print(json.dumps({"peak_rss_kb": hwm_kb()}))
 """
+)
 
 
-GENERATE_CHILD = HWM + r"""
+GENERATE_CHILD = (
+    HWM
+    + r"""
 import sys, json
 from engagerec.config import SyntheticConfig
 from engagerec.data.synthetic import write_study_tables
 write_study_tables(sys.argv[1], SyntheticConfig(num_rows=int(sys.argv[2]), num_users=1000000, num_contents=100000))
 print(json.dumps({"peak_rss_kb": hwm_kb()}))
 """
+)
 
 
 def _child(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -107,12 +121,17 @@ def throughput(prepared: Path, repeats: int, epochs: int) -> dict:
                     rows += batch.batch_size
             rates.append(rows / (time.perf_counter() - start))
         results["shuffled (train order)" if shuffle else "in file order (eval)"] = {
-            "median_rows_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
+            "median_rows_per_s": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+        }
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--generator-rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeats", type=int, default=5)
@@ -128,35 +147,52 @@ def main() -> None:
         prepared = Path(tmp) / "kuairand"
         summary = prepare(load_config(REPO / "configs/kuairand_random.yaml").data, prepared)
         rates = throughput(prepared, args.repeats, args.epochs)
-        lines += ["### Throughput, bundled KuaiRand schema, one core, batch 8192",
-                  "",
-                  f"Train split of `configs/kuairand_random.yaml`: {summary['split']['train']['rows']:,} rows, "
-                  f"{len(summary['sparse_features'])} sparse features, {len(summary['dense_features'])} dense; "
-                  f"{args.epochs} epochs per repeat, {args.repeats} repeats.",
-                  "",
-                  "| order | median rows/s | min | max |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            "### Throughput, bundled KuaiRand schema, one core, batch 8192",
+            "",
+            f"Train split of `configs/kuairand_random.yaml`: {summary['split']['train']['rows']:,} rows, "
+            f"{len(summary['sparse_features'])} sparse features, {len(summary['dense_features'])} dense; "
+            f"{args.epochs} epochs per repeat, {args.repeats} repeats.",
+            "",
+            "| order | median rows/s | min | max |",
+            "|---|---:|---:|---:|",
+        ]
         for name, r in rates.items():
             lines.append(f"| {name} | {r['median_rows_per_s']:,.0f} | {r['min']:,.0f} | {r['max']:,.0f} |")
 
-        lines += ["", "### Peak memory while streaming synthetic study-schema rows (fresh process each)", "",
-                  "| rows | shard writer peak RSS (MiB) | reader peak RSS after imports (MiB) | reader peak RSS (MiB) "
-                  "| streaming rows/s |",
-                  "|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "### Peak memory while streaming synthetic study-schema rows (fresh process each)",
+            "",
+            "| rows | shard writer peak RSS (MiB) | reader peak RSS after imports (MiB) | reader peak RSS (MiB) "
+            "| streaming rows/s |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for rows in args.rows:
             data = Path(tmp) / f"synthetic_{rows}"
             written = _child(WRITE_CHILD, str(data), str(rows))
             streamed = _child(STREAM_CHILD, str(data))
             assert streamed["rows"] == rows, streamed
-            lines.append(f"| {rows:,} | {written['peak_rss_kb'] / 1024:,.0f} | {streamed['import_rss_kb'] / 1024:,.0f} "
-                         f"| {streamed['peak_rss_kb'] / 1024:,.0f} | {rows / streamed['seconds']:,.0f} |")
-        lines += ["", "### Peak memory of the raw study-table generator (write_study_tables, 1M-row chunks)", "",
-                  "| rows | peak RSS (MiB) | seconds |", "|---:|---:|---:|"]
+            lines.append(
+                f"| {rows:,} | {written['peak_rss_kb'] / 1024:,.0f} | {streamed['import_rss_kb'] / 1024:,.0f} "
+                f"| {streamed['peak_rss_kb'] / 1024:,.0f} | {rows / streamed['seconds']:,.0f} |"
+            )
+        lines += [
+            "",
+            "### Peak memory of the raw study-table generator (write_study_tables, 1M-row chunks)",
+            "",
+            "| rows | peak RSS (MiB) | seconds |",
+            "|---:|---:|---:|",
+        ]
         for rows in args.generator_rows:
             start = time.perf_counter()
             generated = _child(GENERATE_CHILD, str(Path(tmp) / f"tables_{rows}"), str(rows))
-            lines.append(f"| {rows:,} | {generated['peak_rss_kb'] / 1024:,.0f} | {time.perf_counter() - start:,.0f} |")
-    command = "make bench  (= .venv/bin/python benchmarks/reader_throughput.py " + " ".join(sys.argv[1:]) + ")"
+            lines.append(
+                f"| {rows:,} | {generated['peak_rss_kb'] / 1024:,.0f} | {time.perf_counter() - start:,.0f} |"
+            )
+    command = (
+        "make bench  (= .venv/bin/python benchmarks/reader_throughput.py " + " ".join(sys.argv[1:]) + ")"
+    )
     text = "\n".join([machine_block(command), "", *lines])
     write_section("reader", text)
     print(text)

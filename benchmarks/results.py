@@ -30,17 +30,23 @@ def machine_block(command: str) -> str:
     except OSError:
         pass
     versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
-    return "\n".join([
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
-        f"- versions: {versions}",
-        f"- command: `{command}`",
-    ])
+    return "\n".join(
+        [
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- machine: {cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
+            f"- versions: {versions}",
+            f"- command: `{command}`",
+        ]
+    )
 
 
 def write_section(name: str, body: str) -> None:
     """Replace (or add) the section ``name`` of RESULTS.md, leaving the others as they are."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in benchmarks/; do not edit by hand.\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nWritten by the scripts in benchmarks/; do not edit by hand.\n"
+    )
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     section = f"{begin}\n## {name}\n\n{body}\n{end}"
     if begin in text:

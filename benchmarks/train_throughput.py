@@ -46,8 +46,9 @@ class PlainEmbeddingBagModel(nn.Module):
         self.tables = nn.ModuleDict()
         for table in reference.spec.tables:
             mode = "mean" if table.pooling.name == "MEAN" else "sum"
-            self.tables[table.name] = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode,
-                                                         include_last_offset=True)
+            self.tables[table.name] = nn.EmbeddingBag(
+                table.num_embeddings, table.embedding_dim, mode=mode, include_last_offset=True
+            )
             self.features += [(name, table.name) for name in table.feature_names]
         self.tower = reference.tower
         self.heads = reference.heads
@@ -95,12 +96,18 @@ def engagerec_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int
     runtime = init_runtime()
     try:
         torch.manual_seed(0)
-        model = MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
-        dmp = shard_model(model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer,
-                          cfg.train.sparse_lr)
-        pipeline = TrainPipelineSparseDist(dmp, build_optimizer(dmp, cfg.train.dense_lr), runtime.device,
-                                           execute_all_batches=True)
-        return _timed(lambda it: pipeline.progress(it), _batches(data_dir, batch_size), steps, warmup, batch_size)
+        model = MultiTaskModel.from_config(
+            DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta")
+        )
+        dmp = shard_model(
+            model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
+        )
+        pipeline = TrainPipelineSparseDist(
+            dmp, build_optimizer(dmp, cfg.train.dense_lr), runtime.device, execute_all_batches=True
+        )
+        return _timed(
+            lambda it: pipeline.progress(it), _batches(data_dir, batch_size), steps, warmup, batch_size
+        )
     finally:
         close_runtime(runtime)
 
@@ -123,7 +130,9 @@ def plain_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--towers", nargs="+", default=["mmoe", "ple"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
     parser.add_argument("--steps", type=int, default=60)
@@ -153,15 +162,26 @@ def main() -> None:
             ratios = sorted(o / p for o, p in zip(ours, plain))
             ours, plain = statistics.median(ours), statistics.median(plain)
             rows.append({"tower": tower, "engagerec": ours, "plain": plain, "ratios": ratios})
-            print(f"{tower}: engagerec {ours:,.0f} samples/s, plain nn.EmbeddingBag {plain:,.0f} samples/s, "
-                  f"ratio {ours / plain:.2f}", flush=True)
-    lines = [f"### End-to-end training, bundled KuaiRand, batch {batch_size}, {torch.get_num_threads()} threads",
-             "", f"{args.steps} timed steps after {args.warmup} warm-up steps per side.", "",
-             f"Medians of {args.repeats} alternating repeats; ratio = per-repeat engagerec / plain (min, median, max).", "",
-             "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s | ratio min / median / max |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain']:,.0f} | "
-              f"{r['ratios'][0]:.2f} / {statistics.median(r['ratios']):.2f} / {r['ratios'][-1]:.2f} |" for r in rows]
+            print(
+                f"{tower}: engagerec {ours:,.0f} samples/s, plain nn.EmbeddingBag {plain:,.0f} samples/s, "
+                f"ratio {ours / plain:.2f}",
+                flush=True,
+            )
+    lines = [
+        f"### End-to-end training, bundled KuaiRand, batch {batch_size}, {torch.get_num_threads()} threads",
+        "",
+        f"{args.steps} timed steps after {args.warmup} warm-up steps per side.",
+        "",
+        f"Medians of {args.repeats} alternating repeats; ratio = per-repeat engagerec / plain (min, median, max).",
+        "",
+        "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s | ratio min / median / max |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain']:,.0f} | "
+        f"{r['ratios'][0]:.2f} / {statistics.median(r['ratios']):.2f} / {r['ratios'][-1]:.2f} |"
+        for r in rows
+    ]
     command = ".venv/bin/python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
     text = "\n".join([machine_block(command), "", *lines])
     write_section("train", text)

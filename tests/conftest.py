@@ -38,17 +38,31 @@ def study_files(tmp_path: Path, interactions=None, users=None, content=None):
     """Small study-schema tables on disk; each argument overrides one table."""
     n_users, per_user = 4, 12
     if users is None:
-        users = pd.DataFrame({"user_id": range(n_users), "age": [20, 30, 40, 50], "gender": ["F", "M", "F", "M"]})
+        users = pd.DataFrame(
+            {"user_id": range(n_users), "age": [20, 30, 40, 50], "gender": ["F", "M", "F", "M"]}
+        )
     if content is None:
-        content = pd.DataFrame({"content_id": range(6), "genres": ["1,2", "2", "3", "1", "", "4,5"],
-                                "rating": [3.0, 4.5, 2.0, 5.0, 1.0, 3.3], "duration": [60, 120, 30, 90, 45, 300]})
+        content = pd.DataFrame(
+            {
+                "content_id": range(6),
+                "genres": ["1,2", "2", "3", "1", "", "4,5"],
+                "rating": [3.0, 4.5, 2.0, 5.0, 1.0, 3.3],
+                "duration": [60, 120, 30, 90, 45, 300],
+            }
+        )
     if interactions is None:
         rows = []
         for u in range(n_users):
             for k in range(per_user):
                 c = (u + k) % 6
-                rows.append({"user_id": u, "content_id": c, "watch_time": (k % 5) * 0.25 * content.duration[c],
-                             "timestamp": 1000 * u + k})
+                rows.append(
+                    {
+                        "user_id": u,
+                        "content_id": c,
+                        "watch_time": (k % 5) * 0.25 * content.duration[c],
+                        "timestamp": 1000 * u + k,
+                    }
+                )
         interactions = pd.DataFrame(rows)
     return {
         "interactions": write_csv(tmp_path / "interactions.csv", interactions),
@@ -63,9 +77,12 @@ def study_config(files, **data_overrides):
     data = {
         "source": {"adapter": "study", **files},
         "features": [
-            {"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
+            {"name": "user_id"},
+            {"name": "content_id"},
+            {"name": "gender"},
             {"name": "genres", "kind": "multi_hot"},
-            {"name": "age", "kind": "numeric"}, {"name": "rating", "kind": "numeric"},
+            {"name": "age", "kind": "numeric"},
+            {"name": "rating", "kind": "numeric"},
             {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
         ],
         "filters": {"min_user_views": 10, "drop_zero_watch_time": False},

@@ -17,8 +17,16 @@ def _official_layout(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     sample = pd.read_csv(KUAIRAND / "kuairand_sample.csv")
-    log_columns = ["user_id", "video_id", "is_click", "play_time_ms", "duration_ms", "profile_stay_time",
-                   "comment_stay_time", "tab"]
+    log_columns = [
+        "user_id",
+        "video_id",
+        "is_click",
+        "play_time_ms",
+        "duration_ms",
+        "profile_stay_time",
+        "comment_stay_time",
+        "tab",
+    ]
     sample[log_columns].iloc[:120].to_csv(data / "log_random_4_22_to_5_08_part1.csv", index=False)
     sample[log_columns].iloc[120:].to_csv(data / "log_random_4_22_to_5_08_part2.csv", index=False)
     shutil.copy(KUAIRAND / "user_features_pure.csv", data / "user_features_pure.csv")
@@ -28,8 +36,12 @@ def _official_layout(tmp_path):
 
 def test_kuairand_official_layout_reads_every_log_file_and_drops_leaks(tmp_path):
     data, sample = _official_layout(tmp_path)
-    source = SourceConfig(adapter="kuairand", interactions=str(data), users=str(data / "user_features_pure.csv"),
-                          content=str(data / "video_features_basic_pure.csv"))
+    source = SourceConfig(
+        adapter="kuairand",
+        interactions=str(data),
+        users=str(data / "user_features_pure.csv"),
+        content=str(data / "video_features_basic_pure.csv"),
+    )
     tables = load_tables(source)
     assert len(tables.interactions) == 200
     assert not (set(tables.interactions.columns) & KUAIRAND_POST_EXPOSURE)
@@ -42,14 +54,26 @@ def test_kuairand_official_layout_reads_every_log_file_and_drops_leaks(tmp_path)
 
 def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
     data, _ = _official_layout(tmp_path)
-    cfg = config_from_dict({"data": {
-        "source": {"adapter": "kuairand", "interactions": str(data / "log_*.csv"),
-                   "users": str(data / "user_features_pure.csv"),
-                   "content": str(data / "video_features_basic_pure.csv"), "unjoined_content": "keep"},
-        "features": [{"name": "content_id"}, {"name": "tab"}, {"name": "genres", "kind": "multi_hot"},
-                     {"name": "duration", "kind": "numeric", "transform": "log1p"}],
-        "filters": {"min_user_views": 0},
-    }})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": {
+                    "adapter": "kuairand",
+                    "interactions": str(data / "log_*.csv"),
+                    "users": str(data / "user_features_pure.csv"),
+                    "content": str(data / "video_features_basic_pure.csv"),
+                    "unjoined_content": "keep",
+                },
+                "features": [
+                    {"name": "content_id"},
+                    {"name": "tab"},
+                    {"name": "genres", "kind": "multi_hot"},
+                    {"name": "duration", "kind": "numeric", "transform": "log1p"},
+                ],
+                "filters": {"min_user_views": 0},
+            }
+        }
+    )
     summary = prepare(cfg.data, tmp_path / "out")
     assert summary["rows_read"] == 200
     assert summary["rows_kept"] + summary["rows_dropped"] == 200
@@ -57,16 +81,22 @@ def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
 
 
 def test_tables_adapter_maps_column_names(tmp_path):
-    pd.DataFrame({"uid": [1, 1, 2], "item": [5, 6, 5], "secs": [3.0, 4.0, 5.0], "len": [10.0, 8.0, 10.0]}).to_csv(
-        tmp_path / "log.csv", index=False)
-    source = SourceConfig(adapter="tables", interactions=str(tmp_path / "log.csv"),
-                          columns={"user_id": "uid", "content_id": "item", "watch_time": "secs", "duration": "len"})
+    pd.DataFrame(
+        {"uid": [1, 1, 2], "item": [5, 6, 5], "secs": [3.0, 4.0, 5.0], "len": [10.0, 8.0, 10.0]}
+    ).to_csv(tmp_path / "log.csv", index=False)
+    source = SourceConfig(
+        adapter="tables",
+        interactions=str(tmp_path / "log.csv"),
+        columns={"user_id": "uid", "content_id": "item", "watch_time": "secs", "duration": "len"},
+    )
     frame = load_tables(source).interactions
     assert list(frame.columns) == ["user_id", "content_id", "watch_time", "duration"]
     assert frame["watch_time"].tolist() == [3.0, 4.0, 5.0]
 
 
 def test_tab_separated_csv_is_detected(tmp_path):
-    pd.DataFrame({"user_id": [1], "content_id": [2], "watch_time": [1.0]}).to_csv(tmp_path / "t.csv", sep="\t", index=False)
+    pd.DataFrame({"user_id": [1], "content_id": [2], "watch_time": [1.0]}).to_csv(
+        tmp_path / "t.csv", sep="\t", index=False
+    )
     frame = load_tables(SourceConfig(adapter="tables", interactions=str(tmp_path / "t.csv"))).interactions
     assert frame.shape == (1, 3)

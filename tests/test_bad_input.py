@@ -14,8 +14,14 @@ from conftest import study_config, study_files
 
 
 def _interactions(changes=None):
-    frame = pd.DataFrame({"user_id": [0] * 12 + [1] * 12, "content_id": [0, 1, 2] * 8,
-                          "watch_time": [30.0] * 24, "timestamp": range(24)})
+    frame = pd.DataFrame(
+        {
+            "user_id": [0] * 12 + [1] * 12,
+            "content_id": [0, 1, 2] * 8,
+            "watch_time": [30.0] * 24,
+            "timestamp": range(24),
+        }
+    )
     for (column, row), value in (changes or {}).items():
         frame[column] = frame[column].astype(object)
         frame.loc[row, column] = value
@@ -43,7 +49,11 @@ def test_wrong_dtype_names_the_row(tmp_path):
     with pytest.raises(DataError) as err:
         _prepare(tmp_path, interactions=_interactions({("watch_time", 7): "abc"}))
     assert err.value.column == "watch_time" and err.value.row == 7
-    assert "interactions.csv" in str(err.value) and "line 9" in str(err.value) and "expected a number" in str(err.value)
+    assert (
+        "interactions.csv" in str(err.value)
+        and "line 9" in str(err.value)
+        and "expected a number" in str(err.value)
+    )
 
 
 def test_infinite_value(tmp_path):
@@ -52,8 +62,12 @@ def test_infinite_value(tmp_path):
 
 
 def test_nan_in_a_numeric_feature_without_imputation(tmp_path):
-    users = pd.DataFrame({"user_id": [0, 1, 2, 3], "age": [20, np.nan, 30, 40], "gender": ["F", "M", "F", "M"]})
-    with pytest.raises(DataError, match=r"users\.csv, column 'age', row 1 \(line 3\): value is missing \(NaN\)"):
+    users = pd.DataFrame(
+        {"user_id": [0, 1, 2, 3], "age": [20, np.nan, 30, 40], "gender": ["F", "M", "F", "M"]}
+    )
+    with pytest.raises(
+        DataError, match=r"users\.csv, column 'age', row 1 \(line 3\): value is missing \(NaN\)"
+    ):
         _prepare(tmp_path, users=users)
 
 
@@ -66,8 +80,9 @@ def test_duplicate_ids_in_user_and_content_tables(tmp_path):
     users = pd.DataFrame({"user_id": [0, 1, 1], "age": [1, 2, 3], "gender": ["F", "M", "F"]})
     with pytest.raises(DataError, match=r"users\.csv, column 'user_id', row 2 .*duplicate id"):
         _prepare(tmp_path, users=users)
-    content = pd.DataFrame({"content_id": [0, 1, 2, 3, 4, 5, 0], "genres": ["1"] * 7, "rating": [1.0] * 7,
-                            "duration": [9] * 7})
+    content = pd.DataFrame(
+        {"content_id": [0, 1, 2, 3, 4, 5, 0], "genres": ["1"] * 7, "rating": [1.0] * 7, "duration": [9] * 7}
+    )
     with pytest.raises(DataError, match=r"content\.csv, column 'content_id', row 6 .*duplicate id"):
         _prepare(tmp_path, content=content)
 
@@ -102,8 +117,19 @@ def test_schema_drift_between_schema_json_and_new_data(tmp_path):
     cfg = study_config(study_files(tmp_path))
     prepare(cfg.data, tmp_path / "out")
     schema = DatasetSchema.load(tmp_path / "out")
-    fresh = pd.DataFrame({"user_id": [0], "content_id": [1], "gender": ["F"], "genres": ["1"], "age": [3.0],
-                          "rating": [1.0], "duration": [10.0], "watch_ratio": [0.5], "skip": [0.0]})
+    fresh = pd.DataFrame(
+        {
+            "user_id": [0],
+            "content_id": [1],
+            "gender": ["F"],
+            "genres": ["1"],
+            "age": [3.0],
+            "rating": [1.0],
+            "duration": [10.0],
+            "watch_ratio": [0.5],
+            "skip": [0.0],
+        }
+    )
     fresh.attrs["source_file"] = "new.csv"
     assert schema.encode(fresh).num_rows == 1
     with pytest.raises(DataError, match=r"file new\.csv, column 'rating': schema drift: column is missing"):
@@ -115,6 +141,8 @@ def test_schema_drift_between_schema_json_and_new_data(tmp_path):
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text("name: bad\ndata:\n  source: {adapter: study, interactions: missing.csv, users: u.csv, content: c.csv}\n")
+    config.write_text(
+        "name: bad\ndata:\n  source: {adapter: study, interactions: missing.csv, users: u.csv, content: c.csv}\n"
+    )
     assert main(["prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "error: file missing.csv: file not found" in capsys.readouterr().err

@@ -7,18 +7,49 @@ from engagerec.data.reader import ShardReader
 def test_prepare_prints_the_summary(repo, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(repo)
     out = tmp_path / "k"
-    assert main(["prepare", "--config", "configs/kuairand_temporal.yaml", "--out", str(out),
-                 "--set", "data.split.test_fraction=0.2"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--config",
+                "configs/kuairand_temporal.yaml",
+                "--out",
+                str(out),
+                "--set",
+                "data.split.test_fraction=0.2",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    for expected in ("rows read", "41,828", "dropped: zero or negative duration", "7,738", "skip rate",
-                     "split temporal", "constant baselines on test"):
+    for expected in (
+        "rows read",
+        "41,828",
+        "dropped: zero or negative duration",
+        "7,738",
+        "skip rate",
+        "split temporal",
+        "constant baselines on test",
+    ):
         assert expected in text
     assert ShardReader(out, "test").total_rows > 0
 
 
 def test_synthesize_mmoe(repo, tmp_path, capsys):
-    assert main(["synthesize", "--config", str(repo / "configs/synthetic_mmoe.yaml"), "--out", str(tmp_path),
-                 "--set", "data.source.synthetic.num_rows=2000"]) == 0
+    assert (
+        main(
+            [
+                "synthesize",
+                "--config",
+                str(repo / "configs/synthetic_mmoe.yaml"),
+                "--out",
+                str(tmp_path),
+                "--set",
+                "data.source.synthetic.num_rows=2000",
+            ]
+        )
+        == 0
+    )
     assert "2,000 synthetic rows (mmoe)" in capsys.readouterr().out
     reader = ShardReader(tmp_path, "train")
     assert reader.schema.label_names == ["y1", "y2"] and len(reader.schema.dense) == 100
@@ -29,10 +60,28 @@ def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch
     out = tmp_path / "k"
     assert main(["prepare", "--config", "configs/kuairand_random.yaml", "--out", str(out)]) == 0
     capsys.readouterr()
-    assert main(["describe", "--config", "configs/kuairand_random.yaml", "--data", str(out),
-                 "--towers", "mmoe,single_task", "--set", "model.embeddings.dim=4"]) == 0
+    assert (
+        main(
+            [
+                "describe",
+                "--config",
+                "configs/kuairand_random.yaml",
+                "--data",
+                str(out),
+                "--towers",
+                "mmoe,single_task",
+                "--set",
+                "model.embeddings.dim=4",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in text.splitlines() if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:4]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
     from engagerec.data.schema import DatasetSchema
 
     users = DatasetSchema.load(out).num_embeddings("user_id")

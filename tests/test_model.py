@@ -9,8 +9,15 @@ import torch
 from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
-from engagerec.config import (DataConfig, EmbeddingConfig, ModelConfig, SyntheticConfig, TaskConfig, TowerConfig,
-                              config_from_dict)
+from engagerec.config import (
+    DataConfig,
+    EmbeddingConfig,
+    ModelConfig,
+    SyntheticConfig,
+    TaskConfig,
+    TowerConfig,
+    config_from_dict,
+)
 from engagerec.data.reader import ShardReader
 from engagerec.data.synthetic import write_mmoe_prepared, write_study_prepared
 from engagerec.features import FeatureSpec
@@ -22,12 +29,25 @@ from test_towers import SMALL
 
 @pytest.fixture(scope="module")
 def study_data(tmp_path_factory):
-    cfg = config_from_dict({"data": {
-        "source": {"adapter": "synthetic", "synthetic": {"num_rows": 6_000, "num_users": 300, "num_contents": 200}},
-        "features": [{"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
-                     {"name": "genres", "kind": "multi_hot"}, {"name": "age", "kind": "numeric"},
-                     {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4}],
-        "filters": {"min_user_views": 0}}})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": {
+                    "adapter": "synthetic",
+                    "synthetic": {"num_rows": 6_000, "num_users": 300, "num_contents": 200},
+                },
+                "features": [
+                    {"name": "user_id"},
+                    {"name": "content_id"},
+                    {"name": "gender"},
+                    {"name": "genres", "kind": "multi_hot"},
+                    {"name": "age", "kind": "numeric"},
+                    {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
+                ],
+                "filters": {"min_user_views": 0},
+            }
+        }
+    )
     out = tmp_path_factory.mktemp("study")
     write_study_prepared(out, cfg.data)
     return out
@@ -42,7 +62,9 @@ def mmoe_data(tmp_path_factory):
 
 
 def _model(schema, tower="mmoe", tasks=None, **embeddings):
-    cfg = ModelConfig(embeddings=EmbeddingConfig(dim=8, **embeddings), tower=TowerConfig(tower, SMALL.get(tower, {})))
+    cfg = ModelConfig(
+        embeddings=EmbeddingConfig(dim=8, **embeddings), tower=TowerConfig(tower, SMALL.get(tower, {}))
+    )
     if tasks is not None:
         cfg.tasks = tasks
     return MultiTaskModel.from_config(schema, cfg)
@@ -61,11 +83,16 @@ def test_one_table_per_id_space_with_its_vocabulary_size(study_data):
 def test_features_sharing_an_id_space_share_one_table(repo):
     from engagerec.data.schema import DatasetSchema, SparseFeature
 
-    schema = DatasetSchema(features=[{"name": "content_id", "kind": "categorical"},
-                                     {"name": "history", "kind": "history"}],
-                           sparse=[SparseFeature("content_id", "content_id", False),
-                                   SparseFeature("history", "content_id", True)],
-                           dense=[], labels=[], vocabs={"content_id": list(range(10))})
+    schema = DatasetSchema(
+        features=[{"name": "content_id", "kind": "categorical"}, {"name": "history", "kind": "history"}],
+        sparse=[
+            SparseFeature("content_id", "content_id", False),
+            SparseFeature("history", "content_id", True),
+        ],
+        dense=[],
+        labels=[],
+        vocabs={"content_id": list(range(10))},
+    )
     spec = FeatureSpec.from_schema(schema, EmbeddingConfig())
     assert len(spec.tables) == 1 and spec.tables[0].feature_names == ["content_id", "history"]
     assert spec.tables[0].pooling == PoolingType.MEAN  # history's default; a single id is unaffected
@@ -86,8 +113,11 @@ def test_forward_shapes_and_study_loss(study_data):
 
 def test_a_third_task_is_config(study_data):
     reader = ShardReader(study_data, "train", batch_size=32)
-    tasks = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", kind="binary", weight=2.0),
-             TaskConfig("raw_ratio", "watch_ratio", output="identity", head_sizes=[8])]
+    tasks = [
+        TaskConfig("watch_ratio", "watch_ratio"),
+        TaskConfig("skip", "skip", kind="binary", weight=2.0),
+        TaskConfig("raw_ratio", "watch_ratio", output="identity", head_sizes=[8]),
+    ]
     model = _model(reader.schema, "ple", tasks=tasks)
     loss, (task_losses, predictions, _) = model(next(iter(reader)))
     assert len(model.heads) == 3 and set(predictions) == {"watch_ratio", "skip", "raw_ratio"}
@@ -203,7 +233,8 @@ def test_a_user_defined_tower_trains_through_the_normal_path(study_data):
 def test_a_tower_from_another_package_is_found_by_entry_point(tmp_path, monkeypatch):
     package = tmp_path / "thirdparty_towers"
     package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent("""
+    (package / "__init__.py").write_text(
+        textwrap.dedent("""
         import torch
 
         class Bilinear(torch.nn.Module):
@@ -216,7 +247,8 @@ def test_a_tower_from_another_package_is_found_by_entry_point(tmp_path, monkeypa
             def forward(self, x):
                 h = self.proj(x)
                 return [h * h for _ in range(self.num_tasks)]
-    """))
+    """)
+    )
     dist = tmp_path / "thirdparty_towers-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-towers\nVersion: 0.1\n")

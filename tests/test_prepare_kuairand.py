@@ -30,7 +30,8 @@ def test_summary_counts_every_row(kuairand_random):
     assert split["train"]["rows"] + split["val"]["rows"] + split["test"]["rows"] == summary["rows_kept"]
     # zero play time is a real skip in this config: kept and counted, not dropped
     assert summary["counted_not_dropped"]["zero watch time (kept: ratio 0, a skip)"] == int(
-        ((log.play_time_ms == 0) & (log.duration_ms > 0)).sum())
+        ((log.play_time_ms == 0) & (log.duration_ms > 0)).sum()
+    )
     text = format_summary(summary)
     assert "rows read" in text and "skip rate" in text and "zero or negative duration" in text
 
@@ -67,7 +68,9 @@ def test_vocabulary_is_fitted_on_train_only(kuairand_random):
     assert set(train["content_id"]) - {0} == set(range(1, schema.num_embeddings("content_id")))
     assert (test["content_id"] == 0).sum() > 0
     # normalisation statistics are train's: standardised train columns have mean 0, std 1
-    assert abs(train["duration"].mean()) < 1e-3 and train["duration"].std(ddof=0) == pytest.approx(1, abs=1e-3)
+    assert abs(train["duration"].mean()) < 1e-3 and train["duration"].std(ddof=0) == pytest.approx(
+        1, abs=1e-3
+    )
     # history shares the content id space (one table)
     history_space = next(f.id_space for f in schema.sparse if f.name == "history")
     assert history_space == "content_id"
@@ -85,4 +88,7 @@ def test_schema_json_is_self_describing(kuairand_random):
     raw = json.loads((out / "schema.json").read_text())
     assert raw["version"] == 1
     assert raw["meta"]["splits"]["train"]["files"] == ["part-00000.parquet"]
-    assert raw["labels"] == [{"name": "watch_ratio", "kind": "regression"}, {"name": "skip", "kind": "binary"}]
+    assert raw["labels"] == [
+        {"name": "watch_ratio", "kind": "regression"},
+        {"name": "skip", "kind": "binary"},
+    ]

@@ -13,14 +13,27 @@ from engagerec.data.synthetic import write_study_prepared
 @pytest.fixture(scope="module")
 def multi_chunk(tmp_path_factory):
     """Study-schema synthetic data in several files and row groups, with two multi-valued features."""
-    cfg = config_from_dict({"data": {
-        "source": {"adapter": "synthetic", "synthetic": {"num_rows": 5_000, "num_users": 300, "num_contents": 200}},
-        "features": [{"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
-                     {"name": "genres", "kind": "multi_hot"}, {"name": "age", "kind": "numeric"},
-                     {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4}],
-        "filters": {"min_user_views": 0},
-        "row_group_size": 300, "rows_per_file": 1_000,
-    }})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": {
+                    "adapter": "synthetic",
+                    "synthetic": {"num_rows": 5_000, "num_users": 300, "num_contents": 200},
+                },
+                "features": [
+                    {"name": "user_id"},
+                    {"name": "content_id"},
+                    {"name": "gender"},
+                    {"name": "genres", "kind": "multi_hot"},
+                    {"name": "age", "kind": "numeric"},
+                    {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
+                ],
+                "filters": {"min_user_views": 0},
+                "row_group_size": 300,
+                "rows_per_file": 1_000,
+            }
+        }
+    )
     out = tmp_path_factory.mktemp("multi_chunk")
     write_study_prepared(out, cfg.data, chunk_rows=2_000)
     return out
@@ -35,8 +48,12 @@ def _signature(batches):
     out = []
     for b in batches:
         kjt = b.sparse_features
-        for u, c, a, w in zip(kjt["user_id"].values().tolist(), kjt["content_id"].values().tolist(),
-                              b.dense_features[:, 0].tolist(), b.labels["watch_ratio"].tolist()):
+        for u, c, a, w in zip(
+            kjt["user_id"].values().tolist(),
+            kjt["content_id"].values().tolist(),
+            b.dense_features[:, 0].tolist(),
+            b.labels["watch_ratio"].tolist(),
+        ):
             out.append((u, c, round(a, 5), round(w, 6)))
     return sorted(out)
 
@@ -75,15 +92,20 @@ def test_shuffle_is_a_seeded_permutation_that_changes_each_epoch(multi_chunk):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_partition_the_rows(multi_chunk, world_size):
     whole = _signature(ShardReader(multi_chunk, "train", batch_size=64, shuffle=True, seed=1))
-    parts = [ShardReader(multi_chunk, "train", batch_size=64, shuffle=True, seed=1, rank=r, world_size=world_size)
-             for r in range(world_size)]
+    parts = [
+        ShardReader(multi_chunk, "train", batch_size=64, shuffle=True, seed=1, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
     assert sorted(sum((_signature(p) for p in parts), [])) == whole
     sizes = [sum(b.batch_size for b in p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
 
 
 def test_drop_last_gives_every_rank_the_same_number_of_full_batches(multi_chunk):
-    parts = [ShardReader(multi_chunk, "train", batch_size=64, rank=r, world_size=3, drop_last=True) for r in range(3)]
+    parts = [
+        ShardReader(multi_chunk, "train", batch_size=64, rank=r, world_size=3, drop_last=True)
+        for r in range(3)
+    ]
     counts = [len(list(p)) for p in parts]
     assert len(set(counts)) == 1 and counts[0] == len(parts[0])
     assert all(b.batch_size == 64 for p in parts for b in p)
@@ -125,8 +147,10 @@ def test_even_batches_pad_with_zero_weight_rows_only(multi_chunk):
     total = ShardReader(multi_chunk, "train").total_rows
     world = next(w for w in range(2, 8) if total % w)  # ranks get unequal rows...
     batch_size = total // world  # ...so the larger ranks need one batch more
-    parts = [ShardReader(multi_chunk, "train", batch_size=batch_size, rank=r, world_size=world, even_batches=True)
-             for r in range(world)]
+    parts = [
+        ShardReader(multi_chunk, "train", batch_size=batch_size, rank=r, world_size=world, even_batches=True)
+        for r in range(world)
+    ]
     counts = [len(list(p)) for p in parts]
     assert len(set(counts)) == 1
     weights = torch.cat([b.weights for p in parts for b in p])

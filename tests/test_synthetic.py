@@ -7,8 +7,13 @@ import pytest
 
 from engagerec.config import DataConfig, SyntheticConfig, config_from_dict
 from engagerec.data.reader import ShardReader
-from engagerec.data.synthetic import (mmoe_arrays, study_tables, study_world, write_mmoe_prepared,
-                                      write_study_tables)
+from engagerec.data.synthetic import (
+    mmoe_arrays,
+    study_tables,
+    study_world,
+    write_mmoe_prepared,
+    write_study_tables,
+)
 
 
 def test_study_generator_is_deterministic_by_seed():
@@ -16,7 +21,9 @@ def test_study_generator_is_deterministic_by_seed():
     a, b = study_tables(cfg, chunk_rows=1_000), study_tables(cfg, chunk_rows=1_000)
     pd.testing.assert_frame_equal(a.interactions, b.interactions)
     pd.testing.assert_frame_equal(a.content, b.content)
-    c = study_tables(SyntheticConfig(num_rows=3_000, num_users=100, num_contents=50, seed=6), chunk_rows=1_000)
+    c = study_tables(
+        SyntheticConfig(num_rows=3_000, num_users=100, num_contents=50, seed=6), chunk_rows=1_000
+    )
     assert not a.interactions["watch_time"].equals(c.interactions["watch_time"])
 
 
@@ -51,12 +58,25 @@ def test_study_tables_prepare_through_the_study_adapter(tmp_path):
     from engagerec.data.prepare import prepare
 
     write_study_tables(tmp_path / "raw", SyntheticConfig(num_rows=5_000, num_users=100, num_contents=80))
-    cfg = config_from_dict({"data": {
-        "source": {"adapter": "study", "interactions": str(tmp_path / "raw/interactions.parquet"),
-                   "users": str(tmp_path / "raw/users.parquet"), "content": str(tmp_path / "raw/content.parquet")},
-        "features": [{"name": "user_id"}, {"name": "gender"}, {"name": "genres", "kind": "multi_hot"},
-                     {"name": "age", "kind": "numeric"}, {"name": "rating", "kind": "numeric"}],
-    }})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": {
+                    "adapter": "study",
+                    "interactions": str(tmp_path / "raw/interactions.parquet"),
+                    "users": str(tmp_path / "raw/users.parquet"),
+                    "content": str(tmp_path / "raw/content.parquet"),
+                },
+                "features": [
+                    {"name": "user_id"},
+                    {"name": "gender"},
+                    {"name": "genres", "kind": "multi_hot"},
+                    {"name": "age", "kind": "numeric"},
+                    {"name": "rating", "kind": "numeric"},
+                ],
+            }
+        }
+    )
     summary = prepare(cfg.data, tmp_path / "prepared")
     assert summary["rows_read"] == 5_000 and summary["rows_kept"] > 4_000
     assert summary["sparse_features"]["gender"] == 3  # F, M and the OOV row
@@ -64,7 +84,9 @@ def test_study_tables_prepare_through_the_study_adapter(tmp_path):
 
 def test_mmoe_label_correlation_rises_with_p():
     def label_corr(p):
-        _, y = mmoe_arrays(SyntheticConfig(kind="mmoe", num_rows=20_000, input_dim=20, task_correlation=p, seed=1))
+        _, y = mmoe_arrays(
+            SyntheticConfig(kind="mmoe", num_rows=20_000, input_dim=20, task_correlation=p, seed=1)
+        )
         return np.corrcoef(y[:, 0], y[:, 1])[0, 1]
 
     correlations = [label_corr(p) for p in (0.0, 0.5, 0.9, 1.0)]
@@ -77,7 +99,9 @@ def test_mmoe_weights_have_the_requested_cosine():
 
     params = mmoe_parameters(SyntheticConfig(kind="mmoe", input_dim=30, task_correlation=0.3))
     assert np.dot(params["w1"], params["w2"]) == pytest.approx(0.3)
-    assert np.linalg.norm(params["w1"]) == pytest.approx(1) and np.linalg.norm(params["w2"]) == pytest.approx(1)
+    assert np.linalg.norm(params["w1"]) == pytest.approx(1) and np.linalg.norm(params["w2"]) == pytest.approx(
+        1
+    )
 
 
 def test_mmoe_prepared_reads_back(tmp_path):

@@ -17,8 +17,16 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def _torchrun(nproc, *args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-port", str(29500 + os.getpid() % 1000),
-           "-m", "engagerec", *args]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "engagerec",
+        *args,
+    ]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout

@@ -15,18 +15,41 @@ EQUAL_METRICS = ("loss", "watch_ratio/mse", "watch_ratio/mae", "skip/auc", "skip
 
 
 def study_run_config(data_dir, **train):
-    return config_from_dict({
-        "name": "study_small",
-        "data": {"source": {"adapter": "synthetic",
-                            "synthetic": {"num_rows": 12_000, "num_users": 400, "num_contents": 300}},
-                 "features": [{"name": "user_id"}, {"name": "content_id"}, {"name": "gender"},
-                              {"name": "genres", "kind": "multi_hot"}, {"name": "age", "kind": "numeric"},
-                              {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 8}],
-                 "filters": {"min_user_views": 0}},
-        "model": {"embeddings": {"dim": 8}, "tower": {"name": "mmoe", "params": {"num_experts": 3, "expert_sizes": [32]}}},
-        "train": {"data_dir": str(data_dir), "batch_size": 256, "eval_batch_size": 1024, "epochs": 3,
-                  "dense_lr": 0.003, "sparse_lr": 0.05, "progress_bar": False, "log_every_steps": 5, **train},
-    })
+    return config_from_dict(
+        {
+            "name": "study_small",
+            "data": {
+                "source": {
+                    "adapter": "synthetic",
+                    "synthetic": {"num_rows": 12_000, "num_users": 400, "num_contents": 300},
+                },
+                "features": [
+                    {"name": "user_id"},
+                    {"name": "content_id"},
+                    {"name": "gender"},
+                    {"name": "genres", "kind": "multi_hot"},
+                    {"name": "age", "kind": "numeric"},
+                    {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 8},
+                ],
+                "filters": {"min_user_views": 0},
+            },
+            "model": {
+                "embeddings": {"dim": 8},
+                "tower": {"name": "mmoe", "params": {"num_experts": 3, "expert_sizes": [32]}},
+            },
+            "train": {
+                "data_dir": str(data_dir),
+                "batch_size": 256,
+                "eval_batch_size": 1024,
+                "epochs": 3,
+                "dense_lr": 0.003,
+                "sparse_lr": 0.05,
+                "progress_bar": False,
+                "log_every_steps": 5,
+                **train,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +66,13 @@ def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_pa
     test = results["test"]
     assert test["watch_ratio/mse"] < 0.8 * test["watch_ratio/baseline_mse_train_mean"]
     assert test["skip/accuracy"] > test["skip/baseline_accuracy_majority"] and test["skip/auc"] > 0.7
-    assert test["watch_ratio/mse"] == pytest.approx(test["watch_ratio/mse_loss"], rel=1e-4)  # torchrec == ours
+    assert test["watch_ratio/mse"] == pytest.approx(
+        test["watch_ratio/mse_loss"], rel=1e-4
+    )  # torchrec == ours
     run = tmp_path / "run"
-    assert json.loads((run / "results.json").read_text())["test"]["skip/auc"] == pytest.approx(test["skip/auc"])
+    assert json.loads((run / "results.json").read_text())["test"]["skip/auc"] == pytest.approx(
+        test["skip/auc"]
+    )
     import csv
 
     rows = list(csv.DictReader(open(run / "log.csv")))
@@ -120,11 +147,19 @@ def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_dat
     cfg = study_run_config(study_data, epochs=1)
     table = run_comparison(cfg, ["mmoe", "shared_bottom"], [0, 1], tmp_path, gbdt=True)
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert set(rows) == {"mmoe", "shared_bottom", "gbdt (scikit-learn)", "constant: train mean / majority class"}
+    assert set(rows) == {
+        "mmoe",
+        "shared_bottom",
+        "gbdt (scikit-learn)",
+        "constant: train mean / majority class",
+    }
     assert "±" in rows["mmoe"] and rows["mmoe"].rstrip("| ").endswith("2")  # two seeds, with spread
     summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
     assert summary["mmoe"]["skip/auc"]["n"] == 2
-    assert summary["gbdt (scikit-learn)"]["watch_ratio/mse"]["mean"] < summary["mmoe"]["watch_ratio/baseline_mse_train_mean"]["mean"]
+    assert (
+        summary["gbdt (scikit-learn)"]["watch_ratio/mse"]["mean"]
+        < summary["mmoe"]["watch_ratio/baseline_mse_train_mean"]["mean"]
+    )
     assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "compare.md").exists()
 
 
@@ -133,9 +168,16 @@ def test_dense_only_data_trains_through_dmp(repo, tmp_path):
     from engagerec.config import load_config
     from engagerec.data.synthetic import write_mmoe_prepared
 
-    cfg = load_config(repo / "configs/synthetic_mmoe.yaml", [
-        "data.source.synthetic.num_rows=12000", "data.source.synthetic.input_dim=16",
-        f"train.data_dir={tmp_path / 'data'}", "train.epochs=6", "train.progress_bar=false"])
+    cfg = load_config(
+        repo / "configs/synthetic_mmoe.yaml",
+        [
+            "data.source.synthetic.num_rows=12000",
+            "data.source.synthetic.input_dim=16",
+            f"train.data_dir={tmp_path / 'data'}",
+            "train.epochs=6",
+            "train.progress_bar=false",
+        ],
+    )
     write_mmoe_prepared(tmp_path / "data", cfg.data.source.synthetic, cfg.data)
     results = train(cfg, tmp_path / "run")
     for task in ("y1", "y2"):

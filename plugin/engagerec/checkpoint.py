@@ -42,8 +42,15 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save(root: Path, name: str, model: torch.nn.Module, optimizer: Any, progress: Dict[str, Any],
-         keep: Optional[re.Pattern] = None, keep_last: int = 2) -> Path:
+def save(
+    root: Path,
+    name: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    progress: Dict[str, Any],
+    keep: Optional[re.Pattern] = None,
+    keep_last: int = 2,
+) -> Path:
     """Write checkpoint ``root/name`` atomically; then keep only the newest ``keep_last``
     checkpoints whose names match ``keep``."""
     tmp, final = root / f".tmp-{name}", root / name
@@ -75,8 +82,9 @@ def latest(root: Path, pattern: re.Pattern = STEP_PATTERN) -> Optional[Path]:
     return max(found, key=lambda p: p[0])[1] if found else None
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: Optional[Any] = None,
-         restore_rng: bool = True) -> Dict[str, Any]:
+def load(
+    path: Path, model: torch.nn.Module, optimizer: Optional[Any] = None, restore_rng: bool = True
+) -> Dict[str, Any]:
     """Restore model (and optimiser) in place from ``path``; returns the saved progress.
     DCP reshards, so a checkpoint written by N ranks loads on M."""
     state = {"model": model.state_dict()}

@@ -36,8 +36,10 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if "test" in results:
-        print(f"test ({results['tower']}, seed {results['seed']}): " + ", ".join(
-            f"{k} {v:.4f}" for k, v in results["test"].items() if k != "rows"))
+        print(
+            f"test ({results['tower']}, seed {results['seed']}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "rows")
+        )
     print(f"run directory: {run_dir}")
     return 0
 
@@ -62,8 +64,9 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.name}/compare")
     towers = args.towers.split(",") if args.towers else [cfg.model.tower.name]
     started = time.perf_counter()
-    table = run_comparison(cfg, towers, [int(s) for s in args.seeds.split(",")], out, resume=not args.no_resume,
-                           gbdt=args.gbdt)
+    table = run_comparison(
+        cfg, towers, [int(s) for s in args.seeds.split(",")], out, resume=not args.no_resume, gbdt=args.gbdt
+    )
     print(table)
     print(f"wrote {out}/compare.md, compare.json, compare.png in {time.perf_counter() - started:.0f} s")
     return 0
@@ -97,8 +100,10 @@ def _describe(args: argparse.Namespace) -> int:
     for name in names:
         model = MultiTaskModel.from_config(schema, with_tower(cfg, name).model)
         rows[name] = parameter_counts(model)
-    print(f"parameters per part ({model.spec.input_dim} tower inputs: {model.spec.sparse_dim} pooled embedding "
-          f"+ {model.spec.dense_dim} dense)")
+    print(
+        f"parameters per part ({model.spec.input_dim} tower inputs: {model.spec.sparse_dim} pooled embedding "
+        f"+ {model.spec.dense_dim} dense)"
+    )
     print(format_parameter_table(rows))
     return 0
 
@@ -107,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engagerec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prep = commands.add_parser("prepare", help="tables -> labelled, split, encoded parquet shards + schema.json")
+    prep = commands.add_parser(
+        "prepare", help="tables -> labelled, split, encoded parquet shards + schema.json"
+    )
     prep.add_argument("--config", required=True)
     prep.add_argument("--out", help="output directory (default prepared/<name>)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -118,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("--out", help="run directory (default runs/<name>/<tower>/seed<seed>)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run directory")
+    train.add_argument(
+        "--no-resume", action="store_true", help="ignore checkpoints already in the run directory"
+    )
     train.set_defaults(handler=_train)
 
     compare = commands.add_parser("compare", help="train several towers x seeds; markdown + JSON + plot")
@@ -128,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output directory (default runs/<name>/compare)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--no-resume", action="store_true")
-    compare.add_argument("--gbdt", action="store_true", help="add the scikit-learn GBDT reference (target-encoded ids)")
+    compare.add_argument(
+        "--gbdt", action="store_true", help="add the scikit-learn GBDT reference (target-encoded ids)"
+    )
     compare.set_defaults(handler=_compare)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")
@@ -146,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="parameter counts per embedding table, tower and head")
     describe.add_argument("--config", required=True)
     describe.add_argument("--data", help="prepared data directory (default prepared/<name>)")
-    describe.add_argument("--towers", help="comma-separated tower names, or 'all' (default: the config's tower)")
+    describe.add_argument(
+        "--towers", help="comma-separated tower names, or 'all' (default: the config's tower)"
+    )
     describe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     describe.set_defaults(handler=_describe)
     return parser
@@ -154,8 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quiet_library_noise() -> None:
     """Known, harmless deprecation chatter from torch / torchrec / fbgemm 1.8 on CPU."""
-    for pattern in (".*broadcast_buffers.*", ".*ShardedTensor.*", ".*torch.meshgrid.*",
-                    ".*autograd kernel was not registered.*", ".*is_fx_tracing.*", ".*TypedStorage.*"):
+    for pattern in (
+        ".*broadcast_buffers.*",
+        ".*ShardedTensor.*",
+        ".*torch.meshgrid.*",
+        ".*autograd kernel was not registered.*",
+        ".*is_fx_tracing.*",
+        ".*TypedStorage.*",
+    ):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger().setLevel(logging.ERROR)  # "Sharding spec not found" for data-parallel tables
 

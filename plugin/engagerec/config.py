@@ -167,8 +167,10 @@ class TaskConfig:
 
 
 def study_tasks() -> List[TaskConfig]:
-    return [TaskConfig(name="watch_ratio", label="watch_ratio", kind="regression", output="sigmoid"),
-            TaskConfig(name="skip", label="skip", kind="binary")]
+    return [
+        TaskConfig(name="watch_ratio", label="watch_ratio", kind="regression", output="sigmoid"),
+        TaskConfig(name="skip", label="skip", kind="binary"),
+    ]
 
 
 @dataclass
@@ -310,7 +312,9 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
 def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -339,4 +343,3 @@ def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Expe
 
 def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, raw, "")
-

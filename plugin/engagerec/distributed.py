@@ -81,27 +81,40 @@ def _constraints(model: MultiTaskModel, sharding: Dict[str, List[str]]) -> Dict[
     for key, types in sharding.items():
         unknown = [t for t in types if t not in SHARDING_TYPES]
         if unknown:
-            raise ValueError(f"train.sharding.{key}: unknown sharding types {unknown}, expected some of {SHARDING_TYPES}")
+            raise ValueError(
+                f"train.sharding.{key}: unknown sharding types {unknown}, expected some of {SHARDING_TYPES}"
+            )
         if key == "*":
             names = list(tables)
         elif key in tables or key in by_space:
             names = [key if key in tables else by_space[key]]
         else:
-            raise ValueError(f"train.sharding names '{key}', which is no table or id space ({sorted(by_space)})")
+            raise ValueError(
+                f"train.sharding names '{key}', which is no table or id space ({sorted(by_space)})"
+            )
         for name in names:
             out[name] = ParameterConstraints(sharding_types=list(types))
     return out
 
 
-def shard_model(model: MultiTaskModel, runtime: Runtime, batch_size: int, sharding: Dict[str, List[str]],
-                sparse_optimizer: str, sparse_lr: float) -> DistributedModelParallel:
+def shard_model(
+    model: MultiTaskModel,
+    runtime: Runtime,
+    batch_size: int,
+    sharding: Dict[str, List[str]],
+    sparse_optimizer: str,
+    sparse_lr: float,
+) -> DistributedModelParallel:
     """Fuse the sparse optimiser into backward, plan the sharding, wrap in DMP (which materialises
     the meta-device tables on their ranks)."""
     if sparse_optimizer not in SPARSE_OPTIMIZERS:
-        raise ValueError(f"train.sparse_optimizer '{sparse_optimizer}', expected one of {sorted(SPARSE_OPTIMIZERS)}")
+        raise ValueError(
+            f"train.sparse_optimizer '{sparse_optimizer}', expected one of {sorted(SPARSE_OPTIMIZERS)}"
+        )
     if model.has_sparse:
-        apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse_optimizer], model.sparse_arch.parameters(),
-                                    {"lr": sparse_lr})
+        apply_optimizer_in_backward(
+            SPARSE_OPTIMIZERS[sparse_optimizer], model.sparse_arch.parameters(), {"lr": sparse_lr}
+        )
     sharders = get_default_sharders()
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=runtime.world_size, compute_device=runtime.device.type),
@@ -110,11 +123,14 @@ def shard_model(model: MultiTaskModel, runtime: Runtime, batch_size: int, shardi
     )
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg) if model.has_sparse else ShardingPlan(plan={})
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=runtime.device,
-                                    plan=plan, sharders=sharders)
+    return DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(pg), device=runtime.device, plan=plan, sharders=sharders
+    )
 
 
-def sharded_model_from_config(cfg: ExperimentConfig, runtime: Runtime) -> "tuple[DistributedModelParallel, MultiTaskModel]":
+def sharded_model_from_config(
+    cfg: ExperimentConfig, runtime: Runtime
+) -> "tuple[DistributedModelParallel, MultiTaskModel]":
     """The configured model, built on the meta device for the prepared data and sharded; the
     planner gets the training batch size, so a run's plan is the same wherever it is rebuilt
     on the same world size (training, evaluation)."""
@@ -126,8 +142,10 @@ def sharded_model_from_config(cfg: ExperimentConfig, runtime: Runtime) -> "tuple
 
 def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
     """The fused sparse optimiser (already applied in backward) beside Adam for everything dense."""
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=dense_lr, fused=True))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=dense_lr, fused=True),
+    )
     return CombinedOptimizer([dmp.fused_optimizer, dense])
 
 
@@ -136,6 +154,9 @@ def plan_table(dmp: DistributedModelParallel) -> Dict[str, Dict]:
     out = {}
     for module_plan in dmp.plan.plan.values():
         for table, option in module_plan.items():
-            out[table] = {"sharding_type": option.sharding_type, "compute_kernel": option.compute_kernel,
-                          "ranks": list(option.ranks or [])}
+            out[table] = {
+                "sharding_type": option.sharding_type,
+                "compute_kernel": option.compute_kernel,
+                "ranks": list(option.ranks or []),
+            }
     return out

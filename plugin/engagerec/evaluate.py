@@ -19,13 +19,27 @@ def train_label_means(data_dir: str | Path, labels: List[str]) -> Dict[str, floa
     return {name: float(table.column(name).to_numpy().mean()) for name in labels}
 
 
-def evaluate(model: torch.nn.Module, tasks: List[Task], data_dir: str | Path, split: str, batch_size: int,
-             device: torch.device, train_means: Dict[str, float], num_workers: int = 0) -> Dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    tasks: List[Task],
+    data_dir: str | Path,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    train_means: Dict[str, float],
+    num_workers: int = 0,
+) -> Dict[str, float]:
     """``model`` is the (DMP-wrapped) MultiTaskModel; returns metrics, losses and baselines."""
     reader = ShardReader(data_dir, split, batch_size=batch_size, even_batches=True)
     world, rank = reader.world_size, reader.rank
-    metrics = build_metric_module(tasks, batch_size, window_size=reader.total_rows + world * batch_size,
-                                  device=device, world_size=world, rank=rank)
+    metrics = build_metric_module(
+        tasks,
+        batch_size,
+        window_size=reader.total_rows + world * batch_size,
+        device=device,
+        world_size=world,
+        rank=rank,
+    )
     sums = LossAndBaselines(tasks, train_means, device)
     was_training = model.training
     model.eval()

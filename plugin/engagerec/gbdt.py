@@ -25,7 +25,9 @@ from engagerec.data.schema import DatasetSchema
 NATIVE_CATEGORICAL_MAX = 250  # HistGradientBoosting's categorical features allow at most 255 values
 
 
-def _matrix(data_dir: Path, split: str, schema: DatasetSchema) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+def _matrix(
+    data_dir: Path, split: str, schema: DatasetSchema
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(feature columns, label columns) of one prepared split."""
     table = pq.read_table(data_dir / split)
     columns: Dict[str, np.ndarray] = {}
@@ -54,7 +56,11 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
 
     def design(split: str, encoder: TargetEncoder, fit_target=None) -> np.ndarray:
         columns = parts[split][0]
-        ids = np.stack([columns[n] for n in encoded], axis=1) if encoded else np.zeros((len(columns[plain[0]]), 0))
+        ids = (
+            np.stack([columns[n] for n in encoded], axis=1)
+            if encoded
+            else np.zeros((len(columns[plain[0]]), 0))
+        )
         if fit_target is not None:
             target_encoded = encoder.fit_transform(ids, fit_target)  # cross-fitted on train
         else:
@@ -65,13 +71,21 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
     categorical = np.zeros(len(native) + len(plain) + len(encoded), dtype=bool)
     categorical[: len(native)] = True
     out: Dict[str, float] = {}
-    for task, model_class in (("watch_ratio", HistGradientBoostingRegressor), ("skip", HistGradientBoostingClassifier)):
+    for task, model_class in (
+        ("watch_ratio", HistGradientBoostingRegressor),
+        ("skip", HistGradientBoostingClassifier),
+    ):
         y = {split: parts[split][1][task] for split in parts}
         encoder = TargetEncoder(target_type="continuous", cv=KFold(5, shuffle=True, random_state=seed))
         x_train = design("train", encoder, y["train"])
         x_val, x_test = design("val", encoder), design("test", encoder)
-        model = model_class(categorical_features=categorical, max_iter=500, learning_rate=0.05,
-                            early_stopping=False, random_state=seed)
+        model = model_class(
+            categorical_features=categorical,
+            max_iter=500,
+            learning_rate=0.05,
+            early_stopping=False,
+            random_state=seed,
+        )
         # early stopping on our validation split: fit on train, then refit with the best iteration count
         best_iter, _ = _best_iterations(model, x_train, y["train"], x_val, y["val"], task)
         model.set_params(max_iter=best_iter)
@@ -95,7 +109,14 @@ def _best_iterations(model, x_train, y_train, x_val, y_val, task: str) -> Tuple[
         scores = [mean_squared_error(y_val, np.clip(p, 0, 1)) for p in model.staged_predict(x_val)]
     else:
         eps = 1e-7
-        scores = [float(-np.mean(y_val * np.log(np.clip(p[:, 1], eps, 1)) + (1 - y_val) * np.log(np.clip(1 - p[:, 1], eps, 1))))
-                  for p in model.staged_predict_proba(x_val)]
+        scores = [
+            float(
+                -np.mean(
+                    y_val * np.log(np.clip(p[:, 1], eps, 1))
+                    + (1 - y_val) * np.log(np.clip(1 - p[:, 1], eps, 1))
+                )
+            )
+            for p in model.staged_predict_proba(x_val)
+        ]
     best = int(np.argmin(scores))
     return best + 1, float(scores[best])

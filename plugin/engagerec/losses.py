@@ -71,10 +71,12 @@ class GradNormWeighting(nn.Module):
             return network_loss
         if bool((self.initial_losses == 0).all()):
             self.initial_losses.copy_(task_losses.detach())
-        norms = torch.stack([
-            torch.autograd.grad(task_losses[t], shared, retain_graph=True)[0].norm()
-            for t in range(self.num_tasks)
-        ]).detach()
+        norms = torch.stack(
+            [
+                torch.autograd.grad(task_losses[t], shared, retain_graph=True)[0].norm()
+                for t in range(self.num_tasks)
+            ]
+        ).detach()
         grad_norms = weights * norms
         ratios = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
         target = (grad_norms.mean() * (ratios / ratios.mean()) ** self.alpha).detach()

@@ -24,13 +24,23 @@ BINARY_METRICS = (RecMetricEnum.AUC, RecMetricEnum.ACCURACY, RecMetricEnum.NE, R
 
 
 def _task_info(task: Task) -> RecTaskInfo:
-    return RecTaskInfo(name=task.name, label_name=f"{task.name}_label", prediction_name=f"{task.name}_prediction",
-                       weight_name=f"{task.name}_weight")
+    return RecTaskInfo(
+        name=task.name,
+        label_name=f"{task.name}_label",
+        prediction_name=f"{task.name}_prediction",
+        weight_name=f"{task.name}_weight",
+    )
 
 
-def build_metric_module(tasks: List[Task], batch_size: int, window_size: int, device: torch.device,
-                        world_size: int = 1, rank: int = 0, process_group: Optional[dist.ProcessGroup] = None
-                        ) -> RecMetricModule:
+def build_metric_module(
+    tasks: List[Task],
+    batch_size: int,
+    window_size: int,
+    device: torch.device,
+    world_size: int = 1,
+    rank: int = 0,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> RecMetricModule:
     """One RecMetricModule over every task; ``window_size`` is global (all ranks) in rows."""
     infos = {task.name: _task_info(task) for task in tasks}
     metrics: Dict[RecMetricEnum, RecMetricDef] = {}
@@ -40,15 +50,27 @@ def build_metric_module(tasks: List[Task], batch_size: int, window_size: int, de
         chosen = [infos[t.name] for t in tasks if t.kind == kind]
         if chosen:
             metrics[enum] = RecMetricDef(rec_tasks=chosen, window_size=window)
-    config = MetricsConfig(rec_tasks=list(infos.values()), rec_metrics=metrics, throughput_metric=None,
-                           state_metrics=[])
-    return generate_metric_module(RecMetricModule, config, batch_size=batch_size, world_size=world_size,
-                                  my_rank=rank, state_metrics_mapping={}, device=device,
-                                  process_group=process_group)
+    config = MetricsConfig(
+        rec_tasks=list(infos.values()), rec_metrics=metrics, throughput_metric=None, state_metrics=[]
+    )
+    return generate_metric_module(
+        RecMetricModule,
+        config,
+        batch_size=batch_size,
+        world_size=world_size,
+        my_rank=rank,
+        state_metrics_mapping={},
+        device=device,
+        process_group=process_group,
+    )
 
 
-def metric_inputs(tasks: List[Task], predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
-                  weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+def metric_inputs(
+    tasks: List[Task],
+    predictions: Dict[str, torch.Tensor],
+    labels: Dict[str, torch.Tensor],
+    weights: torch.Tensor,
+) -> Dict[str, torch.Tensor]:
     out = {}
     for task in tasks:
         out[f"{task.name}_prediction"] = predictions[task.name]
@@ -77,7 +99,9 @@ class LossAndBaselines:
         # per task: [weight, loss sum, constant's squared error or correct count]
         self.sums = torch.zeros(len(tasks), 3, dtype=torch.float64, device=device)
 
-    def update(self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], weights: torch.Tensor) -> None:
+    def update(
+        self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], weights: torch.Tensor
+    ) -> None:
         w = weights.double()
         for i, task in enumerate(self.tasks):
             p, y = predictions[task.name].double(), labels[task.name].double()
@@ -100,7 +124,9 @@ class LossAndBaselines:
             weight = max(weight, 1e-12)
             name = "log_loss" if task.kind == "binary" else "mse_loss"
             out[f"{task.name}/{name}"] = loss / weight
-            out[f"{task.name}/baseline_{'accuracy_majority' if task.kind == 'binary' else 'mse_train_mean'}"] = baseline / weight
+            out[
+                f"{task.name}/baseline_{'accuracy_majority' if task.kind == 'binary' else 'mse_train_mean'}"
+            ] = baseline / weight
             total += task.weight * loss / weight
         out["loss"] = total
         out["rows"] = sums[0, 0].item()

@@ -51,18 +51,26 @@ def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
 class MultiTaskModel(nn.Module):
     """Example::
 
-        spec = FeatureSpec.from_schema(schema, cfg.model.embeddings)
-        tasks = [Task(t) for t in cfg.model.tasks]
-        tower = build_tower("mmoe", spec.input_dim, len(tasks), num_experts=4)
-        model = MultiTaskModel(spec, tower, tasks, device=torch.device("meta"))  # DMP materialises it
-        loss, (task_losses, predictions, labels) = model(batch)
+    spec = FeatureSpec.from_schema(schema, cfg.model.embeddings)
+    tasks = [Task(t) for t in cfg.model.tasks]
+    tower = build_tower("mmoe", spec.input_dim, len(tasks), num_experts=4)
+    model = MultiTaskModel(spec, tower, tasks, device=torch.device("meta"))  # DMP materialises it
+    loss, (task_losses, predictions, labels) = model(batch)
     """
 
-    def __init__(self, spec: FeatureSpec, tower: nn.Module, tasks: List[Task],
-                 device: Optional[torch.device] = None, loss_weighting: Optional[nn.Module] = None) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        tower: nn.Module,
+        tasks: List[Task],
+        device: Optional[torch.device] = None,
+        loss_weighting: Optional[nn.Module] = None,
+    ) -> None:
         super().__init__()
         if len(tower.output_dims) != len(tasks):
-            raise ValueError(f"the tower makes {len(tower.output_dims)} representations for {len(tasks)} tasks")
+            raise ValueError(
+                f"the tower makes {len(tower.output_dims)} representations for {len(tasks)} tasks"
+            )
         self.spec = spec
         self.tasks = tasks
         self.num_tasks = len(tasks)
@@ -75,13 +83,16 @@ class MultiTaskModel(nn.Module):
         self.loss_weighting = loss_weighting or FixedWeighting([t.weight for t in tasks])
 
     @classmethod
-    def from_config(cls, schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
-                    ) -> "MultiTaskModel":
+    def from_config(
+        cls, schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
+    ) -> "MultiTaskModel":
         spec = FeatureSpec.from_schema(schema, cfg.embeddings)
         tasks = [Task(t) for t in cfg.tasks]
         missing = [t.label for t in tasks if t.label not in schema.label_names]
         if missing:
-            raise ValueError(f"task labels {missing} are not in the prepared data (labels: {schema.label_names})")
+            raise ValueError(
+                f"task labels {missing} are not in the prepared data (labels: {schema.label_names})"
+            )
         tower = build_tower(cfg.tower.name, spec.input_dim, len(tasks), **cfg.tower.params)
         weighting = build_loss_weighting(cfg.loss, [t.weight for t in tasks])
         return cls(spec, tower, tasks, device=device, loss_weighting=weighting)

@@ -9,8 +9,12 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-COLUMNS = [("skip/accuracy", "skip accuracy"), ("watch_ratio/mse", "watch-ratio MSE"),
-           ("skip/auc", "skip AUC"), ("watch_ratio/mae", "watch-ratio MAE")]
+COLUMNS = [
+    ("skip/accuracy", "skip accuracy"),
+    ("watch_ratio/mse", "watch-ratio MSE"),
+    ("skip/auc", "skip AUC"),
+    ("watch_ratio/mae", "watch-ratio MAE"),
+]
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -23,8 +27,11 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         out[tower] = {}
         for key in tests[0]:
             values = np.array([t[key] for t in tests], dtype=float)
-            out[tower][key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                               "n": int(len(values))}
+            out[tower][key] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "n": int(len(values)),
+            }
     return out
 
 
@@ -33,15 +40,19 @@ def _cell(stats: Dict[str, Any]) -> str:
 
 
 def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " | seeds |",
-             "|---|" + "---:|" * (len(COLUMNS) + 1)]
+    lines = [
+        "| model | " + " | ".join(title for _, title in COLUMNS) + " | seeds |",
+        "|---|" + "---:|" * (len(COLUMNS) + 1),
+    ]
     for tower, stats in summary.items():
         seeds = next(iter(stats.values()))["n"]
         lines.append(f"| {tower} | " + " | ".join(_cell(stats[key]) for key, _ in COLUMNS) + f" | {seeds} |")
     any_tower = next(s for s in summary.values() if "skip/baseline_accuracy_majority" in s)
-    lines.append("| constant: train mean / majority class | "
-                 f"{any_tower['skip/baseline_accuracy_majority']['mean']:.4f} | "
-                 f"{any_tower['watch_ratio/baseline_mse_train_mean']['mean']:.4f} | 0.5000 | – | – |")
+    lines.append(
+        "| constant: train mean / majority class | "
+        f"{any_tower['skip/baseline_accuracy_majority']['mean']:.4f} | "
+        f"{any_tower['watch_ratio/baseline_mse_train_mean']['mean']:.4f} | 0.5000 | – | – |"
+    )
     return "\n".join(lines)
 
 
@@ -53,8 +64,13 @@ def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
 
     towers = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (key, title) in zip(axes, (("watch_ratio/mse", "watch-ratio MSE (lower is better)"),
-                                       ("skip/auc", "skip AUC (higher is better)"))):
+    for ax, (key, title) in zip(
+        axes,
+        (
+            ("watch_ratio/mse", "watch-ratio MSE (lower is better)"),
+            ("skip/auc", "skip AUC (higher is better)"),
+        ),
+    ):
         means = [summary[t][key]["mean"] for t in towers]
         stds = [summary[t][key]["std"] for t in towers]
         ax.bar(towers, means, yerr=stds, capsize=4, color="#4C72B0")
@@ -66,8 +82,9 @@ def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_comparison(cfg, towers: List[str], seeds: List[int], out_dir: Path, resume: bool = True,
-                   gbdt: bool = False) -> str:
+def run_comparison(
+    cfg, towers: List[str], seeds: List[int], out_dir: Path, resume: bool = True, gbdt: bool = False
+) -> str:
     """Train every tower with every seed (and the GBDT reference), then write the report;
     returns its markdown table."""
     from engagerec.config import prepared_dir, with_tower
@@ -76,18 +93,27 @@ def run_comparison(cfg, towers: List[str], seeds: List[int], out_dir: Path, resu
     runs = []
     for tower in towers:
         for seed in seeds:
-            results = train(with_tower(cfg, tower, seed=seed, progress_bar=False), out_dir / tower / f"seed{seed}",
-                            resume=resume)
-            print(f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
-                  f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}", flush=True)
+            results = train(
+                with_tower(cfg, tower, seed=seed, progress_bar=False),
+                out_dir / tower / f"seed{seed}",
+                resume=resume,
+            )
+            print(
+                f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
+                f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}",
+                flush=True,
+            )
             runs.append(results)
     if gbdt:
         from engagerec.gbdt import gbdt_reference
 
         for seed in seeds:
             reference = gbdt_reference(prepared_dir(cfg), seed)
-            print(f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
-                  f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}", flush=True)
+            print(
+                f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
+                f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}",
+                flush=True,
+            )
             runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
 

@@ -37,12 +37,16 @@ class Task:
         if cfg.kind not in KINDS:
             raise ValueError(f"task '{cfg.name}': kind '{cfg.kind}', expected one of {KINDS}")
         if cfg.kind == "regression" and cfg.output not in REGRESSION_OUTPUTS:
-            raise ValueError(f"task '{cfg.name}': output '{cfg.output}', expected one of {REGRESSION_OUTPUTS}")
+            raise ValueError(
+                f"task '{cfg.name}': output '{cfg.output}', expected one of {REGRESSION_OUTPUTS}"
+            )
         self.cfg = cfg
         self.name, self.label, self.kind, self.weight = cfg.name, cfg.label, cfg.kind, cfg.weight
 
     def build_head(self, input_dim: int) -> TaskHead:
-        return TaskHead(input_dim, list(self.cfg.head_sizes), self.cfg.output if self.kind == "regression" else "identity")
+        return TaskHead(
+            input_dim, list(self.cfg.head_sizes), self.cfg.output if self.kind == "regression" else "identity"
+        )
 
     def loss(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """MSE for regression, binary cross-entropy on the logit for binary (study section 7)."""

@@ -29,7 +29,13 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from engagerec import checkpoint
 from engagerec.config import ExperimentConfig, prepared_dir
 from engagerec.data.reader import ShardReader, make_loader
-from engagerec.distributed import build_optimizer, close_runtime, init_runtime, plan_table, sharded_model_from_config
+from engagerec.distributed import (
+    build_optimizer,
+    close_runtime,
+    init_runtime,
+    plan_table,
+    sharded_model_from_config,
+)
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.metrics import build_metric_module, metric_inputs, readable
 
@@ -103,8 +109,17 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         (run_dir / "plan.json").write_text(json.dumps(plan_table(dmp), indent=1))
         print(f"sharding plan ({runtime.world_size} rank(s)):\n{dmp.plan}", flush=True)
 
-    progress: Dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_epoch": None,
-                                "bad_epochs": 0, "history": [], "done": False, "train_seconds": 0.0}
+    progress: Dict[str, Any] = {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "step": 0,
+        "best": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "history": [],
+        "done": False,
+        "train_seconds": 0.0,
+    }
     if dist.is_initialized():
         dist.barrier()  # every rank sees the cleared checkpoint directory
     last = checkpoint.latest(ckpt_root) if resume else None
@@ -115,13 +130,18 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
 
     means = train_label_means(data_dir, [t.label for t in tasks])
     log = RunLog(run_dir, runtime.is_main)
-    reader = ShardReader(data_dir, "train", batch_size=tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True)
+    reader = ShardReader(
+        data_dir, "train", batch_size=tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True
+    )
     pipeline = TrainPipelineSparseDist(dmp, optimizer, runtime.device, execute_all_batches=True)
-    train_metrics = build_metric_module(tasks, tc.batch_size, TRAIN_METRIC_WINDOW, runtime.device,
-                                        runtime.world_size, runtime.rank)
+    train_metrics = build_metric_module(
+        tasks, tc.batch_size, TRAIN_METRIC_WINDOW, runtime.device, runtime.world_size, runtime.rank
+    )
 
     def save_step() -> None:
-        checkpoint.save(ckpt_root, f"step-{progress['step']}", dmp, optimizer, progress, keep=checkpoint.STEP_PATTERN)
+        checkpoint.save(
+            ckpt_root, f"step-{progress['step']}", dmp, optimizer, progress, keep=checkpoint.STEP_PATTERN
+        )
 
     stopped = progress["done"]
     while not stopped and progress["epoch"] < tc.epochs:
@@ -149,7 +169,9 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
                 values["samples_per_s"] = rows / (time.perf_counter() - started)
                 log.write(progress["step"], "train", values)
                 if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))})
+                    bar.set_postfix(
+                        {k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))}
+                    )
             if bar is not None:
                 bar.update(1)
             if tc.max_steps and progress["step"] >= tc.max_steps:
@@ -175,28 +197,45 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         progress["batch_in_epoch"] = 0
         if _improved(val[tc.monitor], progress["best"], tc.monitor_mode):
             progress.update(best=val[tc.monitor], best_epoch=progress["epoch"] - 1, bad_epochs=0)
-            checkpoint.save(ckpt_root, f"best-step-{progress['step']}", dmp, optimizer, progress,
-                            keep=checkpoint.BEST_PATTERN, keep_last=1)
+            checkpoint.save(
+                ckpt_root,
+                f"best-step-{progress['step']}",
+                dmp,
+                optimizer,
+                progress,
+                keep=checkpoint.BEST_PATTERN,
+                keep_last=1,
+            )
         else:
             progress["bad_epochs"] += 1
         if runtime.is_main:
-            print(f"epoch {progress['epoch'] - 1}: val " + ", ".join(
-                f"{k} {v:.4f}" for k, v in val.items() if k != "rows"), flush=True)
+            print(
+                f"epoch {progress['epoch'] - 1}: val "
+                + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows"),
+                flush=True,
+            )
         stopped = progress["bad_epochs"] >= tc.patience or (tc.max_steps and progress["step"] >= tc.max_steps)
         progress["done"] = progress["epoch"] >= tc.epochs or bool(stopped)
         save_step()
 
-    results: Dict[str, Any] = {"name": cfg.name, "tower": cfg.model.tower.name, "seed": tc.seed,
-                               "world_size": runtime.world_size, "steps": progress["step"],
-                               "train_seconds": progress["train_seconds"], "history": progress["history"]}
+    results: Dict[str, Any] = {
+        "name": cfg.name,
+        "tower": cfg.model.tower.name,
+        "seed": tc.seed,
+        "world_size": runtime.world_size,
+        "steps": progress["step"],
+        "train_seconds": progress["train_seconds"],
+        "history": progress["history"],
+    }
     best = checkpoint.latest(ckpt_root, checkpoint.BEST_PATTERN)
     if progress["done"] and best is not None:
         checkpoint.load(best, dmp, restore_rng=False)
         pipeline.detach()
         results["best_epoch"] = progress["best_epoch"]
         results["val"] = progress["history"][progress["best_epoch"]]
-        results["test"] = evaluate(dmp, tasks, data_dir, "test", tc.eval_batch_size, runtime.device, means,
-                                   tc.num_workers)
+        results["test"] = evaluate(
+            dmp, tasks, data_dir, "test", tc.eval_batch_size, runtime.device, means, tc.num_workers
+        )
         log.write(progress["step"], "test", results["test"])
     if runtime.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))

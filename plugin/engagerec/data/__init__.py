@@ -6,5 +6,13 @@ from engagerec.data.prepare import format_summary, prepare
 from engagerec.data.raw import RawTables
 from engagerec.data.schema import DatasetSchema
 
-__all__ = ["ADAPTERS", "DataError", "DatasetSchema", "RawTables", "format_summary", "load_tables", "prepare",
-           "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "DataError",
+    "DatasetSchema",
+    "RawTables",
+    "format_summary",
+    "load_tables",
+    "prepare",
+    "register_adapter",
+]

@@ -1,9 +1,9 @@
 """Adapters: each turns one source layout into RawTables with canonical column names.
 
-  tables     generic files + ``source.columns`` mapping (canonical -> file column)
-  study      the study's schema: users(age, gender), content(genres, rating, duration)
-  kuairand   KuaiRand's official layout, and the bundled tab-separated subset
-  synthetic  generated in the study's schema (engagerec.data.synthetic)
+tables     generic files + ``source.columns`` mapping (canonical -> file column)
+study      the study's schema: users(age, gender), content(genres, rating, duration)
+kuairand   KuaiRand's official layout, and the bundled tab-separated subset
+synthetic  generated in the study's schema (engagerec.data.synthetic)
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def _mapping(source: SourceConfig, names) -> Dict[str, str]:
 def tables_adapter(source: SourceConfig) -> RawTables:
     """Generic: any three files; ``columns`` maps canonical names to the files' names."""
     rename = _mapping(source, (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP))
-    interactions = read_table(_need(source, "interactions"), required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=rename)
+    interactions = read_table(
+        _need(source, "interactions"), required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=rename
+    )
     users = read_table(source.users, required=(USER_ID,), rename=rename) if source.users else None
     content = read_table(source.content, required=(CONTENT_ID,), rename=rename) if source.content else None
     return RawTables(interactions, users, content)
@@ -61,10 +63,16 @@ def tables_adapter(source: SourceConfig) -> RawTables:
 @register_adapter("study")
 def study_adapter(source: SourceConfig) -> RawTables:
     """The study's three sources: watch histories, user attributes, content metadata."""
-    rename = _mapping(source, (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "age", "gender", "genres", "rating"))
-    interactions = read_table(_need(source, "interactions"), required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=rename)
+    rename = _mapping(
+        source, (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "age", "gender", "genres", "rating")
+    )
+    interactions = read_table(
+        _need(source, "interactions"), required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=rename
+    )
     users = read_table(_need(source, "users"), required=(USER_ID, "age", "gender"), rename=rename)
-    content = read_table(_need(source, "content"), required=(CONTENT_ID, "genres", "rating", DURATION), rename=rename)
+    content = read_table(
+        _need(source, "content"), required=(CONTENT_ID, "genres", "rating", DURATION), rename=rename
+    )
     return RawTables(interactions, users, content)
 
 
@@ -73,8 +81,18 @@ def study_adapter(source: SourceConfig) -> RawTables:
 # Observed during or after the view (see datasets/README.md): labels or leaks.
 KUAIRAND_POST_EXPOSURE = frozenset(
     {
-        "is_click", "is_like", "is_follow", "is_comment", "is_forward", "is_hate", "long_view",
-        "play_time_ms", "comment_stay_time", "profile_stay_time", "is_profile_enter", "label",
+        "is_click",
+        "is_like",
+        "is_follow",
+        "is_comment",
+        "is_forward",
+        "is_hate",
+        "long_view",
+        "play_time_ms",
+        "comment_stay_time",
+        "profile_stay_time",
+        "is_profile_enter",
+        "label",
     }
 )
 # Pre-exposure context columns of the log that may be kept as features.
@@ -102,18 +120,28 @@ def kuairand_adapter(source: SourceConfig) -> RawTables:
     ``interactions`` may be one log file, a directory of log_*.csv, or a glob. Post-exposure
     columns are dropped here so that they cannot reach the features.
     """
-    log_rename = {USER_ID: "user_id", CONTENT_ID: "video_id", WATCH_TIME: "play_time_ms",
-                  DURATION: "duration_ms", TIMESTAMP: "time_ms"}
+    log_rename = {
+        USER_ID: "user_id",
+        CONTENT_ID: "video_id",
+        WATCH_TIME: "play_time_ms",
+        DURATION: "duration_ms",
+        TIMESTAMP: "time_ms",
+    }
     frames = []
     for file in _log_files(_need(source, "interactions")):
         frame = read_table(file, required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=log_rename)
-        keep = [c for c in (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "hourmin", *KUAIRAND_LOG_CONTEXT)
-                if c in frame.columns]
+        keep = [
+            c
+            for c in (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "hourmin", *KUAIRAND_LOG_CONTEXT)
+            if c in frame.columns
+        ]
         frames.append(frame[keep])
     interactions = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    interactions.attrs["source_file"] = frames[0].attrs["source_file"] if len(frames) == 1 else _need(source, "interactions")
+    interactions.attrs["source_file"] = (
+        frames[0].attrs["source_file"] if len(frames) == 1 else _need(source, "interactions")
+    )
     if "hourmin" in interactions.columns:  # e.g. 1730 -> hour 17
-        interactions["hour"] = (pd.to_numeric(interactions.pop("hourmin"), errors="coerce") // 100)
+        interactions["hour"] = pd.to_numeric(interactions.pop("hourmin"), errors="coerce") // 100
     users = None
     if source.users:
         users = read_table(source.users, required=(USER_ID,), rename={USER_ID: "user_id"})
@@ -121,13 +149,21 @@ def kuairand_adapter(source: SourceConfig) -> RawTables:
         users.attrs["source_file"] = str(source.users)
     content = None
     if source.content:
-        content = read_table(source.content, required=(CONTENT_ID,),
-                             rename={CONTENT_ID: "video_id", "genres": "tag", "content_duration": "video_duration"})
+        content = read_table(
+            source.content,
+            required=(CONTENT_ID,),
+            rename={CONTENT_ID: "video_id", "genres": "tag", "content_duration": "video_duration"},
+        )
         if DURATION not in interactions.columns:
             content[DURATION] = content["content_duration"]
     return RawTables(
-        interactions, users, content, post_exposure=KUAIRAND_POST_EXPOSURE,
-        notes={"leak_guard": "post-exposure log columns dropped: " + ", ".join(sorted(KUAIRAND_POST_EXPOSURE))},
+        interactions,
+        users,
+        content,
+        post_exposure=KUAIRAND_POST_EXPOSURE,
+        notes={
+            "leak_guard": "post-exposure log columns dropped: " + ", ".join(sorted(KUAIRAND_POST_EXPOSURE))
+        },
     )
 
 
@@ -136,4 +172,3 @@ def synthetic_adapter(source: SourceConfig) -> RawTables:
     from engagerec.data.synthetic import study_tables
 
     return study_tables(source.synthetic)
-

@@ -11,7 +11,16 @@ import pandas as pd
 
 from engagerec.config import DataConfig, FeatureConfig, LabelConfig
 from engagerec.data.errors import DataError
-from engagerec.data.raw import CONTENT_ID, DURATION, KEY_COLUMNS, SOURCE_ROW, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
+from engagerec.data.raw import (
+    CONTENT_ID,
+    DURATION,
+    KEY_COLUMNS,
+    SOURCE_ROW,
+    TIMESTAMP,
+    USER_ID,
+    WATCH_TIME,
+    RawTables,
+)
 from engagerec.data.tables import as_numeric, check_ids
 
 WATCH_RATIO = "watch_ratio"
@@ -47,9 +56,17 @@ def _timestamps(frame: pd.DataFrame) -> pd.Series:
     bad = parsed.isna().to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError("timestamp cannot be parsed", file=frame.attrs.get("source_file"), column=TIMESTAMP,
-                        row=row, expected="a number or a date-time string", got=series.iloc[row])
-    return pd.Series(parsed.astype("int64").to_numpy() // 1_000_000, index=frame.index, name=TIMESTAMP).astype(np.float64)
+        raise DataError(
+            "timestamp cannot be parsed",
+            file=frame.attrs.get("source_file"),
+            column=TIMESTAMP,
+            row=row,
+            expected="a number or a date-time string",
+            got=series.iloc[row],
+        )
+    return pd.Series(
+        parsed.astype("int64").to_numpy() // 1_000_000, index=frame.index, name=TIMESTAMP
+    ).astype(np.float64)
 
 
 def _check_feature_columns(table: Optional[pd.DataFrame], features: List[FeatureConfig]) -> None:
@@ -63,8 +80,14 @@ def _check_feature_columns(table: Optional[pd.DataFrame], features: List[Feature
             as_numeric(table, column, allow_nan=feature.missing != "error")
 
 
-def _join(events: pd.DataFrame, table: Optional[pd.DataFrame], key: str, policy: str,
-          report: FilterReport, interactions_file: Optional[str]) -> pd.DataFrame:
+def _join(
+    events: pd.DataFrame,
+    table: Optional[pd.DataFrame],
+    key: str,
+    policy: str,
+    report: FilterReport,
+    interactions_file: Optional[str],
+) -> pd.DataFrame:
     if table is None:
         return events
     if policy not in UNJOINED_POLICIES:
@@ -74,10 +97,14 @@ def _join(events: pd.DataFrame, table: Optional[pd.DataFrame], key: str, policy:
     if not known.all():
         if policy == "error":
             row = int(np.flatnonzero(~known)[0])
-            raise DataError(f"{key} does not join the table {table.attrs.get('source_file')}",
-                            file=interactions_file, column=key, row=int(events[SOURCE_ROW].iloc[row]),
-                            expected=f"an id present in that table (or set unjoined_{key.split('_')[0]}s: keep|drop)",
-                            got=events[key].iloc[row])
+            raise DataError(
+                f"{key} does not join the table {table.attrs.get('source_file')}",
+                file=interactions_file,
+                column=key,
+                row=int(events[SOURCE_ROW].iloc[row]),
+                expected=f"an id present in that table (or set unjoined_{key.split('_')[0]}s: keep|drop)",
+                got=events[key].iloc[row],
+            )
         if policy == "drop":
             events = report.drop(events, ~known, f"{key} not in its table")
         else:
@@ -90,7 +117,9 @@ def _join(events: pd.DataFrame, table: Optional[pd.DataFrame], key: str, policy:
 def add_labels(events: pd.DataFrame, labels: LabelConfig, report: FilterReport) -> pd.DataFrame:
     """watch_ratio = watch_time / duration, with the replay policy; skip = ratio < threshold."""
     if labels.over_cap not in OVER_CAP_POLICIES:
-        raise DataError(f"unknown labels.over_cap '{labels.over_cap}'", expected=f"one of {OVER_CAP_POLICIES}")
+        raise DataError(
+            f"unknown labels.over_cap '{labels.over_cap}'", expected=f"one of {OVER_CAP_POLICIES}"
+        )
     ratio = (events[WATCH_TIME] / events[DURATION]).to_numpy()
     above = ratio > labels.ratio_cap
     if labels.over_cap == "drop":
@@ -100,8 +129,9 @@ def add_labels(events: pd.DataFrame, labels: LabelConfig, report: FilterReport) 
         report.notes[f"watch ratio above {labels.ratio_cap:g} ({labels.over_cap})"] = int(above.sum())
         if labels.over_cap == "clip":
             ratio = np.minimum(ratio, labels.ratio_cap)
-    events = events.assign(**{WATCH_RATIO: ratio.astype(np.float64),
-                              SKIP: (ratio < labels.skip_threshold).astype(np.float64)})
+    events = events.assign(
+        **{WATCH_RATIO: ratio.astype(np.float64), SKIP: (ratio < labels.skip_threshold).astype(np.float64)}
+    )
     return events
 
 
@@ -136,8 +166,11 @@ def build_events(raw: RawTables, cfg: DataConfig) -> "tuple[pd.DataFrame, Filter
     events = _join(events, content, CONTENT_ID, cfg.source.unjoined_content, report, file)
     events.attrs["source_file"] = file
     if DURATION not in events.columns:
-        raise DataError("no duration: neither the interactions nor the content table has a duration column",
-                        file=file, expected="a 'duration' column (map it with data.source.columns)")
+        raise DataError(
+            "no duration: neither the interactions nor the content table has a duration column",
+            file=file,
+            expected="a 'duration' column (map it with data.source.columns)",
+        )
 
     duration = events[DURATION].to_numpy()
     events = report.drop(events, np.isnan(duration), "missing duration")
@@ -153,12 +186,17 @@ def build_events(raw: RawTables, cfg: DataConfig) -> "tuple[pd.DataFrame, Filter
 
     views = events.groupby(USER_ID, sort=False)[USER_ID].transform("size").to_numpy()
     few = views <= cfg.filters.min_user_views
-    report.notes[f"users with <= {cfg.filters.min_user_views} views (dropped)"] = int(events.loc[few, USER_ID].nunique())
+    report.notes[f"users with <= {cfg.filters.min_user_views} views (dropped)"] = int(
+        events.loc[few, USER_ID].nunique()
+    )
     events = report.drop(events, few, f"user has <= {cfg.filters.min_user_views} views")
     if len(events) == 0:
         summary = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items())
-        raise DataError(f"no rows left after filtering ({report.rows_read} read; dropped {summary})", file=file,
-                        expected="at least one usable row (check the filters and the duration / watch time columns)")
+        raise DataError(
+            f"no rows left after filtering ({report.rows_read} read; dropped {summary})",
+            file=file,
+            expected="at least one usable row (check the filters and the duration / watch time columns)",
+        )
     events = events.reset_index(drop=True)
     events.attrs["source_file"] = file
     return events, report

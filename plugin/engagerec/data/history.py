@@ -19,8 +19,11 @@ def _previous_rows(events: pd.DataFrame, length: int):
     """Rows sorted by (user, time) and, for each sorted row, the range [starts, ends) of the
     same user's rows strictly before its moment, at most ``length`` of them."""
     if TIMESTAMP not in events.columns:
-        raise DataError("a history feature needs a timestamp column", column=TIMESTAMP,
-                        expected="data.source.columns.timestamp to name it")
+        raise DataError(
+            "a history feature needs a timestamp column",
+            column=TIMESTAMP,
+            expected="data.source.columns.timestamp to name it",
+        )
     if length <= 0:
         raise DataError(f"history length {length}", expected="a positive integer")
     users = pd.factorize(events[USER_ID])[0]

@@ -14,7 +14,7 @@ def list_array_parts(array: pa.Array | pa.ChunkedArray) -> Tuple[np.ndarray, np.
         array = array.combine_chunks()
     offsets = array.offsets.to_numpy().astype(np.int64)
     values = array.values.to_numpy(zero_copy_only=False)
-    values = values[offsets[0]: offsets[-1]]
+    values = values[offsets[0] : offsets[-1]]
     return offsets - offsets[0], values
 
 

@@ -78,8 +78,14 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
     return summary
 
 
-def _summary(cfg: DataConfig, report: FilterReport, events: pd.DataFrame, splits: Dict[str, np.ndarray],
-             schema: DatasetSchema, notes: Dict[str, str]) -> Dict[str, Any]:
+def _summary(
+    cfg: DataConfig,
+    report: FilterReport,
+    events: pd.DataFrame,
+    splits: Dict[str, np.ndarray],
+    schema: DatasetSchema,
+    notes: Dict[str, str],
+) -> Dict[str, Any]:
     return {
         "adapter": cfg.source.adapter,
         "rows_read": report.rows_read,
@@ -87,11 +93,17 @@ def _summary(cfg: DataConfig, report: FilterReport, events: pd.DataFrame, splits
         "rows_dropped": report.rows_dropped,
         "counted_not_dropped": dict(report.notes),
         "rows_kept": int(len(events)),
-        "labels": {"ratio_cap": cfg.labels.ratio_cap, "over_cap": cfg.labels.over_cap,
-                   "skip_threshold": cfg.labels.skip_threshold},
+        "labels": {
+            "ratio_cap": cfg.labels.ratio_cap,
+            "over_cap": cfg.labels.over_cap,
+            "skip_threshold": cfg.labels.skip_threshold,
+        },
         "all": _label_stats(events),
-        "split": {"kind": cfg.split.kind, "seed": cfg.split.seed,
-                  **{name: _label_stats(events.iloc[idx]) for name, idx in splits.items()}},
+        "split": {
+            "kind": cfg.split.kind,
+            "seed": cfg.split.seed,
+            **{name: _label_stats(events.iloc[idx]) for name, idx in splits.items()},
+        },
         "baselines_on_test": _baselines(events.iloc[splits["train"]], events.iloc[splits["test"]]),
         "sparse_features": {f.name: schema.num_embeddings(f.id_space) for f in schema.sparse},
         "dense_features": schema.dense_names,
@@ -121,17 +133,21 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
     for note, count in summary["counted_not_dropped"].items():
         lines.append(f"  counted: {note:<30} {count:>8,}")
     everything = summary["all"]
-    lines.append(f"  users {everything['users']:,}   items {everything['items']:,}   "
-                 f"mean watch ratio {everything['mean_watch_ratio']:.4f}   "
-                 f"skip rate {everything['skip_rate']:.4f} (threshold {summary['labels']['skip_threshold']:g})")
+    lines.append(
+        f"  users {everything['users']:,}   items {everything['items']:,}   "
+        f"mean watch ratio {everything['mean_watch_ratio']:.4f}   "
+        f"skip rate {everything['skip_rate']:.4f} (threshold {summary['labels']['skip_threshold']:g})"
+    )
     split = summary["split"]
     sizes = "   ".join(f"{name} {split[name]['rows']:,}" for name in SPLITS)
     lines.append(f"  split {split['kind']} (seed {split['seed']}): {sizes}")
     baselines = summary["baselines_on_test"]
     if baselines:
-        lines.append(f"  constant baselines on test: watch-ratio MSE (train mean) "
-                     f"{baselines['watch_ratio_mse_train_mean']:.4f}, skip accuracy (majority) "
-                     f"{baselines['skip_accuracy_majority']:.4f}")
+        lines.append(
+            f"  constant baselines on test: watch-ratio MSE (train mean) "
+            f"{baselines['watch_ratio_mse_train_mean']:.4f}, skip accuracy (majority) "
+            f"{baselines['skip_accuracy_majority']:.4f}"
+        )
     tables = ", ".join(f"{name}[{rows:,}]" for name, rows in summary["sparse_features"].items())
     lines.append(f"  sparse features (table rows incl. OOV): {tables}")
     lines.append(f"  dense features: {', '.join(summary['dense_features']) or '-'}")

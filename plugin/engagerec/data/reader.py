@@ -87,12 +87,20 @@ class ShardReader(IterableDataset):
         self.schema = DatasetSchema.load(self.data_dir)
         splits = self.schema.meta.get("splits", {})
         if split not in splits:
-            raise DataError(f"split '{split}' is not in this dataset", file=str(self.data_dir / "schema.json"),
-                            expected=f"one of {sorted(splits)}")
+            raise DataError(
+                f"split '{split}' is not in this dataset",
+                file=str(self.data_dir / "schema.json"),
+                expected=f"one of {sorted(splits)}",
+            )
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.drop_last, self.even_batches, self.start_batch, self.epoch = drop_last, even_batches, start_batch, 0
+        self.drop_last, self.even_batches, self.start_batch, self.epoch = (
+            drop_last,
+            even_batches,
+            start_batch,
+            0,
+        )
         if world_size is None:
             initialised = dist.is_available() and dist.is_initialized()
             world_size = dist.get_world_size() if initialised else 1
@@ -155,13 +163,18 @@ class ShardReader(IterableDataset):
         if path not in self._files:
             self._files = {path: pq.ParquetFile(path)}  # one open file per worker
         table = self._files[path].read_row_group(group, use_threads=False)
-        order = (np.random.default_rng([self.seed, self.epoch, chunk_id]).permutation(rows)
-                 if self.shuffle else None)
+        order = (
+            np.random.default_rng([self.seed, self.epoch, chunk_id]).permutation(rows)
+            if self.shuffle
+            else None
+        )
 
         def matrix(names: List[str], dtype, axis: int) -> np.ndarray:
             if not names:
                 return np.zeros((0, rows) if axis == 0 else (rows, 0), dtype=dtype)
-            stacked = np.stack([table.column(n).to_numpy().astype(dtype, copy=False) for n in names], axis=axis)
+            stacked = np.stack(
+                [table.column(n).to_numpy().astype(dtype, copy=False) for n in names], axis=axis
+            )
             return stacked if order is None else np.take(stacked, order, axis=1 - axis)
 
         multis = []
@@ -192,8 +205,8 @@ class ShardReader(IterableDataset):
         for k in range(len(self.multi_names)):
             for chunk, lo, hi, times, _ in pieces:
                 offsets, flat = chunk.multis[k]
-                values.append(np.tile(flat[offsets[lo]: offsets[hi]], times))
-                lengths.append(np.tile(np.diff(offsets[lo: hi + 1]).astype(np.int32), times))
+                values.append(np.tile(flat[offsets[lo] : offsets[hi]], times))
+                lengths.append(np.tile(np.diff(offsets[lo : hi + 1]).astype(np.int32), times))
         labels = torch.from_numpy(cat([rows(c.labels, lo, hi, n) for c, lo, hi, n, _ in pieces]))
         weights = np.concatenate([np.full((hi - lo) * n, w, dtype=np.float32) for _, lo, hi, n, w in pieces])
         return Batch(
@@ -216,8 +229,10 @@ class ShardReader(IterableDataset):
         hi = min(lo + self.batch_size, end)
         if not self.even_batches:
             return lo, hi, 0
-        widest = max(min(max(e - s - b * self.batch_size, 0), self.batch_size)
-                     for s, e in map(self._rank_rows, range(self.world_size)))
+        widest = max(
+            min(max(e - s - b * self.batch_size, 0), self.batch_size)
+            for s, e in map(self._rank_rows, range(self.world_size))
+        )
         return lo, hi, widest - (hi - lo)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -257,5 +272,11 @@ class ShardReader(IterableDataset):
 
 def make_loader(reader: ShardReader, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader that keeps the reader's batch order (batches are made by the reader)."""
-    return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+    return DataLoader(
+        reader,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -101,7 +101,9 @@ class DatasetSchema:
         post_exposure: FrozenSet[str] = frozenset(),
     ) -> "DatasetSchema":
         _validate_features(train, features, post_exposure)
-        schema = cls(features=[asdict(f) for f in features], sparse=[], dense=[], labels=list(labels), vocabs={})
+        schema = cls(
+            features=[asdict(f) for f in features], sparse=[], dense=[], labels=list(labels), vocabs={}
+        )
         for feature in features:
             column = feature.column or feature.name
             space = feature.id_space or column
@@ -123,11 +125,16 @@ class DatasetSchema:
                 values = _numeric_input(train, column, feature)
                 finite = values[~np.isnan(values)]
                 if finite.size == 0:
-                    raise DataError("numeric feature has no values in the training split",
-                                    column=column, expected="at least one number")
+                    raise DataError(
+                        "numeric feature has no values in the training split",
+                        column=column,
+                        expected="at least one number",
+                    )
                 mean, std = float(finite.mean()), float(finite.std())
                 fill = mean if feature.missing == "mean" or feature.kind == "history_mean" else None
-                schema.dense.append(DenseFeature(feature.name, column, feature.transform, mean, std if std > 0 else 1.0, fill))
+                schema.dense.append(
+                    DenseFeature(feature.name, column, feature.transform, mean, std if std > 0 else 1.0, fill)
+                )
                 if feature.buckets > 0:
                     bucket_name = f"{feature.name}_bucket"
                     quantiles = np.linspace(0, 1, feature.buckets + 1)[1:-1]
@@ -143,12 +150,21 @@ class DatasetSchema:
         file = file or frame.attrs.get("source_file")
         for column, kind in self.input_columns.items():
             if column not in frame.columns:
-                raise DataError("schema drift: column is missing from new data", file=file, column=column,
-                                expected=f"a {kind} column as in {SCHEMA_FILE}")
+                raise DataError(
+                    "schema drift: column is missing from new data",
+                    file=file,
+                    column=column,
+                    expected=f"a {kind} column as in {SCHEMA_FILE}",
+                )
             got = _column_kind(frame[column])
             if got != kind and not (kind == "text" and got == "number"):
-                raise DataError("schema drift: column changed kind", file=file, column=column,
-                                expected=f"{kind} as in {SCHEMA_FILE}", got=got)
+                raise DataError(
+                    "schema drift: column changed kind",
+                    file=file,
+                    column=column,
+                    expected=f"{kind} as in {SCHEMA_FILE}",
+                    got=got,
+                )
 
     def encode(self, frame: pd.DataFrame) -> pa.Table:
         """Encode rows into the shard layout: sparse int32 / list<int32>, dense and labels float32."""
@@ -163,10 +179,14 @@ class DatasetSchema:
             elif feature.kind == "multi_hot":
                 lists = _split_tokens(frame[column], feature.separator)
                 offsets, tokens = lists.offsets.to_numpy(), lists.flatten()
-                columns[feature.name] = to_list_array(offsets - offsets[0], _lookup(self.vocabs[space], tokens).to_numpy())
+                columns[feature.name] = to_list_array(
+                    offsets - offsets[0], _lookup(self.vocabs[space], tokens).to_numpy()
+                )
             elif feature.kind == "history":
                 offsets, raw = list_array_parts(pa.array(frame[history_column(feature)]))
-                columns[feature.name] = to_list_array(offsets, _lookup(self.vocabs[space], _tokens_like(raw)).to_numpy())
+                columns[feature.name] = to_list_array(
+                    offsets, _lookup(self.vocabs[space], _tokens_like(raw)).to_numpy()
+                )
         for dense in self.dense:
             feature = next(f for f in configs if f.name == dense.name)
             values = _numeric_input(frame, dense.column, feature)
@@ -176,9 +196,13 @@ class DatasetSchema:
                     row = int(np.flatnonzero(missing)[0])
                     if SOURCE_ROW in frame.columns:
                         row = int(frame[SOURCE_ROW].iloc[row])
-                    raise DataError("numeric feature value is missing", file=frame.attrs.get("source_file"),
-                                    column=dense.column, row=row,
-                                    expected="a number (or set missing: mean on the feature to impute)")
+                    raise DataError(
+                        "numeric feature value is missing",
+                        file=frame.attrs.get("source_file"),
+                        column=dense.column,
+                        row=row,
+                        expected="a number (or set missing: mean on the feature to impute)",
+                    )
                 values = np.where(missing, dense.fill, values)
             columns[dense.name] = pa.array(((values - dense.mean) / dense.std).astype(np.float32))
             bucket_name = f"{dense.name}_bucket"
@@ -208,7 +232,9 @@ class DatasetSchema:
             raise DataError("schema not found; run `engagerec prepare` first", file=str(path))
         raw = json.loads(path.read_text())
         if raw.pop("version", None) != SCHEMA_VERSION:
-            raise DataError("unsupported schema version", file=str(path), expected=f"version {SCHEMA_VERSION}")
+            raise DataError(
+                "unsupported schema version", file=str(path), expected=f"version {SCHEMA_VERSION}"
+            )
         return cls(
             features=raw["features"],
             sparse=[SparseFeature(**f) for f in raw["sparse"]],
@@ -241,7 +267,9 @@ def _input_columns(features: List[FeatureConfig]) -> List[str]:
     return columns
 
 
-def _validate_features(frame: pd.DataFrame, features: List[FeatureConfig], post_exposure: FrozenSet[str]) -> None:
+def _validate_features(
+    frame: pd.DataFrame, features: List[FeatureConfig], post_exposure: FrozenSet[str]
+) -> None:
     seen = set()
     for i, feature in enumerate(features):
         where = f"data.features[{i}] ('{feature.name}')"
@@ -251,21 +279,30 @@ def _validate_features(frame: pd.DataFrame, features: List[FeatureConfig], post_
         if feature.kind not in FEATURE_KINDS:
             raise DataError(f"{where}: unknown kind '{feature.kind}'", expected=f"one of {FEATURE_KINDS}")
         if feature.transform not in TRANSFORMS:
-            raise DataError(f"{where}: unknown transform '{feature.transform}'", expected=f"one of {TRANSFORMS}")
+            raise DataError(
+                f"{where}: unknown transform '{feature.transform}'", expected=f"one of {TRANSFORMS}"
+            )
         if feature.missing not in ("error", "mean"):
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
         if feature.kind == "history_mean":
             if feature.of not in PAST_LABELS:
-                raise DataError(f"{where}: history_mean averages a label of earlier views",
-                                expected=f"of: one of {PAST_LABELS}", got=feature.of)
+                raise DataError(
+                    f"{where}: history_mean averages a label of earlier views",
+                    expected=f"of: one of {PAST_LABELS}",
+                    got=feature.of,
+                )
             continue
         column = feature.of if feature.kind == "history" else (feature.column or feature.name)
         if column in post_exposure or column in ("watch_time", "watch_ratio", "skip"):
-            raise DataError(f"{where}: column '{column}' is observed during or after the view "
-                            "(a label or a leak) and cannot be a feature")
+            raise DataError(
+                f"{where}: column '{column}' is observed during or after the view "
+                "(a label or a leak) and cannot be a feature"
+            )
         if column not in frame.columns:
-            raise DataError(f"{where}: reads column '{column}', which no table has",
-                            expected=f"one of {sorted(c for c in frame.columns if not c.startswith('__'))}")
+            raise DataError(
+                f"{where}: reads column '{column}', which no table has",
+                expected=f"one of {sorted(c for c in frame.columns if not c.startswith('__'))}",
+            )
 
 
 def _column_kind(series: pd.Series) -> str:
@@ -280,7 +317,9 @@ def _tokens_like(values: np.ndarray) -> pa.Array:
     if values.dtype.kind == "f":
         finite = values[~np.isnan(values)]
         if np.array_equal(finite, np.round(finite)):
-            return pa.array(np.where(np.isnan(values), np.nan, values), mask=np.isnan(values)).cast(pa.int64())
+            return pa.array(np.where(np.isnan(values), np.nan, values), mask=np.isnan(values)).cast(
+                pa.int64()
+            )
     if values.dtype.kind in "iub":
         return pa.array(values.astype(np.int64))
     return pa.array(values.astype(str))
@@ -289,8 +328,9 @@ def _tokens_like(values: np.ndarray) -> pa.Array:
 def _category_tokens(frame: pd.DataFrame, column: str) -> pa.Array:
     series = frame[column]
     if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-        return _tokens_like(series.to_numpy(dtype=np.float64, na_value=np.nan)
-                            if series.isna().any() else series.to_numpy())
+        return _tokens_like(
+            series.to_numpy(dtype=np.float64, na_value=np.nan) if series.isna().any() else series.to_numpy()
+        )
     return pa.array(series.astype("string").to_numpy(dtype=object, na_value=None), type=pa.string())
 
 
@@ -335,8 +375,13 @@ def _numeric_input(frame: pd.DataFrame, column: str, feature: FeatureConfig) -> 
         negative = values < 0
         if negative.any():
             row = int(np.flatnonzero(negative)[0])
-            raise DataError("log1p transform needs values >= 0", file=frame.attrs.get("source_file"),
-                            column=column, row=row, expected="a non-negative number", got=float(values[row]))
+            raise DataError(
+                "log1p transform needs values >= 0",
+                file=frame.attrs.get("source_file"),
+                column=column,
+                row=row,
+                expected="a non-negative number",
+                got=float(values[row]),
+            )
         values = np.log1p(values)
     return values
-

@@ -57,14 +57,19 @@ class ShardWriter:
         if self._writer is None:
             return
         self._writer.close()
-        final = self._tmp.parent / self._tmp.name[1:-len(".tmp")]
+        final = self._tmp.parent / self._tmp.name[1 : -len(".tmp")]
         os.replace(self._tmp, final)
         self.files.append(final.name)
         self._writer = None
 
 
-def write_split(tables: Iterable[pa.Table], directory: str | Path, rows_per_file: int, row_group_size: int,
-                schema: pa.Schema | None = None) -> ShardWriter:
+def write_split(
+    tables: Iterable[pa.Table],
+    directory: str | Path,
+    rows_per_file: int,
+    row_group_size: int,
+    schema: pa.Schema | None = None,
+) -> ShardWriter:
     writer = ShardWriter(directory, rows_per_file, row_group_size)
     for table in tables:
         writer.write(table)

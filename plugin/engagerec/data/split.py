@@ -38,8 +38,11 @@ def split_indices(events: pd.DataFrame, cfg: SplitConfig) -> Dict[str, np.ndarra
         train, val = _tail(train, cfg.val_fraction)
     elif cfg.kind == "temporal":
         if TIMESTAMP not in events.columns:
-            raise DataError("a temporal split needs a timestamp column", column=TIMESTAMP,
-                            expected="data.source.columns.timestamp to name it")
+            raise DataError(
+                "a temporal split needs a timestamp column",
+                column=TIMESTAMP,
+                expected="data.source.columns.timestamp to name it",
+            )
         order = np.argsort(events[TIMESTAMP].to_numpy(), kind="stable")
         train, test = _tail(order, cfg.test_fraction)
         train, val = _tail(train, cfg.val_fraction)  # the latest train rows validate
@@ -47,11 +50,15 @@ def split_indices(events: pd.DataFrame, cfg: SplitConfig) -> Dict[str, np.ndarra
         codes, users = pd.factorize(events[USER_ID])
         train_users, test_users = _tail(rng.permutation(len(users)), cfg.test_fraction)
         train_users, val_users = _tail(train_users, cfg.val_fraction)
-        by_user = {name: np.flatnonzero(np.isin(codes, members))
-                   for name, members in (("train", train_users), ("val", val_users), ("test", test_users))}
+        by_user = {
+            name: np.flatnonzero(np.isin(codes, members))
+            for name, members in (("train", train_users), ("val", val_users), ("test", test_users))
+        }
         train, val, test = by_user["train"], by_user["val"], by_user["test"]
     splits = {"train": np.asarray(train), "val": np.asarray(val), "test": np.asarray(test)}
     if len(splits["train"]) == 0:
-        raise DataError(f"the {cfg.kind} split left no training rows ({n} rows in all)",
-                        expected="more rows or smaller test/val fractions")
+        raise DataError(
+            f"the {cfg.kind} split left no training rows ({n} rows in all)",
+            expected="more rows or smaller test/val fractions",
+        )
     return splits

@@ -76,17 +76,21 @@ def study_world(cfg: SyntheticConfig) -> StudyWorld:
     genre_text = [",".join(str(g) for g in row if g >= 0) for row in genres]
     log_duration_mean = np.log(60.0)
     duration = np.round(np.exp(rng.normal(log_duration_mean, 0.8, size=n_items)), 1) + 1.0
-    users = pd.DataFrame({
-        "user_id": np.arange(n_users),
-        "age": rng.integers(18, 71, size=n_users),
-        "gender": rng.choice(np.array(["F", "M"]), size=n_users),
-    })
-    content = pd.DataFrame({
-        "content_id": np.arange(n_items),
-        "genres": genre_text,
-        "rating": np.round(rng.uniform(1, 5, size=n_items), 1),
-        "duration": duration,
-    })
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(n_users),
+            "age": rng.integers(18, 71, size=n_users),
+            "gender": rng.choice(np.array(["F", "M"]), size=n_users),
+        }
+    )
+    content = pd.DataFrame(
+        {
+            "content_id": np.arange(n_items),
+            "genres": genre_text,
+            "rating": np.round(rng.uniform(1, 5, size=n_items), 1),
+            "duration": duration,
+        }
+    )
     return StudyWorld(
         users=users,
         content=content,
@@ -98,36 +102,48 @@ def study_world(cfg: SyntheticConfig) -> StudyWorld:
     )
 
 
-def study_interactions(world: StudyWorld, cfg: SyntheticConfig, chunk: int, rows: int, first_row: int) -> pd.DataFrame:
+def study_interactions(
+    world: StudyWorld, cfg: SyntheticConfig, chunk: int, rows: int, first_row: int
+) -> pd.DataFrame:
     """One chunk of interactions; the same (seed, chunk) always gives the same rows."""
     rng = np.random.default_rng([cfg.seed, 1, chunk])
     # skewed activity and popularity, as in real logs
     user = np.minimum((rng.random(rows) ** 2 * cfg.num_users).astype(np.int64), cfg.num_users - 1)
     item = np.minimum((rng.random(rows) ** 3 * cfg.num_contents).astype(np.int64), cfg.num_contents - 1)
-    affinity = np.einsum("ij,ij->i", world.user_factors[user], world.content_factors[item]) / np.sqrt(cfg.latent_dim)
+    affinity = np.einsum("ij,ij->i", world.user_factors[user], world.content_factors[item]) / np.sqrt(
+        cfg.latent_dim
+    )
     item_genres = world.content_genres[item]
     has = item_genres >= 0
     preference = np.where(has, world.genre_preference[user[:, None], np.maximum(item_genres, 0)], 0.0)
     preference = preference.sum(axis=1) / np.maximum(has.sum(axis=1), 1)
     rating = world.content["rating"].to_numpy()[item]
     duration = world.content["duration"].to_numpy()[item]
-    score = (affinity + preference + 0.3 * (rating - 3.0)
-             - 0.6 * (np.log(duration) - world.log_duration_mean) + 0.5
-             + cfg.noise * rng.normal(size=rows))
+    score = (
+        affinity
+        + preference
+        + 0.3 * (rating - 3.0)
+        - 0.6 * (np.log(duration) - world.log_duration_mean)
+        + 0.5
+        + cfg.noise * rng.normal(size=rows)
+    )
     ratio = 1.0 / (1.0 + np.exp(-score))
     replay = rng.random(rows) < REPLAY_PROBABILITY
     ratio = np.where(replay, ratio * rng.uniform(1.0, 2.0, size=rows), ratio)
     timestamp = 1_650_000_000_000 + (first_row + np.arange(rows)) * 1_000 + rng.integers(0, 1_000, size=rows)
-    return pd.DataFrame({
-        "user_id": user,
-        "content_id": item,
-        "watch_time": np.round(ratio * duration, 2),
-        "timestamp": timestamp,
-    })
+    return pd.DataFrame(
+        {
+            "user_id": user,
+            "content_id": item,
+            "watch_time": np.round(ratio * duration, 2),
+            "timestamp": timestamp,
+        }
+    )
 
 
-def iter_study_interactions(world: StudyWorld, cfg: SyntheticConfig,
-                            chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+def iter_study_interactions(
+    world: StudyWorld, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Iterator[pd.DataFrame]:
     for index, rows in _chunks(cfg.num_rows, chunk_rows):
         yield study_interactions(world, cfg, index, rows, index * chunk_rows)
 
@@ -141,7 +157,9 @@ def study_tables(cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> 
     return RawTables(interactions, world.users, world.content)
 
 
-def write_study_tables(out_dir: str | Path, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+def write_study_tables(
+    out_dir: str | Path, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Path:
     """users.parquet, content.parquet and interactions.parquet, written chunk by chunk."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +191,9 @@ def write_study_prepared(out_dir: str | Path, data: DataConfig, chunk_rows: int 
     if data.split.kind != "random" or any(f.kind == "history" for f in data.features):
         raise ValueError("streamed synthetic data supports split.kind=random and no history features")
     if data.filters.min_user_views > 0:
-        raise ValueError("streamed synthetic data needs filters.min_user_views: 0 (it sees one chunk at a time)")
+        raise ValueError(
+            "streamed synthetic data needs filters.min_user_views: 0 (it sees one chunk at a time)"
+        )
     cfg = data.source.synthetic
     out_dir = Path(out_dir)
     world = study_world(cfg)
@@ -192,9 +212,15 @@ def write_study_prepared(out_dir: str | Path, data: DataConfig, chunk_rows: int 
             writers[name].write(schema.encode(events[mask]))
     layout = schema.encode(events.iloc[:0]).schema
     splits = {name: {"rows": w.rows, "files": w.close(layout)} for name, w in writers.items()}
-    schema.meta = {"summary": {"adapter": "synthetic (streamed)", "rows_read": rows_read, "dropped": dropped,
-                               "schema_fitted_on": "the first chunk's training rows"},
-                   "splits": splits}
+    schema.meta = {
+        "summary": {
+            "adapter": "synthetic (streamed)",
+            "rows_read": rows_read,
+            "dropped": dropped,
+            "schema_fitted_on": "the first chunk's training rows",
+        },
+        "splits": splits,
+    }
     schema.save(out_dir)
     return splits
 
@@ -219,14 +245,20 @@ def mmoe_parameters(cfg: SyntheticConfig) -> Dict[str, np.ndarray]:
     }
 
 
-def mmoe_chunk(params: Dict[str, np.ndarray], cfg: SyntheticConfig, chunk: int, rows: int) -> Tuple[np.ndarray, np.ndarray]:
+def mmoe_chunk(
+    params: Dict[str, np.ndarray], cfg: SyntheticConfig, chunk: int, rows: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """x ~ N(0, I); y_k = w_k.x + sum_i sin(alpha_i w_k.x + beta_i) + eps, eps ~ N(0, 0.01)."""
     rng = np.random.default_rng([cfg.seed, 1, chunk])
     x = rng.normal(size=(rows, cfg.input_dim)).astype(np.float32)
     labels = []
     for w in (params["w1"], params["w2"]):
         z = x.astype(np.float64) @ w
-        y = z + np.sin(np.outer(z, params["alpha"]) + params["beta"]).sum(axis=1) + rng.normal(0, 0.1, size=rows)
+        y = (
+            z
+            + np.sin(np.outer(z, params["alpha"]) + params["beta"]).sum(axis=1)
+            + rng.normal(0, 0.1, size=rows)
+        )
         labels.append(y)
     return x, np.stack(labels, axis=1).astype(np.float32)
 
@@ -241,8 +273,9 @@ def mmoe_arrays(cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> T
 MMOE_LABELS = [LabelSpec("y1", "regression"), LabelSpec("y2", "regression")]
 
 
-def write_mmoe_prepared(out_dir: str | Path, cfg: SyntheticConfig, data: DataConfig,
-                        chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+def write_mmoe_prepared(
+    out_dir: str | Path, cfg: SyntheticConfig, data: DataConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Path:
     """The MMoE benchmark as a prepared dataset: dense x0..x{d-1}, labels y1, y2, random split."""
     from engagerec.data.prepare import SPLITS
 
@@ -258,11 +291,18 @@ def write_mmoe_prepared(out_dir: str | Path, cfg: SyntheticConfig, data: DataCon
         for name, mask in _random_parts(cfg.seed, index, rows, data).items():
             writers[name].write(table.filter(pa.array(mask)))
     schema = DatasetSchema(
-        features=[], sparse=[], vocabs={}, labels=list(MMOE_LABELS),
+        features=[],
+        sparse=[],
+        vocabs={},
+        labels=list(MMOE_LABELS),
         dense=[DenseFeature(n, n, "none", 0.0, 1.0, None) for n in names],  # x is already N(0, 1)
     )
     schema.meta = {
-        "summary": {"adapter": "synthetic mmoe", "task_correlation": cfg.task_correlation, "rows_read": cfg.num_rows},
+        "summary": {
+            "adapter": "synthetic mmoe",
+            "task_correlation": cfg.task_correlation,
+            "rows_read": cfg.num_rows,
+        },
         "splits": {name: {"rows": w.rows, "files": w.close(layout)} for name, w in writers.items()},
     }
     schema.save(out_dir)

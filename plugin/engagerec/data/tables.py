@@ -79,25 +79,44 @@ def as_numeric(frame: pd.DataFrame, column: str, *, allow_nan: bool, integer: bo
     not_numeric = numbers.isna().to_numpy() & series.notna().to_numpy()
     if not_numeric.any():
         row = first_bad_row(not_numeric)
-        raise DataError("value is not a number", file=file, column=column, row=row,
-                        expected="a number", got=series.iloc[row])
+        raise DataError(
+            "value is not a number",
+            file=file,
+            column=column,
+            row=row,
+            expected="a number",
+            got=series.iloc[row],
+        )
     values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     infinite = np.isinf(values)
     if infinite.any():
         row = first_bad_row(infinite)
-        raise DataError("value is infinite", file=file, column=column, row=row,
-                        expected="a finite number", got=series.iloc[row])
+        raise DataError(
+            "value is infinite",
+            file=file,
+            column=column,
+            row=row,
+            expected="a finite number",
+            got=series.iloc[row],
+        )
     if not allow_nan and np.isnan(values).any():
         row = first_bad_row(np.isnan(values))
-        raise DataError("value is missing (NaN)", file=file, column=column, row=row,
-                        expected="a value in every row")
+        raise DataError(
+            "value is missing (NaN)", file=file, column=column, row=row, expected="a value in every row"
+        )
     if integer:
         finite = ~np.isnan(values)
         fractional = finite & (values != np.round(values))
         if fractional.any():
             row = first_bad_row(fractional)
-            raise DataError("value is not an integer id", file=file, column=column, row=row,
-                            expected="an integer", got=series.iloc[row])
+            raise DataError(
+                "value is not an integer id",
+                file=file,
+                column=column,
+                row=row,
+                expected="an integer",
+                got=series.iloc[row],
+            )
     return pd.Series(values, index=frame.index, name=column)
 
 
@@ -107,11 +126,22 @@ def check_ids(frame: pd.DataFrame, column: str, *, unique: bool) -> None:
     series = frame[column]
     missing = series.isna().to_numpy()
     if missing.any():
-        raise DataError("id is missing", file=file, column=column, row=first_bad_row(missing),
-                        expected="an id in every row")
+        raise DataError(
+            "id is missing",
+            file=file,
+            column=column,
+            row=first_bad_row(missing),
+            expected="an id in every row",
+        )
     if unique:
         duplicated = series.duplicated().to_numpy()
         if duplicated.any():
             row = first_bad_row(duplicated)
-            raise DataError("duplicate id", file=file, column=column, row=row,
-                            expected="each id once in this table", got=series.iloc[row])
+            raise DataError(
+                "duplicate id",
+                file=file,
+                column=column,
+                row=row,
+                expected="each id once in this table",
+                got=series.iloc[row],
+            )

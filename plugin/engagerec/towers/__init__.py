@@ -12,5 +12,15 @@ from engagerec.towers.registry import TOWERS, build_tower, get_tower_class, regi
 from engagerec.towers.shared_bottom import SharedBottom
 from engagerec.towers.single_task import SingleTask
 
-__all__ = ["CGC", "PLE", "TOWERS", "CrossStitch", "MMoE", "SharedBottom", "SingleTask", "build_tower",
-           "get_tower_class", "register_tower"]
+__all__ = [
+    "CGC",
+    "PLE",
+    "TOWERS",
+    "CrossStitch",
+    "MMoE",
+    "SharedBottom",
+    "SingleTask",
+    "build_tower",
+    "get_tower_class",
+    "register_tower",
+]

@@ -10,7 +10,9 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-def mlp(input_dim: int, layer_sizes: Sequence[int], activation: str = "relu", dropout: float = 0.0) -> nn.Sequential:
+def mlp(
+    input_dim: int, layer_sizes: Sequence[int], activation: str = "relu", dropout: float = 0.0
+) -> nn.Sequential:
     """Linear -> activation (-> dropout) for each size. An empty ``layer_sizes`` is the identity."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation '{activation}', expected one of {sorted(ACTIVATIONS)}")
@@ -34,8 +36,14 @@ class ExpertGroup(nn.Module):
     Each expert is initialised as nn.Linear would be. Returns [B, num_experts, out_dim].
     ``expert(i)`` gives expert i's weights as an ordinary nn.Sequential (for inspection)."""
 
-    def __init__(self, input_dim: int, num_experts: int, layer_sizes: Sequence[int], activation: str = "relu",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        num_experts: int,
+        layer_sizes: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{activation}', expected one of {sorted(ACTIVATIONS)}")
@@ -44,8 +52,10 @@ class ExpertGroup(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-            bound = 1.0 / fan_in ** 0.5  # nn.Linear's default initialisation
-            self.weights.append(nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound)))
+            bound = 1.0 / fan_in**0.5  # nn.Linear's default initialisation
+            self.weights.append(
+                nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound))
+            )
             self.biases.append(nn.Parameter(torch.empty(num_experts, 1, fan_out).uniform_(-bound, bound)))
         self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -83,7 +93,7 @@ class GateBank(nn.Module):
         logits = self.linear(x)
         gates, start = [], 0
         for size in self.gate_sizes:  # Python ints: FX-traceable, unlike iterating a split
-            gates.append(torch.softmax(logits[:, start: start + size], dim=-1))
+            gates.append(torch.softmax(logits[:, start : start + size], dim=-1))
             start += size
         return gates
 

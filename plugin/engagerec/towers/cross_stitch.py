@@ -37,24 +37,34 @@ def initial_alpha(num_tasks: int, init: str, self_weight: float) -> torch.Tensor
 class CrossStitch(nn.Module):
     """Example::
 
-        tower = CrossStitch(input_dim=32, num_tasks=2, layer_sizes=[64, 32], alpha_init="near_identity")
-        reps = tower(torch.randn(8, 32))   # two [8, 32] tensors
-        tower.alphas[0]                    # the 2 x 2 mixing matrix after the first layer
+    tower = CrossStitch(input_dim=32, num_tasks=2, layer_sizes=[64, 32], alpha_init="near_identity")
+    reps = tower(torch.randn(8, 32))   # two [8, 32] tensors
+    tower.alphas[0]                    # the 2 x 2 mixing matrix after the first layer
     """
 
-    def __init__(self, input_dim: int, num_tasks: int, layer_sizes: Sequence[int] = (128, 64),
-                 activation: str = "relu", dropout: float = 0.0, alpha_init: str = "zeros",
-                 self_weight: float = 0.9, train_alpha: bool = True) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        layer_sizes: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        alpha_init: str = "zeros",
+        self_weight: float = 0.9,
+        train_alpha: bool = True,
+    ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         widths = [input_dim, *layer_sizes]
         # layers[l][t]: task t's column at depth l
         self.layers = nn.ModuleList(
             nn.ModuleList(mlp(widths[l], [widths[l + 1]], activation, dropout) for _ in range(num_tasks))
-            for l in range(len(layer_sizes)))
+            for l in range(len(layer_sizes))
+        )
         self.alphas = nn.ParameterList(
             nn.Parameter(initial_alpha(num_tasks, alpha_init, self_weight), requires_grad=train_alpha)
-            for _ in layer_sizes)
+            for _ in layer_sizes
+        )
         self.output_dims: List[int] = [out_dim(input_dim, layer_sizes)] * num_tasks
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -64,4 +74,3 @@ class CrossStitch(nn.Module):
             mixed = torch.einsum("ts,sbh->tbh", alpha, stacked)
             states = [mixed[t] for t in range(self.num_tasks)]
         return states
-

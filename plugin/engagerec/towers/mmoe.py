@@ -22,8 +22,15 @@ class MMoE(nn.Module):
         tower.gate_weights["task0"]        # [8, 4], rows sum to 1 (from the last forward)
     """
 
-    def __init__(self, input_dim: int, num_tasks: int, num_experts: int = 4, expert_sizes: Sequence[int] = (64,),
-                 activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        num_experts: int = 4,
+        expert_sizes: Sequence[int] = (64,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.experts = ExpertGroup(input_dim, num_experts, expert_sizes, activation, dropout)

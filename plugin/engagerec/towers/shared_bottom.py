@@ -21,8 +21,14 @@ class SharedBottom(nn.Module):
         reps = tower(torch.randn(8, 32))  # the same [8, 32] tensor for both tasks
     """
 
-    def __init__(self, input_dim: int, num_tasks: int, layer_sizes: Sequence[int] = (128, 64),
-                 activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        layer_sizes: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.bottom = mlp(input_dim, layer_sizes, activation, dropout)

@@ -21,11 +21,19 @@ class SingleTask(nn.Module):
         reps = tower(torch.randn(8, 32))  # two tensors of shape [8, 32]
     """
 
-    def __init__(self, input_dim: int, num_tasks: int, layer_sizes: Sequence[int] = (128, 64),
-                 activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        num_tasks: int,
+        layer_sizes: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.columns = nn.ModuleList(mlp(input_dim, layer_sizes, activation, dropout) for _ in range(num_tasks))
+        self.columns = nn.ModuleList(
+            mlp(input_dim, layer_sizes, activation, dropout) for _ in range(num_tasks)
+        )
         self.output_dims: List[int] = [out_dim(input_dim, layer_sizes)] * num_tasks
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
