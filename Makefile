@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint format test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ demo: install
 	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml
 	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1 --no-resume --gbdt
 
-test: install
+# ruff: the formatter's check and the linter (config in pyproject.toml); `make format` fixes.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: install lint
 	$(PY) -m pytest -q tests
 
 bench: install

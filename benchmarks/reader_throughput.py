@@ -86,7 +86,8 @@ GENERATE_CHILD = (
 import sys, json
 from engagerec.config import SyntheticConfig
 from engagerec.data.synthetic import write_study_tables
-write_study_tables(sys.argv[1], SyntheticConfig(num_rows=int(sys.argv[2]), num_users=1000000, num_contents=100000))
+config = SyntheticConfig(num_rows=int(sys.argv[2]), num_users=1000000, num_contents=100000)
+write_study_tables(sys.argv[1], config)
 print(json.dumps({"peak_rss_kb": hwm_kb()}))
 """
 )
@@ -164,8 +165,8 @@ def main() -> None:
             "",
             "### Peak memory while streaming synthetic study-schema rows (fresh process each)",
             "",
-            "| rows | shard writer peak RSS (MiB) | reader peak RSS after imports (MiB) | reader peak RSS (MiB) "
-            "| streaming rows/s |",
+            "| rows | shard writer peak RSS (MiB) | reader peak RSS after imports (MiB) "
+            "| reader peak RSS (MiB) | streaming rows/s |",
             "|---:|---:|---:|---:|---:|",
         ]
         for rows in args.rows:
@@ -174,8 +175,9 @@ def main() -> None:
             streamed = _child(STREAM_CHILD, str(data))
             assert streamed["rows"] == rows, streamed
             lines.append(
-                f"| {rows:,} | {written['peak_rss_kb'] / 1024:,.0f} | {streamed['import_rss_kb'] / 1024:,.0f} "
-                f"| {streamed['peak_rss_kb'] / 1024:,.0f} | {rows / streamed['seconds']:,.0f} |"
+                f"| {rows:,} | {written['peak_rss_kb'] / 1024:,.0f} "
+                f"| {streamed['import_rss_kb'] / 1024:,.0f} | {streamed['peak_rss_kb'] / 1024:,.0f} "
+                f"| {rows / streamed['seconds']:,.0f} |"
             )
         lines += [
             "",

@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 from results import machine_block, write_section  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 class PlainEmbeddingBagModel(nn.Module):
@@ -159,7 +158,7 @@ def main() -> None:
             for _ in range(args.repeats):  # alternate, so drift hits both sides alike
                 ours.append(engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
                 plain.append(plain_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
-            ratios = sorted(o / p for o, p in zip(ours, plain))
+            ratios = sorted(o / p for o, p in zip(ours, plain, strict=True))
             ours, plain = statistics.median(ours), statistics.median(plain)
             rows.append({"tower": tower, "engagerec": ours, "plain": plain, "ratios": ratios})
             print(
@@ -172,9 +171,11 @@ def main() -> None:
         "",
         f"{args.steps} timed steps after {args.warmup} warm-up steps per side.",
         "",
-        f"Medians of {args.repeats} alternating repeats; ratio = per-repeat engagerec / plain (min, median, max).",
+        f"Medians of {args.repeats} alternating repeats; "
+        "ratio = per-repeat engagerec / plain (min, median, max).",
         "",
-        "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s | ratio min / median / max |",
+        "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s "
+        "| ratio min / median / max |",
         "|---|---:|---:|---:|",
     ]
     lines += [

@@ -3,12 +3,11 @@
 import shutil
 
 import pandas as pd
+from conftest import KUAIRAND
 
 from engagerec.config import SourceConfig, config_from_dict
 from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE, load_tables
 from engagerec.data.prepare import prepare
-
-from conftest import KUAIRAND
 
 
 def _official_layout(tmp_path):

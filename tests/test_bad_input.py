@@ -3,14 +3,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import study_config, study_files
 
 from engagerec.cli import main
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
-
-from conftest import study_config, study_files
 
 
 def _interactions(changes=None):
@@ -142,7 +141,8 @@ def test_schema_drift_between_schema_json_and_new_data(tmp_path):
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(
-        "name: bad\ndata:\n  source: {adapter: study, interactions: missing.csv, users: u.csv, content: c.csv}\n"
+        "name: bad\ndata:\n"
+        "  source: {adapter: study, interactions: missing.csv, users: u.csv, content: c.csv}\n"
     )
     assert main(["prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "error: file missing.csv: file not found" in capsys.readouterr().err

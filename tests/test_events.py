@@ -3,14 +3,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import study_config, study_files
 
-from engagerec.config import FilterConfig, LabelConfig, SplitConfig
+from engagerec.config import LabelConfig, SplitConfig
 from engagerec.data.adapters import load_tables
 from engagerec.data.events import FilterReport, add_labels, build_events
 from engagerec.data.history import previous_ids
 from engagerec.data.split import split_indices
-
-from conftest import study_config, study_files
 
 
 def test_ratio_policies_and_skip_threshold():

@@ -3,9 +3,9 @@
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
+from test_towers import SMALL
 from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
@@ -23,8 +23,6 @@ from engagerec.data.synthetic import write_mmoe_prepared, write_study_prepared
 from engagerec.features import FeatureSpec
 from engagerec.model import MultiTaskModel
 from engagerec.towers import TOWERS, register_tower
-
-from test_towers import SMALL
 
 
 @pytest.fixture(scope="module")

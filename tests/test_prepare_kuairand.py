@@ -6,13 +6,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import KUAIRAND
 
 from engagerec.config import load_config
 from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE
 from engagerec.data.prepare import format_summary, prepare
 from engagerec.data.schema import DatasetSchema
-
-from conftest import KUAIRAND
 
 
 def _raw_log():

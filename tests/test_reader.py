@@ -53,6 +53,7 @@ def _signature(batches):
             kjt["content_id"].values().tolist(),
             b.dense_features[:, 0].tolist(),
             b.labels["watch_ratio"].tolist(),
+            strict=True,
         ):
             out.append((u, c, round(a, 5), round(w, 6)))
     return sorted(out)
@@ -157,6 +158,6 @@ def test_even_batches_pad_with_zero_weight_rows_only(multi_chunk):
     assert weights.sum().item() == total  # every real row once, with weight 1
     # batch k has one size on every rank (sharded lookups need it); padding has weight 0
     sizes = [[b.batch_size for b in p] for p in parts]
-    assert all(len(set(column)) == 1 for column in zip(*sizes))
+    assert all(len(set(column)) == 1 for column in zip(*sizes, strict=True))
     padded = sum(b.batch_size - int(b.weights.sum()) for p in parts for b in p)
     assert padded > 0 and padded == sum(map(sum, sizes)) - total

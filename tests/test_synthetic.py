@@ -91,7 +91,7 @@ def test_mmoe_label_correlation_rises_with_p():
 
     correlations = [label_corr(p) for p in (0.0, 0.5, 0.9, 1.0)]
     assert abs(correlations[0]) < 0.05 and correlations[-1] > 0.95
-    assert all(b > a + 0.15 for a, b in zip(correlations, correlations[1:]))
+    assert all(b > a + 0.15 for a, b in zip(correlations[:-1], correlations[1:], strict=True))
 
 
 def test_mmoe_weights_have_the_requested_cosine():

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_train import EQUAL_METRICS, study_data, study_run_config  # noqa: F401  (fixture)
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")

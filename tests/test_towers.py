@@ -60,7 +60,7 @@ def test_cross_stitch_with_identity_alpha_equals_independent_columns():
         for depth in range(2):
             columns.columns[t][2 * depth].load_state_dict(stitched.layers[depth][t][0].state_dict())
     x = torch.randn(9, 12)
-    for a, b in zip(stitched(x), columns(x)):
+    for a, b in zip(stitched(x), columns(x), strict=True):
         torch.testing.assert_close(a, b)
     # and a non-identity alpha really mixes the columns
     stitched.alphas[0].data = torch.full((3, 3), 1 / 3)
@@ -80,7 +80,7 @@ def test_ple_with_one_level_equals_cgc():
     ple = PLE(12, 2, num_levels=1, num_shared=2, num_specific=2, expert_sizes=[8])
     ple.load_state_dict(cgc.state_dict())
     x = torch.randn(6, 12)
-    for a, b in zip(cgc(x), ple(x)):
+    for a, b in zip(cgc(x), ple(x), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -138,5 +138,5 @@ def test_every_tower_fx_traces_through_as_well_as_as_a_leaf(name):
     tower = build_tower(name, 12, 2, **SMALL[name])
     traced = torch.fx.symbolic_trace(tower)
     x = torch.randn(4, 12)
-    for a, b in zip(traced(x), tower(x)):
+    for a, b in zip(traced(x), tower(x), strict=True):
         torch.testing.assert_close(a, b)

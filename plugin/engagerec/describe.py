@@ -15,7 +15,7 @@ def parameter_counts(model: MultiTaskModel) -> Dict[str, int]:
         for table in model.spec.tables:
             counts[f"embeddings/{table.name}"] = table.num_embeddings * table.embedding_dim
     counts["tower"] = _count(model.tower)
-    for task, head in zip(model.tasks, model.heads):
+    for task, head in zip(model.tasks, model.heads, strict=True):
         counts[f"head/{task.name}"] = _count(head)
     return counts
 

@@ -18,7 +18,8 @@ def table_name(id_space: str) -> str:
 
 
 def auto_dim(rows: int, largest: int) -> int:
-    """6 * rows^(1/4), rounded to a multiple of 4 (FBGEMM and column-wise sharding like those), in [4, largest]."""
+    """6 * rows^(1/4), rounded to a multiple of 4 (FBGEMM and column-wise sharding like those),
+    in [4, largest]."""
     return max(4, min(largest, 4 * round(6 * rows**0.25 / 4)))
 
 

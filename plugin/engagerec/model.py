@@ -41,8 +41,8 @@ def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
     values = pooled.values()
     signature = (tuple(keys), tuple(names), tuple(pooled.length_per_key()), values.device)
     if signature not in _COLUMN_ORDER:  # kept on the values' device: no copy per forward
-        starts = dict(zip(keys, pooled.offset_per_key()))
-        widths = dict(zip(keys, pooled.length_per_key()))
+        starts = dict(zip(keys, pooled.offset_per_key()[:-1], strict=True))
+        widths = dict(zip(keys, pooled.length_per_key(), strict=True))
         index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in names])
         _COLUMN_ORDER[signature] = index.to(values.device)
     return values.index_select(1, _COLUMN_ORDER[signature])
@@ -79,7 +79,9 @@ class MultiTaskModel(nn.Module):
         if self.has_sparse:
             self.sparse_arch = EmbeddingBagCollection(tables=spec.tables, device=device)
         self.tower = tower
-        self.heads = nn.ModuleList(task.build_head(dim) for task, dim in zip(tasks, tower.output_dims))
+        self.heads = nn.ModuleList(
+            task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
+        )
         self.loss_weighting = loss_weighting or FixedWeighting([t.weight for t in tasks])
 
     @classmethod

@@ -70,6 +70,7 @@ def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
             ("watch_ratio/mse", "watch-ratio MSE (lower is better)"),
             ("skip/auc", "skip AUC (higher is better)"),
         ),
+        strict=True,
     ):
         means = [summary[t][key]["mean"] for t in towers]
         stds = [summary[t][key]["std"] for t in towers]

@@ -85,7 +85,7 @@ class DatasetSchema:
 
     @property
     def label_names(self) -> List[str]:
-        return [l.name for l in self.labels]
+        return [label.name for label in self.labels]
 
     def num_embeddings(self, id_space: str) -> int:
         """Rows of the id space's table: its vocabulary plus the out-of-vocabulary row 0."""
@@ -239,7 +239,7 @@ class DatasetSchema:
             features=raw["features"],
             sparse=[SparseFeature(**f) for f in raw["sparse"]],
             dense=[DenseFeature(**f) for f in raw["dense"]],
-            labels=[LabelSpec(**l) for l in raw["labels"]],
+            labels=[LabelSpec(**label) for label in raw["labels"]],
             vocabs=raw["vocabs"],
             buckets=raw.get("buckets", {}),
             input_columns=raw.get("input_columns", {}),
@@ -350,7 +350,7 @@ def _split_tokens(series: pd.Series, separator: str) -> pa.ListArray:
 def _fit_vocab(tokens: pa.Array, min_count: int) -> List[Any]:
     counts = pc.value_counts(tokens.drop_null())
     values = counts.field("values").to_pylist()
-    frequent = [v for v, n in zip(values, counts.field("counts").to_pylist()) if n >= min_count]
+    frequent = [v for v, n in zip(values, counts.field("counts").to_pylist(), strict=True) if n >= min_count]
     return sorted(frequent, key=lambda v: (isinstance(v, str), v))
 
 

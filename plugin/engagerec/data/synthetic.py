@@ -186,7 +186,7 @@ def write_study_prepared(out_dir: str | Path, data: DataConfig, chunk_rows: int 
     features, which need a user's whole log, are refused.
     """
     from engagerec.data.events import build_events
-    from engagerec.data.prepare import STUDY_LABELS, SPLITS
+    from engagerec.data.prepare import SPLITS, STUDY_LABELS
 
     if data.split.kind != "random" or any(f.kind == "history" for f in data.features):
         raise ValueError("streamed synthetic data supports split.kind=random and no history features")

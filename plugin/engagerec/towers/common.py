@@ -51,7 +51,7 @@ class ExpertGroup(nn.Module):
         widths = [input_dim, *layer_sizes]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
             bound = 1.0 / fan_in**0.5  # nn.Linear's default initialisation
             self.weights.append(
                 nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound))
@@ -69,7 +69,7 @@ class ExpertGroup(nn.Module):
         wide = first.permute(1, 0, 2).reshape(self.input_dim, -1)  # [D, E * H1]
         h = torch.addmm(bias.reshape(1, -1), x, wide).view(batch, self.num_experts, -1).transpose(0, 1)
         h = self.dropout(self.activation(h))  # [E, B, H1]
-        for weight, bias in zip(list(self.weights)[1:], list(self.biases)[1:]):
+        for weight, bias in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
             h = self.dropout(self.activation(torch.baddbmm(bias, h, weight)))
         return h.transpose(0, 1)  # [B, E, H]
 

@@ -58,8 +58,8 @@ class CrossStitch(nn.Module):
         widths = [input_dim, *layer_sizes]
         # layers[l][t]: task t's column at depth l
         self.layers = nn.ModuleList(
-            nn.ModuleList(mlp(widths[l], [widths[l + 1]], activation, dropout) for _ in range(num_tasks))
-            for l in range(len(layer_sizes))
+            nn.ModuleList(mlp(widths[i], [widths[i + 1]], activation, dropout) for _ in range(num_tasks))
+            for i in range(len(layer_sizes))
         )
         self.alphas = nn.ParameterList(
             nn.Parameter(initial_alpha(num_tasks, alpha_init, self_weight), requires_grad=train_alpha)
@@ -69,8 +69,10 @@ class CrossStitch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         states = [x for _ in range(self.num_tasks)]
-        for columns, alpha in zip(self.layers, self.alphas):
-            stacked = torch.stack([column(state) for column, state in zip(columns, states)])  # [T, B, H]
+        for columns, alpha in zip(self.layers, self.alphas, strict=True):
+            stacked = torch.stack(
+                [column(state) for column, state in zip(columns, states, strict=True)]
+            )  # [T, B, H]
             mixed = torch.einsum("ts,sbh->tbh", alpha, stacked)
             states = [mixed[t] for t in range(self.num_tasks)]
         return states

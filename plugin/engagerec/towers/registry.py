@@ -26,7 +26,8 @@ def register_tower(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
     def wrap(cls: Type[nn.Module]) -> Type[nn.Module]:
         if name in TOWERS and TOWERS[name] is not cls:
             raise ValueError(
-                f"tower name '{name}' is already registered by {TOWERS[name].__module__}.{TOWERS[name].__name__}"
+                f"tower name '{name}' is already registered by "
+                f"{TOWERS[name].__module__}.{TOWERS[name].__name__}"
             )
         TOWERS[name] = cls
         cls.tower_name = name
