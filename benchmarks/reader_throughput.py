@@ -10,7 +10,7 @@
    chunks, then streamed end to end in a fresh process; its peak RSS is reported
    beside the RSS of the same process right after imports. Flat = bounded.
 3. The generators' own peak RSS: writing each --rows size as prepared shards
-   (write_study_prepared) and each --generator-rows size as raw study tables
+   (prepare, synthetic adapter) and each --generator-rows size as raw study tables
    (write_study_tables); both must be flat too.
 
 Writes benchmarks/RESULTS.md (section "reader") with the machine, versions and command.
@@ -65,7 +65,7 @@ WRITE_CHILD = (
     + r"""
 import sys, json
 from engagerec.config import config_from_dict
-from engagerec.data.synthetic import write_study_prepared
+from engagerec.data.prepare import prepare
 cfg = config_from_dict({"data": {
     "source": {"adapter": "synthetic", "synthetic": {"num_rows": int(sys.argv[2]), "num_users": 100000,
                                                      "num_contents": 20000, "num_genres": 30}},
@@ -74,7 +74,7 @@ cfg = config_from_dict({"data": {
                  {"name": "rating", "kind": "numeric"},
                  {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 16}],
     "filters": {"min_user_views": 0}, "split": {"test_fraction": 0.0, "val_fraction": 0.0}}})
-write_study_prepared(sys.argv[1], cfg.data)
+prepare(cfg.data, sys.argv[1])
 print(json.dumps({"peak_rss_kb": hwm_kb()}))
 """
 )

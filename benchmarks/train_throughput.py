@@ -61,7 +61,9 @@ class PlainEmbeddingBagModel(nn.Module):
         reps = self.tower(torch.cat(pooled + [batch.dense_features], dim=1))
         loss = 0
         for i, task in enumerate(self.reference_tasks):
-            loss = loss + task.weight * task.loss(self.heads[i](reps[i]), batch.labels[task.label])
+            loss = loss + task.weight * task.loss(
+                self.heads[i](reps[i]), batch.labels[task.label], batch.label_weights[task.label]
+            )
         return loss
 
 

@@ -91,3 +91,51 @@ def study_config(files, **data_overrides):
     for key, value in data_overrides.items():
         data[key] = value
     return config_from_dict({"name": "study_test", "data": data})
+
+
+SYNTHETIC_STUDY_FEATURES = [
+    {"name": "user_id"},
+    {"name": "content_id"},
+    {"name": "gender"},
+    {"name": "genres", "kind": "multi_hot"},
+    {"name": "age", "kind": "numeric"},
+    {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
+]
+
+
+def prepare_synthetic(out_dir, synthetic=None, **data_overrides) -> Path:
+    """A small study-schema synthetic dataset written through prepare() (the synthetic adapter):
+    6,000 rows, 300 users, 200 items, no user filter; ``synthetic`` overrides the generator's
+    settings and every other keyword one key of the ``data`` section."""
+    from engagerec.config import config_from_dict
+    from engagerec.data.prepare import prepare
+
+    data = {
+        "source": {
+            "adapter": "synthetic",
+            "synthetic": {"num_rows": 6_000, "num_users": 300, "num_contents": 200, **(synthetic or {})},
+        },
+        "features": SYNTHETIC_STUDY_FEATURES,
+        "filters": {"min_user_views": 0},
+        **data_overrides,
+    }
+    prepare(config_from_dict({"name": "synthetic_test", "data": data}).data, out_dir)
+    return Path(out_dir)
+
+
+def synthetic_mmoe_config(data_dir, num_rows, input_dim, overrides=()):
+    """configs/synthetic_mmoe.yaml, smaller: ``num_rows`` rows of the inputs x0..x{input_dim-1}
+    (its feature list cut to match), prepared into and trained from ``data_dir``."""
+    from engagerec.config import load_config
+
+    cfg = load_config(
+        REPO / "configs" / "synthetic_mmoe.yaml",
+        [
+            f"data.source.synthetic.num_rows={num_rows}",
+            f"data.source.synthetic.input_dim={input_dim}",
+            f"train.data_dir={data_dir}",
+            *overrides,
+        ],
+    )
+    cfg.data.features = cfg.data.features[:input_dim]
+    return cfg

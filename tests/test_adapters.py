@@ -3,11 +3,14 @@
 import shutil
 
 import pandas as pd
+import pytest
 from conftest import KUAIRAND
 
-from engagerec.config import SourceConfig, config_from_dict
-from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE, load_tables
+from engagerec.config import config_from_dict
+from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE
+from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
+from engagerec.data.schema import DatasetSchema
 
 
 def _official_layout(tmp_path):
@@ -33,22 +36,47 @@ def _official_layout(tmp_path):
     return data, sample
 
 
-def test_kuairand_official_layout_reads_every_log_file_and_drops_leaks(tmp_path):
-    data, sample = _official_layout(tmp_path)
-    source = SourceConfig(
-        adapter="kuairand",
-        interactions=str(data),
-        users=str(data / "user_features_pure.csv"),
-        content=str(data / "video_features_basic_pure.csv"),
+def _prepare_official(data, out, features, **data_overrides):
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": {
+                    "adapter": "kuairand",
+                    "interactions": str(data),
+                    "users": str(data / "user_features_pure.csv"),
+                    "content": str(data / "video_features_basic_pure.csv"),
+                    "unjoined_content": "keep",
+                },
+                "features": features,
+                "filters": {"min_user_views": 0, "drop_zero_watch_time": False},
+                "split": {"kind": "random", "test_fraction": 0.0, "val_fraction": 0.0},
+                **data_overrides,
+            }
+        }
     )
-    tables = load_tables(source)
-    assert len(tables.interactions) == 200
-    assert not (set(tables.interactions.columns) & KUAIRAND_POST_EXPOSURE)
-    assert {"user_id", "content_id", "watch_time", "duration", "tab"} <= set(tables.interactions.columns)
-    assert (tables.interactions["watch_time"].to_numpy() == sample["play_time_ms"].to_numpy()).all()
-    # tag lists become the genres column; -124 (the dataset's missing marker) becomes missing
-    assert "genres" in tables.content.columns and tables.content["genres"].astype(str).str.contains(",").any()
-    assert not tables.users.isin([-124]).any().any()
+    return prepare(cfg.data, out)
+
+
+def test_kuairand_official_layout_reads_every_log_file_and_refuses_leaks(tmp_path):
+    data, sample = _official_layout(tmp_path)
+    features = [{"name": "user_id"}, {"name": "tab"}, {"name": "is_live_streamer"}]
+    summary = _prepare_official(data, tmp_path / "out", features)
+    assert summary["rows_read"] == 200  # both log files
+    kept = sample[sample.duration_ms > 0]
+    ratio = (kept.play_time_ms / kept.duration_ms).clip(upper=1.0)
+    assert summary["all"]["labels"]["watch_ratio"]["mean"] == pytest.approx(ratio.mean(), rel=1e-9)
+    schema = DatasetSchema.load(tmp_path / "out")
+    assert not (set(schema.input_columns) & KUAIRAND_POST_EXPOSURE)
+    # -124 (the dataset's missing marker) is missing, not a category
+    assert -124 not in schema.vocab(tmp_path / "out", "is_live_streamer")
+    for column in ("is_click", "play_time_ms", "profile_stay_time"):
+        with pytest.raises(DataError, match="a label or a leak"):
+            _prepare_official(data, tmp_path / "leak", [{"name": "user_id"}, {"name": column}])
+    # ... but a post-exposure column may be a label
+    summary = _prepare_official(
+        data, tmp_path / "click", features, labels=[{"name": "click", "kind": "binary", "column": "is_click"}]
+    )
+    assert summary["all"]["labels"]["click"]["mean"] == pytest.approx(kept.is_click.mean(), rel=1e-9)
 
 
 def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
@@ -79,23 +107,34 @@ def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
     assert summary["sparse_features"]["genres"] > 2
 
 
+def _tables_config(path, **source):
+    return config_from_dict(
+        {
+            "data": {
+                "source": {"adapter": "tables", "interactions": str(path), **source},
+                "features": [{"name": "user_id"}],
+                "filters": {"min_user_views": 0},
+                "split": {"kind": "random", "test_fraction": 0.0, "val_fraction": 0.0},
+            }
+        }
+    )
+
+
 def test_tables_adapter_maps_column_names(tmp_path):
     pd.DataFrame(
         {"uid": [1, 1, 2], "item": [5, 6, 5], "secs": [3.0, 4.0, 5.0], "len": [10.0, 8.0, 10.0]}
     ).to_csv(tmp_path / "log.csv", index=False)
-    source = SourceConfig(
-        adapter="tables",
-        interactions=str(tmp_path / "log.csv"),
-        columns={"user_id": "uid", "content_id": "item", "watch_time": "secs", "duration": "len"},
-    )
-    frame = load_tables(source).interactions
-    assert list(frame.columns) == ["user_id", "content_id", "watch_time", "duration"]
-    assert frame["watch_time"].tolist() == [3.0, 4.0, 5.0]
+    columns = {"user_id": "uid", "content_id": "item", "watch_time": "secs", "duration": "len"}
+    summary = prepare(_tables_config(tmp_path / "log.csv", columns=columns).data, tmp_path / "out")
+    assert summary["rows_kept"] == 3 and summary["all"]["users"] == 2 and summary["all"]["items"] == 2
+    assert summary["all"]["labels"]["watch_ratio"]["mean"] == pytest.approx((0.3 + 0.5 + 0.5) / 3)
 
 
 def test_tab_separated_csv_is_detected(tmp_path):
-    pd.DataFrame({"user_id": [1], "content_id": [2], "watch_time": [1.0]}).to_csv(
+    pd.DataFrame({"user_id": [1, 2], "content_id": [2, 3], "watch_time": [1.0, 2.0], "duration": 4.0}).to_csv(
         tmp_path / "t.csv", sep="\t", index=False
     )
-    frame = load_tables(SourceConfig(adapter="tables", interactions=str(tmp_path / "t.csv"))).interactions
-    assert frame.shape == (1, 3)
+    summary = prepare(_tables_config(tmp_path / "t.csv").data, tmp_path / "out")
+    assert summary["rows_kept"] == 2 and summary["all"]["labels"]["watch_ratio"]["mean"] == pytest.approx(
+        0.375
+    )

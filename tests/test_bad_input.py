@@ -6,10 +6,10 @@ import pytest
 from conftest import study_config, study_files
 
 from engagerec.cli import main
-from engagerec.config import FeatureConfig
+from engagerec.config import FeatureConfig, SyntheticConfig, config_from_dict
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
-from engagerec.data.schema import DatasetSchema
+from engagerec.data.synthetic import write_study_tables
 
 
 def _interactions(changes=None):
@@ -48,11 +48,9 @@ def test_wrong_dtype_names_the_row(tmp_path):
     with pytest.raises(DataError) as err:
         _prepare(tmp_path, interactions=_interactions({("watch_time", 7): "abc"}))
     assert err.value.column == "watch_time" and err.value.row == 7
-    assert (
-        "interactions.csv" in str(err.value)
-        and "line 9" in str(err.value)
-        and "expected a number" in str(err.value)
-    )
+    message = str(err.value)
+    assert "interactions.csv" in message and "line 9" in message
+    assert '"abc"' in message and "DOUBLE" in message  # the value, and the number it should be
 
 
 def test_infinite_value(tmp_path):
@@ -65,7 +63,7 @@ def test_nan_in_a_numeric_feature_without_imputation(tmp_path):
         {"user_id": [0, 1, 2, 3], "age": [20, np.nan, 30, 40], "gender": ["F", "M", "F", "M"]}
     )
     with pytest.raises(
-        DataError, match=r"users\.csv, column 'age', row 1 \(line 3\): value is missing \(NaN\)"
+        DataError, match=r"users\.csv, column 'age', row 1 \(line 3\): numeric feature value is missing"
     ):
         _prepare(tmp_path, users=users)
 
@@ -112,30 +110,28 @@ def test_feature_column_that_no_table_has(tmp_path):
         prepare(cfg.data, tmp_path / "out")
 
 
-def test_schema_drift_between_schema_json_and_new_data(tmp_path):
-    cfg = study_config(study_files(tmp_path))
-    prepare(cfg.data, tmp_path / "out")
-    schema = DatasetSchema.load(tmp_path / "out")
-    fresh = pd.DataFrame(
-        {
-            "user_id": [0],
-            "content_id": [1],
-            "gender": ["F"],
-            "genres": ["1"],
-            "age": [3.0],
-            "rating": [1.0],
-            "duration": [10.0],
-            "watch_ratio": [0.5],
-            "skip": [0.0],
-        }
+def test_tables_that_drifted_from_the_expected_columns(tmp_path):
+    """Parquet tables (the synthetic generator's) whose columns drifted: a column of the wrong
+    kind, a required column gone. prepare() names the file, the column and the row."""
+    raw = write_study_tables(tmp_path / "raw", SyntheticConfig(num_rows=2_000, num_users=50, num_contents=40))
+    source = {
+        "adapter": "study",
+        **{t: str(raw / f"{t}.parquet") for t in ("interactions", "users", "content")},
+    }
+    features = [{"name": "user_id"}, {"name": "gender"}, {"name": "age", "kind": "numeric"}]
+    cfg = config_from_dict({"data": {"source": source, "features": features}})
+    assert prepare(cfg.data, tmp_path / "out")["rows_read"] == 2_000
+    users = pd.read_parquet(raw / "users.parquet")
+    users.assign(age=users["age"].astype(str).where(users.index != 5, "old")).to_parquet(
+        raw / "users.parquet"
     )
-    fresh.attrs["source_file"] = "new.csv"
-    assert schema.encode(fresh).num_rows == 1
-    with pytest.raises(DataError, match=r"file new\.csv, column 'rating': schema drift: column is missing"):
-        schema.encode(fresh.drop(columns=["rating"]))
-    changed = fresh.assign(age=["old"])
-    with pytest.raises(DataError, match=r"column 'age': schema drift: column changed kind; expected number"):
-        schema.encode(changed)
+    with pytest.raises(DataError, match=r"users\.parquet, column 'age', row 5: value is not a number") as err:
+        prepare(cfg.data, tmp_path / "out")
+    assert (err.value.expected, err.value.got) == ("a number", "old")
+    content = pd.read_parquet(raw / "content.parquet")
+    content.drop(columns=["duration"]).to_parquet(raw / "content.parquet")
+    with pytest.raises(DataError, match=r"content\.parquet: required column 'duration' is missing"):
+        prepare(cfg.data, tmp_path / "out")
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

@@ -27,32 +27,39 @@ def test_prepare_prints_the_summary(repo, tmp_path, capsys, monkeypatch):
         "41,828",
         "dropped: zero or negative duration",
         "7,738",
-        "skip rate",
+        "label skip",
         "split temporal",
-        "constant baselines on test",
+        "test accuracy of the majority class",
     ):
         assert expected in text
     assert ShardReader(out, "test").total_rows > 0
 
 
-def test_synthesize_mmoe(repo, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "synthesize",
-                "--config",
-                str(repo / "configs/synthetic_mmoe.yaml"),
-                "--out",
-                str(tmp_path),
-                "--set",
-                "data.source.synthetic.num_rows=2000",
-            ]
-        )
-        == 0
-    )
+def test_synthesize_writes_source_tables_that_prepare_reads(repo, tmp_path, capsys):
+    args = [
+        "--config",
+        str(repo / "configs/synthetic_mmoe.yaml"),
+        "--set",
+        "data.source.synthetic.num_rows=2000",
+    ]
+    assert main(["synthesize", *args, "--out", str(tmp_path / "raw")]) == 0
     assert "2,000 synthetic rows (mmoe)" in capsys.readouterr().out
-    reader = ShardReader(tmp_path, "train")
+    assert (tmp_path / "raw" / "interactions.parquet").is_file()
+    assert main(["prepare", *args, "--out", str(tmp_path / "prepared")]) == 0
+    reader = ShardReader(tmp_path / "prepared", "train")
     assert reader.schema.label_names == ["y1", "y2"] and len(reader.schema.dense) == 100
+
+
+def test_synthesize_kuairand_shape(tmp_path, capsys):
+    out = tmp_path / "k"
+    assert main(["synthesize", "--shape", "kuairand-1k", "--scale", "0.0005", "--out", str(out)]) == 0
+    assert "KuaiRand-1K-shaped" in capsys.readouterr().out
+    assert {p.name for p in out.glob("*.csv")} == {
+        "log_standard_4_08_to_4_21_1k.csv",
+        "log_standard_4_22_to_5_08_1k.csv",
+        "user_features_1k.csv",
+        "video_features_basic_1k.csv",
+    }
 
 
 def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch):
@@ -98,6 +105,7 @@ def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch
     monkeypatch.chdir(repo)
     summary = prepare(load_config("configs/kuairand_random.yaml").data, tmp_path)
     result = gbdt_reference(tmp_path, seed=0)
-    assert result["watch_ratio/mse"] < 0.8 * summary["baselines_on_test"]["watch_ratio_mse_train_mean"]
+    baselines = summary["baselines_on_test"]
+    assert result["watch_ratio/mse"] < 0.8 * baselines["watch_ratio"]["mse_train_mean"]
     assert result["skip/auc"] > 0.75
-    assert result["skip/accuracy"] > summary["baselines_on_test"]["skip_accuracy_majority"]
+    assert result["skip/accuracy"] > baselines["skip"]["accuracy_majority"]

@@ -27,11 +27,13 @@ def test_feature_list_is_typed():
 def test_overrides_are_checked_like_the_file(repo):
     cfg = load_config(
         repo / "configs" / "kuairand_random.yaml",
-        ["data.split.kind=temporal", "data.labels.skip_threshold=0.3"],
+        ["data.split.kind=temporal", "data.labels.1.threshold=0.3"],
     )
-    assert cfg.data.split.kind == "temporal" and cfg.data.labels.skip_threshold == 0.3
-    with pytest.raises(ConfigError, match="did you mean 'skip_threshold'"):
-        load_config(repo / "configs" / "kuairand_random.yaml", ["data.labels.skip_treshold=0.3"])
+    assert cfg.data.split.kind == "temporal" and cfg.data.labels[1].threshold == 0.3
+    with pytest.raises(ConfigError, match="did you mean 'threshold'"):
+        load_config(repo / "configs" / "kuairand_random.yaml", ["data.labels.1.treshold=0.3"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(repo / "configs" / "kuairand_random.yaml", ["data.labels.5.threshold=0.3"])
 
 
 def test_every_shipped_config_loads(repo):

@@ -1,28 +1,68 @@
-"""Labels, filters, splits and history on small hand-made tables."""
+"""Labels, filters, splits and history on small hand-made tables, through the one writer."""
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import study_config, study_files
 
-from engagerec.config import LabelConfig, SplitConfig
-from engagerec.data.adapters import load_tables
-from engagerec.data.events import FilterReport, add_labels, build_events
-from engagerec.data.history import previous_ids
-from engagerec.data.split import split_indices
+from engagerec.data.prepare import prepare
+from engagerec.data.schema import DatasetSchema
 
 
-def test_ratio_policies_and_skip_threshold():
-    frame = pd.DataFrame({"watch_time": [0.0, 20.0, 50.0, 150.0], "duration": [100.0] * 4})
-    for policy, expected in (("clip", [0, 0.2, 0.5, 1.0]), ("keep", [0, 0.2, 0.5, 1.5])):
-        report = FilterReport()
-        out = add_labels(frame, LabelConfig(ratio_cap=1.0, over_cap=policy, skip_threshold=0.5), report)
-        assert out["watch_ratio"].tolist() == pytest.approx(expected)
-        assert out["skip"].tolist() == [1, 1, 0, 0]  # 0.5 is not below 0.5
-    report = FilterReport()
-    out = add_labels(frame, LabelConfig(over_cap="drop", skip_threshold=0.3), report)
-    assert len(out) == 3 and report.dropped == {"watch ratio above 1": 1}
-    assert out["skip"].tolist() == [1, 1, 0]
+def _rows(out, split):
+    return pq.read_table(out / split).to_pandas()
+
+
+def _all_rows(out):
+    return pd.concat([_rows(out, s).assign(split=s) for s in ("train", "val", "test")], ignore_index=True)
+
+
+def _ratio_config(tmp_path, **data):
+    interactions = pd.DataFrame(
+        {
+            "user_id": [0] * 4,
+            "content_id": [0] * 4,
+            "watch_time": [0.0, 20.0, 50.0, 150.0],
+            "timestamp": range(4),
+        }
+    )
+    content = pd.DataFrame({"content_id": [0], "genres": ["1"], "rating": [3.0], "duration": [100.0]})
+    files = study_files(tmp_path, interactions=interactions, content=content)
+    return study_config(
+        files,
+        features=[{"name": "rating", "kind": "numeric"}],
+        filters={"min_user_views": 0, "drop_zero_watch_time": False},
+        split={"kind": "temporal", "test_fraction": 0.0, "val_fraction": 0.0},
+        **data,
+    )
+
+
+@pytest.mark.parametrize("policy, expected", [("clip", [0, 0.2, 0.5, 1.0]), ("keep", [0, 0.2, 0.5, 1.5])])
+def test_ratio_policies_and_skip_threshold(tmp_path, policy, expected):
+    cfg = _ratio_config(tmp_path, watch_ratio={"ratio_cap": 1.0, "over_cap": policy})
+    summary = prepare(cfg.data, tmp_path / "out")
+    rows = _rows(tmp_path / "out", "train")
+    assert sorted(rows["watch_ratio"].tolist()) == pytest.approx(expected)
+    assert rows.sort_values("watch_ratio")["skip"].tolist() == [1, 1, 0, 0]  # 0.5 is not below 0.5
+    assert summary["counted_not_dropped"][f"watch ratio above 1 ({policy})"] == 1
+
+
+def test_over_cap_drop_and_any_number_of_skip_thresholds(tmp_path):
+    cfg = _ratio_config(
+        tmp_path,
+        watch_ratio={"over_cap": "drop"},
+        labels=[
+            {"name": "watch_ratio"},
+            {"name": "skip_03", "kind": "binary", "threshold": 0.3},
+            {"name": "skip_06", "kind": "binary", "threshold": 0.6},
+        ],
+    )
+    summary = prepare(cfg.data, tmp_path / "out")
+    rows = _rows(tmp_path / "out", "train").sort_values("watch_ratio")
+    assert summary["dropped"]["watch ratio above 1"] == 1 and len(rows) == 3
+    assert rows["skip_03"].tolist() == [1, 1, 0] and rows["skip_06"].tolist() == [1, 1, 1]
+    assert DatasetSchema.load(tmp_path / "out").label_names == ["watch_ratio", "skip_03", "skip_06"]
 
 
 def test_rows_dropped_are_counted_by_reason(tmp_path):
@@ -45,19 +85,23 @@ def test_rows_dropped_are_counted_by_reason(tmp_path):
     cfg = study_config(
         study_files(tmp_path, interactions=interactions, content=content),
         filters={"min_user_views": 3, "drop_zero_watch_time": True},
+        split={"kind": "random", "test_fraction": 0.0, "val_fraction": 0.0},
     )
-    events, report = build_events(load_tables(cfg.data.source), cfg.data)
+    summary = prepare(cfg.data, tmp_path / "out")
     content_of = interactions.content_id.to_numpy()
-    assert report.dropped["missing duration"] == int((content_of == 5).sum())
-    assert report.dropped["zero or negative duration"] == int(np.isin(content_of, [1, 3]).sum())
-    assert report.rows_read == 26 and report.rows_read - report.rows_dropped == len(events)
-    assert set(report.dropped) >= {
-        "missing watch time",
-        "negative watch time",
-        "zero watch time",
-        "user has <= 3 views",
-    }
-    assert (events.watch_time > 0).all() and (events.duration > 0).all()
+    dropped = summary["dropped"]
+    assert dropped["missing duration"] == int((content_of == 5).sum())
+    assert dropped["zero or negative duration"] == int(np.isin(content_of, [1, 3]).sum())
+    ok = ~np.isin(content_of, [1, 3, 5])
+    watch = interactions.watch_time.to_numpy()
+    assert dropped["missing watch time"] == int((ok & np.isnan(watch)).sum())
+    assert dropped["negative watch time"] == int((ok & (watch < 0)).sum())
+    assert dropped["zero watch time"] == int((ok & (watch == 0)).sum())
+    assert list(dropped)[-1] == "user has <= 3 views"  # in the order the filters ran
+    assert (
+        summary["rows_read"] == 26 and summary["rows_read"] - summary["rows_dropped"] == summary["rows_kept"]
+    )
+    assert summary["rows_kept"] == len(_all_rows(tmp_path / "out"))
 
 
 def test_min_user_views_keeps_users_with_more_than_n(tmp_path):
@@ -70,84 +114,117 @@ def test_min_user_views_keeps_users_with_more_than_n(tmp_path):
         }
     )
     cfg = study_config(study_files(tmp_path, interactions=interactions))
-    events, report = build_events(load_tables(cfg.data.source), cfg.data)
-    assert set(events.user_id) == {1}  # 10 views is not "more than ten"
-    assert report.dropped["user has <= 10 views"] == 10
+    summary = prepare(cfg.data, tmp_path / "out")
+    assert summary["all"]["users"] == 1 and summary["rows_kept"] == 11  # 10 views is not "more than ten"
+    assert summary["dropped"]["user has <= 10 views"] == 10
 
 
-def _events(n_users=20, per_user=30, seed=0):
+def _events_files(tmp_path, n_users=20, per_user=30, seed=0):
     rng = np.random.default_rng(seed)
-    return pd.DataFrame(
+    n = n_users * per_user
+    interactions = pd.DataFrame(
         {
             "user_id": np.repeat(np.arange(n_users), per_user),
-            "content_id": rng.integers(0, 50, n_users * per_user),
-            "timestamp": rng.permutation(n_users * per_user).astype(float),
+            "content_id": rng.integers(0, 6, n),
+            "watch_time": rng.uniform(1, 30, n).round(2),
+            "timestamp": rng.permutation(n).astype(float),
         }
     )
+    users = pd.DataFrame({"user_id": range(n_users), "age": range(n_users), "gender": "F"})
+    return interactions, study_files(tmp_path, interactions=interactions, users=users)
 
 
-def test_random_split_is_seeded_and_val_comes_from_train():
-    events = _events()
-    a = split_indices(events, SplitConfig(kind="random", test_fraction=0.3, val_fraction=0.1, seed=3))
-    b = split_indices(events, SplitConfig(kind="random", test_fraction=0.3, val_fraction=0.1, seed=3))
-    c = split_indices(events, SplitConfig(kind="random", test_fraction=0.3, val_fraction=0.1, seed=4))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["test"], c["test"])
-    assert len(a["test"]) == 180 and len(a["val"]) == 42 and len(a["train"]) == 378
-    assert len(set(a["train"]) | set(a["val"]) | set(a["test"])) == len(events)
-
-
-def test_temporal_split_never_trains_on_the_future():
-    events = _events()
-    parts = split_indices(events, SplitConfig(kind="temporal", test_fraction=0.3, val_fraction=0.1))
-    ts = events.timestamp.to_numpy()
-    assert (
-        ts[parts["train"]].max() < ts[parts["val"]].min() <= ts[parts["val"]].max() < ts[parts["test"]].min()
+def _split_config(files, **split):
+    return study_config(
+        files,
+        features=[{"name": "timestamp", "kind": "numeric"}, {"name": "age", "kind": "numeric"}],
+        filters={"min_user_views": 0, "drop_zero_watch_time": False},
+        split={"test_fraction": 0.3, "val_fraction": 0.1, **split},
     )
 
 
-def test_user_split_keeps_each_user_on_one_side():
-    events = _events()
-    parts = split_indices(events, SplitConfig(kind="user", test_fraction=0.3, val_fraction=0.2, seed=1))
-    users = {k: set(events.user_id.to_numpy()[v]) for k, v in parts.items()}
-    assert (
-        not (users["train"] & users["test"])
-        and not (users["train"] & users["val"])
-        and not (users["val"] & users["test"])
+def _timestamps_by_split(out):
+    schema = DatasetSchema.load(out)
+    dense = schema.dense[0]  # timestamp, standardised: undo it
+    return {
+        s: _rows(out, s)["timestamp"].to_numpy() * dense.std + dense.mean for s in ("train", "val", "test")
+    }
+
+
+def test_random_split_is_seeded_exact_in_size_and_val_comes_from_train(tmp_path):
+    _, files = _events_files(tmp_path)
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        prepare(_split_config(files, kind="random", seed=seed).data, tmp_path / name)
+        runs[name] = {k: np.sort(v) for k, v in _timestamps_by_split(tmp_path / name).items()}
+    assert all(np.allclose(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not np.allclose(runs["a"]["test"], runs["c"]["test"])
+    assert [len(runs["a"][k]) for k in ("train", "val", "test")] == [378, 42, 180]
+    together = np.concatenate(list(runs["a"].values()))
+    assert len(np.unique(np.round(together, 3))) == 600  # every row once
+
+
+def test_temporal_split_never_trains_on_the_future(tmp_path):
+    _, files = _events_files(tmp_path)
+    prepare(_split_config(files, kind="temporal").data, tmp_path / "out")
+    ts = _timestamps_by_split(tmp_path / "out")
+    assert ts["train"].max() < ts["val"].min() <= ts["val"].max() < ts["test"].min()
+    assert np.all(np.diff(ts["test"]) > 0)  # val and test are written in time order
+
+
+def test_user_split_keeps_each_user_on_one_side(tmp_path):
+    _, files = _events_files(tmp_path)
+    prepare(
+        _split_config(files, kind="user", test_fraction=0.3, val_fraction=0.2, seed=1).data, tmp_path / "o"
     )
-    assert len(users["test"]) == 6 and sum(len(v) for v in parts.values()) == len(events)
+    age = DatasetSchema.load(tmp_path / "o").dense[1]  # age = user id here: undo the standardisation
+    users = {
+        s: set(np.round(_rows(tmp_path / "o", s)["age"] * age.std + age.mean))
+        for s in ("train", "val", "test")
+    }
+    assert not (users["train"] & users["test"]) and not (users["train"] & users["val"])
+    assert not (users["val"] & users["test"])
+    assert len(users["test"]) == 6 and sum(len(_rows(tmp_path / "o", s)) for s in users) == 600
 
 
-def test_history_is_strictly_before_and_capped():
-    events = pd.DataFrame(
+def test_history_holds_only_strictly_earlier_views_of_the_same_user(tmp_path):
+    # user 0 watches 1, 2, 3 at t=0, 1, 1 (a tie) and 4 at t=2; user 1 watches 5 then 1
+    interactions = pd.DataFrame(
         {
-            "user_id": [1, 1, 1, 1, 2, 1],
-            "content_id": [10, 11, 12, 13, 20, 14],
-            "timestamp": [5.0, 1.0, 3.0, 3.0, 1.0, 9.0],
+            "user_id": [0, 0, 0, 1, 0, 1],
+            "content_id": [1, 2, 3, 5, 4, 1],
+            "watch_time": [10.0, 20.0, 30.0, 40.0, 5.0, 50.0],
+            "timestamp": [0, 1, 1, 0, 2, 5],
         }
     )
-    history = previous_ids(events, "content_id", length=2)
-    got = [list(h) for h in history]
-    assert got == [
-        [12, 13],  # t=5: the two latest before it (t=3, t=3)
-        [],  # t=1: first view
-        [11],  # t=3: not its twin at the same moment
-        [11],
-        [],  # another user's history is separate
-        [13, 10],  # t=9: last two, oldest first
-    ]
-
-
-def test_history_mean_averages_earlier_labels_only():
-    from engagerec.data.history import previous_label_mean
-
-    events = pd.DataFrame(
-        {
-            "user_id": [1, 1, 1, 1, 2, 1],
-            "watch_ratio": [0.5, 0.1, 0.3, 0.9, 0.7, 0.2],
-            "timestamp": [5.0, 1.0, 3.0, 3.0, 1.0, 9.0],
-        }
+    content = pd.DataFrame(
+        {"content_id": range(1, 6), "genres": ["1"] * 5, "rating": [3.0] * 5, "duration": [100.0] * 5}
     )
-    got = previous_label_mean(events, "watch_ratio", length=2)
-    expected = [(0.3 + 0.9) / 2, np.nan, 0.1, 0.1, np.nan, (0.9 + 0.5) / 2]
-    np.testing.assert_allclose(got, expected)
+    cfg = study_config(
+        study_files(tmp_path, interactions=interactions, content=content),
+        features=[
+            {"name": "content_id"},
+            {"name": "history", "kind": "history", "of": "content_id", "length": 2},
+            {"name": "recent_ratio", "kind": "history_mean", "of": "watch_ratio", "length": 2},
+        ],
+        filters={"min_user_views": 0, "drop_zero_watch_time": False},
+        split={"kind": "temporal", "test_fraction": 0.0, "val_fraction": 0.0},
+    )
+    prepare(cfg.data, tmp_path / "out")
+    schema = DatasetSchema.load(tmp_path / "out")
+    vocab = schema.vocab(tmp_path / "out", "content_id")
+    rows = _rows(tmp_path / "out", "train")  # temporal, no val/test: ordered by (time, source row)
+    # the two views at t=1 see only the view at t=0, never each other; length 2 keeps the last two
+    by_content = dict(zip(rows.content_id.map(lambda c: vocab[c - 1]), rows.history.map(list), strict=True))
+    assert [vocab[h - 1] for h in by_content[2]] == [1] and [vocab[h - 1] for h in by_content[3]] == [1]
+    assert [vocab[h - 1] for h in by_content[4]] == [2, 3]
+    dense = schema.dense[0]
+    recent = dict(
+        zip(
+            rows.content_id.map(lambda c: vocab[c - 1]),
+            rows.recent_ratio * dense.std + dense.mean,
+            strict=True,
+        )
+    )
+    assert recent[4] == pytest.approx((0.2 + 0.3) / 2)  # mean watch ratio of the two views before it
+    assert recent[2] == pytest.approx(0.1) and recent[3] == pytest.approx(0.1)

@@ -5,21 +5,15 @@ import textwrap
 
 import pytest
 import torch
+from conftest import prepare_synthetic, synthetic_mmoe_config
 from test_towers import SMALL
 from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
-from engagerec.config import (
-    DataConfig,
-    EmbeddingConfig,
-    ModelConfig,
-    SyntheticConfig,
-    TaskConfig,
-    TowerConfig,
-    config_from_dict,
-)
+from engagerec.batch import Batch
+from engagerec.config import EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
+from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
-from engagerec.data.synthetic import write_mmoe_prepared, write_study_prepared
 from engagerec.features import FeatureSpec
 from engagerec.model import MultiTaskModel
 from engagerec.towers import TOWERS, register_tower
@@ -27,35 +21,14 @@ from engagerec.towers import TOWERS, register_tower
 
 @pytest.fixture(scope="module")
 def study_data(tmp_path_factory):
-    cfg = config_from_dict(
-        {
-            "data": {
-                "source": {
-                    "adapter": "synthetic",
-                    "synthetic": {"num_rows": 6_000, "num_users": 300, "num_contents": 200},
-                },
-                "features": [
-                    {"name": "user_id"},
-                    {"name": "content_id"},
-                    {"name": "gender"},
-                    {"name": "genres", "kind": "multi_hot"},
-                    {"name": "age", "kind": "numeric"},
-                    {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
-                ],
-                "filters": {"min_user_views": 0},
-            }
-        }
-    )
-    out = tmp_path_factory.mktemp("study")
-    write_study_prepared(out, cfg.data)
-    return out
+    return prepare_synthetic(tmp_path_factory.mktemp("study"))
 
 
 @pytest.fixture(scope="module")
 def mmoe_data(tmp_path_factory):
+    """configs/synthetic_mmoe.yaml, smaller: 24,000 rows of 16 inputs, through prepare()."""
     out = tmp_path_factory.mktemp("mmoe")
-    cfg = SyntheticConfig(kind="mmoe", num_rows=24_000, input_dim=16, task_correlation=0.5, seed=0)
-    write_mmoe_prepared(out, cfg, DataConfig())
+    prepare(synthetic_mmoe_config(out, num_rows=24_000, input_dim=16).data, out)
     return out
 
 
@@ -89,7 +62,7 @@ def test_features_sharing_an_id_space_share_one_table(repo):
         ],
         dense=[],
         labels=[],
-        vocabs={"content_id": list(range(10))},
+        vocab_sizes={"content_id": 10},
     )
     spec = FeatureSpec.from_schema(schema, EmbeddingConfig())
     assert len(spec.tables) == 1 and spec.tables[0].feature_names == ["content_id", "history"]
@@ -101,12 +74,64 @@ def test_forward_shapes_and_study_loss(study_data):
     reader = ShardReader(study_data, "train", batch_size=64)
     model = _model(reader.schema)
     batch = next(iter(reader))
-    loss, (task_losses, predictions, labels) = model(batch)
+    loss, (task_losses, predictions, labels, weights) = model(batch)
     assert task_losses.shape == (2,) and torch.isclose(loss, task_losses.sum())
     assert set(predictions) == {"watch_ratio", "skip"} and predictions["skip"].shape == (64,)
     assert ((predictions["watch_ratio"] >= 0) & (predictions["watch_ratio"] <= 1)).all()
     assert ((predictions["skip"] >= 0) & (predictions["skip"] <= 1)).all()
     assert torch.equal(labels["skip"], batch.labels["skip"])
+    assert torch.equal(weights["skip"], batch.label_weights["skip"]) and bool((weights["skip"] == 1).all())
+
+
+def test_default_tasks_are_one_per_label_of_the_prepared_data(study_data, mmoe_data):
+    """ModelConfig.tasks empty: a task per label of schema.json, a sigmoid only for a label in [0, 1]."""
+    study = _model(ShardReader(study_data, "train").schema)
+    assert [(t.name, t.label, t.kind) for t in study.tasks] == [
+        ("watch_ratio", "watch_ratio", "regression"),
+        ("skip", "skip", "binary"),
+    ]
+    assert study.heads[0].transform == "sigmoid" and study.heads[1].transform == "identity"  # skip: a logit
+    mmoe = MultiTaskModel.from_config(ShardReader(mmoe_data, "train").schema, ModelConfig())
+    assert [(t.name, t.kind) for t in mmoe.tasks] == [("y1", "regression"), ("y2", "regression")]
+    assert [h.transform for h in mmoe.heads] == ["identity", "identity"]  # y is not a ratio
+
+
+def test_a_missing_label_weighs_nothing_in_its_tasks_loss(study_data):
+    """Rows whose label is missing (NaN in the shard -> label_weights 0) count for nothing in that
+    task's loss, whatever their label value, and leave the other task's loss as it was."""
+    from engagerec.tasks import Task
+
+    torch.manual_seed(0)
+    output, label = torch.rand(10), torch.rand(10)
+    weight = torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 1, 1, 0])
+    present = weight > 0
+    regression = Task(TaskConfig("r", "r"))
+    torch.testing.assert_close(
+        regression.loss(output, label, weight), ((output - label)[present] ** 2).mean()
+    )
+    binary, logit, bit = Task(TaskConfig("b", "b", kind="binary")), torch.randn(10), (label > 0.5).float()
+    torch.testing.assert_close(
+        binary.loss(logit, bit, weight),
+        torch.nn.functional.binary_cross_entropy_with_logits(logit[present], bit[present]),
+    )
+    assert regression.loss(output, label, torch.zeros(10)) == 0  # a batch without the label: no loss
+
+    reader = ShardReader(study_data, "train", batch_size=64)
+    model = _model(reader.schema).eval()
+    batch = next(iter(reader))
+    missing = torch.arange(64) % 3 == 0
+    labels = dict(batch.labels, watch_ratio=torch.where(missing, 7.0, batch.labels["watch_ratio"]))
+    label_weights = dict(batch.label_weights, watch_ratio=torch.where(missing, 0.0, batch.weights))
+    holed = Batch(batch.dense_features, batch.sparse_features, labels, batch.weights, label_weights)
+    with torch.no_grad():
+        _, (full, _, _, _) = model(batch)
+        _, (task_losses, predictions, _, weights) = model(holed)
+    expected = ((predictions["watch_ratio"] - batch.labels["watch_ratio"])[~missing] ** 2).mean()
+    torch.testing.assert_close(task_losses[0], expected)
+    assert not torch.isclose(task_losses[0], full[0])  # with their labels present, those rows do count
+    assert torch.equal(task_losses[1], full[1]) and torch.equal(
+        weights["watch_ratio"], label_weights["watch_ratio"]
+    )
 
 
 def test_a_third_task_is_config(study_data):
@@ -117,7 +142,7 @@ def test_a_third_task_is_config(study_data):
         TaskConfig("raw_ratio", "watch_ratio", output="identity", head_sizes=[8]),
     ]
     model = _model(reader.schema, "ple", tasks=tasks)
-    loss, (task_losses, predictions, _) = model(next(iter(reader)))
+    loss, (task_losses, predictions, _, _) = model(next(iter(reader)))
     assert len(model.heads) == 3 and set(predictions) == {"watch_ratio", "skip", "raw_ratio"}
     torch.testing.assert_close(loss, task_losses[0] + 2 * task_losses[1] + task_losses[2])
     with pytest.raises(ValueError, match=r"task labels \['like'\] are not in the prepared data"):
@@ -173,7 +198,7 @@ def _test_losses(model, data):
     """(task losses on the whole test split, each label's variance = a constant predictor's MSE)."""
     batch = next(iter(ShardReader(data, "test", batch_size=100_000)))
     with torch.no_grad():
-        _, (task_losses, _, labels) = model(batch)
+        _, (task_losses, _, labels, _) = model(batch)
     constant = torch.stack([labels[t.name].var(unbiased=False) for t in model.tasks])
     return task_losses, constant
 
@@ -270,4 +295,8 @@ def test_auto_dim_sizes_small_tables_down(study_data):
     schema = ShardReader(study_data, "train").schema
     spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=16, auto_dim=True, dims={"gender": 4}))
     dims = {t.name: t.embedding_dim for t in spec.tables}
-    assert dims["t_gender"] == 4 and dims["t_user_id"] == 16 and dims["t_duration_bucket"] == auto_dim(6, 16)
+    assert (
+        dims["t_gender"] == 4
+        and dims["t_user_id"] == 16
+        and dims["t_duration_bucket"] == auto_dim(schema.num_embeddings("duration_bucket"), 16)
+    )

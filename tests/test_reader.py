@@ -1,42 +1,21 @@
 """ShardReader: batches equal the encoded rows; sharding and shuffling lose and repeat nothing."""
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import prepare_synthetic, study_config, study_files
 
-from engagerec.config import config_from_dict
+from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader, make_loader
-from engagerec.data.synthetic import write_study_prepared
 
 
 @pytest.fixture(scope="module")
 def multi_chunk(tmp_path_factory):
     """Study-schema synthetic data in several files and row groups, with two multi-valued features."""
-    cfg = config_from_dict(
-        {
-            "data": {
-                "source": {
-                    "adapter": "synthetic",
-                    "synthetic": {"num_rows": 5_000, "num_users": 300, "num_contents": 200},
-                },
-                "features": [
-                    {"name": "user_id"},
-                    {"name": "content_id"},
-                    {"name": "gender"},
-                    {"name": "genres", "kind": "multi_hot"},
-                    {"name": "age", "kind": "numeric"},
-                    {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 4},
-                ],
-                "filters": {"min_user_views": 0},
-                "row_group_size": 300,
-                "rows_per_file": 1_000,
-            }
-        }
-    )
     out = tmp_path_factory.mktemp("multi_chunk")
-    write_study_prepared(out, cfg.data, chunk_rows=2_000)
-    return out
+    return prepare_synthetic(out, {"num_rows": 5_000}, row_group_size=300, rows_per_file=1_000)
 
 
 def _rows(batches, key="user_id"):
@@ -73,6 +52,8 @@ def test_batches_equal_the_parquet_rows(multi_chunk):
     assert np.allclose(dense[:, 0], table["age"]) and np.allclose(dense[:, 1], table["duration"])
     skip = torch.cat([b.labels["skip"] for b in batches]).numpy()
     assert np.array_equal(skip, table["skip"].to_numpy())
+    assert all(torch.equal(b.label_weights[k], b.weights) for b in batches for k in ("watch_ratio", "skip"))
+    assert torch.cat([b.weights for b in batches]).eq(1).all()  # no label is missing in this data
     first = batches[0].sparse_features
     assert first.keys() == reader.keys and first.values().dtype == torch.int64
     assert first.stride() == 128  # every key has one bag per row
@@ -161,3 +142,34 @@ def test_even_batches_pad_with_zero_weight_rows_only(multi_chunk):
     assert all(len(set(column)) == 1 for column in zip(*sizes, strict=True))
     padded = sum(b.batch_size - int(b.weights.sum()) for p in parts for b in p)
     assert padded > 0 and padded == sum(map(sum, sizes)) - total
+    # a padding row weighs nothing for any task either
+    assert all(
+        torch.equal(b.label_weights[k], b.weights) for p in parts for b in p for k in ("watch_ratio", "skip")
+    )
+
+
+def test_a_missing_raw_label_reads_as_zero_with_weight_zero_for_that_label_only(tmp_path):
+    """A raw label column with empty cells: NaN in the shard; the reader gives label 0 at weight 0
+    for that label, and weight 1 for the other labels of the same rows."""
+    files = study_files(tmp_path)
+    interactions = pd.read_csv(files["interactions"])
+    interactions["liked"] = np.where(
+        np.arange(len(interactions)) % 3 == 0, np.nan, np.arange(len(interactions)) % 2
+    )
+    files = study_files(tmp_path, interactions=interactions)
+    labels = [{"name": "watch_ratio"}, {"name": "liked", "kind": "binary", "column": "liked"}]
+    summary = prepare(study_config(files, labels=labels).data, tmp_path / "out")
+    missing = int(interactions["liked"].isna().sum())
+    assert summary["rows_kept"] == len(interactions) and summary["label_missing"]["liked"] == missing
+    seen = 0
+    for split in ("train", "val", "test"):
+        shard = pq.read_table(tmp_path / "out" / split).to_pandas()["liked"].to_numpy()
+        batches = list(ShardReader(tmp_path / "out", split, batch_size=7))
+        liked = torch.cat([b.labels["liked"] for b in batches]).numpy()
+        weight = torch.cat([b.label_weights["liked"] for b in batches]).numpy()
+        absent = np.isnan(shard)
+        assert np.array_equal(weight, np.where(absent, 0.0, 1.0)) and (liked[absent] == 0).all()
+        assert np.array_equal(liked[~absent], shard[~absent])
+        assert all(b.label_weights["watch_ratio"].eq(1).all() for b in batches)
+        seen += int(absent.sum())
+    assert seen == missing

@@ -5,9 +5,10 @@ import json
 import shutil
 
 import pytest
+from conftest import synthetic_mmoe_config
 
 from engagerec.config import config_from_dict
-from engagerec.data.synthetic import write_study_prepared
+from engagerec.data.prepare import prepare
 from engagerec.evaluate import evaluate_run
 from engagerec.train import train
 
@@ -56,7 +57,7 @@ def study_run_config(data_dir, **train):
 def study_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("study_small")
     cfg = study_run_config(out)
-    write_study_prepared(out, cfg.data)
+    prepare(cfg.data, out)
     return out
 
 
@@ -163,22 +164,15 @@ def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_dat
     assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "compare.md").exists()
 
 
-def test_dense_only_data_trains_through_dmp(repo, tmp_path):
+def test_dense_only_data_trains_through_dmp(tmp_path):
     """configs/synthetic_mmoe.yaml: no embedding tables at all, two regression tasks."""
-    from engagerec.config import load_config
-    from engagerec.data.synthetic import write_mmoe_prepared
-
-    cfg = load_config(
-        repo / "configs/synthetic_mmoe.yaml",
-        [
-            "data.source.synthetic.num_rows=12000",
-            "data.source.synthetic.input_dim=16",
-            f"train.data_dir={tmp_path / 'data'}",
-            "train.epochs=6",
-            "train.progress_bar=false",
-        ],
+    cfg = synthetic_mmoe_config(
+        tmp_path / "data",
+        num_rows=12_000,
+        input_dim=16,
+        overrides=["train.epochs=6", "train.progress_bar=false"],
     )
-    write_mmoe_prepared(tmp_path / "data", cfg.data.source.synthetic, cfg.data)
+    prepare(cfg.data, tmp_path / "data")
     results = train(cfg, tmp_path / "run")
     for task in ("y1", "y2"):
         assert results["test"][f"{task}/mse"] < 0.8 * results["test"][f"{task}/baseline_mse_train_mean"]

@@ -73,15 +73,26 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from engagerec.data.synthetic import write_mmoe_prepared, write_study_tables
+    if args.shape:
+        from engagerec.data.kuairand_generator import write_kuairand_1k
+
+        floors = write_kuairand_1k(args.out, scale=args.scale, seed=args.seed)
+        print(
+            f"wrote a KuaiRand-1K-shaped dataset (scale {args.scale:g}, seed {args.seed}) to {args.out}: "
+            f"{floors['rows']:,} rows, {floors['users']:,} users, {floors['videos']:,} videos; "
+            f"noise floors in {args.out}/noise_floor.json"
+        )
+        return 0
+    if not args.config:
+        raise ConfigError("synthesize needs --config (a synthetic source) or --shape kuairand-1k")
+    from engagerec.data.synthetic import synthetic_tables
 
     cfg = load_config(args.config, args.set)
     synthetic = cfg.data.source.synthetic
-    if synthetic.kind == "mmoe":
-        path = write_mmoe_prepared(args.out, synthetic, cfg.data)
-    else:
-        path = write_study_tables(args.out, synthetic)
-    print(f"wrote {synthetic.num_rows:,} synthetic rows ({synthetic.kind}) to {path}")
+    tables = synthetic_tables(synthetic, args.out)
+    files = [tables.interactions, tables.users, tables.content]
+    print(f"wrote {synthetic.num_rows:,} synthetic rows ({synthetic.kind}): "
+          + ", ".join(f for t in files if t for f in t.files))  # fmt: skip
     return 0
 
 
@@ -149,8 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json-out", help="also write the metrics to this JSON file")
     evaluate.set_defaults(handler=_evaluate)
 
-    synth = commands.add_parser("synthesize", help="write synthetic data (study tables or MMoE shards)")
-    synth.add_argument("--config", required=True)
+    synth = commands.add_parser(
+        "synthesize", help="write synthetic source tables (a config's generator, or KuaiRand-1K-shaped files)"
+    )
+    synth.add_argument("--config", help="a config whose data.source.synthetic says what to generate")
+    synth.add_argument("--shape", choices=["kuairand-1k"], help="KuaiRand's official layout and sizes")
+    synth.add_argument("--scale", type=float, default=1.0, help="with --shape: fraction of the real sizes")
+    synth.add_argument("--seed", type=int, default=0, help="with --shape")
     synth.add_argument("--out", required=True)
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     synth.set_defaults(handler=_synthesize)

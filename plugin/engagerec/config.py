@@ -48,20 +48,44 @@ class FeatureConfig:
     separator: str = ","
     transform: str = "none"  # numeric: none | log1p
     missing: str = "error"  # numeric: error | mean (impute with the train mean)
-    buckets: int = 0
+    buckets: int = 0  # numeric: exact train quantiles (DuckDB quantile_cont), then a sparse bucket id
     length: int = 20  # history length
-    of: str = "content_id"  # history: which id column
+    of: str = "content_id"  # history: which id column; history_mean: which label
+    # categorical / history: id spaces larger than this many rows are hashed into this many
+    # buckets (row 0 stays the OOV/missing row) instead of keeping a vocabulary; 0: never
+    hash_buckets: int = 0
 
 
 @dataclass
-class LabelConfig:
-    """watch_ratio = watch_time / duration; skip = watch_ratio < skip_threshold."""
+class WatchRatioConfig:
+    """watch_ratio = watch_time / duration, for every row (it defines the skip labels, and
+    rows whose duration or watch time is unusable are dropped, counted)."""
 
     ratio_cap: float = 1.0
     # What to do with ratios above ratio_cap (replays): clip them to the cap, drop
     # the row (counted), or keep them unchanged.
     over_cap: str = "clip"
-    skip_threshold: float = 0.5
+
+
+@dataclass
+class LabelConfig:
+    """One label column of the prepared data (a task's target).
+
+    Derived (``column`` unset): kind regression is the watch ratio itself; kind binary is a
+    skip label, ``watch_ratio < threshold``. Raw (``column`` set): a column of the interaction
+    log, e.g. KuaiRand's is_click, long_view or label (like / hate); binary values must be
+    0 or 1. A missing raw value gives the row weight 0 for this label only (counted).
+    """
+
+    name: str
+    kind: str = "regression"  # regression | binary
+    column: Optional[str] = None
+    threshold: float = 0.5  # derived binary: watch_ratio < threshold
+
+
+def study_labels() -> List[LabelConfig]:
+    """The study's two labels: the watch ratio and skip = watch ratio < 0.5."""
+    return [LabelConfig(name="watch_ratio", kind="regression"), LabelConfig(name="skip", kind="binary")]
 
 
 @dataclass
@@ -123,11 +147,15 @@ class SourceConfig:
 class DataConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     features: List[FeatureConfig] = field(default_factory=list)
-    labels: LabelConfig = field(default_factory=LabelConfig)
+    watch_ratio: WatchRatioConfig = field(default_factory=WatchRatioConfig)
+    labels: List[LabelConfig] = field(default_factory=study_labels)
     filters: FilterConfig = field(default_factory=FilterConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     row_group_size: int = 65_536
     rows_per_file: int = 1_048_576
+    # The out-of-core engine (DuckDB) spills to disk past this; "" lets DuckDB choose (80% of RAM).
+    memory_limit: str = "1GB"
+    threads: int = 0  # 0: one per core
 
 
 # --------------------------------------------------------------------------- model
@@ -167,6 +195,7 @@ class TaskConfig:
 
 
 def study_tasks() -> List[TaskConfig]:
+    """The study's two tasks (used by tests and examples; configs name their tasks or get one per label)."""
     return [
         TaskConfig(name="watch_ratio", label="watch_ratio", kind="regression", output="sigmoid"),
         TaskConfig(name="skip", label="skip", kind="binary"),
@@ -186,7 +215,8 @@ class LossConfig:
 class ModelConfig:
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
-    tasks: List[TaskConfig] = field(default_factory=study_tasks)
+    # empty: one task per label of the prepared data (schema.json), with a kind-specific head
+    tasks: List[TaskConfig] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -296,17 +326,31 @@ def _build(cls: Any, data: Dict[str, Any], path: str) -> Any:
 
 
 def apply_override(raw: Dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping; a number
+    indexes a list, e.g. ``data.labels.1.threshold=0.3``."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value")
     key, text = assignment.split("=", 1)
-    node = raw
+    node: Any = raw
     parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {assignment!r}: '{part}' is not a mapping")
-    node[parts[-1]] = yaml.safe_load(text)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"override {assignment!r}: '{part}' is not an index of a {len(node)}-item list"
+                )
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+            if not last:
+                node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {assignment!r}: '{parts[i - 1]}' is not a mapping or a list")
+        if last:
+            node[index] = yaml.safe_load(text)
+        else:
+            node = node[index]
 
 
 def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -14,9 +15,21 @@ from engagerec.tasks import Task
 
 
 def train_label_means(data_dir: str | Path, labels: List[str]) -> Dict[str, float]:
-    """Means of the label columns over the train split: what the constant baselines predict."""
+    """Means of the label columns over the train split (missing labels left out): what the
+    constant baselines predict. prepare() computed them; older data is read."""
+    from engagerec.data.schema import DatasetSchema
+
+    stats = (
+        DatasetSchema.load(data_dir)
+        .meta.get("summary", {})
+        .get("split", {})
+        .get("train", {})
+        .get("labels", {})
+    )
+    if all(stats.get(name, {}).get("mean") is not None for name in labels):
+        return {name: float(stats[name]["mean"]) for name in labels}
     table = pq.read_table(Path(data_dir) / "train", columns=labels)
-    return {name: float(table.column(name).to_numpy().mean()) for name in labels}
+    return {name: float(np.nanmean(table.column(name).to_numpy())) for name in labels}
 
 
 def evaluate(
@@ -46,9 +59,9 @@ def evaluate(
     with torch.no_grad():
         for batch in make_loader(reader, num_workers=num_workers):
             batch = batch.to(device)
-            _, (_, predictions, labels) = model(batch)
-            metrics.update(metric_inputs(tasks, predictions, labels, batch.weights))
-            sums.update(predictions, labels, batch.weights)
+            _, (_, predictions, labels, weights) = model(batch)
+            metrics.update(metric_inputs(tasks, predictions, labels, weights))
+            sums.update(predictions, labels, weights)
     model.train(was_training)
     out = readable(metrics.compute())
     out.update(sums.compute())

@@ -69,13 +69,14 @@ def metric_inputs(
     tasks: List[Task],
     predictions: Dict[str, torch.Tensor],
     labels: Dict[str, torch.Tensor],
-    weights: torch.Tensor,
+    weights: Dict[str, torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
+    """The RecMetricModule's input dict; ``weights`` are per task (0: padding or missing label)."""
     out = {}
     for task in tasks:
         out[f"{task.name}_prediction"] = predictions[task.name]
         out[f"{task.name}_label"] = labels[task.name]
-        out[f"{task.name}_weight"] = weights
+        out[f"{task.name}_weight"] = weights[task.name]
     return out
 
 
@@ -100,10 +101,13 @@ class LossAndBaselines:
         self.sums = torch.zeros(len(tasks), 3, dtype=torch.float64, device=device)
 
     def update(
-        self, predictions: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], weights: torch.Tensor
+        self,
+        predictions: Dict[str, torch.Tensor],
+        labels: Dict[str, torch.Tensor],
+        weights: Dict[str, torch.Tensor],
     ) -> None:
-        w = weights.double()
         for i, task in enumerate(self.tasks):
+            w = weights[task.name].double()
             p, y = predictions[task.name].double(), labels[task.name].double()
             constant = self.train_means[task.label]
             if task.kind == "binary":

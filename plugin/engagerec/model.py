@@ -1,6 +1,6 @@
 """MultiTaskModel = EmbeddingBagCollection -> [pooled, dense] -> tower -> one head per task.
 
-``forward(batch) -> (loss, (task_losses, predictions, labels))``: the shape TorchRec's
+``forward(batch) -> (loss, (task_losses, predictions, labels, weights))``: the shape TorchRec's
 train pipelines expect. The KJT goes into the EmbeddingBagCollection untouched (the
 pipeline overlaps its input distribution with compute only if nothing reads it first),
 and the tower's list output is indexed with concrete ints, so the forward FX-traces
@@ -17,14 +17,18 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from engagerec.batch import Batch
-from engagerec.config import ModelConfig
+from engagerec.config import ModelConfig, TaskConfig
 from engagerec.data.schema import DatasetSchema
 from engagerec.features import FeatureSpec
 from engagerec.losses import FixedWeighting, build_loss_weighting
 from engagerec.tasks import Task
 from engagerec.towers.registry import build_tower
 
-ModelOutput = Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]
+# (loss, (task losses, predictions, labels, per-task row weights)), dicts keyed by task name
+ModelOutput = Tuple[
+    torch.Tensor,
+    Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, torch.Tensor]],
+]
 
 
 _COLUMN_ORDER: Dict[Tuple, torch.Tensor] = {}
@@ -46,6 +50,19 @@ def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
         index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in names])
         _COLUMN_ORDER[signature] = index.to(values.device)
     return values.index_select(1, _COLUMN_ORDER[signature])
+
+
+def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
+    """One task per label of the prepared data: a regression head ends in a sigmoid when every
+    train value of its label lies in [0, 1] (a ratio), else it is the identity."""
+    stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
+    tasks = []
+    for label in schema.labels:
+        low, high = stats.get(label.name, {}).get("min"), stats.get(label.name, {}).get("max")
+        unit = low is not None and high is not None and 0 <= low and high <= 1
+        output = "sigmoid" if unit else "identity"
+        tasks.append(TaskConfig(name=label.name, label=label.name, kind=label.kind, output=output))
+    return tasks
 
 
 class MultiTaskModel(nn.Module):
@@ -89,7 +106,7 @@ class MultiTaskModel(nn.Module):
         cls, schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
     ) -> "MultiTaskModel":
         spec = FeatureSpec.from_schema(schema, cfg.embeddings)
-        tasks = [Task(t) for t in cfg.tasks]
+        tasks = [Task(t) for t in (cfg.tasks or tasks_from_schema(schema))]
         missing = [t.label for t in tasks if t.label not in schema.label_names]
         if missing:
             raise ValueError(
@@ -110,14 +127,16 @@ class MultiTaskModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         shared = self.tower_input(batch)
         representations = self.tower(shared)
-        losses, predictions, labels = [], {}, {}
+        losses, predictions, labels, weights = [], {}, {}, {}
         for i in range(self.num_tasks):  # concrete ints: the list is opaque under FX tracing
             task = self.tasks[i]
             output = self.heads[i](representations[i])
             label = batch.labels[task.label]
-            losses.append(task.loss(output, label))
+            weight = batch.label_weights[task.label]  # 0 where this task's label is missing
+            losses.append(task.loss(output, label, weight))
             predictions[task.name] = task.prediction(output).detach()
             labels[task.name] = label
+            weights[task.name] = weight
         task_losses = torch.stack(losses)
         loss = self.loss_weighting(task_losses, shared)  # fixed weights: the study's eq. 12
-        return loss, (task_losses.detach(), predictions, labels)
+        return loss, (task_losses.detach(), predictions, labels, weights)

@@ -48,11 +48,14 @@ class Task:
             input_dim, list(self.cfg.head_sizes), self.cfg.output if self.kind == "regression" else "identity"
         )
 
-    def loss(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """MSE for regression, binary cross-entropy on the logit for binary (study section 7)."""
+    def loss(self, output: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """MSE for regression, binary cross-entropy on the logit for binary (study section 7),
+        averaged with ``weight`` (0 for rows whose label is missing and for padding rows)."""
         if self.kind == "binary":
-            return F.binary_cross_entropy_with_logits(output, label)
-        return F.mse_loss(output, label)
+            per_row = F.binary_cross_entropy_with_logits(output, label, reduction="none")
+        else:
+            per_row = (output - label) ** 2
+        return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The value metrics read: the regression estimate, or the probability of the positive class."""

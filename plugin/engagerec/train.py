@@ -153,13 +153,12 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         started, rows = time.perf_counter(), 0
         while True:
             try:
-                task_losses, predictions, labels = pipeline.progress(batches)
+                task_losses, predictions, labels, weights = pipeline.progress(batches)
             except StopIteration:
                 break
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
             rows += tc.batch_size * runtime.world_size
-            weights = torch.ones_like(next(iter(labels.values())))
             train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
             if progress["step"] % tc.log_every_steps == 0:
                 values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(tasks)}

@@ -1,29 +1,39 @@
-"""Adapters: each turns one source layout into RawTables with canonical column names.
+"""Adapters: each says where one source layout's tables are and how their columns map to
+canonical names (a RawTables of TableSources). The dataset writer reads the files.
 
-tables     generic files + ``source.columns`` mapping (canonical -> file column)
-study      the study's schema: users(age, gender), content(genres, rating, duration)
-kuairand   KuaiRand's official layout, and the bundled tab-separated subset
-synthetic  generated in the study's schema (engagerec.data.synthetic)
+  tables     generic files + ``source.columns`` mapping (canonical -> file column)
+  study      the study's schema: users(age, gender), content(genres, rating, duration)
+  kuairand   KuaiRand's official layout, and the bundled tab-separated subset
+  synthetic  generated data (engagerec.data.synthetic), written to files first
 """
 
 from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Callable, Dict, List
-
-import pandas as pd
+from typing import Callable, Dict, List, Optional
 
 from engagerec.config import SourceConfig
 from engagerec.data.errors import DataError
-from engagerec.data.raw import CONTENT_ID, DURATION, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
-from engagerec.data.tables import read_table
+from engagerec.data.raw import CONTENT_ID, DURATION, TIMESTAMP, USER_ID, WATCH_TIME, RawTables, TableSource
 
-AdapterFn = Callable[[SourceConfig], RawTables]
+AdapterFn = Callable[[SourceConfig, Path], RawTables]
 ADAPTERS: Dict[str, AdapterFn] = {}
+LOG_KEYS = (USER_ID, CONTENT_ID, WATCH_TIME)
 
 
 def register_adapter(name: str) -> Callable[[AdapterFn], AdapterFn]:
+    """Register ``fn(source: SourceConfig, workdir: Path) -> RawTables`` as ``data.source.adapter: name``.
+
+    ``workdir`` is a scratch directory the adapter may write to (generated data goes there).
+
+    Example::
+
+        @register_adapter("my_logs")
+        def my_logs(source, workdir):
+            return RawTables(TableSource("interactions", [source.interactions], required=LOG_KEYS))
+    """
+
     def wrap(fn: AdapterFn) -> AdapterFn:
         ADAPTERS[name] = fn
         return fn
@@ -31,10 +41,11 @@ def register_adapter(name: str) -> Callable[[AdapterFn], AdapterFn]:
     return wrap
 
 
-def load_tables(source: SourceConfig) -> RawTables:
+def load_tables(source: SourceConfig, workdir: Path) -> RawTables:
+    """The RawTables of ``source`` by its adapter."""
     if source.adapter not in ADAPTERS:
         raise DataError(f"unknown data adapter '{source.adapter}'", expected=f"one of {sorted(ADAPTERS)}")
-    return ADAPTERS[source.adapter](source)
+    return ADAPTERS[source.adapter](source, Path(workdir))
 
 
 def _need(source: SourceConfig, attribute: str) -> str:
@@ -48,37 +59,36 @@ def _mapping(source: SourceConfig, names) -> Dict[str, str]:
     return {name: source.columns.get(name, name) for name in names}
 
 
+def _table(name: str, path: Optional[str], columns: Dict[str, str], required=()) -> Optional[TableSource]:
+    return TableSource(name, [path], columns=columns, required=tuple(required)) if path else None
+
+
 @register_adapter("tables")
-def tables_adapter(source: SourceConfig) -> RawTables:
+def tables_adapter(source: SourceConfig, workdir: Path) -> RawTables:
     """Generic: any three files; ``columns`` maps canonical names to the files' names."""
-    rename = _mapping(source, (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP))
-    interactions = read_table(
-        _need(source, "interactions"), required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=rename
+    columns = _mapping(source, (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP))
+    return RawTables(
+        _table("interactions", _need(source, "interactions"), columns, LOG_KEYS),
+        _table("users", source.users, columns, (USER_ID,)),
+        _table("content", source.content, columns, (CONTENT_ID,)),
     )
-    users = read_table(source.users, required=(USER_ID,), rename=rename) if source.users else None
-    content = read_table(source.content, required=(CONTENT_ID,), rename=rename) if source.content else None
-    return RawTables(interactions, users, content)
 
 
 @register_adapter("study")
-def study_adapter(source: SourceConfig) -> RawTables:
+def study_adapter(source: SourceConfig, workdir: Path) -> RawTables:
     """The study's three sources: watch histories, user attributes, content metadata."""
-    rename = _mapping(
-        source, (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "age", "gender", "genres", "rating")
+    names = (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "age", "gender", "genres", "rating")
+    columns = _mapping(source, names)
+    return RawTables(
+        _table("interactions", _need(source, "interactions"), columns, LOG_KEYS),
+        _table("users", _need(source, "users"), columns, (USER_ID, "age", "gender")),
+        _table("content", _need(source, "content"), columns, (CONTENT_ID, "genres", "rating", DURATION)),
     )
-    interactions = read_table(
-        _need(source, "interactions"), required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=rename
-    )
-    users = read_table(_need(source, "users"), required=(USER_ID, "age", "gender"), rename=rename)
-    content = read_table(
-        _need(source, "content"), required=(CONTENT_ID, "genres", "rating", DURATION), rename=rename
-    )
-    return RawTables(interactions, users, content)
 
 
 # ------------------------------------------------------------------ KuaiRand
 
-# Observed during or after the view (see datasets/README.md): labels or leaks.
+# Observed during or after the view (see datasets/README.md): labels, never features.
 KUAIRAND_POST_EXPOSURE = frozenset(
     {
         "is_click",
@@ -95,12 +105,10 @@ KUAIRAND_POST_EXPOSURE = frozenset(
         "label",
     }
 )
-# Pre-exposure context columns of the log that may be kept as features.
-KUAIRAND_LOG_CONTEXT = ("tab", "date")
 KUAIRAND_MISSING = -124  # the dataset's own missing-value marker
 
 
-def _log_files(spec: str) -> List[Path]:
+def _log_files(spec: str) -> List[str]:
     path = Path(spec)
     if path.is_dir():
         files = sorted(path.glob("log_*.csv"))
@@ -110,65 +118,62 @@ def _log_files(spec: str) -> List[Path]:
         files = [path]
     if not files:
         raise DataError("no KuaiRand log files found", file=spec, expected="log_*.csv files")
-    return files
+    return [str(f) for f in files]
 
 
 @register_adapter("kuairand")
-def kuairand_adapter(source: SourceConfig) -> RawTables:
+def kuairand_adapter(source: SourceConfig, workdir: Path) -> RawTables:
     """KuaiRand (Gao et al., CIKM 2022): log_*.csv, user_features_*.csv, video_features_basic_*.csv.
 
     ``interactions`` may be one log file, a directory of log_*.csv, or a glob. Post-exposure
-    columns are dropped here so that they cannot reach the features.
+    columns may be labels (``data.labels[*].column``) and are refused as features.
     """
-    log_rename = {
+    log_columns = {
         USER_ID: "user_id",
         CONTENT_ID: "video_id",
         WATCH_TIME: "play_time_ms",
         DURATION: "duration_ms",
         TIMESTAMP: "time_ms",
     }
-    frames = []
-    for file in _log_files(_need(source, "interactions")):
-        frame = read_table(file, required=(USER_ID, CONTENT_ID, WATCH_TIME), rename=log_rename)
-        keep = [
-            c
-            for c in (USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP, "hourmin", *KUAIRAND_LOG_CONTEXT)
-            if c in frame.columns
-        ]
-        frames.append(frame[keep])
-    interactions = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    interactions.attrs["source_file"] = (
-        frames[0].attrs["source_file"] if len(frames) == 1 else _need(source, "interactions")
+    interactions = TableSource(
+        "interactions",
+        _log_files(_need(source, "interactions")),
+        columns=log_columns,
+        derived={"hour": ("hourmin", "TRY_CAST({} AS BIGINT) // 100")},  # e.g. 1730 -> hour 17
+        drop=("hourmin",),
+        required=LOG_KEYS,
     )
-    if "hourmin" in interactions.columns:  # e.g. 1730 -> hour 17
-        interactions["hour"] = pd.to_numeric(interactions.pop("hourmin"), errors="coerce") // 100
-    users = None
+    users = content = None
     if source.users:
-        users = read_table(source.users, required=(USER_ID,), rename={USER_ID: "user_id"})
-        users = users.mask(users.isin([KUAIRAND_MISSING]))
-        users.attrs["source_file"] = str(source.users)
-    content = None
-    if source.content:
-        content = read_table(
-            source.content,
-            required=(CONTENT_ID,),
-            rename={CONTENT_ID: "video_id", "genres": "tag", "content_duration": "video_duration"},
+        users = TableSource(
+            "users",
+            [source.users],
+            columns={USER_ID: "user_id"},
+            missing_marker=KUAIRAND_MISSING,
+            required=(USER_ID,),
         )
-        if DURATION not in interactions.columns:
-            content[DURATION] = content["content_duration"]
+    if source.content:
+        content = TableSource(
+            "content",
+            [source.content],
+            columns={CONTENT_ID: "video_id", "genres": "tag", DURATION: "video_duration"},
+            required=(CONTENT_ID,),
+        )
     return RawTables(
         interactions,
         users,
         content,
         post_exposure=KUAIRAND_POST_EXPOSURE,
         notes={
-            "leak_guard": "post-exposure log columns dropped: " + ", ".join(sorted(KUAIRAND_POST_EXPOSURE))
+            "leak_guard": "post-exposure columns (never features): "
+            + ", ".join(sorted(KUAIRAND_POST_EXPOSURE))
         },
     )
 
 
 @register_adapter("synthetic")
-def synthetic_adapter(source: SourceConfig) -> RawTables:
-    from engagerec.data.synthetic import study_tables
+def synthetic_adapter(source: SourceConfig, workdir: Path) -> RawTables:
+    """Generated data (``source.synthetic``), written as parquet under ``workdir`` first."""
+    from engagerec.data.synthetic import synthetic_tables
 
-    return study_tables(source.synthetic)
+    return synthetic_tables(source.synthetic, workdir / "synthetic")

@@ -1,32 +1,40 @@
-"""Tables -> events: validate, join, derive labels, filter. Every dropped row is counted by reason."""
+"""Source tables -> the ``events`` table: load, check, join, derive labels, filter, split.
+
+Everything runs in DuckDB, out of core. Every dropped row is counted by reason, in the
+order the filters run; every bad value raises a DataError naming its file, column and row.
+The split is a column (``__split``: 0 train, 1 val, 2 test) so that the vocabularies can be
+fitted on train rows by a plain filter.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-import numpy as np
-import pandas as pd
+import duckdb
 
 from engagerec.config import DataConfig, FeatureConfig, LabelConfig
 from engagerec.data.errors import DataError
-from engagerec.data.raw import (
-    CONTENT_ID,
-    DURATION,
-    KEY_COLUMNS,
-    SOURCE_ROW,
-    TIMESTAMP,
-    USER_ID,
-    WATCH_TIME,
-    RawTables,
+from engagerec.data.history import require_history_keys
+from engagerec.data.raw import CONTENT_ID, DURATION, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
+from engagerec.data.schema import validate_features
+from engagerec.data.split import split_sql
+from engagerec.data.tables import (
+    LoadedTable,
+    canonical_columns,
+    check_ids,
+    check_numeric,
+    is_numeric,
+    load_table,
+    quote,
 )
-from engagerec.data.tables import as_numeric, check_ids
 
-WATCH_RATIO = "watch_ratio"
-SKIP = "skip"
 OVER_CAP_POLICIES = ("clip", "drop", "keep")
 UNJOINED_POLICIES = ("error", "keep", "drop")
+LABEL_KINDS = ("regression", "binary")
+WATCH_RATIO_COLUMNS = (WATCH_TIME, "watch_ratio")  # never features: the label's own source
+SOURCE_ROW = "__src"  # the event's rowid in the loaded log: converts back to (file, row)
 
 
 @dataclass
@@ -37,166 +45,392 @@ class FilterReport:
     dropped: "OrderedDict[str, int]" = field(default_factory=OrderedDict)
     notes: Dict[str, int] = field(default_factory=dict)  # counted but not dropped (e.g. clipped ratios)
 
-    def drop(self, frame: pd.DataFrame, mask: np.ndarray, reason: str) -> pd.DataFrame:
-        count = int(mask.sum())
-        self.dropped[reason] = self.dropped.get(reason, 0) + count
-        return frame[~mask] if count else frame
-
     @property
     def rows_dropped(self) -> int:
         return sum(self.dropped.values())
 
 
-def _timestamps(frame: pd.DataFrame) -> pd.Series:
-    """Numbers stay as they are (e.g. ms since epoch); date strings become ms since epoch."""
-    series = frame[TIMESTAMP]
-    if pd.api.types.is_numeric_dtype(series):
-        return as_numeric(frame, TIMESTAMP, allow_nan=False)
-    parsed = pd.to_datetime(series, errors="coerce", utc=True)
-    bad = parsed.isna().to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            "timestamp cannot be parsed",
-            file=frame.attrs.get("source_file"),
-            column=TIMESTAMP,
-            row=row,
-            expected="a number or a date-time string",
-            got=series.iloc[row],
-        )
-    return pd.Series(
-        parsed.astype("int64").to_numpy() // 1_000_000, index=frame.index, name=TIMESTAMP
-    ).astype(np.float64)
+@dataclass
+class Events:
+    """The ``events`` table and what is known about it.
+
+    columns: canonical column -> DuckDB type (features' sources, keys, labels, ``__split``).
+    origin: column -> the loaded table it came from (for messages that name a file and row).
+    """
+
+    con: duckdb.DuckDBPyConnection
+    columns: Dict[str, str]
+    origin: Dict[str, LoadedTable]
+    log: LoadedTable
+    report: FilterReport
+    labels: List[LabelConfig]
+    rows: int
+    post_exposure: frozenset
+
+    def locate(self, column: str, src: int) -> DataError:
+        """A DataError pointing at the row of the file that gave event ``src`` its ``column``."""
+        table = self.origin.get(column, self.log)
+        if table is self.log:
+            return self.log.error("value is missing", src, column=column)
+        key = USER_ID if table.name == "users" else CONTENT_ID
+        entity = self.con.execute(f"SELECT {quote(key)} FROM log WHERE rowid = {src}").fetchone()[0]
+        row = self.con.execute(
+            f"SELECT min(rowid) FROM {table.name} WHERE {quote(key)} = $1", [entity]
+        ).fetchone()[0]
+        if row is None:
+            file, log_row = self.log.locate(src)
+            return DataError(
+                f"value is missing ({key} {entity!r} has no row in {table.source.label})",
+                file=file,
+                column=column,
+                row=log_row,
+            )
+        return table.error("value is missing", row, column=column)
 
 
-def _check_feature_columns(table: Optional[pd.DataFrame], features: List[FeatureConfig]) -> None:
-    """Numeric feature columns are checked in their own table, so errors name that file and row."""
-    if table is None:
-        return
+def feature_column(feature: FeatureConfig) -> str:
+    """The source column a feature reads (history features read ``of``)."""
+    return feature.of if feature.kind == "history" else (feature.column or feature.name)
+
+
+def _check_labels(labels: List[LabelConfig]) -> None:
+    names = set()
+    for i, label in enumerate(labels):
+        where = f"data.labels[{i}] ('{label.name}')"
+        if label.name in names:
+            raise DataError(f"{where}: duplicate label name")
+        names.add(label.name)
+        if label.kind not in LABEL_KINDS:
+            raise DataError(f"{where}: unknown kind '{label.kind}'", expected=f"one of {LABEL_KINDS}")
+    if not labels:
+        raise DataError("data.labels is empty", expected="at least one label (e.g. watch_ratio)")
+
+
+def _namespaces(con, raw: RawTables) -> Dict[str, Dict[str, Tuple[str, str]]]:
+    """Per table: joined-name -> (canonical name in its table, file type). A user or content
+    column whose name the log already has is renamed ``user_<c>`` / ``content_<c>``."""
+    spaces: Dict[str, Dict[str, Tuple[str, str]]] = {}
+    taken = set()
+    for name, source, key in (
+        ("log", raw.interactions, None),
+        ("users", raw.users, USER_ID),
+        ("content", raw.content, CONTENT_ID),
+    ):
+        if source is None:
+            continue
+        space = {}
+        offered = canonical_columns(con, source)
+        for column in source.required:  # before the features are matched: the message names the file
+            if column not in offered:
+                raise DataError(
+                    f"required column '{source.columns.get(column, column)}' is missing (maps to '{column}')",
+                    file=source.files[0],
+                    expected=f"columns including {sorted(set(source.required))} in every {source.name} file",
+                    got=list(offered)[:20],
+                )
+        for canon, (_, file_type) in offered.items():
+            joined = canon
+            if key is not None and canon != key and canon in taken:
+                joined = f"{key.split('_')[0]}_{canon}"
+            space[joined] = (canon, file_type)
+        taken |= set(space)
+        spaces[name] = space
+    return spaces
+
+
+def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig) -> Events:
+    """Load and check the tables, join them, derive labels, filter (counted), split.
+
+    The result is the DuckDB table ``events``: one row per kept view with the key columns,
+    every feature's source column, one column per label (NULL where a raw label is missing),
+    the history_mean features, ``__src`` and ``__split``.
+    """
+    _check_labels(cfg.labels)
+    spaces = _namespaces(con, raw)
+
+    features = cfg.features
+    wanted = {c for f in features if f.kind != "history_mean" for c in [feature_column(f)]}
+    _refuse_leaks(features, cfg.labels, raw.post_exposure)
+    available = {joined for space in spaces.values() for joined in space}
+    validate_features(features, dict.fromkeys(available, ""), [label.name for label in cfg.labels])
     for feature in features:
-        column = feature.column or feature.name
-        # key columns (duration) have their own rule: a missing value drops the row, counted
-        if feature.kind == "numeric" and column in table.columns and column not in KEY_COLUMNS:
-            as_numeric(table, column, allow_nan=feature.missing != "error")
+        if feature.kind in ("history", "history_mean"):
+            require_history_keys(available, feature.name)
+    wanted |= {USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP}
+    label_columns = [label.column for label in cfg.labels if label.column]
+    numeric = {feature_column(f) for f in features if f.kind == "numeric"}
+
+    def load(name: str, source, key: Optional[str]) -> Optional[LoadedTable]:
+        if source is None:
+            return None
+        space = spaces[name]
+        own = [space[c][0] for c in wanted | set(label_columns if name == "log" else []) if c in space]
+        own_numeric = [space[c][0] for c in numeric if c in space] + [WATCH_TIME, DURATION]
+        if name == "log":
+            own_numeric += label_columns
+            if TIMESTAMP in space and is_numeric(space[TIMESTAMP][1]):
+                own_numeric.append(TIMESTAMP)
+        return load_table(con, name, source, own, source.required, own_numeric, keys=(USER_ID, CONTENT_ID))
+
+    log = load("log", raw.interactions, None)
+    users = load("users", raw.users, USER_ID)
+    content = load("content", raw.content, CONTENT_ID)
+    for column in label_columns:
+        if column not in log.columns:
+            raise log.error(
+                f"label column '{column}' is not in the interaction log",
+                expected=f"one of {sorted(log.columns)}",
+            )
+    for column in (USER_ID, CONTENT_ID):
+        if column in log.columns:
+            check_ids(con, log, column, unique=False)
+    for table, key in ((users, USER_ID), (content, CONTENT_ID)):
+        if table is not None:
+            check_ids(con, table, key, unique=True)
+    origin: Dict[str, LoadedTable] = {}
+    for name, table in (("log", log), ("users", users), ("content", content)):
+        if table is None:
+            continue
+        for joined, (canon, _) in spaces[name].items():
+            if canon in table.columns:
+                origin.setdefault(joined, table)
+    for column in sorted(numeric):
+        table = origin.get(column)
+        if table is not None and column not in (DURATION,):
+            canon = next(c for j, (c, _) in spaces[table.name].items() if j == column)
+            check_numeric(con, table, canon, allow_null=True)
+    # the label sources: an infinite watch time or duration would pass as a full view
+    for table, column in (
+        (log, WATCH_TIME),
+        (log, DURATION),
+        (content, DURATION),
+        *((log, c) for c in label_columns),
+    ):
+        if table is not None and column in table.columns:
+            check_numeric(con, table, column, allow_null=True)
+    report = FilterReport(rows_read=log.rows)
+    return _events_table(con, cfg, log, users, content, spaces, origin, report, raw.post_exposure)
 
 
-def _join(
-    events: pd.DataFrame,
-    table: Optional[pd.DataFrame],
-    key: str,
-    policy: str,
-    report: FilterReport,
-    interactions_file: Optional[str],
-) -> pd.DataFrame:
-    if table is None:
-        return events
+def _refuse_leaks(features: List[FeatureConfig], labels: List[LabelConfig], post_exposure) -> None:
+    label_names = {label.name for label in labels} | {label.column for label in labels if label.column}
+    for i, feature in enumerate(features):
+        if feature.kind == "history_mean":
+            continue
+        column = feature_column(feature)
+        if column in post_exposure or column in WATCH_RATIO_COLUMNS or column in label_names:
+            raise DataError(
+                f"data.features[{i}] ('{feature.name}'): column '{column}' is observed during or after "
+                "the view (a label or a leak) and cannot be a feature"
+            )
+
+
+def _timestamp_sql(con, log: LoadedTable) -> Optional[str]:
+    """Timestamps as DOUBLE ms: numbers stay as they are, date-time strings are parsed."""
+    if TIMESTAMP not in log.columns:
+        return None
+    sql_type = log.columns[TIMESTAMP]
+    q = f"l.{quote(TIMESTAMP)}"
+    if is_numeric(sql_type):
+        check_numeric(con, log, TIMESTAMP, allow_null=False)
+        return f"CAST({q} AS DOUBLE)"
+    if sql_type.startswith("TIMESTAMP") or sql_type == "DATE":
+        parsed = f"CAST(epoch_ms(CAST({q} AS TIMESTAMP)) AS DOUBLE)"
+    else:
+        parsed = f"CAST(epoch_ms(TRY_CAST({q} AS TIMESTAMP)) AS DOUBLE)"
+    bad = con.execute(f"SELECT min(rowid) FROM log WHERE {parsed.replace('l.', '')} IS NULL").fetchone()[0]
+    if bad is not None:
+        got = con.execute(f"SELECT {quote(TIMESTAMP)} FROM log WHERE rowid = {bad}").fetchone()[0]
+        raise log.error(
+            "timestamp cannot be parsed",
+            bad,
+            column=TIMESTAMP,
+            expected="a number or a date-time string",
+            got=got,
+        )
+    return parsed
+
+
+def _join_sql(con, cfg, log, table, key, policy, report, alias) -> str:
+    """The LEFT JOIN clause of ``table`` on ``key``, after applying the unjoined-id policy."""
     if policy not in UNJOINED_POLICIES:
         raise DataError(f"unknown unjoined policy '{policy}'", expected=f"one of {UNJOINED_POLICIES}")
-    check_ids(table, key, unique=True)
-    known = events[key].isin(table[key]).to_numpy()
-    if not known.all():
-        if policy == "error":
-            row = int(np.flatnonzero(~known)[0])
-            raise DataError(
-                f"{key} does not join the table {table.attrs.get('source_file')}",
-                file=interactions_file,
-                column=key,
-                row=int(events[SOURCE_ROW].iloc[row]),
-                expected=f"an id present in that table (or set unjoined_{key.split('_')[0]}s: keep|drop)",
-                got=events[key].iloc[row],
-            )
-        if policy == "drop":
-            events = report.drop(events, ~known, f"{key} not in its table")
-        else:
-            report.notes[f"{key} not in its table (kept, features missing)"] = int((~known).sum())
-    overlap = [c for c in table.columns if c in events.columns and c != key]
-    table = table.rename(columns={c: f"{key.split('_')[0]}_{c}" for c in overlap})
-    return events.merge(table, on=key, how="left", sort=False, validate="many_to_one")
-
-
-def add_labels(events: pd.DataFrame, labels: LabelConfig, report: FilterReport) -> pd.DataFrame:
-    """watch_ratio = watch_time / duration, with the replay policy; skip = ratio < threshold."""
-    if labels.over_cap not in OVER_CAP_POLICIES:
-        raise DataError(
-            f"unknown labels.over_cap '{labels.over_cap}'", expected=f"one of {OVER_CAP_POLICIES}"
+    left, right = f"l.{quote(key)}", f"{alias}.{quote(key)}"
+    if log.columns[key] != table.columns[key]:  # e.g. ints in the log, text in the table
+        left, right = f"CAST({left} AS VARCHAR)", f"CAST({right} AS VARCHAR)"
+    unknown = f"NOT EXISTS (SELECT 1 FROM {table.name} {alias} WHERE {right} = {left})"
+    first, count = con.execute(f"SELECT min(l.rowid), count(*) FROM log l WHERE {unknown}").fetchone()
+    if count and policy == "error":
+        got = con.execute(f"SELECT {quote(key)} FROM log WHERE rowid = {first}").fetchone()[0]
+        raise log.error(
+            f"{key} does not join the table {table.source.label}",
+            first,
+            column=key,
+            expected=f"an id present in that table (or set unjoined_{key.split('_')[0]}s: keep|drop)",
+            got=got,
         )
-    ratio = (events[WATCH_TIME] / events[DURATION]).to_numpy()
-    above = ratio > labels.ratio_cap
-    if labels.over_cap == "drop":
-        events = report.drop(events, above, f"watch ratio above {labels.ratio_cap:g}")
-        ratio = ratio[~above]
-    else:
-        report.notes[f"watch ratio above {labels.ratio_cap:g} ({labels.over_cap})"] = int(above.sum())
-        if labels.over_cap == "clip":
-            ratio = np.minimum(ratio, labels.ratio_cap)
-    events = events.assign(
-        **{WATCH_RATIO: ratio.astype(np.float64), SKIP: (ratio < labels.skip_threshold).astype(np.float64)}
-    )
-    return events
+    if count and policy == "keep":
+        report.notes[f"{key} not in its table (kept, features missing)"] = int(count)
+    dropped = f"{alias}.{quote(key)} IS NULL" if count and policy == "drop" else None
+    return f"LEFT JOIN {table.name} {alias} ON {right} = {left}", dropped
 
 
-def build_events(raw: RawTables, cfg: DataConfig) -> "tuple[pd.DataFrame, FilterReport]":
-    """Join the three tables, derive labels and apply the filters; returns (events, report)."""
-    interactions = raw.interactions
-    file = interactions.attrs.get("source_file")
-    report = FilterReport(rows_read=len(interactions))
-    for column in (USER_ID, CONTENT_ID):
-        check_ids(interactions, column, unique=False)
-    events = pd.DataFrame({SOURCE_ROW: np.arange(len(interactions))}, index=interactions.index)
-    for column in interactions.columns:
-        events[column] = interactions[column]
-    events.attrs["source_file"] = file
-    events[WATCH_TIME] = as_numeric(interactions, WATCH_TIME, allow_nan=True)
-    if DURATION in interactions.columns:
-        events[DURATION] = as_numeric(interactions, DURATION, allow_nan=True)
-    if TIMESTAMP in interactions.columns:
-        events[TIMESTAMP] = _timestamps(interactions)
-    _check_feature_columns(raw.users, cfg.features)
-    _check_feature_columns(raw.content, cfg.features)
-
-    content = raw.content
-    if content is not None and DURATION in content.columns:
-        if DURATION in events.columns:  # the log's own duration wins; the table's is kept as a feature
-            content = content.rename(columns={DURATION: "content_duration"})
-        else:
-            content = content.copy()
-            content[DURATION] = as_numeric(raw.content, DURATION, allow_nan=True)
-        content.attrs = dict(raw.content.attrs)
-    events = _join(events, raw.users, USER_ID, cfg.source.unjoined_users, report, file)
-    events = _join(events, content, CONTENT_ID, cfg.source.unjoined_content, report, file)
-    events.attrs["source_file"] = file
-    if DURATION not in events.columns:
+def _events_table(con, cfg, log, users, content, spaces, origin, report, post_exposure) -> Events:
+    wr = cfg.watch_ratio
+    if wr.over_cap not in OVER_CAP_POLICIES:
         raise DataError(
+            f"unknown watch_ratio.over_cap '{wr.over_cap}'", expected=f"one of {OVER_CAP_POLICIES}"
+        )
+    select = [f"l.rowid AS {SOURCE_ROW}"]
+    joins, drops = [], []
+    for table, key, policy, alias in (
+        (users, USER_ID, cfg.source.unjoined_users, "u"),
+        (content, CONTENT_ID, cfg.source.unjoined_content, "c"),
+    ):
+        if table is None:
+            continue
+        clause, unknown = _join_sql(con, cfg, log, table, key, policy, report, alias)
+        joins.append(clause)
+        if unknown is not None:
+            drops.append((f"{key} not in its table", unknown))
+    aliases = {"log": "l", "users": "u", "content": "c"}
+    needed = {feature_column(f) for f in cfg.features if f.kind != "history_mean"} | {USER_ID, CONTENT_ID}
+    for joined in sorted(needed):
+        table = origin.get(joined)
+        if table is None:
+            continue
+        canon = spaces[table.name][joined][0]
+        if joined in (USER_ID, CONTENT_ID) and table is not log:
+            continue
+        select.append(f"{aliases[table.name]}.{quote(canon)} AS {quote(joined)}")
+    duration_table = (
+        log if DURATION in log.columns else (content if content and DURATION in content.columns else None)
+    )
+    has_ratio = WATCH_TIME in log.columns
+    derived = [label for label in cfg.labels if not label.column]
+    if derived and not has_ratio:
+        raise log.error(
+            f"label '{derived[0].name}' derives from the watch ratio, but the log has no watch time column",
+            expected="a watch_time column (map it with data.source.columns)",
+        )
+    if has_ratio and duration_table is None:
+        raise log.error(
             "no duration: neither the interactions nor the content table has a duration column",
-            file=file,
             expected="a 'duration' column (map it with data.source.columns)",
         )
+    timestamp = _timestamp_sql(con, log)
+    if timestamp is not None:
+        select.append(f"{timestamp} AS {quote(TIMESTAMP)}")
+    reasons: List[Tuple[str, str]] = list(drops)
+    if has_ratio:
+        duration = f"{aliases[duration_table.name]}.{quote(DURATION)}"
+        watch = f"l.{quote(WATCH_TIME)}"
+        select += [f"{duration} AS {quote(DURATION)}", f"{watch} AS {quote(WATCH_TIME)}"]
+        ratio = f"({watch} / {duration})"
+        reasons += [
+            ("missing duration", f"{duration} IS NULL OR isnan({duration})"),
+            ("zero or negative duration", f"{duration} <= 0"),
+            ("missing watch time", f"{watch} IS NULL OR isnan({watch})"),
+            ("negative watch time", f"{watch} < 0"),
+        ]
+        if cfg.filters.drop_zero_watch_time:
+            reasons.append(("zero watch time", f"{watch} = 0"))
+        if wr.over_cap == "drop":
+            reasons.append((f"watch ratio above {wr.ratio_cap:g}", f"{ratio} > {wr.ratio_cap!r}"))
+        kept_ratio = f"LEAST({ratio}, {wr.ratio_cap!r})" if wr.over_cap == "clip" else ratio
+        select.append(f"{kept_ratio} AS __ratio")
+        select.append(f"{ratio} AS __raw_ratio")
+    for label in cfg.labels:
+        if label.column:
+            select.append(f"l.{quote(label.column)} AS {quote('__label__' + label.name)}")
+    case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(reasons))
+    select.append(f"CASE {case} END AS __drop" if reasons else "NULL::INTEGER AS __drop")
+    con.execute(f"CREATE OR REPLACE TABLE staged AS SELECT {', '.join(select)} FROM log l {' '.join(joins)}")
 
-    duration = events[DURATION].to_numpy()
-    events = report.drop(events, np.isnan(duration), "missing duration")
-    events = report.drop(events, events[DURATION].to_numpy() <= 0, "zero or negative duration")
-    events = report.drop(events, events[WATCH_TIME].isna().to_numpy(), "missing watch time")
-    events = report.drop(events, events[WATCH_TIME].to_numpy() < 0, "negative watch time")
-    zero = events[WATCH_TIME].to_numpy() == 0
-    if cfg.filters.drop_zero_watch_time:
-        events = report.drop(events, zero, "zero watch time")
-    else:
-        report.notes["zero watch time (kept: ratio 0, a skip)"] = int(zero.sum())
-    events = add_labels(events, cfg.labels, report)
+    counts = dict(con.execute("SELECT __drop, count(*) FROM staged GROUP BY __drop").fetchall())
+    for i, (reason, _) in enumerate(reasons):
+        report.dropped[reason] = int(counts.get(i, 0))
+    if has_ratio:
+        zero, above = con.execute(
+            f"SELECT count(*) FILTER (WHERE {quote(WATCH_TIME)} = 0), count(*) FILTER (WHERE __raw_ratio > "
+            f"{wr.ratio_cap!r}) FROM staged WHERE __drop IS NULL"
+        ).fetchone()
+        if not cfg.filters.drop_zero_watch_time:
+            report.notes["zero watch time (kept: ratio 0, a skip)"] = int(zero)
+        if wr.over_cap != "drop":
+            report.notes[f"watch ratio above {wr.ratio_cap:g} ({wr.over_cap})"] = int(above)
+    _check_binary_labels(con, log, cfg.labels)
 
-    views = events.groupby(USER_ID, sort=False)[USER_ID].transform("size").to_numpy()
-    few = views <= cfg.filters.min_user_views
-    report.notes[f"users with <= {cfg.filters.min_user_views} views (dropped)"] = int(
-        events.loc[few, USER_ID].nunique()
-    )
-    events = report.drop(events, few, f"user has <= {cfg.filters.min_user_views} views")
-    if len(events) == 0:
+    min_views = cfg.filters.min_user_views
+    keep_users = "TRUE"
+    if min_views > 0:
+        if USER_ID not in log.columns:
+            raise log.error("filters.min_user_views needs a user_id column", expected="min_user_views: 0")
+        users_out, rows_out = con.execute(
+            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM staged "
+            f"WHERE __drop IS NULL GROUP BY {quote(USER_ID)} HAVING count(*) <= {min_views})"
+        ).fetchone()
+        report.notes[f"users with <= {min_views} views (dropped)"] = int(users_out)
+        report.dropped[f"user has <= {min_views} views"] = int(rows_out)
+        con.execute(
+            f"CREATE OR REPLACE TABLE kept_users AS SELECT {quote(USER_ID)} AS u FROM staged "
+            f"WHERE __drop IS NULL GROUP BY {quote(USER_ID)} HAVING count(*) > {min_views}"
+        )
+        keep_users = f"{quote(USER_ID)} IN (SELECT u FROM kept_users)"
+    kept = f"__drop IS NULL AND {keep_users}"
+    rows = con.execute(f"SELECT count(*) FROM staged WHERE {kept}").fetchone()[0]
+    if rows == 0:
         summary = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items())
-        raise DataError(
+        raise log.error(
             f"no rows left after filtering ({report.rows_read} read; dropped {summary})",
-            file=file,
             expected="at least one usable row (check the filters and the duration / watch time columns)",
         )
-    events = events.reset_index(drop=True)
-    events.attrs["source_file"] = file
-    return events, report
+
+    labels_sql = []
+    for label in cfg.labels:
+        if label.column:
+            value = f"CAST({quote('__label__' + label.name)} AS DOUBLE)"
+        elif label.kind == "regression":
+            value = "CAST(__ratio AS DOUBLE)"
+        else:
+            value = f"CAST(__ratio < {label.threshold!r} AS DOUBLE)"
+        labels_sql.append(f"{value} AS {quote(label.name)}")
+    split = split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
+    columns = [c[0] for c in con.execute("DESCRIBE staged").fetchall()]
+    keep_columns = [quote(c) for c in columns if not c.startswith("__")] + [SOURCE_ROW]
+    # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
+    # columns of it at a time, and the writer streams it once per split.
+    con.execute(
+        f"CREATE OR REPLACE VIEW events AS SELECT {', '.join(keep_columns)}, {', '.join(labels_sql)}, "
+        f"{split} AS __split FROM staged WHERE {kept}"
+    )
+    described = {row[0]: row[1] for row in con.execute("DESCRIBE events").fetchall()}
+    return Events(con, described, origin, log, report, list(cfg.labels), int(rows), frozenset(post_exposure))
+
+
+def _check_binary_labels(con, log: LoadedTable, labels: List[LabelConfig]) -> None:
+    """A raw binary label must be 0 or 1 where present."""
+    for label in labels:
+        if label.column and label.kind == "binary":
+            q = quote(label.column)
+            bad = con.execute(
+                f"SELECT min(rowid) FROM log WHERE {q} IS NOT NULL AND {q} NOT IN (0, 1)"
+            ).fetchone()[0]
+            if bad is not None:
+                got = con.execute(f"SELECT {q} FROM log WHERE rowid = {bad}").fetchone()[0]
+                raise log.error(
+                    f"binary label '{label.name}' is not 0 or 1",
+                    bad,
+                    column=label.column,
+                    expected="0, 1 or empty (missing)",
+                    got=got,
+                )
+
+
+def label_missing(con: duckdb.DuckDBPyConnection, labels: List[LabelConfig]) -> Dict[str, int]:
+    """Kept rows whose raw label is missing, per label (they get weight 0 for that label)."""
+    if not labels:
+        return {}
+    parts = ", ".join(f"count(*) FILTER (WHERE {quote(label.name)} IS NULL)" for label in labels)
+    counts = con.execute(f"SELECT {parts} FROM events").fetchone()
+    return {label.name: int(n) for label, n in zip(labels, counts, strict=True)}

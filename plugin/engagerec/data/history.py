@@ -1,71 +1,86 @@
-"""Viewing history: for each event, the user's previous ids strictly before it in time.
+"""Viewing history as SQL windows: for each event, an aggregate over the same user's views
+strictly before its moment, at most ``length`` of them. The results go to a narrow table
+keyed by the event's source row, which the writer joins.
 
-Rows with the same (user, timestamp) never see each other, so no event's history
-contains itself or anything simultaneous. Only ids are used, never past labels.
+Rows of one user are ordered by (timestamp, source row). A window of the ``length`` rows
+before each row is exact for the first row of a moment; every row of that moment (same user,
+same timestamp) then takes the first row's value, so no event sees itself or anything
+simultaneous. Used for the id history (``list`` of the encoded ids) and for history_mean (the
+``avg`` of a past label, known when the next video is served).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
+from typing import List, Tuple
+
+import duckdb
 
 from engagerec.data.errors import DataError
-from engagerec.data.jagged import gather_rows, to_list_array
 from engagerec.data.raw import TIMESTAMP, USER_ID
+from engagerec.data.tables import quote
+
+ORDER = "__src"  # ties within a timestamp are broken by the row's position in the log
 
 
-def _previous_rows(events: pd.DataFrame, length: int):
-    """Rows sorted by (user, time) and, for each sorted row, the range [starts, ends) of the
-    same user's rows strictly before its moment, at most ``length`` of them."""
-    if TIMESTAMP not in events.columns:
-        raise DataError(
-            "a history feature needs a timestamp column",
-            column=TIMESTAMP,
-            expected="data.source.columns.timestamp to name it",
-        )
-    if length <= 0:
-        raise DataError(f"history length {length}", expected="a positive integer")
-    users = pd.factorize(events[USER_ID])[0]
-    times = events[TIMESTAMP].to_numpy()
-    order = np.lexsort((times, users))  # by user, then time
-    users_sorted, times_sorted = users[order], times[order]
-    n = len(order)
-    position = np.arange(n)
-    new_user = np.r_[True, users_sorted[1:] != users_sorted[:-1]]
-    new_moment = new_user | np.r_[True, times_sorted[1:] != times_sorted[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, position, 0))
-    moment_start = np.maximum.accumulate(np.where(new_moment, position, 0))
-    starts = np.maximum(user_start, moment_start - length)
-    return order, starts, moment_start
+def has_ties(con: duckdb.DuckDBPyConnection, source: str = "events") -> bool:
+    """Whether any user has two views at one timestamp (then windows need a second pass)."""
+    user, time = quote(USER_ID), quote(TIMESTAMP)
+    return bool(
+        con.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM {source} GROUP BY {user}, {time} HAVING count(*) > 1)"
+        ).fetchone()[0]
+    )
 
 
-def previous_label_mean(events: pd.DataFrame, label: str, length: int) -> np.ndarray:
-    """Mean of ``label`` over the user's last ``length`` views strictly before each row (NaN for a
-    first view). Past outcomes are known when the next video is served, so this is a
-    pre-exposure feature; the row's own label and anything simultaneous are excluded."""
-    order, starts, ends = _previous_rows(events, length)
-    prefix = np.concatenate([[0.0], np.cumsum(events[label].to_numpy(dtype=np.float64)[order])])
-    counts = ends - starts
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sorted_mean = np.where(counts > 0, (prefix[ends] - prefix[starts]) / np.maximum(counts, 1), np.nan)
-    out = np.empty(len(order))
-    out[order] = sorted_mean
-    return out
+def build_history_table(
+    con: duckdb.DuckDBPyConnection,
+    target: str,
+    source: str,
+    columns: List[Tuple[str, str, int, str]],
+    ties: bool = True,
+) -> None:
+    """``CREATE TABLE target(__src, __split, <one column per history feature>)``.
+
+    Args:
+        source: a SELECT giving ``__src``, ``__split``, ``__u`` (user), ``__t`` (time) and
+            ``__v0, __v1, ...``: the values the windows aggregate, one per column.
+        columns: (name, aggregate, length, value when there is no earlier view), e.g.
+            ``("history", "list", 20, "[]::INTEGER[]")`` or ``("recent_skip", "avg", 20, "NULL")``.
+        ties: whether a user may have several views at one timestamp; without ties the
+            second window pass (first row of each moment) is skipped.
+
+    The windows run over this narrow projection, never over the wide rows: sorting those
+    costs several times more and spills early under a memory limit.
+
+    Example::
+
+        build_history_table(con, "history", "SELECT __src, __split, user_id AS __u, timestamp AS __t, "
+                            "skip AS __v0 FROM events", [("recent_skip", "avg", 20, "NULL")])
+    """
+    inner, outer = [], []
+    for i, (name, aggregate, length, empty) in enumerate(columns):
+        if length <= 0:
+            raise DataError(f"history feature '{name}': length {length}", expected="a positive integer")
+        frame = f"ROWS BETWEEN {int(length)} PRECEDING AND 1 PRECEDING"
+        window = f"{aggregate}(__v{i}) OVER (PARTITION BY __u ORDER BY __t, {ORDER} {frame})"
+        if ties:
+            inner.append(f"{window} AS __h{i}")
+            first = f"first_value(__h{i}) OVER (PARTITION BY __u, __t ORDER BY {ORDER})"
+            outer.append(f"coalesce({first}, {empty}) AS {quote(name)}")
+        else:
+            outer.append(f"coalesce({window}, {empty}) AS {quote(name)}")
+    body = f"SELECT *, {', '.join(inner)} FROM ({source})" if ties else source
+    con.execute(
+        f"CREATE OR REPLACE TABLE {target} AS SELECT {ORDER}, __split, {', '.join(outer)} FROM ({body})"
+    )
 
 
-def previous_ids(events: pd.DataFrame, of: str, length: int) -> pd.Series:
-    """A list column: up to ``length`` most recent ``of`` values before each row, oldest first."""
-    order, starts, moment_start = _previous_rows(events, length)
-    n = len(order)
-    position = np.arange(n)
-    lengths = moment_start - starts
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    source = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-    values_sorted = events[of].to_numpy()[order][source]
-    inverse = np.empty(n, dtype=np.int64)  # back to the events' own row order
-    inverse[order] = position
-    out_offsets, values = gather_rows(offsets, values_sorted, inverse)
-    array = to_list_array(out_offsets, values)
-    return pd.Series(pd.arrays.ArrowExtensionArray(pa.chunked_array([array])), index=events.index)
+def require_history_keys(columns, name: str) -> None:
+    """History needs a user and a time order; say which is missing."""
+    for key in (USER_ID, TIMESTAMP):
+        if key not in columns:
+            raise DataError(
+                f"history feature '{name}' needs a {key} column",
+                column=key,
+                expected=f"data.source.columns.{key} to name it",
+            )

@@ -1,125 +1,249 @@
-"""prepare(): tables -> events -> labels -> split -> schema (train only) -> parquet shards.
+"""prepare(): the one dataset writer. tables -> events -> labels -> split -> schema (train only)
+-> encoded parquet shards, out of core (DuckDB), for every adapter.
 
 Output directory layout::
 
-    schema.json          vocabularies, buckets, normalisation, labels, the report below
-    train/part-*.parquet rows shuffled (seeded) so that streaming reads are mixed
+    schema.json          encodings, labels, the summary below
+    vocabs/<id space>.parquet  one vocabulary per id space (token per row, index = row + 1)
+    train/part-*.parquet rows in a seeded random order, so that streaming reads are mixed
     val/part-*.parquet
     test/part-*.parquet
+
+Memory is bounded by DuckDB's ``data.memory_limit`` (it spills to a scratch directory inside
+the output directory) and by one record batch in Python, never by the number of rows.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-import numpy as np
-import pandas as pd
+import duckdb
 
 from engagerec.config import DataConfig
 from engagerec.data.adapters import load_tables
-from engagerec.data.events import SKIP, WATCH_RATIO, FilterReport, build_events
-from engagerec.data.history import previous_ids, previous_label_mean
-from engagerec.data.raw import CONTENT_ID, USER_ID
-from engagerec.data.schema import DatasetSchema, LabelSpec, history_column
-from engagerec.data.shards import write_split
-from engagerec.data.split import split_indices
+from engagerec.data.events import Events, FilterReport, build_events, label_missing
+from engagerec.data.history import build_history_table, has_ties
+from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
+from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
+from engagerec.data.shards import ShardWriter
+from engagerec.data.split import SPLIT_NAMES, seeded_order
+from engagerec.data.tables import connect, quote
 
-SPLITS = ("train", "val", "test")
-STUDY_LABELS = [LabelSpec(WATCH_RATIO, "regression"), LabelSpec(SKIP, "binary")]
-
-
-def _label_stats(frame: pd.DataFrame) -> Dict[str, float]:
-    if len(frame) == 0:
-        return {"rows": 0}
-    return {
-        "rows": int(len(frame)),
-        "users": int(frame[USER_ID].nunique()),
-        "items": int(frame[CONTENT_ID].nunique()),
-        "mean_watch_ratio": float(frame[WATCH_RATIO].mean()),
-        "var_watch_ratio": float(frame[WATCH_RATIO].var(ddof=0)),
-        "skip_rate": float(frame[SKIP].mean()),
-    }
+SPLITS = SPLIT_NAMES
+BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet writer
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> Dict[str, Any]:
-    """Build a prepared dataset in ``out_dir``; returns the summary also stored in schema.json."""
+    """Build a prepared dataset in ``out_dir``; returns the summary also stored in schema.json.
+
+    Args:
+        cfg: the ``data`` section of an experiment config (source, features, labels, filters,
+            split, shard sizes, the engine's memory limit).
+        out_dir: the output directory (created; earlier splits in it are replaced).
+        overwrite: replace the splits of an earlier prepare in ``out_dir``.
+
+    Example::
+
+        from engagerec.config import load_config
+        summary = prepare(load_config("configs/kuairand_random.yaml").data, "prepared/kuairand_random")
+        print(format_summary(summary))
+    """
     out_dir = Path(out_dir)
-    raw = load_tables(cfg.source)
-    events, report = build_events(raw, cfg)
-    for feature in cfg.features:
-        if feature.kind == "history":
-            events[history_column(feature)] = previous_ids(events, feature.of, feature.length)
-        elif feature.kind == "history_mean":
-            events[feature.name] = previous_label_mean(events, feature.of, feature.length)
-    splits = split_indices(events, cfg.split)
-    train = events.iloc[splits["train"]]
-    schema = DatasetSchema.fit(train, cfg.features, STUDY_LABELS, raw.post_exposure)
-
-    if out_dir.exists() and overwrite:
-        for name in SPLITS:
-            shutil.rmtree(out_dir / name, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shuffle = np.random.default_rng(cfg.split.seed + 1)
-    files: Dict[str, Any] = {}
-    for name in SPLITS:
-        rows = splits[name]
-        if name == "train":  # mixed order on disk, so a streaming reader need not shuffle far
-            rows = rows[shuffle.permutation(len(rows))]
-        encoded = schema.encode(events.iloc[rows])
-        writer = write_split([encoded], out_dir / name, cfg.rows_per_file, cfg.row_group_size, encoded.schema)
-        files[name] = {"rows": writer.rows, "files": writer.files}
+    timings: Dict[str, float] = {}
+    clock = time.perf_counter()
 
-    summary = _summary(cfg, report, events, splits, schema, raw.notes)
-    schema.meta = {"summary": summary, "splits": files, "config": asdict(cfg)}
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 2)
+        clock = now
+
+    work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    try:
+        con = connect(work, cfg.memory_limit, cfg.threads)
+        raw = load_tables(cfg.source, work)
+        events = build_events(con, raw, cfg)
+        lap("load, join, labels, filters, split")
+        if overwrite:
+            for name in (*SPLITS, VOCAB_DIR):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+        fitter = Fitter(con, events, cfg.features, out_dir)
+        fitter.fit_ids()
+        lap("fit vocabularies (train)")
+        _history(con, fitter, events, cfg)
+        lap("history windows")
+        schema = fitter.fit_numbers()
+        lap("fit normalisation, buckets (train)")
+        files = _write_splits(con, fitter, events, cfg, out_dir)
+        lap("encode, shuffle, write shards")
+        summary = _summary(con, cfg, events, schema, raw.notes)
+        summary["seconds"] = timings
+        con.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    schema.meta = {
+        "summary": summary,
+        "splits": files,
+        "config": asdict(cfg),
+        "engine": f"duckdb {duckdb.__version__}",
+    }
     schema.save(out_dir)
     return summary
 
 
+def _history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig) -> None:
+    """The ``history`` table: per event, its id histories (encoded ids of earlier views) and its
+    history_mean features (means of earlier labels)."""
+    values, windows = [], []
+    for feature, lookup in fitter.histories:
+        values.append(lookup)
+        windows.append((feature.name, "list", feature.length, "[]::INTEGER[]"))
+    for feature in cfg.features:
+        if feature.kind == "history_mean":
+            values.append(f"e.{quote(feature.of)}")
+            windows.append((feature.name, "avg", feature.length, "NULL"))
+    if not windows:
+        con.execute("CREATE OR REPLACE TABLE history AS SELECT __src, __split FROM events")
+        return
+    source = (
+        f"SELECT e.__src, e.__split, e.{quote(USER_ID)} AS __u, e.{quote(TIMESTAMP)} AS __t, "
+        + ", ".join(f"{value} AS __v{i}" for i, value in enumerate(values))
+        + " FROM events e "
+        + " ".join(fitter.history_joins)
+    )
+    build_history_table(con, "history", source, windows, ties=has_ties(con))
+
+
+def _split_order(cfg: DataConfig, split: str) -> str:
+    """Train in a seeded random order (streaming reads are then mixed); val and test in the
+    split's own order (random, by time, or by source row)."""
+    if split == "train":
+        return seeded_order(cfg.split.seed + 1, "e.__src")
+    if cfg.split.kind == "random":
+        return seeded_order(cfg.split.seed, "e.__src")
+    if cfg.split.kind == "temporal":
+        return f"e.{quote(TIMESTAMP)}, e.__src"
+    return "e.__src"
+
+
+def _write_splits(con, fitter: Fitter, events: Events, cfg: DataConfig, out_dir: Path) -> Dict[str, Any]:
+    """Encode and write each split in one streaming query: vocabulary lookups (joins), the
+    history table (a join on the source row), standardisation, labels, the split's order."""
+    schema = fitter.schema
+    columns = [f"{fitter.sparse_sql[name]} AS {quote(name)}" for name in schema.sparse_names]
+    columns += [f"{fitter.dense_sql[name]} AS {quote(name)}" for name in schema.dense_names]
+    columns += [
+        f"CAST(coalesce(e.{quote(label)}, 'NaN'::DOUBLE) AS FLOAT) AS {quote(label)}"
+        for label in schema.label_names
+    ]
+    joins = " ".join(fitter.joins) + " JOIN history h ON h.__src = e.__src"
+    files: Dict[str, Any] = {}
+    for code, name in enumerate(SPLITS):
+        writer = ShardWriter(out_dir / name, cfg.rows_per_file, cfg.row_group_size)
+        query = (
+            f"SELECT {', '.join(columns)} FROM events e {joins} WHERE e.__split = {code} "
+            f"ORDER BY {_split_order(cfg, name)}"
+        )
+        reader = con.cursor().sql(query).to_arrow_reader(BATCH_ROWS)  # own cursor: streams alone
+        layout = reader.schema
+        for batch in reader:
+            writer.write_batch(batch)
+        writer.close(layout)
+        files[name] = {"rows": writer.rows, "files": writer.files}
+    return files
+
+
+# ------------------------------------------------------------------- summary
+
+
+def _stats(con, events: Events) -> Dict[str, Dict[str, Any]]:
+    """Per split and for all rows: rows, users, items, and per label mean, variance, missing."""
+    parts = ["count(*)"]
+    parts.append(f"count(DISTINCT {quote(USER_ID)})" if USER_ID in events.columns else "NULL")
+    parts.append(f"count(DISTINCT {quote(CONTENT_ID)})" if CONTENT_ID in events.columns else "NULL")
+    for label in events.labels:
+        q = quote(label.name)
+        parts += [
+            f"avg({q})",
+            f"var_pop({q})",
+            f"count(*) FILTER (WHERE {q} IS NULL)",
+            f"min({q})",
+            f"max({q})",
+        ]
+    rows = con.execute(
+        f"SELECT __split, {', '.join(parts)} FROM events GROUP BY GROUPING SETS ((__split), ())"
+    ).fetchall()
+    out: Dict[str, Dict[str, Any]] = {name: {"rows": 0} for name in (*SPLITS, "all")}
+    for row in rows:
+        key = "all" if row[0] is None else SPLITS[row[0]]
+        stats: Dict[str, Any] = {"rows": int(row[1])}
+        if row[2] is not None:
+            stats["users"] = int(row[2])
+        if row[3] is not None:
+            stats["items"] = int(row[3])
+        stats["labels"] = {}
+        for i, label in enumerate(events.labels):
+            mean, var, missing, low, high = row[4 + 5 * i : 9 + 5 * i]
+            stats["labels"][label.name] = {
+                "mean": None if mean is None else float(mean),
+                "var": None if var is None else float(var),
+                "missing": int(missing),
+                "min": None if low is None else float(low),
+                "max": None if high is None else float(high),
+            }
+        out[key] = stats
+    return out
+
+
+def _baselines(con, events: Events, stats: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Constant predictors fitted on train, scored on test: the floor every model must beat."""
+    out: Dict[str, Dict[str, float]] = {}
+    if stats["test"]["rows"] == 0:
+        return out
+    for label in events.labels:
+        mean = stats["train"]["labels"][label.name]["mean"]
+        if mean is None:
+            continue
+        q = quote(label.name)
+        if label.kind == "binary":
+            majority = 1.0 if mean >= 0.5 else 0.0
+            accuracy = con.execute(
+                f"SELECT avg(CAST({q} = {majority} AS DOUBLE)) FROM events WHERE __split = 2"
+            ).fetchone()[0]
+            out[label.name] = {"accuracy_majority": accuracy, "positive_rate_train": mean}
+        else:
+            mse = con.execute(f"SELECT avg(({q} - {mean!r}) ^ 2) FROM events WHERE __split = 2").fetchone()[0]
+            out[label.name] = {"mse_train_mean": mse}
+    return out
+
+
 def _summary(
-    cfg: DataConfig,
-    report: FilterReport,
-    events: pd.DataFrame,
-    splits: Dict[str, np.ndarray],
-    schema: DatasetSchema,
-    notes: Dict[str, str],
+    con, cfg: DataConfig, events: Events, schema: DatasetSchema, notes: Dict[str, str]
 ) -> Dict[str, Any]:
+    report: FilterReport = events.report
+    stats = _stats(con, events)
     return {
         "adapter": cfg.source.adapter,
         "rows_read": report.rows_read,
         "dropped": dict(report.dropped),
         "rows_dropped": report.rows_dropped,
         "counted_not_dropped": dict(report.notes),
-        "rows_kept": int(len(events)),
-        "labels": {
-            "ratio_cap": cfg.labels.ratio_cap,
-            "over_cap": cfg.labels.over_cap,
-            "skip_threshold": cfg.labels.skip_threshold,
-        },
-        "all": _label_stats(events),
-        "split": {
-            "kind": cfg.split.kind,
-            "seed": cfg.split.seed,
-            **{name: _label_stats(events.iloc[idx]) for name, idx in splits.items()},
-        },
-        "baselines_on_test": _baselines(events.iloc[splits["train"]], events.iloc[splits["test"]]),
+        "rows_kept": events.rows,
+        "watch_ratio": asdict(cfg.watch_ratio),
+        "labels": {label.name: asdict(label) for label in cfg.labels},
+        "label_missing": label_missing(con, events.labels),
+        "all": stats["all"],
+        "split": {"kind": cfg.split.kind, "seed": cfg.split.seed, **{name: stats[name] for name in SPLITS}},
+        "baselines_on_test": _baselines(con, events, stats),
         "sparse_features": {f.name: schema.num_embeddings(f.id_space) for f in schema.sparse},
         "dense_features": schema.dense_names,
         "notes": notes,
-    }
-
-
-def _baselines(train: pd.DataFrame, test: pd.DataFrame) -> Dict[str, float]:
-    """Constant predictors fitted on train: the floor every model must beat."""
-    if len(test) == 0:
-        return {}
-    mean = float(train[WATCH_RATIO].mean())
-    majority = float(train[SKIP].mean() >= 0.5)
-    return {
-        "watch_ratio_mse_train_mean": float(((test[WATCH_RATIO] - mean) ** 2).mean()),
-        "skip_accuracy_majority": float((test[SKIP] == majority).mean()),
     }
 
 
@@ -133,22 +257,34 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
     for note, count in summary["counted_not_dropped"].items():
         lines.append(f"  counted: {note:<30} {count:>8,}")
     everything = summary["all"]
-    lines.append(
-        f"  users {everything['users']:,}   items {everything['items']:,}   "
-        f"mean watch ratio {everything['mean_watch_ratio']:.4f}   "
-        f"skip rate {everything['skip_rate']:.4f} (threshold {summary['labels']['skip_threshold']:g})"
-    )
+    who = [f"{everything[k]:,} {k}" for k in ("users", "items") if k in everything]
+    if who:
+        lines.append("  " + "   ".join(who))
+    baselines = summary["baselines_on_test"]
+    for name, spec in summary["labels"].items():
+        stats = everything["labels"][name]
+        source = spec["column"] or (
+            "watch ratio" if spec["kind"] == "regression" else f"ratio < {spec['threshold']:g}"
+        )
+        what = "rate" if spec["kind"] == "binary" else "mean"
+        text = f"  label {name:<14} {spec['kind']:<10} ({source}): {what} {stats['mean']:.4f}"
+        if stats["missing"]:
+            text += f", missing {stats['missing']:,} (weight 0)"
+        base = baselines.get(name, {})
+        if "mse_train_mean" in base:
+            text += f"; test MSE of the train mean {base['mse_train_mean']:.4f}"
+        if "accuracy_majority" in base:
+            text += f"; test accuracy of the majority class {base['accuracy_majority']:.4f}"
+        lines.append(text)
     split = summary["split"]
     sizes = "   ".join(f"{name} {split[name]['rows']:,}" for name in SPLITS)
     lines.append(f"  split {split['kind']} (seed {split['seed']}): {sizes}")
-    baselines = summary["baselines_on_test"]
-    if baselines:
-        lines.append(
-            f"  constant baselines on test: watch-ratio MSE (train mean) "
-            f"{baselines['watch_ratio_mse_train_mean']:.4f}, skip accuracy (majority) "
-            f"{baselines['skip_accuracy_majority']:.4f}"
-        )
     tables = ", ".join(f"{name}[{rows:,}]" for name, rows in summary["sparse_features"].items())
     lines.append(f"  sparse features (table rows incl. OOV): {tables}")
     lines.append(f"  dense features: {', '.join(summary['dense_features']) or '-'}")
+    if "seconds" in summary:
+        lines.append("  seconds: " + ", ".join(f"{k} {v:g}" for k, v in summary["seconds"].items()))
     return "\n".join(lines)
+
+
+__all__: List[str] = ["SPLITS", "format_summary", "prepare"]

@@ -207,8 +207,11 @@ class ShardReader(IterableDataset):
                 offsets, flat = chunk.multis[k]
                 values.append(np.tile(flat[offsets[lo] : offsets[hi]], times))
                 lengths.append(np.tile(np.diff(offsets[lo : hi + 1]).astype(np.int32), times))
-        labels = torch.from_numpy(cat([rows(c.labels, lo, hi, n) for c, lo, hi, n, _ in pieces]))
+        labels = cat([rows(c.labels, lo, hi, n) for c, lo, hi, n, _ in pieces])
         weights = np.concatenate([np.full((hi - lo) * n, w, dtype=np.float32) for _, lo, hi, n, w in pieces])
+        present = ~np.isnan(labels)  # a missing raw label (NaN in the shard) weighs 0 for its task only
+        label_weights = torch.from_numpy(np.where(present, weights[:, None], np.float32(0)))
+        labels = torch.from_numpy(np.where(present, labels, np.float32(0)))
         return Batch(
             dense_features=torch.from_numpy(cat([rows(c.dense, lo, hi, n) for c, lo, hi, n, _ in pieces])),
             sparse_features=KeyedJaggedTensor(
@@ -218,6 +221,7 @@ class ShardReader(IterableDataset):
             ),
             labels={name: labels[:, i] for i, name in enumerate(self.schema.label_names)},
             weights=torch.from_numpy(weights),
+            label_weights={name: label_weights[:, i] for i, name in enumerate(self.schema.label_names)},
         )
 
     def _batch_rows(self, b: int) -> Tuple[int, int, int]:

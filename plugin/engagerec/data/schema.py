@@ -1,13 +1,18 @@
 """DatasetSchema: vocabularies, buckets and normalisation fitted on TRAIN rows only.
 
-It is written as schema.json beside the parquet shards, so that training, evaluation
-and prediction encode data identically. Encoding conventions:
+It is written as schema.json (plus one parquet file per vocabulary under ``vocabs/``) beside
+the shards, so that training, evaluation and prediction encode data identically.
+Encoding conventions:
 
 * every id space has a vocabulary; row 0 of its table is the out-of-vocabulary /
-  missing row, known ids are 1..len(vocab);
+  missing row, known ids are 1..len(vocab) in sorted token order. An id space bigger than
+  the feature's ``hash_buckets`` is hashed instead: row 1 + hash(id) % hash_buckets;
 * numeric features become standardised float32 dense columns (train mean / std);
-  ``buckets`` > 0 adds ``<name>_bucket``, a sparse feature over train quantiles;
-* labels are float32 columns (watch_ratio, skip, ...).
+  ``buckets`` > 0 adds ``<name>_bucket``, a sparse feature over exact train quantiles;
+* labels are float32 columns, NaN where a raw label is missing (weight 0 for that task).
+
+Fitting and encoding are SQL over the ``events`` table (engagerec.data.events), so they
+run out of core; a vocabulary of millions of ids is a DuckDB table, never a Python list.
 """
 
 from __future__ import annotations
@@ -15,63 +20,71 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Dict, List, Optional
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
-from engagerec.data.jagged import list_array_parts, to_list_array
-from engagerec.data.raw import SOURCE_ROW
-from engagerec.data.tables import as_numeric
+from engagerec.data.tables import is_numeric, literal, quote
 
 SCHEMA_FILE = "schema.json"
-SCHEMA_VERSION = 1
+VOCAB_DIR = "vocabs"
+SCHEMA_VERSION = 2
 FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history", "history_mean")
-PAST_LABELS = ("watch_ratio", "skip")  # what a history_mean feature may average
 TRANSFORMS = ("none", "log1p")
-
-
-def history_column(feature: FeatureConfig) -> str:
-    """Name of the precomputed raw-id history column a history feature reads."""
-    return f"__history__{feature.of}__{feature.length}"
 
 
 @dataclass
 class SparseFeature:
+    """One sparse (id) input: its name in the shards, its id space (table), and whether a row
+    holds several ids (genres, history) or exactly one."""
+
     name: str
     id_space: str
-    multi: bool  # several ids per row (genres, history) or exactly one
+    multi: bool
 
 
 @dataclass
 class DenseFeature:
+    """One dense input: standardised by the train ``mean`` and ``std``; ``fill`` imputes
+    missing values (the train mean), or is None when a missing value is an error."""
+
     name: str
     column: str
     transform: str
     mean: float
     std: float
-    fill: Optional[float]  # imputed value for missing entries (train mean), or None: missing is an error
+    fill: Optional[float]
 
 
 @dataclass
 class LabelSpec:
+    """One label column of the shards: its name and kind (regression | binary)."""
+
     name: str
-    kind: str  # regression | binary
+    kind: str
 
 
 @dataclass
 class DatasetSchema:
+    """What a prepared dataset holds and how its inputs were encoded (see the module docstring).
+
+    Example::
+
+        schema = DatasetSchema.load("prepared/kuairand_random")
+        schema.sparse_names, schema.dense_names, schema.label_names
+        schema.num_embeddings("content_id")  # rows of that id space's table, OOV row included
+    """
+
     features: List[Dict[str, Any]]  # the FeatureConfigs it was fitted with
     sparse: List[SparseFeature]
     dense: List[DenseFeature]
     labels: List[LabelSpec]
-    vocabs: Dict[str, List[Any]]  # id space -> tokens (index = position + 1)
+    vocab_sizes: Dict[str, int]  # id space -> known ids (table rows = size + 1)
+    hashed: Dict[str, int] = field(default_factory=dict)  # id space -> hash buckets
     buckets: Dict[str, List[float]] = field(default_factory=dict)  # feature -> boundaries
-    input_columns: Dict[str, str] = field(default_factory=dict)  # column -> "number" | "text" | "list"
+    input_columns: Dict[str, str] = field(default_factory=dict)  # column -> "number" | "text"
     meta: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
@@ -88,131 +101,14 @@ class DatasetSchema:
         return [label.name for label in self.labels]
 
     def num_embeddings(self, id_space: str) -> int:
-        """Rows of the id space's table: its vocabulary plus the out-of-vocabulary row 0."""
-        return len(self.vocabs[id_space]) + 1
+        """Rows of the id space's table: its vocabulary (or hash buckets) plus the OOV row 0."""
+        if id_space in self.hashed:
+            return self.hashed[id_space] + 1
+        return self.vocab_sizes[id_space] + 1
 
-    # ---------------------------------------------------------------- fitting
-    @classmethod
-    def fit(
-        cls,
-        train: pd.DataFrame,
-        features: List[FeatureConfig],
-        labels: List[LabelSpec],
-        post_exposure: FrozenSet[str] = frozenset(),
-    ) -> "DatasetSchema":
-        _validate_features(train, features, post_exposure)
-        schema = cls(
-            features=[asdict(f) for f in features], sparse=[], dense=[], labels=list(labels), vocabs={}
-        )
-        for feature in features:
-            column = feature.column or feature.name
-            space = feature.id_space or column
-            if feature.kind == "categorical":
-                if space not in schema.vocabs:
-                    schema.vocabs[space] = _fit_vocab(_category_tokens(train, column), feature.min_count)
-                schema.sparse.append(SparseFeature(feature.name, space, multi=False))
-            elif feature.kind == "multi_hot":
-                if space not in schema.vocabs:
-                    tokens = _split_tokens(train[column], feature.separator).flatten()
-                    schema.vocabs[space] = _fit_vocab(pa.array(tokens), feature.min_count)
-                schema.sparse.append(SparseFeature(feature.name, space, multi=True))
-            elif feature.kind == "history":
-                space = feature.id_space or feature.of
-                if space not in schema.vocabs:
-                    schema.vocabs[space] = _fit_vocab(_category_tokens(train, feature.of), feature.min_count)
-                schema.sparse.append(SparseFeature(feature.name, space, multi=True))
-            else:  # numeric, or history_mean (a numeric column prepare computed; first views impute)
-                values = _numeric_input(train, column, feature)
-                finite = values[~np.isnan(values)]
-                if finite.size == 0:
-                    raise DataError(
-                        "numeric feature has no values in the training split",
-                        column=column,
-                        expected="at least one number",
-                    )
-                mean, std = float(finite.mean()), float(finite.std())
-                fill = mean if feature.missing == "mean" or feature.kind == "history_mean" else None
-                schema.dense.append(
-                    DenseFeature(feature.name, column, feature.transform, mean, std if std > 0 else 1.0, fill)
-                )
-                if feature.buckets > 0:
-                    bucket_name = f"{feature.name}_bucket"
-                    quantiles = np.linspace(0, 1, feature.buckets + 1)[1:-1]
-                    schema.buckets[bucket_name] = np.unique(np.quantile(finite, quantiles)).tolist()
-                    schema.vocabs[bucket_name] = list(range(len(schema.buckets[bucket_name]) + 1))
-                    schema.sparse.append(SparseFeature(bucket_name, bucket_name, multi=False))
-        schema.input_columns = {c: _column_kind(train[c]) for c in _input_columns(features)}
-        return schema
-
-    # --------------------------------------------------------------- encoding
-    def check_columns(self, frame: pd.DataFrame, file: Optional[str] = None) -> None:
-        """Schema drift: new data must carry the columns, of the kinds, this schema was fitted on."""
-        file = file or frame.attrs.get("source_file")
-        for column, kind in self.input_columns.items():
-            if column not in frame.columns:
-                raise DataError(
-                    "schema drift: column is missing from new data",
-                    file=file,
-                    column=column,
-                    expected=f"a {kind} column as in {SCHEMA_FILE}",
-                )
-            got = _column_kind(frame[column])
-            if got != kind and not (kind == "text" and got == "number"):
-                raise DataError(
-                    "schema drift: column changed kind",
-                    file=file,
-                    column=column,
-                    expected=f"{kind} as in {SCHEMA_FILE}",
-                    got=got,
-                )
-
-    def encode(self, frame: pd.DataFrame) -> pa.Table:
-        """Encode rows into the shard layout: sparse int32 / list<int32>, dense and labels float32."""
-        self.check_columns(frame)
-        columns: Dict[str, pa.Array] = {}
-        configs = [FeatureConfig(**f) for f in self.features]
-        for feature in configs:
-            column = feature.column or feature.name
-            space = feature.id_space or (feature.of if feature.kind == "history" else column)
-            if feature.kind == "categorical":
-                columns[feature.name] = _lookup(self.vocabs[space], _category_tokens(frame, column))
-            elif feature.kind == "multi_hot":
-                lists = _split_tokens(frame[column], feature.separator)
-                offsets, tokens = lists.offsets.to_numpy(), lists.flatten()
-                columns[feature.name] = to_list_array(
-                    offsets - offsets[0], _lookup(self.vocabs[space], tokens).to_numpy()
-                )
-            elif feature.kind == "history":
-                offsets, raw = list_array_parts(pa.array(frame[history_column(feature)]))
-                columns[feature.name] = to_list_array(
-                    offsets, _lookup(self.vocabs[space], _tokens_like(raw)).to_numpy()
-                )
-        for dense in self.dense:
-            feature = next(f for f in configs if f.name == dense.name)
-            values = _numeric_input(frame, dense.column, feature)
-            missing = np.isnan(values)
-            if missing.any():
-                if dense.fill is None:
-                    row = int(np.flatnonzero(missing)[0])
-                    if SOURCE_ROW in frame.columns:
-                        row = int(frame[SOURCE_ROW].iloc[row])
-                    raise DataError(
-                        "numeric feature value is missing",
-                        file=frame.attrs.get("source_file"),
-                        column=dense.column,
-                        row=row,
-                        expected="a number (or set missing: mean on the feature to impute)",
-                    )
-                values = np.where(missing, dense.fill, values)
-            columns[dense.name] = pa.array(((values - dense.mean) / dense.std).astype(np.float32))
-            bucket_name = f"{dense.name}_bucket"
-            if bucket_name in self.buckets:
-                index = np.searchsorted(np.asarray(self.buckets[bucket_name]), values, side="right") + 1
-                columns[bucket_name] = pa.array(np.where(missing, 0, index).astype(np.int32))
-        for label in self.labels:
-            columns[label.name] = pa.array(frame[label.name].to_numpy(dtype=np.float32))
-        order = self.sparse_names + self.dense_names + self.label_names
-        return pa.table({name: columns[name] for name in order})
+    def vocab(self, directory: str | Path, id_space: str) -> List[Any]:
+        """The tokens of an id space, in index order (index = position + 1)."""
+        return pq.read_table(Path(directory) / VOCAB_DIR / f"{id_space}.parquet").column("token").to_pylist()
 
     # ---------------------------------------------------------------- storage
     def to_json(self) -> Dict[str, Any]:
@@ -233,43 +129,34 @@ class DatasetSchema:
         raw = json.loads(path.read_text())
         if raw.pop("version", None) != SCHEMA_VERSION:
             raise DataError(
-                "unsupported schema version", file=str(path), expected=f"version {SCHEMA_VERSION}"
+                "unsupported schema version (prepared by another engagerec release): prepare the data again",
+                file=str(path),
+                expected=f"version {SCHEMA_VERSION}",
             )
         return cls(
             features=raw["features"],
             sparse=[SparseFeature(**f) for f in raw["sparse"]],
             dense=[DenseFeature(**f) for f in raw["dense"]],
             labels=[LabelSpec(**label) for label in raw["labels"]],
-            vocabs=raw["vocabs"],
+            vocab_sizes=raw["vocab_sizes"],
+            hashed=raw.get("hashed", {}),
             buckets=raw.get("buckets", {}),
             input_columns=raw.get("input_columns", {}),
             meta=raw.get("meta", {}),
         )
 
 
-# ------------------------------------------------------------------- helpers
-
-
 def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
+    if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def _input_columns(features: List[FeatureConfig]) -> List[str]:
-    columns = []
-    for feature in features:
-        if feature.kind == "history_mean":
-            continue  # computed by prepare from earlier rows, not read from the input tables
-        column = feature.of if feature.kind == "history" else (feature.column or feature.name)
-        if column not in columns:
-            columns.append(column)
-    return columns
+# ----------------------------------------------------------------- fitting (SQL)
 
 
-def _validate_features(
-    frame: pd.DataFrame, features: List[FeatureConfig], post_exposure: FrozenSet[str]
-) -> None:
+def validate_features(features: List[FeatureConfig], columns: Dict[str, str], labels: List[str]) -> None:
+    """Names unique, kinds and options known, every column present in the joined tables."""
     seen = set()
     for i, feature in enumerate(features):
         where = f"data.features[{i}] ('{feature.name}')"
@@ -285,103 +172,244 @@ def _validate_features(
         if feature.missing not in ("error", "mean"):
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
         if feature.kind == "history_mean":
-            if feature.of not in PAST_LABELS:
+            if feature.of not in labels:
                 raise DataError(
                     f"{where}: history_mean averages a label of earlier views",
-                    expected=f"of: one of {PAST_LABELS}",
+                    expected=f"of: one of the labels {labels}",
                     got=feature.of,
                 )
             continue
         column = feature.of if feature.kind == "history" else (feature.column or feature.name)
-        if column in post_exposure or column in ("watch_time", "watch_ratio", "skip"):
+        if column not in columns:
+            visible = sorted(c for c in columns if not c.startswith("__"))
             raise DataError(
-                f"{where}: column '{column}' is observed during or after the view "
-                "(a label or a leak) and cannot be a feature"
-            )
-        if column not in frame.columns:
-            raise DataError(
-                f"{where}: reads column '{column}', which no table has",
-                expected=f"one of {sorted(c for c in frame.columns if not c.startswith('__'))}",
+                f"{where}: reads column '{column}', which no table has", expected=f"one of {visible}"
             )
 
 
-def _column_kind(series: pd.Series) -> str:
-    if isinstance(series.dtype, pd.ArrowDtype) and pa.types.is_list(series.dtype.pyarrow_dtype):
-        return "list"
-    return "number" if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series) else "text"
+class Fitter:
+    """Fits a DatasetSchema on the train rows of the ``events`` table and writes the SQL that
+    encodes every row. Vocabularies become DuckDB tables ``vocab_<n>`` (token, idx)."""
 
-
-def _tokens_like(values: np.ndarray) -> pa.Array:
-    """Integral floats (ids read with NaN present) become int64 so 3.0 and 3 are one token."""
-    values = np.asarray(values)
-    if values.dtype.kind == "f":
-        finite = values[~np.isnan(values)]
-        if np.array_equal(finite, np.round(finite)):
-            return pa.array(np.where(np.isnan(values), np.nan, values), mask=np.isnan(values)).cast(
-                pa.int64()
-            )
-    if values.dtype.kind in "iub":
-        return pa.array(values.astype(np.int64))
-    return pa.array(values.astype(str))
-
-
-def _category_tokens(frame: pd.DataFrame, column: str) -> pa.Array:
-    series = frame[column]
-    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-        return _tokens_like(
-            series.to_numpy(dtype=np.float64, na_value=np.nan) if series.isna().any() else series.to_numpy()
+    def __init__(self, con, events, features: List[FeatureConfig], out_dir: Path) -> None:
+        self.con, self.events, self.features, self.out_dir = con, events, features, out_dir
+        self.spaces: Dict[str, Dict[str, Any]] = {}  # id space -> {table, token_type, hashed}
+        self.schema = DatasetSchema(
+            features=[asdict(f) for f in features],
+            sparse=[],
+            dense=[],
+            labels=[LabelSpec(label.name, label.kind) for label in events.labels],
+            vocab_sizes={},
         )
-    return pa.array(series.astype("string").to_numpy(dtype=object, na_value=None), type=pa.string())
 
+    # ----------------------------------------------------------------- tokens
+    def _token_sql(self, column: str, token_type: str) -> str:
+        q = f"e.{quote(column)}"
+        if token_type == "BIGINT":
+            sql_type = self.events.columns[column]
+            if sql_type in ("DOUBLE", "FLOAT"):  # integral floats (ids read beside NaN) are ints
+                return f"(CASE WHEN {q} = floor({q}) THEN CAST({q} AS BIGINT) END)"
+            return f"CAST({q} AS BIGINT)"
+        return f"CAST({q} AS VARCHAR)"
 
-def _split_tokens(series: pd.Series, separator: str) -> pa.ListArray:
-    """'3,17' -> ['3', '17']; empty or missing -> []; whitespace around tokens ignored."""
-    text = pa.array(series.astype("string").fillna("").to_numpy(dtype=object), type=pa.string())
-    lists = pc.split_pattern(text, separator)
-    tokens = pc.utf8_trim_whitespace(lists.flatten())
-    keep = pc.not_equal(tokens, "")
-    row_of_token = np.repeat(np.arange(len(lists)), np.diff(lists.offsets.to_numpy()))
-    kept_rows = row_of_token[keep.to_numpy(zero_copy_only=False)]
-    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
-    np.cumsum(np.bincount(kept_rows, minlength=len(lists)), out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), tokens.filter(keep))
+    def _token_type(self, column: str) -> str:
+        sql_type = self.events.columns[column]
+        if sql_type in ("DOUBLE", "FLOAT"):
+            q = quote(column)
+            fractional = self.con.execute(
+                f"SELECT count(*) FROM events WHERE __split = 0 AND {q} IS NOT NULL AND {q} <> floor({q})"
+            ).fetchone()[0]
+            return "VARCHAR" if fractional else "BIGINT"
+        return "BIGINT" if is_numeric(sql_type) else "VARCHAR"
 
-
-def _fit_vocab(tokens: pa.Array, min_count: int) -> List[Any]:
-    counts = pc.value_counts(tokens.drop_null())
-    values = counts.field("values").to_pylist()
-    frequent = [v for v, n in zip(values, counts.field("counts").to_pylist(), strict=True) if n >= min_count]
-    return sorted(frequent, key=lambda v: (isinstance(v, str), v))
-
-
-def _lookup(vocab: List[Any], tokens: pa.Array) -> pa.Array:
-    """Token -> 1..len(vocab); unseen or missing -> 0 (the out-of-vocabulary row)."""
-    if len(vocab) == 0:
-        return pa.array(np.zeros(len(tokens), dtype=np.int32))
-    value_set = pa.array(vocab)
-    if value_set.type != tokens.type:
-        try:
-            tokens = tokens.cast(value_set.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            tokens = tokens.cast(pa.string())
-            value_set = value_set.cast(pa.string())
-    index = pc.index_in(tokens, value_set=value_set)
-    return pa.array(pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int32))
-
-
-def _numeric_input(frame: pd.DataFrame, column: str, feature: FeatureConfig) -> np.ndarray:
-    values = as_numeric(frame, column, allow_nan=True).to_numpy()
-    if feature.transform == "log1p":
-        negative = values < 0
-        if negative.any():
-            row = int(np.flatnonzero(negative)[0])
-            raise DataError(
-                "log1p transform needs values >= 0",
-                file=frame.attrs.get("source_file"),
-                column=column,
-                row=row,
-                expected="a non-negative number",
-                got=float(values[row]),
+    def _fit_space(self, space: str, tokens_sql: str, feature: FeatureConfig, multi: bool) -> Dict[str, Any]:
+        """Vocabulary (or hashing) of an id space from its train tokens; the first feature of a
+        space fits it, later features share it."""
+        if space in self.spaces:
+            return self.spaces[space]
+        table = f"vocab_{len(self.spaces)}"
+        source = f"unnest({tokens_sql})" if multi else tokens_sql
+        self.con.execute(
+            f"CREATE OR REPLACE TABLE {table} AS SELECT token, "
+            "CAST(row_number() OVER (ORDER BY token) AS INTEGER) AS idx "
+            f"FROM (SELECT {source} AS token FROM events e WHERE e.__split = 0) WHERE token IS NOT NULL "
+            f"GROUP BY token HAVING count(*) >= {int(feature.min_count)}"
+        )
+        size = self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        info = {"table": table, "hashed": 0}
+        if feature.hash_buckets and size > feature.hash_buckets:
+            info["hashed"] = int(feature.hash_buckets)
+            self.schema.hashed[space] = int(feature.hash_buckets)
+        else:
+            self.schema.vocab_sizes[space] = int(size)
+            (self.out_dir / VOCAB_DIR).mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / VOCAB_DIR / f"{space}.parquet"
+            self.con.execute(
+                f"COPY (SELECT token FROM {table} ORDER BY idx) TO {literal(str(path))} (FORMAT parquet)"
             )
-        values = np.log1p(values)
-    return values
+        self.spaces[space] = info
+        return info
+
+    def _lookup_sql(self, info: Dict[str, Any], token: str) -> str:
+        """token -> index (0: unseen or missing) as an expression; vocabulary joins are added
+        by the caller through ``self.joins``."""
+        if info["hashed"]:
+            hashed = f"1 + hash({token}) % {info['hashed']}"
+            return f"CAST(CASE WHEN {token} IS NULL THEN 0 ELSE {hashed} END AS INTEGER)"
+        alias = f"j{len(self.joins)}"
+        self.joins.append(f"LEFT JOIN {info['table']} {alias} ON {alias}.token = {token}")
+        return f"coalesce({alias}.idx, 0)"
+
+    # ---------------------------------------------------------------- numbers
+    def _numeric_sql(self, column: str, feature: FeatureConfig, table: str) -> str:
+        """The value of a numeric feature as DOUBLE (NULL when missing), transformed;
+        ``table`` is the alias it is read from (e: events, h: the history table)."""
+        q = f"{table}.{quote(column)}"
+        value = f"CAST({q} AS DOUBLE)"
+        value = f"(CASE WHEN isnan({value}) THEN NULL ELSE {value} END)"
+        if feature.transform == "log1p":
+            source = "history h" if table == "h" else "events e"
+            bad = self.con.execute(f"SELECT min(__src) FROM {source} WHERE {value} < 0").fetchone()[0]
+            if bad is not None:
+                err = self.events.locate(column, bad)
+                raise DataError(
+                    "log1p transform needs values >= 0",
+                    file=err.file,
+                    column=column,
+                    row=err.row,
+                    expected="a non-negative number",
+                )
+            value = f"ln(1 + {value})"
+        return value
+
+    # ------------------------------------------------------------------- fit
+    def fit_ids(self) -> None:
+        """Phase 1: vocabularies (or hashing) of every sparse feature, on train rows.
+
+        Leaves ``sparse_sql`` (feature -> SELECT expression over ``events e`` and ``joins``)
+        and ``histories`` ([(feature, encoded id expression)]) for the history windows.
+        """
+        self.joins: List[str] = []
+        self.sparse_sql: Dict[str, Optional[str]] = {}
+        self.histories: List[Any] = []
+        self.history_joins: List[str] = []
+        self._entries: Dict[int, List[SparseFeature]] = {}
+        for index, feature in enumerate(self.features):
+            column = feature.column or feature.name
+            if feature.kind == "categorical":
+                space = feature.id_space or column
+                token_type = self.spaces.get(space, {}).get("token_type") or self._token_type(column)
+                token = self._token_sql(column, token_type)
+                info = self._fit_space(space, token, feature, multi=False)
+                info.setdefault("token_type", token_type)
+                self.sparse_sql[feature.name] = f"CAST({self._lookup_sql(info, token)} AS INTEGER)"
+                self._entries[index] = [SparseFeature(feature.name, space, multi=False)]
+            elif feature.kind == "multi_hot":
+                space = feature.id_space or column
+                sep = literal(feature.separator)
+                tokens = (
+                    "list_filter(list_transform(string_split("
+                    f"coalesce(CAST(e.{quote(column)} AS VARCHAR), ''), {sep}), lambda t: trim(t)), "
+                    "lambda t: t <> '')"
+                )
+                info = self._fit_space(space, tokens, feature, multi=True)
+                info.setdefault("token_type", "VARCHAR")
+                if info["hashed"]:
+                    mapped = (
+                        f"list_transform({tokens}, lambda t: CAST(1 + hash(t) % {info['hashed']} AS INTEGER))"
+                    )
+                else:  # multi-hot vocabularies are small (genres, tags): a constant list lookup
+                    vocab = self.con.execute(
+                        f"SELECT list(token ORDER BY idx) FROM {info['table']}"
+                    ).fetchone()[0]
+                    vocab_sql = "[" + ", ".join(literal(t) for t in (vocab or [])) + "]::VARCHAR[]"
+                    position = f"CAST(coalesce(list_position({vocab_sql}, t), 0) AS INTEGER)"
+                    mapped = f"list_transform({tokens}, lambda t: {position})"
+                self.sparse_sql[feature.name] = mapped
+                self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
+            elif feature.kind == "history":
+                space = feature.id_space or feature.of
+                token_type = self.spaces.get(space, {}).get("token_type") or self._token_type(feature.of)
+                token = self._token_sql(feature.of, token_type)
+                info = self._fit_space(space, token, feature, multi=False)
+                info.setdefault("token_type", token_type)
+                before = len(self.joins)
+                lookup = f"CAST({self._lookup_sql(info, token)} AS INTEGER)"
+                self.history_joins += self.joins[before:]
+                self.histories.append((feature, lookup))
+                self.sparse_sql[feature.name] = f"h.{quote(feature.name)}"  # from the history table
+                self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
+
+    def fit_numbers(self) -> DatasetSchema:
+        """Phase 2: normalisation and buckets of every numeric feature on train rows (history_mean
+        features are read from the ``history`` table the windows wrote), then the schema."""
+        self.dense_sql: Dict[str, str] = {}
+        dense: Dict[int, DenseFeature] = {}
+        for index, feature in enumerate(self.features):
+            if feature.kind not in ("numeric", "history_mean"):
+                continue
+            column = feature.column or feature.name
+            table = "h" if feature.kind == "history_mean" else "e"
+            source = "history h" if table == "h" else "events e"
+            value = self._numeric_sql(column, feature, table)
+            mean, std, count = self.con.execute(
+                f"SELECT avg(v), stddev_pop(v), count(v) FROM (SELECT {value} AS v FROM {source} "
+                f"WHERE {table}.__split = 0)"
+            ).fetchone()
+            if not count:
+                raise DataError(
+                    "numeric feature has no values in the training split",
+                    column=column,
+                    expected="at least one number",
+                )
+            std = float(std) if std and std > 0 else 1.0
+            fill = float(mean) if feature.missing == "mean" or feature.kind == "history_mean" else None
+            if fill is None:
+                bad = self.con.execute(f"SELECT min(__src) FROM events e WHERE {value} IS NULL").fetchone()[0]
+                if bad is not None:
+                    err = self.events.locate(column, bad)
+                    raise DataError(
+                        "numeric feature value is missing",
+                        file=err.file,
+                        column=column,
+                        row=err.row,
+                        expected="a number (or set missing: mean on the feature to impute)",
+                    )
+            filled = f"coalesce({value}, {float(mean)!r})"
+            self.dense_sql[feature.name] = f"CAST(({filled} - {float(mean)!r}) / {std!r} AS FLOAT)"
+            dense[index] = DenseFeature(feature.name, column, feature.transform, float(mean), std, fill)
+            if feature.buckets > 0:
+                bucket = f"{feature.name}_bucket"
+                quantiles = [i / feature.buckets for i in range(1, feature.buckets)]
+                edges = self.con.execute(
+                    f"SELECT quantile_cont(v, {quantiles}) FROM (SELECT {value} AS v FROM {source} "
+                    f"WHERE {table}.__split = 0) WHERE v IS NOT NULL"
+                ).fetchone()[0]
+                edges = sorted(set(float(x) for x in edges))
+                self.schema.buckets[bucket] = edges
+                self.schema.vocab_sizes[bucket] = len(edges) + 1
+                edge_sql = "[" + ", ".join(repr(x) for x in edges) + "]::DOUBLE[]"
+                self.sparse_sql[bucket] = (
+                    f"CAST(CASE WHEN {value} IS NULL THEN 0 "
+                    f"ELSE 1 + len(list_filter({edge_sql}, lambda b: b <= {filled})) END AS INTEGER)"
+                )
+                self._entries.setdefault(index, []).append(SparseFeature(bucket, bucket, multi=False))
+        order = sorted(self._entries)
+        self.schema.sparse = [entry for index in order for entry in self._entries[index]]
+        self.schema.dense = [dense[index] for index in sorted(dense)]
+        self.schema.input_columns = {
+            c: ("number" if is_numeric(self.events.columns[c]) else "text")
+            for c in _input_columns(self.features)
+        }
+        return self.schema
+
+
+def _input_columns(features: List[FeatureConfig]) -> List[str]:
+    columns = []
+    for feature in features:
+        if feature.kind == "history_mean":
+            continue  # computed by prepare from earlier rows, not read from the input tables
+        column = feature.of if feature.kind == "history" else (feature.column or feature.name)
+        if column not in columns:
+            columns.append(column)
+    return columns

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, List
+from typing import List
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +41,9 @@ class ShardWriter:
             if self._rows_in_file >= self.rows_per_file:
                 self._close_file()
 
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self.write(pa.Table.from_batches([batch]))
+
     def close(self, schema: pa.Schema | None = None) -> List[str]:
         if self._writer is None and not self.files and schema is not None:
             self._open(schema)  # an empty split still gets one (empty) file with the right columns
@@ -61,17 +64,3 @@ class ShardWriter:
         os.replace(self._tmp, final)
         self.files.append(final.name)
         self._writer = None
-
-
-def write_split(
-    tables: Iterable[pa.Table],
-    directory: str | Path,
-    rows_per_file: int,
-    row_group_size: int,
-    schema: pa.Schema | None = None,
-) -> ShardWriter:
-    writer = ShardWriter(directory, rows_per_file, row_group_size)
-    for table in tables:
-        writer.write(table)
-    writer.close(schema)
-    return writer

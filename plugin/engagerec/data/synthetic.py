@@ -23,10 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engagerec.config import DataConfig, SyntheticConfig
-from engagerec.data.raw import RawTables
-from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec
-from engagerec.data.shards import ShardWriter
+from engagerec.config import SyntheticConfig
+from engagerec.data.raw import RawTables, TableSource
 
 DEFAULT_CHUNK_ROWS = 1_000_000
 MAX_GENRES_PER_ITEM = 3
@@ -36,15 +34,6 @@ REPLAY_PROBABILITY = 0.05
 def _chunks(total: int, chunk_rows: int) -> Iterator[Tuple[int, int]]:
     for index, start in enumerate(range(0, total, chunk_rows)):
         yield index, min(chunk_rows, total - start)
-
-
-def _random_parts(seed: int, chunk: int, rows: int, data: DataConfig) -> Dict[str, np.ndarray]:
-    """Row masks of train / val / test for one chunk; val is carved from the non-test rows."""
-    draw = np.random.default_rng([seed, 2, chunk]).random(rows)
-    test_fraction, val_fraction = data.split.test_fraction, data.split.val_fraction
-    test = draw < test_fraction
-    val = ~test & (draw < test_fraction + (1 - test_fraction) * val_fraction)
-    return {"train": ~test & ~val, "val": val, "test": test}
 
 
 # ------------------------------------------------------------------ study schema
@@ -148,15 +137,6 @@ def iter_study_interactions(
         yield study_interactions(world, cfg, index, rows, index * chunk_rows)
 
 
-def study_tables(cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> RawTables:
-    """All three study-schema tables in memory (for data that fits)."""
-    world = study_world(cfg)
-    interactions = pd.concat(list(iter_study_interactions(world, cfg, chunk_rows)), ignore_index=True)
-    for frame, name in ((interactions, "interactions"), (world.users, "users"), (world.content, "content")):
-        frame.attrs["source_file"] = f"synthetic:{name}"
-    return RawTables(interactions, world.users, world.content)
-
-
 def write_study_tables(
     out_dir: str | Path, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> Path:
@@ -175,54 +155,6 @@ def write_study_tables(
     writer.close()
     tmp.replace(out_dir / "interactions.parquet")
     return out_dir
-
-
-def write_study_prepared(out_dir: str | Path, data: DataConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Dict:
-    """A prepared dataset (schema.json + shards) streamed chunk by chunk, for data too big for memory.
-
-    Differences from ``prepare`` (which needs the whole log in memory), by design:
-    the schema is fitted on the first chunk's training rows; rows go to
-    train/val/test at random (split.kind must be "random"); user filters and history
-    features, which need a user's whole log, are refused.
-    """
-    from engagerec.data.events import build_events
-    from engagerec.data.prepare import SPLITS, STUDY_LABELS
-
-    if data.split.kind != "random" or any(f.kind == "history" for f in data.features):
-        raise ValueError("streamed synthetic data supports split.kind=random and no history features")
-    if data.filters.min_user_views > 0:
-        raise ValueError(
-            "streamed synthetic data needs filters.min_user_views: 0 (it sees one chunk at a time)"
-        )
-    cfg = data.source.synthetic
-    out_dir = Path(out_dir)
-    world = study_world(cfg)
-    writers = {name: ShardWriter(out_dir / name, data.rows_per_file, data.row_group_size) for name in SPLITS}
-    schema, dropped, rows_read = None, {}, 0
-    for index, interactions in enumerate(iter_study_interactions(world, cfg, chunk_rows)):
-        interactions.attrs["source_file"] = f"synthetic:interactions[chunk {index}]"
-        events, report = build_events(RawTables(interactions, world.users, world.content), data)
-        rows_read += report.rows_read
-        for reason, count in report.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        parts = _random_parts(cfg.seed, index, len(events), data)
-        if schema is None:
-            schema = DatasetSchema.fit(events[parts["train"]], data.features, STUDY_LABELS)
-        for name, mask in parts.items():
-            writers[name].write(schema.encode(events[mask]))
-    layout = schema.encode(events.iloc[:0]).schema
-    splits = {name: {"rows": w.rows, "files": w.close(layout)} for name, w in writers.items()}
-    schema.meta = {
-        "summary": {
-            "adapter": "synthetic (streamed)",
-            "rows_read": rows_read,
-            "dropped": dropped,
-            "schema_fitted_on": "the first chunk's training rows",
-        },
-        "splits": splits,
-    }
-    schema.save(out_dir)
-    return splits
 
 
 # ------------------------------------------------------------ MMoE (Ma et al. 2018)
@@ -270,40 +202,44 @@ def mmoe_arrays(cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> T
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-MMOE_LABELS = [LabelSpec("y1", "regression"), LabelSpec("y2", "regression")]
-
-
-def write_mmoe_prepared(
-    out_dir: str | Path, cfg: SyntheticConfig, data: DataConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> Path:
-    """The MMoE benchmark as a prepared dataset: dense x0..x{d-1}, labels y1, y2, random split."""
-    from engagerec.data.prepare import SPLITS
-
+def write_mmoe_table(out_dir: str | Path, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+    """interactions.parquet with dense x0..x{d-1} and labels y1, y2, written chunk by chunk."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     params = mmoe_parameters(cfg)
     names = [f"x{i}" for i in range(cfg.input_dim)]
-    writers = {name: ShardWriter(out_dir / name, data.rows_per_file, data.row_group_size) for name in SPLITS}
-    layout = None
+    tmp = out_dir / ".interactions.parquet.tmp"
+    writer = None
     for index, rows in _chunks(cfg.num_rows, chunk_rows):
         x, y = mmoe_chunk(params, cfg, index, rows)
         table = pa.table({**{n: x[:, i] for i, n in enumerate(names)}, "y1": y[:, 0], "y2": y[:, 1]})
-        layout = table.schema
-        for name, mask in _random_parts(cfg.seed, index, rows, data).items():
-            writers[name].write(table.filter(pa.array(mask)))
-    schema = DatasetSchema(
-        features=[],
-        sparse=[],
-        vocabs={},
-        labels=list(MMOE_LABELS),
-        dense=[DenseFeature(n, n, "none", 0.0, 1.0, None) for n in names],  # x is already N(0, 1)
-    )
-    schema.meta = {
-        "summary": {
-            "adapter": "synthetic mmoe",
-            "task_correlation": cfg.task_correlation,
-            "rows_read": cfg.num_rows,
-        },
-        "splits": {name: {"rows": w.rows, "files": w.close(layout)} for name, w in writers.items()},
-    }
-    schema.save(out_dir)
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table, row_group_size=min(chunk_rows, 1 << 20))
+    writer.close()
+    tmp.replace(out_dir / "interactions.parquet")
     return out_dir
+
+
+def synthetic_tables(cfg: SyntheticConfig, directory: str | Path) -> RawTables:
+    """Generate ``cfg``'s data as parquet files in ``directory`` and say where they are: the
+    synthetic adapter, so generated data goes through the same dataset writer as real data.
+
+    ``study`` gives the three study tables; ``mmoe`` gives one table of dense inputs x0..x{d-1}
+    and regression labels y1, y2 (name them in ``data.labels`` with ``column``).
+    """
+    directory = Path(directory)
+    if cfg.kind == "study":
+        write_study_tables(directory, cfg)
+        return RawTables(
+            TableSource(
+                "interactions",
+                [str(directory / "interactions.parquet")],
+                required=("user_id", "content_id", "watch_time"),
+            ),  # fmt: skip
+            TableSource("users", [str(directory / "users.parquet")], required=("user_id",)),
+            TableSource("content", [str(directory / "content.parquet")], required=("content_id",)),
+        )
+    if cfg.kind == "mmoe":
+        write_mmoe_table(directory, cfg)
+        return RawTables(TableSource("interactions", [str(directory / "interactions.parquet")]))
+    raise ValueError(f"unknown synthetic kind '{cfg.kind}', expected study or mmoe")

@@ -1,20 +1,69 @@
-"""Read one table (CSV, TSV or Parquet) and check its columns.
+"""Source files -> DuckDB tables, checked. Every check raises DataError naming the file, column
+and first offending row; no bad row is skipped silently.
 
-Every check raises DataError naming the file, column and first offending row.
+DuckDB reads CSV/TSV/Parquet out of core. A CSV row that does not parse (a corrupt value, a
+wrong number of fields) is caught by DuckDB's reject store and reported with its line; a
+value that parses but breaks a rule (a non-number where a number is needed, an infinity, a
+missing id) is found by a query and reported with its row.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
+import duckdb
 
 from engagerec.data.errors import DataError
+from engagerec.data.raw import TableSource
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+NUMERIC_TYPES = (
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+    "FLOAT",
+    "DOUBLE",
+    "DECIMAL",
+    "BOOLEAN",
+)
+
+
+def quote(name: str) -> str:
+    """A SQL identifier, quoted (column names come from user files)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def is_numeric(sql_type: str) -> bool:
+    return sql_type.split("(")[0] in NUMERIC_TYPES
+
+
+def connect(workdir: Path, memory_limit: str = "1GB", threads: int = 0) -> duckdb.DuckDBPyConnection:
+    """A DuckDB database in ``workdir`` that spills to disk past ``memory_limit``.
+
+    Insertion order is preserved, so a table's rowid is the row's position in its files.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(workdir / "prepare.duckdb"))
+    con.execute(f"SET temp_directory = {literal(str(workdir / 'spill'))}")
+    if memory_limit:
+        con.execute(f"SET memory_limit = {literal(memory_limit)}")
+    con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
+    con.execute("SET preserve_insertion_order = true")
+    return con
 
 
 def sniff_separator(path: Path) -> str:
@@ -24,124 +73,220 @@ def sniff_separator(path: Path) -> str:
     return "\t" if header.count("\t") > header.count(",") else ","
 
 
-def read_table(
-    path: str | Path,
-    required: Sequence[str] = (),
-    rename: Optional[Dict[str, str]] = None,
-    usecols: Optional[Iterable[str]] = None,
-) -> pd.DataFrame:
-    """Read ``path`` and return a DataFrame with columns renamed by ``rename`` (file name -> canonical).
+def _scan(path: Path, types: Optional[Dict[str, str]] = None, rejects: Optional[str] = None) -> str:
+    """The DuckDB table function reading one file."""
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return f"read_parquet({literal(str(path))})"
+    options = ["header = true", f"delim = {literal(sniff_separator(path))}", "quote = '\"'"]
+    if types:
+        options.append("types = {" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in types.items()) + "}")
+    if rejects:
+        options += [
+            "store_rejects = true",
+            f"rejects_table = {literal(rejects)}",
+            f"rejects_scan = {literal(rejects + '_scan')}",
+        ]
+    return f"read_csv({literal(str(path))}, {', '.join(options)})"
 
-    ``required`` are canonical names that must be present after renaming.
-    """
+
+def file_columns(con: duckdb.DuckDBPyConnection, path: str | Path) -> Dict[str, str]:
+    """Column name -> DuckDB type of one file, from its header (and a sample, for CSV types)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", file=str(path))
     try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
-            frame = pq.read_table(path).to_pandas()
+        described = con.execute(f"DESCRIBE SELECT * FROM {_scan(path)}").fetchall()
+    except duckdb.Error as err:
+        raise DataError(f"cannot be parsed: {_first_line(err)}", file=str(path)) from None
+    return {row[0]: row[1] for row in described}
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+@dataclass
+class LoadedTable:
+    """A source table loaded into DuckDB as ``name``: canonical columns, and the rowid at which
+    each file's rows start (so a rowid converts back to a file and row for messages)."""
+
+    name: str
+    source: TableSource
+    columns: Dict[str, str]  # canonical name -> DuckDB type
+    file_starts: List[int] = field(default_factory=list)
+    rows: int = 0
+
+    def locate(self, rowid: int) -> Tuple[str, int]:
+        """(file, 0-based data row) of a rowid of this table."""
+        index = max(i for i, start in enumerate(self.file_starts) if start <= rowid)
+        return self.source.files[index], int(rowid - self.file_starts[index])
+
+    def error(self, message: str, rowid: Optional[int] = None, **details) -> DataError:
+        """A DataError that names this table's file and row of ``rowid``."""
+        if rowid is None:
+            return DataError(message, file=self.source.label, **details)
+        file, row = self.locate(rowid)
+        return DataError(message, file=file, row=row, **details)
+
+
+def canonical_columns(con: duckdb.DuckDBPyConnection, source: TableSource) -> Dict[str, Tuple[str, str]]:
+    """canonical name -> (SQL expression over the first file's columns, its file type) of every
+    column the source offers (renamed, derived, dropped as the adapter says)."""
+    header = file_columns(con, source.files[0])
+    file_to_canonical = {file: canon for canon, file in source.columns.items()}
+    out: Dict[str, Tuple[str, str]] = {}
+    for column, sql_type in header.items():
+        if column in source.drop:
+            continue
+        if column in file_to_canonical:
+            canon = file_to_canonical[column]
+        elif source.columns.get(column, column) != column:
+            # a file column that already has a canonical target's name (KuaiRand's readable
+            # 'timestamp' beside 'time_ms') keeps its data under '<name>_raw'
+            canon = f"{column}_raw"
         else:
-            frame = pd.read_csv(path, sep=sniff_separator(path), low_memory=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as err:
-        raise DataError(f"cannot be parsed: {err}", file=str(path)) from None
-    rename = rename or {}
-    missing_sources = [src for src in rename.values() if src not in frame.columns]
-    inverse = {src: canon for canon, src in rename.items() if src != canon}
-    # A file column that already has a canonical target's name (KuaiRand's readable
-    # 'timestamp' beside 'time_ms') keeps its data under '<name>_raw'.
-    clashes = {c: f"{c}_raw" for c in frame.columns if c in inverse.values() and c not in inverse}
-    frame = frame.rename(columns=clashes)
-    frame = frame.rename(columns=inverse)
-    for column in required:
-        if column not in frame.columns:
-            source = rename.get(column, column)
+            canon = column
+        out[canon] = (quote(column), sql_type)
+    for canon, (column, template) in source.derived.items():
+        if column in header:
+            out[canon] = (template.format(quote(column)), "DERIVED")
+    return out
+
+
+def load_table(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    source: TableSource,
+    wanted: Iterable[str],
+    required: Sequence[str] = (),
+    numeric: Sequence[str] = (),
+    keys: Sequence[str] = (),
+) -> LoadedTable:
+    """Load ``wanted`` canonical columns of every file of ``source`` into the table ``name``.
+
+    Args:
+        required: canonical columns every file must have (else a DataError naming the file).
+        numeric: columns read as DOUBLE: a CSV value that is not a number is a rejected row,
+            reported with its line.
+        keys: columns the missing marker never applies to (ids).
+    """
+    wanted = list(dict.fromkeys(wanted))
+    loaded = LoadedTable(name, source, {})
+    for index, file in enumerate(source.files):
+        offered = canonical_columns(con, TableSource(**{**source.__dict__, "files": [file]}))
+        for column in required:
+            if column not in offered:
+                expected = sorted(set(required))
+                raise DataError(
+                    f"required column '{source.columns.get(column, column)}' is missing (maps to '{column}')",
+                    file=file,
+                    expected=f"columns including {expected} in every {source.name} file",
+                    got=list(offered)[:20],
+                )
+        present = [c for c in wanted if c in offered]
+        if index > 0 and present != list(loaded.columns):
+            missing = [c for c in loaded.columns if c not in present]
             raise DataError(
-                f"required column '{source}' is missing (maps to '{column}')",
-                file=str(path),
-                expected=f"columns including {sorted(set(required) | set(missing_sources))}",
-                got=list(frame.columns)[:20],
-            )
-    if usecols is not None:
-        frame = frame[[c for c in usecols if c in frame.columns]]
-    frame.attrs["source_file"] = str(path)
-    return frame
-
-
-def first_bad_row(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
-
-
-def as_numeric(frame: pd.DataFrame, column: str, *, allow_nan: bool, integer: bool = False) -> pd.Series:
-    """``frame[column]`` as numbers; a non-numeric or infinite value raises DataError with its row."""
-    file = frame.attrs.get("source_file")
-    series = frame[column]
-    numbers = pd.to_numeric(series, errors="coerce")
-    not_numeric = numbers.isna().to_numpy() & series.notna().to_numpy()
-    if not_numeric.any():
-        row = first_bad_row(not_numeric)
-        raise DataError(
-            "value is not a number",
-            file=file,
-            column=column,
-            row=row,
-            expected="a number",
-            got=series.iloc[row],
-        )
-    values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    infinite = np.isinf(values)
-    if infinite.any():
-        row = first_bad_row(infinite)
-        raise DataError(
-            "value is infinite",
-            file=file,
-            column=column,
-            row=row,
-            expected="a finite number",
-            got=series.iloc[row],
-        )
-    if not allow_nan and np.isnan(values).any():
-        row = first_bad_row(np.isnan(values))
-        raise DataError(
-            "value is missing (NaN)", file=file, column=column, row=row, expected="a value in every row"
-        )
-    if integer:
-        finite = ~np.isnan(values)
-        fractional = finite & (values != np.round(values))
-        if fractional.any():
-            row = first_bad_row(fractional)
-            raise DataError(
-                "value is not an integer id",
+                f"column '{source.columns.get(missing[0], missing[0])}' is in {source.files[0]} "
+                f"but not in this {source.name} file",
                 file=file,
-                column=column,
-                row=row,
-                expected="an integer",
-                got=series.iloc[row],
+                column=missing[0],
+                expected="the same columns in every file of one table",
             )
-    return pd.Series(values, index=frame.index, name=column)
+        types = {}
+        select = []
+        for canon in present:
+            expression, file_type = offered[canon]
+            if canon in numeric and file_type != "DERIVED":
+                types[expression.strip('"').replace('""', '"')] = "DOUBLE"
+                file_type = "DOUBLE"
+            if source.missing_marker is not None and canon not in keys and is_numeric(file_type):
+                expression = f"NULLIF({expression}, {source.missing_marker})"
+            select.append(f"{expression} AS {quote(canon)}")
+        rejects = f"rejects_{name}_{index}"
+        scan = _scan(Path(file), types, rejects)
+        verb = f"CREATE OR REPLACE TABLE {name} AS" if index == 0 else f"INSERT INTO {name}"
+        loaded.file_starts.append(loaded.rows)
+        try:
+            con.execute(f"{verb} SELECT {', '.join(select) or '1 AS __empty'} FROM {scan}")
+        except duckdb.Error as err:
+            raise DataError(f"cannot be read: {_first_line(err)}", file=file) from None
+        if rejects and Path(file).suffix.lower() not in PARQUET_SUFFIXES:
+            _raise_rejected(con, rejects, file)
+        if index == 0:
+            loaded.columns = {
+                row[0]: row[1] for row in con.execute(f"DESCRIBE {name}").fetchall() if row[0] != "__empty"
+            }
+        loaded.rows = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+    return loaded
 
 
-def check_ids(frame: pd.DataFrame, column: str, *, unique: bool) -> None:
+def _raise_rejected(con: duckdb.DuckDBPyConnection, rejects: str, file: str) -> None:
+    first = con.execute(
+        f"SELECT line, column_name, error_type, csv_line, error_message FROM {rejects} ORDER BY line LIMIT 1"
+    ).fetchone()
+    con.execute(f"DROP TABLE IF EXISTS {rejects}")
+    con.execute(f"DROP TABLE IF EXISTS {rejects}_scan")
+    if first is None:
+        return
+    line, column, kind, text, message = first
+    detail = message.split(". ")[-1] if kind == "CAST" else message
+    expected = "a well-formed CSV row"
+    if kind == "CAST":
+        expected = (
+            "a number" if "DOUBLE" in message else "a value of the type the column has in its other rows"
+        )
+    raise DataError(
+        f"row cannot be parsed ({kind.lower().replace('_', ' ')}): {detail}",
+        file=file,
+        column=column or None,
+        row=int(line) - 2,  # line 1 is the header
+        expected=expected,
+        got=text,
+    )
+
+
+def check_numeric(
+    con: duckdb.DuckDBPyConnection, table: LoadedTable, column: str, *, allow_null: bool
+) -> str:
+    """The SQL expression of ``column`` as DOUBLE, after checking every value is a finite number
+    (and present, unless ``allow_null``). Raises DataError at the first bad row."""
+    sql_type = table.columns[column]
+    q = quote(column)
+    value = q if is_numeric(sql_type) else f"TRY_CAST({q} AS DOUBLE)"
+    value = f"CAST({value} AS DOUBLE)"
+    if not is_numeric(sql_type):
+        bad = _first_row(con, table.name, f"{q} IS NOT NULL AND {value} IS NULL")
+        if bad is not None:
+            got = con.execute(f"SELECT {q} FROM {table.name} WHERE rowid = {bad}").fetchone()[0]
+            raise table.error("value is not a number", bad, column=column, expected="a number", got=got)
+    bad = _first_row(con, table.name, f"isinf({value})")
+    if bad is not None:
+        raise table.error("value is infinite", bad, column=column, expected="a finite number")
+    if not allow_null:
+        bad = _first_row(con, table.name, f"{value} IS NULL OR isnan({value})")
+        if bad is not None:
+            raise table.error("value is missing", bad, column=column, expected="a value in every row")
+    return value
+
+
+def _first_row(con: duckdb.DuckDBPyConnection, table: str, condition: str) -> Optional[int]:
+    return con.execute(f"SELECT min(rowid) FROM {table} WHERE {condition}").fetchone()[0]
+
+
+def check_ids(con: duckdb.DuckDBPyConnection, table: LoadedTable, column: str, *, unique: bool) -> None:
     """Ids must be present in every row, and unique where the table is keyed by them."""
-    file = frame.attrs.get("source_file")
-    series = frame[column]
-    missing = series.isna().to_numpy()
-    if missing.any():
-        raise DataError(
-            "id is missing",
-            file=file,
-            column=column,
-            row=first_bad_row(missing),
-            expected="an id in every row",
-        )
+    bad = _first_row(con, table.name, f"{quote(column)} IS NULL")
+    if bad is not None:
+        raise table.error("id is missing", bad, column=column, expected="an id in every row")
     if unique:
-        duplicated = series.duplicated().to_numpy()
-        if duplicated.any():
-            row = first_bad_row(duplicated)
-            raise DataError(
-                "duplicate id",
-                file=file,
-                column=column,
-                row=row,
-                expected="each id once in this table",
-                got=series.iloc[row],
+        q = quote(column)  # the first row repeating an id seen earlier (a hash aggregate, no sort)
+        row = con.execute(
+            f"SELECT min(t.rowid) FROM {table.name} t JOIN (SELECT {q} AS id, min(rowid) AS first FROM "
+            f"{table.name} GROUP BY {q} HAVING count(*) > 1) d ON t.{q} = d.id WHERE t.rowid > d.first"
+        ).fetchone()[0]
+        if row is not None:
+            got = con.execute(f"SELECT {quote(column)} FROM {table.name} WHERE rowid = {row}").fetchone()[0]
+            raise table.error(
+                "duplicate id", row, column=column, expected="each id once in this table", got=got
             )

@@ -1,0 +1,94 @@
+"""The KuaiRand-1K-shaped generator through the real kuairand adapter and the one writer, and
+bad input deep in large files: a clear error, never a skipped row."""
+
+import json
+
+import pytest
+
+from engagerec.config import load_config
+from engagerec.data.errors import DataError
+from engagerec.data.kuairand_generator import write_kuairand_1k
+from engagerec.data.prepare import prepare
+from engagerec.data.reader import ShardReader
+
+SCALE = 0.002  # 23k rows, 8.7k videos: seconds, not minutes
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kuairand_1k")
+    write_kuairand_1k(out, scale=SCALE, seed=0)
+    return out
+
+
+def _config(repo, data, *overrides):
+    return load_config(
+        repo / "configs" / "kuairand_1k.yaml",
+        [
+            f"data.source.interactions={data}",
+            f"data.source.users={data}/user_features_1k.csv",
+            f"data.source.content={data}/video_features_basic_1k.csv",
+            *overrides,
+        ],
+    )
+
+
+def test_generated_files_prepare_unchanged_through_the_kuairand_adapter(repo, generated, tmp_path):
+    floors = json.loads((generated / "noise_floor.json").read_text())
+    summary = prepare(_config(repo, generated).data, tmp_path)
+    assert summary["rows_read"] == floors["rows"] and summary["rows_kept"] == floors["rows"]
+    assert summary["all"]["users"] == floors["users"]
+    assert list(summary["all"]["labels"]) == ["watch_ratio", "skip", "long_view", "click"]
+    # the shipped config's test split is the latest 20% of views
+    assert summary["split"]["test"]["rows"] == round(summary["rows_kept"] * 0.2)
+    # the planted signal is learnable: the noise floor lies below the constant baseline
+    base = summary["baselines_on_test"]["watch_ratio"]["mse_train_mean"]
+    assert floors["watch_ratio"]["mse"] < 0.8 * base
+    reader = ShardReader(tmp_path, "train", batch_size=512)
+    batch = next(iter(reader))
+    assert batch.sparse_features["history"].lengths().max() == 20  # long histories, capped at 20
+    assert set(batch.labels) == {"watch_ratio", "skip", "long_view", "click"}
+
+
+def _lines(path):
+    return path.read_text().splitlines(keepends=True)
+
+
+def test_a_corrupt_row_deep_in_a_large_log_is_an_error_with_its_line(repo, generated, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for file in generated.iterdir():
+        (data / file.name).write_bytes(file.read_bytes())
+    log = sorted(data.glob("log_*.csv"))[1]
+    lines = _lines(log)
+    row = len(lines) - 50  # near the end: far outside any sample a type sniffer reads
+    header = lines[0].rstrip("\n").split(",")
+    fields = lines[row + 1].rstrip("\n").split(",")
+    fields[header.index("play_time_ms")] = "12x4"
+    lines[row + 1] = ",".join(fields) + "\n"
+    log.write_text("".join(lines))
+    with pytest.raises(DataError) as caught:
+        prepare(_config(repo, data).data, tmp_path / "out")
+    message = str(caught.value)
+    assert log.name in message and "play_time_ms" in message and f"row {row} (line {row + 2})" in message
+    assert "12x4" in message and "a number" in message
+
+
+def test_a_label_column_missing_from_one_log_file_is_an_error_naming_it(repo, generated, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for file in generated.iterdir():
+        (data / file.name).write_bytes(file.read_bytes())
+    log = sorted(data.glob("log_*.csv"))[1]
+    lines = _lines(log)
+    drop = lines[0].rstrip("\n").split(",").index("is_click")
+    log.write_text(
+        "".join(
+            ",".join(f for i, f in enumerate(line.rstrip("\n").split(",")) if i != drop) + "\n"
+            for line in lines
+        )
+    )
+    with pytest.raises(DataError) as caught:
+        prepare(_config(repo, data).data, tmp_path / "out")
+    message = str(caught.value)
+    assert log.name in message and "is_click" in message
