@@ -36,6 +36,7 @@ test: install lint
 	$(PY) -m pytest -q tests
 
 bench: install
+	$(PY) benchmarks/prepare_scale.py --scales 0.1 1
 	$(PY) benchmarks/reader_throughput.py
 	$(PY) benchmarks/train_throughput.py --batch-size 4096 --steps 60
 

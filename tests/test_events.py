@@ -228,3 +228,32 @@ def test_history_holds_only_strictly_earlier_views_of_the_same_user(tmp_path):
     )
     assert recent[4] == pytest.approx((0.2 + 0.3) / 2)  # mean watch ratio of the two views before it
     assert recent[2] == pytest.approx(0.1) and recent[3] == pytest.approx(0.1)
+
+
+def test_rare_ids_go_to_the_oov_row_and_huge_id_spaces_are_hashed(tmp_path):
+    interactions, files = _events_files(tmp_path)  # 6 content ids, drawn at random
+    counts = interactions.content_id.value_counts()
+    cutoff = int(counts.sort_values().iloc[2]) + 1  # at least the three rarest ids fall below it
+    base = {"filters": {"min_user_views": 0, "drop_zero_watch_time": False}}
+    base["split"] = {"kind": "random", "test_fraction": 0.0, "val_fraction": 0.0}
+    cfg = study_config(files, features=[{"name": "content_id", "min_count": cutoff}], **base)
+    prepare(cfg.data, tmp_path / "rare")
+    schema = DatasetSchema.load(tmp_path / "rare")
+    frequent = sorted(int(c) for c, n in counts.items() if n >= cutoff)
+    assert schema.vocab(tmp_path / "rare", "content_id") == frequent
+    encoded = _rows(tmp_path / "rare", "train")["content_id"]
+    assert (encoded == 0).sum() == int(counts[counts < cutoff].sum())  # every rare view, counted once
+
+    features = [{"name": "user_id", "hash_buckets": 7}, {"name": "age", "kind": "numeric"}]  # age = user here
+    cfg = study_config(files, features=features, **base)  # 20 users > 7 buckets
+    prepare(cfg.data, tmp_path / "hashed")
+    schema = DatasetSchema.load(tmp_path / "hashed")
+    assert schema.hashed == {"user_id": 7} and schema.num_embeddings("user_id") == 8
+    assert not (tmp_path / "hashed" / "vocabs" / "user_id.parquet").exists()
+    rows = _rows(tmp_path / "hashed", "train")
+    ids = rows["user_id"]
+    assert ids.between(1, 7).all() and ids.nunique() > 3  # spread over the buckets, never the OOV row
+    users = np.round(rows["age"] * schema.dense[0].std + schema.dense[0].mean)
+    assert (
+        users.nunique() == 20 and rows.groupby(users)["user_id"].nunique().max() == 1
+    )  # one user, one bucket
