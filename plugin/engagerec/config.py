@@ -373,9 +373,34 @@ def _read_raw(path: Path) -> Dict[str, Any]:
     return _merge(_read_raw(path.parent / base), raw) if base else raw
 
 
-def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> ExperimentConfig:
-    """Read a YAML experiment file strictly; ``overrides`` are ``key=value`` strings."""
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` as given, or, for a bare name such as ``kuairand_mmoe``, the config shipped with
+    engagerec (``engagerec/configs/kuairand_mmoe.yaml``)."""
     path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    bundled = BUNDLED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return bundled if bundled.is_file() else path
+
+
+def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> ExperimentConfig:
+    """Read a YAML experiment file strictly; ``overrides`` are ``key=value`` strings.
+
+    Args:
+        path: a YAML file, or the bare name of a config shipped with engagerec
+            (``kuairand_mmoe``; see ``engagerec/configs/``).
+        overrides: ``a.b.c=value`` strings (values parsed as YAML; a number indexes a list).
+
+    Example::
+
+        >>> cfg = load_config("kuairand_mmoe", ["train.epochs=1"])
+        >>> cfg.model.tower.name, cfg.train.epochs
+        ('mmoe', 1)
+    """
+    path = resolve_config_path(path)
     raw = _read_raw(path)
     for assignment in overrides or []:
         apply_override(raw, assignment)

@@ -5,31 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from engagerec.data.reader import ShardReader, make_loader
+from engagerec.data.schema import DatasetSchema
 from engagerec.metrics import LossAndBaselines, build_metric_module, metric_inputs, readable
 from engagerec.tasks import Task
 
 
 def train_label_means(data_dir: str | Path, labels: List[str]) -> Dict[str, float]:
     """Means of the label columns over the train split (missing labels left out): what the
-    constant baselines predict. prepare() computed them; older data is read."""
-    from engagerec.data.schema import DatasetSchema
-
-    stats = (
-        DatasetSchema.load(data_dir)
-        .meta.get("summary", {})
-        .get("split", {})
-        .get("train", {})
-        .get("labels", {})
-    )
-    if all(stats.get(name, {}).get("mean") is not None for name in labels):
-        return {name: float(stats[name]["mean"]) for name in labels}
-    table = pq.read_table(Path(data_dir) / "train", columns=labels)
-    return {name: float(np.nanmean(table.column(name).to_numpy())) for name in labels}
+    constant baselines predict. prepare() computed them into schema.json."""
+    stats = DatasetSchema.load(data_dir).meta["summary"]["split"]["train"]["labels"]
+    missing = [name for name in labels if stats.get(name, {}).get("mean") is None]
+    if missing:
+        raise ValueError(f"labels {missing} have no train values in {data_dir}")
+    return {name: float(stats[name]["mean"]) for name in labels}
 
 
 def evaluate(

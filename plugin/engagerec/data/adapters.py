@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 from engagerec.config import SourceConfig
 from engagerec.data.errors import DataError
 from engagerec.data.raw import CONTENT_ID, DURATION, TIMESTAMP, USER_ID, WATCH_TIME, RawTables, TableSource
+from engagerec.data.synthetic import synthetic_tables
 
 AdapterFn = Callable[[SourceConfig, Path], RawTables]
 ADAPTERS: Dict[str, AdapterFn] = {}
@@ -174,6 +175,4 @@ def kuairand_adapter(source: SourceConfig, workdir: Path) -> RawTables:
 @register_adapter("synthetic")
 def synthetic_adapter(source: SourceConfig, workdir: Path) -> RawTables:
     """Generated data (``source.synthetic``), written as parquet under ``workdir`` first."""
-    from engagerec.data.synthetic import synthetic_tables
-
     return synthetic_tables(source.synthetic, workdir / "synthetic")
