@@ -74,6 +74,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _synthesize(args: argparse.Namespace) -> int:
     if args.shape:
+        if args.config:
+            raise ConfigError("synthesize takes --config or --shape, not both")
         from engagerec.data.kuairand_generator import write_kuairand_1k
 
         floors = write_kuairand_1k(args.out, scale=args.scale, seed=args.seed)

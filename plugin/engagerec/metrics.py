@@ -3,8 +3,9 @@
 regression tasks: MSE, MAE, XAUC (torchrec's XAUC counts ordered pairs within each batch)
 binary tasks:     AUC, accuracy (threshold 0.5), NE, calibration, log loss
 
-Everything is weighted by ``Batch.weights`` (0 for lock-step padding rows) and reduced
-across ranks, so a 2-rank evaluation of a split equals a 1-rank evaluation of it.
+Every task is weighted by its own row weights (``Batch.label_weights``: 0 for lock-step
+padding rows and where that task's label is missing) and reduced across ranks, so a 2-rank
+evaluation of a split equals a 1-rank evaluation of it.
 """
 
 from __future__ import annotations
@@ -133,5 +134,5 @@ class LossAndBaselines:
             ] = baseline / weight
             total += task.weight * loss / weight
         out["loss"] = total
-        out["rows"] = sums[0, 0].item()
+        out["rows"] = sums[:, 0].max().item()  # rows with a label for at least the fullest task
         return out

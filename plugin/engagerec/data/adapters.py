@@ -60,8 +60,18 @@ def _mapping(source: SourceConfig, names) -> Dict[str, str]:
     return {name: source.columns.get(name, name) for name in names}
 
 
+def _files(spec: str) -> List[str]:
+    """One file, or the files a glob names (a log split by date), in sorted order."""
+    if not any(ch in spec for ch in "*?["):
+        return [spec]
+    files = sorted(glob.glob(spec))
+    if not files:
+        raise DataError("no file matches", file=spec, expected="at least one CSV/TSV/Parquet file")
+    return files
+
+
 def _table(name: str, path: Optional[str], columns: Dict[str, str], required=()) -> Optional[TableSource]:
-    return TableSource(name, [path], columns=columns, required=tuple(required)) if path else None
+    return TableSource(name, _files(path), columns=columns, required=tuple(required)) if path else None
 
 
 @register_adapter("tables")

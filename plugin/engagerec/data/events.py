@@ -17,7 +17,7 @@ import duckdb
 from engagerec.config import DataConfig, FeatureConfig, LabelConfig
 from engagerec.data.errors import DataError
 from engagerec.data.history import require_history_keys
-from engagerec.data.raw import CONTENT_ID, DURATION, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
+from engagerec.data.raw import CONTENT_ID, DURATION, KEY_COLUMNS, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import validate_features
 from engagerec.data.split import split_sql
 from engagerec.data.tables import (
@@ -93,12 +93,21 @@ def feature_column(feature: FeatureConfig) -> str:
     return feature.of if feature.kind == "history" else (feature.column or feature.name)
 
 
-def _check_labels(labels: List[LabelConfig]) -> None:
+def _check_labels(labels: List[LabelConfig], features: List[FeatureConfig]) -> None:
+    """Kinds known, and every label name its own: a label named like a feature, a feature's
+    source column or a key column would be a second column of one name in the shards."""
     names = set()
+    taken = {f.name for f in features} | {f"{f.name}_bucket" for f in features}
+    taken |= {feature_column(f) for f in features} | set(KEY_COLUMNS)
     for i, label in enumerate(labels):
         where = f"data.labels[{i}] ('{label.name}')"
         if label.name in names:
             raise DataError(f"{where}: duplicate label name")
+        if label.name in taken or label.name.startswith("__"):
+            raise DataError(
+                f"{where}: the name is already a feature, a feature's column or a key column",
+                expected="a label name of its own (e.g. click for column is_click)",
+            )
         names.add(label.name)
         if label.kind not in LABEL_KINDS:
             raise DataError(f"{where}: unknown kind '{label.kind}'", expected=f"one of {LABEL_KINDS}")
@@ -128,7 +137,7 @@ def _namespaces(con, raw: RawTables) -> Dict[str, Dict[str, Tuple[str, str]]]:
                     expected=f"columns including {sorted(set(source.required))} in every {source.name} file",
                     got=list(offered)[:20],
                 )
-        for canon, (_, file_type) in offered.items():
+        for canon, (_, file_type, _) in offered.items():
             joined = canon
             if key is not None and canon != key and canon in taken:
                 joined = f"{key.split('_')[0]}_{canon}"
@@ -145,7 +154,7 @@ def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig
     every feature's source column, one column per label (NULL where a raw label is missing),
     the history_mean features, ``__src`` and ``__split``.
     """
-    _check_labels(cfg.labels)
+    _check_labels(cfg.labels, cfg.features)
     spaces = _namespaces(con, raw)
 
     features = cfg.features
@@ -158,13 +167,16 @@ def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig
             require_history_keys(available, feature.name)
     wanted |= {USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP}
     label_columns = [label.column for label in cfg.labels if label.column]
-    numeric = {feature_column(f) for f in features if f.kind == "numeric"}
+    # timestamps are parsed on their own (numbers or date-time text), even when a feature reads one
+    numeric = {feature_column(f) for f in features if f.kind == "numeric"} - {TIMESTAMP}
 
-    def load(name: str, source, key: Optional[str]) -> Optional[LoadedTable]:
+    def load(name: str, source) -> Optional[LoadedTable]:
         if source is None:
             return None
         space = spaces[name]
-        own = [space[c][0] for c in wanted | set(label_columns if name == "log" else []) if c in space]
+        # names the first file lacks are asked for too: a later file that has one is an error
+        asked = sorted(wanted | set(label_columns if name == "log" else []))
+        own = [space[c][0] if c in space else c for c in asked]
         own_numeric = [space[c][0] for c in numeric if c in space] + [WATCH_TIME, DURATION]
         if name == "log":
             own_numeric += label_columns
@@ -172,9 +184,9 @@ def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig
                 own_numeric.append(TIMESTAMP)
         return load_table(con, name, source, own, source.required, own_numeric, keys=(USER_ID, CONTENT_ID))
 
-    log = load("log", raw.interactions, None)
-    users = load("users", raw.users, USER_ID)
-    content = load("content", raw.content, CONTENT_ID)
+    log = load("log", raw.interactions)
+    users = load("users", raw.users)
+    content = load("content", raw.content)
     for column in label_columns:
         if column not in log.columns:
             raise log.error(
@@ -237,7 +249,8 @@ def _timestamp_sql(con, log: LoadedTable) -> Optional[str]:
     if sql_type.startswith("TIMESTAMP") or sql_type == "DATE":
         parsed = f"CAST(epoch_ms(CAST({q} AS TIMESTAMP)) AS DOUBLE)"
     else:
-        parsed = f"CAST(epoch_ms(TRY_CAST({q} AS TIMESTAMP)) AS DOUBLE)"
+        # TIMESTAMPTZ honours an offset in the text ('...+02:00'); text without one is UTC
+        parsed = f"CAST(epoch_ms(TRY_CAST({q} AS TIMESTAMPTZ)) AS DOUBLE)"
     bad = con.execute(f"SELECT min(rowid) FROM log WHERE {parsed.replace('l.', '')} IS NULL").fetchone()[0]
     if bad is not None:
         got = con.execute(f"SELECT {quote(TIMESTAMP)} FROM log WHERE rowid = {bad}").fetchone()[0]
@@ -251,8 +264,9 @@ def _timestamp_sql(con, log: LoadedTable) -> Optional[str]:
     return parsed
 
 
-def _join_sql(con, cfg, log, table, key, policy, report, alias) -> str:
-    """The LEFT JOIN clause of ``table`` on ``key``, after applying the unjoined-id policy."""
+def _join_sql(con, log, table, key, policy, report, alias) -> Tuple[str, Optional[str]]:
+    """(the LEFT JOIN clause of ``table`` on ``key``, the drop condition of unjoined rows or
+    None), after applying the unjoined-id policy (error, keep: counted, drop: counted)."""
     if policy not in UNJOINED_POLICIES:
         raise DataError(f"unknown unjoined policy '{policy}'", expected=f"one of {UNJOINED_POLICIES}")
     left, right = f"l.{quote(key)}", f"{alias}.{quote(key)}"
@@ -289,7 +303,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, post_ex
     ):
         if table is None:
             continue
-        clause, unknown = _join_sql(con, cfg, log, table, key, policy, report, alias)
+        clause, unknown = _join_sql(con, log, table, key, policy, report, alias)
         joins.append(clause)
         if unknown is not None:
             drops.append((f"{key} not in its table", unknown))
@@ -302,6 +316,8 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, post_ex
         canon = spaces[table.name][joined][0]
         if joined in (USER_ID, CONTENT_ID) and table is not log:
             continue
+        if joined == TIMESTAMP or (joined == DURATION and WATCH_TIME in log.columns):
+            continue  # selected below, parsed (timestamps) and from the table the ratio uses
         select.append(f"{aliases[table.name]}.{quote(canon)} AS {quote(joined)}")
     duration_table = (
         log if DURATION in log.columns else (content if content and DURATION in content.columns else None)
@@ -342,7 +358,10 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, post_ex
         select.append(f"{ratio} AS __raw_ratio")
     for label in cfg.labels:
         if label.column:
-            select.append(f"l.{quote(label.column)} AS {quote('__label__' + label.name)}")
+            raw = f"l.{quote(label.column)}"  # NaN in a file is a missing label, like an empty cell
+            select.append(
+                f"(CASE WHEN isnan({raw}) THEN NULL ELSE {raw} END) AS {quote('__label__' + label.name)}"
+            )
     case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(reasons))
     select.append(f"CASE {case} END AS __drop" if reasons else "NULL::INTEGER AS __drop")
     con.execute(f"CREATE OR REPLACE TABLE staged AS SELECT {', '.join(select)} FROM log l {' '.join(joins)}")
@@ -414,7 +433,7 @@ def _check_binary_labels(con, log: LoadedTable, labels: List[LabelConfig]) -> No
         if label.column and label.kind == "binary":
             q = quote(label.column)
             bad = con.execute(
-                f"SELECT min(rowid) FROM log WHERE {q} IS NOT NULL AND {q} NOT IN (0, 1)"
+                f"SELECT min(rowid) FROM log WHERE {q} IS NOT NULL AND NOT isnan({q}) AND {q} NOT IN (0, 1)"
             ).fetchone()[0]
             if bad is not None:
                 got = con.execute(f"SELECT {q} FROM log WHERE rowid = {bad}").fetchone()[0]

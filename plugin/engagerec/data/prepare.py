@@ -20,19 +20,20 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import duckdb
 
 from engagerec.config import DataConfig
 from engagerec.data.adapters import load_tables
+from engagerec.data.errors import DataError
 from engagerec.data.events import Events, FilterReport, build_events, label_missing
 from engagerec.data.history import build_history_table, has_ties
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
-from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
+from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
-from engagerec.data.tables import connect, quote
+from engagerec.data.tables import connect, quote, single_thread
 
 SPLITS = SPLIT_NAMES
 BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet writer
@@ -70,7 +71,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         raw = load_tables(cfg.source, work)
         events = build_events(con, raw, cfg)
         lap("load, join, labels, filters, split")
-        if overwrite:
+        if overwrite:  # schema.json first: a half-replaced directory never looks prepared
+            (out_dir / SCHEMA_FILE).unlink(missing_ok=True)
             for name in (*SPLITS, VOCAB_DIR):
                 shutil.rmtree(out_dir / name, ignore_errors=True)
         fitter = Fitter(con, events, cfg.features, out_dir)
@@ -78,13 +80,21 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         lap("fit vocabularies (train)")
         _history(con, fitter, events, cfg)
         lap("history windows")
-        schema = fitter.fit_numbers()
+        with single_thread(con):  # float sums in a fixed order: the same stats on every run
+            schema = fitter.fit_numbers()
         lap("fit normalisation, buckets (train)")
         files = _write_splits(con, fitter, events, cfg, out_dir)
         lap("encode, shuffle, write shards")
-        summary = _summary(con, cfg, events, schema, raw.notes)
+        with single_thread(con):
+            summary = _summary(con, cfg, events, schema, raw.notes)
         summary["seconds"] = timings
         con.close()
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as err:
+        raise DataError(
+            f"the dataset writer ran out of memory or disk: {str(err).strip().splitlines()[0]}",
+            file=str(out_dir),
+            expected="a larger data.memory_limit or more free disk in the output directory",
+        ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     schema.meta = {
@@ -247,6 +257,10 @@ def _summary(
     }
 
 
+def _number(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # a label with no value in a split
+
+
 def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None) -> str:
     """The human-readable prepare summary printed by `engagerec prepare`."""
     lines = [f"engagerec prepare ({summary['adapter']})" + (f" -> {out_dir}" if out_dir else "")]
@@ -267,14 +281,14 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
             "watch ratio" if spec["kind"] == "regression" else f"ratio < {spec['threshold']:g}"
         )
         what = "rate" if spec["kind"] == "binary" else "mean"
-        text = f"  label {name:<14} {spec['kind']:<10} ({source}): {what} {stats['mean']:.4f}"
+        text = f"  label {name:<14} {spec['kind']:<10} ({source}): {what} {_number(stats['mean'])}"
         if stats["missing"]:
             text += f", missing {stats['missing']:,} (weight 0)"
         base = baselines.get(name, {})
         if "mse_train_mean" in base:
-            text += f"; test MSE of the train mean {base['mse_train_mean']:.4f}"
+            text += f"; test MSE of the train mean {_number(base['mse_train_mean'])}"
         if "accuracy_majority" in base:
-            text += f"; test accuracy of the majority class {base['accuracy_majority']:.4f}"
+            text += f"; test accuracy of the majority class {_number(base['accuracy_majority'])}"
         lines.append(text)
     split = summary["split"]
     sizes = "   ".join(f"{name} {split[name]['rows']:,}" for name in SPLITS)
@@ -285,6 +299,3 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
     if "seconds" in summary:
         lines.append("  seconds: " + ", ".join(f"{k} {v:g}" for k, v in summary["seconds"].items()))
     return "\n".join(lines)
-
-
-__all__: List[str] = ["SPLITS", "format_summary", "prepare"]

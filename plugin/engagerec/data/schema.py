@@ -208,8 +208,11 @@ class Fitter:
         if token_type == "BIGINT":
             sql_type = self.events.columns[column]
             if sql_type in ("DOUBLE", "FLOAT"):  # integral floats (ids read beside NaN) are ints
-                return f"(CASE WHEN {q} = floor({q}) THEN CAST({q} AS BIGINT) END)"
+                bad = f"isnan({q}) OR isinf({q})"
+                return f"(CASE WHEN {bad} THEN NULL WHEN {q} = floor({q}) THEN CAST({q} AS BIGINT) END)"
             return f"CAST({q} AS BIGINT)"
+        if self.events.columns[column] in ("DOUBLE", "FLOAT"):  # a NaN is a missing id, not a token
+            return f"(CASE WHEN isnan({q}) THEN NULL ELSE CAST({q} AS VARCHAR) END)"
         return f"CAST({q} AS VARCHAR)"
 
     def _token_type(self, column: str) -> str:
@@ -217,7 +220,8 @@ class Fitter:
         if sql_type in ("DOUBLE", "FLOAT"):
             q = quote(column)
             fractional = self.con.execute(
-                f"SELECT count(*) FROM events WHERE __split = 0 AND {q} IS NOT NULL AND {q} <> floor({q})"
+                f"SELECT count(*) FROM events WHERE __split = 0 AND {q} IS NOT NULL AND NOT isnan({q}) "
+                f"AND NOT isinf({q}) AND {q} <> floor({q})"
             ).fetchone()[0]
             return "VARCHAR" if fractional else "BIGINT"
         return "BIGINT" if is_numeric(sql_type) else "VARCHAR"

@@ -76,6 +76,8 @@ def split_sql(
     """
     if cfg.kind not in SPLIT_KINDS:
         raise DataError(f"unknown split kind '{cfg.kind}'", expected=f"one of {SPLIT_KINDS}")
+    if not 0 <= cfg.seed < 2**31:  # the seed is packed beside the row number in one hash input
+        raise DataError(f"split.seed = {cfg.seed}", expected="an integer in [0, 2^31)")
     for name in ("test_fraction", "val_fraction"):
         value = getattr(cfg, name)
         if not 0 <= value < 1:

@@ -9,10 +9,11 @@ missing id) is found by a query and reported with its row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import duckdb
 
@@ -35,6 +36,11 @@ NUMERIC_TYPES = (
     "DECIMAL",
     "BOOLEAN",
 )
+
+
+INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                 "UBIGINT")  # fmt: skip
+BAD = "__bad__"  # prefix of the per-column flags of values that are not integers
 
 
 def quote(name: str) -> str:
@@ -63,7 +69,20 @@ def connect(workdir: Path, memory_limit: str = "1GB", threads: int = 0) -> duckd
         con.execute(f"SET memory_limit = {literal(memory_limit)}")
     con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
     con.execute("SET preserve_insertion_order = true")
+    con.execute("SET TimeZone = 'UTC'")  # date-times with an offset convert the same on every machine
     return con
+
+
+@contextlib.contextmanager
+def single_thread(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Run the enclosed queries on one thread: DuckDB's parallel float aggregates (avg, stddev)
+    add in an order that varies between runs, so the last bits of a mean could differ."""
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    con.execute("SET threads = 1")
+    try:
+        yield
+    finally:
+        con.execute(f"SET threads = {int(threads)}")
 
 
 def sniff_separator(path: Path) -> str:
@@ -122,16 +141,20 @@ class LoadedTable:
         return self.source.files[index], int(rowid - self.file_starts[index])
 
     def error(self, message: str, rowid: Optional[int] = None, **details) -> DataError:
-        """A DataError that names this table's file and row of ``rowid``."""
+        """A DataError that names this table's file and row of ``rowid``, and a column by its
+        name in the file (``duration_ms``, not the canonical ``duration``)."""
+        if details.get("column") in self.source.columns:
+            details["column"] = self.source.columns[details["column"]]
         if rowid is None:
             return DataError(message, file=self.source.label, **details)
         file, row = self.locate(rowid)
         return DataError(message, file=file, row=row, **details)
 
 
-def canonical_columns(con: duckdb.DuckDBPyConnection, source: TableSource) -> Dict[str, Tuple[str, str]]:
-    """canonical name -> (SQL expression over the first file's columns, its file type) of every
-    column the source offers (renamed, derived, dropped as the adapter says)."""
+def canonical_columns(con: duckdb.DuckDBPyConnection, source: TableSource) -> Dict[str, Tuple[str, str, str]]:
+    """canonical name -> (SQL expression over the first file's columns, its file type, the file's
+    column name or "" when derived) of every column the source offers (renamed, derived, dropped
+    as the adapter says)."""
     header = file_columns(con, source.files[0])
     file_to_canonical = {file: canon for canon, file in source.columns.items()}
     out: Dict[str, Tuple[str, str]] = {}
@@ -146,10 +169,10 @@ def canonical_columns(con: duckdb.DuckDBPyConnection, source: TableSource) -> Di
             canon = f"{column}_raw"
         else:
             canon = column
-        out[canon] = (quote(column), sql_type)
+        out[canon] = (quote(column), sql_type, column)
     for canon, (column, template) in source.derived.items():
         if column in header:
-            out[canon] = (template.format(quote(column)), "DERIVED")
+            out[canon] = (template.format(quote(column)), "DERIVED", "")
     return out
 
 
@@ -186,20 +209,41 @@ def load_table(
         present = [c for c in wanted if c in offered]
         if index > 0 and present != list(loaded.columns):
             missing = [c for c in loaded.columns if c not in present]
+            extra = [c for c in present if c not in loaded.columns]
+            where, column = (source.files[0], missing[0]) if missing else (file, extra[0])
+            other = file if missing else source.files[0]
             raise DataError(
-                f"column '{source.columns.get(missing[0], missing[0])}' is in {source.files[0]} "
-                f"but not in this {source.name} file",
-                file=file,
-                column=missing[0],
-                expected="the same columns in every file of one table",
+                f"column '{source.columns.get(column, column)}' is in {where} but not in {other}",
+                file=other,
+                column=source.columns.get(column, column),
+                expected=f"the same columns in every file of the {source.name} table",
             )
         types = {}
         select = []
+        parquet = Path(file).suffix.lower() in PARQUET_SUFFIXES
         for canon in present:
-            expression, file_type = offered[canon]
-            if canon in numeric and file_type != "DERIVED":
-                types[expression.strip('"').replace('""', '"')] = "DOUBLE"
+            expression, file_type, file_column = offered[canon]
+            if canon in numeric and file_column:
+                if parquet and not is_numeric(file_type):  # text in a parquet file: check, then cast
+                    _check_parquet_numbers(con, file, file_column)
+                    expression = f"TRY_CAST({expression} AS DOUBLE)"
+                types[file_column] = "DOUBLE"  # CSV: a value that is not a number is a rejected row
                 file_type = "DOUBLE"
+            elif (
+                file_column
+                and not parquet
+                and (file_type if index == 0 else loaded.columns[canon]) in INTEGER_TYPES
+            ):
+                # DuckDB's CSV reader would round a '1.5' deep in an integer column: read the text,
+                # flag what is not an integer (reported with its row below), then cast
+                types[file_column] = "VARCHAR"
+                text = expression
+                expression = f"TRY_CAST({text} AS BIGINT)"
+                flag = f"NOT coalesce(TRY_CAST({text} AS DOUBLE) = TRY_CAST({text} AS BIGINT), FALSE)"
+                select.append(f"({text} IS NOT NULL AND {flag}) AS {quote(BAD + canon)}")
+                file_type = "BIGINT"
+            elif index > 0 and file_column:
+                types[file_column] = loaded.columns[canon]  # later files read as the first: no silent cast
             if source.missing_marker is not None and canon not in keys and is_numeric(file_type):
                 expression = f"NULLIF({expression}, {source.missing_marker})"
             select.append(f"{expression} AS {quote(canon)}")
@@ -211,14 +255,46 @@ def load_table(
             con.execute(f"{verb} SELECT {', '.join(select) or '1 AS __empty'} FROM {scan}")
         except duckdb.Error as err:
             raise DataError(f"cannot be read: {_first_line(err)}", file=file) from None
-        if rejects and Path(file).suffix.lower() not in PARQUET_SUFFIXES:
+        if not parquet:
             _raise_rejected(con, rejects, file)
         if index == 0:
             loaded.columns = {
-                row[0]: row[1] for row in con.execute(f"DESCRIBE {name}").fetchall() if row[0] != "__empty"
+                row[0]: row[1]
+                for row in con.execute(f"DESCRIBE {name}").fetchall()
+                if row[0] != "__empty" and not row[0].startswith(BAD)
             }
+        flagged = [row[0] for row in con.execute(f"DESCRIBE {name}").fetchall() if row[0].startswith(BAD)]
+        for flag in flagged:
+            where = f"{quote(flag)} AND rowid >= {loaded.file_starts[-1]}"
+            bad = con.execute(f"SELECT min(rowid) FROM {name} WHERE {where}").fetchone()[0]
+            if bad is not None:
+                raise loaded.error(
+                    "value is not an integer, unlike the column's other values",
+                    bad,
+                    column=flag[len(BAD) :],
+                    expected="an integer (or the same kind of value in every row)",
+                )
         loaded.rows = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
     return loaded
+
+
+def _check_parquet_numbers(con: duckdb.DuckDBPyConnection, file: str, column: str) -> None:
+    """A text column of a parquet file that must hold numbers: the first value that is not one
+    is a DataError with its row."""
+    q = quote(column)
+    bad = con.execute(
+        f"SELECT file_row_number, {q} FROM read_parquet({literal(file)}, file_row_number = true) "
+        f"WHERE {q} IS NOT NULL AND TRY_CAST({q} AS DOUBLE) IS NULL ORDER BY file_row_number LIMIT 1"
+    ).fetchall()
+    if bad:
+        raise DataError(
+            "value is not a number",
+            file=file,
+            column=column,
+            row=int(bad[0][0]),
+            expected="a number",
+            got=bad[0][1],
+        )
 
 
 def _raise_rejected(con: duckdb.DuckDBPyConnection, rejects: str, file: str) -> None:
