@@ -32,8 +32,13 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# the tests, and the runnable examples in the public API's docstrings
+DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/tasks.py \
+	plugin/engagerec/features.py plugin/engagerec/batch.py plugin/engagerec/losses.py \
+	plugin/engagerec/config.py plugin/engagerec/data/prepare.py plugin/engagerec/data/reader.py
+
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)
 
 bench: install
 	$(PY) benchmarks/prepare_scale.py --scales 0.1 1

@@ -1,3 +1,5 @@
+"""``python -m engagerec``: the same command line as ``engagerec``."""
+
 import sys
 
 from engagerec.cli import main

@@ -24,10 +24,12 @@ BEST_PATTERN = re.compile(r"^best-step-(\d+)$")
 
 
 def rng_state() -> Dict[str, Any]:
+    """This process's torch, numpy and Python RNG states (saved per rank, for exact resume)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the torch, numpy and Python RNG states that ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -78,6 +80,10 @@ def _matching(root: Path, pattern: re.Pattern):
 
 
 def latest(root: Path, pattern: re.Pattern = STEP_PATTERN) -> Optional[Path]:
+    """The checkpoint under ``root`` whose name matches ``pattern`` with the highest step, or None.
+
+    Unfinished ``.tmp-`` directories never match, so the result is always complete.
+    """
     found = _matching(root, pattern)
     return max(found, key=lambda p: p[0])[1] if found else None
 

@@ -122,6 +122,7 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``engagerec`` parser: one subcommand per job, each with its handler as ``handler``."""
     parser = argparse.ArgumentParser(prog="engagerec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -198,6 +199,12 @@ def quiet_library_noise() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command in ``argv`` (default ``sys.argv[1:]``).
+
+    Returns:
+        int: the handler's exit status (0 on success), or 2 after printing a configuration, data,
+        key, value or missing-file error to stderr (a message, not a traceback).
+    """
     quiet_library_noise()
     args = build_parser().parse_args(argv)
     try:

@@ -90,12 +90,16 @@ def study_labels() -> List[LabelConfig]:
 
 @dataclass
 class FilterConfig:
+    """Rows dropped before the split: users with too few views, and views with zero watch time."""
+
     min_user_views: int = 10  # keep users with MORE than this many views (the study's rule)
     drop_zero_watch_time: bool = True
 
 
 @dataclass
 class SplitConfig:
+    """How the kept rows are split into train, val and test: random, temporal or by user, seeded."""
+
     kind: str = "random"  # random | temporal | user
     test_fraction: float = 0.3
     val_fraction: float = 0.1  # carved from train, never from test
@@ -145,6 +149,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """What ``prepare`` reads and writes: sources, features, labels, filters, split, shards, DuckDB limits."""
+
     source: SourceConfig = field(default_factory=SourceConfig)
     features: List[FeatureConfig] = field(default_factory=list)
     watch_ratio: WatchRatioConfig = field(default_factory=WatchRatioConfig)
@@ -178,6 +184,8 @@ class EmbeddingConfig:
 
 @dataclass
 class TowerConfig:
+    """Which registered tower the model uses (``name``) and the keyword arguments to build it."""
+
     name: str = "mmoe"
     params: Dict[str, Any] = field(default_factory=dict)  # passed to the tower's constructor
 
@@ -213,6 +221,8 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
+    """The model: its embedding tables, its tower, its tasks and how their losses combine."""
+
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
     # empty: one task per label of the prepared data (schema.json), with a kind-specific head
@@ -222,6 +232,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """Training: data, batch sizes, optimisers, epochs, early stopping, checkpoints, sharding, logging."""
+
     seed: int = 0
     data_dir: Optional[str] = None  # prepared data (default prepared/<name>)
     batch_size: int = 1024  # per rank
@@ -247,6 +259,8 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
+    """A whole config file: the experiment's ``name`` (its default paths), ``data``, ``model``, ``train``."""
+
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -411,4 +425,5 @@ def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Expe
 
 
 def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
+    """Type a raw mapping (e.g. a run's config.json) with the same strict checks as ``load_config``."""
     return _build(ExperimentConfig, raw, "")

@@ -10,6 +10,7 @@ from engagerec.model import MultiTaskModel
 
 
 def parameter_counts(model: MultiTaskModel) -> Dict[str, int]:
+    """Parameters per part: ``embeddings/<table>`` (rows x dim), ``tower`` and ``head/<task>``."""
     counts: Dict[str, int] = {}
     if model.has_sparse:
         for table in model.spec.tables:

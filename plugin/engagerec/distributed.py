@@ -38,6 +38,8 @@ SPARSE_OPTIMIZERS = {
 
 @dataclass
 class Runtime:
+    """This process's place in the run: its rank, the world size and the device it computes on."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -45,6 +47,7 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the one that writes the run's logs and results and prints progress."""
         return self.rank == 0
 
 
@@ -70,6 +73,7 @@ def init_runtime() -> Runtime:
 
 
 def close_runtime(runtime: Runtime) -> None:
+    """Destroy the process group if ``init_runtime`` created it; one that already existed is left."""
     if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 

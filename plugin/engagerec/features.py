@@ -14,24 +14,88 @@ POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_name(id_space: str) -> str:
+    """
+    The name of the embedding table of an id space (features sharing an id space share it).
+
+    Args:
+        id_space (str): the id space, e.g. ``"content_id"``.
+
+    Returns:
+        str: ``"t_" + id_space``.
+
+    Example::
+
+        >>> from engagerec.features import table_name
+        >>> table_name("content_id")
+        't_content_id'
+    """
     return f"t_{id_space}"
 
 
 def auto_dim(rows: int, largest: int) -> int:
-    """6 * rows^(1/4), rounded to a multiple of 4 (FBGEMM and column-wise sharding like those),
-    in [4, largest]."""
+    """
+    An embedding width by the rule of thumb 6 * rows^(1/4), rounded to a multiple of 4
+    (FBGEMM and column-wise sharding like those) and kept in [4, largest]. Used for
+    every table without an explicit width when ``EmbeddingConfig.auto_dim`` is set.
+
+    Args:
+        rows (int): the table's number of rows.
+        largest (int): the widest it may be (``EmbeddingConfig.dim``).
+
+    Returns:
+        int: the width.
+
+    Example::
+
+        >>> from engagerec.features import auto_dim
+        >>> [auto_dim(rows, 16) for rows in (3, 10, 100, 1_000_000)]
+        [8, 12, 16, 16]
+    """
     return max(4, min(largest, 4 * round(6 * rows**0.25 / 4)))
 
 
 @dataclass
 class FeatureSpec:
-    """tables: one EmbeddingBagConfig per id space; dense_dim: width of the dense input."""
+    """
+    Which prepared sparse features become which TorchRec embedding tables, and how wide the
+    tower input is: one table per id space (``table_name(id_space)``), holding every
+    feature of that space, then the dense features. ``feature_names`` is the order of the
+    pooled embeddings in the tower input, which is ``[pooled (sparse_dim) | dense (dense_dim)]``,
+    ``input_dim`` wide. Usually built with ``from_schema``.
+
+    Args:
+        tables (List[EmbeddingBagConfig]): one config per id space, for the
+            EmbeddingBagCollection.
+        dense_dim (int): number of dense features (one column each).
+
+    Example::
+
+        >>> from engagerec.config import EmbeddingConfig
+        >>> from engagerec.data.schema import DatasetSchema, DenseFeature, SparseFeature
+        >>> from engagerec.features import FeatureSpec
+        >>> schema = DatasetSchema(
+        ...     features=[{"name": "item", "kind": "categorical"}, {"name": "history", "kind": "history"}],
+        ...     sparse=[
+        ...         SparseFeature("item", "item", multi=False),
+        ...         SparseFeature("history", "item", multi=True),
+        ...     ],
+        ...     dense=[DenseFeature("x", "x", "none", 0.0, 1.0, None)],
+        ...     labels=[],
+        ...     vocab_sizes={"item": 9},
+        ... )
+        >>> spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4))
+        >>> [(t.name, t.num_embeddings, t.embedding_dim, t.feature_names) for t in spec.tables]
+        [('t_item', 10, 4, ['item', 'history'])]
+        >>> spec.feature_names, spec.sparse_dim, spec.dense_dim, spec.input_dim
+        (['item', 'history'], 8, 1, 9)
+    """
 
     tables: List[EmbeddingBagConfig]
     dense_dim: int
 
     @property
     def sparse_dim(self) -> int:
+        """Width of the pooled embeddings: every feature's table width, summed."""
         return sum(t.embedding_dim * len(t.feature_names) for t in self.tables)
 
     @property
@@ -41,10 +105,29 @@ class FeatureSpec:
 
     @property
     def feature_names(self) -> List[str]:
+        """The sparse features, table by table: the order of the pooled embeddings in the tower input."""
         return [name for table in self.tables for name in table.feature_names]
 
     @classmethod
     def from_schema(cls, schema: DatasetSchema, cfg: EmbeddingConfig) -> "FeatureSpec":
+        """
+        The spec for prepared data: one table per id space with ``schema.num_embeddings``
+        rows (the known ids plus the out-of-vocabulary row), ``cfg.dims[space]`` wide, else
+        ``auto_dim`` or ``cfg.dim``; pooling per ``cfg.pooling`` (default: mean for history
+        features, sum for the rest).
+
+        Args:
+            schema (DatasetSchema): the prepared data's schema.
+            cfg (EmbeddingConfig): the model's embedding settings.
+
+        Returns:
+            FeatureSpec: the tables and the dense width.
+
+        Raises:
+            ValueError: if ``cfg`` names an unknown feature or id space, a pooling other than
+                sum and mean, or two multi-valued features sharing a table ask for different
+                poolings.
+        """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         unknown = (
             (set(cfg.pooling) | set(cfg.dims))

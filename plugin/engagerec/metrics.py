@@ -107,6 +107,7 @@ class LossAndBaselines:
         labels: Dict[str, torch.Tensor],
         weights: Dict[str, torch.Tensor],
     ) -> None:
+        """Add one batch to each task's sums; a row counts with its weight (0: padding or no label)."""
         for i, task in enumerate(self.tasks):
             w = weights[task.name].double()
             p, y = predictions[task.name].double(), labels[task.name].double()
@@ -120,6 +121,14 @@ class LossAndBaselines:
             self.sums[i] += torch.stack([w.sum(), (w * loss).sum(), (w * baseline).sum()])
 
     def compute(self) -> Dict[str, float]:
+        """The weighted means over every rank so far (a collective: every rank must call it); sums are kept.
+
+        Returns:
+            Dict[str, float]: per task ``<task>/log_loss`` (binary) or ``<task>/mse_loss``, and
+            the constant predictor's ``<task>/baseline_accuracy_majority`` or
+            ``<task>/baseline_mse_train_mean``; ``loss``, the task-weighted sum of the losses (what
+            training minimises); ``rows``, the total weight of the task with the most labelled rows.
+        """
         sums = self.sums.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)

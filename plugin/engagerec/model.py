@@ -36,9 +36,29 @@ _COLUMN_ORDER: Dict[Tuple, torch.Tensor] = {}
 
 @torch.fx.wrap  # one opaque call under tracing; runs eagerly with real keys
 def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
-    """The pooled embeddings as [B, sum of dims], features in ``names`` order. Free when the
+    """
+    The pooled embeddings as [B, sum of widths], features in ``names`` order. Free when the
     collection already returns that order (one rank); else one column gather, whose index is
-    computed once per key order."""
+    computed once per key order and kept on the values' device. Wrapped with
+    ``torch.fx.wrap``: one opaque call in a traced model.
+
+    Args:
+        pooled (KeyedTensor): an EmbeddingBagCollection's output, keys in any order.
+        names (List[str]): the wanted feature order (``FeatureSpec.feature_names``).
+
+    Returns:
+        torch.Tensor: [B, sum of the features' widths].
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedTensor
+        >>> from engagerec.model import pooled_by_name
+        >>> values = torch.tensor([[1.0, 2.0, 3.0]])  # one row: a is 2 wide, b 1
+        >>> pooled = KeyedTensor(keys=["a", "b"], length_per_key=[2, 1], values=values)
+        >>> pooled_by_name(pooled, ["b", "a"])
+        tensor([[3., 1., 2.]])
+    """
     keys = pooled.keys()
     if keys == names:
         return pooled.values()
@@ -53,8 +73,35 @@ def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
 
 
 def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
-    """One task per label of the prepared data: a regression head ends in a sigmoid when every
-    train value of its label lies in [0, 1] (a ratio), else it is the identity."""
+    """
+    One task per label of the prepared data, named after it, of its kind, with weight 1: a
+    regression head ends in a sigmoid when every train value of its label lies in [0, 1] (a
+    ratio, per the train split's label summary in ``schema.meta``), else in the identity.
+    What ``MultiTaskModel.from_config`` uses when the config names no tasks.
+
+    Args:
+        schema (DatasetSchema): the prepared data's schema.
+
+    Returns:
+        List[TaskConfig]: one per ``schema.labels``, in order.
+
+    Example::
+
+        >>> from engagerec.data.schema import DatasetSchema, LabelSpec
+        >>> from engagerec.model import tasks_from_schema
+        >>> ranges = {"watch_ratio": {"min": 0.0, "max": 1.0}, "watch_time": {"min": 0.0, "max": 310.5}}
+        >>> train = {"labels": ranges}
+        >>> schema = DatasetSchema(
+        ...     features=[],
+        ...     sparse=[],
+        ...     dense=[],
+        ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("watch_time", "regression")],
+        ...     vocab_sizes={},
+        ...     meta={"summary": {"split": {"train": train}}},
+        ... )
+        >>> [(task.name, task.kind, task.output) for task in tasks_from_schema(schema)]
+        [('watch_ratio', 'regression', 'sigmoid'), ('watch_time', 'regression', 'identity')]
+    """
     stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
     tasks = []
     for label in schema.labels:
@@ -66,13 +113,88 @@ def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
 
 
 class MultiTaskModel(nn.Module):
-    """Example::
+    """
+    The multi-task model: an EmbeddingBagCollection pools every sparse feature, the pooled
+    embeddings (in ``spec.feature_names`` order) and the dense features are concatenated into
+    the tower input x, the tower makes one representation f_k(x) per task and each task's
+    head h_k predicts y_k = h_k(f_k(x)) (study eq. 3). The task losses L_t are combined by
+    ``loss_weighting`` (by default the fixed weighted sum of eq. 12). The forward returns what
+    TorchRec's train pipelines expect, and FX-traces with the tower and heads as leaves.
 
-    spec = FeatureSpec.from_schema(schema, cfg.model.embeddings)
-    tasks = [Task(t) for t in cfg.model.tasks]
-    tower = build_tower("mmoe", spec.input_dim, len(tasks), num_experts=4)
-    model = MultiTaskModel(spec, tower, tasks, device=torch.device("meta"))  # DMP materialises it
-    loss, (task_losses, predictions, labels) = model(batch)
+    Args:
+        spec (FeatureSpec): the embedding tables and the dense width; without tables there is
+            no EmbeddingBagCollection and the tower reads the dense features alone.
+        tower (nn.Module): a tower (see ``engagerec.towers``) reading ``spec.input_dim``
+            elements and making one representation per task, widths in ``output_dims``.
+        tasks (List[Task]): the tasks, in the tower's representation order.
+        device (Optional[torch.device]): where the embedding tables are created;
+            ``torch.device("meta")`` lets DistributedModelParallel shard and materialise them
+            (engagerec.distributed does so). The tower is used as given and the heads are
+            built on the default device. Default: None.
+        loss_weighting (Optional[nn.Module]): combines the task losses
+            (``engagerec.losses``); None is FixedWeighting with the tasks' weights. Default: None.
+
+    Call Args:
+        batch (Batch): dense and sparse features, labels and row weights.
+
+    Returns:
+        Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor],
+        Dict[str, torch.Tensor]]]: ``(loss, (task_losses, predictions, labels, weights))``: the
+        scalar loss to back-propagate; the detached task losses [T]; and by task name the
+        detached predictions [B] (``Task.prediction``), the labels [B] and the row weights [B]
+        (0 where the task's label is missing or the row is padding).
+
+    Raises:
+        ValueError: if the tower's number of representations is not the number of tasks.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> from engagerec.batch import Batch
+        >>> from engagerec.config import EmbeddingConfig, study_tasks
+        >>> from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
+        >>> from engagerec.features import FeatureSpec
+        >>> from engagerec.model import MultiTaskModel
+        >>> from engagerec.tasks import Task
+        >>> from engagerec.towers import build_tower
+        >>> _ = torch.manual_seed(0)
+        >>> schema = DatasetSchema(
+        ...     features=[],
+        ...     sparse=[SparseFeature("item", "item", multi=False)],
+        ...     dense=[DenseFeature("x", "x", "none", 0.0, 1.0, None)],
+        ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
+        ...     vocab_sizes={"item": 9},
+        ... )
+        >>> spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4))
+        >>> spec.input_dim  # one 4-wide embedding and one dense feature
+        5
+        >>> tasks = [Task(cfg) for cfg in study_tasks()]  # watch_ratio (regression), skip (binary)
+        >>> tower = build_tower("mmoe", spec.input_dim, len(tasks), num_experts=2, expert_sizes=[8])
+        >>> model = MultiTaskModel(spec, tower, tasks, device=torch.device("cpu"))
+        >>> batch = Batch(
+        ...     dense_features=torch.randn(3, 1),
+        ...     sparse_features=KeyedJaggedTensor.from_lengths_sync(
+        ...         keys=["item"], values=torch.tensor([1, 4, 7]), lengths=torch.tensor([1, 1, 1])
+        ...     ),
+        ...     labels={"watch_ratio": torch.tensor([0.2, 0.9, 0.5]), "skip": torch.tensor([1.0, 0.0, 0.0])},
+        ...     weights=torch.ones(3),
+        ...     label_weights={"watch_ratio": torch.ones(3), "skip": torch.tensor([1.0, 1.0, 0.0])},
+        ... )
+        >>> loss, (task_losses, predictions, labels, weights) = model(batch)
+        >>> loss.shape, task_losses.shape
+        (torch.Size([]), torch.Size([2]))
+        >>> bool(torch.isclose(loss, task_losses.sum()))  # eq. 12 with both weights 1
+        True
+        >>> sorted(predictions), predictions["skip"].shape
+        (['skip', 'watch_ratio'], torch.Size([3]))
+        >>> bool(((predictions["watch_ratio"] > 0) & (predictions["watch_ratio"] < 1)).all())
+        True
+        >>> weights["skip"]  # the third row has no skip label
+        tensor([1., 1., 0.])
+        >>> loss.backward()
+        >>> model.sparse_arch.embedding_bags["t_item"].weight.grad.shape
+        torch.Size([10, 4])
     """
 
     def __init__(
@@ -105,6 +227,23 @@ class MultiTaskModel(nn.Module):
     def from_config(
         cls, schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
     ) -> "MultiTaskModel":
+        """
+        The model a config describes for prepared data: the spec from ``cfg.embeddings``, the
+        tasks from ``cfg.tasks`` (or ``tasks_from_schema``), the tower from ``cfg.tower``
+        (built on the default device) and the loss weighting from ``cfg.loss``.
+
+        Args:
+            schema (DatasetSchema): the prepared data's schema.
+            cfg (ModelConfig): the model section of a config.
+            device (Optional[torch.device]): where the embedding tables are created.
+                Default: None.
+
+        Returns:
+            MultiTaskModel: the model.
+
+        Raises:
+            ValueError: if a task's label is not in the prepared data.
+        """
         spec = FeatureSpec.from_schema(schema, cfg.embeddings)
         tasks = [Task(t) for t in (cfg.tasks or tasks_from_schema(schema))]
         missing = [t.label for t in tasks if t.label not in schema.label_names]
@@ -117,6 +256,7 @@ class MultiTaskModel(nn.Module):
         return cls(spec, tower, tasks, device=device, loss_weighting=weighting)
 
     def tower_input(self, batch: Batch) -> torch.Tensor:
+        """x [B, spec.input_dim]: pooled embeddings (``spec.feature_names`` order), then dense features."""
         if not self.has_sparse:
             return batch.dense_features
         pooled = self.sparse_arch(batch.sparse_features)
@@ -125,6 +265,7 @@ class MultiTaskModel(nn.Module):
         return torch.cat([pooled_by_name(pooled, self.feature_names), batch.dense_features], dim=1)
 
     def forward(self, batch: Batch) -> ModelOutput:
+        """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
         shared = self.tower_input(batch)
         representations = self.tower(shared)
         losses, predictions, labels, weights = [], {}, {}, {}

@@ -40,6 +40,9 @@ def _cell(stats: Dict[str, Any]) -> str:
 
 
 def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
+    """The ``summarise`` result as a markdown table: one row per tower (mean ± std over seeds), then
+    the constant predictors' row (train majority class, train mean, AUC 0.5). The baselines depend on
+    the data only, so they come from the first tower that reports them (the GBDT reference does not)."""
     lines = [
         "| model | " + " | ".join(title for _, title in COLUMNS) + " | seeds |",
         "|---|" + "---:|" * (len(COLUMNS) + 1),
@@ -57,6 +60,7 @@ def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
 
 
 def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
+    """Save bar charts of each tower's watch-ratio MSE and skip AUC (mean, std as error bar) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +124,16 @@ def run_comparison(
 
 
 def write_report(runs: List[Dict[str, Any]], out_dir: Path, title: str) -> str:
+    """Write compare.json (summary and runs), compare.md and compare.png to ``out_dir``.
+
+    Args:
+        runs: one result per (tower, seed), each with ``"tower"`` and its ``"test"`` metrics.
+        out_dir: created if missing.
+        title: the heading of compare.md.
+
+    Returns:
+        str: the markdown table.
+    """
     summary = summarise(runs)
     table = markdown_table(summary)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,35 @@ REGRESSION_OUTPUTS = ("sigmoid", "identity")
 
 
 class TaskHead(nn.Module):
-    """Optional task MLP, then one output unit. Regression applies its output transform
-    (sigmoid keeps a watch ratio in [0, 1]); binary returns the logit."""
+    """
+    A task's prediction head h_k of study eq. 3, y_k = h_k(f_k(x)): an optional MLP, then one
+    linear output unit, then the output transform. With no hidden layers it is the linear
+    head the study puts on PLE's last representation (the equations after eq. 10). A
+    regression head applies ``"sigmoid"`` (keeps a watch ratio in [0, 1]) or ``"identity"``;
+    a binary head is built with ``"identity"`` and returns the logit.
+
+    Args:
+        input_dim (int): width of the tower representation the head reads.
+        hidden (List[int]): ``out_features`` of the MLP layers (ReLU) before the output unit;
+            empty for none.
+        transform (str): ``"sigmoid"`` or ``"identity"``, applied to the output unit.
+
+    Call Args:
+        representation (torch.Tensor): [B, input_dim], the tower's output for this task.
+
+    Returns:
+        torch.Tensor: [B], one output per sample.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.tasks import TaskHead
+        >>> _ = torch.manual_seed(0)
+        >>> head = TaskHead(input_dim=8, hidden=[16], transform="sigmoid")
+        >>> out = head(torch.randn(4, 8))
+        >>> out.shape, bool(((out > 0) & (out < 1)).all())
+        (torch.Size([4]), True)
+    """
 
     def __init__(self, input_dim: int, hidden: List[int], transform: str) -> None:
         super().__init__()
@@ -26,12 +53,47 @@ class TaskHead(nn.Module):
         self.transform = transform
 
     def forward(self, representation: torch.Tensor) -> torch.Tensor:
+        """representation [B, input_dim] -> [B]."""
         value = self.out(self.hidden(representation)).squeeze(-1)
         return torch.sigmoid(value) if self.transform == "sigmoid" else value
 
 
 class Task:
-    """Built from a TaskConfig; owns the meaning of the head's output for its kind."""
+    """
+    One prediction task: which label it reads, its kind, its head, its loss and what its
+    metrics read. It owns the meaning of the head's output: a regression head's output is
+    the estimate (trained with MSE), a binary head's the logit (trained with binary
+    cross-entropy, read as sigmoid(logit)). ``weight`` is the task's omega in the study's
+    weighted loss sum, eq. 12.
+
+    Args:
+        cfg (TaskConfig): ``name`` (the key of the task's loss, prediction and metrics),
+            ``label`` (the label it reads from a Batch), ``kind`` (``"regression"`` or
+            ``"binary"``), ``weight`` (omega of eq. 12), ``head_sizes`` (the head's hidden
+            layers) and ``output`` (a regression head's transform, ``"sigmoid"`` or
+            ``"identity"``; binary heads ignore it).
+
+    Raises:
+        ValueError: if ``kind`` or a regression task's ``output`` is unknown.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.config import TaskConfig
+        >>> from engagerec.tasks import Task
+        >>> _ = torch.manual_seed(0)
+        >>> skip = Task(TaskConfig(name="skip", label="skip", kind="binary"))
+        >>> skip.build_head(8)(torch.randn(4, 8)).shape  # logits
+        torch.Size([4])
+        >>> logits, label = torch.zeros(4), torch.tensor([1.0, 0.0, 1.0, 0.0])
+        >>> round(skip.loss(logits, label, torch.tensor([1.0, 1.0, 1.0, 0.0])).item(), 4)  # log 2
+        0.6931
+        >>> skip.prediction(logits)  # probabilities
+        tensor([0.5000, 0.5000, 0.5000, 0.5000])
+        >>> ratio = Task(TaskConfig(name="watch_ratio", label="watch_ratio"))
+        >>> ratio.loss(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
+        tensor(0.2500)
+    """
 
     def __init__(self, cfg: TaskConfig) -> None:
         if cfg.kind not in KINDS:
@@ -44,13 +106,31 @@ class Task:
         self.name, self.label, self.kind, self.weight = cfg.name, cfg.label, cfg.kind, cfg.weight
 
     def build_head(self, input_dim: int) -> TaskHead:
+        """
+        Args:
+            input_dim (int): width of the tower representation for this task.
+
+        Returns:
+            TaskHead: ``cfg.head_sizes`` hidden layers and the kind's output transform.
+        """
         return TaskHead(
             input_dim, list(self.cfg.head_sizes), self.cfg.output if self.kind == "regression" else "identity"
         )
 
     def loss(self, output: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """MSE for regression, binary cross-entropy on the logit for binary (study section 7),
-        averaged with ``weight`` (0 for rows whose label is missing and for padding rows)."""
+        """
+        MSE for regression, binary cross-entropy on the logit for binary (study section 7),
+        averaged with ``weight``: sum(weight * per_row) / max(sum(weight), 1).
+
+        Args:
+            output (torch.Tensor): [B], the head's output.
+            label (torch.Tensor): [B] float32 label values.
+            weight (torch.Tensor): [B] row weights, 0 for rows whose label is missing and
+                for padding rows.
+
+        Returns:
+            torch.Tensor: the scalar task loss L_t.
+        """
         if self.kind == "binary":
             per_row = F.binary_cross_entropy_with_logits(output, label, reduction="none")
         else:
@@ -58,5 +138,13 @@ class Task:
         return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
-        """The value metrics read: the regression estimate, or the probability of the positive class."""
+        """
+        The value metrics read.
+
+        Args:
+            output (torch.Tensor): [B], the head's output.
+
+        Returns:
+            torch.Tensor: [B], the regression estimate, or the probability of the positive class.
+        """
         return torch.sigmoid(output) if self.kind == "binary" else output

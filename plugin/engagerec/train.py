@@ -43,6 +43,7 @@ TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metri
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -61,6 +62,8 @@ class RunLog:
             self.csv_path = run_dir / "log.csv"
 
     def write(self, step: int, phase: str, values: Dict[str, float]) -> None:
+        """Log ``values`` for ``step`` and ``phase`` (train, val, test) as ``<phase>/<key>`` scalars and
+        a row of log.csv, which is rewritten whole because a later row may bring new columns."""
         if not self.enabled:
             return
         row = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in values.items()}}
@@ -74,6 +77,7 @@ class RunLog:
             writer.writerows(self.rows)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         if self.enabled:
             self.tensorboard.close()
 

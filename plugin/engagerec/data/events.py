@@ -47,6 +47,7 @@ class FilterReport:
 
     @property
     def rows_dropped(self) -> int:
+        """Rows dropped for any reason (the sum of ``dropped``)."""
         return sum(self.dropped.values())
 
 

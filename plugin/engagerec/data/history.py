@@ -42,6 +42,8 @@ def build_history_table(
     """``CREATE TABLE target(__src, __split, <one column per history feature>)``.
 
     Args:
+        con: the DuckDB connection that holds ``source``'s tables.
+        target: the name of the table to create (replaced if it exists).
         source: a SELECT giving ``__src``, ``__split``, ``__u`` (user), ``__t`` (time) and
             ``__v0, __v1, ...``: the values the windows aggregate, one per column.
         columns: (name, aggregate, length, value when there is no earlier view), e.g.

@@ -19,6 +19,8 @@ def list_array_parts(array: pa.Array | pa.ChunkedArray) -> Tuple[np.ndarray, np.
 
 
 def to_list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    """The Arrow list array of (offsets, values), the inverse of ``list_array_parts``; offsets become
+    int32, the offset type of Arrow's ``list`` (not ``large_list``)."""
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 

@@ -204,10 +204,12 @@ class KuaiRandWorld:
 
     @property
     def users(self) -> int:
+        """U, the number of users."""
         return len(self.user_bias)
 
     @property
     def videos(self) -> int:
+        """V, the number of videos."""
         return len(self.video_bias)
 
     def score(self, user_id: np.ndarray, video_id: np.ndarray, hourmin: np.ndarray) -> np.ndarray:

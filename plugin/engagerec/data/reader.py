@@ -63,9 +63,22 @@ class ShardReader(IterableDataset):
 
     Example::
 
-        reader = ShardReader("prepared/kuairand_random", "train", batch_size=4096, shuffle=True)
-        for batch in make_loader(reader, num_workers=1):
-            batch.sparse_features, batch.dense_features, batch.labels["skip"]
+        >>> import tempfile
+        >>> from engagerec.config import config_from_dict
+        >>> from engagerec.data.prepare import prepare
+        >>> synthetic = {"num_rows": 3000, "num_users": 40, "num_contents": 30}
+        >>> cfg = config_from_dict({"data": {
+        ...     "source": {"adapter": "synthetic", "synthetic": synthetic},
+        ...     "features": [{"name": "user_id"}, {"name": "rating", "kind": "numeric"}]}})
+        >>> out = tempfile.mkdtemp()
+        >>> _ = prepare(cfg.data, out)
+        >>> reader = ShardReader(out, "train", batch_size=256, shuffle=True, drop_last=True)
+        >>> reader.set_epoch(0)
+        >>> batch = next(iter(make_loader(reader)))
+        >>> batch.sparse_features.keys(), tuple(batch.dense_features.shape), sorted(batch.labels)
+        (['user_id'], (256, 1), ['skip', 'watch_ratio'])
+        >>> bool(batch.label_weights["skip"].eq(1).all())  # no padding, no missing label
+        True
     """
 
     def __init__(
@@ -126,6 +139,7 @@ class ShardReader(IterableDataset):
 
     # ------------------------------------------------------------ bookkeeping
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch, which with ``seed`` seeds the shuffle: each epoch reads its own order."""
         self.epoch = epoch
 
     def _rank_rows(self, rank: int) -> Tuple[int, int]:
@@ -149,6 +163,7 @@ class ShardReader(IterableDataset):
 
     @property
     def rows_dropped(self) -> int:
+        """This rank's rows that an epoch does not yield (only ``drop_last`` drops any)."""
         start, end = self._rank_rows(self.rank)
         return (end - start) - min(end - start, self.num_batches() * self.batch_size)
 
@@ -275,7 +290,16 @@ class ShardReader(IterableDataset):
 
 
 def make_loader(reader: ShardReader, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader that keeps the reader's batch order (batches are made by the reader)."""
+    """A DataLoader that keeps the reader's batch order (batches are made by the reader).
+
+    Args:
+        reader: the ShardReader whose batches to load.
+        num_workers: loader processes; the batch order does not depend on it.
+        pin_memory: page-locked batches, for asynchronous copies to a GPU.
+
+    Returns:
+        A torch DataLoader yielding ``Batch`` objects (see ``ShardReader`` for an example).
+    """
     return DataLoader(
         reader,
         batch_size=None,

@@ -90,14 +90,17 @@ class DatasetSchema:
     # ------------------------------------------------------------------ queries
     @property
     def sparse_names(self) -> List[str]:
+        """The sparse features' names."""
         return [f.name for f in self.sparse]
 
     @property
     def dense_names(self) -> List[str]:
+        """The dense features' names, in the order of ``Batch.dense_features``' columns."""
         return [f.name for f in self.dense]
 
     @property
     def label_names(self) -> List[str]:
+        """The label columns' names."""
         return [label.name for label in self.labels]
 
     def num_embeddings(self, id_space: str) -> int:
@@ -112,9 +115,11 @@ class DatasetSchema:
 
     # ---------------------------------------------------------------- storage
     def to_json(self) -> Dict[str, Any]:
+        """The schema as a JSON-ready mapping, with the schema version."""
         return {"version": SCHEMA_VERSION, **asdict(self)}
 
     def save(self, directory: str | Path) -> Path:
+        """Write ``directory``/schema.json atomically; returns its path."""
         path = Path(directory) / SCHEMA_FILE
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1, default=_json_default))
@@ -123,6 +128,11 @@ class DatasetSchema:
 
     @classmethod
     def load(cls, directory: str | Path) -> "DatasetSchema":
+        """Read ``directory``/schema.json.
+
+        Raises:
+            DataError: if the file is missing or was written with another schema version.
+        """
         path = Path(directory) / SCHEMA_FILE
         if not path.is_file():
             raise DataError("schema not found; run `engagerec prepare` first", file=str(path))

@@ -29,6 +29,7 @@ class ShardWriter:
         self._tmp: Path | None = None
 
     def write(self, table: pa.Table) -> None:
+        """Append ``table``, starting a new file whenever the current one reaches ``rows_per_file``."""
         start = 0
         while start < table.num_rows:
             if self._writer is None:
@@ -42,9 +43,16 @@ class ShardWriter:
                 self._close_file()
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Append one record batch."""
         self.write(pa.Table.from_batches([batch]))
 
     def close(self, schema: pa.Schema | None = None) -> List[str]:
+        """Finish the last file; returns the names of the files written, in order.
+
+        Args:
+            schema: the columns of the one empty file written when nothing was, so that an empty
+                split still has a file to read.
+        """
         if self._writer is None and not self.files and schema is not None:
             self._open(schema)  # an empty split still gets one (empty) file with the right columns
         self._close_file()

@@ -53,6 +53,8 @@ class StudyWorld:
 
 
 def study_world(cfg: SyntheticConfig) -> StudyWorld:
+    """Draw the users and content tables, and the factors and genre preferences behind them, from
+    ``cfg.seed``; every chunk of interactions then draws from this one world."""
     rng = np.random.default_rng([cfg.seed, 0])
     n_users, n_items, n_genres = cfg.num_users, cfg.num_contents, cfg.num_genres
     genre_popularity = rng.dirichlet(np.ones(n_genres))
@@ -133,6 +135,8 @@ def study_interactions(
 def iter_study_interactions(
     world: StudyWorld, cfg: SyntheticConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> Iterator[pd.DataFrame]:
+    """Yield ``cfg.num_rows`` interactions in chunks of at most ``chunk_rows`` rows, so the whole log
+    is never in memory."""
     for index, rows in _chunks(cfg.num_rows, chunk_rows):
         yield study_interactions(world, cfg, index, rows, index * chunk_rows)
 

@@ -54,6 +54,7 @@ def literal(text: str) -> str:
 
 
 def is_numeric(sql_type: str) -> bool:
+    """Whether a DuckDB type (its parameters, as in ``DECIMAL(18,3)``, ignored) is a number or BOOLEAN."""
     return sql_type.split("(")[0] in NUMERIC_TYPES
 
 
@@ -70,6 +71,7 @@ def connect(workdir: Path, memory_limit: str = "1GB", threads: int = 0) -> duckd
     con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
     con.execute("SET preserve_insertion_order = true")
     con.execute("SET TimeZone = 'UTC'")  # date-times with an offset convert the same on every machine
+    con.execute("SET enable_progress_bar = false")  # it would write into stdout: the summary is ours
     return con
 
 
@@ -188,6 +190,11 @@ def load_table(
     """Load ``wanted`` canonical columns of every file of ``source`` into the table ``name``.
 
     Args:
+        con: the DuckDB connection to load into.
+        name: the DuckDB table to create (replaced if it exists).
+        source: the files and how their columns map to canonical ones.
+        wanted: the canonical columns to load; those no file has are left out, but every file
+            must have the same ones (else a DataError naming both files).
         required: canonical columns every file must have (else a DataError naming the file).
         numeric: columns read as DOUBLE: a CSV value that is not a number is a rejected row,
             reported with its line.

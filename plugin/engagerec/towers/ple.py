@@ -13,8 +13,40 @@ from engagerec.towers.registry import register_tower
 
 
 class ExtractionLevel(nn.Module):
-    """One level: task t's gate mixes its own experts and the shared ones; below the last
-    level a shared gate mixes all experts into the next level's shared input."""
+    """
+    One extraction level j of PLE (study eq. 7-11): ``num_shared`` shared experts,
+    ``num_specific`` experts per task, and per task a gate over its own and the shared
+    experts; below the last level also a shared gate over every expert, whose mixture is the
+    next level's shared input. Task k's experts and gate read its previous representation
+    d_{k,j-1} (eq. 10), the shared experts and gate the previous shared mixture.
+
+    Args:
+        input_dim (int): width of the level's inputs (x at the first level, the previous
+            level's expert width above it).
+        num_tasks (int): number of tasks.
+        num_shared (int): shared experts, E_s of eq. 8.
+        num_specific (int): experts per task (E_r and E_c of eq. 8 for the study's two tasks).
+        expert_sizes (Sequence[int]): ``out_features`` of each expert's layers.
+        activation (str): the experts' nonlinearity.
+        dropout (float): dropout probability after every expert activation.
+        shared_gate (bool): build the shared gate (every level but the last).
+        one_input (bool): every expert and gate reads the same input (the first level, where
+            all read x): all experts are then one ExpertGroup and all gates one GateBank.
+            Default: False.
+        device (Optional[torch.device]): where the parameters are created. Default: None.
+
+    Call Args:
+        task_inputs (List[torch.Tensor]): one [B, input_dim] per task, d_{k,j-1}.
+        shared_input (torch.Tensor): [B, input_dim], the previous shared mixture (or x).
+
+    Returns:
+        Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]: the task
+        representations d_{k,j} (one [B, H] each), the shared mixture [B, H] (None without a
+        shared gate) and the gate weights by ``"task{k}"`` / ``"shared"``.
+
+    Raises:
+        ValueError: if the level would have no expert.
+    """
 
     def __init__(
         self,
@@ -27,13 +59,18 @@ class ExtractionLevel(nn.Module):
         dropout: float,
         shared_gate: bool,
         one_input: bool = False,
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         if num_shared + num_specific == 0:
             raise ValueError("an extraction level needs at least one expert")
 
         def experts(count: int) -> Optional[ExpertGroup]:
-            return ExpertGroup(input_dim, count, expert_sizes, activation, dropout) if count else None
+            return (
+                ExpertGroup(input_dim, count, expert_sizes, activation, dropout, device=device)
+                if count
+                else None
+            )
 
         self.num_tasks, self.num_shared, self.num_specific = num_tasks, num_shared, num_specific
         # one_input (the first level, where every expert reads x): all experts in one group,
@@ -50,18 +87,21 @@ class ExtractionLevel(nn.Module):
         )
         self.has_shared_gate = shared_gate
         # one_input: every gate reads x too, so all gates are one GateBank (one matmul)
-        self.gate_bank = GateBank(input_dim, gate_sizes) if one_input else None
+        self.gate_bank = GateBank(input_dim, gate_sizes, device=device) if one_input else None
         self.task_gates = (
-            nn.ModuleList(GatedMixture(input_dim, size) for size in gate_sizes[:num_tasks])
+            nn.ModuleList(GatedMixture(input_dim, size, device=device) for size in gate_sizes[:num_tasks])
             if not one_input
             else None
         )
-        self.shared_gate = GatedMixture(input_dim, gate_sizes[-1]) if shared_gate and not one_input else None
+        self.shared_gate = (
+            GatedMixture(input_dim, gate_sizes[-1], device=device) if shared_gate and not one_input else None
+        )
         self.output_dim = out_dim(input_dim, expert_sizes)
 
     def forward(
         self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor
     ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """One level: d_{k,j} per task, the shared mixture (or None) and the gate weights."""
         if self.all_experts is not None:
             every = self.all_experts(shared_input)  # [B, Es + T * Et, H]
             shared = [every[:, : self.num_shared]] if self.num_shared else []
@@ -98,11 +138,64 @@ class ExtractionLevel(nn.Module):
 
 @register_tower("ple")
 class PLE(nn.Module):
-    """Example::
+    """
+    Progressive Layered Extraction (Tang et al., RecSys 2020): ``num_levels`` stacked
+    extraction levels, each with ``num_shared`` shared experts, ``num_specific`` experts per
+    task and softmax gates (study eq. 7-11). At level j every expert is an MLP,
+    h_{i,j} = f_{i,j}(.) (eq. 11), of ``expert_sizes``; a level has E = num_shared +
+    num_tasks * num_specific experts (eq. 8, where E_r and E_c are the two tasks' counts),
+    stacked as S_j of eq. 7. Task k's gate, w_{k,j} = softmax(W_{k,j} d_{k,j-1} + b_{k,j})
+    (eq. 10, d_{k,0} = x), weighs task k's own experts and the shared ones (Tang et al.'s
+    routing; eq. 9 writes the sum over all E) into d_{k,j} = sum_i w_{k,j,i} h_{i,j} (eq. 9).
+    Below the last level a shared gate weighs all E experts into the next level's shared
+    input. The tower returns d_{k,N}, on which the heads are linear (the head equations that
+    follow eq. 10). The gates of the last forward are kept, detached, in ``gate_weights``:
+    ``"level{j}/task{k}"`` -> [B, num_specific + num_shared] and, for j < num_levels - 1,
+    ``"level{j}/shared"`` -> [B, E] (j counts from 0).
 
-    tower = PLE(input_dim=32, num_tasks=2, num_levels=2, num_shared=2, num_specific=1, expert_sizes=[64])
-    reps = tower(torch.randn(8, 32))    # two [8, 64] tensors
-    tower.gate_weights["level1/task0"]  # [8, 3] (1 own + 2 shared experts), rows sum to 1
+    Args:
+        input_dim (int): number of elements in each input sample (x).
+        num_tasks (int): number of tasks, one gate (and ``num_specific`` experts) each per level.
+        num_levels (int): number of extraction levels N (j = 1..N in eq. 7); 1 is CGC. Default: 2.
+        num_shared (int): shared experts per level, E_s of eq. 8. Default: 2.
+        num_specific (int): experts per task per level (E_r = E_c of eq. 8 for the study's
+            regression and classification tasks); 0 leaves only shared experts, gated per
+            task. Default: 1.
+        expert_sizes (Sequence[int]): ``out_features`` of every expert's layers, bottom to top,
+            at every level; the last is the width H of each level's output (level j + 1's
+            experts read width H). Default: (64,).
+        activation (str): the nonlinearity after every expert layer, one of ``"relu"``,
+            ``"gelu"``, ``"silu"``, ``"tanh"``. Default: ``"relu"``.
+        dropout (float): dropout probability after every expert activation. Default: 0.0.
+        device (Optional[torch.device]): where the parameters are created. Default: None.
+
+    Call Args:
+        x (torch.Tensor): [B, input_dim].
+
+    Returns:
+        List[torch.Tensor]: ``num_tasks`` tensors [B, expert_sizes[-1]], d_{k,N} of eq. 9.
+
+    Raises:
+        ValueError: if ``num_levels < 1`` or ``num_shared + num_specific == 0``.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.towers import PLE
+        >>> _ = torch.manual_seed(0)
+        >>> tower = PLE(32, num_tasks=2, num_levels=2, num_shared=2, num_specific=1, expert_sizes=[64])
+        >>> [tuple(rep.shape) for rep in tower(torch.randn(8, 32))]
+        [(8, 64), (8, 64)]
+        >>> for name, weights in sorted(tower.gate_weights.items()):
+        ...     print(name, tuple(weights.shape))
+        level0/shared (8, 4)
+        level0/task0 (8, 3)
+        level0/task1 (8, 3)
+        level1/task0 (8, 3)
+        level1/task1 (8, 3)
+        >>> meta = PLE(32, 2, num_levels=2, device=torch.device("meta"))
+        >>> {p.device.type for p in meta.parameters()}
+        {'meta'}
     """
 
     def __init__(
@@ -115,6 +208,7 @@ class PLE(nn.Module):
         expert_sizes: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         if num_levels < 1:
@@ -134,6 +228,7 @@ class PLE(nn.Module):
                     dropout,
                     shared_gate=level < num_levels - 1,
                     one_input=level == 0,
+                    device=device,
                 )
             )
             width = self.levels[-1].output_dim
@@ -141,6 +236,7 @@ class PLE(nn.Module):
         self.gate_weights: Dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """x [B, input_dim] -> one [B, output_dims[k]] per task; records ``gate_weights``."""
         task_inputs, shared = [x for _ in range(self.num_tasks)], x
         for index, level in enumerate(self.levels):
             task_inputs, shared, weights = level(task_inputs, shared)
@@ -151,7 +247,47 @@ class PLE(nn.Module):
 
 @register_tower("cgc")
 class CGC(PLE):
-    """Customized Gate Control: PLE with a single extraction level (Tang et al. 2020, section 4.2)."""
+    """
+    Customized Gate Control (Tang et al. 2020, section 4.2): PLE with one extraction level.
+    Each task's gate, softmax(W_k x + b_k) (study eq. 10 with d_{k,0} = x), weighs its own
+    ``num_specific`` experts and the ``num_shared`` shared ones (eq. 9 for j = 1); there is
+    no shared gate. ``gate_weights`` holds ``"level0/task{k}"`` -> [B, num_specific + num_shared].
+
+    Args:
+        input_dim (int): number of elements in each input sample (x).
+        num_tasks (int): number of tasks, one gate and ``num_specific`` experts each.
+        num_shared (int): shared experts, E_s of eq. 8. Default: 2.
+        num_specific (int): experts per task (E_r = E_c of eq. 8 for the study's two tasks).
+            Default: 1.
+        expert_sizes (Sequence[int]): ``out_features`` of every expert's layers, bottom to top.
+            Default: (64,).
+        activation (str): the nonlinearity after every expert layer, one of ``"relu"``,
+            ``"gelu"``, ``"silu"``, ``"tanh"``. Default: ``"relu"``.
+        dropout (float): dropout probability after every expert activation. Default: 0.0.
+        device (Optional[torch.device]): where the parameters are created. Default: None.
+
+    Call Args:
+        x (torch.Tensor): [B, input_dim].
+
+    Returns:
+        List[torch.Tensor]: ``num_tasks`` tensors [B, expert_sizes[-1]].
+
+    Raises:
+        ValueError: if ``num_shared + num_specific == 0``.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.towers import CGC
+        >>> _ = torch.manual_seed(0)
+        >>> tower = CGC(input_dim=32, num_tasks=2, num_shared=2, num_specific=1, expert_sizes=[16])
+        >>> [tuple(rep.shape) for rep in tower(torch.randn(8, 32))]
+        [(8, 16), (8, 16)]
+        >>> sorted(tower.gate_weights), tuple(tower.gate_weights["level0/task1"].shape)
+        (['level0/task0', 'level0/task1'], (8, 3))
+        >>> CGC(32, 2, device=torch.device("meta")).levels[0].all_experts.weights[0].device
+        device(type='meta')
+    """
 
     def __init__(
         self,
@@ -162,5 +298,16 @@ class CGC(PLE):
         expert_sizes: Sequence[int] = (64,),
         activation: str = "relu",
         dropout: float = 0.0,
+        device: Optional[torch.device] = None,
     ) -> None:
-        super().__init__(input_dim, num_tasks, 1, num_shared, num_specific, expert_sizes, activation, dropout)
+        super().__init__(
+            input_dim,
+            num_tasks,
+            1,
+            num_shared,
+            num_specific,
+            expert_sizes,
+            activation,
+            dropout,
+            device=device,
+        )
