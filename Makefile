@@ -35,7 +35,8 @@ format: install
 # the tests, and the runnable examples in the public API's docstrings
 DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/tasks.py \
 	plugin/engagerec/features.py plugin/engagerec/batch.py plugin/engagerec/losses.py \
-	plugin/engagerec/config.py plugin/engagerec/data/prepare.py plugin/engagerec/data/reader.py
+	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/prepare.py \
+	plugin/engagerec/data/reader.py
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)

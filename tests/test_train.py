@@ -12,7 +12,15 @@ from engagerec.data.prepare import prepare
 from engagerec.evaluate import evaluate_run
 from engagerec.train import train
 
-EQUAL_METRICS = ("loss", "watch_ratio/mse", "watch_ratio/mae", "skip/auc", "skip/accuracy", "skip/ne")
+EQUAL_METRICS = (
+    "loss",
+    "watch_ratio/mse",
+    "watch_ratio/mae",
+    "watch_ratio/xauc",
+    "skip/auc",
+    "skip/accuracy",
+    "skip/ne",
+)
 
 
 def study_run_config(data_dir, **train):

@@ -9,7 +9,7 @@ import torch
 
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
-from engagerec.metrics import LossAndBaselines, build_metric_module, metric_inputs, readable
+from engagerec.metrics import ExactXAUC, LossAndBaselines, build_metric_module, metric_inputs, readable
 from engagerec.tasks import Task
 
 
@@ -45,6 +45,7 @@ def evaluate(
         rank=rank,
     )
     sums = LossAndBaselines(tasks, train_means, device)
+    xauc = ExactXAUC(tasks)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -53,9 +54,11 @@ def evaluate(
             _, (_, predictions, labels, weights) = model(batch)
             metrics.update(metric_inputs(tasks, predictions, labels, weights))
             sums.update(predictions, labels, weights)
+            xauc.update(predictions, labels, weights)
     model.train(was_training)
     out = readable(metrics.compute())
     out.update(sums.compute())
+    out.update(xauc.compute())
     return out
 
 
