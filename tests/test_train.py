@@ -184,3 +184,56 @@ def test_dense_only_data_trains_through_dmp(tmp_path):
     results = train(cfg, tmp_path / "run")
     for task in ("y1", "y2"):
         assert results["test"][f"{task}/mse"] < 0.8 * results["test"][f"{task}/baseline_mse_train_mean"]
+
+
+def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypatch):
+    """Any number of tasks end to end: the bundled KuaiRand log with four labels, one of them
+    missing in some rows; every task gets its columns, its constant baseline and a GBDT model."""
+    import numpy as np
+    import pandas as pd
+
+    from engagerec.config import load_config
+    from engagerec.data.prepare import prepare
+    from engagerec.report import run_comparison
+
+    log = pd.read_csv(repo / "datasets" / "kuairand" / "processed_standard_kcore_15.csv", sep="\t")
+    log["label"] = log["label"].astype(float).where(np.arange(len(log)) % 5 != 0)  # 20% missing likes
+    log.to_csv(tmp_path / "log.csv", sep="\t", index=False)
+    monkeypatch.chdir(repo)
+    cfg = load_config(
+        "configs/kuairand_multitask.yaml",
+        [
+            f"data.source.interactions={tmp_path / 'log.csv'}",
+            f"train.data_dir={tmp_path / 'data'}",
+            "train.epochs=1",
+            "train.batch_size=512",
+        ],
+    )
+    summary = prepare(cfg.data, tmp_path / "data")
+    assert summary["label_missing"]["like"] > 0.15 * summary["rows_kept"]
+    table = run_comparison(cfg, ["mmoe"], [0], tmp_path / "compare", gbdt=True)
+    header = table.splitlines()[0]
+    for column in (
+        "watch_ratio MSE",
+        "watch_ratio XAUC",
+        "skip AUC",
+        "long_view AUC",
+        "like AUC",
+        "like accuracy",
+    ):
+        assert column in header
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-2] for line in table.splitlines()[2:]}
+    assert "–" not in rows["mmoe"] and "–" not in rows["gbdt (scikit-learn)"]  # every task scored
+    constant = dict(
+        zip(
+            [c.strip() for c in header.split("|")[2:-2]],
+            [c.strip() for c in rows["constant: train mean / majority class"]],
+            strict=True,
+        )
+    )
+    like_rate = summary["split"]["test"]["labels"]["like"]["mean"]
+    assert float(constant["like accuracy"]) == pytest.approx(max(like_rate, 1 - like_rate), abs=1e-4)
+    results = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    mmoe = results["summary"]["mmoe"]
+    assert mmoe["like/auc"]["mean"] > 0.6 and mmoe["long_view/auc"]["mean"] > 0.6
+    assert (tmp_path / "compare" / "compare.png").stat().st_size > 1000

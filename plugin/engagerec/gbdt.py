@@ -3,9 +3,10 @@
 Single-valued sparse features with many values (ids) are target-encoded with
 scikit-learn's cross-fitted TargetEncoder (fitted on train only); the other single-valued
 ones are native categorical features; each multi-valued feature (genres, history)
-contributes its length; dense features are used as they are. One
-HistGradientBoostingRegressor for the watch ratio and one HistGradientBoostingClassifier
-for skip, each with early stopping on the validation split. No tuning on test.
+contributes its length; dense features are used as they are. One model per label of the
+prepared data: a HistGradientBoostingRegressor for a regression label, a
+HistGradientBoostingClassifier for a binary one, each with early stopping on the validation
+split, on the rows where that label is present. No tuning on test.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import TargetEncoder
 
 from engagerec.data.schema import DatasetSchema
+from engagerec.metrics import exact_xauc
 
 NATIVE_CATEGORICAL_MAX = 250  # HistGradientBoosting's categorical features allow at most 255 values
 
@@ -54,15 +56,16 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
     native = [f.name for f in singles if f.name not in encoded]
     plain = [k for k in parts["train"][0] if k not in encoded and k not in native]
 
-    def design(split: str, encoder: TargetEncoder, fit_target=None) -> np.ndarray:
-        columns = parts[split][0]
+    def design(split: str, encoder: TargetEncoder, fit_target=None, mask=None) -> np.ndarray:
+        """The split's feature matrix (rows in ``mask``); ids target-encoded, fitted on train."""
+        columns = {name: values[mask] for name, values in parts[split][0].items()}
         ids = (
             np.stack([columns[n] for n in encoded], axis=1)
             if encoded
             else np.zeros((len(columns[plain[0]]), 0))
         )
         if fit_target is not None:
-            target_encoded = encoder.fit_transform(ids, fit_target)  # cross-fitted on train
+            target_encoded = encoder.fit_transform(ids, fit_target[mask])  # cross-fitted on train
         else:
             target_encoded = encoder.transform(ids)
         rest = np.stack([columns[n].astype(np.float64) for n in native + plain], axis=1)
@@ -71,14 +74,19 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
     categorical = np.zeros(len(native) + len(plain) + len(encoded), dtype=bool)
     categorical[: len(native)] = True
     out: Dict[str, float] = {}
-    for task, model_class in (
-        ("watch_ratio", HistGradientBoostingRegressor),
-        ("skip", HistGradientBoostingClassifier),
-    ):
-        y = {split: parts[split][1][task] for split in parts}
+    for label in schema.labels:
+        task, binary = label.name, label.kind == "binary"
+        # rows whose label is missing (NaN) take no part in this label's model or score
+        present = {split: ~np.isnan(parts[split][1][task].astype(np.float64)) for split in parts}
+        y = {split: parts[split][1][task][present[split]].astype(np.float64) for split in parts}
+        low, high = float(y["train"].min()), float(y["train"].max())  # regression: clip to train's range
         encoder = TargetEncoder(target_type="continuous", cv=KFold(5, shuffle=True, random_state=seed))
-        x_train = design("train", encoder, y["train"])
-        x_val, x_test = design("val", encoder), design("test", encoder)
+        x_train = design("train", encoder, parts["train"][1][task], present["train"])
+        x_val, x_test = (
+            design("val", encoder, mask=present["val"]),
+            design("test", encoder, mask=present["test"]),
+        )
+        model_class = HistGradientBoostingClassifier if binary else HistGradientBoostingRegressor
         model = model_class(
             categorical_features=categorical,
             max_iter=500,
@@ -87,26 +95,27 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
             random_state=seed,
         )
         # early stopping on our validation split: fit on train, then refit with the best iteration count
-        best_iter, _ = _best_iterations(model, x_train, y["train"], x_val, y["val"], task)
+        best_iter, _ = _best_iterations(model, x_train, y["train"], x_val, y["val"], binary, (low, high))
         model.set_params(max_iter=best_iter)
         model.fit(x_train, y["train"])
-        if task == "watch_ratio":
-            prediction = np.clip(model.predict(x_test), 0.0, 1.0)
-            out["watch_ratio/mse"] = float(mean_squared_error(y["test"], prediction))
-            out["watch_ratio/mae"] = float(mean_absolute_error(y["test"], prediction))
-        else:
+        if binary:
             probability = model.predict_proba(x_test)[:, 1]
-            out["skip/auc"] = float(roc_auc_score(y["test"], probability))
-            out["skip/accuracy"] = float(accuracy_score(y["test"], probability >= 0.5))
+            out[f"{task}/auc"] = float(roc_auc_score(y["test"], probability))
+            out[f"{task}/accuracy"] = float(accuracy_score(y["test"], probability >= 0.5))
+        else:
+            prediction = np.clip(model.predict(x_test), low, high)
+            out[f"{task}/mse"] = float(mean_squared_error(y["test"], prediction))
+            out[f"{task}/mae"] = float(mean_absolute_error(y["test"], prediction))
+            out[f"{task}/xauc"] = exact_xauc(prediction, y["test"])
         out[f"{task}/iterations"] = float(best_iter)
     return out
 
 
-def _best_iterations(model, x_train, y_train, x_val, y_val, task: str) -> Tuple[int, float]:
+def _best_iterations(model, x_train, y_train, x_val, y_val, binary: bool, bounds) -> Tuple[int, float]:
     """The iteration count with the best validation loss (MSE or log loss), by staged prediction."""
     model.fit(x_train, y_train)
-    if task == "watch_ratio":
-        scores = [mean_squared_error(y_val, np.clip(p, 0, 1)) for p in model.staged_predict(x_val)]
+    if not binary:
+        scores = [mean_squared_error(y_val, np.clip(p, *bounds)) for p in model.staged_predict(x_val)]
     else:
         eps = 1e-7
         scores = [

@@ -1,20 +1,43 @@
-"""Comparison reports: several towers x seeds -> a markdown table (the study's Table 1 with
-AUC and MAE beside it), a JSON file and a plot. Mean +- standard deviation over seeds."""
+"""Comparison reports: several towers x seeds -> a markdown table (each task's metrics, the
+study's Table 1 generalised to any number of tasks), a JSON file and a plot per task. Mean +-
+standard deviation over seeds, with the constant baselines."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-COLUMNS = [
-    ("skip/accuracy", "skip accuracy"),
-    ("watch_ratio/mse", "watch-ratio MSE"),
-    ("skip/auc", "skip AUC"),
-    ("watch_ratio/mae", "watch-ratio MAE"),
-]
+# per task kind: (metric, column title, constant baseline's metric or a fixed value)
+KIND_COLUMNS = {
+    "regression": [("mse", "MSE", "baseline_mse_train_mean"), ("mae", "MAE", None), ("xauc", "XAUC", 0.5)],
+    "binary": [("auc", "AUC", 0.5), ("accuracy", "accuracy", "baseline_accuracy_majority")],
+}
+
+
+def task_kinds(summary: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """task -> "regression" | "binary", read off the metric names (``<task>/mse`` or ``<task>/auc``),
+    in the order the tasks first appear."""
+    kinds: Dict[str, str] = {}
+    for stats in summary.values():
+        for key in stats:
+            task, _, metric = key.partition("/")
+            if metric == "mse" and task not in kinds:
+                kinds[task] = "regression"
+            elif metric == "auc" and task not in kinds:
+                kinds[task] = "binary"
+    return kinds
+
+
+def columns(summary: Dict[str, Dict[str, Any]]) -> List[Tuple[str, str, Any]]:
+    """(metric key, column title, baseline) for every task's metrics, tasks in order."""
+    return [
+        (f"{task}/{metric}", f"{task} {title}", baseline)
+        for task, kind in task_kinds(summary).items()
+        for metric, title, baseline in KIND_COLUMNS[kind]
+    ]
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -35,56 +58,69 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _cell(stats: Dict[str, Any]) -> str:
+def _cell(stats: Optional[Dict[str, Any]]) -> str:
+    if stats is None:
+        return "–"
     return f"{stats['mean']:.4f} ± {stats['std']:.4f}" if stats["n"] > 1 else f"{stats['mean']:.4f}"
 
 
 def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
-    """The ``summarise`` result as a markdown table: one row per tower (mean ± std over seeds), then
-    the constant predictors' row (train majority class, train mean, AUC 0.5). The baselines depend on
-    the data only, so they come from the first tower that reports them (the GBDT reference does not)."""
+    """The ``summarise`` result as a markdown table: one row per tower (mean ± std over seeds) with
+    each task's metrics (regression: MSE, MAE, XAUC; binary: AUC, accuracy), then the constant
+    predictors' row (train mean, majority class, 0.5 for the ranking metrics). The baselines
+    depend on the data only, so they come from the first model that reports them (the GBDT
+    reference does not)."""
+    cols = columns(summary)
     lines = [
-        "| model | " + " | ".join(title for _, title in COLUMNS) + " | seeds |",
-        "|---|" + "---:|" * (len(COLUMNS) + 1),
+        "| model | " + " | ".join(title for _, title, _ in cols) + " | seeds |",
+        "|---|" + "---:|" * (len(cols) + 1),
     ]
     for tower, stats in summary.items():
         seeds = next(iter(stats.values()))["n"]
-        lines.append(f"| {tower} | " + " | ".join(_cell(stats[key]) for key, _ in COLUMNS) + f" | {seeds} |")
-    any_tower = next(s for s in summary.values() if "skip/baseline_accuracy_majority" in s)
-    lines.append(
-        "| constant: train mean / majority class | "
-        f"{any_tower['skip/baseline_accuracy_majority']['mean']:.4f} | "
-        f"{any_tower['watch_ratio/baseline_mse_train_mean']['mean']:.4f} | 0.5000 | – | – |"
-    )
+        lines.append(
+            f"| {tower} | " + " | ".join(_cell(stats.get(key)) for key, _, _ in cols) + f" | {seeds} |"
+        )
+    constant = []
+    for key, _, baseline in cols:
+        task = key.split("/")[0]
+        if isinstance(baseline, str):
+            reporter = next((s for s in summary.values() if f"{task}/{baseline}" in s), None)
+            constant.append(f"{reporter[f'{task}/{baseline}']['mean']:.4f}" if reporter else "–")
+        else:
+            constant.append("–" if baseline is None else f"{baseline:.4f}")
+    lines.append("| constant: train mean / majority class | " + " | ".join(constant) + " | – |")
     return "\n".join(lines)
 
 
 def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
-    """Save bar charts of each tower's watch-ratio MSE and skip AUC (mean, std as error bar) to ``path``."""
+    """Save one bar chart per task (regression: MSE, binary: AUC; mean over seeds, std as error
+    bar) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     towers = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (key, title) in zip(
-        axes,
-        (
-            ("watch_ratio/mse", "watch-ratio MSE (lower is better)"),
-            ("skip/auc", "skip AUC (higher is better)"),
-        ),
-        strict=True,
-    ):
-        means = [summary[t][key]["mean"] for t in towers]
-        stds = [summary[t][key]["std"] for t in towers]
-        ax.bar(towers, means, yerr=stds, capsize=4, color="#4C72B0")
-        ax.set_title(title)
+    kinds = task_kinds(summary)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.5), squeeze=False)
+    for ax, (task, kind) in zip(axes[0], kinds.items(), strict=True):
+        key = f"{task}/{'mse' if kind == 'regression' else 'auc'}"
+        shown = [t for t in towers if key in summary[t]]
+        means = [summary[t][key]["mean"] for t in shown]
+        stds = [summary[t][key]["std"] for t in shown]
+        ax.bar(shown, means, yerr=stds, capsize=4, color="#4C72B0")
+        better = "lower" if kind == "regression" else "higher"
+        ax.set_title(f"{task} {key.split('/')[1].upper()} ({better} is better)")
         ax.set_ylim(min(means) * 0.95, max(means) * 1.03)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _headline(test: Dict[str, float]) -> str:
+    """Each task's main test metric, for a progress line."""
+    return ", ".join(f"{key} {value:.4f}" for key, value in test.items() if key.endswith(("/mse", "/auc")))
 
 
 def run_comparison(
@@ -103,22 +139,14 @@ def run_comparison(
                 out_dir / tower / f"seed{seed}",
                 resume=resume,
             )
-            print(
-                f"{tower} seed {seed}: test skip AUC {results['test']['skip/auc']:.4f}, "
-                f"watch-ratio MSE {results['test']['watch_ratio/mse']:.4f}",
-                flush=True,
-            )
+            print(f"{tower} seed {seed}: test {_headline(results['test'])}", flush=True)
             runs.append(results)
     if gbdt:
         from engagerec.gbdt import gbdt_reference
 
         for seed in seeds:
             reference = gbdt_reference(prepared_dir(cfg), seed)
-            print(
-                f"gbdt seed {seed}: test skip AUC {reference['skip/auc']:.4f}, "
-                f"watch-ratio MSE {reference['watch_ratio/mse']:.4f}",
-                flush=True,
-            )
+            print(f"gbdt seed {seed}: test {_headline(reference)}", flush=True)
             runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
 
