@@ -170,6 +170,7 @@ def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_dat
         < summary["mmoe"]["watch_ratio/baseline_mse_train_mean"]["mean"]
     )
     assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "compare.md").exists()
+    assert "sharding plan" in (tmp_path / "mmoe" / "seed0" / "train.out").read_text()  # not on the console
 
 
 def test_dense_only_data_trains_through_dmp(tmp_path):

@@ -196,6 +196,7 @@ def quiet_library_noise() -> None:
     ):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger().setLevel(logging.ERROR)  # "Sharding spec not found" for data-parallel tables
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # is_fx_tracing, once per trace
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -5,6 +5,7 @@ standard deviation over seeds, with the constant baselines."""
 from __future__ import annotations
 
 import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -127,18 +128,19 @@ def run_comparison(
     cfg, towers: List[str], seeds: List[int], out_dir: Path, resume: bool = True, gbdt: bool = False
 ) -> str:
     """Train every tower with every seed (and the GBDT reference), then write the report;
-    returns its markdown table."""
+    returns its markdown table. Each run's own output is in ``<out_dir>/<tower>/seed<k>/train.out``."""
     from engagerec.config import prepared_dir, with_tower
     from engagerec.train import train
 
     runs = []
     for tower in towers:
         for seed in seeds:
-            results = train(
-                with_tower(cfg, tower, seed=seed, progress_bar=False),
-                out_dir / tower / f"seed{seed}",
-                resume=resume,
-            )
+            run_dir = out_dir / tower / f"seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # each run's own output (sharding plan, epoch lines) goes to its train.out, so the
+            # comparison prints one line per run and the table
+            with open(run_dir / "train.out", "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
+                results = train(with_tower(cfg, tower, seed=seed, progress_bar=False), run_dir, resume=resume)
             print(f"{tower} seed {seed}: test {_headline(results['test'])}", flush=True)
             runs.append(results)
     if gbdt:
