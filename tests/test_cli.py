@@ -109,3 +109,13 @@ def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch
     assert result["watch_ratio/mse"] < 0.8 * baselines["watch_ratio"]["mse_train_mean"]
     assert result["skip/auc"] > 0.75
     assert result["skip/accuracy"] > baselines["skip"]["accuracy_majority"]
+
+
+def test_prepare_writes_where_train_reads(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(repo)
+    data = tmp_path / "elsewhere"
+    assert (
+        main(["prepare", "--config", "configs/kuairand_temporal.yaml", "--set", f"train.data_dir={data}"])
+        == 0
+    )
+    assert (data / "schema.json").is_file()  # train.data_dir, not prepared/<name>

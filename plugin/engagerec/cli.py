@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from engagerec.config import ConfigError, load_config, with_tower
+from engagerec.config import ConfigError, load_config, prepared_dir, with_tower
 from engagerec.data.errors import DataError
 
 
@@ -19,7 +19,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from engagerec.data.prepare import format_summary, prepare
 
     cfg = load_config(args.config, args.set)
-    out = args.out or f"prepared/{cfg.name}"
+    out = args.out or prepared_dir(cfg)  # where train will look: train.data_dir, else prepared/<name>
     summary = prepare(cfg.data, out)
     print(format_summary(summary, out))
     if args.json:
@@ -105,7 +105,7 @@ def _describe(args: argparse.Namespace) -> int:
     from engagerec.towers import TOWERS
 
     cfg = load_config(args.config, args.set)
-    schema = DatasetSchema.load(args.data or f"prepared/{cfg.name}")
+    schema = DatasetSchema.load(args.data or prepared_dir(cfg))
     names = args.towers.split(",") if args.towers else [cfg.model.tower.name]
     if names == ["all"]:
         names = sorted(TOWERS)
