@@ -1,5 +1,7 @@
 """The CLI is a thin wrapper: prepare prints the summary, synthesize writes readable data."""
 
+import pytest
+
 from engagerec.cli import main
 from engagerec.data.reader import ShardReader
 
@@ -109,6 +111,10 @@ def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch
     assert result["watch_ratio/mse"] < 0.8 * baselines["watch_ratio"]["mse_train_mean"]
     assert result["skip/auc"] > 0.75
     assert result["skip/accuracy"] > baselines["skip"]["accuracy_majority"]
+    # keyed by the towers' tasks: a task named apart from its label lands in its own columns
+    renamed = gbdt_reference(tmp_path, seed=0, tasks=[("ratio", "watch_ratio", "regression")])
+    assert set(renamed) == {"ratio/mse", "ratio/mae", "ratio/xauc", "ratio/iterations"}
+    assert renamed["ratio/mse"] == pytest.approx(result["watch_ratio/mse"])
 
 
 def test_prepare_writes_where_train_reads(repo, tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ split, on the rows where that label is present. No tuning on test.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -46,8 +47,18 @@ def _matrix(
     return columns, labels
 
 
-def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
-    """Test metrics of the GBDT reference, under the towers' metric names."""
+def gbdt_reference(
+    data_dir: str | Path, seed: int = 0, tasks: Optional[List[Tuple[str, str, str]]] = None
+) -> Dict[str, float]:
+    """Test metrics of the GBDT reference, under the towers' metric names.
+
+    Args:
+        data_dir: a prepared dataset.
+        seed: the target encoder's folds and the boosting's randomness.
+        tasks: (task name, label, kind) per model to fit, as the towers' tasks are; default one
+            task per label of the prepared data. A task whose label has fewer than two present
+            rows in a split, or one class only, is left out (no metrics, a note on stderr).
+    """
     data_dir = Path(data_dir)
     schema = DatasetSchema.load(data_dir)
     parts = {split: _matrix(data_dir, split, schema) for split in ("train", "val", "test")}
@@ -58,14 +69,19 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
 
     def design(split: str, encoder: TargetEncoder, fit_target=None, mask=None) -> np.ndarray:
         """The split's feature matrix (rows in ``mask``); ids target-encoded, fitted on train."""
-        columns = {name: values[mask] for name, values in parts[split][0].items()}
+        columns = (
+            parts[split][0]
+            if mask is None or mask.all()
+            else {n: v[mask] for n, v in parts[split][0].items()}
+        )
         ids = (
             np.stack([columns[n] for n in encoded], axis=1)
             if encoded
             else np.zeros((len(columns[plain[0]]), 0))
         )
         if fit_target is not None:
-            target_encoded = encoder.fit_transform(ids, fit_target[mask])  # cross-fitted on train
+            target = fit_target if mask is None else fit_target[mask]
+            target_encoded = encoder.fit_transform(ids, target)  # cross-fitted on train
         else:
             target_encoded = encoder.transform(ids)
         rest = np.stack([columns[n].astype(np.float64) for n in native + plain], axis=1)
@@ -74,14 +90,20 @@ def gbdt_reference(data_dir: str | Path, seed: int = 0) -> Dict[str, float]:
     categorical = np.zeros(len(native) + len(plain) + len(encoded), dtype=bool)
     categorical[: len(native)] = True
     out: Dict[str, float] = {}
-    for label in schema.labels:
-        task, binary = label.name, label.kind == "binary"
+    for task, label, kind in tasks or [(spec.name, spec.name, spec.kind) for spec in schema.labels]:
+        binary = kind == "binary"
         # rows whose label is missing (NaN) take no part in this label's model or score
-        present = {split: ~np.isnan(parts[split][1][task].astype(np.float64)) for split in parts}
-        y = {split: parts[split][1][task][present[split]].astype(np.float64) for split in parts}
+        present = {split: ~np.isnan(parts[split][1][label].astype(np.float64)) for split in parts}
+        y = {split: parts[split][1][label][present[split]].astype(np.float64) for split in parts}
+        if any(len(values) < 2 or (binary and len(np.unique(values)) < 2) for values in y.values()):
+            print(
+                f"gbdt: '{task}' left out: a split has too few rows or one class of '{label}'",
+                file=sys.stderr,
+            )
+            continue
         low, high = float(y["train"].min()), float(y["train"].max())  # regression: clip to train's range
         encoder = TargetEncoder(target_type="continuous", cv=KFold(5, shuffle=True, random_state=seed))
-        x_train = design("train", encoder, parts["train"][1][task], present["train"])
+        x_train = design("train", encoder, parts["train"][1][label], present["train"])
         x_val, x_test = (
             design("val", encoder, mask=present["val"]),
             design("test", encoder, mask=present["test"]),

@@ -179,12 +179,18 @@ def exact_xauc(predictions: np.ndarray, labels: np.ndarray) -> float:
     y = np.asarray(labels, dtype=np.float64)
     n = len(x)
 
-    def tied_pairs(*columns: np.ndarray) -> float:
-        _, counts = np.unique(np.stack(columns, axis=1), axis=0, return_counts=True)
+    def ranks(values: np.ndarray) -> np.ndarray:
+        return np.unique(values, return_inverse=True)[1].astype(np.int64)
+
+    def tied_pairs(keys: np.ndarray) -> float:
+        counts = np.unique(keys, return_counts=True)[1].astype(np.float64)
         return float((counts * (counts - 1) / 2).sum())
 
     total = n * (n - 1) / 2
-    tied_x, tied_y, tied_both = tied_pairs(x), tied_pairs(y), tied_pairs(x, y)
+    rank_x, rank_y = ranks(x), ranks(y)
+    # joint ties through one int64 key per row: 1-D uniques, several times faster than axis=0
+    tied_x, tied_y = tied_pairs(rank_x), tied_pairs(rank_y)
+    tied_both = tied_pairs(rank_x * (int(rank_y.max(initial=0)) + 1) + rank_y)
     pairs = total - tied_y  # pairs whose labels differ: the ones XAUC scores
     if pairs == 0:
         return float("nan")
@@ -201,9 +207,10 @@ def exact_xauc(predictions: np.ndarray, labels: np.ndarray) -> float:
 class ExactXAUC:
     """XAUC of every regression task over a whole evaluation split, on any number of ranks.
 
-    Keeps the (prediction, label) of every row with a non-zero weight (O(rows) memory, as an
-    exact AUC must), gathers them from every rank in ``compute``, and scores them with
-    ``exact_xauc``: the value does not depend on the batch size or the world size.
+    Keeps the (prediction, label) of every row with a non-zero weight (weights are 0 or 1 here:
+    padding and missing labels are 0; O(rows) memory, as an exact AUC must), gathers them from
+    every rank in ``compute``, and scores them with ``exact_xauc``: the value does not depend on
+    the batch size or the world size.
 
     Args:
         tasks: the model's tasks; the regression ones are scored.

@@ -5,6 +5,8 @@ standard deviation over seeds, with the constant baselines."""
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -106,7 +108,10 @@ def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.5), squeeze=False)
     for ax, (task, kind) in zip(axes[0], kinds.items(), strict=True):
         key = f"{task}/{'mse' if kind == 'regression' else 'auc'}"
-        shown = [t for t in towers if key in summary[t]]
+        shown = [t for t in towers if key in summary[t] and np.isfinite(summary[t][key]["mean"])]
+        if not shown:  # e.g. a diverged run: nothing to draw for this task
+            ax.set_title(f"{task}: no finite values")
+            continue
         means = [summary[t][key]["mean"] for t in shown]
         stds = [summary[t][key]["std"] for t in shown]
         ax.bar(shown, means, yerr=stds, capsize=4, color="#4C72B0")
@@ -139,15 +144,29 @@ def run_comparison(
             run_dir.mkdir(parents=True, exist_ok=True)
             # each run's own output (sharding plan, epoch lines) goes to its train.out, so the
             # comparison prints one line per run and the table
-            with open(run_dir / "train.out", "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
-                results = train(with_tower(cfg, tower, seed=seed, progress_bar=False), run_dir, resume=resume)
+            with open(run_dir / "train.out", "a") as sink, redirect_stdout(sink), redirect_stderr(sink):
+                print(f"--- engagerec compare: {tower}, seed {seed}, resume={resume}", flush=True)
+                try:
+                    results = train(
+                        with_tower(cfg, tower, seed=seed, progress_bar=False), run_dir, resume=resume
+                    )
+                except Exception:
+                    traceback.print_exc()  # into train.out, beside the run's own lines
+                    print(f"{tower} seed {seed} failed: see {run_dir / 'train.out'}", file=sys.__stderr__)
+                    raise
             print(f"{tower} seed {seed}: test {_headline(results['test'])}", flush=True)
             runs.append(results)
     if gbdt:
+        from engagerec.data.schema import DatasetSchema
         from engagerec.gbdt import gbdt_reference
+        from engagerec.model import tasks_from_schema
+
+        # the towers' tasks (names, labels, kinds), so that the GBDT lands in their columns
+        configured = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
+        tasks = [(t.name, t.label, t.kind) for t in configured]
 
         for seed in seeds:
-            reference = gbdt_reference(prepared_dir(cfg), seed)
+            reference = gbdt_reference(prepared_dir(cfg), seed, tasks)
             print(f"gbdt seed {seed}: test {_headline(reference)}", flush=True)
             runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
