@@ -238,3 +238,9 @@ def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypat
     mmoe = results["summary"]["mmoe"]
     assert mmoe["like/auc"]["mean"] > 0.6 and mmoe["long_view/auc"]["mean"] > 0.6
     assert (tmp_path / "compare" / "compare.png").stat().st_size > 1000
+
+
+def test_training_metrics_sample_at_least_one_batch_per_log_line(study_data, tmp_path):
+    for every in (0, 51):  # log_every_steps is 50 by default
+        with pytest.raises(ValueError, match="train_metrics_every_steps"):
+            train(study_run_config(study_data, epochs=1, train_metrics_every_steps=every), tmp_path / "run")

@@ -254,6 +254,9 @@ class TrainConfig:
     sharding: Dict[str, List[str]] = field(default_factory=dict)
     num_workers: int = 0  # loader worker processes per rank
     log_every_steps: int = 50
+    # the windowed training metrics read every k-th batch, a sample that keeps their update
+    # under 2% of a step (every batch cost 6% at batch 4096); evaluation reads every row
+    train_metrics_every_steps: int = 4
     progress_bar: bool = True
 
 

@@ -99,6 +99,11 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
     tc = cfg.train
     if tc.monitor_mode not in ("min", "max"):
         raise ValueError(f"train.monitor_mode '{tc.monitor_mode}', expected min or max")
+    if not 1 <= tc.train_metrics_every_steps <= tc.log_every_steps:
+        raise ValueError(
+            f"train.train_metrics_every_steps {tc.train_metrics_every_steps}, expected 1 to "
+            f"train.log_every_steps ({tc.log_every_steps}): each logged window needs batches"
+        )
     data_dir = prepared_dir(cfg)
     seed_everything(tc.seed)
     dmp, model = sharded_model_from_config(cfg, runtime)
@@ -163,7 +168,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
             rows += tc.batch_size * runtime.world_size
-            train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
+            if progress["step"] % tc.train_metrics_every_steps == 0:
+                train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
             if progress["step"] % tc.log_every_steps == 0:
                 values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(tasks)}
                 values.update(readable(train_metrics.compute()))
