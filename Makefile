@@ -45,6 +45,11 @@ bench: install
 	$(PY) benchmarks/prepare_scale.py --scales 0.1 1
 	$(PY) benchmarks/reader_throughput.py
 	$(PY) benchmarks/train_throughput.py --batch-size 4096 --steps 60
+	# the same three sides at KuaiRand-1K shape (a 1.9M-row video table), from generated files
+	$(PY) -m engagerec synthesize --shape kuairand-1k --scale 1 --out generated/kuairand_1k
+	$(PY) -m engagerec prepare --config configs/kuairand_1k.yaml
+	$(PY) benchmarks/train_throughput.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k \
+		--section train_kuairand_1k --towers mmoe --batch-size 4096 --steps 40 --warmup 5
 
 clean:
 	rm -rf $(VENV) prepared runs

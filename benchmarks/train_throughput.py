@@ -8,8 +8,15 @@ backward and optimiser steps, one process, all cores the machine has.
 
 * engagerec: MultiTaskModel on the meta device -> DistributedModelParallel (FBGEMM TBE
   kernels, fused row-wise Adagrad in backward) -> TrainPipelineSparseDist.
-* plain: one torch.nn.EmbeddingBag per id space (the same tables), the same tower and
-  heads, Adam on every parameter, a plain loop; what a PyTorch user writes without TorchRec.
+* plain sparse: one torch.nn.EmbeddingBag(sparse=True) per id space (the same tables), the
+  same tower and heads, Adagrad on the tables (it takes sparse gradients: only the rows a
+  batch touches are updated) and Adam on the rest; the strongest plain-PyTorch reference.
+* plain dense: the same with dense gradients and Adam on every parameter: what a PyTorch
+  user writes first, and what does not scale with the tables.
+
+``--data-dir`` times an existing prepared dataset instead (e.g. KuaiRand-1K-shaped data with
+its 1.9M-row video table: ``--config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k
+--section train_kuairand_1k``).
 
 samples/s are measured after --warmup steps; the two sides alternate --repeats times and the
 median is reported (this machine's speed drifts between minutes). Writes the section "train" of
@@ -38,7 +45,7 @@ from torch import nn  # noqa: E402
 class PlainEmbeddingBagModel(nn.Module):
     """The same features, tower and heads with torch.nn.EmbeddingBag tables and no TorchRec."""
 
-    def __init__(self, reference) -> None:
+    def __init__(self, reference, sparse: bool = False) -> None:
         super().__init__()
         self.reference_tasks = reference.tasks
         self.features = []  # (feature, table) in the reference's concatenation order
@@ -46,7 +53,7 @@ class PlainEmbeddingBagModel(nn.Module):
         for table in reference.spec.tables:
             mode = "mean" if table.pooling.name == "MEAN" else "sum"
             self.tables[table.name] = nn.EmbeddingBag(
-                table.num_embeddings, table.embedding_dim, mode=mode, include_last_offset=True
+                table.num_embeddings, table.embedding_dim, mode=mode, include_last_offset=True, sparse=sparse
             )
             self.features += [(name, table.name) for name in table.feature_names]
         self.tower = reference.tower
@@ -113,24 +120,39 @@ def engagerec_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int
         close_runtime(runtime)
 
 
-def plain_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int) -> float:
+def plain_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int, sparse: bool = False) -> float:
     from engagerec.data.schema import DatasetSchema
     from engagerec.model import MultiTaskModel
 
     torch.manual_seed(0)
-    model = PlainEmbeddingBagModel(MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.dense_lr)
+    reference = MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model)
+    model = PlainEmbeddingBagModel(reference, sparse=sparse)
+    if sparse:  # row-sparse updates for the tables, Adam for the tower and heads
+        tables = list(model.tables.parameters())
+        dense = [p for name, p in model.named_parameters() if not name.startswith("tables.")]
+        optimizers = [
+            torch.optim.Adagrad(tables, lr=cfg.train.sparse_lr),
+            torch.optim.Adam(dense, lr=cfg.train.dense_lr),
+        ]
+    else:
+        optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.train.dense_lr)]
 
     def step(batches):
         loss = model(next(batches))
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
 
     return _timed(step, _batches(data_dir, batch_size), steps, warmup, batch_size)
 
 
+SIDES = ("engagerec", "plain sparse", "plain dense")
+
+
 def main() -> None:
+    """Time the three sides, alternating, and write a section of benchmarks/RESULTS.md."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -140,11 +162,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default=str(REPO / "configs/kuairand_random.yaml"))
+    parser.add_argument(
+        "--data-dir", help="an existing prepared dataset (default: prepare the config's data)"
+    )
+    parser.add_argument("--section", default="train", help="the section of benchmarks/RESULTS.md to write")
     args = parser.parse_args()
 
     from engagerec.cli import quiet_library_noise
     from engagerec.config import load_config, with_tower
     from engagerec.data.prepare import prepare
+    from engagerec.data.schema import DatasetSchema
 
     quiet_library_noise()
     os.chdir(REPO)
@@ -152,42 +179,53 @@ def main() -> None:
     batch_size = args.batch_size or base.train.batch_size
     rows: List[Dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(tmp) / "data"
-        prepare(base.data, data_dir)
+        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
+        if not args.data_dir:
+            prepare(base.data, data_dir)
+        schema = DatasetSchema.load(data_dir)
+        largest = max(schema.num_embeddings(f.id_space) for f in schema.sparse)
+        train_rows = schema.meta["splits"]["train"]["rows"]
         for tower in args.towers:
             cfg = with_tower(base, tower)
-            ours, plain = [], []
-            for _ in range(args.repeats):  # alternate, so drift hits both sides alike
-                ours.append(engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
-                plain.append(plain_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
-            ratios = sorted(o / p for o, p in zip(ours, plain, strict=True))
-            ours, plain = statistics.median(ours), statistics.median(plain)
-            rows.append({"tower": tower, "engagerec": ours, "plain": plain, "ratios": ratios})
+            rates: Dict[str, List[float]] = {side: [] for side in SIDES}
+            for _ in range(args.repeats):  # alternate, so drift hits every side alike
+                rates["engagerec"].append(engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
+                for side in SIDES[1:]:
+                    sparse = side == "plain sparse"
+                    rates[side].append(plain_rate(cfg, data_dir, batch_size, args.steps, args.warmup, sparse))
+            ratios = {
+                side: sorted(o / p for o, p in zip(rates["engagerec"], rates[side], strict=True))
+                for side in SIDES[1:]
+            }
+            medians = {side: statistics.median(values) for side, values in rates.items()}
+            rows.append({"tower": tower, **medians, "ratios": ratios})
             print(
-                f"{tower}: engagerec {ours:,.0f} samples/s, plain nn.EmbeddingBag {plain:,.0f} samples/s, "
-                f"ratio {ours / plain:.2f}",
+                f"{tower}: " + ", ".join(f"{side} {rate:,.0f} samples/s" for side, rate in medians.items()),
                 flush=True,
             )
     lines = [
-        f"### End-to-end training, bundled KuaiRand, batch {batch_size}, {torch.get_num_threads()} threads",
+        f"### End-to-end training from shards, batch {batch_size}, {torch.get_num_threads()} threads",
         "",
-        f"{args.steps} timed steps after {args.warmup} warm-up steps per side.",
+        f"Data: `{args.data_dir or args.config}` ({train_rows:,} train rows; largest table {largest:,})",
+        f"{args.steps} timed steps after {args.warmup} warm-up steps per side; medians of {args.repeats} "
+        "alternating repeats; ratio = per-repeat engagerec / plain (min / median / max).",
         "",
-        f"Medians of {args.repeats} alternating repeats; "
-        "ratio = per-repeat engagerec / plain (min, median, max).",
-        "",
-        "| tower | engagerec (TorchRec) samples/s | plain nn.EmbeddingBag samples/s "
-        "| ratio min / median / max |",
-        "|---|---:|---:|---:|",
+        "| tower | engagerec (TorchRec) | plain sparse (EmbeddingBag, Adagrad) | plain dense (Adam) "
+        "| ratio to sparse | ratio to dense |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def spread(values: List[float]) -> str:
+        return f"{values[0]:.2f} / {statistics.median(values):.2f} / {values[-1]:.2f}"
+
     lines += [
-        f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain']:,.0f} | "
-        f"{r['ratios'][0]:.2f} / {statistics.median(r['ratios']):.2f} / {r['ratios'][-1]:.2f} |"
+        f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain sparse']:,.0f} | {r['plain dense']:,.0f} "
+        f"| {spread(r['ratios']['plain sparse'])} | {spread(r['ratios']['plain dense'])} |"
         for r in rows
     ]
     command = ".venv/bin/python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
-    text = "\n".join([machine_block(command), "", *lines])
-    write_section("train", text)
+    text = "\n".join([machine_block(command), "", "samples/s, end to end (reader included):", "", *lines])
+    write_section(args.section, text)
     print(text)
 
 
