@@ -50,6 +50,11 @@ bench: install
 	$(PY) -m engagerec prepare --config configs/kuairand_1k.yaml
 	$(PY) benchmarks/train_throughput.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k \
 		--section train_kuairand_1k --towers mmoe --batch-size 4096 --steps 40 --warmup 5
+	# the model alone on pre-built batches, video tables of 10^6 and 10^7 rows
+	$(PY) benchmarks/train_throughput.py --synthetic-rows 1000000 --towers mmoe --batch-size 4096 \
+		--steps 30 --warmup 5 --section train_1m_rows
+	$(PY) benchmarks/train_throughput.py --synthetic-rows 10000000 --towers mmoe --batch-size 4096 \
+		--steps 30 --warmup 5 --dense-max-rows 20000000 --section train_10m_rows
 
 clean:
 	rm -rf $(VENV) prepared runs

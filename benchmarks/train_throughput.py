@@ -14,6 +14,8 @@ backward and optimiser steps, one process, all cores the machine has.
 * plain dense: the same with dense gradients and Adam on every parameter: what a PyTorch
   user writes first, and what does not scale with the tables.
 
+``--synthetic-rows R`` times the model alone on pre-built batches over an R-row video table
+(the reader left out; the dense side is skipped past ``--dense-max-rows``).
 ``--data-dir`` times an existing prepared dataset instead (e.g. KuaiRand-1K-shaped data with
 its 1.9M-row video table: ``--config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k
 --section train_kuairand_1k``).
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -74,15 +76,81 @@ class PlainEmbeddingBagModel(nn.Module):
         return loss
 
 
-def _batches(data_dir: Path, batch_size: int) -> Iterator:
-    from engagerec.data.reader import ShardReader
+class ShardSource:
+    """Batches read from a prepared dataset's train split, as training reads them."""
 
-    reader = ShardReader(data_dir, "train", batch_size=batch_size, shuffle=True, drop_last=True)
-    epoch = 0
-    while True:
-        reader.set_epoch(epoch)
-        yield from reader
-        epoch += 1
+    def __init__(self, data_dir: Path, batch_size: int) -> None:
+        from engagerec.data.schema import DatasetSchema
+
+        self.data_dir, self.batch_size = data_dir, batch_size
+        self.schema = DatasetSchema.load(data_dir)
+        self.description = f"`{data_dir}` ({self.schema.meta['splits']['train']['rows']:,} train rows)"
+
+    def batches(self) -> Iterator:
+        from engagerec.data.reader import ShardReader
+
+        reader = ShardReader(self.data_dir, "train", batch_size=self.batch_size, shuffle=True, drop_last=True)
+        epoch = 0
+        while True:
+            reader.set_epoch(epoch)
+            yield from reader
+            epoch += 1
+
+
+class SyntheticSource:
+    """Pre-built batches over a table of ``rows`` video ids (Zipf-like popularity), isolating the
+    model from the reader: user (1,000), video (``rows``), author (rows / 5) ids, a 20-long
+    history sharing the video table, 4 dense features, watch ratio and skip labels."""
+
+    def __init__(self, rows: int, batch_size: int, count: int = 16, seed: int = 0) -> None:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        from engagerec.batch import Batch
+        from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
+
+        users, authors, history = 1_000, max(rows // 5, 1), 20
+        self.schema = DatasetSchema(
+            features=[{"name": "history", "kind": "history"}],
+            sparse=[
+                SparseFeature("user_id", "user_id", multi=False),
+                SparseFeature("content_id", "content_id", multi=False),
+                SparseFeature("author_id", "author_id", multi=False),
+                SparseFeature("history", "content_id", multi=True),
+            ],
+            dense=[DenseFeature(f"x{i}", f"x{i}", "none", 0.0, 1.0, None) for i in range(4)],
+            labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
+            vocab_sizes={"user_id": users, "content_id": rows, "author_id": authors},
+            meta={"summary": {"split": {"train": {"labels": {"watch_ratio": {"min": 0.0, "max": 1.0}}}}}},
+        )
+        generator = torch.Generator().manual_seed(seed)
+
+        def ids(size: int, n: int) -> torch.Tensor:  # skewed: low ids are popular
+            return (torch.rand(n, generator=generator) ** 3 * size).long() + 1
+
+        self.prebuilt = []
+        for _ in range(count):
+            b = batch_size
+            values = torch.cat([ids(users, b), ids(rows, b), ids(authors, b), ids(rows, b * history)])
+            lengths = torch.cat(
+                [torch.ones(3 * b, dtype=torch.int32), torch.full((b,), history, dtype=torch.int32)]
+            )
+            ratio = torch.rand(b, generator=generator)
+            self.prebuilt.append(
+                Batch(
+                    dense_features=torch.randn(b, 4, generator=generator),
+                    sparse_features=KeyedJaggedTensor(
+                        keys=["user_id", "content_id", "author_id", "history"], values=values, lengths=lengths
+                    ),
+                    labels={"watch_ratio": ratio, "skip": (ratio < 0.5).float()},
+                    weights=torch.ones(b),
+                    label_weights={"watch_ratio": torch.ones(b), "skip": torch.ones(b)},
+                )
+            )
+        self.description = f"pre-built batches, a {rows:,}-row video table"
+
+    def batches(self) -> Iterator:
+        while True:
+            yield from self.prebuilt
 
 
 def _timed(step_fn, batches: Iterator, steps: int, warmup: int, batch_size: int) -> float:
@@ -94,38 +162,32 @@ def _timed(step_fn, batches: Iterator, steps: int, warmup: int, batch_size: int)
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def engagerec_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int) -> float:
+def engagerec_rate(cfg, source, batch_size: int, steps: int, warmup: int) -> float:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from engagerec.data.schema import DatasetSchema
     from engagerec.distributed import build_optimizer, close_runtime, init_runtime, shard_model
     from engagerec.model import MultiTaskModel
 
     runtime = init_runtime()
     try:
         torch.manual_seed(0)
-        model = MultiTaskModel.from_config(
-            DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta")
-        )
+        model = MultiTaskModel.from_config(source.schema, cfg.model, device=torch.device("meta"))
         dmp = shard_model(
             model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
         )
         pipeline = TrainPipelineSparseDist(
             dmp, build_optimizer(dmp, cfg.train.dense_lr), runtime.device, execute_all_batches=True
         )
-        return _timed(
-            lambda it: pipeline.progress(it), _batches(data_dir, batch_size), steps, warmup, batch_size
-        )
+        return _timed(lambda it: pipeline.progress(it), source.batches(), steps, warmup, batch_size)
     finally:
         close_runtime(runtime)
 
 
-def plain_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int, sparse: bool = False) -> float:
-    from engagerec.data.schema import DatasetSchema
+def plain_rate(cfg, source, batch_size: int, steps: int, warmup: int, sparse: bool = False) -> float:
     from engagerec.model import MultiTaskModel
 
     torch.manual_seed(0)
-    reference = MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model)
+    reference = MultiTaskModel.from_config(source.schema, cfg.model)
     model = PlainEmbeddingBagModel(reference, sparse=sparse)
     if sparse:  # row-sparse updates for the tables, Adam for the tower and heads
         tables = list(model.tables.parameters())
@@ -145,7 +207,7 @@ def plain_rate(cfg, data_dir: Path, batch_size: int, steps: int, warmup: int, sp
         for optimizer in optimizers:
             optimizer.step()
 
-    return _timed(step, _batches(data_dir, batch_size), steps, warmup, batch_size)
+    return _timed(step, source.batches(), steps, warmup, batch_size)
 
 
 SIDES = ("engagerec", "plain sparse", "plain dense")
@@ -166,12 +228,17 @@ def main() -> None:
         "--data-dir", help="an existing prepared dataset (default: prepare the config's data)"
     )
     parser.add_argument("--section", default="train", help="the section of benchmarks/RESULTS.md to write")
+    parser.add_argument(
+        "--synthetic-rows", type=int, help="pre-built batches over a video table of this many rows"
+    )
+    parser.add_argument(
+        "--dense-max-rows", type=int, default=5_000_000, help="skip the dense side past this table"
+    )
     args = parser.parse_args()
 
     from engagerec.cli import quiet_library_noise
     from engagerec.config import load_config, with_tower
     from engagerec.data.prepare import prepare
-    from engagerec.data.schema import DatasetSchema
 
     quiet_library_noise()
     os.chdir(REPO)
@@ -179,23 +246,27 @@ def main() -> None:
     batch_size = args.batch_size or base.train.batch_size
     rows: List[Dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
-        if not args.data_dir:
-            prepare(base.data, data_dir)
-        schema = DatasetSchema.load(data_dir)
+        if args.synthetic_rows:
+            source = SyntheticSource(args.synthetic_rows, batch_size)
+        else:
+            data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
+            if not args.data_dir:
+                prepare(base.data, data_dir)
+            source = ShardSource(data_dir, batch_size)
+        schema = source.schema
         largest = max(schema.num_embeddings(f.id_space) for f in schema.sparse)
-        train_rows = schema.meta["splits"]["train"]["rows"]
+        sides = [side for side in SIDES if not (side == "plain dense" and largest > args.dense_max_rows)]
         for tower in args.towers:
             cfg = with_tower(base, tower)
-            rates: Dict[str, List[float]] = {side: [] for side in SIDES}
+            rates: Dict[str, List[float]] = {side: [] for side in sides}
             for _ in range(args.repeats):  # alternate, so drift hits every side alike
-                rates["engagerec"].append(engagerec_rate(cfg, data_dir, batch_size, args.steps, args.warmup))
-                for side in SIDES[1:]:
+                rates["engagerec"].append(engagerec_rate(cfg, source, batch_size, args.steps, args.warmup))
+                for side in sides[1:]:
                     sparse = side == "plain sparse"
-                    rates[side].append(plain_rate(cfg, data_dir, batch_size, args.steps, args.warmup, sparse))
+                    rates[side].append(plain_rate(cfg, source, batch_size, args.steps, args.warmup, sparse))
             ratios = {
                 side: sorted(o / p for o, p in zip(rates["engagerec"], rates[side], strict=True))
-                for side in SIDES[1:]
+                for side in sides[1:]
             }
             medians = {side: statistics.median(values) for side, values in rates.items()}
             rows.append({"tower": tower, **medians, "ratios": ratios})
@@ -204,9 +275,9 @@ def main() -> None:
                 flush=True,
             )
     lines = [
-        f"### End-to-end training from shards, batch {batch_size}, {torch.get_num_threads()} threads",
+        f"### Training, batch {batch_size}, {torch.get_num_threads()} threads",
         "",
-        f"Data: `{args.data_dir or args.config}` ({train_rows:,} train rows; largest table {largest:,})",
+        f"Data: {source.description}; largest table {largest:,} rows.",
         f"{args.steps} timed steps after {args.warmup} warm-up steps per side; medians of {args.repeats} "
         "alternating repeats; ratio = per-repeat engagerec / plain (min / median / max).",
         "",
@@ -215,16 +286,19 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
 
-    def spread(values: List[float]) -> str:
+    def spread(values: Optional[List[float]]) -> str:
+        if not values:
+            return f"not run (table > {args.dense_max_rows:,} rows)"
         return f"{values[0]:.2f} / {statistics.median(values):.2f} / {values[-1]:.2f}"
 
     lines += [
-        f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain sparse']:,.0f} | {r['plain dense']:,.0f} "
-        f"| {spread(r['ratios']['plain sparse'])} | {spread(r['ratios']['plain dense'])} |"
+        f"| {r['tower']} | {r['engagerec']:,.0f} | {r['plain sparse']:,.0f} | {r.get('plain dense', 0):,.0f} "
+        f"| {spread(r['ratios'].get('plain sparse'))} | {spread(r['ratios'].get('plain dense'))} |"
         for r in rows
     ]
     command = ".venv/bin/python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
-    text = "\n".join([machine_block(command), "", "samples/s, end to end (reader included):", "", *lines])
+    what = "the model alone (pre-built batches)" if args.synthetic_rows else "end to end (reader included)"
+    text = "\n".join([machine_block(command), "", f"samples/s, {what}:", "", *lines])
     write_section(args.section, text)
     print(text)
 
