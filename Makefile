@@ -55,6 +55,8 @@ bench: install
 		--steps 30 --warmup 5 --section train_1m_rows
 	$(PY) benchmarks/train_throughput.py --synthetic-rows 10000000 --towers mmoe --batch-size 4096 \
 		--steps 30 --warmup 5 --dense-max-rows 20000000 --section train_10m_rows
+	# per-rank table memory, 1 process against 2 gloo ranks (table-wise, column-wise)
+	$(PY) benchmarks/table_memory.py --rows 10000000
 
 clean:
 	rm -rf $(VENV) prepared runs

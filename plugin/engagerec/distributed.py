@@ -78,7 +78,9 @@ def close_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def _constraints(model: MultiTaskModel, sharding: Dict[str, List[str]]) -> Dict[str, ParameterConstraints]:
+def _constraints(
+    model: MultiTaskModel, sharding: Dict[str, List[str]], world_size: int = 1
+) -> Dict[str, ParameterConstraints]:
     tables = {t.name: t for t in model.spec.tables}
     by_space = {name[2:]: name for name in tables}  # t_<id space>
     out = {}
@@ -97,7 +99,11 @@ def _constraints(model: MultiTaskModel, sharding: Dict[str, List[str]]) -> Dict[
                 f"train.sharding names '{key}', which is no table or id space ({sorted(by_space)})"
             )
         for name in names:
-            out[name] = ParameterConstraints(sharding_types=list(types))
+            # column-wise: shards of dim / world_size columns (a multiple of 4, as FBGEMM wants), so
+            # a table can spread over every rank; torchrec's default minimum keeps small dims whole
+            dim = tables[name].embedding_dim
+            min_partition = max(4, dim // max(world_size, 1) // 4 * 4) if "column_wise" in types else None
+            out[name] = ParameterConstraints(sharding_types=list(types), min_partition=min_partition)
     return out
 
 
@@ -123,7 +129,7 @@ def shard_model(
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=runtime.world_size, compute_device=runtime.device.type),
         batch_size=batch_size,
-        constraints=_constraints(model, sharding) if model.has_sparse else None,
+        constraints=_constraints(model, sharding, runtime.world_size) if model.has_sparse else None,
     )
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg) if model.has_sparse else ShardingPlan(plan={})

@@ -1,0 +1,111 @@
+"""Per-rank embedding-table memory: 1 process against 2 gloo ranks, table-wise and column-wise.
+
+    .venv/bin/python benchmarks/table_memory.py [--rows 10000000] [--ranks 1 2]
+
+The tables of benchmarks/train_throughput.py's ``--synthetic-rows`` model (video table of
+``--rows`` rows, author table of rows / 5, 1,000 users; D=16; the 20-long history shares the
+video table) are planned and sharded by DistributedModelParallel under torchrun, once per
+(world size, sharding type). Each rank reports the bytes of the table shards it holds (the
+weights in dmp.state_dict()'s ShardedTensors) and of its fused optimiser's state, and the
+table memory is compared with the one-process run. Writes the section "table_memory" of
+benchmarks/RESULTS.md with the machine, versions and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results import machine_block, write_section  # noqa: E402
+
+SHARDING = ("table_wise", "column_wise")
+
+
+def _child(rows: int, sharding: str, out: Path) -> None:
+    """One rank: shard the model and write the bytes this rank holds to ``out/<rank>.json``."""
+    import torch
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from train_throughput import SyntheticSource
+
+    from engagerec.cli import quiet_library_noise
+    from engagerec.config import load_config
+    from engagerec.distributed import close_runtime, init_runtime, shard_model
+    from engagerec.model import MultiTaskModel
+
+    quiet_library_noise()
+    runtime = init_runtime()
+    cfg = load_config(REPO / "configs" / "kuairand_1k.yaml")
+    source = SyntheticSource(rows, batch_size=8, count=1)
+    model = MultiTaskModel.from_config(source.schema, cfg.model, device=torch.device("meta"))
+    dmp = shard_model(
+        model, runtime, 4096, {"*": [sharding]}, cfg.train.sparse_optimizer, cfg.train.sparse_lr
+    )
+    tables = 0
+    for key, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor) and "sparse_arch" in key:
+            tables += sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+    state = 0
+    for value in dmp.fused_optimizer.state_dict()["state"].values():
+        for tensor in value.values():
+            if isinstance(tensor, ShardedTensor):
+                state += sum(s.tensor.numel() * s.tensor.element_size() for s in tensor.local_shards())
+            elif isinstance(tensor, torch.Tensor):
+                state += tensor.numel() * tensor.element_size()
+    (out / f"{runtime.rank}.json").write_text(json.dumps({"tables": tables, "optimizer": state}))
+    close_runtime(runtime)
+
+
+def main() -> None:
+    """Run every (world size, sharding) under torchrun and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--child", nargs=3, metavar=("ROWS", "SHARDING", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(int(args.child[0]), args.child[1], Path(args.child[2]))
+        return
+    torchrun = Path(sys.executable).parent / "torchrun"
+    results = {}
+    for world in args.ranks:
+        for sharding in SHARDING if world > 1 else ("table_wise",):
+            with tempfile.TemporaryDirectory() as tmp:
+                command = [str(torchrun), "--nproc-per-node", str(world), "--master-port", str(29700 + world),
+                           __file__, "--child", str(args.rows), sharding, tmp]  # fmt: skip
+                subprocess.run(command, check=True, capture_output=True, cwd=REPO, env={**os.environ})
+                ranks = [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(world)]
+            results[(world, sharding)] = ranks
+            print(world, sharding, ranks, flush=True)
+    one = results[(1, "table_wise")][0]
+    mib = 1024**2
+    lines = [
+        f"Video table {args.rows:,} rows, author {args.rows // 5:,}, users 1,000; D=16; fused row-wise "
+        "Adagrad. Per rank: the table shards it holds, and its optimiser state.",
+        "",
+        "| ranks | sharding | tables per rank (MiB) | largest / 1-process tables "
+        "| optimiser state per rank (MiB) |",
+        "|---:|---|---|---:|---|",
+    ]
+    for (world, sharding), ranks in results.items():
+        tables = [r["tables"] for r in ranks]
+        state = [r["optimizer"] for r in ranks]
+        lines.append(
+            f"| {world} | {sharding if world > 1 else '-'} | {' / '.join(f'{t / mib:,.0f}' for t in tables)} "
+            f"| {max(tables) / one['tables']:.2f} | {' / '.join(f'{s / mib:,.1f}' for s in state)} |"
+        )
+    command = ".venv/bin/python benchmarks/table_memory.py " + " ".join(sys.argv[1:])
+    text = "\n".join([machine_block(command), "", *lines])
+    write_section("table_memory", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
