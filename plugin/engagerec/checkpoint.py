@@ -8,6 +8,7 @@ always complete; a run killed mid-write leaves only a ``.tmp-`` directory, which
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -24,15 +25,44 @@ BEST_PATTERN = re.compile(r"^best-step-(\d+)$")
 
 
 def rng_state() -> Dict[str, Any]:
-    """This process's torch, numpy and Python RNG states (saved per rank, for exact resume)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's torch, numpy and Python RNG states (saved per rank, for exact resume), as
+    tensors and plain numbers only, so that a checkpoint loads with ``weights_only=True``."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },  # fmt: skip
+        "python": {
+            "version": int(version),
+            "words": torch.tensor(words, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },  # fmt: skip
+    }
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore the torch, numpy and Python RNG states that ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["words"].tolist()), python_state["gauss_next"])
+    )
 
 
 def _barrier() -> None:
@@ -104,7 +134,15 @@ def load(
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     own = path / f"rank{_rank()}.pt"
-    extra = torch.load(own if own.exists() else path / "rank0.pt", weights_only=False)
+    # weights_only: a checkpoint holds tensors and plain data, so opening one runs no pickled code
+    source = own if own.exists() else path / "rank0.pt"
+    try:
+        extra = torch.load(source, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"checkpoint {source} holds more than tensors and plain data; not loading it "
+            f"(opening it would run pickled code): {str(err).splitlines()[0]}"
+        ) from None
     if restore_rng and own.exists():
         set_rng_state(extra["rng"])
     return extra["progress"]

@@ -1,0 +1,37 @@
+"""Checkpoints hold tensors and plain data only: they load with weights_only=True."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engagerec import checkpoint
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    np.random.normal()  # numpy now holds a cached Gaussian: part of its state
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.normal(), torch.rand(3).tolist())
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.normal(), torch.rand(3).tolist()) == expected
+
+
+class _Payload:
+    def __reduce__(self):  # what a tampered checkpoint could run when unpickled
+        return (print, ("unpickled code ran",))
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "step-1"
+    path.mkdir()
+    torch.save(
+        {"rng": checkpoint.rng_state(), "progress": {"step": 1}, "evil": _Payload()}, path / "rank0.pt"
+    )
+    model = torch.nn.Linear(2, 2)
+    torch.distributed.checkpoint.save({"model": model.state_dict()}, checkpoint_id=str(path))
+    with pytest.raises(ValueError, match="holds more than tensors and plain data"):
+        checkpoint.load(path, model)
