@@ -66,7 +66,6 @@ class Events:
     report: FilterReport
     labels: List[LabelConfig]
     rows: int
-    post_exposure: frozenset
 
     def locate(self, column: str, src: int) -> DataError:
         """A DataError pointing at the row of the file that gave event ``src`` its ``column``."""
@@ -222,7 +221,7 @@ def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig
         if table is not None and column in table.columns:
             check_numeric(con, table, column, allow_null=True)
     report = FilterReport(rows_read=log.rows)
-    return _events_table(con, cfg, log, users, content, spaces, origin, report, raw.post_exposure)
+    return _events_table(con, cfg, log, users, content, spaces, origin, report)
 
 
 def _refuse_leaks(features: List[FeatureConfig], labels: List[LabelConfig], post_exposure) -> None:
@@ -290,7 +289,7 @@ def _join_sql(con, log, table, key, policy, report, alias) -> Tuple[str, Optiona
     return f"LEFT JOIN {table.name} {alias} ON {right} = {left}", dropped
 
 
-def _events_table(con, cfg, log, users, content, spaces, origin, report, post_exposure) -> Events:
+def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Events:
     wr = cfg.watch_ratio
     if wr.over_cap not in OVER_CAP_POLICIES:
         raise DataError(
@@ -425,7 +424,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, post_ex
         f"{split} AS __split FROM staged WHERE {kept}"
     )
     described = {row[0]: row[1] for row in con.execute("DESCRIBE events").fetchall()}
-    return Events(con, described, origin, log, report, list(cfg.labels), int(rows), frozenset(post_exposure))
+    return Events(con, described, origin, log, report, list(cfg.labels), int(rows))
 
 
 def _check_binary_labels(con, log: LoadedTable, labels: List[LabelConfig]) -> None:
@@ -445,12 +444,3 @@ def _check_binary_labels(con, log: LoadedTable, labels: List[LabelConfig]) -> No
                     expected="0, 1 or empty (missing)",
                     got=got,
                 )
-
-
-def label_missing(con: duckdb.DuckDBPyConnection, labels: List[LabelConfig]) -> Dict[str, int]:
-    """Kept rows whose raw label is missing, per label (they get weight 0 for that label)."""
-    if not labels:
-        return {}
-    parts = ", ".join(f"count(*) FILTER (WHERE {quote(label.name)} IS NULL)" for label in labels)
-    counts = con.execute(f"SELECT {parts} FROM events").fetchone()
-    return {label.name: int(n) for label, n in zip(labels, counts, strict=True)}

@@ -27,7 +27,7 @@ import duckdb
 from engagerec.config import DataConfig
 from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
-from engagerec.data.events import Events, FilterReport, build_events, label_missing
+from engagerec.data.events import Events, FilterReport, build_events
 from engagerec.data.history import build_history_table, has_ties
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
 from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema, Fitter
@@ -255,7 +255,8 @@ def _summary(
         "rows_kept": events.rows,
         "watch_ratio": asdict(cfg.watch_ratio),
         "labels": {label.name: asdict(label) for label in cfg.labels},
-        "label_missing": label_missing(con, events.labels),
+        # kept rows whose raw label is missing (weight 0 for that label), counted by _stats
+        "label_missing": {name: spec["missing"] for name, spec in stats["all"]["labels"].items()},
         "all": stats["all"],
         "split": {"kind": cfg.split.kind, "seed": cfg.split.seed, **{name: stats[name] for name in SPLITS}},
         "baselines_on_test": _baselines(con, events, stats),

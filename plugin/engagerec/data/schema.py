@@ -274,6 +274,15 @@ class Fitter:
         self.joins.append(f"LEFT JOIN {info['table']} {alias} ON {alias}.token = {token}")
         return f"coalesce({alias}.idx, 0)"
 
+    def _id_lookup(self, space: str, column: str, feature: FeatureConfig) -> str:
+        """One id per row of ``column`` in ``space`` (fitted by the first feature that uses the
+        space; later ones share its token type and table): the index expression, 0 when unseen."""
+        token_type = self.spaces.get(space, {}).get("token_type") or self._token_type(column)
+        token = self._token_sql(column, token_type)
+        info = self._fit_space(space, token, feature, multi=False)
+        info.setdefault("token_type", token_type)
+        return f"CAST({self._lookup_sql(info, token)} AS INTEGER)"
+
     # ---------------------------------------------------------------- numbers
     def _numeric_sql(self, column: str, feature: FeatureConfig, table: str) -> str:
         """The value of a numeric feature as DOUBLE (NULL when missing), transformed;
@@ -312,11 +321,7 @@ class Fitter:
             column = feature.column or feature.name
             if feature.kind == "categorical":
                 space = feature.id_space or column
-                token_type = self.spaces.get(space, {}).get("token_type") or self._token_type(column)
-                token = self._token_sql(column, token_type)
-                info = self._fit_space(space, token, feature, multi=False)
-                info.setdefault("token_type", token_type)
-                self.sparse_sql[feature.name] = f"CAST({self._lookup_sql(info, token)} AS INTEGER)"
+                self.sparse_sql[feature.name] = self._id_lookup(space, column, feature)
                 self._entries[index] = [SparseFeature(feature.name, space, multi=False)]
             elif feature.kind == "multi_hot":
                 space = feature.id_space or column
@@ -343,12 +348,8 @@ class Fitter:
                 self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
             elif feature.kind == "history":
                 space = feature.id_space or feature.of
-                token_type = self.spaces.get(space, {}).get("token_type") or self._token_type(feature.of)
-                token = self._token_sql(feature.of, token_type)
-                info = self._fit_space(space, token, feature, multi=False)
-                info.setdefault("token_type", token_type)
                 before = len(self.joins)
-                lookup = f"CAST({self._lookup_sql(info, token)} AS INTEGER)"
+                lookup = self._id_lookup(space, feature.of, feature)
                 self.history_joins += self.joins[before:]
                 self.histories.append((feature, lookup))
                 self.sparse_sql[feature.name] = f"h.{quote(feature.name)}"  # from the history table

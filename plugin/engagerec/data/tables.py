@@ -331,9 +331,9 @@ def _raise_rejected(con: duckdb.DuckDBPyConnection, rejects: str, file: str) -> 
 
 def check_numeric(
     con: duckdb.DuckDBPyConnection, table: LoadedTable, column: str, *, allow_null: bool
-) -> str:
-    """The SQL expression of ``column`` as DOUBLE, after checking every value is a finite number
-    (and present, unless ``allow_null``). Raises DataError at the first bad row."""
+) -> None:
+    """Check that every value of ``column`` is a finite number (and present, unless
+    ``allow_null``). Raises DataError at the first bad row."""
     sql_type = table.columns[column]
     q = quote(column)
     value = q if is_numeric(sql_type) else f"TRY_CAST({q} AS DOUBLE)"
@@ -350,7 +350,6 @@ def check_numeric(
         bad = _first_row(con, table.name, f"{value} IS NULL OR isnan({value})")
         if bad is not None:
             raise table.error("value is missing", bad, column=column, expected="a value in every row")
-    return value
 
 
 def _first_row(con: duckdb.DuckDBPyConnection, table: str, condition: str) -> Optional[int]:
