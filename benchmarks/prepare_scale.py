@@ -18,9 +18,7 @@ Writes benchmarks/RESULTS.md (section "prepare") with the machine, versions and 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,17 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
-
-HWM = r"""
-def hwm_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-"""
+from results import PEAK_RSS, machine_block, run_child, write_section  # noqa: E402
 
 GENERATE = (
-    HWM
+    PEAK_RSS
     + r"""
 import sys, json, time
 from engagerec.data.kuairand_generator import write_kuairand_1k
@@ -50,7 +41,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_kb": hwm_kb(
 )
 
 PREPARE = (
-    HWM
+    PEAK_RSS
     + r"""
 import sys, json, time
 from engagerec.config import load_config
@@ -66,7 +57,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_kb": hwm_kb(
 )
 
 STREAM = (
-    HWM
+    PEAK_RSS
     + r"""
 import sys, json, time
 import torch
@@ -88,13 +79,6 @@ print(json.dumps({"rows": rows, "seconds": rows / rate, "import_rss_kb": import_
 )
 
 
-def _child(code: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, cwd=REPO
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=float, nargs="+", default=[0.1, 1.0])
@@ -108,11 +92,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         for scale in args.scales:
             raw, prepared = Path(tmp) / f"raw_{scale:g}", Path(tmp) / f"prepared_{scale:g}"
-            generated = _child(GENERATE, str(raw), str(scale))
+            generated = run_child(GENERATE, str(raw), str(scale), cwd=REPO)
             started = time.perf_counter()
-            done = _child(PREPARE, str(raw), str(prepared), args.config)
+            done = run_child(PREPARE, str(raw), str(prepared), args.config, cwd=REPO)
             wall = time.perf_counter() - started
-            streamed = _child(STREAM, str(prepared))
+            streamed = run_child(STREAM, str(prepared), cwd=REPO)
             rows.append((scale, generated, done, wall, streamed))
             peak = done["peak_rss_kb"] / 1024
             rate = streamed["rows"] / streamed["seconds"]

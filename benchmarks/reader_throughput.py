@@ -19,10 +19,8 @@ Writes benchmarks/RESULTS.md (section "reader") with the machine, versions and c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,19 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import PEAK_RSS, machine_block, run_child, write_section  # noqa: E402
 
-# Peak RSS is read from /proc/self/status (VmHWM, this process's own high-water mark):
-# getrusage's ru_maxrss would carry over the parent's peak across fork+exec on Linux.
-HWM = r"""
-def hwm_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-"""
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the children measure one core
 
 STREAM_CHILD = (
-    HWM
+    PEAK_RSS
     + r"""
 import sys, time, json
 import torch
@@ -61,7 +52,7 @@ print(json.dumps({"rows": rows, "seconds": seconds, "import_rss_kb": import_rss,
 )
 
 WRITE_CHILD = (
-    HWM
+    PEAK_RSS
     + r"""
 import sys, json
 from engagerec.config import config_from_dict
@@ -81,7 +72,7 @@ print(json.dumps({"peak_rss_kb": hwm_kb()}))
 
 
 GENERATE_CHILD = (
-    HWM
+    PEAK_RSS
     + r"""
 import sys, json
 from engagerec.config import SyntheticConfig
@@ -91,17 +82,6 @@ write_study_tables(sys.argv[1], config)
 print(json.dumps({"peak_rss_kb": hwm_kb()}))
 """
 )
-
-
-def _child(code: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def throughput(prepared: Path, repeats: int, epochs: int) -> dict:
@@ -171,8 +151,8 @@ def main() -> None:
         ]
         for rows in args.rows:
             data = Path(tmp) / f"synthetic_{rows}"
-            written = _child(WRITE_CHILD, str(data), str(rows))
-            streamed = _child(STREAM_CHILD, str(data))
+            written = run_child(WRITE_CHILD, str(data), str(rows), env=ONE_THREAD)
+            streamed = run_child(STREAM_CHILD, str(data), env=ONE_THREAD)
             assert streamed["rows"] == rows, streamed
             lines.append(
                 f"| {rows:,} | {written['peak_rss_kb'] / 1024:,.0f} "
@@ -188,7 +168,8 @@ def main() -> None:
         ]
         for rows in args.generator_rows:
             start = time.perf_counter()
-            generated = _child(GENERATE_CHILD, str(Path(tmp) / f"tables_{rows}"), str(rows))
+            tables = str(Path(tmp) / f"tables_{rows}")
+            generated = run_child(GENERATE_CHILD, tables, str(rows), env=ONE_THREAD)
             lines.append(
                 f"| {rows:,} | {generated['peak_rss_kb'] / 1024:,.0f} | {time.perf_counter() - start:,.0f} |"
             )

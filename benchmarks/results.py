@@ -1,11 +1,15 @@
-"""benchmarks/RESULTS.md: one section per benchmark, each with the machine, versions and command."""
+"""What every benchmark shares: benchmarks/RESULTS.md (one section per benchmark, each with the
+machine, versions and command), and measuring a step in a fresh process (its peak RSS)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -54,3 +58,23 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
+
+
+# Peak RSS is read from /proc/self/status (VmHWM, this process's own high-water mark):
+# getrusage's ru_maxrss would carry over the parent's peak across fork+exec on Linux.
+PEAK_RSS = r"""
+def hwm_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
+
+
+def run_child(code: str, *args: str, **options) -> dict:
+    """Run ``code`` (a program that prints one JSON object on its last line; prefix it with
+    ``PEAK_RSS`` to report ``hwm_kb()``) with ``args`` in a fresh interpreter, and parse that line.
+    ``options`` go to subprocess.run (``env``, ``cwd``)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, **options
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
