@@ -44,11 +44,12 @@ def machine_block(command: str) -> str:
     )
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or add) the section ``name`` of RESULTS.md, leaving the others as they are."""
+def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or add) the section ``name`` of ``path`` (RESULTS.md), leaving the others as they are."""
+    path = Path(path)
     text = (
-        RESULTS.read_text()
-        if RESULTS.exists()
+        path.read_text()
+        if path.exists()
         else "# Benchmark results\n\nWritten by the scripts in benchmarks/; do not edit by hand.\n"
     )
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
@@ -57,7 +58,7 @@ def write_section(name: str, body: str) -> None:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    path.write_text(text)
 
 
 # Peak RSS is read from /proc/self/status (VmHWM, this process's own high-water mark):

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/table_memory.py [--rows 10000000] [--ranks 1 2]
 
-The tables of benchmarks/train_throughput.py's ``--synthetic-rows`` model (video table of
+The tables of benchmarks/synthetic_tables.py's model (video table of
 ``--rows`` rows, author table of rows / 5, 1,000 users; D=16; the 20-long history shares the
 video table) are planned and sharded by DistributedModelParallel under torchrun, once per
 (world size, sharding type). Each rank reports the bytes of the table shards it holds (the
@@ -32,8 +32,8 @@ SHARDING = ("table_wise", "column_wise")
 def _child(rows: int, sharding: str, out: Path) -> None:
     """One rank: shard the model and write the bytes this rank holds to ``out/<rank>.json``."""
     import torch
+    from synthetic_tables import synthetic_schema
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from train_throughput import SyntheticSource
 
     from engagerec.cli import quiet_library_noise
     from engagerec.config import load_config
@@ -41,10 +41,9 @@ def _child(rows: int, sharding: str, out: Path) -> None:
     from engagerec.model import MultiTaskModel
 
     quiet_library_noise()
-    runtime = init_runtime()
+    runtime = init_runtime("cpu")  # table bytes do not depend on the device
     cfg = load_config(REPO / "configs" / "kuairand_1k.yaml")
-    source = SyntheticSource(rows, batch_size=8, count=1)
-    model = MultiTaskModel.from_config(source.schema, cfg.model, device=torch.device("meta"))
+    model = MultiTaskModel.from_config(synthetic_schema(rows), cfg.model, device=torch.device("meta"))
     dmp = shard_model(
         model, runtime, 4096, {"*": [sharding]}, cfg.train.sparse_optimizer, cfg.train.sparse_lr
     )
@@ -63,6 +62,24 @@ def _child(rows: int, sharding: str, out: Path) -> None:
     close_runtime(runtime)
 
 
+def measure(rows: int, ranks=(1, 2)) -> dict:
+    """(world size, sharding) -> one {"tables", "optimizer"} byte count per rank, each sharded
+    under torchrun in fresh processes (1 process: table-wise only)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    results = {}
+    for world in ranks:
+        for sharding in SHARDING if world > 1 else ("table_wise",):
+            with tempfile.TemporaryDirectory() as tmp:
+                command = [str(torchrun), "--nproc-per-node", str(world), "--master-port", str(29700 + world),
+                           __file__, "--child", str(rows), sharding, tmp]  # fmt: skip
+                subprocess.run(command, check=True, capture_output=True, cwd=REPO, env={**os.environ})
+                results[(world, sharding)] = [
+                    json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(world)
+                ]
+            print(world, sharding, results[(world, sharding)], flush=True)
+    return results
+
+
 def main() -> None:
     """Run every (world size, sharding) under torchrun and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,17 +90,7 @@ def main() -> None:
     if args.child:
         _child(int(args.child[0]), args.child[1], Path(args.child[2]))
         return
-    torchrun = Path(sys.executable).parent / "torchrun"
-    results = {}
-    for world in args.ranks:
-        for sharding in SHARDING if world > 1 else ("table_wise",):
-            with tempfile.TemporaryDirectory() as tmp:
-                command = [str(torchrun), "--nproc-per-node", str(world), "--master-port", str(29700 + world),
-                           __file__, "--child", str(args.rows), sharding, tmp]  # fmt: skip
-                subprocess.run(command, check=True, capture_output=True, cwd=REPO, env={**os.environ})
-                ranks = [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(world)]
-            results[(world, sharding)] = ranks
-            print(world, sharding, ranks, flush=True)
+    results = measure(args.rows, args.ranks)
     one = results[(1, "table_wise")][0]
     mib = 1024**2
     lines = [

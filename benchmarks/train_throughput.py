@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 from results import machine_block, write_section  # noqa: E402
+from synthetic_tables import SyntheticSource  # noqa: E402
 from torch import nn  # noqa: E402
 
 
@@ -97,62 +98,6 @@ class ShardSource:
             epoch += 1
 
 
-class SyntheticSource:
-    """Pre-built batches over a table of ``rows`` video ids (Zipf-like popularity), isolating the
-    model from the reader: user (1,000), video (``rows``), author (rows / 5) ids, a 20-long
-    history sharing the video table, 4 dense features, watch ratio and skip labels."""
-
-    def __init__(self, rows: int, batch_size: int, count: int = 16, seed: int = 0) -> None:
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-        from engagerec.batch import Batch
-        from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
-
-        users, authors, history = 1_000, max(rows // 5, 1), 20
-        self.schema = DatasetSchema(
-            features=[{"name": "history", "kind": "history"}],
-            sparse=[
-                SparseFeature("user_id", "user_id", multi=False),
-                SparseFeature("content_id", "content_id", multi=False),
-                SparseFeature("author_id", "author_id", multi=False),
-                SparseFeature("history", "content_id", multi=True),
-            ],
-            dense=[DenseFeature(f"x{i}", f"x{i}", "none", 0.0, 1.0, None) for i in range(4)],
-            labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
-            vocab_sizes={"user_id": users, "content_id": rows, "author_id": authors},
-            meta={"summary": {"split": {"train": {"labels": {"watch_ratio": {"min": 0.0, "max": 1.0}}}}}},
-        )
-        generator = torch.Generator().manual_seed(seed)
-
-        def ids(size: int, n: int) -> torch.Tensor:  # skewed: low ids are popular
-            return (torch.rand(n, generator=generator) ** 3 * size).long() + 1
-
-        self.prebuilt = []
-        for _ in range(count):
-            b = batch_size
-            values = torch.cat([ids(users, b), ids(rows, b), ids(authors, b), ids(rows, b * history)])
-            lengths = torch.cat(
-                [torch.ones(3 * b, dtype=torch.int32), torch.full((b,), history, dtype=torch.int32)]
-            )
-            ratio = torch.rand(b, generator=generator)
-            self.prebuilt.append(
-                Batch(
-                    dense_features=torch.randn(b, 4, generator=generator),
-                    sparse_features=KeyedJaggedTensor(
-                        keys=["user_id", "content_id", "author_id", "history"], values=values, lengths=lengths
-                    ),
-                    labels={"watch_ratio": ratio, "skip": (ratio < 0.5).float()},
-                    weights=torch.ones(b),
-                    label_weights={"watch_ratio": torch.ones(b), "skip": torch.ones(b)},
-                )
-            )
-        self.description = f"pre-built batches, a {rows:,}-row video table"
-
-    def batches(self) -> Iterator:
-        while True:
-            yield from self.prebuilt
-
-
 def _timed(step_fn, batches: Iterator, steps: int, warmup: int, batch_size: int) -> float:
     for _ in range(warmup):
         step_fn(batches)
@@ -162,33 +107,35 @@ def _timed(step_fn, batches: Iterator, steps: int, warmup: int, batch_size: int)
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def engagerec_rate(cfg, source, batch_size: int, steps: int, warmup: int) -> float:
+def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
+    """engagerec's training step as users run it: the model on the meta device, sharded by DMP
+    (FBGEMM kernels, fused sparse optimiser), driven by TrainPipelineSparseDist. Returns
+    (step(batches), close())."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from engagerec.distributed import build_optimizer, close_runtime, init_runtime, shard_model
     from engagerec.model import MultiTaskModel
 
-    runtime = init_runtime()
-    try:
-        torch.manual_seed(0)
-        model = MultiTaskModel.from_config(source.schema, cfg.model, device=torch.device("meta"))
-        dmp = shard_model(
-            model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
-        )
-        pipeline = TrainPipelineSparseDist(
-            dmp, build_optimizer(dmp, cfg.train.dense_lr), runtime.device, execute_all_batches=True
-        )
-        return _timed(lambda it: pipeline.progress(it), source.batches(), steps, warmup, batch_size)
-    finally:
-        close_runtime(runtime)
+    runtime = init_runtime(device)
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
+    dmp = shard_model(
+        model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
+    )
+    pipeline = TrainPipelineSparseDist(
+        dmp, build_optimizer(dmp, cfg.train.dense_lr), runtime.device, execute_all_batches=True
+    )
+    return pipeline.progress, lambda: close_runtime(runtime)
 
 
-def plain_rate(cfg, source, batch_size: int, steps: int, warmup: int, sparse: bool = False) -> float:
+def plain_stepper(cfg, schema, sparse: bool = False, device: str = "cpu"):
+    """The plain-PyTorch reference's training step (see PlainEmbeddingBagModel). Returns
+    (step(batches), close())."""
     from engagerec.model import MultiTaskModel
 
     torch.manual_seed(0)
-    reference = MultiTaskModel.from_config(source.schema, cfg.model)
-    model = PlainEmbeddingBagModel(reference, sparse=sparse)
+    reference = MultiTaskModel.from_config(schema, cfg.model)
+    model = PlainEmbeddingBagModel(reference, sparse=sparse).to(device)
     if sparse:  # row-sparse updates for the tables, Adam for the tower and heads
         tables = list(model.tables.parameters())
         dense = [p for name, p in model.named_parameters() if not name.startswith("tables.")]
@@ -200,13 +147,26 @@ def plain_rate(cfg, source, batch_size: int, steps: int, warmup: int, sparse: bo
         optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.train.dense_lr)]
 
     def step(batches):
-        loss = model(next(batches))
+        loss = model(next(batches).to(torch.device(device), non_blocking=True))
         for optimizer in optimizers:
             optimizer.zero_grad()
         loss.backward()
         for optimizer in optimizers:
             optimizer.step()
 
+    return step, lambda: None
+
+
+def engagerec_rate(cfg, source, batch_size: int, steps: int, warmup: int) -> float:
+    step, close = engagerec_stepper(cfg, source.schema, batch_size)
+    try:
+        return _timed(step, source.batches(), steps, warmup, batch_size)
+    finally:
+        close()
+
+
+def plain_rate(cfg, source, batch_size: int, steps: int, warmup: int, sparse: bool = False) -> float:
+    step, _ = plain_stepper(cfg, source.schema, sparse)
     return _timed(step, source.batches(), steps, warmup, batch_size)
 
 

@@ -11,6 +11,18 @@ KUAIRAND = REPO / "datasets" / "kuairand"
 warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are collected everywhere and skipped where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

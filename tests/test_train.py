@@ -55,6 +55,7 @@ def study_run_config(data_dir, **train):
                 "sparse_lr": 0.05,
                 "progress_bar": False,
                 "log_every_steps": 5,
+                "device": "cpu",  # the same numbers on a GPU machine; tests/test_gpu.py asks for cuda
                 **train,
             },
         }

@@ -25,11 +25,18 @@ BEST_PATTERN = re.compile(r"^best-step-(\d+)$")
 
 
 def rng_state() -> Dict[str, Any]:
-    """This process's torch, numpy and Python RNG states (saved per rank, for exact resume), as
-    tensors and plain numbers only, so that a checkpoint loads with ``weights_only=True``."""
+    """This process's torch (CPU, and its current GPU's when CUDA is initialised), numpy and
+    Python RNG states (saved per rank, for exact resume), as tensors and plain numbers only, so
+    that a checkpoint loads with ``weights_only=True``."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     version, words, gauss_next = random.getstate()
+    cuda = (
+        {"cuda": torch.cuda.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else {}
+    )
     return {
+        **cuda,
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": str(kind),
@@ -47,8 +54,11 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore the torch, numpy and Python RNG states that ``rng_state`` returned."""
+    """Restore the torch, numpy and Python RNG states that ``rng_state`` returned (the GPU's
+    where the state has one and this process has a GPU: a CPU resume of a GPU run skips it)."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     numpy_state = state["numpy"]
     np.random.set_state(
         (
@@ -137,7 +147,7 @@ def load(
     # weights_only: a checkpoint holds tensors and plain data, so opening one runs no pickled code
     source = own if own.exists() else path / "rank0.pt"
     try:
-        extra = torch.load(source, weights_only=True)
+        extra = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"checkpoint {source} holds more than tensors and plain data; not loading it "

@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from engagerec.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.split, args.checkpoint)
+    metrics = evaluate_run(args.run_dir, args.split, args.checkpoint, args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=1))
         if args.json_out:
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     evaluate.add_argument("--json-out", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's train.device")
     evaluate.set_defaults(handler=_evaluate)
 
     synth = commands.add_parser(

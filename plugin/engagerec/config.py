@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 
@@ -241,12 +241,14 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps in all (0: no limit)
     dense_lr: float = 1e-4  # Adam on the dense part; the study's 1e-4
-    sparse_optimizer: str = "rowwise_adagrad"  # fused into backward: rowwise_adagrad | adagrad | sgd
+    # fused into backward by FBGEMM: rowwise_adagrad | adagrad | sgd on CPU and CUDA; adam |
+    # partial_rowwise_adam | lamb | partial_rowwise_lamb on CUDA only (engagerec.distributed)
+    sparse_optimizer: str = "rowwise_adagrad"
     sparse_lr: float = 0.05
     # early stopping on a validation metric: "loss" (sum of task weight x MSE | log loss)
     # or any reported metric such as "skip/auc" (with monitor_mode: max)
     monitor: str = "loss"
-    monitor_mode: str = "min"
+    monitor_mode: Literal["min", "max"] = "min"
     patience: int = 3
     checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
     # table (or id space) -> allowed sharding types (table_wise, column_wise, data_parallel,
@@ -258,6 +260,13 @@ class TrainConfig:
     # under 2% of a step (every batch cost 6% at batch 4096); evaluation reads every row
     train_metrics_every_steps: int = 4
     progress_bar: bool = True
+    # where the model computes: auto is cuda when a GPU is visible, else cpu; cuda runs use
+    # NCCL (one process too), cpu runs gloo
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.profiler over steps profile_start_step+1 .. +profile_steps (0: off); the breakdown
+    # by part goes to the run's profile.json (engagerec.profiling)
+    profile_steps: int = 0
+    profile_start_step: int = 20
 
 
 @dataclass
@@ -313,6 +322,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         key_tp, val_tp = typing.get_args(tp)
         return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
+        return value
+    if origin is Literal:  # an enum-like key: checked when the config loads, not when it is used
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -1,23 +1,26 @@
-"""Process group, sharding plan and DistributedModelParallel: the same code on 1 process or N.
+"""Process group, sharding plan and DistributedModelParallel: the same code on 1 process or N,
+on CPU or CUDA.
 
-Under torchrun the process group comes from the environment (gloo on CPU, NCCL on GPU);
-without it, a single-process gloo group over an in-memory store, so DMP and the metrics
-run unchanged.
+A run's device is ``train.device``: ``auto`` takes CUDA when a GPU is visible. CUDA runs bind
+each process to its GPU (``LOCAL_RANK``) before the process group exists and use NCCL, one
+process too; CPU runs use gloo. Without torchrun, a one-process group over an in-memory
+store, so DMP and the metrics run unchanged.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Type
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim import optimizers as torchrec_optimizers
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -28,12 +31,21 @@ from engagerec.data.schema import DatasetSchema
 from engagerec.model import MultiTaskModel
 
 SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel", "row_wise", "table_row_wise")
+# FBGEMM's CPU kernels have no row-wise or table-row-wise sharding over gloo ranks
+CUDA_ONLY_SHARDING = ("row_wise", "table_row_wise")
 
-SPARSE_OPTIMIZERS = {
+# train.sparse_optimizer -> the optimiser class TorchRec maps onto FBGEMM's fused kernels
+SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
-    "sgd": torch.optim.SGD,  # (FBGEMM's CPU kernels refuse Adam for embedding tables)
+    "sgd": torch.optim.SGD,
+    "adam": torchrec_optimizers.Adam,
+    "partial_rowwise_adam": torchrec_optimizers.PartialRowWiseAdam,
+    "lamb": torchrec_optimizers.LAMB,
+    "partial_rowwise_lamb": torchrec_optimizers.PartialRowWiseLAMB,
 }
+# the subset FBGEMM's CPU kernels implement (its CPU training kernels refuse Adam and LAMB)
+CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
 @dataclass
@@ -44,6 +56,7 @@ class Runtime:
     world_size: int
     device: torch.device
     owns_group: bool  # we created the process group, so we destroy it
+    local_world_size: int = 1  # processes on this host (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -51,25 +64,83 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime() -> Runtime:
-    """Join torchrun's process group, or make a one-process one."""
-    use_cuda = torch.cuda.is_available()
+def resolve_device(requested: str = "auto") -> str:
+    """
+    The device type a run computes on: ``cuda`` when asked for or (``auto``) when a GPU is
+    visible, else ``cpu``.
+
+    Args:
+        requested (str): ``train.device``: ``auto``, ``cpu`` or ``cuda``.
+
+    Returns:
+        str: ``"cuda"`` or ``"cpu"``.
+
+    Raises:
+        ValueError: for ``cuda`` on a machine where torch sees no GPU, or an unknown name.
+
+    Example::
+
+        >>> from engagerec.distributed import resolve_device
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device '{requested}', expected auto, cpu or cuda")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "train.device is cuda, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use cpu or auto"
+        )
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """
+    Join torchrun's process group, or make a one-process one, on ``device``.
+
+    CUDA: the process is bound to GPU ``LOCAL_RANK`` first, then joins an NCCL group (NCCL
+    needs the device set before its communicator exists). CPU: gloo, whatever GPUs exist.
+
+    Args:
+        device (str): ``train.device``: ``auto``, ``cpu`` or ``cuda``. Default: ``"auto"``.
+
+    Returns:
+        Runtime: rank, world size, local world size and the torch device of this process.
+
+    Example::
+
+        >>> from engagerec.distributed import close_runtime, init_runtime
+        >>> runtime = init_runtime("cpu")
+        >>> runtime.rank, runtime.world_size, runtime.device.type
+        (0, 1, 'cpu')
+        >>> close_runtime(runtime)
+    """
+    kind = resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    backend = "nccl" if kind == "cuda" else "gloo"
     if dist.is_initialized():
         owns = False
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend)
         owns = True
     else:
-        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
-    rank = dist.get_rank()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return Runtime(rank=rank, world_size=dist.get_world_size(), device=device, owns_group=owns)
+    world_size = dist.get_world_size()
+    return Runtime(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        device=torch_device,
+        owns_group=owns,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+    )
 
 
 def close_runtime(runtime: Runtime) -> None:
@@ -79,7 +150,7 @@ def close_runtime(runtime: Runtime) -> None:
 
 
 def _constraints(
-    model: MultiTaskModel, sharding: Dict[str, List[str]], world_size: int = 1
+    model: MultiTaskModel, sharding: Dict[str, List[str]], world_size: int = 1, device_type: str = "cpu"
 ) -> Dict[str, ParameterConstraints]:
     tables = {t.name: t for t in model.spec.tables}
     by_space = {name[2:]: name for name in tables}  # t_<id space>
@@ -89,6 +160,12 @@ def _constraints(
         if unknown:
             raise ValueError(
                 f"train.sharding.{key}: unknown sharding types {unknown}, expected some of {SHARDING_TYPES}"
+            )
+        cuda_only = [t for t in types if t in CUDA_ONLY_SHARDING]
+        if cuda_only and device_type != "cuda":
+            raise ValueError(
+                f"train.sharding.{key}: {', '.join(cuda_only)} sharding needs CUDA devices; on CPU "
+                "ranks use table_wise, column_wise or data_parallel"
             )
         if key == "*":
             names = list(tables)
@@ -107,6 +184,46 @@ def _constraints(
     return out
 
 
+class _OneRankDataParallel(DataParallelWrapper):
+    """Leaves the dense part unwrapped: on one rank DistributedDataParallel would only copy every
+    gradient into buckets and all-reduce them with itself (about 5% of a CPU step at batch 4096)."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        """Nothing to do: one rank's gradients are already the global ones."""
+
+
+def topology(runtime: Runtime) -> Topology:
+    """
+    What the planner may place tables on: every rank, how many share a host (intra-host
+    bandwidth is higher), and on CUDA each GPU's memory, so a table that fits no GPU is
+    sharded or refused at planning time rather than failing at allocation.
+
+    Args:
+        runtime (Runtime): this process's rank, world and device.
+
+    Returns:
+        Topology: the planner's view of the machines.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.distributed import Runtime, topology
+        >>> cpu = Runtime(rank=0, world_size=2, device=torch.device("cpu"), owns_group=False)
+        >>> found = topology(cpu)
+        >>> found.world_size, found.compute_device
+        (2, 'cpu')
+    """
+    hbm_cap = None
+    if runtime.device.type == "cuda":
+        hbm_cap = torch.cuda.get_device_properties(runtime.device).total_memory
+    return Topology(
+        world_size=runtime.world_size,
+        local_world_size=runtime.local_world_size,
+        compute_device=runtime.device.type,
+        hbm_cap=hbm_cap,
+    )
+
+
 def shard_model(
     model: MultiTaskModel,
     runtime: Runtime,
@@ -117,9 +234,14 @@ def shard_model(
 ) -> DistributedModelParallel:
     """Fuse the sparse optimiser into backward, plan the sharding, wrap in DMP (which materialises
     the meta-device tables on their ranks)."""
-    if sparse_optimizer not in SPARSE_OPTIMIZERS:
+    offered = SPARSE_OPTIMIZERS if runtime.device.type == "cuda" else CPU_SPARSE_OPTIMIZERS
+    if sparse_optimizer not in offered:
+        cuda_only = (
+            " (it needs CUDA: FBGEMM's CPU kernels lack it)" if sparse_optimizer in SPARSE_OPTIMIZERS else ""
+        )
         raise ValueError(
-            f"train.sparse_optimizer '{sparse_optimizer}', expected one of {sorted(SPARSE_OPTIMIZERS)}"
+            f"train.sparse_optimizer '{sparse_optimizer}'{cuda_only}; on {runtime.device.type} "
+            f"expected one of {', '.join(sorted(offered))}"
         )
     if model.has_sparse:
         apply_optimizer_in_backward(
@@ -127,14 +249,23 @@ def shard_model(
         )
     sharders = get_default_sharders()
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=runtime.world_size, compute_device=runtime.device.type),
+        topology=topology(runtime),
         batch_size=batch_size,
-        constraints=_constraints(model, sharding, runtime.world_size) if model.has_sparse else None,
+        constraints=(
+            _constraints(model, sharding, runtime.world_size, runtime.device.type)
+            if model.has_sparse
+            else None
+        ),
     )
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg) if model.has_sparse else ShardingPlan(plan={})
     return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(pg), device=runtime.device, plan=plan, sharders=sharders
+        model,
+        env=ShardingEnv.from_process_group(pg),
+        device=runtime.device,
+        plan=plan,
+        sharders=sharders,
+        data_parallel_wrapper=_OneRankDataParallel() if runtime.world_size == 1 else None,
     )
 
 

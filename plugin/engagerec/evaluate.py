@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -49,8 +49,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for batch in make_loader(reader, num_workers=num_workers):
-            batch = batch.to(device)
+        cuda = device.type == "cuda"
+        for batch in make_loader(reader, num_workers=num_workers, pin_memory=cuda):
+            batch = batch.to(device, non_blocking=cuda)
             _, (_, predictions, labels, weights) = model(batch)
             metrics.update(metric_inputs(tasks, predictions, labels, weights))
             sums.update(predictions, labels, weights)
@@ -62,9 +63,12 @@ def evaluate(
     return out
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best") -> Dict[str, float]:
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", checkpoint_name: str = "best", device: Optional[str] = None
+) -> Dict[str, float]:
     """Evaluate a finished (or interrupted) run's best checkpoint (``checkpoint_name="latest"``
-    for the newest step) on ``split``, on however many ranks this process group has."""
+    for the newest step) on ``split``, on however many ranks this process group has, on the
+    run's ``train.device`` or on ``device`` (``cpu`` evaluates a GPU-trained run on CPU)."""
     import json
 
     from engagerec import checkpoint
@@ -73,7 +77,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint_name: str 
 
     run_dir = Path(run_dir)
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    runtime = init_runtime()
+    runtime = init_runtime(device or cfg.train.device)
     try:
         data_dir = prepared_dir(cfg)
         dmp, model = sharded_model_from_config(cfg, runtime)

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
@@ -38,6 +39,7 @@ from engagerec.distributed import (
 )
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.metrics import build_metric_module, metric_inputs, readable
+from engagerec.profiling import METRICS, StepProfiler, labelled_batches
 
 TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
 
@@ -88,7 +90,7 @@ def _improved(value: float, best: Optional[float], mode: str) -> bool:
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True) -> Dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics."""
-    runtime = init_runtime()
+    runtime = init_runtime(cfg.train.device)
     try:
         return _train(cfg, Path(run_dir), resume, runtime)
     finally:
@@ -97,8 +99,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True) -> Di
 
 def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[str, Any]:
     tc = cfg.train
-    if tc.monitor_mode not in ("min", "max"):
-        raise ValueError(f"train.monitor_mode '{tc.monitor_mode}', expected min or max")
     if not 1 <= tc.train_metrics_every_steps <= tc.log_every_steps:
         raise ValueError(
             f"train.train_metrics_every_steps {tc.train_metrics_every_steps}, expected 1 to "
@@ -152,15 +152,18 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             ckpt_root, f"step-{progress['step']}", dmp, optimizer, progress, keep=checkpoint.STEP_PATTERN
         )
 
+    profiler = StepProfiler(model, run_dir, tc.profile_start_step, tc.profile_steps, runtime.is_main)
     stopped = progress["done"]
     while not stopped and progress["epoch"] < tc.epochs:
         reader.set_epoch(progress["epoch"])
         reader.start_batch = progress["batch_in_epoch"]
-        batches = iter(make_loader(reader, tc.num_workers))
+        loader = make_loader(reader, tc.num_workers, pin_memory=runtime.device.type == "cuda")
+        batches = labelled_batches(iter(loader))
         bar = _progress_bar(tc.progress_bar and runtime.is_main, len(reader), progress["epoch"])
         dmp.train()
         started, rows = time.perf_counter(), 0
         while True:
+            profiler.before_step(progress["step"] + 1)
             try:
                 task_losses, predictions, labels, weights = pipeline.progress(batches)
             except StopIteration:
@@ -169,7 +172,9 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             progress["batch_in_epoch"] += 1
             rows += tc.batch_size * runtime.world_size
             if progress["step"] % tc.train_metrics_every_steps == 0:
-                train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
+                with record_function(METRICS):
+                    train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
+            profiler.after_step(progress["step"])
             if progress["step"] % tc.log_every_steps == 0:
                 values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(tasks)}
                 values.update(readable(train_metrics.compute()))

@@ -1,0 +1,135 @@
+"""A recommender-shaped model input at any table size, for the scale benchmarks: as pre-built
+batches (the model alone) or as prepared shards (read by engagerec's reader, end to end).
+
+The shape: user (1,000 ids), video (``rows`` ids) and author (rows / 5) ids, a 20-long viewing
+history sharing the video table, 4 dense features, a watch ratio and a skip label. Ids are
+skewed as real popularity is (id = 1 + floor(u^3 * size), u uniform: a few ids are hot, most
+are rare), so a batch touches a realistic share of distinct rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterator
+
+import torch
+
+USERS, HISTORY, DENSE = 1_000, 20, 4
+
+
+def synthetic_schema(rows: int):
+    """The DatasetSchema of the synthetic input with a ``rows``-row video table."""
+    from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
+
+    return DatasetSchema(
+        features=[{"name": "history", "kind": "history"}],
+        sparse=[
+            SparseFeature("user_id", "user_id", multi=False),
+            SparseFeature("content_id", "content_id", multi=False),
+            SparseFeature("author_id", "author_id", multi=False),
+            SparseFeature("history", "content_id", multi=True),
+        ],
+        dense=[DenseFeature(f"x{i}", f"x{i}", "none", 0.0, 1.0, None) for i in range(DENSE)],
+        labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
+        vocab_sizes={"user_id": USERS, "content_id": rows, "author_id": max(rows // 5, 1)},
+        meta={"summary": {"split": {"train": {"labels": {"watch_ratio": {"min": 0.0, "max": 1.0}}}}}},
+    )
+
+
+def synthetic_columns(rows: int, n: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """``n`` rows of the synthetic input: id columns (history as [n, 20]), dense, labels."""
+
+    def ids(size: int, count: int) -> torch.Tensor:  # skewed: low ids are popular
+        return (torch.rand(count, generator=generator) ** 3 * size).long() + 1
+
+    ratio = torch.rand(n, generator=generator)
+    return {
+        "user_id": ids(USERS, n),
+        "content_id": ids(rows, n),
+        "author_id": ids(max(rows // 5, 1), n),
+        "history": ids(rows, n * HISTORY).view(n, HISTORY),
+        "dense": torch.randn(n, DENSE, generator=generator),
+        "watch_ratio": ratio,
+        "skip": (ratio < 0.5).float(),
+    }
+
+
+class SyntheticSource:
+    """``count`` pre-built batches over a ``rows``-row video table, cycled: the model alone,
+    without the reader."""
+
+    def __init__(self, rows: int, batch_size: int, count: int = 16, seed: int = 0) -> None:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        from engagerec.batch import Batch
+
+        self.schema = synthetic_schema(rows)
+        generator = torch.Generator().manual_seed(seed)
+        self.prebuilt = []
+        b = batch_size
+        for _ in range(count):
+            c = synthetic_columns(rows, b, generator)
+            values = torch.cat([c["user_id"], c["content_id"], c["author_id"], c["history"].reshape(-1)])
+            lengths = torch.cat(
+                [torch.ones(3 * b, dtype=torch.int32), torch.full((b,), HISTORY, dtype=torch.int32)]
+            )
+            kjt = KeyedJaggedTensor(
+                keys=["user_id", "content_id", "author_id", "history"], values=values, lengths=lengths
+            )
+            self.prebuilt.append(
+                Batch(
+                    dense_features=c["dense"],
+                    sparse_features=kjt,
+                    labels={"watch_ratio": c["watch_ratio"], "skip": c["skip"]},
+                    weights=torch.ones(b),
+                    label_weights={"watch_ratio": torch.ones(b), "skip": torch.ones(b)},
+                )
+            )
+        self.description = f"pre-built batches, a {rows:,}-row video table"
+
+    def batches(self) -> Iterator:
+        """The pre-built batches, round and round."""
+        while True:
+            yield from self.prebuilt
+
+
+def write_synthetic_shards(
+    directory: Path, rows: int, train_rows: int, seed: int = 0, rows_per_group: int = 131_072
+) -> Path:
+    """A prepared dataset (schema.json + train/part-*.parquet, as ``engagerec prepare`` writes
+    them) of ``train_rows`` synthetic rows over a ``rows``-row video table, for reading with
+    engagerec's ShardReader. Written once per (rows, train_rows, seed): an existing complete
+    one is kept."""
+    import pyarrow as pa
+
+    from engagerec.data.shards import ShardWriter
+
+    directory = Path(directory)
+    stamp = directory / "synthetic.json"
+    wanted = {"rows": rows, "train_rows": train_rows, "seed": seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return directory
+    writer = ShardWriter(directory / "train", rows_per_file=8 * rows_per_group, row_group_size=rows_per_group)
+    generator = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < train_rows:
+        n = min(rows_per_group, train_rows - done)
+        c = synthetic_columns(rows, n, generator)
+        history = pa.ListArray.from_arrays(
+            pa.array(torch.arange(0, (n + 1) * HISTORY, HISTORY, dtype=torch.int32).numpy()),
+            pa.array(c["history"].reshape(-1).to(torch.int32).numpy()),
+        )
+        columns = {
+            name: pa.array(c[name].to(torch.int32).numpy()) for name in ("user_id", "content_id", "author_id")
+        }
+        columns["history"] = history
+        columns.update({f"x{i}": pa.array(c["dense"][:, i].numpy()) for i in range(DENSE)})
+        columns.update({name: pa.array(c[name].numpy()) for name in ("watch_ratio", "skip")})
+        writer.write(pa.table(columns))
+        done += n
+    schema = synthetic_schema(rows)
+    schema.meta["splits"] = {"train": {"rows": train_rows, "files": writer.close()}}
+    schema.save(directory)
+    stamp.write_text(json.dumps(wanted))
+    return directory

@@ -1,0 +1,116 @@
+"""The CUDA path: marked ``gpu``, collected everywhere, skipped where torch sees no GPU
+(tests/conftest.py). ``benchmarks/gpu_check.sh`` runs them on a GPU machine. The refusals a
+CPU machine must give come first and run everywhere."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from test_train import EQUAL_METRICS, study_data, study_run_config  # noqa: F401  (fixture)
+
+from engagerec.config import ConfigError, load_config
+from engagerec.distributed import Runtime, _constraints, shard_model
+from engagerec.evaluate import evaluate_run
+from engagerec.model import MultiTaskModel
+from engagerec.train import train
+
+CPU = Runtime(rank=0, world_size=1, device=torch.device("cpu"), owns_group=False)
+
+
+def _meta_model(data_dir):
+    from engagerec.data.schema import DatasetSchema
+
+    cfg = study_run_config(data_dir)
+    return MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
+
+
+def test_row_wise_sharding_is_refused_on_cpu_with_the_alternatives(study_data):  # noqa: F811
+    model = _meta_model(study_data)
+    for kind in ("row_wise", "table_row_wise"):
+        with pytest.raises(ValueError, match=f"train.sharding.\\*: {kind} sharding needs CUDA.*table_wise"):
+            _constraints(model, {"*": ["table_wise", kind]}, world_size=1, device_type="cpu")
+    assert _constraints(model, {"*": ["row_wise"]}, world_size=1, device_type="cuda")  # offered on CUDA
+
+
+def test_gpu_only_sparse_optimizers_are_refused_on_cpu(study_data):  # noqa: F811
+    for name in ("adam", "lamb", "partial_rowwise_adam"):
+        with pytest.raises(ValueError, match=f"'{name}' \\(it needs CUDA.*rowwise_adagrad"):
+            shard_model(_meta_model(study_data), CPU, 256, {}, name, 0.01)
+    with pytest.raises(ValueError, match="'adamw'; on cpu expected one of adagrad, rowwise_adagrad, sgd"):
+        shard_model(_meta_model(study_data), CPU, 256, {}, "adamw", 0.01)
+
+
+def test_train_device_is_checked_when_the_config_loads(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"device": "gpu"}}))
+    with pytest.raises(ConfigError, match="train.device: expected one of auto, cpu, cuda, got 'gpu'"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"train": {"monitor_mode": "maximum"}}))
+    with pytest.raises(ConfigError, match="train.monitor_mode: expected one of min, max"):
+        load_config(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(study_data, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="train.device is cuda, but torch sees no CUDA device"):
+        train(study_run_config(study_data, device="cuda"), tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------- on a GPU
+
+
+def _gpu_run(data_dir, out, **train_changes):
+    cfg = study_run_config(data_dir, device="cuda", epochs=2, **train_changes)
+    return train(cfg, out, resume=False)
+
+
+@pytest.mark.gpu
+def test_one_gpu_trains_and_its_checkpoint_evaluates_on_cpu_alike(study_data, tmp_path):  # noqa: F811
+    results = _gpu_run(study_data, tmp_path / "run")
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert all(t["compute_kernel"] == "fused" for t in plan.values())
+    assert results["test"]["skip/auc"] > 0.7  # it learned (CPU runs of this config reach ~0.8)
+    on_cpu = evaluate_run(tmp_path / "run", "test", device="cpu")
+    for key in EQUAL_METRICS:  # the same checkpoint: GPU and CPU kernels agree to float32 noise
+        assert on_cpu[key] == pytest.approx(results["test"][key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.gpu
+def test_fused_adam_and_lamb_train_on_gpu(study_data, tmp_path):  # noqa: F811
+    for name in ("adam", "lamb"):
+        results = _gpu_run(study_data, tmp_path / name, sparse_optimizer=name, sparse_lr=0.01)
+        first, last = results["history"][0]["loss"], results["history"][-1]["loss"]
+        assert last <= first and results["test"]["skip/auc"] > 0.7, name
+
+
+@pytest.mark.gpu
+def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):  # noqa: F811
+    results = _gpu_run(study_data, tmp_path / "run", sharding={"*": ["row_wise"]})
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert {t["sharding_type"] for t in plan.values()} == {"row_wise"}
+    assert results["test"]["skip/auc"] > 0.7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):  # noqa: F811
+    import dataclasses
+
+    raw = dataclasses.asdict(study_run_config(study_data, device="cuda", epochs=2))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc-per-node", "2", "-m", "engagerec", "train", "--config", str(config)]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["test"]["skip/auc"] > 0.7
+    one = evaluate_run(tmp_path / "run", "test", device="cuda")
+    for key in EQUAL_METRICS:
+        assert one[key] == pytest.approx(results["test"][key], rel=1e-4, abs=1e-5), key
