@@ -36,7 +36,8 @@ format: install
 DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/tasks.py \
 	plugin/engagerec/features.py plugin/engagerec/batch.py plugin/engagerec/losses.py \
 	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/prepare.py \
-	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py
+	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \
+	plugin/engagerec/profiling.py
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)
