@@ -6,7 +6,8 @@
 For each video-table size R (author table R / 5, 1,000 users, a 20-long history sharing the
 video table; benchmarks/synthetic_tables.py), the MMoE model of configs/kuairand_random.yaml is
 trained by three sides, each in a fresh process (so its peak RSS is its own), alternating over
-``--repeats`` rounds so that this machine's drift hits every side alike:
+``--repeats`` rounds so that this machine's drift hits every side alike, every side with the
+malloc setting the `engagerec` command applies (engagerec.host_memory):
 
 * engagerec: DistributedModelParallel (FBGEMM TBE kernels, fused row-wise Adagrad in backward)
   driven by TrainPipelineSparseDist, what `engagerec train` runs;
@@ -69,8 +70,10 @@ def measure_side(job: Dict) -> Dict:
 
     from engagerec.cli import quiet_library_noise
     from engagerec.config import load_config, with_tower
+    from engagerec.host_memory import keep_freed_memory
 
     quiet_library_noise()
+    keep_freed_memory()  # what the engagerec command sets; every side gets the same allocator
     os.chdir(REPO)
     cfg = with_tower(load_config(REPO / "configs" / "kuairand_random.yaml"), job["tower"])
     batch, device = job["batch_size"], job["device"]

@@ -16,6 +16,10 @@ from typing import Dict, Iterator
 import torch
 
 USERS, HISTORY, DENSE = 1_000, 20, 4
+LABEL_STATS = {
+    "watch_ratio": {"min": 0.0, "max": 1.0, "mean": 0.5},
+    "skip": {"min": 0.0, "max": 1.0, "mean": 0.5},
+}
 
 
 def synthetic_schema(rows: int):
@@ -33,7 +37,8 @@ def synthetic_schema(rows: int):
         dense=[DenseFeature(f"x{i}", f"x{i}", "none", 0.0, 1.0, None) for i in range(DENSE)],
         labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
         vocab_sizes={"user_id": USERS, "content_id": rows, "author_id": max(rows // 5, 1)},
-        meta={"summary": {"split": {"train": {"labels": {"watch_ratio": {"min": 0.0, "max": 1.0}}}}}},
+        # the labels' train statistics (uniform ratio; skip = ratio < 0.5), as prepare records them
+        meta={"summary": {"split": {"train": {"labels": LABEL_STATS}}}},
     )
 
 
@@ -100,7 +105,8 @@ def write_synthetic_shards(
     """A prepared dataset (schema.json + train/part-*.parquet, as ``engagerec prepare`` writes
     them) of ``train_rows`` synthetic rows over a ``rows``-row video table, for reading with
     engagerec's ShardReader. Written once per (rows, train_rows, seed): an existing complete
-    one is kept."""
+    one is kept. `engagerec train` reads it too (``train.data_dir``, with ``train.max_steps``:
+    it has no val split)."""
     import pyarrow as pa
 
     from engagerec.data.shards import ShardWriter

@@ -78,23 +78,24 @@ class PlainEmbeddingBagModel(nn.Module):
 
 
 class ShardSource:
-    """Batches read from a prepared dataset's train split, as training reads them."""
+    """Batches read from a prepared dataset's train split, as training reads them (through
+    engagerec's loader, ``num_workers`` reader processes as ``train.num_workers``)."""
 
-    def __init__(self, data_dir: Path, batch_size: int) -> None:
+    def __init__(self, data_dir: Path, batch_size: int, num_workers: int = 0) -> None:
         from engagerec.data.schema import DatasetSchema
 
-        self.data_dir, self.batch_size = data_dir, batch_size
+        self.data_dir, self.batch_size, self.num_workers = data_dir, batch_size, num_workers
         self.schema = DatasetSchema.load(data_dir)
         self.description = f"`{data_dir}` ({self.schema.meta['splits']['train']['rows']:,} train rows)"
 
     def batches(self) -> Iterator:
-        from engagerec.data.reader import ShardReader
+        from engagerec.data.reader import ShardReader, make_loader
 
         reader = ShardReader(self.data_dir, "train", batch_size=self.batch_size, shuffle=True, drop_last=True)
         epoch = 0
         while True:
             reader.set_epoch(epoch)
-            yield from reader
+            yield from make_loader(reader, self.num_workers)
             epoch += 1
 
 
@@ -199,8 +200,10 @@ def main() -> None:
     from engagerec.cli import quiet_library_noise
     from engagerec.config import load_config, with_tower
     from engagerec.data.prepare import prepare
+    from engagerec.host_memory import keep_freed_memory
 
     quiet_library_noise()
+    keep_freed_memory()  # what the engagerec command sets; every side gets the same allocator
     os.chdir(REPO)
     base = load_config(args.config)
     batch_size = args.batch_size or base.train.batch_size

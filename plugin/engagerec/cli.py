@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from engagerec.config import ConfigError, load_config, prepared_dir, with_tower
 from engagerec.data.errors import DataError
+from engagerec.host_memory import keep_freed_memory
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -186,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_library_noise() -> None:
-    """Known, harmless deprecation chatter from torch / torchrec / fbgemm 1.8 on CPU."""
+    """Known, harmless deprecation chatter from torch / torchrec / fbgemm 1.6-1.8 on CPU."""
     for pattern in (
+        ".*_get_pg_default_device.*",  # torchrec 1.6's object collectives
+        ".*Multiple backends are registered.*",
         ".*broadcast_buffers.*",
         ".*ShardedTensor.*",
         ".*torch.meshgrid.*",
@@ -208,6 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         key, value or missing-file error to stderr (a message, not a traceback).
     """
     quiet_library_noise()
+    keep_freed_memory()  # CPU steps stop page-faulting their activations in (engagerec.host_memory)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -30,7 +30,8 @@ METRICS = "engagerec:train_metrics"
 # part -> how its time is found: (event-name prefix, whether self time is summed instead of total)
 PARTS = {
     "reader": (READ, False),
-    "input_dist": ("## sparse_data_dist", False),
+    "input_dist": ("## start_sparse_data_dist", False),
+    "input_dist_wait": ("## wait_sparse_data_dist", False),
     "embedding_lookup": ("[lookup]_", False),
     "tower_forward": (TOWER, False),
     "heads_and_loss_forward": (HEADS, False),
@@ -136,7 +137,8 @@ def breakdown(profiler: torch.profiler.profile, steps: int, wall_seconds: float)
                 totals[part] += event.self_cpu_time_total if use_self else event.cpu_time_total
     ms = {part: value / 1000.0 / steps for part, value in totals.items()}
     out = {"step": wall_seconds * 1000.0 / steps}
-    out.update({k: ms[k] for k in ("reader", "input_dist", "embedding_lookup", "tower_forward")})
+    out.update({"reader": ms["reader"], "input_dist": ms["input_dist"] + ms["input_dist_wait"]})
+    out.update({k: ms[k] for k in ("embedding_lookup", "tower_forward")})
     out["heads_and_loss_forward"] = ms["heads_and_loss_forward"]
     out["embedding_backward_and_fused_optimizer"] = ms["embedding_backward_and_fused_optimizer"]
     out["backward_dense"] = max(ms["backward_all"] - ms["embedding_backward_and_fused_optimizer"], 0.0)

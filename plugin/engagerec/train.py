@@ -161,7 +161,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         batches = labelled_batches(iter(loader))
         bar = _progress_bar(tc.progress_bar and runtime.is_main, len(reader), progress["epoch"])
         dmp.train()
-        started, rows = time.perf_counter(), 0
+        started = time.perf_counter()
+        window_started, window_rows = started, 0  # samples/s per logged window, not since the epoch began
         while True:
             profiler.before_step(progress["step"] + 1)
             try:
@@ -170,7 +171,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
                 break
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
-            rows += tc.batch_size * runtime.world_size
+            window_rows += tc.batch_size * runtime.world_size
             if progress["step"] % tc.train_metrics_every_steps == 0:
                 with record_function(METRICS):
                     train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
@@ -180,7 +181,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
                 values.update(readable(train_metrics.compute()))
                 weights_now = model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
                 values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(tasks)})
-                values["samples_per_s"] = rows / (time.perf_counter() - started)
+                values["samples_per_s"] = window_rows / (time.perf_counter() - window_started)
+                window_started, window_rows = time.perf_counter(), 0  # the log's own writing counts next
                 log.write(progress["step"], "train", values)
                 if bar is not None:
                     bar.set_postfix(
@@ -194,7 +196,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             if tc.checkpoint_every_steps and progress["step"] % tc.checkpoint_every_steps == 0:
                 progress["train_seconds"] += time.perf_counter() - started
                 save_step()
-                started, rows = time.perf_counter(), 0
+                started = window_started = time.perf_counter()
+                window_rows = 0
         progress["train_seconds"] += time.perf_counter() - started
         if bar is not None:
             bar.close()
