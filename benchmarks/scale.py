@@ -77,18 +77,21 @@ def measure_side(job: Dict) -> Dict:
     os.chdir(REPO)
     cfg = with_tower(load_config(REPO / "configs" / "kuairand_random.yaml"), job["tower"])
     batch, device = job["batch_size"], job["device"]
+    cuda = device == "cuda"
     if job["source"] == "shards":
         data = write_synthetic_shards(
             Path(job["work_dir"]) / f"rows_{job['rows']}", job["rows"], job["train_rows"]
         )
-        source = ShardSource(data, batch)
+        source = ShardSource(data, batch, pin_memory=cuda)
     else:
         source = SyntheticSource(job["rows"], batch)
+        if cuda:  # page-locked, as engagerec's loader makes them for a GPU: asynchronous copies
+            source.prebuilt = [b.pin_memory() for b in source.prebuilt]
     if job["side"] == "engagerec":
         step, close = engagerec_stepper(cfg, source.schema, batch, device)
     else:
         step, close = plain_stepper(cfg, source.schema, job["side"] == "plain sparse", device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     batches = source.batches()
     try:
         for _ in range(job["warmup"]):
@@ -103,7 +106,7 @@ def measure_side(job: Dict) -> Dict:
             samples.append(job["window"] * batch / (time.perf_counter() - start))
     finally:
         close()
-    peak_device = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    peak_device = torch.cuda.max_memory_allocated() if cuda else 0
     return {"samples_per_s": samples, "peak_device_bytes": peak_device}
 
 
@@ -198,6 +201,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank table memory")
     parser.add_argument("--work-dir", default=str(REPO / "generated" / "scale"), help="where shards go")
     parser.add_argument("--results", default=str(RESULTS), help="the markdown file to write the section in")
+    parser.add_argument("--section", help="its name (default: scale, or scale_<device> off CPU); the plot's")
     args = parser.parse_args()
 
     results: Dict[int, Dict] = {rows: {} for rows in args.rows}
@@ -236,7 +240,8 @@ def main() -> None:
                 memory[rows] = table_memory(rows)
 
     results_path = Path(args.results)
-    plot = results_path.with_name("scale.png" if args.device == "cpu" else f"scale_{args.device}.png")
+    section = args.section or ("scale" if args.device == "cpu" else f"scale_{args.device}")
+    plot = results_path.with_name(f"{section}.png")
     _plot(results, memory, plot, args.device)
     what = "end to end from shards (reader included)" if args.source == "shards" else "pre-built batches"
     lines = [
@@ -291,7 +296,7 @@ def main() -> None:
             )
     command = ".venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:])
     text = "\n".join([machine_block(command), "", *lines])
-    write_section("scale" if args.device == "cpu" else f"scale_{args.device}", text, results_path)
+    write_section(section, text, results_path)
     print(text)
 
 

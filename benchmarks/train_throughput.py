@@ -81,10 +81,13 @@ class ShardSource:
     """Batches read from a prepared dataset's train split, as training reads them (through
     engagerec's loader, ``num_workers`` reader processes as ``train.num_workers``)."""
 
-    def __init__(self, data_dir: Path, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(
+        self, data_dir: Path, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+    ) -> None:
         from engagerec.data.schema import DatasetSchema
 
         self.data_dir, self.batch_size, self.num_workers = data_dir, batch_size, num_workers
+        self.pin_memory = pin_memory
         self.schema = DatasetSchema.load(data_dir)
         self.description = f"`{data_dir}` ({self.schema.meta['splits']['train']['rows']:,} train rows)"
 
@@ -95,7 +98,7 @@ class ShardSource:
         epoch = 0
         while True:
             reader.set_epoch(epoch)
-            yield from make_loader(reader, self.num_workers)
+            yield from make_loader(reader, self.num_workers, self.pin_memory)
             epoch += 1
 
 

@@ -114,3 +114,23 @@ def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):
     one = evaluate_run(tmp_path / "run", "test", device="cuda")
     for key in EQUAL_METRICS:
         assert one[key] == pytest.approx(results["test"][key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
+def test_gpu_check_script_is_a_dry_run_without_cuda(repo, tmp_path):
+    """benchmarks/gpu_check.sh installs nothing, records the machine and says no CUDA device is present."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert f"torch {torch.__version__}" in report and "cuda devices: 0" in report
+    assert "No CUDA device is present (torch sees none): dry run, nothing was run." in report
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_check.md"
+    ]  # nothing installed or run
