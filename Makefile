@@ -51,13 +51,11 @@ bench: install
 	$(PY) -m engagerec prepare --config configs/kuairand_1k.yaml
 	$(PY) benchmarks/train_throughput.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k \
 		--section train_kuairand_1k --towers mmoe --batch-size 4096 --steps 40 --warmup 5
-	# the model alone on pre-built batches, video tables of 10^6 and 10^7 rows
-	$(PY) benchmarks/train_throughput.py --synthetic-rows 1000000 --towers mmoe --batch-size 4096 \
-		--steps 30 --warmup 5 --section train_1m_rows
-	$(PY) benchmarks/train_throughput.py --synthetic-rows 10000000 --towers mmoe --batch-size 4096 \
-		--steps 30 --warmup 5 --dense-max-rows 20000000 --section train_10m_rows
-	# per-rank table memory, 1 process against 2 gloo ranks (table-wise, column-wise)
-	$(PY) benchmarks/table_memory.py --rows 10000000
+	# engagerec train as shipped: where a step's time goes, malloc defaults against engagerec's setting
+	$(PY) benchmarks/profile_train.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k
+	# video tables of 10^5 to 10^8 rows, end to end from shards, beside the plain references;
+	# per-rank table memory on 1 process and 2 gloo ranks; a plot
+	$(PY) benchmarks/scale.py --rows 100000 1000000 10000000 100000000
 
 clean:
 	rm -rf $(VENV) prepared runs

@@ -92,6 +92,7 @@ class ShardSource:
         self.description = f"`{data_dir}` ({self.schema.meta['splits']['train']['rows']:,} train rows)"
 
     def batches(self) -> Iterator:
+        """Epoch after epoch of the train split."""
         from engagerec.data.reader import ShardReader, make_loader
 
         reader = ShardReader(self.data_dir, "train", batch_size=self.batch_size, shuffle=True, drop_last=True)
