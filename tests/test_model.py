@@ -165,8 +165,9 @@ def test_forward_fx_traces_with_the_kjt_going_straight_into_the_embeddings(study
     reader = ShardReader(study_data, "train", batch_size=16)
     model = _model(reader.schema, "ple")
     heads = [f"heads.{i}" for i in range(model.num_tasks)]
-    # the pipeline's own tracer, with the embedding module, tower and heads as leaves
-    graph = Tracer(leaf_modules=["sparse_arch", "tower", *heads]).trace(model)
+    # the pipeline's own tracer, with the modules it takes as leaves (no ShardedModule inside):
+    # the embedding module, the column order, the tower and the heads
+    graph = Tracer(leaf_modules=["sparse_arch", "pooled_by_name", "tower", *heads]).trace(model)
     lookups = [n for n in graph.nodes if n.op == "call_module" and n.target == "sparse_arch"]
     assert len(lookups) == 1
     (kjt,) = lookups[0].args

@@ -4,7 +4,7 @@
 train pipelines expect. The KJT goes into the EmbeddingBagCollection untouched (the
 pipeline overlaps its input distribution with compute only if nothing reads it first),
 and the tower's list output is indexed with concrete ints, so the forward FX-traces
-with the tower and heads as leaves.
+with the column order, tower and heads as leaves (as TorchRec's pipelines trace it).
 """
 
 from __future__ import annotations
@@ -31,20 +31,21 @@ ModelOutput = Tuple[
 ]
 
 
-_COLUMN_ORDER: Dict[Tuple, torch.Tensor] = {}
-
-
-@torch.fx.wrap  # one opaque call under tracing; runs eagerly with real keys
-def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
+class PooledByName(nn.Module):
     """
-    The pooled embeddings as [B, sum of widths], features in ``names`` order. Free when the
-    collection already returns that order (one rank); else one column gather, whose index is
-    computed once per key order and kept on the values' device. Wrapped with
-    ``torch.fx.wrap``: one opaque call in a traced model.
+    The pooled embeddings as [B, sum of widths], features in ``names`` order, whatever order
+    the (sharded) collection returns them in: the plan's, which changes with the world size.
+    Free when the collection already returns that order (one rank); else one column gather,
+    whose index is worked out on the first batch of a key order and kept in this module, on the
+    values' device. TorchRec's pipelines trace it as a leaf (it holds no sharded module).
+    (torchrec's KTRegroupAsDict does the same job; on CPU it made a KuaiRand-1K-shaped training
+    step 5x slower, 18.7k against 88k samples/s, so it is not used here.)
 
     Args:
-        pooled (KeyedTensor): an EmbeddingBagCollection's output, keys in any order.
         names (List[str]): the wanted feature order (``FeatureSpec.feature_names``).
+
+    Call Args:
+        pooled (KeyedTensor): an EmbeddingBagCollection's output, keys in any order.
 
     Returns:
         torch.Tensor: [B, sum of the features' widths].
@@ -53,23 +54,31 @@ def pooled_by_name(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
 
         >>> import torch
         >>> from torchrec.sparse.jagged_tensor import KeyedTensor
-        >>> from engagerec.model import pooled_by_name
+        >>> from engagerec.model import PooledByName
         >>> values = torch.tensor([[1.0, 2.0, 3.0]])  # one row: a is 2 wide, b 1
         >>> pooled = KeyedTensor(keys=["a", "b"], length_per_key=[2, 1], values=values)
-        >>> pooled_by_name(pooled, ["b", "a"])
+        >>> PooledByName(["b", "a"])(pooled)
         tensor([[3., 1., 2.]])
     """
-    keys = pooled.keys()
-    if keys == names:
-        return pooled.values()
-    values = pooled.values()
-    signature = (tuple(keys), tuple(names), tuple(pooled.length_per_key()), values.device)
-    if signature not in _COLUMN_ORDER:  # kept on the values' device: no copy per forward
-        starts = dict(zip(keys, pooled.offset_per_key()[:-1], strict=True))
-        widths = dict(zip(keys, pooled.length_per_key(), strict=True))
-        index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in names])
-        _COLUMN_ORDER[signature] = index.to(values.device)
-    return values.index_select(1, _COLUMN_ORDER[signature])
+
+    def __init__(self, names: List[str]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self._index: Dict[Tuple, torch.Tensor] = {}  # (keys, widths, device) -> column index
+
+    def forward(self, pooled: KeyedTensor) -> torch.Tensor:
+        """pooled -> [B, sum of widths] in ``names`` order."""
+        keys = pooled.keys()
+        if keys == self.names:
+            return pooled.values()
+        values = pooled.values()
+        signature = (tuple(keys), tuple(pooled.length_per_key()), values.device)
+        if signature not in self._index:
+            starts = dict(zip(keys, pooled.offset_per_key()[:-1], strict=True))
+            widths = dict(zip(keys, pooled.length_per_key(), strict=True))
+            index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in self.names])
+            self._index[signature] = index.to(values.device)
+        return values.index_select(1, self._index[signature])
 
 
 def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
@@ -119,7 +128,7 @@ class MultiTaskModel(nn.Module):
     the tower input x, the tower makes one representation f_k(x) per task and each task's
     head h_k predicts y_k = h_k(f_k(x)) (study eq. 3). The task losses L_t are combined by
     ``loss_weighting`` (by default the fixed weighted sum of eq. 12). The forward returns what
-    TorchRec's train pipelines expect, and FX-traces with the tower and heads as leaves.
+    TorchRec's train pipelines expect, and FX-traces with the column order, tower and heads as leaves.
 
     Args:
         spec (FeatureSpec): the embedding tables and the dense width; without tables there is
@@ -217,6 +226,7 @@ class MultiTaskModel(nn.Module):
         self.feature_names = spec.feature_names
         if self.has_sparse:
             self.sparse_arch = EmbeddingBagCollection(tables=spec.tables, device=device)
+            self.pooled_by_name = PooledByName(self.feature_names)
         self.tower = tower
         self.heads = nn.ModuleList(
             task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
@@ -262,7 +272,7 @@ class MultiTaskModel(nn.Module):
         pooled = self.sparse_arch(batch.sparse_features)
         # By name, never pooled.values(): a sharded collection returns its keys in the plan's
         # order, which changes with the world size and would scramble the tower's inputs.
-        return torch.cat([pooled_by_name(pooled, self.feature_names), batch.dense_features], dim=1)
+        return torch.cat([self.pooled_by_name(pooled), batch.dense_features], dim=1)
 
     def forward(self, batch: Batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
