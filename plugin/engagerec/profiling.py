@@ -7,7 +7,7 @@ warm-up) and writes, in the run directory, ``profile.json`` (the breakdown below
 ``profile_trace.json`` (a Chrome / Perfetto trace).
 
 The parts, in milliseconds per step, come from TorchRec's own ``record_function`` scopes
-(``## sparse_data_dist ##``, ``[lookup]_...``, ``## backward ##``, ``## optimizer ##``), FBGEMM's
+(``## start_sparse_data_dist ##``, ``[lookup]_...``, ``## backward ##``, ``## optimizer ##``), FBGEMM's
 kernels, and scopes this module adds around the reader, the tower, the heads and the metrics.
 What no scope covers is reported as ``other`` so the parts add up to the measured step.
 """
@@ -24,7 +24,7 @@ from torch.autograd.profiler import record_function
 
 READ = "engagerec:read_batch"
 TOWER = "engagerec:tower"
-HEADS = "engagerec:heads_and_loss"
+HEADS = "engagerec:heads"
 METRICS = "engagerec:train_metrics"
 
 # part -> how its time is found: (event-name prefix, whether self time is summed instead of total)
@@ -34,7 +34,7 @@ PARTS = {
     "input_dist_wait": ("## wait_sparse_data_dist", False),
     "embedding_lookup": ("[lookup]_", False),
     "tower_forward": (TOWER, False),
-    "heads_and_loss_forward": (HEADS, False),
+    "heads_forward": (HEADS, False),
     "embedding_backward_and_fused_optimizer": ("fbgemm::split_embedding_backward_codegen", True),
     "backward_all": ("## backward", False),
     "dense_optimizer": ("## optimizer", False),
@@ -91,7 +91,7 @@ def label_modules(model: nn.Module) -> Callable[[], None]:
         ...     _ = model.heads[0](model.tower(torch.ones(1, 2)))
         >>> remove()
         >>> sorted({e.key for e in prof.key_averages() if e.key.startswith("engagerec:")})
-        ['engagerec:heads_and_loss', 'engagerec:tower']
+        ['engagerec:heads', 'engagerec:tower']
     """
     handles = []
     for name, modules in ((TOWER, [model.tower]), (HEADS, list(model.heads))):
@@ -139,7 +139,7 @@ def breakdown(profiler: torch.profiler.profile, steps: int, wall_seconds: float)
     out = {"step": wall_seconds * 1000.0 / steps}
     out.update({"reader": ms["reader"], "input_dist": ms["input_dist"] + ms["input_dist_wait"]})
     out.update({k: ms[k] for k in ("embedding_lookup", "tower_forward")})
-    out["heads_and_loss_forward"] = ms["heads_and_loss_forward"]
+    out["heads_forward"] = ms["heads_forward"]
     out["embedding_backward_and_fused_optimizer"] = ms["embedding_backward_and_fused_optimizer"]
     out["backward_dense"] = max(ms["backward_all"] - ms["embedding_backward_and_fused_optimizer"], 0.0)
     out["dense_optimizer"] = ms["dense_optimizer"]
