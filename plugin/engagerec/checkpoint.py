@@ -4,22 +4,34 @@
 A checkpoint is written into ``.tmp-<name>/`` and renamed to ``<name>/`` by rank 0 only
 after every rank has finished writing, so a directory without the ``.tmp-`` prefix is
 always complete; a run killed mid-write leaves only a ``.tmp-`` directory, which is ignored.
+A failed write (a full disk) removes its ``.tmp-`` directory and leaves the previous
+checkpoints as they were.
+
+Each checkpoint holds ``manifest.json``: every file's size and CRC-32, written last. Loading
+checks it, so a damaged or truncated checkpoint is an error that names the file, and
+``latest`` passes over such a checkpoint to the newest one that checks out.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import re
 import shutil
+import sys
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from engagerec.errors import CheckpointError
+
+MANIFEST = "manifest.json"
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
 BEST_PATTERN = re.compile(r"^best-step-(\d+)$")
 
@@ -93,16 +105,31 @@ def save(
     keep: Optional[re.Pattern] = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint ``root/name`` atomically; then keep only the newest ``keep_last``
-    checkpoints whose names match ``keep``."""
+    """Write checkpoint ``root/name`` atomically, its manifest last; then keep only the newest
+    ``keep_last`` checkpoints whose names match ``keep``.
+
+    Raises:
+        CheckpointError: when writing fails (e.g. no space left); the partial write is removed
+            and every earlier checkpoint is left as it was.
+    """
     tmp, final = root / f".tmp-{name}", root / name
-    if _rank() == 0:
+    try:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+        torch.save({"rng": rng_state(), "progress": progress}, tmp / f"rank{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            _write_manifest(tmp)
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-    torch.save({"rng": rng_state(), "progress": progress}, tmp / f"rank{_rank()}.pt")
-    _barrier()
+        previous = latest(root, checked=False)
+        kept = (
+            f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        )
+        raise CheckpointError(f"writing checkpoint {final} failed ({err}); {kept}") from err
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -113,26 +140,92 @@ def save(
     return final
 
 
+def _crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def _write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+
+
+def verify(path: Path) -> None:
+    """
+    Check a checkpoint against its manifest: every listed file present, of its size and CRC-32.
+
+    Args:
+        path (Path): a checkpoint directory.
+
+    Raises:
+        CheckpointError: naming the checkpoint, the file and what is wrong.
+    """
+    manifest = path / MANIFEST
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {path} has no {MANIFEST}: incomplete, or written by engagerec < 0.2"
+        ) from None
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err})") from None
+    for name, expected in entries.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has {size:,} bytes, expected {expected['bytes']:,} (truncated?)"
+            )
+        if _crc32(file) != expected["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (damaged)")
+
+
 def _matching(root: Path, pattern: re.Pattern):
     if not root.is_dir():
         return []
     return [(int(m.group(1)), p) for p in root.iterdir() if (m := pattern.match(p.name))]
 
 
-def latest(root: Path, pattern: re.Pattern = STEP_PATTERN) -> Optional[Path]:
-    """The checkpoint under ``root`` whose name matches ``pattern`` with the highest step, or None.
+def latest(root: Path, pattern: re.Pattern = STEP_PATTERN, checked: bool = True) -> Optional[Path]:
+    """The newest checkpoint under ``root`` whose name matches ``pattern`` (by step) and, when
+    ``checked``, that checks out against its manifest; damaged ones are passed over with a note
+    on stderr. None if there is none.
 
-    Unfinished ``.tmp-`` directories never match, so the result is always complete.
+    Unfinished ``.tmp-`` directories never match.
     """
-    found = _matching(root, pattern)
-    return max(found, key=lambda p: p[0])[1] if found else None
+    skipped: List[str] = []
+    for _, path in sorted(_matching(root, pattern), key=lambda p: p[0], reverse=True):
+        if not checked:
+            return path
+        try:
+            verify(path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        for reason in skipped:
+            print(f"{reason}; falling back to {path}", file=sys.stderr, flush=True)
+        return path
+    for reason in skipped:
+        print(f"{reason}; no earlier checkpoint checks out", file=sys.stderr, flush=True)
+    return None
 
 
 def load(
     path: Path, model: torch.nn.Module, optimizer: Optional[Any] = None, restore_rng: bool = True
 ) -> Dict[str, Any]:
-    """Restore model (and optimiser) in place from ``path``; returns the saved progress.
-    DCP reshards, so a checkpoint written by N ranks loads on M."""
+    """Restore model (and optimiser) in place from ``path``, after checking its manifest;
+    returns the saved progress. DCP reshards, so a checkpoint written by N ranks loads on M.
+
+    Raises:
+        CheckpointError: if the checkpoint does not match its manifest.
+    """
+    verify(path)
     state = {"model": model.state_dict()}
     if optimizer is not None:
         # Adam creates its state on the first step; DCP only fills keys that exist, so a fresh

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from engagerec.config import ConfigError, load_config, prepared_dir, with_tower
 from engagerec.data.errors import DataError
+from engagerec.errors import CheckpointError, TrainingError
 from engagerec.host_memory import keep_freed_memory
 
 
@@ -33,8 +34,14 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     run_dir = args.out or f"runs/{cfg.name}/{cfg.model.tower.name}/seed{cfg.train.seed}"
-    results = train(cfg, run_dir, resume=not args.no_resume)
+    results = train(cfg, run_dir, resume=not args.no_resume, allow_config_change=args.allow_config_change)
     if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if results.get("preempted"):
+        print(
+            f"stopped by SIGTERM after step {results['steps']}; its checkpoint is in {run_dir}/checkpoints: "
+            "run the same command to resume"
+        )
         return 0
     if "test" in results:
         print(
@@ -143,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--no-resume", action="store_true", help="ignore checkpoints already in the run directory"
     )
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the checkpoint's (beyond run length and logging)",
+    )
     train.set_defaults(handler=_train)
 
     compare = commands.add_parser("compare", help="train several towers x seeds; markdown + JSON + plot")
@@ -215,6 +227,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataError, KeyError, ValueError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TrainingError,
+        KeyError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"engagerec {args.command}: error: {err}", file=sys.stderr)
         return 2

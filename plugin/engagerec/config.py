@@ -279,6 +279,48 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# what a resumed run may change: how long it runs, how it logs, where it reads and computes;
+# not what it learns (model, data, optimisers, batch size, seed)
+RESUMABLE_CHANGES = {
+    f"train.{key}"
+    for key in ("max_steps", "epochs", "patience", "progress_bar", "log_every_steps", "num_workers",
+                "profile_steps", "profile_start_step", "checkpoint_every_steps", "data_dir",
+                "eval_batch_size", "device", "train_metrics_every_steps")
+}  # fmt: skip
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """
+    The dotted keys whose values differ between two raw configs (``dataclasses.asdict``), as
+    ``key: old -> new``, leaving out what a resumed run may change (``RESUMABLE_CHANGES``).
+
+    Args:
+        old (Dict[str, Any]): the config a checkpoint was written under.
+        new (Dict[str, Any]): the config of the run that would resume it.
+        prefix (str): the dotted path of these mappings. Default: ``""``.
+
+    Returns:
+        List[str]: one entry per differing key, sorted.
+
+    Example::
+
+        >>> from engagerec.config import config_changes
+        >>> old = {"train": {"dense_lr": 0.001, "max_steps": 10}, "model": {"tower": {"name": "mmoe"}}}
+        >>> new = {"train": {"dense_lr": 0.002, "max_steps": 0}, "model": {"tower": {"name": "mmoe"}}}
+        >>> config_changes(old, new)
+        ['train.dense_lr: 0.001 -> 0.002']
+    """
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{path}.")
+        elif a != b and path not in RESUMABLE_CHANGES:
+            changes.append(f"{path}: {a!r} -> {b!r}")
+    return changes
+
+
 def prepared_dir(cfg: ExperimentConfig) -> str:
     """Where the run reads its prepared data: ``train.data_dir``, else ``prepared/<name>``
     (where ``engagerec prepare`` writes by default)."""

@@ -28,7 +28,7 @@ from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
-from engagerec.config import ExperimentConfig, prepared_dir
+from engagerec.config import ConfigError, ExperimentConfig, config_changes, prepared_dir
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.distributed import (
     build_optimizer,
@@ -37,8 +37,10 @@ from engagerec.distributed import (
     plan_table,
     sharded_model_from_config,
 )
+from engagerec.errors import CheckpointError, TrainingError
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.metrics import build_metric_module, metric_inputs, readable
+from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
 
 TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
@@ -88,16 +90,63 @@ def _improved(value: float, best: Optional[float], mode: str) -> bool:
     return best is None or (value < best if mode == "min" else value > best)
 
 
-def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True) -> Dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics."""
+def train(
+    cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False
+) -> Dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics.
+
+    With ``resume``, the newest checkpoint in ``run_dir`` that checks out is continued; one
+    written under another config (beyond ``config.RESUMABLE_CHANGES``) is refused unless
+    ``allow_config_change``. SIGTERM stops the run after the current step with a checkpoint
+    (the results then say ``"preempted": True``).
+
+    Raises:
+        ConfigError: resuming under a changed config.
+        CheckpointError: resuming mid-epoch on another world size; a checkpoint write failed.
+        TrainingError: a task's loss became NaN or infinite.
+    """
     runtime = init_runtime(cfg.train.device)
     try:
-        return _train(cfg, Path(run_dir), resume, runtime)
+        with Preemption() as preemption:
+            return _train(cfg, Path(run_dir), resume, runtime, preemption, allow_config_change)
     finally:
         close_runtime(runtime)
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[str, Any]:
+def _check_resume(
+    last: Path, progress: Dict[str, Any], cfg: ExperimentConfig, runtime, allow_change: bool
+) -> None:
+    """Refuse a resume that would not continue the same run: another config, or another world
+    size in the middle of an epoch (each rank reads a contiguous share of the epoch's rows, so
+    the rest of the epoch would be other rows)."""
+    changes = config_changes(progress["config"], dataclasses.asdict(cfg))
+    if changes and not allow_change:
+        raise ConfigError(
+            f"resuming from {last} with a config that differs from the one it was written under: "
+            + "; ".join(changes)
+            + ". Start a new run (--no-resume, or another --out), or pass --allow-config-change"
+        )
+    saved_world = progress["world_size"]
+    if saved_world != runtime.world_size and progress["batch_in_epoch"] > 0:
+        raise CheckpointError(
+            f"{last} stopped mid-epoch (batch {progress['batch_in_epoch']} of epoch {progress['epoch']}, "
+            f"{progress['samples_in_epoch']:,} samples) on {saved_world} rank(s); on {runtime.world_size} "
+            f"rank(s) the rest of the epoch would read other rows. Resume on {saved_world} rank(s), or "
+            "from a checkpoint at an epoch's end (tables reshard on any world size)"
+        )
+
+
+def _non_finite_losses(tasks, task_losses: torch.Tensor) -> Optional[str]:
+    """``task=value`` for the tasks whose loss is NaN or infinite, or None."""
+    finite = torch.isfinite(task_losses)
+    if bool(finite.all()):
+        return None
+    return ", ".join(f"{t.name}={float(task_losses[i])}" for i, t in enumerate(tasks) if not finite[i])
+
+
+def _train(
+    cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime, preemption: Preemption, allow_change: bool
+) -> Dict[str, Any]:
     tc = cfg.train
     if not 1 <= tc.train_metrics_every_steps <= tc.log_every_steps:
         raise ValueError(
@@ -114,9 +163,6 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # a fresh start: an older run's checkpoints must not be taken as this run's
             shutil.rmtree(ckpt_root, ignore_errors=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        (run_dir / "plan.json").write_text(json.dumps(plan_table(dmp), indent=1))
-        print(f"sharding plan ({runtime.world_size} rank(s)):\n{dmp.plan}", flush=True)
 
     progress: Dict[str, Any] = {
         "epoch": 0,
@@ -128,14 +174,23 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         "history": [],
         "done": False,
         "train_seconds": 0.0,
+        "world_size": runtime.world_size,
+        "samples_in_epoch": 0,  # the data position in samples, whatever the world size
+        "config": dataclasses.asdict(cfg),  # what a resume is checked against
     }
     if dist.is_initialized():
         dist.barrier()  # every rank sees the cleared checkpoint directory
     last = checkpoint.latest(ckpt_root) if resume else None
     if last is not None:
         progress = checkpoint.load(last, dmp, optimizer)
+        _check_resume(last, progress, cfg, runtime, allow_change)
+        progress.update(world_size=runtime.world_size, config=dataclasses.asdict(cfg))
         if runtime.is_main:
             print(f"resumed from {last} (epoch {progress['epoch']}, step {progress['step']})", flush=True)
+    if runtime.is_main:  # after the resume check: a refused resume leaves the run's files alone
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (run_dir / "plan.json").write_text(json.dumps(plan_table(dmp), indent=1))
+        print(f"sharding plan ({runtime.world_size} rank(s)):\n{dmp.plan}", flush=True)
 
     means = train_label_means(data_dir, [t.label for t in tasks])
     log = RunLog(run_dir, runtime.is_main)
@@ -153,7 +208,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         )
 
     profiler = StepProfiler(model, run_dir, tc.profile_start_step, tc.profile_steps, runtime.is_main)
-    stopped = progress["done"]
+    stopped, preempted = progress["done"], False
     while not stopped and progress["epoch"] < tc.epochs:
         reader.set_epoch(progress["epoch"])
         reader.start_batch = progress["batch_in_epoch"]
@@ -171,7 +226,18 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
                 break
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
+            progress["samples_in_epoch"] += tc.batch_size * runtime.world_size
             window_rows += tc.batch_size * runtime.world_size
+            # every step on CPU (free); on a GPU the check waits for the step, so at log steps
+            if runtime.device.type == "cpu" or progress["step"] % tc.log_every_steps == 0:
+                bad = _non_finite_losses(tasks, task_losses)
+                if bad is not None:
+                    good = checkpoint.latest(ckpt_root, checked=False)
+                    raise TrainingError(
+                        f"step {progress['step']}: non-finite loss ({bad}); training stopped. The last good "
+                        f"checkpoint is {good or 'none (none written yet)'}: resume from it with a lower "
+                        "learning rate, or look for extreme labels or features"
+                    )
             if progress["step"] % tc.train_metrics_every_steps == 0:
                 with record_function(METRICS):
                     train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
@@ -193,6 +259,11 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             if tc.max_steps and progress["step"] >= tc.max_steps:
                 stopped = True
                 break
+            # SIGTERM: with several ranks asking is a collective, so only at log steps (all ranks)
+            at_log_step = progress["step"] % tc.log_every_steps == 0
+            if (runtime.world_size == 1 or at_log_step) and preemption.agreed(runtime.device):
+                stopped = preempted = True
+                break
             if tc.checkpoint_every_steps and progress["step"] % tc.checkpoint_every_steps == 0:
                 progress["train_seconds"] += time.perf_counter() - started
                 save_step()
@@ -202,7 +273,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         if bar is not None:
             bar.close()
         if stopped and progress["batch_in_epoch"] < reader.num_batches():
-            save_step()  # stopped mid-epoch (max_steps): resumable from here
+            save_step()  # stopped mid-epoch (max_steps, SIGTERM): resumable from here
             break
         pipeline.detach()  # evaluation runs the model's own forward
         val = evaluate(dmp, tasks, data_dir, "val", tc.eval_batch_size, runtime.device, means, tc.num_workers)
@@ -211,7 +282,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
             raise ValueError(f"train.monitor '{tc.monitor}' is not a reported metric ({sorted(val)})")
         progress["history"].append({"epoch": progress["epoch"], "step": progress["step"], **val})
         progress["epoch"] += 1
-        progress["batch_in_epoch"] = 0
+        progress["batch_in_epoch"] = progress["samples_in_epoch"] = 0
         if _improved(val[tc.monitor], progress["best"], tc.monitor_mode):
             progress.update(best=val[tc.monitor], best_epoch=progress["epoch"] - 1, bad_epochs=0)
             checkpoint.save(
@@ -243,6 +314,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime) -> Dict[
         "steps": progress["step"],
         "train_seconds": progress["train_seconds"],
         "history": progress["history"],
+        "preempted": preempted,
     }
     best = checkpoint.latest(ckpt_root, checkpoint.BEST_PATTERN)
     if progress["done"] and best is not None:

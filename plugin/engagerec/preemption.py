@@ -1,0 +1,63 @@
+"""SIGTERM as a request to stop at the next safe point: clusters preempt jobs by sending it,
+then kill them after a grace period. Training checks the request between steps, writes a
+checkpoint and returns, so the same command resumes the run later."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class Preemption:
+    """
+    Catches SIGTERM while active (a ``with`` block) and remembers that it came; the previous
+    handler comes back on exit. Only the main thread can install a handler: elsewhere it stays
+    inactive and never reports a request.
+
+    Example::
+
+        >>> import os, signal
+        >>> from engagerec.preemption import Preemption
+        >>> with Preemption() as preemption:
+        ...     os.kill(os.getpid(), signal.SIGTERM)
+        ...     preemption.requested
+        True
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Optional[Any] = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def agreed(self, device: torch.device) -> bool:
+        """
+        Whether any rank was asked to stop: every rank must stop after the same step, so with
+        more than one rank this is a collective (call it on every rank at the same steps).
+
+        Args:
+            device (torch.device): where this rank's collectives run.
+
+        Returns:
+            bool: True if SIGTERM reached any rank.
+        """
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
