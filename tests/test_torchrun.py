@@ -83,3 +83,32 @@ def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_
     one = json.loads(one.read_text())
     for key in EQUAL_METRICS:  # resharded from 2 column-wise ranks onto 1: the same model
         assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
+
+
+def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_epoch_end(study_data, tmp_path):  # noqa: F811
+    import dataclasses
+
+    def config(name, **train):
+        raw = dataclasses.asdict(study_run_config(study_data, **train))
+        raw["train"]["sharding"] = {"*": ["table_wise"]}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    run = tmp_path / "run"
+    _torchrun(2, "train", "--config", config("stop", max_steps=5), "--out", str(run), cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "engagerec", "train", "--config", config("one"), "--out", str(run)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert (
+        "stopped mid-epoch (batch 5 of epoch 0, 2,560 samples) on 2 rank(s); on 1 rank(s)" in refused.stderr
+    )
+    # the same run finishes its first epoch on 2 ranks, then goes on on 1: the tables reshard
+    _torchrun(2, "train", "--config", config("epoch", epochs=1), "--out", str(run), cwd=tmp_path)
+    out = _torchrun(1, "train", "--config", config("more", epochs=2), "--out", str(run), cwd=tmp_path)
+    assert "resumed from" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 1 and len(results["history"]) == 2 and results["test"]["skip/auc"] > 0.7

@@ -185,6 +185,11 @@ def _train(
         progress = checkpoint.load(last, dmp, optimizer)
         _check_resume(last, progress, cfg, runtime, allow_change)
         progress.update(world_size=runtime.world_size, config=dataclasses.asdict(cfg))
+        # a run that ended at its epoch count goes on when resumed with more epochs (not one that
+        # stopped early, or at max_steps)
+        more = progress["epoch"] < tc.epochs and not (tc.max_steps and progress["step"] >= tc.max_steps)
+        if progress["done"] and more and progress["bad_epochs"] < tc.patience:
+            progress["done"] = False
         if runtime.is_main:
             print(f"resumed from {last} (epoch {progress['epoch']}, step {progress['step']})", flush=True)
     if runtime.is_main:  # after the resume check: a refused resume leaves the run's files alone
@@ -306,6 +311,8 @@ def _train(
         progress["done"] = progress["epoch"] >= tc.epochs or bool(stopped)
         save_step()
 
+    # resumed with fewer epochs than it has run: nothing left to train, so it is finished
+    progress["done"] = progress["done"] or (progress["epoch"] >= tc.epochs and not preempted)
     results: Dict[str, Any] = {
         "name": cfg.name,
         "tower": cfg.model.tower.name,

@@ -1,0 +1,130 @@
+"""Faults during training and resume: damaged checkpoints, a full disk, a changed config, a
+non-finite loss, preemption by SIGTERM. Each ends in a clear message or a clean stop, never a
+silently wrong run."""
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from test_train import study_data, study_run_config  # noqa: F401  (fixture)
+
+from engagerec import checkpoint
+from engagerec.config import ConfigError
+from engagerec.errors import CheckpointError, TrainingError
+from engagerec.train import train
+
+
+def _steps(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_one_before(study_data, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    train(study_run_config(study_data, max_steps=10, checkpoint_every_steps=5), run)
+    assert _steps(run) == ["step-10", "step-5"]
+    newest = run / "checkpoints" / "step-10"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    largest.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk or a killed copy
+    with pytest.raises(CheckpointError, match=f"{largest.name} has .* bytes, expected .* \\(truncated\\?\\)"):
+        checkpoint.verify(newest)
+    largest.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(CheckpointError, match=f"{largest.name} does not match its checksum"):
+        checkpoint.verify(newest)
+    capsys.readouterr()
+    resumed = train(study_run_config(study_data, max_steps=15, checkpoint_every_steps=5), run)
+    assert "falling back to" in capsys.readouterr().err and resumed["steps"] == 15  # 5 -> 15, not 10 -> 15
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(study_data, tmp_path, monkeypatch):  # noqa: F811
+    real_save, calls = checkpoint.dcp.save, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="step-10 failed .*No space left on device.*step-5 is intact"):
+        train(study_run_config(study_data, max_steps=10, checkpoint_every_steps=5), run)
+    assert _steps(run) == ["step-5"]  # no half-written .tmp- directory left behind
+    checkpoint.verify(run / "checkpoints" / "step-5")
+    monkeypatch.setattr(checkpoint.dcp, "save", real_save)
+    assert train(study_run_config(study_data, max_steps=10, checkpoint_every_steps=5), run)["steps"] == 10
+
+
+def test_resuming_under_a_changed_config_is_refused_naming_the_keys(study_data, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    train(study_run_config(study_data, max_steps=5), run)
+    written = (run / "config.json").read_text()
+    changed = study_run_config(study_data, max_steps=10, dense_lr=0.01, batch_size=128)
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size: 256 -> 128; train.dense_lr: 0.003 -> 0.01\. Start"
+    ):
+        train(changed, run)
+    assert (run / "config.json").read_text() == written  # a refused resume leaves the run alone
+    # run length and logging may change; the rest only when asked
+    assert train(study_run_config(study_data, max_steps=8, log_every_steps=4), run)["steps"] == 8
+    assert train(changed, run, allow_config_change=True)["steps"] == 10
+
+
+def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tmp_path, monkeypatch):  # noqa: F811
+    import engagerec.train as training
+
+    class PoisonedPipeline(training.TrainPipelineSparseDist):
+        steps = 0
+
+        def progress(self, batches):
+            task_losses, *rest = super().progress(batches)
+            PoisonedPipeline.steps += 1
+            if PoisonedPipeline.steps == 7:
+                task_losses = torch.tensor([task_losses[0].item(), float("nan")])
+            return (task_losses, *rest)
+
+    monkeypatch.setattr(training, "TrainPipelineSparseDist", PoisonedPipeline)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"step 7: non-finite loss \(skip=nan\).*checkpoint is .*step-5"):
+        train(study_run_config(study_data, checkpoint_every_steps=5), run)
+
+
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes(study_data, tmp_path):  # noqa: F811
+    raw = dataclasses.asdict(study_run_config(study_data, epochs=50, log_every_steps=5))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run)]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "log.csv").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)  # training has logged its first steps
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM after step" in out
+    last = checkpoint.latest(run / "checkpoints")
+    checkpoint.verify(last)
+    assert json.loads((run / "results.json").read_text())["preempted"] is True
+    stopped_in = torch.load(last / "rank0.pt", weights_only=True)["progress"]["epoch"]
+    resumed = train(study_run_config(study_data, epochs=stopped_in + 1, log_every_steps=5), run)
+    assert resumed["preempted"] is False and resumed["steps"] > int(last.name.split("-")[1])
+    assert resumed["test"]["skip/auc"] > 0.7  # finished the epoch it was stopped in, then tested
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_preemption_restores_the_previous_sigterm_handler():
+    from engagerec.preemption import Preemption
+
+    before = signal.getsignal(signal.SIGTERM)
+    with Preemption():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
