@@ -55,10 +55,12 @@ PY
 } > "$REPORT"
 cat "$REPORT"
 
-if ! "$PYTHON" -c "import torch, torchrec, engagerec" 2>>"$REPORT"; then
+if ! "$PYTHON" -c "import torch, torchrec, engagerec" 2>"$OUT/import.log"; then
+    tail -n 5 "$OUT/import.log" >> "$REPORT"
     echo "$PYTHON cannot import torch, torchrec and engagerec (above); give WHEEL_DIR or PYTHON." | tee -a "$REPORT"
     exit 1
 fi
+rm -f "$OUT/import.log"  # library warnings on a good import stay out of the report
 if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "No CUDA device is present (torch sees none): dry run, nothing was run." | tee -a "$REPORT"
     exit 0

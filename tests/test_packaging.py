@@ -2,6 +2,7 @@
 dependencies cover every third-party import of the package."""
 
 import ast
+import os
 import subprocess
 import sys
 import zipfile
@@ -89,9 +90,17 @@ def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
         "assert engagerec.towers.MMoE and load_config('kuairand_mmoe').model.tower.name == 'mmoe'\n"
         "print(m.version('engagerec'))\n"
     )
-    done = subprocess.run([python, "-c", check], check=True, capture_output=True, text=True, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own sys.path only
+    done = subprocess.run(
+        [python, "-c", check], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert done.stdout.strip() == metadata.version("engagerec")
     cli = subprocess.run(
-        [venv / "bin" / "engagerec", "--help"], check=True, capture_output=True, text=True, cwd=tmp_path
+        [venv / "bin" / "engagerec", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
     )
     assert "prepare" in cli.stdout and "train" in cli.stdout
