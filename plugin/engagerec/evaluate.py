@@ -87,6 +87,11 @@ def evaluate_run(
             raise FileNotFoundError(f"no {checkpoint_name} checkpoint under {run_dir / 'checkpoints'}")
         checkpoint.load(path, dmp, restore_rng=False)
         means = train_label_means(data_dir, [t.label for t in model.tasks])
-        return evaluate(dmp, model.tasks, data_dir, split, cfg.train.eval_batch_size, runtime.device, means)
+        metrics = evaluate(
+            dmp, model.tasks, data_dir, split, cfg.train.eval_batch_size, runtime.device, means
+        )
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank done before any tears the group down
+        return metrics
     finally:
         close_runtime(runtime)
