@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engagerec import checkpoint
+from engagerec.errors import CheckpointError
 
 
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
@@ -34,5 +35,5 @@ def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
     model = torch.nn.Linear(2, 2)
     torch.distributed.checkpoint.save({"model": model.state_dict()}, checkpoint_id=str(path))
     checkpoint._write_manifest(path)  # a well-formed checkpoint whose contents were tampered with
-    with pytest.raises(ValueError, match="holds more than tensors and plain data"):
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain data"):
         checkpoint.load(path, model)

@@ -125,3 +125,38 @@ def test_prepare_writes_where_train_reads(repo, tmp_path, monkeypatch):
         == 0
     )
     assert (data / "schema.json").is_file()  # train.data_dir, not prepared/<name>
+
+
+def test_engagerec_errors_are_messages_and_anything_else_is_a_traceback(tmp_path, capsys, monkeypatch):
+    import engagerec.train as training
+
+    data = tmp_path / "data"
+    assert main(["prepare", "--config", _study_config(tmp_path, data), "--out", str(data)]) == 0
+    typo = _study_config(tmp_path, data, tower={"name": "mmoe", "params": {"num_expert": 3}})
+    assert main(["train", "--config", typo, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "engagerec train: error: model.tower 'mmoe' with params {'num_expert': 3}:" in err
+    assert "num_expert" in err and "Traceback" not in err
+    assert main(["evaluate", "--run-dir", str(tmp_path / "nowhere")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise KeyError("a programming error")
+
+    monkeypatch.setattr(training, "train_label_means", bug)
+    with pytest.raises(KeyError, match="a programming error"):  # not reported as bad input
+        main(["train", "--config", _study_config(tmp_path, data), "--out", str(tmp_path / "run2")])
+
+
+def _study_config(tmp_path, data, tower=None):
+    import dataclasses
+
+    import yaml
+    from test_train import study_run_config
+
+    raw = dataclasses.asdict(study_run_config(data, epochs=1))
+    if tower is not None:
+        raw["model"]["tower"] = tower
+    path = tmp_path / f"study{len(list(tmp_path.glob('study*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)

@@ -31,16 +31,16 @@ def _meta_model(data_dir):
 def test_row_wise_sharding_is_refused_on_cpu_with_the_alternatives(study_data):  # noqa: F811
     model = _meta_model(study_data)
     for kind in ("row_wise", "table_row_wise"):
-        with pytest.raises(ValueError, match=f"train.sharding.\\*: {kind} sharding needs CUDA.*table_wise"):
+        with pytest.raises(ConfigError, match=f"train.sharding.\\*: {kind} sharding needs CUDA.*table_wise"):
             _constraints(model, {"*": ["table_wise", kind]}, world_size=1, device_type="cpu")
     assert _constraints(model, {"*": ["row_wise"]}, world_size=1, device_type="cuda")  # offered on CUDA
 
 
 def test_gpu_only_sparse_optimizers_are_refused_on_cpu(study_data):  # noqa: F811
     for name in ("adam", "lamb", "partial_rowwise_adam"):
-        with pytest.raises(ValueError, match=f"'{name}' \\(it needs CUDA.*rowwise_adagrad"):
+        with pytest.raises(ConfigError, match=f"'{name}' \\(it needs CUDA.*rowwise_adagrad"):
             shard_model(_meta_model(study_data), CPU, 256, {}, name, 0.01)
-    with pytest.raises(ValueError, match="'adamw'; on cpu expected one of adagrad, rowwise_adagrad, sgd"):
+    with pytest.raises(ConfigError, match="'adamw'; on cpu expected one of adagrad, rowwise_adagrad, sgd"):
         shard_model(_meta_model(study_data), CPU, 256, {}, "adamw", 0.01)
 
 
@@ -56,7 +56,7 @@ def test_train_device_is_checked_when_the_config_loads(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(study_data, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="train.device is cuda, but torch sees no CUDA device"):
+    with pytest.raises(ConfigError, match="train.device is cuda, but torch sees no CUDA device"):
         train(study_run_config(study_data, device="cuda"), tmp_path / "run")
 
 

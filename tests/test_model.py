@@ -11,7 +11,7 @@ from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec.batch import Batch
-from engagerec.config import EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
+from engagerec.config import ConfigError, EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
 from engagerec.features import FeatureSpec
@@ -145,7 +145,7 @@ def test_a_third_task_is_config(study_data):
     loss, (task_losses, predictions, _, _) = model(next(iter(reader)))
     assert len(model.heads) == 3 and set(predictions) == {"watch_ratio", "skip", "raw_ratio"}
     torch.testing.assert_close(loss, task_losses[0] + 2 * task_losses[1] + task_losses[2])
-    with pytest.raises(ValueError, match=r"task labels \['like'\] are not in the prepared data"):
+    with pytest.raises(ConfigError, match=r"model.tasks: labels \['like'\] are not in the prepared data"):
         _model(reader.schema, tasks=[TaskConfig("like", "like", kind="binary")])
 
 

@@ -242,7 +242,7 @@ def load(
     try:
         extra = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {source} holds more than tensors and plain data; not loading it "
             f"(opening it would run pickled code): {str(err).splitlines()[0]}"
         ) from None

@@ -219,8 +219,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        int: the handler's exit status (0 on success), or 2 after printing a configuration, data,
-        key, value or missing-file error to stderr (a message, not a traceback).
+        int: the handler's exit status (0 on success), or 2 after printing engagerec's own error
+        (configuration, data, checkpoint, training) to stderr: a message, not a traceback. Any
+        other exception is a bug and propagates with its traceback.
     """
     quiet_library_noise()
     keep_freed_memory()  # CPU steps stop page-faulting their activations in (engagerec.host_memory)
@@ -232,9 +233,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         DataError,
         CheckpointError,
         TrainingError,
-        KeyError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:
+    ) as err:  # anything else is a bug: a traceback
         print(f"engagerec {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from engagerec.config import ExperimentConfig, prepared_dir
+from engagerec.config import ConfigError, ExperimentConfig, prepared_dir
 from engagerec.data.schema import DatasetSchema
 from engagerec.model import MultiTaskModel
 
@@ -76,7 +76,7 @@ def resolve_device(requested: str = "auto") -> str:
         str: ``"cuda"`` or ``"cpu"``.
 
     Raises:
-        ValueError: for ``cuda`` on a machine where torch sees no GPU, or an unknown name.
+        ConfigError: for ``cuda`` on a machine where torch sees no GPU, or an unknown name.
 
     Example::
 
@@ -85,9 +85,9 @@ def resolve_device(requested: str = "auto") -> str:
         'cpu'
     """
     if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device '{requested}', expected auto, cpu or cuda")
+        raise ConfigError(f"train.device '{requested}', expected auto, cpu or cuda")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             "train.device is cuda, but torch sees no CUDA device "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use cpu or auto"
         )
@@ -158,12 +158,12 @@ def _constraints(
     for key, types in sharding.items():
         unknown = [t for t in types if t not in SHARDING_TYPES]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"train.sharding.{key}: unknown sharding types {unknown}, expected some of {SHARDING_TYPES}"
             )
         cuda_only = [t for t in types if t in CUDA_ONLY_SHARDING]
         if cuda_only and device_type != "cuda":
-            raise ValueError(
+            raise ConfigError(
                 f"train.sharding.{key}: {', '.join(cuda_only)} sharding needs CUDA devices; on CPU "
                 "ranks use table_wise, column_wise or data_parallel"
             )
@@ -172,7 +172,7 @@ def _constraints(
         elif key in tables or key in by_space:
             names = [key if key in tables else by_space[key]]
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"train.sharding names '{key}', which is no table or id space ({sorted(by_space)})"
             )
         for name in names:
@@ -239,7 +239,7 @@ def shard_model(
         cuda_only = (
             " (it needs CUDA: FBGEMM's CPU kernels lack it)" if sparse_optimizer in SPARSE_OPTIMIZERS else ""
         )
-        raise ValueError(
+        raise ConfigError(
             f"train.sparse_optimizer '{sparse_optimizer}'{cuda_only}; on {runtime.device.type} "
             f"expected one of {', '.join(sorted(offered))}"
         )

@@ -7,8 +7,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
+from engagerec.errors import CheckpointError
 from engagerec.metrics import ExactXAUC, LossAndBaselines, build_metric_module, metric_inputs, readable
 from engagerec.tasks import Task
 
@@ -19,7 +21,9 @@ def train_label_means(data_dir: str | Path, labels: List[str]) -> Dict[str, floa
     stats = DatasetSchema.load(data_dir).meta["summary"]["split"]["train"]["labels"]
     missing = [name for name in labels if stats.get(name, {}).get("mean") is None]
     if missing:
-        raise ValueError(f"labels {missing} have no train values in {data_dir}")
+        raise DataError(
+            f"labels {missing} have no train values (schema.json's train summary)", file=str(data_dir)
+        )
     return {name: float(stats[name]["mean"]) for name in labels}
 
 
@@ -76,6 +80,10 @@ def evaluate_run(
     from engagerec.distributed import close_runtime, init_runtime, sharded_model_from_config
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{run_dir} is no run directory: it has no config.json (written by `engagerec train`)"
+        )
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     runtime = init_runtime(device or cfg.train.device)
     try:
@@ -84,7 +92,7 @@ def evaluate_run(
         pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
         path = checkpoint.latest(run_dir / "checkpoints", pattern)
         if path is None:
-            raise FileNotFoundError(f"no {checkpoint_name} checkpoint under {run_dir / 'checkpoints'}")
+            raise CheckpointError(f"no {checkpoint_name} checkpoint under {run_dir / 'checkpoints'}")
         checkpoint.load(path, dmp, restore_rng=False)
         means = train_label_means(data_dir, [t.label for t in model.tasks])
         metrics = evaluate(

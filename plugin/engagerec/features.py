@@ -7,7 +7,7 @@ from typing import Dict, List
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from engagerec.config import EmbeddingConfig
+from engagerec.config import ConfigError, EmbeddingConfig
 from engagerec.data.schema import DatasetSchema
 
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
@@ -136,7 +136,7 @@ class FeatureSpec:
             - set(schema.sparse_names)
         )
         if unknown:
-            raise ValueError(f"model.embeddings names unknown features or id spaces: {sorted(unknown)}")
+            raise ConfigError(f"model.embeddings names unknown features or id spaces: {sorted(unknown)}")
         spaces: Dict[str, List] = {}
         for feature in schema.sparse:
             spaces.setdefault(feature.id_space, []).append(feature)
@@ -148,13 +148,13 @@ class FeatureSpec:
                     feature.name, "mean" if kinds.get(feature.name) == "history" else "sum"
                 )
                 if wanted not in POOLINGS:
-                    raise ValueError(
+                    raise ConfigError(
                         f"model.embeddings.pooling.{feature.name}: '{wanted}', expected sum or mean"
                     )
                 if not feature.multi:
                     continue  # one id per row: sum and mean agree, so the table's pooling decides
                 if pooling not in (None, wanted):
-                    raise ValueError(
+                    raise ConfigError(
                         f"features {[f.name for f in features]} share the table of id space '{space}' "
                         f"but ask for different poolings; a table has one"
                     )

@@ -11,7 +11,7 @@ from typing import List
 import torch
 from torch import nn
 
-from engagerec.config import LossConfig
+from engagerec.config import ConfigError, LossConfig
 
 WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 
@@ -212,4 +212,4 @@ def build_loss_weighting(cfg: LossConfig, task_weights: List[float]) -> nn.Modul
         return UncertaintyWeighting(task_weights)
     if cfg.weighting == "gradnorm":
         return GradNormWeighting(len(task_weights), cfg.gradnorm_alpha)
-    raise ValueError(f"unknown loss weighting '{cfg.weighting}', expected one of {WEIGHTINGS}")
+    raise ConfigError(f"unknown loss weighting '{cfg.weighting}', expected one of {WEIGHTINGS}")

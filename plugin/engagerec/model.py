@@ -17,7 +17,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from engagerec.batch import Batch
-from engagerec.config import ModelConfig, TaskConfig
+from engagerec.config import ConfigError, ModelConfig, TaskConfig
 from engagerec.data.schema import DatasetSchema
 from engagerec.features import FeatureSpec
 from engagerec.losses import FixedWeighting, build_loss_weighting
@@ -258,10 +258,17 @@ class MultiTaskModel(nn.Module):
         tasks = [Task(t) for t in (cfg.tasks or tasks_from_schema(schema))]
         missing = [t.label for t in tasks if t.label not in schema.label_names]
         if missing:
-            raise ValueError(
-                f"task labels {missing} are not in the prepared data (labels: {schema.label_names})"
+            raise ConfigError(
+                f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
             )
-        tower = build_tower(cfg.tower.name, spec.input_dim, len(tasks), **cfg.tower.params)
+        try:
+            tower = build_tower(cfg.tower.name, spec.input_dim, len(tasks), **cfg.tower.params)
+        except KeyError as err:  # an unknown name, with the nearest registered one
+            raise ConfigError(f"model.tower.name: {err.args[0]}") from None
+        except (TypeError, ValueError) as err:  # a parameter the tower does not take, or a bad value
+            raise ConfigError(
+                f"model.tower '{cfg.tower.name}' with params {cfg.tower.params}: {err}"
+            ) from None
         weighting = build_loss_weighting(cfg.loss, [t.weight for t in tasks])
         return cls(spec, tower, tasks, device=device, loss_weighting=weighting)
 

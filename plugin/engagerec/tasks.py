@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engagerec.config import TaskConfig
+from engagerec.config import ConfigError, TaskConfig
 from engagerec.towers.common import mlp, out_dim
 
 KINDS = ("regression", "binary")
@@ -97,9 +97,9 @@ class Task:
 
     def __init__(self, cfg: TaskConfig) -> None:
         if cfg.kind not in KINDS:
-            raise ValueError(f"task '{cfg.name}': kind '{cfg.kind}', expected one of {KINDS}")
+            raise ConfigError(f"task '{cfg.name}': kind '{cfg.kind}', expected one of {KINDS}")
         if cfg.kind == "regression" and cfg.output not in REGRESSION_OUTPUTS:
-            raise ValueError(
+            raise ConfigError(
                 f"task '{cfg.name}': output '{cfg.output}', expected one of {REGRESSION_OUTPUTS}"
             )
         self.cfg = cfg

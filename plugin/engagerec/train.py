@@ -149,7 +149,7 @@ def _train(
 ) -> Dict[str, Any]:
     tc = cfg.train
     if not 1 <= tc.train_metrics_every_steps <= tc.log_every_steps:
-        raise ValueError(
+        raise ConfigError(
             f"train.train_metrics_every_steps {tc.train_metrics_every_steps}, expected 1 to "
             f"train.log_every_steps ({tc.log_every_steps}): each logged window needs batches"
         )
@@ -284,7 +284,7 @@ def _train(
         val = evaluate(dmp, tasks, data_dir, "val", tc.eval_batch_size, runtime.device, means, tc.num_workers)
         log.write(progress["step"], "val", val)
         if tc.monitor not in val:
-            raise ValueError(f"train.monitor '{tc.monitor}' is not a reported metric ({sorted(val)})")
+            raise ConfigError(f"train.monitor '{tc.monitor}' is not a reported metric ({sorted(val)})")
         progress["history"].append({"epoch": progress["epoch"], "step": progress["step"], **val})
         progress["epoch"] += 1
         progress["batch_in_epoch"] = progress["samples_in_epoch"] = 0

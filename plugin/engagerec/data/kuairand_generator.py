@@ -54,6 +54,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from scipy.special import betainc, entr, expit
 
+from engagerec.config import ConfigError
+
 # ------------------------------------------------------------------ the official layout
 
 LOG_FILES = ("log_standard_4_08_to_4_21_1k.csv", "log_standard_4_22_to_5_08_1k.csv")
@@ -301,13 +303,13 @@ def _exactly(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
 
 def _check(scale: float, seed: int, chunk_rows: int) -> None:
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+        raise ConfigError(f"scale must be a positive number, got {scale!r}")
     if not (isinstance(seed, (int, np.integer)) and seed >= 0):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if not (isinstance(chunk_rows, (int, np.integer)) and chunk_rows >= 1):
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if kuairand_1k_sizes(scale)[2] > MAX_ROWS:
-        raise ValueError(f"scale {scale} asks for more than {MAX_ROWS:,} log rows")
+        raise ConfigError(f"scale {scale} asks for more than {MAX_ROWS:,} log rows")
 
 
 # ------------------------------------------------------------------ CSV text

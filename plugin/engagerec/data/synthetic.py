@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engagerec.config import SyntheticConfig
+from engagerec.config import ConfigError, SyntheticConfig
 from engagerec.data.raw import RawTables, TableSource
 
 DEFAULT_CHUNK_ROWS = 1_000_000
@@ -168,7 +168,7 @@ def mmoe_parameters(cfg: SyntheticConfig) -> Dict[str, np.ndarray]:
     """Two orthogonal unit vectors u1, u2; w1 = u1, w2 = p*u1 + sqrt(1-p^2)*u2 (scale c = 1);
     sinusoid shapes alpha_i, beta_i for i = 1..m."""
     if not -1 <= cfg.task_correlation <= 1:
-        raise ValueError(f"task_correlation must be in [-1, 1], got {cfg.task_correlation}")
+        raise ConfigError(f"task_correlation must be in [-1, 1], got {cfg.task_correlation}")
     rng = np.random.default_rng([cfg.seed, 0])
     basis, _ = np.linalg.qr(rng.normal(size=(cfg.input_dim, 2)))
     u1, u2 = basis[:, 0], basis[:, 1]
@@ -246,4 +246,4 @@ def synthetic_tables(cfg: SyntheticConfig, directory: str | Path) -> RawTables:
     if cfg.kind == "mmoe":
         write_mmoe_table(directory, cfg)
         return RawTables(TableSource("interactions", [str(directory / "interactions.parquet")]))
-    raise ValueError(f"unknown synthetic kind '{cfg.kind}', expected study or mmoe")
+    raise ConfigError(f"unknown synthetic kind '{cfg.kind}', expected study or mmoe")
