@@ -110,7 +110,12 @@ def measure_side(job: Dict) -> Dict:
     return {"samples_per_s": samples, "peak_device_bytes": peak_device}
 
 
-def _available_bytes() -> int:
+def _available_bytes(device: str = "cpu") -> int:
+    """Free memory where the tables will live: the GPU's, or the host's (MemAvailable)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
@@ -209,7 +214,7 @@ def main() -> None:
         sides = [s for s in SIDES if not (s == "plain dense" and rows > args.dense_max_rows)]
         for side in list(sides):
             need = _table_rows(rows) * BYTES_PER_ROW[side] * (1.0 if args.device == "cuda" else 1.3)
-            if args.device == "cpu" and need > 0.8 * _available_bytes():
+            if need > 0.8 * _available_bytes(args.device):
                 print(f"{rows:,} rows, {side}: not run (needs ~{need / 2**30:.1f} GiB)", flush=True)
                 sides.remove(side)
         runs: Dict[str, List[Dict]] = {side: [] for side in sides}

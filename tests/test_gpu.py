@@ -60,6 +60,19 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(study_data, tmp_path):  
         train(study_run_config(study_data, device="cuda"), tmp_path / "run")
 
 
+def test_a_run_with_cuda_only_settings_evaluates_on_cpu(study_data, tmp_path):  # noqa: F811
+    """A GPU run trained with fused Adam and row-wise tables still evaluates on CPU: evaluation
+    loads no optimiser state and tables reshard, so CPU settings stand in."""
+    run = tmp_path / "run"
+    results = train(study_run_config(study_data, epochs=1), run)
+    raw = json.loads((run / "config.json").read_text())
+    raw["train"].update(sparse_optimizer="adam", sharding={"*": ["row_wise"]}, device="cuda")
+    (run / "config.json").write_text(json.dumps(raw))  # as a GPU run would have written it
+    on_cpu = evaluate_run(run, "test", device="cpu")
+    for key in EQUAL_METRICS:
+        assert on_cpu[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-6), key
+
+
 # ---------------------------------------------------------------------------- on a GPU
 
 

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from engagerec.distributed import any_rank
 from engagerec.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -69,7 +71,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore the torch, numpy and Python RNG states that ``rng_state`` returned (the GPU's
     where the state has one and this process has a GPU: a CPU resume of a GPU run skips it)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():  # a CUDA run
         torch.cuda.set_rng_state(state["cuda"])
     numpy_state = state["numpy"]
     np.random.set_state(
@@ -96,6 +98,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _last_line(error: BaseException) -> str:
+    """The cause of ``error`` in one line (DCP's CheckpointException carries every rank's traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() not in ("", ")")]
+    return lines[-1] if lines else type(error).__name__
+
+
 def save(
     root: Path,
     name: str,
@@ -113,23 +121,33 @@ def save(
             and every earlier checkpoint is left as it was.
     """
     tmp, final = root / f".tmp-{name}", root / name
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    # a full disk surfaces as OSError, as torch.save's RuntimeError, or as DCP's
+    # CheckpointException (a BaseException, raised on every rank by DCP's own collectives)
+    error: Optional[BaseException] = None
     try:
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
         torch.save({"rng": rng_state(), "progress": progress}, tmp / f"rank{_rank()}.pt")
-        _barrier()
+    except (OSError, RuntimeError, CheckpointException) as err:
+        error = err
+    failed = any_rank(error is not None)  # every rank learns of a failure: none waits for another
+    if not failed and _rank() == 0:
+        try:
+            _write_manifest(tmp)  # last: a checkpoint with a manifest is complete
+        except (OSError, RuntimeError) as err:
+            error = err
+    if failed or any_rank(error is not None):
         if _rank() == 0:
-            _write_manifest(tmp)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(root, checked=False)
         kept = (
             f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         )
-        raise CheckpointError(f"writing checkpoint {final} failed ({err}); {kept}") from err
+        reason = _last_line(error) if error is not None else "another rank could not write its part"
+        raise CheckpointError(f"writing checkpoint {final} failed ({reason}); {kept}") from error
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -216,16 +234,31 @@ def latest(root: Path, pattern: re.Pattern = STEP_PATTERN, checked: bool = True)
     return None
 
 
+def read_progress(path: Path) -> Dict[str, Any]:
+    """The progress a checkpoint saved (rank 0's copy), without loading the model: what a resume
+    is checked against before anything is loaded."""
+    try:
+        return torch.load(path / "rank0.pt", map_location="cpu", weights_only=True)["progress"]
+    except (OSError, pickle.UnpicklingError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: rank0.pt is unreadable ({err})") from None
+
+
 def load(
-    path: Path, model: torch.nn.Module, optimizer: Optional[Any] = None, restore_rng: bool = True
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Optional[Any] = None,
+    restore_rng: bool = True,
+    checked: bool = False,
 ) -> Dict[str, Any]:
-    """Restore model (and optimiser) in place from ``path``, after checking its manifest;
-    returns the saved progress. DCP reshards, so a checkpoint written by N ranks loads on M.
+    """Restore model (and optimiser) in place from ``path``, after checking its manifest
+    (unless ``checked``: ``latest`` has just done so); returns the saved progress. DCP
+    reshards, so a checkpoint written by N ranks loads on M.
 
     Raises:
         CheckpointError: if the checkpoint does not match its manifest.
     """
-    verify(path)
+    if not checked:
+        verify(path)
     state = {"model": model.state_dict()}
     if optimizer is not None:
         # Adam creates its state on the first step; DCP only fills keys that exist, so a fresh

@@ -29,19 +29,23 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint; run again to resume
+
+
 def _train(args: argparse.Namespace) -> int:
     from engagerec.train import train
 
     cfg = load_config(args.config, args.set)
     run_dir = args.out or f"runs/{cfg.name}/{cfg.model.tower.name}/seed{cfg.train.seed}"
     results = train(cfg, run_dir, resume=not args.no_resume, allow_config_change=args.allow_config_change)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
     if results.get("preempted"):
-        print(
-            f"stopped by SIGTERM after step {results['steps']}; its checkpoint is in {run_dir}/checkpoints: "
-            "run the same command to resume"
-        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"stopped by SIGTERM after step {results['steps']}; its checkpoint is in "
+                f"{run_dir}/checkpoints: run the same command to resume (exit status {PREEMPTED})"
+            )
+        return PREEMPTED  # not 0: a job that exits 0 counts as finished and is not restarted
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if "test" in results:
         print(

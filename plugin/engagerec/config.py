@@ -243,7 +243,9 @@ class TrainConfig:
     dense_lr: float = 1e-4  # Adam on the dense part; the study's 1e-4
     # fused into backward by FBGEMM: rowwise_adagrad | adagrad | sgd on CPU and CUDA; adam |
     # partial_rowwise_adam | lamb | partial_rowwise_lamb on CUDA only (engagerec.distributed)
-    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_optimizer: Literal[
+        "rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam", "lamb", "partial_rowwise_lamb"
+    ] = "rowwise_adagrad"
     sparse_lr: float = 0.05
     # early stopping on a validation metric: "loss" (sum of task weight x MSE | log loss)
     # or any reported metric such as "skip/auc" (with monitor_mode: max)

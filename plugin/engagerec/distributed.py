@@ -56,7 +56,7 @@ class Runtime:
     world_size: int
     device: torch.device
     owns_group: bool  # we created the process group, so we destroy it
-    local_world_size: int = 1  # processes on this host (torchrun's LOCAL_WORLD_SIZE)
+    local_world_size: int = 0  # processes on this host (torchrun's LOCAL_WORLD_SIZE); 0: all of them
 
     @property
     def is_main(self) -> bool:
@@ -127,11 +127,13 @@ def init_runtime(device: str = "auto") -> Runtime:
     backend = "nccl" if kind == "cuda" else "gloo"
     if dist.is_initialized():
         owns = False
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend=backend)
-        owns = True
     else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        # on CUDA the group is bound to this process's GPU at once (collectives know their device)
+        bound = {"device_id": torch_device} if kind == "cuda" else {}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend=backend, **bound)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **bound)
         owns = True
     world_size = dist.get_world_size()
     return Runtime(
@@ -141,6 +143,31 @@ def init_runtime(device: str = "auto") -> Runtime:
         owns_group=owns,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
     )
+
+
+def any_rank(flag: bool) -> bool:
+    """
+    Whether ``flag`` holds on any rank: a collective (every rank calls it at the same point),
+    so all ranks take the same branch after it; no collective on one rank.
+
+    Args:
+        flag (bool): this rank's value.
+
+    Returns:
+        bool: the OR over ranks.
+
+    Example::
+
+        >>> from engagerec.distributed import any_rank
+        >>> any_rank(True), any_rank(False)  # one process
+        (True, False)
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def close_runtime(runtime: Runtime) -> None:
@@ -189,7 +216,9 @@ class _OneRankDataParallel(DataParallelWrapper):
     gradient into buckets and all-reduce them with itself, every step, for nothing."""
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        """Nothing to do: one rank's gradients are already the global ones."""
+        """Move the dense part to ``device`` (what DDP's wrapping would have done; sharded
+        modules are left where DMP put them); one rank's gradients are already the global ones."""
+        dmp._dmp_wrapped_module.to(device)
 
 
 def topology(runtime: Runtime) -> Topology:
@@ -218,7 +247,7 @@ def topology(runtime: Runtime) -> Topology:
         hbm_cap = torch.cuda.get_device_properties(runtime.device).total_memory
     return Topology(
         world_size=runtime.world_size,
-        local_world_size=runtime.local_world_size,
+        local_world_size=runtime.local_world_size or runtime.world_size,
         compute_device=runtime.device.type,
         hbm_cap=hbm_cap,
     )

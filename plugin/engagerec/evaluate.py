@@ -67,6 +67,24 @@ def evaluate(
     return out
 
 
+def _for_cpu(cfg):
+    """A GPU run's config for evaluating on CPU: evaluation loads no optimiser state and any
+    sharding reshards, so a CUDA-only sparse optimiser or sharding type is swapped for CPU ones."""
+    import dataclasses
+
+    from engagerec.distributed import CPU_SPARSE_OPTIMIZERS, CUDA_ONLY_SHARDING
+
+    train = cfg.train
+    optimizer = (
+        train.sparse_optimizer if train.sparse_optimizer in CPU_SPARSE_OPTIMIZERS else "rowwise_adagrad"
+    )
+    sharding = {k: [t for t in v if t not in CUDA_ONLY_SHARDING] for k, v in train.sharding.items()}
+    sharding = {k: v for k, v in sharding.items() if v}
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(train, sparse_optimizer=optimizer, sharding=sharding)
+    )
+
+
 def evaluate_run(
     run_dir: str | Path, split: str = "test", checkpoint_name: str = "best", device: Optional[str] = None
 ) -> Dict[str, float]:
@@ -87,6 +105,8 @@ def evaluate_run(
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     runtime = init_runtime(device or cfg.train.device)
     try:
+        if runtime.device.type == "cpu":
+            cfg = _for_cpu(cfg)
         data_dir = prepared_dir(cfg)
         dmp, model = sharded_model_from_config(cfg, runtime)
         pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN

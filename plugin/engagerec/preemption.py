@@ -8,8 +8,7 @@ import signal
 import threading
 from typing import Any, Optional
 
-import torch
-import torch.distributed as dist
+from engagerec.distributed import any_rank
 
 
 class Preemption:
@@ -30,6 +29,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
+        self._installed = False
         self._previous: Optional[Any] = None
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -38,26 +38,20 @@ class Preemption:
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:  # None: the old handler was not set from Python; the default then
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed, self._previous = False, None
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """
         Whether any rank was asked to stop: every rank must stop after the same step, so with
         more than one rank this is a collective (call it on every rank at the same steps).
 
-        Args:
-            device (torch.device): where this rank's collectives run.
-
         Returns:
             bool: True if SIGTERM reached any rank.
         """
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested)

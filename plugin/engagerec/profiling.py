@@ -189,7 +189,7 @@ class StepProfiler:
 
     def before_step(self, step: int) -> None:
         """Start profiling before step ``start_step + 1``."""
-        if self.enabled and step == self.first:
+        if self.enabled and step == self.first and self._profiler is None:  # once, even if an epoch ends here
             import time
 
             self._remove = label_modules(self.model)

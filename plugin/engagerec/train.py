@@ -31,6 +31,7 @@ from engagerec import checkpoint
 from engagerec.config import ConfigError, ExperimentConfig, config_changes, prepared_dir
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.distributed import (
+    any_rank,
     build_optimizer,
     close_runtime,
     init_runtime,
@@ -136,12 +137,21 @@ def _check_resume(
         )
 
 
-def _non_finite_losses(tasks, task_losses: torch.Tensor) -> Optional[str]:
-    """``task=value`` for the tasks whose loss is NaN or infinite, or None."""
+def _stop_if_not_finite(tasks, task_losses: torch.Tensor, step: int, ckpt_root: Path) -> None:
+    """Raise TrainingError on every rank if any rank's loss is NaN or infinite (a collective)."""
     finite = torch.isfinite(task_losses)
-    if bool(finite.all()):
-        return None
-    return ", ".join(f"{t.name}={float(task_losses[i])}" for i, t in enumerate(tasks) if not finite[i])
+    bad = (
+        None
+        if bool(finite.all())
+        else ", ".join(f"{t.name}={float(task_losses[i])}" for i, t in enumerate(tasks) if not finite[i])
+    )
+    if any_rank(bad is not None):
+        good = checkpoint.latest(ckpt_root)
+        raise TrainingError(
+            f"step {step}: non-finite loss ({bad or 'on another rank'}); training stopped. The last good "
+            f"checkpoint is {good or 'none (none written yet)'}: resume from it with a lower learning rate, "
+            "or look for extreme labels or features"
+        )
 
 
 def _train(
@@ -181,9 +191,14 @@ def _train(
     if dist.is_initialized():
         dist.barrier()  # every rank sees the cleared checkpoint directory
     last = checkpoint.latest(ckpt_root) if resume else None
+    if resume and last is None and checkpoint.latest(ckpt_root, checked=False) is not None:
+        raise CheckpointError(  # never start over silently over a run's damaged checkpoints
+            f"no checkpoint under {ckpt_root} checks out (see above); start a new run with --no-resume "
+            "(it removes them) or another --out"
+        )
     if last is not None:
-        progress = checkpoint.load(last, dmp, optimizer)
-        _check_resume(last, progress, cfg, runtime, allow_change)
+        _check_resume(last, checkpoint.read_progress(last), cfg, runtime, allow_change)  # before loading
+        progress = checkpoint.load(last, dmp, optimizer, checked=True)
         progress.update(world_size=runtime.world_size, config=dataclasses.asdict(cfg))
         # a run that ended at its epoch count goes on when resumed with more epochs (not one that
         # stopped early, or at max_steps)
@@ -233,16 +248,14 @@ def _train(
             progress["batch_in_epoch"] += 1
             progress["samples_in_epoch"] += tc.batch_size * runtime.world_size
             window_rows += tc.batch_size * runtime.world_size
-            # every step on CPU (free); on a GPU the check waits for the step, so at log steps
-            if runtime.device.type == "cpu" or progress["step"] % tc.log_every_steps == 0:
-                bad = _non_finite_losses(tasks, task_losses)
-                if bad is not None:
-                    good = checkpoint.latest(ckpt_root, checked=False)
-                    raise TrainingError(
-                        f"step {progress['step']}: non-finite loss ({bad}); training stopped. The last good "
-                        f"checkpoint is {good or 'none (none written yet)'}: resume from it with a lower "
-                        "learning rate, or look for extreme labels or features"
-                    )
+            # the loss is checked where every rank is (log steps, before a step checkpoint, the last
+            # step) and agreed by all ranks; on one CPU process, every step (free there)
+            at_log_step = progress["step"] % tc.log_every_steps == 0
+            saving = bool(tc.checkpoint_every_steps) and progress["step"] % tc.checkpoint_every_steps == 0
+            last_step = bool(tc.max_steps) and progress["step"] >= tc.max_steps
+            one_cpu = runtime.world_size == 1 and runtime.device.type == "cpu"
+            if one_cpu or at_log_step or saving or last_step:
+                _stop_if_not_finite(tasks, task_losses, progress["step"], ckpt_root)
             if progress["step"] % tc.train_metrics_every_steps == 0:
                 with record_function(METRICS):
                     train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
@@ -265,8 +278,7 @@ def _train(
                 stopped = True
                 break
             # SIGTERM: with several ranks asking is a collective, so only at log steps (all ranks)
-            at_log_step = progress["step"] % tc.log_every_steps == 0
-            if (runtime.world_size == 1 or at_log_step) and preemption.agreed(runtime.device):
+            if (runtime.world_size == 1 or at_log_step) and preemption.agreed():
                 stopped = preempted = True
                 break
             if tc.checkpoint_every_steps and progress["step"] % tc.checkpoint_every_steps == 0:
@@ -307,7 +319,11 @@ def _train(
                 + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows"),
                 flush=True,
             )
-        stopped = progress["bad_epochs"] >= tc.patience or (tc.max_steps and progress["step"] >= tc.max_steps)
+        stopped = (
+            preempted
+            or progress["bad_epochs"] >= tc.patience
+            or bool(tc.max_steps and progress["step"] >= tc.max_steps)
+        )
         progress["done"] = progress["epoch"] >= tc.epochs or bool(stopped)
         save_step()
 
