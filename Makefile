@@ -56,6 +56,14 @@ bench: install
 	# video tables of 10^5 to 10^8 rows, end to end from shards, beside the plain references;
 	# per-rank table memory on 1 process and 2 gloo ranks; a plot
 	$(PY) benchmarks/scale.py --rows 100000 1000000 10000000 100000000
+	# engagerec.host_memory's effect at 10^7 rows: glibc defaults against the setting, model alone and from shards
+	ENGAGEREC_MALLOC_TUNING=0 $(PY) benchmarks/scale.py --rows 10000000 --source prebuilt --dense-max-rows 0 \
+		--no-memory --section scale_10m_prebuilt_malloc_defaults
+	$(PY) benchmarks/scale.py --rows 10000000 --source prebuilt --dense-max-rows 0 --no-memory \
+		--section scale_10m_prebuilt_malloc_tuned
+	ENGAGEREC_MALLOC_TUNING=0 $(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --no-memory \
+		--section scale_10m_malloc_defaults
+	$(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --no-memory --section scale_10m_malloc_tuned
 
 clean:
 	rm -rf $(VENV) prepared runs

@@ -299,7 +299,11 @@ def main() -> None:
                 f"| {rows:,} | {one / 2**20:,.0f} | {per_rank((2, 'table_wise'))} "
                 f"| {per_rank((2, 'column_wise'))} | {best / one:.2f}x |"
             )
-    command = ".venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    tuning = os.environ.get("ENGAGEREC_MALLOC_TUNING")
+    command = (
+        f"ENGAGEREC_MALLOC_TUNING={tuning} " if tuning else ""
+    ) + ".venv/bin/python benchmarks/scale.py "
+    command += " ".join(sys.argv[1:])
     text = "\n".join([machine_block(command), "", *lines])
     write_section(section, text, results_path)
     print(text)

@@ -4,10 +4,13 @@ A CPU training step allocates and frees tens of MB of activations and gradients.
 glibc serves blocks above its mmap threshold with fresh mmaps and trims the heap top back to
 the kernel, so every step page-faults its working memory in again (costly on virtual
 machines). Raising the mmap threshold to its maximum (32 MiB), never trimming, and padding heap
-growth keeps that memory resident: measured here at 10^7-row tables, 15% more samples/s for
-engagerec's step and 5% for a plain PyTorch one (benchmarks/RESULTS.md, "scale"). This is the
-same remedy as the tcmalloc / jemalloc preload that PyTorch's CPU performance guides recommend,
-without a preload. The cost: the process keeps its peak heap instead of returning it.
+growth keeps that memory resident. Measured here at 10^7-row tables (benchmarks/RESULTS.md,
+sections scale_10m_*): on pre-built batches engagerec's step went from 188,379 to 216,478
+samples/s (+15%) and the plain sparse reference from 97,809 to 104,346 (+7%); end to end from
+shards no gain shows (218,277 without, 213,870 with: within this machine's noise), as the
+reader's own allocations keep the heap in use. It is the remedy that PyTorch's CPU performance
+guides get from preloading tcmalloc or jemalloc, without a preload. The cost: the process keeps
+its peak heap instead of returning it.
 
 The `engagerec` command applies it at start; a pipeline that embeds engagerec can call
 ``keep_freed_memory()`` itself, or set ``ENGAGEREC_MALLOC_TUNING=0`` to leave malloc alone.
