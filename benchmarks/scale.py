@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-max-rows", type=int, default=10_000_000)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank table memory")
+    parser.add_argument("--no-plot", action="store_true", help="write the table only")
     parser.add_argument("--work-dir", default=str(REPO / "generated" / "scale"), help="where shards go")
     parser.add_argument("--results", default=str(RESULTS), help="the markdown file to write the section in")
     parser.add_argument("--section", help="its name (default: scale, or scale_<device> off CPU); the plot's")
@@ -247,13 +248,15 @@ def main() -> None:
     results_path = Path(args.results)
     section = args.section or ("scale" if args.device == "cpu" else f"scale_{args.device}")
     plot = results_path.with_name(f"{section}.png")
-    _plot(results, memory, plot, args.device)
+    if not args.no_plot:
+        _plot(results, memory, plot, args.device)
     what = "end to end from shards (reader included)" if args.source == "shards" else "pre-built batches"
     lines = [
         f"samples/s training {args.tower}, batch {args.batch_size}, {what}, device {args.device}; "
         f"P10 / P50 / P90 over {args.steps // args.window} samples of {args.window} steps x {args.repeats} "
-        f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s. "
-        f"Plot: {plot.name}.",
+        f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s. "(
+            "" if args.no_plot else f"Plot: {plot.name}."
+        ),
         "",
         "| video-table rows | engagerec | plain sparse | plain dense | engagerec / sparse "
         "| engagerec / dense | peak RSS GiB (engagerec / sparse / dense) | HBM roofline |",
