@@ -254,9 +254,8 @@ def main() -> None:
     lines = [
         f"samples/s training {args.tower}, batch {args.batch_size}, {what}, device {args.device}; "
         f"P10 / P50 / P90 over {args.steps // args.window} samples of {args.window} steps x {args.repeats} "
-        f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s. "(
-            "" if args.no_plot else f"Plot: {plot.name}."
-        ),
+        f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s."
+        + ("" if args.no_plot else f" Plot: {plot.name}."),
         "",
         "| video-table rows | engagerec | plain sparse | plain dense | engagerec / sparse "
         "| engagerec / dense | peak RSS GiB (engagerec / sparse / dense) | HBM roofline |",
