@@ -31,10 +31,10 @@ def _torchrun(nproc, *args, cwd):
     return done.stdout
 
 
-def _write_config(path, data_dir):
+def _write_config(path, data_dir, **train):
     import dataclasses
 
-    raw = dataclasses.asdict(study_run_config(data_dir))
+    raw = dataclasses.asdict(study_run_config(data_dir, **train))
     raw["train"]["sharding"] = {"*": ["table_wise"]}
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -86,14 +86,8 @@ def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_
 
 
 def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_epoch_end(study_data, tmp_path):  # noqa: F811
-    import dataclasses
-
     def config(name, **train):
-        raw = dataclasses.asdict(study_run_config(study_data, **train))
-        raw["train"]["sharding"] = {"*": ["table_wise"]}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return str(path)
+        return str(_write_config(tmp_path / f"{name}.yaml", study_data, **train))
 
     run = tmp_path / "run"
     _torchrun(2, "train", "--config", config("stop", max_steps=5), "--out", str(run), cwd=tmp_path)

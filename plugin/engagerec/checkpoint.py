@@ -234,13 +234,27 @@ def latest(root: Path, pattern: re.Pattern = STEP_PATTERN, checked: bool = True)
     return None
 
 
+def _read_rank_file(source: Path) -> Dict[str, Any]:
+    """A rank's RNG and progress file, loaded with ``weights_only``: a checkpoint holds tensors
+    and plain data, so opening one runs no pickled code."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {source} holds more than tensors and plain data; not loading it "
+            f"(opening it would run pickled code): {str(err).splitlines()[0]}"
+        ) from None
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {source} is unreadable ({err})") from None
+
+
 def read_progress(path: Path) -> Dict[str, Any]:
     """The progress a checkpoint saved (rank 0's copy), without loading the model: what a resume
     is checked against before anything is loaded."""
-    try:
-        return torch.load(path / "rank0.pt", map_location="cpu", weights_only=True)["progress"]
-    except (OSError, pickle.UnpicklingError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path}: rank0.pt is unreadable ({err})") from None
+    extra = _read_rank_file(path / "rank0.pt")
+    if "progress" not in extra:
+        raise CheckpointError(f"checkpoint {path}: rank0.pt holds no progress")
+    return extra["progress"]
 
 
 def load(
@@ -270,15 +284,7 @@ def load(
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     own = path / f"rank{_rank()}.pt"
-    # weights_only: a checkpoint holds tensors and plain data, so opening one runs no pickled code
-    source = own if own.exists() else path / "rank0.pt"
-    try:
-        extra = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"checkpoint {source} holds more than tensors and plain data; not loading it "
-            f"(opening it would run pickled code): {str(err).splitlines()[0]}"
-        ) from None
+    extra = _read_rank_file(own if own.exists() else path / "rank0.pt")
     if restore_rng and own.exists():
         set_rng_state(extra["rng"])
     return extra["progress"]

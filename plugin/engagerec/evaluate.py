@@ -113,7 +113,7 @@ def evaluate_run(
         path = checkpoint.latest(run_dir / "checkpoints", pattern)
         if path is None:
             raise CheckpointError(f"no {checkpoint_name} checkpoint under {run_dir / 'checkpoints'}")
-        checkpoint.load(path, dmp, restore_rng=False)
+        checkpoint.load(path, dmp, restore_rng=False, checked=True)  # latest has just verified it
         means = train_label_means(data_dir, [t.label for t in model.tasks])
         metrics = evaluate(
             dmp, model.tasks, data_dir, split, cfg.train.eval_batch_size, runtime.device, means

@@ -339,9 +339,9 @@ def _train(
         "history": progress["history"],
         "preempted": preempted,
     }
-    best = checkpoint.latest(ckpt_root, checkpoint.BEST_PATTERN)
-    if progress["done"] and best is not None:
-        checkpoint.load(best, dmp, restore_rng=False)
+    best = checkpoint.latest(ckpt_root, checkpoint.BEST_PATTERN) if progress["done"] else None
+    if best is not None:
+        checkpoint.load(best, dmp, restore_rng=False, checked=True)  # latest has just verified it
         pipeline.detach()
         results["best_epoch"] = progress["best_epoch"]
         results["val"] = progress["history"][progress["best_epoch"]]
