@@ -41,6 +41,21 @@ def kuairand_random(tmp_path_factory):
     return out, summary, cfg
 
 
+@pytest.fixture(scope="session")
+def kuairand_run(kuairand_random, tmp_path_factory):
+    """One epoch of configs/kuairand_random.yaml on the bundled data: (run directory, its data)."""
+    import dataclasses
+
+    from engagerec.train import train
+
+    data_dir, _, cfg = kuairand_random
+    changes = {"data_dir": str(data_dir), "epochs": 1, "progress_bar": False, "device": "cpu"}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+    run = tmp_path_factory.mktemp("kuairand_run") / "run"
+    train(cfg, run)
+    return run, data_dir
+
+
 def write_csv(path: Path, frame: pd.DataFrame) -> str:
     frame.to_csv(path, index=False)
     return str(path)

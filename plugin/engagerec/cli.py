@@ -67,6 +67,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from engagerec.predict import format_summary, predict
+
+    summary = predict(
+        args.run_dir,
+        args.input,
+        args.out,
+        split=args.split,
+        users=args.users,
+        content=args.content,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        checkpoint_name=args.checkpoint,
+        device=args.device,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+        if args.json:
+            print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from engagerec.export import export_run, format_record
+
+    record = export_run(
+        args.run_dir,
+        args.out,
+        int8=args.int8,
+        checkpoint_name=args.checkpoint,
+        check_split=args.check_split,
+        check_rows=args.check_rows,
+    )
+    print(format_record(record, args.out))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     import time
 
@@ -181,6 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's train.device")
     evaluate.set_defaults(handler=_evaluate)
 
+    pred = commands.add_parser(
+        "predict", help="score raw tables (the run's source layout) or a prepared split with a trained run"
+    )
+    pred.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")
+    pred.add_argument(
+        "--input",
+        required=True,
+        help="interaction rows in the run's source layout (file, directory or glob), or a prepared directory",
+    )
+    pred.add_argument("--out", required=True, help="output parquet file")
+    pred.add_argument("--split", default="test", help="with a prepared directory: the split (default test)")
+    pred.add_argument("--users", help="with raw input: the users table (default: the run's)")
+    pred.add_argument("--content", help="with raw input: the content table (default: the run's)")
+    pred.add_argument("--threshold", type=float, default=0.5, help="binary tasks' flag: probability >= this")
+    pred.add_argument(
+        "--batch-size", type=int, help="rows per batch and rank (default train.eval_batch_size)"
+    )
+    pred.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    pred.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's train.device")
+    pred.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    pred.set_defaults(handler=_predict)
+
+    export = commands.add_parser(
+        "export", help="a run's checkpoint as one unsharded torch.export program (loads with torch alone)"
+    )
+    export.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--int8", action="store_true", help="also export row-wise int8 embedding tables")
+    export.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    export.add_argument(
+        "--check-split", default="test", choices=["train", "val", "test"], help="where quality is measured"
+    )
+    export.add_argument("--check-rows", type=int, default=200_000, help="at most this many rows of it")
+    export.set_defaults(handler=_export)
+
     synth = commands.add_parser(
         "synthesize", help="write synthetic source tables (a config's generator, or KuaiRand-1K-shaped files)"
     )
@@ -213,6 +285,7 @@ def quiet_library_noise() -> None:
         ".*autograd kernel was not registered.*",
         ".*is_fx_tracing.*",
         ".*TypedStorage.*",
+        ".*HeuristicalStorageReservation.*",  # the planner's default storage estimate, torchrec 1.8
     ):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger().setLevel(logging.ERROR)  # "Sharding spec not found" for data-parallel tables

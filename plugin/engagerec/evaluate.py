@@ -10,8 +10,8 @@ import torch
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
-from engagerec.errors import CheckpointError
 from engagerec.metrics import ExactXAUC, LossAndBaselines, build_metric_module, metric_inputs, readable
+from engagerec.runs import open_run
 from engagerec.tasks import Task
 
 
@@ -67,59 +67,23 @@ def evaluate(
     return out
 
 
-def _for_cpu(cfg):
-    """A GPU run's config for evaluating on CPU: evaluation loads no optimiser state and any
-    sharding reshards, so a CUDA-only sparse optimiser or sharding type is swapped for CPU ones."""
-    import dataclasses
-
-    from engagerec.distributed import CPU_SPARSE_OPTIMIZERS, CUDA_ONLY_SHARDING
-
-    train = cfg.train
-    optimizer = (
-        train.sparse_optimizer if train.sparse_optimizer in CPU_SPARSE_OPTIMIZERS else "rowwise_adagrad"
-    )
-    sharding = {k: [t for t in v if t not in CUDA_ONLY_SHARDING] for k, v in train.sharding.items()}
-    sharding = {k: v for k, v in sharding.items() if v}
-    return dataclasses.replace(
-        cfg, train=dataclasses.replace(train, sparse_optimizer=optimizer, sharding=sharding)
-    )
-
-
 def evaluate_run(
     run_dir: str | Path, split: str = "test", checkpoint_name: str = "best", device: Optional[str] = None
 ) -> Dict[str, float]:
     """Evaluate a finished (or interrupted) run's best checkpoint (``checkpoint_name="latest"``
     for the newest step) on ``split``, on however many ranks this process group has, on the
     run's ``train.device`` or on ``device`` (``cpu`` evaluates a GPU-trained run on CPU)."""
-    import json
-
-    from engagerec import checkpoint
-    from engagerec.config import config_from_dict, prepared_dir
-    from engagerec.distributed import close_runtime, init_runtime, sharded_model_from_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CheckpointError(
-            f"{run_dir} is no run directory: it has no config.json (written by `engagerec train`)"
-        )
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    runtime = init_runtime(device or cfg.train.device)
-    try:
-        if runtime.device.type == "cpu":
-            cfg = _for_cpu(cfg)
-        data_dir = prepared_dir(cfg)
-        dmp, model = sharded_model_from_config(cfg, runtime)
-        pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
-        path = checkpoint.latest(run_dir / "checkpoints", pattern)
-        if path is None:
-            raise CheckpointError(f"no {checkpoint_name} checkpoint under {run_dir / 'checkpoints'}")
-        checkpoint.load(path, dmp, restore_rng=False, checked=True)  # latest has just verified it
-        means = train_label_means(data_dir, [t.label for t in model.tasks])
+    with open_run(run_dir, checkpoint_name, device) as run:
+        means = train_label_means(run.data_dir, [t.label for t in run.model.tasks])
         metrics = evaluate(
-            dmp, model.tasks, data_dir, split, cfg.train.eval_batch_size, runtime.device, means
+            run.dmp,
+            run.model.tasks,
+            run.data_dir,
+            split,
+            run.cfg.train.eval_batch_size,
+            run.runtime.device,
+            means,
         )
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank done before any tears the group down
         return metrics
-    finally:
-        close_runtime(runtime)

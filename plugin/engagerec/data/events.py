@@ -147,12 +147,19 @@ def _namespaces(con, raw: RawTables) -> Dict[str, Dict[str, Tuple[str, str]]]:
     return spaces
 
 
-def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig) -> Events:
+def build_events(
+    con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig, *, scoring: bool = False
+) -> Events:
     """Load and check the tables, join them, derive labels, filter (counted), split.
 
     The result is the DuckDB table ``events``: one row per kept view with the key columns,
     every feature's source column, one column per label (NULL where a raw label is missing),
     the history_mean features, ``__src`` and ``__split``.
+
+    With ``scoring`` (rows to predict, engagerec.data.scoring), labels are optional: a row
+    whose label cannot be derived (no watch time column, a zero duration, ...) keeps a NULL
+    label instead of being dropped, users with few views stay, and every row is in split 2.
+    Only the unjoined-id policy of the run's config can drop rows (counted).
     """
     _check_labels(cfg.labels, cfg.features)
     spaces = _namespaces(con, raw)
@@ -188,7 +195,7 @@ def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig
     users = load("users", raw.users)
     content = load("content", raw.content)
     for column in label_columns:
-        if column not in log.columns:
+        if column not in log.columns and not scoring:
             raise log.error(
                 f"label column '{column}' is not in the interaction log",
                 expected=f"one of {sorted(log.columns)}",
@@ -221,7 +228,7 @@ def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig
         if table is not None and column in table.columns:
             check_numeric(con, table, column, allow_null=True)
     report = FilterReport(rows_read=log.rows)
-    return _events_table(con, cfg, log, users, content, spaces, origin, report)
+    return _events_table(con, cfg, log, users, content, spaces, origin, report, scoring)
 
 
 def _refuse_leaks(features: List[FeatureConfig], labels: List[LabelConfig], post_exposure) -> None:
@@ -289,7 +296,7 @@ def _join_sql(con, log, table, key, policy, report, alias) -> Tuple[str, Optiona
     return f"LEFT JOIN {table.name} {alias} ON {right} = {left}", dropped
 
 
-def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Events:
+def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring: bool) -> Events:
     wr = cfg.watch_ratio
     if wr.over_cap not in OVER_CAP_POLICIES:
         raise DataError(
@@ -324,7 +331,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Even
     )
     has_ratio = WATCH_TIME in log.columns
     derived = [label for label in cfg.labels if not label.column]
-    if derived and not has_ratio:
+    if derived and not has_ratio and not scoring:
         raise log.error(
             f"label '{derived[0].name}' derives from the watch ratio, but the log has no watch time column",
             expected="a watch_time column (map it with data.source.columns)",
@@ -338,6 +345,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Even
     if timestamp is not None:
         select.append(f"{timestamp} AS {quote(TIMESTAMP)}")
     reasons: List[Tuple[str, str]] = list(drops)
+    unlabelled: List[Tuple[str, str]] = []  # scoring: rows whose derived labels are NULL, kept
     if has_ratio:
         duration = f"{aliases[duration_table.name]}.{quote(DURATION)}"
         watch = f"l.{quote(WATCH_TIME)}"
@@ -354,22 +362,41 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Even
         if wr.over_cap == "drop":
             reasons.append((f"watch ratio above {wr.ratio_cap:g}", f"{ratio} > {wr.ratio_cap!r}"))
         kept_ratio = f"LEAST({ratio}, {wr.ratio_cap!r})" if wr.over_cap == "clip" else ratio
+        if scoring:  # a row to score is kept; what would have dropped it leaves its label NULL
+            unlabelled, reasons = reasons[len(drops) :], list(drops)
+            undefined = " OR ".join(f"({condition})" for _, condition in unlabelled)
+            kept_ratio = f"(CASE WHEN {undefined} THEN NULL ELSE {kept_ratio} END)"
         select.append(f"{kept_ratio} AS __ratio")
         select.append(f"{ratio} AS __raw_ratio")
+    elif scoring:
+        select += ["NULL::DOUBLE AS __ratio", "NULL::DOUBLE AS __raw_ratio"]
     for label in cfg.labels:
-        if label.column:
+        if label.column and label.column in log.columns:
             raw = f"l.{quote(label.column)}"  # NaN in a file is a missing label, like an empty cell
             select.append(
                 f"(CASE WHEN isnan({raw}) THEN NULL ELSE {raw} END) AS {quote('__label__' + label.name)}"
             )
+        elif label.column:  # scoring an input without this label column (checked above otherwise)
+            select.append(f"NULL::DOUBLE AS {quote('__label__' + label.name)}")
     case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(reasons))
     select.append(f"CASE {case} END AS __drop" if reasons else "NULL::INTEGER AS __drop")
+    if unlabelled:
+        case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(unlabelled))
+        select.append(f"CASE {case} END AS __unlabelled")
     con.execute(f"CREATE OR REPLACE TABLE staged AS SELECT {', '.join(select)} FROM log l {' '.join(joins)}")
 
     counts = dict(con.execute("SELECT __drop, count(*) FROM staged GROUP BY __drop").fetchall())
     for i, (reason, _) in enumerate(reasons):
         report.dropped[reason] = int(counts.get(i, 0))
-    if has_ratio:
+    if unlabelled:
+        counts = dict(
+            con.execute(
+                "SELECT __unlabelled, count(*) FROM staged WHERE __drop IS NULL GROUP BY 1"
+            ).fetchall()
+        )
+        for i, (reason, _) in enumerate(unlabelled):
+            report.notes[f"{reason} (kept, derived labels missing)"] = int(counts.get(i, 0))
+    if has_ratio and not scoring:
         zero, above = con.execute(
             f"SELECT count(*) FILTER (WHERE {quote(WATCH_TIME)} = 0), count(*) FILTER (WHERE __raw_ratio > "
             f"{wr.ratio_cap!r}) FROM staged WHERE __drop IS NULL"
@@ -380,7 +407,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Even
             report.notes[f"watch ratio above {wr.ratio_cap:g} ({wr.over_cap})"] = int(above)
     _check_binary_labels(con, log, cfg.labels)
 
-    min_views = cfg.filters.min_user_views
+    min_views = 0 if scoring else cfg.filters.min_user_views
     keep_users = "TRUE"
     if min_views > 0:
         if USER_ID not in log.columns:
@@ -414,7 +441,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Even
         else:
             value = f"CAST(__ratio < {label.threshold!r} AS DOUBLE)"
         labels_sql.append(f"{value} AS {quote(label.name)}")
-    split = split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
+    split = "2" if scoring else split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
     columns = [c[0] for c in con.execute("DESCRIBE staged").fetchall()]
     keep_columns = [quote(c) for c in columns if not c.startswith("__")] + [SOURCE_ROW]
     # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
@@ -430,7 +457,7 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report) -> Even
 def _check_binary_labels(con, log: LoadedTable, labels: List[LabelConfig]) -> None:
     """A raw binary label must be 0 or 1 where present."""
     for label in labels:
-        if label.column and label.kind == "binary":
+        if label.column and label.kind == "binary" and label.column in log.columns:
             q = quote(label.column)
             bad = con.execute(
                 f"SELECT min(rowid) FROM log WHERE {q} IS NOT NULL AND NOT isnan({q}) AND {q} NOT IN (0, 1)"

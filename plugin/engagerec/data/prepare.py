@@ -86,12 +86,12 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         fitter = Fitter(con, events, cfg.features, out_dir)
         fitter.fit_ids()
         lap("fit vocabularies (train)")
-        _history(con, fitter, events, cfg)
+        build_history(con, fitter, events, cfg)
         lap("history windows")
         with single_thread(con):  # float sums in a fixed order: the same stats on every run
             schema = fitter.fit_numbers()
         lap("fit normalisation, buckets (train)")
-        files = _write_splits(con, fitter, events, cfg, out_dir)
+        files = write_splits(con, fitter, events, cfg, out_dir)
         lap("encode, shuffle, write shards")
         with single_thread(con):
             summary = _summary(con, cfg, events, schema, raw.notes)
@@ -115,7 +115,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
     return summary
 
 
-def _history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig) -> None:
+def build_history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig) -> None:
     """The ``history`` table: per event, its id histories (encoded ids of earlier views) and its
     history_mean features (means of earlier labels)."""
     values, windows = [], []
@@ -150,9 +150,19 @@ def _split_order(cfg: DataConfig, split: str) -> str:
     return "e.__src"
 
 
-def _write_splits(con, fitter: Fitter, events: Events, cfg: DataConfig, out_dir: Path) -> Dict[str, Any]:
+def write_splits(
+    con,
+    fitter: Fitter,
+    events: Events,
+    cfg: DataConfig,
+    out_dir: Path,
+    splits=SPLITS,
+    order: Optional[str] = None,
+) -> Dict[str, Any]:
     """Encode and write each split in one streaming query: vocabulary lookups (joins), the
-    history table (a join on the source row), standardisation, labels, the split's order."""
+    history table (a join on the source row), standardisation, labels, the split's order
+    (``order``, an ORDER BY over ``events e``, replaces it: scoring keeps the input's order).
+    Returns per split its rows and files."""
     schema = fitter.schema
     columns = [f"{fitter.sparse_sql[name]} AS {quote(name)}" for name in schema.sparse_names]
     columns += [f"{fitter.dense_sql[name]} AS {quote(name)}" for name in schema.dense_names]
@@ -163,10 +173,12 @@ def _write_splits(con, fitter: Fitter, events: Events, cfg: DataConfig, out_dir:
     joins = " ".join(fitter.joins) + " JOIN history h ON h.__src = e.__src"
     files: Dict[str, Any] = {}
     for code, name in enumerate(SPLITS):
+        if name not in splits:
+            continue
         writer = ShardWriter(out_dir / name, cfg.rows_per_file, cfg.row_group_size)
         query = (
             f"SELECT {', '.join(columns)} FROM events e {joins} WHERE e.__split = {code} "
-            f"ORDER BY {_split_order(cfg, name)}"
+            f"ORDER BY {order or _split_order(cfg, name)}"
         )
         reader = con.cursor().sql(query).to_arrow_reader(BATCH_ROWS)  # own cursor: streams alone
         layout = reader.schema

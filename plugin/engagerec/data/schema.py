@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 
@@ -85,6 +85,7 @@ class DatasetSchema:
     hashed: Dict[str, int] = field(default_factory=dict)  # id space -> hash buckets
     buckets: Dict[str, List[float]] = field(default_factory=dict)  # feature -> boundaries
     input_columns: Dict[str, str] = field(default_factory=dict)  # column -> "number" | "text"
+    token_types: Dict[str, str] = field(default_factory=dict)  # id space -> BIGINT | VARCHAR tokens
     meta: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
@@ -152,6 +153,7 @@ class DatasetSchema:
             hashed=raw.get("hashed", {}),
             buckets=raw.get("buckets", {}),
             input_columns=raw.get("input_columns", {}),
+            token_types=raw.get("token_types", {}),
             meta=raw.get("meta", {}),
         )
 
@@ -225,6 +227,10 @@ class Fitter:
             return f"(CASE WHEN isnan({q}) THEN NULL ELSE CAST({q} AS VARCHAR) END)"
         return f"CAST({q} AS VARCHAR)"
 
+    def _space_token_type(self, space: str, column: str) -> str:
+        """The token type of an id space first read from ``column``: BIGINT or VARCHAR."""
+        return self._token_type(column)
+
     def _token_type(self, column: str) -> str:
         sql_type = self.events.columns[column]
         if sql_type in ("DOUBLE", "FLOAT"):
@@ -277,10 +283,11 @@ class Fitter:
     def _id_lookup(self, space: str, column: str, feature: FeatureConfig) -> str:
         """One id per row of ``column`` in ``space`` (fitted by the first feature that uses the
         space; later ones share its token type and table): the index expression, 0 when unseen."""
-        token_type = self.spaces.get(space, {}).get("token_type") or self._token_type(column)
+        token_type = self.spaces.get(space, {}).get("token_type") or self._space_token_type(space, column)
         token = self._token_sql(column, token_type)
         info = self._fit_space(space, token, feature, multi=False)
         info.setdefault("token_type", token_type)
+        self.schema.token_types[space] = info["token_type"]
         return f"CAST({self._lookup_sql(info, token)} AS INTEGER)"
 
     # ---------------------------------------------------------------- numbers
@@ -333,6 +340,7 @@ class Fitter:
                 )
                 info = self._fit_space(space, tokens, feature, multi=True)
                 info.setdefault("token_type", "VARCHAR")
+                self.schema.token_types[space] = info["token_type"]
                 if info["hashed"]:
                     mapped = (
                         f"list_transform({tokens}, lambda t: CAST(1 + hash(t) % {info['hashed']} AS INTEGER))"
@@ -355,6 +363,31 @@ class Fitter:
                 self.sparse_sql[feature.name] = f"h.{quote(feature.name)}"  # from the history table
                 self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
 
+    def _moments(self, feature: FeatureConfig, value: str, source: str, table: str) -> Tuple[float, float]:
+        """(mean, std) of a numeric feature's train values (std 1 when they are constant)."""
+        mean, std, count = self.con.execute(
+            f"SELECT avg(v), stddev_pop(v), count(v) FROM (SELECT {value} AS v FROM {source} "
+            f"WHERE {table}.__split = 0)"
+        ).fetchone()
+        if not count:
+            raise DataError(
+                "numeric feature has no values in the training split",
+                column=feature.column or feature.name,
+                expected="at least one number",
+            )
+        return float(mean), (float(std) if std and std > 0 else 1.0)
+
+    def _bucket_edges(
+        self, feature: FeatureConfig, bucket: str, value: str, source: str, table: str
+    ) -> List[float]:
+        """The bucket boundaries of a numeric feature: exact quantiles of its train values."""
+        quantiles = [i / feature.buckets for i in range(1, feature.buckets)]
+        edges = self.con.execute(
+            f"SELECT quantile_cont(v, {quantiles}) FROM (SELECT {value} AS v FROM {source} "
+            f"WHERE {table}.__split = 0) WHERE v IS NOT NULL"
+        ).fetchone()[0]
+        return sorted(set(float(x) for x in edges))
+
     def fit_numbers(self) -> DatasetSchema:
         """Phase 2: normalisation and buckets of every numeric feature on train rows (history_mean
         features are read from the ``history`` table the windows wrote), then the schema."""
@@ -367,17 +400,7 @@ class Fitter:
             table = "h" if feature.kind == "history_mean" else "e"
             source = "history h" if table == "h" else "events e"
             value = self._numeric_sql(column, feature, table)
-            mean, std, count = self.con.execute(
-                f"SELECT avg(v), stddev_pop(v), count(v) FROM (SELECT {value} AS v FROM {source} "
-                f"WHERE {table}.__split = 0)"
-            ).fetchone()
-            if not count:
-                raise DataError(
-                    "numeric feature has no values in the training split",
-                    column=column,
-                    expected="at least one number",
-                )
-            std = float(std) if std and std > 0 else 1.0
+            mean, std = self._moments(feature, value, source, table)
             fill = float(mean) if feature.missing == "mean" or feature.kind == "history_mean" else None
             if fill is None:
                 bad = self.con.execute(f"SELECT min(__src) FROM events e WHERE {value} IS NULL").fetchone()[0]
@@ -395,12 +418,7 @@ class Fitter:
             dense[index] = DenseFeature(feature.name, column, feature.transform, float(mean), std, fill)
             if feature.buckets > 0:
                 bucket = f"{feature.name}_bucket"
-                quantiles = [i / feature.buckets for i in range(1, feature.buckets)]
-                edges = self.con.execute(
-                    f"SELECT quantile_cont(v, {quantiles}) FROM (SELECT {value} AS v FROM {source} "
-                    f"WHERE {table}.__split = 0) WHERE v IS NOT NULL"
-                ).fetchone()[0]
-                edges = sorted(set(float(x) for x in edges))
+                edges = self._bucket_edges(feature, bucket, value, source, table)
                 self.schema.buckets[bucket] = edges
                 self.schema.vocab_sizes[bucket] = len(edges) + 1
                 edge_sql = "[" + ", ".join(repr(x) for x in edges) + "]::DOUBLE[]"

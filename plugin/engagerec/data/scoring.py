@@ -1,0 +1,233 @@
+"""Rows to score -> shards encoded exactly as a run's training data was.
+
+``encode_for_scoring`` runs prepare's own pipeline (the adapter, the join, the history
+windows, the encoding SQL) over new tables, but never fits anything: vocabularies,
+normalisation and bucket edges come from the training data's schema.json (``SchemaApplier``).
+What differs from training data is what a scoring input may lack or hold anew, and each is
+counted, never silent: ids unseen in training go to the out-of-vocabulary row, rows without
+a label keep a NULL label, and the run's unjoined-id policy is the only filter.
+
+The output is a prepared dataset with one split, ``test``, in input row order, plus
+``ids.parquet``: the input's row number and raw ids, in the same order, for the predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import duckdb
+
+from engagerec.config import DataConfig, FeatureConfig
+from engagerec.data.adapters import load_tables
+from engagerec.data.errors import DataError
+from engagerec.data.events import SOURCE_ROW, Events, build_events, feature_column
+from engagerec.data.prepare import build_history, write_splits
+from engagerec.data.raw import CONTENT_ID, USER_ID, RawTables
+from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
+from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
+
+IDS_FILE = "ids.parquet"
+ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for
+
+
+class SchemaApplier(Fitter):
+    """A Fitter that fits nothing: every vocabulary, token type, mean, std and bucket edge is
+    the training schema's, so a row is encoded as it would have been at training time.
+
+    Args:
+        con, events, features, out_dir: as for ``Fitter`` (``events`` holds the rows to score).
+        fitted (DatasetSchema): the training data's schema.
+        fitted_dir (Path): the directory holding it (its ``vocabs/``).
+    """
+
+    def __init__(self, con, events: Events, features, out_dir: Path, fitted: DatasetSchema, fitted_dir: Path):
+        super().__init__(con, events, features, out_dir)
+        self.fitted, self.fitted_dir = fitted, Path(fitted_dir)
+
+    def _space_token_type(self, space: str, column: str) -> str:
+        if space in self.fitted.token_types:
+            return self.fitted.token_types[space]
+        if space in self.fitted.hashed:  # schema.json from before token types were recorded
+            raise DataError(
+                f"id space '{space}' is hashed and its token type is not recorded; prepare the "
+                "training data again with this engagerec release",
+                file=str(self.fitted_dir / "schema.json"),
+            )
+        path = self.fitted_dir / VOCAB_DIR / f"{space}.parquet"
+        kind = self.con.execute(
+            f"SELECT typeof(token) FROM read_parquet({literal(str(path))}) LIMIT 1"
+        ).fetchone()
+        return "BIGINT" if kind and is_numeric(kind[0]) else "VARCHAR"
+
+    def _fit_space(self, space: str, tokens_sql: str, feature, multi: bool) -> Dict[str, Any]:
+        if space in self.spaces:
+            return self.spaces[space]
+        info: Dict[str, Any] = {"table": f"vocab_{len(self.spaces)}", "hashed": 0}
+        if space in self.fitted.hashed:
+            info["hashed"] = self.fitted.hashed[space]
+            self.schema.hashed[space] = info["hashed"]
+        else:
+            path = self.fitted_dir / VOCAB_DIR / f"{space}.parquet"
+            if not path.is_file():
+                raise DataError("the training data's vocabulary is missing", file=str(path))
+            token_type = self._space_token_type(space, feature_column(feature))
+            # a vocabulary file lists tokens in index order: index = file row + 1
+            self.con.execute(
+                f"CREATE OR REPLACE TABLE {info['table']} AS SELECT CAST(token AS {token_type}) AS token, "
+                "CAST(file_row_number + 1 AS INTEGER) AS idx "
+                f"FROM read_parquet({literal(str(path))}, file_row_number = true)"
+            )
+            self.schema.vocab_sizes[space] = self.fitted.vocab_sizes[space]
+        self.spaces[space] = info
+        return info
+
+    def _fitted_dense(self, feature: FeatureConfig):
+        return next(d for d in self.fitted.dense if d.name == feature.name)
+
+    def _moments(self, feature, value, source, table) -> Tuple[float, float]:
+        dense = self._fitted_dense(feature)
+        return dense.mean, dense.std
+
+    def _bucket_edges(self, feature, bucket, value, source, table) -> List[float]:
+        return list(self.fitted.buckets[bucket])
+
+    def fit_numbers(self) -> DatasetSchema:
+        """Phase 2 with the training statistics; the schema keeps training's input columns."""
+        schema = super().fit_numbers()
+        schema.input_columns = dict(self.fitted.input_columns)  # what training read, for the next check
+        return schema
+
+
+def check_drift(con: duckdb.DuckDBPyConnection, raw: RawTables, fitted: DatasetSchema) -> None:
+    """Every column the run's features read is in the new tables, with the kind of values
+    (number or text) it had in training; else a DataError naming the file and the column."""
+    offered: Dict[str, Tuple[str, str, str]] = {}
+    for source in (raw.interactions, raw.users, raw.content):
+        if source is None:
+            continue
+        for canon, (_, file_type, file_column) in canonical_columns(con, source).items():
+            offered.setdefault(canon, (source.files[0], file_type, file_column or canon))
+    for column, kind in fitted.input_columns.items():
+        if column not in offered:
+            files = ", ".join(s.files[0] for s in (raw.interactions, raw.users, raw.content) if s)
+            raise DataError(
+                "a feature column of the trained model is missing from the input",
+                file=files,
+                column=column,
+                expected=f"a {kind} column, as in the training data",
+            )
+        file, file_type, file_column = offered[column]
+        now = "number" if is_numeric(file_type) else "text"
+        if file_type != "DERIVED" and now != kind and not (kind == "text" and file_type == "VARCHAR"):
+            raise DataError(
+                "the column's type changed since training",
+                file=file,
+                column=file_column,
+                expected=f"{kind} values, as in the training data",
+                got=f"{now} ({file_type})",
+            )
+
+
+def scoring_source(cfg: DataConfig, interactions: str, users: Optional[str], content: Optional[str]):
+    """The run's source config with the interaction log (and optionally the side tables) replaced."""
+    if cfg.source.adapter == "synthetic":
+        raise DataError(
+            "a run on synthetic data has no file layout to read new rows in; pass a prepared data "
+            "directory (engagerec prepare's output) as the input",
+            file=interactions,
+        )
+    return dataclasses.replace(
+        cfg.source,
+        interactions=interactions,
+        users=users if users is not None else cfg.source.users,
+        content=content if content is not None else cfg.source.content,
+    )
+
+
+def encode_for_scoring(
+    cfg: DataConfig,
+    fitted_dir: str | Path,
+    interactions: str,
+    out_dir: str | Path,
+    *,
+    users: Optional[str] = None,
+    content: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Encode new interaction rows with a run's fitted schema into ``out_dir``.
+
+    Args:
+        cfg: the run's ``data`` config (adapter, column mapping, features, labels).
+        fitted_dir: the training data's prepared directory (schema.json and vocabs/).
+        interactions: the new rows, in the run's source layout (file, directory or glob).
+        out_dir: where the encoded ``test`` split, its schema.json and ids.parquet go.
+        users: the users table (default: the run's own).
+        content: the content table (default: the run's own).
+
+    Returns:
+        A summary: rows read, rows scored, dropped and counted-but-kept rows by reason, and per
+        id space the rows whose id is new (out-of-vocabulary row).
+
+    Raises:
+        DataError: a feature column missing or of another type than in training, or any bad
+            value prepare itself refuses (named by file, column and row).
+    """
+    fitted = DatasetSchema.load(fitted_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = scoring_source(cfg, interactions, users, content)
+    work = Path(tempfile.mkdtemp(prefix=".score-", dir=out_dir))
+    try:
+        con = connect(work, cfg.memory_limit, cfg.threads)
+        raw = load_tables(source, work)
+        check_drift(con, raw, fitted)
+        data = dataclasses.replace(cfg, source=source)
+        events = build_events(con, raw, data, scoring=True)
+        applier = SchemaApplier(con, events, data.features, out_dir, fitted, Path(fitted_dir))
+        applier.fit_ids()
+        build_history(con, applier, events, data)
+        schema = applier.fit_numbers()
+        files = write_splits(con, applier, events, data, out_dir, splits=("test",), order=f"e.{SOURCE_ROW}")
+        unseen = _unseen_ids(con, applier)
+        keys = [quote(c) for c in (USER_ID, CONTENT_ID) if c in events.columns]
+        con.execute(
+            f"COPY (SELECT {SOURCE_ROW} AS {ROW}, {', '.join(keys)} FROM events ORDER BY {SOURCE_ROW}) "
+            f"TO {literal(str(out_dir / IDS_FILE))} (FORMAT parquet)"
+        )
+        con.close()
+    except (duckdb.OutOfMemoryException, duckdb.IOException) as err:
+        raise DataError(
+            f"encoding the rows to score ran out of memory or disk: {str(err).strip().splitlines()[0]}",
+            file=str(out_dir),
+        ) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = events.report
+    summary = {
+        "rows_read": report.rows_read,
+        "rows_scored": events.rows,
+        "dropped": dict(report.dropped),
+        "counted_not_dropped": dict(report.notes),
+        "unseen_ids": unseen,
+    }
+    schema.meta = {"splits": files, "summary": {"scoring": summary}, "fitted": str(fitted_dir)}
+    schema.save(out_dir)
+    return summary
+
+
+def _unseen_ids(con, applier: SchemaApplier) -> Dict[str, int]:
+    """Per single-id sparse feature, the scored rows whose id was given but fell to the OOV
+    row 0 (unseen in training, or below min_count), in one pass over the rows."""
+    names = [f for f in applier.features if f.kind == "categorical"]
+    if not names:
+        return {}
+    counts = [
+        f"count(*) FILTER (WHERE e.{quote(f.column or f.name)} IS NOT NULL "
+        f"AND {applier.sparse_sql[f.name]} = 0)"
+        for f in names
+    ]
+    row = con.execute(f"SELECT {', '.join(counts)} FROM events e {' '.join(applier.joins)}").fetchone()
+    return {f.name: int(n) for f, n in zip(names, row, strict=True)}

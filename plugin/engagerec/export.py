@@ -1,0 +1,321 @@
+"""A trained run as one unsharded inference program that needs only PyTorch to load.
+
+``export_run`` reads the run's checkpoint with torch.distributed.checkpoint into an unsharded
+model (DCP gathers whatever sharding the run trained with: table-wise over N ranks, column-wise,
+...), turns it into ``ServingModel``, and saves it with ``torch.export`` as a ``.pt2`` program
+of ATen operators: embedding bags, the tower's matmuls, the heads. A serving process loads it
+with ``torch.export.load`` alone: no engagerec, no torchrec, no fbgemm-gpu.
+
+int8 is row-wise: every embedding row is stored as 8-bit codes plus its own fp32 scale and
+offset (PyTorch's ``quantized::embedding_bag_byte_*`` operators, the CPU counterpart of the
+FBGEMM kernels torchrec.inference uses), a quarter of the fp32 table bytes. The tower stays fp32.
+
+Output directory::
+
+    model_fp32.pt2  [model_int8.pt2]  inputs.json  export.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+from torchrec.modules.embedding_configs import PoolingType
+
+from engagerec import checkpoint
+from engagerec.batch import Batch
+from engagerec.config import prepared_dir
+from engagerec.data.errors import DataError
+from engagerec.data.reader import ShardReader, make_loader
+from engagerec.data.schema import DatasetSchema
+from engagerec.errors import CheckpointError
+from engagerec.model import MultiTaskModel
+from engagerec.runs import for_cpu, run_config
+
+ServingInputs = Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
+MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
+
+
+class ServingModel(nn.Module):
+    """
+    A MultiTaskModel for inference in plain PyTorch operators: per sparse feature an embedding
+    bag over its table (fp32, or row-wise int8), the pooled embeddings and dense features into
+    the tower, one head per task, each task's prediction (the regression estimate, or the
+    probability of a binary task). What ``export_run`` saves with torch.export.
+
+    Args:
+        model (MultiTaskModel): a trained, unsharded model (tables on CPU).
+        int8 (bool): store the tables as row-wise int8 codes with a fp32 scale and offset per
+            row. Default: False.
+
+    Call Args:
+        dense (torch.Tensor): [B, dense features] float32, in ``dense_names`` order (encoded
+            as prepare encodes them).
+        ids (Dict[str, torch.Tensor]): per sparse feature, the int64 ids of every row, concatenated.
+        offsets (Dict[str, torch.Tensor]): per sparse feature, [B] int64: where each row's ids start.
+
+    Returns:
+        torch.Tensor: [B, tasks] predictions, columns in ``task_names`` order.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.config import EmbeddingConfig, study_tasks
+        >>> from engagerec.data.schema import DatasetSchema, DenseFeature, SparseFeature
+        >>> from engagerec.features import FeatureSpec
+        >>> from engagerec.tasks import Task
+        >>> from engagerec.towers import build_tower
+        >>> _ = torch.manual_seed(0)
+        >>> schema = DatasetSchema(
+        ...     features=[], sparse=[SparseFeature("item", "item", multi=False)],
+        ...     dense=[DenseFeature("x", "x", "none", 0.0, 1.0, None)], labels=[], vocab_sizes={"item": 9})
+        >>> spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4))
+        >>> tasks = [Task(cfg) for cfg in study_tasks()]
+        >>> tower = build_tower("mmoe", spec.input_dim, 2, num_experts=2, expert_sizes=[8])
+        >>> serving = ServingModel(MultiTaskModel(spec, tower, tasks, device=torch.device("cpu")))
+        >>> out = serving(torch.randn(3, 1), {"item": torch.tensor([1, 4, 7])}, {"item": torch.arange(3)})
+        >>> out.shape, serving.task_names
+        (torch.Size([3, 2]), ['watch_ratio', 'skip'])
+        >>> bool(((out[:, 1] > 0) & (out[:, 1] < 1)).all())  # skip: a probability
+        True
+    """
+
+    def __init__(self, model: MultiTaskModel, int8: bool = False) -> None:
+        super().__init__()
+        self.int8 = int8
+        self.feature_names: List[str] = list(model.feature_names) if model.has_sparse else []
+        self.task_names = [t.name for t in model.tasks]
+        self.binary = [t.kind == "binary" for t in model.tasks]
+        self.features: List[Tuple[str, str, str]] = []  # (feature, its table's buffer, sum | mean)
+        for table in model.spec.tables if model.has_sparse else []:
+            weight = model.sparse_arch.embedding_bags[table.name].weight.detach().float().cpu()
+            buffer = f"table_{table.name}"
+            self.register_buffer(
+                buffer, torch.ops.quantized.embedding_bag_byte_prepack(weight) if int8 else weight.clone()
+            )
+            mode = MODES[table.pooling]
+            self.features += [(name, buffer, mode) for name in table.feature_names]
+        self.tower = model.tower
+        self.heads = model.heads
+
+    def forward(
+        self, dense: torch.Tensor, ids: Dict[str, torch.Tensor], offsets: Dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """(dense, ids, offsets) -> [B, tasks] predictions (see the class docstring)."""
+        pooled = []
+        for name, buffer, mode in self.features:
+            table = getattr(self, buffer)
+            mean = mode == "mean"
+            if self.int8:  # the operator sums whatever its mode says: a mean divides by the bag sizes
+                summed = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                    table, ids[name], offsets[name], False, 0, False, None, None, False
+                )
+                if mean:
+                    end = torch.full_like(offsets[name][:1], ids[name].shape[0])
+                    sizes = torch.diff(offsets[name], append=end).clamp(min=1)
+                    summed = summed / sizes.unsqueeze(1).to(summed.dtype)
+                pooled.append(summed)
+            else:
+                pooled.append(F.embedding_bag(ids[name], table, offsets[name], mode=mode))
+        representations = self.tower(torch.cat([*pooled, dense], dim=1))
+        outputs = []
+        for i, head in enumerate(self.heads):
+            output = head(representations[i])
+            outputs.append(torch.sigmoid(output) if self.binary[i] else output)
+        return torch.stack(outputs, dim=1)
+
+
+def serving_inputs(batch: Batch, feature_names: List[str]) -> ServingInputs:
+    """A reader's Batch as ServingModel's inputs: the dense matrix, and per sparse feature its
+    ids and row offsets (the KeyedJaggedTensor taken apart by key)."""
+    jagged = batch.sparse_features.to_dict() if feature_names else {}
+    ids = {name: jagged[name].values().long() for name in feature_names}
+    offsets = {name: jagged[name].offsets()[:-1].long() for name in feature_names}
+    return batch.dense_features.float(), ids, offsets
+
+
+def unsharded_model(run_dir: str | Path, checkpoint_name: str = "best") -> Tuple[MultiTaskModel, Path, Any]:
+    """The run's model on CPU, unsharded, with the checkpoint's weights (DCP reads any sharding
+    the run was trained with); also the checkpoint's path and the run's (CPU-ready) config.
+
+    Raises:
+        CheckpointError: no run directory, or no checkpoint of that kind that checks out.
+    """
+    cfg = for_cpu(run_config(run_dir))
+    schema = DatasetSchema.load(prepared_dir(cfg))
+    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("cpu"))
+    pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
+    path = checkpoint.latest(Path(run_dir) / "checkpoints", pattern)
+    if path is None:
+        raise CheckpointError(f"no {checkpoint_name} checkpoint under {Path(run_dir) / 'checkpoints'}")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)  # one process gathers every shard
+    model.load_state_dict(state["model"])
+    return model.eval(), path, cfg
+
+
+def _example_batch(data_dir: str, rows: int = 64) -> Batch:
+    """The first rows of the validation split: export's example input and its eager check."""
+    return next(iter(make_loader(ShardReader(data_dir, "val", batch_size=rows, rank=0, world_size=1))))
+
+
+def _dynamic_shapes(feature_names: List[str]) -> Dict[str, Any]:
+    """The batch and every feature's id count vary from call to call."""
+    batch = Dim("batch", min=2)
+    return {
+        "dense": {0: batch},
+        "ids": {name: {0: Dim(f"ids_{i}", min=1)} for i, name in enumerate(feature_names)},
+        "offsets": {name: {0: batch} for name in feature_names},
+    }
+
+
+def quality(
+    program: nn.Module,
+    model: MultiTaskModel,
+    data_dir: str,
+    split: str,
+    max_rows: int,
+    batch_size: int = 4096,
+) -> Dict[str, float]:
+    """Per task, MSE (regression) or AUC (binary) of ``program``'s predictions on the first
+    ``max_rows`` rows of ``split`` (rows whose label is missing left out)."""
+    from sklearn.metrics import roc_auc_score
+
+    reader = ShardReader(data_dir, split, batch_size=batch_size, rank=0, world_size=1)
+    predictions, labels, kept = [], {t.name: [] for t in model.tasks}, 0
+    with torch.no_grad():
+        for batch in make_loader(reader):
+            predictions.append(program(*serving_inputs(batch, model.feature_names)).numpy())
+            for task in model.tasks:
+                present = batch.label_weights[task.label].numpy() > 0
+                labels[task.name].append(np.where(present, batch.labels[task.label].numpy(), np.nan))
+            kept += batch.batch_size
+            if kept >= max_rows:
+                break
+    scores = np.concatenate(predictions)
+    out = {"rows": float(len(scores))}
+    for i, task in enumerate(model.tasks):
+        label = np.concatenate(labels[task.name])
+        present = ~np.isnan(label)
+        if task.kind == "binary":
+            out[f"{task.name}/auc"] = float(roc_auc_score(label[present], scores[present, i]))
+        else:
+            out[f"{task.name}/mse"] = float(np.mean((scores[present, i] - label[present]) ** 2))
+    return out
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    int8: bool = False,
+    checkpoint_name: str = "best",
+    check_split: str = "test",
+    check_rows: int = 200_000,
+) -> Dict[str, Any]:
+    """Export a run's checkpoint as ``model_fp32.pt2`` (and ``model_int8.pt2``) in ``out_dir``.
+
+    Args:
+        run_dir: a directory written by ``engagerec train`` (any world size).
+        out_dir: the output directory (created).
+        int8: also export row-wise int8 tables.
+        checkpoint_name: "best" or "latest".
+        check_split: the split on which the exported programs' quality is measured.
+        check_rows: at most this many rows of it.
+
+    Returns:
+        What export.json records: the checkpoint, files and sizes, the largest difference
+        between the exported fp32 program and the eager model, and the quality of each program
+        on ``check_split`` (so the int8 loss is stated, never assumed).
+
+    Raises:
+        CheckpointError: no run directory or no checkpoint that checks out.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, path, cfg = unsharded_model(run_dir, checkpoint_name)
+    data_dir = prepared_dir(cfg)
+    schema = DatasetSchema.load(data_dir)
+    names = model.feature_names if model.has_sparse else []
+    example = serving_inputs(_example_batch(data_dir), names)
+    record: Dict[str, Any] = {"run": str(run_dir), "checkpoint": str(path), "programs": {}}
+    for kind in ("fp32", "int8") if int8 else ("fp32",):
+        serving = ServingModel(model, int8=kind == "int8").eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            # towers keep their last gate weights for analysis (an attribute, not state)
+            warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+            program = torch.export.export(serving, example, dynamic_shapes=_dynamic_shapes(names))
+        file = out_dir / f"model_{kind}.pt2"
+        torch.export.save(program, str(file))
+        loaded = torch.export.load(str(file)).module()
+        record["programs"][kind] = {
+            "file": file.name,
+            "bytes": file.stat().st_size,
+            "table_bytes": sum(
+                b.numel() * b.element_size() for n, b in serving.named_buffers() if n.startswith("table_")
+            ),
+            check_split: quality(loaded, model, data_dir, check_split, check_rows),
+        }
+        if kind == "fp32":
+            with torch.no_grad():
+                _, (_, eager, _, _) = model(_example_batch(data_dir))
+                exported = loaded(*example)
+            eager = torch.stack([eager[t] for t in serving.task_names], dim=1)
+            record["max_abs_difference_fp32_vs_eager"] = float((exported - eager).abs().max())
+    _write_inputs(out_dir, schema, model)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / "export.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel) -> None:
+    """inputs.json: what a client passes and gets back, and the encoding the inputs need."""
+    spec = {
+        "call": "program(dense, ids, offsets) -> predictions [B, tasks]",
+        "dense": {"columns": schema.dense_names, "dtype": "float32", "shape": "[B, len(columns)]"},
+        "sparse": {
+            "features": model.feature_names if model.has_sparse else [],
+            "ids": "per feature: int64, every row's ids concatenated (0 = unseen/missing)",
+            "offsets": "per feature: int64 [B], where each row's ids start",
+        },
+        "tasks": [{"name": t.name, "kind": t.kind, "label": t.label} for t in model.tasks],
+        "predictions": "regression: the estimate; binary: the probability of the positive class",
+        "encoding": "as `engagerec prepare` writes shards (schema.json beside the training data); "
+        "`engagerec predict` encodes raw rows that way",
+        "torch": torch.__version__,
+    }
+    (out_dir / "inputs.json").write_text(json.dumps(spec, indent=1))
+
+
+def format_record(record: Dict[str, Any], out_dir: str | Path) -> str:
+    """What `engagerec export` prints: each program, its size and its quality beside fp32's."""
+    lines = [f"engagerec export: {record['checkpoint']} -> {out_dir} ({record['seconds']} s)"]
+    for program in record["programs"].values():
+        split = next(k for k, v in program.items() if isinstance(v, dict))
+        metrics = ", ".join(f"{k} {v:.5f}" for k, v in program[split].items() if k != "rows")
+        size, tables = program["bytes"] / 2**20, program["table_bytes"] / 2**20
+        lines.append(
+            f"  {program['file']:<16} {size:8.2f} MiB (tables {tables:.2f} MiB)"
+            f"  {split} ({int(program[split]['rows']):,} rows): {metrics}"
+        )
+    difference = record["max_abs_difference_fp32_vs_eager"]
+    lines.append(f"  fp32 program vs the eager model: largest difference {difference:.2e}")
+    lines.append(f"  inputs and outputs: {Path(out_dir) / 'inputs.json'}; a client: docs/SERVING.md")
+    return "\n".join(lines)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to export over a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError("the export directory is a file", file=str(out_dir), expected="a directory")

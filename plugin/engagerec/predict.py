@@ -1,0 +1,298 @@
+"""Score new rows with a trained run: raw tables in the run's source layout, or a prepared split.
+
+Every task gets a column: a regression task its prediction (the watch ratio), a binary task
+its probability (``<task>_probability``) and a thresholded flag (``<task>_flag``). The rows
+keep the input's order and ids (``row``: the input row; ``user_id`` / ``content_id``).
+
+Memory is bounded: raw rows are encoded out of core (engagerec.data.scoring), batches stream
+through the model, and each rank writes its share of the rows, which rank 0 then stitches to
+one parquet file batch by batch. Under torchrun every rank scores a contiguous share of the
+rows (the same reader as evaluation), so the output is the same on 1 process or N.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from engagerec.data.errors import DataError
+from engagerec.data.reader import ShardReader, make_loader
+from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
+from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
+from engagerec.runs import OpenedRun, open_run
+from engagerec.tasks import Task
+
+ID_COLUMNS = ("user_id", "content_id")  # kept beside the predictions where the input has them
+STITCH_ROWS = 65_536  # rows per output batch when rank 0 joins the ranks' parts
+
+
+def output_columns(tasks: List[Task]) -> List[str]:
+    """The prediction columns for ``tasks``, in order: ``<task>`` for a regression task,
+    ``<task>_probability`` and ``<task>_flag`` for a binary one.
+
+    Example::
+
+        >>> from engagerec.config import study_tasks
+        >>> output_columns([Task(cfg) for cfg in study_tasks()])
+        ['watch_ratio', 'skip_probability', 'skip_flag']
+    """
+    columns = []
+    for task in tasks:
+        columns += [f"{task.name}_probability", f"{task.name}_flag"] if task.kind == "binary" else [task.name]
+    return columns
+
+
+def predict(
+    run_dir: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    users: Optional[str] = None,
+    content: Optional[str] = None,
+    threshold: float = 0.5,
+    batch_size: Optional[int] = None,
+    checkpoint_name: str = "best",
+    device: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Score ``input_path`` with the run in ``run_dir`` into the parquet file ``out``.
+
+    Args:
+        run_dir: a directory written by ``engagerec train``.
+        input_path: raw interactions in the run's source layout (a file, directory or glob,
+            read by the run's adapter and column mapping), or a prepared data directory (one
+            holding schema.json), whose ``split`` is scored.
+        out: the output parquet file.
+        split: the split of a prepared input.
+        users: with raw input, the users table (default: the run's).
+        content: with raw input, the content table (default: the run's).
+        threshold: a binary task's flag is ``probability >= threshold``.
+        batch_size: rows per batch and rank (default the run's ``eval_batch_size``).
+        checkpoint_name: "best" or "latest".
+        device: "cpu", "cuda" or "auto" (default the run's ``train.device``).
+
+    Returns:
+        The summary (also printed by ``engagerec predict``): rows read and scored, rows dropped
+        or kept without labels by reason, rows with ids unseen in training per feature, the
+        output file and its columns.
+
+    Raises:
+        DataError: the input's columns or types differ from the training data's, a bad value,
+            or a prepared input encoded differently from the run's data.
+        CheckpointError: no run directory, or no checkpoint that checks out.
+    """
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise DataError(
+            "predictions are written as parquet", file=str(out), expected="a path ending in .parquet"
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise DataError(f"--threshold {threshold}", expected="a probability in [0, 1]")
+    with open_run(run_dir, checkpoint_name, device) as run:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = _shared_workdir(out, run.runtime.is_main)
+        try:
+            scored, summary = _scoring_input(run, Path(input_path), split, users, content, work)
+            parts = _score(run, scored, threshold, batch_size, work)
+            if run.runtime.is_main:
+                rows = _stitch(scored.ids(), parts, out)
+                summary.update(rows_scored=rows, out=str(out), columns=pq.read_schema(out).names)
+            if dist.is_initialized():
+                dist.barrier()  # every rank's part was read before the directory goes
+        finally:
+            if run.runtime.is_main:
+                shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+@dataclass
+class _Scored:
+    """What is scored: a split of a prepared directory, and where its rows' ids come from
+    (``ids.parquet`` of encoded raw input, or the split's own encoded id columns)."""
+
+    data_dir: Path
+    split: str
+    raw: bool
+
+    def ids(self) -> Iterator[pa.RecordBatch]:
+        """The rows' ids in row order: ``row`` and the id columns."""
+        if self.raw:
+            yield from pq.ParquetFile(self.data_dir / IDS_FILE).iter_batches(batch_size=STITCH_ROWS)
+            return
+        schema = DatasetSchema.load(self.data_dir)
+        kept = [name for name in ID_COLUMNS if name in schema.sparse_names]
+        start = 0
+        for name in schema.meta["splits"][self.split]["files"]:  # the reader's order, unshuffled
+            for batch in pq.ParquetFile(self.data_dir / self.split / name).iter_batches(
+                batch_size=STITCH_ROWS, columns=kept
+            ):
+                rows = pa.array(range(start, start + batch.num_rows), pa.int64())
+                start += batch.num_rows
+                yield pa.record_batch([rows, *batch.columns], names=[ROW, *kept])
+
+
+def _shared_workdir(out: Path, is_main: bool) -> Path:
+    """A scratch directory beside ``out`` that every rank sees (rank 0 names it)."""
+    name = [tempfile.mkdtemp(prefix=f".{out.stem}-", dir=out.parent) if is_main else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _scoring_input(
+    run: OpenedRun, path: Path, split: str, users, content, work: Path
+) -> "tuple[_Scored, Dict[str, Any]]":
+    """(what to score, the summary so far): a prepared input as it is, after checking it was
+    encoded like the run's data; raw input encoded by rank 0 with the run's schema. An error
+    on rank 0 reaches every rank (all raise it)."""
+    if (path / SCHEMA_FILE).is_file():
+        given = DatasetSchema.load(path)
+        _check_prepared(given, DatasetSchema.load(run.data_dir), path, run.model.tasks)
+        if split not in given.meta.get("splits", {}):
+            raise DataError(f"split '{split}' is not in this prepared data", file=str(path / SCHEMA_FILE))
+        rows = given.meta["splits"][split]["rows"]
+        return _Scored(path, split, raw=False), {"input": f"{path} ({split})", "rows_read": rows}
+    outcome: List[Any] = [None]
+    if run.runtime.is_main:
+        try:
+            outcome[0] = encode_for_scoring(
+                run.cfg.data, run.data_dir, str(path), work / "encoded", users=users, content=content
+            )
+        except DataError as err:
+            outcome[0] = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], DataError):
+        raise outcome[0]
+    return _Scored(work / "encoded", "test", raw=True), {"input": str(path), **outcome[0]}
+
+
+def _check_prepared(given: DatasetSchema, trained: DatasetSchema, path: Path, tasks: List[Task]) -> None:
+    """A prepared input must be encoded as the run's data was: the same sparse features over
+    tables of the same sizes, the same dense features, and the tasks' label columns."""
+    where = str(path / SCHEMA_FILE)
+
+    def tables(schema: DatasetSchema) -> Dict[str, int]:
+        return {f.name: schema.num_embeddings(f.id_space) for f in schema.sparse}
+
+    if tables(given) != tables(trained):
+        raise DataError(
+            "this prepared data is encoded differently from the run's (sparse features or their table sizes)",
+            file=where,
+            expected=f"{tables(trained)}",
+            got=tables(given),
+        )
+    if given.dense_names != trained.dense_names:
+        raise DataError(
+            "this prepared data has other dense features than the run's",
+            file=where,
+            expected=f"{trained.dense_names}",
+            got=given.dense_names,
+        )
+    missing = [t.label for t in tasks if t.label not in given.label_names]
+    if missing:
+        raise DataError(f"label columns {missing} of the run's tasks are missing", file=where)
+
+
+def _score(
+    run: OpenedRun, scored: _Scored, threshold: float, batch_size: Optional[int], work: Path
+) -> List[Path]:
+    """Every rank scores its rows into ``work/part-<rank>.parquet``; returns all ranks' parts in
+    rank order (= row order)."""
+    tasks = run.model.tasks
+    device = run.runtime.device
+    size = batch_size or run.cfg.train.eval_batch_size
+    reader = ShardReader(scored.data_dir, scored.split, batch_size=size, even_batches=True)
+    columns = output_columns(tasks)
+    layout = pa.schema(
+        [(c, pa.bool_() if c.endswith("_flag") else pa.float32()) for c in columns]  # flags are booleans
+    )
+    own = work / f"part-{run.runtime.rank:05d}.parquet"
+    cuda = device.type == "cuda"
+    with pq.ParquetWriter(own, layout) as writer, torch.no_grad():
+        for batch in make_loader(reader, pin_memory=cuda):
+            real = int(batch.weights.gt(0).sum())  # padding (even_batches) comes last, at weight 0
+            _, (_, predictions, _, _) = run.dmp(batch.to(device, non_blocking=cuda))
+            arrays = []
+            for task in tasks:
+                values = predictions[task.name][:real].float().cpu().numpy()
+                arrays.append(pa.array(values))
+                if task.kind == "binary":
+                    arrays.append(pa.array(values >= threshold))
+            writer.write_batch(pa.record_batch(arrays, schema=layout))
+    return [work / f"part-{rank:05d}.parquet" for rank in range(run.runtime.world_size)]
+
+
+def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``batches`` as tables of exactly ``rows`` rows (the last one shorter)."""
+    pending: List[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending)
+
+
+def _stitch(ids: Iterator[pa.RecordBatch], parts: List[Path], out: Path) -> int:
+    """Write ``out``: the ids beside every rank's predictions, in row order, ``STITCH_ROWS``
+    rows at a time. Returns the rows written."""
+
+    def predictions() -> Iterator[pa.RecordBatch]:
+        for part in parts:
+            yield from pq.ParquetFile(part).iter_batches(batch_size=STITCH_ROWS)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    rows = 0
+    id_tables = _rebatch(ids, STITCH_ROWS)
+    writer = None
+    for scored in _rebatch(predictions(), STITCH_ROWS):
+        keys = next(id_tables)
+        if keys.num_rows != scored.num_rows:
+            raise RuntimeError(f"ids and predictions disagree at row {rows}")  # a bug, not bad input
+        table = pa.Table.from_arrays(
+            keys.columns + scored.columns, names=keys.column_names + scored.column_names
+        )
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table)
+        rows += table.num_rows
+    if writer is None:
+        raise DataError("no rows to score", file=str(out))
+    writer.close()
+    tmp.replace(out)  # atomic: a reader never sees half the predictions
+    return rows
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    """The text `engagerec predict` prints: rows in and out, what was counted, where it went."""
+    lines = [f"engagerec predict: {summary['input']} -> {summary['out']}"]
+    counts = [("rows read", summary.get("rows_read")), ("rows scored", summary["rows_scored"])]
+    counts += [(f"dropped: {k}", v) for k, v in summary.get("dropped", {}).items() if v]
+    counts += [(f"counted: {k}", v) for k, v in summary.get("counted_not_dropped", {}).items() if v]
+    counts += [
+        (f"id unseen in training (OOV row): {k}", v) for k, v in summary.get("unseen_ids", {}).items() if v
+    ]
+    width = max(len(name) for name, _ in counts)
+    lines += [f"  {name:<{width}} {value:>12,}" for name, value in counts if value is not None]
+    lines.append(f"  columns: {', '.join(summary['columns'])}")
+    return "\n".join(lines)
+
+
+def summary_json(summary: Dict[str, Any]) -> str:
+    """The summary as JSON."""
+    return json.dumps(summary, indent=1)

@@ -1,0 +1,100 @@
+"""engagerec export: one unsharded torch.export program per run that predicts what the sharded
+model predicts, loads without engagerec or torchrec, and states its int8 quality."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engagerec.cli import main
+from engagerec.export import export_run
+from engagerec.predict import predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(kuairand_run, tmp_path_factory):
+    run, data_dir = kuairand_run
+    out = tmp_path_factory.mktemp("export")
+    return export_run(run, out, int8=True), out
+
+
+def _client_code():
+    """The client in docs/SERVING.md, as the document shows it."""
+    text = (REPO / "docs" / "SERVING.md").read_text()
+    return re.search(r"## A client.*?```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_fp32_program_predicts_what_the_sharded_model_predicts(kuairand_run, exported, tmp_path):
+    run, data_dir = kuairand_run
+    record, out = exported
+    eager = pq.read_table(predict(run, data_dir, tmp_path / "eager.parquet")["out"]).to_pandas()
+    assert record["max_abs_difference_fp32_vs_eager"] < 1e-5
+    program = torch.export.load(str(out / "model_fp32.pt2")).module()
+    from engagerec.data.reader import ShardReader, make_loader
+    from engagerec.export import serving_inputs
+
+    names = json.loads((out / "inputs.json").read_text())["sparse"]["features"]
+    scored = []
+    with torch.no_grad():
+        for batch in make_loader(ShardReader(data_dir, "test", batch_size=3000, rank=0, world_size=1)):
+            scored.append(program(*serving_inputs(batch, names)).numpy())
+    scored = np.concatenate(scored)
+    np.testing.assert_allclose(scored[:, 0], eager["watch_ratio"], atol=1e-5)
+    np.testing.assert_allclose(scored[:, 1], eager["skip_probability"], atol=1e-5)
+    fp32 = record["programs"]["fp32"]["test"]
+    assert fp32["rows"] == len(eager)
+    assert fp32["watch_ratio/mse"] == pytest.approx(
+        float(
+            (
+                (eager["watch_ratio"] - pq.read_table(data_dir / "test").column("watch_ratio").to_numpy())
+                ** 2
+            ).mean()
+        ),
+        rel=1e-5,
+    )
+
+
+def test_int8_tables_are_smaller_and_their_quality_loss_is_stated(exported):
+    record, out = exported
+    fp32, int8 = record["programs"]["fp32"], record["programs"]["int8"]
+    assert int8["table_bytes"] < 0.5 * fp32["table_bytes"]
+    assert (out / "model_int8.pt2").stat().st_size == int8["bytes"]
+    assert abs(int8["test"]["watch_ratio/mse"] - fp32["test"]["watch_ratio/mse"]) < 1e-3
+    assert abs(int8["test"]["skip/auc"] - fp32["test"]["skip/auc"]) < 2e-3
+    assert json.loads((out / "export.json").read_text())["programs"]["int8"] == int8
+
+
+def test_the_documented_client_runs_without_engagerec_or_torchrec(kuairand_run, exported):
+    _, data_dir = kuairand_run
+    _, out = exported
+    blocked = (
+        "import sys\nfor name in ('engagerec', 'torchrec', 'fbgemm_gpu'):\n    sys.modules[name] = None\n"
+    )
+    env = {**os.environ, "EXPORT_DIR": str(out), "SHARD": str(data_dir / "test" / "part-00000.parquet")}
+    done = subprocess.run(
+        [sys.executable, "-c", blocked + _client_code()], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = eval(done.stdout.strip().splitlines()[-1])  # the client's last line: a dict of lists
+    assert set(printed) == {"watch_ratio", "skip"} and all(0 <= p <= 1 for p in printed["skip"])
+
+
+def test_export_command_prints_the_programs_and_refuses_a_non_run(kuairand_run, tmp_path, capsys):
+    run, _ = kuairand_run
+    assert main(["export", "--run-dir", str(run), "--out", str(tmp_path / "e"), "--check-rows", "2000"]) == 0
+    said = capsys.readouterr().out
+    assert re.search(
+        r"model_fp32.pt2 .* MiB .* test \(\d[\d,]* rows\): watch_ratio/mse 0\.\d+, skip/auc 0\.\d+", said
+    )
+    assert "largest difference" in said and not (tmp_path / "e" / "model_int8.pt2").exists()
+    assert main(["export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "is no run directory" in capsys.readouterr().err
