@@ -4,6 +4,7 @@ them, new ids are counted, and schema drift is a clear error."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,10 @@ def test_schema_drift_is_a_clear_error_naming_file_and_column(kuairand_run, tmp_
     log = _read_log().head(100)
     missing = tmp_path / "missing.csv"
     log.drop(columns=["hourmin"]).to_csv(sep="\t", path_or_buf=missing, index=False)
-    with pytest.raises(DataError, match=r"missing.csv.*column 'hour': a feature column of the trained model"):
+    with pytest.raises(
+        DataError,
+        match=r"missing.csv.*column 'hour': a feature column of the trained model is missing from the input",
+    ):
         predict(run, missing, tmp_path / "p.parquet")
     retyped = tmp_path / "retyped.csv"
     log.assign(user_id="u" + log["user_id"].astype(str)).to_csv(sep="\t", path_or_buf=retyped, index=False)
@@ -180,3 +184,14 @@ def test_two_ranks_predict_what_one_process_predicts(kuairand_run, tmp_path):
     )
     np.testing.assert_allclose(two["watch_ratio"], one["watch_ratio"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(two["skip_probability"], one["skip_probability"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_prepared_input_encoded_differently_is_refused(kuairand_run, tmp_path):
+    run, data_dir = kuairand_run
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    schema = json.loads((other / "schema.json").read_text())
+    schema["vocab_sizes"]["user_id"] += 1  # e.g. prepared from other rows: another vocabulary
+    (other / "schema.json").write_text(json.dumps(schema))
+    with pytest.raises(DataError, match="this prepared data is encoded differently from the run's"):
+        predict(run, other, tmp_path / "p.parquet")

@@ -63,6 +63,14 @@ def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-5), key  # float32 AUC sums
         assert two[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
 
+    # its tables, sharded over 2 ranks, gathered into one exported program: the same test metrics
+    from engagerec.export import export_run
+
+    exported = export_run(run, tmp_path / "export")["programs"]["fp32"]["test"]
+    assert exported["rows"] == results["test"]["rows"]
+    assert exported["watch_ratio/mse"] == pytest.approx(results["test"]["watch_ratio/mse"], rel=1e-5)
+    assert exported["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-4)
+
 
 def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_path):  # noqa: F811
     """Column-wise constraints give every rank half of each table's columns (the per-rank table
