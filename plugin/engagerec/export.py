@@ -158,7 +158,9 @@ def unsharded_model(run_dir: str | Path, checkpoint_name: str = "best") -> Tuple
     if path is None:
         raise CheckpointError(f"no {checkpoint_name} checkpoint under {Path(run_dir) / 'checkpoints'}")
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)  # one process gathers every shard
+    with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)  # one process gathers every shard
     model.load_state_dict(state["model"])
     return model.eval(), path, cfg
 
