@@ -42,8 +42,8 @@ def test_predictions_on_the_prepared_test_split_give_evaluates_metrics(kuairand_
     assert summary["rows_scored"] == len(preds) == len(labels) == metrics["rows"]
     assert list(preds.columns) == [
         "row",
-        "user_id",
-        "content_id",
+        "user_id_index",  # a prepared split holds encoded ids: the embedding rows
+        "content_id_index",
         "watch_ratio",
         "skip_probability",
         "skip_flag",
@@ -195,3 +195,15 @@ def test_a_prepared_input_encoded_differently_is_refused(kuairand_run, tmp_path)
     (other / "schema.json").write_text(json.dumps(schema))
     with pytest.raises(DataError, match="this prepared data is encoded differently from the run's"):
         predict(run, other, tmp_path / "p.parquet")
+
+
+def test_rows_without_a_watch_time_column_are_scored_and_counted(kuairand_run, tmp_path):
+    """Rows to score usually have no outcome yet: no watch time, so no derived label."""
+    run, _ = kuairand_run
+    log = _read_log().head(150).drop(columns=["play_time_ms"])
+    path = tmp_path / "unwatched.csv"
+    log.to_csv(sep="\t", path_or_buf=path, index=False)
+    summary = predict(run, path, tmp_path / "p.parquet")
+    assert summary["rows_scored"] == 150
+    assert summary["counted_not_dropped"]["no watch time column (kept, derived labels missing)"] == 150
+    assert pq.read_table(tmp_path / "p.parquet").column("skip_probability").null_count == 0

@@ -18,6 +18,7 @@ Output directory::
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +34,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec import checkpoint
 from engagerec.batch import Batch
-from engagerec.config import prepared_dir
+from engagerec.config import ConfigError, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
@@ -135,8 +136,16 @@ class ServingModel(nn.Module):
 
 
 def serving_inputs(batch: Batch, feature_names: List[str]) -> ServingInputs:
-    """A reader's Batch as ServingModel's inputs: the dense matrix, and per sparse feature its
-    ids and row offsets (the KeyedJaggedTensor taken apart by key)."""
+    """A reader's Batch as ServingModel's inputs.
+
+    Args:
+        batch: a Batch from ``ShardReader``.
+        feature_names: the sparse features ServingModel reads (``ServingModel.feature_names``).
+
+    Returns:
+        (the dense matrix, per feature its ids, per feature its row offsets): the
+        KeyedJaggedTensor taken apart by key.
+    """
     jagged = batch.sparse_features.to_dict() if feature_names else {}
     ids = {name: jagged[name].values().long() for name in feature_names}
     offsets = {name: jagged[name].offsets()[:-1].long() for name in feature_names}
@@ -188,11 +197,24 @@ def quality(
     max_rows: int,
     batch_size: int = 4096,
 ) -> Dict[str, float]:
-    """Per task, MSE (regression) or AUC (binary) of ``program``'s predictions on the first
-    ``max_rows`` rows of ``split`` (rows whose label is missing left out)."""
+    """Per task, MSE (regression) or AUC (binary; NaN when the rows hold one class) of
+    ``program``'s predictions on the first ``max_rows`` rows of ``split``, rows whose label is
+    missing left out.
+
+    Args:
+        program: ServingModel or the module of a loaded export.
+        model: the eager model (its tasks and feature names).
+        data_dir: the prepared data directory.
+        split: the split to read.
+        max_rows: at most this many rows.
+        batch_size: rows per batch.
+
+    Returns:
+        ``rows`` and ``<task>/mse`` or ``<task>/auc`` per task.
+    """
     from sklearn.metrics import roc_auc_score
 
-    reader = ShardReader(data_dir, split, batch_size=batch_size, rank=0, world_size=1)
+    reader = ShardReader(data_dir, split, batch_size=min(batch_size, max_rows), rank=0, world_size=1)
     predictions, labels, kept = [], {t.name: [] for t in model.tasks}, 0
     with torch.no_grad():
         for batch in make_loader(reader):
@@ -203,13 +225,15 @@ def quality(
             kept += batch.batch_size
             if kept >= max_rows:
                 break
-    scores = np.concatenate(predictions)
+    scores = np.concatenate(predictions)[:max_rows]
     out = {"rows": float(len(scores))}
     for i, task in enumerate(model.tasks):
-        label = np.concatenate(labels[task.name])
+        label = np.concatenate(labels[task.name])[:max_rows]
         present = ~np.isnan(label)
         if task.kind == "binary":
-            out[f"{task.name}/auc"] = float(roc_auc_score(label[present], scores[present, i]))
+            two_classes = len(np.unique(label[present])) == 2
+            auc = roc_auc_score(label[present], scores[present, i]) if two_classes else float("nan")
+            out[f"{task.name}/auc"] = float(auc)
         else:
             out[f"{task.name}/mse"] = float(np.mean((scores[present, i] - label[present]) ** 2))
     return out
@@ -242,6 +266,10 @@ def export_run(
     Raises:
         CheckpointError: no run directory or no checkpoint that checks out.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "export runs in one process (it gathers every rank's shards itself): run it without torchrun"
+        )
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_out_dir(out_dir)

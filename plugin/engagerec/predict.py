@@ -103,6 +103,8 @@ def predict(
         try:
             scored, summary = _scoring_input(run, Path(input_path), split, users, content, work)
             parts = _score(run, scored, threshold, batch_size, work)
+            if dist.is_initialized():
+                dist.barrier()  # every rank's part is closed before rank 0 reads them
             if run.runtime.is_main:
                 rows = _stitch(scored.ids(), parts, out)
                 summary.update(rows_scored=rows, out=str(out), columns=pq.read_schema(out).names)
@@ -124,7 +126,8 @@ class _Scored:
     raw: bool
 
     def ids(self) -> Iterator[pa.RecordBatch]:
-        """The rows' ids in row order: ``row`` and the id columns."""
+        """The rows' ids in row order: ``row`` and the id columns (a prepared split holds
+        encoded ids only: ``user_id_index``, ``content_id_index``, the embedding rows)."""
         if self.raw:
             yield from pq.ParquetFile(self.data_dir / IDS_FILE).iter_batches(batch_size=STITCH_ROWS)
             return
@@ -137,7 +140,7 @@ class _Scored:
             ):
                 rows = pa.array(range(start, start + batch.num_rows), pa.int64())
                 start += batch.num_rows
-                yield pa.record_batch([rows, *batch.columns], names=[ROW, *kept])
+                yield pa.record_batch([rows, *batch.columns], names=[ROW, *(f"{k}_index" for k in kept)])
 
 
 def _shared_workdir(out: Path, is_main: bool) -> Path:
@@ -167,12 +170,14 @@ def _scoring_input(
             outcome[0] = encode_for_scoring(
                 run.cfg.data, run.data_dir, str(path), work / "encoded", users=users, content=content
             )
-        except DataError as err:
+        except Exception as err:  # every rank must hear of it, or the others wait on the broadcast
             outcome[0] = err
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(outcome, src=0)
-    if isinstance(outcome[0], DataError):
-        raise outcome[0]
+    if isinstance(outcome[0], Exception):
+        if run.runtime.is_main or isinstance(outcome[0], DataError):
+            raise outcome[0]
+        raise RuntimeError(f"rank 0 failed to encode the input: {outcome[0]!r}")
     return _Scored(work / "encoded", "test", raw=True), {"input": str(path), **outcome[0]}
 
 
@@ -198,6 +203,17 @@ def _check_prepared(given: DatasetSchema, trained: DatasetSchema, path: Path, ta
             expected=f"{trained.dense_names}",
             got=given.dense_names,
         )
+
+    def numbers(schema: DatasetSchema) -> Dict[str, Any]:
+        dense = {d.name: (round(d.mean, 9), round(d.std, 9), d.fill) for d in schema.dense}
+        return {"dense": dense, "buckets": schema.buckets, "hashed": schema.hashed}
+
+    if numbers(given) != numbers(trained):
+        raise DataError(
+            "this prepared data is encoded differently from the run's (normalisation, bucket edges or "
+            "hashing were fitted on other rows)",
+            file=where,
+        )
     missing = [t.label for t in tasks if t.label not in given.label_names]
     if missing:
         raise DataError(f"label columns {missing} of the run's tasks are missing", file=where)
@@ -212,6 +228,8 @@ def _score(
     device = run.runtime.device
     size = batch_size or run.cfg.train.eval_batch_size
     reader = ShardReader(scored.data_dir, scored.split, batch_size=size, even_batches=True)
+    if reader.total_rows == 0:  # every rank sees it: no rank is left waiting for the others
+        raise DataError(f"no rows to score in split '{scored.split}'", file=str(scored.data_dir))
     columns = output_columns(tasks)
     layout = pa.schema(
         [(c, pa.bool_() if c.endswith("_flag") else pa.float32()) for c in columns]  # flags are booleans
@@ -271,8 +289,8 @@ def _stitch(ids: Iterator[pa.RecordBatch], parts: List[Path], out: Path) -> int:
             writer = pq.ParquetWriter(tmp, table.schema)
         writer.write_table(table)
         rows += table.num_rows
-    if writer is None:
-        raise DataError("no rows to score", file=str(out))
+    if writer is None or next(id_tables, None) is not None:
+        raise RuntimeError(f"ids and predictions disagree after row {rows}")  # a bug, not bad input
     writer.close()
     tmp.replace(out)  # atomic: a reader never sees half the predictions
     return rows

@@ -26,7 +26,7 @@ from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
 from engagerec.data.events import SOURCE_ROW, Events, build_events, feature_column
 from engagerec.data.prepare import build_history, write_splits
-from engagerec.data.raw import CONTENT_ID, USER_ID, RawTables
+from engagerec.data.raw import CONTENT_ID, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
 
@@ -104,7 +104,16 @@ class SchemaApplier(Fitter):
 
 def check_drift(con: duckdb.DuckDBPyConnection, raw: RawTables, fitted: DatasetSchema) -> None:
     """Every column the run's features read is in the new tables, with the kind of values
-    (number or text) it had in training; else a DataError naming the file and the column."""
+    (number or text) it had in training.
+
+    Args:
+        con: the DuckDB connection (reads the files' headers).
+        raw: the new tables.
+        fitted: the training data's schema (its ``input_columns``).
+
+    Raises:
+        DataError: naming the file and the column that is missing or changed kind.
+    """
     offered: Dict[str, Tuple[str, str, str]] = {}
     for source in (raw.interactions, raw.users, raw.content):
         if source is None:
@@ -133,7 +142,17 @@ def check_drift(con: duckdb.DuckDBPyConnection, raw: RawTables, fitted: DatasetS
 
 
 def scoring_source(cfg: DataConfig, interactions: str, users: Optional[str], content: Optional[str]):
-    """The run's source config with the interaction log (and optionally the side tables) replaced."""
+    """The run's source config with the interaction log (and optionally the side tables) replaced.
+
+    Args:
+        cfg: the run's data config.
+        interactions: the new rows (file, directory or glob).
+        users: a users table, or None for the run's.
+        content: a content table, or None for the run's.
+
+    Raises:
+        DataError: the run read synthetic data, which has no file layout.
+    """
     if cfg.source.adapter == "synthetic":
         raise DataError(
             "a run on synthetic data has no file layout to read new rows in; pass a prepared data "
@@ -183,6 +202,11 @@ def encode_for_scoring(
     try:
         con = connect(work, cfg.memory_limit, cfg.threads)
         raw = load_tables(source, work)
+        # rows to score need no watch time: without one, the derived labels are NULL (counted)
+        log = dataclasses.replace(
+            raw.interactions, required=tuple(c for c in raw.interactions.required if c != WATCH_TIME)
+        )
+        raw = dataclasses.replace(raw, interactions=log)
         check_drift(con, raw, fitted)
         data = dataclasses.replace(cfg, source=source)
         events = build_events(con, raw, data, scoring=True)
@@ -206,6 +230,8 @@ def encode_for_scoring(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = events.report
+    if WATCH_TIME not in events.columns and any(not label.column for label in data.labels):
+        report.notes["no watch time column (kept, derived labels missing)"] = events.rows
     summary = {
         "rows_read": report.rows_read,
         "rows_scored": events.rows,
