@@ -149,14 +149,7 @@ def test_engagerec_errors_are_messages_and_anything_else_is_a_traceback(tmp_path
 
 
 def _study_config(tmp_path, data, tower=None):
-    import dataclasses
+    from test_train import write_study_config
 
-    import yaml
-    from test_train import study_run_config
-
-    raw = dataclasses.asdict(study_run_config(data, epochs=1))
-    if tower is not None:
-        raw["model"]["tower"] = tower
     path = tmp_path / f"study{len(list(tmp_path.glob('study*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    return str(write_study_config(path, data, tower=tower, epochs=1))

@@ -2,7 +2,6 @@
 non-finite loss, preemption by SIGTERM. Each ends in a clear message or a clean stop, never a
 silently wrong run."""
 
-import dataclasses
 import errno
 import json
 import os
@@ -13,8 +12,7 @@ import time
 
 import pytest
 import torch
-import yaml
-from test_train import study_data, study_run_config  # noqa: F401  (fixture)
+from test_train import study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
 
 from engagerec import checkpoint
 from engagerec.config import ConfigError
@@ -104,9 +102,7 @@ def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tm
 
 
 def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes(study_data, tmp_path):  # noqa: F811
-    raw = dataclasses.asdict(study_run_config(study_data, epochs=50, log_every_steps=5))
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_study_config(tmp_path / "run.yaml", study_data, epochs=50, log_every_steps=5)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run)]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

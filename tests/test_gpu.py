@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train import EQUAL_METRICS, study_data, study_run_config  # noqa: F401  (fixture)
+from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
 
 from engagerec.config import ConfigError, load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
@@ -111,11 +111,7 @@ def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):  # noqa: F811
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):  # noqa: F811
-    import dataclasses
-
-    raw = dataclasses.asdict(study_run_config(study_data, device="cuda", epochs=2))
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_study_config(tmp_path / "run.yaml", study_data, device="cuda", epochs=2)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--nproc-per-node", "2", "-m", "engagerec", "train", "--config", str(config)]
     done = subprocess.run(

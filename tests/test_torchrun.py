@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from test_train import EQUAL_METRICS, study_data, study_run_config  # noqa: F401  (fixture)
+from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -32,12 +31,7 @@ def _torchrun(nproc, *args, cwd):
 
 
 def _write_config(path, data_dir, **train):
-    import dataclasses
-
-    raw = dataclasses.asdict(study_run_config(data_dir, **train))
-    raw["train"]["sharding"] = {"*": ["table_wise"]}
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_study_config(path, data_dir, sharding={"*": ["table_wise"]}, **train)
 
 
 def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp_path):  # noqa: F811
@@ -75,12 +69,7 @@ def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp
 def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_path):  # noqa: F811
     """Column-wise constraints give every rank half of each table's columns (the per-rank table
     memory halves), and the sharded model trains and evaluates like the 2-rank table-wise one."""
-    import dataclasses
-
-    raw = dataclasses.asdict(study_run_config(study_data, epochs=1))
-    raw["train"]["sharding"] = {"*": ["column_wise"]}
-    config = tmp_path / "cw.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_study_config(tmp_path / "cw.yaml", study_data, sharding={"*": ["column_wise"]}, epochs=1)
     run = tmp_path / "run"
     _torchrun(2, "train", "--config", str(config), "--out", str(run), cwd=tmp_path)
     plan = json.loads((run / "plan.json").read_text())

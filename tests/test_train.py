@@ -1,10 +1,12 @@
 """The training job on real TorchRec parts: DMP, the planner, TrainPipelineSparseDist,
 RecMetricModule, sharded checkpoints; one process here, two gloo ranks in test_torchrun.py."""
 
+import dataclasses
 import json
 import shutil
 
 import pytest
+import yaml
 from conftest import synthetic_mmoe_config
 
 from engagerec.config import config_from_dict
@@ -60,6 +62,16 @@ def study_run_config(data_dir, **train):
             },
         }
     )
+
+
+def write_study_config(path, data_dir, tower=None, **train):
+    """``study_run_config`` as a YAML file for the command line; ``tower`` replaces the model's
+    tower section. Returns ``path``."""
+    raw = dataclasses.asdict(study_run_config(data_dir, **train))
+    if tower is not None:
+        raw["model"]["tower"] = tower
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,8 @@ class ServingModel(nn.Module):
         super().__init__()
         self.int8 = int8
         self.feature_names: List[str] = list(model.feature_names) if model.has_sparse else []
+        self.tasks = list(model.tasks)
         self.task_names = [t.name for t in model.tasks]
-        self.binary = [t.kind == "binary" for t in model.tasks]
         self.features: List[Tuple[str, str, str]] = []  # (feature, its table's buffer, sum | mean)
         for table in model.spec.tables if model.has_sparse else []:
             weight = model.sparse_arch.embedding_bags[table.name].weight.detach().float().cpu()
@@ -131,7 +131,7 @@ class ServingModel(nn.Module):
         outputs = []
         for i, head in enumerate(self.heads):
             output = head(representations[i])
-            outputs.append(torch.sigmoid(output) if self.binary[i] else output)
+            outputs.append(self.tasks[i].prediction(output))
         return torch.stack(outputs, dim=1)
 
 
@@ -278,7 +278,8 @@ def export_run(
     data_dir = prepared_dir(cfg)
     schema = DatasetSchema.load(data_dir)
     names = model.feature_names if model.has_sparse else []
-    example = serving_inputs(_example_batch(data_dir), names)
+    batch = _example_batch(data_dir)
+    example = serving_inputs(batch, names)
     record: Dict[str, Any] = {"run": str(run_dir), "checkpoint": str(path), "programs": {}}
     for kind in ("fp32", "int8") if int8 else ("fp32",):
         serving = ServingModel(model, int8=kind == "int8").eval()
@@ -299,7 +300,7 @@ def export_run(
         }
         if kind == "fp32":
             with torch.no_grad():
-                _, (_, eager, _, _) = model(_example_batch(data_dir))
+                _, (_, eager, _, _) = model(batch)
                 exported = loaded(*example)
             eager = torch.stack([eager[t] for t in serving.task_names], dim=1)
             record["max_abs_difference_fp32_vs_eager"] = float((exported - eager).abs().max())

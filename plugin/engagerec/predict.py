@@ -12,7 +12,6 @@ rows (the same reader as evaluation), so the output is the same on 1 process or 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -309,8 +308,3 @@ def format_summary(summary: Dict[str, Any]) -> str:
     lines += [f"  {name:<{width}} {value:>12,}" for name, value in counts if value is not None]
     lines.append(f"  columns: {', '.join(summary['columns'])}")
     return "\n".join(lines)
-
-
-def summary_json(summary: Dict[str, Any]) -> str:
-    """The summary as JSON."""
-    return json.dumps(summary, indent=1)
