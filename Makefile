@@ -37,7 +37,8 @@ DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/
 	plugin/engagerec/features.py plugin/engagerec/batch.py plugin/engagerec/losses.py \
 	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/prepare.py \
 	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \
-	plugin/engagerec/profiling.py plugin/engagerec/export.py plugin/engagerec/predict.py
+	plugin/engagerec/profiling.py plugin/engagerec/export.py plugin/engagerec/predict.py \
+	plugin/engagerec/train.py
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)

@@ -3,13 +3,14 @@ RecMetricModule, sharded checkpoints; one process here, two gloo ranks in test_t
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
 import yaml
 from conftest import synthetic_mmoe_config
 
-from engagerec.config import config_from_dict
+from engagerec.config import TASK_METRICS, ConfigError, apply_override, config_from_dict
 from engagerec.data.prepare import prepare
 from engagerec.evaluate import evaluate_run
 from engagerec.train import train
@@ -257,3 +258,40 @@ def test_training_metrics_sample_at_least_one_batch_per_log_line(study_data, tmp
     for every in (0, 51):  # log_every_steps is 50 by default
         with pytest.raises(ValueError, match="train_metrics_every_steps"):
             train(study_run_config(study_data, epochs=1, train_metrics_every_steps=every), tmp_path / "run")
+
+
+def test_evaluation_reports_exactly_the_metrics_a_monitor_may_name(kuairand_run):
+    run, _ = kuairand_run
+    results = json.loads((run / "results.json").read_text())
+    kinds = {"watch_ratio": "regression", "skip": "binary"}
+    named = {f"{task}/{metric}" for task, kind in kinds.items() for metric in TASK_METRICS[kind]}
+    assert set(results["test"]) == named | {"loss", "rows"}  # config.TASK_METRICS follows evaluate
+
+
+def test_a_monitor_evaluation_does_not_report_is_refused_before_any_training(study_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"'skip/aucc' is not a metric .*<binary task>/auc\|accuracy"):
+        study_run_config(study_data, monitor="skip/aucc", monitor_mode="max")  # when the config loads
+    with pytest.raises(ConfigError, match=r"'skip/auc' improves upward: set train.monitor_mode: max"):
+        study_run_config(study_data, monitor="skip/auc")
+    # a config that names no tasks gets one per label of the prepared data: checked once they are known
+    run = tmp_path / "run"
+    with pytest.raises(
+        ConfigError, match=r"'click/auc' is not a metric .*expected loss or one of .*skip/auc"
+    ):
+        train(study_run_config(study_data, monitor="click/auc", monitor_mode="max"), run)
+    assert not (run / "log.csv").exists() and not (run / "checkpoints").exists()
+
+
+def test_enum_like_keys_are_checked_when_the_config_loads(study_data):
+    raw = study_run_config(study_data)
+    for key, value, where, expected in [
+        ("model.loss.weighting", "uncertanity", "model.loss.weighting", "fixed, uncertainty, gradnorm"),
+        ("data.split.kind", "time", "data.split.kind", "random, temporal, user"),
+        ("data.features.5.transform", "log", "data.features[5].transform", "none, log1p"),
+    ]:
+        changed = dataclasses.asdict(raw)
+        apply_override(changed, f"{key}={value}")
+        with pytest.raises(
+            ConfigError, match=f"{re.escape(where)}: expected one of {expected}, got '{value}'"
+        ):
+            config_from_dict(changed)

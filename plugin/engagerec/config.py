@@ -41,13 +41,13 @@ class FeatureConfig:
     """
 
     name: str
-    kind: str = "categorical"
+    kind: Literal["categorical", "multi_hot", "numeric", "history", "history_mean"] = "categorical"
     column: Optional[str] = None  # source column; defaults to ``name``
     id_space: Optional[str] = None  # features sharing an id space share a vocab/table
     min_count: int = 1  # rarer ids map to the out-of-vocabulary row
     separator: str = ","
-    transform: str = "none"  # numeric: none | log1p
-    missing: str = "error"  # numeric: error | mean (impute with the train mean)
+    transform: Literal["none", "log1p"] = "none"  # numeric
+    missing: Literal["error", "mean"] = "error"  # numeric: mean imputes the train mean
     buckets: int = 0  # numeric: exact train quantiles (DuckDB quantile_cont), then a sparse bucket id
     length: int = 20  # history length
     of: str = "content_id"  # history: which id column; history_mean: which label
@@ -64,7 +64,7 @@ class WatchRatioConfig:
     ratio_cap: float = 1.0
     # What to do with ratios above ratio_cap (replays): clip them to the cap, drop
     # the row (counted), or keep them unchanged.
-    over_cap: str = "clip"
+    over_cap: Literal["clip", "drop", "keep"] = "clip"
 
 
 @dataclass
@@ -78,7 +78,7 @@ class LabelConfig:
     """
 
     name: str
-    kind: str = "regression"  # regression | binary
+    kind: Literal["regression", "binary"] = "regression"
     column: Optional[str] = None
     threshold: float = 0.5  # derived binary: watch_ratio < threshold
 
@@ -100,7 +100,7 @@ class FilterConfig:
 class SplitConfig:
     """How the kept rows are split into train, val and test: random, temporal or by user, seeded."""
 
-    kind: str = "random"  # random | temporal | user
+    kind: Literal["random", "temporal", "user"] = "random"
     test_fraction: float = 0.3
     val_fraction: float = 0.1  # carved from train, never from test
     seed: int = 0
@@ -110,7 +110,7 @@ class SplitConfig:
 class SyntheticConfig:
     """Parameters of the generators in engagerec.data.synthetic."""
 
-    kind: str = "study"  # study | mmoe
+    kind: Literal["study", "mmoe"] = "study"
     num_rows: int = 100_000
     num_users: int = 2_000
     num_contents: int = 1_000
@@ -142,8 +142,8 @@ class SourceConfig:
     # canonical name -> name in the files (user_id, content_id, watch_time, duration, timestamp)
     columns: Dict[str, str] = field(default_factory=dict)
     # unjoined ids: error | keep (features missing -> OOV / imputed) | drop (counted)
-    unjoined_users: str = "error"
-    unjoined_content: str = "error"
+    unjoined_users: Literal["error", "keep", "drop"] = "error"
+    unjoined_content: Literal["error", "keep", "drop"] = "error"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -179,7 +179,7 @@ class EmbeddingConfig:
     auto_dim: bool = False
     # per feature: sum | mean. A table has one pooling, so multi-valued features sharing
     # a table must agree; defaults: history -> mean, everything else -> sum.
-    pooling: Dict[str, str] = field(default_factory=dict)
+    pooling: Dict[str, Literal["sum", "mean"]] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,10 +196,10 @@ class TaskConfig:
 
     name: str
     label: str
-    kind: str = "regression"  # regression | binary
+    kind: Literal["regression", "binary"] = "regression"
     weight: float = 1.0  # omega in the study's eq. 12
     head_sizes: List[int] = field(default_factory=list)  # task-specific MLP before the output unit
-    output: str = "sigmoid"  # regression output transform: sigmoid (ratio in [0, 1]) | identity
+    output: Literal["sigmoid", "identity"] = "sigmoid"  # regression output: a ratio in [0, 1], or any value
 
 
 def study_tasks() -> List[TaskConfig]:
@@ -215,7 +215,7 @@ class LossConfig:
     """How task losses combine: fixed (the study's eq. 12 with the tasks' weights),
     uncertainty (Kendall et al. 2018) or gradnorm (Chen et al. 2018)."""
 
-    weighting: str = "fixed"
+    weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
     gradnorm_alpha: float = 1.5
 
 
@@ -335,6 +335,81 @@ def with_tower(cfg: ExperimentConfig, tower: str, **train_changes: Any) -> Exper
     params = cfg.model.tower.params if tower == cfg.model.tower.name else {}
     model = dataclasses.replace(cfg.model, tower=TowerConfig(name=tower, params=dict(params)))
     return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, **train_changes))
+
+
+# ----------------------------------------------------------------- cross-key checks
+
+# What evaluation reports for each task kind (engagerec.evaluate; a test holds the two
+# together) and which way each improves: what train.monitor may name. Baselines and
+# calibration are reported, not monitored: they do not improve in one direction.
+TASK_METRICS: Dict[str, Dict[str, Optional[str]]] = {
+    "regression": {"mse": "min", "rmse": "min", "mae": "min", "mse_loss": "min", "xauc": "max",
+                   "baseline_mse_train_mean": None},
+    "binary": {"auc": "max", "accuracy": "max", "ne": "min", "log_loss": "min", "calibration": None,
+               "baseline_accuracy_majority": None},
+}  # fmt: skip
+
+
+def check_monitor(monitor: str, mode: str, tasks: Optional[Dict[str, str]] = None) -> None:
+    """
+    Check that ``train.monitor`` names a metric that evaluation reports and that
+    ``train.monitor_mode`` follows its direction, before any training is spent on it.
+
+    Args:
+        monitor (str): ``loss`` (the weighted sum of the task losses) or ``<task>/<metric>``.
+        mode (str): ``min`` or ``max``.
+        tasks (Optional[Dict[str, str]]): task name -> kind; ``None`` when the tasks are not
+            known yet (taken from the prepared data's labels): only the metric is checked.
+
+    Raises:
+        ConfigError: naming what train.monitor may be, or the mode it needs.
+
+    Example::
+
+        >>> from engagerec.config import check_monitor
+        >>> check_monitor("skip/auc", "max", {"watch_ratio": "regression", "skip": "binary"})
+        >>> check_monitor("skip/auc", "min")
+        Traceback (most recent call last):
+          ...
+        engagerec.config.ConfigError: train.monitor 'skip/auc' improves upward: set train.monitor_mode: max
+    """
+    if monitor == "loss":
+        direction: Optional[str] = "min"
+    else:
+        task, _, metric = monitor.rpartition("/")
+        if tasks is None:
+            kinds = [kind for kind, metrics in TASK_METRICS.items() if metric in metrics]
+        else:
+            kinds = [tasks[task]] if task in tasks and metric in TASK_METRICS[tasks[task]] else []
+        if not task or not kinds or TASK_METRICS[kinds[0]][metric] is None:
+            by_kind = {
+                kind: [m for m, way in metrics.items() if way] for kind, metrics in TASK_METRICS.items()
+            }
+            if tasks is None:
+                choices = "; ".join(f"<{kind} task>/{'|'.join(ms)}" for kind, ms in by_kind.items())
+            else:
+                choices = ", ".join(f"{name}/{m}" for name, kind in tasks.items() for m in by_kind[kind])
+            raise ConfigError(
+                f"train.monitor '{monitor}' is not a metric that evaluation reports and that improves "
+                f"one way; expected loss or one of {choices}"
+            )
+        direction = TASK_METRICS[kinds[0]][metric]
+    if mode != direction:
+        way = "upward" if direction == "max" else "downward"
+        raise ConfigError(f"train.monitor '{monitor}' improves {way}: set train.monitor_mode: {direction}")
+
+
+def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The checks that span several keys, run when a config loads (returns ``cfg``)."""
+    tc = cfg.train
+    if not 1 <= tc.train_metrics_every_steps <= tc.log_every_steps:
+        raise ConfigError(
+            f"train.train_metrics_every_steps {tc.train_metrics_every_steps}, expected 1 to "
+            f"train.log_every_steps ({tc.log_every_steps}): each logged window needs batches"
+        )
+    tasks = {t.name: t.kind for t in cfg.model.tasks} or None  # none named: the data's labels
+    check_monitor(tc.monitor, tc.monitor_mode, tasks)
+    return cfg
 
 
 # ---------------------------------------------------------------------- loading
@@ -480,11 +555,11 @@ def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Expe
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
-        return _build(ExperimentConfig, raw, "")
+        return check_config(_build(ExperimentConfig, raw, ""))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
 def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
     """Type a raw mapping (e.g. a run's config.json) with the same strict checks as ``load_config``."""
-    return _build(ExperimentConfig, raw, "")
+    return check_config(_build(ExperimentConfig, raw, ""))

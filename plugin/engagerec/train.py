@@ -18,8 +18,9 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
-from engagerec.config import ConfigError, ExperimentConfig, config_changes, prepared_dir
+from engagerec.config import ConfigError, ExperimentConfig, check_monitor, config_changes, prepared_dir
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.distributed import (
     any_rank,
@@ -91,27 +92,385 @@ def _improved(value: float, best: Optional[float], mode: str) -> bool:
     return best is None or (value < best if mode == "min" else value > best)
 
 
+@dataclass
+class TrainState:
+    """
+    Where a run stands: what each checkpoint saves (plain JSON-able values, so checkpoints load
+    with ``weights_only``) and a resume continues from.
+
+    Args:
+        config (Dict[str, Any]): the run's config (``dataclasses.asdict``): what a resume is
+            checked against.
+        world_size (int): the ranks that wrote the state.
+        epoch (int): epochs finished.
+        batch_in_epoch (int): batches of the current epoch done (per rank).
+        samples_in_epoch (int): the same position in samples, whatever the world size.
+        step (int): optimiser steps in all.
+        best (Optional[float]): the best ``train.monitor`` value so far.
+        best_epoch (Optional[int]): the epoch that reached it.
+        bad_epochs (int): epochs since it last improved (early stopping).
+        history (List[Dict[str, float]]): each finished epoch's validation metrics.
+        done (bool): the run has finished (epochs, early stop, max_steps or preemption).
+        train_seconds (float): time spent in training steps, checkpoints and evaluation left out.
+
+    Example::
+
+        >>> from engagerec.train import TrainState
+        >>> state = TrainState(config={}, world_size=2, step=10)
+        >>> TrainState.restore(dataclasses.asdict(state)) == state
+        True
+    """
+
+    config: Dict[str, Any]
+    world_size: int
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_in_epoch: int = 0
+    step: int = 0
+    best: Optional[float] = None
+    best_epoch: Optional[int] = None
+    bad_epochs: int = 0
+    history: List[Dict[str, float]] = field(default_factory=list)
+    done: bool = False
+    train_seconds: float = 0.0
+
+    @classmethod
+    def restore(cls, saved: Dict[str, Any]) -> "TrainState":
+        """The state a checkpoint saved (``checkpoint.load``'s progress)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in saved]
+        if missing:
+            raise CheckpointError(f"the checkpoint's progress lacks {missing}: written by another version")
+        return cls(**{name: saved[name] for name in names})
+
+
 def train(
     cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False
 ) -> Dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics.
+    """
+    Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics.
 
     With ``resume``, the newest checkpoint in ``run_dir`` that checks out is continued; one
     written under another config (beyond ``config.RESUMABLE_CHANGES``) is refused unless
     ``allow_config_change``. SIGTERM stops the run after the current step with a checkpoint
     (the results then say ``"preempted": True``).
 
+    Args:
+        cfg (ExperimentConfig): the experiment; its prepared data must exist.
+        run_dir (str | Path): where the run's files go (see the module docstring).
+        resume (bool): continue the newest good checkpoint in ``run_dir``; False removes them.
+        allow_config_change (bool): resume even under a changed config.
+
     Raises:
-        ConfigError: resuming under a changed config.
+        ConfigError: resuming under a changed config; a monitor the tasks do not report.
         CheckpointError: resuming mid-epoch on another world size; a checkpoint write failed.
         TrainingError: a task's loss became NaN or infinite.
+
+    Example::
+
+        >>> import tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> cfg = load_config("kuairand_mmoe", ["train.max_steps=3", "train.progress_bar=false",
+        ...                                     f"train.data_dir={tmp / 'data'}"])
+        >>> _ = prepare(cfg.data, cfg.train.data_dir)
+        >>> results = train(cfg, tmp / "run")  # doctest: +ELLIPSIS
+        sharding plan (1 rank(s)):...
+        >>> results["steps"], "test" in results  # stopped mid-epoch: no test yet, resumable
+        (3, False)
+        >>> sorted(p.name for p in (tmp / "run" / "checkpoints").iterdir())
+        ['step-3']
     """
     runtime = init_runtime(cfg.train.device)
     try:
         with Preemption() as preemption:
-            return _train(cfg, Path(run_dir), resume, runtime, preemption, allow_config_change)
+            trainer = Trainer(cfg, Path(run_dir), runtime, preemption, resume, allow_config_change)
+            return trainer.run()
     finally:
         close_runtime(runtime)
+
+
+class Trainer:
+    """
+    One training run, read top down: ``run`` trains epoch by epoch (``train_epoch``), validates
+    after each (``validate``, ``end_epoch``: early stopping and the best checkpoint), and
+    ``finish`` evaluates the best checkpoint on test. Its ``state`` is what checkpoints hold.
+
+    Building it shards the model (DMP and the planner), restores the newest good checkpoint
+    when resuming (refusing one that would not continue the same run), and writes the run's
+    config.json and plan.json. ``train()`` wraps it with the process group and SIGTERM handling.
+
+    Args:
+        cfg (ExperimentConfig): the experiment.
+        run_dir (Path): the run directory.
+        runtime: the process group and device (``engagerec.distributed.init_runtime``).
+        preemption (Preemption): whether SIGTERM arrived.
+        resume (bool): continue the newest good checkpoint; False removes the run's checkpoints.
+        allow_config_change (bool): resume even under a changed config.
+
+    Example::
+
+        >>> # as train() does:
+        >>> # with Preemption() as preemption:
+        >>> #     results = Trainer(cfg, run_dir, init_runtime("cpu"), preemption).run()
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: Path,
+        runtime,
+        preemption: Preemption,
+        resume: bool = True,
+        allow_config_change: bool = False,
+    ) -> None:
+        self.cfg, self.tc = cfg, cfg.train
+        self.run_dir, self.ckpt_root = run_dir, run_dir / "checkpoints"
+        self.runtime, self.preemption = runtime, preemption
+        self.data_dir = prepared_dir(cfg)
+        seed_everything(self.tc.seed)
+        self.dmp, self.model = sharded_model_from_config(cfg, runtime)
+        self.tasks = self.model.tasks
+        # the tasks are known now (from schema.json when the config names none): check before training
+        check_monitor(self.tc.monitor, self.tc.monitor_mode, {t.name: t.kind for t in self.tasks})
+        self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
+        self.state = self._start(resume, allow_config_change)
+        if runtime.is_main:  # after the resume check: a refused resume leaves the run's files alone
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
+            print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
+        self.means = train_label_means(self.data_dir, [t.label for t in self.tasks])
+        self.log = RunLog(run_dir, runtime.is_main)
+        self.reader = ShardReader(
+            self.data_dir,
+            "train",
+            batch_size=self.tc.batch_size,
+            shuffle=True,
+            seed=self.tc.seed,
+            drop_last=True,
+        )
+        self.pipeline = TrainPipelineSparseDist(
+            self.dmp, self.optimizer, runtime.device, execute_all_batches=True
+        )
+        self.train_metrics = build_metric_module(
+            self.tasks,
+            self.tc.batch_size,
+            TRAIN_METRIC_WINDOW,
+            runtime.device,
+            runtime.world_size,
+            runtime.rank,
+        )
+        self.profiler = StepProfiler(
+            self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, runtime.is_main
+        )
+        self.preempted = False
+        self._clock = self._window_started = 0.0  # perf_counter at the last (re)start
+        self._window_rows = 0  # samples/s per logged window, not since the epoch began
+
+    # ----------------------------------------------------------------- the run
+
+    def run(self) -> Dict[str, Any]:
+        """Train until the epochs, early stopping, ``max_steps`` or SIGTERM end it; then ``finish``."""
+        stopped = self.state.done
+        while not stopped and self.state.epoch < self.tc.epochs:
+            stopped = self.train_epoch()
+            if stopped and self.state.batch_in_epoch < self.reader.num_batches():
+                self.checkpoint()  # stopped mid-epoch (max_steps, SIGTERM): resumable from here
+                break
+            stopped = self.end_epoch(self.validate())
+        return self.finish()
+
+    def train_epoch(self) -> bool:
+        """Train on the rest of the current epoch; True when the run must stop before its end
+        (``max_steps`` reached, or SIGTERM agreed by every rank)."""
+        state, tc = self.state, self.tc
+        self.reader.set_epoch(state.epoch)
+        self.reader.start_batch = state.batch_in_epoch
+        loader = make_loader(self.reader, tc.num_workers, pin_memory=self.runtime.device.type == "cuda")
+        batches = labelled_batches(iter(loader))
+        self.bar = _progress_bar(tc.progress_bar and self.runtime.is_main, len(self.reader), state.epoch)
+        self.dmp.train()
+        self._restart_clock()
+        try:
+            while True:
+                self.profiler.before_step(state.step + 1)
+                try:
+                    task_losses, predictions, labels, weights = self.pipeline.progress(batches)
+                except StopIteration:
+                    return False
+                if self._after_step(task_losses, predictions, labels, weights):
+                    return True
+        finally:
+            self._stop_clock()
+            if self.bar is not None:
+                self.bar.close()
+
+    def validate(self) -> Dict[str, float]:
+        """The model's metrics on the val split (every row once), logged."""
+        self.pipeline.detach()  # evaluation runs the model's own forward
+        tc = self.tc
+        val = evaluate(
+            self.dmp, self.tasks, self.data_dir, "val", tc.eval_batch_size, self.runtime.device, self.means,
+            tc.num_workers,
+        )  # fmt: skip
+        self.log.write(self.state.step, "val", val)
+        return val
+
+    def end_epoch(self, val: Dict[str, float]) -> bool:
+        """Close the epoch on its validation metrics: keep the best checkpoint, count epochs
+        without improvement, checkpoint the step; True when the run must stop."""
+        state, tc = self.state, self.tc
+        state.history.append({"epoch": state.epoch, "step": state.step, **val})
+        state.epoch += 1
+        state.batch_in_epoch = state.samples_in_epoch = 0
+        if _improved(val[tc.monitor], state.best, tc.monitor_mode):
+            state.best, state.best_epoch, state.bad_epochs = val[tc.monitor], state.epoch - 1, 0
+            self.checkpoint(best=True)
+        else:
+            state.bad_epochs += 1
+        if self.runtime.is_main:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows")
+            print(f"epoch {state.epoch - 1}: val {metrics}", flush=True)
+        stopped = self.preempted or state.bad_epochs >= tc.patience or self._at_max_steps()
+        state.done = state.epoch >= tc.epochs or stopped
+        self.checkpoint()
+        return stopped
+
+    def checkpoint(self, best: bool = False) -> Path:
+        """Save the model, optimiser and ``state`` as ``step-<n>`` (the newest two kept), or as
+        ``best-step-<n>`` (only the newest kept)."""
+        if best:
+            name, keep, keep_last = f"best-step-{self.state.step}", checkpoint.BEST_PATTERN, 1
+        else:
+            name, keep, keep_last = f"step-{self.state.step}", checkpoint.STEP_PATTERN, 2
+        state = dataclasses.asdict(self.state)
+        return checkpoint.save(self.ckpt_root, name, self.dmp, self.optimizer, state, keep, keep_last)
+
+    def finish(self) -> Dict[str, Any]:
+        """The run's results (written to results.json); a finished run's best checkpoint is
+        evaluated on the test split."""
+        state, tc = self.state, self.tc
+        # resumed with fewer epochs than it has run: nothing left to train, so it is finished
+        state.done = state.done or (state.epoch >= tc.epochs and not self.preempted)
+        results: Dict[str, Any] = {
+            "name": self.cfg.name,
+            "tower": self.cfg.model.tower.name,
+            "seed": tc.seed,
+            "world_size": self.runtime.world_size,
+            "steps": state.step,
+            "train_seconds": state.train_seconds,
+            "history": state.history,
+            "preempted": self.preempted,
+        }
+        best = checkpoint.latest(self.ckpt_root, checkpoint.BEST_PATTERN) if state.done else None
+        if best is not None:
+            checkpoint.load(best, self.dmp, restore_rng=False, checked=True)  # latest has just verified it
+            self.pipeline.detach()
+            results["best_epoch"] = state.best_epoch
+            results["val"] = state.history[state.best_epoch]
+            results["test"] = evaluate(
+                self.dmp, self.tasks, self.data_dir, "test", tc.eval_batch_size, self.runtime.device,
+                self.means, tc.num_workers,
+            )  # fmt: skip
+            self.log.write(state.step, "test", results["test"])
+        if self.runtime.is_main:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        self.log.close()
+        if dist.is_initialized():
+            dist.barrier()
+        return results
+
+    # ----------------------------------------------------------------- helpers
+
+    def _start(self, resume: bool, allow_change: bool) -> TrainState:
+        """A fresh state (removing an older run's checkpoints), or the newest good checkpoint's."""
+        runtime, tc = self.runtime, self.tc
+        if runtime.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a fresh start: an older run's checkpoints must not be taken as this run's
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()  # every rank sees the cleared checkpoint directory
+        config = dataclasses.asdict(self.cfg)
+        last = checkpoint.latest(self.ckpt_root) if resume else None
+        if resume and last is None and checkpoint.latest(self.ckpt_root, checked=False) is not None:
+            raise CheckpointError(  # never start over silently over a run's damaged checkpoints
+                f"no checkpoint under {self.ckpt_root} checks out (see above); start a new run with "
+                "--no-resume (it removes them) or another --out"
+            )
+        if last is None:
+            return TrainState(config=config, world_size=runtime.world_size)
+        _check_resume(last, checkpoint.read_progress(last), self.cfg, runtime, allow_change)  # before loading
+        state = TrainState.restore(checkpoint.load(last, self.dmp, self.optimizer, checked=True))
+        state.world_size, state.config = runtime.world_size, config
+        # a run that ended at its epoch count goes on when resumed with more epochs (not one that
+        # stopped early, or at max_steps)
+        more = state.epoch < tc.epochs and not self._at_max_steps(state)
+        if state.done and more and state.bad_epochs < tc.patience:
+            state.done = False
+        if runtime.is_main:
+            print(f"resumed from {last} (epoch {state.epoch}, step {state.step})", flush=True)
+        return state
+
+    def _after_step(self, task_losses, predictions, labels, weights) -> bool:
+        """Count, check, measure, log and checkpoint one step; True when the run must stop."""
+        state, tc, world = self.state, self.tc, self.runtime.world_size
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.samples_in_epoch += tc.batch_size * world
+        self._window_rows += tc.batch_size * world
+        at_log_step = state.step % tc.log_every_steps == 0
+        saving = bool(tc.checkpoint_every_steps) and state.step % tc.checkpoint_every_steps == 0
+        # the loss is checked where every rank is (log steps, before a step checkpoint, the last
+        # step) and agreed by all ranks; on one CPU process, every step (free there)
+        one_cpu = world == 1 and self.runtime.device.type == "cpu"
+        if one_cpu or at_log_step or saving or self._at_max_steps():
+            _stop_if_not_finite(self.tasks, task_losses, state.step, self.ckpt_root)
+        if state.step % tc.train_metrics_every_steps == 0:
+            with record_function(METRICS):
+                self.train_metrics.update(metric_inputs(self.tasks, predictions, labels, weights))
+        self.profiler.after_step(state.step)
+        if at_log_step:
+            self._log_train(task_losses)
+        if self.bar is not None:
+            self.bar.update(1)
+        if self._at_max_steps():
+            return True
+        # SIGTERM: with several ranks asking is a collective, so only at log steps (all ranks)
+        if (world == 1 or at_log_step) and self.preemption.agreed():
+            self.preempted = True
+            return True
+        if saving:
+            self._stop_clock()
+            self.checkpoint()
+            self._restart_clock()
+        return False
+
+    def _log_train(self, task_losses: torch.Tensor) -> None:
+        """The training losses, windowed metrics, loss weights and samples/s of this window."""
+        values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(self.tasks)}
+        values.update(readable(self.train_metrics.compute()))
+        weights_now = self.model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
+        values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(self.tasks)})
+        values["samples_per_s"] = self._window_rows / (time.perf_counter() - self._window_started)
+        self.log.write(self.state.step, "train", values)
+        if self.bar is not None:
+            shown = {k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))}
+            self.bar.set_postfix(shown)
+        self._window_started, self._window_rows = time.perf_counter(), 0  # the log's writing counts next
+
+    def _at_max_steps(self, state: Optional[TrainState] = None) -> bool:
+        state = state or self.state
+        return bool(self.tc.max_steps) and state.step >= self.tc.max_steps
+
+    def _restart_clock(self) -> None:
+        self._clock = self._window_started = time.perf_counter()
+        self._window_rows = 0
+
+    def _stop_clock(self) -> None:
+        state = self.state
+        state.train_seconds += time.perf_counter() - self._clock
 
 
 def _check_resume(
@@ -152,209 +511,6 @@ def _stop_if_not_finite(tasks, task_losses: torch.Tensor, step: int, ckpt_root: 
             f"checkpoint is {good or 'none (none written yet)'}: resume from it with a lower learning rate, "
             "or look for extreme labels or features"
         )
-
-
-def _train(
-    cfg: ExperimentConfig, run_dir: Path, resume: bool, runtime, preemption: Preemption, allow_change: bool
-) -> Dict[str, Any]:
-    tc = cfg.train
-    if not 1 <= tc.train_metrics_every_steps <= tc.log_every_steps:
-        raise ConfigError(
-            f"train.train_metrics_every_steps {tc.train_metrics_every_steps}, expected 1 to "
-            f"train.log_every_steps ({tc.log_every_steps}): each logged window needs batches"
-        )
-    data_dir = prepared_dir(cfg)
-    seed_everything(tc.seed)
-    dmp, model = sharded_model_from_config(cfg, runtime)
-    optimizer = build_optimizer(dmp, tc.dense_lr)
-    tasks = model.tasks
-    ckpt_root = run_dir / "checkpoints"
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh start: an older run's checkpoints must not be taken as this run's
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-
-    progress: Dict[str, Any] = {
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "step": 0,
-        "best": None,
-        "best_epoch": None,
-        "bad_epochs": 0,
-        "history": [],
-        "done": False,
-        "train_seconds": 0.0,
-        "world_size": runtime.world_size,
-        "samples_in_epoch": 0,  # the data position in samples, whatever the world size
-        "config": dataclasses.asdict(cfg),  # what a resume is checked against
-    }
-    if dist.is_initialized():
-        dist.barrier()  # every rank sees the cleared checkpoint directory
-    last = checkpoint.latest(ckpt_root) if resume else None
-    if resume and last is None and checkpoint.latest(ckpt_root, checked=False) is not None:
-        raise CheckpointError(  # never start over silently over a run's damaged checkpoints
-            f"no checkpoint under {ckpt_root} checks out (see above); start a new run with --no-resume "
-            "(it removes them) or another --out"
-        )
-    if last is not None:
-        _check_resume(last, checkpoint.read_progress(last), cfg, runtime, allow_change)  # before loading
-        progress = checkpoint.load(last, dmp, optimizer, checked=True)
-        progress.update(world_size=runtime.world_size, config=dataclasses.asdict(cfg))
-        # a run that ended at its epoch count goes on when resumed with more epochs (not one that
-        # stopped early, or at max_steps)
-        more = progress["epoch"] < tc.epochs and not (tc.max_steps and progress["step"] >= tc.max_steps)
-        if progress["done"] and more and progress["bad_epochs"] < tc.patience:
-            progress["done"] = False
-        if runtime.is_main:
-            print(f"resumed from {last} (epoch {progress['epoch']}, step {progress['step']})", flush=True)
-    if runtime.is_main:  # after the resume check: a refused resume leaves the run's files alone
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        (run_dir / "plan.json").write_text(json.dumps(plan_table(dmp), indent=1))
-        print(f"sharding plan ({runtime.world_size} rank(s)):\n{dmp.plan}", flush=True)
-
-    means = train_label_means(data_dir, [t.label for t in tasks])
-    log = RunLog(run_dir, runtime.is_main)
-    reader = ShardReader(
-        data_dir, "train", batch_size=tc.batch_size, shuffle=True, seed=tc.seed, drop_last=True
-    )
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, runtime.device, execute_all_batches=True)
-    train_metrics = build_metric_module(
-        tasks, tc.batch_size, TRAIN_METRIC_WINDOW, runtime.device, runtime.world_size, runtime.rank
-    )
-
-    def save_step() -> None:
-        checkpoint.save(
-            ckpt_root, f"step-{progress['step']}", dmp, optimizer, progress, keep=checkpoint.STEP_PATTERN
-        )
-
-    profiler = StepProfiler(model, run_dir, tc.profile_start_step, tc.profile_steps, runtime.is_main)
-    stopped, preempted = progress["done"], False
-    while not stopped and progress["epoch"] < tc.epochs:
-        reader.set_epoch(progress["epoch"])
-        reader.start_batch = progress["batch_in_epoch"]
-        loader = make_loader(reader, tc.num_workers, pin_memory=runtime.device.type == "cuda")
-        batches = labelled_batches(iter(loader))
-        bar = _progress_bar(tc.progress_bar and runtime.is_main, len(reader), progress["epoch"])
-        dmp.train()
-        started = time.perf_counter()
-        window_started, window_rows = started, 0  # samples/s per logged window, not since the epoch began
-        while True:
-            profiler.before_step(progress["step"] + 1)
-            try:
-                task_losses, predictions, labels, weights = pipeline.progress(batches)
-            except StopIteration:
-                break
-            progress["step"] += 1
-            progress["batch_in_epoch"] += 1
-            progress["samples_in_epoch"] += tc.batch_size * runtime.world_size
-            window_rows += tc.batch_size * runtime.world_size
-            # the loss is checked where every rank is (log steps, before a step checkpoint, the last
-            # step) and agreed by all ranks; on one CPU process, every step (free there)
-            at_log_step = progress["step"] % tc.log_every_steps == 0
-            saving = bool(tc.checkpoint_every_steps) and progress["step"] % tc.checkpoint_every_steps == 0
-            last_step = bool(tc.max_steps) and progress["step"] >= tc.max_steps
-            one_cpu = runtime.world_size == 1 and runtime.device.type == "cpu"
-            if one_cpu or at_log_step or saving or last_step:
-                _stop_if_not_finite(tasks, task_losses, progress["step"], ckpt_root)
-            if progress["step"] % tc.train_metrics_every_steps == 0:
-                with record_function(METRICS):
-                    train_metrics.update(metric_inputs(tasks, predictions, labels, weights))
-            profiler.after_step(progress["step"])
-            if progress["step"] % tc.log_every_steps == 0:
-                values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(tasks)}
-                values.update(readable(train_metrics.compute()))
-                weights_now = model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
-                values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(tasks)})
-                values["samples_per_s"] = window_rows / (time.perf_counter() - window_started)
-                window_started, window_rows = time.perf_counter(), 0  # the log's own writing counts next
-                log.write(progress["step"], "train", values)
-                if bar is not None:
-                    bar.set_postfix(
-                        {k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))}
-                    )
-            if bar is not None:
-                bar.update(1)
-            if tc.max_steps and progress["step"] >= tc.max_steps:
-                stopped = True
-                break
-            # SIGTERM: with several ranks asking is a collective, so only at log steps (all ranks)
-            if (runtime.world_size == 1 or at_log_step) and preemption.agreed():
-                stopped = preempted = True
-                break
-            if tc.checkpoint_every_steps and progress["step"] % tc.checkpoint_every_steps == 0:
-                progress["train_seconds"] += time.perf_counter() - started
-                save_step()
-                started = window_started = time.perf_counter()
-                window_rows = 0
-        progress["train_seconds"] += time.perf_counter() - started
-        if bar is not None:
-            bar.close()
-        if stopped and progress["batch_in_epoch"] < reader.num_batches():
-            save_step()  # stopped mid-epoch (max_steps, SIGTERM): resumable from here
-            break
-        pipeline.detach()  # evaluation runs the model's own forward
-        val = evaluate(dmp, tasks, data_dir, "val", tc.eval_batch_size, runtime.device, means, tc.num_workers)
-        log.write(progress["step"], "val", val)
-        if tc.monitor not in val:
-            raise ConfigError(f"train.monitor '{tc.monitor}' is not a reported metric ({sorted(val)})")
-        progress["history"].append({"epoch": progress["epoch"], "step": progress["step"], **val})
-        progress["epoch"] += 1
-        progress["batch_in_epoch"] = progress["samples_in_epoch"] = 0
-        if _improved(val[tc.monitor], progress["best"], tc.monitor_mode):
-            progress.update(best=val[tc.monitor], best_epoch=progress["epoch"] - 1, bad_epochs=0)
-            checkpoint.save(
-                ckpt_root,
-                f"best-step-{progress['step']}",
-                dmp,
-                optimizer,
-                progress,
-                keep=checkpoint.BEST_PATTERN,
-                keep_last=1,
-            )
-        else:
-            progress["bad_epochs"] += 1
-        if runtime.is_main:
-            print(
-                f"epoch {progress['epoch'] - 1}: val "
-                + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows"),
-                flush=True,
-            )
-        stopped = (
-            preempted
-            or progress["bad_epochs"] >= tc.patience
-            or bool(tc.max_steps and progress["step"] >= tc.max_steps)
-        )
-        progress["done"] = progress["epoch"] >= tc.epochs or bool(stopped)
-        save_step()
-
-    # resumed with fewer epochs than it has run: nothing left to train, so it is finished
-    progress["done"] = progress["done"] or (progress["epoch"] >= tc.epochs and not preempted)
-    results: Dict[str, Any] = {
-        "name": cfg.name,
-        "tower": cfg.model.tower.name,
-        "seed": tc.seed,
-        "world_size": runtime.world_size,
-        "steps": progress["step"],
-        "train_seconds": progress["train_seconds"],
-        "history": progress["history"],
-        "preempted": preempted,
-    }
-    best = checkpoint.latest(ckpt_root, checkpoint.BEST_PATTERN) if progress["done"] else None
-    if best is not None:
-        checkpoint.load(best, dmp, restore_rng=False, checked=True)  # latest has just verified it
-        pipeline.detach()
-        results["best_epoch"] = progress["best_epoch"]
-        results["val"] = progress["history"][progress["best_epoch"]]
-        results["test"] = evaluate(
-            dmp, tasks, data_dir, "test", tc.eval_batch_size, runtime.device, means, tc.num_workers
-        )
-        log.write(progress["step"], "test", results["test"])
-    if runtime.is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    log.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return results
 
 
 def _progress_bar(enabled: bool, total: int, epoch: int):
