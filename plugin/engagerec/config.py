@@ -38,22 +38,30 @@ class FeatureConfig:
       history      the user's last ``length`` ``of`` ids strictly before this row
       history_mean the mean of a label (``of``: watch_ratio or skip) over the user's last
                    ``length`` views strictly before this row: numeric, first views imputed
+      target_mean  the mean of a label (``of``) over the training rows with this row's id
+                   (``column``), shrunk to the training mean by ``smoothing`` rows; training
+                   rows are cross-fitted over ``folds`` folds (engagerec.data.target_stats)
+      id_count     how many training rows have this row's id (``column``), itself left out
     """
 
     name: str
-    kind: Literal["categorical", "multi_hot", "numeric", "history", "history_mean"] = "categorical"
+    kind: Literal[
+        "categorical", "multi_hot", "numeric", "history", "history_mean", "target_mean", "id_count"
+    ] = "categorical"
     column: Optional[str] = None  # source column; defaults to ``name``
     id_space: Optional[str] = None  # features sharing an id space share a vocab/table
     min_count: int = 1  # rarer ids map to the out-of-vocabulary row
     separator: str = ","
-    transform: Literal["none", "log1p"] = "none"  # numeric
+    transform: Literal["none", "log1p"] = "none"  # numeric, id_count
     missing: Literal["error", "mean"] = "error"  # numeric: mean imputes the train mean
     buckets: int = 0  # numeric: exact train quantiles (DuckDB quantile_cont), then a sparse bucket id
     length: int = 20  # history length
-    of: str = "content_id"  # history: which id column; history_mean: which label
+    of: str = "content_id"  # history: which id column; history_mean, target_mean: which label
     # categorical / history: id spaces larger than this many rows are hashed into this many
     # buckets (row 0 stays the OOV/missing row) instead of keeping a vocabulary; 0: never
     hash_buckets: int = 0
+    smoothing: float = 10.0  # target_mean: weight of the training mean, in rows
+    folds: int = 5  # target_mean: cross-fitting folds of the training rows
 
 
 @dataclass

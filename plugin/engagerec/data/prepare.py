@@ -34,6 +34,7 @@ from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
 from engagerec.data.tables import connect, quote, single_thread
+from engagerec.data.target_stats import STATS_DIR, build_stats
 
 SPLITS = SPLIT_NAMES
 BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet writer
@@ -81,13 +82,16 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         lap("load, join, labels, filters, split")
         if overwrite:  # schema.json first: a half-replaced directory never looks prepared
             (out_dir / SCHEMA_FILE).unlink(missing_ok=True)
-            for name in (*SPLITS, VOCAB_DIR):
+            for name in (*SPLITS, VOCAB_DIR, STATS_DIR):
                 shutil.rmtree(out_dir / name, ignore_errors=True)
         fitter = Fitter(con, events, cfg.features, out_dir)
         fitter.fit_ids()
         lap("fit vocabularies (train)")
         build_history(con, fitter, events, cfg)
         lap("history windows")
+        with single_thread(con):  # label sums in a fixed order
+            build_stats(con, fitter, cfg.features, cfg.split.seed)
+        lap("id statistics (train)")
         with single_thread(con):  # float sums in a fixed order: the same stats on every run
             schema = fitter.fit_numbers()
         lap("fit normalisation, buckets (train)")
@@ -170,7 +174,7 @@ def write_splits(
         f"CAST(coalesce(e.{quote(label)}, 'NaN'::DOUBLE) AS FLOAT) AS {quote(label)}"
         for label in schema.label_names
     ]
-    joins = " ".join(fitter.joins) + " JOIN history h ON h.__src = e.__src"
+    joins = " ".join(fitter.joins) + " JOIN history h ON h.__src = e.__src JOIN stats s ON s.__src = e.__src"
     files: Dict[str, Any] = {}
     for code, name in enumerate(SPLITS):
         if name not in splits:

@@ -27,12 +27,16 @@ import pyarrow.parquet as pq
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
 from engagerec.data.tables import is_numeric, literal, quote
+from engagerec.data.target_stats import STAT_KINDS, fit_stat_table, stat_meta
 
 SCHEMA_FILE = "schema.json"
 VOCAB_DIR = "vocabs"
 SCHEMA_VERSION = 2
-FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history", "history_mean")
+FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history", "history_mean", *STAT_KINDS)
 TRANSFORMS = ("none", "log1p")
+# where a dense feature's values are read: the joined rows, the history windows' table, the
+# id statistics' table (the aliases the shard writer gives them)
+SOURCES = {"e": "events e", "h": "history h", "s": "stats s"}
 
 
 @dataclass
@@ -86,6 +90,8 @@ class DatasetSchema:
     buckets: Dict[str, List[float]] = field(default_factory=dict)  # feature -> boundaries
     input_columns: Dict[str, str] = field(default_factory=dict)  # column -> "number" | "text"
     token_types: Dict[str, str] = field(default_factory=dict)  # id space -> BIGINT | VARCHAR tokens
+    # target_mean / id_count feature -> its id column, token type and prior (engagerec.data.target_stats)
+    target_stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     meta: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
@@ -154,6 +160,7 @@ class DatasetSchema:
             buckets=raw.get("buckets", {}),
             input_columns=raw.get("input_columns", {}),
             token_types=raw.get("token_types", {}),
+            target_stats=raw.get("target_stats", {}),
             meta=raw.get("meta", {}),
         )
 
@@ -183,13 +190,14 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             )
         if feature.missing not in ("error", "mean"):
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
+        if feature.kind in ("history_mean", "target_mean") and feature.of not in labels:
+            raise DataError(
+                f"{where}: {feature.kind} averages a label ("
+                + ("of earlier views)" if feature.kind == "history_mean" else "of the id's training rows)"),
+                expected=f"of: one of the labels {labels}",
+                got=feature.of,
+            )
         if feature.kind == "history_mean":
-            if feature.of not in labels:
-                raise DataError(
-                    f"{where}: history_mean averages a label of earlier views",
-                    expected=f"of: one of the labels {labels}",
-                    got=feature.of,
-                )
             continue
         column = feature.of if feature.kind == "history" else (feature.column or feature.name)
         if column not in columns:
@@ -215,7 +223,8 @@ class Fitter:
         )
 
     # ----------------------------------------------------------------- tokens
-    def _token_sql(self, column: str, token_type: str) -> str:
+    def token_sql(self, column: str, token_type: str) -> str:
+        """``column`` of ``events e`` as a token of ``token_type`` (NULL when missing)."""
         q = f"e.{quote(column)}"
         if token_type == "BIGINT":
             sql_type = self.events.columns[column]
@@ -284,7 +293,7 @@ class Fitter:
         """One id per row of ``column`` in ``space`` (fitted by the first feature that uses the
         space; later ones share its token type and table): the index expression, 0 when unseen."""
         token_type = self.spaces.get(space, {}).get("token_type") or self._space_token_type(space, column)
-        token = self._token_sql(column, token_type)
+        token = self.token_sql(column, token_type)
         info = self._fit_space(space, token, feature, multi=False)
         info.setdefault("token_type", token_type)
         self.schema.token_types[space] = info["token_type"]
@@ -298,7 +307,7 @@ class Fitter:
         value = f"CAST({q} AS DOUBLE)"
         value = f"(CASE WHEN isnan({value}) THEN NULL ELSE {value} END)"
         if feature.transform == "log1p":
-            source = "history h" if table == "h" else "events e"
+            source = SOURCES[table]
             bad = self.con.execute(f"SELECT min(__src) FROM {source} WHERE {value} < 0").fetchone()[0]
             if bad is not None:
                 err = self.events.locate(column, bad)
@@ -311,6 +320,17 @@ class Fitter:
                 )
             value = f"ln(1 + {value})"
         return value
+
+    # --------------------------------------------------------- id statistics
+    def stat_token_type(self, feature: FeatureConfig) -> str:
+        """The token type of a target_mean / id_count feature's id column."""
+        return self._token_type(feature.column or feature.name)
+
+    def fit_stat(self, feature: FeatureConfig, table: str, key: str, token_type: str, seed: int) -> None:
+        """Per-id training statistics of ``feature`` as DuckDB ``table`` (and its folds), saved
+        beside the schema (engagerec.data.target_stats)."""
+        prior = fit_stat_table(self.con, feature, table, key, seed, self.out_dir)
+        self.schema.target_stats[feature.name] = stat_meta(feature, prior, token_type)
 
     # ------------------------------------------------------------------- fit
     def fit_ids(self) -> None:
@@ -394,14 +414,15 @@ class Fitter:
         self.dense_sql: Dict[str, str] = {}
         dense: Dict[int, DenseFeature] = {}
         for index, feature in enumerate(self.features):
-            if feature.kind not in ("numeric", "history_mean"):
+            if feature.kind not in ("numeric", "history_mean", *STAT_KINDS):
                 continue
             column = feature.column or feature.name
-            table = "h" if feature.kind == "history_mean" else "e"
-            source = "history h" if table == "h" else "events e"
-            value = self._numeric_sql(column, feature, table)
+            table = "h" if feature.kind == "history_mean" else "s" if feature.kind in STAT_KINDS else "e"
+            source = SOURCES[table]
+            value = self._numeric_sql(feature.name if table == "s" else column, feature, table)
             mean, std = self._moments(feature, value, source, table)
-            fill = float(mean) if feature.missing == "mean" or feature.kind == "history_mean" else None
+            computed = feature.kind in ("history_mean", *STAT_KINDS)  # by prepare, never missing
+            fill = float(mean) if feature.missing == "mean" or computed else None
             if fill is None:
                 bad = self.con.execute(f"SELECT min(__src) FROM events e WHERE {value} IS NULL").fetchone()[0]
                 if bad is not None:

@@ -29,6 +29,7 @@ from engagerec.data.prepare import build_history, write_splits
 from engagerec.data.raw import CONTENT_ID, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
+from engagerec.data.target_stats import build_stats, load_stat_table
 
 IDS_FILE = "ids.parquet"
 ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for
@@ -84,6 +85,21 @@ class SchemaApplier(Fitter):
             self.schema.vocab_sizes[space] = self.fitted.vocab_sizes[space]
         self.spaces[space] = info
         return info
+
+    def stat_token_type(self, feature: FeatureConfig) -> str:
+        """The token type the training statistics were keyed by."""
+        meta = self.fitted.target_stats.get(feature.name)
+        if meta is None:
+            raise DataError(
+                f"feature '{feature.name}' has no training statistics in schema.json",
+                file=str(self.fitted_dir / "schema.json"),
+            )
+        return meta["token_type"]
+
+    def fit_stat(self, feature: FeatureConfig, table: str, key: str, token_type: str, seed: int) -> None:
+        """The training statistics of ``feature``, read back from the training data."""
+        load_stat_table(self.con, feature, table, self.fitted_dir, token_type)
+        self.schema.target_stats[feature.name] = dict(self.fitted.target_stats[feature.name])
 
     def _fitted_dense(self, feature: FeatureConfig):
         return next(d for d in self.fitted.dense if d.name == feature.name)
@@ -213,6 +229,7 @@ def encode_for_scoring(
         applier = SchemaApplier(con, events, data.features, out_dir, fitted, Path(fitted_dir))
         applier.fit_ids()
         build_history(con, applier, events, data)
+        build_stats(con, applier, data.features, data.split.seed)
         schema = applier.fit_numbers()
         files = write_splits(con, applier, events, data, out_dir, splits=("test",), order=f"e.{SOURCE_ROW}")
         unseen = _unseen_ids(con, applier)

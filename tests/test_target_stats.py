@@ -1,0 +1,170 @@
+"""target_mean and id_count features: held-out rows get the training statistics, training rows
+are cross-fitted (never their own label), and scoring applies the training statistics."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from engagerec.config import config_from_dict
+from engagerec.data.errors import DataError
+from engagerec.data.prepare import prepare
+from engagerec.data.scoring import encode_for_scoring
+
+SMOOTHING, FOLDS = 20.0, 4  # 20.0 * a 16-digit prior overflowed DECIMAL literals once
+
+
+def _files(directory, seed=0, n=600):
+    rng = np.random.default_rng(seed)
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(15)], "age": rng.integers(15, 70, 15)})
+    users["gender"] = rng.choice(["F", "M"], 15)
+    content = pd.DataFrame(
+        {
+            "content_id": np.arange(50),
+            "genres": rng.choice(["1,2", "2", "3"], 50),
+            "rating": rng.uniform(1, 5, 50).round(2),
+            "duration": rng.integers(10, 300, 50),
+        }
+    )
+    log = pd.DataFrame(
+        {
+            "user_id": rng.choice(users.user_id, n),
+            "content_id": rng.zipf(1.4, n) % 50,
+            "timestamp": rng.integers(0, 10_000, n),
+        }
+    )
+    log["watch_time"] = rng.uniform(0, 1.0, n) * content.duration[log.content_id].to_numpy()
+    files = {}
+    for name, frame in (("interactions", log), ("users", users), ("content", content)):
+        frame.to_csv(directory / f"{name}.csv", index=False)
+        files[name] = str(directory / f"{name}.csv")
+    return files
+
+
+def _config(files, **feature_changes):
+    stats = [
+        {"name": "content_wr", "kind": "target_mean", "column": "content_id", "of": "watch_ratio"},
+        {"name": "user_skip", "kind": "target_mean", "column": "user_id", "of": "skip"},
+        {"name": "content_views", "kind": "id_count", "column": "content_id"},
+    ]
+    for feature in stats:
+        feature.update({"smoothing": SMOOTHING, "folds": FOLDS} if feature["kind"] == "target_mean" else {})
+        feature.update(feature_changes)
+    return config_from_dict(
+        {
+            "data": {
+                "source": {"adapter": "study", **files},
+                "features": [{"name": "user_id"}, {"name": "content_id"}, *stats],
+                "filters": {"min_user_views": 0},
+                "split": {"kind": "random", "test_fraction": 0.3, "val_fraction": 0.1, "seed": 3},
+            }
+        }
+    )
+
+
+def _split(directory, split):
+    """A split's rows with the statistic features back in their own units."""
+    frame = ds.dataset(directory / split).to_table().to_pandas()
+    schema = json.loads((directory / "schema.json").read_text())
+    for dense in schema["dense"]:
+        frame[dense["name"]] = frame[dense["name"]].astype(np.float64) * dense["std"] + dense["mean"]
+    return frame
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("target_stats")
+    files = _files(directory)
+    cfg = _config(files)
+    prepare(cfg.data, directory / "prepared")
+    return cfg, files, directory
+
+
+def _training_sums(train, key, label):
+    grouped = train.groupby(key)[label]
+    return grouped.sum(), grouped.count(), float(train[label].mean())
+
+
+@pytest.mark.parametrize(("feature", "key", "label"), [("content_wr", "content_id", "watch_ratio"),
+                                                       ("user_skip", "user_id", "skip")])  # fmt: skip
+def test_held_out_rows_get_the_smoothed_training_mean(prepared, feature, key, label):
+    _, _, directory = prepared
+    train = _split(directory / "prepared", "train")
+    sums, counts, prior = _training_sums(train, key, label)
+    for split in ("val", "test"):
+        rows = _split(directory / "prepared", split)
+        s = rows[key].map(sums).fillna(0.0)  # an id unseen in training (index 0) has no training rows
+        c = rows[key].map(counts).fillna(0.0)
+        expected = (s + SMOOTHING * prior) / (c + SMOOTHING)
+        np.testing.assert_allclose(rows[feature], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_rows_are_cross_fitted_and_never_see_their_own_label(prepared):
+    _, _, directory = prepared
+    train = _split(directory / "prepared", "train")
+    sums, counts, prior = _training_sums(train, "content_id", "watch_ratio")
+    # the value depends only on (id, fold): rows sharing an id and a value are one fold's rows
+    folds_seen = 0
+    for (content, value), fold in train.round({"content_wr": 5}).groupby(["content_id", "content_wr"]):
+        rest_sum = sums[content] - fold.watch_ratio.sum()
+        rest_count = counts[content] - len(fold)
+        assert value == pytest.approx((rest_sum + SMOOTHING * prior) / (rest_count + SMOOTHING), abs=1e-4)
+        folds_seen += 1
+    assert folds_seen > train.content_id.nunique()  # several folds per id: the check had teeth
+    # id_count: the other training rows with this id
+    views = train.content_id.map(train.content_id.value_counts()) - 1
+    np.testing.assert_allclose(train.content_views, views, atol=1e-3)
+
+
+def test_a_training_label_moves_other_rows_statistics_but_never_its_own(tmp_path):
+    files = _files(tmp_path)
+    cfg = _config(files)
+    prepare(cfg.data, tmp_path / "before")
+    before = _split(tmp_path / "before", "train")
+    log = pd.read_csv(files["interactions"])
+    popular = log.content_id.value_counts().index[0]
+    for source_row in log.index[log.content_id == popular][:10]:  # the first that lands in train
+        changed_log = log.copy()
+        changed_log.loc[source_row, "watch_time"] = 0.5  # seconds: a ratio near 0
+        changed_log.to_csv(files["interactions"], index=False)
+        prepare(cfg.data, tmp_path / "after")
+        after = _split(tmp_path / "after", "train")  # the same rows in the same order
+        changed = before.watch_ratio.to_numpy() != after.watch_ratio.to_numpy()
+        if changed.any():
+            break
+    assert changed.sum() == 1
+    row = int(np.flatnonzero(changed)[0])
+    # its own value moves only with the prior (the training mean, which holds every training label)
+    prior_shift = abs(after.watch_ratio[row] - before.watch_ratio[row]) / len(before)
+    assert abs(after.content_wr[row] - before.content_wr[row]) <= prior_shift + 1e-6
+    others = (before.content_id == before.content_id[row]).to_numpy() & ~changed
+    assert (np.abs(after.content_wr[others] - before.content_wr[others]) > 2 * prior_shift).any()
+    test_before, test_after = (_split(tmp_path / d, "test") for d in ("before", "after"))
+    same_video = (test_before.content_id == before.content_id[row]).to_numpy()
+    assert same_video.any()
+    assert (~np.isclose(test_before.content_wr[same_video], test_after.content_wr[same_video])).all()
+
+
+def test_scoring_applies_the_training_statistics(prepared, tmp_path):
+    cfg, files, directory = prepared
+    train = _split(directory / "prepared", "train")
+    new_rows = pd.read_csv(files["interactions"]).head(80)
+    new_rows.to_csv(tmp_path / "new.csv", index=False)
+    summary = encode_for_scoring(
+        cfg.data, directory / "prepared", str(tmp_path / "new.csv"), tmp_path / "scored"
+    )
+    assert summary["rows_scored"] == 80
+    scored = _split(tmp_path / "scored", "test")
+    sums, counts, prior = _training_sums(train, "content_id", "watch_ratio")
+    s, c = scored.content_id.map(sums).fillna(0.0), scored.content_id.map(counts).fillna(0.0)
+    np.testing.assert_allclose(scored.content_wr, (s + SMOOTHING * prior) / (c + SMOOTHING), atol=1e-4)
+    views = scored.content_id.map(train.content_id.value_counts()).fillna(0)
+    np.testing.assert_allclose(scored.content_views, views, atol=1e-3)  # scored rows are never training rows
+
+
+def test_a_target_mean_of_something_that_is_not_a_label_is_refused(tmp_path):
+    cfg = _config(_files(tmp_path), of="rating")
+    with pytest.raises(DataError, match=r"target_mean averages a label .*of: one of the labels"):
+        prepare(cfg.data, tmp_path / "prepared")
