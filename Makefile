@@ -38,7 +38,7 @@ DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/
 	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/prepare.py \
 	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \
 	plugin/engagerec/profiling.py plugin/engagerec/export.py plugin/engagerec/predict.py \
-	plugin/engagerec/train.py
+	plugin/engagerec/train.py plugin/engagerec/report.py
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)

@@ -57,17 +57,18 @@ def test_predictions_on_the_prepared_test_split_give_evaluates_metrics(kuairand_
     assert (preds["skip_flag"] == (preds["skip_probability"] >= 0.5)).all()
 
 
-def _kept_rows(directory, splits):
-    """Every encoded row of ``splits``, features and labels, in one canonical order."""
-    frame = pd.concat(
-        [ds.dataset(Path(directory) / s).to_table().to_pandas() for s in splits], ignore_index=True
-    )
+def _kept_rows(directory, splits, unordered=()):
+    """Every encoded row of ``splits``, features and labels, in one canonical order (by every
+    column but ``unordered``), with the split each came from."""
+    frames = [ds.dataset(Path(directory) / s).to_table().to_pandas().assign(split=s) for s in splits]
+    frame = pd.concat(frames, ignore_index=True)
     for column in frame.columns:
         if frame[column].dtype == object:  # id lists (history, genres) compare as tuples
             frame[column] = frame[column].map(tuple)
     floats = [c for c in frame.columns if frame[c].dtype.kind == "f"]
     key = frame.assign(**{c: frame[c].round(4) for c in floats})
-    return frame.loc[key.sort_values(list(frame.columns)).index].reset_index(drop=True)
+    order = [c for c in frame.columns if c not in unordered and c != "split"]
+    return frame.loc[key.sort_values(order).index].reset_index(drop=True)
 
 
 def test_raw_rows_are_encoded_exactly_as_prepare_encoded_them(tmp_path):
@@ -85,14 +86,21 @@ def test_raw_rows_are_encoded_exactly_as_prepare_encoded_them(tmp_path):
     summary = encode_for_scoring(cfg.data, tmp_path / "prepared", str(path), tmp_path / "scored")
     assert summary["rows_read"] == summary["rows_scored"] == len(log)
     assert sum(summary["unseen_ids"].values()) > 0  # val and test rows hold ids train never saw
-    fitted = _kept_rows(tmp_path / "prepared", ["train", "val", "test"])
-    scored = _kept_rows(tmp_path / "scored", ["test"])
+    # id statistics: prepare cross-fits training rows; a scored row is never a training row
+    stats = set(json.loads((tmp_path / "prepared" / "schema.json").read_text())["target_stats"])
+    assert stats
+    fitted = _kept_rows(tmp_path / "prepared", ["train", "val", "test"], unordered=stats)
+    scored = _kept_rows(tmp_path / "scored", ["test"], unordered=stats)
     assert list(fitted.columns) == list(scored.columns) and len(fitted) == len(scored)
-    for column in fitted.columns:
+    held_out = (fitted.split != "train").to_numpy()
+    for column in fitted.columns.drop("split"):
+        rows = held_out if column in stats else slice(None)
         if fitted[column].dtype.kind == "f":
-            np.testing.assert_allclose(scored[column], fitted[column], rtol=1e-5, atol=1e-6, err_msg=column)
+            np.testing.assert_allclose(
+                scored[column][rows], fitted[column][rows], rtol=1e-5, atol=1e-6, err_msg=column
+            )
         else:
-            assert (scored[column] == fitted[column]).all(), column
+            assert (scored[column][rows] == fitted[column][rows]).all(), column
 
 
 def test_new_ids_go_to_the_oov_row_and_are_counted(kuairand_run, tmp_path):

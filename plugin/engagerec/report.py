@@ -1,6 +1,8 @@
 """Comparison reports: several towers x seeds -> a markdown table (each task's metrics, the
 study's Table 1 generalised to any number of tasks), a JSON file and a plot per task. Mean +-
-standard deviation over seeds, with the constant baselines."""
+the 95% confidence interval over seeds (Student's t), with the constant baselines, and paired
+comparisons against a reference model (same seeds, same split): the mean difference, its
+interval and the paired t-test's p-value, so that "indistinguishable" is a tested statement."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
+GBDT = "gbdt (scikit-learn)"  # the reference model's row
 
 # per task kind: (metric, column title, constant baseline's metric or a fixed value)
 KIND_COLUMNS = {
@@ -43,8 +47,25 @@ def columns(summary: Dict[str, Dict[str, Any]]) -> List[Tuple[str, str, Any]]:
     ]
 
 
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the 95% confidence interval of the mean of ``values`` (Student's t with
+    n - 1 degrees of freedom); 0 for a single value.
+
+    Example::
+
+        >>> round(ci95(np.array([1.0, 2.0, 3.0, 4.0, 5.0])), 4)  # 2.776 * 1.581 / sqrt(5)
+        1.9632
+    """
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return 0.0
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
+
+
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """tower -> {metric: (mean, std, n)} over the seeds' test metrics."""
+    """tower -> {metric: {mean, std, ci95, n}} over the seeds' test metrics."""
     by_tower: Dict[str, List[Dict[str, float]]] = {}
     for run in runs:
         by_tower.setdefault(run["tower"], []).append(run["test"])
@@ -56,6 +77,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
             out[tower][key] = {
                 "mean": float(values.mean()),
                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "ci95": ci95(values),
                 "n": int(len(values)),
             }
     return out
@@ -64,11 +86,11 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
 def _cell(stats: Optional[Dict[str, Any]]) -> str:
     if stats is None:
         return "–"
-    return f"{stats['mean']:.4f} ± {stats['std']:.4f}" if stats["n"] > 1 else f"{stats['mean']:.4f}"
+    return f"{stats['mean']:.4f} ± {stats['ci95']:.4f}" if stats["n"] > 1 else f"{stats['mean']:.4f}"
 
 
 def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
-    """The ``summarise`` result as a markdown table: one row per tower (mean ± std over seeds) with
+    """The ``summarise`` result as a markdown table: one row per tower (mean ± 95% CI over seeds) with
     each task's metrics (regression: MSE, MAE, XAUC; binary: AUC, accuracy), then the constant
     predictors' row (train mean, majority class, 0.5 for the ranking metrics). The baselines
     depend on the data only, so they come from the first model that reports them (the GBDT
@@ -95,9 +117,81 @@ def markdown_table(summary: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def paired_comparisons(runs: List[Dict[str, Any]], reference: str) -> List[Dict[str, Any]]:
+    """
+    Each model against ``reference`` on each task's main metric (regression: MSE, binary:
+    AUC), paired by seed: the mean of the per-seed differences (model - reference), its 95%
+    interval and the two-sided paired t-test's p-value.
+
+    Args:
+        runs: one result per (tower, seed), each with ``"tower"``, ``"seed"`` and ``"test"``.
+        reference: the tower the others are compared with.
+
+    Returns:
+        List[Dict[str, Any]]: per (model, metric): ``model``, ``metric``, ``difference``,
+        ``ci95``, ``p_value`` (NaN below 2 shared seeds or when every difference is equal), ``seeds``.
+
+    Example::
+
+        >>> runs = [{"tower": t, "seed": s, "test": {"skip/auc": a}}
+        ...         for t, aucs in (("a", [0.80, 0.81, 0.82]), ("b", [0.81, 0.83, 0.83]))
+        ...         for s, a in enumerate(aucs)]
+        >>> row = paired_comparisons(runs, "a")[0]
+        >>> row["model"], row["metric"], round(row["difference"], 4), row["seeds"]
+        ('b', 'skip/auc', 0.0133, 3)
+    """
+    from scipy import stats
+
+    by_model: Dict[str, Dict[int, Dict[str, float]]] = {}
+    for run in runs:
+        by_model.setdefault(run["tower"], {})[run["seed"]] = run["test"]
+    base = by_model.get(reference, {})
+    kinds = task_kinds(summarise(runs))
+    rows = []
+    for model, tests in by_model.items():
+        if model == reference:
+            continue
+        seeds = sorted(set(tests) & set(base))
+        for task, kind in kinds.items():
+            key = f"{task}/{'mse' if kind == 'regression' else 'auc'}"
+            if not seeds or any(key not in tests[s] or key not in base[s] for s in seeds):
+                continue
+            diffs = np.array([tests[s][key] - base[s][key] for s in seeds], dtype=float)
+            p_value = float("nan")
+            if len(diffs) > 1 and np.ptp(diffs) > 0:
+                p_value = float(
+                    stats.ttest_rel([tests[s][key] for s in seeds], [base[s][key] for s in seeds]).pvalue
+                )
+            rows.append({"model": model, "metric": key, "difference": float(diffs.mean()),
+                         "ci95": ci95(diffs), "p_value": p_value, "seeds": len(seeds)})  # fmt: skip
+    return rows
+
+
+def paired_table(rows: List[Dict[str, Any]], reference: str) -> str:
+    """``paired_comparisons`` as markdown: one row per model, a column per metric."""
+    if not rows:
+        return ""
+    metrics = list(dict.fromkeys(row["metric"] for row in rows))
+    lines = [
+        f"| model - {reference} | " + " | ".join(f"{m} difference (p)" for m in metrics) + " | seeds |",
+        "|---|" + "---:|" * (len(metrics) + 1),
+    ]
+    for model in dict.fromkeys(row["model"] for row in rows):
+        cells, seeds = [], 0
+        for metric in metrics:
+            row = next((r for r in rows if r["model"] == model and r["metric"] == metric), None)
+            if row is None:
+                cells.append("–")
+                continue
+            seeds = row["seeds"]
+            cells.append(f"{row['difference']:+.4f} ± {row['ci95']:.4f} (p={row['p_value']:.2g})")
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
 def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
-    """Save one bar chart per task (regression: MSE, binary: AUC; mean over seeds, std as error
-    bar) to ``path``."""
+    """Save one bar chart per task (regression: MSE, binary: AUC; mean over seeds, the 95%
+    interval as error bar) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,8 +207,8 @@ def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
             ax.set_title(f"{task}: no finite values")
             continue
         means = [summary[t][key]["mean"] for t in shown]
-        stds = [summary[t][key]["std"] for t in shown]
-        ax.bar(shown, means, yerr=stds, capsize=4, color="#4C72B0")
+        errors = [summary[t][key]["ci95"] for t in shown]
+        ax.bar(shown, means, yerr=errors, capsize=4, color="#4C72B0")
         better = "lower" if kind == "regression" else "higher"
         ax.set_title(f"{task} {key.split('/')[1].upper()} ({better} is better)")
         ax.set_ylim(min(means) * 0.95, max(means) * 1.03)
@@ -168,7 +262,7 @@ def run_comparison(
         for seed in seeds:
             reference = gbdt_reference(prepared_dir(cfg), seed, tasks)
             print(f"gbdt seed {seed}: test {_headline(reference)}", flush=True)
-            runs.append({"tower": "gbdt (scikit-learn)", "seed": seed, "test": reference})
+            runs.append({"tower": GBDT, "seed": seed, "test": reference})
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
 
 
@@ -185,8 +279,18 @@ def write_report(runs: List[Dict[str, Any]], out_dir: Path, title: str) -> str:
     """
     summary = summarise(runs)
     table = markdown_table(summary)
+    # paired against the GBDT reference when it ran, else against the first model
+    reference = GBDT if GBDT in summary else next(iter(summary))
+    paired = paired_comparisons(runs, reference)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
-    (out_dir / "compare.md").write_text(f"# {title}\n\nTest split; mean ± std over seeds.\n\n{table}\n")
+    report = {"summary": summary, "paired": {"reference": reference, "rows": paired}, "runs": runs}
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=1))
+    text = f"# {title}\n\nTest split; mean ± 95% confidence interval over seeds (Student's t).\n\n{table}\n"
+    if paired:
+        text += (
+            f"\nPaired by seed against {reference} (same split): mean difference ± 95% CI, "
+            f"two-sided paired t-test p-value.\n\n{paired_table(paired, reference)}\n"
+        )
+    (out_dir / "compare.md").write_text(text)
     plot(summary, out_dir / "compare.png")
     return table

@@ -11,7 +11,7 @@ simultaneous. Used for the id history (``list`` of the encoded ids) and for hist
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import duckdb
 
@@ -38,6 +38,7 @@ def build_history_table(
     source: str,
     columns: List[Tuple[str, str, int, str]],
     ties: bool = True,
+    keep: Sequence[str] = (),
 ) -> None:
     """``CREATE TABLE target(__src, __split, <one column per history feature>)``.
 
@@ -50,6 +51,8 @@ def build_history_table(
             ``("history", "list", 20, "[]::INTEGER[]")`` or ``("recent_skip", "avg", 20, "NULL")``.
         ties: whether a user may have several views at one timestamp; without ties the
             second window pass (first row of each moment) is skipped.
+        keep: columns of ``source`` carried into ``target`` as they are (per-row values
+            computed beside the windows, such as the id statistics).
 
     The windows run over this narrow projection, never over the wide rows: sorting those
     costs several times more and spills early under a memory limit.
@@ -71,6 +74,7 @@ def build_history_table(
             outer.append(f"coalesce({first}, {empty}) AS {quote(name)}")
         else:
             outer.append(f"coalesce({window}, {empty}) AS {quote(name)}")
+    outer += [quote(name) for name in keep]
     body = f"SELECT *, {', '.join(inner)} FROM ({source})" if ties else source
     con.execute(
         f"CREATE OR REPLACE TABLE {target} AS SELECT {ORDER}, __split, {', '.join(outer)} FROM ({body})"

@@ -34,7 +34,7 @@ from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
 from engagerec.data.tables import connect, quote, single_thread
-from engagerec.data.target_stats import STATS_DIR, build_stats
+from engagerec.data.target_stats import STATS_DIR, drop_stat_tables, stat_sql
 
 SPLITS = SPLIT_NAMES
 BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet writer
@@ -88,10 +88,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         fitter.fit_ids()
         lap("fit vocabularies (train)")
         build_history(con, fitter, events, cfg)
-        lap("history windows")
-        with single_thread(con):  # label sums in a fixed order
-            build_stats(con, fitter, cfg.features, cfg.split.seed)
-        lap("id statistics (train)")
+        lap("history windows, id statistics")
         with single_thread(con):  # float sums in a fixed order: the same stats on every run
             schema = fitter.fit_numbers()
         lap("fit normalisation, buckets (train)")
@@ -120,8 +117,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
 
 
 def build_history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig) -> None:
-    """The ``history`` table: per event, its id histories (encoded ids of earlier views) and its
-    history_mean features (means of earlier labels)."""
+    """The ``history`` table: per event, its id histories (encoded ids of earlier views), its
+    history_mean features (means of earlier labels) and its id statistics (target_mean,
+    id_count: computed in the same pass, so the writer joins one per-row table)."""
     values, windows = [], []
     for feature, lookup in fitter.histories:
         values.append(lookup)
@@ -130,16 +128,20 @@ def build_history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events
         if feature.kind == "history_mean":
             values.append(f"e.{quote(feature.of)}")
             windows.append((feature.name, "avg", feature.length, "NULL"))
+    stat_joins, stat_columns = stat_sql(fitter, cfg.features, cfg.split.seed)
+    stats = [f"{sql} AS {quote(name)}" for name, sql in stat_columns.items()]
+    joins = " ".join(fitter.history_joins + stat_joins)
     if not windows:
-        con.execute("CREATE OR REPLACE TABLE history AS SELECT __src, __split FROM events")
-        return
-    source = (
-        f"SELECT e.__src, e.__split, e.{quote(USER_ID)} AS __u, e.{quote(TIMESTAMP)} AS __t, "
-        + ", ".join(f"{value} AS __v{i}" for i, value in enumerate(values))
-        + " FROM events e "
-        + " ".join(fitter.history_joins)
-    )
-    build_history_table(con, "history", source, windows, ties=has_ties(con))
+        select = ", ".join(["e.__src", "e.__split"] + stats)
+        con.execute(f"CREATE OR REPLACE TABLE history AS SELECT {select} FROM events e {joins}")
+    else:
+        source = (
+            f"SELECT e.__src, e.__split, e.{quote(USER_ID)} AS __u, e.{quote(TIMESTAMP)} AS __t, "
+            + ", ".join([f"{value} AS __v{i}" for i, value in enumerate(values)] + stats)
+            + f" FROM events e {joins}"
+        )
+        build_history_table(con, "history", source, windows, ties=has_ties(con), keep=list(stat_columns))
+    drop_stat_tables(con, cfg.features)
 
 
 def _split_order(cfg: DataConfig, split: str) -> str:
@@ -174,7 +176,7 @@ def write_splits(
         f"CAST(coalesce(e.{quote(label)}, 'NaN'::DOUBLE) AS FLOAT) AS {quote(label)}"
         for label in schema.label_names
     ]
-    joins = " ".join(fitter.joins) + " JOIN history h ON h.__src = e.__src JOIN stats s ON s.__src = e.__src"
+    joins = " ".join(fitter.joins) + " JOIN history h ON h.__src = e.__src"
     files: Dict[str, Any] = {}
     for code, name in enumerate(SPLITS):
         if name not in splits:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
-from engagerec.data.tables import is_numeric, literal, quote
+from engagerec.data.tables import is_numeric, literal, quote, single_thread
 from engagerec.data.target_stats import STAT_KINDS, fit_stat_table, stat_meta
 
 SCHEMA_FILE = "schema.json"
@@ -34,9 +34,9 @@ VOCAB_DIR = "vocabs"
 SCHEMA_VERSION = 2
 FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history", "history_mean", *STAT_KINDS)
 TRANSFORMS = ("none", "log1p")
-# where a dense feature's values are read: the joined rows, the history windows' table, the
-# id statistics' table (the aliases the shard writer gives them)
-SOURCES = {"e": "events e", "h": "history h", "s": "stats s"}
+# where a dense feature's values are read: the joined rows, or the history table that holds
+# the history windows and id statistics (the aliases the shard writer gives them)
+SOURCES = {"e": "events e", "h": "history h"}
 
 
 @dataclass
@@ -327,9 +327,10 @@ class Fitter:
         return self._token_type(feature.column or feature.name)
 
     def fit_stat(self, feature: FeatureConfig, table: str, key: str, token_type: str, seed: int) -> None:
-        """Per-id training statistics of ``feature`` as DuckDB ``table`` (and its folds), saved
-        beside the schema (engagerec.data.target_stats)."""
-        prior = fit_stat_table(self.con, feature, table, key, seed, self.out_dir)
+        """Per-id training statistics of ``feature`` as DuckDB ``table``, saved beside the schema
+        for scoring (engagerec.data.target_stats)."""
+        with single_thread(self.con):  # label sums in a fixed order: the same values on every run
+            prior = fit_stat_table(self.con, feature, table, key, seed, self.out_dir)
         self.schema.target_stats[feature.name] = stat_meta(feature, prior, token_type)
 
     # ------------------------------------------------------------------- fit
@@ -417,11 +418,11 @@ class Fitter:
             if feature.kind not in ("numeric", "history_mean", *STAT_KINDS):
                 continue
             column = feature.column or feature.name
-            table = "h" if feature.kind == "history_mean" else "s" if feature.kind in STAT_KINDS else "e"
-            source = SOURCES[table]
-            value = self._numeric_sql(feature.name if table == "s" else column, feature, table)
-            mean, std = self._moments(feature, value, source, table)
             computed = feature.kind in ("history_mean", *STAT_KINDS)  # by prepare, never missing
+            table = "h" if computed else "e"  # the history table holds what prepare computed
+            source = SOURCES[table]
+            value = self._numeric_sql(feature.name if computed else column, feature, table)
+            mean, std = self._moments(feature, value, source, table)
             fill = float(mean) if feature.missing == "mean" or computed else None
             if fill is None:
                 bad = self.con.execute(f"SELECT min(__src) FROM events e WHERE {value} IS NULL").fetchone()[0]

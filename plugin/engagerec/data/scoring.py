@@ -29,7 +29,7 @@ from engagerec.data.prepare import build_history, write_splits
 from engagerec.data.raw import CONTENT_ID, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
-from engagerec.data.target_stats import build_stats, load_stat_table
+from engagerec.data.target_stats import load_stat_table
 
 IDS_FILE = "ids.parquet"
 ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for
@@ -229,7 +229,6 @@ def encode_for_scoring(
         applier = SchemaApplier(con, events, data.features, out_dir, fitted, Path(fitted_dir))
         applier.fit_ids()
         build_history(con, applier, events, data)
-        build_stats(con, applier, data.features, data.split.seed)
         schema = applier.fit_numbers()
         files = write_splits(con, applier, events, data, out_dir, splits=("test",), order=f"e.{SOURCE_ROW}")
         unseen = _unseen_ids(con, applier)

@@ -17,14 +17,14 @@ test rows see only training rows, all earlier.
 
 The per-id sums and counts go to ``stats/<feature>.parquet`` beside schema.json (and the
 prior to schema.json's ``target_stats``), so ``engagerec predict`` encodes new rows with the
-training statistics. The per-row values are a narrow table ``stats`` keyed by the source row,
-which the shard writer joins (as it joins the history table).
+training statistics. The per-row values are columns of the history table (one row per event,
+keyed by the source row), which the shard writer joins.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import duckdb
 
@@ -42,49 +42,62 @@ def stat_features(features: List[FeatureConfig]) -> List[FeatureConfig]:
     return [feature for feature in features if feature.kind in STAT_KINDS]
 
 
-def build_stats(con: duckdb.DuckDBPyConnection, fitter, features: List[FeatureConfig], seed: int) -> None:
+def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str], Dict[str, str]]:
     """
-    ``CREATE TABLE stats(__src, __split, <one column per target_mean / id_count feature>)`` over every
-    row of ``events``.
+    Fit (prepare) or read back (scoring) the per-id training statistics of every target_mean
+    and id_count feature as DuckDB tables, and return the SQL that puts them on each row of
+    ``events e``: the joins, and per feature its value. engagerec.data.prepare.build_history
+    computes them in the history table's pass (the shard writer joins one per-row table:
+    a second one did not fit 1 GB at KuaiRand-1K scale).
 
     Args:
-        con: the connection holding ``events``.
-        fitter: the prepare ``Fitter`` (fits the statistics on train rows and writes them to
-            its output directory) or a scoring ``SchemaApplier`` (reads the training ones).
+        fitter: the prepare ``Fitter`` (fits on train rows and writes ``stats/`` beside the
+            schema) or a scoring ``SchemaApplier`` (reads the training ones back).
         features: the data config's features (the others are left out).
         seed: the fold assignment's seed (``data.split.seed``).
 
+    Returns:
+        Tuple[List[str], Dict[str, str]]: LEFT JOIN clauses, and feature name -> SQL value.
+
     Example::
 
-        build_stats(con, fitter, cfg.features, cfg.split.seed)
-        con.execute("SELECT * FROM stats LIMIT 3").fetchall()  # [(__src, content_watch_ratio), ...]
+        joins, values = stat_sql(fitter, cfg.features, cfg.split.seed)
+        con.execute(f"SELECT {values['video_views']} FROM events e {' '.join(joins)} LIMIT 3")
     """
-    columns, joins = [], []
+    joins, values = [], {}
     for i, feature in enumerate(stat_features(features)):
         token_type = fitter.stat_token_type(feature)
         key = fitter.token_sql(feature.column or feature.name, token_type)
-        table = f"stats_{i}"
-        fitter.fit_stat(feature, table, key, token_type, seed)
-        joins.append(f"LEFT JOIN {table} a{i} ON a{i}.token = {key}")
-        training_row = "e.__split = 0"
-        if feature.kind == "target_mean":
-            fold = f"f{i}.fold = {fold_sql(feature, seed)}"
-            joins.append(f"LEFT JOIN {table}_folds f{i} ON f{i}.token = {key} AND {fold}")
-            prior = fitter.schema.target_stats[feature.name]["prior"]
-            m = float(feature.smoothing)
-            # all training rows with this id, less those of the row's own fold (training rows only)
-            total, count = (
-                f"coalesce(a{i}.{x}, 0) - (CASE WHEN {training_row} THEN coalesce(f{i}.{x}, 0) ELSE 0 END)"
-                for x in ("s", "c")
-            )
-            m, prior = f"CAST({m!r} AS DOUBLE)", f"CAST({prior!r} AS DOUBLE)"  # not DECIMAL literals
-            value = f"({total} + {m} * {prior}) / ({count} + {m})"
-        else:  # id_count: a training row is one of its id's rows; it does not count itself
-            itself = f"(CASE WHEN {training_row} AND {key} IS NOT NULL THEN 1 ELSE 0 END)"
-            value = f"CAST(coalesce(a{i}.n, 0) - {itself} AS DOUBLE)"
-        columns.append(f"{value} AS {quote(feature.name)}")
-    select = ", ".join(["e.__src", "e.__split"] + columns)
-    con.execute(f"CREATE OR REPLACE TABLE stats AS SELECT {select} FROM events e {' '.join(joins)}")
+        fitter.fit_stat(feature, f"stat_{i}", key, token_type, seed)
+        joins.append(f"LEFT JOIN stat_{i} a{i} ON a{i}.token = {key}")
+        meta = fitter.schema.target_stats[feature.name]
+        values[feature.name] = _value(feature, f"a{i}", fold_sql(feature, seed), key, meta)
+    return joins, values
+
+
+def drop_stat_tables(con: duckdb.DuckDBPyConnection, features: List[FeatureConfig]) -> None:
+    """Free the per-id tables once the rows hold their values."""
+    for i in range(len(stat_features(features))):
+        con.execute(f"DROP TABLE IF EXISTS stat_{i}")
+
+
+def _value(feature: FeatureConfig, alias: str, fold: str, key: str, meta: Dict[str, Any]) -> str:
+    """A statistic feature's value from its id's training sums in ``alias`` (``s`` label sum,
+    ``c`` labelled rows, ``n`` rows; per fold ``s0, c0, s1, c1, ...``), for a row of ``events e``."""
+    training = "e.__split = 0"
+    if feature.kind == "id_count":  # a training row is one of its id's rows: not counted
+        itself = f"(CASE WHEN {training} AND {key} IS NOT NULL THEN 1 ELSE 0 END)"
+        return f"CAST(coalesce({alias}.n, 0) - {itself} AS DOUBLE)"
+    folds = range(max(int(feature.folds), 2))
+
+    def own_fold(x: str) -> str:  # a training row's own fold's sums (columns x0, x1, ...)
+        cases = " ".join(f"WHEN {k} THEN {alias}.{x}{k}" for k in folds)
+        return f"(CASE WHEN {training} THEN coalesce(CASE {fold} {cases} END, 0) ELSE 0 END)"
+
+    m, prior = f"CAST({float(feature.smoothing)!r} AS DOUBLE)", f"CAST({float(meta['prior'])!r} AS DOUBLE)"
+    total = f"coalesce({alias}.s, 0) - {own_fold('s')}"
+    count = f"coalesce({alias}.c, 0) - {own_fold('c')}"
+    return f"(({total} + {m} * {prior}) / ({count} + {m}))"
 
 
 def fold_sql(feature: FeatureConfig, seed: int) -> str:
@@ -95,21 +108,26 @@ def fold_sql(feature: FeatureConfig, seed: int) -> str:
 def fit_stat_table(
     con: duckdb.DuckDBPyConnection, feature: FeatureConfig, table: str, key: str, seed: int, out_dir: Path
 ) -> float:
-    """Per id over the training rows: ``table(token, s, c, n)`` (label sum, labelled rows, rows)
-    and, for target_mean, ``<table>_folds(token, fold, s, c)``; written to
-    ``out_dir/stats/<feature>.parquet``. Returns the prior (the label's training mean)."""
+    """Per id over the training rows: DuckDB ``table(token, s, c, n, s0, c0, s1, c1, ...)``
+    (label sum, labelled rows, rows; the sums of each fold), and its ``(token, s, c, n)``
+    written to ``out_dir/stats/<feature>.parquet`` for scoring. Returns the prior (the
+    label's training mean; 0 for id_count)."""
     label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
     rows = (
         f"SELECT {key} AS token, CAST({label} AS DOUBLE) AS y, {fold_sql(feature, seed)} AS fold "
         "FROM events e WHERE e.__split = 0"
     )
+    per_fold = []
+    if feature.kind == "target_mean":
+        for k in range(max(int(feature.folds), 2)):
+            per_fold += [
+                f"sum(y) FILTER (WHERE fold = {k}) AS s{k}",
+                f"count(y) FILTER (WHERE fold = {k}) AS c{k}",
+            ]
+    aggregates = ", ".join(["sum(y) AS s", "count(y) AS c", "count(*) AS n"] + per_fold)
     con.execute(
-        f"CREATE OR REPLACE TABLE {table} AS SELECT token, sum(y) AS s, count(y) AS c, count(*) AS n "
-        f"FROM ({rows}) WHERE token IS NOT NULL GROUP BY token"
-    )
-    con.execute(
-        f"CREATE OR REPLACE TABLE {table}_folds AS SELECT token, fold, sum(y) AS s, count(y) AS c "
-        f"FROM ({rows}) WHERE token IS NOT NULL GROUP BY token, fold"
+        f"CREATE OR REPLACE TABLE {table} AS SELECT token, {aggregates} FROM ({rows}) "
+        "WHERE token IS NOT NULL GROUP BY token"
     )
     prior = 0.0
     if feature.kind == "target_mean":
@@ -122,24 +140,24 @@ def fit_stat_table(
         prior = float(mean)
     (out_dir / STATS_DIR).mkdir(parents=True, exist_ok=True)
     path = out_dir / STATS_DIR / f"{feature.name}.parquet"
-    con.execute(f"COPY (SELECT * FROM {table} ORDER BY token) TO {literal(str(path))} (FORMAT parquet)")
+    con.execute(
+        f"COPY (SELECT token, s, c, n FROM {table} ORDER BY token) TO {literal(str(path))} (FORMAT parquet)"
+    )
     return prior
 
 
 def load_stat_table(
     con: duckdb.DuckDBPyConnection, feature: FeatureConfig, table: str, fitted_dir: Path, token_type: str
 ) -> None:
-    """The training statistics of ``feature`` as ``table`` (and an empty ``<table>_folds``: rows
+    """The training statistics of ``feature`` as DuckDB ``table(token, s, c, n)`` (no folds: rows
     to score are never training rows)."""
     path = Path(fitted_dir) / STATS_DIR / f"{feature.name}.parquet"
     if not path.is_file():
         raise DataError("the training data's id statistics are missing", file=str(path))
+    no_folds = "".join(f", 0.0 AS s{k}, 0 AS c{k}" for k in range(max(int(feature.folds), 2)))
     con.execute(
-        f"CREATE OR REPLACE TABLE {table} AS SELECT CAST(token AS {token_type}) AS token, s, c, n "
+        f"CREATE OR REPLACE TABLE {table} AS SELECT CAST(token AS {token_type}) AS token, s, c, n{no_folds} "
         f"FROM read_parquet({literal(str(path))})"
-    )
-    con.execute(
-        f"CREATE OR REPLACE TABLE {table}_folds AS SELECT token, 0 AS fold, s, c FROM {table} LIMIT 0"
     )
 
 
