@@ -1,6 +1,7 @@
 """target_mean and id_count features: held-out rows get the training statistics, training rows
 are cross-fitted (never their own label), and scoring applies the training statistics."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -167,4 +168,41 @@ def test_scoring_applies_the_training_statistics(prepared, tmp_path):
 def test_a_target_mean_of_something_that_is_not_a_label_is_refused(tmp_path):
     cfg = _config(_files(tmp_path), of="rating")
     with pytest.raises(DataError, match=r"target_mean averages a label .*of: one of the labels"):
+        prepare(cfg.data, tmp_path / "prepared")
+
+
+def test_ordered_statistics_see_only_training_rows_strictly_before_the_row(tmp_path):
+    files = _files(tmp_path)
+    cfg = _config(files, scheme="ordered")
+    # the timestamp as a feature too, to read each row's moment back from the shards
+    cfg.data.features.append(dataclasses.replace(cfg.data.features[0], name="moment", column="timestamp",
+                                                 kind="numeric"))  # fmt: skip
+    cfg.data.split.kind = "temporal"
+    prepare(cfg.data, tmp_path / "prepared")
+    splits = {s: _split(tmp_path / "prepared", s) for s in ("train", "val", "test")}
+    train = splits["train"]
+    prior = float(train.watch_ratio.mean())
+    checked = 0
+    for name, rows in splits.items():
+        for row in rows.itertuples():
+            earlier = train[(train.content_id == row.content_id) & (train.moment < row.moment - 0.5)]
+            s, c = earlier.watch_ratio.sum(), len(earlier)
+            assert row.content_wr == pytest.approx((s + SMOOTHING * prior) / (c + SMOOTHING), abs=1e-4), name
+            assert row.content_views == pytest.approx(c, abs=1e-3), name
+            checked += c > 0
+    assert checked > 100  # most rows had earlier views of their video: the check had teeth
+    # rows to score get every training row (they come after training)
+    scored = encode_for_scoring(cfg.data, tmp_path / "prepared", files["interactions"], tmp_path / "scored")
+    assert scored["rows_scored"] > 0
+    every = _split(tmp_path / "scored", "test")
+    views = every.content_id.map(train.content_id.value_counts()).fillna(0)
+    np.testing.assert_allclose(every.content_views, views, atol=1e-3)
+
+
+def test_ordered_statistics_need_a_timestamp(tmp_path):
+    files = _files(tmp_path)
+    log = pd.read_csv(files["interactions"]).drop(columns="timestamp")
+    log.to_csv(files["interactions"], index=False)
+    cfg = _config(files, scheme="ordered")
+    with pytest.raises(DataError, match="ordered statistics need a timestamp column"):
         prepare(cfg.data, tmp_path / "prepared")

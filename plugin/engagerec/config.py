@@ -40,7 +40,8 @@ class FeatureConfig:
                    ``length`` views strictly before this row: numeric, first views imputed
       target_mean  the mean of a label (``of``) over the training rows with this row's id
                    (``column``), shrunk to the training mean by ``smoothing`` rows; training
-                   rows are cross-fitted over ``folds`` folds (engagerec.data.target_stats)
+                   rows are cross-fitted over ``folds`` folds, or with ``scheme: ordered``
+                   every row sees the id's training rows before it (engagerec.data.target_stats)
       id_count     how many training rows have this row's id (``column``), itself left out
     """
 
@@ -62,6 +63,9 @@ class FeatureConfig:
     hash_buckets: int = 0
     smoothing: float = 10.0  # target_mean: weight of the training mean, in rows
     folds: int = 5  # target_mean: cross-fitting folds of the training rows
+    # target_mean, id_count: cross_fit (other folds' training rows) | ordered (training rows
+    # strictly before this row's timestamp: leak-free under a temporal split)
+    scheme: Literal["cross_fit", "ordered"] = "cross_fit"
 
 
 @dataclass

@@ -228,27 +228,40 @@ def run_comparison(
 ) -> str:
     """Train every tower with every seed (and the GBDT reference), then write the report;
     returns its markdown table. Each run's own output is in ``<out_dir>/<tower>/seed<k>/train.out``."""
+    from tqdm import tqdm
+
     from engagerec.config import prepared_dir, with_tower
     from engagerec.train import train
 
     runs = []
+    monitor = cfg.train.monitor
     for tower in towers:
         for seed in seeds:
             run_dir = out_dir / tower / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            # each run's own output (sharding plan, epoch lines) goes to its train.out, so the
-            # comparison prints one line per run and the table
+            # one bar per run (epochs, the monitored validation metric, then the test headline);
+            # the run's own output (sharding plan, epoch lines) goes to its train.out
+            bar = tqdm(total=cfg.train.epochs, desc=f"{tower} seed {seed}", unit="epoch", file=sys.__stdout__)
+
+            def on_epoch(state, val, bar=bar) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"val {monitor} {val[monitor]:.4f}")
+
             with open(run_dir / "train.out", "a") as sink, redirect_stdout(sink), redirect_stderr(sink):
                 print(f"--- engagerec compare: {tower}, seed {seed}, resume={resume}", flush=True)
                 try:
                     results = train(
-                        with_tower(cfg, tower, seed=seed, progress_bar=False), run_dir, resume=resume
-                    )
+                        with_tower(cfg, tower, seed=seed, progress_bar=False), run_dir, resume=resume,
+                        on_epoch=on_epoch,
+                    )  # fmt: skip
                 except Exception:
                     traceback.print_exc()  # into train.out, beside the run's own lines
+                    bar.close()
                     print(f"{tower} seed {seed} failed: see {run_dir / 'train.out'}", file=sys.__stderr__)
                     raise
-            print(f"{tower} seed {seed}: test {_headline(results['test'])}", flush=True)
+            bar.total = bar.n  # early stopping ends a run before its last epoch
+            bar.set_postfix_str(f"best epoch {results.get('best_epoch')}; test {_headline(results['test'])}")
+            bar.close()
             runs.append(results)
     if gbdt:
         from engagerec.data.schema import DatasetSchema
@@ -259,9 +272,8 @@ def run_comparison(
         configured = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
         tasks = [(t.name, t.label, t.kind) for t in configured]
 
-        for seed in seeds:
+        for seed in tqdm(seeds, desc="gbdt (scikit-learn)", unit="seed", file=sys.__stdout__):
             reference = gbdt_reference(prepared_dir(cfg), seed, tasks)
-            print(f"gbdt seed {seed}: test {_headline(reference)}", flush=True)
             runs.append({"tower": GBDT, "seed": seed, "test": reference})
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
 

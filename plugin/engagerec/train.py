@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -145,7 +145,11 @@ class TrainState:
 
 
 def train(
-    cfg: ExperimentConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    resume: bool = True,
+    allow_config_change: bool = False,
+    on_epoch: Optional[Callable[[TrainState, Dict[str, float]], None]] = None,
 ) -> Dict[str, Any]:
     """
     Train ``cfg`` into ``run_dir``; returns (and writes to results.json) the final metrics.
@@ -160,6 +164,8 @@ def train(
         run_dir (str | Path): where the run's files go (see the module docstring).
         resume (bool): continue the newest good checkpoint in ``run_dir``; False removes them.
         allow_config_change (bool): resume even under a changed config.
+        on_epoch (Optional[Callable]): called on rank 0 after each epoch's validation with the
+            state and the validation metrics (``engagerec compare``'s progress bars).
 
     Raises:
         ConfigError: resuming under a changed config; a monitor the tasks do not report.
@@ -186,6 +192,7 @@ def train(
     try:
         with Preemption() as preemption:
             trainer = Trainer(cfg, Path(run_dir), runtime, preemption, resume, allow_config_change)
+            trainer.on_epoch = on_epoch
             return trainer.run()
     finally:
         close_runtime(runtime)
@@ -265,6 +272,7 @@ class Trainer:
             self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, runtime.is_main
         )
         self.preempted = False
+        self.on_epoch: Optional[Callable[[TrainState, Dict[str, float]], None]] = None  # rank 0 only
         self._clock = self._window_started = 0.0  # perf_counter at the last (re)start
         self._window_rows = 0  # samples/s per logged window, not since the epoch began
 
@@ -332,6 +340,8 @@ class Trainer:
         if self.runtime.is_main:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows")
             print(f"epoch {state.epoch - 1}: val {metrics}", flush=True)
+            if self.on_epoch is not None:
+                self.on_epoch(state, val)
         stopped = self.preempted or state.bad_epochs >= tc.patience or self._at_max_steps()
         state.done = state.epoch >= tc.epochs or stopped
         self.checkpoint()

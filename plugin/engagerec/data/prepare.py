@@ -292,11 +292,14 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
     """The human-readable prepare summary printed by `engagerec prepare`."""
     lines = [f"engagerec prepare ({summary['adapter']})" + (f" -> {out_dir}" if out_dir else "")]
     lines.append(f"  rows read            {summary['rows_read']:>10,}")
+    # reasons that dropped nothing are left out here (schema.json's summary has every one)
     for reason, count in summary["dropped"].items():
-        lines.append(f"  dropped: {reason:<30} {count:>8,}")
+        if count:
+            lines.append(f"  dropped: {reason:<30} {count:>8,}")
     lines.append(f"  rows kept            {summary['rows_kept']:>10,}")
     for note, count in summary["counted_not_dropped"].items():
-        lines.append(f"  counted: {note:<30} {count:>8,}")
+        if count:
+            lines.append(f"  counted: {note:<30} {count:>8,}")
     everything = summary["all"]
     who = [f"{everything[k]:,} {k}" for k in ("users", "items") if k in everything]
     if who:

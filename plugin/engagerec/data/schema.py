@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
+from engagerec.data.raw import TIMESTAMP
 from engagerec.data.tables import is_numeric, literal, quote, single_thread
 from engagerec.data.target_stats import STAT_KINDS, fit_stat_table, stat_meta
 
@@ -199,6 +200,12 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             )
         if feature.kind == "history_mean":
             continue
+        if feature.kind in STAT_KINDS and feature.scheme == "ordered" and TIMESTAMP not in columns:
+            raise DataError(
+                f"{where}: ordered statistics need a {TIMESTAMP} column",
+                column=TIMESTAMP,
+                expected=f"data.source.columns.{TIMESTAMP} to name it, or scheme: cross_fit",
+            )
         column = feature.of if feature.kind == "history" else (feature.column or feature.name)
         if column not in columns:
             visible = sorted(c for c in columns if not c.startswith("__"))
@@ -322,6 +329,8 @@ class Fitter:
         return value
 
     # --------------------------------------------------------- id statistics
+    fitting = True  # fits statistics on the training rows (a SchemaApplier reads them back)
+
     def stat_token_type(self, feature: FeatureConfig) -> str:
         """The token type of a target_mean / id_count feature's id column."""
         return self._token_type(feature.column or feature.name)

@@ -86,6 +86,8 @@ class SchemaApplier(Fitter):
         self.spaces[space] = info
         return info
 
+    fitting = False
+
     def stat_token_type(self, feature: FeatureConfig) -> str:
         """The token type the training statistics were keyed by."""
         meta = self.fitted.target_stats.get(feature.name)

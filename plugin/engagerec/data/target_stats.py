@@ -11,9 +11,12 @@ Two feature kinds, both keyed by one id column (``column``):
 * ``id_count``: how many training rows have that id, the row itself left out (a popular
   video, a heavy user); usually with ``transform: log1p``.
 
-Neither reads a label of a validation or test row. With a temporal split a training row's
-statistics include later training rows, as the cross-fitted encoder's do; validation and
-test rows see only training rows, all earlier.
+Neither reads a label of a validation or test row. With ``scheme: cross_fit`` (the default)
+a training row's statistics include later training rows, as the cross-fitted encoder's do,
+while under a temporal split a test row's cover only the past: the model learns a freshness
+it will not have. ``scheme: ordered`` (CatBoost's ordered target statistics, Prokhorenkova
+et al. 2018) gives every row the training rows of its id strictly before its moment (the
+timestamp; simultaneous rows excluded), the same rule for training and held-out rows.
 
 The per-id sums and counts go to ``stats/<feature>.parquet`` beside schema.json (and the
 prior to schema.json's ``target_stats``), so ``engagerec predict`` encodes new rows with the
@@ -30,6 +33,7 @@ import duckdb
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
+from engagerec.data.raw import TIMESTAMP
 from engagerec.data.split import seeded_key
 from engagerec.data.tables import literal, quote
 
@@ -69,9 +73,13 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
         token_type = fitter.stat_token_type(feature)
         key = fitter.token_sql(feature.column or feature.name, token_type)
         fitter.fit_stat(feature, f"stat_{i}", key, token_type, seed)
-        joins.append(f"LEFT JOIN stat_{i} a{i} ON a{i}.token = {key}")
         meta = fitter.schema.target_stats[feature.name]
-        values[feature.name] = _value(feature, f"a{i}", fold_sql(feature, seed), key, meta)
+        if fitter.fitting and feature.scheme == "ordered":
+            sums = _ordered_sums(feature, key)
+        else:  # cross-fitted, or read back for scoring (never training rows: no fold of their own)
+            joins.append(f"LEFT JOIN stat_{i} a{i} ON a{i}.token = {key}")
+            sums = _cross_fitted_sums(feature, f"a{i}", fold_sql(feature, seed), key)
+        values[feature.name] = _value(feature, sums, key, meta)
     return joins, values
 
 
@@ -81,23 +89,54 @@ def drop_stat_tables(con: duckdb.DuckDBPyConnection, features: List[FeatureConfi
         con.execute(f"DROP TABLE IF EXISTS stat_{i}")
 
 
-def _value(feature: FeatureConfig, alias: str, fold: str, key: str, meta: Dict[str, Any]) -> str:
-    """A statistic feature's value from its id's training sums in ``alias`` (``s`` label sum,
-    ``c`` labelled rows, ``n`` rows; per fold ``s0, c0, s1, c1, ...``), for a row of ``events e``."""
-    training = "e.__split = 0"
-    if feature.kind == "id_count":  # a training row is one of its id's rows: not counted
-        itself = f"(CASE WHEN {training} AND {key} IS NOT NULL THEN 1 ELSE 0 END)"
-        return f"CAST(coalesce({alias}.n, 0) - {itself} AS DOUBLE)"
+TRAINING_ROW = "e.__split = 0"
+
+
+def _cross_fitted_sums(feature: FeatureConfig, alias: str, fold: str, key: str) -> Dict[str, str]:
+    """The id's training sums in ``alias`` (``s`` label sum, ``c`` labelled rows, ``n`` rows),
+    less, on a training row, those of its own fold (``s0, c0, s1, ...``) and the row itself."""
     folds = range(max(int(feature.folds), 2))
 
-    def own_fold(x: str) -> str:  # a training row's own fold's sums (columns x0, x1, ...)
+    def own_fold(x: str) -> str:
         cases = " ".join(f"WHEN {k} THEN {alias}.{x}{k}" for k in folds)
-        return f"(CASE WHEN {training} THEN coalesce(CASE {fold} {cases} END, 0) ELSE 0 END)"
+        return f"(CASE WHEN {TRAINING_ROW} THEN coalesce(CASE {fold} {cases} END, 0) ELSE 0 END)"
 
+    itself = f"(CASE WHEN {TRAINING_ROW} AND {key} IS NOT NULL THEN 1 ELSE 0 END)"
+    return {
+        "s": f"coalesce({alias}.s, 0) - {own_fold('s') if feature.kind == 'target_mean' else '0'}",
+        "c": f"coalesce({alias}.c, 0) - {own_fold('c') if feature.kind == 'target_mean' else '0'}",
+        "n": f"coalesce({alias}.n, 0) - {itself}",
+    }
+
+
+def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
+    """The training rows of the id strictly before this row's moment, as windows over ``events
+    e`` (ordered target statistics): the running sums up to and including the moment, less the
+    moment's own rows (a row never sees itself or anything simultaneous)."""
+    time = f"e.{quote(TIMESTAMP)}"
+    label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
+    y, row = (
+        f"CASE WHEN {TRAINING_ROW} THEN CAST({label} AS DOUBLE) END",
+        f"CASE WHEN {TRAINING_ROW} THEN 1 END",
+    )
+
+    def before(aggregate: str) -> str:
+        upto = f"coalesce({aggregate} OVER (PARTITION BY {key} ORDER BY {time}), 0)"
+        moment = f"coalesce({aggregate} OVER (PARTITION BY {key}, {time}), 0)"
+        return f"({upto} - {moment})"
+
+    return {"s": before(f"sum({y})"), "c": before(f"count({y})"), "n": before(f"count({row})")}
+
+
+def _value(feature: FeatureConfig, sums: Dict[str, str], key: str, meta: Dict[str, Any]) -> str:
+    """A statistic feature's value from the sums a row may see (``s`` label sum, ``c`` labelled
+    rows, ``n`` rows)."""
+    if feature.kind == "id_count":
+        return f"CAST({sums['n']} AS DOUBLE)"
     m, prior = f"CAST({float(feature.smoothing)!r} AS DOUBLE)", f"CAST({float(meta['prior'])!r} AS DOUBLE)"
-    total = f"coalesce({alias}.s, 0) - {own_fold('s')}"
-    count = f"coalesce({alias}.c, 0) - {own_fold('c')}"
-    return f"(({total} + {m} * {prior}) / ({count} + {m}))"
+    # a missing id has no training rows of its own: the prior (windows would pool missing ids)
+    mean = f"(({sums['s']}) + {m} * {prior}) / (({sums['c']}) + {m})"
+    return f"(CASE WHEN {key} IS NULL THEN {prior} ELSE {mean} END)"
 
 
 def fold_sql(feature: FeatureConfig, seed: int) -> str:
@@ -118,7 +157,7 @@ def fit_stat_table(
         "FROM events e WHERE e.__split = 0"
     )
     per_fold = []
-    if feature.kind == "target_mean":
+    if feature.kind == "target_mean" and feature.scheme == "cross_fit":
         for k in range(max(int(feature.folds), 2)):
             per_fold += [
                 f"sum(y) FILTER (WHERE fold = {k}) AS s{k}",
