@@ -121,8 +121,10 @@ def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
     )
 
     def before(aggregate: str) -> str:
-        upto = f"coalesce({aggregate} OVER (PARTITION BY {key} ORDER BY {time}), 0)"
-        moment = f"coalesce({aggregate} OVER (PARTITION BY {key}, {time}), 0)"
+        # one window order (one sort per id column); the two frames differ only in their start
+        order = f"PARTITION BY {key} ORDER BY {time} RANGE BETWEEN"
+        upto = f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW), 0)"
+        moment = f"coalesce({aggregate} OVER ({order} CURRENT ROW AND CURRENT ROW), 0)"
         return f"({upto} - {moment})"
 
     return {"s": before(f"sum({y})"), "c": before(f"count({y})"), "n": before(f"count({row})")}
