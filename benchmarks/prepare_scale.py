@@ -106,7 +106,8 @@ def main() -> None:
         "",
         "Generated KuaiRand-1K-shaped files (`engagerec synthesize --shape kuairand-1k`), prepared with",
         "`configs/kuairand_1k.yaml`: 36 sparse features (user, video and author ids, a 20-long history",
-        "sharing the video table, user and video attributes, genres), 8 dense (3 history_mean), 4 labels",
+        "sharing the video table, user and video attributes, genres), 17 dense (3 history_mean, 9 ordered "
+        "id statistics: views and label means per user, video and author), 4 labels",
         "(watch_ratio, skip, long_view, click), temporal split. DuckDB memory_limit 1GB, 2 threads.",
         "",
         "| scale | log rows | videos | generate s | prepare s (process) "

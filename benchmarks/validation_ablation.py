@@ -4,7 +4,8 @@ Each variant changes the shipped config in one way (drops the id statistics or p
 them, or reverts the embedding width or the batch size), is prepared into its own directory
 when its features differ, and trained with ``engagerec train`` for each seed; the table
 gives each variant's validation watch-ratio MSE and skip AUC at its best epoch, mean ± 95%
-interval over seeds. The test split is never read: this is how the config was chosen.
+interval over seeds. The test metrics each run computes (train() evaluates its best
+checkpoint) are left unread: validation is how the config was chosen.
 
     .venv/bin/python benchmarks/validation_ablation.py --seeds 0,1,2 --out runs/validation_ablation
 

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from engagerec.config import ConfigError, config_from_dict, load_config
+from engagerec.config import ConfigError, config_changes, config_from_dict, load_config
 
 
 def test_unknown_key_suggests_nearest():
@@ -58,3 +60,15 @@ def test_base_configs_are_merged_key_by_key(repo):
         cfg.data.source.adapter == "kuairand" and cfg.data.split.kind == "random"
     )  # from kuairand_random.yaml
     assert "user_id" not in [f.name for f in cfg.data.features]  # lists are replaced, not merged
+
+
+def test_a_key_added_since_a_checkpoint_is_not_a_config_change():
+    from engagerec.config import normalised_config
+
+    cfg = load_config("kuairand_random")
+    saved = dataclasses.asdict(cfg)
+    for feature in saved["data"]["features"]:  # as a release before these keys wrote it
+        for key in ("smoothing", "folds", "scheme"):
+            feature.pop(key)
+    assert config_changes(saved, dataclasses.asdict(cfg))  # raw, every feature differs
+    assert config_changes(normalised_config(saved), dataclasses.asdict(cfg)) == []

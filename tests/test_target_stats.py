@@ -173,30 +173,46 @@ def test_a_target_mean_of_something_that_is_not_a_label_is_refused(tmp_path):
 
 def test_ordered_statistics_see_only_training_rows_strictly_before_the_row(tmp_path):
     files = _files(tmp_path)
+    log = pd.read_csv(files["interactions"])
+    log["timestamp"] //= 200  # 50 moments: many views of one video at one moment (ties)
+    log.to_csv(files["interactions"], index=False)
+    users = pd.read_csv(files["users"])
+    users.loc[users.index[:4], "gender"] = None  # missing ids: no views, the prior
+    users.to_csv(files["users"], index=False)
     cfg = _config(files, scheme="ordered")
+    gender = dataclasses.replace(cfg.data.features[-1], name="gender_views", column="gender")
     # the timestamp as a feature too, to read each row's moment back from the shards
-    cfg.data.features.append(dataclasses.replace(cfg.data.features[0], name="moment", column="timestamp",
-                                                 kind="numeric"))  # fmt: skip
+    moment = dataclasses.replace(cfg.data.features[0], name="moment", column="timestamp", kind="numeric")
+    cfg.data.features += [gender, moment, dataclasses.replace(gender, name="gender_id", kind="categorical")]
     cfg.data.split.kind = "temporal"
     prepare(cfg.data, tmp_path / "prepared")
     splits = {s: _split(tmp_path / "prepared", s) for s in ("train", "val", "test")}
     train = splits["train"]
     prior = float(train.watch_ratio.mean())
-    checked = 0
+    checked = ties = 0
     for name, rows in splits.items():
         for row in rows.itertuples():
-            earlier = train[(train.content_id == row.content_id) & (train.moment < row.moment - 0.5)]
+            same_video = train.content_id == row.content_id
+            earlier = train[same_video & (train.moment < row.moment - 0.5)]
             s, c = earlier.watch_ratio.sum(), len(earlier)
             assert row.content_wr == pytest.approx((s + SMOOTHING * prior) / (c + SMOOTHING), abs=1e-4), name
             assert row.content_views == pytest.approx(c, abs=1e-3), name
+            if row.gender_id == 0:  # a missing gender has no views, however many rows miss it
+                assert row.gender_views == pytest.approx(0, abs=1e-3)
             checked += c > 0
-    assert checked > 100  # most rows had earlier views of their video: the check had teeth
+            ties += int((same_video & (np.abs(train.moment - row.moment) < 0.5)).sum() > 1)
+    assert checked > 100 and ties > 50  # earlier views and simultaneous ones: the check had teeth
+    assert (splits["train"].gender_id == 0).any()
     # rows to score get every training row (they come after training)
     scored = encode_for_scoring(cfg.data, tmp_path / "prepared", files["interactions"], tmp_path / "scored")
     assert scored["rows_scored"] > 0
     every = _split(tmp_path / "scored", "test")
     views = every.content_id.map(train.content_id.value_counts()).fillna(0)
     np.testing.assert_allclose(every.content_views, views, atol=1e-3)
+    sums, counts, _ = _training_sums(train, "content_id", "watch_ratio")
+    s, c = every.content_id.map(sums).fillna(0.0), every.content_id.map(counts).fillna(0.0)
+    np.testing.assert_allclose(every.content_wr, (s + SMOOTHING * prior) / (c + SMOOTHING), atol=1e-4)
+    np.testing.assert_allclose(every.gender_views[every.gender_id == 0], 0, atol=1e-3)
 
 
 def test_ordered_statistics_need_a_timestamp(tmp_path):
@@ -206,3 +222,10 @@ def test_ordered_statistics_need_a_timestamp(tmp_path):
     cfg = _config(files, scheme="ordered")
     with pytest.raises(DataError, match="ordered statistics need a timestamp column"):
         prepare(cfg.data, tmp_path / "prepared")
+
+
+def test_folds_and_smoothing_are_checked(tmp_path):
+    files = _files(tmp_path)
+    for change in ({"folds": 1}, {"smoothing": 0.0}):
+        with pytest.raises(DataError, match=r"expected folds >= 2 and smoothing > 0"):
+            prepare(_config(files, **change).data, tmp_path / "prepared")

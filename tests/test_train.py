@@ -256,8 +256,15 @@ def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypat
 
 def test_training_metrics_sample_at_least_one_batch_per_log_line(study_data, tmp_path):
     for every in (0, 51):  # log_every_steps is 50 by default
-        with pytest.raises(ValueError, match="train_metrics_every_steps"):
-            train(study_run_config(study_data, epochs=1, train_metrics_every_steps=every), tmp_path / "run")
+        with pytest.raises(ConfigError, match="train_metrics_every_steps"):  # when the config loads
+            study_run_config(study_data, epochs=1, train_metrics_every_steps=every)
+        # a config built in code skips load_config: train() checks it before any step
+        built = study_run_config(study_data, epochs=1)
+        built = dataclasses.replace(
+            built, train=dataclasses.replace(built.train, train_metrics_every_steps=every)
+        )
+        with pytest.raises(ConfigError, match="train_metrics_every_steps"):
+            train(built, tmp_path / "run")
 
 
 def test_evaluation_reports_exactly_the_metrics_a_monitor_may_name(kuairand_run):

@@ -572,6 +572,14 @@ def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Expe
         raise ConfigError(f"{path}: {err}") from None
 
 
-def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
-    """Type a raw mapping (e.g. a run's config.json) with the same strict checks as ``load_config``."""
-    return check_config(_build(ExperimentConfig, raw, ""))
+def config_from_dict(raw: Dict[str, Any], check: bool = True) -> ExperimentConfig:
+    """Type a raw mapping (e.g. a run's config.json) with the same strict checks as ``load_config``;
+    ``check=False`` leaves out the cross-key checks (a finished run written by an older release)."""
+    cfg = _build(ExperimentConfig, raw, "")
+    return check_config(cfg) if check else cfg
+
+
+def normalised_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A raw config (``dataclasses.asdict``) with every key this release knows, defaults filled:
+    what a resume compares against, so a key added since the checkpoint is not a change."""
+    return dataclasses.asdict(config_from_dict(raw, check=False))

@@ -50,7 +50,7 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
         raise CheckpointError(
             f"{run_dir} is no run directory: it has no config.json (written by `engagerec train`)"
         )
-    return config_from_dict(json.loads(path.read_text()))
+    return config_from_dict(json.loads(path.read_text()), check=False)  # as it was trained
 
 
 def for_cpu(cfg: ExperimentConfig) -> ExperimentConfig:

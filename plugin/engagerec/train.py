@@ -29,7 +29,15 @@ from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
-from engagerec.config import ConfigError, ExperimentConfig, check_monitor, config_changes, prepared_dir
+from engagerec.config import (
+    ConfigError,
+    ExperimentConfig,
+    check_config,
+    check_monitor,
+    config_changes,
+    normalised_config,
+    prepared_dir,
+)
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.distributed import (
     any_rank,
@@ -232,7 +240,7 @@ class Trainer:
         resume: bool = True,
         allow_config_change: bool = False,
     ) -> None:
-        self.cfg, self.tc = cfg, cfg.train
+        self.cfg, self.tc = check_config(cfg), cfg.train  # configs built in code skip load_config
         self.run_dir, self.ckpt_root = run_dir, run_dir / "checkpoints"
         self.runtime, self.preemption = runtime, preemption
         self.data_dir = prepared_dir(cfg)
@@ -340,11 +348,11 @@ class Trainer:
         if self.runtime.is_main:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows")
             print(f"epoch {state.epoch - 1}: val {metrics}", flush=True)
-            if self.on_epoch is not None:
-                self.on_epoch(state, val)
         stopped = self.preempted or state.bad_epochs >= tc.patience or self._at_max_steps()
         state.done = state.epoch >= tc.epochs or stopped
         self.checkpoint()
+        if self.on_epoch is not None and self.runtime.is_main:
+            self.on_epoch(state, val)
         return stopped
 
     def checkpoint(self, best: bool = False) -> Path:
@@ -489,7 +497,8 @@ def _check_resume(
     """Refuse a resume that would not continue the same run: another config, or another world
     size in the middle of an epoch (each rank reads a contiguous share of the epoch's rows, so
     the rest of the epoch would be other rows)."""
-    changes = config_changes(progress["config"], dataclasses.asdict(cfg))
+    # the saved config with this release's defaults: a key added since is not a change
+    changes = config_changes(normalised_config(progress["config"]), dataclasses.asdict(cfg))
     if changes and not allow_change:
         raise ConfigError(
             f"resuming from {last} with a config that differs from the one it was written under: "

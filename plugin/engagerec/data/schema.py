@@ -200,6 +200,11 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             )
         if feature.kind == "history_mean":
             continue
+        if feature.kind in STAT_KINDS and (feature.folds < 2 or feature.smoothing <= 0):
+            raise DataError(
+                f"{where}: folds {feature.folds}, smoothing {feature.smoothing}",
+                expected="folds >= 2 and smoothing > 0 (pseudo-rows of the training mean)",
+            )
         if feature.kind in STAT_KINDS and feature.scheme == "ordered" and TIMESTAMP not in columns:
             raise DataError(
                 f"{where}: ordered statistics need a {TIMESTAMP} column",

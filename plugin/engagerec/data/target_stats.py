@@ -11,12 +11,17 @@ Two feature kinds, both keyed by one id column (``column``):
 * ``id_count``: how many training rows have that id, the row itself left out (a popular
   video, a heavy user); usually with ``transform: log1p``.
 
-Neither reads a label of a validation or test row. With ``scheme: cross_fit`` (the default)
-a training row's statistics include later training rows, as the cross-fitted encoder's do,
-while under a temporal split a test row's cover only the past: the model learns a freshness
-it will not have. ``scheme: ordered`` (CatBoost's ordered target statistics, Prokhorenkova
-et al. 2018) gives every row the training rows of its id strictly before its moment (the
-timestamp; simultaneous rows excluded), the same rule for training and held-out rows.
+Neither reads a label of a validation or test row, and no row reads its own label. Cross-fitting
+keeps a training row's own label out, but for a rare id (a row or two per fold) the other
+folds' mean moves against the row's own label, and a model that also embeds the id can read a
+little of it back: smoothing (``smoothing`` pseudo-rows of the training mean) damps this.
+
+With ``scheme: cross_fit`` (the default) a training row's statistics include later training
+rows, as the cross-fitted encoder's do, while under a temporal split a test row's cover only
+the past: the model learns a freshness it will not have. ``scheme: ordered`` (CatBoost's
+ordered target statistics, Prokhorenkova et al. 2018) gives every row the training rows of
+its id strictly before its moment (the timestamp; simultaneous rows excluded), the same rule
+for training and held-out rows.
 
 The per-id sums and counts go to ``stats/<feature>.parquet`` beside schema.json (and the
 prior to schema.json's ``target_stats``), so ``engagerec predict`` encodes new rows with the
@@ -133,8 +138,8 @@ def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
 def _value(feature: FeatureConfig, sums: Dict[str, str], key: str, meta: Dict[str, Any]) -> str:
     """A statistic feature's value from the sums a row may see (``s`` label sum, ``c`` labelled
     rows, ``n`` rows)."""
-    if feature.kind == "id_count":
-        return f"CAST({sums['n']} AS DOUBLE)"
+    if feature.kind == "id_count":  # a missing id has no views (windows would pool missing ids)
+        return f"CAST(CASE WHEN {key} IS NULL THEN 0 ELSE {sums['n']} END AS DOUBLE)"
     m, prior = f"CAST({float(feature.smoothing)!r} AS DOUBLE)", f"CAST({float(meta['prior'])!r} AS DOUBLE)"
     # a missing id has no training rows of its own: the prior (windows would pool missing ids)
     mean = f"(({sums['s']}) + {m} * {prior}) / (({sums['c']}) + {m})"
