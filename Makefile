@@ -21,7 +21,7 @@ DEMO_TOWERS := cross_stitch,mmoe,ple,shared_bottom,single_task
 
 demo: install
 	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml
-	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1 --no-resume --gbdt
+	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1,2,3,4 --no-resume --gbdt
 
 # ruff: the formatter's check and the linter (config in pyproject.toml); `make format` fixes.
 lint: install
