@@ -28,7 +28,7 @@ from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.tables import is_numeric, literal, quote, single_thread
-from engagerec.data.target_stats import STAT_KINDS, fit_stat_table, stat_meta
+from engagerec.data.target_stats import STAT_KINDS, fit_stat_tables, stat_meta
 
 SCHEMA_FILE = "schema.json"
 VOCAB_DIR = "vocabs"
@@ -340,12 +340,14 @@ class Fitter:
         """The token type of a target_mean / id_count feature's id column."""
         return self._token_type(feature.column or feature.name)
 
-    def fit_stat(self, feature: FeatureConfig, table: str, key: str, token_type: str, seed: int) -> None:
-        """Per-id training statistics of ``feature`` as DuckDB ``table``, saved beside the schema
-        for scoring (engagerec.data.target_stats)."""
+    def fit_stats(self, group, table: str, key: str, token_type: str, seed: int) -> None:
+        """The per-id training statistics of the features ``group`` ([(index, feature)], one id
+        column) as DuckDB ``table``, saved beside the schema for scoring
+        (engagerec.data.target_stats)."""
         with single_thread(self.con):  # label sums in a fixed order: the same values on every run
-            prior = fit_stat_table(self.con, feature, table, key, seed, self.out_dir)
-        self.schema.target_stats[feature.name] = stat_meta(feature, prior, token_type)
+            priors = fit_stat_tables(self.con, group, table, key, seed, self.out_dir)
+        for _, feature in group:
+            self.schema.target_stats[feature.name] = stat_meta(feature, priors[feature.name], token_type)
 
     # ------------------------------------------------------------------- fit
     def fit_ids(self) -> None:

@@ -29,7 +29,7 @@ from engagerec.data.prepare import build_history, write_splits
 from engagerec.data.raw import CONTENT_ID, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
-from engagerec.data.target_stats import load_stat_table
+from engagerec.data.target_stats import load_stat_tables
 
 IDS_FILE = "ids.parquet"
 ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for
@@ -98,10 +98,11 @@ class SchemaApplier(Fitter):
             )
         return meta["token_type"]
 
-    def fit_stat(self, feature: FeatureConfig, table: str, key: str, token_type: str, seed: int) -> None:
-        """The training statistics of ``feature``, read back from the training data."""
-        load_stat_table(self.con, feature, table, self.fitted_dir, token_type)
-        self.schema.target_stats[feature.name] = dict(self.fitted.target_stats[feature.name])
+    def fit_stats(self, group, table: str, key: str, token_type: str, seed: int) -> None:
+        """The training statistics of the features ``group``, read back from the training data."""
+        load_stat_tables(self.con, group, table, self.fitted_dir, token_type)
+        for _, feature in group:
+            self.schema.target_stats[feature.name] = dict(self.fitted.target_stats[feature.name])
 
     def _fitted_dense(self, feature: FeatureConfig):
         return next(d for d in self.fitted.dense if d.name == feature.name)

@@ -73,45 +73,55 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
         joins, values = stat_sql(fitter, cfg.features, cfg.split.seed)
         con.execute(f"SELECT {values['video_views']} FROM events e {' '.join(joins)} LIMIT 3")
     """
-    joins, values = [], {}
+    by_column: Dict[str, List[Tuple[int, FeatureConfig]]] = {}
     for i, feature in enumerate(stat_features(features)):
-        token_type = fitter.stat_token_type(feature)
-        key = fitter.token_sql(feature.column or feature.name, token_type)
-        fitter.fit_stat(feature, f"stat_{i}", key, token_type, seed)
-        meta = fitter.schema.target_stats[feature.name]
-        if fitter.fitting and feature.scheme == "ordered":
-            sums = _ordered_sums(feature, key)
-        else:  # cross-fitted, or read back for scoring (never training rows: no fold of their own)
-            joins.append(f"LEFT JOIN stat_{i} a{i} ON a{i}.token = {key}")
-            sums = _cross_fitted_sums(feature, f"a{i}", fold_sql(feature, seed), key)
-        values[feature.name] = _value(feature, sums, key, meta)
+        by_column.setdefault(feature.column or feature.name, []).append((i, feature))
+    joins, values = [], {}
+    for c, (column, group) in enumerate(by_column.items()):
+        token_type = fitter.stat_token_type(group[0][1])
+        key = fitter.token_sql(column, token_type)
+        # one table per id column, one pass over the training rows for all of its features
+        fitter.fit_stats(group, f"stat_{c}", key, token_type, seed)
+        joined = False
+        for i, feature in group:
+            meta = fitter.schema.target_stats[feature.name]
+            if fitter.fitting and feature.scheme == "ordered":
+                sums = _ordered_sums(feature, key)
+            else:  # cross-fitted, or read back for scoring (never training rows: no fold of their own)
+                if not joined:
+                    joins.append(f"LEFT JOIN stat_{c} a{c} ON a{c}.token = {key}")
+                    joined = True
+                sums = _cross_fitted_sums(feature, f"a{c}", f"_{i}", fold_sql(feature, seed), key)
+            values[feature.name] = _value(feature, sums, key, meta)
     return joins, values
 
 
 def drop_stat_tables(con: duckdb.DuckDBPyConnection, features: List[FeatureConfig]) -> None:
     """Free the per-id tables once the rows hold their values."""
-    for i in range(len(stat_features(features))):
-        con.execute(f"DROP TABLE IF EXISTS stat_{i}")
+    columns = {feature.column or feature.name for feature in stat_features(features)}
+    for c in range(len(columns)):
+        con.execute(f"DROP TABLE IF EXISTS stat_{c}")
 
 
 TRAINING_ROW = "e.__split = 0"
 
 
-def _cross_fitted_sums(feature: FeatureConfig, alias: str, fold: str, key: str) -> Dict[str, str]:
-    """The id's training sums in ``alias`` (``s`` label sum, ``c`` labelled rows, ``n`` rows),
-    less, on a training row, those of its own fold (``s0, c0, s1, ...``) and the row itself."""
+def _cross_fitted_sums(
+    feature: FeatureConfig, alias: str, suffix: str, fold: str, key: str
+) -> Dict[str, str]:
+    """The id's training sums in ``alias`` (the feature's ``s<suffix>`` label sum and
+    ``c<suffix>`` labelled rows; ``n`` rows), less, on a training row, those of its own fold
+    (``s<suffix>_0, c<suffix>_0, s<suffix>_1, ...``) and the row itself."""
     folds = range(max(int(feature.folds), 2))
 
     def own_fold(x: str) -> str:
-        cases = " ".join(f"WHEN {k} THEN {alias}.{x}{k}" for k in folds)
+        cases = " ".join(f"WHEN {k} THEN {alias}.{x}{suffix}_{k}" for k in folds)
         return f"(CASE WHEN {TRAINING_ROW} THEN coalesce(CASE {fold} {cases} END, 0) ELSE 0 END)"
 
     itself = f"(CASE WHEN {TRAINING_ROW} AND {key} IS NOT NULL THEN 1 ELSE 0 END)"
-    return {
-        "s": f"coalesce({alias}.s, 0) - {own_fold('s') if feature.kind == 'target_mean' else '0'}",
-        "c": f"coalesce({alias}.c, 0) - {own_fold('c') if feature.kind == 'target_mean' else '0'}",
-        "n": f"coalesce({alias}.n, 0) - {itself}",
-    }
+    if feature.kind == "id_count":
+        return {"n": f"coalesce({alias}.n, 0) - {itself}"}
+    return {f"{x}": f"coalesce({alias}.{x}{suffix}, 0) - {own_fold(x)}" for x in ("s", "c")}
 
 
 def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
@@ -151,60 +161,79 @@ def fold_sql(feature: FeatureConfig, seed: int) -> str:
     return f"{seeded_key(seed, 'e.__src')} % {max(int(feature.folds), 2)}"
 
 
-def fit_stat_table(
-    con: duckdb.DuckDBPyConnection, feature: FeatureConfig, table: str, key: str, seed: int, out_dir: Path
-) -> float:
-    """Per id over the training rows: DuckDB ``table(token, s, c, n, s0, c0, s1, c1, ...)``
-    (label sum, labelled rows, rows; the sums of each fold), and its ``(token, s, c, n)``
-    written to ``out_dir/stats/<feature>.parquet`` for scoring. Returns the prior (the
-    label's training mean; 0 for id_count)."""
-    label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
-    rows = (
-        f"SELECT {key} AS token, CAST({label} AS DOUBLE) AS y, {fold_sql(feature, seed)} AS fold "
-        "FROM events e WHERE e.__split = 0"
-    )
-    per_fold = []
-    if feature.kind == "target_mean" and feature.scheme == "cross_fit":
-        for k in range(max(int(feature.folds), 2)):
-            per_fold += [
-                f"sum(y) FILTER (WHERE fold = {k}) AS s{k}",
-                f"count(y) FILTER (WHERE fold = {k}) AS c{k}",
-            ]
-    aggregates = ", ".join(["sum(y) AS s", "count(y) AS c", "count(*) AS n"] + per_fold)
+def fit_stat_tables(
+    con: duckdb.DuckDBPyConnection,
+    group: List[Tuple[int, FeatureConfig]],
+    table: str,
+    key: str,
+    seed: int,
+    out_dir: Path,
+) -> Dict[str, float]:
+    """
+    Per id over the training rows, in one pass for every statistic feature ``i`` on one id
+    column: DuckDB ``table(token, n, s_i, c_i, s_i_0, c_i_0, ...)`` (rows; the feature's label
+    sum and labelled rows; those of each cross-fitting fold), and per feature its
+    ``(token, s, c, n)`` in ``out_dir/stats/<feature>.parquet`` for scoring.
+
+    Returns:
+        Dict[str, float]: per feature its prior (the label's training mean; 0 for id_count).
+    """
+    means = [(i, f) for i, f in group if f.kind == "target_mean"]
+    columns = [f"{key} AS token"]
+    aggregates = ["count(*) AS n"]
+    for i, feature in means:
+        columns += [f"CAST(e.{quote(feature.of)} AS DOUBLE) AS y_{i}", f"{fold_sql(feature, seed)} AS f_{i}"]
+        aggregates += [f"sum(y_{i}) AS s_{i}", f"count(y_{i}) AS c_{i}"]
+        if feature.scheme == "cross_fit":
+            for k in range(max(int(feature.folds), 2)):
+                where = f"FILTER (WHERE f_{i} = {k})"
+                aggregates += [f"sum(y_{i}) {where} AS s_{i}_{k}", f"count(y_{i}) {where} AS c_{i}_{k}"]
+    rows = f"SELECT {', '.join(columns)} FROM events e WHERE e.__split = 0"
     con.execute(
-        f"CREATE OR REPLACE TABLE {table} AS SELECT token, {aggregates} FROM ({rows}) "
+        f"CREATE OR REPLACE TABLE {table} AS SELECT token, {', '.join(aggregates)} FROM ({rows}) "
         "WHERE token IS NOT NULL GROUP BY token"
     )
-    prior = 0.0
-    if feature.kind == "target_mean":
-        mean = con.execute(f"SELECT avg(y) FROM ({rows})").fetchone()[0]
-        if mean is None:
-            raise DataError(
-                f"feature '{feature.name}': label '{feature.of}' has no values in the training split",
-                expected="at least one labelled training row",
-            )
-        prior = float(mean)
+    priors = {feature.name: 0.0 for _, feature in group}
+    if means:
+        found = con.execute(f"SELECT {', '.join(f'avg(y_{i})' for i, _ in means)} FROM ({rows})").fetchone()
+        for (_, feature), mean in zip(means, found, strict=True):
+            if mean is None:
+                raise DataError(
+                    f"feature '{feature.name}': label '{feature.of}' has no values in the training split",
+                    expected="at least one labelled training row",
+                )
+            priors[feature.name] = float(mean)
     (out_dir / STATS_DIR).mkdir(parents=True, exist_ok=True)
-    path = out_dir / STATS_DIR / f"{feature.name}.parquet"
-    con.execute(
-        f"COPY (SELECT token, s, c, n FROM {table} ORDER BY token) TO {literal(str(path))} (FORMAT parquet)"
-    )
-    return prior
+    for i, feature in group:
+        path = out_dir / STATS_DIR / f"{feature.name}.parquet"
+        sums = f"s_{i} AS s, c_{i} AS c" if feature.kind == "target_mean" else "NULL::DOUBLE AS s, 0 AS c"
+        per_id = f"SELECT token, {sums}, n FROM {table} ORDER BY token"
+        con.execute(f"COPY ({per_id}) TO {literal(str(path))} (FORMAT parquet)")
+    return priors
 
 
-def load_stat_table(
-    con: duckdb.DuckDBPyConnection, feature: FeatureConfig, table: str, fitted_dir: Path, token_type: str
+def load_stat_tables(
+    con: duckdb.DuckDBPyConnection,
+    group: List[Tuple[int, FeatureConfig]],
+    table: str,
+    fitted_dir: Path,
+    token_type: str,
 ) -> None:
-    """The training statistics of ``feature`` as DuckDB ``table(token, s, c, n)`` (no folds: rows
-    to score are never training rows)."""
-    path = Path(fitted_dir) / STATS_DIR / f"{feature.name}.parquet"
-    if not path.is_file():
-        raise DataError("the training data's id statistics are missing", file=str(path))
-    no_folds = "".join(f", 0.0 AS s{k}, 0 AS c{k}" for k in range(max(int(feature.folds), 2)))
-    con.execute(
-        f"CREATE OR REPLACE TABLE {table} AS SELECT CAST(token AS {token_type}) AS token, s, c, n{no_folds} "
-        f"FROM read_parquet({literal(str(path))})"
-    )
+    """The training statistics of the features on one id column, read back from their
+    ``stats/<feature>.parquet`` into DuckDB ``table`` with ``fit_stat_tables``'s columns (the
+    folds' all 0: rows to score are never training rows)."""
+    selects, joins = ["f0.token", "f0.n"], []
+    for j, (i, feature) in enumerate(group):
+        path = Path(fitted_dir) / STATS_DIR / f"{feature.name}.parquet"
+        if not path.is_file():
+            raise DataError("the training data's id statistics are missing", file=str(path))
+        source = (
+            f"(SELECT CAST(token AS {token_type}) AS token, s, c, n FROM read_parquet({literal(str(path))}))"
+        )
+        joins.append(source + f" f{j}" if j == 0 else f"LEFT JOIN {source} f{j} ON f{j}.token = f0.token")
+        selects += [f"f{j}.s AS s_{i}", f"f{j}.c AS c_{i}"]
+        selects += [f"0.0 AS s_{i}_{k}, 0 AS c_{i}_{k}" for k in range(max(int(feature.folds), 2))]
+    con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {', '.join(selects)} FROM {' '.join(joins)}")
 
 
 def stat_meta(feature: FeatureConfig, prior: float, token_type: str) -> Dict[str, Any]:
