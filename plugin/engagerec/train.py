@@ -172,8 +172,8 @@ def train(
         run_dir (str | Path): where the run's files go (see the module docstring).
         resume (bool): continue the newest good checkpoint in ``run_dir``; False removes them.
         allow_config_change (bool): resume even under a changed config.
-        on_epoch (Optional[Callable]): called on rank 0 after each epoch's validation with the
-            state and the validation metrics (``engagerec compare``'s progress bars).
+        on_epoch (Optional[Callable]): called on rank 0 after each epoch's validation and checkpoint,
+            with the state and the validation metrics (``engagerec compare``'s progress bars).
 
     Raises:
         ConfigError: resuming under a changed config; a monitor the tasks do not report.
