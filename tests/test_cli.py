@@ -117,6 +117,18 @@ def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch
     assert renamed["ratio/mse"] == pytest.approx(result["watch_ratio/mse"])
 
 
+def test_gbdt_reference_runs_on_the_studys_inputs_without_ids(repo, tmp_path, monkeypatch):
+    from engagerec.config import load_config
+    from engagerec.data.prepare import prepare
+    from engagerec.gbdt import gbdt_reference
+
+    monkeypatch.chdir(repo)
+    summary = prepare(load_config("configs/paper_protocol.yaml").data, tmp_path)  # no id has many values
+    result = gbdt_reference(tmp_path, seed=0)
+    assert result["watch_ratio/mse"] < summary["baselines_on_test"]["watch_ratio"]["mse_train_mean"]
+    assert result["skip/auc"] > 0.6
+
+
 def test_prepare_writes_where_train_reads(repo, tmp_path, monkeypatch):
     monkeypatch.chdir(repo)
     data = tmp_path / "elsewhere"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from engagerec.config import ConfigError
 from engagerec.report import GBDT, ci95, paired_comparisons, write_report
 
 
@@ -50,3 +51,12 @@ def test_the_report_writes_intervals_and_the_paired_table(tmp_path):
     report = json.loads((tmp_path / "compare.json").read_text())
     assert report["paired"]["reference"] == GBDT and len(report["paired"]["rows"]) == 4
     assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_the_reference_can_be_any_model_and_an_unknown_one_is_refused(tmp_path):
+    write_report(_runs(), tmp_path, "test", reference="mmoe")
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["paired"]["reference"] == "mmoe"
+    assert {row["model"] for row in report["paired"]["rows"]} == {"ple", GBDT}
+    with pytest.raises(ConfigError, match="compare --reference 'mmo' is none of the models"):
+        write_report(_runs(), tmp_path, "test", reference="mmo")

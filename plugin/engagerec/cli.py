@@ -114,7 +114,13 @@ def _compare(args: argparse.Namespace) -> int:
     towers = args.towers.split(",") if args.towers else [cfg.model.tower.name]
     started = time.perf_counter()
     table = run_comparison(
-        cfg, towers, [int(s) for s in args.seeds.split(",")], out, resume=not args.no_resume, gbdt=args.gbdt
+        cfg,
+        towers,
+        [int(s) for s in args.seeds.split(",")],
+        out,
+        resume=not args.no_resume,
+        gbdt=args.gbdt,
+        reference=args.reference,
     )
     print(table)
     print(f"wrote {out}/compare.md, compare.json, compare.png in {time.perf_counter() - started:.0f} s")
@@ -207,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-resume", action="store_true")
     compare.add_argument(
         "--gbdt", action="store_true", help="add the scikit-learn GBDT reference (target-encoded ids)"
+    )
+    compare.add_argument(
+        "--reference", help="the model the others are paired with by seed (default: the GBDT, else the first)"
     )
     compare.set_defaults(handler=_compare)
 

@@ -74,17 +74,15 @@ def gbdt_reference(
             if mask is None or mask.all()
             else {n: v[mask] for n, v in parts[split][0].items()}
         )
-        ids = (
-            np.stack([columns[n] for n in encoded], axis=1)
-            if encoded
-            else np.zeros((len(columns[plain[0]]), 0))
-        )
+        rest = np.stack([columns[n].astype(np.float64) for n in native + plain], axis=1)
+        if not encoded:  # no id with many values (the study's inputs): nothing to target-encode
+            return rest
+        ids = np.stack([columns[n] for n in encoded], axis=1)
         if fit_target is not None:
             target = fit_target if mask is None else fit_target[mask]
             target_encoded = encoder.fit_transform(ids, target)  # cross-fitted on train
         else:
             target_encoded = encoder.transform(ids)
-        rest = np.stack([columns[n].astype(np.float64) for n in native + plain], axis=1)
         return np.concatenate([rest, target_encoded], axis=1)
 
     categorical = np.zeros(len(native) + len(plain) + len(encoded), dtype=bool)

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from engagerec.config import ConfigError
+
 GBDT = "gbdt (scikit-learn)"  # the reference model's row
 
 # per task kind: (metric, column title, constant baseline's metric or a fixed value)
@@ -224,10 +226,17 @@ def _headline(test: Dict[str, float]) -> str:
 
 
 def run_comparison(
-    cfg, towers: List[str], seeds: List[int], out_dir: Path, resume: bool = True, gbdt: bool = False
+    cfg,
+    towers: List[str],
+    seeds: List[int],
+    out_dir: Path,
+    resume: bool = True,
+    gbdt: bool = False,
+    reference: Optional[str] = None,
 ) -> str:
-    """Train every tower with every seed (and the GBDT reference), then write the report;
-    returns its markdown table. Each run's own output is in ``<out_dir>/<tower>/seed<k>/train.out``."""
+    """Train every tower with every seed (and the GBDT reference), then write the report (paired
+    against ``reference``, see ``write_report``); returns its markdown table. Each run's own
+    output is in ``<out_dir>/<tower>/seed<k>/train.out``."""
     from tqdm import tqdm
 
     from engagerec.config import prepared_dir, with_tower
@@ -273,26 +282,30 @@ def run_comparison(
         tasks = [(t.name, t.label, t.kind) for t in configured]
 
         for seed in tqdm(seeds, desc="gbdt (scikit-learn)", unit="seed", file=sys.__stdout__):
-            reference = gbdt_reference(prepared_dir(cfg), seed, tasks)
-            runs.append({"tower": GBDT, "seed": seed, "test": reference})
-    return write_report(runs, out_dir, f"{cfg.name}: towers x seeds")
+            runs.append({"tower": GBDT, "seed": seed, "test": gbdt_reference(prepared_dir(cfg), seed, tasks)})
+    return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
 
 
-def write_report(runs: List[Dict[str, Any]], out_dir: Path, title: str) -> str:
+def write_report(
+    runs: List[Dict[str, Any]], out_dir: Path, title: str, reference: Optional[str] = None
+) -> str:
     """Write compare.json (summary and runs), compare.md and compare.png to ``out_dir``.
 
     Args:
         runs: one result per (tower, seed), each with ``"tower"`` and its ``"test"`` metrics.
         out_dir: created if missing.
         title: the heading of compare.md.
+        reference: the model every other is paired with; default the GBDT when it ran, else
+            the first model.
 
     Returns:
         str: the markdown table.
     """
     summary = summarise(runs)
     table = markdown_table(summary)
-    # paired against the GBDT reference when it ran, else against the first model
-    reference = GBDT if GBDT in summary else next(iter(summary))
+    reference = reference or (GBDT if GBDT in summary else next(iter(summary)))
+    if reference not in summary:
+        raise ConfigError(f"compare --reference '{reference}' is none of the models: {sorted(summary)}")
     paired = paired_comparisons(runs, reference)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"summary": summary, "paired": {"reference": reference, "rows": paired}, "runs": runs}
