@@ -93,6 +93,19 @@ def test_the_documented_client_runs_without_engagerec_or_torchrec(kuairand_run, 
     assert set(printed) == {"watch_ratio", "skip"} and all(0 <= p <= 1 for p in printed["skip"])
 
 
+def test_the_export_carries_the_encoding_a_client_needs(kuairand_run, exported):
+    record, out = exported
+    _, data_dir = kuairand_run
+    schema = DatasetSchema.load(out / "encoding")  # loads as the training data's schema
+    assert schema.dense_names == DatasetSchema.load(data_dir).dense_names
+    assert schema.target_stats and "schema.json" in record["encoding"]
+    for space, size in schema.vocab_sizes.items():  # every vocabulary, whole
+        if (data_dir / "vocabs" / f"{space}.parquet").exists():
+            assert pq.read_table(out / "encoding" / "vocabs" / f"{space}.parquet").num_rows == size
+    assert {f"stats/{name}.parquet" for name in schema.target_stats} <= set(record["encoding"])
+    assert "encoding/" in json.loads((out / "inputs.json").read_text())["encoding"]
+
+
 def test_export_command_prints_the_programs_and_refuses_a_non_run(kuairand_run, tmp_path, capsys):
     run, _ = kuairand_run
     assert main(["export", "--run-dir", str(run), "--out", str(tmp_path / "e"), "--check-rows", "2000"]) == 0

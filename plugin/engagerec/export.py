@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -37,10 +38,13 @@ from engagerec.batch import Batch
 from engagerec.config import ConfigError, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
-from engagerec.data.schema import DatasetSchema
+from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
+from engagerec.data.target_stats import STATS_DIR
 from engagerec.errors import CheckpointError
 from engagerec.model import MultiTaskModel
 from engagerec.runs import for_cpu, run_config
+
+ENCODING_DIR = "encoding"  # beside the programs: the training data's encoding, for clients
 
 ServingInputs = Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
 MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -305,9 +309,23 @@ def export_run(
             eager = torch.stack([eager[t] for t in serving.task_names], dim=1)
             record["max_abs_difference_fp32_vs_eager"] = float((exported - eager).abs().max())
     _write_inputs(out_dir, schema, model)
+    record["encoding"] = _copy_encoding(Path(data_dir), out_dir / ENCODING_DIR)
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def _copy_encoding(data_dir: Path, target: Path) -> List[str]:
+    """What a client needs to encode raw rows as training did, beside the program: schema.json
+    (normalisation, bucket edges, hashing, token types, id statistics' priors), the
+    vocabularies (index = file row + 1) and the id statistics' per-id sums. Returns the files."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    shutil.copy2(data_dir / SCHEMA_FILE, target / SCHEMA_FILE)
+    for folder in (VOCAB_DIR, STATS_DIR):
+        if (data_dir / folder).is_dir():
+            shutil.copytree(data_dir / folder, target / folder)
+    return sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
 
 
 def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel) -> None:
@@ -322,8 +340,8 @@ def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel) -
         },
         "tasks": [{"name": t.name, "kind": t.kind, "label": t.label} for t in model.tasks],
         "predictions": "regression: the estimate; binary: the probability of the positive class",
-        "encoding": "as `engagerec prepare` writes shards (schema.json beside the training data); "
-        "`engagerec predict` encodes raw rows that way",
+        "encoding": f"as `engagerec prepare` writes shards; {ENCODING_DIR}/ holds the training data's "
+        "schema.json, vocabs/ and stats/ (what `engagerec predict` encodes raw rows with)",
         "torch": torch.__version__,
     }
     (out_dir / "inputs.json").write_text(json.dumps(spec, indent=1))
