@@ -280,6 +280,7 @@ class Trainer:
             self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, runtime.is_main
         )
         self.preempted = False
+        self.bar = None  # the current epoch's progress bar (rank 0, train.progress_bar)
         self.on_epoch: Optional[Callable[[TrainState, Dict[str, float]], None]] = None  # rank 0 only
         self._clock = self._window_started = 0.0  # perf_counter at the last (re)start
         self._window_rows = 0  # samples/s per logged window, not since the epoch began

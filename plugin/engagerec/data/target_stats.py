@@ -112,7 +112,7 @@ def _cross_fitted_sums(
     """The id's training sums in ``alias`` (the feature's ``s<suffix>`` label sum and
     ``c<suffix>`` labelled rows; ``n`` rows), less, on a training row, those of its own fold
     (``s<suffix>_0, c<suffix>_0, s<suffix>_1, ...``) and the row itself."""
-    folds = range(max(int(feature.folds), 2))
+    folds = range(feature.folds)
 
     def own_fold(x: str) -> str:
         cases = " ".join(f"WHEN {k} THEN {alias}.{x}{suffix}_{k}" for k in folds)
@@ -157,8 +157,9 @@ def _value(feature: FeatureConfig, sums: Dict[str, str], key: str, meta: Dict[st
 
 
 def fold_sql(feature: FeatureConfig, seed: int) -> str:
-    """A training row's fold (0 .. folds-1) as a SQL expression over ``events e``."""
-    return f"{seeded_key(seed, 'e.__src')} % {max(int(feature.folds), 2)}"
+    """A training row's fold (0 .. folds-1) as a SQL expression over ``events e`` (folds >= 2 is
+    checked with the features, by schema.validate_features)."""
+    return f"{seeded_key(seed, 'e.__src')} % {feature.folds}"
 
 
 def fit_stat_tables(
@@ -185,7 +186,7 @@ def fit_stat_tables(
         columns += [f"CAST(e.{quote(feature.of)} AS DOUBLE) AS y_{i}", f"{fold_sql(feature, seed)} AS f_{i}"]
         aggregates += [f"sum(y_{i}) AS s_{i}", f"count(y_{i}) AS c_{i}"]
         if feature.scheme == "cross_fit":
-            for k in range(max(int(feature.folds), 2)):
+            for k in range(feature.folds):
                 where = f"FILTER (WHERE f_{i} = {k})"
                 aggregates += [f"sum(y_{i}) {where} AS s_{i}_{k}", f"count(y_{i}) {where} AS c_{i}_{k}"]
     rows = f"SELECT {', '.join(columns)} FROM events e WHERE e.__split = 0"
@@ -232,7 +233,7 @@ def load_stat_tables(
         )
         joins.append(source + f" f{j}" if j == 0 else f"LEFT JOIN {source} f{j} ON f{j}.token = f0.token")
         selects += [f"f{j}.s AS s_{i}", f"f{j}.c AS c_{i}"]
-        selects += [f"0.0 AS s_{i}_{k}, 0 AS c_{i}_{k}" for k in range(max(int(feature.folds), 2))]
+        selects += [f"0.0 AS s_{i}_{k}, 0 AS c_{i}_{k}" for k in range(feature.folds)]
     con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT {', '.join(selects)} FROM {' '.join(joins)}")
 
 
