@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import study_config, study_files
 
+from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
 
@@ -185,6 +186,60 @@ def test_user_split_keeps_each_user_on_one_side(tmp_path):
     assert not (users["train"] & users["test"]) and not (users["train"] & users["val"])
     assert not (users["val"] & users["test"])
     assert len(users["test"]) == 6 and sum(len(_rows(tmp_path / "o", s)) for s in users) == 600
+
+
+def _relative_rows(tmp_path, split_kind, relative_to, quantile):
+    _, files = _events_files(tmp_path)
+    cfg = study_config(
+        files,
+        features=[{"name": "age", "kind": "numeric"}, {"name": "duration", "kind": "numeric"}],
+        labels=[{"name": "watch_ratio"},
+                {"name": "skip", "kind": "binary", "threshold": quantile, "relative_to": relative_to}],
+        filters={"min_user_views": 0, "drop_zero_watch_time": False},
+        split={"kind": split_kind, "test_fraction": 0.3, "val_fraction": 0.1, "seed": 2},
+    )  # fmt: skip
+    summary = prepare(cfg.data, tmp_path / "out")
+    schema = DatasetSchema.load(tmp_path / "out")
+    rows = _all_rows(tmp_path / "out")
+    for dense in schema.dense:  # undo the standardisation: age = user id here, raw duration
+        rows[dense.name] = (rows[dense.name] * dense.std + dense.mean).round(3)
+    return rows, summary
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.3])
+def test_relative_skip_cuts_at_each_users_training_quantile(tmp_path, quantile):
+    rows, _ = _relative_rows(tmp_path, "random", "user", quantile)
+    train = rows[rows.split == "train"]
+    cuts = train.groupby("age")["watch_ratio"].quantile(quantile)  # linear, as DuckDB's quantile_cont
+    expected = rows["watch_ratio"] < rows["age"].map(cuts)
+    assert (rows["skip"] == expected.astype(float)).all()
+    assert 0.1 < rows["skip"].mean() < 0.9 and rows["age"].nunique() == 20
+
+
+def test_relative_skip_falls_back_to_the_training_cut_for_unseen_users_and_counts_them(tmp_path):
+    rows, summary = _relative_rows(tmp_path, "user", "user", 0.5)
+    cut = np.quantile(rows.loc[rows.split == "train", "watch_ratio"], 0.5)
+    held_out = rows[rows.split != "train"]
+    assert (held_out["skip"] == (held_out["watch_ratio"] < cut).astype(float)).all()
+    assert summary["counted_not_dropped"]["label 'skip': rows whose user has no training rows "
+                                          "(the training split's cut)"] == len(held_out)  # fmt: skip
+
+
+def test_relative_skip_by_duration_groups_by_power_of_two(tmp_path):
+    rows, _ = _relative_rows(tmp_path, "random", "duration", 0.5)
+    rows["group"] = np.floor(np.log2(rows["duration"]))
+    cuts = rows[rows.split == "train"].groupby("group")["watch_ratio"].quantile(0.5)
+    assert rows["group"].nunique() > 1
+    assert (rows["skip"] == (rows["watch_ratio"] < rows["group"].map(cuts)).astype(float)).all()
+
+
+def test_relative_skip_refuses_a_regression_label_or_a_threshold_outside_0_1(tmp_path):
+    _, files = _events_files(tmp_path)
+    for label in ({"name": "skip", "kind": "binary", "threshold": 1.0, "relative_to": "user"},
+                  {"name": "skip", "kind": "regression", "relative_to": "user"}):  # fmt: skip
+        cfg = study_config(files, labels=[{"name": "watch_ratio"}, label])
+        with pytest.raises(DataError, match="relative_to user"):
+            prepare(cfg.data, tmp_path / "out")
 
 
 def test_history_holds_only_strictly_earlier_views_of_the_same_user(tmp_path):

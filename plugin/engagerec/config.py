@@ -84,15 +84,21 @@ class LabelConfig:
     """One label column of the prepared data (a task's target).
 
     Derived (``column`` unset): kind regression is the watch ratio itself; kind binary is a
-    skip label, ``watch_ratio < threshold``. Raw (``column`` set): a column of the interaction
-    log, e.g. KuaiRand's is_click, long_view or label (like / hate); binary values must be
-    0 or 1. A missing raw value gives the row weight 0 for this label only (counted).
+    skip label, ``watch_ratio < threshold``. With ``relative_to`` the cut is the group's own:
+    skip when the ratio is below the ``threshold`` quantile of the training rows' ratios in the
+    row's group (``user``: the same user's views, so a skip is relative to that user's habits;
+    ``duration``: views of videos whose duration lies within the same power of two), the
+    training split's quantile for a group without training rows (counted). Raw (``column``
+    set): a column of the interaction log, e.g. KuaiRand's is_click, long_view or label
+    (like / hate); binary values must be 0 or 1. A missing raw value gives the row weight 0
+    for this label only (counted).
     """
 
     name: str
     kind: Literal["regression", "binary"] = "regression"
     column: Optional[str] = None
-    threshold: float = 0.5  # derived binary: watch_ratio < threshold
+    threshold: float = 0.5  # derived binary: watch_ratio < threshold (a quantile with relative_to)
+    relative_to: Optional[Literal["user", "duration"]] = None
 
 
 def study_labels() -> List[LabelConfig]:

@@ -111,6 +111,12 @@ def _check_labels(labels: List[LabelConfig], features: List[FeatureConfig]) -> N
         names.add(label.name)
         if label.kind not in LABEL_KINDS:
             raise DataError(f"{where}: unknown kind '{label.kind}'", expected=f"one of {LABEL_KINDS}")
+        if label.relative_to and (label.column or label.kind != "binary" or not 0 < label.threshold < 1):
+            raise DataError(
+                f"{where}: relative_to {label.relative_to} with kind {label.kind}, column "
+                f"{label.column}, threshold {label.threshold}",
+                expected="a derived binary label (no column) whose threshold, a quantile, is in (0, 1)",
+            )
     if not labels:
         raise DataError("data.labels is empty", expected="at least one label (e.g. watch_ratio)")
 
@@ -432,16 +438,20 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring
             expected="at least one usable row (check the filters and the duration / watch time columns)",
         )
 
+    split = "2" if scoring else split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
     labels_sql = []
     for label in cfg.labels:
         if label.column:
             value = f"CAST({quote('__label__' + label.name)} AS DOUBLE)"
         elif label.kind == "regression":
             value = "CAST(__ratio AS DOUBLE)"
+        elif label.relative_to:
+            value = (
+                _relative_skip_sql(con, log, label, kept, split, report) if not scoring else "NULL::DOUBLE"
+            )
         else:
             value = f"CAST(__ratio < {label.threshold!r} AS DOUBLE)"
         labels_sql.append(f"{value} AS {quote(label.name)}")
-    split = "2" if scoring else split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
     columns = [c[0] for c in con.execute("DESCRIBE staged").fetchall()]
     keep_columns = [quote(c) for c in columns if not c.startswith("__")] + [SOURCE_ROW]
     # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
@@ -452,6 +462,30 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring
     )
     described = {row[0]: row[1] for row in con.execute("DESCRIBE events").fetchall()}
     return Events(con, described, origin, log, report, list(cfg.labels), int(rows))
+
+
+def _relative_skip_sql(con, log: LoadedTable, label: LabelConfig, kept: str, split: str, report) -> str:
+    """A skip label relative to the row's group (``label.relative_to``): ratio below the group's
+    ``threshold`` quantile over training rows, else the training split's quantile (counted).
+    The cuts come from training rows only, so held-out outcomes never move a label's definition."""
+    if label.relative_to == "user" and USER_ID not in log.columns:
+        raise log.error(f"label '{label.name}' is relative_to user, but the log has no user_id column")
+    group = quote(USER_ID) if label.relative_to == "user" else f"floor(log2({quote(DURATION)}))"
+    table = quote(f"__cut__{label.name}")
+    q = float(label.threshold)
+    train = f"{kept} AND {split} = 0"
+    con.execute(
+        f"CREATE OR REPLACE TABLE {table} AS SELECT {group} AS g, quantile_cont(__ratio, {q!r}) AS cut "
+        f"FROM staged WHERE {train} GROUP BY g"
+    )
+    overall = con.execute(f"SELECT quantile_cont(__ratio, {q!r}) FROM staged WHERE {train}").fetchone()[0]
+    fallback = con.execute(
+        f"SELECT count(*) FROM staged WHERE {kept} AND {group} NOT IN (SELECT g FROM {table})"
+    ).fetchone()[0]
+    if fallback:
+        report.notes[f"label '{label.name}': rows whose {label.relative_to} has no training rows "
+                     "(the training split's cut)"] = int(fallback)  # fmt: skip
+    return f"CAST(__ratio < coalesce((SELECT cut FROM {table} WHERE g = {group}), {overall!r}) AS DOUBLE)"
 
 
 def _check_binary_labels(con, log: LoadedTable, labels: List[LabelConfig]) -> None:
