@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo lint format test bench clean
+.PHONY: install demo lint format test bench results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 	$(PY) -m engagerec prepare --config configs/kuairand_random.yaml
 	$(PY) -m engagerec compare --config configs/kuairand_random.yaml --towers $(DEMO_TOWERS) --seeds 0,1,2,3,4 --no-resume --gbdt
 
+# docs/RESULTS.md and docs/figures/ from docs/results/ (the section cache): only sections whose
+# configs, towers, seeds or data changed are recomputed (all of them: about an hour on 2 cores)
+results: install
+	$(PY) -m engagerec results
+
 # ruff: the formatter's check and the linter (config in pyproject.toml); `make format` fixes.
 lint: install
 	$(VENV)/bin/ruff format --check .
@@ -38,7 +43,7 @@ DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/
 	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/prepare.py \
 	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \
 	plugin/engagerec/profiling.py plugin/engagerec/export.py plugin/engagerec/predict.py \
-	plugin/engagerec/train.py plugin/engagerec/report.py
+	plugin/engagerec/train.py plugin/engagerec/report.py plugin/engagerec/evaluate.py plugin/engagerec/results
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)

@@ -176,6 +176,28 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    import time
+
+    from engagerec.results import make_results
+
+    started = time.perf_counter()
+    spent = make_results(
+        args.out,
+        args.cache,
+        args.work,
+        sections=args.sections.split(",") if args.sections else None,
+        seeds=[int(s) for s in args.seeds.split(",")],
+        fresh=args.fresh,
+    )
+    computed = [name for name, seconds in spent.items() if seconds > 0]
+    print(
+        f"wrote {args.out} in {time.perf_counter() - started:.0f} s "
+        f"(computed: {', '.join(computed) or 'none, all cached'})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``engagerec`` parser: one subcommand per job, each with its handler as ``handler``."""
     parser = argparse.ArgumentParser(prog="engagerec", description=__doc__)
@@ -280,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     describe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     describe.set_defaults(handler=_describe)
+
+    results = commands.add_parser(
+        "results", help="regenerate docs/RESULTS.md and its figures (sections cached by what decides them)"
+    )
+    results.add_argument("--sections", help="comma-separated section names to compute (default all)")
+    results.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds of every section")
+    results.add_argument("--fresh", action="store_true", help="recompute even the cached sections")
+    results.add_argument("--out", default="docs/RESULTS.md")
+    results.add_argument("--cache", default="docs/results", help="one JSON per section (the cache)")
+    results.add_argument("--work", default="runs/results", help="prepared data and runs computed now")
+    results.set_defaults(handler=_results)
     return parser
 
 

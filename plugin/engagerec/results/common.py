@@ -1,0 +1,98 @@
+"""What every results section shares: the Section contract, a config prepared into the
+section's own directory, the spec of a config, and small metric helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+from engagerec.config import ExperimentConfig
+from engagerec.results.cache import file_digest
+
+
+@dataclass
+class Section:
+    """One section of docs/RESULTS.md.
+
+    Args:
+        name: its cache and figure name (``random``, ``threshold``...).
+        title: its heading.
+        spec: seeds -> the JSON-able inputs that decide its numbers (hashed for the cache).
+        compute: (spec, work directory) -> its data (JSON-able; runs may go under the directory).
+        render: (its data, every section's cached data by name, figures directory) -> markdown.
+        needs: sections whose data ``render`` also reads (computed first).
+    """
+
+    name: str
+    title: str
+    spec: Callable[[List[int]], Dict[str, Any]]
+    compute: Callable[[Dict[str, Any], Path], Dict[str, Any]]
+    render: Callable[[Dict[str, Any], Dict[str, Dict[str, Any]], Path], str]
+    needs: tuple = ()
+
+
+def config_spec(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """A config as a spec: its values (the prepared directory left out: where files go does not
+    change a number) and the digests of the source files it reads."""
+    values = dataclasses.asdict(cfg)
+    values["train"].pop("data_dir", None)
+    source = cfg.data.source
+    files = {}
+    for name in ("interactions", "users", "content"):
+        path = getattr(source, name, None)
+        if isinstance(path, str) and Path(path).is_file():
+            files[path] = file_digest(path)
+    return {"config": values, "files": files}
+
+
+def prepared(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfig:
+    """``cfg`` prepared into ``data_dir`` (its output kept out of the console), reading from there."""
+    from engagerec.data.prepare import prepare
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare(cfg.data, data_dir)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data_dir=str(data_dir)))
+
+
+def mean_ci(values) -> Dict[str, float]:
+    """{mean, ci95, n} of a list of per-seed values (Student's t interval).
+
+    Example::
+
+        >>> round(mean_ci([0.1, 0.2, 0.3])["mean"], 4), mean_ci([0.5])["ci95"]
+        (0.2, 0.0)
+    """
+    from engagerec.report import ci95
+
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "ci95": ci95(array), "n": int(len(array))}
+
+
+def cell(stats: Dict[str, float], digits: int = 4) -> str:
+    """``mean ± ci`` for a table.
+
+    Example::
+
+        >>> cell({"mean": 0.81234, "ci95": 0.0012, "n": 5})
+        '0.8123 ± 0.0012'
+    """
+    return f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}"
+
+
+def p_text(p: float) -> str:
+    """A p-value for prose: ``p < 0.001`` or ``p = 0.04``; ``p = n/a`` when undefined.
+
+    Example::
+
+        >>> p_text(0.00001), p_text(0.0412), p_text(float("nan"))
+        ('p < 0.001', 'p = 0.041', 'p = n/a')
+    """
+    if not np.isfinite(p):
+        return "p = n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"

@@ -1,0 +1,173 @@
+"""Sections that compare towers on one config: every tower x seed trained, the GBDT beside them,
+the constant baselines, paired tests against a reference (``engagerec compare``'s report), and
+findings read off the numbers (never written by hand, so they cannot go stale)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from engagerec.config import load_config, with_tower
+from engagerec.report import GBDT, markdown_table, paired_table, plot, run_comparison
+from engagerec.results.common import Section, config_spec, p_text, prepared
+
+TOWERS = ["cross_stitch", "mmoe", "ple", "shared_bottom", "single_task"]
+GATED = ("mmoe", "ple")  # towers with softmax gates (engagerec.results.gates reads them)
+
+
+def _main_metric(key: str) -> bool:
+    return key.endswith(("/mse", "/auc"))
+
+
+def versus_reference(data: Dict[str, Any]) -> List[str]:
+    """One finding per (model, main metric) paired against the reference: which is better and
+    whether the difference is significant at 5%.
+
+    Example::
+
+        >>> data = {"reference": "gbdt", "paired": [{"model": "mmoe", "metric": "skip/auc",
+        ...     "difference": 0.002, "ci95": 0.001, "p_value": 0.01, "seeds": 5}]}
+        >>> versus_reference(data)
+        ['mmoe vs gbdt, skip/auc: better by 0.0020 ± 0.0010 (p = 0.01)']
+    """
+    lines = []
+    for row in data["paired"]:
+        lower_better = row["metric"].endswith("/mse")
+        diff, p = row["difference"], row["p_value"]
+        if not p < 0.05:
+            verdict = f"indistinguishable ({diff:+.4f} ± {row['ci95']:.4f}, {p_text(p)})"
+        else:
+            better = (diff < 0) == lower_better
+            verdict = (
+                f"{'better' if better else 'worse'} by {abs(diff):.4f} ± {row['ci95']:.4f} ({p_text(p)})"
+            )
+        lines.append(f"{row['model']} vs {data['reference']}, {row['metric']}: {verdict}")
+    return lines
+
+
+def compute_comparison(
+    config: str, towers: List[str], reference: Optional[str], overrides: List[str]
+) -> Callable[[Dict[str, Any], Path], Dict[str, Any]]:
+    """The compute step of a comparison section: prepare, train towers x seeds and the GBDT, and
+    read each gated tower's gates off the test split."""
+
+    def compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
+        from engagerec.results.gates import run_gates
+
+        started = time.perf_counter()
+        cfg = prepared(load_config(config, overrides), work / "data")
+        out = work / "compare"
+        run_comparison(cfg, towers, spec["seeds"], out, resume=False, gbdt=True, reference=reference)
+        report = json.loads((out / "compare.json").read_text())
+        gates = {
+            tower: [run_gates(out / tower / f"seed{seed}", with_tower(cfg, tower)) for seed in spec["seeds"]]
+            for tower in towers
+            if tower in GATED
+        }
+        return {
+            "summary": report["summary"],
+            "paired": report["paired"]["rows"],
+            "reference": report["paired"]["reference"],
+            "runs": report["runs"],
+            "gates": gates,
+            "best_epochs": {f"{r['tower']}/{r['seed']}": r.get("best_epoch") for r in report["runs"]},
+            "epochs": cfg.train.epochs,
+            "seconds": time.perf_counter() - started,
+        }
+
+    return compute
+
+
+def comparison_section(
+    name: str,
+    title: str,
+    config: str,
+    about: str,
+    towers: List[str] = TOWERS,
+    reference: Optional[str] = None,
+    overrides: Optional[List[str]] = None,
+    findings: Optional[Callable[[Dict[str, Any]], List[str]]] = None,
+) -> Section:
+    """A Section comparing ``towers`` (and the GBDT) on ``config`` over the seeds.
+
+    Args:
+        name: the section's name (cache, figure).
+        title: its heading.
+        config: a config path or shipped name.
+        about: what the section measures (markdown, before the table).
+        towers: the towers trained.
+        reference: the model the others are paired with (default the GBDT).
+        overrides: ``key=value`` changes to the config.
+        findings: data -> extra finding lines (the paired verdicts are always listed).
+    """
+    overrides = list(overrides or [])
+
+    def spec(seeds: List[int]) -> Dict[str, Any]:
+        cfg = load_config(config, overrides)
+        return {"towers": towers, "seeds": seeds, "reference": reference, **config_spec(cfg)}
+
+    def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -> str:
+        seeds = sorted({run["seed"] for run in data["runs"]})
+        command = (
+            f"`engagerec prepare --config {config}` then `engagerec compare --config {config} "
+            f"--towers {','.join(towers)} --seeds {','.join(map(str, seeds))} --no-resume --gbdt"
+            + (f" --reference {reference}" if reference else "")
+            + "`"
+            + (f" (with `--set {' '.join(overrides)}`)" if overrides else "")
+        )
+        plot(data["summary"], figures / f"{name}.png")
+        lines = [
+            about.strip(),
+            "",
+            f"Same as {command}; {data['seconds']:.0f} s. Test split, mean ± 95% CI over "
+            f"{len(seeds)} seeds (Student's t).",
+            "",
+            markdown_table(data["summary"]),
+            "",
+            f"Paired by seed against {data['reference']} (per-seed differences: mean ± 95% CI, "
+            "two-sided paired t-test):",
+            "",
+            paired_table(data["paired"], data["reference"]),
+            "",
+            f"![{title}](figures/{name}.png)",
+            "",
+            "Findings (read off the tables above):",
+            "",
+        ]
+        lines += [f"- {line}" for line in versus_reference(data) + (findings(data) if findings else [])]
+        return "\n".join(lines)
+
+    return Section(name, title, spec, compute_comparison(config, towers, reference, overrides), render)
+
+
+def spread_findings(data: Dict[str, Any]) -> List[str]:
+    """The study's claims, tested: how far apart the towers' means lie (GBDT left out), skip
+    accuracy against the majority class, and whether the towers were still improving."""
+    summary = {m: s for m, s in data["summary"].items() if m != GBDT}
+    lines = []
+    for key in ("watch_ratio/mse", "skip/auc", "skip/accuracy"):
+        means = {m: s[key]["mean"] for m, s in summary.items() if key in s}
+        if means:
+            lines.append(
+                f"the towers' {key} lie within {max(means.values()) - min(means.values()):.4f} of each "
+                f"other ({min(means.values()):.4f} to {max(means.values()):.4f})"
+            )
+    majority = next(
+        (s["skip/baseline_accuracy_majority"]["mean"] for s in summary.values()
+         if "skip/baseline_accuracy_majority" in s), None,
+    )  # fmt: skip
+    if majority is not None:
+        best = max(s["skip/accuracy"]["mean"] for s in summary.values())
+        lines.append(
+            f"skip accuracy of the best tower {best:.4f} against {majority:.4f} for the majority class"
+        )
+    epochs = [epoch for epoch in data["best_epochs"].values() if epoch is not None]  # the GBDT has none
+    late = [epoch for epoch in epochs if epoch >= data["epochs"] - 2]  # 0-based
+    if late:
+        lines.append(
+            f"{len(late)} of {len(epochs)} tower runs had their best validation epoch in the last two "
+            f"of {data['epochs']}: still improving when the protocol stops them"
+        )
+    return lines

@@ -1,0 +1,182 @@
+"""docs/RESULTS.md from its sections: compute what the cache lacks, render everything."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from engagerec.config import ConfigError
+from engagerec.results import comparisons, correlation, gates, threshold
+from engagerec.results.cache import SectionCache
+from engagerec.results.common import Section
+
+SEEDS = [0, 1, 2, 3, 4]
+
+SECTIONS: List[Section] = [
+    comparisons.comparison_section(
+        "protocol",
+        "The study's protocol: its inputs only (no ids, no history), random split",
+        "configs/paper_protocol.yaml",
+        "The study's inputs (user activity and registration, genres, duration), learning rate 1e-4, "
+        "20 epochs, batch 256: its three towers plus shared-bottom and single-task, paired against "
+        "MMoE, to test its claims that the architectures differ little and that skip is barely "
+        "above chance.",
+        reference="mmoe",
+        findings=comparisons.spread_findings,
+    ),
+    comparisons.comparison_section(
+        "random",
+        "Random 70/30 split: ids, history, id statistics and every pre-exposure feature",
+        "configs/kuairand_random.yaml",
+        "The study's random split with everything known before a view: user and video ids (and "
+        "the author), the 20 videos viewed before, recent outcomes, leak-free id statistics "
+        "(cross-fitted) and the user and video attributes. XAUC is exact over the test split.",
+    ),
+    comparisons.comparison_section(
+        "temporal",
+        "Temporal split: the last 30% of views by time are test",
+        "configs/kuairand_temporal.yaml",
+        "Training only on the past: the same features with ordered id statistics (each row sees "
+        "its id's training rows strictly before it), the last 30% of views by time as test.",
+    ),
+    comparisons.comparison_section(
+        "multitask",
+        "Four tasks at once: watch ratio, skip, long view, like (random split)",
+        "configs/kuairand_multitask.yaml",
+        "The watch ratio and skip (derived), long view and like (KuaiRand's `label`: 1 like, 0 "
+        "hate) read from the log; the random split's features. The GBDT fits one model per task. "
+        "Like is easy in this subset (every row is an explicit like or hate by users filtered to "
+        "many likes: datasets/README.md).",
+        towers=["mmoe", "ple", "single_task"],
+    ),
+    threshold.SECTION,
+    correlation.SECTION,
+    gates.SECTION,
+]
+
+
+def _versions() -> str:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    return ", ".join(f"{p} {version(p)}" for p in ("torch", "fbgemm-gpu-cpu", "torchrec", "scikit-learn"))
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_results(
+    out: str | Path = "docs/RESULTS.md",
+    cache_dir: str | Path = "docs/results",
+    work: str | Path = "runs/results",
+    sections: Optional[List[str]] = None,
+    seeds: Optional[List[int]] = None,
+    fresh: bool = False,
+    catalogue: Optional[List[Section]] = None,
+) -> Dict[str, float]:
+    """
+    Compute every section the cache lacks (or only ``sections``), then write ``out`` and its
+    figures (``<out dir>/figures``) from the cache.
+
+    Args:
+        out: the markdown document.
+        cache_dir: one JSON per section (commit it: the document renders from it alone).
+        work: prepared data and runs of the sections computed now.
+        sections: names to compute (default all); others render from the cache if present.
+        seeds: the seeds of every section (default 0-4).
+        fresh: recompute the chosen sections even when cached.
+        catalogue: the document's sections, in order (default ``SECTIONS``).
+
+    Returns:
+        Dict[str, float]: seconds spent computing each section this time (0 when cached).
+
+    Raises:
+        ConfigError: an unknown section name.
+    """
+    seeds = list(seeds or SEEDS)
+    catalogue = SECTIONS if catalogue is None else catalogue
+    known = {s.name: s for s in catalogue}
+    chosen = list(sections or known)
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise ConfigError(f"unknown results sections {unknown}; known: {list(known)}")
+    for name in list(chosen):  # a section's needs are computed first
+        chosen = [n for n in known[name].needs if n not in chosen] + chosen
+    cache = SectionCache(cache_dir)
+    spent: Dict[str, float] = {}
+    for name in chosen:
+        section = known[name]
+        spec = section.spec(seeds)
+        if not fresh and cache.load(name, spec) is not None:
+            spent[name] = 0.0
+            print(f"[results] {name}: cached", file=sys.__stdout__, flush=True)
+            continue
+        print(f"[results] {name}: computing", file=sys.__stdout__, flush=True)
+        started = time.perf_counter()
+        data = section.compute(spec, Path(work) / name)
+        spent[name] = time.perf_counter() - started
+        data.setdefault("seconds", spent[name])
+        data["computed"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        cache.store(name, spec, data)
+    _write(Path(out), cache, catalogue)
+    return spent
+
+
+def _write(out: Path, cache: SectionCache, catalogue: List[Section]) -> None:
+    figures = out.parent / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    cached = {s.name: cache.load_any(s.name) for s in catalogue}
+    present = {name: data for name, data in cached.items() if data is not None}
+    total = sum(data.get("seconds", 0.0) for data in present.values())
+    lines = [
+        "# Results",
+        "",
+        "Generated by `make results` (`engagerec results`): every table, finding and figure below "
+        "is rendered from the section cache in `docs/results/` (one JSON per section: its spec, "
+        "its per-run numbers); a section is recomputed when what decides its numbers changes "
+        "(configs, towers, seeds, the data files' digests); `engagerec results --fresh` recomputes "
+        "all. Test split, used for nothing but these tables; mean ± 95% confidence interval over "
+        "seeds (Student's t). KuaiRand sections: the bundled subset (datasets/kuairand, CC BY-SA 4.0; "
+        "every row an explicit like or hate: see datasets/README.md for its biases). Throughput "
+        "and scale are in benchmarks/RESULTS.md; experiments outside these sections (ablations, "
+        "what was tried) in docs/EXPERIMENTS.md.",
+        "",
+        f"Machine: {_cpu()}, {os.cpu_count()} logical cores, Python {platform.python_version()}; "
+        f"{_versions()}.",
+        "",
+        "| section | computed | wall time |",
+        "|---|---|---:|",
+    ]
+    for section in catalogue:
+        data = present.get(section.name)
+        if data is None:
+            lines.append(f"| {section.title} | not yet | – |")
+        else:
+            lines.append(
+                f"| {section.title} | {data.get('computed', '?')} | {data.get('seconds', 0):.0f} s |"
+            )
+    lines += [f"| all | | {total / 60:.1f} min |", ""]
+    for section in catalogue:
+        lines += [f"## {section.title}", ""]
+        data = present.get(section.name)
+        if data is None:
+            lines += [f"Not computed yet: `engagerec results --sections {section.name}`.", ""]
+            continue
+        lines += [section.render(data, present, figures).rstrip(), ""]
+    out.write_text("\n".join(lines))

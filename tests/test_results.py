@@ -1,0 +1,110 @@
+"""`make results`: sections computed once and cached by what decides them, every section real
+(training runs on small generated data), the document and figures rendered from the cache."""
+
+import json
+
+import pytest
+
+from engagerec.config import ConfigError
+from engagerec.results import comparisons, correlation, gates, make_results, threshold
+from engagerec.results.cache import SectionCache, spec_key
+from engagerec.results.common import Section
+
+SMALL = ["data.source.synthetic.num_rows=3000", "train.epochs=1"]
+
+
+def _counting_section(name, value, calls):
+    def compute(spec, work):
+        calls.append(name)
+        return {"value": spec["value"], "seconds": 1.5}
+
+    def render(data, cached, figures):
+        return f"value {data['value']}"
+
+    return Section(name, f"Section {name}", lambda seeds: {"value": value(), "seeds": seeds}, compute, render)
+
+
+def test_only_sections_whose_spec_changed_are_recomputed(tmp_path):
+    calls, values = [], {"a": 1, "b": 2}
+    catalogue = [_counting_section(n, lambda n=n: values[n], calls) for n in ("a", "b")]
+    out, cache = tmp_path / "RESULTS.md", tmp_path / "cache"
+    make_results(out, cache, tmp_path / "work", seeds=[0], catalogue=catalogue)
+    assert calls == ["a", "b"]
+    make_results(out, cache, tmp_path / "work", seeds=[0], catalogue=catalogue)
+    assert calls == ["a", "b"]  # both cached
+    values["b"] = 3
+    spent = make_results(out, cache, tmp_path / "work", seeds=[0], catalogue=catalogue)
+    assert calls == ["a", "b", "b"] and spent["a"] == 0 and spent["b"] > 0
+    make_results(out, cache, tmp_path / "work", seeds=[0, 1], catalogue=catalogue)  # seeds are spec
+    assert calls == ["a", "b", "b", "a", "b"]
+    make_results(out, cache, tmp_path / "work", seeds=[0, 1], sections=["a"], fresh=True, catalogue=catalogue)
+    assert calls[-1] == "a" and len(calls) == 6
+    text = out.read_text()
+    assert "## Section a\n\nvalue 1" in text and "## Section b\n\nvalue 3" in text
+    assert "| all | | 0.1 min |" in text  # wall time: the sections' seconds summed
+    entry = json.loads((cache / "b.json").read_text())
+    assert entry["key"] == spec_key({"value": 3, "seeds": [0, 1]}) and entry["data"]["value"] == 3
+
+
+def test_unknown_sections_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="unknown results sections \\['nope'\\]"):
+        make_results(tmp_path / "R.md", tmp_path / "c", tmp_path / "w", sections=["nope"])
+
+
+def test_a_torn_cache_entry_is_recomputed(tmp_path):
+    cache = SectionCache(tmp_path)
+    cache.store("a", {"x": 1}, {"v": 1})
+    (tmp_path / "a.json").write_text('{"key": ')  # a crash mid-write (not atomic)
+    assert cache.load("a", {"x": 1}) is None
+
+
+def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
+    catalogue = [
+        comparisons.comparison_section(
+            "multitask", "Small comparison", "synthetic_study", "About.", towers=["mmoe", "ple"],
+            overrides=SMALL, findings=comparisons.spread_findings,
+        ),
+        threshold.section("synthetic_study", SMALL, cuts=(0.3,), relative=threshold.RELATIVE[:1]),
+        correlation.section("synthetic_mmoe", ["data.source.synthetic.num_rows=2000", "train.epochs=1"],
+                            correlations=(1.0, -0.5), towers=["shared_bottom", "mmoe"]),
+        gates.SECTION,
+    ]  # fmt: skip
+    out = tmp_path / "docs" / "RESULTS.md"
+    make_results(out, tmp_path / "cache", tmp_path / "work", seeds=[0, 1], catalogue=catalogue)
+    text = out.read_text()
+    figures = {p.name for p in (tmp_path / "docs" / "figures").iterdir()}
+    assert figures == {"multitask.png", "threshold.png", "correlation.png", "gates.png"}
+    cached = {s.name: SectionCache(tmp_path / "cache").load_any(s.name) for s in catalogue}
+
+    # the comparison: towers and the GBDT over both seeds, paired against the GBDT, gates read
+    runs = cached["multitask"]["runs"]
+    assert sorted((r["tower"], r["seed"]) for r in runs) == sorted(
+        (t, s) for t in ("mmoe", "ple", "gbdt (scikit-learn)") for s in (0, 1)
+    )
+    assert "| mmoe vs gbdt (scikit-learn)" not in text and "- mmoe vs gbdt (scikit-learn), skip/auc:" in text
+    mmoe_gates = cached["multitask"]["gates"]["mmoe"][0]["tasks"]
+    assert list(mmoe_gates) == ["watch_ratio", "skip"]
+    assert sum(mmoe_gates["skip"]["mean"]) == pytest.approx(1.0)
+    assert cached["multitask"]["gates"]["ple"][0]["num_specific"] == 1
+
+    # the threshold study: three ways per label; accuracy from the ratio only for a constant cut
+    rows = cached["threshold"]["definitions"]
+    assert [r["label"] for r in rows] == ["ratio < 0.3", "below the user's own median"]
+    for row in rows:
+        assert {len(row["per_seed"][w]) for w, _ in threshold.WAYS} == {2}
+        assert all(0.0 <= r["auc"] <= 1.0 for w, _ in threshold.WAYS for r in row["per_seed"][w])
+    assert rows[0]["per_seed"]["from_ratio"][0]["accuracy"] is not None
+    assert rows[1]["per_seed"]["from_ratio"][0]["accuracy"] is None
+    assert 0.0 < rows[0]["skip_rate"]["mean"] < 1.0
+
+    # the correlation study: every tower at every correlation, over both seeds
+    points = cached["correlation"]["points"]
+    assert [p["correlation"] for p in points] == [1.0, -0.5]
+    assert all(len(correlation.losses(p, t)) == 2 for p in points for t in ("shared_bottom", "mmoe"))
+
+    # the document: every section rendered with its table and figure
+    for heading in ("## Small comparison", "## Skip threshold study", "## Task-correlation study",
+                    "## Gates: how MMoE and PLE share experts between tasks"):  # fmt: skip
+        assert heading in text
+    assert "| ratio < 0.3 |" in text and "| -0.5 |" in text and "| mmoe: task |" in text
+    assert "![gates](figures/gates.png)" in text
