@@ -57,6 +57,9 @@ class FeatureConfig:
     missing: Literal["error", "mean"] = "error"  # numeric: mean imputes the train mean
     buckets: int = 0  # numeric: exact train quantiles (DuckDB quantile_cont), then a sparse bucket id
     length: int = 20  # history length
+    # history: one feature per position of the window (<name>@0 the oldest, each 0 or 1 id)
+    # instead of one bag: the unpooled sequence that model.target_attention reads
+    positions: bool = False
     of: str = "content_id"  # history: which id column; history_mean, target_mean: which label
     # categorical / history: id spaces larger than this many rows are hashed into this many
     # buckets (row 0 stays the OOV/missing row) instead of keeping a vocabulary; 0: never
@@ -238,14 +241,28 @@ class LossConfig:
 
 
 @dataclass
+class TargetAttentionConfig:
+    """DIN-style target attention (Zhou et al., KDD 2018) in front of the tower: the candidate's
+    embedding weighs each viewed item of a positional history (a ``history`` feature with
+    ``positions: true``) and their weighted sum replaces the history's columns in the tower's
+    input (engagerec.attention.TargetAttention)."""
+
+    history: str = "history"  # the positional history feature
+    candidate: str = "content_id"  # a single-id feature of the history's id space
+    hidden_sizes: List[int] = field(default_factory=lambda: [32])  # the attention MLP
+
+
+@dataclass
 class ModelConfig:
-    """The model: its embedding tables, its tower, its tasks and how their losses combine."""
+    """The model: its embedding tables, its tower, its tasks, how their losses combine, and an
+    optional target attention over the viewing history in front of the tower."""
 
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
     # empty: one task per label of the prepared data (schema.json), with a kind-specific head
     tasks: List[TaskConfig] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
+    target_attention: Optional[TargetAttentionConfig] = None
 
 
 @dataclass

@@ -109,6 +109,7 @@ class ServingModel(nn.Module):
             )
             mode = MODES[table.pooling]
             self.features += [(name, buffer, mode) for name in table.feature_names]
+        self.input_arch = model.input_arch
         self.tower = model.tower
         self.heads = model.heads
 
@@ -131,6 +132,8 @@ class ServingModel(nn.Module):
                 pooled.append(summed)
             else:
                 pooled.append(F.embedding_bag(ids[name], table, offsets[name], mode=mode))
+        if self.input_arch is not None:  # e.g. target attention over the history's positions
+            pooled = [self.input_arch(torch.cat(pooled, dim=1))]
         representations = self.tower(torch.cat([*pooled, dense], dim=1))
         outputs = []
         for i, head in enumerate(self.heads):

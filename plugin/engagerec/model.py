@@ -16,9 +16,10 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from engagerec.attention import TargetAttention
 from engagerec.batch import Batch
-from engagerec.config import ConfigError, ModelConfig, TaskConfig
-from engagerec.data.schema import DatasetSchema
+from engagerec.config import ConfigError, ModelConfig, TargetAttentionConfig, TaskConfig
+from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.features import FeatureSpec
 from engagerec.losses import FixedWeighting, build_loss_weighting
 from engagerec.tasks import Task
@@ -79,6 +80,32 @@ class PooledByName(nn.Module):
             index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in self.names])
             self._index[signature] = index.to(values.device)
         return values.index_select(1, self._index[signature])
+
+
+def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:
+    """The TargetAttention ``model.target_attention`` describes, over the pooled columns of ``spec``.
+
+    Raises:
+        ConfigError: the history is no positional history feature of the prepared data, or the
+            candidate is not embedded in the history's table.
+    """
+    history = next((f for f in schema.features if f["name"] == cfg.history), None)
+    if history is None or history["kind"] != "history" or not history.get("positions"):
+        raise ConfigError(
+            f"model.target_attention.history '{cfg.history}' is no history feature with positions: true "
+            "in the prepared data (prepare it with that feature)"
+        )
+    widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
+    positions = position_names(cfg.history, history["length"])
+    table = next(t for t in spec.tables if positions[0] in t.feature_names)
+    if cfg.candidate not in table.feature_names:
+        raise ConfigError(
+            f"model.target_attention.candidate '{cfg.candidate}' is not embedded in the history's table "
+            f"{table.name} (its features: {table.feature_names})"
+        )
+    return TargetAttention(
+        list(widths.values()), list(widths), cfg.candidate, positions, hidden_sizes=cfg.hidden_sizes
+    )
 
 
 def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
@@ -213,6 +240,7 @@ class MultiTaskModel(nn.Module):
         tasks: List[Task],
         device: Optional[torch.device] = None,
         loss_weighting: Optional[nn.Module] = None,
+        input_arch: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         if len(tower.output_dims) != len(tasks):
@@ -227,6 +255,7 @@ class MultiTaskModel(nn.Module):
         if self.has_sparse:
             self.sparse_arch = EmbeddingBagCollection(tables=spec.tables, device=device)
             self.pooled_by_name = PooledByName(self.feature_names)
+        self.input_arch = input_arch  # e.g. TargetAttention: pooled -> the tower's sparse part
         self.tower = tower
         self.heads = nn.ModuleList(
             task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
@@ -261,8 +290,10 @@ class MultiTaskModel(nn.Module):
             raise ConfigError(
                 f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
             )
+        input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
+        input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
         try:
-            tower = build_tower(cfg.tower.name, spec.input_dim, len(tasks), **cfg.tower.params)
+            tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
         except KeyError as err:  # an unknown name, with the nearest registered one
             raise ConfigError(f"model.tower.name: {err.args[0]}") from None
         except (TypeError, ValueError) as err:  # a parameter the tower does not take, or a bad value
@@ -270,16 +301,20 @@ class MultiTaskModel(nn.Module):
                 f"model.tower '{cfg.tower.name}' with params {cfg.tower.params}: {err}"
             ) from None
         weighting = build_loss_weighting(cfg.loss, [t.weight for t in tasks])
-        return cls(spec, tower, tasks, device=device, loss_weighting=weighting)
+        return cls(spec, tower, tasks, device=device, loss_weighting=weighting, input_arch=input_arch)
 
     def tower_input(self, batch: Batch) -> torch.Tensor:
-        """x [B, spec.input_dim]: pooled embeddings (``spec.feature_names`` order), then dense features."""
+        """x: pooled embeddings (``spec.feature_names`` order; through the input arch if
+        any), then dense features."""
         if not self.has_sparse:
             return batch.dense_features
         pooled = self.sparse_arch(batch.sparse_features)
         # By name, never pooled.values(): a sharded collection returns its keys in the plan's
         # order, which changes with the world size and would scramble the tower's inputs.
-        return torch.cat([self.pooled_by_name(pooled), batch.dense_features], dim=1)
+        sparse = self.pooled_by_name(pooled)
+        if self.input_arch is not None:
+            sparse = self.input_arch(sparse)
+        return torch.cat([sparse, batch.dense_features], dim=1)
 
     def forward(self, batch: Batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""

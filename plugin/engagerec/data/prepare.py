@@ -323,7 +323,16 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
     split = summary["split"]
     sizes = "   ".join(f"{name} {split[name]['rows']:,}" for name in SPLITS)
     lines.append(f"  split {split['kind']} (seed {split['seed']}): {sizes}")
-    tables = ", ".join(f"{name}[{rows:,}]" for name, rows in summary["sparse_features"].items())
+    last: Dict[str, str] = {}  # a positional history (<name>@0, @1, ...) is shown as one entry
+    shown: Dict[str, int] = {}
+    for name, rows in summary["sparse_features"].items():
+        base, at, position = name.partition("@")
+        if at:
+            last[base] = position
+        shown[base if at else name] = rows
+    tables = ", ".join(
+        f"{name}{f'@0..{last[name]}' if name in last else ''}[{rows:,}]" for name, rows in shown.items()
+    )
     lines.append(f"  sparse features (table rows incl. OOV): {tables}")
     lines.append(f"  dense features: {', '.join(summary['dense_features']) or '-'}")
     if "seconds" in summary:

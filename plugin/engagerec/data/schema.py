@@ -166,6 +166,17 @@ class DatasetSchema:
         )
 
 
+def position_names(history: str, length: int) -> List[str]:
+    """The features of a positional history (``positions: true``), oldest position first.
+
+    Example::
+
+        >>> position_names("history", 3)
+        ['history@0', 'history@1', 'history@2']
+    """
+    return [f"{history}@{p}" for p in range(length)]
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
@@ -397,8 +408,14 @@ class Fitter:
                 lookup = self._id_lookup(space, feature.of, feature)
                 self.history_joins += self.joins[before:]
                 self.histories.append((feature, lookup))
-                self.sparse_sql[feature.name] = f"h.{quote(feature.name)}"  # from the history table
-                self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
+                if feature.positions:  # position p of the window: a bag of 0 or 1 id
+                    names = position_names(feature.name, feature.length)
+                    for p, name in enumerate(names):
+                        self.sparse_sql[name] = f"h.{quote(feature.name)}[{p + 1}:{p + 1}]"
+                    self._entries[index] = [SparseFeature(name, space, multi=True) for name in names]
+                else:
+                    self.sparse_sql[feature.name] = f"h.{quote(feature.name)}"  # from the history table
+                    self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
 
     def _moments(self, feature: FeatureConfig, value: str, source: str, table: str) -> Tuple[float, float]:
         """(mean, std) of a numeric feature's train values (std 1 when they are constant)."""

@@ -37,11 +37,42 @@ class Section:
     needs: tuple = ()
 
 
+def non_defaults(value: Any) -> Any:
+    """A config's values that differ from their fields' defaults, recursively: a key added to the
+    config later (with a default that keeps the old behaviour) leaves the spec as it was.
+
+    Example::
+
+        >>> from engagerec.config import FeatureConfig
+        >>> non_defaults(FeatureConfig(name="history", kind="history", length=20))
+        {'name': 'history', 'kind': 'history'}
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            current = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if current != default:
+                out[f.name] = non_defaults(current)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [non_defaults(v) for v in value]
+    if isinstance(value, dict):
+        return {k: non_defaults(v) for k, v in value.items()}
+    return value
+
+
 def config_spec(cfg: ExperimentConfig) -> Dict[str, Any]:
-    """A config as a spec: its values (the prepared directory left out: where files go does not
-    change a number) and the digests of the source files it reads."""
-    values = dataclasses.asdict(cfg)
-    values["train"].pop("data_dir", None)
+    """A config as a spec: its values that differ from the defaults (``non_defaults``; the
+    prepared directory left out: where files go does not change a number) and the digests of
+    the source files it reads."""
+    values = non_defaults(cfg)
+    values.get("train", {}).pop("data_dir", None)
     source = cfg.data.source
     files = {}
     for name in ("interactions", "users", "content"):

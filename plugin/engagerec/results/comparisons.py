@@ -47,6 +47,31 @@ def versus_reference(data: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> List[str]:
+    """Each tower against the same tower of another section (same seeds and split, e.g. without
+    an input arch), paired by seed on each main metric.
+
+    Example::
+
+        >>> run = lambda tower, seed, auc: {"tower": tower, "seed": seed, "test": {"skip/auc": auc}}
+        >>> data = {"runs": [run("mmoe", 0, 0.81), run("mmoe", 1, 0.82)]}
+        >>> other = {"runs": [run("mmoe", 0, 0.80), run("mmoe", 1, 0.80)]}
+        >>> versus_section(data, other, "plain")
+        ['mmoe vs mmoe of plain, skip/auc: indistinguishable (+0.0150 ± 0.0635, p = 0.2)']
+    """
+    from engagerec.report import paired_comparisons
+
+    lines = []
+    for tower in dict.fromkeys(r["tower"] for r in data["runs"]):
+        if tower == GBDT or not any(r["tower"] == tower for r in other["runs"]):
+            continue
+        runs = [r for r in data["runs"] if r["tower"] == tower]
+        runs += [{**r, "tower": "__other"} for r in other["runs"] if r["tower"] == tower]
+        rows = [{**row, "model": tower} for row in paired_comparisons(runs, "__other")]
+        lines += versus_reference({"reference": f"{tower} of {name}", "paired": rows})
+    return lines
+
+
 def compute_comparison(
     config: str, towers: List[str], reference: Optional[str], overrides: List[str]
 ) -> Callable[[Dict[str, Any], Path], Dict[str, Any]]:
@@ -89,6 +114,7 @@ def comparison_section(
     reference: Optional[str] = None,
     overrides: Optional[List[str]] = None,
     findings: Optional[Callable[[Dict[str, Any]], List[str]]] = None,
+    versus: Optional[str] = None,
 ) -> Section:
     """A Section comparing ``towers`` (and the GBDT) on ``config`` over the seeds.
 
@@ -101,6 +127,8 @@ def comparison_section(
         reference: the model the others are paired with (default the GBDT).
         overrides: ``key=value`` changes to the config.
         findings: data -> extra finding lines (the paired verdicts are always listed).
+        versus: another comparison section (same split and seeds) whose towers each tower is
+            also paired with.
     """
     overrides = list(overrides or [])
 
@@ -108,7 +136,7 @@ def comparison_section(
         cfg = load_config(config, overrides)
         return {"towers": towers, "seeds": seeds, "reference": reference, **config_spec(cfg)}
 
-    def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -> str:
+    def render(data: Dict[str, Any], cached: Dict[str, Dict[str, Any]], figures: Path) -> str:
         seeds = sorted({run["seed"] for run in data["runs"]})
         command = (
             f"`engagerec prepare --config {config}` then `engagerec compare --config {config} "
@@ -136,10 +164,14 @@ def comparison_section(
             "Findings (read off the tables above):",
             "",
         ]
-        lines += [f"- {line}" for line in versus_reference(data) + (findings(data) if findings else [])]
+        extra = (findings(data) if findings else []) + (
+            versus_section(data, cached[versus], versus) if versus in cached else []
+        )
+        lines += [f"- {line}" for line in versus_reference(data) + extra]
         return "\n".join(lines)
 
-    return Section(name, title, spec, compute_comparison(config, towers, reference, overrides), render)
+    compute = compute_comparison(config, towers, reference, overrides)
+    return Section(name, title, spec, compute, render, needs=(versus,) if versus else ())
 
 
 def spread_findings(data: Dict[str, Any]) -> List[str]:

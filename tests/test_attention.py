@@ -1,0 +1,112 @@
+"""Target attention (DIN) over a positional history: the positions hold exactly the history's
+ids, attention ignores empty positions and their order, and a model with it trains, shards,
+exports and predicts like any other."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engagerec.attention import TargetAttention
+from engagerec.config import ConfigError, load_config
+from engagerec.data.prepare import prepare
+from engagerec.data.schema import DatasetSchema
+from engagerec.model import MultiTaskModel
+
+SMALL = ["data.source.synthetic.num_rows=4000", "train.progress_bar=false", "train.epochs=1"]
+POSITIONAL = "data.features.2.positions=true"  # synthetic_study's feature 2 is its history
+ATTENTION = "model.target_attention={history: history, candidate: content_id, hidden_sizes: [8]}"
+
+
+@pytest.fixture(scope="module")
+def din_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("din_data")
+    cfg = load_config("synthetic_study", SMALL + [POSITIONAL, ATTENTION, f"train.data_dir={data}"])
+    prepare(cfg.data, data)
+    return cfg, data
+
+
+def test_the_positions_hold_the_histories_ids_in_window_order(tmp_path, din_data):
+    _, positional = din_data
+    cfg = load_config("synthetic_study", SMALL)  # the same data with the history as one bag
+    prepare(cfg.data, tmp_path / "bag")
+    for split in ("train", "test"):
+        bag = pq.read_table(tmp_path / "bag" / split).column("history").to_pylist()
+        table = pq.read_table(positional / split)
+        positions = [table.column(f"history@{p}").to_pylist() for p in range(20)]
+        rebuilt = [[i for p in range(20) for i in positions[p][row]] for row in range(len(bag))]
+        assert rebuilt == bag
+        assert all(len(positions[p][row]) <= 1 for p in range(20) for row in range(len(bag)))
+        assert any(len(h) == 0 for h in bag) and any(len(h) == 20 for h in bag)
+    names = DatasetSchema.load(positional).sparse_names
+    assert "history" not in names and names.count("history@0") == 1 and "history@19" in names
+
+
+def test_empty_positions_weigh_nothing_and_a_row_without_history_attends_to_zero():
+    torch.manual_seed(0)
+    arch = TargetAttention([3] * 4, ["item", "h@0", "h@1", "h@2"], "item", ["h@0", "h@1", "h@2"])
+    pooled = torch.randn(4, 12)
+    pooled[1, 3:] = 0.0  # no earlier views
+    pooled[2, 9:] = 0.0  # two earlier views
+    out = arch(pooled)
+    assert torch.equal(out[1, 3:], torch.zeros(3))
+    two_views = pooled[2:3, :9]
+    alone = TargetAttention([3] * 3, ["item", "h@0", "h@1"], "item", ["h@0", "h@1"])
+    alone.load_state_dict(arch.state_dict())
+    torch.testing.assert_close(alone(two_views), out[2:3])  # the empty third position added nothing
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in arch.score.parameters())
+
+
+def test_attention_is_refused_over_a_history_without_positions_or_a_foreign_candidate(tmp_path):
+    cfg = load_config("synthetic_study", SMALL + [ATTENTION])
+    prepare(cfg.data, tmp_path / "bag")
+    schema = DatasetSchema.load(tmp_path / "bag")
+    with pytest.raises(ConfigError, match="no history feature with positions: true"):
+        MultiTaskModel.from_config(schema, cfg.model)
+    cfg = load_config("synthetic_study", SMALL + [POSITIONAL, ATTENTION.replace("content_id", "user_id")])
+    prepare(cfg.data, tmp_path / "pos")
+    with pytest.raises(ConfigError, match="candidate 'user_id' is not embedded in the history's table"):
+        MultiTaskModel.from_config(DatasetSchema.load(tmp_path / "pos"), cfg.model)
+
+
+def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din_data, tmp_path):
+    from engagerec.export import export_run
+    from engagerec.train import train
+
+    cfg, data = din_data
+    run = tmp_path / "run"
+    results = train(cfg, run)
+    assert np.isfinite(results["test"]["watch_ratio/mse"]) and np.isfinite(results["test"]["skip/auc"])
+    model = MultiTaskModel.from_config(DatasetSchema.load(data), cfg.model)
+    assert isinstance(model.input_arch, TargetAttention)
+    assert model.input_arch.output_dim == model.spec.sparse_dim - 19 * model.input_arch.dim
+    record = export_run(run, tmp_path / "export")
+    assert record["max_abs_difference_fp32_vs_eager"] < 1e-5  # the program applies the attention too
+    inputs = json.loads((tmp_path / "export" / "inputs.json").read_text())
+    assert "history@19" in inputs["sparse"]["features"]
+
+
+def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din_data, tmp_path):
+    import dataclasses
+
+    import yaml
+    from test_torchrun import _torchrun
+
+    cfg, data = din_data
+    train_cfg = dataclasses.replace(cfg.train, sharding={"*": ["table_wise"]}, device="cpu")
+    config = tmp_path / "din.yaml"
+    config.write_text(yaml.safe_dump(dataclasses.asdict(dataclasses.replace(cfg, train=train_cfg))))
+    run = tmp_path / "run"
+    _torchrun(2, "train", "--config", str(config), "--out", str(run), cwd=tmp_path)
+    plan = json.loads((run / "plan.json").read_text())
+    assert {tuple(t["ranks"]) for t in plan.values()} == {(0,), (1,)}  # tables on both ranks
+    results = json.loads((run / "results.json").read_text())
+    one = tmp_path / "one.json"
+    _torchrun(1, "evaluate", "--run-dir", str(run), "--json-out", str(one), cwd=tmp_path)
+    one = json.loads(one.read_text())
+    assert results["world_size"] == 2 and one["rows"] == results["test"]["rows"]
+    for key in ("watch_ratio/mse", "skip/auc"):
+        assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
