@@ -1,7 +1,8 @@
 """What each choice in configs/kuairand_random.yaml is worth, on the VALIDATION split only.
 
 Each variant changes the shipped config in one way (drops the id statistics or part of
-them, or reverts the embedding width or the batch size), is prepared into its own directory
+them, reverts the embedding width or the batch size, switches target attention over the
+history on or off), is prepared into its own directory
 when its features differ, and trained with ``engagerec train`` for each seed; the table
 gives each variant's validation watch-ratio MSE and skip AUC at its best epoch, mean ± 95%
 interval over seeds. The test metrics each run computes (train() evaluates its best
@@ -25,7 +26,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from engagerec.config import ExperimentConfig, load_config
+from engagerec.config import ExperimentConfig, TargetAttentionConfig, load_config
 from engagerec.data.prepare import prepare
 from engagerec.data.target_stats import STAT_KINDS
 from engagerec.report import ci95
@@ -57,6 +58,14 @@ def _dim(dim: int) -> Change:
     return change
 
 
+def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Target attention (DIN) over the history switched on (positional history) or off."""
+    on = cfg.model.target_attention is None
+    features = [dataclasses.replace(f, positions=on) if f.kind == "history" else f for f in cfg.data.features]
+    model = dataclasses.replace(cfg.model, target_attention=TargetAttentionConfig() if on else None)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
+
+
 VARIANTS: List[Tuple[str, Change]] = [
     ("shipped config", lambda cfg: cfg),
     ("without id statistics", _features(lambda f: f.kind not in STAT_KINDS)),
@@ -64,6 +73,7 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("target means only (no id counts)", _features(lambda f: f.kind != "id_count")),
     ("embedding width 16 (was 8)", _dim(16)),
     ("batch 1024 (was 256)", _train(batch_size=1024)),
+    ("target attention (DIN) switched on, or off where the config has it", _toggle_attention),
 ]
 
 
@@ -82,7 +92,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for name, change in VARIANTS:
         cfg = change(base)
-        features = tuple(f.name for f in cfg.data.features)
+        features = tuple((f.name, f.positions) for f in cfg.data.features)
         if features not in prepared:  # variants with the shipped features share its data
             data_dir = out / f"data{len(prepared)}"
             with open(out / "prepare.out", "a") as sink, redirect_stdout(sink):

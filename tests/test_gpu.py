@@ -14,8 +14,8 @@ from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_
 
 from engagerec.config import ConfigError, load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
-from engagerec.evaluate import evaluate_run
 from engagerec.model import MultiTaskModel
+from engagerec.runs import evaluate_run
 from engagerec.train import train
 
 CPU = Runtime(rank=0, world_size=1, device=torch.device("cpu"), owns_group=False)

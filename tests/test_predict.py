@@ -22,8 +22,8 @@ from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
 from engagerec.data.scoring import encode_for_scoring
-from engagerec.evaluate import evaluate_run
 from engagerec.predict import predict
+from engagerec.runs import evaluate_run
 
 REPO = Path(__file__).resolve().parents[1]
 LOG = REPO / "datasets" / "kuairand" / "processed_standard_kcore_15.csv"

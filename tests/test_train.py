@@ -12,7 +12,7 @@ from conftest import synthetic_mmoe_config
 
 from engagerec.config import TASK_METRICS, ConfigError, apply_override, config_from_dict
 from engagerec.data.prepare import prepare
-from engagerec.evaluate import evaluate_run
+from engagerec.runs import evaluate_run
 from engagerec.train import train
 
 EQUAL_METRICS = (
@@ -165,7 +165,7 @@ def test_other_loss_weightings_train(study_data, tmp_path, weighting):
 
 
 def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_data, tmp_path):
-    from engagerec.report import run_comparison
+    from engagerec.compare import run_comparison
 
     cfg = study_run_config(study_data, epochs=1)
     table = run_comparison(cfg, ["mmoe", "shared_bottom"], [0, 1], tmp_path, gbdt=True)
@@ -207,9 +207,9 @@ def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypat
     import numpy as np
     import pandas as pd
 
+    from engagerec.compare import run_comparison
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
-    from engagerec.report import run_comparison
 
     log = pd.read_csv(repo / "datasets" / "kuairand" / "processed_standard_kcore_15.csv", sep="\t")
     log["label"] = log["label"].astype(float).where(np.arange(len(log)) % 5 != 0)  # 20% missing likes

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from engagerec.config import ConfigError, load_config, prepared_dir, with_tower
+from engagerec.config import ConfigError, load_config, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.errors import CheckpointError, TrainingError
 from engagerec.host_memory import keep_freed_memory
@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from engagerec.evaluate import evaluate_run
+    from engagerec.runs import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.split, args.checkpoint, args.device)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -107,7 +107,7 @@ def _export(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import time
 
-    from engagerec.report import run_comparison
+    from engagerec.compare import run_comparison
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or f"runs/{cfg.name}/compare")
@@ -154,25 +154,10 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from engagerec.data.schema import DatasetSchema
-    from engagerec.describe import format_parameter_table, parameter_counts
-    from engagerec.model import MultiTaskModel
-    from engagerec.towers import TOWERS
+    from engagerec.runs import describe
 
     cfg = load_config(args.config, args.set)
-    schema = DatasetSchema.load(args.data or prepared_dir(cfg))
-    names = args.towers.split(",") if args.towers else [cfg.model.tower.name]
-    if names == ["all"]:
-        names = sorted(TOWERS)
-    rows = {}
-    for name in names:
-        model = MultiTaskModel.from_config(schema, with_tower(cfg, name).model)
-        rows[name] = parameter_counts(model)
-    print(
-        f"parameters per part ({model.spec.input_dim} tower inputs: {model.spec.sparse_dim} pooled embedding "
-        f"+ {model.spec.dense_dim} dense)"
-    )
-    print(format_parameter_table(rows))
+    print(describe(cfg, args.towers.split(",") if args.towers else [cfg.model.tower.name], args.data))
     return 0
 
 

@@ -26,8 +26,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from engagerec.config import ConfigError, ExperimentConfig, prepared_dir
-from engagerec.data.schema import DatasetSchema
+from engagerec.config import ConfigError
 from engagerec.model import MultiTaskModel
 
 SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel", "row_wise", "table_row_wise")
@@ -296,18 +295,6 @@ def shard_model(
         sharders=sharders,
         data_parallel_wrapper=_OneRankDataParallel() if runtime.world_size == 1 else None,
     )
-
-
-def sharded_model_from_config(
-    cfg: ExperimentConfig, runtime: Runtime
-) -> "tuple[DistributedModelParallel, MultiTaskModel]":
-    """The configured model, built on the meta device for the prepared data and sharded; the
-    planner gets the training batch size, so a run's plan is the same wherever it is rebuilt
-    on the same world size (training, evaluation)."""
-    schema = DatasetSchema.load(prepared_dir(cfg))
-    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
-    tc = cfg.train
-    return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 
 
 def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:

@@ -45,13 +45,13 @@ from engagerec.distributed import (
     close_runtime,
     init_runtime,
     plan_table,
-    sharded_model_from_config,
 )
 from engagerec.errors import CheckpointError, TrainingError
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.metrics import build_metric_module, metric_inputs, readable
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
+from engagerec.runs import sharded_model
 
 TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
 
@@ -245,7 +245,7 @@ class Trainer:
         self.runtime, self.preemption = runtime, preemption
         self.data_dir = prepared_dir(cfg)
         seed_everything(self.tc.seed)
-        self.dmp, self.model = sharded_model_from_config(cfg, runtime)
+        self.dmp, self.model = sharded_model(cfg, runtime)
         self.tasks = self.model.tasks
         # the tasks are known now (from schema.json when the config names none): check before training
         check_monitor(self.tc.monitor, self.tc.monitor_mode, {t.name: t.kind for t in self.tasks})

@@ -67,19 +67,23 @@ class SectionCache:
 
     def load(self, section: str, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """The section's cached data if it was computed under this spec, else None."""
+        entry = self._entry(section)
+        return entry["data"] if entry and entry.get("key") == spec_key(spec) else None
+
+    def load_any(self, section: str) -> Optional[Dict[str, Any]]:
+        """The section's cached data whatever its spec (what other sections render from)."""
+        entry = self._entry(section)
+        return entry["data"] if entry else None
+
+    def _entry(self, section: str) -> Optional[Dict[str, Any]]:
         path = self.path(section)
         if not path.is_file():
             return None
         try:
             entry = json.loads(path.read_text())
         except json.JSONDecodeError:
-            return None  # a torn write: recompute
-        return entry["data"] if entry.get("key") == spec_key(spec) else None
-
-    def load_any(self, section: str) -> Optional[Dict[str, Any]]:
-        """The section's cached data whatever its spec (what other sections render from)."""
-        path = self.path(section)
-        return json.loads(path.read_text())["data"] if path.is_file() else None
+            return None  # torn by hand or by another writer: recompute (store() itself is atomic)
+        return entry if isinstance(entry, dict) and "data" in entry else None
 
     def store(self, section: str, spec: Dict[str, Any], data: Dict[str, Any]) -> None:
         """Write atomically: a crash leaves the old entry or the new one, never half of one."""

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from engagerec.compare import run_comparison
 from engagerec.config import load_config, with_tower
-from engagerec.report import GBDT, markdown_table, paired_table, plot, run_comparison
+from engagerec.report import GBDT, markdown_table, paired_table, plot
 from engagerec.results.common import Section, config_spec, p_text, prepared
 
 TOWERS = ["cross_stitch", "mmoe", "ple", "shared_bottom", "single_task"]

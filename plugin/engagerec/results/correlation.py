@@ -129,7 +129,7 @@ def section(
                 **config_spec(load_config(config, overrides))}  # fmt: skip
 
     def compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
-        from engagerec.report import run_comparison
+        from engagerec.compare import run_comparison
 
         started = time.perf_counter()
         points = []

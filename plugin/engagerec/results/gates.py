@@ -47,7 +47,7 @@ def run_gates(run_dir: Path, cfg: ExperimentConfig) -> Dict[str, Any]:
     """A run's gates on its test split: per task, the gate the task's head reads (MMoE's, PLE's
     last level) as its mean weights and mean per-row entropy; for PLE the number of
     task-specific experts that lead each task gate's candidates (the rest are shared)."""
-    from engagerec.evaluate import split_outputs
+    from engagerec.runs import split_outputs
 
     return gates_of(split_outputs(run_dir, "test"), cfg)
 

@@ -64,10 +64,10 @@ def skip_metrics(labels: np.ndarray, scores: np.ndarray, flags: Optional[np.ndar
 def _definition_runs(
     base: str, overrides: List[str], definition: Dict[str, Any], seeds: List[int], work: Path
 ) -> Dict[str, Any]:
+    from engagerec.compare import run_comparison
     from engagerec.data.schema import DatasetSchema
-    from engagerec.evaluate import split_outputs
-    from engagerec.report import run_comparison
     from engagerec.results.gates import gates_of
+    from engagerec.runs import split_outputs
 
     slug = definition["relative_to"] or f"cut{definition['threshold']:g}"
     label = [f"data.labels.1.threshold={definition['threshold']}"]  # labels: watch_ratio, skip

@@ -1,0 +1,104 @@
+"""engagerec compare: every tower x seed trained on one config (and the GBDT reference beside
+them), then the report (engagerec.report) with intervals and paired tests."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from tqdm import tqdm
+
+from engagerec.config import ExperimentConfig, prepared_dir, with_tower
+from engagerec.data.schema import DatasetSchema
+from engagerec.gbdt import gbdt_reference
+from engagerec.model import tasks_from_schema
+from engagerec.report import GBDT, write_report
+from engagerec.train import train
+
+
+def _headline(test: Dict[str, float]) -> str:
+    """Each task's main test metric, for a progress line."""
+    return ", ".join(f"{key} {value:.4f}" for key, value in test.items() if key.endswith(("/mse", "/auc")))
+
+
+def run_comparison(
+    cfg: ExperimentConfig,
+    towers: List[str],
+    seeds: List[int],
+    out_dir: Path,
+    resume: bool = True,
+    gbdt: bool = False,
+    reference: Optional[str] = None,
+) -> str:
+    """
+    Train every tower with every seed (and the GBDT reference), then write the report (paired
+    against ``reference``, see ``write_report``). One progress bar per run; each run's own
+    output is in ``<out_dir>/<tower>/seed<k>/train.out``.
+
+    Args:
+        cfg: the experiment (its prepared data must exist); each run swaps in a tower and a seed.
+        towers: the towers trained.
+        seeds: the seeds each tower is trained with.
+        out_dir: the runs (``<tower>/seed<k>``) and the report (compare.md, .json, .png).
+        resume: continue runs found in ``out_dir``; False starts each afresh.
+        gbdt: also fit the scikit-learn GBDT reference per seed (engagerec.gbdt).
+        reference: the model the others are paired with (default the GBDT, else the first).
+
+    Returns:
+        str: the report's markdown table.
+
+    Example::
+
+        >>> import contextlib, io, tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> out = Path(tempfile.mkdtemp())
+        >>> cfg = load_config("synthetic_study", ["data.source.synthetic.num_rows=3000",
+        ...                   "train.epochs=1", f"train.data_dir={out / 'data'}"])
+        >>> _ = prepare(cfg.data, cfg.train.data_dir)
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # not the bars: they go to sys.__stdout__
+        ...     table = run_comparison(cfg, ["mmoe", "ple"], [0], out / "compare")
+        >>> sorted(p.name for p in (out / "compare").iterdir())
+        ['compare.json', 'compare.md', 'compare.png', 'mmoe', 'ple']
+    """
+    runs = []
+    monitor = cfg.train.monitor
+    for tower in towers:
+        for seed in seeds:
+            run_dir = out_dir / tower / f"seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # one bar per run (epochs, the monitored validation metric, then the test headline);
+            # the run's own output (sharding plan, epoch lines) goes to its train.out
+            bar = tqdm(total=cfg.train.epochs, desc=f"{tower} seed {seed}", unit="epoch", file=sys.__stdout__)
+
+            def on_epoch(state, val, bar=bar) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"val {monitor} {val[monitor]:.4f}")
+
+            with open(run_dir / "train.out", "a") as sink, redirect_stdout(sink), redirect_stderr(sink):
+                print(f"--- engagerec compare: {tower}, seed {seed}, resume={resume}", flush=True)
+                try:
+                    results = train(
+                        with_tower(cfg, tower, seed=seed, progress_bar=False), run_dir, resume=resume,
+                        on_epoch=on_epoch,
+                    )  # fmt: skip
+                except Exception:
+                    traceback.print_exc()  # into train.out, beside the run's own lines
+                    bar.close()
+                    print(f"{tower} seed {seed} failed: see {run_dir / 'train.out'}", file=sys.__stderr__)
+                    raise
+            bar.total = bar.n  # early stopping ends a run before its last epoch
+            bar.set_postfix_str(f"best epoch {results.get('best_epoch')}; test {_headline(results['test'])}")
+            bar.close()
+            runs.append(results)
+    if gbdt:
+        # the towers' tasks (names, labels, kinds), so that the GBDT lands in their columns
+        configured = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
+        tasks = [(t.name, t.label, t.kind) for t in configured]
+
+        for seed in tqdm(seeds, desc="gbdt (scikit-learn)", unit="seed", file=sys.__stdout__):
+            runs.append({"tower": GBDT, "seed": seed, "test": gbdt_reference(prepared_dir(cfg), seed, tasks)})
+    return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
