@@ -11,6 +11,7 @@ import torch
 
 from engagerec.attention import TargetAttention
 from engagerec.config import ConfigError, load_config
+from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
 from engagerec.model import MultiTaskModel
@@ -70,6 +71,9 @@ def test_attention_is_refused_over_a_history_without_positions_or_a_foreign_cand
     prepare(cfg.data, tmp_path / "pos")
     with pytest.raises(ConfigError, match="candidate 'user_id' is not embedded in the history's table"):
         MultiTaskModel.from_config(DatasetSchema.load(tmp_path / "pos"), cfg.model)
+    cfg = load_config("synthetic_study", SMALL + ["data.features.0.positions=true"])  # user_id
+    with pytest.raises(DataError, match="positions: true on a categorical feature"):
+        prepare(cfg.data, tmp_path / "bad")
 
 
 def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din_data, tmp_path):
@@ -87,6 +91,21 @@ def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din
     assert record["max_abs_difference_fp32_vs_eager"] < 1e-5  # the program applies the attention too
     inputs = json.loads((tmp_path / "export" / "inputs.json").read_text())
     assert "history@19" in inputs["sparse"]["features"]
+    # predict scores the prepared test split through the same attention: evaluate's metrics
+    from engagerec.predict import predict
+
+    summary = predict(run, data, tmp_path / "preds.parquet")
+    preds = pq.read_table(tmp_path / "preds.parquet").to_pandas()
+    labels = pq.read_table(data / "test").column("watch_ratio").to_numpy()
+    assert summary["rows_scored"] == len(labels) == results["test"]["rows"]
+    mse = float(((preds["watch_ratio"].to_numpy() - labels) ** 2).mean())
+    assert mse == pytest.approx(results["test"]["watch_ratio/mse"], rel=1e-5)
+    # describe counts the attention's parameters and the tower's real input width
+    from engagerec.runs import describe
+
+    text = describe(cfg, ["mmoe"], str(data))
+    assert "| input arch |" in text
+    assert f"({model.input_arch.output_dim + model.spec.dense_dim} tower inputs" in text
 
 
 def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din_data, tmp_path):
@@ -110,3 +129,27 @@ def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din
     assert results["world_size"] == 2 and one["rows"] == results["test"]["rows"]
     for key in ("watch_ratio/mse", "skip/auc"):
         assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
+
+
+def test_raw_rows_to_score_get_the_positions_prepare_gave_them(tmp_path):
+    from test_predict import REPO, _kept_rows, _read_log
+
+    from engagerec.data.scoring import encode_for_scoring
+
+    log = _read_log()
+    log = log[log["duration_ms"] > 0]
+    path = tmp_path / "log.csv"
+    log.to_csv(sep="\t", path_or_buf=path, index=False)
+    cfg = load_config(REPO / "configs" / "kuairand_din.yaml",
+                      [f"data.source.interactions={path}", "data.filters.min_user_views=0"])  # fmt: skip
+    prepare(cfg.data, tmp_path / "prepared")
+    encode_for_scoring(cfg.data, tmp_path / "prepared", str(path), tmp_path / "scored")
+    positions = [f"history@{p}" for p in range(20)]
+    columns = ["user_id", "content_id", "hour", *positions]
+    fitted = _kept_rows(tmp_path / "prepared", ["train", "val", "test"])[columns]
+    scored = _kept_rows(tmp_path / "scored", ["test"])[columns]
+    fitted = fitted.sort_values(columns).reset_index(drop=True)
+    scored = scored.sort_values(columns).reset_index(drop=True)
+    assert len(fitted) == len(scored) == len(log)
+    assert fitted.equals(scored)
+    assert (fitted["history@19"].map(len) == 1).any() and (fitted["history@0"].map(len) == 0).any()

@@ -242,6 +242,20 @@ def test_relative_skip_refuses_a_regression_label_or_a_threshold_outside_0_1(tmp
             prepare(cfg.data, tmp_path / "out")
 
 
+def test_scoring_refuses_a_recent_mean_of_a_relative_label_it_cannot_derive(tmp_path):
+    from engagerec.data.scoring import encode_for_scoring
+
+    _, files = _events_files(tmp_path)
+    relative = {"name": "skip", "kind": "binary", "threshold": 0.5, "relative_to": "user"}
+    features = [{"name": "age", "kind": "numeric"},
+                {"name": "recent_skip", "kind": "history_mean", "of": "skip", "length": 5}]  # fmt: skip
+    cfg = study_config(files, features=features, labels=[{"name": "watch_ratio"}, relative],
+                       filters={"min_user_views": 0, "drop_zero_watch_time": False})  # fmt: skip
+    prepare(cfg.data, tmp_path / "out")  # training derives it: fine
+    with pytest.raises(DataError, match="averages label 'skip', which is relative_to user"):
+        encode_for_scoring(cfg.data, tmp_path / "out", files["interactions"], tmp_path / "scored")
+
+
 def test_history_holds_only_strictly_earlier_views_of_the_same_user(tmp_path):
     # user 0 watches 1, 2, 3 at t=0, 1, 1 (a tie) and 4 at t=2; user 1 watches 5 then 1
     interactions = pd.DataFrame(

@@ -1,6 +1,7 @@
 """`make results`: sections computed once and cached by what decides them, every section real
 (training runs on small generated data), the document and figures rendered from the cache."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from engagerec.config import ConfigError
 from engagerec.results import comparisons, correlation, gates, make_results, threshold
 from engagerec.results.cache import SectionCache, spec_key
 from engagerec.results.common import Section
+from engagerec.results.document import full_spec
 
 SMALL = ["data.source.synthetic.num_rows=3000", "train.epochs=1"]
 
@@ -43,7 +45,31 @@ def test_only_sections_whose_spec_changed_are_recomputed(tmp_path):
     assert "## Section a\n\nvalue 1" in text and "## Section b\n\nvalue 3" in text
     assert "| all | | 0.1 min |" in text  # wall time: the sections' seconds summed
     entry = json.loads((cache / "b.json").read_text())
-    assert entry["key"] == spec_key({"value": 3, "seeds": [0, 1]}) and entry["data"]["value"] == 3
+    assert entry["key"] == spec_key(full_spec(catalogue[1], [0, 1])) and entry["data"]["value"] == 3
+    assert "stale" not in text
+
+    # a section rendered from the cache after its inputs changed is marked stale, not hidden
+    values["a"] = 5
+    make_results(out, cache, tmp_path / "work", seeds=[0, 1], sections=["b"], catalogue=catalogue)
+    text = out.read_text()
+    assert "(stale: inputs changed since)" in text and "**Stale**" in text and "value 1" in text
+    # so is one whose computation changed (its version)
+    catalogue[1] = dataclasses.replace(catalogue[1], version=2)
+    make_results(out, cache, tmp_path / "work", seeds=[0, 1], sections=[], catalogue=catalogue)
+    assert out.read_text().count("**Stale**") == 2 and calls == ["a", "b", "b", "a", "b", "a"]
+
+
+def test_needs_are_computed_first_transitively_and_fresh_recomputes_only_what_was_named(tmp_path):
+    calls, values = [], {"a": 1, "b": 2, "c": 3}
+    a, b, c = (_counting_section(n, lambda n=n: values[n], calls) for n in ("a", "b", "c"))
+    b = dataclasses.replace(b, needs=("a",))
+    c = dataclasses.replace(c, needs=("b",))
+    make_results(tmp_path / "R.md", tmp_path / "cache", tmp_path / "w", seeds=[0], sections=["c"],
+                 catalogue=[c, b, a])  # fmt: skip
+    assert calls == ["a", "b", "c"]
+    make_results(tmp_path / "R.md", tmp_path / "cache", tmp_path / "w", seeds=[0], sections=["c"],
+                 fresh=True, catalogue=[c, b, a])  # fmt: skip
+    assert calls == ["a", "b", "c", "c"]
 
 
 def test_unknown_sections_are_refused_by_name(tmp_path):
@@ -108,3 +134,14 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
         assert heading in text
     assert "| ratio < 0.3 |" in text and "| -0.5 |" in text and "| mmoe: task |" in text
     assert "![gates](figures/gates.png)" in text
+
+
+def test_the_din_config_file_is_the_random_split_config_with_the_sections_changes():
+    from engagerec.config import load_config
+    from engagerec.results.common import non_defaults
+    from engagerec.results.document import DIN_OVERRIDES
+
+    shipped = non_defaults(load_config("configs/kuairand_din.yaml"))
+    built = non_defaults(load_config("configs/kuairand_random.yaml", DIN_OVERRIDES))
+    assert shipped.pop("name") == "kuairand_din" and built.pop("name") == "kuairand_random"
+    assert shipped == built

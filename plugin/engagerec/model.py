@@ -85,6 +85,17 @@ class PooledByName(nn.Module):
 def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:
     """The TargetAttention ``model.target_attention`` describes, over the pooled columns of ``spec``.
 
+    Args:
+        spec (FeatureSpec): the model's tables (their feature order is the pooled columns').
+        schema (DatasetSchema): the prepared data's schema (the history's length and kind).
+        cfg (TargetAttentionConfig): which history, which candidate, the MLP's sizes.
+
+    Returns:
+        TargetAttention: its ``output_dim`` replaces ``spec.sparse_dim`` in the tower's input.
+
+    Example: ``tests/test_attention.py`` (``MultiTaskModel.from_config`` calls it when the
+    config has ``model.target_attention``).
+
     Raises:
         ConfigError: the history is no positional history feature of the prepared data, or the
             candidate is not embedded in the history's table.
@@ -97,11 +108,14 @@ def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttent
         )
     widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
     positions = position_names(cfg.history, history["length"])
-    table = next(t for t in spec.tables if positions[0] in t.feature_names)
-    if cfg.candidate not in table.feature_names:
+    table = next((t for t in spec.tables if positions[0] in t.feature_names), None)
+    if table is None:
+        raise ConfigError(f"model.target_attention.history '{cfg.history}' has no embedding table")
+    single = {f.name for f in schema.sparse if not f.multi}
+    if cfg.candidate not in table.feature_names or cfg.candidate not in single:
         raise ConfigError(
             f"model.target_attention.candidate '{cfg.candidate}' is not embedded in the history's table "
-            f"{table.name} (its features: {table.feature_names})"
+            f"{table.name} as one id per row (its features: {table.feature_names})"
         )
     return TargetAttention(
         list(widths.values()), list(widths), cfg.candidate, positions, hidden_sizes=cfg.hidden_sizes

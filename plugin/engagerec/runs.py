@@ -21,7 +21,7 @@ import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from engagerec import checkpoint
-from engagerec.config import ExperimentConfig, config_from_dict, prepared_dir, with_tower
+from engagerec.config import ConfigError, ExperimentConfig, config_from_dict, prepared_dir, with_tower
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
 from engagerec.describe import format_parameter_table, parameter_counts
@@ -46,8 +46,28 @@ def sharded_model(
     planner gets the training batch size, so a run's plan is the same wherever it is rebuilt
     on the same world size (training, evaluation).
 
+    Args:
+        cfg: the experiment; its prepared data (``prepared_dir(cfg)``) must exist.
+        runtime: this process's group and device (``distributed.init_runtime``).
+
     Returns:
         (the DistributedModelParallel, the MultiTaskModel it wraps).
+
+    Example::
+
+        >>> import contextlib, io, tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> from engagerec.distributed import close_runtime, init_runtime
+        >>> cfg = load_config("synthetic_study", ["data.source.synthetic.num_rows=2000",
+        ...                                       f"train.data_dir={tempfile.mkdtemp()}"])
+        >>> _ = prepare(cfg.data, cfg.train.data_dir)
+        >>> runtime = init_runtime("cpu")
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     dmp, model = sharded_model(cfg, runtime)
+        >>> type(dmp).__name__, model.tower.__class__.__name__
+        ('DistributedModelParallel', 'MMoE')
+        >>> close_runtime(runtime)
     """
     schema = DatasetSchema.load(prepared_dir(cfg))
     model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
@@ -136,9 +156,21 @@ def open_run(
 def evaluate_run(
     run_dir: str | Path, split: str = "test", checkpoint_name: str = "best", device: Optional[str] = None
 ) -> Dict[str, float]:
-    """Evaluate a finished (or interrupted) run's best checkpoint (``checkpoint_name="latest"``
-    for the newest step) on ``split``, on however many ranks this process group has, on the
-    run's ``train.device`` or on ``device`` (``cpu`` evaluates a GPU-trained run on CPU)."""
+    """Evaluate a finished (or interrupted) run's checkpoint on a split, on however many ranks
+    this process group has.
+
+    Args:
+        run_dir: a directory written by ``engagerec train``.
+        split: "train", "val" or "test".
+        checkpoint_name: "best" (the best validation epoch) or "latest" (the newest step).
+        device: default the run's ``train.device``; ``cpu`` evaluates a GPU-trained run on CPU.
+
+    Returns:
+        Dict[str, float]: the metrics ``train`` reports for a split (e.g. ``skip/auc``).
+
+    Example: ``tests/test_train.py::test_evaluate_run_reproduces_the_final_test_metrics``
+    (a trained run is needed; ``split_outputs`` below shows one).
+    """
     with open_run(run_dir, checkpoint_name, device) as run:
         means = train_label_means(run.data_dir, [t.label for t in run.model.tasks])
         metrics = evaluate(
@@ -234,22 +266,41 @@ def split_outputs(run_dir: str | Path, split: str = "test", checkpoint_name: str
 
 
 def describe(cfg: ExperimentConfig, towers: List[str], data_dir: Optional[str] = None) -> str:
-    """Parameter counts per part (each table, the tower, each head) of ``cfg``'s model with each
-    of ``towers``, as a table with a heading line (``engagerec describe``).
+    """Parameter counts per part (each table, the input arch, the tower, each head) of ``cfg``'s
+    model with each of ``towers``, as a table with a heading line (``engagerec describe``).
 
     Args:
         cfg: the experiment; its prepared data must exist (``data_dir``, else ``prepared_dir(cfg)``).
         towers: tower names, or ``["all"]`` for every registered tower.
         data_dir: the prepared data directory.
+
+    Raises:
+        ConfigError: no tower named.
+
+    Example::
+
+        >>> import tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> cfg = load_config("synthetic_study", ["data.source.synthetic.num_rows=2000"])
+        >>> data = tempfile.mkdtemp()
+        >>> _ = prepare(cfg.data, data)
+        >>> print(describe(cfg, ["mmoe", "ple"], data).splitlines()[2])
+        |---|---:|---:|
     """
     schema = DatasetSchema.load(data_dir or prepared_dir(cfg))
     names = sorted(TOWERS) if towers == ["all"] else towers
+    if not names:
+        raise ConfigError("describe needs at least one tower name")
     rows = {}
     for name in names:
         model = MultiTaskModel.from_config(schema, with_tower(cfg, name).model)
         rows[name] = parameter_counts(model)
+    spec = model.spec
+    sparse = model.input_arch.output_dim if model.input_arch is not None else spec.sparse_dim
+    through = " through the input arch" if model.input_arch is not None else ""
     heading = (
-        f"parameters per part ({model.spec.input_dim} tower inputs: {model.spec.sparse_dim} pooled embedding "
-        f"+ {model.spec.dense_dim} dense)"
+        f"parameters per part ({sparse + spec.dense_dim} tower inputs: {sparse} from the pooled "
+        f"embeddings{through} + {spec.dense_dim} dense)"
     )
     return heading + "\n" + format_parameter_table(rows)

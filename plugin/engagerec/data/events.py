@@ -445,10 +445,11 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring
             value = f"CAST({quote('__label__' + label.name)} AS DOUBLE)"
         elif label.kind == "regression":
             value = "CAST(__ratio AS DOUBLE)"
+        elif label.relative_to and scoring:
+            _refuse_relative_history(cfg.features, label)
+            value = "NULL::DOUBLE"  # its cuts are the training split's, not kept for scoring
         elif label.relative_to:
-            value = (
-                _relative_skip_sql(con, log, label, kept, split, report) if not scoring else "NULL::DOUBLE"
-            )
+            value = _relative_skip_sql(con, log, label, kept, split, report)
         else:
             value = f"CAST(__ratio < {label.threshold!r} AS DOUBLE)"
         labels_sql.append(f"{value} AS {quote(label.name)}")
@@ -462,6 +463,18 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring
     )
     described = {row[0]: row[1] for row in con.execute("DESCRIBE events").fetchall()}
     return Events(con, described, origin, log, report, list(cfg.labels), int(rows))
+
+
+def _refuse_relative_history(features: List[FeatureConfig], label: LabelConfig) -> None:
+    """Scoring leaves a relative label missing (its cuts are not stored), so a history_mean of
+    it would read missing values where training read real ones: refused rather than skewed."""
+    for feature in features:
+        if feature.kind == "history_mean" and feature.of == label.name:
+            raise DataError(
+                f"feature '{feature.name}' averages label '{label.name}', which is relative_to "
+                f"{label.relative_to}: scoring cannot derive it (the training cuts are not stored)",
+                expected="a history_mean of the watch ratio or of a label with a constant threshold",
+            )
 
 
 def _relative_skip_sql(con, log: LoadedTable, label: LabelConfig, kept: str, split: str, report) -> str:

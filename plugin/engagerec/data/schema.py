@@ -202,6 +202,8 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             )
         if feature.missing not in ("error", "mean"):
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
+        if feature.positions and feature.kind != "history":
+            raise DataError(f"{where}: positions: true on a {feature.kind} feature", expected="kind: history")
         if feature.kind in ("history_mean", "target_mean") and feature.of not in labels:
             raise DataError(
                 f"{where}: {feature.kind} averages a label ("

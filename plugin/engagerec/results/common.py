@@ -27,6 +27,7 @@ class Section:
         compute: (spec, work directory) -> its data (JSON-able; runs may go under the directory).
         render: (its data, every section's cached data by name, figures directory) -> markdown.
         needs: sections whose data ``render`` also reads (computed first).
+        version: bump it when ``compute`` changes what it computes: the cached data is then stale.
     """
 
     name: str
@@ -35,6 +36,7 @@ class Section:
     compute: Callable[[Dict[str, Any], Path], Dict[str, Any]]
     render: Callable[[Dict[str, Any], Dict[str, Dict[str, Any]], Path], str]
     needs: tuple = ()
+    version: int = 1
 
 
 def non_defaults(value: Any) -> Any:
@@ -70,7 +72,18 @@ def non_defaults(value: Any) -> Any:
 def config_spec(cfg: ExperimentConfig) -> Dict[str, Any]:
     """A config as a spec: its values that differ from the defaults (``non_defaults``; the
     prepared directory left out: where files go does not change a number) and the digests of
-    the source files it reads."""
+    the source files it reads.
+
+    Args:
+        cfg: a loaded config.
+
+    Example::
+
+        >>> from engagerec.config import load_config
+        >>> spec = config_spec(load_config("synthetic_study", ["train.epochs=3"]))
+        >>> spec["config"]["train"], spec["files"]  # generated data: no source files
+        ({'epochs': 3}, {})
+    """
     values = non_defaults(cfg)
     values.get("train", {}).pop("data_dir", None)
     source = cfg.data.source
@@ -79,11 +92,30 @@ def config_spec(cfg: ExperimentConfig) -> Dict[str, Any]:
         path = getattr(source, name, None)
         if isinstance(path, str) and Path(path).is_file():
             files[path] = file_digest(path)
+        elif isinstance(path, str) and Path(path).is_dir():  # a table written as several files
+            files[path] = {str(f): file_digest(f) for f in sorted(Path(path).rglob("*")) if f.is_file()}
     return {"config": values, "files": files}
 
 
 def prepared(cfg: ExperimentConfig, data_dir: Path) -> ExperimentConfig:
-    """``cfg`` prepared into ``data_dir`` (its output kept out of the console), reading from there."""
+    """``cfg`` prepared into ``data_dir`` (its output kept out of the console), reading from there.
+
+    Args:
+        cfg: the experiment whose ``data`` section is prepared.
+        data_dir: where the prepared data goes.
+
+    Returns:
+        ``cfg`` with ``train.data_dir`` set to ``data_dir``.
+
+    Example::
+
+        >>> import tempfile
+        >>> from engagerec.config import load_config
+        >>> cfg = prepared(load_config("synthetic_study", ["data.source.synthetic.num_rows=2000"]),
+        ...                Path(tempfile.mkdtemp()))
+        >>> (Path(cfg.train.data_dir) / "schema.json").is_file()
+        True
+    """
     from engagerec.data.prepare import prepare
 
     with contextlib.redirect_stdout(io.StringIO()):

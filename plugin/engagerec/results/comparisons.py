@@ -38,7 +38,7 @@ def versus_reference(data: Dict[str, Any]) -> List[str]:
         lower_better = row["metric"].endswith("/mse")
         diff, p = row["difference"], row["p_value"]
         if not p < 0.05:
-            verdict = f"indistinguishable ({diff:+.4f} ± {row['ci95']:.4f}, {p_text(p)})"
+            verdict = f"no significant difference ({diff:+.4f} ± {row['ci95']:.4f}, {p_text(p)})"
         else:
             better = (diff < 0) == lower_better
             verdict = (
@@ -58,7 +58,7 @@ def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> Li
         >>> data = {"runs": [run("mmoe", 0, 0.81), run("mmoe", 1, 0.82)]}
         >>> other = {"runs": [run("mmoe", 0, 0.80), run("mmoe", 1, 0.80)]}
         >>> versus_section(data, other, "plain")
-        ['mmoe vs mmoe of plain, skip/auc: indistinguishable (+0.0150 ± 0.0635, p = 0.2)']
+        ['mmoe vs mmoe of plain, skip/auc: no significant difference (+0.0150 ± 0.0635, p = 0.2)']
     """
     from engagerec.report import paired_comparisons
 
@@ -73,7 +73,7 @@ def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> Li
     return lines
 
 
-def compute_comparison(
+def _compute_comparison(
     config: str, towers: List[str], reference: Optional[str], overrides: List[str]
 ) -> Callable[[Dict[str, Any], Path], Dict[str, Any]]:
     """The compute step of a comparison section: prepare, train towers x seeds and the GBDT, and
@@ -144,7 +144,7 @@ def comparison_section(
             f"--towers {','.join(towers)} --seeds {','.join(map(str, seeds))} --no-resume --gbdt"
             + (f" --reference {reference}" if reference else "")
             + "`"
-            + (f" (with `--set {' '.join(overrides)}`)" if overrides else "")
+            + (f" (with {' '.join(f'`--set {o}`' for o in overrides)})" if overrides else "")
         )
         plot(data["summary"], figures / f"{name}.png")
         lines = [
@@ -171,13 +171,27 @@ def comparison_section(
         lines += [f"- {line}" for line in versus_reference(data) + extra]
         return "\n".join(lines)
 
-    compute = compute_comparison(config, towers, reference, overrides)
+    compute = _compute_comparison(config, towers, reference, overrides)
     return Section(name, title, spec, compute, render, needs=(versus,) if versus else ())
 
 
 def spread_findings(data: Dict[str, Any]) -> List[str]:
     """The study's claims, tested: how far apart the towers' means lie (GBDT left out), skip
-    accuracy against the majority class, and whether the towers were still improving."""
+    accuracy against the majority class, and whether the towers were still improving.
+
+    Args:
+        data: a comparison section's data (``summary``, ``best_epochs``, ``epochs``).
+
+    Example::
+
+        >>> stats = lambda m: {"mean": m, "ci95": 0.0, "n": 5}
+        >>> data = {"summary": {"a": {"skip/auc": stats(0.65)}, "b": {"skip/auc": stats(0.66)}},
+        ...         "best_epochs": {"a/0": 19, "b/0": 5}, "epochs": 20}
+        >>> for line in spread_findings(data):  # doctest: +ELLIPSIS
+        ...     print(line)
+        the towers' skip/auc lie within 0.0100 of each other (0.6500 to 0.6600)
+        1 of 2 tower runs had their best validation epoch in the last two of 20: still improving ...
+    """
     summary = {m: s for m, s in data["summary"].items() if m != GBDT}
     lines = []
     for key in ("watch_ratio/mse", "skip/auc", "skip/accuracy"):
@@ -195,6 +209,12 @@ def spread_findings(data: Dict[str, Any]) -> List[str]:
         best = max(s["skip/accuracy"]["mean"] for s in summary.values())
         lines.append(
             f"skip accuracy of the best tower {best:.4f} against {majority:.4f} for the majority class"
+        )
+    gbdt = data["summary"].get(GBDT, {})
+    if gbdt and all(stats["ci95"] == 0 for stats in gbdt.values()):
+        lines.append(
+            "the GBDT gave the same model for every seed (no id to target-encode, so no folds): "
+            "its interval is 0"
         )
     epochs = [epoch for epoch in data["best_epochs"].values() if epoch is not None]  # the GBDT has none
     late = [epoch for epoch in epochs if epoch >= data["epochs"] - 2]  # 0-based

@@ -34,13 +34,38 @@ def mean_task_loss(test: Dict[str, float]) -> float:
 
 
 def losses(point: Dict[str, Any], tower: str) -> List[float]:
-    """A tower's mean task loss per seed (seed order) at one correlation."""
+    """A tower's mean task loss per seed (seed order) at one correlation.
+
+    Args:
+        point: one correlation's ``{"correlation", "runs"}`` (each run: tower, seed, test).
+        tower: the tower.
+
+    Example::
+
+        >>> point = {"runs": [{"tower": "mmoe", "seed": 1, "test": {"y1/mse": 0.4, "y2/mse": 0.2}},
+        ...                   {"tower": "mmoe", "seed": 0, "test": {"y1/mse": 0.1, "y2/mse": 0.3}}]}
+        >>> [round(v, 2) for v in losses(point, "mmoe")]
+        [0.2, 0.3]
+    """
     runs = sorted((r for r in point["runs"] if r["tower"] == tower), key=lambda r: r["seed"])
     return [mean_task_loss(r["test"]) for r in runs]
 
 
 def degradation(data: Dict[str, Any], tower: str) -> Dict[str, float]:
-    """How much a tower's loss grows from correlation 1.0 to the lowest one, per seed (paired)."""
+    """How much a tower's loss grows from the highest correlation to the lowest, paired by seed.
+
+    Args:
+        data: the section's data (``points`` per correlation).
+        tower: the tower.
+
+    Example::
+
+        >>> run = lambda seed, mse: {"tower": "sb", "seed": seed, "test": {"y1/mse": mse}}
+        >>> data = {"points": [{"correlation": 1.0, "runs": [run(0, 0.1), run(1, 0.2)]},
+        ...                    {"correlation": -0.5, "runs": [run(0, 0.3), run(1, 0.4)]}]}
+        >>> round(degradation(data, "sb")["mean"], 4)
+        0.2
+    """
     points = sorted(data["points"], key=lambda p: p["correlation"])
     return mean_ci(np.subtract(losses(points[0], tower), losses(points[-1], tower)))
 
@@ -77,8 +102,9 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
         __doc__.replace("\n", " ").strip(),
         "",
         f"`{data['config']}` ({data['rows']:,} generated rows) at each "
-        f"correlation; {len(data['seeds'])} seeds per tower and correlation, mean ± 95% CI of the "
-        f"mean of the two tasks' test MSE; {data['seconds']:.0f} s. Same as `engagerec results "
+        f"correlation; {len(data['seeds'])} seeds per tower and correlation, each seed drawing its "
+        "own data (the generator's seed) and initialising the towers, mean ± 95% CI of the "
+        "mean of the two tasks' test MSE; {data['seconds']:.0f} s. Same as `engagerec results "
         f"--sections correlation`.",
         "",
         "| correlation p | " + " | ".join(towers) + " |",
@@ -134,18 +160,21 @@ def section(
         started = time.perf_counter()
         points = []
         for rho in spec["correlations"]:
-            changed = overrides + [f"data.source.synthetic.task_correlation={rho}"]
-            cfg = prepared(load_config(config, changed), work / f"data{rho:g}")
-            out = work / f"p{rho:g}"
-            run_comparison(cfg, spec["towers"], spec["seeds"], out, resume=False)
-            runs = json.loads((out / "compare.json").read_text())["runs"]
-            kept = [{"tower": r["tower"], "seed": r["seed"], "test": r["test"]} for r in runs]
+            kept = []
+            for seed in spec["seeds"]:  # each seed draws its own data too: the interval covers both
+                changed = overrides + [f"data.source.synthetic.task_correlation={rho}",
+                                       f"data.source.synthetic.seed={seed}"]  # fmt: skip
+                cfg = prepared(load_config(config, changed), work / f"data{rho:g}_{seed}")
+                out = work / f"p{rho:g}_{seed}"
+                run_comparison(cfg, spec["towers"], [seed], out, resume=False)
+                runs = json.loads((out / "compare.json").read_text())["runs"]
+                kept += [{"tower": r["tower"], "seed": r["seed"], "test": r["test"]} for r in runs]
             points.append({"correlation": rho, "runs": kept})
         rows = load_config(config, overrides).data.source.synthetic.num_rows
         return {"points": points, "seeds": spec["seeds"], "towers": spec["towers"], "config": config,
                 "rows": rows, "seconds": time.perf_counter() - started}  # fmt: skip
 
-    return Section("correlation", "Task-correlation study", spec, compute, _render)
+    return Section("correlation", "Task-correlation study", spec, compute, _render, version=2)
 
 
 SECTION = section()

@@ -9,7 +9,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from engagerec.config import ConfigError
 from engagerec.results import comparisons, correlation, gates, threshold
@@ -17,6 +17,12 @@ from engagerec.results.cache import SectionCache
 from engagerec.results.common import Section
 
 SEEDS = [0, 1, 2, 3, 4]
+# configs/kuairand_din.yaml as changes to the random-split config, so that the two sections
+# differ by exactly these (tests/test_results.py holds the file to them)
+DIN_OVERRIDES = [
+    "data.features.2.positions=true",  # the history, one feature per position
+    "model.target_attention={history: history, candidate: content_id, hidden_sizes: [32]}",
+]
 
 SECTIONS: List[Section] = [
     comparisons.comparison_section(
@@ -32,7 +38,8 @@ SECTIONS: List[Section] = [
     ),
     comparisons.comparison_section(
         "random",
-        "Random 70/30 split: ids, history, id statistics and every pre-exposure feature",
+        "Random split (70% train and validation, 30% test): ids, history, id statistics, every "
+        "pre-exposure feature",
         "configs/kuairand_random.yaml",
         "The study's random split with everything known before a view: user and video ids (and "
         "the author), the 20 videos viewed before, recent outcomes, leak-free id statistics "
@@ -41,14 +48,15 @@ SECTIONS: List[Section] = [
     comparisons.comparison_section(
         "din",
         "Random split with target attention over the history (DIN)",
-        "configs/kuairand_din.yaml",
+        "configs/kuairand_random.yaml",
         "The random-split section's config with the study's \"sequence-aware\" direction built in: "
         "the 20 earlier views are embedded one by one (a positional history) and the candidate "
         "video's embedding weighs each (DIN's activation unit, engagerec.attention.TargetAttention) "
-        "before any tower. Chosen on validation only: over 3 seeds it was level with the "
-        "configuration without it (docs/EXPERIMENTS.md). Each tower is also paired with the same "
-        "tower of the random-split section (same seeds, same split).",
+        "before any tower (`configs/kuairand_din.yaml`; how it was chosen, on validation: "
+        "docs/EXPERIMENTS.md). Each tower is also paired with the same tower of the random-split "
+        "section (same seeds, same split).",
         towers=["mmoe", "ple", "single_task"],
+        overrides=DIN_OVERRIDES,
         versus="random",
     ),
     comparisons.comparison_section(
@@ -94,6 +102,34 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def full_spec(section: Section, seeds: List[int]) -> Dict[str, Any]:
+    """What decides a section's numbers: its own spec (configs' non-default values, towers, seeds,
+    data digests), the section's code version, engagerec's version and the device kind."""
+    import torch
+
+    from engagerec import __version__
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what train.device auto resolves to
+    code = {"section": section.version, "engagerec": __version__}
+    return {**section.spec(seeds), "code": code, "device": device}
+
+
+def _with_needs(names: List[str], known: Dict[str, Section]) -> List[str]:
+    """``names`` with every section they need, transitively, each needed one before its user."""
+    ordered: List[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        for need in known[name].needs:
+            visit(need)
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
 def make_results(
     out: str | Path = "docs/RESULTS.md",
     cache_dir: str | Path = "docs/results",
@@ -111,9 +147,11 @@ def make_results(
         out: the markdown document.
         cache_dir: one JSON per section (commit it: the document renders from it alone).
         work: prepared data and runs of the sections computed now.
-        sections: names to compute (default all); others render from the cache if present.
+        sections: names to compute (default all; ``[]`` only renders), with the sections they
+            need (computed first unless cached); the others render from the cache as they are,
+            marked stale when their inputs changed since.
         seeds: the seeds of every section (default 0-4).
-        fresh: recompute the chosen sections even when cached.
+        fresh: recompute the named sections even when cached (not the ones they need).
         catalogue: the document's sections, in order (default ``SECTIONS``).
 
     Returns:
@@ -125,18 +163,18 @@ def make_results(
     seeds = list(seeds or SEEDS)
     catalogue = SECTIONS if catalogue is None else catalogue
     known = {s.name: s for s in catalogue}
-    chosen = list(sections or known)
+    chosen = list(known) if sections is None else list(sections)
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise ConfigError(f"unknown results sections {unknown}; known: {list(known)}")
-    for name in list(chosen):  # a section's needs are computed first
-        chosen = [n for n in known[name].needs if n not in chosen] + chosen
+    requested = set(chosen)
+    chosen = _with_needs(chosen, known)
     cache = SectionCache(cache_dir)
     spent: Dict[str, float] = {}
     for name in chosen:
         section = known[name]
-        spec = section.spec(seeds)
-        if not fresh and cache.load(name, spec) is not None:
+        spec = full_spec(section, seeds)
+        if not (fresh and name in requested) and cache.load(name, spec) is not None:
             spent[name] = 0.0
             print(f"[results] {name}: cached", file=sys.__stdout__, flush=True)
             continue
@@ -146,12 +184,15 @@ def make_results(
         spent[name] = time.perf_counter() - started
         data.setdefault("seconds", spent[name])
         data["computed"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        data["environment"] = f"{_cpu()}, {os.cpu_count()} logical cores; {_versions()}"
         cache.store(name, spec, data)
-    _write(Path(out), cache, catalogue)
+    _write(Path(out), cache, catalogue, {s.name: full_spec(s, seeds) for s in catalogue})
     return spent
 
 
-def _write(out: Path, cache: SectionCache, catalogue: List[Section]) -> None:
+def _write(
+    out: Path, cache: SectionCache, catalogue: List[Section], specs: Dict[str, Dict[str, Any]]
+) -> None:
     figures = out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     cached = {s.name: cache.load_any(s.name) for s in catalogue}
@@ -165,25 +206,28 @@ def _write(out: Path, cache: SectionCache, catalogue: List[Section]) -> None:
         "its per-run numbers); a section is recomputed when what decides its numbers changes "
         "(configs, towers, seeds, the data files' digests); `engagerec results --fresh` recomputes "
         "all. Test split, used for nothing but these tables; mean ± 95% confidence interval over "
-        "seeds (Student's t). KuaiRand sections: the bundled subset (datasets/kuairand, CC BY-SA 4.0; "
+        "seeds (Student's t); p-values are per comparison (two-sided paired t-tests, 5 seeds), "
+        "not corrected for the number of comparisons a section makes. KuaiRand sections: the "
+        "bundled subset (datasets/kuairand, CC BY-SA 4.0; "
         "every row an explicit like or hate: see datasets/README.md for its biases). Throughput "
         "and scale are in benchmarks/RESULTS.md; experiments outside these sections (ablations, "
         "what was tried) in docs/EXPERIMENTS.md.",
         "",
-        f"Machine: {_cpu()}, {os.cpu_count()} logical cores, Python {platform.python_version()}; "
-        f"{_versions()}.",
+        "Computed on: "
+        + "; ".join(sorted({d.get("environment", "?") for d in present.values()}) or ["nothing yet"])
+        + f" (Python {platform.python_version()}).",
         "",
         "| section | computed | wall time |",
         "|---|---|---:|",
     ]
+    stale = {s.name for s in catalogue if s.name in present and cache.load(s.name, specs[s.name]) is None}
     for section in catalogue:
         data = present.get(section.name)
         if data is None:
             lines.append(f"| {section.title} | not yet | – |")
-        else:
-            lines.append(
-                f"| {section.title} | {data.get('computed', '?')} | {data.get('seconds', 0):.0f} s |"
-            )
+            continue
+        when = data.get("computed", "?") + (" (stale: inputs changed since)" if section.name in stale else "")
+        lines.append(f"| {section.title} | {when} | {data.get('seconds', 0):.0f} s |")
     lines += [f"| all | | {total / 60:.1f} min |", ""]
     for section in catalogue:
         lines += [f"## {section.title}", ""]
@@ -191,5 +235,11 @@ def _write(out: Path, cache: SectionCache, catalogue: List[Section]) -> None:
         if data is None:
             lines += [f"Not computed yet: `engagerec results --sections {section.name}`.", ""]
             continue
+        if section.name in stale:
+            lines += [
+                "**Stale**: computed before a change to what decides its numbers; "
+                f"`engagerec results --sections {section.name}` recomputes it.",
+                "",
+            ]
         lines += [section.render(data, present, figures).rstrip(), ""]
     out.write_text("\n".join(lines))

@@ -46,19 +46,43 @@ def js_divergence(p, q) -> float:
 def run_gates(run_dir: Path, cfg: ExperimentConfig) -> Dict[str, Any]:
     """A run's gates on its test split: per task, the gate the task's head reads (MMoE's, PLE's
     last level) as its mean weights and mean per-row entropy; for PLE the number of
-    task-specific experts that lead each task gate's candidates (the rest are shared)."""
+    task-specific experts that lead each task gate's candidates (the rest are shared).
+
+    Args:
+        run_dir: a trained run of a gated tower.
+        cfg: its config with its tower (PLE's ``num_specific`` is read from it).
+
+    Example: ``tests/test_results.py`` (a trained run is needed).
+    """
     from engagerec.runs import split_outputs
 
     return gates_of(split_outputs(run_dir, "test"), cfg)
 
 
 def gates_of(out, cfg: ExperimentConfig) -> Dict[str, Any]:
-    """``run_gates`` from a run's ``SplitOutputs`` already at hand."""
+    """``run_gates`` from a run's ``SplitOutputs`` already at hand.
+
+    Args:
+        out: ``runs.split_outputs`` of the run.
+        cfg: its config with its tower.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from engagerec.config import load_config
+        >>> from engagerec.runs import SplitOutputs
+        >>> out = SplitOutputs(predictions={"a": np.zeros(2), "b": np.zeros(2)}, labels={}, weights={},
+        ...                    gate_means={"task0": np.array([0.5, 0.5]), "task1": np.array([1.0, 0.0])},
+        ...                    gate_entropy={"task0": 0.69, "task1": 0.0})
+        >>> gates_of(out, load_config("synthetic_study"))["tasks"]["b"]
+        {'mean': [1.0, 0.0], 'row_entropy': 0.0}
+    """
     from engagerec.towers import TOWERS
 
     tasks = list(out.predictions)
     names = sorted(out.gate_means)
-    last = max((n.split("/")[0] for n in names if "/" in n), default="")
+    levels = {n.split("/")[0] for n in names if "/" in n}  # PLE: "level<j>/task<k>"
+    last = max(levels, key=lambda level: int(level.removeprefix("level")), default="")
     gates = {}
     for k, task in enumerate(tasks):
         key = f"{last}/task{k}" if last else f"task{k}"
@@ -123,7 +147,7 @@ def _table(summary: Dict[str, Dict[str, Any]], tower: str) -> List[str]:
     return lines
 
 
-def threshold_gates(threshold: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _threshold_gates(threshold: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Per label definition of the threshold study: the joint MMoE's skip gate entropy and its
     divergence from the watch-ratio gate, over seeds."""
     rows = []
@@ -181,7 +205,7 @@ def _render(_: Dict[str, Any], cached: Dict[str, Dict[str, Any]], figures: Path)
     if not multitask or not multitask.get("gates"):
         return "Not computed yet: it reads the multi-task section's MMoE and PLE runs."
     summaries = {tower: summarise_gates(runs) for tower, runs in multitask["gates"].items()}
-    by_threshold = threshold_gates(threshold) if threshold else []
+    by_threshold = _threshold_gates(threshold) if threshold else []
     _figure(summaries, by_threshold, figures / "gates.png")
     lines = [
         "For each task, the gate its head reads (MMoE's gate; PLE's last-level task gate), averaged "

@@ -105,7 +105,7 @@ def _definition_runs(
             "joint_gates": gates}  # fmt: skip
 
 
-def summarise(row: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+def _summarise(row: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """way -> metric -> mean ± CI over seeds (None where the way has no such metric)."""
     out = {}
     for way, _ in WAYS:
@@ -115,7 +115,7 @@ def summarise(row: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def paired_p(row: Dict[str, Any], a: str, b: str, metric: str = "auc") -> float:
+def _paired_p(row: Dict[str, Any], a: str, b: str, metric: str = "auc") -> float:
     """Two-sided paired t-test p-value of ``metric`` between ways ``a`` and ``b`` over seeds."""
     from scipy import stats
 
@@ -134,7 +134,7 @@ def _figure(rows: List[Dict[str, Any]], path: Path) -> None:
 
     cuts = [r for r in rows if r["relative_to"] is None]
     xs = [r["threshold"] for r in cuts]
-    summaries = [summarise(r) for r in cuts]
+    summaries = [_summarise(r) for r in cuts]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for way, title in WAYS:
         for ax, metric in zip(axes, ("auc", "accuracy", "brier"), strict=True):
@@ -171,7 +171,10 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
         "predicted three ways: the joint MMoE's skip head; the same model's watch-ratio prediction "
         "thresholded at the cut (AUC ranks by minus the predicted ratio; a relative label has no "
         "single cut, so no accuracy); a model trained on skip alone (the single-task tower with one "
-        f"task). `{data.get('config', BASE)}`'s features and split; {len(data['seeds'])} seeds each, "
+        "task). Each model keeps its best validation epoch by its own training objective (the "
+        "joint model by the sum of its two losses, the skip-only one by skip's log loss), as a "
+        f"user training either would. `{data.get('config', BASE)}`'s features and split; "
+        f"{len(data['seeds'])} seeds each, "
         f"mean ± 95% CI; {data['seconds']:.0f} s. Same as `engagerec results --sections threshold`.",
         "",
         "| skip label | skip rate | majority accuracy | AUC: joint head | AUC: from the ratio | "
@@ -181,7 +184,7 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
     ]
     best = {}
     for row in rows:
-        s = summarise(row)
+        s = _summarise(row)
 
         def c(way: str, metric: str, s=s) -> str:
             return "–" if s[way][metric] is None else cell(s[way][metric])
@@ -216,7 +219,7 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
     for a, b in (("joint", "skip_only"), ("joint", "from_ratio")):
         verdicts = []
         for row in rows:
-            p = paired_p(row, a, b)
+            p = _paired_p(row, a, b)
             diff = best[row["label"]][a]["auc"]["mean"] - best[row["label"]][b]["auc"]["mean"]
             verdicts.append(f"{row['label']} {diff:+.4f} ({p_text(p)})")
         lines.append(f"- AUC, {dict(WAYS)[a]} minus {dict(WAYS)[b]}, paired by seed: " + "; ".join(verdicts))
