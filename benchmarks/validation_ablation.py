@@ -2,7 +2,7 @@
 
 Each variant changes the shipped config in one way (drops the id statistics or part of
 them, reverts the embedding width or the batch size, switches target attention over the
-history on or off), is prepared into its own directory
+history on or off, drops the id embeddings), is prepared into its own directory
 when its features differ, and trained with ``engagerec train`` for each seed; the table
 gives each variant's validation watch-ratio MSE and skip AUC at its best epoch, mean ± 95%
 interval over seeds. The test metrics each run computes (train() evaluates its best
@@ -66,6 +66,8 @@ def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
 
+ID_EMBEDDINGS = ("user_id", "content_id", "history", "author_id")  # kuairand_random's id features
+
 VARIANTS: List[Tuple[str, Change]] = [
     ("shipped config", lambda cfg: cfg),
     ("without id statistics", _features(lambda f: f.kind not in STAT_KINDS)),
@@ -74,6 +76,14 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("embedding width 16 (was 8)", _dim(16)),
     ("batch 1024 (was 256)", _train(batch_size=1024)),
     ("target attention (DIN) switched on, or off where the config has it", _toggle_attention),
+    (
+        "without id embeddings (user, video, author, history)",
+        _features(lambda f: f.name not in ID_EMBEDDINGS),
+    ),
+    (
+        "without id embeddings, dense lr 0.003 (configs/kuairand_stats.yaml)",
+        lambda cfg: _train(dense_lr=0.003)(_features(lambda f: f.name not in ID_EMBEDDINGS)(cfg)),
+    ),
 ]
 
 

@@ -50,7 +50,7 @@ def versus_reference(data: Dict[str, Any]) -> List[str]:
 
 def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> List[str]:
     """Each tower against the same tower of another section (same seeds and split, e.g. without
-    an input arch), paired by seed on each main metric.
+    an input arch) and against that section's GBDT, paired by seed on each main metric.
 
     Example::
 
@@ -64,12 +64,16 @@ def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> Li
 
     lines = []
     for tower in dict.fromkeys(r["tower"] for r in data["runs"]):
-        if tower == GBDT or not any(r["tower"] == tower for r in other["runs"]):
+        if tower == GBDT:
             continue
-        runs = [r for r in data["runs"] if r["tower"] == tower]
-        runs += [{**r, "tower": "__other"} for r in other["runs"] if r["tower"] == tower]
-        rows = [{**row, "model": tower} for row in paired_comparisons(runs, "__other")]
-        lines += versus_reference({"reference": f"{tower} of {name}", "paired": rows})
+        # the same tower there, and the GBDT there (a reference that may read other inputs)
+        for theirs in (tower, GBDT):
+            if not any(r["tower"] == theirs for r in other["runs"]):
+                continue
+            runs = [r for r in data["runs"] if r["tower"] == tower]
+            runs += [{**r, "tower": "__other"} for r in other["runs"] if r["tower"] == theirs]
+            rows = [{**row, "model": tower} for row in paired_comparisons(runs, "__other")]
+            lines += versus_reference({"reference": f"{theirs} of {name}", "paired": rows})
     return lines
 
 
