@@ -186,7 +186,7 @@ def _figure(summaries: Dict[str, Dict[str, Any]], by_threshold: List[Dict[str, A
                          yerr=[r["divergence"]["ci95"] for r in constant], marker="o", capsize=3)  # fmt: skip
         axes[1].set_xlabel("skip threshold (watch ratio)")
         axes[1].set_ylabel("JS divergence, skip vs watch-ratio gate")
-        axes[1].set_title("MMoE: how far the skip gate moves from the watch-ratio gate")
+        axes[1].set_title("MMoE: skip gate vs watch-ratio gate")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -231,7 +231,22 @@ def _render(_: Dict[str, Any], cached: Dict[str, Dict[str, Any]], figures: Path)
         lines += [f"| {r['label']} | {cell(r['skip_row_entropy'], 3)} | {cell(r['divergence'], 4)} |"
                   for r in by_threshold]  # fmt: skip
         lines.append("")
-    lines.append("![gates](figures/gates.png)")
+    lines += ["![gates](figures/gates.png)", "", "Findings (read off the tables):", ""]
+    for tower, summary in summaries.items():
+        effective = [s["effective_experts"]["mean"] for s in summary.values()]
+        apart = {t: s["divergence_from_first"]["mean"] for t, s in list(summary.items())[1:]}
+        line = (
+            f"- {tower}: each task leans on {min(effective):.2f} to {max(effective):.2f} effective experts "
+            f"of {next(iter(summary.values()))['experts']}"
+        )
+        if apart:
+            far = max(apart, key=apart.get)
+            first = next(iter(summary))
+            line += f"; the task whose mean gate lies furthest from {first}'s is {far} (JS {apart[far]:.3f})"
+        shares = [s["shared_share"]["mean"] for s in summary.values() if "shared_share" in s]
+        if shares:
+            line += f"; {min(shares):.2f} to {max(shares):.2f} of a task's weight goes to the shared experts"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -211,6 +211,11 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
         f"({cell(best[top_auc['label']]['joint']['auc'])})"
         + (f"; {cell(best[at_half[0]['label']]['joint']['auc'])} at the study's 0.5" if at_half else "")
     )
+    if cuts:
+        aucs = [best[r["label"]]["joint"]["auc"]["mean"] for r in cuts]
+        lines.append(
+            f"- over the constant cuts the joint head's AUC stays within {min(aucs):.4f} to {max(aucs):.4f}"
+        )
     lines.append(
         "- accuracy over the majority class (joint head): "
         + ", ".join(f"{label} {gain:+.3f}" for label, gain in gains.items())
