@@ -67,6 +67,20 @@ def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 ID_EMBEDDINGS = ("user_id", "content_id", "history", "author_id")  # kuairand_random's id features
+VIDEO_EMBEDDINGS = ("content_id", "history")  # the video table's features
+
+
+def _min_count(names, count: int) -> Change:
+    """Ids of these features seen in fewer than ``count`` training rows go to the OOV row."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        features = [
+            dataclasses.replace(f, min_count=count) if f.name in names else f for f in cfg.data.features
+        ]
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+
+    return change
+
 
 VARIANTS: List[Tuple[str, Change]] = [
     ("shipped config", lambda cfg: cfg),
@@ -76,6 +90,8 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("embedding width 16 (was 8)", _dim(16)),
     ("batch 1024 (was 256)", _train(batch_size=1024)),
     ("target attention (DIN) switched on, or off where the config has it", _toggle_attention),
+    ("without the video embeddings and the id history", _features(lambda f: f.name not in VIDEO_EMBEDDINGS)),
+    ("video ids with fewer than 20 training views to the OOV row", _min_count(VIDEO_EMBEDDINGS, 20)),
     (
         "without id embeddings (user, video, author, history)",
         _features(lambda f: f.name not in ID_EMBEDDINGS),
@@ -102,7 +118,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for name, change in VARIANTS:
         cfg = change(base)
-        features = tuple((f.name, f.positions) for f in cfg.data.features)
+        features = tuple((f.name, f.positions, f.min_count) for f in cfg.data.features)
         if features not in prepared:  # variants with the shipped features share its data
             data_dir = out / f"data{len(prepared)}"
             with open(out / "prepare.out", "a") as sink, redirect_stdout(sink):

@@ -77,6 +77,20 @@ def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> Li
     return lines
 
 
+RUN_KEYS = ("tower", "seed", "best_epoch", "steps", "train_seconds", "val", "test")
+
+
+def kept_run(run: Dict[str, Any]) -> Dict[str, Any]:
+    """What the cache keeps of a run's results: no per-epoch history (it is in the run's log.csv).
+
+    Example::
+
+        >>> kept_run({"tower": "mmoe", "seed": 0, "history": [{"loss": 1.0}], "test": {"skip/auc": 0.8}})
+        {'tower': 'mmoe', 'seed': 0, 'test': {'skip/auc': 0.8}}
+    """
+    return {key: run[key] for key in RUN_KEYS if key in run}
+
+
 def _compute_comparison(
     config: str, towers: List[str], reference: Optional[str], overrides: List[str]
 ) -> Callable[[Dict[str, Any], Path], Dict[str, Any]]:
@@ -100,7 +114,7 @@ def _compute_comparison(
             "summary": report["summary"],
             "paired": report["paired"]["rows"],
             "reference": report["paired"]["reference"],
-            "runs": report["runs"],
+            "runs": [kept_run(run) for run in report["runs"]],
             "gates": gates,
             "best_epochs": {f"{r['tower']}/{r['seed']}": r.get("best_epoch") for r in report["runs"]},
             "epochs": cfg.train.epochs,

@@ -134,6 +134,24 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
                 f"- at p = {lowest:g}, {tower}'s loss is {abs(diff):.4f} {gap} than "
                 f"shared-bottom's ({p_text(p)})"
             )
+            # does the gated tower degrade less? its growth against shared-bottom's, paired by seed
+            ordered = sorted(data["points"], key=lambda q: q["correlation"])
+            growth = {
+                t: np.subtract(losses(ordered[0], t), losses(ordered[-1], t))
+                for t in (tower, "shared_bottom")
+            }
+            less = float(np.mean(growth[tower] - growth["shared_bottom"]))
+            p_less = (
+                stats.ttest_rel(growth[tower], growth["shared_bottom"]).pvalue
+                if len(base) > 1
+                else float("nan")
+            )
+            verdict = "less" if less < 0 else "more"
+            significant = "significant" if p_less < 0.05 else "not significant"
+            lines.append(
+                f"- does {tower} degrade less than shared-bottom as the correlation falls? it degrades "
+                f"{verdict}, by {abs(less):.4f} ({p_text(p_less)}, {significant} at 5%)"
+            )
     return "\n".join(lines)
 
 
