@@ -134,6 +134,7 @@ def comparison_section(
     overrides: Optional[List[str]] = None,
     findings: Optional[Callable[[Dict[str, Any]], List[str]]] = None,
     versus: Optional[str] = None,
+    goals: Optional[Dict[str, float]] = None,
 ) -> Section:
     """A Section comparing ``towers`` (and the GBDT) on ``config`` over the seeds.
 
@@ -148,6 +149,8 @@ def comparison_section(
         findings: data -> extra finding lines (the paired verdicts are always listed).
         versus: another comparison section (same split and seeds) whose towers each tower is
             also paired with.
+        goals: metric -> the project's target (MSE at most, AUC at least), each stated as met
+            or not by the best tower's mean.
     """
     overrides = list(overrides or [])
 
@@ -183,14 +186,41 @@ def comparison_section(
             "Findings (read off the tables above):",
             "",
         ]
-        extra = (findings(data) if findings else []) + (
-            versus_section(data, cached[versus], versus) if versus in cached else []
+        extra = (
+            (findings(data) if findings else [])
+            + goal_findings(data, goals or {})
+            + (versus_section(data, cached[versus], versus) if versus in cached else [])
         )
         lines += [f"- {line}" for line in versus_reference(data) + extra]
         return "\n".join(lines)
 
     compute = _compute_comparison(config, towers, reference, overrides)
     return Section(name, title, spec, compute, render, needs=(versus,) if versus else ())
+
+
+def goal_findings(data: Dict[str, Any], goals: Dict[str, float]) -> List[str]:
+    """Whether the best tower (GBDT left out) meets each target: an MSE at most, an AUC at least.
+
+    Example::
+
+        >>> stats = lambda m: {"mean": m, "ci95": 0.0, "n": 5}
+        >>> data = {"summary": {"a": {"skip/auc": stats(0.81)}, "b": {"skip/auc": stats(0.83)}}}
+        >>> goal_findings(data, {"skip/auc": 0.82})
+        ['target skip/auc >= 0.82: met (best tower b, 0.8300)']
+    """
+    lines = []
+    for metric, target in goals.items():
+        lower = metric.endswith(("/mse", "/mae"))
+        means = {m: s[metric]["mean"] for m, s in data["summary"].items() if m != GBDT and metric in s}
+        if not means:
+            continue
+        best = (min if lower else max)(means, key=means.get)
+        met = means[best] <= target if lower else means[best] >= target
+        lines.append(
+            f"target {metric} {'<=' if lower else '>='} {target:g}: {'met' if met else 'not met'} "
+            f"(best tower {best}, {means[best]:.4f})"
+        )
+    return lines
 
 
 def spread_findings(data: Dict[str, Any]) -> List[str]:

@@ -33,6 +33,11 @@ def mean_task_loss(test: Dict[str, float]) -> float:
     return float(np.mean([v for k, v in test.items() if k.endswith("/mse")]))
 
 
+def _constant_loss(test: Dict[str, float]) -> float:
+    """The mean over tasks of the train-mean predictor's test MSE."""
+    return float(np.mean([v for k, v in test.items() if k.endswith("/baseline_mse_train_mean")]))
+
+
 def losses(point: Dict[str, Any], tower: str) -> List[float]:
     """A tower's mean task loss per seed (seed order) at one correlation.
 
@@ -51,23 +56,59 @@ def losses(point: Dict[str, Any], tower: str) -> List[float]:
     return [mean_task_loss(r["test"]) for r in runs]
 
 
-def degradation(data: Dict[str, Any], tower: str) -> Dict[str, float]:
-    """How much a tower's loss grows from the highest correlation to the lowest, paired by seed.
+def _stuck(test: Dict[str, float]) -> bool:
+    """A run that did not learn: its test MSE at least half the constant predictor's."""
+    return mean_task_loss(test) >= 0.5 * _constant_loss(test)
+
+
+def learned_seeds(data: Dict[str, Any], towers: List[str]) -> List[int]:
+    """Seeds at which every one of ``towers`` learned at both the highest and the lowest correlation.
+
+    Example::
+
+        >>> run = lambda seed, mse: {"tower": "sb", "seed": seed, "test": {"y1/mse": mse,
+        ...                                                            "y1/baseline_mse_train_mean": 1.0}}
+        >>> data = {"points": [{"correlation": 1.0, "runs": [run(0, 0.1), run(1, 0.9)]},
+        ...                    {"correlation": -0.5, "runs": [run(0, 0.3), run(1, 0.4)]}]}
+        >>> learned_seeds(data, ["sb"])
+        [0]
+    """
+    ends = sorted(data["points"], key=lambda p: p["correlation"])
+    ends = [ends[0], ends[-1]]
+    seeds = sorted({r["seed"] for r in ends[0]["runs"]})
+    return [
+        seed
+        for seed in seeds
+        if not any(
+            _stuck(r["test"]) for p in ends for r in p["runs"] if r["seed"] == seed and r["tower"] in towers
+        )
+    ]
+
+
+def degradation(data: Dict[str, Any], tower: str, seeds: Optional[List[int]] = None) -> np.ndarray:
+    """How much a tower's loss grows from the highest correlation to the lowest, per seed.
 
     Args:
         data: the section's data (``points`` per correlation).
         tower: the tower.
+        seeds: the seeds to use (default all).
 
     Example::
 
         >>> run = lambda seed, mse: {"tower": "sb", "seed": seed, "test": {"y1/mse": mse}}
         >>> data = {"points": [{"correlation": 1.0, "runs": [run(0, 0.1), run(1, 0.2)]},
         ...                    {"correlation": -0.5, "runs": [run(0, 0.3), run(1, 0.4)]}]}
-        >>> round(degradation(data, "sb")["mean"], 4)
-        0.2
+        >>> degradation(data, "sb").round(4).tolist()
+        [0.2, 0.2]
     """
     points = sorted(data["points"], key=lambda p: p["correlation"])
-    return mean_ci(np.subtract(losses(points[0], tower), losses(points[-1], tower)))
+
+    def at(point: Dict[str, Any]) -> Dict[int, float]:
+        return {r["seed"]: mean_task_loss(r["test"]) for r in point["runs"] if r["tower"] == tower}
+
+    low, high = at(points[0]), at(points[-1])
+    chosen = sorted(high) if seeds is None else seeds
+    return np.array([low[s] - high[s] for s in chosen])
 
 
 def _figure(data: Dict[str, Any], path: Path) -> None:
@@ -104,7 +145,7 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
         f"`{data['config']}` ({data['rows']:,} generated rows) at each "
         f"correlation; {len(data['seeds'])} seeds per tower and correlation, each seed drawing its "
         "own data (the generator's seed) and initialising the towers, mean ± 95% CI of the "
-        "mean of the two tasks' test MSE; {data['seconds']:.0f} s. Same as `engagerec results "
+        f"mean of the two tasks' test MSE; {data['seconds']:.0f} s. Same as `engagerec results "
         f"--sections correlation`.",
         "",
         "| correlation p | " + " | ".join(towers) + " |",
@@ -114,44 +155,53 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
         lines.append(f"| {point['correlation']:g} | "
                      + " | ".join(cell(mean_ci(losses(point, t))) for t in towers) + " |")  # fmt: skip
     lowest = points[-1]["correlation"]
+    stuck = [
+        f"{r['tower']} at p = {point['correlation']:g}, seed {r['seed']}"
+        for point in points
+        for r in point["runs"]
+        if mean_task_loss(r["test"]) >= 0.5 * _constant_loss(r["test"])
+    ]
     lines += [
         "",
         "![loss against task correlation](figures/correlation.png)",
         "",
         "Findings (read off the table):",
         "",
-        f"- loss growth from p = 1 to p = {lowest:g} (per seed, paired): "
-        + ", ".join(f"{t} {cell(degradation(data, t))}" for t in towers),
     ]
-    base = losses(points[-1], "shared_bottom")
+    if stuck:
+        lines.append(
+            f"- runs that did not learn (test MSE at least half the constant predictor's): "
+            f"{'; '.join(stuck)}; in the table's means, left out of the growth below"
+        )
+    growth = {t: learned_seeds(data, [t]) for t in towers}
+    lines.append(
+        f"- loss growth from p = 1 to p = {lowest:g} (paired by seed, over the seeds where the tower "
+        "learned at both ends): "
+        + ", ".join(
+            f"{t} {cell(mean_ci(degradation(data, t, growth[t])))} (n = {len(growth[t])})" for t in towers
+        )
+    )
     for tower in ("mmoe", "ple"):
-        if tower in towers and "shared_bottom" in towers:
-            other = losses(points[-1], tower)
-            p = stats.ttest_rel(other, base).pvalue if len(base) > 1 else float("nan")
-            diff = float(np.mean(np.subtract(other, base)))
-            gap = "lower" if diff < 0 else "higher"
-            lines.append(
-                f"- at p = {lowest:g}, {tower}'s loss is {abs(diff):.4f} {gap} than "
-                f"shared-bottom's ({p_text(p)})"
-            )
-            # does the gated tower degrade less? its growth against shared-bottom's, paired by seed
-            ordered = sorted(data["points"], key=lambda q: q["correlation"])
-            growth = {
-                t: np.subtract(losses(ordered[0], t), losses(ordered[-1], t))
-                for t in (tower, "shared_bottom")
-            }
-            less = float(np.mean(growth[tower] - growth["shared_bottom"]))
-            p_less = (
-                stats.ttest_rel(growth[tower], growth["shared_bottom"]).pvalue
-                if len(base) > 1
-                else float("nan")
-            )
-            verdict = "less" if less < 0 else "more"
-            significant = "significant" if p_less < 0.05 else "not significant"
-            lines.append(
-                f"- does {tower} degrade less than shared-bottom as the correlation falls? it degrades "
-                f"{verdict}, by {abs(less):.4f} ({p_text(p_less)}, {significant} at 5%)"
-            )
+        if tower not in towers or "shared_bottom" not in towers:
+            continue
+        at_lowest = np.subtract(losses(points[-1], tower), losses(points[-1], "shared_bottom"))
+        p_lowest = stats.ttest_1samp(at_lowest, 0.0).pvalue if len(at_lowest) > 1 else float("nan")
+        lines.append(
+            f"- at p = {lowest:g}, {tower} minus shared-bottom (paired by seed): "
+            f"{cell(mean_ci(at_lowest))} ({p_text(p_lowest)})"
+        )
+        seeds = learned_seeds(data, [tower, "shared_bottom"])
+        if not seeds:
+            lines.append(f"- {tower} against shared-bottom: no seed where both learned at both ends")
+            continue
+        diff = degradation(data, tower, seeds) - degradation(data, "shared_bottom", seeds)
+        p = stats.ttest_1samp(diff, 0.0).pvalue if len(diff) > 1 and np.ptp(diff) > 0 else float("nan")
+        verdict = "less" if diff.mean() < 0 else "more"
+        significant = "significant" if p < 0.05 else "not significant"
+        lines.append(
+            f"- does {tower} degrade less than shared-bottom as the correlation falls? it degrades "
+            f"{verdict}, by {abs(diff.mean()):.4f} ({p_text(p)}, {significant} at 5%, n = {len(seeds)})"
+        )
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ SECTIONS: List[Section] = [
         "paired with the same tower of the next section (ids and history embedded) and with that "
         "section's GBDT, which reads the ids too (target-encoded). XAUC is exact over the test split.",
         versus="ids",
+        goals={"watch_ratio/mse": 0.090, "skip/auc": 0.82},
     ),
     comparisons.comparison_section(
         "ids",
@@ -79,6 +80,7 @@ SECTIONS: List[Section] = [
         "configs/kuairand_temporal.yaml",
         "Training only on the past: the same features with ordered id statistics (each row sees "
         "its id's training rows strictly before it), the last 30% of views by time as test.",
+        goals={"watch_ratio/mse": 0.110, "skip/auc": 0.76},
     ),
     comparisons.comparison_section(
         "multitask",

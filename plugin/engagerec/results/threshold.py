@@ -143,7 +143,10 @@ def _figure(rows: List[Dict[str, Any]], path: Path) -> None:
                 continue
             ys = [v["mean"] - (r["majority_accuracy"]["mean"] if metric == "accuracy" else 0)
                   for v, r in zip(values, cuts, strict=True)]  # fmt: skip
-            ax.errorbar(xs, ys, yerr=[v["ci95"] for v in values], marker="o", capsize=3, label=title)
+            color = {"joint": "C0", "from_ratio": "C1", "skip_only": "C2"}[way]  # one colour per way
+            ax.errorbar(
+                xs, ys, yerr=[v["ci95"] for v in values], marker="o", capsize=3, label=title, color=color
+            )
     axes[2].plot(xs, [r["constant_brier"]["mean"] for r in cuts], "k--", label="constant (train rate)")
     titles = ("skip AUC", "accuracy - majority class accuracy", "Brier score (lower is better)")
     for ax, label in zip(axes, titles, strict=True):
