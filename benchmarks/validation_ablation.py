@@ -90,6 +90,7 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("embedding width 16 (was 8)", _dim(16)),
     ("batch 1024 (was 256)", _train(batch_size=1024)),
     ("target attention (DIN) switched on, or off where the config has it", _toggle_attention),
+    ("dense lr 0.003 (was 0.001)", _train(dense_lr=0.003)),
     ("without the video embeddings and the id history", _features(lambda f: f.name not in VIDEO_EMBEDDINGS)),
     ("video ids with fewer than 20 training views to the OOV row", _min_count(VIDEO_EMBEDDINGS, 20)),
     (
