@@ -18,10 +18,6 @@ TOWERS = ["cross_stitch", "mmoe", "ple", "shared_bottom", "single_task"]
 GATED = ("mmoe", "ple")  # towers with softmax gates (engagerec.results.gates reads them)
 
 
-def _main_metric(key: str) -> bool:
-    return key.endswith(("/mse", "/auc"))
-
-
 def versus_reference(data: Dict[str, Any]) -> List[str]:
     """One finding per (model, main metric) paired against the reference: which is better and
     whether the difference is significant at 5%.
