@@ -19,9 +19,21 @@ from engagerec.report import GBDT, write_report
 from engagerec.train import train
 
 
-def _headline(test: Dict[str, float]) -> str:
-    """Each task's main test metric, for a progress line."""
-    return ", ".join(f"{key} {value:.4f}" for key, value in test.items() if key.endswith(("/mse", "/auc")))
+def _tower_line(tower: str, runs: List[Dict]) -> str:
+    """One line for a tower's finished seeds: each task's main test metric, mean over seeds, and
+    the best epochs.
+
+    Example::
+
+        >>> _tower_line("mmoe", [{"best_epoch": 3, "test": {"skip/auc": 0.80, "skip/accuracy": 0.7}},
+        ...                      {"best_epoch": 5, "test": {"skip/auc": 0.82, "skip/accuracy": 0.7}}])
+        'mmoe: 2 seeds, test skip/auc 0.8100 (mean); best epochs 3, 5'
+    """
+    keys = [k for k in runs[0]["test"] if k.endswith(("/mse", "/auc"))]
+    means = ", ".join(f"{k} {sum(r['test'][k] for r in runs) / len(runs):.4f}" for k in keys)
+    epochs = [r.get("best_epoch") for r in runs if r.get("best_epoch") is not None]
+    line = f"{tower}: {len(runs)} seed{'s' if len(runs) > 1 else ''}, test {means} (mean)"
+    return line + (f"; best epochs {', '.join(map(str, epochs))}" if epochs else "")
 
 
 def run_comparison(
@@ -70,9 +82,15 @@ def run_comparison(
         for seed in seeds:
             run_dir = out_dir / tower / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            # one bar per run (epochs, the monitored validation metric, then the test headline);
-            # the run's own output (sharding plan, epoch lines) goes to its train.out
-            bar = tqdm(total=cfg.train.epochs, desc=f"{tower} seed {seed}", unit="epoch", file=sys.__stdout__)
+            # one bar per run while it trains (epochs, the monitored validation metric), then one
+            # line per tower; the run's own output (sharding plan, epoch lines) goes to its train.out
+            bar = tqdm(
+                total=cfg.train.epochs,
+                desc=f"{tower} seed {seed}",
+                unit="epoch",
+                file=sys.__stdout__,
+                leave=False,
+            )
 
             def on_epoch(state, val, bar=bar) -> None:
                 bar.update(1)
@@ -90,15 +108,15 @@ def run_comparison(
                     bar.close()
                     print(f"{tower} seed {seed} failed: see {run_dir / 'train.out'}", file=sys.__stderr__)
                     raise
-            bar.total = bar.n  # early stopping ends a run before its last epoch
-            bar.set_postfix_str(f"best epoch {results.get('best_epoch')}; test {_headline(results['test'])}")
             bar.close()
             runs.append(results)
+        print(_tower_line(tower, [r for r in runs if r["tower"] == tower]), file=sys.__stdout__, flush=True)
     if gbdt:
         # the towers' tasks (names, labels, kinds), so that the GBDT lands in their columns
         configured = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
         tasks = [(t.name, t.label, t.kind) for t in configured]
 
-        for seed in tqdm(seeds, desc="gbdt (scikit-learn)", unit="seed", file=sys.__stdout__):
+        for seed in tqdm(seeds, desc=GBDT, unit="seed", file=sys.__stdout__, leave=False):
             runs.append({"tower": GBDT, "seed": seed, "test": gbdt_reference(prepared_dir(cfg), seed, tasks)})
+        print(_tower_line(GBDT, [r for r in runs if r["tower"] == GBDT]), file=sys.__stdout__, flush=True)
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
