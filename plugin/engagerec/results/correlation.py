@@ -178,7 +178,10 @@ def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -
         f"- loss growth from p = 1 to p = {lowest:g} (paired by seed, over the seeds where the tower "
         "learned at both ends): "
         + ", ".join(
-            f"{t} {cell(mean_ci(degradation(data, t, growth[t])))} (n = {len(growth[t])})" for t in towers
+            f"{t} {cell(mean_ci(degradation(data, t, growth[t])))} (n = {len(growth[t])})"
+            if growth[t]
+            else f"{t} –"
+            for t in towers
         )
     )
     for tower in ("mmoe", "ple"):
