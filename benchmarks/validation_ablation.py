@@ -98,7 +98,7 @@ VARIANTS: List[Tuple[str, Change]] = [
         _features(lambda f: f.name not in ID_EMBEDDINGS),
     ),
     (
-        "without id embeddings, dense lr 0.003 (configs/kuairand_stats.yaml)",
+        "without id embeddings, dense lr 0.003 (the *_stats configs)",
         lambda cfg: _train(dense_lr=0.003)(_features(lambda f: f.name not in ID_EMBEDDINGS)(cfg)),
     ),
 ]

@@ -145,3 +145,86 @@ def test_the_din_config_file_is_the_random_split_config_with_the_sections_change
     built = non_defaults(load_config("configs/kuairand_random.yaml", DIN_OVERRIDES))
     assert shipped.pop("name") == "kuairand_din" and built.pop("name") == "kuairand_random"
     assert shipped == built
+
+
+def _correlation_data(losses_by_point, baseline=1.0):
+    """points of the correlation section from {rho: {tower: [relative loss per seed]}}."""
+    points = []
+    for rho, by_tower in losses_by_point.items():
+        runs = [
+            {"tower": t, "seed": s, "test": {"y1/mse": v * baseline, "y1/baseline_mse_train_mean": baseline}}
+            for t, values in by_tower.items()
+            for s, v in enumerate(values)
+        ]
+        points.append({"correlation": rho, "runs": runs})
+    towers = list(next(iter(losses_by_point.values())))
+    return {"points": points, "seeds": [0, 1, 2, 3], "towers": towers, "config": "synthetic_mmoe",
+            "rows": 100, "seconds": 1.0}  # fmt: skip
+
+
+def test_correlation_findings_flag_stuck_runs_leave_them_out_and_say_which_way_a_tower_moves(tmp_path):
+    data = _correlation_data({
+        1.0: {"shared_bottom": [0.90, 0.10, 0.11, 0.12], "mmoe": [0.10, 0.10, 0.11, 0.12]},
+        -0.5: {"shared_bottom": [0.20, 0.30, 0.31, 0.33], "mmoe": [0.10, 0.11, 0.11, 0.12]},
+    })  # fmt: skip
+    assert correlation.learned_seeds(data, ["shared_bottom"]) == [1, 2, 3]  # seed 0 did not learn at p = 1
+    text = correlation.SECTION.render(data, {}, tmp_path)
+    assert (
+        "did not learn (test MSE at least half the constant predictor's): shared_bottom at p = 1, seed 0"
+        in text
+    )
+    assert "- shared_bottom: loss change from p = 1 to p = -0.5, paired by seed: grows, 0.2033" in text
+    assert "n = 3" in text and "no tower's loss grows significantly" not in text
+    assert "- mmoe: loss change from p = 1 to p = -0.5, paired by seed: no significant change" in text
+    assert (
+        "does mmoe degrade less than shared-bottom? its loss change minus shared-bottom's: degrades less"
+        in text
+    )
+
+
+def test_goal_findings_follow_each_metrics_direction():
+    stats = lambda m: {"mean": m, "ci95": 0.0, "n": 5}  # noqa: E731
+    gbdt = {"watch_ratio/mse": stats(0.080), "skip/auc": stats(0.90)}  # left out: towers only
+    data = {
+        "summary": {
+            "a": {"watch_ratio/mse": stats(0.095), "skip/auc": stats(0.81)},
+            "gbdt (scikit-learn)": gbdt,
+        }
+    }
+    lines = comparisons.goal_findings(data, {"watch_ratio/mse": 0.090, "skip/auc": 0.80})
+    assert lines == ["project target watch_ratio/mse <= 0.09: not met (best tower a, 0.0950)",
+                     "project target skip/auc >= 0.8: met (best tower a, 0.8100)"]  # fmt: skip
+
+
+def test_versus_section_pairs_with_the_other_gbdt_only_when_it_differs():
+    run = lambda tower, seed, auc: {"tower": tower, "seed": seed, "test": {"skip/auc": auc}}  # noqa: E731
+    gbdt = "gbdt (scikit-learn)"
+    ours = {"runs": [run("mmoe", 0, 0.81), run("mmoe", 1, 0.82), run(gbdt, 0, 0.80), run(gbdt, 1, 0.80)]}
+    same = {"runs": [run("mmoe", 0, 0.80), run("mmoe", 1, 0.80), run(gbdt, 0, 0.80), run(gbdt, 1, 0.80)]}
+    other = {"runs": same["runs"][:2] + [run(gbdt, 0, 0.79), run(gbdt, 1, 0.78)]}
+    assert [line.split(",")[0] for line in comparisons.versus_section(ours, same, "x")] == [
+        "mmoe vs mmoe of x"
+    ]
+    assert [line.split(",")[0] for line in comparisons.versus_section(ours, other, "x")] == [
+        "mmoe vs mmoe of x", f"mmoe vs {gbdt} of x"]  # fmt: skip
+
+
+STATS_CONFIGS = [
+    ("configs/kuairand_stats.yaml", "configs/kuairand_random.yaml"),
+    ("configs/kuairand_temporal_stats.yaml", "configs/kuairand_temporal.yaml"),
+]
+
+
+@pytest.mark.parametrize("stats_config, base", STATS_CONFIGS)
+def test_the_stats_configs_are_their_base_without_id_embeddings_and_a_dense_lr_of_0_003(stats_config, base):
+    from engagerec.config import load_config
+    from engagerec.results.common import non_defaults
+
+    chosen, origin = load_config(stats_config), load_config(base)
+    ids = {"user_id", "content_id", "history", "author_id"}
+    assert [f for f in origin.data.features if f.name not in ids] == chosen.data.features
+    assert ids <= {f.name for f in origin.data.features} and chosen.train.dense_lr == 0.003
+    shipped, built = non_defaults(chosen), non_defaults(origin)
+    for cfg in (shipped, built):
+        cfg.pop("name"), cfg["data"].pop("features"), cfg["train"].pop("dense_lr", None)
+    assert shipped == built

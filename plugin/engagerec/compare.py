@@ -27,11 +27,11 @@ def _tower_line(tower: str, runs: List[Dict]) -> str:
 
         >>> _tower_line("mmoe", [{"best_epoch": 3, "test": {"skip/auc": 0.80, "skip/accuracy": 0.7}},
         ...                      {"best_epoch": 5, "test": {"skip/auc": 0.82, "skip/accuracy": 0.7}}])
-        'mmoe: 2 seeds, test skip/auc 0.8100 (mean); best epochs 3, 5'
+        'mmoe: 2 seeds, test skip/auc 0.8100 (mean); best epochs 4, 6'
     """
     keys = [k for k in runs[0]["test"] if k.endswith(("/mse", "/auc"))]
     means = ", ".join(f"{k} {sum(r['test'][k] for r in runs) / len(runs):.4f}" for k in keys)
-    epochs = [r.get("best_epoch") for r in runs if r.get("best_epoch") is not None]
+    epochs = [r["best_epoch"] + 1 for r in runs if r.get("best_epoch") is not None]  # 1-based, as the bars
     line = f"{tower}: {len(runs)} seed{'s' if len(runs) > 1 else ''}, test {means} (mean)"
     return line + (f"; best epochs {', '.join(map(str, epochs))}" if epochs else "")
 

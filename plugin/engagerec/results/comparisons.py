@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from engagerec.compare import run_comparison
-from engagerec.config import load_config, with_tower
+from engagerec.config import TASK_METRICS, load_config, with_tower
 from engagerec.report import GBDT, markdown_table, paired_table, plot
 from engagerec.results.common import Section, config_spec, p_text, prepared
 
@@ -44,6 +44,15 @@ def versus_reference(data: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _same_runs(data: Dict[str, Any], other: Dict[str, Any], model: str) -> bool:
+    """Whether ``model``'s per-seed test metrics are the same in both sections."""
+
+    def tests(section: Dict[str, Any]) -> Dict[int, Dict[str, float]]:
+        return {r["seed"]: r["test"] for r in section["runs"] if r["tower"] == model}
+
+    return tests(data) == tests(other)
+
+
 def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> List[str]:
     """Each tower against the same tower of another section (same seeds and split, e.g. without
     an input arch) and against that section's GBDT, paired by seed on each main metric.
@@ -66,6 +75,8 @@ def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> Li
         for theirs in (tower, GBDT):
             if not any(r["tower"] == theirs for r in other["runs"]):
                 continue
+            if theirs == GBDT and _same_runs(data, other, GBDT):
+                continue  # the same GBDT as this section's own (same prepared inputs): already paired
             runs = [r for r in data["runs"] if r["tower"] == tower]
             runs += [{**r, "tower": "__other"} for r in other["runs"] if r["tower"] == theirs]
             rows = [{**row, "model": tower} for row in paired_comparisons(runs, "__other")]
@@ -145,8 +156,9 @@ def comparison_section(
         findings: data -> extra finding lines (the paired verdicts are always listed).
         versus: another comparison section (same split and seeds) whose towers each tower is
             also paired with.
-        goals: metric -> the project's target (MSE at most, AUC at least), each stated as met
-            or not by the best tower's mean.
+        goals: metric -> the project's target (issue 9's quality goals; the direction is the
+            metric's own, from ``config.TASK_METRICS``), stated as met or not by the best tower's
+            mean.
     """
     overrides = list(overrides or [])
 
@@ -202,18 +214,19 @@ def goal_findings(data: Dict[str, Any], goals: Dict[str, float]) -> List[str]:
         >>> stats = lambda m: {"mean": m, "ci95": 0.0, "n": 5}
         >>> data = {"summary": {"a": {"skip/auc": stats(0.81)}, "b": {"skip/auc": stats(0.83)}}}
         >>> goal_findings(data, {"skip/auc": 0.82})
-        ['target skip/auc >= 0.82: met (best tower b, 0.8300)']
+        ['project target skip/auc >= 0.82: met (best tower b, 0.8300)']
     """
+    directions = {m: d for metrics in TASK_METRICS.values() for m, d in metrics.items() if d}
     lines = []
     for metric, target in goals.items():
-        lower = metric.endswith(("/mse", "/mae"))
+        lower = directions[metric.split("/")[-1]] == "min"  # evaluate's own direction per metric
         means = {m: s[metric]["mean"] for m, s in data["summary"].items() if m != GBDT and metric in s}
         if not means:
             continue
         best = (min if lower else max)(means, key=means.get)
         met = means[best] <= target if lower else means[best] >= target
         lines.append(
-            f"target {metric} {'<=' if lower else '>='} {target:g}: {'met' if met else 'not met'} "
+            f"project target {metric} {'<=' if lower else '>='} {target:g}: {'met' if met else 'not met'} "
             f"(best tower {best}, {means[best]:.4f})"
         )
     return lines

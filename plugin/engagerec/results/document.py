@@ -17,7 +17,7 @@ from engagerec.results.cache import SectionCache
 from engagerec.results.common import Section
 
 SEEDS = [0, 1, 2, 3, 4]
-# configs/kuairand_din.yaml as changes to the random-split config, so that the two sections
+# configs/kuairand_din.yaml as changes to kuairand_random (the "ids" section), so that the two sections
 # differ by exactly these (tests/test_results.py holds the file to them)
 DIN_OVERRIDES = [
     "data.features.2.positions=true",  # the history, one feature per position
@@ -98,9 +98,9 @@ SECTIONS: List[Section] = [
         "Four tasks at once: watch ratio, skip, long view, like (random split)",
         "configs/kuairand_multitask.yaml",
         "The watch ratio and skip (derived), long view and like (KuaiRand's `label`: 1 like, 0 "
-        "hate) read from the log; the random split's features. The GBDT fits one model per task. "
-        "Like is easy in this subset (every row is an explicit like or hate by users filtered to "
-        "many likes: datasets/README.md).",
+        "hate) read from the log; the id-embedding section's features (kuairand_random). The GBDT "
+        "fits one model per task. Like is easy in this subset (every row is an explicit like or "
+        "hate by users filtered to many likes: datasets/README.md).",
         towers=["mmoe", "ple", "single_task"],
     ),
     threshold.SECTION,

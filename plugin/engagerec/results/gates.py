@@ -234,15 +234,22 @@ def _render(_: Dict[str, Any], cached: Dict[str, Dict[str, Any]], figures: Path)
     lines += ["![gates](figures/gates.png)", "", "Findings (read off the tables):", ""]
     for tower, summary in summaries.items():
         effective = [s["effective_experts"]["mean"] for s in summary.values()]
-        apart = {t: s["divergence_from_first"]["mean"] for t, s in list(summary.items())[1:]}
+        apart = {t: s["divergence_from_first"] for t, s in list(summary.items())[1:]}
         line = (
             f"- {tower}: each task leans on {min(effective):.2f} to {max(effective):.2f} effective experts "
             f"of {next(iter(summary.values()))['experts']}"
         )
         if apart:
-            far = max(apart, key=apart.get)
-            first = next(iter(summary))
-            line += f"; the task whose mean gate lies furthest from {first}'s is {far} (JS {apart[far]:.3f})"
+            ranked = sorted(apart, key=lambda t: -apart[t]["mean"])
+            far, first = ranked[0], next(iter(summary))
+            line += (
+                f"; the task whose mean gate lies furthest from {first}'s is {far} (JS {cell(apart[far], 3)}"
+            )
+            if len(ranked) > 1:  # say when the runner-up's interval reaches it
+                near = apart[ranked[1]]
+                if near["mean"] + near["ci95"] >= apart[far]["mean"] - apart[far]["ci95"]:
+                    line += f", its interval overlapping {ranked[1]}'s"
+            line += ")"
         shares = [s["shared_share"]["mean"] for s in summary.values() if "shared_share" in s]
         if shares:
             line += f"; {min(shares):.2f} to {max(shares):.2f} of a task's weight goes to the shared experts"
