@@ -105,6 +105,7 @@ SECTIONS: List[Section] = [
     ),
     threshold.SECTION,
     correlation.SECTION,
+    correlation.SMALL_SECTION,
     gates.SECTION,
 ]
 
