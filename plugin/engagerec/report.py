@@ -6,9 +6,10 @@ interval and the paired t-test's p-value, so that "indistinguishable" is a teste
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -188,33 +189,59 @@ def paired_table(rows: List[Dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
-    """Save one bar chart per task (regression: MSE, binary: AUC; mean over seeds, the 95%
-    interval as error bar) to ``path``."""
+@contextlib.contextmanager
+def saved_figure(path: Path, figsize: Tuple[float, float], ncols: int = 1, **subplots: Any) -> Iterator[Any]:
+    """A matplotlib figure (headless) whose ``(fig, axes)`` the block draws on, laid out, saved
+    to ``path`` at 110 dpi and closed on exit: what every report and results figure does.
+
+    Args:
+        path: the PNG written.
+        figsize: (width, height) in inches.
+        ncols: side-by-side panels (one row).
+        **subplots: more ``plt.subplots`` arguments (e.g. ``squeeze=False``).
+
+    Example::
+
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.png"
+        >>> with saved_figure(path, (3, 2), ncols=2) as (fig, axes):
+        ...     _ = axes[0].plot([0, 1], [1, 0])
+        >>> path.stat().st_size > 0
+        True
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot(summary: Dict[str, Dict[str, Any]], path: Path) -> None:
+    """Save one bar chart per task (regression: MSE, binary: AUC; mean over seeds, the 95%
+    interval as error bar) to ``path``."""
     towers = list(summary)
     kinds = task_kinds(summary)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.5), squeeze=False)
-    for ax, (task, kind) in zip(axes[0], kinds.items(), strict=True):
-        key = f"{task}/{'mse' if kind == 'regression' else 'auc'}"
-        shown = [t for t in towers if key in summary[t] and np.isfinite(summary[t][key]["mean"])]
-        if not shown:  # e.g. a diverged run: nothing to draw for this task
-            ax.set_title(f"{task}: no finite values")
-            continue
-        means = [summary[t][key]["mean"] for t in shown]
-        errors = [summary[t][key]["ci95"] for t in shown]
-        ax.bar(shown, means, yerr=errors, capsize=4, color="#4C72B0")
-        better = "lower" if kind == "regression" else "higher"
-        ax.set_title(f"{task} {key.split('/')[1].upper()} ({better} is better)")
-        ax.set_ylim(min(means) * 0.95, max(means) * 1.03)
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, (5 * len(kinds), 3.5), ncols=len(kinds), squeeze=False) as (_, axes):
+        for ax, (task, kind) in zip(axes[0], kinds.items(), strict=True):
+            key = f"{task}/{'mse' if kind == 'regression' else 'auc'}"
+            shown = [t for t in towers if key in summary[t] and np.isfinite(summary[t][key]["mean"])]
+            if not shown:  # e.g. a diverged run: nothing to draw for this task
+                ax.set_title(f"{task}: no finite values")
+                continue
+            means = [summary[t][key]["mean"] for t in shown]
+            errors = [summary[t][key]["ci95"] for t in shown]
+            ax.bar(shown, means, yerr=errors, capsize=4, color="#4C72B0")
+            better = "lower" if kind == "regression" else "higher"
+            ax.set_title(f"{task} {key.split('/')[1].upper()} ({better} is better)")
+            ax.set_ylim(min(means) * 0.95, max(means) * 1.03)
+            ax.tick_params(axis="x", rotation=30)
 
 
 def write_report(

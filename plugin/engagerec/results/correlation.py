@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from engagerec.config import load_config
+from engagerec.report import saved_figure
 from engagerec.results.common import Section, cell, config_spec, mean_ci, p_text, prepared
 
 CONFIG = "synthetic_mmoe"
@@ -115,25 +116,17 @@ def degradation(data: Dict[str, Any], tower: str, seeds: Optional[List[int]] = N
 
 
 def _figure(data: Dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = sorted(data["points"], key=lambda p: p["correlation"])
     xs = [p["correlation"] for p in points]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for tower in data["towers"]:
-        stats = [mean_ci(losses(p, tower)) for p in points]
-        ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["ci95"] for s in stats], marker="o",
-                    capsize=3, label=tower)  # fmt: skip
-    ax.set_xlabel("task correlation p (Ma et al. 2018 generator)")
-    ax.set_ylabel("test MSE / constant's MSE (1 - R²), mean of the tasks")
-    ax.set_title("loss against task correlation")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, (6, 4)) as (_, ax):
+        for tower in data["towers"]:
+            stats = [mean_ci(losses(p, tower)) for p in points]
+            ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["ci95"] for s in stats], marker="o",
+                        capsize=3, label=tower)  # fmt: skip
+        ax.set_xlabel("task correlation p (Ma et al. 2018 generator)")
+        ax.set_ylabel("test MSE / constant's MSE (1 - R²), mean of the tasks")
+        ax.set_title("loss against task correlation")
+        ax.legend()
 
 
 def _verdict(values: np.ndarray, p: float, up: str, down: str, neither: str) -> str:

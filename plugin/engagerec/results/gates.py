@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from engagerec.config import ExperimentConfig
+from engagerec.report import saved_figure
 from engagerec.results.common import Section, cell, mean_ci
 
 
@@ -162,34 +163,27 @@ def _threshold_gates(threshold: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _figure(summaries: Dict[str, Dict[str, Any]], by_threshold: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / max(1, len(summaries))
-    for i, (tower, summary) in enumerate(summaries.items()):
-        tasks = list(summary)
-        x = np.arange(len(tasks)) + i * width
-        effective = [summary[t]["effective_experts"] for t in tasks]
-        axes[0].bar(x, [e["mean"] for e in effective], width, yerr=[e["ci95"] for e in effective],
-                    capsize=3, label=tower)  # fmt: skip
-        axes[0].set_xticks(np.arange(len(tasks)) + width * (len(summaries) - 1) / 2, tasks)
-    axes[0].set_ylabel("effective experts, exp(entropy of the mean gate)")
-    axes[0].set_title("gates per task (4-task KuaiRand, test split)")
-    axes[0].legend()
-    constant = [r for r in by_threshold if r["relative_to"] is None]
-    if constant:
-        xs = [r["x"] for r in constant]
-        axes[1].errorbar(xs, [r["divergence"]["mean"] for r in constant],
-                         yerr=[r["divergence"]["ci95"] for r in constant], marker="o", capsize=3)  # fmt: skip
-        axes[1].set_xlabel("skip threshold (watch ratio)")
-        axes[1].set_ylabel("JS divergence, skip vs watch-ratio gate")
-        axes[1].set_title("MMoE: skip gate vs watch-ratio gate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, (11, 3.8), ncols=2) as (_, axes):
+        width = 0.8 / max(1, len(summaries))
+        for i, (tower, summary) in enumerate(summaries.items()):
+            tasks = list(summary)
+            x = np.arange(len(tasks)) + i * width
+            effective = [summary[t]["effective_experts"] for t in tasks]
+            axes[0].bar(x, [e["mean"] for e in effective], width, yerr=[e["ci95"] for e in effective],
+                        capsize=3, label=tower)  # fmt: skip
+            axes[0].set_xticks(np.arange(len(tasks)) + width * (len(summaries) - 1) / 2, tasks)
+        axes[0].set_ylabel("effective experts, exp(entropy of the mean gate)")
+        axes[0].set_title("gates per task (4-task KuaiRand, test split)")
+        axes[0].legend()
+        constant = [r for r in by_threshold if r["relative_to"] is None]
+        if constant:
+            xs = [r["x"] for r in constant]
+            divergence = [r["divergence"] for r in constant]
+            axes[1].errorbar(xs, [d["mean"] for d in divergence], yerr=[d["ci95"] for d in divergence],
+                             marker="o", capsize=3)  # fmt: skip
+            axes[1].set_xlabel("skip threshold (watch ratio)")
+            axes[1].set_ylabel("JS divergence, skip vs watch-ratio gate")
+            axes[1].set_title("MMoE: skip gate vs watch-ratio gate")
 
 
 def _spec(seeds: List[int]) -> Dict[str, Any]:
