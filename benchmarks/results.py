@@ -10,35 +10,20 @@ import platform
 import re
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
+
+from engagerec.machine import cpu_name, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "numpy")
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def machine_block(command: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
     return "\n".join(
         [
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- machine: {cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
-            f"- versions: {versions}",
+            f"- machine: {cpu_name()}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
+            f"- versions: {package_versions(PACKAGES)}",
             f"- command: `{command}`",
         ]
     )

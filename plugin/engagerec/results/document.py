@@ -7,16 +7,17 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from engagerec.config import ConfigError
+from engagerec.machine import cpu_name, package_versions
 from engagerec.results import comparisons, correlation, gates, threshold
 from engagerec.results.cache import SectionCache
 from engagerec.results.common import Section
 
 SEEDS = [0, 1, 2, 3, 4]
+PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "scikit-learn")  # in each section's environment
 # configs/kuairand_din.yaml as changes to kuairand_random (the "ids" section), so that the two sections
 # differ by exactly these (tests/test_results.py holds the file to them)
 DIN_OVERRIDES = [
@@ -110,26 +111,6 @@ SECTIONS: List[Section] = [
 ]
 
 
-def _versions() -> str:
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "absent"
-
-    return ", ".join(f"{p} {version(p)}" for p in ("torch", "fbgemm-gpu-cpu", "torchrec", "scikit-learn"))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def full_spec(section: Section, seeds: List[int]) -> Dict[str, Any]:
     """What decides a section's numbers: its own spec (configs' non-default values, towers, seeds,
     data digests), the section's code version, engagerec's version and the device kind."""
@@ -212,7 +193,7 @@ def make_results(
         spent[name] = time.perf_counter() - started
         data.setdefault("seconds", spent[name])
         data["computed"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-        data["environment"] = f"{_cpu()}, {os.cpu_count()} logical cores; {_versions()}"
+        data["environment"] = f"{cpu_name()}, {os.cpu_count()} logical cores; {package_versions(PACKAGES)}"
         cache.store(name, spec, data)
     _write(Path(out), cache, catalogue, {s.name: full_spec(s, seeds) for s in catalogue})
     return spent

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from engagerec.config import TaskConfig, load_config
+from engagerec.report import saved_figure
 from engagerec.results.common import Section, cell, config_spec, mean_ci, p_text, prepared
 
 BASE = "kuairand_random"
@@ -65,7 +66,7 @@ def _definition_runs(
     base: str, overrides: List[str], definition: Dict[str, Any], seeds: List[int], work: Path
 ) -> Dict[str, Any]:
     from engagerec.compare import run_comparison
-    from engagerec.data.schema import DatasetSchema
+    from engagerec.evaluate import train_label_means
     from engagerec.results.gates import gates_of
     from engagerec.runs import split_outputs
 
@@ -79,9 +80,7 @@ def _definition_runs(
     run_comparison(joint, ["mmoe"], seeds, work / slug / "joint", resume=False)
     run_comparison(skip_only, ["single_task"], seeds, work / slug / "skip_only", resume=False)
 
-    train_rate = DatasetSchema.load(joint.train.data_dir).meta["summary"]["split"]["train"]["labels"]["skip"][
-        "mean"
-    ]
+    train_rate = train_label_means(joint.train.data_dir, ["skip"])["skip"]  # what the constants predict
     per_seed: Dict[str, List[Dict[str, Any]]] = {way: [] for way, _ in WAYS}
     gates, rates, majority, constant_brier = [], [], [], []
     for seed in seeds:
@@ -127,38 +126,30 @@ def _paired_p(row: Dict[str, Any], a: str, b: str, metric: str = "auc") -> float
 
 
 def _figure(rows: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cuts = [r for r in rows if r["relative_to"] is None]
     xs = [r["threshold"] for r in cuts]
     summaries = [_summarise(r) for r in cuts]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for way, title in WAYS:
-        for ax, metric in zip(axes, ("auc", "accuracy", "brier"), strict=True):
-            values = [s[way][metric] for s in summaries]
-            if values[0] is None:
-                continue
-            ys = [v["mean"] - (r["majority_accuracy"]["mean"] if metric == "accuracy" else 0)
-                  for v, r in zip(values, cuts, strict=True)]  # fmt: skip
-            color = {"joint": "C0", "from_ratio": "C1", "skip_only": "C2"}[way]  # one colour per way
-            ax.errorbar(
-                xs, ys, yerr=[v["ci95"] for v in values], marker="o", capsize=3, label=title, color=color
-            )
-    axes[2].plot(xs, [r["constant_brier"]["mean"] for r in cuts], "k--", label="constant (train rate)")
-    titles = ("skip AUC", "accuracy - majority class accuracy", "Brier score (lower is better)")
-    for ax, label in zip(axes, titles, strict=True):
-        ax.set_xlabel("skip = watch ratio < threshold")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    axes[0].set_title("ranking")
-    axes[1].set_title("accuracy over the majority class")
-    axes[2].set_title("calibrated probability")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with saved_figure(path, (14, 3.8), ncols=3) as (_, axes):
+        for way, title in WAYS:
+            for ax, metric in zip(axes, ("auc", "accuracy", "brier"), strict=True):
+                values = [s[way][metric] for s in summaries]
+                if values[0] is None:
+                    continue
+                ys = [v["mean"] - (r["majority_accuracy"]["mean"] if metric == "accuracy" else 0)
+                      for v, r in zip(values, cuts, strict=True)]  # fmt: skip
+                color = {"joint": "C0", "from_ratio": "C1", "skip_only": "C2"}[way]  # one colour per way
+                ax.errorbar(
+                    xs, ys, yerr=[v["ci95"] for v in values], marker="o", capsize=3, label=title, color=color
+                )
+        axes[2].plot(xs, [r["constant_brier"]["mean"] for r in cuts], "k--", label="constant (train rate)")
+        titles = ("skip AUC", "accuracy - majority class accuracy", "Brier score (lower is better)")
+        for ax, label in zip(axes, titles, strict=True):
+            ax.set_xlabel("skip = watch ratio < threshold")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8)
+        axes[0].set_title("ranking")
+        axes[1].set_title("accuracy over the majority class")
+        axes[2].set_title("calibrated probability")
 
 
 def _render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -> str:
