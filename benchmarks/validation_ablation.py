@@ -1,14 +1,18 @@
-"""What each choice in configs/kuairand_random.yaml is worth, on the VALIDATION split only.
+"""What each choice in a config (``--config``, default configs/kuairand_random.yaml) is worth,
+on the VALIDATION split only.
 
 Each variant changes the shipped config in one way (drops the id statistics or part of
 them, reverts the embedding width or the batch size, switches target attention over the
-history on or off, drops the id embeddings), is prepared into its own directory
-when its features differ, and trained with ``engagerec train`` for each seed; the table
+history on or off, drops the id embeddings, switches the id statistics' scheme), is
+prepared into its own directory when its features differ (a variant that changes nothing
+in the config is skipped), and trained with ``engagerec train`` for each seed; the table
 gives each variant's validation watch-ratio MSE and skip AUC at its best epoch, mean ± 95%
 interval over seeds. The test metrics each run computes (train() evaluates its best
 checkpoint) are left unread: validation is how the config was chosen.
 
     .venv/bin/python benchmarks/validation_ablation.py --seeds 0,1,2 --out runs/validation_ablation
+    .venv/bin/python benchmarks/validation_ablation.py --config configs/kuairand_temporal_stats.yaml \
+        --only "one hour late" --out runs/validation_ablation_lag   # one variant beside the config
 
 It prints the markdown table and writes it, with the machine and the command, to
 ``<out>/ablation.md``.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -60,11 +65,64 @@ def _dim(dim: int) -> Change:
 
 def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
     """Target attention (DIN) over the history switched on (positional history) or off."""
+    if not any(f.kind == "history" for f in cfg.data.features):
+        return cfg  # no history to attend over
     on = cfg.model.target_attention is None
     features = [dataclasses.replace(f, positions=on) if f.kind == "history" else f for f in cfg.data.features]
     model = dataclasses.replace(cfg.model, target_attention=TargetAttentionConfig() if on else None)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
+
+def _toggle_live_counters(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The id statistics as live counters (scheme: online, every split's earlier rows), or,
+    where the config has them, over training rows only (scheme: ordered)."""
+    online = any(f.kind in STAT_KINDS and f.scheme == "online" for f in cfg.data.features)
+    scheme = "ordered" if online else "online"
+    features = [
+        dataclasses.replace(f, scheme=scheme) if f.kind in STAT_KINDS else f for f in cfg.data.features
+    ]
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+
+
+def _lag(lag: float) -> Change:
+    """Live counters (scheme: online) that see only views at least ``lag`` timestamp units old."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        features = [
+            dataclasses.replace(f, lag=lag) if f.kind in STAT_KINDS and f.scheme == "online" else f
+            for f in cfg.data.features
+        ]
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+
+    return change
+
+
+def _folds(folds: int) -> Change:
+    """Cross-fitted statistics over ``folds`` folds: a training row's statistics then come from
+    a larger share of the training rows, nearer the held-out rows' (all of them)."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        features = [
+            dataclasses.replace(f, folds=folds) if f.kind in STAT_KINDS and f.scheme == "cross_fit" else f
+            for f in cfg.data.features
+        ]
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+
+    return change
+
+
+def _weighting(scheme: str) -> Change:
+    """The task losses combined by ``scheme`` (model.loss.weighting) instead of fixed weights."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        loss = dataclasses.replace(cfg.model.loss, weighting=scheme)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=loss))
+
+    return change
+
+
+STUDY_LABELS = ("watch_ratio", "skip")  # the tasks; statistics of the other labels are extra inputs
+SHORT_HISTORY = 5  # history_mean windows this short or shorter: the user's last few views
 
 ID_EMBEDDINGS = ("user_id", "content_id", "history", "author_id")  # kuairand_random's id features
 VIDEO_EMBEDDINGS = ("content_id", "history")  # the video table's features
@@ -101,6 +159,27 @@ VARIANTS: List[Tuple[str, Change]] = [
         "without id embeddings, dense lr 0.003 (the *_stats configs)",
         lambda cfg: _train(dense_lr=0.003)(_features(lambda f: f.name not in ID_EMBEDDINGS)(cfg)),
     ),
+    (
+        "without the id statistics of the other outcomes (like, click, long view, ...)",
+        _features(lambda f: not (f.kind == "target_mean" and f.of not in STUDY_LABELS)),
+    ),
+    (
+        "without the last and last-five watch ratios",
+        _features(lambda f: not (f.kind == "history_mean" and f.length <= SHORT_HISTORY)),
+    ),
+    (
+        "id statistics as live counters (scheme: online), or over training rows only (ordered)",
+        _toggle_live_counters,
+    ),
+    (
+        "live counters without delay (lag 0: a view still playing counts; configs with scheme: online)",
+        _lag(0.0),
+    ),
+    ("live counters five minutes late (lag: 300,000 ms; configs with scheme: online)", _lag(300_000.0)),
+    ("live counters one hour late (lag: 3,600,000 ms; configs with scheme: online)", _lag(3_600_000.0)),
+    ("id statistics cross-fitted over 10 folds (was 5)", _folds(10)),
+    ("task losses weighted by uncertainty (Kendall et al. 2018)", _weighting("uncertainty")),
+    ("task losses balanced by GradNorm (Chen et al. 2018)", _weighting("gradnorm")),
 ]
 
 
@@ -110,6 +189,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/kuairand_random.yaml")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/validation_ablation")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only the variants whose name contains this text (and the shipped config)",
+    )
     args = parser.parse_args(argv)
     base = load_config(args.config)
     out = Path(args.out)
@@ -119,7 +203,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for name, change in VARIANTS:
         cfg = change(base)
-        features = tuple((f.name, f.positions, f.min_count) for f in cfg.data.features)
+        if rows and args.only not in name:
+            continue
+        if rows and cfg == base:
+            print(f"skipped (changes nothing in {args.config}): {name}", file=sys.stderr)
+            continue
+        features = tuple(
+            (f.name, f.positions, f.min_count, f.scheme, f.lag, f.folds) for f in cfg.data.features
+        )
         if features not in prepared:  # variants with the shipped features share its data
             data_dir = out / f"data{len(prepared)}"
             with open(out / "prepare.out", "a") as sink, redirect_stdout(sink):
@@ -141,7 +232,7 @@ def main(argv=None) -> int:
     table = "\n".join([header, "|---|---:|---:|---:|"] + rows)
     command = (
         f".venv/bin/python benchmarks/validation_ablation.py --config {args.config} "
-        f"--seeds {args.seeds} --out {args.out}"
+        f"--seeds {args.seeds} --out {args.out}" + (f" --only {shlex.quote(args.only)}" if args.only else "")
     )
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from results import machine_block

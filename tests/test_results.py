@@ -4,10 +4,11 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from engagerec.config import ConfigError
-from engagerec.results import comparisons, correlation, gates, make_results, threshold
+from engagerec.results import comparisons, correlation, ensemble, gates, make_results, threshold
 from engagerec.results.cache import SectionCache, spec_key
 from engagerec.results.common import Section
 from engagerec.results.document import full_spec
@@ -94,6 +95,8 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
         correlation.section("synthetic_mmoe", ["data.source.synthetic.num_rows=2000", "train.epochs=1"],
                             correlations=(1.0, -0.5), towers=["shared_bottom", "mmoe"]),
         gates.SECTION,
+        ensemble.section(splits=(("multitask", "synthetic_study", {"skip/auc": 0.5}),), members=2,
+                         overrides=SMALL),
     ]  # fmt: skip
     out = tmp_path / "docs" / "RESULTS.md"
     make_results(out, tmp_path / "cache", tmp_path / "work", seeds=[0, 1], catalogue=catalogue)
@@ -127,6 +130,28 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
     points = cached["correlation"]["points"]
     assert [p["correlation"] for p in points] == [1.0, -0.5]
     assert all(len(correlation.losses(p, t)) == 2 for p in points for t in ("shared_bottom", "mmoe"))
+
+    # the ensemble: replicate r's first member is the comparison's run of seed r; the ensemble's
+    # metrics are those of its members' averaged predictions; paired with both, and the GBDT
+    from engagerec.runs import split_outputs
+
+    ensembled = {
+        (r["tower"], r["seed"]): r["test"] for r in cached["ensemble"]["splits"]["multitask"]["runs"]
+    }
+    compared = {(r["tower"], r["seed"]): r["test"] for r in runs}
+    members = tmp_path / "work" / "ensemble" / "multitask" / "compare" / "mmoe"
+    for r in (0, 1):
+        assert ensembled[("mmoe", r)]["skip/auc"] == pytest.approx(
+            compared[("mmoe", r)]["skip/auc"], abs=1e-4
+        )
+        outputs = [split_outputs(members / f"seed{s}", "test") for s in (r, r + 2)]
+        mean = (outputs[0].predictions["watch_ratio"] + outputs[1].predictions["watch_ratio"]) / 2
+        mse = float(np.mean((mean - outputs[0].labels["watch_ratio"]) ** 2))
+        assert ensembled[("mmoe, mean of 2 seeds", r)]["watch_ratio/mse"] == pytest.approx(mse, rel=1e-9)
+        assert mse != pytest.approx(ensembled[("mmoe", r)]["watch_ratio/mse"], rel=1e-6)  # two models differ
+    assert "- mmoe, mean of 2 seeds vs mmoe (one seed), watch_ratio/mse:" in text
+    assert "- mmoe, mean of 2 seeds vs gbdt (scikit-learn), skip/auc:" in text
+    assert "project target skip/auc >= 0.5:" in text
 
     # the document: every section rendered with its table and figure
     for heading in ("## Small comparison", "## Skip threshold study", "## Task-correlation study",
@@ -216,15 +241,47 @@ STATS_CONFIGS = [
 
 
 @pytest.mark.parametrize("stats_config, base", STATS_CONFIGS)
-def test_the_stats_configs_are_their_base_without_id_embeddings_and_a_dense_lr_of_0_003(stats_config, base):
+def test_the_stats_configs_are_their_base_without_id_embeddings_plus_outcome_statistics(stats_config, base):
+    """A *_stats config is its base without the id embeddings, with the dense lr 0.003, the
+    last and last-five watch ratios, every other outcome's id statistics (those outcomes as
+    labels, never tasks) and, under the temporal split, live counters: nothing else differs."""
     from engagerec.config import load_config
     from engagerec.results.common import non_defaults
 
     chosen, origin = load_config(stats_config), load_config(base)
     ids = {"user_id", "content_id", "history", "author_id"}
-    assert [f for f in origin.data.features if f.name not in ids] == chosen.data.features
-    assert ids <= {f.name for f in origin.data.features} and chosen.train.dense_lr == 0.003
+    scheme = {f.scheme for f in chosen.data.features if f.kind in ("target_mean", "id_count")}
+    assert scheme == ({"online"} if "temporal" in stats_config else {"cross_fit"})
+    kept = [f for f in chosen.data.features if f.name in {g.name for g in origin.data.features}]
+    assert [dataclasses.replace(f, scheme="cross_fit", lag=0.0) for f in kept] == [
+        dataclasses.replace(f, scheme="cross_fit") for f in origin.data.features if f.name not in ids
+    ]
+    added = chosen.data.features[len(kept) :]
+    outcomes = [label.name for label in chosen.data.labels[2:]]
+    assert chosen.data.labels[:2] == origin.data.labels and {"like", "click", "long_view"} <= set(outcomes)
+    assert [(f.kind, f.of, f.length) for f in added[:2]] == [
+        ("history_mean", "watch_ratio", n) for n in (1, 5)
+    ]
+    assert [(f.kind, f.column, f.of) for f in added[2:]] == [
+        ("target_mean", column, outcome)
+        for outcome in outcomes
+        for column in ("user_id", "content_id", "author_id")
+    ]
+    assert [t.label for t in chosen.model.tasks] == ["watch_ratio", "skip"] and chosen.train.dense_lr == 0.003
     shipped, built = non_defaults(chosen), non_defaults(origin)
     for cfg in (shipped, built):
-        cfg.pop("name"), cfg["data"].pop("features"), cfg["train"].pop("dense_lr", None)
+        (
+            cfg.pop("name"),
+            cfg["data"].pop("features"),
+            cfg["data"].pop("labels", None),
+            cfg["train"].pop("dense_lr", None),
+        )
+        cfg["model"].pop("tasks", None)
     assert shipped == built
+
+
+def test_correlation_replicates_give_each_seed_its_own_block_of_runs():
+    """Seed s of a section with r replicates runs seeds s*r .. s*r+r-1: disjoint, none lost."""
+    spec = correlation.section("synthetic_mmoe", replicates=3).spec([0, 1])
+    assert spec["seeds"] == [0, 1, 2, 3, 4, 5]
+    assert correlation.section("synthetic_mmoe").spec([0, 1])["seeds"] == [0, 1]

@@ -215,6 +215,81 @@ def test_ordered_statistics_see_only_training_rows_strictly_before_the_row(tmp_p
     np.testing.assert_allclose(every.gender_views[every.gender_id == 0], 0, atol=1e-3)
 
 
+@pytest.mark.parametrize("lag", [0.0, 7.0])
+def test_online_statistics_count_every_splits_earlier_rows(tmp_path, lag):
+    """Live counters: a row of any split gets the id's rows of every split strictly before its
+    moment (``lag`` before, when set), labels of held-out rows included, never its own moment;
+    an ordered feature on the same id column keeps to training rows; scoring reads the
+    counters over every prepared row."""
+    files = _files(tmp_path)
+    log = pd.read_csv(files["interactions"])
+    log["timestamp"] //= 200  # 50 moments: ties, and gaps of a few moments for the lag
+    log.to_csv(files["interactions"], index=False)
+    cfg = _config(files, scheme="online", lag=lag)
+    moment = dataclasses.replace(cfg.data.features[0], name="moment", column="timestamp", kind="numeric")
+    # the raw video id (the encoded one is 0 for every video training never saw)
+    video = dataclasses.replace(moment, name="video", column="content_id")
+    ordered = dataclasses.replace(cfg.data.features[2], name="content_wr_ordered", scheme="ordered", lag=0.0)
+    cfg.data.features += [moment, video, ordered]
+    cfg.data.split.kind = "temporal"
+    prepare(cfg.data, tmp_path / "prepared")
+    splits = {s: _split(tmp_path / "prepared", s) for s in ("train", "val", "test")}
+    every, train = pd.concat(splits.values()), splits["train"]
+    prior = float(train.watch_ratio.mean())
+    held_out_seen = 0
+    for name, rows in splits.items():
+        for row in rows.itertuples():
+            same_video = every.video.round() == round(row.video)
+            # integer moments: at least lag before, or strictly before when lag is 0
+            earlier = every[same_video & (every.moment < row.moment - (lag - 0.5 if lag else 0.5))]
+            s, c = earlier.watch_ratio.sum(), len(earlier)
+            assert row.content_wr == pytest.approx((s + SMOOTHING * prior) / (c + SMOOTHING), abs=1e-4), name
+            assert row.content_views == pytest.approx(c, abs=1e-3), name
+            trained = train[(train.video.round() == round(row.video)) & (train.moment < row.moment - 0.5)]
+            expected = (trained.watch_ratio.sum() + SMOOTHING * prior) / (len(trained) + SMOOTHING)
+            assert row.content_wr_ordered == pytest.approx(expected, abs=1e-4), name
+            held_out_seen += name != "train" and len(earlier) > len(trained)
+    assert held_out_seen > 50  # held-out rows did count earlier held-out views: the check had teeth
+    # the log's own rows: their counters would hold their own and later views, refused by row
+    with pytest.raises(DataError, match=r"live counter .* not after it") as refused:
+        encode_for_scoring(cfg.data, tmp_path / "prepared", files["interactions"], tmp_path / "refused")
+    assert refused.value.row is not None and "timestamp" in str(refused.value)
+    # rows after the log get the counters at its end (every prepared row), the ordered feature
+    # the training rows'
+    later = pd.read_csv(files["interactions"])
+    later["timestamp"] += int(later["timestamp"].max()) + 1
+    later.to_csv(tmp_path / "later.csv", index=False)
+    scored = encode_for_scoring(
+        cfg.data, tmp_path / "prepared", str(tmp_path / "later.csv"), tmp_path / "scored"
+    )
+    assert scored["rows_scored"] > 0
+    rows = _split(tmp_path / "scored", "test")
+    every_video, videos = every.video.round(), rows.video.round()
+    np.testing.assert_allclose(
+        rows.content_views, videos.map(every_video.value_counts()).fillna(0), atol=1e-3
+    )
+    sums = videos.map(every.groupby(every_video).watch_ratio.sum()).fillna(0.0)
+    s, c = sums, videos.map(every_video.value_counts()).fillna(0)
+    np.testing.assert_allclose(rows.content_wr, (s + SMOOTHING * prior) / (c + SMOOTHING), atol=1e-4)
+    train_video = train.video.round()
+    s, c = (
+        videos.map(train.groupby(train_video).watch_ratio.sum()).fillna(0.0),
+        videos.map(train_video.value_counts()).fillna(0),
+    )
+    np.testing.assert_allclose(rows.content_wr_ordered, (s + SMOOTHING * prior) / (c + SMOOTHING), atol=1e-4)
+
+
+def test_lag_is_only_for_online_statistics(tmp_path):
+    files = _files(tmp_path)
+    for change in (
+        {"lag": 5.0},
+        {"lag": -1.0, "scheme": "online"},
+        {"lag": float("inf"), "scheme": "online"},
+    ):
+        with pytest.raises(DataError, match=r"a finite lag >= 0, set only on a target_mean or id_count"):
+            prepare(_config(files, **change).data, tmp_path / "prepared")
+
+
 def test_ordered_statistics_need_a_timestamp(tmp_path):
     files = _files(tmp_path)
     log = pd.read_csv(files["interactions"]).drop(columns="timestamp")

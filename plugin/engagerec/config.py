@@ -41,8 +41,10 @@ class FeatureConfig:
       target_mean  the mean of a label (``of``) over the training rows with this row's id
                    (``column``), shrunk to the training mean by ``smoothing`` rows; training
                    rows are cross-fitted over ``folds`` folds, or with ``scheme: ordered``
-                   every row sees the id's training rows before it (engagerec.data.target_stats)
+                   every row sees the id's training rows before it, with ``scheme: online``
+                   the id's rows of every split before it (engagerec.data.target_stats)
       id_count     how many training rows have this row's id (``column``), itself left out
+                   (or, by ``scheme``, as target_mean counts them)
     """
 
     name: str
@@ -67,8 +69,12 @@ class FeatureConfig:
     smoothing: float = 10.0  # target_mean: weight of the training mean, in rows
     folds: int = 5  # target_mean: cross-fitting folds of the training rows
     # target_mean, id_count: cross_fit (other folds' training rows) | ordered (training rows
-    # strictly before this row's timestamp: leak-free under a temporal split)
-    scheme: Literal["cross_fit", "ordered"] = "cross_fit"
+    # strictly before this row's timestamp: leak-free under a temporal split) | online (rows of
+    # every split strictly before this row's timestamp: what a server's live counters hold)
+    scheme: Literal["cross_fit", "ordered", "online"] = "cross_fit"
+    # online: only views at least this many timestamp units earlier (a counter's delay; 0:
+    # every earlier moment, including views that may still be playing when this one starts)
+    lag: float = 0.0
 
 
 @dataclass

@@ -18,6 +18,7 @@ run out of core; a vocabulary of millions of ids is a DuckDB table, never a Pyth
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -218,9 +219,15 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
                 f"{where}: folds {feature.folds}, smoothing {feature.smoothing}",
                 expected="folds >= 2 and smoothing > 0 (pseudo-rows of the training mean)",
             )
-        if feature.kind in STAT_KINDS and feature.scheme == "ordered" and TIMESTAMP not in columns:
+        online = feature.kind in STAT_KINDS and feature.scheme == "online"
+        if not math.isfinite(feature.lag) or feature.lag < 0 or (feature.lag > 0 and not online):
             raise DataError(
-                f"{where}: ordered statistics need a {TIMESTAMP} column",
+                f"{where}: lag {feature.lag}",
+                expected="a finite lag >= 0, set only on a target_mean or id_count with scheme: online",
+            )
+        if feature.kind in STAT_KINDS and feature.scheme != "cross_fit" and TIMESTAMP not in columns:
+            raise DataError(
+                f"{where}: {feature.scheme} statistics need a {TIMESTAMP} column",
                 column=TIMESTAMP,
                 expected=f"data.source.columns.{TIMESTAMP} to name it, or scheme: cross_fit",
             )
@@ -359,8 +366,16 @@ class Fitter:
         (engagerec.data.target_stats)."""
         with single_thread(self.con):  # label sums in a fixed order: the same values on every run
             priors = fit_stat_tables(self.con, group, table, key, seed, self.out_dir)
+        # live counters are saved as they stand at the log's last moment: scoring checks its rows come after
+        online = group[0][1].scheme == "online"  # a group is live counters or not (target_stats._groups)
+        until = (
+            self.con.execute(f"SELECT max({quote(TIMESTAMP)}) FROM events").fetchone()[0] if online else None
+        )
         for _, feature in group:
-            self.schema.target_stats[feature.name] = stat_meta(feature, priors[feature.name], token_type)
+            meta = stat_meta(feature, priors[feature.name], token_type)
+            if online:
+                meta["counted_until"] = float(until)
+            self.schema.target_stats[feature.name] = meta
 
     # ------------------------------------------------------------------- fit
     def fit_ids(self) -> None:

@@ -26,7 +26,7 @@ from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
 from engagerec.data.events import SOURCE_ROW, Events, build_events, feature_column
 from engagerec.data.prepare import build_history, write_splits
-from engagerec.data.raw import CONTENT_ID, USER_ID, WATCH_TIME, RawTables
+from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
 from engagerec.data.target_stats import load_stat_tables
@@ -99,7 +99,26 @@ class SchemaApplier(Fitter):
         return meta["token_type"]
 
     def fit_stats(self, group, table: str, key: str, token_type: str, seed: int) -> None:
-        """The training statistics of the features ``group``, read back from the training data."""
+        """The training statistics of the features ``group``, read back from the training data;
+        live counters (scheme: online) only for rows after the prepared log's last moment (the
+        counters hold every view up to it: an earlier row's own and later views among them)."""
+        for _, feature in group:
+            until = self.fitted.target_stats[feature.name].get("counted_until")
+            if feature.scheme != "online" or until is None:
+                continue
+            time = quote(TIMESTAMP)
+            row = self.con.execute(f"SELECT min(__src) FROM events WHERE {time} <= {until!r}").fetchone()[0]
+            if row is not None:
+                got = self.con.execute(f"SELECT {time} FROM events WHERE __src = {row}").fetchone()[0]
+                raise self.events.log.error(
+                    f"feature '{feature.name}' is a live counter (scheme: online) saved at the prepared "
+                    f"log's last moment ({until!r}); this row is not after it, so the counter would "
+                    "include its own view and later ones",
+                    row,
+                    column=TIMESTAMP,
+                    expected=f"a timestamp after {until!r} (rows that follow the prepared log)",
+                    got=got,
+                )
         load_stat_tables(self.con, group, table, self.fitted_dir, token_type)
         for _, feature in group:
             self.schema.target_stats[feature.name] = dict(self.fitted.target_stats[feature.name])

@@ -1,4 +1,5 @@
-"""Leak-free statistics of an id over the training rows, as dense inputs.
+"""Leak-free statistics of an id, as dense inputs: over the training rows, or (``scheme:
+online``) as live counters over every earlier view.
 
 Two feature kinds, both keyed by one id column (``column``):
 
@@ -11,7 +12,8 @@ Two feature kinds, both keyed by one id column (``column``):
 * ``id_count``: how many training rows have that id, the row itself left out (a popular
   video, a heavy user); usually with ``transform: log1p``.
 
-Neither reads a label of a validation or test row, and no row reads its own label. Cross-fitting
+No row reads its own label, and only live counters read labels of validation or test rows
+(of earlier views, as a server's counters would). Cross-fitting
 keeps a training row's own label out, but for a rare id (a row or two per fold) the other
 folds' mean moves against the row's own label, and a model that also embeds the id can read a
 little of it back: smoothing (``smoothing`` pseudo-rows of the training mean) damps this.
@@ -23,10 +25,20 @@ ordered target statistics, Prokhorenkova et al. 2018) gives every row the traini
 its id strictly before its moment (the timestamp; simultaneous rows excluded), the same rule
 for training and held-out rows.
 
+``scheme: online`` drops the training-rows-only rule: every row gets the id's rows of every
+split strictly before its moment (at least ``lag`` timestamp units before, when set). These are
+the live counters a serving system updates as views end: a held-out row's statistics include
+the labels of earlier held-out views of the same id (as its history_mean features include the
+user's earlier views), never its own or a simultaneous one, and they stay fresh through a
+temporal test period where training-only statistics go stale. With ``lag`` 0 a view still
+playing when this one starts counts as known; a lag of about the longest view excludes it.
+Scoring reads back the counters over every prepared row, as they stood at the log's last
+moment (``counted_until`` in schema.json), and refuses rows at or before it.
+
 The per-id sums and counts go to ``stats/<feature>.parquet`` beside schema.json (and the
 prior to schema.json's ``target_stats``), so ``engagerec predict`` encodes new rows with the
-training statistics. The per-row values are columns of the history table (one row per event,
-keyed by the source row), which the shard writer joins.
+training statistics (or the live counters). The per-row values are columns of the history
+table (one row per event, keyed by the source row), which the shard writer joins.
 """
 
 from __future__ import annotations
@@ -53,11 +65,11 @@ def stat_features(features: List[FeatureConfig]) -> List[FeatureConfig]:
 
 def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str], Dict[str, str]]:
     """
-    Fit (prepare) or read back (scoring) the per-id training statistics of every target_mean
-    and id_count feature as DuckDB tables, and return the SQL that puts them on each row of
-    ``events e``: the joins, and per feature its value. engagerec.data.prepare.build_history
-    computes them in the history table's pass (the shard writer joins one per-row table:
-    a second one did not fit 1 GB at KuaiRand-1K scale).
+    Fit (prepare) or read back (scoring) the per-id statistics of every target_mean and
+    id_count feature (training rows, or every row for live counters) as DuckDB tables, and
+    return the SQL that puts them on each row of ``events e``: the joins, and per feature its
+    value. engagerec.data.prepare.build_history computes them in the history table's pass (the
+    shard writer joins one per-row table: a second one did not fit 1 GB at KuaiRand-1K scale).
 
     Args:
         fitter: the prepare ``Fitter`` (fits on train rows and writes ``stats/`` beside the
@@ -73,11 +85,8 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
         joins, values = stat_sql(fitter, cfg.features, cfg.split.seed)
         con.execute(f"SELECT {values['video_views']} FROM events e {' '.join(joins)} LIMIT 3")
     """
-    by_column: Dict[str, List[Tuple[int, FeatureConfig]]] = {}
-    for i, feature in enumerate(stat_features(features)):
-        by_column.setdefault(feature.column or feature.name, []).append((i, feature))
     joins, values = [], {}
-    for c, (column, group) in enumerate(by_column.items()):
+    for c, ((column, _), group) in enumerate(_groups(features).items()):
         token_type = fitter.stat_token_type(group[0][1])
         key = fitter.token_sql(column, token_type)
         # one table per id column, one pass over the training rows for all of its features
@@ -85,7 +94,7 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
         joined = False
         for i, feature in group:
             meta = fitter.schema.target_stats[feature.name]
-            if fitter.fitting and feature.scheme == "ordered":
+            if fitter.fitting and feature.scheme in ("ordered", "online"):
                 sums = _ordered_sums(feature, key)
             else:  # cross-fitted, or read back for scoring (never training rows: no fold of their own)
                 if not joined:
@@ -96,10 +105,26 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
     return joins, values
 
 
+def _groups(features: List[FeatureConfig]) -> Dict[Tuple[str, bool], List[Tuple[int, FeatureConfig]]]:
+    """The statistic features by (id column, live counters or not): one per-id table each, as
+    live counters sum every split's rows and the other schemes the training rows only."""
+    groups: Dict[Tuple[str, bool], List[Tuple[int, FeatureConfig]]] = {}
+    for i, feature in enumerate(stat_features(features)):
+        groups.setdefault((feature.column or feature.name, feature.scheme == "online"), []).append(
+            (i, feature)
+        )
+    return groups
+
+
 def drop_stat_tables(con: duckdb.DuckDBPyConnection, features: List[FeatureConfig]) -> None:
-    """Free the per-id tables once the rows hold their values."""
-    columns = {feature.column or feature.name for feature in stat_features(features)}
-    for c in range(len(columns)):
+    """Free the per-id tables once the rows hold their values.
+
+    Args:
+        con: the connection ``stat_sql`` made them in.
+        features: the same features ``stat_sql`` was given (one table per id column and scheme
+            kind, numbered as it numbered them).
+    """
+    for c in range(len(_groups(features))):
         con.execute(f"DROP TABLE IF EXISTS stat_{c}")
 
 
@@ -125,19 +150,24 @@ def _cross_fitted_sums(
 
 
 def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
-    """The training rows of the id strictly before this row's moment, as windows over ``events
-    e`` (ordered target statistics): the running sums up to and including the moment, less the
-    moment's own rows (a row never sees itself or anything simultaneous)."""
+    """The rows of the id strictly before this row's moment (training rows only, or with
+    ``scheme: online`` every split's, ``lag`` before), as windows over ``events e`` (ordered
+    target statistics): the running sums up to and including the moment, less the moment's own
+    rows (a row never sees itself or anything simultaneous)."""
     time = f"e.{quote(TIMESTAMP)}"
     label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
+    counted = "TRUE" if feature.scheme == "online" else TRAINING_ROW
     y, row = (
-        f"CASE WHEN {TRAINING_ROW} THEN CAST({label} AS DOUBLE) END",
-        f"CASE WHEN {TRAINING_ROW} THEN 1 END",
+        f"CASE WHEN {counted} THEN CAST({label} AS DOUBLE) END",
+        f"CASE WHEN {counted} THEN 1 END",
     )
 
     def before(aggregate: str) -> str:
-        # one window order (one sort per id column); the two frames differ only in their start
+        # one window order (one sort per id column); the frames differ only in their bounds
         order = f"PARTITION BY {key} ORDER BY {time} RANGE BETWEEN"
+        if feature.lag > 0:  # rows at least lag before: strictly earlier, the moment left out
+            lag = f"{float(feature.lag)!r} PRECEDING"
+            return f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND {lag}), 0)"
         upto = f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW), 0)"
         moment = f"coalesce({aggregate} OVER ({order} CURRENT ROW AND CURRENT ROW), 0)"
         return f"({upto} - {moment})"
@@ -171,10 +201,19 @@ def fit_stat_tables(
     out_dir: Path,
 ) -> Dict[str, float]:
     """
-    Per id over the training rows, in one pass for every statistic feature ``i`` on one id
-    column: DuckDB ``table(token, n, s_i, c_i, s_i_0, c_i_0, ...)`` (rows; the feature's label
-    sum and labelled rows; those of each cross-fitting fold), and per feature its
-    ``(token, s, c, n)`` in ``out_dir/stats/<feature>.parquet`` for scoring.
+    Per id over the training rows (every row for a group of live counters), in one pass for
+    every statistic feature ``i`` on one id column: DuckDB ``table(token, n, s_i, c_i, s_i_0,
+    c_i_0, ...)`` (rows; the feature's label sum and labelled rows; those of each cross-fitting
+    fold), and per feature its ``(token, s, c, n)`` in ``out_dir/stats/<feature>.parquet`` for
+    scoring.
+
+    Args:
+        con: the prepare connection (holds ``events``).
+        group: (index, feature) of one id column's features, all live counters or none.
+        table: the DuckDB table to create.
+        key: the SQL of the id's token on ``events e``.
+        seed: the cross-fitting folds' seed.
+        out_dir: the prepared directory (``stats/`` goes there).
 
     Returns:
         Dict[str, float]: per feature its prior (the label's training mean; 0 for id_count).
@@ -190,8 +229,12 @@ def fit_stat_tables(
                 where = f"FILTER (WHERE f_{i} = {k})"
                 aggregates += [f"sum(y_{i}) {where} AS s_{i}_{k}", f"count(y_{i}) {where} AS c_{i}_{k}"]
     rows = f"SELECT {', '.join(columns)} FROM events e WHERE e.__split = 0"
+    # what scoring reads back: the training rows' sums, or every row's for live counters (a
+    # group is one or the other); the prior is the training mean either way
+    online = group[0][1].scheme == "online"
+    counted = f"SELECT {', '.join(columns)} FROM events e" if online else rows
     con.execute(
-        f"CREATE OR REPLACE TABLE {table} AS SELECT token, {', '.join(aggregates)} FROM ({rows}) "
+        f"CREATE OR REPLACE TABLE {table} AS SELECT token, {', '.join(aggregates)} FROM ({counted}) "
         "WHERE token IS NOT NULL GROUP BY token"
     )
     priors = {feature.name: 0.0 for _, feature in group}
@@ -220,9 +263,17 @@ def load_stat_tables(
     fitted_dir: Path,
     token_type: str,
 ) -> None:
-    """The training statistics of the features on one id column, read back from their
-    ``stats/<feature>.parquet`` into DuckDB ``table`` with ``fit_stat_tables``'s columns (the
-    folds' all 0: rows to score are never training rows)."""
+    """The statistics of the features on one id column (training sums or live counters), read
+    back from their ``stats/<feature>.parquet`` into DuckDB ``table`` with ``fit_stat_tables``'s
+    columns (the folds' all 0: rows to score are never training rows).
+
+    Args:
+        con: the scoring connection.
+        group: (index, feature) of one id column's features.
+        table: the DuckDB table to create.
+        fitted_dir: the prepared training directory (holds ``stats/``).
+        token_type: the SQL type the ids were keyed by.
+    """
     selects, joins = ["f0.token", "f0.n"], []
     for j, (i, feature) in enumerate(group):
         path = Path(fitted_dir) / STATS_DIR / f"{feature.name}.parquet"

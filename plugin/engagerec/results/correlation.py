@@ -224,6 +224,7 @@ def section(
     towers=TOWERS,
     name: str = "correlation",
     title: str = "Task-correlation study",
+    replicates: int = 1,
 ) -> Section:
     """The study as a Section.
 
@@ -235,10 +236,15 @@ def section(
         overrides: ``key=value`` changes to it.
         correlations: the task correlations p generated.
         towers: the towers trained at each.
+        replicates: runs (data draw and initialisation) per seed: seed s runs seeds
+            s * replicates ... s * replicates + replicates - 1, for more power where one seed
+            is cheap.
     """
     overrides = list(overrides or [])
 
     def spec(seeds: List[int]) -> Dict[str, Any]:
+        if replicates > 1:
+            seeds = [s * replicates + j for s in seeds for j in range(replicates)]
         return {"seeds": seeds, "correlations": list(correlations), "towers": list(towers),
                 **config_spec(load_config(config, overrides))}  # fmt: skip
 
@@ -275,4 +281,5 @@ SMALL_SECTION = section(
     overrides=["data.source.synthetic.num_rows=10000"],
     name="correlation_small",
     title="Task-correlation study on 10,000 rows",
+    replicates=4,  # a run is cheap at this size, and 4 seeds left the question open
 )
