@@ -215,3 +215,33 @@ def test_rows_without_a_watch_time_column_are_scored_and_counted(kuairand_run, t
     assert summary["rows_scored"] == 150
     assert summary["counted_not_dropped"]["no watch time column (kept, derived labels missing)"] == 150
     assert pq.read_table(tmp_path / "p.parquet").column("skip_probability").null_count == 0
+
+
+def test_several_runs_predict_the_mean_of_their_predictions(kuairand_run, tmp_path, capsys):
+    """--run-dir twice: each prediction is the two runs' mean, each flag the mean's, rows as given."""
+    import dataclasses
+
+    from engagerec.runs import run_config
+    from engagerec.train import train
+
+    run, _ = kuairand_run
+    cfg = run_config(run)
+    other = tmp_path / "seed1"
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1)), other)
+    path = tmp_path / "log.csv"
+    _read_log().head(300).to_csv(sep="\t", path_or_buf=path, index=False)
+    singles = []
+    for i, directory in enumerate((run, other)):
+        predict(directory, path, tmp_path / f"one{i}.parquet", threshold=0.4)
+        singles.append(pq.read_table(tmp_path / f"one{i}.parquet").to_pandas())
+    out = tmp_path / "mean.parquet"
+    argv = ["predict", "--run-dir", str(run), "--run-dir", str(other), "--input", str(path)]
+    assert main(argv + ["--out", str(out), "--threshold", "0.4"]) == 0
+    assert "the mean of 2 runs" in capsys.readouterr().out
+    mean = pq.read_table(out).to_pandas()
+    assert list(mean.columns) == list(singles[0].columns) and list(mean["row"]) == list(range(300))
+    assert not np.allclose(singles[0]["watch_ratio"], singles[1]["watch_ratio"])  # two different models
+    for column in ("watch_ratio", "skip_probability"):
+        np.testing.assert_allclose(mean[column], (singles[0][column] + singles[1][column]) / 2, rtol=1e-6)
+    assert (mean["skip_flag"] == (mean["skip_probability"] >= 0.4)).all()
+    assert not list(tmp_path.glob(".mean.run*"))  # each run's own output is removed

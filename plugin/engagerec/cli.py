@@ -68,9 +68,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from engagerec.predict import format_summary, predict
+    from engagerec.predict import format_summary, predict_mean
 
-    summary = predict(
+    summary = predict_mean(
         args.run_dir,
         args.input,
         args.out,
@@ -237,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred = commands.add_parser(
         "predict", help="score raw tables (the run's source layout) or a prepared split with a trained run"
     )
-    pred.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")
+    pred.add_argument(
+        "--run-dir",
+        required=True,
+        action="append",
+        help="run directory written by `engagerec train`; repeat to average several runs (a seed ensemble)",
+    )
     pred.add_argument(
         "--input",
         required=True,

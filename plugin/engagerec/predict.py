@@ -12,11 +12,12 @@ rows (the same reader as evaluation), so the output is the same on 1 process or 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,6 +114,100 @@ def predict(
             if run.runtime.is_main:
                 shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def predict_mean(
+    run_dirs: Sequence[str | Path], input_path: str | Path, out: str | Path, **options: Any
+) -> Dict[str, Any]:
+    """Score ``input_path`` with every run in ``run_dirs`` and write the mean of their
+    predictions (a seed ensemble: RESULTS.md's ensemble section measures what it gains).
+
+    Each run scores the input as ``predict`` does (its own schema and checkpoint); the output
+    has the same columns, each regression estimate and probability averaged over the runs and
+    each flag recomputed from the averaged probability.
+
+    Args:
+        run_dirs: directories written by ``engagerec train`` with the same tasks (one run is
+            ``predict`` itself).
+        input_path: as for ``predict``.
+        out: the output parquet file (each run's is written beside it, then removed).
+        **options: ``predict``'s keyword arguments (``threshold``, ``split``, ...).
+
+    Returns:
+        The first run's summary with ``runs`` (the run directories) and the output file.
+
+    Raises:
+        DataError: the runs' outputs differ in columns or rows (other tasks, other inputs).
+
+    Example::
+
+        >>> import contextlib, io, tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> from engagerec.train import train
+        >>> data, runs = tempfile.mkdtemp(), []
+        >>> for seed in (0, 1):
+        ...     cfg = load_config("synthetic_study", ["data.source.synthetic.num_rows=2000",
+        ...         f"train.data_dir={data}", "train.epochs=1", "train.progress_bar=false",
+        ...         f"train.seed={seed}"])
+        ...     _ = prepare(cfg.data, data) if seed == 0 else None
+        ...     runs.append(tempfile.mkdtemp())
+        ...     with contextlib.redirect_stdout(io.StringIO()):
+        ...         _ = train(cfg, runs[-1])
+        >>> out = Path(tempfile.mkdtemp()) / "mean.parquet"
+        >>> summary = predict_mean(runs, data, out)
+        >>> len(summary["runs"]), pq.read_schema(out).names[-3:]
+        (2, ['watch_ratio', 'skip_probability', 'skip_flag'])
+    """
+    if len(run_dirs) == 1:
+        return predict(run_dirs[0], input_path, out, **options)
+    out = Path(out)
+    threshold = options.get("threshold", 0.5)
+    members = [out.with_name(f".{out.stem}.run{i}.parquet") for i in range(len(run_dirs))]
+    try:
+        summaries = [
+            predict(run, input_path, member, **options) for run, member in zip(run_dirs, members, strict=True)
+        ]
+        if int(os.environ.get("RANK", "0")) == 0:
+            _average(members, out, threshold)
+    finally:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for member in members:
+                member.unlink(missing_ok=True)
+    summary = dict(summaries[0], runs=[str(run) for run in run_dirs], out=str(out))
+    return summary
+
+
+def _average(members: List[Path], out: Path, threshold: float) -> None:
+    """``out``: the members' rows with each prediction averaged, flags from the mean probability."""
+    files = [pq.ParquetFile(member) for member in members]
+    names = files[0].schema_arrow.names
+    for member, file in zip(members[1:], files[1:], strict=True):
+        if file.schema_arrow.names != names:
+            raise DataError("the runs predict different tasks", file=str(member), expected=f"columns {names}")
+        if file.metadata.num_rows != files[0].metadata.num_rows:
+            raise DataError("the runs scored different rows", file=str(member), expected="the same input")
+    averaged = [n for n in names if n not in (ROW, *ID_COLUMNS, *(f"{k}_index" for k in ID_COLUMNS))]
+    averaged = [n for n in averaged if not n.endswith("_flag")]
+    tmp, writer = out.with_name(f".{out.name}.tmp"), None
+    for batches in zip(*(file.iter_batches(batch_size=STITCH_ROWS) for file in files), strict=True):
+        first = batches[0]
+        if any(not batch.column(ROW).equals(first.column(ROW)) for batch in batches[1:]):
+            raise DataError("the runs scored different rows", file=str(out), expected="the same input")
+        columns = {name: first.column(name) for name in names}
+        for name in averaged:
+            mean = sum(batch.column(name).to_numpy(zero_copy_only=False) for batch in batches) / len(batches)
+            columns[name] = pa.array(mean.astype(first.column(name).type.to_pandas_dtype()))
+            if name.endswith("_probability"):
+                flag = name[: -len("_probability")] + "_flag"
+                columns[flag] = pa.array(mean >= threshold)
+        table = pa.Table.from_pydict(columns, schema=first.schema)
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table)
+    if writer is None:
+        raise RuntimeError("no rows to average")  # predict writes at least a schema's worth of rows
+    writer.close()
+    tmp.replace(out)
 
 
 @dataclass
@@ -298,6 +393,8 @@ def _stitch(ids: Iterator[pa.RecordBatch], parts: List[Path], out: Path) -> int:
 def format_summary(summary: Dict[str, Any]) -> str:
     """The text `engagerec predict` prints: rows in and out, what was counted, where it went."""
     lines = [f"engagerec predict: {summary['input']} -> {summary['out']}"]
+    if len(summary.get("runs", [])) > 1:
+        lines.append(f"  the mean of {len(summary['runs'])} runs: {', '.join(summary['runs'])}")
     counts = [("rows read", summary.get("rows_read")), ("rows scored", summary["rows_scored"])]
     counts += [(f"dropped: {k}", v) for k, v in summary.get("dropped", {}).items() if v]
     counts += [(f"counted: {k}", v) for k, v in summary.get("counted_not_dropped", {}).items() if v]
