@@ -217,8 +217,9 @@ def test_rows_without_a_watch_time_column_are_scored_and_counted(kuairand_run, t
     assert pq.read_table(tmp_path / "p.parquet").column("skip_probability").null_count == 0
 
 
-def test_several_runs_predict_the_mean_of_their_predictions(kuairand_run, tmp_path, capsys):
-    """--run-dir twice: each prediction is the two runs' mean, each flag the mean's, rows as given."""
+@pytest.fixture(scope="module")
+def two_runs(kuairand_run, tmp_path_factory):
+    """The kuairand run and the same config trained with seed 1: two members of an ensemble."""
     import dataclasses
 
     from engagerec.runs import run_config
@@ -226,22 +227,71 @@ def test_several_runs_predict_the_mean_of_their_predictions(kuairand_run, tmp_pa
 
     run, _ = kuairand_run
     cfg = run_config(run)
-    other = tmp_path / "seed1"
+    other = tmp_path_factory.mktemp("seed1") / "run"
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1)), other)
+    return run, other
+
+
+def test_several_runs_predict_the_mean_of_their_predictions(two_runs, tmp_path, capsys):
+    """--run-dir twice: each prediction is the two runs' mean, each flag the mean's, rows and
+    ids as one run gives them; bad outputs and runs of other tasks are refused before scoring."""
+    import dataclasses
+
+    from engagerec.config import TaskConfig
+    from engagerec.runs import run_config
+    from engagerec.train import train
+
+    run, other = two_runs
     path = tmp_path / "log.csv"
     _read_log().head(300).to_csv(sep="\t", path_or_buf=path, index=False)
     singles = []
     for i, directory in enumerate((run, other)):
         predict(directory, path, tmp_path / f"one{i}.parquet", threshold=0.4)
-        singles.append(pq.read_table(tmp_path / f"one{i}.parquet").to_pandas())
+        singles.append(pq.read_table(tmp_path / f"one{i}.parquet"))
     out = tmp_path / "mean.parquet"
     argv = ["predict", "--run-dir", str(run), "--run-dir", str(other), "--input", str(path)]
     assert main(argv + ["--out", str(out), "--threshold", "0.4"]) == 0
     assert "the mean of 2 runs" in capsys.readouterr().out
-    mean = pq.read_table(out).to_pandas()
-    assert list(mean.columns) == list(singles[0].columns) and list(mean["row"]) == list(range(300))
-    assert not np.allclose(singles[0]["watch_ratio"], singles[1]["watch_ratio"])  # two different models
+    table = pq.read_table(out)
+    assert table.schema == singles[0].schema  # the same columns and types (float32, bool)
+    mean, one, two = table.to_pandas(), singles[0].to_pandas(), singles[1].to_pandas()
+    assert mean[["row", "user_id", "content_id"]].equals(one[["row", "user_id", "content_id"]])
+    assert list(mean["row"]) == list(range(300))
+    assert not np.allclose(one["watch_ratio"], two["watch_ratio"])  # two different models
     for column in ("watch_ratio", "skip_probability"):
-        np.testing.assert_allclose(mean[column], (singles[0][column] + singles[1][column]) / 2, rtol=1e-6)
+        np.testing.assert_allclose(mean[column], (one[column] + two[column]) / 2, rtol=1e-6)
     assert (mean["skip_flag"] == (mean["skip_probability"] >= 0.4)).all()
-    assert not list(tmp_path.glob(".mean.run*"))  # each run's own output is removed
+    assert {p.name for p in tmp_path.glob(".*")} == set()  # no scratch file or directory left
+
+    assert main(argv + ["--out", str(tmp_path / "p.csv")]) == 2
+    assert "predictions are written as parquet" in capsys.readouterr().err
+    cfg = run_config(run)
+    watch_only = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, tasks=[TaskConfig("watch_ratio", "watch_ratio")])
+    )
+    train(watch_only, tmp_path / "watch_only")
+    assert main(argv + ["--run-dir", str(tmp_path / "watch_only"), "--out", str(out)]) == 2
+    assert "the runs predict different tasks" in capsys.readouterr().err
+
+
+def test_two_ranks_average_what_one_process_averages(two_runs, tmp_path):
+    """Several runs under torchrun: one process group for all of them, the same output."""
+    from engagerec.predict import predict_mean
+
+    path = tmp_path / "log.csv"
+    _read_log().head(2000).to_csv(sep="\t", path_or_buf=path, index=False)
+    predict_mean(list(two_runs), path, tmp_path / "one.parquet")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [arg for run in two_runs for arg in ("--run-dir", str(run))]
+    done = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000 + 9),
+         "-m", "engagerec", "predict", *runs, "--input", str(path), "--out", str(tmp_path / "two.parquet")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (pq.read_table(tmp_path / f"{n}.parquet").to_pandas() for n in ("one", "two"))
+    assert len(one) == len(two) == 2000 and (one["row"] == two["row"]).all()
+    np.testing.assert_allclose(two["watch_ratio"], one["watch_ratio"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two["skip_probability"], one["skip_probability"], rtol=1e-5, atol=1e-6)
+    assert {p.name for p in tmp_path.glob(".*")} == set()

@@ -12,23 +12,25 @@ rows (the same reader as evaluation), so the output is the same on 1 process or 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from engagerec.config import prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
-from engagerec.runs import OpenedRun, open_run
+from engagerec.distributed import close_runtime, init_runtime
+from engagerec.model import tasks_from_schema
+from engagerec.runs import OpenedRun, open_run, run_config
 from engagerec.tasks import Task
 
 ID_COLUMNS = ("user_id", "content_id")  # kept beside the predictions where the input has them
@@ -91,12 +93,7 @@ def predict(
         CheckpointError: no run directory, or no checkpoint that checks out.
     """
     out = Path(out)
-    if out.suffix != ".parquet":
-        raise DataError(
-            "predictions are written as parquet", file=str(out), expected="a path ending in .parquet"
-        )
-    if not 0.0 <= threshold <= 1.0:
-        raise DataError(f"--threshold {threshold}", expected="a probability in [0, 1]")
+    _check_output(out, threshold)
     with open_run(run_dir, checkpoint_name, device) as run:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = _shared_workdir(out, run.runtime.is_main)
@@ -130,14 +127,15 @@ def predict_mean(
         run_dirs: directories written by ``engagerec train`` with the same tasks (one run is
             ``predict`` itself).
         input_path: as for ``predict``.
-        out: the output parquet file (each run's is written beside it, then removed).
+        out: the output parquet file (the runs' own go to a scratch directory beside it).
         **options: ``predict``'s keyword arguments (``threshold``, ``split``, ...).
 
     Returns:
         The first run's summary with ``runs`` (the run directories) and the output file.
 
     Raises:
-        DataError: the runs' outputs differ in columns or rows (other tasks, other inputs).
+        DataError: no run, runs with different tasks (checked before scoring), outputs of
+            different rows, or what ``predict`` refuses (a bad output path, threshold, input).
 
     Example::
 
@@ -159,23 +157,66 @@ def predict_mean(
         >>> len(summary["runs"]), pq.read_schema(out).names[-3:]
         (2, ['watch_ratio', 'skip_probability', 'skip_flag'])
     """
+    if not run_dirs:
+        raise DataError("no run to predict with", expected="at least one run directory (--run-dir)")
     if len(run_dirs) == 1:
         return predict(run_dirs[0], input_path, out, **options)
     out = Path(out)
     threshold = options.get("threshold", 0.5)
-    members = [out.with_name(f".{out.stem}.run{i}.parquet") for i in range(len(run_dirs))]
+    _check_output(out, threshold)
+    tasks = [_run_tasks(run) for run in run_dirs]
+    for run, theirs in zip(run_dirs[1:], tasks[1:], strict=True):
+        if theirs != tasks[0]:
+            raise DataError(
+                "the runs predict different tasks", file=str(run), expected=f"tasks {tasks[0]}", got=theirs
+            )
+    # one process group for every run (re-creating it per run hangs some backends), and one
+    # scratch directory for the runs' outputs
+    runtime = init_runtime(options.get("device") or run_config(run_dirs[0]).train.device)
     try:
-        summaries = [
-            predict(run, input_path, member, **options) for run, member in zip(run_dirs, members, strict=True)
-        ]
-        if int(os.environ.get("RANK", "0")) == 0:
-            _average(members, out, threshold)
+        work = _shared_workdir(out, runtime.is_main)
+        try:
+            members = [work / f"run{i}.parquet" for i in range(len(run_dirs))]
+            summaries = [
+                predict(run, input_path, m, **options) for run, m in zip(run_dirs, members, strict=True)
+            ]
+            outcome: List[Any] = [None]
+            if runtime.is_main:
+                try:
+                    _average(members, out, threshold)
+                except Exception as err:  # every rank must hear of it, as with the encoding
+                    outcome[0] = err
+            if runtime.world_size > 1:
+                dist.broadcast_object_list(outcome, src=0)
+            if isinstance(outcome[0], Exception):
+                if runtime.is_main or isinstance(outcome[0], DataError):
+                    raise outcome[0]
+                raise RuntimeError(f"rank 0 failed to average the runs: {outcome[0]!r}")
+        finally:
+            if runtime.world_size > 1:
+                dist.barrier()  # no rank still reads a member when rank 0 removes them
+            if runtime.is_main:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
-        if int(os.environ.get("RANK", "0")) == 0:
-            for member in members:
-                member.unlink(missing_ok=True)
-    summary = dict(summaries[0], runs=[str(run) for run in run_dirs], out=str(out))
-    return summary
+        close_runtime(runtime)
+    return dict(summaries[0], runs=[str(run) for run in run_dirs], out=str(out))
+
+
+def _check_output(out: Path, threshold: float) -> None:
+    """Predictions go to a parquet file; a flag's threshold is a probability."""
+    if out.suffix != ".parquet":
+        raise DataError(
+            "predictions are written as parquet", file=str(out), expected="a path ending in .parquet"
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise DataError(f"--threshold {threshold}", expected="a probability in [0, 1]")
+
+
+def _run_tasks(run_dir: str | Path) -> List[Tuple[str, str]]:
+    """A run's tasks as (name, kind): its config's, or one per label of its prepared data."""
+    cfg = run_config(run_dir)
+    tasks = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
+    return [(task.name, task.kind) for task in tasks]
 
 
 def _average(members: List[Path], out: Path, threshold: float) -> None:
