@@ -73,42 +73,32 @@ def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
 
+def _set(where: Callable, **changes) -> Change:
+    """Every feature ``where`` holds for gets ``changes`` (its other fields as they are)."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        features = [dataclasses.replace(f, **changes) if where(f) else f for f in cfg.data.features]
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+
+    return change
+
+
 def _toggle_live_counters(cfg: ExperimentConfig) -> ExperimentConfig:
     """The id statistics as live counters (scheme: online, every split's earlier rows), or,
     where the config has them, over training rows only (scheme: ordered)."""
     online = any(f.kind in STAT_KINDS and f.scheme == "online" for f in cfg.data.features)
-    scheme = "ordered" if online else "online"
-    features = [
-        dataclasses.replace(f, scheme=scheme) if f.kind in STAT_KINDS else f for f in cfg.data.features
-    ]
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+    return _set(lambda f: f.kind in STAT_KINDS, scheme="ordered" if online else "online")(cfg)
 
 
 def _lag(lag: float) -> Change:
     """Live counters (scheme: online) that see only views at least ``lag`` timestamp units old."""
-
-    def change(cfg: ExperimentConfig) -> ExperimentConfig:
-        features = [
-            dataclasses.replace(f, lag=lag) if f.kind in STAT_KINDS and f.scheme == "online" else f
-            for f in cfg.data.features
-        ]
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
-
-    return change
+    return _set(lambda f: f.kind in STAT_KINDS and f.scheme == "online", lag=lag)
 
 
 def _folds(folds: int) -> Change:
     """Cross-fitted statistics over ``folds`` folds: a training row's statistics then come from
     a larger share of the training rows, nearer the held-out rows' (all of them)."""
-
-    def change(cfg: ExperimentConfig) -> ExperimentConfig:
-        features = [
-            dataclasses.replace(f, folds=folds) if f.kind in STAT_KINDS and f.scheme == "cross_fit" else f
-            for f in cfg.data.features
-        ]
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
-
-    return change
+    return _set(lambda f: f.kind in STAT_KINDS and f.scheme == "cross_fit", folds=folds)
 
 
 def _weighting(scheme: str) -> Change:
@@ -130,14 +120,7 @@ VIDEO_EMBEDDINGS = ("content_id", "history")  # the video table's features
 
 def _min_count(names, count: int) -> Change:
     """Ids of these features seen in fewer than ``count`` training rows go to the OOV row."""
-
-    def change(cfg: ExperimentConfig) -> ExperimentConfig:
-        features = [
-            dataclasses.replace(f, min_count=count) if f.name in names else f for f in cfg.data.features
-        ]
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
-
-    return change
+    return _set(lambda f: f.name in names, min_count=count)
 
 
 VARIANTS: List[Tuple[str, Change]] = [
