@@ -102,16 +102,16 @@ class SchemaApplier(Fitter):
         """The training statistics of the features ``group``, read back from the training data;
         live counters (scheme: online) only for rows after the prepared log's last moment (the
         counters hold every view up to it: an earlier row's own and later views among them)."""
-        for _, feature in group:
-            until = self.fitted.target_stats[feature.name].get("counted_until")
-            if feature.scheme != "online" or until is None:
-                continue
+        # a group is live counters or not, all saved at one moment (target_stats._groups)
+        first = group[0][1]
+        until = self.fitted.target_stats[first.name].get("counted_until")
+        if first.scheme == "online" and until is not None:
             time = quote(TIMESTAMP)
             row = self.con.execute(f"SELECT min(__src) FROM events WHERE {time} <= {until!r}").fetchone()[0]
             if row is not None:
                 got = self.con.execute(f"SELECT {time} FROM events WHERE __src = {row}").fetchone()[0]
                 raise self.events.log.error(
-                    f"feature '{feature.name}' is a live counter (scheme: online) saved at the prepared "
+                    f"feature '{first.name}' is a live counter (scheme: online) saved at the prepared "
                     f"log's last moment ({until!r}); this row is not after it, so the counter would "
                     "include its own view and later ones",
                     row,
