@@ -111,6 +111,16 @@ def _weighting(scheme: str) -> Change:
     return change
 
 
+def _regression_loss(loss: str) -> Change:
+    """The config's regression tasks (``model.tasks``) trained with ``loss`` instead."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        tasks = [dataclasses.replace(t, loss=loss) if t.kind == "regression" else t for t in cfg.model.tasks]
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tasks=tasks))
+
+    return change
+
+
 STUDY_LABELS = ("watch_ratio", "skip")  # the tasks; statistics of the other labels are extra inputs
 SHORT_HISTORY = 5  # history_mean windows this short or shorter: the user's last few views
 
@@ -163,6 +173,7 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("id statistics cross-fitted over 10 folds (was 5)", _folds(10)),
     ("task losses weighted by uncertainty (Kendall et al. 2018)", _weighting("uncertainty")),
     ("task losses balanced by GradNorm (Chen et al. 2018)", _weighting("gradnorm")),
+    ("watch ratio trained with cross-entropy on the ratio (was MSE)", _regression_loss("cross_entropy")),
 ]
 
 

@@ -150,6 +150,22 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
         assert ensembled[("mmoe, mean of 2 seeds", r)]["watch_ratio/mse"] == pytest.approx(mse, rel=1e-9)
         assert mse != pytest.approx(ensembled[("mmoe", r)]["watch_ratio/mse"], rel=1e-6)  # two models differ
     assert "- mmoe, mean of 2 seeds vs mmoe (one seed), watch_ratio/mse:" in text
+    # each run refitted on train + val for the epochs its validation chose, on the same test rows
+    work = tmp_path / "work" / "ensemble" / "multitask"
+    for seed in (0, 1, 2, 3):
+        chosen = json.loads((members / f"seed{seed}" / "results.json").read_text())
+        refit = json.loads((work / "refit" / "mmoe" / f"seed{seed}" / "results.json").read_text())
+        assert len(refit["history"]) == chosen["best_epoch"] + 1 and refit["seed"] == seed
+        refit_outputs = split_outputs(work / "refit" / "mmoe" / f"seed{seed}", "test")
+        assert np.array_equal(
+            refit_outputs.labels["skip"], split_outputs(members / f"seed{seed}", "test").labels["skip"]
+        )
+    for model in ("mmoe, refit on train + val", "mmoe, refit on train + val, mean of 2 seeds",
+                  "gbdt (scikit-learn), refit on train + val"):  # fmt: skip
+        assert {r for (m, r) in ensembled if m == model} == {0, 1}
+        assert f"| {model} - the same model on train only |" not in text  # one table, rows per model
+        assert f"- {model} vs the same model on train only, skip/auc:" in text
+    assert "- mmoe, refit on train + val vs gbdt (scikit-learn), refit on train + val, skip/auc:" in text
     assert "- mmoe, mean of 2 seeds vs gbdt (scikit-learn), skip/auc:" in text
     assert "project target skip/auc >= 0.5:" in text
 

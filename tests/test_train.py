@@ -10,9 +10,10 @@ import pytest
 import yaml
 from conftest import synthetic_mmoe_config
 
-from engagerec.config import TASK_METRICS, ConfigError, apply_override, config_from_dict
+from engagerec.config import TASK_METRICS, ConfigError, TaskConfig, apply_override, config_from_dict
 from engagerec.data.prepare import prepare
-from engagerec.runs import evaluate_run
+from engagerec.runs import evaluate_run, split_outputs
+from engagerec.tasks import Task
 from engagerec.train import train
 
 EQUAL_METRICS = (
@@ -302,3 +303,80 @@ def test_enum_like_keys_are_checked_when_the_config_loads(study_data):
             ConfigError, match=f"{re.escape(where)}: expected one of {expected}, got '{value}'"
         ):
             config_from_dict(changed)
+
+
+@pytest.fixture(scope="module")
+def refit_data(tmp_path_factory):
+    """The study data prepared again without validation rows: every non-test row trains."""
+    out = tmp_path_factory.mktemp("study_small_refit")
+    cfg = study_run_config(out)
+    prepare(dataclasses.replace(cfg.data, split=dataclasses.replace(cfg.data.split, val_fraction=0.0)), out)
+    return out
+
+
+def test_data_without_validation_rows_trains_every_epoch_and_keeps_the_last(study_data, refit_data, tmp_path):
+    results = train(study_run_config(refit_data, epochs=3, patience=1), tmp_path / "run")
+    # no validation: no early stopping (patience 1 would stop a validated run that got worse),
+    # every epoch recorded without metrics, and the test metrics are the last epoch's model's
+    assert [set(h) for h in results["history"]] == [{"epoch", "step"}] * 3
+    assert results["best_epoch"] == 2 and results["val"] == results["history"][-1]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("best-step-*")] == [
+        f"best-step-{results['steps']}"
+    ]
+    again = evaluate_run(tmp_path / "run", "test")
+    assert again["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-6)
+    # the same test rows as the data with validation rows, and more training rows
+    with_val = json.loads((study_data / "schema.json").read_text())["meta"]["summary"]["split"]
+    without = json.loads((refit_data / "schema.json").read_text())["meta"]["summary"]["split"]
+    assert without["test"]["rows"] == with_val["test"]["rows"] and without["val"]["rows"] == 0
+    assert without["train"]["rows"] == with_val["train"]["rows"] + with_val["val"]["rows"]
+
+
+def test_a_refit_trains_the_epochs_validation_chose_on_the_same_test_rows(study_data, refit_data, tmp_path):
+    from engagerec.compare import refit_run
+
+    chosen = train(study_run_config(study_data, epochs=4, patience=1, seed=3), tmp_path / "chosen")
+    refit = refit_run(study_run_config(refit_data, epochs=9), tmp_path / "chosen", tmp_path / "refit")
+    assert len(refit["history"]) == chosen["best_epoch"] + 1 and refit["seed"] == 3
+    assert refit["tower"] == chosen["tower"] == "mmoe"
+    assert refit["test"]["skip/auc"] > 0.7
+    labels = split_outputs(tmp_path / "refit", "test").labels["skip"]
+    assert (labels == split_outputs(tmp_path / "chosen", "test").labels["skip"]).all()
+    assert "sharding plan" in (tmp_path / "refit" / "train.out").read_text()
+    # refused: data with validation rows, and a run that never finished
+    with pytest.raises(ValueError, match="split.val_fraction 0"):
+        refit_run(study_run_config(study_data), tmp_path / "chosen", tmp_path / "again")
+    train(study_run_config(study_data, max_steps=2), tmp_path / "unfinished")
+    with pytest.raises(ValueError, match="did not finish"):
+        refit_run(study_run_config(refit_data), tmp_path / "unfinished", tmp_path / "again")
+
+
+def test_the_gbdt_refits_with_given_iterations_and_refuses_to_guess_them(study_data, refit_data):
+    from engagerec.gbdt import gbdt_reference
+
+    tasks = [("watch_ratio", "watch_ratio", "regression"), ("skip", "skip", "binary")]
+    chosen = gbdt_reference(study_data, 0, tasks)
+    iterations = {task: int(chosen[f"{task}/iterations"]) for task, _, _ in tasks}
+    refit = gbdt_reference(refit_data, 0, tasks, iterations)
+    assert {refit[f"{task}/iterations"] for task, _, _ in tasks} == set(map(float, iterations.values()))
+    assert refit["skip/auc"] > 0.7 and refit["watch_ratio/mse"] != chosen["watch_ratio/mse"]
+    with pytest.raises(ValueError, match="no validation rows"):
+        gbdt_reference(refit_data, 0, tasks)
+    with pytest.raises(ValueError, match="no iteration count given for task 'skip'"):
+        gbdt_reference(refit_data, 0, tasks, {"watch_ratio": 5})
+
+
+def test_a_ratio_trained_with_cross_entropy_learns_and_reports_the_ratio(study_data, tmp_path):
+    cfg = study_run_config(study_data, epochs=2)
+    tasks = [{"name": "watch_ratio", "label": "watch_ratio", "loss": "cross_entropy"},
+             {"name": "skip", "label": "skip", "kind": "binary"}]  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, tasks=[TaskConfig(**t) for t in tasks])
+    )
+    results = train(cfg, tmp_path / "run")
+    test = results["test"]
+    assert test["watch_ratio/mse"] < 0.8 * test["watch_ratio/baseline_mse_train_mean"]
+    outputs = split_outputs(tmp_path / "run", "test").predictions["watch_ratio"]
+    assert 0.0 < outputs.min() and outputs.max() < 1.0  # sigmoid(logit), never the logit
+    with pytest.raises(ConfigError, match="expected output 'sigmoid'"):
+        Task(TaskConfig(name="watch_time", label="watch_time", output="identity", loss="cross_entropy"))

@@ -3,11 +3,12 @@ them), then the report (engagerec.report) with intervals and paired tests."""
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -94,7 +95,8 @@ def run_comparison(
 
             def on_epoch(state, val, bar=bar) -> None:
                 bar.update(1)
-                bar.set_postfix_str(f"val {monitor} {val[monitor]:.4f}")
+                if val:  # none when the data has no validation rows
+                    bar.set_postfix_str(f"val {monitor} {val[monitor]:.4f}")
 
             with open(run_dir / "train.out", "a") as sink, redirect_stdout(sink), redirect_stderr(sink):
                 print(f"--- engagerec compare: {tower}, seed {seed}, resume={resume}", flush=True)
@@ -120,3 +122,53 @@ def run_comparison(
             runs.append({"tower": GBDT, "seed": seed, "test": gbdt_reference(prepared_dir(cfg), seed, tasks)})
         print(_tower_line(GBDT, [r for r in runs if r["tower"] == GBDT]), file=sys.__stdout__, flush=True)
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
+
+
+def refit_run(cfg: ExperimentConfig, chosen: str | Path, run_dir: str | Path) -> Dict[str, Any]:
+    """
+    Refit a run chosen on validation on the training and validation rows together: ``cfg``
+    (data prepared with ``split.val_fraction: 0``, the same test rows) trained with the chosen
+    run's tower and seed for as many epochs as its validation picked (its best epoch + 1), and
+    evaluated on test. More rows for the weights and for the id statistics, no early stopping.
+    The run's own output goes to ``<run_dir>/train.out``.
+
+    Args:
+        cfg: the experiment on data without validation rows.
+        chosen: a finished run (results.json) of the same experiment on data with validation rows.
+        run_dir: where the refit run goes.
+
+    Returns:
+        Dict[str, Any]: the refit run's results (``train``'s).
+
+    Raises:
+        ValueError: ``chosen`` did not finish (no best epoch), or ``cfg``'s data has validation rows.
+
+    Example::
+
+        >>> import contextlib, io, tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> sets = ["data.source.synthetic.num_rows=2000", "train.epochs=2", "train.progress_bar=false"]
+        >>> cfg = load_config("synthetic_study", sets + [f"train.data_dir={tmp / 'data'}"])
+        >>> refit_cfg = load_config("synthetic_study", sets + ["data.split.val_fraction=0",
+        ...                         f"train.data_dir={tmp / 'refit_data'}"])
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     _ = prepare(cfg.data, cfg.train.data_dir), prepare(refit_cfg.data, refit_cfg.train.data_dir)
+        ...     chosen = train(cfg, tmp / "chosen")
+        >>> results = refit_run(refit_cfg, tmp / "chosen", tmp / "refit")
+        >>> len(results["history"]) == chosen["best_epoch"] + 1, "test" in results
+        (True, True)
+    """
+    chosen, run_dir = Path(chosen), Path(run_dir)
+    picked = json.loads((chosen / "results.json").read_text())
+    if picked.get("best_epoch") is None:
+        raise ValueError(f"{chosen} has no best epoch (it did not finish): nothing to refit")
+    if DatasetSchema.load(prepared_dir(cfg)).meta["summary"]["split"]["val"]["rows"]:
+        raise ValueError(
+            f"{prepared_dir(cfg)} has validation rows: prepare the refit with split.val_fraction 0"
+        )
+    refit = with_tower(cfg, picked["tower"], seed=picked["seed"], epochs=picked["best_epoch"] + 1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.out", "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
+        return train(refit, run_dir, resume=False)

@@ -6,7 +6,9 @@ ones are native categorical features; each multi-valued feature (genres, history
 contributes its length; dense features are used as they are. One model per label of the
 prepared data: a HistGradientBoostingRegressor for a regression label, a
 HistGradientBoostingClassifier for a binary one, each with early stopping on the validation
-split, on the rows where that label is present. No tuning on test.
+split, on the rows where that label is present. No tuning on test. Given each task's
+iteration count (chosen so on an earlier split with validation rows), it fits that many on
+data without validation rows: the refit on training and validation rows together.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ def _matrix(
 
 
 def gbdt_reference(
-    data_dir: str | Path, seed: int = 0, tasks: Optional[List[Tuple[str, str, str]]] = None
+    data_dir: str | Path,
+    seed: int = 0,
+    tasks: Optional[List[Tuple[str, str, str]]] = None,
+    iterations: Optional[Dict[str, int]] = None,
 ) -> Dict[str, float]:
-    """Test metrics of the GBDT reference, under the towers' metric names.
+    """Test metrics of the GBDT reference, under the towers' metric names (and each task's
+    ``<task>/iterations``).
 
     Args:
         data_dir: a prepared dataset.
@@ -58,10 +64,36 @@ def gbdt_reference(
         tasks: (task name, label, kind) per model to fit, as the towers' tasks are; default one
             task per label of the prepared data. A task whose label has fewer than two present
             rows in a split, or one class only, is left out (no metrics, a note on stderr).
+        iterations: task name -> boosting iterations, chosen beforehand (an earlier call's
+            ``<task>/iterations`` on data with validation rows); the validation split is then
+            not read, so ``data_dir`` may have none. Default: chosen on ``data_dir``'s own.
+
+    Raises:
+        ValueError: ``data_dir`` has no validation rows and ``iterations`` lacks a task.
+
+    Example::
+
+        >>> import tempfile
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.prepare import prepare
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> cfg = load_config("synthetic_study", ["data.source.synthetic.num_rows=2000"])
+        >>> _ = prepare(cfg.data, tmp)
+        >>> chosen = gbdt_reference(tmp, tasks=[("skip", "skip", "binary")])
+        >>> sorted(chosen)
+        ['skip/accuracy', 'skip/auc', 'skip/iterations']
+        >>> again = gbdt_reference(tmp, tasks=[("skip", "skip", "binary")], iterations={"skip": 7})
+        >>> again["skip/iterations"]
+        7.0
     """
     data_dir = Path(data_dir)
     schema = DatasetSchema.load(data_dir)
-    parts = {split: _matrix(data_dir, split, schema) for split in ("train", "val", "test")}
+    splits = ("train", "test") if iterations is not None else ("train", "val", "test")
+    parts = {split: _matrix(data_dir, split, schema) for split in splits}
+    if iterations is None and not any(len(values) for values in parts["val"][1].values()):
+        raise ValueError(
+            f"gbdt: {data_dir} has no validation rows to choose the iterations on; pass iterations"
+        )
     singles = [f for f in schema.sparse if not f.multi]
     encoded = [f.name for f in singles if schema.num_embeddings(f.id_space) > NATIVE_CATEGORICAL_MAX]
     native = [f.name for f in singles if f.name not in encoded]
@@ -102,10 +134,7 @@ def gbdt_reference(
         low, high = float(y["train"].min()), float(y["train"].max())  # regression: clip to train's range
         encoder = TargetEncoder(target_type="continuous", cv=KFold(5, shuffle=True, random_state=seed))
         x_train = design("train", encoder, parts["train"][1][label], present["train"])
-        x_val, x_test = (
-            design("val", encoder, mask=present["val"]),
-            design("test", encoder, mask=present["test"]),
-        )
+        x_test = design("test", encoder, mask=present["test"])
         model_class = HistGradientBoostingClassifier if binary else HistGradientBoostingRegressor
         model = model_class(
             categorical_features=categorical,
@@ -114,8 +143,16 @@ def gbdt_reference(
             early_stopping=False,
             random_state=seed,
         )
-        # early stopping on our validation split: fit on train, then refit with the best iteration count
-        best_iter, _ = _best_iterations(model, x_train, y["train"], x_val, y["val"], binary, (low, high))
+        if iterations is not None:
+            if task not in iterations:
+                raise ValueError(
+                    f"gbdt: no iteration count given for task '{task}' ({sorted(iterations)} were)"
+                )
+            best_iter = int(iterations[task])
+        else:
+            # early stopping on our validation split: fit on train, then refit with the best iteration count
+            x_val = design("val", encoder, mask=present["val"])
+            best_iter, _ = _best_iterations(model, x_train, y["train"], x_val, y["val"], binary, (low, high))
         model.set_params(max_iter=best_iter)
         model.fit(x_train, y["train"])
         if binary:

@@ -13,6 +13,7 @@ from engagerec.towers.common import mlp, out_dim
 
 KINDS = ("regression", "binary")
 REGRESSION_OUTPUTS = ("sigmoid", "identity")
+REGRESSION_LOSSES = ("mse", "cross_entropy")
 
 
 class TaskHead(nn.Module):
@@ -63,18 +64,25 @@ class Task:
     One prediction task: which label it reads, its kind, its head, its loss and what its
     metrics read. It owns the meaning of the head's output: a regression head's output is
     the estimate (trained with MSE), a binary head's the logit (trained with binary
-    cross-entropy, read as sigmoid(logit)). ``weight`` is the task's omega in the study's
-    weighted loss sum, eq. 12.
+    cross-entropy, read as sigmoid(logit)). A regression task with ``loss: cross_entropy``
+    is read like a binary one: its head returns a logit, trained with cross-entropy against
+    the ratio as a soft label (fractional logistic regression, Papke and Wooldridge 1996),
+    and read as sigmoid(logit). Both losses are minimised by the conditional mean, but
+    cross-entropy's gradient, sigmoid(logit) - label, does not vanish where the sigmoid
+    saturates, as MSE's does near the many ratios at the cap of 1. ``weight`` is the task's
+    omega in the study's weighted loss sum, eq. 12.
 
     Args:
         cfg (TaskConfig): ``name`` (the key of the task's loss, prediction and metrics),
             ``label`` (the label it reads from a Batch), ``kind`` (``"regression"`` or
             ``"binary"``), ``weight`` (omega of eq. 12), ``head_sizes`` (the head's hidden
             layers) and ``output`` (a regression head's transform, ``"sigmoid"`` or
-            ``"identity"``; binary heads ignore it).
+            ``"identity"``; binary heads ignore it) and ``loss`` (a regression task's,
+            ``"mse"`` or ``"cross_entropy"``; the latter needs the sigmoid output).
 
     Raises:
-        ValueError: if ``kind`` or a regression task's ``output`` is unknown.
+        ConfigError: if ``kind``, a regression task's ``output`` or ``loss`` is unknown, or
+            cross-entropy is asked of an identity output (its label need not lie in [0, 1]).
 
     Example::
 
@@ -93,6 +101,12 @@ class Task:
         >>> ratio = Task(TaskConfig(name="watch_ratio", label="watch_ratio"))
         >>> ratio.loss(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
         tensor(0.2500)
+        >>> soft = Task(TaskConfig(name="watch_ratio", label="watch_ratio", loss="cross_entropy"))
+        >>> logits = torch.zeros(2)  # sigmoid 0.5: cross-entropy log 2 for any soft label
+        >>> round(soft.loss(logits, torch.tensor([0.3, 1.0]), torch.ones(2)).item(), 4)
+        0.6931
+        >>> soft.prediction(torch.tensor([0.0, 2.0])).round(decimals=3)
+        tensor([0.5000, 0.8810])
     """
 
     def __init__(self, cfg: TaskConfig) -> None:
@@ -102,8 +116,17 @@ class Task:
             raise ConfigError(
                 f"task '{cfg.name}': output '{cfg.output}', expected one of {REGRESSION_OUTPUTS}"
             )
+        if cfg.kind == "regression" and cfg.loss not in REGRESSION_LOSSES:
+            raise ConfigError(f"task '{cfg.name}': loss '{cfg.loss}', expected one of {REGRESSION_LOSSES}")
+        if cfg.kind == "regression" and cfg.loss == "cross_entropy" and cfg.output != "sigmoid":
+            raise ConfigError(
+                f"task '{cfg.name}': loss 'cross_entropy' reads the label as a probability, "
+                f"expected output 'sigmoid' (a label in [0, 1]), got '{cfg.output}'"
+            )
         self.cfg = cfg
         self.name, self.label, self.kind, self.weight = cfg.name, cfg.label, cfg.kind, cfg.weight
+        # binary tasks and cross-entropy regression: the head returns a logit, read as sigmoid(logit)
+        self.logit = cfg.kind == "binary" or cfg.loss == "cross_entropy"
 
     def build_head(self, input_dim: int) -> TaskHead:
         """
@@ -111,16 +134,16 @@ class Task:
             input_dim (int): width of the tower representation for this task.
 
         Returns:
-            TaskHead: ``cfg.head_sizes`` hidden layers and the kind's output transform.
+            TaskHead: ``cfg.head_sizes`` hidden layers and the output transform (identity
+            where the head returns a logit).
         """
-        return TaskHead(
-            input_dim, list(self.cfg.head_sizes), self.cfg.output if self.kind == "regression" else "identity"
-        )
+        return TaskHead(input_dim, list(self.cfg.head_sizes), "identity" if self.logit else self.cfg.output)
 
     def loss(self, output: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """
-        MSE for regression, binary cross-entropy on the logit for binary (study section 7),
-        averaged with ``weight``: sum(weight * per_row) / max(sum(weight), 1).
+        MSE for regression, binary cross-entropy on the logit for binary (study section 7)
+        and for ``loss: cross_entropy`` regression (the label a soft target), averaged with
+        ``weight``: sum(weight * per_row) / max(sum(weight), 1).
 
         Args:
             output (torch.Tensor): [B], the head's output.
@@ -131,7 +154,7 @@ class Task:
         Returns:
             torch.Tensor: the scalar task loss L_t.
         """
-        if self.kind == "binary":
+        if self.logit:
             per_row = F.binary_cross_entropy_with_logits(output, label, reduction="none")
         else:
             per_row = (output - label) ** 2
@@ -147,4 +170,4 @@ class Task:
         Returns:
             torch.Tensor: [B], the regression estimate, or the probability of the positive class.
         """
-        return torch.sigmoid(output) if self.kind == "binary" else output
+        return torch.sigmoid(output) if self.logit else output

@@ -2,6 +2,10 @@
 validation each epoch, early stopping, the best checkpoint kept, sharded atomic
 checkpoints and exact resume, and one final test evaluation.
 
+Prepared data without validation rows (``split.val_fraction: 0``) trains the configured
+epochs and keeps the last: the refit on training and validation rows together, with an epoch
+count chosen beforehand on validation.
+
 The same function runs in one process or under ``torchrun --nproc-per-node N``.
 
 Run directory::
@@ -173,7 +177,8 @@ def train(
         resume (bool): continue the newest good checkpoint in ``run_dir``; False removes them.
         allow_config_change (bool): resume even under a changed config.
         on_epoch (Optional[Callable]): called on rank 0 after each epoch's validation and checkpoint,
-            with the state and the validation metrics (``engagerec compare``'s progress bars).
+            with the state and the validation metrics (``engagerec compare``'s progress bars;
+            empty when the data has no validation rows).
 
     Raises:
         ConfigError: resuming under a changed config; a monitor the tasks do not report.
@@ -211,6 +216,7 @@ class Trainer:
     One training run, read top down: ``run`` trains epoch by epoch (``train_epoch``), validates
     after each (``validate``, ``end_epoch``: early stopping and the best checkpoint), and
     ``finish`` evaluates the best checkpoint on test. Its ``state`` is what checkpoints hold.
+    Without validation rows every epoch's model counts as the best: the last is evaluated.
 
     Building it shards the model (DMP and the planner), restores the newest good checkpoint
     when resuming (refusing one that would not continue the same run), and writes the run's
@@ -256,6 +262,8 @@ class Trainer:
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
             print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
         self.means = train_label_means(self.data_dir, [t.label for t in self.tasks])
+        # no validation rows (a refit on train + val): no early stopping, the last epoch is kept
+        self.validating = ShardReader(self.data_dir, "val").total_rows > 0
         self.log = RunLog(run_dir, runtime.is_main)
         self.reader = ShardReader(
             self.data_dir,
@@ -295,7 +303,7 @@ class Trainer:
             if stopped and self.state.batch_in_epoch < self.reader.num_batches():
                 self.checkpoint()  # stopped mid-epoch (max_steps, SIGTERM): resumable from here
                 break
-            stopped = self.end_epoch(self.validate())
+            stopped = self.end_epoch(self.validate() if self.validating else {})
         return self.finish()
 
     def train_epoch(self) -> bool:
@@ -335,20 +343,23 @@ class Trainer:
         return val
 
     def end_epoch(self, val: Dict[str, float]) -> bool:
-        """Close the epoch on its validation metrics: keep the best checkpoint, count epochs
-        without improvement, checkpoint the step; True when the run must stop."""
+        """Close the epoch on its validation metrics (empty without validation rows: then this
+        epoch is the best so far): keep the best checkpoint, count epochs without improvement,
+        checkpoint the step; True when the run must stop."""
         state, tc = self.state, self.tc
         state.history.append({"epoch": state.epoch, "step": state.step, **val})
         state.epoch += 1
         state.batch_in_epoch = state.samples_in_epoch = 0
-        if _improved(val[tc.monitor], state.best, tc.monitor_mode):
-            state.best, state.best_epoch, state.bad_epochs = val[tc.monitor], state.epoch - 1, 0
+        if not val or _improved(val[tc.monitor], state.best, tc.monitor_mode):
+            state.best, state.best_epoch, state.bad_epochs = val.get(tc.monitor), state.epoch - 1, 0
             self.checkpoint(best=True)
         else:
             state.bad_epochs += 1
         if self.runtime.is_main:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows")
-            print(f"epoch {state.epoch - 1}: val {metrics}", flush=True)
+            print(
+                f"epoch {state.epoch - 1}: " + (f"val {metrics}" if val else "no validation rows"), flush=True
+            )
         stopped = self.preempted or state.bad_epochs >= tc.patience or self._at_max_steps()
         state.done = state.epoch >= tc.epochs or stopped
         self.checkpoint()

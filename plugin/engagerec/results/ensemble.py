@@ -7,6 +7,11 @@ r + 2R, ...`` (R: the largest replicate seed + 1, so replicates never share a me
 replicate r's first member is the single run of seed r that
 the comparison sections train: the ensemble is paired with that single run and with the
 section's GBDT of the same seed.
+
+Each run is also refitted on the training and validation rows together (``compare.refit_run``:
+the same test rows, its own validation's epoch count), and so is the GBDT (its validation's
+iteration counts): the usual last step once every choice is made, giving the weights and the id
+statistics a ninth more rows.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from engagerec.compare import run_comparison
+from engagerec.compare import refit_run, run_comparison
 from engagerec.config import load_config
 from engagerec.data.schema import DatasetSchema
+from engagerec.gbdt import gbdt_reference
 from engagerec.metrics import exact_xauc
 from engagerec.model import tasks_from_schema
 from engagerec.report import GBDT, markdown_table, paired_comparisons, paired_table, summarise
@@ -31,6 +37,7 @@ from engagerec.runs import SplitOutputs, split_outputs
 
 MEMBERS = 5
 TOWER = "mmoe"
+REFIT = "refit on train + val"  # the refitted models' name suffix
 # (comparison section, its config, the project's targets there): the GBDT comes from the section
 SPLITS = (
     ("random", "configs/kuairand_stats.yaml", TARGETS["random"]),
@@ -94,6 +101,18 @@ def split_metrics(outputs: SplitOutputs, kinds: Dict[str, str]) -> Dict[str, flo
     return metrics
 
 
+def _refit_gbdt(cfg, refit_cfg, seed: int, tasks) -> Dict[str, float]:
+    """The GBDT of ``seed`` refitted on ``refit_cfg``'s data (no validation rows) with the
+    iteration counts that validation chose for it on ``cfg``'s; its test metrics."""
+    triples = [(task.name, task.label, task.kind) for task in tasks]
+    with contextlib.redirect_stderr(io.StringIO()):  # tasks left out are left out of both
+        chosen = gbdt_reference(cfg.train.data_dir, seed, triples)
+        iterations = {t: int(chosen[f"{t}/iterations"]) for t, _, _ in triples if f"{t}/iterations" in chosen}
+        kept = [triple for triple in triples if triple[0] in iterations]
+        refit = gbdt_reference(refit_cfg.train.data_dir, seed, kept, iterations)
+    return {key: value for key, value in refit.items() if not key.endswith("/iterations")}
+
+
 def _with_section_runs(split: Dict[str, Any], section: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The split's single and ensemble runs with its comparison section's constant baselines
     (they depend on the prepared data only, the same here), and that section's GBDT runs of the
@@ -134,6 +153,8 @@ def section(
         ('ensemble', ('multitask',), 2)
     """
     ensemble = f"{tower}, mean of {members} seeds"
+    refits = {tower: f"{tower}, {REFIT}", ensemble: f"{tower}, {REFIT}, mean of {members} seeds",
+              GBDT: f"{GBDT}, {REFIT}"}  # fmt: skip
 
     def spec(seeds: List[int]) -> Dict[str, Any]:
         configs = {name: config_spec(load_config(config, list(overrides))) for name, config, _ in splits}
@@ -145,6 +166,10 @@ def section(
         data: Dict[str, Any] = {"splits": {}}
         for name, config, _ in splits:
             cfg = prepared(load_config(config, list(overrides)), work / name / "data")
+            # the same test rows, every other row for training: no validation split
+            refit_cfg = prepared(
+                load_config(config, [*overrides, "data.split.val_fraction=0"]), work / name / "refit_data"
+            )
             tasks = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(cfg.train.data_dir))
             kinds = {task.name: task.kind for task in tasks}
             step = max(replicates) + 1  # disjoint members for any set of non-negative seeds
@@ -153,13 +178,21 @@ def section(
             seeds = sorted(s for group in groups.values() for s in group)
             with contextlib.redirect_stdout(io.StringIO()):  # the report's table: read below instead
                 run_comparison(cfg, [tower], seeds, out, resume=False)
+            refitted = work / name / "refit"
+            for s in seeds:
+                refit_run(refit_cfg, out / tower / f"seed{s}", refitted / tower / f"seed{s}")
             runs = []
             for r, group in groups.items():
-                outputs = [split_outputs(out / tower / f"seed{s}", "test") for s in group]
-                runs.append({"tower": tower, "seed": r, "test": split_metrics(outputs[0], kinds)})
-                runs.append(
-                    {"tower": ensemble, "seed": r, "test": split_metrics(averaged_outputs(outputs), kinds)}
-                )
+                for runs_dir, one, mean in (
+                    (out, tower, ensemble),
+                    (refitted, refits[tower], refits[ensemble]),
+                ):
+                    outputs = [split_outputs(runs_dir / tower / f"seed{s}", "test") for s in group]
+                    runs.append({"tower": one, "seed": r, "test": split_metrics(outputs[0], kinds)})
+                    runs.append(
+                        {"tower": mean, "seed": r, "test": split_metrics(averaged_outputs(outputs), kinds)}
+                    )
+                runs.append({"tower": refits[GBDT], "seed": r, "test": _refit_gbdt(cfg, refit_cfg, r, tasks)})
             data["splits"][name] = {"runs": runs, "replicates": replicates}
         data["seconds"] = time.perf_counter() - started
         return data
@@ -172,7 +205,11 @@ def section(
             f"Replicate r averages seeds r, r + R, ..., r + {last}R (R: the largest replicate seed + 1), "
             "so its first member "
             "is the single run of seed r, which it is paired with, as with the GBDT of seed r in the "
-            f"split's section (same prepared data). `engagerec results --sections ensemble`; "
+            "split's section (same prepared data). Every run and the GBDT are also refitted on the "
+            "training and validation rows together (`split.val_fraction: 0`, the same test rows; "
+            "engagerec.compare.refit_run): a run for the epochs its own validation chose, the GBDT "
+            "for its validation's iteration counts, as the last step once every choice is made. "
+            f"`engagerec results --sections ensemble`; "
             f"{data['seconds']:.0f} s. Test split, mean ± 95% CI over the replicates.",
         ]
         single = f"{tower} (one seed)"
@@ -182,18 +219,39 @@ def section(
             gbdt = [run for run in runs if run["tower"] == GBDT]
             summary = summarise(runs)
             versus_single = [row for row in paired_comparisons(runs, tower) if row["model"] == ensemble]
-            versus_gbdt = paired_comparisons(runs, GBDT) if gbdt else []
+            versus_gbdt = (
+                [r for r in paired_comparisons(runs, GBDT) if REFIT not in r["model"]] if gbdt else []
+            )
+            # each refitted model against itself trained on the training rows only, then the
+            # refitted towers against the refitted GBDT (the same rows for both)
+            versus_own = [
+                row
+                for model in (tower, ensemble, GBDT)
+                if any(run["tower"] == model for run in runs)
+                for row in paired_comparisons(runs, model)
+                if row["model"] == refits[model]
+            ]
+            versus_refit_gbdt = [
+                row
+                for row in paired_comparisons(runs, refits[GBDT])
+                if row["model"] in (refits[tower], refits[ensemble])
+            ]
+            own = "the same model on train only"
             findings = versus_reference({"reference": single, "paired": versus_single})
             findings += versus_reference({"reference": GBDT, "paired": versus_gbdt})
+            findings += versus_reference({"reference": own, "paired": versus_own})
+            findings += versus_reference({"reference": refits[GBDT], "paired": versus_refit_gbdt})
             findings += goal_findings({"summary": summary}, goals)
             lines += ["", f"**{name}** (`{config}`):", "", markdown_table(summary), ""]
             lines += [paired_table(versus_single, single), ""]
             lines += [paired_table(versus_gbdt, GBDT), ""] if versus_gbdt else []
+            lines += [paired_table(versus_own, own), "", paired_table(versus_refit_gbdt, refits[GBDT]), ""]
             lines += ["Findings:", ""] + [f"- {line}" for line in findings]
         return "\n".join(lines)
 
-    title = f"Seed ensembles: {tower}, {members} seeds averaged"
-    return Section("ensemble", title, spec, compute, render, needs=tuple(name for name, _, _ in splits))
+    title = f"Seed ensembles and refits: {tower}, {members} seeds averaged, refitted on train + val"
+    needs = tuple(name for name, _, _ in splits)
+    return Section("ensemble", title, spec, compute, render, needs=needs, version=2)
 
 
 SECTION = section()
