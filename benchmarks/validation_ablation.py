@@ -27,11 +27,11 @@ import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from engagerec.config import ExperimentConfig, TargetAttentionConfig, load_config
+from engagerec.config import ExperimentConfig, TargetAttentionConfig, TaskConfig, load_config
 from engagerec.data.prepare import prepare
 from engagerec.data.target_stats import STAT_KINDS
 from engagerec.report import ci95
@@ -121,7 +121,24 @@ def _regression_loss(loss: str) -> Change:
     return change
 
 
+def _auxiliary_tasks(labels: Sequence[str], weight: float) -> Change:
+    """The config's binary ``labels`` also trained as tasks of loss weight ``weight`` beside
+    its own (``model.tasks``): auxiliary tasks that shape the shared experts."""
+
+    def change(cfg: ExperimentConfig) -> ExperimentConfig:
+        declared = {label.name for label in cfg.data.labels}
+        extra = [TaskConfig(name=n, label=n, kind="binary", weight=weight) for n in labels if n in declared]
+        if not extra or not cfg.model.tasks:
+            return cfg
+        return dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, tasks=[*cfg.model.tasks, *extra])
+        )
+
+    return change
+
+
 STUDY_LABELS = ("watch_ratio", "skip")  # the tasks; statistics of the other labels are extra inputs
+AUXILIARY = ("long_view", "click", "like")  # the log's outcomes nearest the watch ratio
 SHORT_HISTORY = 5  # history_mean windows this short or shorter: the user's last few views
 
 ID_EMBEDDINGS = ("user_id", "content_id", "history", "author_id")  # kuairand_random's id features
@@ -174,6 +191,8 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("task losses weighted by uncertainty (Kendall et al. 2018)", _weighting("uncertainty")),
     ("task losses balanced by GradNorm (Chen et al. 2018)", _weighting("gradnorm")),
     ("watch ratio trained with cross-entropy on the ratio (was MSE)", _regression_loss("cross_entropy")),
+    ("long view, click and like as auxiliary tasks, weight 0.1", _auxiliary_tasks(AUXILIARY, 0.1)),
+    ("long view, click and like as auxiliary tasks, weight 0.5", _auxiliary_tasks(AUXILIARY, 0.5)),
 ]
 
 
