@@ -191,6 +191,10 @@ VARIANTS: List[Tuple[str, Change]] = [
     ("task losses weighted by uncertainty (Kendall et al. 2018)", _weighting("uncertainty")),
     ("task losses balanced by GradNorm (Chen et al. 2018)", _weighting("gradnorm")),
     ("watch ratio trained with cross-entropy on the ratio (was MSE)", _regression_loss("cross_entropy")),
+    (
+        "every computed input (id statistics, recent means) also as 16 quantile buckets, embedded",
+        _set(lambda f: f.kind in (*STAT_KINDS, "history_mean") and not f.buckets, buckets=16),
+    ),
     ("long view, click and like as auxiliary tasks, weight 0.1", _auxiliary_tasks(AUXILIARY, 0.1)),
     ("long view, click and like as auxiliary tasks, weight 0.5", _auxiliary_tasks(AUXILIARY, 0.5)),
 ]
@@ -221,17 +225,15 @@ def main(argv=None) -> int:
         if rows and cfg == base:
             print(f"skipped (changes nothing in {args.config}): {name}", file=sys.stderr)
             continue
-        features = tuple(
-            (f.name, f.positions, f.min_count, f.scheme, f.lag, f.folds) for f in cfg.data.features
-        )
-        if features not in prepared:  # variants with the shipped features share its data
+        data_key = repr(cfg.data)  # variants with the shipped data config share its prepared data
+        if data_key not in prepared:
             data_dir = out / f"data{len(prepared)}"
             with open(out / "prepare.out", "a") as sink, redirect_stdout(sink):
                 prepare(cfg.data, data_dir)
-            prepared[features] = str(data_dir)
+            prepared[data_key] = str(data_dir)
         values: Dict[str, List[float]] = {"watch_ratio/mse": [], "skip/auc": []}
         for seed in seeds:
-            run_cfg = _train(seed=seed, data_dir=prepared[features], progress_bar=False)(cfg)
+            run_cfg = _train(seed=seed, data_dir=prepared[data_key], progress_bar=False)(cfg)
             run_dir = out / f"variant{len(rows)}" / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "train.out", "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
