@@ -11,6 +11,7 @@ import yaml
 from conftest import synthetic_mmoe_config
 
 from engagerec.config import TASK_METRICS, ConfigError, TaskConfig, apply_override, config_from_dict
+from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.runs import evaluate_run, split_outputs
 from engagerec.tasks import Task
@@ -325,11 +326,24 @@ def test_data_without_validation_rows_trains_every_epoch_and_keeps_the_last(stud
     ]
     again = evaluate_run(tmp_path / "run", "test")
     assert again["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-6)
+    with pytest.raises(DataError, match="split 'val' has no rows to evaluate"):  # not zeros
+        evaluate_run(tmp_path / "run", "val")
     # the same test rows as the data with validation rows, and more training rows
     with_val = json.loads((study_data / "schema.json").read_text())["meta"]["summary"]["split"]
     without = json.loads((refit_data / "schema.json").read_text())["meta"]["summary"]["split"]
     assert without["test"]["rows"] == with_val["test"]["rows"] and without["val"]["rows"] == 0
     assert without["train"]["rows"] == with_val["train"]["rows"] + with_val["val"]["rows"]
+
+
+def test_data_without_test_rows_trains_and_reports_no_test_metrics(tmp_path):
+    cfg = study_run_config(tmp_path / "data", epochs=1)
+    prepare(
+        dataclasses.replace(cfg.data, split=dataclasses.replace(cfg.data.split, test_fraction=0.0)),
+        tmp_path / "data",
+    )
+    results = train(cfg, tmp_path / "run")
+    assert "test" not in results and results["best_epoch"] == 0 and "skip/auc" in results["val"]
+    assert "test" not in json.loads((tmp_path / "run" / "results.json").read_text())
 
 
 def test_a_refit_trains_the_epochs_validation_chose_on_the_same_test_rows(study_data, refit_data, tmp_path):

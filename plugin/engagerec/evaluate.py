@@ -36,8 +36,19 @@ def evaluate(
     train_means: Dict[str, float],
     num_workers: int = 0,
 ) -> Dict[str, float]:
-    """``model`` is the (DMP-wrapped) MultiTaskModel; returns metrics, losses and baselines."""
+    """``model`` is the (DMP-wrapped) MultiTaskModel; returns metrics, losses and baselines.
+
+    Raises:
+        DataError: the split has no rows (data prepared for a refit has no validation rows):
+            its metrics would be zeros, not measurements.
+    """
     reader = ShardReader(data_dir, split, batch_size=batch_size, even_batches=True)
+    if reader.total_rows == 0:
+        raise DataError(
+            f"split '{split}' has no rows to evaluate",
+            file=str(Path(data_dir) / "schema.json"),
+            expected="a split with rows (data prepared with split.val_fraction 0 has no 'val')",
+        )
     world, rank = reader.world_size, reader.rank
     metrics = build_metric_module(
         tasks,

@@ -262,8 +262,10 @@ class Trainer:
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
             print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
         self.means = train_label_means(self.data_dir, [t.label for t in self.tasks])
-        # no validation rows (a refit on train + val): no early stopping, the last epoch is kept
+        # no validation rows (a refit on train + val): no early stopping, the last epoch is kept;
+        # no test rows (every row trains a model to ship): no test metrics
         self.validating = ShardReader(self.data_dir, "val").total_rows > 0
+        self.testing = ShardReader(self.data_dir, "test").total_rows > 0
         self.log = RunLog(run_dir, runtime.is_main)
         self.reader = ShardReader(
             self.data_dir,
@@ -379,7 +381,7 @@ class Trainer:
 
     def finish(self) -> Dict[str, Any]:
         """The run's results (written to results.json); a finished run's best checkpoint is
-        evaluated on the test split."""
+        evaluated on the test split (when it has rows)."""
         state, tc = self.state, self.tc
         # resumed with fewer epochs than it has run: nothing left to train, so it is finished
         state.done = state.done or (state.epoch >= tc.epochs and not self.preempted)
@@ -399,11 +401,12 @@ class Trainer:
             self.pipeline.detach()
             results["best_epoch"] = state.best_epoch
             results["val"] = state.history[state.best_epoch]
-            results["test"] = evaluate(
-                self.dmp, self.tasks, self.data_dir, "test", tc.eval_batch_size, self.runtime.device,
-                self.means, tc.num_workers,
-            )  # fmt: skip
-            self.log.write(state.step, "test", results["test"])
+            if self.testing:
+                results["test"] = evaluate(
+                    self.dmp, self.tasks, self.data_dir, "test", tc.eval_batch_size, self.runtime.device,
+                    self.means, tc.num_workers,
+                )  # fmt: skip
+                self.log.write(state.step, "test", results["test"])
         if self.runtime.is_main:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         self.log.close()
