@@ -328,6 +328,18 @@ def test_data_without_validation_rows_trains_every_epoch_and_keeps_the_last(stud
     assert again["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-6)
     with pytest.raises(DataError, match="split 'val' has no rows to evaluate"):  # not zeros
         evaluate_run(tmp_path / "run", "val")
+    # the model to ship exports (its example input from the training rows) and serves the same
+    from engagerec.export import export_run
+
+    exported = export_run(tmp_path / "run", tmp_path / "export", check_rows=500)
+    assert exported["programs"]["fp32"]["test"]["skip/auc"] > 0.7
+    assert exported["max_abs_difference_fp32_vs_eager"] < 1e-4
+    # stopped mid-run and resumed: the same epochs, the same last model
+    stopped = train(study_run_config(refit_data, epochs=3, max_steps=50), tmp_path / "resumed")
+    assert "test" not in stopped and stopped["steps"] == 50
+    resumed = train(study_run_config(refit_data, epochs=3), tmp_path / "resumed")
+    assert resumed["best_epoch"] == 2 and resumed["steps"] == results["steps"]
+    assert resumed["test"]["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-6)
     # the same test rows as the data with validation rows, and more training rows
     with_val = json.loads((study_data / "schema.json").read_text())["meta"]["summary"]["split"]
     without = json.loads((refit_data / "schema.json").read_text())["meta"]["summary"]["split"]
@@ -346,23 +358,37 @@ def test_data_without_test_rows_trains_and_reports_no_test_metrics(tmp_path):
     assert "test" not in json.loads((tmp_path / "run" / "results.json").read_text())
 
 
-def test_a_refit_trains_the_epochs_validation_chose_on_the_same_test_rows(study_data, refit_data, tmp_path):
+def test_a_refit_trains_the_chosen_runs_config_for_the_epochs_validation_chose(
+    study_data, refit_data, tmp_path
+):
     from engagerec.compare import refit_run
+    from engagerec.config import config_changes, with_tower
 
-    chosen = train(study_run_config(study_data, epochs=4, patience=1, seed=3), tmp_path / "chosen")
-    refit = refit_run(study_run_config(refit_data, epochs=9), tmp_path / "chosen", tmp_path / "refit")
+    # a tower other than the config's, so that the refit must take the chosen run's own
+    chosen_cfg = with_tower(study_run_config(study_data, epochs=4, patience=1), "ple", seed=3)
+    chosen = train(chosen_cfg, tmp_path / "chosen")
+    refit = refit_run(tmp_path / "chosen", refit_data, tmp_path / "refit")
     assert len(refit["history"]) == chosen["best_epoch"] + 1 and refit["seed"] == 3
-    assert refit["tower"] == chosen["tower"] == "mmoe"
-    assert refit["test"]["skip/auc"] > 0.7
+    assert refit["tower"] == "ple" and refit["test"]["skip/auc"] > 0.7
+    configs = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("chosen", "refit")]
+    # nothing but the split's validation share differs (run length and paths are left out)
+    assert config_changes(*configs) == ["data.split.val_fraction: 0.1 -> 0.0"]
+    assert configs[1]["train"]["epochs"] == chosen["best_epoch"] + 1
+    assert configs[1]["train"]["data_dir"] == str(refit_data)
     labels = split_outputs(tmp_path / "refit", "test").labels["skip"]
     assert (labels == split_outputs(tmp_path / "chosen", "test").labels["skip"]).all()
     assert "sharding plan" in (tmp_path / "refit" / "train.out").read_text()
-    # refused: data with validation rows, and a run that never finished
+    # refused: data with validation rows, data of another data config, a run that never finished
     with pytest.raises(ValueError, match="split.val_fraction 0"):
-        refit_run(study_run_config(study_data), tmp_path / "chosen", tmp_path / "again")
+        refit_run(tmp_path / "chosen", study_data, tmp_path / "again")
+    other = study_run_config(tmp_path / "other")
+    split = dataclasses.replace(other.data.split, val_fraction=0.0, seed=7)
+    prepare(dataclasses.replace(other.data, split=split), tmp_path / "other")
+    with pytest.raises(ValueError, match="data.split.seed: 0 -> 7"):
+        refit_run(tmp_path / "chosen", tmp_path / "other", tmp_path / "again")
     train(study_run_config(study_data, max_steps=2), tmp_path / "unfinished")
     with pytest.raises(ValueError, match="did not finish"):
-        refit_run(study_run_config(refit_data), tmp_path / "unfinished", tmp_path / "again")
+        refit_run(tmp_path / "unfinished", refit_data, tmp_path / "again")
 
 
 def test_the_gbdt_refits_with_given_iterations_and_refuses_to_guess_them(study_data, refit_data):
@@ -371,8 +397,9 @@ def test_the_gbdt_refits_with_given_iterations_and_refuses_to_guess_them(study_d
     tasks = [("watch_ratio", "watch_ratio", "regression"), ("skip", "skip", "binary")]
     chosen = gbdt_reference(study_data, 0, tasks)
     iterations = {task: int(chosen[f"{task}/iterations"]) for task, _, _ in tasks}
+    iterations["skip"] += 3  # distinct counts: each task must get its own
     refit = gbdt_reference(refit_data, 0, tasks, iterations)
-    assert {refit[f"{task}/iterations"] for task, _, _ in tasks} == set(map(float, iterations.values()))
+    assert {task: refit[f"{task}/iterations"] for task, _, _ in tasks} == iterations
     assert refit["skip/auc"] > 0.7 and refit["watch_ratio/mse"] != chosen["watch_ratio/mse"]
     with pytest.raises(ValueError, match="no validation rows"):
         gbdt_reference(refit_data, 0, tasks)
@@ -390,7 +417,22 @@ def test_a_ratio_trained_with_cross_entropy_learns_and_reports_the_ratio(study_d
     results = train(cfg, tmp_path / "run")
     test = results["test"]
     assert test["watch_ratio/mse"] < 0.8 * test["watch_ratio/baseline_mse_train_mean"]
+    # the training loss logged is cross-entropy's (at least the labels' entropy, far above an MSE)
+    import csv
+
+    logged = [r for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["phase"] == "train"]
+    assert float(logged[-1]["watch_ratio/loss"]) > 2 * test["watch_ratio/baseline_mse_train_mean"]
     outputs = split_outputs(tmp_path / "run", "test").predictions["watch_ratio"]
     assert 0.0 < outputs.min() and outputs.max() < 1.0  # sigmoid(logit), never the logit
     with pytest.raises(ConfigError, match="expected output 'sigmoid'"):
         Task(TaskConfig(name="watch_time", label="watch_time", output="identity", loss="cross_entropy"))
+    with pytest.raises(ConfigError, match="loss 'mse' on a binary task"):
+        Task(TaskConfig(name="skip", label="skip", kind="binary", loss="mse"))
+    # a ratio whose training values leave [0, 1] (kept over a cap) has no cross-entropy minimum
+    from engagerec.data.schema import DatasetSchema
+    from engagerec.model import MultiTaskModel
+
+    schema = DatasetSchema.load(study_data)
+    schema.meta["summary"]["split"]["train"]["labels"]["watch_ratio"]["max"] = 1.7
+    with pytest.raises(ConfigError, match=r"training values lie in \[0.\d+, 1.7\], expected \[0, 1\]"):
+        MultiTaskModel.from_config(schema, cfg.model)

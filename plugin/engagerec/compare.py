@@ -3,7 +3,9 @@ them), then the report (engagerec.report) with intervals and paired tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -12,11 +14,13 @@ from typing import Any, Dict, List, Optional
 
 from tqdm import tqdm
 
-from engagerec.config import ExperimentConfig, prepared_dir, with_tower
+from engagerec.config import ExperimentConfig, config_changes, prepared_dir, with_tower
+from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
 from engagerec.gbdt import gbdt_reference
 from engagerec.model import tasks_from_schema
 from engagerec.report import GBDT, write_report
+from engagerec.runs import run_config
 from engagerec.train import train
 
 
@@ -30,8 +34,9 @@ def _tower_line(tower: str, runs: List[Dict]) -> str:
         ...                      {"best_epoch": 5, "test": {"skip/auc": 0.82, "skip/accuracy": 0.7}}])
         'mmoe: 2 seeds, test skip/auc 0.8100 (mean); best epochs 4, 6'
     """
-    keys = [k for k in runs[0]["test"] if k.endswith(("/mse", "/auc"))]
-    means = ", ".join(f"{k} {sum(r['test'][k] for r in runs) / len(runs):.4f}" for k in keys)
+    tested = [r for r in runs if "test" in r]  # data without test rows gives no test metrics
+    keys = [k for k in tested[0]["test"] if k.endswith(("/mse", "/auc"))] if tested else []
+    means = ", ".join(f"{k} {sum(r['test'][k] for r in tested) / len(tested):.4f}" for k in keys)
     epochs = [r["best_epoch"] + 1 for r in runs if r.get("best_epoch") is not None]  # 1-based, as the bars
     line = f"{tower}: {len(runs)} seed{'s' if len(runs) > 1 else ''}, test {means} (mean)"
     return line + (f"; best epochs {', '.join(map(str, epochs))}" if epochs else "")
@@ -63,6 +68,10 @@ def run_comparison(
     Returns:
         str: the report's markdown table.
 
+    Raises:
+        ValueError: the data has no test rows, or ``gbdt`` is asked of data without validation
+            rows (before any run trains).
+
     Example::
 
         >>> import contextlib, io, tempfile
@@ -77,6 +86,11 @@ def run_comparison(
         >>> sorted(p.name for p in (out / "compare").iterdir())
         ['compare.json', 'compare.md', 'compare.png', 'mmoe', 'ple']
     """
+    data_dir = prepared_dir(cfg)  # checked before any training
+    if not ShardReader(data_dir, "test").total_rows:
+        raise ValueError(f"{data_dir} has no test rows: a comparison reports test metrics")
+    if gbdt and not ShardReader(data_dir, "val").total_rows:
+        raise ValueError(f"{data_dir} has no validation rows to choose the GBDT's iterations on")
     runs = []
     monitor = cfg.train.monitor
     for tower in towers:
@@ -124,24 +138,26 @@ def run_comparison(
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
 
 
-def refit_run(cfg: ExperimentConfig, chosen: str | Path, run_dir: str | Path) -> Dict[str, Any]:
+def refit_run(chosen: str | Path, data_dir: str | Path, run_dir: str | Path) -> Dict[str, Any]:
     """
-    Refit a run chosen on validation on the training and validation rows together: ``cfg``
-    (data prepared with ``split.val_fraction: 0``, the same test rows) trained with the chosen
-    run's tower and seed for as many epochs as its validation picked (its best epoch + 1), and
-    evaluated on test. More rows for the weights and for the id statistics, no early stopping.
-    The run's own output goes to ``<run_dir>/train.out``.
+    Refit a run chosen on validation on the training and validation rows together: the chosen
+    run's own config (tower, tasks, optimiser, seed) trained on ``data_dir``, its data section
+    prepared again with ``split.val_fraction: 0`` (the same test rows; every other row trains),
+    for as many epochs as its validation picked (its best epoch + 1), then evaluated on test
+    when the data has test rows. More rows for the weights and for the id statistics, no early
+    stopping. The run's own output goes to ``<run_dir>/train.out`` (rank 0's, under torchrun).
 
     Args:
-        cfg: the experiment on data without validation rows.
-        chosen: a finished run (results.json) of the same experiment on data with validation rows.
+        chosen: a finished run (config.json, results.json) on data with validation rows.
+        data_dir: the chosen run's data config prepared with ``split.val_fraction: 0``.
         run_dir: where the refit run goes.
 
     Returns:
         Dict[str, Any]: the refit run's results (``train``'s).
 
     Raises:
-        ValueError: ``chosen`` did not finish (no best epoch), or ``cfg``'s data has validation rows.
+        ValueError: ``chosen`` did not finish (no best epoch); ``data_dir`` has validation rows,
+            or was prepared from another data config than the chosen run's (the keys named).
 
     Example::
 
@@ -151,24 +167,37 @@ def refit_run(cfg: ExperimentConfig, chosen: str | Path, run_dir: str | Path) ->
         >>> tmp = Path(tempfile.mkdtemp())
         >>> sets = ["data.source.synthetic.num_rows=2000", "train.epochs=2", "train.progress_bar=false"]
         >>> cfg = load_config("synthetic_study", sets + [f"train.data_dir={tmp / 'data'}"])
-        >>> refit_cfg = load_config("synthetic_study", sets + ["data.split.val_fraction=0",
-        ...                         f"train.data_dir={tmp / 'refit_data'}"])
+        >>> refit_data = load_config("synthetic_study", sets + ["data.split.val_fraction=0"]).data
         >>> with contextlib.redirect_stdout(io.StringIO()):
-        ...     _ = prepare(cfg.data, cfg.train.data_dir), prepare(refit_cfg.data, refit_cfg.train.data_dir)
+        ...     _ = prepare(cfg.data, tmp / "data"), prepare(refit_data, tmp / "refit_data")
         ...     chosen = train(cfg, tmp / "chosen")
-        >>> results = refit_run(refit_cfg, tmp / "chosen", tmp / "refit")
+        >>> results = refit_run(tmp / "chosen", tmp / "refit_data", tmp / "refit")
         >>> len(results["history"]) == chosen["best_epoch"] + 1, "test" in results
         (True, True)
     """
-    chosen, run_dir = Path(chosen), Path(run_dir)
+    chosen, data_dir, run_dir = Path(chosen), Path(data_dir), Path(run_dir)
     picked = json.loads((chosen / "results.json").read_text())
     if picked.get("best_epoch") is None:
         raise ValueError(f"{chosen} has no best epoch (it did not finish): nothing to refit")
-    if DatasetSchema.load(prepared_dir(cfg)).meta["summary"]["split"]["val"]["rows"]:
+    if ShardReader(data_dir, "val").total_rows:
+        raise ValueError(f"{data_dir} has validation rows: prepare the refit with split.val_fraction 0")
+    cfg = run_config(chosen)
+    split = dataclasses.replace(cfg.data.split, val_fraction=0.0)
+    data = dataclasses.replace(cfg.data, split=split)
+    differences = config_changes(
+        dataclasses.asdict(data), DatasetSchema.load(data_dir).meta["config"], "data."
+    )
+    if differences:
         raise ValueError(
-            f"{prepared_dir(cfg)} has validation rows: prepare the refit with split.val_fraction 0"
+            f"{data_dir} was not prepared from {chosen}'s data config with split.val_fraction 0: "
+            + "; ".join(differences)
         )
-    refit = with_tower(cfg, picked["tower"], seed=picked["seed"], epochs=picked["best_epoch"] + 1)
+    train_cfg = dataclasses.replace(
+        cfg.train, data_dir=str(data_dir), epochs=picked["best_epoch"] + 1, progress_bar=False
+    )
+    refit = dataclasses.replace(cfg, data=data, train=train_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.out", "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
-        return train(refit, run_dir, resume=False)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes train.out
+    with open(run_dir / "train.out" if main else os.devnull, "w") as sink:
+        with redirect_stdout(sink), redirect_stderr(sink):
+            return train(refit, run_dir, resume=False)

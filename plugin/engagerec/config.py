@@ -227,9 +227,10 @@ class TaskConfig:
     weight: float = 1.0  # omega in the study's eq. 12
     head_sizes: List[int] = field(default_factory=list)  # task-specific MLP before the output unit
     output: Literal["sigmoid", "identity"] = "sigmoid"  # regression output: a ratio in [0, 1], or any value
-    # a regression task's loss: squared error (the study's), or cross-entropy against the
-    # ratio as a soft label (a sigmoid output only; same optimum, the conditional mean)
-    loss: Literal["mse", "cross_entropy"] = "mse"
+    # a regression task's loss: squared error (the study's, when unset), or cross-entropy against
+    # the ratio as a soft label (a sigmoid output only; same optimum, the conditional mean);
+    # binary tasks always train with cross-entropy on the logit and take no loss
+    loss: Optional[Literal["mse", "cross_entropy"]] = None
 
 
 def study_tasks() -> List[TaskConfig]:

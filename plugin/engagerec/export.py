@@ -182,8 +182,13 @@ def unsharded_model(run_dir: str | Path, checkpoint_name: str = "best") -> Tuple
 
 
 def _example_batch(data_dir: str, rows: int = 64) -> Batch:
-    """The first rows of the validation split: export's example input and its eager check."""
-    return next(iter(make_loader(ShardReader(data_dir, "val", batch_size=rows, rank=0, world_size=1))))
+    """The first rows of the validation split (of the training split for data prepared for a
+    refit, which has none): export's example input and its eager check."""
+    for split in ("val", "train"):
+        reader = ShardReader(data_dir, split, batch_size=rows, rank=0, world_size=1)
+        if reader.total_rows:
+            return next(iter(make_loader(reader)))
+    raise DataError("no validation or training rows for export's example input", file=str(data_dir))
 
 
 def _dynamic_shapes(feature_names: List[str]) -> Dict[str, Any]:

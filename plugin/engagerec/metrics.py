@@ -132,8 +132,10 @@ class LossAndBaselines:
         Returns:
             Dict[str, float]: per task ``<task>/log_loss`` (binary) or ``<task>/mse_loss``, and
             the constant predictor's ``<task>/baseline_accuracy_majority`` or
-            ``<task>/baseline_mse_train_mean``; ``loss``, the task-weighted sum of the losses (what
-            training minimises); ``rows``, the total weight of the task with the most labelled rows.
+            ``<task>/baseline_mse_train_mean``; ``loss``, the task-weighted sum of these losses (what
+            training minimises, except for a regression task trained with cross-entropy, which
+            is scored here by its MSE like any regression task); ``rows``, the total weight of
+            the task with the most labelled rows.
         """
         sums = self.sums.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -162,6 +162,22 @@ def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
     return tasks
 
 
+def _check_soft_labels(tasks: List[Task], schema: DatasetSchema) -> None:
+    """Cross-entropy reads a regression label as a probability: refuse one whose training
+    values (the train split's label summary) leave [0, 1], where its loss has no minimum."""
+    stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
+    for task in tasks:
+        if task.kind != "regression" or task.cfg.loss != "cross_entropy":
+            continue
+        low, high = stats.get(task.label, {}).get("min"), stats.get(task.label, {}).get("max")
+        if low is not None and high is not None and not 0 <= low <= high <= 1:
+            raise ConfigError(
+                f"model.tasks: task '{task.name}' trains with cross-entropy, which reads label "
+                f"'{task.label}' as a probability; its training values lie in [{low:g}, {high:g}], "
+                "expected [0, 1] (loss: mse, or cap the ratio)"
+            )
+
+
 class MultiTaskModel(nn.Module):
     """
     The multi-task model: an EmbeddingBagCollection pools every sparse feature, the pooled
@@ -295,7 +311,8 @@ class MultiTaskModel(nn.Module):
             MultiTaskModel: the model.
 
         Raises:
-            ValueError: if a task's label is not in the prepared data.
+            ConfigError: if a task's label is not in the prepared data, or a task trained with
+                cross-entropy reads a label with training values outside [0, 1].
         """
         spec = FeatureSpec.from_schema(schema, cfg.embeddings)
         tasks = [Task(t) for t in (cfg.tasks or tasks_from_schema(schema))]
@@ -304,6 +321,7 @@ class MultiTaskModel(nn.Module):
             raise ConfigError(
                 f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
             )
+        _check_soft_labels(tasks, schema)
         input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
         input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
         try:

@@ -78,11 +78,12 @@ class Task:
             ``"binary"``), ``weight`` (omega of eq. 12), ``head_sizes`` (the head's hidden
             layers) and ``output`` (a regression head's transform, ``"sigmoid"`` or
             ``"identity"``; binary heads ignore it) and ``loss`` (a regression task's,
-            ``"mse"`` or ``"cross_entropy"``; the latter needs the sigmoid output).
+            ``"mse"`` when unset, or ``"cross_entropy"``, which needs the sigmoid output).
 
     Raises:
-        ConfigError: if ``kind``, a regression task's ``output`` or ``loss`` is unknown, or
-            cross-entropy is asked of an identity output (its label need not lie in [0, 1]).
+        ConfigError: if ``kind``, a regression task's ``output`` or ``loss`` is unknown,
+            cross-entropy is asked of an identity output (its label need not lie in [0, 1]), or
+            a binary task names a loss.
 
     Example::
 
@@ -116,8 +117,13 @@ class Task:
             raise ConfigError(
                 f"task '{cfg.name}': output '{cfg.output}', expected one of {REGRESSION_OUTPUTS}"
             )
-        if cfg.kind == "regression" and cfg.loss not in REGRESSION_LOSSES:
+        if cfg.kind == "regression" and cfg.loss not in (None, *REGRESSION_LOSSES):
             raise ConfigError(f"task '{cfg.name}': loss '{cfg.loss}', expected one of {REGRESSION_LOSSES}")
+        if cfg.kind == "binary" and cfg.loss is not None:
+            raise ConfigError(
+                f"task '{cfg.name}': loss '{cfg.loss}' on a binary task, which always trains with "
+                "cross-entropy on its logit; loss applies to regression tasks"
+            )
         if cfg.kind == "regression" and cfg.loss == "cross_entropy" and cfg.output != "sigmoid":
             raise ConfigError(
                 f"task '{cfg.name}': loss 'cross_entropy' reads the label as a probability, "

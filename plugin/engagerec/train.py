@@ -118,10 +118,12 @@ class TrainState:
         batch_in_epoch (int): batches of the current epoch done (per rank).
         samples_in_epoch (int): the same position in samples, whatever the world size.
         step (int): optimiser steps in all.
-        best (Optional[float]): the best ``train.monitor`` value so far.
-        best_epoch (Optional[int]): the epoch that reached it.
+        best (Optional[float]): the best ``train.monitor`` value so far (None without
+            validation rows).
+        best_epoch (Optional[int]): the epoch that reached it (the newest, without validation rows).
         bad_epochs (int): epochs since it last improved (early stopping).
-        history (List[Dict[str, float]]): each finished epoch's validation metrics.
+        history (List[Dict[str, float]]): each finished epoch's number, step and validation
+            metrics (none without validation rows).
         done (bool): the run has finished (epochs, early stop, max_steps or preemption).
         train_seconds (float): time spent in training steps, checkpoints and evaluation left out.
 
@@ -345,15 +347,18 @@ class Trainer:
         return val
 
     def end_epoch(self, val: Dict[str, float]) -> bool:
-        """Close the epoch on its validation metrics (empty without validation rows: then this
-        epoch is the best so far): keep the best checkpoint, count epochs without improvement,
-        checkpoint the step; True when the run must stop."""
+        """Close the epoch on its validation metrics (empty without validation rows: then the
+        newest epoch is kept, its best checkpoint written once as the run ends): keep the best
+        checkpoint, count epochs without improvement, checkpoint the step; True when the run
+        must stop."""
         state, tc = self.state, self.tc
         state.history.append({"epoch": state.epoch, "step": state.step, **val})
         state.epoch += 1
         state.batch_in_epoch = state.samples_in_epoch = 0
-        if not val or _improved(val[tc.monitor], state.best, tc.monitor_mode):
-            state.best, state.best_epoch, state.bad_epochs = val.get(tc.monitor), state.epoch - 1, 0
+        if not val:  # no validation rows: the newest epoch is the one kept
+            state.best_epoch = state.epoch - 1
+        elif _improved(val[tc.monitor], state.best, tc.monitor_mode):
+            state.best, state.best_epoch, state.bad_epochs = val[tc.monitor], state.epoch - 1, 0
             self.checkpoint(best=True)
         else:
             state.bad_epochs += 1
@@ -364,6 +369,8 @@ class Trainer:
             )
         stopped = self.preempted or state.bad_epochs >= tc.patience or self._at_max_steps()
         state.done = state.epoch >= tc.epochs or stopped
+        if not val and state.done:  # written once, as the run ends, not every epoch
+            self.checkpoint(best=True)
         self.checkpoint()
         if self.on_epoch is not None and self.runtime.is_main:
             self.on_epoch(state, val)

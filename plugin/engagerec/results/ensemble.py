@@ -11,7 +11,7 @@ section's GBDT of the same seed.
 Each run is also refitted on the training and validation rows together (``compare.refit_run``:
 the same test rows, its own validation's epoch count), and so is the GBDT (its validation's
 iteration counts): the usual last step once every choice is made, giving the weights and the id
-statistics a ninth more rows.
+statistics the validation rows too (a ninth more under a 10% validation split).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def section(
                 run_comparison(cfg, [tower], seeds, out, resume=False)
             refitted = work / name / "refit"
             for s in seeds:
-                refit_run(refit_cfg, out / tower / f"seed{s}", refitted / tower / f"seed{s}")
+                refit_run(out / tower / f"seed{s}", refit_cfg.train.data_dir, refitted / tower / f"seed{s}")
             runs = []
             for r, group in groups.items():
                 for runs_dir, one, mean in (
