@@ -65,3 +65,17 @@ def test_engagerec_has_no_import_circle():
     graph = import_graph()
     assert "engagerec.data.prepare" in graph and graph["engagerec.data.prepare"]  # the scan sees imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_compare_loads_scikit_learn_before_torch():
+    """engagerec compare fits the GBDT after the towers in one process; with torch's OpenMP
+    runtime loaded before scikit-learn's the fits ran 3x slower (compare.py's imports say why)."""
+    import subprocess
+    import sys
+
+    order = subprocess.run(
+        [sys.executable, "-c", "import sys, engagerec.compare; m = list(sys.modules); "
+         "print(m.index('sklearn') < m.index('torch'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert order == "True"

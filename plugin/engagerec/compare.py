@@ -14,10 +14,13 @@ from typing import Any, Dict, List, Optional
 
 from tqdm import tqdm
 
+# the GBDT (scikit-learn) before anything that imports torch: the OpenMP runtime loaded first
+# decides how the two share the cores, and with torch's first the GBDT fitted after the towers
+# in one process ran 3x slower (make demo: 21 s a seed against 7; tests/test_imports.py)
+from engagerec.gbdt import gbdt_reference  # isort: skip
 from engagerec.config import ExperimentConfig, config_changes, prepared_dir, with_tower
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
-from engagerec.gbdt import gbdt_reference
 from engagerec.model import tasks_from_schema
 from engagerec.report import GBDT, write_report
 from engagerec.runs import run_config
