@@ -165,3 +165,24 @@ def _study_config(tmp_path, data, tower=None):
 
     path = tmp_path / f"study{len(list(tmp_path.glob('study*.yaml')))}.yaml"
     return str(write_study_config(path, data, tower=tower, epochs=1))
+
+
+def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, capsys):
+    import json
+
+    from test_train import write_study_config
+
+    config = write_study_config(tmp_path / "study.yaml", tmp_path / "data", epochs=3, patience=1)
+    assert main(["prepare", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "chosen")]) == 0
+    capsys.readouterr()
+    refit = ["refit", "--run-dir", str(tmp_path / "chosen"), "--data-dir", str(tmp_path / "refit_data")]
+    assert main(refit) == 0
+    text = capsys.readouterr().out
+    chosen = json.loads((tmp_path / "chosen" / "results.json").read_text())
+    assert "split random (seed 0): train" in text and "val 0" in text  # prepared now
+    assert f"for {chosen['best_epoch'] + 1} epoch(s)" in text and "test: " in text
+    assert json.loads((tmp_path / "chosen_refit" / "results.json").read_text())["test"]
+    # a second refit finds its data prepared; --prepare-only stops there
+    assert main([*refit, "--out", str(tmp_path / "again"), "--prepare-only"]) == 0
+    assert "(already prepared)" in capsys.readouterr().out and not (tmp_path / "again").exists()

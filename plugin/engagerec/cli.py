@@ -56,6 +56,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refit(args: argparse.Namespace) -> int:
+    from engagerec.compare import prepare_refit_data, refit_run
+    from engagerec.runs import run_config
+
+    chosen = Path(args.run_dir)
+    data_dir = Path(args.data_dir or f"{prepared_dir(run_config(chosen))}_refit")
+    out = Path(args.out or f"{str(chosen).rstrip('/')}_refit")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process prepares; ranks would race
+        if not (data_dir / "schema.json").is_file():
+            raise ConfigError(
+                f"under torchrun the refit's data must be prepared first: run `engagerec refit "
+                f"--run-dir {chosen} --data-dir {data_dir} --prepare-only` in one process"
+            )
+    elif not prepare_refit_data(chosen, data_dir):
+        print(f"refit data: {data_dir} (already prepared)")
+    if args.prepare_only:
+        return 0
+    results = refit_run(chosen, data_dir, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        epochs = len(results["history"])
+        print(f"refit {chosen} on train + val for {epochs} epoch(s) (its validation's choice)")
+        if "test" in results:
+            print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "rows"))
+        print(f"run directory: {out} (its own output: {out / 'train.out'})")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from engagerec.runs import evaluate_run
 
@@ -225,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", help="the model the others are paired with by seed (default: the GBDT, else the first)"
     )
     compare.set_defaults(handler=_compare)
+
+    refit = commands.add_parser(
+        "refit",
+        help="train a chosen run again on its training and validation rows together, for the epochs "
+        "its validation chose (the same test rows)",
+    )
+    refit.add_argument("--run-dir", required=True, help="the chosen run (written by `engagerec train`)")
+    refit.add_argument(
+        "--data-dir",
+        help="its data without validation rows (default prepared/<name>_refit; prepared if needed)",
+    )
+    refit.add_argument("--out", help="the refit run's directory (default <run-dir>_refit)")
+    refit.add_argument("--prepare-only", action="store_true", help="prepare the refit's data, then stop")
+    refit.set_defaults(handler=_refit)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a run's best checkpoint on a split")
     evaluate.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")

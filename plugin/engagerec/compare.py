@@ -18,7 +18,7 @@ from tqdm import tqdm
 # decides how the two share the cores, and with torch's first the GBDT fitted after the towers
 # in one process ran 3x slower (make demo: 21 s a seed against 7; tests/test_imports.py)
 from engagerec.gbdt import gbdt_reference  # isort: skip
-from engagerec.config import ExperimentConfig, config_changes, prepared_dir, with_tower
+from engagerec.config import DataConfig, ExperimentConfig, config_changes, prepared_dir, with_tower
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
 from engagerec.model import tasks_from_schema
@@ -141,6 +141,49 @@ def run_comparison(
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
 
 
+def refit_data_config(chosen: str | Path) -> DataConfig:
+    """The data config a refit of ``chosen`` trains on: the run's own, with no validation rows
+    (``split.val_fraction: 0``: the same test rows, every other row for training).
+
+    Args:
+        chosen: a run directory (its config.json).
+
+    Example::
+
+        >>> import tempfile
+        >>> from engagerec.config import load_config
+        >>> run = Path(tempfile.mkdtemp())
+        >>> cfg = load_config("synthetic_study")
+        >>> _ = (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        >>> refit_data_config(run).split.val_fraction, cfg.data.split.val_fraction
+        (0.0, 0.1)
+    """
+    data = run_config(chosen).data
+    return dataclasses.replace(data, split=dataclasses.replace(data.split, val_fraction=0.0))
+
+
+def prepare_refit_data(chosen: str | Path, data_dir: str | Path) -> bool:
+    """Prepare ``refit_data_config(chosen)`` into ``data_dir``, unless it already holds exactly
+    that (schema.json's data config): what ``engagerec refit`` runs before ``refit_run``.
+
+    Args:
+        chosen: a run directory (its config.json).
+        data_dir: where the refit's data goes.
+
+    Returns:
+        bool: whether it was prepared now (False: the data was there already).
+    """
+    from engagerec.data.prepare import format_summary, prepare
+
+    data, data_dir = refit_data_config(chosen), Path(data_dir)
+    if (data_dir / "schema.json").is_file():
+        held = DatasetSchema.load(data_dir).meta.get("config", {})
+        if not config_changes(dataclasses.asdict(data), held):
+            return False
+    print(format_summary(prepare(data, data_dir), data_dir), flush=True)
+    return True
+
+
 def refit_run(chosen: str | Path, data_dir: str | Path, run_dir: str | Path) -> Dict[str, Any]:
     """
     Refit a run chosen on validation on the training and validation rows together: the chosen
@@ -184,9 +227,7 @@ def refit_run(chosen: str | Path, data_dir: str | Path, run_dir: str | Path) -> 
         raise ValueError(f"{chosen} has no best epoch (it did not finish): nothing to refit")
     if ShardReader(data_dir, "val").total_rows:
         raise ValueError(f"{data_dir} has validation rows: prepare the refit with split.val_fraction 0")
-    cfg = run_config(chosen)
-    split = dataclasses.replace(cfg.data.split, val_fraction=0.0)
-    data = dataclasses.replace(cfg.data, split=split)
+    cfg, data = run_config(chosen), refit_data_config(chosen)
     differences = config_changes(
         dataclasses.asdict(data), DatasetSchema.load(data_dir).meta["config"], "data."
     )
