@@ -167,7 +167,7 @@ def _study_config(tmp_path, data, tower=None):
     return str(write_study_config(path, data, tower=tower, epochs=1))
 
 
-def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, capsys):
+def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, capsys, monkeypatch):
     import json
 
     from test_train import write_study_config
@@ -176,13 +176,25 @@ def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, cap
     assert main(["prepare", "--config", str(config)]) == 0
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "chosen")]) == 0
     capsys.readouterr()
-    refit = ["refit", "--run-dir", str(tmp_path / "chosen"), "--data-dir", str(tmp_path / "refit_data")]
-    assert main(refit) == 0
+    refit = ["refit", "--run-dir", str(tmp_path / "chosen")]
+    assert main(refit) == 0  # the defaults: data beside the run's data, the run beside the chosen
     text = capsys.readouterr().out
     chosen = json.loads((tmp_path / "chosen" / "results.json").read_text())
-    assert "split random (seed 0): train" in text and "val 0" in text  # prepared now
+    splits = json.loads((tmp_path / "data_refit" / "schema.json").read_text())["meta"]["summary"]["split"]
+    assert splits["val"]["rows"] == 0 and splits["test"]["rows"] > 0  # prepared now
     assert f"for {chosen['best_epoch'] + 1} epoch(s)" in text and "test: " in text
     assert json.loads((tmp_path / "chosen_refit" / "results.json").read_text())["test"]
     # a second refit finds its data prepared; --prepare-only stops there
     assert main([*refit, "--out", str(tmp_path / "again"), "--prepare-only"]) == 0
     assert "(already prepared)" in capsys.readouterr().out and not (tmp_path / "again").exists()
+    # refused with a message, nothing overwritten: other prepared data (here the chosen run's
+    # own, which has validation rows), the chosen run as the output, unprepared data under torchrun
+    schema = (tmp_path / "data" / "schema.json").read_text()
+    assert main([*refit, "--data-dir", str(tmp_path / "data")]) == 2
+    assert "has validation rows" in capsys.readouterr().err
+    assert (tmp_path / "data" / "schema.json").read_text() == schema
+    assert main([*refit, "--out", str(tmp_path / "chosen")]) == 2
+    assert "is the chosen run itself" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*refit, "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "under torchrun the refit's data must be prepared first" in capsys.readouterr().err

@@ -61,8 +61,11 @@ def _refit(args: argparse.Namespace) -> int:
     from engagerec.runs import run_config
 
     chosen = Path(args.run_dir)
-    data_dir = Path(args.data_dir or f"{prepared_dir(run_config(chosen))}_refit")
-    out = Path(args.out or f"{str(chosen).rstrip('/')}_refit")
+    chosen_data = Path(prepared_dir(run_config(chosen))).resolve()
+    data_dir = Path(args.data_dir) if args.data_dir else chosen_data.with_name(chosen_data.name + "_refit")
+    out = Path(args.out) if args.out else chosen.resolve().with_name(chosen.resolve().name + "_refit")
+    if out.resolve() == chosen.resolve():
+        raise ConfigError(f"--out {out} is the chosen run itself: the refit would overwrite it")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process prepares; ranks would race
         if not (data_dir / "schema.json").is_file():
             raise ConfigError(
@@ -74,12 +77,17 @@ def _refit(args: argparse.Namespace) -> int:
     if args.prepare_only:
         return 0
     results = refit_run(chosen, data_dir, out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        epochs = len(results["history"])
-        print(f"refit {chosen} on train + val for {epochs} epoch(s) (its validation's choice)")
-        if "test" in results:
-            print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "rows"))
-        print(f"run directory: {out} (its own output: {out / 'train.out'})")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return PREEMPTED if results.get("preempted") else 0
+    if results.get("preempted"):
+        print(
+            f"stopped by SIGTERM; run the same command to resume the refit in {out} (exit status {PREEMPTED})"
+        )
+        return PREEMPTED
+    print(f"refit {chosen} on train + val for {len(results['history'])} epoch(s) (its validation's choice)")
+    if "test" in results:
+        print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "rows"))
+    print(f"run directory: {out} (its own output: {out / 'train.out'})")
     return 0
 
 
@@ -261,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--run-dir", required=True, help="the chosen run (written by `engagerec train`)")
     refit.add_argument(
         "--data-dir",
-        help="its data without validation rows (default prepared/<name>_refit; prepared if needed)",
+        help="its data without validation rows (default: the run's data directory + _refit, e.g. "
+        "prepared/<name>_refit; prepared when absent, refused when it holds other data)",
     )
-    refit.add_argument("--out", help="the refit run's directory (default <run-dir>_refit)")
+    refit.add_argument("--out", help="the refit run's directory (default: <run-dir>_refit beside it)")
     refit.add_argument("--prepare-only", action="store_true", help="prepare the refit's data, then stop")
     refit.set_defaults(handler=_refit)
 

@@ -18,7 +18,14 @@ from tqdm import tqdm
 # decides how the two share the cores, and with torch's first the GBDT fitted after the towers
 # in one process ran 3x slower (make demo: 21 s a seed against 7; tests/test_imports.py)
 from engagerec.gbdt import gbdt_reference  # isort: skip
-from engagerec.config import DataConfig, ExperimentConfig, config_changes, prepared_dir, with_tower
+from engagerec.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    config_changes,
+    prepared_dir,
+    with_tower,
+)
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
 from engagerec.model import tasks_from_schema
@@ -148,6 +155,12 @@ def refit_data_config(chosen: str | Path) -> DataConfig:
     Args:
         chosen: a run directory (its config.json).
 
+    Returns:
+        DataConfig: the run's data config with ``split.val_fraction`` 0.
+
+    Raises:
+        CheckpointError: ``chosen`` is no run directory (no config.json).
+
     Example::
 
         >>> import tempfile
@@ -162,29 +175,59 @@ def refit_data_config(chosen: str | Path) -> DataConfig:
     return dataclasses.replace(data, split=dataclasses.replace(data.split, val_fraction=0.0))
 
 
+def _refit_epochs(chosen: Path) -> int:
+    """The epochs the chosen run's validation picked (its best epoch + 1)."""
+    path = chosen / "results.json"
+    picked = json.loads(path.read_text()) if path.is_file() else {}
+    if picked.get("best_epoch") is None:
+        raise ConfigError(f"{chosen} has no best epoch (it did not finish, no {path.name}): nothing to refit")
+    return int(picked["best_epoch"]) + 1
+
+
+def _check_refit_data(chosen: Path, data_dir: Path) -> None:
+    """Refuse ``data_dir`` unless it was prepared from ``refit_data_config(chosen)``."""
+    if ShardReader(data_dir, "val").total_rows:
+        raise ConfigError(f"{data_dir} has validation rows: prepare the refit with split.val_fraction 0")
+    held = DatasetSchema.load(data_dir).meta.get("config", {})
+    differences = config_changes(dataclasses.asdict(refit_data_config(chosen)), held, "data.")
+    if differences:
+        raise ConfigError(
+            f"{data_dir} was not prepared from {chosen}'s data config with split.val_fraction 0: "
+            + "; ".join(differences)
+        )
+
+
 def prepare_refit_data(chosen: str | Path, data_dir: str | Path) -> bool:
-    """Prepare ``refit_data_config(chosen)`` into ``data_dir``, unless it already holds exactly
-    that (schema.json's data config): what ``engagerec refit`` runs before ``refit_run``.
+    """Prepare ``refit_data_config(chosen)`` into ``data_dir`` when it holds no prepared data
+    yet; data already there must be exactly that (never overwritten): what ``engagerec refit``
+    runs before ``refit_run``.
 
     Args:
-        chosen: a run directory (its config.json).
+        chosen: a finished run directory (config.json, results.json).
         data_dir: where the refit's data goes.
 
     Returns:
         bool: whether it was prepared now (False: the data was there already).
+
+    Raises:
+        ConfigError: ``chosen`` did not finish (checked before any preparing), or ``data_dir``
+            holds other prepared data (the differing keys named).
+        CheckpointError: ``chosen`` is no run directory.
     """
     from engagerec.data.prepare import format_summary, prepare
 
-    data, data_dir = refit_data_config(chosen), Path(data_dir)
+    chosen, data_dir = Path(chosen), Path(data_dir)
+    _refit_epochs(chosen)
     if (data_dir / "schema.json").is_file():
-        held = DatasetSchema.load(data_dir).meta.get("config", {})
-        if not config_changes(dataclasses.asdict(data), held):
-            return False
-    print(format_summary(prepare(data, data_dir), data_dir), flush=True)
+        _check_refit_data(chosen, data_dir)
+        return False
+    print(format_summary(prepare(refit_data_config(chosen), data_dir), data_dir), flush=True)
     return True
 
 
-def refit_run(chosen: str | Path, data_dir: str | Path, run_dir: str | Path) -> Dict[str, Any]:
+def refit_run(
+    chosen: str | Path, data_dir: str | Path, run_dir: str | Path, resume: bool = True
+) -> Dict[str, Any]:
     """
     Refit a run chosen on validation on the training and validation rows together: the chosen
     run's own config (tower, tasks, optimiser, seed) trained on ``data_dir``, its data section
@@ -197,13 +240,14 @@ def refit_run(chosen: str | Path, data_dir: str | Path, run_dir: str | Path) -> 
         chosen: a finished run (config.json, results.json) on data with validation rows.
         data_dir: the chosen run's data config prepared with ``split.val_fraction: 0``.
         run_dir: where the refit run goes.
+        resume: continue a refit interrupted in ``run_dir`` (the same config); False starts over.
 
     Returns:
         Dict[str, Any]: the refit run's results (``train``'s).
 
     Raises:
-        ValueError: ``chosen`` did not finish (no best epoch); ``data_dir`` has validation rows,
-            or was prepared from another data config than the chosen run's (the keys named).
+        ConfigError: ``chosen`` did not finish (no best epoch); ``data_dir`` has validation
+            rows, or was prepared from another data config than the chosen run's (the keys named).
 
     Example::
 
@@ -222,26 +266,13 @@ def refit_run(chosen: str | Path, data_dir: str | Path, run_dir: str | Path) -> 
         (True, True)
     """
     chosen, data_dir, run_dir = Path(chosen), Path(data_dir), Path(run_dir)
-    picked = json.loads((chosen / "results.json").read_text())
-    if picked.get("best_epoch") is None:
-        raise ValueError(f"{chosen} has no best epoch (it did not finish): nothing to refit")
-    if ShardReader(data_dir, "val").total_rows:
-        raise ValueError(f"{data_dir} has validation rows: prepare the refit with split.val_fraction 0")
-    cfg, data = run_config(chosen), refit_data_config(chosen)
-    differences = config_changes(
-        dataclasses.asdict(data), DatasetSchema.load(data_dir).meta["config"], "data."
-    )
-    if differences:
-        raise ValueError(
-            f"{data_dir} was not prepared from {chosen}'s data config with split.val_fraction 0: "
-            + "; ".join(differences)
-        )
-    train_cfg = dataclasses.replace(
-        cfg.train, data_dir=str(data_dir), epochs=picked["best_epoch"] + 1, progress_bar=False
-    )
-    refit = dataclasses.replace(cfg, data=data, train=train_cfg)
+    epochs = _refit_epochs(chosen)
+    _check_refit_data(chosen, data_dir)
+    cfg = run_config(chosen)
+    train_cfg = dataclasses.replace(cfg.train, data_dir=str(data_dir), epochs=epochs, progress_bar=False)
+    refit = dataclasses.replace(cfg, data=refit_data_config(chosen), train=train_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes train.out
-    with open(run_dir / "train.out" if main else os.devnull, "w") as sink:
+    with open(run_dir / "train.out" if main else os.devnull, "a") as sink:
         with redirect_stdout(sink), redirect_stderr(sink):
-            return train(refit, run_dir, resume=False)
+            return train(refit, run_dir, resume=resume)

@@ -180,7 +180,8 @@ def section(
                 run_comparison(cfg, [tower], seeds, out, resume=False)
             refitted = work / name / "refit"
             for s in seeds:
-                refit_run(out / tower / f"seed{s}", refit_cfg.train.data_dir, refitted / tower / f"seed{s}")
+                chosen, refit = out / tower / f"seed{s}", refitted / tower / f"seed{s}"
+                refit_run(chosen, refit_cfg.train.data_dir, refit, resume=False)
             runs = []
             for r, group in groups.items():
                 for runs_dir, one, mean in (
