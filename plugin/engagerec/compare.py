@@ -28,7 +28,7 @@ from engagerec.config import (
 )
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
-from engagerec.model import tasks_from_schema
+from engagerec.model import configured_tasks
 from engagerec.report import GBDT, write_report
 from engagerec.runs import run_config
 from engagerec.train import train
@@ -139,8 +139,7 @@ def run_comparison(
         print(_tower_line(tower, [r for r in runs if r["tower"] == tower]), file=sys.__stdout__, flush=True)
     if gbdt:
         # the towers' tasks (names, labels, kinds), so that the GBDT lands in their columns
-        configured = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
-        tasks = [(t.name, t.label, t.kind) for t in configured]
+        tasks = [(t.name, t.label, t.kind) for t in configured_tasks(cfg)]
 
         for seed in tqdm(seeds, desc=GBDT, unit="seed", file=sys.__stdout__, leave=False):
             runs.append({"tower": GBDT, "seed": seed, "test": gbdt_reference(prepared_dir(cfg), seed, tasks)})

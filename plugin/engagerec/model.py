@@ -18,7 +18,14 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from engagerec.attention import TargetAttention
 from engagerec.batch import Batch
-from engagerec.config import ConfigError, ModelConfig, TargetAttentionConfig, TaskConfig
+from engagerec.config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    TargetAttentionConfig,
+    TaskConfig,
+    prepared_dir,
+)
 from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.features import FeatureSpec
 from engagerec.losses import FixedWeighting, build_loss_weighting
@@ -160,6 +167,27 @@ def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
         output = "sigmoid" if unit else "identity"
         tasks.append(TaskConfig(name=label.name, label=label.name, kind=label.kind, output=output))
     return tasks
+
+
+def configured_tasks(cfg: ExperimentConfig) -> List[TaskConfig]:
+    """
+    The tasks a run of ``cfg`` trains: ``model.tasks`` when the config names them, else one
+    per label of its prepared data (``tasks_from_schema``), as ``MultiTaskModel.from_config``
+    builds them.
+
+    Args:
+        cfg (ExperimentConfig): the experiment; its prepared data must exist when it names no tasks.
+
+    Returns:
+        List[TaskConfig]: the tasks, in order.
+
+    Example::
+
+        >>> from engagerec.config import load_config
+        >>> [task.name for task in configured_tasks(load_config("kuairand_stats"))]
+        ['watch_ratio', 'skip']
+    """
+    return list(cfg.model.tasks) or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
 
 
 def _check_soft_labels(tasks: List[Task], schema: DatasetSchema) -> None:

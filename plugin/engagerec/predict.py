@@ -23,13 +23,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from engagerec.config import prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
 from engagerec.distributed import close_runtime, init_runtime
-from engagerec.model import tasks_from_schema
+from engagerec.model import configured_tasks
 from engagerec.runs import OpenedRun, open_run, run_config
 from engagerec.tasks import Task
 
@@ -214,9 +213,7 @@ def _check_output(out: Path, threshold: float) -> None:
 
 def _run_tasks(run_dir: str | Path) -> List[Tuple[str, str]]:
     """A run's tasks as (name, kind): its config's, or one per label of its prepared data."""
-    cfg = run_config(run_dir)
-    tasks = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
-    return [(task.name, task.kind) for task in tasks]
+    return [(task.name, task.kind) for task in configured_tasks(run_config(run_dir))]
 
 
 def _average(members: List[Path], out: Path, threshold: float) -> None:

@@ -26,10 +26,9 @@ import numpy as np
 
 from engagerec.compare import refit_run, run_comparison
 from engagerec.config import load_config
-from engagerec.data.schema import DatasetSchema
 from engagerec.gbdt import gbdt_reference
 from engagerec.metrics import exact_xauc
-from engagerec.model import tasks_from_schema
+from engagerec.model import configured_tasks
 from engagerec.report import GBDT, markdown_table, paired_comparisons, paired_table, summarise
 from engagerec.results.common import TARGETS, Section, config_spec, prepared
 from engagerec.results.comparisons import goal_findings, versus_reference
@@ -170,7 +169,7 @@ def section(
             refit_cfg = prepared(
                 load_config(config, [*overrides, "data.split.val_fraction=0"]), work / name / "refit_data"
             )
-            tasks = cfg.model.tasks or tasks_from_schema(DatasetSchema.load(cfg.train.data_dir))
+            tasks = configured_tasks(cfg)
             kinds = {task.name: task.kind for task in tasks}
             step = max(replicates) + 1  # disjoint members for any set of non-negative seeds
             groups = {r: [r + step * k for k in range(members)] for r in replicates}
