@@ -17,6 +17,7 @@ run out of core; a vocabulary of millions of ids is a DuckDB table, never a Pyth
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.tables import is_numeric, literal, quote, single_thread
-from engagerec.data.target_stats import STAT_KINDS, fit_stat_tables, stat_meta
+from engagerec.data.target_stats import STAT_KINDS, fit_stat_tables, live_counters, stat_meta
 
 SCHEMA_FILE = "schema.json"
 VOCAB_DIR = "vocabs"
@@ -366,16 +367,17 @@ class Fitter:
         (engagerec.data.target_stats)."""
         with single_thread(self.con):  # label sums in a fixed order: the same values on every run
             priors = fit_stat_tables(self.con, group, table, key, seed, self.out_dir)
-        # live counters are saved as they stand at the log's last moment: scoring checks its rows come after
-        online = group[0][1].scheme == "online"  # a group is live counters or not (target_stats._groups)
-        until = (
-            self.con.execute(f"SELECT max({quote(TIMESTAMP)}) FROM events").fetchone()[0] if online else None
-        )
         for _, feature in group:
             meta = stat_meta(feature, priors[feature.name], token_type)
-            if online:
-                meta["counted_until"] = float(until)
+            if live_counters(group):  # saved as they stand at the log's end: scoring's rows come after
+                meta["counted_until"] = self.log_end
             self.schema.target_stats[feature.name] = meta
+
+    @functools.cached_property
+    def log_end(self) -> float:
+        """The log's last timestamp: the moment live counters are saved at (one scan for every
+        id column's)."""
+        return float(self.con.execute(f"SELECT max({quote(TIMESTAMP)}) FROM events").fetchone()[0])
 
     # ------------------------------------------------------------------- fit
     def fit_ids(self) -> None:

@@ -14,6 +14,7 @@ The output is a prepared dataset with one split, ``test``, in input row order, p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from engagerec.data.prepare import build_history, write_splits
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
-from engagerec.data.target_stats import load_stat_tables
+from engagerec.data.target_stats import live_counters, load_stat_tables
 
 IDS_FILE = "ids.parquet"
 ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for
@@ -88,6 +89,18 @@ class SchemaApplier(Fitter):
 
     fitting = False
 
+    @functools.cached_property
+    def _first_row_in_log(self) -> Tuple[Optional[int], Any]:
+        """The first row to score at or before the moment the live counters were saved (one
+        moment for every id column: ``Fitter.log_end``) and its timestamp; (None, None) when
+        every row follows it. One scan, whatever the number of live-counter columns."""
+        until = next(m["counted_until"] for m in self.fitted.target_stats.values() if "counted_until" in m)
+        time = quote(TIMESTAMP)
+        row = self.con.execute(f"SELECT min(__src) FROM events WHERE {time} <= {until!r}").fetchone()[0]
+        if row is None:
+            return None, None
+        return row, self.con.execute(f"SELECT {time} FROM events WHERE __src = {row}").fetchone()[0]
+
     def stat_token_type(self, feature: FeatureConfig) -> str:
         """The token type the training statistics were keyed by."""
         meta = self.fitted.target_stats.get(feature.name)
@@ -102,14 +115,11 @@ class SchemaApplier(Fitter):
         """The training statistics of the features ``group``, read back from the training data;
         live counters (scheme: online) only for rows after the prepared log's last moment (the
         counters hold every view up to it: an earlier row's own and later views among them)."""
-        # a group is live counters or not, all saved at one moment (target_stats._groups)
         first = group[0][1]
         until = self.fitted.target_stats[first.name].get("counted_until")
-        if first.scheme == "online" and until is not None:
-            time = quote(TIMESTAMP)
-            row = self.con.execute(f"SELECT min(__src) FROM events WHERE {time} <= {until!r}").fetchone()[0]
+        if live_counters(group) and until is not None:
+            row, got = self._first_row_in_log
             if row is not None:
-                got = self.con.execute(f"SELECT {time} FROM events WHERE __src = {row}").fetchone()[0]
                 raise self.events.log.error(
                     f"feature '{first.name}' is a live counter (scheme: online) saved at the prepared "
                     f"log's last moment ({until!r}); this row is not after it, so the counter would "

@@ -105,6 +105,12 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
     return joins, values
 
 
+def live_counters(group: List[Tuple[int, FeatureConfig]]) -> bool:
+    """Whether a group of ``_groups`` (one id column's features, all live counters or none)
+    holds live counters (``scheme: online``)."""
+    return group[0][1].scheme == "online"
+
+
 def _groups(features: List[FeatureConfig]) -> Dict[Tuple[str, bool], List[Tuple[int, FeatureConfig]]]:
     """The statistic features by (id column, live counters or not): one per-id table each, as
     live counters sum every split's rows and the other schemes the training rows only."""
@@ -229,10 +235,9 @@ def fit_stat_tables(
                 where = f"FILTER (WHERE f_{i} = {k})"
                 aggregates += [f"sum(y_{i}) {where} AS s_{i}_{k}", f"count(y_{i}) {where} AS c_{i}_{k}"]
     rows = f"SELECT {', '.join(columns)} FROM events e WHERE e.__split = 0"
-    # what scoring reads back: the training rows' sums, or every row's for live counters (a
-    # group is one or the other); the prior is the training mean either way
-    online = group[0][1].scheme == "online"
-    counted = f"SELECT {', '.join(columns)} FROM events e" if online else rows
+    # what scoring reads back: the training rows' sums, or every row's for live counters; the
+    # prior is the training mean either way
+    counted = f"SELECT {', '.join(columns)} FROM events e" if live_counters(group) else rows
     con.execute(
         f"CREATE OR REPLACE TABLE {table} AS SELECT token, {', '.join(aggregates)} FROM ({counted}) "
         "WHERE token IS NOT NULL GROUP BY token"
