@@ -38,7 +38,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 # the tests, and the runnable examples in the public API's docstrings
-DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/tasks.py \
+DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/model_builder.py plugin/engagerec/tasks.py \
 	plugin/engagerec/features.py plugin/engagerec/batch.py plugin/engagerec/losses.py \
 	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/prepare.py \
 	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \

@@ -38,12 +38,12 @@ def _child(rows: int, sharding: str, out: Path) -> None:
     from engagerec.cli import quiet_library_noise
     from engagerec.config import load_config
     from engagerec.distributed import close_runtime, init_runtime, shard_model
-    from engagerec.model import MultiTaskModel
+    from engagerec.model_builder import build_model
 
     quiet_library_noise()
     runtime = init_runtime("cpu")  # table bytes do not depend on the device
     cfg = load_config(REPO / "configs" / "kuairand_1k.yaml")
-    model = MultiTaskModel.from_config(synthetic_schema(rows), cfg.model, device=torch.device("meta"))
+    model = build_model(synthetic_schema(rows), cfg.model, device=torch.device("meta"))
     dmp = shard_model(
         model, runtime, 4096, {"*": [sharding]}, cfg.train.sparse_optimizer, cfg.train.sparse_lr
     )

@@ -119,11 +119,11 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from engagerec.distributed import build_optimizer, close_runtime, init_runtime, shard_model
-    from engagerec.model import MultiTaskModel
+    from engagerec.model_builder import build_model
 
     runtime = init_runtime(device)
     torch.manual_seed(0)
-    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
+    model = build_model(schema, cfg.model, device=torch.device("meta"))
     dmp = shard_model(
         model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
     )
@@ -136,10 +136,10 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
 def plain_stepper(cfg, schema, sparse: bool = False, device: str = "cpu"):
     """The plain-PyTorch reference's training step (see PlainEmbeddingBagModel). Returns
     (step(batches), close())."""
-    from engagerec.model import MultiTaskModel
+    from engagerec.model_builder import build_model
 
     torch.manual_seed(0)
-    reference = MultiTaskModel.from_config(schema, cfg.model)
+    reference = build_model(schema, cfg.model)
     model = PlainEmbeddingBagModel(reference, sparse=sparse).to(device)
     if sparse:  # row-sparse updates for the tables, Adam for the tower and heads
         tables = list(model.tables.parameters())

@@ -14,7 +14,7 @@ from engagerec.config import ConfigError, load_config
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
-from engagerec.model import MultiTaskModel
+from engagerec.model_builder import build_model
 
 SMALL = ["data.source.synthetic.num_rows=4000", "train.progress_bar=false", "train.epochs=1"]
 POSITIONAL = "data.features.2.positions=true"  # synthetic_study's feature 2 is its history
@@ -66,11 +66,11 @@ def test_attention_is_refused_over_a_history_without_positions_or_a_foreign_cand
     prepare(cfg.data, tmp_path / "bag")
     schema = DatasetSchema.load(tmp_path / "bag")
     with pytest.raises(ConfigError, match="no history feature with positions: true"):
-        MultiTaskModel.from_config(schema, cfg.model)
+        build_model(schema, cfg.model)
     cfg = load_config("synthetic_study", SMALL + [POSITIONAL, ATTENTION.replace("content_id", "user_id")])
     prepare(cfg.data, tmp_path / "pos")
     with pytest.raises(ConfigError, match="candidate 'user_id' is not embedded in the history's table"):
-        MultiTaskModel.from_config(DatasetSchema.load(tmp_path / "pos"), cfg.model)
+        build_model(DatasetSchema.load(tmp_path / "pos"), cfg.model)
     cfg = load_config("synthetic_study", SMALL + ["data.features.0.positions=true"])  # user_id
     with pytest.raises(DataError, match="positions: true on a categorical feature"):
         prepare(cfg.data, tmp_path / "bad")
@@ -84,9 +84,9 @@ def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din
     run = tmp_path / "run"
     results = train(cfg, run)
     assert np.isfinite(results["test"]["watch_ratio/mse"]) and np.isfinite(results["test"]["skip/auc"])
-    model = MultiTaskModel.from_config(DatasetSchema.load(data), cfg.model)
+    model = build_model(DatasetSchema.load(data), cfg.model)
     assert isinstance(model.input_arch, TargetAttention)
-    assert model.input_arch.output_dim == model.spec.sparse_dim - 19 * model.input_arch.dim
+    assert model.input_arch.output_dim == model.sparse_dim - 19 * model.input_arch.dim
     record = export_run(run, tmp_path / "export")
     assert record["max_abs_difference_fp32_vs_eager"] < 1e-5  # the program applies the attention too
     inputs = json.loads((tmp_path / "export" / "inputs.json").read_text())
@@ -105,7 +105,7 @@ def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din
 
     text = describe(cfg, ["mmoe"], str(data))
     assert "| input arch |" in text
-    assert f"({model.input_arch.output_dim + model.spec.dense_dim} tower inputs" in text
+    assert f"({model.input_arch.output_dim + model.dense_in_features} tower inputs" in text
 
 
 def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din_data, tmp_path):

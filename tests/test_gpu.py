@@ -14,7 +14,7 @@ from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_
 
 from engagerec.config import ConfigError, load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
-from engagerec.model import MultiTaskModel
+from engagerec.model_builder import build_model
 from engagerec.runs import evaluate_run
 from engagerec.train import train
 
@@ -25,7 +25,7 @@ def _meta_model(data_dir):
     from engagerec.data.schema import DatasetSchema
 
     cfg = study_run_config(data_dir)
-    return MultiTaskModel.from_config(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
+    return build_model(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
 
 
 def test_row_wise_sharding_is_refused_on_cpu_with_the_alternatives(study_data):  # noqa: F811

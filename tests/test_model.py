@@ -15,7 +15,7 @@ from engagerec.config import ConfigError, EmbeddingConfig, ModelConfig, TaskConf
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
 from engagerec.features import FeatureSpec
-from engagerec.model import MultiTaskModel
+from engagerec.model_builder import build_model
 from engagerec.towers import TOWERS, register_tower
 
 
@@ -38,7 +38,7 @@ def _model(schema, tower="mmoe", tasks=None, **embeddings):
     )
     if tasks is not None:
         cfg.tasks = tasks
-    return MultiTaskModel.from_config(schema, cfg)
+    return build_model(schema, cfg)
 
 
 def test_one_table_per_id_space_with_its_vocabulary_size(study_data):
@@ -91,7 +91,7 @@ def test_default_tasks_are_one_per_label_of_the_prepared_data(study_data, mmoe_d
         ("skip", "skip", "binary"),
     ]
     assert study.heads[0].transform == "sigmoid" and study.heads[1].transform == "identity"  # skip: a logit
-    mmoe = MultiTaskModel.from_config(ShardReader(mmoe_data, "train").schema, ModelConfig())
+    mmoe = build_model(ShardReader(mmoe_data, "train").schema, ModelConfig())
     assert [(t.name, t.kind) for t in mmoe.tasks] == [("y1", "regression"), ("y2", "regression")]
     assert [h.transform for h in mmoe.heads] == ["identity", "identity"]  # y is not a ratio
 
@@ -158,7 +158,7 @@ def test_gradients_reach_experts_gates_and_embedding_tables(study_data, tower):
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     embedding_grads = [n for n, _ in model.named_parameters() if n.startswith("sparse_arch.")]
-    assert len(embedding_grads) == len(model.spec.tables)
+    assert len(embedding_grads) == len(model.tables)
 
 
 def test_forward_fx_traces_with_the_kjt_going_straight_into_the_embeddings(study_data):
@@ -166,8 +166,10 @@ def test_forward_fx_traces_with_the_kjt_going_straight_into_the_embeddings(study
     model = _model(reader.schema, "ple")
     heads = [f"heads.{i}" for i in range(model.num_tasks)]
     # the pipeline's own tracer, with the modules it takes as leaves (no ShardedModule inside):
-    # the embedding module, the column order, the tower and the heads
-    graph = Tracer(leaf_modules=["sparse_arch", "pooled_by_name", "tower", *heads]).trace(model)
+    # the embedding module, the column order, the labels, the tower and the heads
+    graph = Tracer(leaf_modules=["sparse_arch", "pooled_by_name", "task_labels", "tower", *heads]).trace(
+        model
+    )
     lookups = [n for n in graph.nodes if n.op == "call_module" and n.target == "sparse_arch"]
     assert len(lookups) == 1
     (kjt,) = lookups[0].args
@@ -222,7 +224,7 @@ def test_every_tower_learns_the_mmoe_benchmark(mmoe_data, tower):
     tasks = [TaskConfig("y1", "y1", output="identity"), TaskConfig("y2", "y2", output="identity")]
     reader = ShardReader(mmoe_data, "train")
     cfg = ModelConfig(tower=TowerConfig(tower, MMOE_BENCHMARK_TOWERS[tower]), tasks=tasks)
-    model = MultiTaskModel.from_config(reader.schema, cfg)
+    model = build_model(reader.schema, cfg)
     _train(model, mmoe_data, steps=400)
     task_losses, constant = _test_losses(model, mmoe_data)
     assert (task_losses < 0.1 * constant).all(), (task_losses, constant)

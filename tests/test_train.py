@@ -430,9 +430,9 @@ def test_a_ratio_trained_with_cross_entropy_learns_and_reports_the_ratio(study_d
         Task(TaskConfig(name="skip", label="skip", kind="binary", loss="mse"))
     # a ratio whose training values leave [0, 1] (kept over a cap) has no cross-entropy minimum
     from engagerec.data.schema import DatasetSchema
-    from engagerec.model import MultiTaskModel
+    from engagerec.model_builder import build_model
 
     schema = DatasetSchema.load(study_data)
     schema.meta["summary"]["split"]["train"]["labels"]["watch_ratio"]["max"] = 1.7
     with pytest.raises(ConfigError, match=r"training values lie in \[0.\d+, 1.7\], expected \[0, 1\]"):
-        MultiTaskModel.from_config(schema, cfg.model)
+        build_model(schema, cfg.model)

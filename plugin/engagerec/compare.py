@@ -28,7 +28,7 @@ from engagerec.config import (
 )
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
-from engagerec.model import configured_tasks
+from engagerec.model_builder import configured_tasks
 from engagerec.report import GBDT, write_report
 from engagerec.runs import run_config
 from engagerec.train import train

@@ -14,7 +14,7 @@ def parameter_counts(model: MultiTaskModel) -> Dict[str, int]:
     attention, when the model has one), ``tower`` and ``head/<task>``."""
     counts: Dict[str, int] = {}
     if model.has_sparse:
-        for table in model.spec.tables:
+        for table in model.tables:
             counts[f"embeddings/{table.name}"] = table.num_embeddings * table.embedding_dim
     if model.input_arch is not None:
         counts["input arch"] = _count(model.input_arch)

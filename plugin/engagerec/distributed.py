@@ -178,7 +178,7 @@ def close_runtime(runtime: Runtime) -> None:
 def _constraints(
     model: MultiTaskModel, sharding: Dict[str, List[str]], world_size: int = 1, device_type: str = "cpu"
 ) -> Dict[str, ParameterConstraints]:
-    tables = {t.name: t for t in model.spec.tables}
+    tables = {t.name: t for t in model.tables}
     by_space = {name[2:]: name for name in tables}  # t_<id space>
     out = {}
     for key, types in sharding.items():

@@ -42,6 +42,7 @@ from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
 from engagerec.errors import CheckpointError
 from engagerec.model import MultiTaskModel
+from engagerec.model_builder import build_model
 from engagerec.runs import for_cpu, run_config
 
 ENCODING_DIR = "encoding"  # beside the programs: the training data's encoding, for clients
@@ -74,19 +75,14 @@ class ServingModel(nn.Module):
     Example::
 
         >>> import torch
-        >>> from engagerec.config import EmbeddingConfig, study_tasks
-        >>> from engagerec.data.schema import DatasetSchema, DenseFeature, SparseFeature
-        >>> from engagerec.features import FeatureSpec
-        >>> from engagerec.tasks import Task
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        >>> from engagerec.config import study_tasks
         >>> from engagerec.towers import build_tower
         >>> _ = torch.manual_seed(0)
-        >>> schema = DatasetSchema(
-        ...     features=[], sparse=[SparseFeature("item", "item", multi=False)],
-        ...     dense=[DenseFeature("x", "x", "none", 0.0, 1.0, None)], labels=[], vocab_sizes={"item": 9})
-        >>> spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4))
-        >>> tasks = [Task(cfg) for cfg in study_tasks()]
-        >>> tower = build_tower("mmoe", spec.input_dim, 2, num_experts=2, expert_sizes=[8])
-        >>> serving = ServingModel(MultiTaskModel(spec, tower, tasks, device=torch.device("cpu")))
+        >>> table = EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["item"])
+        >>> tower = build_tower("mmoe", 4 + 1, 2, num_experts=2, expert_sizes=[8])
+        >>> model = MultiTaskModel(EmbeddingBagCollection(tables=[table]), 1, tower, study_tasks())
+        >>> serving = ServingModel(model)
         >>> out = serving(torch.randn(3, 1), {"item": torch.tensor([1, 4, 7])}, {"item": torch.arange(3)})
         >>> out.shape, serving.task_names
         (torch.Size([3, 2]), ['watch_ratio', 'skip'])
@@ -101,14 +97,18 @@ class ServingModel(nn.Module):
         self.tasks = list(model.tasks)
         self.task_names = [t.name for t in model.tasks]
         self.features: List[Tuple[str, str, str]] = []  # (feature, its table's buffer, sum | mean)
-        for table in model.spec.tables if model.has_sparse else []:
+        for table in model.tables:
             weight = model.sparse_arch.embedding_bags[table.name].weight.detach().float().cpu()
             buffer = f"table_{table.name}"
             self.register_buffer(
                 buffer, torch.ops.quantized.embedding_bag_byte_prepack(weight) if int8 else weight.clone()
             )
             mode = MODES[table.pooling]
-            self.features += [(name, buffer, mode) for name in table.feature_names]
+            self.features += [
+                (name, buffer, mode) for name in table.feature_names if name in self.feature_names
+            ]
+        # in the model's pooled order, which any subset of the tables' features may set
+        self.features.sort(key=lambda feature: self.feature_names.index(feature[0]))
         self.input_arch = model.input_arch
         self.tower = model.tower
         self.heads = model.heads
@@ -168,7 +168,7 @@ def unsharded_model(run_dir: str | Path, checkpoint_name: str = "best") -> Tuple
     """
     cfg = for_cpu(run_config(run_dir))
     schema = DatasetSchema.load(prepared_dir(cfg))
-    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("cpu"))
+    model = build_model(schema, cfg.model, device=torch.device("cpu"))
     pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
     path = checkpoint.latest(Path(run_dir) / "checkpoints", pattern)
     if path is None:

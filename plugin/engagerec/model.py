@@ -1,36 +1,28 @@
-"""MultiTaskModel = EmbeddingBagCollection -> [pooled, dense] -> tower -> one head per task.
+"""MultiTaskModel: the multi-task over-arch around the caller's embedding module.
 
+The caller's EmbeddingBagCollection (or any module mapping a KJT to a KeyedTensor) pools the
+sparse features; the chosen pooled features and the dense features are concatenated into the
+tower input; the tower makes one representation per task and each task's head predicts it.
 ``forward(batch) -> (loss, (task_losses, predictions, labels, weights))``: the shape TorchRec's
-train pipelines expect. The KJT goes into the EmbeddingBagCollection untouched (the
-pipeline overlaps its input distribution with compute only if nothing reads it first),
-and the tower's list output is indexed with concrete ints, so the forward FX-traces
-with the column order, tower and heads as leaves (as TorchRec's pipelines trace it).
+train pipelines expect, for engagerec's ``Batch`` and ``torchrec.datasets.utils.Batch`` alike.
+The KJT goes into the embedding module untouched (the pipeline overlaps its input
+distribution with compute only if nothing reads it first), and the tower's list output is
+indexed with concrete ints, so the forward FX-traces with the column order, labels, tower and
+heads as leaves (as TorchRec's pipelines trace it).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from engagerec.attention import TargetAttention
-from engagerec.batch import Batch
-from engagerec.config import (
-    ConfigError,
-    ExperimentConfig,
-    ModelConfig,
-    TargetAttentionConfig,
-    TaskConfig,
-    prepared_dir,
-)
-from engagerec.data.schema import DatasetSchema, position_names
-from engagerec.features import FeatureSpec
-from engagerec.losses import FixedWeighting, build_loss_weighting
+from engagerec.config import TaskConfig
+from engagerec.losses import FixedWeighting
 from engagerec.tasks import Task
-from engagerec.towers.registry import build_tower
 
 # (loss, (task losses, predictions, labels, per-task row weights)), dicts keyed by task name
 ModelOutput = Tuple[
@@ -89,147 +81,157 @@ class PooledByName(nn.Module):
         return values.index_select(1, self._index[signature])
 
 
-def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:
-    """The TargetAttention ``model.target_attention`` describes, over the pooled columns of ``spec``.
+class TaskLabels(nn.Module):
+    """
+    Each task's labels and row weights, read from whichever batch the caller has:
+
+    - engagerec's ``Batch`` (or any batch whose ``labels`` is a dict): by label name, with its
+      ``label_weights`` (0 where a label is missing, or for padding rows) when it has them;
+    - ``torchrec.datasets.utils.Batch`` (``labels`` one tensor): [B] for one task, or [B, C]
+      with each task reading column ``label_columns[task]`` (by default task i reads column i);
+      every row weighs 1.
+
+    A batch whose labels do not fit the tasks is refused, naming the task and what was
+    expected; nothing is broadcast. Binary tasks take float, integer or bool 0/1 labels;
+    regression tasks take float labels. TorchRec's pipelines trace this module as a leaf.
 
     Args:
-        spec (FeatureSpec): the model's tables (their feature order is the pooled columns').
-        schema (DatasetSchema): the prepared data's schema (the history's length and kind).
-        cfg (TargetAttentionConfig): which history, which candidate, the MLP's sizes.
+        tasks (List[Task]): the tasks, in the model's order.
+        label_columns (Optional[Dict[str, int]]): task name -> column of a [B, C] labels
+            tensor. Default: None (task i reads column i).
+
+    Call Args:
+        batch: a batch with ``labels`` (a dict or a tensor) and ``dense_features`` [B, D].
 
     Returns:
-        TargetAttention: its ``output_dim`` replaces ``spec.sparse_dim`` in the tower's input.
-
-    Example: ``tests/test_attention.py`` (``MultiTaskModel.from_config`` calls it when the
-    config has ``model.target_attention``).
+        Tuple[List[torch.Tensor], List[torch.Tensor]]: per task, in order, the float32 labels
+        [B] and the row weights [B].
 
     Raises:
-        ConfigError: the history is no positional history feature of the prepared data, or the
-            candidate is not embedded in the history's table.
-    """
-    history = next((f for f in schema.features if f["name"] == cfg.history), None)
-    if history is None or history["kind"] != "history" or not history.get("positions"):
-        raise ConfigError(
-            f"model.target_attention.history '{cfg.history}' is no history feature with positions: true "
-            "in the prepared data (prepare it with that feature)"
-        )
-    widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
-    positions = position_names(cfg.history, history["length"])
-    table = next((t for t in spec.tables if positions[0] in t.feature_names), None)
-    if table is None:
-        raise ConfigError(f"model.target_attention.history '{cfg.history}' has no embedding table")
-    single = {f.name for f in schema.sparse if not f.multi}
-    if cfg.candidate not in table.feature_names or cfg.candidate not in single:
-        raise ConfigError(
-            f"model.target_attention.candidate '{cfg.candidate}' is not embedded in the history's table "
-            f"{table.name} as one id per row (its features: {table.feature_names})"
-        )
-    return TargetAttention(
-        list(widths.values()), list(widths), cfg.candidate, positions, hidden_sizes=cfg.hidden_sizes
-    )
-
-
-def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
-    """
-    One task per label of the prepared data, named after it, of its kind, with weight 1: a
-    regression head ends in a sigmoid when every train value of its label lies in [0, 1] (a
-    ratio, per the train split's label summary in ``schema.meta``), else in the identity.
-    What ``MultiTaskModel.from_config`` uses when the config names no tasks.
-
-    Args:
-        schema (DatasetSchema): the prepared data's schema.
-
-    Returns:
-        List[TaskConfig]: one per ``schema.labels``, in order.
+        ValueError: labels missing for a task, of the wrong shape, column count or dtype.
 
     Example::
 
-        >>> from engagerec.data.schema import DatasetSchema, LabelSpec
-        >>> from engagerec.model import tasks_from_schema
-        >>> ranges = {"watch_ratio": {"min": 0.0, "max": 1.0}, "watch_time": {"min": 0.0, "max": 310.5}}
-        >>> train = {"labels": ranges}
-        >>> schema = DatasetSchema(
-        ...     features=[],
-        ...     sparse=[],
-        ...     dense=[],
-        ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("watch_time", "regression")],
-        ...     vocab_sizes={},
-        ...     meta={"summary": {"split": {"train": train}}},
-        ... )
-        >>> [(task.name, task.kind, task.output) for task in tasks_from_schema(schema)]
-        [('watch_ratio', 'regression', 'sigmoid'), ('watch_time', 'regression', 'identity')]
+        >>> import torch
+        >>> from engagerec.config import TaskConfig
+        >>> from engagerec.model import TaskLabels
+        >>> from engagerec.tasks import Task
+        >>> dwell = TaskConfig("dwell", "dwell", output="identity")  # seconds: no sigmoid
+        >>> tasks = [Task(dwell), Task(TaskConfig("click", "click", "binary"))]
+        >>> class TorchRecBatch:  # the fields of torchrec.datasets.utils.Batch that labels need
+        ...     dense_features = torch.zeros(2, 3)
+        ...     labels = torch.tensor([[1.0, 30.0], [0.0, 12.0]])  # columns: click, dwell
+        >>> labels, weights = TaskLabels(tasks, {"dwell": 1, "click": 0})(TorchRecBatch())
+        >>> labels
+        [tensor([30., 12.]), tensor([1., 0.])]
+        >>> TorchRecBatch.labels = torch.zeros(2)  # one column for two tasks
+        >>> TaskLabels(tasks)(TorchRecBatch())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: task 'dwell': labels of shape [2] hold one task's labels; 2 tasks need [B, C] ...
     """
-    stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
-    tasks = []
-    for label in schema.labels:
-        low, high = stats.get(label.name, {}).get("min"), stats.get(label.name, {}).get("max")
-        unit = low is not None and high is not None and 0 <= low and high <= 1
-        output = "sigmoid" if unit else "identity"
-        tasks.append(TaskConfig(name=label.name, label=label.name, kind=label.kind, output=output))
-    return tasks
 
+    def __init__(self, tasks: List[Task], label_columns: Optional[Dict[str, int]] = None) -> None:
+        super().__init__()
+        self.tasks = tasks
+        names = [task.name for task in tasks]
+        unknown = sorted(set(label_columns or {}) - set(names))
+        if unknown:
+            raise ValueError(f"label_columns names tasks {unknown}, expected some of {names}")
+        missing = [name for name in names if label_columns is not None and name not in label_columns]
+        if missing:
+            raise ValueError(f"label_columns has no column for tasks {missing}")
+        self.columns = [label_columns[n] for n in names] if label_columns else list(range(len(names)))
 
-def configured_tasks(cfg: ExperimentConfig) -> List[TaskConfig]:
-    """
-    The tasks a run of ``cfg`` trains: ``model.tasks`` when the config names them, else one
-    per label of its prepared data (``tasks_from_schema``), as ``MultiTaskModel.from_config``
-    builds them.
+    def forward(self, batch) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
+        """batch -> (labels, weights), one [B] tensor each per task."""
+        rows = batch.dense_features.shape[0]
+        if isinstance(batch.labels, Mapping):
+            return self._by_name(batch, rows)
+        return self._by_column(batch.labels, rows)
 
-    Args:
-        cfg (ExperimentConfig): the experiment; its prepared data must exist when it names no tasks.
+    def _by_name(self, batch, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
+        label_weights = getattr(batch, "label_weights", None) or {}
+        labels, weights = [], []
+        for task in self.tasks:
+            if task.label not in batch.labels:
+                raise ValueError(
+                    f"task '{task.name}': the batch has no label '{task.label}' "
+                    f"(labels: {sorted(batch.labels)})"
+                )
+            labels.append(self._checked(task, batch.labels[task.label], rows))
+            weight = label_weights.get(task.label)
+            weights.append(weight if weight is not None else torch.ones_like(labels[-1]))
+        return labels, weights
 
-    Returns:
-        List[TaskConfig]: the tasks, in order.
-
-    Example::
-
-        >>> from engagerec.config import load_config
-        >>> [task.name for task in configured_tasks(load_config("kuairand_stats"))]
-        ['watch_ratio', 'skip']
-    """
-    return list(cfg.model.tasks) or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
-
-
-def _check_soft_labels(tasks: List[Task], schema: DatasetSchema) -> None:
-    """Cross-entropy reads a regression label as a probability: refuse one whose training
-    values (the train split's label summary) leave [0, 1], where its loss has no minimum."""
-    stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
-    for task in tasks:
-        if task.kind != "regression" or task.cfg.loss != "cross_entropy":
-            continue
-        low, high = stats.get(task.label, {}).get("min"), stats.get(task.label, {}).get("max")
-        if low is not None and high is not None and not 0 <= low <= high <= 1:
-            raise ConfigError(
-                f"model.tasks: task '{task.name}' trains with cross-entropy, which reads label "
-                f"'{task.label}' as a probability; its training values lie in [{low:g}, {high:g}], "
-                "expected [0, 1] (loss: mse, or cap the ratio)"
+    def _by_column(self, tensor: torch.Tensor, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        if tensor.dim() == 1 and len(self.tasks) > 1:
+            raise ValueError(
+                f"task '{self.tasks[0].name}': labels of shape [{tensor.shape[0]}] hold one task's labels; "
+                f"{len(self.tasks)} tasks need [B, C] with a column each (label_columns)"
             )
+        if tensor.dim() not in (1, 2):
+            raise ValueError(
+                f"task '{self.tasks[0].name}': labels of shape {list(tensor.shape)}, expected [B] or [B, C]"
+            )
+        labels = []
+        for task, column in zip(self.tasks, self.columns, strict=True):
+            if tensor.dim() == 2 and not 0 <= column < tensor.shape[1]:
+                raise ValueError(
+                    f"task '{task.name}': reads label column {column}, but the labels have "
+                    f"{tensor.shape[1]} columns (shape {list(tensor.shape)})"
+                )
+            labels.append(self._checked(task, tensor if tensor.dim() == 1 else tensor[:, column], rows))
+        return labels, [torch.ones_like(label) for label in labels]
+
+    @staticmethod
+    def _checked(task: Task, label: torch.Tensor, rows: int) -> torch.Tensor:
+        if label.dim() != 1 or label.shape[0] != rows:
+            raise ValueError(
+                f"task '{task.name}': labels of shape {list(label.shape)}, expected [{rows}] (one per row)"
+            )
+        integral = not label.is_floating_point() and not label.is_complex()
+        if label.is_complex() or (integral and task.kind != "binary"):
+            raise ValueError(
+                f"task '{task.name}' ({task.kind}): labels of dtype {label.dtype}, expected a float dtype"
+                + (" (or 0/1 integers or bools)" if task.kind == "binary" else "")
+            )
+        return label if label.dtype == torch.float32 else label.float()
 
 
 class MultiTaskModel(nn.Module):
     """
-    The multi-task model: an EmbeddingBagCollection pools every sparse feature, the pooled
-    embeddings (in ``spec.feature_names`` order) and the dense features are concatenated into
-    the tower input x, the tower makes one representation f_k(x) per task and each task's
-    head h_k predicts y_k = h_k(f_k(x)) (study eq. 3). The task losses L_t are combined by
-    ``loss_weighting`` (by default the fixed weighted sum of eq. 12). The forward returns what
-    TorchRec's train pipelines expect, and FX-traces with the column order, tower and heads as leaves.
+    The multi-task over-arch around the caller's embedding module, as torchrec's ``DLRM``
+    takes its ``embedding_bag_collection``: the module pools the sparse features, the pooled
+    embeddings of ``feature_names`` (in that order) and the dense features are concatenated
+    into the tower input x, the tower makes one representation f_k(x) per task and each
+    task's head h_k predicts y_k = h_k(f_k(x)) (study eq. 3). The task losses L_t are combined
+    by ``loss_weighting`` (by default the fixed weighted sum of eq. 12). DistributedModelParallel
+    shards the caller's tables as it would in the caller's own model (build them on the meta
+    device to let it materialise them).
 
     Args:
-        spec (FeatureSpec): the embedding tables and the dense width; without tables there is
-            no EmbeddingBagCollection and the tower reads the dense features alone.
-        tower (nn.Module): a tower (see ``engagerec.towers``) reading ``spec.input_dim``
-            elements and making one representation per task, widths in ``output_dims``.
-        tasks (List[Task]): the tasks, in the tower's representation order.
-        device (Optional[torch.device]): where the embedding tables are created;
-            ``torch.device("meta")`` lets DistributedModelParallel shard and materialise them
-            (engagerec.distributed does so). The tower is used as given and the heads are
-            built on the default device. Default: None.
-        loss_weighting (Optional[nn.Module]): combines the task losses
-            (``engagerec.losses``); None is FixedWeighting with the tasks' weights. Default: None.
+        embedding_bag_collection (Optional[nn.Module]): the caller's EmbeddingBagCollection,
+            or any module mapping a KeyedJaggedTensor to a KeyedTensor of pooled embeddings;
+            None when the tower reads the dense features alone.
+        dense_in_features (int): the number of dense features (columns of ``dense_features``).
+        tower (nn.Module): a tower (see ``engagerec.towers``) reading the pooled widths of
+            ``feature_names`` (or ``input_arch.output_dim``) plus ``dense_in_features`` elements
+            and making one representation per task, widths in ``output_dims``.
+        tasks (Sequence[Union[Task, TaskConfig]]): the tasks, in the tower's representation order.
+        feature_names (Optional[Sequence[str]]): which pooled features feed the tower, in
+            order; any subset of the module's features. Default: None, every feature of an
+            EmbeddingBagCollection's tables, table by table.
+        label_columns (Optional[Dict[str, int]]): task name -> column of a torchrec Batch's
+            [B, C] labels (``TaskLabels``). Default: None (task i reads column i).
+        loss_weighting (Optional[nn.Module]): combines the task losses (``engagerec.losses``);
+            None is FixedWeighting with the tasks' weights. Default: None.
+        input_arch (Optional[nn.Module]): maps the pooled features [B, sum of widths] to the
+            tower's sparse part (e.g. ``TargetAttention``). Default: None.
 
     Call Args:
-        batch (Batch): dense and sparse features, labels and row weights.
+        batch: engagerec's ``Batch`` (labels by name, weights for missing labels) or
+            ``torchrec.datasets.utils.Batch`` (labels [B] or [B, C]).
 
     Returns:
         Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor],
@@ -239,133 +241,97 @@ class MultiTaskModel(nn.Module):
         (0 where the task's label is missing or the row is padding).
 
     Raises:
-        ValueError: if the tower's number of representations is not the number of tasks.
+        ValueError: the tower's number of representations is not the number of tasks, or a
+            feature name is not one of the module's.
 
     Example::
 
         >>> import torch
-        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-        >>> from engagerec.batch import Batch
-        >>> from engagerec.config import EmbeddingConfig, study_tasks
-        >>> from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
-        >>> from engagerec.features import FeatureSpec
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+        >>> from torchrec.datasets.utils import Batch
+        >>> from engagerec.config import TaskConfig
         >>> from engagerec.model import MultiTaskModel
-        >>> from engagerec.tasks import Task
         >>> from engagerec.towers import build_tower
         >>> _ = torch.manual_seed(0)
-        >>> schema = DatasetSchema(
-        ...     features=[],
-        ...     sparse=[SparseFeature("item", "item", multi=False)],
-        ...     dense=[DenseFeature("x", "x", "none", 0.0, 1.0, None)],
-        ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
-        ...     vocab_sizes={"item": 9},
-        ... )
-        >>> spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4))
-        >>> spec.input_dim  # one 4-wide embedding and one dense feature
-        5
-        >>> tasks = [Task(cfg) for cfg in study_tasks()]  # watch_ratio (regression), skip (binary)
-        >>> tower = build_tower("mmoe", spec.input_dim, len(tasks), num_experts=2, expert_sizes=[8])
-        >>> model = MultiTaskModel(spec, tower, tasks, device=torch.device("cpu"))
+        >>> table = EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["item"])
+        >>> ebc = EmbeddingBagCollection(tables=[table])  # the caller's, on any device
+        >>> tasks = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", kind="binary")]
+        >>> tower = build_tower("mmoe", 4 + 1, len(tasks), num_experts=2, expert_sizes=[8])
+        >>> model = MultiTaskModel(ebc, dense_in_features=1, tower=tower, tasks=tasks)
         >>> batch = Batch(
         ...     dense_features=torch.randn(3, 1),
         ...     sparse_features=KeyedJaggedTensor.from_lengths_sync(
         ...         keys=["item"], values=torch.tensor([1, 4, 7]), lengths=torch.tensor([1, 1, 1])
         ...     ),
-        ...     labels={"watch_ratio": torch.tensor([0.2, 0.9, 0.5]), "skip": torch.tensor([1.0, 0.0, 0.0])},
-        ...     weights=torch.ones(3),
-        ...     label_weights={"watch_ratio": torch.ones(3), "skip": torch.tensor([1.0, 1.0, 0.0])},
+        ...     labels=torch.tensor([[0.2, 1.0], [0.9, 0.0], [0.5, 0.0]]),  # [B, tasks]
         ... )
         >>> loss, (task_losses, predictions, labels, weights) = model(batch)
         >>> loss.shape, task_losses.shape
         (torch.Size([]), torch.Size([2]))
         >>> bool(torch.isclose(loss, task_losses.sum()))  # eq. 12 with both weights 1
         True
-        >>> sorted(predictions), predictions["skip"].shape
-        (['skip', 'watch_ratio'], torch.Size([3]))
+        >>> sorted(predictions), labels["skip"]
+        (['skip', 'watch_ratio'], tensor([1., 0., 0.]))
         >>> bool(((predictions["watch_ratio"] > 0) & (predictions["watch_ratio"] < 1)).all())
         True
-        >>> weights["skip"]  # the third row has no skip label
-        tensor([1., 1., 0.])
         >>> loss.backward()
-        >>> model.sparse_arch.embedding_bags["t_item"].weight.grad.shape
+        >>> model.embedding_bag_collection.embedding_bags["t"].weight.grad.shape
         torch.Size([10, 4])
     """
 
     def __init__(
         self,
-        spec: FeatureSpec,
+        embedding_bag_collection: Optional[nn.Module],
+        dense_in_features: int,
         tower: nn.Module,
-        tasks: List[Task],
-        device: Optional[torch.device] = None,
+        tasks: Sequence[Union[Task, TaskConfig]],
+        feature_names: Optional[Sequence[str]] = None,
+        label_columns: Optional[Dict[str, int]] = None,
         loss_weighting: Optional[nn.Module] = None,
         input_arch: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        tasks = [task if isinstance(task, Task) else Task(task) for task in tasks]
         if len(tower.output_dims) != len(tasks):
             raise ValueError(
                 f"the tower makes {len(tower.output_dims)} representations for {len(tasks)} tasks"
             )
-        self.spec = spec
         self.tasks = tasks
         self.num_tasks = len(tasks)
-        self.has_sparse = bool(spec.tables)
-        self.feature_names = spec.feature_names
+        self.dense_in_features = dense_in_features
+        self.has_sparse = embedding_bag_collection is not None
+        configs = _table_configs(embedding_bag_collection)
+        self.feature_names = _chosen_features(embedding_bag_collection, configs, feature_names)
+        # the tables of the chosen features (all of them when the module keeps no configs)
+        self.tables: List[EmbeddingBagConfig] = [
+            t for t in configs if set(t.feature_names) & set(self.feature_names)
+        ]
         if self.has_sparse:
-            self.sparse_arch = EmbeddingBagCollection(tables=spec.tables, device=device)
+            self.sparse_arch = embedding_bag_collection
             self.pooled_by_name = PooledByName(self.feature_names)
         self.input_arch = input_arch  # e.g. TargetAttention: pooled -> the tower's sparse part
+        self.task_labels = TaskLabels(tasks, label_columns)
         self.tower = tower
         self.heads = nn.ModuleList(
             task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
         )
         self.loss_weighting = loss_weighting or FixedWeighting([t.weight for t in tasks])
 
-    @classmethod
-    def from_config(
-        cls, schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
-    ) -> "MultiTaskModel":
-        """
-        The model a config describes for prepared data: the spec from ``cfg.embeddings``, the
-        tasks from ``cfg.tasks`` (or ``tasks_from_schema``), the tower from ``cfg.tower``
-        (built on the default device) and the loss weighting from ``cfg.loss``.
+    @property
+    def embedding_bag_collection(self) -> Optional[nn.Module]:
+        """The caller's embedding module (after DistributedModelParallel, its sharded form)."""
+        return self.sparse_arch if self.has_sparse else None
 
-        Args:
-            schema (DatasetSchema): the prepared data's schema.
-            cfg (ModelConfig): the model section of a config.
-            device (Optional[torch.device]): where the embedding tables are created.
-                Default: None.
+    @property
+    def sparse_dim(self) -> int:
+        """Width of the pooled embeddings the tower reads (before ``input_arch``): the chosen
+        features' table widths, summed (0 when the module keeps no table configs)."""
+        widths = {name: t.embedding_dim for t in self.tables for name in t.feature_names}
+        return sum(widths.get(name, 0) for name in self.feature_names)
 
-        Returns:
-            MultiTaskModel: the model.
-
-        Raises:
-            ConfigError: if a task's label is not in the prepared data, or a task trained with
-                cross-entropy reads a label with training values outside [0, 1].
-        """
-        spec = FeatureSpec.from_schema(schema, cfg.embeddings)
-        tasks = [Task(t) for t in (cfg.tasks or tasks_from_schema(schema))]
-        missing = [t.label for t in tasks if t.label not in schema.label_names]
-        if missing:
-            raise ConfigError(
-                f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
-            )
-        _check_soft_labels(tasks, schema)
-        input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
-        input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
-        try:
-            tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
-        except KeyError as err:  # an unknown name, with the nearest registered one
-            raise ConfigError(f"model.tower.name: {err.args[0]}") from None
-        except (TypeError, ValueError) as err:  # a parameter the tower does not take, or a bad value
-            raise ConfigError(
-                f"model.tower '{cfg.tower.name}' with params {cfg.tower.params}: {err}"
-            ) from None
-        weighting = build_loss_weighting(cfg.loss, [t.weight for t in tasks])
-        return cls(spec, tower, tasks, device=device, loss_weighting=weighting, input_arch=input_arch)
-
-    def tower_input(self, batch: Batch) -> torch.Tensor:
-        """x: pooled embeddings (``spec.feature_names`` order; through the input arch if
-        any), then dense features."""
+    def tower_input(self, batch) -> torch.Tensor:  # noqa: ANN001
+        """x: pooled embeddings (``feature_names`` order; through the input arch if any),
+        then dense features."""
         if not self.has_sparse:
             return batch.dense_features
         pooled = self.sparse_arch(batch.sparse_features)
@@ -376,16 +342,16 @@ class MultiTaskModel(nn.Module):
             sparse = self.input_arch(sparse)
         return torch.cat([sparse, batch.dense_features], dim=1)
 
-    def forward(self, batch: Batch) -> ModelOutput:
+    def forward(self, batch) -> ModelOutput:  # noqa: ANN001
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
         shared = self.tower_input(batch)
         representations = self.tower(shared)
+        task_labels = self.task_labels(batch)  # ([label per task], [weight per task]): a leaf when traced
         losses, predictions, labels, weights = [], {}, {}, {}
-        for i in range(self.num_tasks):  # concrete ints: the list is opaque under FX tracing
+        for i in range(self.num_tasks):  # concrete ints: the lists are opaque under FX tracing
             task = self.tasks[i]
             output = self.heads[i](representations[i])
-            label = batch.labels[task.label]
-            weight = batch.label_weights[task.label]  # 0 where this task's label is missing
+            label, weight = task_labels[0][i], task_labels[1][i]  # weight 0: label missing or padding
             losses.append(task.loss(output, label, weight))
             predictions[task.name] = task.prediction(output).detach()
             labels[task.name] = label
@@ -393,3 +359,34 @@ class MultiTaskModel(nn.Module):
         task_losses = torch.stack(losses)
         loss = self.loss_weighting(task_losses, shared)  # fixed weights: the study's eq. 12
         return loss, (task_losses.detach(), predictions, labels, weights)
+
+
+def _table_configs(module: Optional[nn.Module]) -> List[EmbeddingBagConfig]:
+    """The module's table configs (an EmbeddingBagCollection's), or none for any other module."""
+    configs = getattr(module, "embedding_bag_configs", None)
+    return list(configs()) if callable(configs) else []
+
+
+def _chosen_features(
+    module: Optional[nn.Module], configs: List[EmbeddingBagConfig], names: Optional[Sequence[str]]
+) -> List[str]:
+    """``names``, checked against the module's features; every feature when None."""
+    if module is None:
+        if names:
+            raise ValueError(f"feature_names {list(names)} given without an embedding module")
+        return []
+    available = [name for table in configs for name in table.feature_names]
+    if names is None:
+        if not configs:
+            raise ValueError(
+                f"{type(module).__name__} keeps no table configs (embedding_bag_configs()): "
+                "name the pooled features the tower reads with feature_names"
+            )
+        return available
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"feature_names {names} name a feature twice")
+    unknown = [name for name in names if configs and name not in available]
+    if unknown:
+        raise ValueError(f"feature_names {unknown} are not features of the embedding module ({available})")
+    return names

@@ -28,7 +28,7 @@ from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
 from engagerec.distributed import close_runtime, init_runtime
-from engagerec.model import configured_tasks
+from engagerec.model_builder import configured_tasks
 from engagerec.runs import OpenedRun, open_run, run_config
 from engagerec.tasks import Task
 

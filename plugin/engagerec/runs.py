@@ -36,6 +36,7 @@ from engagerec.distributed import (
 from engagerec.errors import CheckpointError
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.model import MultiTaskModel
+from engagerec.model_builder import build_model
 from engagerec.towers import TOWERS
 
 
@@ -70,7 +71,7 @@ def sharded_model(
         >>> close_runtime(runtime)
     """
     schema = DatasetSchema.load(prepared_dir(cfg))
-    model = MultiTaskModel.from_config(schema, cfg.model, device=torch.device("meta"))
+    model = build_model(schema, cfg.model, device=torch.device("meta"))
     tc = cfg.train
     return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 
@@ -294,13 +295,12 @@ def describe(cfg: ExperimentConfig, towers: List[str], data_dir: Optional[str] =
         raise ConfigError("describe needs at least one tower name")
     rows = {}
     for name in names:
-        model = MultiTaskModel.from_config(schema, with_tower(cfg, name).model)
+        model = build_model(schema, with_tower(cfg, name).model)
         rows[name] = parameter_counts(model)
-    spec = model.spec
-    sparse = model.input_arch.output_dim if model.input_arch is not None else spec.sparse_dim
+    sparse = model.input_arch.output_dim if model.input_arch is not None else model.sparse_dim
     through = " through the input arch" if model.input_arch is not None else ""
     heading = (
-        f"parameters per part ({sparse + spec.dense_dim} tower inputs: {sparse} from the pooled "
-        f"embeddings{through} + {spec.dense_dim} dense)"
+        f"parameters per part ({sparse + model.dense_in_features} tower inputs: {sparse} from the pooled "
+        f"embeddings{through} + {model.dense_in_features} dense)"
     )
     return heading + "\n" + format_parameter_table(rows)

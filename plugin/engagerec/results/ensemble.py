@@ -28,7 +28,7 @@ from engagerec.compare import refit_run, run_comparison
 from engagerec.config import load_config
 from engagerec.gbdt import gbdt_reference
 from engagerec.metrics import exact_xauc
-from engagerec.model import configured_tasks
+from engagerec.model_builder import configured_tasks
 from engagerec.report import GBDT, markdown_table, paired_comparisons, paired_table, summarise
 from engagerec.results.common import TARGETS, Section, config_spec, prepared
 from engagerec.results.comparisons import goal_findings, versus_reference

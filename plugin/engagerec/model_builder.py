@@ -1,0 +1,211 @@
+"""The model a config describes for prepared data: engagerec's own path into MultiTaskModel.
+
+The schema's id spaces become an EmbeddingBagCollection (``FeatureSpec``), built here and
+handed to ``MultiTaskModel`` exactly as a TorchRec user hands in their own: one code path.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from engagerec.attention import TargetAttention
+from engagerec.config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    TargetAttentionConfig,
+    TaskConfig,
+    prepared_dir,
+)
+from engagerec.data.schema import DatasetSchema, position_names
+from engagerec.features import FeatureSpec
+from engagerec.losses import build_loss_weighting
+from engagerec.model import MultiTaskModel
+from engagerec.tasks import Task
+from engagerec.towers.registry import build_tower
+
+
+def build_model(
+    schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
+) -> MultiTaskModel:
+    """
+    The model a config describes for prepared data: an EmbeddingBagCollection of the spec
+    ``cfg.embeddings`` makes, the tasks from ``cfg.tasks`` (or ``tasks_from_schema``), the tower
+    from ``cfg.tower`` (built on the default device) and the loss weighting from ``cfg.loss``.
+
+    Args:
+        schema (DatasetSchema): the prepared data's schema.
+        cfg (ModelConfig): the model section of a config.
+        device (Optional[torch.device]): where the embedding tables are created
+            (``torch.device("meta")`` lets DistributedModelParallel materialise them). Default: None.
+
+    Returns:
+        MultiTaskModel: the model, its pooled features in ``FeatureSpec.feature_names`` order.
+
+    Raises:
+        ConfigError: if a task's label is not in the prepared data, or a task trained with
+            cross-entropy reads a label with training values outside [0, 1].
+
+    Example::
+
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
+        >>> from engagerec.model_builder import build_model
+        >>> schema = DatasetSchema(
+        ...     features=[],
+        ...     sparse=[SparseFeature("item", "item", multi=False)],
+        ...     dense=[DenseFeature("x", "x", "none", 0.0, 1.0, None)],
+        ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
+        ...     vocab_sizes={"item": 9},
+        ... )
+        >>> model = build_model(schema, load_config("kuairand_mmoe").model, device=torch.device("meta"))
+        >>> model.feature_names, model.dense_in_features, [t.name for t in model.tasks]
+        (['item'], 1, ['watch_ratio', 'skip'])
+    """
+    spec = FeatureSpec.from_schema(schema, cfg.embeddings)
+    tasks = [Task(t) for t in (cfg.tasks or tasks_from_schema(schema))]
+    missing = [t.label for t in tasks if t.label not in schema.label_names]
+    if missing:
+        raise ConfigError(
+            f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
+        )
+    _check_soft_labels(tasks, schema)
+    input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
+    input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
+    try:
+        tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
+    except KeyError as err:  # an unknown name, with the nearest registered one
+        raise ConfigError(f"model.tower.name: {err.args[0]}") from None
+    except (TypeError, ValueError) as err:  # a parameter the tower does not take, or a bad value
+        raise ConfigError(f"model.tower '{cfg.tower.name}' with params {cfg.tower.params}: {err}") from None
+    # the tables after the tower: the order seeded runs have always drawn their initial weights in
+    tables = EmbeddingBagCollection(tables=spec.tables, device=device) if spec.tables else None
+    return MultiTaskModel(
+        tables,
+        dense_in_features=spec.dense_dim,
+        tower=tower,
+        tasks=tasks,
+        feature_names=spec.feature_names if spec.tables else None,
+        loss_weighting=build_loss_weighting(cfg.loss, [t.weight for t in tasks]),
+        input_arch=input_arch,
+    )
+
+
+def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:
+    """The TargetAttention ``model.target_attention`` describes, over the pooled columns of ``spec``.
+
+    Args:
+        spec (FeatureSpec): the model's tables (their feature order is the pooled columns').
+        schema (DatasetSchema): the prepared data's schema (the history's length and kind).
+        cfg (TargetAttentionConfig): which history, which candidate, the MLP's sizes.
+
+    Returns:
+        TargetAttention: its ``output_dim`` replaces ``spec.sparse_dim`` in the tower's input.
+
+    Example: ``tests/test_attention.py`` (``build_model`` calls it when the
+    config has ``model.target_attention``).
+
+    Raises:
+        ConfigError: the history is no positional history feature of the prepared data, or the
+            candidate is not embedded in the history's table.
+    """
+    history = next((f for f in schema.features if f["name"] == cfg.history), None)
+    if history is None or history["kind"] != "history" or not history.get("positions"):
+        raise ConfigError(
+            f"model.target_attention.history '{cfg.history}' is no history feature with positions: true "
+            "in the prepared data (prepare it with that feature)"
+        )
+    widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
+    positions = position_names(cfg.history, history["length"])
+    table = next((t for t in spec.tables if positions[0] in t.feature_names), None)
+    if table is None:
+        raise ConfigError(f"model.target_attention.history '{cfg.history}' has no embedding table")
+    single = {f.name for f in schema.sparse if not f.multi}
+    if cfg.candidate not in table.feature_names or cfg.candidate not in single:
+        raise ConfigError(
+            f"model.target_attention.candidate '{cfg.candidate}' is not embedded in the history's table "
+            f"{table.name} as one id per row (its features: {table.feature_names})"
+        )
+    return TargetAttention(
+        list(widths.values()), list(widths), cfg.candidate, positions, hidden_sizes=cfg.hidden_sizes
+    )
+
+
+def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:
+    """
+    One task per label of the prepared data, named after it, of its kind, with weight 1: a
+    regression head ends in a sigmoid when every train value of its label lies in [0, 1] (a
+    ratio, per the train split's label summary in ``schema.meta``), else in the identity.
+    What ``build_model`` uses when the config names no tasks.
+
+    Args:
+        schema (DatasetSchema): the prepared data's schema.
+
+    Returns:
+        List[TaskConfig]: one per ``schema.labels``, in order.
+
+    Example::
+
+        >>> from engagerec.data.schema import DatasetSchema, LabelSpec
+        >>> from engagerec.model_builder import tasks_from_schema
+        >>> ranges = {"watch_ratio": {"min": 0.0, "max": 1.0}, "watch_time": {"min": 0.0, "max": 310.5}}
+        >>> train = {"labels": ranges}
+        >>> schema = DatasetSchema(
+        ...     features=[],
+        ...     sparse=[],
+        ...     dense=[],
+        ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("watch_time", "regression")],
+        ...     vocab_sizes={},
+        ...     meta={"summary": {"split": {"train": train}}},
+        ... )
+        >>> [(task.name, task.kind, task.output) for task in tasks_from_schema(schema)]
+        [('watch_ratio', 'regression', 'sigmoid'), ('watch_time', 'regression', 'identity')]
+    """
+    stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
+    tasks = []
+    for label in schema.labels:
+        low, high = stats.get(label.name, {}).get("min"), stats.get(label.name, {}).get("max")
+        unit = low is not None and high is not None and 0 <= low and high <= 1
+        output = "sigmoid" if unit else "identity"
+        tasks.append(TaskConfig(name=label.name, label=label.name, kind=label.kind, output=output))
+    return tasks
+
+
+def configured_tasks(cfg: ExperimentConfig) -> List[TaskConfig]:
+    """
+    The tasks a run of ``cfg`` trains: ``model.tasks`` when the config names them, else one
+    per label of its prepared data (``tasks_from_schema``), as ``build_model``
+    builds them.
+
+    Args:
+        cfg (ExperimentConfig): the experiment; its prepared data must exist when it names no tasks.
+
+    Returns:
+        List[TaskConfig]: the tasks, in order.
+
+    Example::
+
+        >>> from engagerec.config import load_config
+        >>> [task.name for task in configured_tasks(load_config("kuairand_stats"))]
+        ['watch_ratio', 'skip']
+    """
+    return list(cfg.model.tasks) or tasks_from_schema(DatasetSchema.load(prepared_dir(cfg)))
+
+
+def _check_soft_labels(tasks: List[Task], schema: DatasetSchema) -> None:
+    """Cross-entropy reads a regression label as a probability: refuse one whose training
+    values (the train split's label summary) leave [0, 1], where its loss has no minimum."""
+    stats = schema.meta.get("summary", {}).get("split", {}).get("train", {}).get("labels", {})
+    for task in tasks:
+        if task.kind != "regression" or task.cfg.loss != "cross_entropy":
+            continue
+        low, high = stats.get(task.label, {}).get("min"), stats.get(task.label, {}).get("max")
+        if low is not None and high is not None and not 0 <= low <= high <= 1:
+            raise ConfigError(
+                f"model.tasks: task '{task.name}' trains with cross-entropy, which reads label "
+                f"'{task.label}' as a probability; its training values lie in [{low:g}, {high:g}], "
+                "expected [0, 1] (loss: mse, or cap the ratio)"
+            )
