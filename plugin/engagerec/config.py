@@ -283,6 +283,7 @@ class TrainConfig:
     data_dir: Optional[str] = None  # prepared data (default prepared/<name>)
     batch_size: int = 1024  # per rank
     eval_batch_size: int = 8192
+    gauc_group: Optional[str] = "user_id"  # evaluation's GAUC groups by this id, when the data embeds it
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps in all (0: no limit)
     dense_lr: float = 1e-4  # Adam on the dense part; the study's 1e-4

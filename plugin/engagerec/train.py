@@ -52,7 +52,7 @@ from engagerec.distributed import (
 )
 from engagerec.errors import CheckpointError, TrainingError
 from engagerec.evaluate import evaluate, train_label_means
-from engagerec.metrics import build_metric_module, metric_inputs, readable
+from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
 from engagerec.runs import sharded_model
@@ -280,13 +280,9 @@ class Trainer:
         self.pipeline = TrainPipelineSparseDist(
             self.dmp, self.optimizer, runtime.device, execute_all_batches=True
         )
-        self.train_metrics = build_metric_module(
-            self.tasks,
-            self.tc.batch_size,
-            TRAIN_METRIC_WINDOW,
-            runtime.device,
-            runtime.world_size,
-            runtime.rank,
+        # windowed and cheap per step: the exact rank metrics are evaluation's
+        self.train_metrics = TaskMetrics(
+            self.tasks, self.tc.batch_size, runtime.device, TRAIN_METRIC_WINDOW, exact=False
         )
         self.profiler = StepProfiler(
             self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, runtime.is_main
@@ -341,7 +337,7 @@ class Trainer:
         tc = self.tc
         val = evaluate(
             self.dmp, self.tasks, self.data_dir, "val", tc.eval_batch_size, self.runtime.device, self.means,
-            tc.num_workers,
+            tc.num_workers, tc.gauc_group,
         )  # fmt: skip
         self.log.write(self.state.step, "val", val)
         return val
@@ -411,7 +407,7 @@ class Trainer:
             if self.testing:
                 results["test"] = evaluate(
                     self.dmp, self.tasks, self.data_dir, "test", tc.eval_batch_size, self.runtime.device,
-                    self.means, tc.num_workers,
+                    self.means, tc.num_workers, tc.gauc_group,
                 )  # fmt: skip
                 self.log.write(state.step, "test", results["test"])
         if self.runtime.is_main:
@@ -469,7 +465,7 @@ class Trainer:
             _stop_if_not_finite(self.tasks, task_losses, state.step, self.ckpt_root)
         if state.step % tc.train_metrics_every_steps == 0:
             with record_function(METRICS):
-                self.train_metrics.update(metric_inputs(self.tasks, predictions, labels, weights))
+                self.train_metrics.update(predictions, labels, weights)
         self.profiler.after_step(state.step)
         if at_log_step:
             self._log_train(task_losses)
@@ -490,7 +486,7 @@ class Trainer:
     def _log_train(self, task_losses: torch.Tensor) -> None:
         """The training losses, windowed metrics, loss weights and samples/s of this window."""
         values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(self.tasks)}
-        values.update(readable(self.train_metrics.compute()))
+        values.update(self.train_metrics.compute())
         weights_now = self.model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
         values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(self.tasks)})
         values["samples_per_s"] = self._window_rows / (time.perf_counter() - self._window_started)
