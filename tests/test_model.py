@@ -15,6 +15,7 @@ from engagerec.config import ConfigError, EmbeddingConfig, ModelConfig, TaskConf
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
 from engagerec.features import FeatureSpec
+from engagerec.model import task_labels
 from engagerec.model_builder import build_model
 from engagerec.towers import TOWERS, register_tower
 
