@@ -44,7 +44,7 @@ DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/
 	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \
 	plugin/engagerec/profiling.py plugin/engagerec/export.py plugin/engagerec/predict.py \
 	plugin/engagerec/train.py plugin/engagerec/report.py plugin/engagerec/runs.py plugin/engagerec/compare.py \
-	plugin/engagerec/attention.py plugin/engagerec/machine.py plugin/engagerec/gbdt.py plugin/engagerec/results
+	plugin/engagerec/attention.py plugin/engagerec/machine.py plugin/engagerec/extras.py plugin/engagerec/gbdt.py plugin/engagerec/results
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)

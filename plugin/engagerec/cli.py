@@ -14,6 +14,7 @@ from typing import List, Optional
 from engagerec.config import ConfigError, load_config, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.errors import CheckpointError, TrainingError
+from engagerec.extras import missing_extra
 from engagerec.host_memory import keep_freed_memory
 
 
@@ -394,4 +395,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         TrainingError,
     ) as err:  # anything else is a bug: a traceback
         print(f"engagerec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # a package an extra installs: one line naming the extra
+        message = missing_extra(err, f"engagerec {args.command}")
+        if message is None:
+            raise
+        print(f"engagerec {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -63,7 +63,11 @@ def build_metric_module(
         if chosen:
             metrics[enum] = RecMetricDef(rec_tasks=chosen, window_size=window)
     config = MetricsConfig(
-        rec_tasks=list(infos.values()), rec_metrics=metrics, throughput_metric=None, state_metrics=[]
+        rec_tasks=list(infos.values()),
+        rec_metrics=metrics,
+        throughput_metric=None,
+        state_metrics=[],
+        compute_on_all_ranks=True,  # every rank gets the values (torchrec's default: rank 0 only)
     )
     return generate_metric_module(
         RecMetricModule,

@@ -52,6 +52,7 @@ from engagerec.distributed import (
 )
 from engagerec.errors import CheckpointError, TrainingError
 from engagerec.evaluate import evaluate, train_label_means
+from engagerec.extras import missing_extra
 from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
@@ -68,16 +69,25 @@ def seed_everything(seed: int) -> None:
 
 
 class RunLog:
-    """CSV rows and TensorBoard scalars, written by rank 0 only."""
+    """CSV rows, and TensorBoard scalars when the tensorboard extra is installed (else a line
+    says so once), written by rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.rows = []
+        self.tensorboard = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir))
             self.csv_path = run_dir / "log.csv"
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # torch raises its own message when tensorboard is missing
+                print(
+                    missing_extra(
+                        ModuleNotFoundError(str(err), name="tensorboard"), "TensorBoard event files"
+                    )
+                )
+            else:
+                self.tensorboard = SummaryWriter(str(run_dir))
 
     def write(self, step: int, phase: str, values: Dict[str, float]) -> None:
         """Log ``values`` for ``step`` and ``phase`` (train, val, test) as ``<phase>/<key>`` scalars and
@@ -86,7 +96,7 @@ class RunLog:
             return
         row = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in values.items()}}
         self.rows.append(row)
-        for key, value in values.items():
+        for key, value in values.items() if self.tensorboard is not None else ():
             self.tensorboard.add_scalar(f"{phase}/{key}", value, step)
         keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k not in ("step", "phase"), k))
         with open(self.csv_path, "w", newline="") as handle:  # rewritten whole: columns may grow
@@ -96,7 +106,7 @@ class RunLog:
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
-        if self.enabled:
+        if self.tensorboard is not None:
             self.tensorboard.close()
 
 
