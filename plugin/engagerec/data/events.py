@@ -16,9 +16,9 @@ import duckdb
 
 from engagerec.config import DataConfig, FeatureConfig, LabelConfig
 from engagerec.data.errors import DataError
+from engagerec.data.fitting import validate_features
 from engagerec.data.history import require_history_keys
 from engagerec.data.raw import CONTENT_ID, DURATION, KEY_COLUMNS, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
-from engagerec.data.schema import validate_features
 from engagerec.data.split import split_sql
 from engagerec.data.tables import (
     LoadedTable,
