@@ -392,7 +392,8 @@ TASK_METRICS: Dict[str, Dict[str, Optional[str]]] = {
     "regression": {"mse": "min", "rmse": "min", "mae": "min", "mse_loss": "min", "xauc": "max",
                    "baseline_mse_train_mean": None},
     "binary": {"auc": "max", "accuracy": "max", "ne": "min", "log_loss": "min", "calibration": None,
-               "baseline_accuracy_majority": None},
+               "baseline_accuracy_majority": None,
+               "gauc": "max"},  # when the data embeds train.gauc_group (evaluate)
 }  # fmt: skip
 
 
