@@ -267,6 +267,11 @@ class Trainer:
         self.tasks = self.model.tasks
         # the tasks are known now (from schema.json when the config names none): check before training
         check_monitor(self.tc.monitor, self.tc.monitor_mode, {t.name: t.kind for t in self.tasks})
+        if self.tc.monitor.endswith("/gauc") and self.tc.gauc_group not in self.model.feature_names:
+            raise ConfigError(
+                f"train.monitor '{self.tc.monitor}': GAUC groups by train.gauc_group "
+                f"'{self.tc.gauc_group}', which is not a sparse feature of the model"
+            )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
         self.state = self._start(resume, allow_config_change)
         if runtime.is_main:  # after the resume check: a refused resume leaves the run's files alone
