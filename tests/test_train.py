@@ -290,6 +290,12 @@ def test_a_monitor_evaluation_does_not_report_is_refused_before_any_training(stu
     ):
         train(study_run_config(study_data, monitor="click/auc", monitor_mode="max"), run)
     assert not (run / "log.csv").exists() and not (run / "checkpoints").exists()
+    # GAUC groups by a feature the model must embed: refused before training, not at the first validation
+    with pytest.raises(ConfigError, match=r"train.gauc_group 'session', which is not a sparse feature"):
+        train(
+            study_run_config(study_data, monitor="skip/gauc", monitor_mode="max", gauc_group="session"), run
+        )
+    assert not (run / "log.csv").exists()
 
 
 def test_enum_like_keys_are_checked_when_the_config_loads(study_data):
