@@ -291,8 +291,8 @@ def test_a_study_command_without_the_study_extra_names_it_in_one_line(repo, tmp_
         done = engagerec(*command)
         assert done.returncode == 2, done.stderr
         assert done.stderr == (
-            f"engagerec {command[0]} needs the study extra: pip install 'engagerec[study]' "
-            "(no module named 'sklearn')\n"
+            f"engagerec {command[0]}: error: engagerec {command[0]} needs the study extra "
+            "(sklearn is not installed): pip install 'engagerec[study]'\n"
         )
     # the library's commands do not need the extra
     made = engagerec(

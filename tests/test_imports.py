@@ -130,3 +130,35 @@ def test_the_gbdt_fits_in_a_process_that_never_loads_torch(tmp_path, monkeypatch
     monkeypatch.setenv("PYTHONPATH", _sitecustomize(tmp_path / "site", "import torch\n"))
     with pytest.raises(RuntimeError, match="imported torch"):
         gbdt_reference(data, 1, tasks, iterations)
+
+
+def _loaded_after(statement: str, modules=("duckdb", "pandas", "pyarrow")) -> list:
+    """The ``modules`` a fresh interpreter has loaded after running ``statement``."""
+    import subprocess
+    import sys
+
+    code = f"import sys; {statement}; print(','.join(m for m in {list(modules)!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return [m for m in out.strip().split(",") if m]
+
+
+def test_the_schema_contract_loads_without_the_writers_engine():
+    """Readers, the model builder, predict and export read schema.json: none of them should pay
+    for (or need installed) DuckDB, pandas or pyarrow to do it."""
+    assert _loaded_after("import engagerec.data.schema") == []
+    assert _loaded_after("import engagerec.data") == []  # the package's names are lazy
+    # the check itself works: the writer does load them
+    assert "duckdb" in _loaded_after("import engagerec.data.prepare")
+
+
+def test_engagerec_data_prepare_is_the_writer_whichever_import_came_first():
+    import subprocess
+    import sys
+
+    code = (
+        "import engagerec.data.prepare as first; from engagerec.data import prepare, DatasetSchema; "
+        "import engagerec.data.fitting; "
+        "print(callable(prepare), prepare.__name__, first is prepare, DatasetSchema.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "prepare", "True", "DatasetSchema"]

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from engagerec.config import TaskConfig
-from engagerec.metrics import ExactXAUC, build_metric_module, exact_xauc, metric_inputs, readable
+from engagerec.metrics import (
+    ExactXAUC,
+    TaskMetrics,
+    build_metric_module,
+    exact_xauc,
+    grouped_auc,
+    metric_inputs,
+    readable,
+)
 from engagerec.tasks import Task
 
 
@@ -62,3 +70,93 @@ def test_training_metrics_leave_the_quadratic_xauc_out():
     names = set(readable(module.compute()))
     assert {"watch_ratio/mse", "watch_ratio/mae", "skip/auc"} <= names
     assert not [name for name in names if "xauc" in name]
+
+
+def _xauc_by_kendall(predictions, labels) -> float:
+    """The earlier implementation's route, through scipy's Kendall tau-b: an independent oracle."""
+    from scipy.stats import kendalltau
+
+    x, y = np.asarray(predictions, float), np.asarray(labels, float)
+    n = len(x)
+
+    def tied(values):
+        counts = np.unique(values, return_counts=True, axis=0)[1].astype(float)
+        return float((counts * (counts - 1) / 2).sum())
+
+    total, tied_x, tied_y = n * (n - 1) / 2, tied(x), tied(y)
+    tied_both = tied(np.stack([x, y], axis=1))
+    tau = kendalltau(x, y, variant="b").statistic
+    concordant = (
+        total - tied_x - tied_y + tied_both + tau * np.sqrt((total - tied_x) * (total - tied_y))
+    ) / 2
+    return (concordant + 0.5 * (tied_x - tied_both)) / (total - tied_y)
+
+
+@pytest.mark.parametrize("n", [2, 3, 1000, 40_001])
+def test_exact_xauc_without_scipy_equals_the_kendall_route(n):
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, 21, n) / 20
+    predictions = np.round(labels * 0.5 + rng.random(n), 3).astype(np.float32)
+    if len(set(labels)) > 1:
+        assert exact_xauc(predictions, labels) == pytest.approx(
+            _xauc_by_kendall(predictions, labels), abs=1e-9
+        )
+
+
+def _gauc_by_groups(groups, scores, labels) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    total = weighted = 0.0
+    for group in np.unique(groups):
+        mine = groups == group
+        if len(set(labels[mine])) == 2:
+            weighted += mine.sum() * roc_auc_score(labels[mine], scores[mine])
+            total += mine.sum()
+    return weighted / total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_auc_equals_scikit_learn_per_group_weighted_by_rows(seed):
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 40, 3000) * 1_000_003  # sparse, large ids
+    labels = (rng.random(3000) < 0.3 + 0.4 * (groups % 3 == 0)).astype(float)
+    scores = np.round(labels * 0.3 + rng.random(3000), 2)  # ties inside groups
+    assert grouped_auc(groups, scores, labels) == pytest.approx(
+        _gauc_by_groups(groups, scores, labels), abs=1e-12
+    )
+    assert np.isnan(grouped_auc(np.arange(5), np.zeros(5), np.ones(5)))  # no group holds both classes
+
+
+def test_task_metrics_names_values_by_task_and_groups_by_a_sparse_feature():
+    from torchrec import KeyedJaggedTensor
+
+    tasks = [TaskConfig("dwell", "dwell", output="identity"), TaskConfig("click", "click", kind="binary")]
+    metrics = TaskMetrics(tasks, batch_size=6, gauc_group="user")
+    rng = np.random.default_rng(0)
+    users = torch.tensor([5, 5, 5, 8, 8, 8])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["user", "history"],
+        torch.cat([users, torch.tensor([1, 2, 3])]),
+        torch.tensor([1] * 6 + [1, 0, 2, 0, 0, 0]),
+    )
+    p = {"dwell": torch.tensor(rng.random(6)).float(), "click": torch.tensor([0.9, 0.2, 0.6, 0.1, 0.7, 0.4])}
+    y = {"dwell": torch.tensor(rng.random(6)).float(), "click": torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])}
+    w = {"dwell": torch.ones(6), "click": torch.tensor([1.0, 1, 1, 1, 1, 0])}  # the last click label missing
+    metrics.update(p, y, w, groups=kjt)
+    values = metrics.compute()
+    assert {
+        "dwell/mse",
+        "dwell/mae",
+        "dwell/xauc",
+        "click/auc",
+        "click/accuracy",
+        "click/ne",
+        "click/gauc",
+    } <= set(values)
+    assert values["dwell/mse"] == pytest.approx(float(((p["dwell"] - y["dwell"]) ** 2).mean()), rel=1e-6)
+    # user 5: AUC 1 over 3 rows; user 8 (its last row unlabelled): AUC 1 over 2 rows
+    assert values["click/gauc"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one id per row"):
+        TaskMetrics(tasks, batch_size=6, gauc_group="history").update(p, y, w, groups=kjt)
+    with pytest.raises(ValueError, match="pass groups="):
+        metrics.update(p, y, w)

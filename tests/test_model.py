@@ -15,8 +15,9 @@ from engagerec.config import ConfigError, EmbeddingConfig, ModelConfig, TaskConf
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
 from engagerec.features import FeatureSpec
+from engagerec.model import MultiTaskModel, task_labels
 from engagerec.model_builder import build_model
-from engagerec.towers import TOWERS, register_tower
+from engagerec.towers import TOWERS, build_tower, register_tower
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +167,16 @@ def test_forward_fx_traces_with_the_kjt_going_straight_into_the_embeddings(study
     model = _model(reader.schema, "ple")
     heads = [f"heads.{i}" for i in range(model.num_tasks)]
     # the pipeline's own tracer, with the modules it takes as leaves (no ShardedModule inside):
-    # the embedding module, the column order, the labels, the tower and the heads
-    graph = Tracer(leaf_modules=["sparse_arch", "pooled_by_name", "task_labels", "tower", *heads]).trace(
-        model
-    )
+    # the embedding module, the column order, the tower and the heads (task_labels is fx.wrap-ped)
+    graph = Tracer(leaf_modules=["sparse_arch", "pooled_by_name", "tower", *heads]).trace(model)
     lookups = [n for n in graph.nodes if n.op == "call_module" and n.target == "sparse_arch"]
     assert len(lookups) == 1
     (kjt,) = lookups[0].args
     assert kjt.op == "call_function" and kjt.args[0].op == "placeholder" and kjt.args[1] == "sparse_features"
     assert len(kjt.users) == 1  # nothing else reads the KJT before the lookup
+    # the labels are read by one wrapped call, whatever the tracer takes as leaves (with every
+    # table data-parallel, TorchRec's pipeline takes none and traces the whole forward)
+    assert [n.target for n in graph.nodes if n.op == "call_function"].count(task_labels) == 1
     traced = torch.fx.GraphModule(model, graph)
     batch = next(iter(reader))
     torch.testing.assert_close(traced(batch)[0], model(batch)[0])
@@ -303,3 +305,80 @@ def test_auto_dim_sizes_small_tables_down(study_data):
         and dims["t_user_id"] == 16
         and dims["t_duration_bucket"] == auto_dim(schema.num_embeddings("duration_bucket"), 16)
     )
+
+
+def _user_tables():
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    tables = [
+        EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=20, feature_names=["user"]),
+        EmbeddingBagConfig(
+            name="t_item",
+            embedding_dim=6,
+            num_embeddings=30,
+            feature_names=["item", "seen"],
+            pooling=PoolingType.MEAN,
+        ),
+    ]
+    return EmbeddingBagCollection(tables=tables)
+
+
+def _torchrec_batch(labels, rows=5):
+    from torchrec import KeyedJaggedTensor
+    from torchrec.datasets.utils import Batch as TorchRecBatch
+
+    ids = torch.arange(3 * rows) % 20
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["user", "item", "seen"], ids, torch.ones(3 * rows, dtype=torch.int32)
+    )
+    return TorchRecBatch(dense_features=torch.randn(rows, 2), sparse_features=kjt, labels=labels)
+
+
+def test_the_model_uses_the_callers_own_tables_and_any_stated_subset_of_their_features():
+    torch.manual_seed(0)
+    ebc = _user_tables()
+    before = ebc.embedding_bags["t_item"].weight.detach().clone()
+    tasks = [TaskConfig("click", "click", kind="binary")]
+    tower = build_tower("shared_bottom", 6 + 4 + 2, 1, layer_sizes=[8])  # item, then user: as stated
+    model = MultiTaskModel(ebc, dense_in_features=2, tower=tower, tasks=tasks, feature_names=["item", "user"])
+    assert model.embedding_bag_collection is ebc  # kept, not rebuilt: the caller's options stay
+    assert torch.equal(model.embedding_bag_collection.embedding_bags["t_item"].weight, before)
+    assert model.feature_names == ["item", "user"] and model.sparse_dim == 10
+    batch = _torchrec_batch(torch.tensor([1, 0, 1, 1, 0]))  # int 0/1 labels [B] for one binary task
+    pooled = ebc(batch.sparse_features).to_dict()
+    expected = torch.cat([pooled["item"], pooled["user"], batch.dense_features], dim=1)
+    torch.testing.assert_close(model.tower_input(batch), expected)  # "seen" left out, order as stated
+    loss, (_, predictions, labels, weights) = model(batch)
+    assert labels["click"].dtype == torch.float32 and torch.equal(weights["click"], torch.ones(5))
+    with pytest.raises(ValueError, match=r"feature_names \['genre'\] are not features"):
+        MultiTaskModel(_user_tables(), 2, tower, tasks, feature_names=["genre"])
+
+
+@pytest.mark.parametrize(
+    "labels, label_columns, message",
+    [
+        (torch.rand(5), None, r"task 'dwell': labels of shape \[5\] hold one task's labels; 2 tasks need"),
+        (torch.rand(5, 1), None, r"task 'click': reads label column 1, but the labels have 1 columns"),
+        (torch.rand(4, 2), None, r"task 'dwell': labels of shape \[4\], expected \[5\]"),
+        (torch.randint(0, 2, (5, 2)), None, r"task 'dwell' \(regression\): labels of dtype torch.int64"),
+        (torch.rand(5, 3), {"dwell": 2}, r"tasks without one \['click'\]"),
+    ],
+)
+def test_torchrec_batch_labels_that_do_not_fit_the_tasks_are_refused_naming_the_task(
+    labels, label_columns, message
+):
+    tasks = [TaskConfig("dwell", "dwell", output="identity"), TaskConfig("click", "click", kind="binary")]
+    tower = build_tower("shared_bottom", 16 + 2, 2, layer_sizes=[8])
+    with pytest.raises(ValueError, match=message):
+        MultiTaskModel(_user_tables(), 2, tower, tasks, label_columns=label_columns)(_torchrec_batch(labels))
+
+
+def test_label_columns_map_tasks_to_columns_of_a_torchrec_batch():
+    tasks = [TaskConfig("dwell", "dwell", output="identity"), TaskConfig("click", "click", kind="binary")]
+    tower = build_tower("shared_bottom", 16 + 2, 2, layer_sizes=[8])
+    model = MultiTaskModel(_user_tables(), 2, tower, tasks, label_columns={"dwell": 2, "click": 0})
+    labels = torch.tensor(
+        [[1.0, 9.0, 30.0], [0.0, 9.0, 12.0], [1.0, 9.0, 7.0], [0.0, 9.0, 1.0], [0.0, 9.0, 2.0]]
+    )
+    _, (_, _, read, _) = model(_torchrec_batch(labels))
+    assert torch.equal(read["dwell"], labels[:, 2]) and torch.equal(read["click"], labels[:, 0])

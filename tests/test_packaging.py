@@ -107,3 +107,86 @@ def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
     )
     assert "prepare" in cli.stdout and "train" in cli.stdout
     assert "compare" in cli.stdout and "results" in cli.stdout  # the study's, by its entry points
+
+
+# what the core install may bring: the wheel's dependencies without extras, and FBGEMM (the user's build)
+EXTRAS_ONLY = ("duckdb", "pandas", "pyarrow", "scikit-learn", "scipy", "tensorboard")
+
+
+def _closure(roots):
+    """The installed distributions ``roots`` need, their needs included (no extras); a need
+    that is not installed here (torchrec's metadata asks for the CUDA fbgemm-gpu) is skipped."""
+    seen, todo = {}, list(roots)
+    while todo:
+        requirement = Requirement(todo.pop())
+        name = requirement.name.lower().replace("_", "-")
+        if name in seen or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen[name] = dist
+        todo += dist.requires or []
+    return seen
+
+
+def _core_site(wheel: Path, into: Path) -> Path:
+    """A folder holding links to the core closure's installed files only, for a venv's .pth."""
+    core = [str(r) for r in _requirements(wheel) if not r.marker] + ["fbgemm-gpu-cpu"]
+    dists = _closure(core)
+    forbidden = sorted(set(dists) & set(EXTRAS_ONLY))
+    assert not forbidden, f"the core install would bring {forbidden}"
+    assert "matplotlib" not in dists  # torchrec's stack does not bring it either
+    into.mkdir()
+    for name, dist in dists.items():
+        if name in ("pip", "setuptools"):  # the venv has its own
+            continue
+        tops = {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops - {"__pycache__"}:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not top.endswith(".pth") and not (into / top).exists():
+                (into / top).symlink_to(source)
+    return into
+
+
+def test_the_core_install_trains_a_torchrec_job_without_any_extra(dist, tmp_path):
+    """The wheel in a venv that holds the TorchRec stack and the core dependencies only (no DuckDB,
+    pandas, pyarrow, scikit-learn, scipy, TensorBoard, matplotlib): the towers, model, tasks, losses
+    and metrics import without them, and docs/examples/torchrec_job.py (the user's own EBC and
+    batches; DMP + TrainPipelineSparseDist; per-task metrics with XAUC and GAUC) runs on 2 gloo ranks."""
+    (wheel,) = dist.glob("*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "core_stack.pth").write_text(str(_core_site(wheel, tmp_path / "core")) + "\n")
+    install = [python, "-m", "pip", "install", "--no-index", "--no-deps", "--ignore-installed", str(wheel)]
+    subprocess.run(install, check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    check = (
+        "import importlib.util, sys\n"
+        "extras = ('duckdb', 'pandas', 'pyarrow', 'sklearn', 'scipy', 'tensorboard', 'matplotlib')\n"
+        "missing = [m for m in extras if importlib.util.find_spec(m) is None]\n"
+        "import engagerec.model, engagerec.towers, engagerec.tasks, engagerec.losses, engagerec.metrics\n"
+        "from engagerec import MultiTaskModel, TaskMetrics, build_tower\n"
+        "print(len(missing), [m for m in extras if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [python, "-c", check], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.stdout.split("\n")[0] == "7 []"  # none of them installed, none loaded
+    example = REPO / "docs" / "examples" / "torchrec_job.py"
+    run = [python, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(example)]
+    out = subprocess.run(run, check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+    printed = sorted(line.split(": ", 1) for line in out.splitlines() if line.startswith("rank "))
+    assert [rank for rank, _ in printed] == ["rank 0", "rank 1"]
+    values = ast.literal_eval(printed[0][1])
+    assert values == ast.literal_eval(printed[1][1])  # every rank gets the same metrics
+    assert values["click/gauc"] > 0.65 and values["click/auc"] > 0.65  # learned: chance is 0.5
+    assert values["dwell/xauc"] > 0.75 and values["dwell/mse"] < 0.02  # a constant's MSE is about 0.04

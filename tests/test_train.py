@@ -23,6 +23,7 @@ EQUAL_METRICS = (
     "watch_ratio/mae",
     "watch_ratio/xauc",
     "skip/auc",
+    "skip/gauc",  # grouped by user_id: exact, gathered across ranks
     "skip/accuracy",
     "skip/ne",
 )

@@ -16,6 +16,7 @@ from engagerec import commands
 from engagerec.config import ConfigError
 from engagerec.data.errors import DataError
 from engagerec.errors import CheckpointError, TrainingError
+from engagerec.extras import missing_extra
 from engagerec.host_memory import keep_freed_memory
 
 COMMAND_GROUP = "engagerec.commands"
@@ -33,14 +34,13 @@ class Command:
         help: the line ``engagerec --help`` shows for it.
         add_arguments: adds its arguments to its parser.
         run: the parsed arguments -> the exit status (one call into the package that defines it).
-        extra: the extra of engagerec that installs what ``run`` imports: when a package is
-            missing, the CLI names it in one line (``pip install 'engagerec[<extra>]'``) and exits 2.
+            An ImportError of a package an extra installs (``engagerec.extras``) becomes one line
+            naming the extra, as for engagerec's own commands.
     """
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-    extra: Optional[str] = None
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -211,7 +211,7 @@ def _add_entry_point(subcommands: argparse._SubParsersAction, entry: EntryPoint)
         return
     parser = subcommands.add_parser(entry.name, help=command.help)
     command.add_arguments(parser)
-    parser.set_defaults(handler=command.run, extra=command.extra)
+    parser.set_defaults(handler=command.run)
 
 
 def _unavailable(args: argparse.Namespace) -> int:
@@ -246,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Returns:
         int: the handler's exit status (0 on success), or 2 after printing one line to stderr,
         not a traceback: engagerec's own error (configuration, data, checkpoint, training), or
-        the extra to install when a command added by an entry point misses a package of it. Any
+        the extra to install when a command misses a package of one (``engagerec.extras``). Any
         other exception is a bug and propagates with its traceback.
     """
     quiet_library_noise()
@@ -265,19 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ) as err:  # anything else is a bug: a traceback
         print(f"engagerec {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as err:
-        extra = getattr(args, "extra", None)
-        if extra is None or err.name is None or err.name.split(".")[0] in _own_packages(args):
-            raise  # engagerec's own module, or a command without an extra: a bug
-        print(
-            f"engagerec {args.command} needs the {extra} extra: pip install 'engagerec[{extra}]' "
-            f"(no module named '{err.name}')",
-            file=sys.stderr,
-        )
+    except ImportError as err:  # a package an extra installs: one line naming the extra
+        message = missing_extra(err, f"engagerec {args.command}")
+        if message is None:
+            raise
+        print(f"engagerec {args.command}: error: {message}", file=sys.stderr)
         return 2
-
-
-def _own_packages(args: argparse.Namespace) -> set:
-    """engagerec and the package that defines the command: a module of theirs that is missing
-    is no extra to install."""
-    return {"engagerec", args.handler.__module__.split(".")[0]}

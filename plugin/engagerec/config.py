@@ -283,6 +283,7 @@ class TrainConfig:
     data_dir: Optional[str] = None  # prepared data (default prepared/<name>)
     batch_size: int = 1024  # per rank
     eval_batch_size: int = 8192
+    gauc_group: Optional[str] = "user_id"  # evaluation's GAUC groups by this id, when the data embeds it
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps in all (0: no limit)
     dense_lr: float = 1e-4  # Adam on the dense part; the study's 1e-4
@@ -521,8 +522,28 @@ def _build(cls: Any, data: Dict[str, Any], path: str) -> Any:
 
 
 def apply_override(raw: Dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping; a number
-    indexes a list, e.g. ``data.labels.1.threshold=0.3``."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping.
+
+    In a list, a number is an index and any other word the name of an entry (lists of named
+    entries: data.features, data.labels, model.tasks), e.g. ``data.labels.1.threshold=0.3`` or
+    ``data.features.history.positions=true``.
+
+    Args:
+        raw: a config's raw mapping (changed in place).
+        assignment: ``dotted.key=value``.
+
+    Raises:
+        ConfigError: no ``=``, an index past the list's end, a name no entry has (the nearest
+            named), or a key under a value that is neither a mapping nor a list.
+
+    Example::
+
+        >>> from engagerec.config import apply_override
+        >>> raw = {"data": {"features": [{"name": "age"}, {"name": "history", "kind": "history"}]}}
+        >>> apply_override(raw, "data.features.history.positions=true")
+        >>> raw["data"]["features"][1]
+        {'name': 'history', 'kind': 'history', 'positions': True}
+    """
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value")
     key, text = assignment.split("=", 1)
@@ -531,11 +552,7 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(
-                    f"override {assignment!r}: '{part}' is not an index of a {len(node)}-item list"
-                )
-            index: Any = int(part)
+            index: Any = _list_index(node, part, assignment)
         elif isinstance(node, dict):
             index = part
             if not last:
@@ -548,24 +565,195 @@ def apply_override(raw: Dict[str, Any], assignment: str) -> None:
             node = node[index]
 
 
-def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+def _list_index(node: List[Any], part: str, assignment: str) -> int:
+    """The position in ``node`` that an override's ``part`` names: an index, or the name of an
+    entry (a mapping with that ``name``)."""
+    if part.isdigit():
+        if int(part) >= len(node):
+            raise ConfigError(f"override {assignment!r}: '{part}' is not an index of a {len(node)}-item list")
+        return int(part)
+    names = [entry.get("name") for entry in node if isinstance(entry, dict)]
+    matches = [i for i, entry in enumerate(node) if isinstance(entry, dict) and entry.get("name") == part]
+    if len(matches) != 1:
+        found = "no entry" if not matches else "several entries"
+        raise ConfigError(
+            f"override {assignment!r}: {found} of the {len(node)}-item list is named '{part}'"
+            + _nearest(part, [n for n in names if n is not None])
         )
+    return matches[0]
+
+
+# ------------------------------------------------------------ base: inheritance
+# A config file may start with ``base: other.yaml``; its keys then change the base's:
+# mappings merge key by key, lists of named entries (mappings with a ``name``: data.features,
+# data.labels, model.tasks) merge by name, other values replace. Entries are addressed by name
+# so that a derived file states only its differences, whatever the base's order.
+DROP = "drop"  # {name: x, drop: true} in a derived list removes the base's entry x
+REPLACE = "replace"  # replace: [dotted.key, ...] in a derived file: those values replace, unmerged
+
+
+def _is_named_list(value: Any) -> bool:
+    """A non-empty list whose every entry is a mapping with a ``name``."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+def _nearest(word: str, choices: List[str]) -> str:
+    """'; did you mean X?' for the closest of ``choices``, else ''."""
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def merge_named(base: List[Dict[str, Any]], derived: List[Dict[str, Any]], path: str) -> List[Dict[str, Any]]:
+    """
+    Merge a derived config's list of named entries into its base's list, by name.
+
+    An entry whose name the base lists updates that entry where it stands (its keys merged
+    into the base entry's, recursively); a new name is appended, in the derived list's order;
+    ``{name: x, drop: true}`` removes the base's entry ``x``.
+
+    Args:
+        base (List[Dict[str, Any]]): the base's entries (raw mappings), in order.
+        derived (List[Dict[str, Any]]): the derived file's entries, each with a ``name``.
+        path (str): the dotted key of the list, for messages (e.g. ``data.features``).
+
+    Returns:
+        List[Dict[str, Any]]: a new list; neither argument is changed.
+
+    Raises:
+        ConfigError: a name listed twice in ``derived`` (or twice in ``base`` and addressed), a
+            ``drop`` of a name the base does not list, or a ``drop`` entry with other keys.
+
+    Example::
+
+        >>> from engagerec.config import merge_named
+        >>> base = [{"name": "a", "kind": "numeric"}, {"name": "b"}, {"name": "c"}]
+        >>> merge_named(base, [{"name": "a", "buckets": 8}, {"name": "b", "drop": True}, {"name": "d"}], "f")
+        [{'name': 'a', 'kind': 'numeric', 'buckets': 8}, {'name': 'c'}, {'name': 'd'}]
+    """
+    out = [dict(entry) for entry in base]
+    names = [entry.get("name") for entry in out]
+    seen = set()
+    for entry in derived:
+        name = entry["name"]
+        if name in seen:
+            raise ConfigError(f"{path}: '{name}' is listed twice; give each name one entry")
+        seen.add(name)
+        if names.count(name) > 1:
+            raise ConfigError(f"{path}: the base lists '{name}' twice, so which entry to change is unclear")
+        if DROP in entry:
+            if entry[DROP] is not True or set(entry) != {"name", DROP}:
+                raise ConfigError(f"{path}: '{name}': a drop entry is exactly {{name: {name}, drop: true}}")
+            if name not in names:
+                raise ConfigError(
+                    f"{path}: drops '{name}', which the base does not list{_nearest(name, names)}"
+                )
+            del out[names.index(name)]
+            names.remove(name)
+        elif name in names:
+            i = names.index(name)
+            out[i] = merge_raw(out[i], entry, f"{path}.{name}")
+        else:
+            out.append(dict(entry))
+            names.append(name)
     return out
 
 
+def merge_raw(base: Dict[str, Any], derived: Dict[str, Any], path: str = "") -> Dict[str, Any]:
+    """
+    A derived config's raw mapping merged into its base's (``base:`` inheritance).
+
+    Mappings merge key by key; lists of named entries merge by name (``merge_named``); any
+    other value in ``derived`` (a number, a string, a plain list) replaces the base's.
+
+    Args:
+        base (Dict[str, Any]): the base's raw mapping (its own base already merged in).
+        derived (Dict[str, Any]): the derived file's raw mapping, ``base`` and ``replace`` removed.
+        path (str): the dotted key of these mappings, for messages. Default: ``""``.
+
+    Returns:
+        Dict[str, Any]: a new mapping; neither argument is changed.
+
+    Raises:
+        ConfigError: as ``merge_named``; or an empty list where the base has named entries
+            (it would change nothing: name the key under ``replace:`` to empty it).
+
+    Example::
+
+        >>> from engagerec.config import merge_raw
+        >>> base = {"train": {"epochs": 5, "batch_size": 256}, "tags": [1, 2]}
+        >>> merge_raw(base, {"train": {"epochs": 1}, "tags": [3]})
+        {'train': {'epochs': 1, 'batch_size': 256}, 'tags': [3]}
+    """
+    out = dict(base)
+    for key, value in derived.items():
+        where = f"{path}.{key}" if path else str(key)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = merge_raw(old, value, where)
+        elif _is_named_list(old) and (value == [] or _is_named_list(value)):
+            if not value:
+                raise ConfigError(
+                    f"{where}: an empty list changes none of the base's named entries; to empty "
+                    f"the list, add '{where}' to the file's {REPLACE}: list"
+                )
+            out[key] = merge_named(old, value, where)
+        elif _is_named_list(value) and old in (None, []):
+            out[key] = merge_named([], value, where)  # the base lists none: checks the entries
+        else:
+            out[key] = value
+    return out
+
+
+def _without(raw: Dict[str, Any], dotted: str) -> Dict[str, Any]:
+    """``raw`` (a base's mapping) with the value at ``dotted`` removed, so that the derived
+    file's value replaces it rather than merging into it (``replace:``)."""
+    *parents, last = dotted.split(".")
+    out = dict(raw)
+    node = out
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            return out  # the base does not set it: nothing to replace
+        node[part] = dict(node[part])
+        node = node[part]
+    node.pop(last, None)
+    return out
+
+
+def _replaced_keys(raw: Dict[str, Any], path: Path) -> List[str]:
+    """The file's ``replace:`` list, checked: dotted keys this file sets."""
+    keys = raw.pop(REPLACE, [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"{path}: {REPLACE}: expected a list of dotted keys, got {keys!r}")
+    for key in keys:
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"{path}: {REPLACE} names '{key}', which this file does not set")
+            node = node[part]
+    return keys
+
+
 def _read_raw(path: Path) -> Dict[str, Any]:
-    """The file's mapping; ``base: other.yaml`` (relative to the file) is read first and overridden."""
+    """The file's mapping; ``base: other.yaml`` (relative to the file) is read first and the
+    file's keys merged into it (``merge_raw``), except those its ``replace:`` names."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = raw.pop("base", None)
-    return _merge(_read_raw(path.parent / base), raw) if base else raw
+    replaced = _replaced_keys(raw, path)
+    if not base:
+        if replaced:
+            raise ConfigError(f"{path}: {REPLACE}: replaces a base's values, but the file has no base:")
+        return raw
+    inherited = _read_raw(path.parent / base)
+    for key in replaced:
+        inherited = _without(inherited, key)
+    try:
+        return merge_raw(inherited, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel

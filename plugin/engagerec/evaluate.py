@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
-from engagerec.metrics import ExactXAUC, LossAndBaselines, build_metric_module, metric_inputs, readable
+from engagerec.metrics import LossAndBaselines, TaskMetrics
 from engagerec.tasks import Task
 
 
@@ -35,8 +35,27 @@ def evaluate(
     device: torch.device,
     train_means: Dict[str, float],
     num_workers: int = 0,
+    gauc_group: Optional[str] = None,
 ) -> Dict[str, float]:
-    """``model`` is the (DMP-wrapped) MultiTaskModel; returns metrics, losses and baselines.
+    """
+    Every row of ``split`` once through ``model`` (the DMP-wrapped MultiTaskModel): the tasks'
+    metrics (``TaskMetrics``: torchrec's, exact XAUC, GAUC), losses and constant baselines.
+
+    Args:
+        model (torch.nn.Module): the model, in any sharding.
+        tasks (List[Task]): its tasks.
+        data_dir (str | Path): the prepared data.
+        split (str): ``"val"`` or ``"test"``.
+        batch_size (int): rows per batch on each rank.
+        device (torch.device): where the model runs.
+        train_means (Dict[str, float]): per label, its train mean (the constant baselines).
+        num_workers (int): reader processes. Default: 0.
+        gauc_group (Optional[str]): GAUC groups rows by this sparse feature's id when the
+            prepared data has it with one id per row (``train.gauc_group``, user_id); else no
+            GAUC. Default: None.
+
+    Returns:
+        Dict[str, float]: ``<task>/<metric>`` values, the losses, baselines and ``rows``.
 
     Raises:
         DataError: the split has no rows (data prepared for a refit has no validation rows):
@@ -49,17 +68,13 @@ def evaluate(
             file=str(Path(data_dir) / "schema.json"),
             expected="a split with rows (data prepared with split.val_fraction 0 has no 'val')",
         )
-    world, rank = reader.world_size, reader.rank
-    metrics = build_metric_module(
-        tasks,
-        batch_size,
-        window_size=reader.total_rows + world * batch_size,
-        device=device,
-        world_size=world,
-        rank=rank,
+    world = reader.world_size
+    single_ids = {f.name for f in reader.schema.sparse if not f.multi}
+    grouping = gauc_group if gauc_group in single_ids else None
+    metrics = TaskMetrics(
+        tasks, batch_size, device, window_size=reader.total_rows + world * batch_size, gauc_group=grouping
     )
     sums = LossAndBaselines(tasks, train_means, device)
-    xauc = ExactXAUC(tasks)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -67,11 +82,9 @@ def evaluate(
         for batch in make_loader(reader, num_workers=num_workers, pin_memory=cuda):
             batch = batch.to(device, non_blocking=cuda)
             _, (_, predictions, labels, weights) = model(batch)
-            metrics.update(metric_inputs(tasks, predictions, labels, weights))
+            metrics.update(predictions, labels, weights, groups=batch.sparse_features if grouping else None)
             sums.update(predictions, labels, weights)
-            xauc.update(predictions, labels, weights)
     model.train(was_training)
-    out = readable(metrics.compute())
+    out = metrics.compute()
     out.update(sums.compute())
-    out.update(xauc.compute())
     return out

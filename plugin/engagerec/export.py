@@ -41,6 +41,7 @@ from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
 from engagerec.distributed import world_size
 from engagerec.errors import CheckpointError
+from engagerec.metrics import binary_auc
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model
 from engagerec.runs import for_cpu, run_config
@@ -224,8 +225,6 @@ def quality(
     Returns:
         ``rows`` and ``<task>/mse`` or ``<task>/auc`` per task.
     """
-    from sklearn.metrics import roc_auc_score
-
     reader = ShardReader(data_dir, split, batch_size=min(batch_size, max_rows), rank=0, world_size=1)
     predictions, labels, kept = [], {t.name: [] for t in model.tasks}, 0
     with torch.no_grad():
@@ -244,7 +243,7 @@ def quality(
         present = ~np.isnan(label)
         if task.kind == "binary":
             two_classes = len(np.unique(label[present])) == 2
-            auc = roc_auc_score(label[present], scores[present, i]) if two_classes else float("nan")
+            auc = binary_auc(scores[present, i], label[present]) if two_classes else float("nan")
             out[f"{task.name}/auc"] = float(auc)
         else:
             out[f"{task.name}/mse"] = float(np.mean((scores[present, i] - label[present]) ** 2))

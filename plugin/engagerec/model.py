@@ -7,8 +7,9 @@ tower input; the tower makes one representation per task and each task's head pr
 train pipelines expect, for engagerec's ``Batch`` and ``torchrec.datasets.utils.Batch`` alike.
 The KJT goes into the embedding module untouched (the pipeline overlaps its input
 distribution with compute only if nothing reads it first), and the tower's list output is
-indexed with concrete ints, so the forward FX-traces with the column order, labels, tower and
-heads as leaves (as TorchRec's pipelines trace it).
+indexed with concrete ints, so the forward FX-traces with the column order, tower and heads as
+leaves and the label reading as one wrapped call (``task_labels``), as TorchRec's pipelines
+trace it whatever the sharding.
 """
 
 from __future__ import annotations
@@ -81,27 +82,65 @@ class PooledByName(nn.Module):
         return values.index_select(1, self._index[signature])
 
 
-class TaskLabels(nn.Module):
+# (task name, label name, kind, label column): what reading a task's labels needs, as constants
+# that FX can record in a graph
+LabelSpec = Tuple[Tuple[str, str, str, int], ...]
+
+
+def label_spec(tasks: Sequence[Task], label_columns: Optional[Dict[str, int]] = None) -> LabelSpec:
+    """
+    How each task finds its labels in a batch: by label name in a dict of labels, or by column
+    ``label_columns[task]`` of a [B, C] labels tensor (by default task i reads column i).
+
+    Args:
+        tasks (Sequence[Task]): the tasks, in the model's order.
+        label_columns (Optional[Dict[str, int]]): task name -> label column. Default: None.
+
+    Returns:
+        LabelSpec: one ``(name, label, kind, column)`` per task.
+
+    Raises:
+        ValueError: ``label_columns`` names an unknown task or misses one.
+
+    Example::
+
+        >>> from engagerec.config import TaskConfig
+        >>> from engagerec.model import label_spec
+        >>> from engagerec.tasks import Task
+        >>> tasks = [Task(TaskConfig("dwell", "dwell")), Task(TaskConfig("click", "click", "binary"))]
+        >>> label_spec(tasks, {"click": 0, "dwell": 1})
+        (('dwell', 'dwell', 'regression', 1), ('click', 'click', 'binary', 0))
+    """
+    names = [task.name for task in tasks]
+    if label_columns is not None:
+        unknown = sorted(set(label_columns) - set(names))
+        missing = [name for name in names if name not in label_columns]
+        if unknown or missing:
+            raise ValueError(
+                f"label_columns must give each task a column: unknown tasks {unknown}, tasks without "
+                f"one {missing} (tasks: {names})"
+            )
+    columns = [label_columns[n] for n in names] if label_columns is not None else list(range(len(names)))
+    return tuple((t.name, t.label, t.kind, c) for t, c in zip(tasks, columns, strict=True))
+
+
+@torch.fx.wrap  # one opaque call in a traced graph: it branches on the batch's kind of labels
+def task_labels(batch, spec: LabelSpec) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
     """
     Each task's labels and row weights, read from whichever batch the caller has:
 
     - engagerec's ``Batch`` (or any batch whose ``labels`` is a dict): by label name, with its
       ``label_weights`` (0 where a label is missing, or for padding rows) when it has them;
     - ``torchrec.datasets.utils.Batch`` (``labels`` one tensor): [B] for one task, or [B, C]
-      with each task reading column ``label_columns[task]`` (by default task i reads column i);
-      every row weighs 1.
+      with each task reading its column; every row weighs 1.
 
     A batch whose labels do not fit the tasks is refused, naming the task and what was
     expected; nothing is broadcast. Binary tasks take float, integer or bool 0/1 labels;
-    regression tasks take float labels. TorchRec's pipelines trace this module as a leaf.
+    regression tasks take float labels.
 
     Args:
-        tasks (List[Task]): the tasks, in the model's order.
-        label_columns (Optional[Dict[str, int]]): task name -> column of a [B, C] labels
-            tensor. Default: None (task i reads column i).
-
-    Call Args:
         batch: a batch with ``labels`` (a dict or a tensor) and ``dense_features`` [B, D].
+        spec (LabelSpec): ``label_spec(tasks, label_columns)``.
 
     Returns:
         Tuple[List[torch.Tensor], List[torch.Tensor]]: per task, in order, the float32 labels
@@ -114,89 +153,77 @@ class TaskLabels(nn.Module):
 
         >>> import torch
         >>> from engagerec.config import TaskConfig
-        >>> from engagerec.model import TaskLabels
+        >>> from engagerec.model import label_spec, task_labels
         >>> from engagerec.tasks import Task
         >>> dwell = TaskConfig("dwell", "dwell", output="identity")  # seconds: no sigmoid
         >>> tasks = [Task(dwell), Task(TaskConfig("click", "click", "binary"))]
+        >>> spec = label_spec(tasks, {"dwell": 1, "click": 0})
         >>> class TorchRecBatch:  # the fields of torchrec.datasets.utils.Batch that labels need
         ...     dense_features = torch.zeros(2, 3)
         ...     labels = torch.tensor([[1.0, 30.0], [0.0, 12.0]])  # columns: click, dwell
-        >>> labels, weights = TaskLabels(tasks, {"dwell": 1, "click": 0})(TorchRecBatch())
+        >>> labels, weights = task_labels(TorchRecBatch(), spec)
         >>> labels
         [tensor([30., 12.]), tensor([1., 0.])]
         >>> TorchRecBatch.labels = torch.zeros(2)  # one column for two tasks
-        >>> TaskLabels(tasks)(TorchRecBatch())  # doctest: +ELLIPSIS
+        >>> task_labels(TorchRecBatch(), spec)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: task 'dwell': labels of shape [2] hold one task's labels; 2 tasks need [B, C] ...
     """
+    rows = batch.dense_features.shape[0]
+    if isinstance(batch.labels, Mapping):
+        return _labels_by_name(batch, spec, rows)
+    return _labels_by_column(batch.labels, spec, rows)
 
-    def __init__(self, tasks: List[Task], label_columns: Optional[Dict[str, int]] = None) -> None:
-        super().__init__()
-        self.tasks = tasks
-        names = [task.name for task in tasks]
-        unknown = sorted(set(label_columns or {}) - set(names))
-        if unknown:
-            raise ValueError(f"label_columns names tasks {unknown}, expected some of {names}")
-        missing = [name for name in names if label_columns is not None and name not in label_columns]
-        if missing:
-            raise ValueError(f"label_columns has no column for tasks {missing}")
-        self.columns = [label_columns[n] for n in names] if label_columns else list(range(len(names)))
 
-    def forward(self, batch) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
-        """batch -> (labels, weights), one [B] tensor each per task."""
-        rows = batch.dense_features.shape[0]
-        if isinstance(batch.labels, Mapping):
-            return self._by_name(batch, rows)
-        return self._by_column(batch.labels, rows)
-
-    def _by_name(self, batch, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
-        label_weights = getattr(batch, "label_weights", None) or {}
-        labels, weights = [], []
-        for task in self.tasks:
-            if task.label not in batch.labels:
-                raise ValueError(
-                    f"task '{task.name}': the batch has no label '{task.label}' "
-                    f"(labels: {sorted(batch.labels)})"
-                )
-            labels.append(self._checked(task, batch.labels[task.label], rows))
-            weight = label_weights.get(task.label)
-            weights.append(weight if weight is not None else torch.ones_like(labels[-1]))
-        return labels, weights
-
-    def _by_column(self, tensor: torch.Tensor, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        if tensor.dim() == 1 and len(self.tasks) > 1:
+def _labels_by_name(batch, spec: LabelSpec, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
+    label_weights = getattr(batch, "label_weights", None) or {}
+    labels, weights = [], []
+    for name, label, kind, _ in spec:
+        if label not in batch.labels:
             raise ValueError(
-                f"task '{self.tasks[0].name}': labels of shape [{tensor.shape[0]}] hold one task's labels; "
-                f"{len(self.tasks)} tasks need [B, C] with a column each (label_columns)"
+                f"task '{name}': the batch has no label '{label}' (labels: {sorted(batch.labels)})"
             )
-        if tensor.dim() not in (1, 2):
-            raise ValueError(
-                f"task '{self.tasks[0].name}': labels of shape {list(tensor.shape)}, expected [B] or [B, C]"
-            )
-        labels = []
-        for task, column in zip(self.tasks, self.columns, strict=True):
-            if tensor.dim() == 2 and not 0 <= column < tensor.shape[1]:
-                raise ValueError(
-                    f"task '{task.name}': reads label column {column}, but the labels have "
-                    f"{tensor.shape[1]} columns (shape {list(tensor.shape)})"
-                )
-            labels.append(self._checked(task, tensor if tensor.dim() == 1 else tensor[:, column], rows))
-        return labels, [torch.ones_like(label) for label in labels]
+        labels.append(_checked_label(name, kind, batch.labels[label], rows))
+        weight = label_weights.get(label)
+        weights.append(weight if weight is not None else torch.ones_like(labels[-1]))
+    return labels, weights
 
-    @staticmethod
-    def _checked(task: Task, label: torch.Tensor, rows: int) -> torch.Tensor:
-        if label.dim() != 1 or label.shape[0] != rows:
+
+def _labels_by_column(
+    tensor: torch.Tensor, spec: LabelSpec, rows: int
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    first = spec[0][0]
+    if tensor.dim() == 1 and len(spec) > 1:
+        raise ValueError(
+            f"task '{first}': labels of shape [{tensor.shape[0]}] hold one task's labels; "
+            f"{len(spec)} tasks need [B, C] with a column each (label_columns)"
+        )
+    if tensor.dim() not in (1, 2):
+        raise ValueError(f"task '{first}': labels of shape {list(tensor.shape)}, expected [B] or [B, C]")
+    labels = []
+    for name, _, kind, column in spec:
+        if tensor.dim() == 2 and not 0 <= column < tensor.shape[1]:
             raise ValueError(
-                f"task '{task.name}': labels of shape {list(label.shape)}, expected [{rows}] (one per row)"
+                f"task '{name}': reads label column {column}, but the labels have "
+                f"{tensor.shape[1]} columns (shape {list(tensor.shape)})"
             )
-        integral = not label.is_floating_point() and not label.is_complex()
-        if label.is_complex() or (integral and task.kind != "binary"):
-            raise ValueError(
-                f"task '{task.name}' ({task.kind}): labels of dtype {label.dtype}, expected a float dtype"
-                + (" (or 0/1 integers or bools)" if task.kind == "binary" else "")
-            )
-        return label if label.dtype == torch.float32 else label.float()
+        labels.append(_checked_label(name, kind, tensor if tensor.dim() == 1 else tensor[:, column], rows))
+    return labels, [torch.ones_like(label) for label in labels]
+
+
+def _checked_label(name: str, kind: str, label: torch.Tensor, rows: int) -> torch.Tensor:
+    if label.dim() != 1 or label.shape[0] != rows:
+        raise ValueError(
+            f"task '{name}': labels of shape {list(label.shape)}, expected [{rows}] (one per row)"
+        )
+    integral = not label.is_floating_point() and not label.is_complex()
+    if label.is_complex() or (integral and kind != "binary"):
+        raise ValueError(
+            f"task '{name}' ({kind}): labels of dtype {label.dtype}, expected a float dtype"
+            + (" (or 0/1 integers or bools)" if kind == "binary" else "")
+        )
+    return label if label.dtype == torch.float32 else label.float()
 
 
 class MultiTaskModel(nn.Module):
@@ -223,7 +250,7 @@ class MultiTaskModel(nn.Module):
             order; any subset of the module's features. Default: None, every feature of an
             EmbeddingBagCollection's tables, table by table.
         label_columns (Optional[Dict[str, int]]): task name -> column of a torchrec Batch's
-            [B, C] labels (``TaskLabels``). Default: None (task i reads column i).
+            [B, C] labels (``task_labels``). Default: None (task i reads column i).
         loss_weighting (Optional[nn.Module]): combines the task losses (``engagerec.losses``);
             None is FixedWeighting with the tasks' weights. Default: None.
         input_arch (Optional[nn.Module]): maps the pooled features [B, sum of widths] to the
@@ -310,7 +337,7 @@ class MultiTaskModel(nn.Module):
             self.sparse_arch = embedding_bag_collection
             self.pooled_by_name = PooledByName(self.feature_names)
         self.input_arch = input_arch  # e.g. TargetAttention: pooled -> the tower's sparse part
-        self.task_labels = TaskLabels(tasks, label_columns)
+        self.label_spec = label_spec(tasks, label_columns)
         self.tower = tower
         self.heads = nn.ModuleList(
             task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
@@ -346,12 +373,12 @@ class MultiTaskModel(nn.Module):
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
         shared = self.tower_input(batch)
         representations = self.tower(shared)
-        task_labels = self.task_labels(batch)  # ([label per task], [weight per task]): a leaf when traced
+        read = task_labels(batch, self.label_spec)  # ([label per task], [weight per task])
         losses, predictions, labels, weights = [], {}, {}, {}
         for i in range(self.num_tasks):  # concrete ints: the lists are opaque under FX tracing
             task = self.tasks[i]
             output = self.heads[i](representations[i])
-            label, weight = task_labels[0][i], task_labels[1][i]  # weight 0: label missing or padding
+            label, weight = read[0][i], read[1][i]  # weight 0: label missing or padding
             losses.append(task.loss(output, label, weight))
             predictions[task.name] = task.prediction(output).detach()
             labels[task.name] = label

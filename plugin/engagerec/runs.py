@@ -200,6 +200,7 @@ def evaluate_run(
             run.cfg.train.eval_batch_size,
             run.runtime.device,
             means,
+            gauc_group=run.cfg.train.gauc_group,
         )
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank done before any tears the group down

@@ -53,7 +53,8 @@ from engagerec.distributed import (
 )
 from engagerec.errors import CheckpointError, TrainingError
 from engagerec.evaluate import evaluate, train_label_means
-from engagerec.metrics import build_metric_module, metric_inputs, readable
+from engagerec.extras import missing_extra
+from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
 from engagerec.runs import sharded_model
@@ -69,16 +70,25 @@ def seed_everything(seed: int) -> None:
 
 
 class RunLog:
-    """CSV rows and TensorBoard scalars, written by rank 0 only."""
+    """CSV rows, and TensorBoard scalars when the tensorboard extra is installed (else a line
+    says so once), written by rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.rows = []
+        self.tensorboard = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir))
             self.csv_path = run_dir / "log.csv"
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # torch raises its own message when tensorboard is missing
+                print(
+                    missing_extra(
+                        ModuleNotFoundError(str(err), name="tensorboard"), "TensorBoard event files"
+                    )
+                )
+            else:
+                self.tensorboard = SummaryWriter(str(run_dir))
 
     def write(self, step: int, phase: str, values: Dict[str, float]) -> None:
         """Log ``values`` for ``step`` and ``phase`` (train, val, test) as ``<phase>/<key>`` scalars and
@@ -87,7 +97,7 @@ class RunLog:
             return
         row = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in values.items()}}
         self.rows.append(row)
-        for key, value in values.items():
+        for key, value in values.items() if self.tensorboard is not None else ():
             self.tensorboard.add_scalar(f"{phase}/{key}", value, step)
         keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k not in ("step", "phase"), k))
         with open(self.csv_path, "w", newline="") as handle:  # rewritten whole: columns may grow
@@ -97,7 +107,7 @@ class RunLog:
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
-        if self.enabled:
+        if self.tensorboard is not None:
             self.tensorboard.close()
 
 
@@ -281,13 +291,9 @@ class Trainer:
         self.pipeline = TrainPipelineSparseDist(
             self.dmp, self.optimizer, runtime.device, execute_all_batches=True
         )
-        self.train_metrics = build_metric_module(
-            self.tasks,
-            self.tc.batch_size,
-            TRAIN_METRIC_WINDOW,
-            runtime.device,
-            runtime.world_size,
-            runtime.rank,
+        # windowed and cheap per step: the exact rank metrics are evaluation's
+        self.train_metrics = TaskMetrics(
+            self.tasks, self.tc.batch_size, runtime.device, TRAIN_METRIC_WINDOW, exact=False
         )
         self.profiler = StepProfiler(
             self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, is_rank_zero()
@@ -342,7 +348,7 @@ class Trainer:
         tc = self.tc
         val = evaluate(
             self.dmp, self.tasks, self.data_dir, "val", tc.eval_batch_size, self.runtime.device, self.means,
-            tc.num_workers,
+            tc.num_workers, tc.gauc_group,
         )  # fmt: skip
         self.log.write(self.state.step, "val", val)
         return val
@@ -412,7 +418,7 @@ class Trainer:
             if self.testing:
                 results["test"] = evaluate(
                     self.dmp, self.tasks, self.data_dir, "test", tc.eval_batch_size, self.runtime.device,
-                    self.means, tc.num_workers,
+                    self.means, tc.num_workers, tc.gauc_group,
                 )  # fmt: skip
                 self.log.write(state.step, "test", results["test"])
         if is_rank_zero():
@@ -470,7 +476,7 @@ class Trainer:
             _stop_if_not_finite(self.tasks, task_losses, state.step, self.ckpt_root)
         if state.step % tc.train_metrics_every_steps == 0:
             with record_function(METRICS):
-                self.train_metrics.update(metric_inputs(self.tasks, predictions, labels, weights))
+                self.train_metrics.update(predictions, labels, weights)
         self.profiler.after_step(state.step)
         if at_log_step:
             self._log_train(task_losses)
@@ -491,7 +497,7 @@ class Trainer:
     def _log_train(self, task_losses: torch.Tensor) -> None:
         """The training losses, windowed metrics, loss weights and samples/s of this window."""
         values = {f"{t.name}/loss": float(task_losses[i]) for i, t in enumerate(self.tasks)}
-        values.update(readable(self.train_metrics.compute()))
+        values.update(self.train_metrics.compute())
         weights_now = self.model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
         values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(self.tasks)})
         values["samples_per_s"] = self._window_rows / (time.perf_counter() - self._window_started)

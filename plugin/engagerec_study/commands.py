@@ -1,8 +1,8 @@
 """The study's ``engagerec`` commands (compare, refit, results), added to the CLI by the
 ``engagerec.commands`` entry points in pyproject.toml. This module imports nothing of the study
 extra (scikit-learn, scipy, matplotlib), so ``engagerec --help`` lists the commands wherever the
-library is installed; each command checks for the extra's packages before any work, and the CLI
-turns a missing one into one line naming the extra."""
+library is installed; each command checks for those packages before any work, and the CLI turns
+a missing one into one line naming the extra (engagerec.extras)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import importlib.util
 
 from engagerec.cli import Command
 
-EXTRA = "study"
-# the study extra's packages, by import name: each command needs all of them (the report's
-# statistics and plots, the GBDT); checked first, so no run trains for an hour and then fails
+# what the study imports beyond the library's data extra, by import name: each command needs
+# them (the report's statistics and plots, the GBDT); checked first, so no run trains for an hour
+# and then fails
 EXTRA_MODULES = ("sklearn", "scipy", "matplotlib")
 
 
 def require_extra() -> None:
-    """Raise for the first package of the study extra that is not installed.
+    """Raise for the first of the study's packages that is not installed.
 
     Raises:
         ModuleNotFoundError: naming the missing package (``name``), which the CLI reports as
@@ -107,18 +107,15 @@ compare = Command(
     help="train several towers x seeds; markdown + JSON + plot",
     add_arguments=_compare_arguments,
     run=_compare,
-    extra=EXTRA,
 )
 refit = Command(
     help="train a chosen run again on its training and validation rows together, for the epochs "
     "its validation chose (the same test rows)",
     add_arguments=_refit_arguments,
     run=_refit,
-    extra=EXTRA,
 )
 results = Command(
     help="regenerate docs/RESULTS.md and its figures (sections cached by what decides them)",
     add_arguments=_results_arguments,
     run=_results,
-    extra=EXTRA,
 )

@@ -4,21 +4,25 @@ Everything runs in DuckDB, out of core. Every dropped row is counted by reason, 
 order the filters run; every bad value raises a DataError naming its file, column and row.
 The split is a column (``__split``: 0 train, 1 val, 2 test) so that the vocabularies can be
 fitted on train rows by a plain filter.
+
+Two entry points share every step: ``build_events`` (prepare: rows whose labels cannot be
+derived are dropped, users filtered, the split drawn) and ``build_scoring_events`` (rows to
+predict: kept with NULL labels, no user filter, all in the test split).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import duckdb
 
 from engagerec.config import DataConfig, FeatureConfig, LabelConfig
 from engagerec.data.errors import DataError
+from engagerec.data.fitting import validate_features
 from engagerec.data.history import require_history_keys
 from engagerec.data.raw import CONTENT_ID, DURATION, KEY_COLUMNS, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
-from engagerec.data.schema import validate_features
 from engagerec.data.split import split_sql
 from engagerec.data.tables import (
     LoadedTable,
@@ -153,88 +157,150 @@ def _namespaces(con, raw: RawTables) -> Dict[str, Dict[str, Tuple[str, str]]]:
     return spaces
 
 
-def build_events(
-    con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig, *, scoring: bool = False
-) -> Events:
-    """Load and check the tables, join them, derive labels, filter (counted), split.
+@dataclass
+class _Sources:
+    """The loaded tables (users and content optional), each joined column's canonical name per
+    table (``_namespaces``), the table each joined column is read from, and the report."""
+
+    log: LoadedTable
+    users: Optional[LoadedTable]
+    content: Optional[LoadedTable]
+    spaces: Dict[str, Dict[str, Tuple[str, str]]]
+    origin: Dict[str, LoadedTable]
+    report: FilterReport
+
+
+def build_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig) -> Events:
+    """Load and check the tables, join them, derive labels, filter (counted), split: prepare's
+    ``events``.
 
     The result is the DuckDB table ``events``: one row per kept view with the key columns,
     every feature's source column, one column per label (NULL where a raw label is missing),
-    the history_mean features, ``__src`` and ``__split``.
+    ``__src`` and ``__split``. A row whose label cannot be derived (a zero duration, no watch
+    time, ...) is dropped and counted, as are users with ``filters.min_user_views`` views or fewer.
 
-    With ``scoring`` (rows to predict, engagerec.data.scoring), labels are optional: a row
-    whose label cannot be derived (no watch time column, a zero duration, ...) keeps a NULL
-    label instead of being dropped, users with few views stay, and every row is in split 2.
-    Only the unjoined-id policy of the run's config can drop rows (counted).
+    Args:
+        con: the DuckDB connection the tables are loaded into.
+        raw: where the three tables are (an adapter's ``RawTables``).
+        cfg: the data config (features, labels, filters, split, unjoined-id policies).
+
+    Raises:
+        DataError: a bad value, a missing column, or no row left, named by file, column and row.
     """
+    sources = _load_sources(con, raw, cfg)
+    for column in _label_columns(cfg.labels):
+        if column not in sources.log.columns:
+            raise sources.log.error(
+                f"label column '{column}' is not in the interaction log",
+                expected=f"one of {sorted(sources.log.columns)}",
+            )
+    _check_sources(con, sources, cfg)
+    return _training_events(con, cfg, sources)
+
+
+def build_scoring_events(con: duckdb.DuckDBPyConnection, raw: RawTables, cfg: DataConfig) -> Events:
+    """``build_events`` for rows to predict (engagerec.data.scoring): labels are optional.
+
+    A row whose label cannot be derived (no watch time column, a zero duration, ...) keeps a NULL
+    label instead of being dropped (counted), a raw label column the input lacks is NULL, users
+    with few views stay, and every row is in split 2 (test). Only the unjoined-id policy of the
+    run's config drops rows (counted).
+
+    Args:
+        con: the DuckDB connection the tables are loaded into.
+        raw: where the three tables are (the rows to score, and the run's users and content).
+        cfg: the run's data config.
+
+    Raises:
+        DataError: as ``build_events``, but never for a missing label.
+    """
+    sources = _load_sources(con, raw, cfg)
+    _check_sources(con, sources, cfg)
+    return _scoring_events(con, cfg, sources)
+
+
+def _label_columns(labels: List[LabelConfig]) -> List[str]:
+    """The log columns that raw labels read."""
+    return [label.column for label in labels if label.column]
+
+
+def _numeric_columns(features: List[FeatureConfig]) -> set:
+    """The source columns of numeric features, parsed as numbers on load. Timestamps are parsed
+    on their own (numbers or date-time text), even when a feature reads one."""
+    return {feature_column(f) for f in features if f.kind == "numeric"} - {TIMESTAMP}
+
+
+def _load_sources(con, raw: RawTables, cfg: DataConfig) -> _Sources:
+    """The three tables loaded (the columns features, keys and labels read), after the checks
+    that need only their headers: labels, leaks, features."""
     _check_labels(cfg.labels, cfg.features)
     spaces = _namespaces(con, raw)
-
     features = cfg.features
-    wanted = {c for f in features if f.kind != "history_mean" for c in [feature_column(f)]}
     _refuse_leaks(features, cfg.labels, raw.post_exposure)
     available = {joined for space in spaces.values() for joined in space}
     validate_features(features, dict.fromkeys(available, ""), [label.name for label in cfg.labels])
     for feature in features:
         if feature.kind in ("history", "history_mean"):
             require_history_keys(available, feature.name)
+    wanted = {feature_column(f) for f in features if f.kind != "history_mean"}
     wanted |= {USER_ID, CONTENT_ID, WATCH_TIME, DURATION, TIMESTAMP}
-    label_columns = [label.column for label in cfg.labels if label.column]
-    # timestamps are parsed on their own (numbers or date-time text), even when a feature reads one
-    numeric = {feature_column(f) for f in features if f.kind == "numeric"} - {TIMESTAMP}
+    tables = {
+        name: _load_one(
+            con, name, source, spaces, wanted, _numeric_columns(features), _label_columns(cfg.labels)
+        )
+        for name, source in (("log", raw.interactions), ("users", raw.users), ("content", raw.content))
+    }
+    origin: Dict[str, LoadedTable] = {}
+    for name, table in tables.items():
+        if table is None:
+            continue
+        for joined, (canon, _) in spaces[name].items():
+            if canon in table.columns:
+                origin.setdefault(joined, table)
+    report = FilterReport(rows_read=tables["log"].rows)
+    return _Sources(tables["log"], tables["users"], tables["content"], spaces, origin, report)
 
-    def load(name: str, source) -> Optional[LoadedTable]:
-        if source is None:
-            return None
-        space = spaces[name]
-        # names the first file lacks are asked for too: a later file that has one is an error
-        asked = sorted(wanted | set(label_columns if name == "log" else []))
-        own = [space[c][0] if c in space else c for c in asked]
-        own_numeric = [space[c][0] for c in numeric if c in space] + [WATCH_TIME, DURATION]
-        if name == "log":
-            own_numeric += label_columns
-            if TIMESTAMP in space and is_numeric(space[TIMESTAMP][1]):
-                own_numeric.append(TIMESTAMP)
-        return load_table(con, name, source, own, source.required, own_numeric, keys=(USER_ID, CONTENT_ID))
 
-    log = load("log", raw.interactions)
-    users = load("users", raw.users)
-    content = load("content", raw.content)
-    for column in label_columns:
-        if column not in log.columns and not scoring:
-            raise log.error(
-                f"label column '{column}' is not in the interaction log",
-                expected=f"one of {sorted(log.columns)}",
-            )
+def _load_one(con, name, source, spaces, wanted, numeric, label_columns) -> Optional[LoadedTable]:
+    """One table (None when the source has none), with the wanted columns it has; the numeric
+    ones (and the log's label columns and numeric timestamps) parsed as numbers."""
+    if source is None:
+        return None
+    space = spaces[name]
+    # names the first file lacks are asked for too: a later file that has one is an error
+    asked = sorted(wanted | set(label_columns if name == "log" else []))
+    own = [space[c][0] if c in space else c for c in asked]
+    own_numeric = [space[c][0] for c in numeric if c in space] + [WATCH_TIME, DURATION]
+    if name == "log":
+        own_numeric += label_columns
+        if TIMESTAMP in space and is_numeric(space[TIMESTAMP][1]):
+            own_numeric.append(TIMESTAMP)
+    return load_table(con, name, source, own, source.required, own_numeric, keys=(USER_ID, CONTENT_ID))
+
+
+def _check_sources(con, sources: _Sources, cfg: DataConfig) -> None:
+    """Ids present (and unique in the users and content tables), numeric columns numbers, and the
+    label sources finite: an infinite watch time or duration would pass as a full view."""
+    log, users, content = sources.log, sources.users, sources.content
     for column in (USER_ID, CONTENT_ID):
         if column in log.columns:
             check_ids(con, log, column, unique=False)
     for table, key in ((users, USER_ID), (content, CONTENT_ID)):
         if table is not None:
             check_ids(con, table, key, unique=True)
-    origin: Dict[str, LoadedTable] = {}
-    for name, table in (("log", log), ("users", users), ("content", content)):
-        if table is None:
-            continue
-        for joined, (canon, _) in spaces[name].items():
-            if canon in table.columns:
-                origin.setdefault(joined, table)
-    for column in sorted(numeric):
-        table = origin.get(column)
+    for column in sorted(_numeric_columns(cfg.features)):
+        table = sources.origin.get(column)
         if table is not None and column not in (DURATION,):
-            canon = next(c for j, (c, _) in spaces[table.name].items() if j == column)
+            canon = next(c for j, (c, _) in sources.spaces[table.name].items() if j == column)
             check_numeric(con, table, canon, allow_null=True)
-    # the label sources: an infinite watch time or duration would pass as a full view
     for table, column in (
         (log, WATCH_TIME),
         (log, DURATION),
         (content, DURATION),
-        *((log, c) for c in label_columns),
+        *((log, c) for c in _label_columns(cfg.labels)),
     ):
         if table is not None and column in table.columns:
             check_numeric(con, table, column, allow_null=True)
-    report = FilterReport(rows_read=log.rows)
-    return _events_table(con, cfg, log, users, content, spaces, origin, report, scoring)
 
 
 def _refuse_leaks(features: List[FeatureConfig], labels: List[LabelConfig], post_exposure) -> None:
@@ -302,134 +368,241 @@ def _join_sql(con, log, table, key, policy, report, alias) -> Tuple[str, Optiona
     return f"LEFT JOIN {table.name} {alias} ON {right} = {left}", dropped
 
 
-def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring: bool) -> Events:
+# ------------------------------------------------------------------ the events table
+# prepare's events (_training_events) and scoring's (_scoring_events) are the same steps
+# composed differently: each function below does one of them, and what scoring does otherwise
+# (labels left NULL rather than rows dropped, no user filter, no split) is visible in its
+# composition rather than in flags inside the steps.
+
+
+@dataclass
+class _Ratio:
+    """The watch ratio over a joined row (aliases ``l``, ``u``, ``c``) and the rules under
+    which it is unusable, in the order they are counted: (reason, SQL condition)."""
+
+    duration: str
+    watch: str
+    value: str  # watch / duration, as it is
+    kept: str  # the value the label derives from (clipped at the cap under over_cap: clip)
+    unusable: List[Tuple[str, str]]
+
+    def columns(self, ratio: str) -> List[str]:
+        """SELECT items: the duration and watch time read, ``ratio`` as ``__ratio`` and the
+        value as ``__raw_ratio``."""
+        return [
+            f"{self.duration} AS {quote(DURATION)}",
+            f"{self.watch} AS {quote(WATCH_TIME)}",
+            f"{ratio} AS __ratio",
+            f"{self.value} AS __raw_ratio",
+        ]
+
+
+def _training_events(con, cfg: DataConfig, sources: _Sources) -> Events:
+    """prepare's events: rows with an unusable ratio are dropped (counted), then users with
+    too few views; the split is drawn and relative skip labels cut on training rows."""
+    log, report = sources.log, sources.report
+    joins, drops = _joins(con, cfg, sources)
+    derived = [label for label in cfg.labels if not label.column]
+    if derived and WATCH_TIME not in log.columns:
+        raise log.error(
+            f"label '{derived[0].name}' derives from the watch ratio, but the log has no watch time column",
+            expected="a watch_time column (map it with data.source.columns)",
+        )
+    ratio = _watch_ratio(cfg, sources)
+    timestamp = _timestamp_sql(con, log)
+    ratio_columns = ratio.columns(ratio.kept) if ratio else []
+    drops += ratio.unusable if ratio else []
+    select = _row_columns(cfg, sources, timestamp) + ratio_columns + _raw_label_columns(cfg.labels, log)
+    _stage(con, select, joins, drops, report)
+    if ratio:
+        _note_kept_ratios(con, cfg, report)
+    _check_binary_labels(con, log, cfg.labels)
+    kept = f"__drop IS NULL AND {_user_filter(con, log, cfg.filters.min_user_views, report)}"
+    rows = _count_kept(con, log, kept, report)
+    split = split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
+    labels = _labels_sql(cfg.labels, lambda label: _relative_skip_sql(con, log, label, kept, split, report))
+    return _events_view(con, cfg, sources, labels, split, kept, rows)
+
+
+def _scoring_events(con, cfg: DataConfig, sources: _Sources) -> Events:
+    """Scoring's events: a row with an unusable ratio (or no watch time column) is kept with
+    NULL derived labels (counted), no user is filtered out, every row is in split 2 (test), and
+    a relative skip label is NULL (its training cuts are not stored)."""
+    log, report = sources.log, sources.report
+    joins, drops = _joins(con, cfg, sources)
+    ratio = _watch_ratio(cfg, sources)
+    timestamp = _timestamp_sql(con, log)
+    if ratio:
+        undefined = " OR ".join(f"({condition})" for _, condition in ratio.unusable)
+        ratio_columns = ratio.columns(f"(CASE WHEN {undefined} THEN NULL ELSE {ratio.kept} END)")
+    else:
+        ratio_columns = ["NULL::DOUBLE AS __ratio", "NULL::DOUBLE AS __raw_ratio"]
+    select = _row_columns(cfg, sources, timestamp) + ratio_columns + _raw_label_columns(cfg.labels, log)
+    unlabelled = ratio.unusable if ratio else []
+    if unlabelled:
+        select.append(_first_match(unlabelled, "__unlabelled"))
+    _stage(con, select, joins, drops, report)
+    if unlabelled:
+        _note_unlabelled(con, unlabelled, report)
+    _check_binary_labels(con, log, cfg.labels)
+    kept = f"__drop IS NULL AND {_user_filter(con, log, 0, report)}"
+    rows = _count_kept(con, log, kept, report)
+    labels = _labels_sql(cfg.labels, lambda label: _unscored_relative_label(cfg.features, label))
+    return _events_view(con, cfg, sources, labels, "2", kept, rows)
+
+
+def _joins(con, cfg: DataConfig, sources: _Sources) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The LEFT JOINs of the users and content tables to the log, and the drop rules of the
+    unjoined-id policies (checked first: watch_ratio.over_cap too)."""
     wr = cfg.watch_ratio
     if wr.over_cap not in OVER_CAP_POLICIES:
         raise DataError(
             f"unknown watch_ratio.over_cap '{wr.over_cap}'", expected=f"one of {OVER_CAP_POLICIES}"
         )
-    select = [f"l.rowid AS {SOURCE_ROW}"]
     joins, drops = [], []
     for table, key, policy, alias in (
-        (users, USER_ID, cfg.source.unjoined_users, "u"),
-        (content, CONTENT_ID, cfg.source.unjoined_content, "c"),
+        (sources.users, USER_ID, cfg.source.unjoined_users, "u"),
+        (sources.content, CONTENT_ID, cfg.source.unjoined_content, "c"),
     ):
         if table is None:
             continue
-        clause, unknown = _join_sql(con, log, table, key, policy, report, alias)
+        clause, unknown = _join_sql(con, sources.log, table, key, policy, sources.report, alias)
         joins.append(clause)
         if unknown is not None:
             drops.append((f"{key} not in its table", unknown))
-    aliases = {"log": "l", "users": "u", "content": "c"}
+    return joins, drops
+
+
+def _row_columns(cfg: DataConfig, sources: _Sources, timestamp: Optional[str]) -> List[str]:
+    """SELECT items of a joined row: its source row, every feature's source column (and the
+    ids) from the table that holds it, and the parsed timestamp."""
+    select = [f"l.rowid AS {SOURCE_ROW}"]
+    log = sources.log
     needed = {feature_column(f) for f in cfg.features if f.kind != "history_mean"} | {USER_ID, CONTENT_ID}
     for joined in sorted(needed):
-        table = origin.get(joined)
+        table = sources.origin.get(joined)
         if table is None:
             continue
-        canon = spaces[table.name][joined][0]
+        canon = sources.spaces[table.name][joined][0]
         if joined in (USER_ID, CONTENT_ID) and table is not log:
             continue
         if joined == TIMESTAMP or (joined == DURATION and WATCH_TIME in log.columns):
             continue  # selected below, parsed (timestamps) and from the table the ratio uses
-        select.append(f"{aliases[table.name]}.{quote(canon)} AS {quote(joined)}")
-    duration_table = (
-        log if DURATION in log.columns else (content if content and DURATION in content.columns else None)
-    )
-    has_ratio = WATCH_TIME in log.columns
-    derived = [label for label in cfg.labels if not label.column]
-    if derived and not has_ratio and not scoring:
-        raise log.error(
-            f"label '{derived[0].name}' derives from the watch ratio, but the log has no watch time column",
-            expected="a watch_time column (map it with data.source.columns)",
-        )
-    if has_ratio and duration_table is None:
+        select.append(f"{_ALIASES[table.name]}.{quote(canon)} AS {quote(joined)}")
+    if timestamp is not None:
+        select.append(f"{timestamp} AS {quote(TIMESTAMP)}")
+    return select
+
+
+_ALIASES = {"log": "l", "users": "u", "content": "c"}  # the tables' aliases in the staged query
+
+
+def _watch_ratio(cfg: DataConfig, sources: _Sources) -> Optional[_Ratio]:
+    """The watch ratio's SQL and the rules that make it unusable (counted by reason), or None
+    when the log has no watch time column."""
+    log, content, wr = sources.log, sources.content, cfg.watch_ratio
+    if WATCH_TIME not in log.columns:
+        return None
+    table = log if DURATION in log.columns else (content if content and DURATION in content.columns else None)
+    if table is None:
         raise log.error(
             "no duration: neither the interactions nor the content table has a duration column",
             expected="a 'duration' column (map it with data.source.columns)",
         )
-    timestamp = _timestamp_sql(con, log)
-    if timestamp is not None:
-        select.append(f"{timestamp} AS {quote(TIMESTAMP)}")
-    reasons: List[Tuple[str, str]] = list(drops)
-    unlabelled: List[Tuple[str, str]] = []  # scoring: rows whose derived labels are NULL, kept
-    if has_ratio:
-        duration = f"{aliases[duration_table.name]}.{quote(DURATION)}"
-        watch = f"l.{quote(WATCH_TIME)}"
-        select += [f"{duration} AS {quote(DURATION)}", f"{watch} AS {quote(WATCH_TIME)}"]
-        ratio = f"({watch} / {duration})"
-        reasons += [
-            ("missing duration", f"{duration} IS NULL OR isnan({duration})"),
-            ("zero or negative duration", f"{duration} <= 0"),
-            ("missing watch time", f"{watch} IS NULL OR isnan({watch})"),
-            ("negative watch time", f"{watch} < 0"),
-        ]
-        if cfg.filters.drop_zero_watch_time:
-            reasons.append(("zero watch time", f"{watch} = 0"))
-        if wr.over_cap == "drop":
-            reasons.append((f"watch ratio above {wr.ratio_cap:g}", f"{ratio} > {wr.ratio_cap!r}"))
-        kept_ratio = f"LEAST({ratio}, {wr.ratio_cap!r})" if wr.over_cap == "clip" else ratio
-        if scoring:  # a row to score is kept; what would have dropped it leaves its label NULL
-            unlabelled, reasons = reasons[len(drops) :], list(drops)
-            undefined = " OR ".join(f"({condition})" for _, condition in unlabelled)
-            kept_ratio = f"(CASE WHEN {undefined} THEN NULL ELSE {kept_ratio} END)"
-        select.append(f"{kept_ratio} AS __ratio")
-        select.append(f"{ratio} AS __raw_ratio")
-    elif scoring:
-        select += ["NULL::DOUBLE AS __ratio", "NULL::DOUBLE AS __raw_ratio"]
-    for label in cfg.labels:
+    duration, watch = f"{_ALIASES[table.name]}.{quote(DURATION)}", f"l.{quote(WATCH_TIME)}"
+    value = f"({watch} / {duration})"
+    unusable = [
+        ("missing duration", f"{duration} IS NULL OR isnan({duration})"),
+        ("zero or negative duration", f"{duration} <= 0"),
+        ("missing watch time", f"{watch} IS NULL OR isnan({watch})"),
+        ("negative watch time", f"{watch} < 0"),
+    ]
+    if cfg.filters.drop_zero_watch_time:
+        unusable.append(("zero watch time", f"{watch} = 0"))
+    if wr.over_cap == "drop":
+        unusable.append((f"watch ratio above {wr.ratio_cap:g}", f"{value} > {wr.ratio_cap!r}"))
+    kept = f"LEAST({value}, {wr.ratio_cap!r})" if wr.over_cap == "clip" else value
+    return _Ratio(duration, watch, value, kept, unusable)
+
+
+def _raw_label_columns(labels: List[LabelConfig], log: LoadedTable) -> List[str]:
+    """SELECT items of the raw labels (``__label__<name>``): NaN in a file is a missing label,
+    like an empty cell; a column the log lacks (scoring's input may) is NULL."""
+    select = []
+    for label in labels:
         if label.column and label.column in log.columns:
-            raw = f"l.{quote(label.column)}"  # NaN in a file is a missing label, like an empty cell
+            raw = f"l.{quote(label.column)}"
             select.append(
                 f"(CASE WHEN isnan({raw}) THEN NULL ELSE {raw} END) AS {quote('__label__' + label.name)}"
             )
-        elif label.column:  # scoring an input without this label column (checked above otherwise)
+        elif label.column:
             select.append(f"NULL::DOUBLE AS {quote('__label__' + label.name)}")
-    case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(reasons))
-    select.append(f"CASE {case} END AS __drop" if reasons else "NULL::INTEGER AS __drop")
-    if unlabelled:
-        case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(unlabelled))
-        select.append(f"CASE {case} END AS __unlabelled")
-    con.execute(f"CREATE OR REPLACE TABLE staged AS SELECT {', '.join(select)} FROM log l {' '.join(joins)}")
+    return select
 
+
+def _first_match(rules: List[Tuple[str, str]], column: str) -> str:
+    """A SELECT item: the index of the first rule a row meets, as ``column`` (NULL: none)."""
+    case = " ".join(f"WHEN {condition} THEN {i}" for i, (_, condition) in enumerate(rules))
+    return f"CASE {case} END AS {column}"
+
+
+def _stage(con, select: List[str], joins: List[str], drops: List[Tuple[str, str]], report) -> None:
+    """Materialise the joined rows once (``staged``), each with the first drop rule it meets
+    (``__drop``), and count the dropped rows by reason into ``report``."""
+    drop = _first_match(drops, "__drop") if drops else "NULL::INTEGER AS __drop"
+    con.execute(
+        f"CREATE OR REPLACE TABLE staged AS SELECT {', '.join(select + [drop])} FROM log l {' '.join(joins)}"
+    )
     counts = dict(con.execute("SELECT __drop, count(*) FROM staged GROUP BY __drop").fetchall())
-    for i, (reason, _) in enumerate(reasons):
+    for i, (reason, _) in enumerate(drops):
         report.dropped[reason] = int(counts.get(i, 0))
-    if unlabelled:
-        counts = dict(
-            con.execute(
-                "SELECT __unlabelled, count(*) FROM staged WHERE __drop IS NULL GROUP BY 1"
-            ).fetchall()
-        )
-        for i, (reason, _) in enumerate(unlabelled):
-            report.notes[f"{reason} (kept, derived labels missing)"] = int(counts.get(i, 0))
-    if has_ratio and not scoring:
-        zero, above = con.execute(
-            f"SELECT count(*) FILTER (WHERE {quote(WATCH_TIME)} = 0), count(*) FILTER (WHERE __raw_ratio > "
-            f"{wr.ratio_cap!r}) FROM staged WHERE __drop IS NULL"
-        ).fetchone()
-        if not cfg.filters.drop_zero_watch_time:
-            report.notes["zero watch time (kept: ratio 0, a skip)"] = int(zero)
-        if wr.over_cap != "drop":
-            report.notes[f"watch ratio above {wr.ratio_cap:g} ({wr.over_cap})"] = int(above)
-    _check_binary_labels(con, log, cfg.labels)
 
-    min_views = 0 if scoring else cfg.filters.min_user_views
-    keep_users = "TRUE"
-    if min_views > 0:
-        if USER_ID not in log.columns:
-            raise log.error("filters.min_user_views needs a user_id column", expected="min_user_views: 0")
-        users_out, rows_out = con.execute(
-            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM staged "
-            f"WHERE __drop IS NULL GROUP BY {quote(USER_ID)} HAVING count(*) <= {min_views})"
-        ).fetchone()
-        report.notes[f"users with <= {min_views} views (dropped)"] = int(users_out)
-        report.dropped[f"user has <= {min_views} views"] = int(rows_out)
-        con.execute(
-            f"CREATE OR REPLACE TABLE kept_users AS SELECT {quote(USER_ID)} AS u FROM staged "
-            f"WHERE __drop IS NULL GROUP BY {quote(USER_ID)} HAVING count(*) > {min_views}"
-        )
-        keep_users = f"{quote(USER_ID)} IN (SELECT u FROM kept_users)"
-    kept = f"__drop IS NULL AND {keep_users}"
+
+def _note_unlabelled(con, unlabelled: List[Tuple[str, str]], report) -> None:
+    """Count the kept rows whose derived labels are NULL, by the first reason (``__unlabelled``)."""
+    counts = dict(
+        con.execute("SELECT __unlabelled, count(*) FROM staged WHERE __drop IS NULL GROUP BY 1").fetchall()
+    )
+    for i, (reason, _) in enumerate(unlabelled):
+        report.notes[f"{reason} (kept, derived labels missing)"] = int(counts.get(i, 0))
+
+
+def _note_kept_ratios(con, cfg: DataConfig, report) -> None:
+    """Count the kept rows that a reader might expect dropped: zero watch time (a skip), and
+    ratios above the cap (clipped or kept as they are)."""
+    wr = cfg.watch_ratio
+    zero, above = con.execute(
+        f"SELECT count(*) FILTER (WHERE {quote(WATCH_TIME)} = 0), count(*) FILTER (WHERE __raw_ratio > "
+        f"{wr.ratio_cap!r}) FROM staged WHERE __drop IS NULL"
+    ).fetchone()
+    if not cfg.filters.drop_zero_watch_time:
+        report.notes["zero watch time (kept: ratio 0, a skip)"] = int(zero)
+    if wr.over_cap != "drop":
+        report.notes[f"watch ratio above {wr.ratio_cap:g} ({wr.over_cap})"] = int(above)
+
+
+def _user_filter(con, log: LoadedTable, min_views: int, report) -> str:
+    """The condition that keeps users with more than ``min_views`` kept views (``TRUE`` when
+    ``min_views`` is 0); the users and rows it drops are counted."""
+    if min_views <= 0:
+        return "TRUE"
+    if USER_ID not in log.columns:
+        raise log.error("filters.min_user_views needs a user_id column", expected="min_user_views: 0")
+    users_out, rows_out = con.execute(
+        "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM staged "
+        f"WHERE __drop IS NULL GROUP BY {quote(USER_ID)} HAVING count(*) <= {min_views})"
+    ).fetchone()
+    report.notes[f"users with <= {min_views} views (dropped)"] = int(users_out)
+    report.dropped[f"user has <= {min_views} views"] = int(rows_out)
+    con.execute(
+        f"CREATE OR REPLACE TABLE kept_users AS SELECT {quote(USER_ID)} AS u FROM staged "
+        f"WHERE __drop IS NULL GROUP BY {quote(USER_ID)} HAVING count(*) > {min_views}"
+    )
+    return f"{quote(USER_ID)} IN (SELECT u FROM kept_users)"
+
+
+def _count_kept(con, log: LoadedTable, kept: str, report) -> int:
+    """The rows ``kept`` selects; none left is an error that lists what was dropped."""
     rows = con.execute(f"SELECT count(*) FROM staged WHERE {kept}").fetchone()[0]
     if rows == 0:
         summary = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.items())
@@ -437,32 +610,48 @@ def _events_table(con, cfg, log, users, content, spaces, origin, report, scoring
             f"no rows left after filtering ({report.rows_read} read; dropped {summary})",
             expected="at least one usable row (check the filters and the duration / watch time columns)",
         )
+    return rows
 
-    split = "2" if scoring else split_sql(con, cfg.split, rows, kept, has_timestamp=timestamp is not None)
-    labels_sql = []
-    for label in cfg.labels:
+
+def _labels_sql(labels: List[LabelConfig], relative: Callable[[LabelConfig], str]) -> List[str]:
+    """SELECT items of the labels over ``staged``: a raw label's column, the watch ratio, or a
+    skip below the threshold; ``relative`` gives a skip label relative to a group."""
+    items = []
+    for label in labels:
         if label.column:
             value = f"CAST({quote('__label__' + label.name)} AS DOUBLE)"
         elif label.kind == "regression":
             value = "CAST(__ratio AS DOUBLE)"
-        elif label.relative_to and scoring:
-            _refuse_relative_history(cfg.features, label)
-            value = "NULL::DOUBLE"  # its cuts are the training split's, not kept for scoring
         elif label.relative_to:
-            value = _relative_skip_sql(con, log, label, kept, split, report)
+            value = relative(label)
         else:
             value = f"CAST(__ratio < {label.threshold!r} AS DOUBLE)"
-        labels_sql.append(f"{value} AS {quote(label.name)}")
+        items.append(f"{value} AS {quote(label.name)}")
+    return items
+
+
+def _events_view(
+    con, cfg: DataConfig, sources: _Sources, labels: List[str], split: str, kept: str, rows: int
+) -> Events:
+    """The ``events`` view over the kept staged rows: their columns (the ``__`` ones but the
+    source row left out), the labels and the split; returns its Events."""
     columns = [c[0] for c in con.execute("DESCRIBE staged").fetchall()]
     keep_columns = [quote(c) for c in columns if not c.startswith("__")] + [SOURCE_ROW]
     # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
     # columns of it at a time, and the writer streams it once per split.
     con.execute(
-        f"CREATE OR REPLACE VIEW events AS SELECT {', '.join(keep_columns)}, {', '.join(labels_sql)}, "
+        f"CREATE OR REPLACE VIEW events AS SELECT {', '.join(keep_columns)}, {', '.join(labels)}, "
         f"{split} AS __split FROM staged WHERE {kept}"
     )
     described = {row[0]: row[1] for row in con.execute("DESCRIBE events").fetchall()}
-    return Events(con, described, origin, log, report, list(cfg.labels), int(rows))
+    return Events(con, described, sources.origin, sources.log, sources.report, list(cfg.labels), int(rows))
+
+
+def _unscored_relative_label(features: List[FeatureConfig], label: LabelConfig) -> str:
+    """Scoring's value of a relative skip label: NULL (its cuts are the training split's, not
+    kept for scoring), after refusing a history_mean that would read it."""
+    _refuse_relative_history(features, label)
+    return "NULL::DOUBLE"
 
 
 def _refuse_relative_history(features: List[FeatureConfig], label: LabelConfig) -> None:

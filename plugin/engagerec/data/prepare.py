@@ -28,9 +28,10 @@ from engagerec.config import DataConfig
 from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
 from engagerec.data.events import Events, FilterReport, build_events
+from engagerec.data.fitting import Fitter
 from engagerec.data.history import build_history_table, has_ties
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
-from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema, Fitter
+from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
 from engagerec.data.tables import connect, quote, single_thread

@@ -25,10 +25,11 @@ import duckdb
 from engagerec.config import DataConfig, FeatureConfig
 from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
-from engagerec.data.events import SOURCE_ROW, Events, build_events, feature_column
+from engagerec.data.events import SOURCE_ROW, Events, build_scoring_events, feature_column
+from engagerec.data.fitting import Fitter
 from engagerec.data.prepare import build_history, write_splits
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
-from engagerec.data.schema import VOCAB_DIR, DatasetSchema, Fitter
+from engagerec.data.schema import VOCAB_DIR, DatasetSchema
 from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
 from engagerec.data.target_stats import live_counters, load_stat_tables
 
@@ -257,7 +258,7 @@ def encode_for_scoring(
         raw = dataclasses.replace(raw, interactions=log)
         check_drift(con, raw, fitted)
         data = dataclasses.replace(cfg, source=source)
-        events = build_events(con, raw, data, scoring=True)
+        events = build_scoring_events(con, raw, data)
         applier = SchemaApplier(con, events, data.features, out_dir, fitted, Path(fitted_dir))
         applier.fit_ids()
         build_history(con, applier, events, data)

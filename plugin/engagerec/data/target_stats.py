@@ -194,7 +194,7 @@ def _value(feature: FeatureConfig, sums: Dict[str, str], key: str, meta: Dict[st
 
 def fold_sql(feature: FeatureConfig, seed: int) -> str:
     """A training row's fold (0 .. folds-1) as a SQL expression over ``events e`` (folds >= 2 is
-    checked with the features, by schema.validate_features)."""
+    checked with the features, by fitting.validate_features)."""
     return f"{seeded_key(seed, 'e.__src')} % {feature.folds}"
 
 

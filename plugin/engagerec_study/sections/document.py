@@ -21,7 +21,7 @@ PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "scikit-learn")  # in each se
 # configs/kuairand_din.yaml as changes to kuairand_random (the "ids" section), so that the two sections
 # differ by exactly these (tests/test_results.py holds the file to them)
 DIN_OVERRIDES = [
-    "data.features.2.positions=true",  # the history, one feature per position
+    "data.features.history.positions=true",  # one feature per position of the history
     "model.target_attention={history: history, candidate: content_id, hidden_sizes: [32]}",
 ]
 
