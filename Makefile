@@ -23,7 +23,7 @@ demo: install
 	$(PY) -m engagerec prepare --config configs/kuairand_stats.yaml
 	$(PY) -m engagerec compare --config configs/kuairand_stats.yaml --towers $(DEMO_TOWERS) --seeds 0,1,2,3,4 --no-resume --gbdt
 
-# docs/RESULTS.md and docs/figures/ from docs/results/ (the section cache): only sections whose
+# docs/RESULTS.md and docs/figures/ from docs/section_cache/ (engagerec_study.sections): only sections whose
 # configs, towers, seeds or data changed are recomputed (all of them: about an hour on 2 cores)
 results: install
 	$(PY) -m engagerec results
@@ -40,12 +40,12 @@ format: install
 # the tests, and the runnable examples in the public API's docstrings
 DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/model_builder.py plugin/engagerec/tasks.py \
 	plugin/engagerec/features.py plugin/engagerec/batch.py plugin/engagerec/losses.py \
-	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/data/__init__.py \
+	plugin/engagerec/config.py plugin/engagerec/metrics.py plugin/engagerec/xauc.py plugin/engagerec/data/__init__.py \
 	plugin/engagerec/data/schema.py plugin/engagerec/data/fitting.py plugin/engagerec/data/prepare.py \
 	plugin/engagerec/data/reader.py plugin/engagerec/distributed.py \
 	plugin/engagerec/profiling.py plugin/engagerec/export.py plugin/engagerec/predict.py \
-	plugin/engagerec/train.py plugin/engagerec/report.py plugin/engagerec/runs.py plugin/engagerec/compare.py \
-	plugin/engagerec/attention.py plugin/engagerec/machine.py plugin/engagerec/extras.py plugin/engagerec/gbdt.py plugin/engagerec/results
+	plugin/engagerec/train.py plugin/engagerec/runs.py plugin/engagerec/attention.py plugin/engagerec/machine.py \
+	plugin/engagerec/extras.py plugin/engagerec_study
 
 test: install lint
 	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)

@@ -34,8 +34,9 @@ import numpy as np
 from engagerec.config import ExperimentConfig, TargetAttentionConfig, TaskConfig, load_config
 from engagerec.data.prepare import prepare
 from engagerec.data.target_stats import STAT_KINDS
-from engagerec.report import ci95
+from engagerec.runs import seed_run_dir
 from engagerec.train import train
+from engagerec_study.report import ci95
 
 Change = Callable[[ExperimentConfig], ExperimentConfig]
 
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
         values: Dict[str, List[float]] = {"watch_ratio/mse": [], "skip/auc": []}
         for seed in seeds:
             run_cfg = _train(seed=seed, data_dir=prepared[data_key], progress_bar=False)(cfg)
-            run_dir = out / f"variant{len(rows)}" / f"seed{seed}"
+            run_dir = seed_run_dir(out, f"variant{len(rows)}", seed)
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "train.out", "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
                 results = train(run_cfg, run_dir, resume=False)

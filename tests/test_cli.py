@@ -102,7 +102,7 @@ def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch
 def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch):
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
-    from engagerec.gbdt import gbdt_reference
+    from engagerec_study.gbdt import gbdt_reference
 
     monkeypatch.chdir(repo)
     summary = prepare(load_config("configs/kuairand_random.yaml").data, tmp_path)
@@ -120,7 +120,7 @@ def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch
 def test_gbdt_reference_runs_on_the_studys_inputs_without_ids(repo, tmp_path, monkeypatch):
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
-    from engagerec.gbdt import gbdt_reference
+    from engagerec_study.gbdt import gbdt_reference
 
     monkeypatch.chdir(repo)
     summary = prepare(load_config("configs/paper_protocol.yaml").data, tmp_path)  # no id has many values
@@ -198,3 +198,104 @@ def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, cap
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*refit, "--data-dir", str(tmp_path / "elsewhere")]) == 2
     assert "under torchrun the refit's data must be prepared first" in capsys.readouterr().err
+
+
+def _installed(site, name, commands, modules=None):
+    """A distribution ``name`` installed (its metadata) in ``site`` with ``commands`` as its
+    ``engagerec.commands`` entry points, and the given modules beside it."""
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = "".join(f"{command} = {target}\n" for command, target in commands.items())
+    (info / "entry_points.txt").write_text(f"[engagerec.commands]\n{lines}")
+    for module, code in (modules or {}).items():
+        (site / f"{module}.py").write_text(code)
+
+
+def test_commands_of_other_packages_come_from_entry_points(tmp_path, capsys, monkeypatch):
+    """The study's commands and any package's: listed in --help and run with their arguments;
+    one whose module cannot be imported is listed, and refused in one line when run."""
+    greeting = (
+        "from engagerec.cli import Command\n"
+        "def _run(args):\n"
+        "    print(f'hello {args.who}')\n"
+        "    return 3\n"
+        "hello = Command(help='greet someone', run=_run,\n"
+        "                add_arguments=lambda parser: parser.add_argument('--who', required=True))\n"
+    )
+    _installed(
+        tmp_path,
+        "greeter",
+        {
+            "hello": "greeter_commands:hello",
+            "broken": "no_such_module:command",
+            "train": "greeter_commands:hello",
+        },
+        {"greeter_commands": greeting},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    for command in ("compare", "refit", "results", "hello", "broken"):  # the study's and the others'
+        assert f"    {command} " in listed
+    assert "greet someone" in listed and "regenerate docs/RESULTS.md" in listed
+    assert main(["hello", "--who", "TorchRec"]) == 3 and capsys.readouterr().out == "hello TorchRec\n"
+    assert main(["broken", "--any", "args"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "engagerec broken cannot be loaded (no_such_module:command" in err
+    with pytest.raises(SystemExit):  # engagerec's own command keeps its name and arguments
+        main(["train", "--who", "x"])
+    assert "--config" in capsys.readouterr().err
+
+
+BLOCKER = """import sys
+
+
+class Blocked:
+    '''Packages of the study extra, missing: an import of one fails as if not installed.'''
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocked())
+"""
+
+
+def test_a_study_command_without_the_study_extra_names_it_in_one_line(repo, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    # scikit-learn and matplotlib missing (scipy stays: the library reads it too)
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked={"sklearn", "matplotlib"}))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def engagerec(*args):
+        return subprocess.run([sys.executable, "-m", "engagerec", *args], capture_output=True, text=True,
+                              cwd=repo, env=env)  # fmt: skip
+
+    listed = engagerec("--help")
+    assert listed.returncode == 0 and "    compare " in listed.stdout  # listed without the extra
+    study_commands = (
+        ["compare", "--config", "configs/kuairand_stats.yaml", "--gbdt"],
+        ["refit", "--run-dir", str(tmp_path / "run")],
+        ["results", "--sections", "random"],
+    )
+    for command in study_commands:
+        done = engagerec(*command)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (
+            f"engagerec {command[0]}: error: engagerec {command[0]} needs the study extra "
+            "(sklearn is not installed): pip install 'engagerec[study]'\n"
+        )
+    # the library's commands do not need the extra
+    made = engagerec(
+        "synthesize", "--shape", "kuairand-1k", "--scale", "0.0005", "--out", str(tmp_path / "k")
+    )
+    assert made.returncode == 0 and "KuaiRand-1K-shaped" in made.stdout, made.stderr

@@ -1,33 +1,42 @@
-"""No import circles inside engagerec, counting imports inside functions too: a circle hidden
-by a function-level import still ties two modules into one."""
+"""The import graph of the two packages, counting imports inside functions too: no circles (a
+circle hidden by a function-level import still ties two modules into one), and the library
+(engagerec) never imports the study (engagerec_study)."""
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "engagerec"
+import pytest
+
+PLUGIN = Path(__file__).resolve().parents[1] / "plugin"
+PACKAGES = ("engagerec", "engagerec_study")
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(PLUGIN).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def imported_names(path: Path, modules=()) -> set:
+    """The absolute module names a file imports, anywhere in it: ``from a.b import c`` gives
+    ``a.b.c`` when that is one of ``modules``, else ``a.b``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from engagerec.data import prepare` may name a module
+                candidate = f"{node.module}.{alias.name}"
+                names.add(candidate if candidate in modules else node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
 def import_graph() -> dict:
-    """module -> the engagerec modules it imports (anywhere in the file)."""
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                base = node.module
-                for alias in node.names:  # `from engagerec.data import prepare` may name a module
-                    candidate = f"{base}.{alias.name}"
-                    targets.add(candidate if candidate in modules else base)
-            elif isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-        graph[name] = {t for t in targets if t in modules and t != name}
-    return graph
+    """module -> the modules of both packages it imports (anywhere in the file)."""
+    modules = {_module_name(p): p for package in PACKAGES for p in (PLUGIN / package).rglob("*.py")}
+    return {
+        name: {t for t in imported_names(path, modules) if t in modules and t != name}
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict):
@@ -61,24 +70,66 @@ def test_the_checker_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_engagerec_has_no_import_circle():
+def test_the_packages_have_no_import_circle():
     graph = import_graph()
     assert "engagerec.data.prepare" in graph and graph["engagerec.data.prepare"]  # the scan sees imports
+    assert "engagerec.runs" in graph["engagerec_study.compare"]  # and both packages
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_compare_loads_scikit_learn_before_torch():
-    """engagerec compare fits the GBDT after the towers in one process; with torch's OpenMP
-    runtime loaded before scikit-learn's the fits ran 3x slower (compare.py's imports say why)."""
-    import subprocess
+def test_the_library_never_imports_the_study():
+    """A TorchRec job imports engagerec without the study's extra: no file of the library names
+    engagerec_study in an import, not even inside a function."""
+    offenders = {
+        str(path.relative_to(PLUGIN)): sorted(
+            n for n in imported_names(path) if n.split(".")[0] == "engagerec_study"
+        )
+        for path in (PLUGIN / "engagerec").rglob("*.py")
+    }
+    assert len(offenders) > 40  # the scan sees the library's files
+    assert {path: names for path, names in offenders.items() if names} == {}
+    # and the scan finds such an import where there is one
+    assert "engagerec_study.gbdt" in imported_names(PLUGIN / "engagerec_study" / "compare.py")
+
+
+def _sitecustomize(directory: Path, code: str) -> str:
+    """A directory holding a sitecustomize.py that runs ``code`` as Python starts (put it on
+    PYTHONPATH: every process started from here runs it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(code)
+    return str(directory)
+
+
+def test_the_gbdt_fits_in_a_process_that_never_loads_torch(tmp_path, monkeypatch):
+    """compare fits the GBDT after training towers with torch; with torch's OpenMP runtime in the
+    same process the fits ran 3x slower (whichever runtime loaded first decides), so they run in a
+    process of their own, which reports whether torch was loaded there and is refused if so."""
     import sys
 
-    order = subprocess.run(
-        [sys.executable, "-c", "import sys, engagerec.compare; m = list(sys.modules); "
-         "print(m.index('sklearn') < m.index('torch'))"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    assert order == "True"
+    import torch  # as in compare: torch is loaded and has run here
+
+    from engagerec.config import load_config
+    from engagerec.data.prepare import prepare
+    from engagerec.data.schema import DatasetSchema
+    from engagerec_study.gbdt import data_layout, gbdt_reference
+    from engagerec_study.gbdt_fit import fit_reference
+
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    data = tmp_path / "data"
+    prepare(load_config("synthetic_study", ["data.source.synthetic.num_rows=2000"]).data, data)
+    tasks = [("skip", "skip", "binary"), ("watch_ratio", "watch_ratio", "regression")]
+    iterations = {"skip": 30, "watch_ratio": 30}  # few: quick
+    isolated = gbdt_reference(data, 1, tasks, iterations)  # refused had its process loaded torch
+    assert set(isolated) == {"skip/auc", "skip/accuracy", "skip/iterations", "watch_ratio/mse",
+                             "watch_ratio/mae", "watch_ratio/xauc", "watch_ratio/iterations"}  # fmt: skip
+    # the same fits in this process give the same numbers: the process changes nothing but where
+    assert isolated == fit_reference(data, data_layout(DatasetSchema.load(data)), 1, tasks, iterations)
+    assert "sklearn" in sys.modules and "torch" in sys.modules  # here, by the line above
+
+    # the check is real: a fitting process that loads torch (here as Python starts) is refused
+    monkeypatch.setenv("PYTHONPATH", _sitecustomize(tmp_path / "site", "import torch\n"))
+    with pytest.raises(RuntimeError, match="imported torch"):
+        gbdt_reference(data, 1, tasks, iterations)
 
 
 def _loaded_after(statement: str, modules=("duckdb", "pandas", "pyarrow")) -> list:

@@ -36,6 +36,7 @@ def test_wheel_holds_the_code_and_configs_not_the_data(dist):
     (wheel,) = dist.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "engagerec/configs/kuairand_mmoe.yaml" in names and "engagerec/towers/mmoe.py" in names
+    assert "engagerec_study/gbdt_fit.py" in names and "engagerec_study/sections/ensemble.py" in names
     assert not [n for n in names if n.endswith(".csv") or "datasets/" in n]
     assert list(dist.glob("engagerec-*.tar.gz"))
 
@@ -45,13 +46,14 @@ def test_declared_dependencies_cover_every_third_party_import(dist):
     declared = {req.name.lower().replace("_", "-") for req in _requirements(wheel)}
     providers = metadata.packages_distributions()
     imported = set()
-    for path in (REPO / "plugin" / "engagerec").rglob("*.py"):
+    for path in (REPO / "plugin").rglob("*.py"):  # the library's and the study's (its extra's)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 imported.add(node.module.split(".")[0])
-    third_party = imported - STDLIB - {"engagerec", "fbgemm_gpu"}  # FBGEMM: the user's CPU or CUDA build
+    # FBGEMM: the user's CPU or CUDA build
+    third_party = imported - STDLIB - {"engagerec", "engagerec_study", "fbgemm_gpu"}
     undeclared = {
         module: providers.get(module)
         for module in third_party
@@ -104,6 +106,7 @@ def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
         env=env,
     )
     assert "prepare" in cli.stdout and "train" in cli.stdout
+    assert "compare" in cli.stdout and "results" in cli.stdout  # the study's, by its entry points
 
 
 # what the core install may bring: the wheel's dependencies without extras, and FBGEMM (the user's build)

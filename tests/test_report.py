@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from engagerec.config import ConfigError
-from engagerec.report import GBDT, ci95, paired_comparisons, write_report
+from engagerec_study.report import GBDT, ci95, paired_comparisons, write_report
 
 
 def _runs():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from engagerec.config import ConfigError
-from engagerec.results import comparisons, correlation, ensemble, gates, make_results, threshold
-from engagerec.results.cache import SectionCache, spec_key
-from engagerec.results.common import Section
-from engagerec.results.document import full_spec
+from engagerec_study.sections import comparisons, correlation, ensemble, gates, make_results, threshold
+from engagerec_study.sections.cache import SectionCache, spec_key
+from engagerec_study.sections.common import Section
+from engagerec_study.sections.document import full_spec
 
 SMALL = ["data.source.synthetic.num_rows=3000", "train.epochs=1"]
 
@@ -133,18 +133,18 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
 
     # the ensemble: replicate r's first member is the comparison's run of seed r; the ensemble's
     # metrics are those of its members' averaged predictions; paired with both, and the GBDT
-    from engagerec.runs import split_outputs
+    from engagerec.runs import seed_run_dir, split_outputs
 
     ensembled = {
         (r["tower"], r["seed"]): r["test"] for r in cached["ensemble"]["splits"]["multitask"]["runs"]
     }
     compared = {(r["tower"], r["seed"]): r["test"] for r in runs}
-    members = tmp_path / "work" / "ensemble" / "multitask" / "compare" / "mmoe"
+    compare = tmp_path / "work" / "ensemble" / "multitask" / "compare"
     for r in (0, 1):
         assert ensembled[("mmoe", r)]["skip/auc"] == pytest.approx(
             compared[("mmoe", r)]["skip/auc"], abs=1e-4
         )
-        outputs = [split_outputs(members / f"seed{s}", "test") for s in (r, r + 2)]
+        outputs = [split_outputs(seed_run_dir(compare, "mmoe", s), "test") for s in (r, r + 2)]
         mean = (outputs[0].predictions["watch_ratio"] + outputs[1].predictions["watch_ratio"]) / 2
         mse = float(np.mean((mean - outputs[0].labels["watch_ratio"]) ** 2))
         assert ensembled[("mmoe, mean of 2 seeds", r)]["watch_ratio/mse"] == pytest.approx(mse, rel=1e-9)
@@ -153,12 +153,13 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
     # each run refitted on train + val for the epochs its validation chose, on the same test rows
     work = tmp_path / "work" / "ensemble" / "multitask"
     for seed in (0, 1, 2, 3):
-        chosen = json.loads((members / f"seed{seed}" / "results.json").read_text())
-        refit = json.loads((work / "refit" / "mmoe" / f"seed{seed}" / "results.json").read_text())
+        chosen = json.loads((seed_run_dir(compare, "mmoe", seed) / "results.json").read_text())
+        refit = json.loads((seed_run_dir(work / "refit", "mmoe", seed) / "results.json").read_text())
         assert len(refit["history"]) == chosen["best_epoch"] + 1 and refit["seed"] == seed
-        refit_outputs = split_outputs(work / "refit" / "mmoe" / f"seed{seed}", "test")
+        refit_outputs = split_outputs(seed_run_dir(work / "refit", "mmoe", seed), "test")
         assert np.array_equal(
-            refit_outputs.labels["skip"], split_outputs(members / f"seed{seed}", "test").labels["skip"]
+            refit_outputs.labels["skip"],
+            split_outputs(seed_run_dir(compare, "mmoe", seed), "test").labels["skip"],
         )
     for model in ("mmoe, refit on train + val", "mmoe, refit on train + val, mean of 2 seeds",
                   "gbdt (scikit-learn), refit on train + val"):  # fmt: skip
@@ -178,8 +179,8 @@ def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
 
 def test_the_din_config_file_is_the_random_split_config_with_the_sections_changes():
     from engagerec.config import load_config
-    from engagerec.results.common import non_defaults
-    from engagerec.results.document import DIN_OVERRIDES
+    from engagerec_study.sections.common import non_defaults
+    from engagerec_study.sections.document import DIN_OVERRIDES
 
     shipped = non_defaults(load_config("configs/kuairand_din.yaml"))
     built = non_defaults(load_config("configs/kuairand_random.yaml", DIN_OVERRIDES))
@@ -261,7 +262,7 @@ def test_the_stats_configs_are_their_base_without_id_embeddings_plus_outcome_sta
     last and last-five watch ratios, every other outcome's id statistics (those outcomes as
     labels, never tasks) and, under the temporal split, live counters: nothing else differs."""
     from engagerec.config import load_config
-    from engagerec.results.common import non_defaults
+    from engagerec_study.sections.common import non_defaults
 
     chosen, origin = load_config(stats_config), load_config(base)
     ids = {"user_id", "content_id", "history", "author_id"}

@@ -168,7 +168,7 @@ def test_other_loss_weightings_train(study_data, tmp_path, weighting):
 
 
 def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_data, tmp_path):
-    from engagerec.compare import run_comparison
+    from engagerec_study.compare import run_comparison
 
     cfg = study_run_config(study_data, epochs=1)
     table = run_comparison(cfg, ["mmoe", "shared_bottom"], [0, 1], tmp_path, gbdt=True)
@@ -210,9 +210,9 @@ def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypat
     import numpy as np
     import pandas as pd
 
-    from engagerec.compare import run_comparison
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
+    from engagerec_study.compare import run_comparison
 
     log = pd.read_csv(repo / "datasets" / "kuairand" / "processed_standard_kcore_15.csv", sep="\t")
     log["label"] = log["label"].astype(float).where(np.arange(len(log)) % 5 != 0)  # 20% missing likes
@@ -368,8 +368,8 @@ def test_data_without_test_rows_trains_and_reports_no_test_metrics(tmp_path):
 def test_a_refit_trains_the_chosen_runs_config_for_the_epochs_validation_chose(
     study_data, refit_data, tmp_path
 ):
-    from engagerec.compare import refit_run
     from engagerec.config import config_changes, with_tower
+    from engagerec_study.refit import refit_run
 
     # a tower other than the config's, so that the refit must take the chosen run's own
     chosen_cfg = with_tower(study_run_config(study_data, epochs=4, patience=1), "ple", seed=3)
@@ -399,7 +399,7 @@ def test_a_refit_trains_the_chosen_runs_config_for_the_epochs_validation_chose(
 
 
 def test_the_gbdt_refits_with_given_iterations_and_refuses_to_guess_them(study_data, refit_data):
-    from engagerec.gbdt import gbdt_reference
+    from engagerec_study.gbdt import gbdt_reference
 
     tasks = [("watch_ratio", "watch_ratio", "regression"), ("skip", "skip", "binary")]
     chosen = gbdt_reference(study_data, 0, tasks)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from engagerec.distributed import any_rank
+from engagerec.distributed import any_rank, is_rank_zero, rank
 from engagerec.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -94,10 +94,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _last_line(error: BaseException) -> str:
     """The cause of ``error`` in one line (DCP's CheckpointException carries every rank's traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip() not in ("", ")")]
@@ -121,7 +117,7 @@ def save(
             and every earlier checkpoint is left as it was.
     """
     tmp, final = root / f".tmp-{name}", root / name
-    if _rank() == 0:
+    if is_rank_zero():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
@@ -130,17 +126,17 @@ def save(
     error: Optional[BaseException] = None
     try:
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-        torch.save({"rng": rng_state(), "progress": progress}, tmp / f"rank{_rank()}.pt")
+        torch.save({"rng": rng_state(), "progress": progress}, tmp / f"rank{rank()}.pt")
     except (OSError, RuntimeError, CheckpointException) as err:
         error = err
     failed = any_rank(error is not None)  # every rank learns of a failure: none waits for another
-    if not failed and _rank() == 0:
+    if not failed and is_rank_zero():
         try:
             _write_manifest(tmp)  # last: a checkpoint with a manifest is complete
         except (OSError, RuntimeError) as err:
             error = err
     if failed or any_rank(error is not None):
-        if _rank() == 0:
+        if is_rank_zero():
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(root, checked=False)
         kept = (
@@ -148,7 +144,7 @@ def save(
         )
         reason = _last_line(error) if error is not None else "another rank could not write its part"
         raise CheckpointError(f"writing checkpoint {final} failed ({reason}); {kept}") from error
-    if _rank() == 0:
+    if is_rank_zero():
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if keep is not None:
@@ -283,7 +279,7 @@ def load(
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
-    own = path / f"rank{_rank()}.pt"
+    own = path / f"rank{rank()}.pt"
     extra = _read_rank_file(own if own.exists() else path / "rank0.pt")
     if restore_rng and own.exists():
         set_rng_state(extra["rng"])

@@ -57,10 +57,48 @@ class Runtime:
     owns_group: bool  # we created the process group, so we destroy it
     local_world_size: int = 0  # processes on this host (torchrun's LOCAL_WORLD_SIZE); 0: all of them
 
-    @property
-    def is_main(self) -> bool:
-        """Whether this is rank 0, the one that writes the run's logs and results and prints progress."""
-        return self.rank == 0
+
+def rank() -> int:
+    """This process's rank: the process group's once one exists, else torchrun's ``RANK``
+    (0 outside torchrun), so it holds before ``init_runtime`` and after ``close_runtime``.
+
+    Example::
+
+        >>> from engagerec.distributed import rank
+        >>> rank()  # one process, no group
+        0
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """The number of processes in the run: the process group's once one exists, else torchrun's
+    ``WORLD_SIZE`` (1 outside torchrun).
+
+    Example::
+
+        >>> from engagerec.distributed import world_size
+        >>> world_size()
+        1
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0, the one that writes a run's logs and results and prints:
+    the one test of it in engagerec (``rank() == 0``), before or after a process group exists.
+
+    Example::
+
+        >>> from engagerec.distributed import is_rank_zero
+        >>> is_rank_zero()
+        True
+    """
+    return rank() == 0
 
 
 def resolve_device(requested: str = "auto") -> str:
@@ -129,18 +167,18 @@ def init_runtime(device: str = "auto") -> Runtime:
     else:
         # on CUDA the group is bound to this process's GPU at once (collectives know their device)
         bound = {"device_id": torch_device} if kind == "cuda" else {}
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world_size() > 1:  # launched by torchrun with several processes
             dist.init_process_group(backend=backend, **bound)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **bound)
         owns = True
-    world_size = dist.get_world_size()
+    size = dist.get_world_size()
     return Runtime(
         rank=dist.get_rank(),
-        world_size=world_size,
+        world_size=size,
         device=torch_device,
         owns_group=owns,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(size))),
     )
 
 

@@ -18,7 +18,6 @@ Output directory::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -40,6 +39,7 @@ from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
+from engagerec.distributed import world_size
 from engagerec.errors import CheckpointError
 from engagerec.metrics import binary_auc
 from engagerec.model import MultiTaskModel
@@ -277,7 +277,7 @@ def export_run(
     Raises:
         CheckpointError: no run directory or no checkpoint that checks out.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         raise ConfigError(
             "export runs in one process (it gathers every rank's shards itself): run it without torchrun"
         )

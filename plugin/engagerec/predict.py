@@ -27,7 +27,7 @@ from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
-from engagerec.distributed import close_runtime, init_runtime
+from engagerec.distributed import close_runtime, init_runtime, is_rank_zero
 from engagerec.model_builder import configured_tasks
 from engagerec.runs import OpenedRun, open_run, run_config
 from engagerec.tasks import Task
@@ -95,19 +95,19 @@ def predict(
     _check_output(out, threshold)
     with open_run(run_dir, checkpoint_name, device) as run:
         out.parent.mkdir(parents=True, exist_ok=True)
-        work = _shared_workdir(out, run.runtime.is_main)
+        work = _shared_workdir(out)
         try:
             scored, summary = _scoring_input(run, Path(input_path), split, users, content, work)
             parts = _score(run, scored, threshold, batch_size, work)
             if dist.is_initialized():
                 dist.barrier()  # every rank's part is closed before rank 0 reads them
-            if run.runtime.is_main:
+            if is_rank_zero():
                 rows = _stitch(scored.ids(), parts, out)
                 summary.update(rows_scored=rows, out=str(out), columns=pq.read_schema(out).names)
             if dist.is_initialized():
                 dist.barrier()  # every rank's part was read before the directory goes
         finally:
-            if run.runtime.is_main:
+            if is_rank_zero():
                 shutil.rmtree(work, ignore_errors=True)
     return summary
 
@@ -173,14 +173,14 @@ def predict_mean(
     # scratch directory for the runs' outputs
     runtime = init_runtime(options.get("device") or run_config(run_dirs[0]).train.device)
     try:
-        work = _shared_workdir(out, runtime.is_main)
+        work = _shared_workdir(out)
         try:
             members = [work / f"run{i}.parquet" for i in range(len(run_dirs))]
             summaries = [
                 predict(run, input_path, m, **options) for run, m in zip(run_dirs, members, strict=True)
             ]
             outcome: List[Any] = [None]
-            if runtime.is_main:
+            if is_rank_zero():
                 try:
                     _average(members, out, threshold)
                 except Exception as err:  # every rank must hear of it, as with the encoding
@@ -188,13 +188,13 @@ def predict_mean(
             if runtime.world_size > 1:
                 dist.broadcast_object_list(outcome, src=0)
             if isinstance(outcome[0], Exception):
-                if runtime.is_main or isinstance(outcome[0], DataError):
+                if is_rank_zero() or isinstance(outcome[0], DataError):
                     raise outcome[0]
                 raise RuntimeError(f"rank 0 failed to average the runs: {outcome[0]!r}")
         finally:
             if runtime.world_size > 1:
                 dist.barrier()  # no rank still reads a member when rank 0 removes them
-            if runtime.is_main:
+            if is_rank_zero():
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         close_runtime(runtime)
@@ -275,9 +275,9 @@ class _Scored:
                 yield pa.record_batch([rows, *batch.columns], names=[ROW, *(f"{k}_index" for k in kept)])
 
 
-def _shared_workdir(out: Path, is_main: bool) -> Path:
+def _shared_workdir(out: Path) -> Path:
     """A scratch directory beside ``out`` that every rank sees (rank 0 names it)."""
-    name = [tempfile.mkdtemp(prefix=f".{out.stem}-", dir=out.parent) if is_main else None]
+    name = [tempfile.mkdtemp(prefix=f".{out.stem}-", dir=out.parent) if is_rank_zero() else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(name, src=0)
     return Path(name[0])
@@ -297,7 +297,7 @@ def _scoring_input(
         rows = given.meta["splits"][split]["rows"]
         return _Scored(path, split, raw=False), {"input": f"{path} ({split})", "rows_read": rows}
     outcome: List[Any] = [None]
-    if run.runtime.is_main:
+    if is_rank_zero():
         try:
             outcome[0] = encode_for_scoring(
                 run.cfg.data, run.data_dir, str(path), work / "encoded", users=users, content=content
@@ -307,7 +307,7 @@ def _scoring_input(
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], Exception):
-        if run.runtime.is_main or isinstance(outcome[0], DataError):
+        if is_rank_zero() or isinstance(outcome[0], DataError):
             raise outcome[0]
         raise RuntimeError(f"rank 0 failed to encode the input: {outcome[0]!r}")
     return _Scored(work / "encoded", "test", raw=True), {"input": str(path), **outcome[0]}

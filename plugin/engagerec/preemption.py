@@ -10,6 +10,10 @@ from typing import Any, Optional
 
 from engagerec.distributed import any_rank
 
+# the exit status of a command that SIGTERM stopped after writing a checkpoint (EX_TEMPFAIL): not
+# 0, since a job that exits 0 counts as finished and is not restarted; the same command resumes
+PREEMPTED = 75
+
 
 class Preemption:
     """

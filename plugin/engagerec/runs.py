@@ -3,9 +3,9 @@
 Building the sharded model a config describes (training and every reopened run use it),
 opening a trained run (its config, the sharded model with a checkpoint loaded, on this process
 group: what evaluate, predict and export start from), evaluating it, reading its outputs on a
-split, and describing a config's models. The modules below it (distributed, evaluate, model,
-report) take objects; ``engagerec.compare`` trains towers x seeds on top of it; cli.py only
-parses arguments."""
+split, and describing a config's models. The modules below it (distributed, evaluate, model)
+take objects; the study (``engagerec_study.compare``) trains towers x seeds on top of
+it; cli.py only parses arguments."""
 
 from __future__ import annotations
 
@@ -87,6 +87,24 @@ class OpenedRun:
     dmp: DistributedModelParallel
     model: MultiTaskModel
     checkpoint: Path
+
+
+def seed_run_dir(root: str | Path, tower: str, seed: int) -> Path:
+    """Where the run of ``tower`` with ``seed`` lives under ``root``: ``<root>/<tower>/seed<seed>``,
+    the one layout of runs: ``engagerec train``'s default (root ``runs/<name>``), a comparison's
+    runs and the RESULTS sections' read it here.
+
+    Args:
+        root: the directory holding the runs (``runs/<name>``, a comparison's output).
+        tower: the tower's name (or the name of any variant trained with several seeds).
+        seed: the run's seed.
+
+    Example::
+
+        >>> seed_run_dir("runs/kuairand_stats", "mmoe", 3).as_posix()
+        'runs/kuairand_stats/mmoe/seed3'
+    """
+    return Path(root) / tower / f"seed{seed}"
 
 
 def run_config(run_dir: str | Path) -> ExperimentConfig:

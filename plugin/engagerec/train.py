@@ -48,6 +48,7 @@ from engagerec.distributed import (
     build_optimizer,
     close_runtime,
     init_runtime,
+    is_rank_zero,
     plan_table,
 )
 from engagerec.errors import CheckpointError, TrainingError
@@ -274,7 +275,7 @@ class Trainer:
             )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
         self.state = self._start(resume, allow_config_change)
-        if runtime.is_main:  # after the resume check: a refused resume leaves the run's files alone
+        if is_rank_zero():  # after the resume check: a refused resume leaves the run's files alone
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
             print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
@@ -283,7 +284,7 @@ class Trainer:
         # no test rows (every row trains a model to ship): no test metrics
         self.validating = ShardReader(self.data_dir, "val").total_rows > 0
         self.testing = ShardReader(self.data_dir, "test").total_rows > 0
-        self.log = RunLog(run_dir, runtime.is_main)
+        self.log = RunLog(run_dir, is_rank_zero())
         self.reader = ShardReader(
             self.data_dir,
             "train",
@@ -300,7 +301,7 @@ class Trainer:
             self.tasks, self.tc.batch_size, runtime.device, TRAIN_METRIC_WINDOW, exact=False
         )
         self.profiler = StepProfiler(
-            self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, runtime.is_main
+            self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, is_rank_zero()
         )
         self.preempted = False
         self.bar = None  # the current epoch's progress bar (rank 0, train.progress_bar)
@@ -329,7 +330,7 @@ class Trainer:
         self.reader.start_batch = state.batch_in_epoch
         loader = make_loader(self.reader, tc.num_workers, pin_memory=self.runtime.device.type == "cuda")
         batches = labelled_batches(iter(loader))
-        self.bar = _progress_bar(tc.progress_bar and self.runtime.is_main, len(self.reader), state.epoch)
+        self.bar = _progress_bar(tc.progress_bar and is_rank_zero(), len(self.reader), state.epoch)
         self.dmp.train()
         self._restart_clock()
         try:
@@ -373,7 +374,7 @@ class Trainer:
             self.checkpoint(best=True)
         else:
             state.bad_epochs += 1
-        if self.runtime.is_main:
+        if is_rank_zero():
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "rows")
             print(
                 f"epoch {state.epoch - 1}: " + (f"val {metrics}" if val else "no validation rows"), flush=True
@@ -383,7 +384,7 @@ class Trainer:
         if not val and state.done:  # written once, as the run ends, not every epoch
             self.checkpoint(best=True)
         self.checkpoint()
-        if self.on_epoch is not None and self.runtime.is_main:
+        if self.on_epoch is not None and is_rank_zero():
             self.on_epoch(state, val)
         return stopped
 
@@ -425,7 +426,7 @@ class Trainer:
                     self.means, tc.num_workers, tc.gauc_group,
                 )  # fmt: skip
                 self.log.write(state.step, "test", results["test"])
-        if self.runtime.is_main:
+        if is_rank_zero():
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         self.log.close()
         if dist.is_initialized():
@@ -437,7 +438,7 @@ class Trainer:
     def _start(self, resume: bool, allow_change: bool) -> TrainState:
         """A fresh state (removing an older run's checkpoints), or the newest good checkpoint's."""
         runtime, tc = self.runtime, self.tc
-        if runtime.is_main:
+        if is_rank_zero():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # a fresh start: an older run's checkpoints must not be taken as this run's
                 shutil.rmtree(self.ckpt_root, ignore_errors=True)
@@ -460,7 +461,7 @@ class Trainer:
         more = state.epoch < tc.epochs and not self._at_max_steps(state)
         if state.done and more and state.bad_epochs < tc.patience:
             state.done = False
-        if runtime.is_main:
+        if is_rank_zero():
             print(f"resumed from {last} (epoch {state.epoch}, step {state.step})", flush=True)
         return state
 

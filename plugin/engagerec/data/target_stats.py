@@ -7,7 +7,7 @@ Two feature kinds, both keyed by one id column (``column``):
   towards the training mean by ``smoothing`` pseudo-rows: ``(sum + m * prior) / (count + m)``.
   A training row must not see its own label, so training rows are cross-fitted: the rows are
   cut into ``folds`` seeded folds and each row gets the statistics of the other folds (the
-  scheme of scikit-learn's TargetEncoder, and what engagerec.gbdt's reference feeds its
+  scheme of scikit-learn's TargetEncoder, and what engagerec_study.gbdt's reference feeds its
   trees). Validation, test and scored rows get the statistics of all training rows.
 * ``id_count``: how many training rows have that id, the row itself left out (a popular
   video, a heavy user); usually with ``transform: log1p``.

@@ -14,8 +14,8 @@ from typing import Any, Dict, List
 import numpy as np
 
 from engagerec.config import ExperimentConfig
-from engagerec.report import saved_figure
-from engagerec.results.common import Section, cell, mean_ci
+from engagerec_study.report import saved_figure
+from engagerec_study.sections.common import Section, cell, mean_ci
 
 
 def entropy(weights) -> float:

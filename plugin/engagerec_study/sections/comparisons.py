@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from engagerec.compare import run_comparison
 from engagerec.config import TASK_METRICS, load_config, with_tower
-from engagerec.report import GBDT, markdown_table, paired_table, plot
-from engagerec.results.common import Section, config_spec, p_text, prepared
+from engagerec_study.compare import run_comparison
+from engagerec_study.report import GBDT, markdown_table, paired_table, plot
+from engagerec_study.sections.common import Section, config_spec, p_text, prepared
 
 TOWERS = ["cross_stitch", "mmoe", "ple", "shared_bottom", "single_task"]
-GATED = ("mmoe", "ple")  # towers with softmax gates (engagerec.results.gates reads them)
+GATED = ("mmoe", "ple")  # towers with softmax gates (engagerec_study.sections.gates reads them)
 
 
 def versus_reference(data: Dict[str, Any]) -> List[str]:
@@ -65,7 +65,7 @@ def versus_section(data: Dict[str, Any], other: Dict[str, Any], name: str) -> Li
         >>> versus_section(data, other, "plain")
         ['mmoe vs mmoe of plain, skip/auc: no significant difference (+0.0150 ± 0.0635, p = 0.2)']
     """
-    from engagerec.report import paired_comparisons
+    from engagerec_study.report import paired_comparisons
 
     lines = []
     for tower in dict.fromkeys(r["tower"] for r in data["runs"]):
@@ -105,7 +105,8 @@ def _compute_comparison(
     read each gated tower's gates off the test split."""
 
     def compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
-        from engagerec.results.gates import run_gates
+        from engagerec.runs import seed_run_dir
+        from engagerec_study.sections.gates import run_gates
 
         started = time.perf_counter()
         cfg = prepared(load_config(config, overrides), work / "data")
@@ -113,7 +114,9 @@ def _compute_comparison(
         run_comparison(cfg, towers, spec["seeds"], out, resume=False, gbdt=True, reference=reference)
         report = json.loads((out / "compare.json").read_text())
         gates = {
-            tower: [run_gates(out / tower / f"seed{seed}", with_tower(cfg, tower)) for seed in spec["seeds"]]
+            tower: [
+                run_gates(seed_run_dir(out, tower, seed), with_tower(cfg, tower)) for seed in spec["seeds"]
+            ]
             for tower in towers
             if tower in GATED
         }

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from engagerec.config import load_config
-from engagerec.report import saved_figure
-from engagerec.results.common import Section, cell, config_spec, mean_ci, p_text, prepared
+from engagerec_study.report import saved_figure
+from engagerec_study.sections.common import Section, cell, config_spec, mean_ci, p_text, prepared
 
 CONFIG = "synthetic_mmoe"
 CORRELATIONS = (1.0, 0.9, 0.5, 0.0, -0.5)
@@ -249,7 +249,7 @@ def section(
                 **config_spec(load_config(config, overrides))}  # fmt: skip
 
     def compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
-        from engagerec.compare import run_comparison
+        from engagerec_study.compare import run_comparison
 
         started = time.perf_counter()
         points = []

@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from engagerec.config import TaskConfig, load_config
-from engagerec.report import saved_figure
-from engagerec.results.common import Section, cell, config_spec, mean_ci, p_text, prepared
+from engagerec_study.report import saved_figure
+from engagerec_study.sections.common import Section, cell, config_spec, mean_ci, p_text, prepared
 
 BASE = "kuairand_random"
 CUTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -65,10 +65,10 @@ def skip_metrics(labels: np.ndarray, scores: np.ndarray, flags: Optional[np.ndar
 def _definition_runs(
     base: str, overrides: List[str], definition: Dict[str, Any], seeds: List[int], work: Path
 ) -> Dict[str, Any]:
-    from engagerec.compare import run_comparison
     from engagerec.evaluate import train_label_means
-    from engagerec.results.gates import gates_of
-    from engagerec.runs import split_outputs
+    from engagerec.runs import seed_run_dir, split_outputs
+    from engagerec_study.compare import run_comparison
+    from engagerec_study.sections.gates import gates_of
 
     slug = definition["relative_to"] or f"cut{definition['threshold']:g}"
     label = [f"data.labels.1.threshold={definition['threshold']}"]  # labels: watch_ratio, skip
@@ -84,7 +84,7 @@ def _definition_runs(
     per_seed: Dict[str, List[Dict[str, Any]]] = {way: [] for way, _ in WAYS}
     gates, rates, majority, constant_brier = [], [], [], []
     for seed in seeds:
-        out = split_outputs(work / slug / "joint" / "mmoe" / f"seed{seed}", "test")
+        out = split_outputs(seed_run_dir(work / slug / "joint", "mmoe", seed), "test")
         y, p, ratio = out.labels["skip"], out.predictions["skip"], out.predictions["watch_ratio"]
         rates.append(float(y.mean()))
         majority.append(float(np.mean((y > 0.5) == (train_rate >= 0.5))))
@@ -93,7 +93,7 @@ def _definition_runs(
         flags = None if definition["relative_to"] else ratio < definition["threshold"]
         per_seed["from_ratio"].append(skip_metrics(y, -ratio, flags, probabilities=False))
         gates.append(gates_of(out, joint))
-        alone = split_outputs(work / slug / "skip_only" / "single_task" / f"seed{seed}", "test")
+        alone = split_outputs(seed_run_dir(work / slug / "skip_only", "single_task", seed), "test")
         per_seed["skip_only"].append(
             skip_metrics(
                 alone.labels["skip"], alone.predictions["skip"], alone.predictions["skip"] >= 0.5, True

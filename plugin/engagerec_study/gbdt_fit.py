@@ -1,21 +1,30 @@
-"""A gradient-boosted-tree reference (scikit-learn) on the same prepared splits as the towers.
+"""The GBDT reference's fits, in a Python process of their own (``engagerec_study.gbdt`` starts
+it): this module imports numpy, pyarrow, scikit-learn and engagerec.xauc, never torch. In one
+process the two OpenMP runtimes decide between them how the cores are shared, and with torch's
+loaded first the fits after the towers ran 3x slower (make demo: 21 s a seed against 7); a
+process of their own keeps the fits and torch apart whatever the caller imported, in any order,
+and starts with its own OpenMP settings (``gbdt.fit_environment``).
 
-Single-valued sparse features with many values (ids) are target-encoded with
-scikit-learn's cross-fitted TargetEncoder (fitted on train only); the other single-valued
-ones are native categorical features; each multi-valued feature (genres, history)
-contributes its length; dense features are used as they are. One model per label of the
-prepared data: a HistGradientBoostingRegressor for a regression label, a
-HistGradientBoostingClassifier for a binary one, each with early stopping on the validation
-split, on the rows where that label is present. No tuning on test. Given each task's
-iteration count (chosen so on an earlier split with validation rows), it fits that many on
-data without validation rows: the refit on training and validation rows together.
+Run as ``python -m engagerec_study.gbdt_fit REQUEST RESULT``: REQUEST is a JSON file with
+``fit_reference``'s arguments; RESULT gets ``{"metrics": ..., "torch_loaded": ...}``, or
+``{"error": ...}`` when the input is refused (a ValueError's message).
+
+Single-valued sparse features with many values (ids) are target-encoded with scikit-learn's
+cross-fitted TargetEncoder (fitted on train only); the other single-valued ones are native
+categorical features; each multi-valued feature (genres, history) contributes its length; dense
+features are used as they are. One model per task: a HistGradientBoostingRegressor for a
+regression label, a HistGradientBoostingClassifier for a binary one, each with early stopping on
+the validation split, on the rows where that label is present. No tuning on test. Given each
+task's iteration count (chosen so on an earlier split with validation rows), it fits that many
+on data without validation rows: the refit on training and validation rows together.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,79 +33,65 @@ from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_er
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import TargetEncoder
 
-from engagerec.data.schema import DatasetSchema
-from engagerec.metrics import exact_xauc
+from engagerec.xauc import exact_xauc
 
 NATIVE_CATEGORICAL_MAX = 250  # HistGradientBoosting's categorical features allow at most 255 values
 
 
 def _matrix(
-    data_dir: Path, split: str, schema: DatasetSchema
+    data_dir: Path, split: str, layout: Dict[str, Any]
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(feature columns, label columns) of one prepared split."""
     table = pq.read_table(data_dir / split)
     columns: Dict[str, np.ndarray] = {}
-    for feature in schema.sparse:
-        column = table.column(feature.name)
-        if feature.multi:
+    for feature in layout["sparse"]:
+        column = table.column(feature["name"])
+        if feature["multi"]:
             offsets = column.combine_chunks().offsets.to_numpy()
-            columns[f"{feature.name}__length"] = np.diff(offsets).astype(np.float64)
+            columns[f"{feature['name']}__length"] = np.diff(offsets).astype(np.float64)
         else:
-            columns[feature.name] = column.to_numpy().astype(np.int64)
-    for name in schema.dense_names:
+            columns[feature["name"]] = column.to_numpy().astype(np.int64)
+    for name in layout["dense"]:
         columns[name] = table.column(name).to_numpy().astype(np.float64)
-    labels = {name: table.column(name).to_numpy() for name in schema.label_names}
+    labels = {label["name"]: table.column(label["name"]).to_numpy() for label in layout["labels"]}
     return columns, labels
 
 
-def gbdt_reference(
+def fit_reference(
     data_dir: str | Path,
+    layout: Dict[str, Any],
     seed: int = 0,
-    tasks: Optional[List[Tuple[str, str, str]]] = None,
+    tasks: Optional[Sequence[Sequence[str]]] = None,
     iterations: Optional[Dict[str, int]] = None,
 ) -> Dict[str, float]:
-    """Test metrics of the GBDT reference, under the towers' metric names (and each task's
-    ``<task>/iterations``).
+    """Fit the GBDT reference per task in this process and score it on test
+    (``engagerec_study.gbdt.gbdt_reference`` calls it in a process of its own).
 
     Args:
         data_dir: a prepared dataset.
+        layout: its columns (``engagerec_study.gbdt.data_layout``): ``sparse`` (name, multi,
+            rows of its id space), ``dense`` names and ``labels`` (name, kind), in schema order.
         seed: the target encoder's folds and the boosting's randomness.
-        tasks: (task name, label, kind) per model to fit, as the towers' tasks are; default one
-            task per label of the prepared data. A task whose label has fewer than two present
-            rows in a split, or one class only, is left out (no metrics, a note on stderr).
-        iterations: task name -> boosting iterations, chosen beforehand (an earlier call's
-            ``<task>/iterations`` on data with validation rows); the validation split is then
-            not read, so ``data_dir`` may have none. Default: chosen on ``data_dir``'s own.
+        tasks: (task name, label, kind) per model; default one task per label.
+        iterations: task name -> boosting iterations chosen beforehand (then the validation
+            split is not read); default: chosen on ``data_dir``'s validation split.
+
+    Returns:
+        Dict[str, float]: test metrics under the towers' names and each ``<task>/iterations``.
 
     Raises:
         ValueError: ``data_dir`` has no validation rows and ``iterations`` lacks a task.
-
-    Example::
-
-        >>> import tempfile
-        >>> from engagerec.config import load_config
-        >>> from engagerec.data.prepare import prepare
-        >>> tmp = Path(tempfile.mkdtemp())
-        >>> cfg = load_config("synthetic_study", ["data.source.synthetic.num_rows=2000"])
-        >>> _ = prepare(cfg.data, tmp)
-        >>> chosen = gbdt_reference(tmp, tasks=[("skip", "skip", "binary")])
-        >>> sorted(chosen)
-        ['skip/accuracy', 'skip/auc', 'skip/iterations']
-        >>> again = gbdt_reference(tmp, tasks=[("skip", "skip", "binary")], iterations={"skip": 7})
-        >>> again["skip/iterations"]
-        7.0
     """
     data_dir = Path(data_dir)
-    schema = DatasetSchema.load(data_dir)
     splits = ("train", "test") if iterations is not None else ("train", "val", "test")
-    parts = {split: _matrix(data_dir, split, schema) for split in splits}
+    parts = {split: _matrix(data_dir, split, layout) for split in splits}
     if iterations is None and not any(len(values) for values in parts["val"][1].values()):
         raise ValueError(
             f"gbdt: {data_dir} has no validation rows to choose the iterations on; pass iterations"
         )
-    singles = [f for f in schema.sparse if not f.multi]
-    encoded = [f.name for f in singles if schema.num_embeddings(f.id_space) > NATIVE_CATEGORICAL_MAX]
-    native = [f.name for f in singles if f.name not in encoded]
+    singles = [f for f in layout["sparse"] if not f["multi"]]
+    encoded = [f["name"] for f in singles if f["rows"] > NATIVE_CATEGORICAL_MAX]
+    native = [f["name"] for f in singles if f["name"] not in encoded]
     plain = [k for k in parts["train"][0] if k not in encoded and k not in native]
 
     def design(split: str, encoder: TargetEncoder, fit_target=None, mask=None) -> np.ndarray:
@@ -120,7 +115,9 @@ def gbdt_reference(
     categorical = np.zeros(len(native) + len(plain) + len(encoded), dtype=bool)
     categorical[: len(native)] = True
     out: Dict[str, float] = {}
-    for task, label, kind in tasks or [(spec.name, spec.name, spec.kind) for spec in schema.labels]:
+    for task, label, kind in tasks or [
+        (spec["name"], spec["name"], spec["kind"]) for spec in layout["labels"]
+    ]:
         binary = kind == "binary"
         # rows whose label is missing (NaN) take no part in this label's model or score
         present = {split: ~np.isnan(parts[split][1][label].astype(np.float64)) for split in parts}
@@ -186,3 +183,32 @@ def _best_iterations(model, x_train, y_train, x_val, y_val, binary: bool, bounds
         ]
     best = int(np.argmin(scores))
     return best + 1, float(scores[best])
+
+
+def main(argv: List[str]) -> int:
+    """``python -m engagerec_study.gbdt_fit REQUEST RESULT``: fit as REQUEST asks, write RESULT.
+
+    Args:
+        argv: the request file (JSON: ``data_dir``, ``layout``, ``seed``, ``tasks``,
+            ``iterations``) and the result file.
+
+    Returns:
+        int: 0 once RESULT is written (a refused input included: its ``error``).
+    """
+    request_path, result_path = argv
+    request = json.loads(Path(request_path).read_text())
+    # the caller refuses the result of a process that loaded torch (the reason it exists): by an
+    # import before the fits (then none is made) or by one they made
+    result: Dict[str, Any] = {"torch_loaded": "torch" in sys.modules}
+    if not result["torch_loaded"]:
+        try:
+            result["metrics"] = fit_reference(**request)
+        except ValueError as err:  # refused input: the caller raises it again; anything else is a bug
+            result["error"] = str(err)
+        result["torch_loaded"] = "torch" in sys.modules
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,7 @@ replicate r's first member is the single run of seed r that
 the comparison sections train: the ensemble is paired with that single run and with the
 section's GBDT of the same seed.
 
-Each run is also refitted on the training and validation rows together (``compare.refit_run``:
+Each run is also refitted on the training and validation rows together (``refit.refit_run``:
 the same test rows, its own validation's epoch count), and so is the GBDT (its validation's
 iteration counts): the usual last step once every choice is made, giving the weights and the id
 statistics the validation rows too (a ninth more under a 10% validation split).
@@ -24,15 +24,16 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from engagerec.compare import refit_run, run_comparison
 from engagerec.config import load_config
-from engagerec.gbdt import gbdt_reference
-from engagerec.metrics import exact_xauc
 from engagerec.model_builder import configured_tasks
-from engagerec.report import GBDT, markdown_table, paired_comparisons, paired_table, summarise
-from engagerec.results.common import TARGETS, Section, config_spec, prepared
-from engagerec.results.comparisons import goal_findings, versus_reference
-from engagerec.runs import SplitOutputs, split_outputs
+from engagerec.runs import SplitOutputs, seed_run_dir, split_outputs
+from engagerec.xauc import exact_xauc
+from engagerec_study.compare import run_comparison
+from engagerec_study.gbdt import gbdt_reference
+from engagerec_study.refit import refit_run
+from engagerec_study.report import GBDT, markdown_table, paired_comparisons, paired_table, summarise
+from engagerec_study.sections.common import TARGETS, Section, config_spec, prepared
+from engagerec_study.sections.comparisons import goal_findings, versus_reference
 
 MEMBERS = 5
 TOWER = "mmoe"
@@ -179,7 +180,7 @@ def section(
                 run_comparison(cfg, [tower], seeds, out, resume=False)
             refitted = work / name / "refit"
             for s in seeds:
-                chosen, refit = out / tower / f"seed{s}", refitted / tower / f"seed{s}"
+                chosen, refit = seed_run_dir(out, tower, s), seed_run_dir(refitted, tower, s)
                 refit_run(chosen, refit_cfg.train.data_dir, refit, resume=False)
             runs = []
             for r, group in groups.items():
@@ -187,7 +188,7 @@ def section(
                     (out, tower, ensemble),
                     (refitted, refits[tower], refits[ensemble]),
                 ):
-                    outputs = [split_outputs(runs_dir / tower / f"seed{s}", "test") for s in group]
+                    outputs = [split_outputs(seed_run_dir(runs_dir, tower, s), "test") for s in group]
                     runs.append({"tower": one, "seed": r, "test": split_metrics(outputs[0], kinds)})
                     runs.append(
                         {"tower": mean, "seed": r, "test": split_metrics(averaged_outputs(outputs), kinds)}
@@ -201,13 +202,13 @@ def section(
         last = members - 1
         lines = [
             f"{tower} trained with {members} seeds per replicate and its test predictions averaged (a "
-            "seed ensemble: engagerec.results.ensemble.averaged_outputs over runs.split_outputs). "
+            "seed ensemble: engagerec_study.sections.ensemble.averaged_outputs over runs.split_outputs). "
             f"Replicate r averages seeds r, r + R, ..., r + {last}R (R: the largest replicate seed + 1), "
             "so its first member "
             "is the single run of seed r, which it is paired with, as with the GBDT of seed r in the "
             "split's section (same prepared data). Every run and the GBDT are also refitted on the "
             "training and validation rows together (`split.val_fraction: 0`, the same test rows; "
-            "engagerec.compare.refit_run): a run for the epochs its own validation chose, the GBDT "
+            "engagerec_study.refit.refit_run): a run for the epochs its own validation chose, the GBDT "
             "for its validation's iteration counts, as the last step once every choice is made. "
             f"`engagerec results --sections ensemble`; "
             f"{data['seconds']:.0f} s. Test split, mean ± 95% CI over the replicates.",

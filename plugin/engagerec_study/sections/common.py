@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 from engagerec.config import ExperimentConfig
-from engagerec.results.cache import file_digest
+from engagerec_study.sections.cache import file_digest
 
 # issue 9's quality targets for the bundled KuaiRand data, per split (metric -> target; the
 # direction is the metric's own): the comparison and ensemble sections state them met or not
@@ -139,7 +139,7 @@ def mean_ci(values) -> Dict[str, float]:
         >>> round(mean_ci([0.1, 0.2, 0.3])["mean"], 4), mean_ci([0.5])["ci95"]
         (0.2, 0.0)
     """
-    from engagerec.report import ci95
+    from engagerec_study.report import ci95
 
     array = np.asarray(values, dtype=float)
     return {"mean": float(array.mean()), "ci95": ci95(array), "n": int(len(array))}
