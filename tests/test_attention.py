@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from engagerec.attention import TargetAttention
-from engagerec.config import ConfigError, load_config
+from engagerec.config import load_config
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
+from engagerec.errors import ConfigError
 from engagerec.model_builder import build_model
 
 SMALL = ["data.source.synthetic.num_rows=4000", "train.progress_bar=false", "train.epochs=1"]

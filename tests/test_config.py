@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from engagerec.config import ConfigError, config_changes, config_from_dict, load_config
+from engagerec.config import config_changes, config_from_dict, load_config
+from engagerec.errors import ConfigError
 
 
 def test_unknown_key_suggests_nearest():

@@ -15,8 +15,7 @@ import torch
 from test_train import study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
 
 from engagerec import checkpoint
-from engagerec.config import ConfigError
-from engagerec.errors import CheckpointError, TrainingError
+from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.train import train
 
 

@@ -12,8 +12,9 @@ import torch
 import yaml
 from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
 
-from engagerec.config import ConfigError, load_config
+from engagerec.config import load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
+from engagerec.errors import ConfigError
 from engagerec.model_builder import build_model
 from engagerec.runs import evaluate_run
 from engagerec.train import train

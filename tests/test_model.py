@@ -11,9 +11,10 @@ from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec.batch import Batch
-from engagerec.config import ConfigError, EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
+from engagerec.config import EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
+from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
 from engagerec.model import MultiTaskModel, task_labels
 from engagerec.model_builder import build_model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engagerec.config import ConfigError
+from engagerec.errors import ConfigError
 from engagerec_study.report import GBDT, ci95, paired_comparisons, write_report
 
 

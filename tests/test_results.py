@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engagerec.config import ConfigError
+from engagerec.errors import ConfigError
 from engagerec_study.sections import comparisons, correlation, ensemble, gates, make_results, threshold
 from engagerec_study.sections.cache import SectionCache, spec_key
 from engagerec_study.sections.common import Section

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from conftest import synthetic_mmoe_config
 
-from engagerec.config import TASK_METRICS, ConfigError, TaskConfig, apply_override, config_from_dict
+from engagerec.config import TASK_METRICS, TaskConfig, apply_override, config_from_dict
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
+from engagerec.errors import ConfigError
 from engagerec.runs import evaluate_run, split_outputs
 from engagerec.tasks import Task
 from engagerec.train import train

@@ -13,9 +13,8 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Callable, List, Optional
 
 from engagerec import commands
-from engagerec.config import ConfigError
 from engagerec.data.errors import DataError
-from engagerec.errors import CheckpointError, TrainingError
+from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.extras import missing_extra
 from engagerec.host_memory import keep_freed_memory
 

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from engagerec.config import ConfigError, load_config, prepared_dir
+from engagerec.config import load_config, prepared_dir
+from engagerec.errors import ConfigError
 
 
 def prepare(config: str, sets: List[str], out: Optional[str] = None, as_json: bool = False) -> int:

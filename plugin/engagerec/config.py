@@ -18,10 +18,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
-
+from engagerec.errors import ConfigError
 
 # ---------------------------------------------------------------------------- data
 
@@ -418,7 +415,7 @@ def check_monitor(monitor: str, mode: str, tasks: Optional[Dict[str, str]] = Non
         >>> check_monitor("skip/auc", "min")
         Traceback (most recent call last):
           ...
-        engagerec.config.ConfigError: train.monitor 'skip/auc' improves upward: set train.monitor_mode: max
+        engagerec.errors.ConfigError: train.monitor 'skip/auc' improves upward: set train.monitor_mode: max
     """
     if monitor == "loss":
         direction: Optional[str] = "min"

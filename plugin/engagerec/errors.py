@@ -1,8 +1,13 @@
 """engagerec's own error types above the data layer: what the CLI reports as a message (exit 2)
-rather than a traceback. Bad input data is ``engagerec.data.errors.DataError``; a bad config is
-``engagerec.config.ConfigError``."""
+rather than a traceback. Bad input data is ``engagerec.data.errors.DataError`` (it carries the
+file, column and row)."""
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema: the message names the key,
+    and the nearest valid key when it is unknown."""
 
 
 class CheckpointError(RuntimeError):

@@ -34,13 +34,13 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec import checkpoint
 from engagerec.batch import Batch
-from engagerec.config import ConfigError, prepared_dir
+from engagerec.config import prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
 from engagerec.distributed import world_size
-from engagerec.errors import CheckpointError
+from engagerec.errors import CheckpointError, ConfigError
 from engagerec.metrics import binary_auc
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model

@@ -7,8 +7,9 @@ from typing import Dict, List
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from engagerec.config import ConfigError, EmbeddingConfig
+from engagerec.config import EmbeddingConfig
 from engagerec.data.schema import DatasetSchema
+from engagerec.errors import ConfigError
 
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 

@@ -11,7 +11,8 @@ from typing import List
 import torch
 from torch import nn
 
-from engagerec.config import ConfigError, LossConfig
+from engagerec.config import LossConfig
+from engagerec.errors import ConfigError
 
 WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 

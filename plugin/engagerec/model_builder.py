@@ -12,15 +12,9 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from engagerec.attention import TargetAttention
-from engagerec.config import (
-    ConfigError,
-    ExperimentConfig,
-    ModelConfig,
-    TargetAttentionConfig,
-    TaskConfig,
-    prepared_dir,
-)
+from engagerec.config import ExperimentConfig, ModelConfig, TargetAttentionConfig, TaskConfig, prepared_dir
 from engagerec.data.schema import DatasetSchema, position_names
+from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
 from engagerec.losses import build_loss_weighting
 from engagerec.model import MultiTaskModel

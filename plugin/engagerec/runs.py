@@ -21,7 +21,7 @@ import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from engagerec import checkpoint
-from engagerec.config import ConfigError, ExperimentConfig, config_from_dict, prepared_dir, with_tower
+from engagerec.config import ExperimentConfig, config_from_dict, prepared_dir, with_tower
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
 from engagerec.describe import format_parameter_table, parameter_counts
@@ -33,7 +33,7 @@ from engagerec.distributed import (
     init_runtime,
     shard_model,
 )
-from engagerec.errors import CheckpointError
+from engagerec.errors import CheckpointError, ConfigError
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model

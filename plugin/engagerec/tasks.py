@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engagerec.config import ConfigError, TaskConfig
+from engagerec.config import TaskConfig
+from engagerec.errors import ConfigError
 from engagerec.towers.common import mlp, out_dim
 
 KINDS = ("regression", "binary")

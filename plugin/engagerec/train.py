@@ -34,7 +34,6 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
 from engagerec.config import (
-    ConfigError,
     ExperimentConfig,
     check_config,
     check_monitor,
@@ -51,7 +50,7 @@ from engagerec.distributed import (
     is_rank_zero,
     plan_table,
 )
-from engagerec.errors import CheckpointError, TrainingError
+from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.extras import missing_extra
 from engagerec.metrics import TaskMetrics

@@ -12,10 +12,11 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from engagerec.config import ConfigError, DataConfig, config_changes, prepared_dir
+from engagerec.config import DataConfig, config_changes, prepared_dir
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema
 from engagerec.distributed import is_rank_zero, world_size
+from engagerec.errors import ConfigError
 from engagerec.preemption import PREEMPTED
 from engagerec.runs import run_config
 from engagerec.train import train

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from engagerec.config import ConfigError
+from engagerec.errors import ConfigError
 
 GBDT = "gbdt (scikit-learn)"  # the reference model's row
 

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from scipy.special import betainc, entr, expit
 
-from engagerec.config import ConfigError
+from engagerec.errors import ConfigError
 
 # ------------------------------------------------------------------ the official layout
 

@@ -23,8 +23,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engagerec.config import ConfigError, SyntheticConfig
+from engagerec.config import SyntheticConfig
 from engagerec.data.raw import RawTables, TableSource
+from engagerec.errors import ConfigError
 
 DEFAULT_CHUNK_ROWS = 1_000_000
 MAX_GENRES_PER_ITEM = 3

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from engagerec.config import ConfigError
+from engagerec.errors import ConfigError
 from engagerec.machine import cpu_name, package_versions
 from engagerec_study.sections import comparisons, correlation, ensemble, gates, threshold
 from engagerec_study.sections.cache import SectionCache
