@@ -62,11 +62,8 @@ def test_declared_dependencies_cover_every_third_party_import(dist):
     assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
 
 
-def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
-    """A fresh venv that sees the pinned TorchRec stack (this repo's .venv) through a .pth file,
-    as a team's own environment would hold it: the wheel installs without fetching anything,
-    its declared ranges are met by that stack, and the CLI and a tower import work."""
-    venv = tmp_path / "venv"
+def _fresh_venv(venv: Path):
+    """A new venv at ``venv``: its python and its site-packages folder (for a .pth file)."""
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = subprocess.run(
@@ -75,6 +72,14 @@ def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
         capture_output=True,
         text=True,
     ).stdout.strip()
+    return python, site
+
+
+def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
+    """A fresh venv that sees the pinned TorchRec stack (this repo's .venv) through a .pth file,
+    as a team's own environment would hold it: the wheel installs without fetching anything,
+    its declared ranges are met by that stack, and the CLI and a tower import work."""
+    python, site = _fresh_venv(tmp_path / "venv")
     stack = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torchrec").is_dir())
     Path(site, "torchrec_stack.pth").write_text(stack + "\n")
     (wheel,) = dist.glob("*.whl")
@@ -98,7 +103,7 @@ def test_wheel_installs_into_an_existing_torchrec_environment(dist, tmp_path):
     )
     assert done.stdout.strip() == metadata.version("engagerec")
     cli = subprocess.run(
-        [venv / "bin" / "engagerec", "--help"],
+        [python.with_name("engagerec"), "--help"],
         check=True,
         capture_output=True,
         text=True,
@@ -156,15 +161,7 @@ def test_the_core_install_trains_a_torchrec_job_without_any_extra(dist, tmp_path
     and metrics import without them, and docs/examples/torchrec_job.py (the user's own EBC and
     batches; DMP + TrainPipelineSparseDist; per-task metrics with XAUC and GAUC) runs on 2 gloo ranks."""
     (wheel,) = dist.glob("*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    python, site = _fresh_venv(tmp_path / "venv")
     Path(site, "core_stack.pth").write_text(str(_core_site(wheel, tmp_path / "core")) + "\n")
     install = [python, "-m", "pip", "install", "--no-index", "--no-deps", "--ignore-installed", str(wheel)]
     subprocess.run(install, check=True, capture_output=True)
