@@ -351,7 +351,9 @@ def test_the_model_uses_the_callers_own_tables_and_any_stated_subset_of_their_fe
     torch.testing.assert_close(model.tower_input(batch), expected)  # "seen" left out, order as stated
     loss, (_, predictions, labels, weights) = model(batch)
     assert labels["click"].dtype == torch.float32 and torch.equal(weights["click"], torch.ones(5))
-    with pytest.raises(ValueError, match=r"feature_names \['genre'\] are not features of the embedding module"):
+    with pytest.raises(
+        ValueError, match=r"feature_names \['genre'\] are not features of the embedding module"
+    ):
         MultiTaskModel(_user_tables(), 2, tower, tasks, feature_names=["genre"])
 
 
