@@ -160,3 +160,14 @@ def test_task_metrics_names_values_by_task_and_groups_by_a_sparse_feature():
         TaskMetrics(tasks, batch_size=6, gauc_group="history").update(p, y, w, groups=kjt)
     with pytest.raises(ValueError, match="pass groups="):
         metrics.update(p, y, w)
+
+
+def test_gauc_keeps_64_bit_group_ids_apart():
+    """Hashed ids use all 64 bits: two users 1 apart above 2^53 (equal as float64) stay two groups."""
+    metrics = TaskMetrics(
+        [TaskConfig("click", "click", kind="binary")], batch_size=4, exact=False, gauc_group="u"
+    )
+    users = torch.tensor([2**60, 2**60, 2**60 + 1, 2**60 + 1])
+    scores, labels = torch.tensor([0.9, 0.1, 0.2, 0.8]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    metrics.update({"click": scores}, {"click": labels}, {"click": torch.ones(4)}, groups=users)
+    assert metrics.compute()["click/gauc"] == 0.5  # AUC 1 and AUC 0; merged into one group: 0.75

@@ -271,20 +271,27 @@ def gather_rows(array: np.ndarray) -> np.ndarray:
 
 
 class _KeptRows:
-    """Per task, the rows of a split with a non-zero weight as compact float32/int64 columns (a
-    few bytes per row; an exact rank metric must see them all), gathered across ranks."""
+    """Per task, the rows of a split with a non-zero weight, each column in its own dtype (float32
+    predictions and labels, int64 group ids: 8 or 16 bytes a row; an exact rank metric must see
+    every row), gathered across ranks."""
 
-    def __init__(self, names: List[str], columns: int) -> None:
-        self.columns = columns
-        self.parts: Dict[str, List[np.ndarray]] = {name: [] for name in names}
+    def __init__(self, names: List[str], dtypes: List[np.dtype]) -> None:
+        self.dtypes = dtypes
+        self.parts: Dict[str, List[List[np.ndarray]]] = {name: [] for name in names}
 
     def keep(self, name: str, keep: torch.Tensor, *columns: torch.Tensor) -> None:
-        self.parts[name].append(np.stack([c[keep].detach().cpu().double().numpy() for c in columns], axis=1))
+        kept = [
+            c[keep].detach().cpu().numpy().astype(d, copy=False)
+            for c, d in zip(columns, self.dtypes, strict=True)
+        ]
+        self.parts[name].append(kept)
 
-    def gathered(self, name: str) -> np.ndarray:
+    def gathered(self, name: str) -> List[np.ndarray]:
         parts = self.parts[name]
-        rows = np.concatenate(parts) if parts else np.zeros((0, self.columns))
-        return gather_rows(rows)
+        return [
+            gather_rows(np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype=dtype))
+            for i, dtype in enumerate(self.dtypes)
+        ]
 
 
 class ExactXAUC:
@@ -314,7 +321,7 @@ class ExactXAUC:
 
     def __init__(self, tasks: List[Task]) -> None:
         self.tasks = [task for task in tasks if task.kind == "regression"]
-        self.rows = _KeptRows([task.name for task in self.tasks], columns=2)
+        self.rows = _KeptRows([task.name for task in self.tasks], [np.float32, np.float32])
 
     def update(
         self,
@@ -331,8 +338,8 @@ class ExactXAUC:
         """``{"<task>/xauc": value}``; a collective: every rank calls it and gets the same values."""
         out = {}
         for task in self.tasks:
-            rows = self.rows.gathered(task.name)
-            out[f"{task.name}/xauc"] = exact_xauc(rows[:, 0], rows[:, 1]) if len(rows) > 1 else float("nan")
+            predictions, labels = self.rows.gathered(task.name)
+            out[f"{task.name}/xauc"] = exact_xauc(predictions, labels) if len(labels) > 1 else float("nan")
         return out
 
 
@@ -361,7 +368,7 @@ class GroupedAUC:
 
     def __init__(self, tasks: List[Task]) -> None:
         self.tasks = [task for task in tasks if task.kind == "binary"]
-        self.rows = _KeptRows([task.name for task in self.tasks], columns=3)
+        self.rows = _KeptRows([task.name for task in self.tasks], [np.int64, np.float32, np.float32])
 
     def update(
         self,
@@ -379,10 +386,9 @@ class GroupedAUC:
         """``{"<task>/gauc": value}``; a collective: every rank calls it and gets the same values."""
         out = {}
         for task in self.tasks:
-            rows = self.rows.gathered(task.name)
-            groups = rows[:, 0].astype(np.int64)
+            groups, predictions, labels = self.rows.gathered(task.name)
             out[f"{task.name}/gauc"] = (
-                grouped_auc(groups, rows[:, 1], rows[:, 2]) if len(rows) else float("nan")
+                grouped_auc(groups, predictions, labels) if len(labels) else float("nan")
             )
         return out
 
