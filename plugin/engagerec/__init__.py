@@ -22,7 +22,7 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 
-def __getattr__(name: str):  # noqa: ANN202  (PEP 562: the public names, imported when first used)
+def __getattr__(name: str):  # PEP 562: the public names, imported when first used
     if name not in _PUBLIC:
         raise AttributeError(f"module 'engagerec' has no attribute '{name}'")
     return getattr(importlib.import_module(_PUBLIC[name]), name)

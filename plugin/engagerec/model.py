@@ -125,7 +125,7 @@ def label_spec(tasks: Sequence[Task], label_columns: Optional[Dict[str, int]] = 
 
 
 @torch.fx.wrap  # one opaque call in a traced graph: it branches on the batch's kind of labels
-def task_labels(batch, spec: LabelSpec) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
+def task_labels(batch, spec: LabelSpec) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """
     Each task's labels and row weights, read from whichever batch the caller has:
 
@@ -176,7 +176,7 @@ def task_labels(batch, spec: LabelSpec) -> Tuple[List[torch.Tensor], List[torch.
     return _labels_by_column(batch.labels, spec, rows)
 
 
-def _labels_by_name(batch, spec: LabelSpec, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # noqa: ANN001
+def _labels_by_name(batch, spec: LabelSpec, rows: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     label_weights = getattr(batch, "label_weights", None) or {}
     labels, weights = [], []
     for name, label, kind, _ in spec:
@@ -356,7 +356,7 @@ class MultiTaskModel(nn.Module):
         widths = {name: t.embedding_dim for t in self.tables for name in t.feature_names}
         return sum(widths.get(name, 0) for name in self.feature_names)
 
-    def tower_input(self, batch) -> torch.Tensor:  # noqa: ANN001
+    def tower_input(self, batch) -> torch.Tensor:
         """x: pooled embeddings (``feature_names`` order; through the input arch if any),
         then dense features."""
         if not self.has_sparse:
@@ -369,7 +369,7 @@ class MultiTaskModel(nn.Module):
             sparse = self.input_arch(sparse)
         return torch.cat([sparse, batch.dense_features], dim=1)
 
-    def forward(self, batch) -> ModelOutput:  # noqa: ANN001
+    def forward(self, batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
         shared = self.tower_input(batch)
         representations = self.tower(shared)
