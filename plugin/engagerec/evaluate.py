@@ -26,6 +26,21 @@ def train_label_means(data_dir: str | Path, labels: List[str]) -> Dict[str, floa
     return {name: float(stats[name]["mean"]) for name in labels}
 
 
+def groups_gauc(schema: DatasetSchema, feature: Optional[str]) -> bool:
+    """
+    Whether evaluation reports GAUC grouped by ``feature``: the prepared data must hold it as a
+    sparse feature with one id per row.
+
+    Args:
+        schema (DatasetSchema): the prepared data's schema.
+        feature (Optional[str]): ``train.gauc_group``.
+
+    Returns:
+        bool: True when GAUC can be grouped by it.
+    """
+    return feature in {f.name for f in schema.sparse if not f.multi}
+
+
 def evaluate(
     model: torch.nn.Module,
     tasks: List[Task],
@@ -69,8 +84,7 @@ def evaluate(
             expected="a split with rows (data prepared with split.val_fraction 0 has no 'val')",
         )
     world = reader.world_size
-    single_ids = {f.name for f in reader.schema.sparse if not f.multi}
-    grouping = gauc_group if gauc_group in single_ids else None
+    grouping = gauc_group if groups_gauc(reader.schema, gauc_group) else None
     metrics = TaskMetrics(
         tasks, batch_size, device, window_size=reader.total_rows + world * batch_size, gauc_group=grouping
     )

@@ -42,6 +42,7 @@ from engagerec.config import (
     prepared_dir,
 )
 from engagerec.data.reader import ShardReader, make_loader
+from engagerec.data.schema import DatasetSchema
 from engagerec.distributed import (
     any_rank,
     build_optimizer,
@@ -51,7 +52,7 @@ from engagerec.distributed import (
     plan_table,
 )
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
-from engagerec.evaluate import evaluate, train_label_means
+from engagerec.evaluate import evaluate, groups_gauc, train_label_means
 from engagerec.extras import missing_extra
 from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
@@ -267,10 +268,11 @@ class Trainer:
         self.tasks = self.model.tasks
         # the tasks are known now (from schema.json when the config names none): check before training
         check_monitor(self.tc.monitor, self.tc.monitor_mode, {t.name: t.kind for t in self.tasks})
-        if self.tc.monitor.endswith("/gauc") and self.tc.gauc_group not in self.model.feature_names:
+        schema = DatasetSchema.load(self.data_dir)
+        if self.tc.monitor.endswith("/gauc") and not groups_gauc(schema, self.tc.gauc_group):
             raise ConfigError(
                 f"train.monitor '{self.tc.monitor}': GAUC groups by train.gauc_group "
-                f"'{self.tc.gauc_group}', which is not a sparse feature of the model"
+                f"'{self.tc.gauc_group}', which is not a sparse feature (one id per row) of the prepared data"
             )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
         self.state = self._start(resume, allow_config_change)
