@@ -161,7 +161,7 @@ def test_engagerec_errors_are_messages_and_anything_else_is_a_traceback(tmp_path
 
 
 def _study_config(tmp_path, data, tower=None):
-    from test_train import write_study_config
+    from conftest import write_study_config
 
     path = tmp_path / f"study{len(list(tmp_path.glob('study*.yaml')))}.yaml"
     return str(write_study_config(path, data, tower=tower, epochs=1))
@@ -170,7 +170,7 @@ def _study_config(tmp_path, data, tower=None):
 def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, capsys, monkeypatch):
     import json
 
-    from test_train import write_study_config
+    from conftest import write_study_config
 
     config = write_study_config(tmp_path / "study.yaml", tmp_path / "data", epochs=3, patience=1)
     assert main(["prepare", "--config", str(config)]) == 0

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_train import study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
+from conftest import study_run_config, write_study_config
 
 from engagerec import checkpoint
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
@@ -23,7 +23,7 @@ def _steps(run):
     return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
-def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_one_before(study_data, tmp_path, capsys):  # noqa: F811
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_one_before(study_data, tmp_path, capsys):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=10, checkpoint_every_steps=5), run)
     assert _steps(run) == ["step-10", "step-5"]
@@ -45,7 +45,7 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_one_before(s
     assert f"resumed from {run / 'checkpoints' / 'step-5'} " in said.out and resumed["steps"] == 15
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(study_data, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(study_data, tmp_path, monkeypatch):
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
     real_write, calls = FileSystemWriter.write_data, []
@@ -66,7 +66,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(study_d
     assert train(study_run_config(study_data, max_steps=10, checkpoint_every_steps=5), run)["steps"] == 10
 
 
-def test_resuming_under_a_changed_config_is_refused_naming_the_keys(study_data, tmp_path):  # noqa: F811
+def test_resuming_under_a_changed_config_is_refused_naming_the_keys(study_data, tmp_path):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=5), run)
     written = (run / "config.json").read_text()
@@ -81,7 +81,7 @@ def test_resuming_under_a_changed_config_is_refused_naming_the_keys(study_data, 
     assert train(changed, run, allow_config_change=True)["steps"] == 10
 
 
-def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tmp_path, monkeypatch):  # noqa: F811
+def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tmp_path, monkeypatch):
     import engagerec.train as training
 
     class PoisonedPipeline(training.TrainPipelineSparseDist):
@@ -100,7 +100,7 @@ def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tm
         train(study_run_config(study_data, checkpoint_every_steps=5), run)
 
 
-def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes(study_data, tmp_path):  # noqa: F811
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes(study_data, tmp_path):
     config = write_study_config(tmp_path / "run.yaml", study_data, epochs=50, log_every_steps=5)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run)]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
+from conftest import EQUAL_METRICS, study_run_config, write_study_config
 
 from engagerec.config import load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
@@ -29,7 +29,7 @@ def _meta_model(data_dir):
     return build_model(DatasetSchema.load(data_dir), cfg.model, device=torch.device("meta"))
 
 
-def test_row_wise_sharding_is_refused_on_cpu_with_the_alternatives(study_data):  # noqa: F811
+def test_row_wise_sharding_is_refused_on_cpu_with_the_alternatives(study_data):
     model = _meta_model(study_data)
     for kind in ("row_wise", "table_row_wise"):
         with pytest.raises(ConfigError, match=f"train.sharding.\\*: {kind} sharding needs CUDA.*table_wise"):
@@ -37,7 +37,7 @@ def test_row_wise_sharding_is_refused_on_cpu_with_the_alternatives(study_data): 
     assert _constraints(model, {"*": ["row_wise"]}, world_size=1, device_type="cuda")  # offered on CUDA
 
 
-def test_gpu_only_sparse_optimizers_are_refused_on_cpu(study_data):  # noqa: F811
+def test_gpu_only_sparse_optimizers_are_refused_on_cpu(study_data):
     for name in ("adam", "lamb", "partial_rowwise_adam"):
         with pytest.raises(ConfigError, match=f"'{name}' \\(it needs CUDA.*rowwise_adagrad"):
             shard_model(_meta_model(study_data), CPU, 256, {}, name, 0.01)
@@ -56,12 +56,12 @@ def test_train_device_is_checked_when_the_config_loads(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_asking_for_cuda_without_a_gpu_is_a_clear_error(study_data, tmp_path):  # noqa: F811
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(study_data, tmp_path):
     with pytest.raises(ConfigError, match="train.device is cuda, but torch sees no CUDA device"):
         train(study_run_config(study_data, device="cuda"), tmp_path / "run")
 
 
-def test_a_run_with_cuda_only_settings_evaluates_on_cpu(study_data, tmp_path):  # noqa: F811
+def test_a_run_with_cuda_only_settings_evaluates_on_cpu(study_data, tmp_path):
     """A GPU run trained with fused Adam and row-wise tables still evaluates on CPU: evaluation
     loads no optimiser state and tables reshard, so CPU settings stand in."""
     run = tmp_path / "run"
@@ -83,7 +83,7 @@ def _gpu_run(data_dir, out, **train_changes):
 
 
 @pytest.mark.gpu
-def test_one_gpu_trains_and_its_checkpoint_evaluates_on_cpu_alike(study_data, tmp_path):  # noqa: F811
+def test_one_gpu_trains_and_its_checkpoint_evaluates_on_cpu_alike(study_data, tmp_path):
     results = _gpu_run(study_data, tmp_path / "run")
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert all(t["compute_kernel"] == "fused" for t in plan.values())
@@ -94,7 +94,7 @@ def test_one_gpu_trains_and_its_checkpoint_evaluates_on_cpu_alike(study_data, tm
 
 
 @pytest.mark.gpu
-def test_fused_adam_and_lamb_train_on_gpu(study_data, tmp_path):  # noqa: F811
+def test_fused_adam_and_lamb_train_on_gpu(study_data, tmp_path):
     for name in ("adam", "lamb"):
         results = _gpu_run(study_data, tmp_path / name, sparse_optimizer=name, sparse_lr=0.01)
         first, last = results["history"][0]["loss"], results["history"][-1]["loss"]
@@ -102,7 +102,7 @@ def test_fused_adam_and_lamb_train_on_gpu(study_data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.gpu
-def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):  # noqa: F811
+def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):
     results = _gpu_run(study_data, tmp_path / "run", sharding={"*": ["row_wise"]})
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert {t["sharding_type"] for t in plan.values()} == {"row_wise"}
@@ -111,7 +111,7 @@ def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):  # noqa: F811
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):  # noqa: F811
+def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):
     config = write_study_config(tmp_path / "run.yaml", study_data, device="cuda", epochs=2)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--nproc-per-node", "2", "-m", "engagerec", "train", "--config", str(config)]

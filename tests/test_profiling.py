@@ -3,12 +3,12 @@
 import json
 
 import pytest
-from test_train import study_data, study_run_config  # noqa: F401  (fixture)
+from conftest import study_run_config
 
 from engagerec.train import train
 
 
-def test_a_profiled_run_writes_a_breakdown_whose_parts_add_up_to_the_step(study_data, tmp_path):  # noqa: F811
+def test_a_profiled_run_writes_a_breakdown_whose_parts_add_up_to_the_step(study_data, tmp_path):
     cfg = study_run_config(study_data, epochs=1, profile_steps=4, profile_start_step=2)
     train(cfg, tmp_path / "run")
     found = json.loads((tmp_path / "run" / "profile.json").read_text())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import EQUAL_METRICS, study_data, study_run_config, write_study_config  # noqa: F401  (fixture)
+from conftest import EQUAL_METRICS, write_study_config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -34,7 +34,7 @@ def _write_config(path, data_dir, **train):
     return write_study_config(path, data_dir, sharding={"*": ["table_wise"]}, **train)
 
 
-def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp_path):  # noqa: F811
+def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp_path):
     config = _write_config(tmp_path / "run.yaml", study_data)
     run = tmp_path / "run"
     _torchrun(2, "train", "--config", str(config), "--out", str(run), cwd=tmp_path)
@@ -66,7 +66,7 @@ def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp
     assert exported["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-4)
 
 
-def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_path):  # noqa: F811
+def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_path):
     """Column-wise constraints give every rank half of each table's columns (the per-rank table
     memory halves), and the sharded model trains and evaluates like the 2-rank table-wise one."""
     config = write_study_config(tmp_path / "cw.yaml", study_data, sharding={"*": ["column_wise"]}, epochs=1)
@@ -82,7 +82,7 @@ def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_
         assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
 
 
-def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_epoch_end(study_data, tmp_path):  # noqa: F811
+def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_epoch_end(study_data, tmp_path):
     def config(name, **train):
         return str(_write_config(tmp_path / f"{name}.yaml", study_data, **train))
 
