@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo lint format test bench results clean
+.PHONY: install demo lint format test test-fast bench results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,16 @@ DOCTESTED := plugin/engagerec/towers plugin/engagerec/model.py plugin/engagerec/
 	plugin/engagerec/train.py plugin/engagerec/runs.py plugin/engagerec/attention.py plugin/engagerec/machine.py \
 	plugin/engagerec/extras.py plugin/engagerec_study
 
+# pytest-xdist workers (one thread each); every test runs on whichever worker is free
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: install lint
-	$(PY) -m pytest -q tests --doctest-modules $(DOCTESTED)
+	$(PYTEST) tests --doctest-modules $(DOCTESTED)
+
+# the inner loop: the tests not marked slow (each under about 3 s), without the docstring examples
+test-fast: install
+	$(PYTEST) tests -m "not slow"
 
 bench: install
 	$(PY) benchmarks/prepare_scale.py --scales 0.1 1

@@ -1,4 +1,5 @@
-import os
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,17 @@ REPO = Path(__file__).resolve().parents[1]
 KUAIRAND = REPO / "datasets" / "kuairand"
 
 warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker keeps to one thread (and so do the processes it starts):
+    two workers on two cores whose OpenMP pools each spin on both cores ran a tiny model's
+    training 30x slower than one worker alone."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # before torch starts its thread pool, and for subprocesses
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,27 +35,72 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def torchrun(nproc: int) -> list:
+    """The start of a torchrun command line for ``nproc`` local ranks; ``--standalone`` takes a
+    free port, so that runs started at the same time (pytest-xdist workers) never collide."""
+    import sys
+
+    return [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(nproc)]
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 
 
+@pytest.fixture
+def in_repo(monkeypatch):
+    """The repository as the working directory, for a test whose config names data by a path
+    relative to it (``datasets/kuairand/...``): such paths are the working directory's, as for a
+    user who runs ``engagerec`` from the repository (the Makefile does)."""
+    monkeypatch.chdir(REPO)
+    return REPO
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's directory, built by ``build(directory)`` once for the whole test run:
+    under pytest-xdist the workers share it (the first to get the lock builds it, the others
+    wait and read it); without xdist it lies in this session's own temporary directory."""
+    import os
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    out = root / name
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".built").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a build interrupted by a failure
+            out.mkdir()
+            build(out)
+            (out / ".built").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def kuairand_random(tmp_path_factory):
-    """The bundled KuaiRand data prepared once with configs/kuairand_random.yaml."""
+    """The bundled KuaiRand data prepared once with configs/kuairand_random.yaml: (its
+    directory, prepare's summary, the config). Tests read it and never write into it."""
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
 
     cfg = load_config(REPO / "configs" / "kuairand_random.yaml")
-    os.chdir(REPO)
-    out = tmp_path_factory.mktemp("kuairand_random")
-    summary = prepare(cfg.data, out)
-    return out, summary, cfg
+
+    def build(out):
+        with pytest.MonkeyPatch.context() as patch:  # the config's data paths are the repository's
+            patch.chdir(REPO)
+            summary = prepare(cfg.data, out / "data")
+        (out / "summary.json").write_text(json.dumps(summary))
+
+    out = built_once(tmp_path_factory, "kuairand_random", build)
+    return out / "data", json.loads((out / "summary.json").read_text()), cfg
 
 
 @pytest.fixture(scope="session")
 def kuairand_run(kuairand_random, tmp_path_factory):
-    """One epoch of configs/kuairand_random.yaml on the bundled data: (run directory, its data)."""
+    """One epoch of configs/kuairand_random.yaml on the bundled data: (run directory, its data).
+    Tests read it and never write into it."""
     import dataclasses
 
     from engagerec.train import train
@@ -51,9 +108,8 @@ def kuairand_run(kuairand_random, tmp_path_factory):
     data_dir, _, cfg = kuairand_random
     changes = {"data_dir": str(data_dir), "epochs": 1, "progress_bar": False, "device": "cpu"}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
-    run = tmp_path_factory.mktemp("kuairand_run") / "run"
-    train(cfg, run)
-    return run, data_dir
+    out = built_once(tmp_path_factory, "kuairand_run", lambda out: train(cfg, out / "run"))
+    return out / "run", data_dir
 
 
 # metrics that must agree exactly between runs that should be the same (resumed, resharded, 2 ranks)
@@ -132,10 +188,10 @@ def study_data(tmp_path_factory):
     tests read it and never write into it."""
     from engagerec.data.prepare import prepare
 
-    out = tmp_path_factory.mktemp("study_small")
-    cfg = study_run_config(out)
-    prepare(cfg.data, out)
-    return out
+    def build(out):
+        prepare(study_run_config(out / "data").data, out / "data")
+
+    return built_once(tmp_path_factory, "study_small", build) / "data"
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> str:

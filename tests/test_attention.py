@@ -124,15 +124,15 @@ def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din
     plan = json.loads((run / "plan.json").read_text())
     assert {tuple(t["ranks"]) for t in plan.values()} == {(0,), (1,)}  # tables on both ranks
     results = json.loads((run / "results.json").read_text())
-    one = tmp_path / "one.json"
-    _torchrun(1, "evaluate", "--run-dir", str(run), "--json-out", str(one), cwd=tmp_path)
-    one = json.loads(one.read_text())
+    from engagerec.runs import evaluate_run
+
+    one = evaluate_run(run, "test")  # 1 rank: in this process
     assert results["world_size"] == 2 and one["rows"] == results["test"]["rows"]
     for key in ("watch_ratio/mse", "skip/auc"):
         assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
 
 
-def test_raw_rows_to_score_get_the_positions_prepare_gave_them(tmp_path):
+def test_raw_rows_to_score_get_the_positions_prepare_gave_them(tmp_path, in_repo):
     from test_predict import REPO, _kept_rows, _read_log
 
     from engagerec.data.scoring import encode_for_scoring

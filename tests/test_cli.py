@@ -64,11 +64,9 @@ def test_synthesize_kuairand_shape(tmp_path, capsys):
     }
 
 
-def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch):
+def test_describe_counts_parameters_per_part(repo, kuairand_random, capsys, monkeypatch):
     monkeypatch.chdir(repo)
-    out = tmp_path / "k"
-    assert main(["prepare", "--config", "configs/kuairand_random.yaml", "--out", str(out)]) == 0
-    capsys.readouterr()
+    out, _, _ = kuairand_random
     assert (
         main(
             [
@@ -99,20 +97,21 @@ def test_describe_counts_parameters_per_part(repo, tmp_path, capsys, monkeypatch
     assert rows["tower"][0].strip() != rows["tower"][1].strip()
 
 
-def test_gbdt_reference_beats_the_constant_baselines(repo, tmp_path, monkeypatch):
-    from engagerec.config import load_config
-    from engagerec.data.prepare import prepare
+def test_gbdt_reference_beats_the_constant_baselines(kuairand_random):
     from engagerec_study.gbdt import gbdt_reference
 
-    monkeypatch.chdir(repo)
-    summary = prepare(load_config("configs/kuairand_random.yaml").data, tmp_path)
-    result = gbdt_reference(tmp_path, seed=0)
+    data, summary, _ = kuairand_random
+    result = gbdt_reference(data, seed=0)
     baselines = summary["baselines_on_test"]
     assert result["watch_ratio/mse"] < 0.8 * baselines["watch_ratio"]["mse_train_mean"]
     assert result["skip/auc"] > 0.75
     assert result["skip/accuracy"] > baselines["skip"]["accuracy_majority"]
-    # keyed by the towers' tasks: a task named apart from its label lands in its own columns
-    renamed = gbdt_reference(tmp_path, seed=0, tasks=[("ratio", "watch_ratio", "regression")])
+    # keyed by the towers' tasks: a task named apart from its label lands in its own columns (its
+    # iteration count given: the same model as the first call's, without choosing it again)
+    iterations = {"ratio": result["watch_ratio/iterations"]}
+    renamed = gbdt_reference(
+        data, seed=0, tasks=[("ratio", "watch_ratio", "regression")], iterations=iterations
+    )
     assert set(renamed) == {"ratio/mse", "ratio/mae", "ratio/xauc", "ratio/iterations"}
     assert renamed["ratio/mse"] == pytest.approx(result["watch_ratio/mse"])
 

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from conftest import torchrun
 from sklearn.metrics import roc_auc_score
 
 from engagerec.cli import main
@@ -24,6 +24,9 @@ from engagerec.data.schema import DatasetSchema
 from engagerec.data.scoring import encode_for_scoring
 from engagerec.predict import predict
 from engagerec.runs import evaluate_run
+
+# the configs and the raw rows these tests score name the bundled files relative to the repository
+pytestmark = pytest.mark.usefixtures("in_repo")
 
 REPO = Path(__file__).resolve().parents[1]
 LOG = REPO / "datasets" / "kuairand" / "processed_standard_kcore_15.csv"
@@ -171,11 +174,9 @@ def test_predict_command_prints_what_it_counted(kuairand_run, tmp_path, capsys):
 def test_two_ranks_predict_what_one_process_predicts(kuairand_run, tmp_path):
     run, data_dir = kuairand_run
     predict(run, LOG, tmp_path / "one.parquet")
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000 + 7),
-         "-m", "engagerec", "predict", "--run-dir", str(run), "--input", str(LOG),
+        [*torchrun(2), "-m", "engagerec", "predict", "--run-dir", str(run), "--input", str(LOG),
          "--out", str(tmp_path / "two.parquet"), "--json"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -281,12 +282,11 @@ def test_two_ranks_average_what_one_process_averages(two_runs, tmp_path):
     path = tmp_path / "log.csv"
     _read_log().head(2000).to_csv(sep="\t", path_or_buf=path, index=False)
     predict_mean(list(two_runs), path, tmp_path / "one.parquet")
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [arg for run in two_runs for arg in ("--run-dir", str(run))]
     done = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000 + 9),
-         "-m", "engagerec", "predict", *runs, "--input", str(path), "--out", str(tmp_path / "two.parquet")],
+        [*torchrun(2), "-m", "engagerec", "predict", *runs, "--input", str(path),
+         "--out", str(tmp_path / "two.parquet")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,6 +15,9 @@ from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE
 from engagerec.data.prepare import format_summary, prepare
 from engagerec.data.schema import DatasetSchema
 
+# the configs and the raw rows these tests score name the bundled files relative to the repository
+pytestmark = pytest.mark.usefixtures("in_repo")
+
 
 def _raw_log():
     log = pd.read_csv(KUAIRAND / "processed_standard_kcore_15.csv", sep="\t")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from engagerec.errors import ConfigError
 from engagerec_study.sections import comparisons, correlation, ensemble, gates, make_results, threshold
@@ -182,8 +183,8 @@ def test_the_din_config_file_is_the_random_split_config_with_the_sections_change
     from engagerec_study.sections.common import non_defaults
     from engagerec_study.sections.document import DIN_OVERRIDES
 
-    shipped = non_defaults(load_config("configs/kuairand_din.yaml"))
-    built = non_defaults(load_config("configs/kuairand_random.yaml", DIN_OVERRIDES))
+    shipped = non_defaults(load_config(REPO / "configs" / "kuairand_din.yaml"))
+    built = non_defaults(load_config(REPO / "configs" / "kuairand_random.yaml", DIN_OVERRIDES))
     assert shipped.pop("name") == "kuairand_din" and built.pop("name") == "kuairand_random"
     assert shipped == built
 
@@ -264,7 +265,7 @@ def test_the_stats_configs_are_their_base_without_id_embeddings_plus_outcome_sta
     from engagerec.config import load_config
     from engagerec_study.sections.common import non_defaults
 
-    chosen, origin = load_config(stats_config), load_config(base)
+    chosen, origin = load_config(REPO / stats_config), load_config(REPO / base)
     ids = {"user_id", "content_id", "history", "author_id"}
     scheme = {f.scheme for f in chosen.data.features if f.kind in ("target_mean", "id_count")}
     assert scheme == ({"online"} if "temporal" in stats_config else {"cross_fit"})

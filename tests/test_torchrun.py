@@ -5,26 +5,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import EQUAL_METRICS, write_study_config
+from conftest import EQUAL_METRICS, torchrun, write_study_config
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+from engagerec.runs import evaluate_run
 
 
 def _torchrun(nproc, *args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        str(TORCHRUN),
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
-        "engagerec",
-        *args,
-    ]
+    cmd = [*torchrun(nproc), "-m", "engagerec", *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -48,10 +38,8 @@ def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp
 
     # the same checkpoint evaluated on 2 ranks and on 1 rank: the same metrics
     two = tmp_path / "two.json"
-    one = tmp_path / "one.json"
     _torchrun(2, "evaluate", "--run-dir", str(run), "--json-out", str(two), cwd=tmp_path)
-    _torchrun(1, "evaluate", "--run-dir", str(run), "--json-out", str(one), cwd=tmp_path)
-    two, one = json.loads(two.read_text()), json.loads(one.read_text())
+    two, one = json.loads(two.read_text()), evaluate_run(run, "test")  # 1 rank: in this process
     assert one["rows"] == two["rows"] == results["test"]["rows"]
     for key in EQUAL_METRICS:
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-5), key  # float32 AUC sums
@@ -74,10 +62,8 @@ def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_
     _torchrun(2, "train", "--config", str(config), "--out", str(run), cwd=tmp_path)
     plan = json.loads((run / "plan.json").read_text())
     assert all(t["sharding_type"] == "column_wise" and sorted(t["ranks"]) == [0, 1] for t in plan.values())
-    one = tmp_path / "one.json"
-    _torchrun(1, "evaluate", "--run-dir", str(run), "--json-out", str(one), cwd=tmp_path)
+    one = evaluate_run(run, "test")  # 1 rank: in this process
     results = json.loads((run / "results.json").read_text())
-    one = json.loads(one.read_text())
     for key in EQUAL_METRICS:  # resharded from 2 column-wise ranks onto 1: the same model
         assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
 
