@@ -5,9 +5,13 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config
+from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config, write_study_config
 
 from engagerec.config import TASK_METRICS, TaskConfig, apply_override, config_from_dict
 from engagerec.data.errors import DataError
@@ -43,13 +47,33 @@ def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_pa
     assert len(list((run / "checkpoints").glob("best-step-*"))) == 1
 
 
-def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path):
-    uninterrupted = train(study_run_config(study_data), tmp_path / "a")
-    # stop mid-epoch 1 (max_steps), as a killed job would, then resume from its checkpoint
-    steps_per_epoch = uninterrupted["steps"] // 3
-    partial = train(study_run_config(study_data, max_steps=steps_per_epoch + 7), tmp_path / "b")
-    assert "test" not in partial and partial["steps"] == steps_per_epoch + 7
-    resumed = train(study_run_config(study_data), tmp_path / "b")
+def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path, capsys):
+    """``engagerec train`` killed by SIGKILL between two step checkpoints (mid epoch 1, a best
+    checkpoint behind it) resumes from the last one to the metrics of a run never interrupted."""
+    every = 10
+    cfg = study_run_config(study_data, epochs=2, checkpoint_every_steps=every)
+    uninterrupted = train(cfg, tmp_path / "a")
+    per_epoch = uninterrupted["steps"] // 2
+    target = (per_epoch // every + 2) * every  # a step checkpoint well into epoch 1 (40 of 29..58)
+    assert per_epoch + 1 < target and target + every < uninterrupted["steps"]
+    run = tmp_path / "b"
+    config = write_study_config(tmp_path / "b.yaml", study_data, epochs=2, checkpoint_every_steps=every)
+    command = [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run)]
+    with open(tmp_path / "killed.out", "w") as out:
+        job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline:
+            if (run / "checkpoints" / f"step-{target}").exists():  # complete: renamed from .tmp- last
+                job.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        job.wait(timeout=60)
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "killed.out").read_text()[-3000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert steps[-1] == target and not (run / "results.json").exists()  # killed before the next one
+    capsys.readouterr()
+    resumed = train(study_run_config(study_data, epochs=2, checkpoint_every_steps=every), run)
+    assert f"(epoch 1, step {target})" in capsys.readouterr().out
     assert resumed["steps"] == uninterrupted["steps"]
     for key in EQUAL_METRICS:
         assert resumed["test"][key] == pytest.approx(uninterrupted["test"][key], rel=1e-5, abs=1e-6), key
