@@ -143,6 +143,12 @@ def test_splits_are_disjoint_complete_and_temporal_splits_respect_time(
     codes = con.execute(f"SELECT __src, {expression} AS s, user_id, timestamp FROM staged").df()
     assert len(codes) == n and set(codes["s"]) <= {0, 1, 2}  # every row in exactly one split
     assert (codes["s"] == 0).any()  # something to train on
+    # the sizes the config asks for (split.py's definition): round(n * test_fraction) test, then
+    # round(rest * val_fraction) of the rest validate; counted in rows, or in users for "user"
+    units = codes.groupby("user_id")["s"].first() if kind == "user" else codes["s"]
+    test = int(round(len(units) * test_fraction))
+    val = int(round((len(units) - test) * val_fraction))
+    assert [int((units == code).sum()) for code in (0, 1, 2)] == [len(units) - test - val, val, test]
     if kind == "temporal":  # nothing in a later split happened before anything in an earlier one
         for earlier, later in ((0, 1), (1, 2), (0, 2)):
             a, b = codes[codes.s == earlier], codes[codes.s == later]
@@ -150,6 +156,30 @@ def test_splits_are_disjoint_complete_and_temporal_splits_respect_time(
                 assert a["timestamp"].max() <= b["timestamp"].min()
     if kind == "user":  # a user's rows stay together
         assert (codes.groupby("user_id")["s"].nunique() == 1).all()
+
+
+def test_a_random_split_takes_each_row_with_the_configured_probability():
+    """The random split cuts a seeded pseudo-random order at exact sizes: its fractions are the
+    config's, and every stretch of source rows meets them too (within 5 binomial standard
+    deviations), as a random sample would; a split cut by position would not."""
+    n, blocks, test_fraction, val_fraction = 20_000, 10, 0.3, 0.1
+    con = duckdb.connect()
+    staged = pd.DataFrame({"__src": np.arange(n)})  # noqa: F841 (read by DuckDB)
+    con.execute("CREATE TABLE staged AS SELECT * FROM staged")
+    for seed in (0, 1, 7):
+        cfg = SplitConfig(kind="random", test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+        codes = con.execute(
+            f"SELECT {split_sql(con, cfg, n, 'TRUE', has_timestamp=False)} FROM staged ORDER BY __src"
+        ).fetchnumpy()
+        codes = next(iter(codes.values()))
+        assert np.bincount(codes, minlength=3).tolist() == [12_600, 1_400, 6_000]  # 70/30, then 10% of 70
+        per_block = n // blocks
+        for block in np.split(codes, blocks):
+            share = (block == 2).mean()
+            assert abs(share - test_fraction) <= 5 * np.sqrt(test_fraction * (1 - test_fraction) / per_block)
+            rest = block[block != 2]
+            val_share = (rest == 1).mean()
+            assert abs(val_share - val_fraction) <= 5 * np.sqrt(val_fraction * (1 - val_fraction) / len(rest))
 
 
 @SLOW

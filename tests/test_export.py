@@ -28,16 +28,23 @@ def exported(kuairand_run, tmp_path_factory):
     return export_run(run, out, int8=True), out
 
 
+@pytest.fixture(scope="module")
+def eager(kuairand_run, tmp_path_factory):
+    """engagerec.predict's scores of the test split (the sharded model), in the split's row order."""
+    run, data_dir = kuairand_run
+    out = tmp_path_factory.mktemp("eager") / "eager.parquet"
+    return pq.read_table(predict(run, data_dir, out)["out"]).to_pandas()
+
+
 def _client_code():
     """The client in docs/SERVING.md, as the document shows it."""
     text = (REPO / "docs" / "SERVING.md").read_text()
     return re.search(r"## A client.*?```python\n(.*?)```", text, re.S).group(1)
 
 
-def test_the_fp32_program_predicts_what_the_sharded_model_predicts(kuairand_run, exported, tmp_path):
+def test_the_fp32_program_predicts_what_the_sharded_model_predicts(kuairand_run, exported, eager):
     run, data_dir = kuairand_run
     record, out = exported
-    eager = pq.read_table(predict(run, data_dir, tmp_path / "eager.parquet")["out"]).to_pandas()
     assert record["max_abs_difference_fp32_vs_eager"] < 1e-5
     program = torch.export.load(str(out / "model_fp32.pt2")).module()
     from engagerec.data.reader import ShardReader, make_loader
@@ -78,19 +85,30 @@ def test_int8_tables_are_smaller_and_their_quality_loss_is_stated(exported, kuai
     assert json.loads((out / "export.json").read_text())["programs"]["int8"] == int8
 
 
-def test_the_documented_client_runs_without_engagerec_or_torchrec(kuairand_run, exported):
+def test_the_documented_client_runs_without_engagerec_or_torchrec(kuairand_run, exported, eager, tmp_path):
+    """The client, as documented, predicts what engagerec.predict predicts, row by row: a wrong
+    offset or feature order in it (or in inputs.json) would move the scores."""
     _, data_dir = kuairand_run
     _, out = exported
     blocked = (
         "import sys\nfor name in ('engagerec', 'torchrec', 'fbgemm_gpu'):\n    sys.modules[name] = None\n"
     )
-    env = {**os.environ, "EXPORT_DIR": str(out), "SHARD": str(data_dir / "test" / "part-00000.parquet")}
+    shard = data_dir / "test" / "part-00000.parquet"
+    saved = "\nnp.save(os.environ['SCORES'], predictions.detach().numpy())\n"  # after the client, unchanged
+    env = {**os.environ, "EXPORT_DIR": str(out), "SHARD": str(shard), "SCORES": str(tmp_path / "scores.npy")}
     done = subprocess.run(
-        [sys.executable, "-c", blocked + _client_code()], env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", blocked + _client_code() + saved],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     printed = eval(done.stdout.strip().splitlines()[-1])  # the client's last line: a dict of lists
-    assert set(printed) == {"watch_ratio", "skip"} and all(0 <= p <= 1 for p in printed["skip"])
+    scores = np.load(tmp_path / "scores.npy")
+    # the client scores the first 1,000 rows of the split's first shard: predict's first rows
+    assert sorted(p.name for p in shard.parent.glob("*.parquet"))[0] == shard.name
+    assert len(scores) == min(1000, pq.ParquetFile(shard).metadata.num_rows) == 1000
+    np.testing.assert_allclose(scores[:, 0], eager["watch_ratio"][:1000], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores[:, 1], eager["skip_probability"][:1000], rtol=0, atol=1e-5)
+    assert printed == {"watch_ratio": scores[:3, 0].tolist(), "skip": scores[:3, 1].tolist()}
 
 
 def test_the_export_carries_the_encoding_a_client_needs(kuairand_run, exported):

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import KUAIRAND
-from fingerprint import assert_same, fingerprint
+from fingerprint import assert_same, assert_same_dense, fingerprint
 
 from engagerec.config import load_config
 from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE
@@ -106,12 +106,18 @@ def _bundled(name):
 
 def test_same_answers_as_the_in_memory_writer_on_the_temporal_split(repo, tmp_path):
     """The out-of-core writer gives the same rows per split, vocabularies, buckets and encoded
-    values as the in-memory pandas writer it replaced (fingerprint recorded from that writer at
-    commit d247027 by tests/fingerprint.py), and the same summary counts."""
+    values as the in-memory pandas writer it replaced, and the same summary counts. Both goldens
+    come from that writer at commit d247027 (its prepare on its configs/kuairand_temporal.yaml):
+    the fingerprint (tests/data/bundled_prepare_inmemory.json) by tests/fingerprint.py then, and
+    the per-row dense values (bundled_prepare_inmemory_dense.npz, that writer's 8 dense columns,
+    each value within 1e-5) recorded later from a checkout of d247027 whose output reproduced the
+    JSON fingerprint exactly; the current writer matched the JSON's dense sums before the per-row
+    golden replaced them (largest per-value difference then: 2.3e-10)."""
     cfg = load_config(repo / "configs" / "kuairand_temporal.yaml")
     summary = prepare(cfg.data, tmp_path)
     want = _bundled("kuairand_temporal")
     assert_same(fingerprint(tmp_path), want["fingerprint"])
+    assert_same_dense(tmp_path, Path(__file__).parent / "data" / "bundled_prepare_inmemory_dense.npz")
     for key in (
         "rows_read",
         "dropped",

@@ -5,9 +5,13 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config
+from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config, write_study_config
 
 from engagerec.config import TASK_METRICS, TaskConfig, apply_override, config_from_dict
 from engagerec.data.errors import DataError
@@ -43,13 +47,33 @@ def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_pa
     assert len(list((run / "checkpoints").glob("best-step-*"))) == 1
 
 
-def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path):
-    uninterrupted = train(study_run_config(study_data), tmp_path / "a")
-    # stop mid-epoch 1 (max_steps), as a killed job would, then resume from its checkpoint
-    steps_per_epoch = uninterrupted["steps"] // 3
-    partial = train(study_run_config(study_data, max_steps=steps_per_epoch + 7), tmp_path / "b")
-    assert "test" not in partial and partial["steps"] == steps_per_epoch + 7
-    resumed = train(study_run_config(study_data), tmp_path / "b")
+def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path, capsys):
+    """``engagerec train`` killed by SIGKILL between two step checkpoints (mid epoch 1, a best
+    checkpoint behind it) resumes from the last one to the metrics of a run never interrupted."""
+    every = 10
+    cfg = study_run_config(study_data, epochs=2, checkpoint_every_steps=every)
+    uninterrupted = train(cfg, tmp_path / "a")
+    per_epoch = uninterrupted["steps"] // 2
+    target = (per_epoch // every + 2) * every  # a step checkpoint well into epoch 1 (40 of 29..58)
+    assert per_epoch + 1 < target and target + every < uninterrupted["steps"]
+    run = tmp_path / "b"
+    config = write_study_config(tmp_path / "b.yaml", study_data, epochs=2, checkpoint_every_steps=every)
+    command = [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run)]
+    with open(tmp_path / "killed.out", "w") as out:
+        job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline:
+            if (run / "checkpoints" / f"step-{target}").exists():  # complete: renamed from .tmp- last
+                job.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        job.wait(timeout=60)
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "killed.out").read_text()[-3000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert steps[-1] == target and not (run / "results.json").exists()  # killed before the next one
+    capsys.readouterr()
+    resumed = train(study_run_config(study_data, epochs=2, checkpoint_every_steps=every), run)
+    assert f"(epoch 1, step {target})" in capsys.readouterr().out
     assert resumed["steps"] == uninterrupted["steps"]
     for key in EQUAL_METRICS:
         assert resumed["test"][key] == pytest.approx(uninterrupted["test"][key], rel=1e-5, abs=1e-6), key
@@ -97,6 +121,73 @@ def test_other_loss_weightings_train(study_data, tmp_path, weighting):
     assert float(logged[-1]["skip/loss_weight"]) != float(logged[0]["skip/loss_weight"])  # the weights moved
     assert results["test"]["skip/auc"] > 0.65
     assert results["test"]["watch_ratio/mse"] < results["test"]["watch_ratio/baseline_mse_train_mean"]
+
+
+def _gradnorm_step(losses_of, first=None):
+    """One GradNorm step (SGD on theta) for task losses ``losses_of(shared)`` of a fixed shared
+    representation; L_t(first step) is ``first[t]`` times the current L_t (default: the current
+    losses, i.e. equal training rates). Returns (weights after, theta's gradient,
+    the gradient norms ||dL_t/dx||)."""
+    import torch
+
+    from engagerec.losses import GradNormWeighting
+
+    torch.manual_seed(0)
+    shared = torch.randn(8, 3, requires_grad=True)
+    weighting = GradNormWeighting(num_tasks=2, alpha=1.5)
+    losses = losses_of(shared)
+    if first is not None:
+        weighting.initial_losses.copy_(losses.detach() * torch.tensor(first))
+    norms = [torch.autograd.grad(losses[t], shared, retain_graph=True)[0].norm() for t in range(2)]
+    weighting(losses, shared).backward()
+    grad = weighting.theta.grad.clone()
+    torch.optim.SGD([weighting.theta], lr=0.1).step()
+    return weighting.current_weights(), grad, torch.stack(norms)
+
+
+def test_gradnorm_moves_weight_from_the_task_with_the_larger_gradient_to_the_slower_task():
+    """GradNorm (Chen et al. 2018, eq. 2) minimises sum_t |w_t n_t - mean_t(w n) r_t^alpha| over w,
+    with n_t = ||dL_t/dx|| and r_t = (L_t / L_t(0)) / mean ratio. Its gradient in w_t is
+    sign(G_t - target_t) n_t, so a gradient step lowers the weight of a task whose weighted
+    gradient norm is above its target and raises the others: at equal training rates (r = 1),
+    weight moves away from the task with the larger gradient norm; at equal gradient norms,
+    toward the task whose loss fell least (the slower one, r_t > 1)."""
+    import torch
+
+    # equal training rates (the first step: L(0) = L), task 1's gradient norm 9x task 0's
+    weights, grad, norms = _gradnorm_step(lambda x: torch.stack([x.pow(2).mean(), (3 * x).pow(2).mean()]))
+    assert norms[1] == pytest.approx(9 * float(norms[0]), rel=1e-5)
+    assert weights[0] > 1 > weights[1] and float(weights.sum()) == pytest.approx(2.0)
+    # w = 2 softmax(theta) at theta = 0: dw_0/dtheta = (1/2, -1/2), so d/dtheta_0 = -(n_0 + n_1) / 2
+    total = float(norms.sum())
+    assert grad.tolist() == pytest.approx([-total / 2, total / 2], rel=1e-5)
+    # equal gradient norms; task 0's loss is at twice its first value, task 1's where it began
+    same = lambda x: torch.stack([x.pow(2).mean()] * 2)  # noqa: E731
+    assert _gradnorm_step(same)[0].tolist() == [1.0, 1.0]  # equal norms and rates: nothing to move
+    weights, _, _ = _gradnorm_step(same, first=[0.5, 1.0])
+    assert weights[0] > 1 > weights[1]
+
+
+def test_uncertainty_weighting_learns_its_analytic_optimum():
+    """For fixed task losses L_t, the objective sum_t (exp(-s_t) omega_t L_t + s_t) / 2 is least
+    where its derivative in s_t, (1 - exp(-s_t) omega_t L_t) / 2, is 0: s_t = log(omega_t L_t),
+    i.e. sigma_t^2 = omega_t L_t, and each loss's factor omega_t exp(-s_t) / 2 is 1 / (2 L_t)."""
+    import math
+
+    import torch
+
+    from engagerec.losses import UncertaintyWeighting
+
+    losses, omega = torch.tensor([0.25, 4.0, 1.0]), [1.0, 0.5, 2.0]
+    weighting = UncertaintyWeighting(omega)
+    optimiser = torch.optim.SGD(weighting.parameters(), lr=1.0)  # curvature 1/2 at the optimum
+    for _ in range(200):
+        optimiser.zero_grad()
+        weighting(losses, shared=torch.zeros(0)).backward()
+        optimiser.step()
+    expected = [math.log(w * float(loss)) for w, loss in zip(omega, losses, strict=True)]
+    assert weighting.log_variance.tolist() == pytest.approx(expected, abs=1e-5)
+    assert weighting.current_weights().tolist() == pytest.approx((0.5 / losses).tolist(), rel=1e-5)
 
 
 def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_data, tmp_path):

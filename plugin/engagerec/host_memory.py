@@ -39,8 +39,14 @@ def keep_freed_memory() -> bool:
 
     Example::
 
+        >>> import os, platform
+        >>> from unittest import mock
         >>> from engagerec.host_memory import keep_freed_memory
-        >>> keep_freed_memory() in (True, False)
+        >>> with mock.patch.dict(os.environ, {"ENGAGEREC_MALLOC_TUNING": "0"}):  # left alone
+        ...     keep_freed_memory()
+        False
+        >>> with mock.patch.dict(os.environ, {"ENGAGEREC_MALLOC_TUNING": "1"}):  # applied on glibc
+        ...     keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
         True
     """
     if os.environ.get("ENGAGEREC_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
