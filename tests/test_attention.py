@@ -86,6 +86,7 @@ def test_attention_is_refused_over_a_history_without_positions_or_a_foreign_cand
         prepare(cfg.data, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din_data, tmp_path):
     from engagerec.export import export_run
     from engagerec.train import train
@@ -123,6 +124,7 @@ def test_a_model_with_attention_trains_exports_and_predicts_what_it_exported(din
     assert f"({model.input_arch.output_dim + model.dense_in_features} tower inputs" in text
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din_data, tmp_path):
     import dataclasses
 
@@ -146,6 +148,7 @@ def test_two_gloo_ranks_train_with_attention_and_one_rank_evaluates_the_same(din
         assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_raw_rows_to_score_get_the_positions_prepare_gave_them(tmp_path, in_repo):
     from test_predict import REPO, _kept_rows, _read_log
 

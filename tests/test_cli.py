@@ -97,6 +97,7 @@ def test_describe_counts_parameters_per_part(repo, kuairand_random, capsys, monk
     assert rows["tower"][0].strip() != rows["tower"][1].strip()
 
 
+@pytest.mark.slow
 def test_gbdt_reference_beats_the_constant_baselines(kuairand_random):
     from engagerec_study.gbdt import gbdt_reference
 
@@ -116,6 +117,7 @@ def test_gbdt_reference_beats_the_constant_baselines(kuairand_random):
     assert renamed["ratio/mse"] == pytest.approx(result["watch_ratio/mse"])
 
 
+@pytest.mark.slow
 def test_gbdt_reference_runs_on_the_studys_inputs_without_ids(repo, tmp_path, monkeypatch):
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
@@ -166,6 +168,7 @@ def _study_config(tmp_path, data, tower=None):
     return str(write_study_config(path, data, tower=tower, epochs=1))
 
 
+@pytest.mark.slow
 def test_refit_prepares_its_data_once_and_trains_the_chosen_epochs(tmp_path, capsys, monkeypatch):
     import json
 

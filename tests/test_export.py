@@ -85,6 +85,7 @@ def test_int8_tables_are_smaller_and_their_quality_loss_is_stated(exported, kuai
     assert json.loads((out / "export.json").read_text())["programs"]["int8"] == int8
 
 
+@pytest.mark.slow
 def test_the_documented_client_runs_without_engagerec_or_torchrec(kuairand_run, exported, eager, tmp_path):
     """The client, as documented, predicts what engagerec.predict predicts, row by row: a wrong
     offset or feature order in it (or in inputs.json) would move the scores."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import write_study_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ def test_prepare_without_the_data_extra_names_it_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_training_without_tensorboard_writes_the_csv_log_and_says_so(study_data, tmp_path):
 
     config = write_study_config(tmp_path / "run.yaml", study_data, epochs=1)

@@ -100,6 +100,7 @@ def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tm
         train(study_run_config(study_data, checkpoint_every_steps=5), run)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes(study_data, tmp_path):
     config = write_study_config(tmp_path / "run.yaml", study_data, epochs=50, log_every_steps=5)
     run = tmp_path / "run"

@@ -145,6 +145,7 @@ def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):
         assert one[key] == pytest.approx(results["test"][key], rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
 def test_gpu_check_script_is_a_dry_run_without_cuda(repo, tmp_path):
     """benchmarks/gpu_check.sh installs nothing, records the machine and says no CUDA device is present."""

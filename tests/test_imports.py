@@ -100,6 +100,7 @@ def _sitecustomize(directory: Path, code: str) -> str:
     return str(directory)
 
 
+@pytest.mark.slow
 def test_the_gbdt_fits_in_a_process_that_never_loads_torch(tmp_path, monkeypatch):
     """compare fits the GBDT after training towers with torch; with torch's OpenMP runtime in the
     same process the fits ran 3x slower (whichever runtime loaded first decides), so they run in a

@@ -171,6 +171,7 @@ def test_predict_command_prints_what_it_counted(kuairand_run, tmp_path, capsys):
     assert "is no run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_ranks_predict_what_one_process_predicts(kuairand_run, tmp_path):
     run, data_dir = kuairand_run
     predict(run, LOG, tmp_path / "one.parquet")
@@ -233,6 +234,7 @@ def two_runs(kuairand_run, tmp_path_factory):
     return run, other
 
 
+@pytest.mark.slow
 def test_several_runs_predict_the_mean_of_their_predictions(two_runs, tmp_path, capsys):
     """--run-dir twice: each prediction is the two runs' mean, each flag the mean's, rows and
     ids as one run gives them; bad outputs and runs of other tasks are refused before scoring."""
@@ -275,6 +277,7 @@ def test_several_runs_predict_the_mean_of_their_predictions(two_runs, tmp_path, 
     assert "the runs predict different tasks" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_ranks_average_what_one_process_averages(two_runs, tmp_path):
     """Several runs under torchrun: one process group for all of them, the same output."""
     from engagerec.predict import predict_mean

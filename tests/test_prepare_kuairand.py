@@ -104,6 +104,7 @@ def _bundled(name):
     return json.loads((Path(__file__).parent / "data" / "bundled_prepare_inmemory.json").read_text())[name]
 
 
+@pytest.mark.slow
 def test_same_answers_as_the_in_memory_writer_on_the_temporal_split(repo, tmp_path):
     """The out-of-core writer gives the same rows per split, vocabularies, buckets and encoded
     values as the in-memory pandas writer it replaced, and the same summary counts. Both goldens

@@ -86,6 +86,7 @@ def test_a_torn_cache_entry_is_recomputed(tmp_path):
     assert cache.load("a", {"x": 1}) is None and cache.load_any("a") is None
 
 
+@pytest.mark.slow
 def test_the_real_sections_compute_and_render_on_small_data(tmp_path):
     catalogue = [
         comparisons.comparison_section(

@@ -10,6 +10,8 @@ from conftest import EQUAL_METRICS, torchrun, write_study_config
 
 from engagerec.runs import evaluate_run
 
+pytestmark = pytest.mark.slow
+
 
 def _torchrun(nproc, *args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -22,6 +22,7 @@ from engagerec.tasks import Task
 from engagerec.train import train
 
 
+@pytest.mark.slow
 def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_path):
     results = train(study_run_config(study_data), tmp_path / "run")
     assert len(results["history"]) == 3
@@ -47,6 +48,7 @@ def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_pa
     assert len(list((run / "checkpoints").glob("best-step-*"))) == 1
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path, capsys):
     """``engagerec train`` killed by SIGKILL between two step checkpoints (mid epoch 1, a best
     checkpoint behind it) resumes from the last one to the metrics of a run never interrupted."""
@@ -110,6 +112,7 @@ def test_evaluate_run_reproduces_the_final_test_metrics(study_data, tmp_path):
         assert again[key] == pytest.approx(results["test"][key], rel=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
 def test_other_loss_weightings_train(study_data, tmp_path, weighting):
     cfg = study_run_config(study_data, epochs=1)
@@ -190,6 +193,7 @@ def test_uncertainty_weighting_learns_its_analytic_optimum():
     assert weighting.current_weights().tolist() == pytest.approx((0.5 / losses).tolist(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_data, tmp_path):
     from engagerec_study.compare import run_comparison
 
@@ -213,6 +217,7 @@ def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_dat
     assert "sharding plan" in (tmp_path / "mmoe" / "seed0" / "train.out").read_text()  # not on the console
 
 
+@pytest.mark.slow
 def test_dense_only_data_trains_through_dmp(tmp_path):
     """configs/synthetic_mmoe.yaml: no embedding tables at all, two regression tasks."""
     cfg = synthetic_mmoe_config(
@@ -227,6 +232,7 @@ def test_dense_only_data_trains_through_dmp(tmp_path):
         assert results["test"][f"{task}/mse"] < 0.8 * results["test"][f"{task}/baseline_mse_train_mean"]
 
 
+@pytest.mark.slow
 def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypatch):
     """Any number of tasks end to end: the bundled KuaiRand log with four labels, one of them
     missing in some rows; every task gets its columns, its constant baseline and a GBDT model."""
@@ -345,6 +351,7 @@ def refit_data(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_data_without_validation_rows_trains_every_epoch_and_keeps_the_last(study_data, refit_data, tmp_path):
     results = train(study_run_config(refit_data, epochs=3, patience=1), tmp_path / "run")
     # no validation: no early stopping (patience 1 would stop a validated run that got worse),
@@ -388,6 +395,7 @@ def test_data_without_test_rows_trains_and_reports_no_test_metrics(tmp_path):
     assert "test" not in json.loads((tmp_path / "run" / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_refit_trains_the_chosen_runs_config_for_the_epochs_validation_chose(
     study_data, refit_data, tmp_path
 ):
@@ -421,6 +429,7 @@ def test_a_refit_trains_the_chosen_runs_config_for_the_epochs_validation_chose(
         refit_run(tmp_path / "unfinished", refit_data, tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_the_gbdt_refits_with_given_iterations_and_refuses_to_guess_them(study_data, refit_data):
     from engagerec_study.gbdt import gbdt_reference
 
