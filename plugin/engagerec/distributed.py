@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Type
+from typing import Dict, List, Optional, Type
 
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
+from torchrec.distributed.planner.types import ParameterConstraints, Proposer
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim import optimizers as torchrec_optimizers
@@ -290,6 +291,38 @@ def topology(runtime: Runtime) -> Topology:
     )
 
 
+def planner_proposers(world_size: int) -> Optional[List[Proposer]]:
+    """
+    The planner's proposers: on one rank TorchRec's default ones without its exhaustive grid
+    search; on several, TorchRec's defaults.
+
+    The grid search tries every combination of every table's options (TorchRec skips it by itself
+    above 10,000 of them, about seven tables). On one rank every table lands on that rank and a
+    plan's cost is the sum of its tables' costs, so the greedy proposer's first proposal (each
+    table's cheapest option) is already the optimum the search would find: there the search
+    only cost time, up to 1 s per start for a model of few tables, and every train, evaluate,
+    predict and export plans once. On several ranks the cost is the busiest rank's, the greedy
+    proposers can miss the balanced plan, and the search stays (tests/test_planner.py).
+
+    Args:
+        world_size: the number of ranks the tables are planned for.
+
+    Returns:
+        Optional[List[Proposer]]: greedy by depth, greedy by table and uniform on one rank;
+        None (TorchRec's defaults) on several.
+
+    Example::
+
+        >>> [type(p).__name__ for p in planner_proposers(1)]
+        ['GreedyProposer', 'GreedyProposer', 'UniformProposer']
+        >>> planner_proposers(2) is None
+        True
+    """
+    if world_size > 1:
+        return None
+    return [GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer()]
+
+
 def shard_model(
     model: MultiTaskModel,
     runtime: Runtime,
@@ -317,6 +350,7 @@ def shard_model(
     planner = EmbeddingShardingPlanner(
         topology=topology(runtime),
         batch_size=batch_size,
+        proposer=planner_proposers(runtime.world_size),
         constraints=(
             _constraints(model, sharding, runtime.world_size, runtime.device.type)
             if model.has_sparse
