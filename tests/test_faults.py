@@ -45,6 +45,37 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_one_before(s
     assert f"resumed from {run / 'checkpoints' / 'step-5'} " in said.out and resumed["steps"] == 15
 
 
+def test_when_no_checkpoint_checks_out_resume_stops_rather_than_starting_over(study_data, tmp_path, capsys):
+    from engagerec.cli import main
+
+    config = str(write_study_config(tmp_path / "run.yaml", study_data, max_steps=4, checkpoint_every_steps=2))
+    run = tmp_path / "run"
+    assert main(["train", "--config", config, "--out", str(run)]) == 0
+    assert _steps(run) == ["step-2", "step-4"]
+    for name in _steps(run):  # both damaged: the newest truncated, the older one bit-flipped
+        largest = max((p for p in (run / "checkpoints" / name).rglob("*") if p.is_file()), key=_size)
+        data = largest.read_bytes()
+        largest.write_bytes(data[: len(data) // 2] if name == "step-4" else data[:-1] + bytes([data[-1] ^ 1]))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no checkpoint under {run / 'checkpoints'} checks out (see above); start a new run" in err
+    assert "(truncated?); no earlier checkpoint checks out" in err  # step-4's reason, then step-2's
+    assert "does not match its checksum (damaged); no earlier checkpoint checks out" in err
+    assert "Traceback" not in err
+    # nothing trained from scratch over them: every file of the run as it was, no new checkpoint
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # the way out the message names
+    assert main(["train", "--config", config, "--out", str(run), "--no-resume"]) == 0
+    assert _steps(run) == ["step-2", "step-4"] and "resumed from" not in capsys.readouterr().out
+    checkpoint.verify(run / "checkpoints" / "step-4")
+
+
+def _size(path):
+    return path.stat().st_size
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(study_data, tmp_path, monkeypatch):
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 

@@ -1,4 +1,5 @@
-"""Exact XAUC against counting every pair, and the training metrics' cost guard."""
+"""Exact XAUC against counting every pair, GAUC against scikit-learn, NE, calibration and log loss
+against their formulas, and the training metrics' cost guard."""
 
 import itertools
 
@@ -171,3 +172,49 @@ def test_gauc_keeps_64_bit_group_ids_apart():
     scores, labels = torch.tensor([0.9, 0.1, 0.2, 0.8]), torch.tensor([1.0, 0.0, 1.0, 0.0])
     metrics.update({"click": scores}, {"click": labels}, {"click": torch.ones(4)}, groups=users)
     assert metrics.compute()["click/gauc"] == 0.5  # AUC 1 and AUC 0; merged into one group: 0.75
+
+
+def test_ne_calibration_log_loss_and_accuracy_equal_their_formulas_with_row_weights():
+    """The binary metrics against numpy written here, with fractional row weights (0 for some rows)
+    over three batches: NE is the weighted log loss over the entropy of the weighted base rate,
+    calibration the weighted sum of predictions over that of labels."""
+    from engagerec.metrics import LossAndBaselines
+
+    tasks = [
+        Task(TaskConfig("dwell", "dwell", output="identity")),
+        Task(TaskConfig("click", "click", "binary")),
+    ]
+    metrics = TaskMetrics(tasks, batch_size=100)
+    sums = LossAndBaselines(tasks, {"dwell": 0.4, "click": 0.3}, torch.device("cpu"))
+    rng = np.random.default_rng(5)
+    y = (rng.random(300) < 0.3).astype(float)
+    p = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.2, 300), 0.02, 0.98)  # informative, too high
+    d, t = rng.random(300), rng.random(300)  # dwell predictions and labels
+    w = rng.uniform(0, 2, 300) * (rng.random(300) > 0.1)  # a tenth of the rows weigh 0
+    p[::50] = 0.5  # on the threshold: counts as predicting 1
+    for part in (slice(0, 100), slice(100, 200), slice(200, 300)):
+        predictions = {"dwell": torch.tensor(d[part]), "click": torch.tensor(p[part])}
+        labels = {"dwell": torch.tensor(t[part]), "click": torch.tensor(y[part])}
+        weights = {"dwell": torch.tensor(w[part]), "click": torch.tensor(w[part])}
+        metrics.update(predictions, labels, weights)
+        sums.update(predictions, labels, weights)
+    values = {**metrics.compute(), **sums.compute()}
+
+    log_loss = -(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum()
+    base = (w * y).sum() / w.sum()
+    entropy = -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    expected = {
+        "click/log_loss": log_loss,
+        "click/ne": log_loss / entropy,
+        "click/calibration": (w * p).sum() / (w * y).sum(),
+        "click/accuracy": (w * ((p >= 0.5) == y)).sum() / w.sum(),
+        "click/baseline_accuracy_majority": (w * (y == 0)).sum() / w.sum(),  # train mean 0.3: predict 0
+        "dwell/mse": (w * (d - t) ** 2).sum() / w.sum(),
+        "dwell/mae": (w * abs(d - t)).sum() / w.sum(),
+        "dwell/mse_loss": (w * (d - t) ** 2).sum() / w.sum(),
+        "dwell/baseline_mse_train_mean": (w * (t - 0.4) ** 2).sum() / w.sum(),
+    }
+    expected["loss"] = expected["click/log_loss"] + expected["dwell/mse_loss"]  # task weights 1
+    assert expected["click/ne"] < 0.9 and expected["click/calibration"] > 1.1  # no value is trivial
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value, rel=1e-9), key

@@ -3,11 +3,16 @@
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from conftest import EQUAL_METRICS, torchrun, write_study_config
 
+from engagerec import checkpoint
 from engagerec.runs import evaluate_run
 
 pytestmark = pytest.mark.slow
@@ -55,18 +60,33 @@ def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp
     assert exported["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-4)
 
 
-def test_column_wise_sharding_splits_every_table_over_two_ranks(study_data, tmp_path):
-    """Column-wise constraints give every rank half of each table's columns (the per-rank table
-    memory halves), and the sharded model trains and evaluates like the 2-rank table-wise one."""
-    config = write_study_config(tmp_path / "cw.yaml", study_data, sharding={"*": ["column_wise"]}, epochs=1)
+def test_column_wise_and_data_parallel_tables_train_over_two_ranks_and_evaluate_like_one(
+    study_data, tmp_path
+):
+    """Column-wise constraints give every rank half of a table's columns (the per-rank table memory
+    halves); data-parallel ones give every rank the whole table, kept identical by all-reducing its
+    gradients. The model trains, and resharded onto 1 rank (one copy of each table) it scores the
+    validation split as the 2 ranks did at the epoch's end, each with its own replicas."""
+    sharding = {"*": ["data_parallel"], "user_id": ["column_wise"]}
+    config = write_study_config(tmp_path / "mixed.yaml", study_data, sharding=sharding, epochs=1)
     run = tmp_path / "run"
     _torchrun(2, "train", "--config", str(config), "--out", str(run), cwd=tmp_path)
     plan = json.loads((run / "plan.json").read_text())
-    assert all(t["sharding_type"] == "column_wise" and sorted(t["ranks"]) == [0, 1] for t in plan.values())
-    one = evaluate_run(run, "test")  # 1 rank: in this process
+    kinds = {table: (t["sharding_type"], sorted(t["ranks"])) for table, t in plan.items()}
+    replicated = ("t_content_id", "t_gender", "t_genres", "t_duration_bucket")
+    assert kinds == {
+        "t_user_id": ("column_wise", [0, 1]),
+        **{t: ("data_parallel", [0, 1]) for t in replicated},
+    }
+    rows = [r for r in csv.DictReader(open(run / "log.csv")) if r["phase"] == "train"]
+    assert float(rows[-1]["skip/loss"]) < float(rows[0]["skip/loss"])  # the loss fell
     results = json.loads((run / "results.json").read_text())
-    for key in EQUAL_METRICS:  # resharded from 2 column-wise ranks onto 1: the same model
-        assert one[key] == pytest.approx(results["test"][key], rel=1e-5, abs=1e-5), key
+    assert results["test"]["skip/auc"] > 0.65  # 14 steps of 2 ranks: learning, not learnt
+
+    for split, on_two_ranks in (("val", results["history"][0]), ("test", results["test"])):
+        on_one = evaluate_run(run, split)  # here, in one process
+        for key in EQUAL_METRICS:  # replicas that drifted apart would score rank 1's rows otherwise
+            assert on_one[key] == pytest.approx(on_two_ranks[key], rel=1e-5, abs=1e-5), (split, key)
 
 
 def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_epoch_end(
@@ -91,3 +111,106 @@ def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_ep
     assert "resumed from" in capsys.readouterr().out
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 1 and len(results["history"]) == 2 and results["test"]["skip/auc"] > 0.7
+
+
+def _ranks(launcher_pid):
+    """rank -> pid of the processes a torchrun launcher started (each in a session of its own)."""
+    out = {}
+    for pid in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        for variable in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if variable.startswith(b"RANK="):
+                out[int(variable[5:])] = int(pid)
+    return out
+
+
+def _finish(job, timeout=120):
+    """(stdout, stderr) of a torchrun launch; one still running after ``timeout`` seconds (a rank
+    left waiting in a collective) is killed with its ranks, and fails the test."""
+    try:
+        return job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*_ranks(job.pid).values(), job.pid]:
+            os.kill(pid, signal.SIGKILL)
+        out, err = job.communicate()
+        raise AssertionError(f"still running after {timeout} s:\n{out[-2000:]}\n{err[-2000:]}") from None
+
+
+def _exit_statuses(stderr):
+    """What torchrun reports when ranks exit with another status than 0: the first one's status
+    (its "root cause") and each rank's. torchrun stops the ranks still running when the first
+    exits, with SIGTERM (-15): here ranks that had written everything and were tearing down."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", stderr)
+    root = re.search(r"Root Cause.*?exitcode\s*: (-?\d+)", stderr, re.S)
+    return int(root.group(1)) if root else None, {int(rank): int(code) for rank, code in found}
+
+
+# a rank 1 that reports a NaN loss at its 5th step of this launch, the rest of engagerec unchanged
+NAN_ON_RANK_1 = """
+import os, sys, torch
+import engagerec.train as training
+from engagerec.cli import main
+
+class NanAtFifthStep(training.TrainPipelineSparseDist):
+    steps = 0
+
+    def progress(self, batches):
+        task_losses, *rest = super().progress(batches)
+        NanAtFifthStep.steps += 1
+        if NanAtFifthStep.steps == 5:
+            task_losses = torch.tensor([task_losses[0].item(), float("nan")])
+        return (task_losses, *rest)
+
+if os.environ["RANK"] == "1":
+    training.TrainPipelineSparseDist = NanAtFifthStep
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_after_one_step_and_a_nan_on_one_rank_stops_both(
+    study_data, tmp_path
+):
+    """SIGTERM reaches rank 1 only: both ranks agree at the next log step, write one checkpoint and
+    exit 75. The run resumes from it; then a NaN loss on rank 1 only stops both ranks at that step,
+    rank 0 saying it was on another rank."""
+    config = str(_write_config(tmp_path / "run.yaml", study_data, epochs=50, log_every_steps=5))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = torchrun(2)
+    train = ["train", "--config", config, "--out", str(run)]
+    job = subprocess.Popen(
+        [*launch, "-m", "engagerec", *train], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "log.csv").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)  # training has logged its first steps
+    os.kill(_ranks(job.pid)[1], signal.SIGTERM)
+    out, err = _finish(job)  # a rank that stopped alone would leave the other waiting
+    stopped = re.search(r"stopped by SIGTERM after step (\d+); its checkpoint is in", out)
+    assert stopped, out[-2000:] + err[-2000:]
+    step = int(stopped.group(1))
+    assert step % 5 == 0 and "(exit status 75)" in out  # at a log step, as every rank checks there
+    # the ranks exit 75; torchrun lists that as a failure and exits 1 itself
+    first, each = _exit_statuses(err)
+    assert job.returncode == 1 and first == 75 and set(each.values()) <= {75, -15}, err[-3000:]
+    last = checkpoint.latest(run / "checkpoints")
+    assert last.name == f"step-{step}" and {"rank0.pt", "rank1.pt"} <= {p.name for p in last.iterdir()}
+    assert json.loads((run / "results.json").read_text())["preempted"] is True
+
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    resumed = subprocess.Popen(
+        [*launch, str(script), *train], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = _finish(resumed)
+    assert f"resumed from {last} " in out, out[-2000:] + err[-2000:]
+    nan_step = step + 5  # rank 1's 5th step since the resume: a log step, where ranks agree
+    good = checkpoint.latest(run / "checkpoints")  # the preemption's, or an epoch end's since
+    assert step <= int(good.name.split("-")[1]) < nan_step
+    then = f"; training stopped. The last good checkpoint is {good}"
+    assert f"error: step {nan_step}: non-finite loss (skip=nan){then}" in err, err[-3000:]  # rank 1
+    assert f"error: step {nan_step}: non-finite loss (on another rank){then}" in err  # rank 0
+    first, each = _exit_statuses(err)
+    assert resumed.returncode == 1 and first == 2 and set(each.values()) <= {2, -15}, err[-3000:]
