@@ -174,10 +174,12 @@ def test_predict_command_prints_what_it_counted(kuairand_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ranks_predict_what_one_process_predicts(kuairand_run, tmp_path):
     run, data_dir = kuairand_run
-    predict(run, LOG, tmp_path / "one.parquet")
+    log = tmp_path / "log.csv"  # 6,000 rows: each rank scores about half of them
+    _read_log().head(6000).to_csv(sep="\t", path_or_buf=log, index=False)
+    predict(run, log, tmp_path / "one.parquet")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*torchrun(2), "-m", "engagerec", "predict", "--run-dir", str(run), "--input", str(LOG),
+        [*torchrun(2), "-m", "engagerec", "predict", "--run-dir", str(run), "--input", str(log),
          "--out", str(tmp_path / "two.parquet"), "--json"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -89,23 +89,15 @@ def test_column_wise_and_data_parallel_tables_train_over_two_ranks_and_evaluate_
             assert on_one[key] == pytest.approx(on_two_ranks[key], rel=1e-5, abs=1e-5), (split, key)
 
 
-def test_resume_on_another_world_size_is_refused_mid_epoch_and_reshards_at_an_epoch_end(
-    study_data, tmp_path, capsys
-):
+def test_a_run_reshards_onto_another_world_size_at_an_epoch_end(study_data, tmp_path, capsys):
+    """A run that finished an epoch on 2 ranks goes on on 1 (this process): its tables reshard.
+    (Mid-epoch that is refused: the SIGTERM test below checks it on its mid-epoch checkpoint.)"""
     from engagerec.cli import main
 
     def config(name, **train):
         return str(_write_config(tmp_path / f"{name}.yaml", study_data, **train))
 
     run = tmp_path / "run"
-    _torchrun(2, "train", "--config", config("stop", max_steps=5), "--out", str(run), cwd=tmp_path)
-    # 1 rank: this process, as `engagerec train` without torchrun
-    assert main(["train", "--config", config("one"), "--out", str(run)]) == 2
-    assert (
-        "stopped mid-epoch (batch 5 of epoch 0, 2,560 samples) on 2 rank(s); on 1 rank(s)"
-        in capsys.readouterr().err
-    )
-    # the same run finishes its first epoch on 2 ranks, then goes on on 1: the tables reshard
     _torchrun(2, "train", "--config", config("epoch", epochs=1), "--out", str(run), cwd=tmp_path)
     assert main(["train", "--config", config("more", epochs=2), "--out", str(run)]) == 0
     assert "resumed from" in capsys.readouterr().out
@@ -168,7 +160,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_after_one_step_and_a_nan_on_one_rank_stops_both(
-    study_data, tmp_path
+    study_data, tmp_path, capsys
 ):
     """SIGTERM reaches rank 1 only: both ranks agree at the next log step, write one checkpoint and
     exit 75. The run resumes from it; then a NaN loss on rank 1 only stops both ranks at that step,
@@ -197,6 +189,17 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step_and_a_nan_on_one_ra
     last = checkpoint.latest(run / "checkpoints")
     assert last.name == f"step-{step}" and {"rank0.pt", "rank1.pt"} <= {p.name for p in last.iterdir()}
     assert json.loads((run / "results.json").read_text())["preempted"] is True
+    # stopped mid-epoch on 2 ranks: resuming on 1 (this process) is refused, naming why
+    from engagerec.cli import main
+
+    written = (run / "config.json").read_text()
+    assert main(train) == 2
+    refused = capsys.readouterr().err
+    assert re.search(
+        r"stopped mid-epoch \(batch \d+ of epoch \d+, [\d,]+ samples\) on 2 rank\(s\); on 1 rank\(s\)",
+        refused,
+    )
+    assert checkpoint.latest(run / "checkpoints") == last and (run / "config.json").read_text() == written
 
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
