@@ -284,6 +284,13 @@ def test_comparison_of_four_tasks_with_a_missing_label(repo, tmp_path, monkeypat
     mmoe = results["summary"]["mmoe"]
     assert mmoe["like/auc"]["mean"] > 0.6 and mmoe["long_view/auc"]["mean"] > 0.6
     assert (tmp_path / "compare" / "compare.png").stat().st_size > 1000
+    # the GBDT reference beats the constant baselines on the bundled data, on every task
+    gbdt, constants = results["summary"]["gbdt (scikit-learn)"], summary["baselines_on_test"]
+    assert gbdt["watch_ratio/mse"]["mean"] < 0.8 * constants["watch_ratio"]["mse_train_mean"]
+    assert gbdt["skip/auc"]["mean"] > 0.75 and gbdt["long_view/auc"]["mean"] > 0.75
+    assert gbdt["like/auc"]["mean"] > 0.6
+    for task in ("skip", "long_view"):
+        assert gbdt[f"{task}/accuracy"]["mean"] > constants[task]["accuracy_majority"], task
 
 
 def test_training_metrics_sample_at_least_one_batch_per_log_line(study_data, tmp_path):
