@@ -30,7 +30,10 @@ def _write_config(path, data_dir, **train):
     return write_study_config(path, data_dir, sharding={"*": ["table_wise"]}, **train)
 
 
-def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp_path):
+def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp_path, capsys):
+    """2 ranks train with a table on each; the checkpoint evaluates the same on 2 ranks and on 1,
+    exports into one program, and the run goes on on 1 rank from its epoch end (the tables
+    reshard; mid-epoch that is refused: the SIGTERM test below checks it)."""
     config = _write_config(tmp_path / "run.yaml", study_data)
     run = tmp_path / "run"
     _torchrun(2, "train", "--config", str(config), "--out", str(run), cwd=tmp_path)
@@ -58,6 +61,15 @@ def test_two_gloo_ranks_shard_tables_train_and_evaluate_like_one(study_data, tmp
     assert exported["rows"] == results["test"]["rows"]
     assert exported["watch_ratio/mse"] == pytest.approx(results["test"]["watch_ratio/mse"], rel=1e-5)
     assert exported["skip/auc"] == pytest.approx(results["test"]["skip/auc"], rel=1e-4)
+
+    # one more epoch on 1 rank (this process): the epoch-end checkpoint reshards
+    from engagerec.cli import main
+
+    more = str(_write_config(tmp_path / "more.yaml", study_data, epochs=4))
+    assert main(["train", "--config", more, "--out", str(run)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["world_size"] == 1 and len(resumed["history"]) == 4 and resumed["test"]["skip/auc"] > 0.7
 
 
 def test_column_wise_and_data_parallel_tables_train_over_two_ranks_and_evaluate_like_one(
@@ -87,22 +99,6 @@ def test_column_wise_and_data_parallel_tables_train_over_two_ranks_and_evaluate_
         on_one = evaluate_run(run, split)  # here, in one process
         for key in EQUAL_METRICS:  # replicas that drifted apart would score rank 1's rows otherwise
             assert on_one[key] == pytest.approx(on_two_ranks[key], rel=1e-5, abs=1e-5), (split, key)
-
-
-def test_a_run_reshards_onto_another_world_size_at_an_epoch_end(study_data, tmp_path, capsys):
-    """A run that finished an epoch on 2 ranks goes on on 1 (this process): its tables reshard.
-    (Mid-epoch that is refused: the SIGTERM test below checks it on its mid-epoch checkpoint.)"""
-    from engagerec.cli import main
-
-    def config(name, **train):
-        return str(_write_config(tmp_path / f"{name}.yaml", study_data, **train))
-
-    run = tmp_path / "run"
-    _torchrun(2, "train", "--config", config("epoch", epochs=1), "--out", str(run), cwd=tmp_path)
-    assert main(["train", "--config", config("more", epochs=2), "--out", str(run)]) == 0
-    assert "resumed from" in capsys.readouterr().out
-    results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 1 and len(results["history"]) == 2 and results["test"]["skip/auc"] > 0.7
 
 
 def _ranks(launcher_pid):
