@@ -121,7 +121,8 @@ def test_gbdt_reference_runs_on_the_studys_inputs_without_ids(repo, tmp_path, mo
 
     monkeypatch.chdir(repo)
     summary = prepare(load_config("configs/paper_protocol.yaml").data, tmp_path)  # no id has many values
-    result = gbdt_reference(tmp_path, seed=0)
+    # iterations given (choosing them on validation: tests/test_train.py's GBDT refit test)
+    result = gbdt_reference(tmp_path, seed=0, iterations={"watch_ratio": 100, "skip": 100})
     assert result["watch_ratio/mse"] < summary["baselines_on_test"]["watch_ratio"]["mse_train_mean"]
     assert result["skip/auc"] > 0.6
 
