@@ -98,6 +98,25 @@ def kuairand_random(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def kuairand_temporal(tmp_path_factory):
+    """The bundled KuaiRand data prepared once with configs/kuairand_temporal.yaml: (its
+    directory, prepare's summary). Tests read it and never write into it."""
+    from engagerec.config import load_config
+    from engagerec.data.prepare import prepare
+
+    cfg = load_config(REPO / "configs" / "kuairand_temporal.yaml")
+
+    def build(out):
+        with pytest.MonkeyPatch.context() as patch:  # the config's data paths are the repository's
+            patch.chdir(REPO)
+            summary = prepare(cfg.data, out / "data")
+        (out / "summary.json").write_text(json.dumps(summary))
+
+    out = built_once(tmp_path_factory, "kuairand_temporal", build)
+    return out / "data", json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
 def kuairand_run(kuairand_random, tmp_path_factory):
     """One epoch of configs/kuairand_random.yaml on the bundled data: (run directory, its data).
     Tests read it and never write into it."""

@@ -127,13 +127,10 @@ def test_gbdt_reference_runs_on_the_studys_inputs_without_ids(repo, tmp_path, mo
     assert result["skip/auc"] > 0.6
 
 
-def test_prepare_writes_where_train_reads(repo, tmp_path, monkeypatch):
-    monkeypatch.chdir(repo)
+def test_prepare_writes_where_train_reads(tmp_path):
     data = tmp_path / "elsewhere"
-    assert (
-        main(["prepare", "--config", "configs/kuairand_temporal.yaml", "--set", f"train.data_dir={data}"])
-        == 0
-    )
+    small = ["--set", "data.source.synthetic.num_rows=2000", "--set", f"train.data_dir={data}"]
+    assert main(["prepare", "--config", "synthetic_study", *small]) == 0
     assert (data / "schema.json").is_file()  # train.data_dir, not prepared/<name>
 
 

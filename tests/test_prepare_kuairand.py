@@ -81,9 +81,8 @@ def test_vocabulary_is_fitted_on_train_only(kuairand_random):
     assert history_space == "content_id"
 
 
-def test_temporal_split_puts_the_latest_rows_in_test(repo, tmp_path):
-    cfg = load_config(repo / "configs" / "kuairand_temporal.yaml")
-    summary = prepare(cfg.data, tmp_path)
+def test_temporal_split_puts_the_latest_rows_in_test(kuairand_temporal):
+    _, summary = kuairand_temporal
     assert summary["split"]["kind"] == "temporal"
     assert summary["split"]["test"]["rows"] == round(summary["rows_kept"] * 0.3)
 
@@ -105,7 +104,7 @@ def _bundled(name):
 
 
 @pytest.mark.slow
-def test_same_answers_as_the_in_memory_writer_on_the_temporal_split(repo, tmp_path):
+def test_same_answers_as_the_in_memory_writer_on_the_temporal_split(kuairand_temporal):
     """The out-of-core writer gives the same rows per split, vocabularies, buckets and encoded
     values as the in-memory pandas writer it replaced, and the same summary counts. Both goldens
     come from that writer at commit d247027 (its prepare on its configs/kuairand_temporal.yaml):
@@ -114,11 +113,10 @@ def test_same_answers_as_the_in_memory_writer_on_the_temporal_split(repo, tmp_pa
     each value within 1e-5) recorded later from a checkout of d247027 whose output reproduced the
     JSON fingerprint exactly; the current writer matched the JSON's dense sums before the per-row
     golden replaced them (largest per-value difference then: 2.3e-10)."""
-    cfg = load_config(repo / "configs" / "kuairand_temporal.yaml")
-    summary = prepare(cfg.data, tmp_path)
+    prepared, summary = kuairand_temporal
     want = _bundled("kuairand_temporal")
-    assert_same(fingerprint(tmp_path), want["fingerprint"])
-    assert_same_dense(tmp_path, Path(__file__).parent / "data" / "bundled_prepare_inmemory_dense.npz")
+    assert_same(fingerprint(prepared), want["fingerprint"])
+    assert_same_dense(prepared, Path(__file__).parent / "data" / "bundled_prepare_inmemory_dense.npz")
     for key in (
         "rows_read",
         "dropped",
