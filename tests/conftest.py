@@ -78,14 +78,13 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def kuairand_random(tmp_path_factory):
-    """The bundled KuaiRand data prepared once with configs/kuairand_random.yaml: (its
-    directory, prepare's summary, the config). Tests read it and never write into it."""
+def _bundled_prepared(tmp_path_factory, config: str):
+    """The bundled KuaiRand data prepared once per run with ``configs/<config>.yaml``: (its
+    directory, prepare's summary, the config)."""
     from engagerec.config import load_config
     from engagerec.data.prepare import prepare
 
-    cfg = load_config(REPO / "configs" / "kuairand_random.yaml")
+    cfg = load_config(REPO / "configs" / f"{config}.yaml")
 
     def build(out):
         with pytest.MonkeyPatch.context() as patch:  # the config's data paths are the repository's
@@ -93,27 +92,22 @@ def kuairand_random(tmp_path_factory):
             summary = prepare(cfg.data, out / "data")
         (out / "summary.json").write_text(json.dumps(summary))
 
-    out = built_once(tmp_path_factory, "kuairand_random", build)
+    out = built_once(tmp_path_factory, config, build)
     return out / "data", json.loads((out / "summary.json").read_text()), cfg
 
 
 @pytest.fixture(scope="session")
+def kuairand_random(tmp_path_factory):
+    """configs/kuairand_random.yaml's preparation of the bundled data: (its directory, prepare's
+    summary, the config). Tests read it and never write into it."""
+    return _bundled_prepared(tmp_path_factory, "kuairand_random")
+
+
+@pytest.fixture(scope="session")
 def kuairand_temporal(tmp_path_factory):
-    """The bundled KuaiRand data prepared once with configs/kuairand_temporal.yaml: (its
-    directory, prepare's summary). Tests read it and never write into it."""
-    from engagerec.config import load_config
-    from engagerec.data.prepare import prepare
-
-    cfg = load_config(REPO / "configs" / "kuairand_temporal.yaml")
-
-    def build(out):
-        with pytest.MonkeyPatch.context() as patch:  # the config's data paths are the repository's
-            patch.chdir(REPO)
-            summary = prepare(cfg.data, out / "data")
-        (out / "summary.json").write_text(json.dumps(summary))
-
-    out = built_once(tmp_path_factory, "kuairand_temporal", build)
-    return out / "data", json.loads((out / "summary.json").read_text())
+    """configs/kuairand_temporal.yaml's preparation of the bundled data: (its directory, prepare's
+    summary, the config). Tests read it and never write into it."""
+    return _bundled_prepared(tmp_path_factory, "kuairand_temporal")
 
 
 @pytest.fixture(scope="session")

@@ -113,19 +113,11 @@ def test_resuming_under_a_changed_config_is_refused_naming_the_keys(study_data, 
 
 
 def test_a_nan_loss_stops_the_run_naming_step_task_and_checkpoint(study_data, tmp_path, monkeypatch):
+    from nan_injection import pipeline_with_nan_at
+
     import engagerec.train as training
 
-    class PoisonedPipeline(training.TrainPipelineSparseDist):
-        steps = 0
-
-        def progress(self, batches):
-            task_losses, *rest = super().progress(batches)
-            PoisonedPipeline.steps += 1
-            if PoisonedPipeline.steps == 7:
-                task_losses = torch.tensor([task_losses[0].item(), float("nan")])
-            return (task_losses, *rest)
-
-    monkeypatch.setattr(training, "TrainPipelineSparseDist", PoisonedPipeline)
+    monkeypatch.setattr(training, "TrainPipelineSparseDist", pipeline_with_nan_at(7))
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"step 7: non-finite loss \(skip=nan\).*checkpoint is .*step-5"):
         train(study_run_config(study_data, checkpoint_every_steps=5), run)

@@ -82,7 +82,7 @@ def test_vocabulary_is_fitted_on_train_only(kuairand_random):
 
 
 def test_temporal_split_puts_the_latest_rows_in_test(kuairand_temporal):
-    _, summary = kuairand_temporal
+    _, summary, _ = kuairand_temporal
     assert summary["split"]["kind"] == "temporal"
     assert summary["split"]["test"]["rows"] == round(summary["rows_kept"] * 0.3)
 
@@ -113,7 +113,7 @@ def test_same_answers_as_the_in_memory_writer_on_the_temporal_split(kuairand_tem
     each value within 1e-5) recorded later from a checkout of d247027 whose output reproduced the
     JSON fingerprint exactly; the current writer matched the JSON's dense sums before the per-row
     golden replaced them (largest per-value difference then: 2.3e-10)."""
-    prepared, summary = kuairand_temporal
+    prepared, summary, _ = kuairand_temporal
     want = _bundled("kuairand_temporal")
     assert_same(fingerprint(prepared), want["fingerprint"])
     assert_same_dense(prepared, Path(__file__).parent / "data" / "bundled_prepare_inmemory_dense.npz")

@@ -133,23 +133,15 @@ def _exit_statuses(stderr):
 
 
 # a rank 1 that reports a NaN loss at its 5th step of this launch, the rest of engagerec unchanged
-NAN_ON_RANK_1 = """
-import os, sys, torch
+NAN_ON_RANK_1 = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
 import engagerec.train as training
 from engagerec.cli import main
-
-class NanAtFifthStep(training.TrainPipelineSparseDist):
-    steps = 0
-
-    def progress(self, batches):
-        task_losses, *rest = super().progress(batches)
-        NanAtFifthStep.steps += 1
-        if NanAtFifthStep.steps == 5:
-            task_losses = torch.tensor([task_losses[0].item(), float("nan")])
-        return (task_losses, *rest)
+from nan_injection import pipeline_with_nan_at
 
 if os.environ["RANK"] == "1":
-    training.TrainPipelineSparseDist = NanAtFifthStep
+    training.TrainPipelineSparseDist = pipeline_with_nan_at(5)
 sys.exit(main(sys.argv[1:]))
 """
 
