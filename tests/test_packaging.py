@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from conftest import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +193,8 @@ def test_the_core_install_trains_a_torchrec_job_without_any_extra(dist, tmp_path
     )
     assert done.stdout.split("\n")[0] == "7 []"  # none of them installed, none loaded
     example = REPO / "docs" / "examples" / "torchrec_job.py"
-    run = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example)]
+    launch = ["--nproc-per-node", "2", "--master-port", str(free_port())]
+    run = [python, "-m", "torch.distributed.run", *launch, str(example)]
     done = subprocess.run(run, check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     # each rank's dict, wherever it starts: the ranks share one stdout, and unbuffered (as under
     # pytest-xdist) a print writes its newline apart, so two lines can run together
