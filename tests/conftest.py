@@ -163,12 +163,9 @@ def study_run_config(data_dir, **train):
                     "adapter": "synthetic",
                     "synthetic": {"num_rows": 12_000, "num_users": 400, "num_contents": 300},
                 },
+                # the synthetic study features, with 8 duration buckets
                 "features": [
-                    {"name": "user_id"},
-                    {"name": "content_id"},
-                    {"name": "gender"},
-                    {"name": "genres", "kind": "multi_hot"},
-                    {"name": "age", "kind": "numeric"},
+                    *SYNTHETIC_STUDY_FEATURES[:-1],
                     {"name": "duration", "kind": "numeric", "transform": "log1p", "buckets": 8},
                 ],
                 "filters": {"min_user_views": 0},
