@@ -4,8 +4,8 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import KUAIRAND
 
+from conftest import KUAIRAND
 from engagerec.config import config_from_dict
 from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE
 from engagerec.data.errors import DataError

@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import study_config, study_files
 
+from conftest import study_config, study_files
 from engagerec.cli import main
 from engagerec.config import FeatureConfig, SyntheticConfig, config_from_dict
 from engagerec.data.errors import DataError

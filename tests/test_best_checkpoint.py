@@ -3,8 +3,8 @@ improved, the test split is evaluated with the best epoch's model (not the last 
 evaluating that model does not depend on the evaluation batch size."""
 
 import pytest
-from conftest import EQUAL_METRICS, study_run_config
 
+from conftest import EQUAL_METRICS, study_run_config
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.runs import open_run
 from engagerec.train import train

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import study_config, study_files
 
+from conftest import study_config, study_files
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema

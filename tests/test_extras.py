@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import write_study_config
 
 REPO = Path(__file__).resolve().parents[1]

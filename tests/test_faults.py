@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import study_run_config, write_study_config
 
+from conftest import study_run_config, write_study_config
 from engagerec import checkpoint
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.train import train

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import EQUAL_METRICS, study_run_config, write_study_config
 
+from conftest import EQUAL_METRICS, study_run_config, write_study_config
 from engagerec.config import load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
 from engagerec.errors import ConfigError

@@ -5,11 +5,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import prepare_synthetic, synthetic_mmoe_config
 from test_towers import SMALL
 from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
+from conftest import prepare_synthetic, synthetic_mmoe_config
 from engagerec.batch import Batch
 from engagerec.config import EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
 from engagerec.data.prepare import prepare

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
-from conftest import study_run_config
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.sharding_plan import get_default_sharders
 
+from conftest import study_run_config
 from engagerec.data.schema import DatasetSchema
 from engagerec.distributed import Runtime, _constraints, planner_proposers, topology
 from engagerec.model_builder import build_model

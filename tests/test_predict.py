@@ -13,9 +13,9 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import torchrun
 from sklearn.metrics import roc_auc_score
 
+from conftest import torchrun
 from engagerec.cli import main
 from engagerec.config import load_config
 from engagerec.data.errors import DataError

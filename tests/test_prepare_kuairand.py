@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import KUAIRAND
 from fingerprint import assert_same, assert_same_dense, fingerprint
 
+from conftest import KUAIRAND
 from engagerec.config import load_config
 from engagerec.data.adapters import KUAIRAND_POST_EXPOSURE
 from engagerec.data.prepare import format_summary, prepare

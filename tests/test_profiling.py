@@ -5,8 +5,8 @@ import csv
 import json
 
 import pytest
-from conftest import study_run_config
 
+from conftest import study_run_config
 from engagerec.train import train
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import prepare_synthetic, study_config, study_files
 
+from conftest import prepare_synthetic, study_config, study_files
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader, make_loader
 

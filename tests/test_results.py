@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from engagerec.errors import ConfigError
 from engagerec_study.sections import comparisons, correlation, ensemble, gates, make_results, threshold
 from engagerec_study.sections.cache import SectionCache, spec_key

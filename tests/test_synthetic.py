@@ -5,8 +5,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import synthetic_mmoe_config
 
+from conftest import synthetic_mmoe_config
 from engagerec.config import SyntheticConfig, config_from_dict
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EQUAL_METRICS, torchrun, write_study_config
 
+from conftest import EQUAL_METRICS, torchrun, write_study_config
 from engagerec import checkpoint
 from engagerec.runs import evaluate_run
 

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config, write_study_config
 
+from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config, write_study_config
 from engagerec.config import TASK_METRICS, TaskConfig, apply_override, config_from_dict
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import prepare
