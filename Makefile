@@ -42,7 +42,7 @@ DOCTESTED := plugin/engagerec plugin/engagerec_study
 
 # pytest-xdist workers (one thread each); every test runs on whichever worker is free. Three on two
 # cores: the workers often wait on processes they start (torchrun ranks, the GBDT's fits), and a
-# third kept the cores busy (make test: 4m10s with two workers, 3m22s with three, here)
+# third kept the cores busy (make test: 4m10s with two workers, 3m22s to 3m38s with three, here)
 TEST_WORKERS ?= 3
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
