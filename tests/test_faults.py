@@ -23,12 +23,17 @@ def _steps(run):
     return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
+def _largest_file(checkpoint_dir):
+    """The checkpoint's largest file (a tensor shard): the one to damage."""
+    return max((p for p in checkpoint_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_one_before(study_data, tmp_path, capsys):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=10, checkpoint_every_steps=5), run)
     assert _steps(run) == ["step-10", "step-5"]
     newest = run / "checkpoints" / "step-10"
-    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest = _largest_file(newest)
     data = largest.read_bytes()
     largest.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk or a killed copy
     with pytest.raises(CheckpointError, match=f"{largest.name} has .* bytes, expected .* \\(truncated\\?\\)"):
@@ -53,7 +58,7 @@ def test_when_no_checkpoint_checks_out_resume_stops_rather_than_starting_over(st
     assert main(["train", "--config", config, "--out", str(run)]) == 0
     assert _steps(run) == ["step-2", "step-4"]
     for name in _steps(run):  # both damaged: the newest truncated, the older one bit-flipped
-        largest = max((p for p in (run / "checkpoints" / name).rglob("*") if p.is_file()), key=_size)
+        largest = _largest_file(run / "checkpoints" / name)
         data = largest.read_bytes()
         largest.write_bytes(data[: len(data) // 2] if name == "step-4" else data[:-1] + bytes([data[-1] ^ 1]))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -70,10 +75,6 @@ def test_when_no_checkpoint_checks_out_resume_stops_rather_than_starting_over(st
     assert main(["train", "--config", config, "--out", str(run), "--no-resume"]) == 0
     assert _steps(run) == ["step-2", "step-4"] and "resumed from" not in capsys.readouterr().out
     checkpoint.verify(run / "checkpoints" / "step-4")
-
-
-def _size(path):
-    return path.stat().st_size
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(study_data, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import EQUAL_METRICS, study_run_config, write_study_config
+from conftest import EQUAL_METRICS, study_run_config, torchrun, write_study_config
 from engagerec.config import load_config
 from engagerec.distributed import Runtime, _constraints, shard_model
 from engagerec.errors import ConfigError
@@ -132,8 +132,7 @@ def test_a_gpu_run_with_fused_adam_and_row_wise_tables_evaluates_on_cpu(study_da
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_train_under_torchrun_like_one_evaluates(study_data, tmp_path):
     config = write_study_config(tmp_path / "run.yaml", study_data, device="cuda", epochs=2)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--nproc-per-node", "2", "-m", "engagerec", "train", "--config", str(config)]
+    command = [*torchrun(2), "-m", "engagerec", "train", "--config", str(config)]
     done = subprocess.run(
         [*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600
     )

@@ -156,10 +156,9 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step_and_a_nan_on_one_ra
     config = str(_write_config(tmp_path / "run.yaml", study_data, epochs=50, log_every_steps=5))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = torchrun(2)
     train = ["train", "--config", config, "--out", str(run)]
     job = subprocess.Popen(
-        [*launch, "-m", "engagerec", *train], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        [*torchrun(2), "-m", "engagerec", *train], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
@@ -192,7 +191,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_step_and_a_nan_on_one_ra
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
     resumed = subprocess.Popen(
-        [*launch, str(script), *train], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        [*torchrun(2), str(script), *train], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     out, err = _finish(resumed)
