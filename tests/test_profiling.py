@@ -4,12 +4,8 @@ agrees with clocks outside the code that computes it."""
 import csv
 import json
 
-import pytest
-
 from conftest import study_run_config
 from engagerec.train import train
-
-pytestmark = pytest.mark.slow
 
 
 def test_a_profiled_run_writes_a_breakdown_whose_step_time_matches_clocks_outside_it(study_data, tmp_path):

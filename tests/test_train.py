@@ -22,7 +22,6 @@ from engagerec.tasks import Task
 from engagerec.train import train
 
 
-@pytest.mark.slow
 def test_training_learns_and_reports_metrics_beside_baselines(study_data, tmp_path):
     results = train(study_run_config(study_data), tmp_path / "run")
     assert len(results["history"]) == 3
@@ -74,7 +73,7 @@ def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path, capsys):
     steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert steps[-1] == target and not (run / "results.json").exists()  # killed before the next one
     capsys.readouterr()
-    resumed = train(study_run_config(study_data, epochs=2, checkpoint_every_steps=every), run)
+    resumed = train(cfg, run)
     assert f"(epoch 1, step {target})" in capsys.readouterr().out
     assert resumed["steps"] == uninterrupted["steps"]
     for key in EQUAL_METRICS:
@@ -112,7 +111,6 @@ def test_evaluate_run_reproduces_the_final_test_metrics(study_data, tmp_path):
         assert again[key] == pytest.approx(results["test"][key], rel=1e-6), key
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
 def test_other_loss_weightings_train(study_data, tmp_path, weighting):
     cfg = study_run_config(study_data, epochs=1)
@@ -217,7 +215,6 @@ def test_comparison_writes_table_json_and_plot_with_the_gbdt_reference(study_dat
     assert "sharding plan" in (tmp_path / "mmoe" / "seed0" / "train.out").read_text()  # not on the console
 
 
-@pytest.mark.slow
 def test_dense_only_data_trains_through_dmp(tmp_path):
     """configs/synthetic_mmoe.yaml: no embedding tables at all, two regression tasks."""
     cfg = synthetic_mmoe_config(
