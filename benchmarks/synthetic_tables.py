@@ -109,12 +109,13 @@ def write_synthetic_shards(
     it has no val split)."""
     import pyarrow as pa
 
+    from engagerec.data.manifest import MANIFEST_FILE, write_manifest
     from engagerec.data.shards import ShardWriter
 
     directory = Path(directory)
     stamp = directory / "synthetic.json"
     wanted = {"rows": rows, "train_rows": train_rows, "seed": seed}
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (directory / MANIFEST_FILE).is_file():
         return directory
     writer = ShardWriter(directory / "train", rows_per_file=8 * rows_per_group, row_group_size=rows_per_group)
     generator = torch.Generator().manual_seed(seed)
@@ -135,7 +136,9 @@ def write_synthetic_shards(
         writer.write(pa.table(columns))
         done += n
     schema = synthetic_schema(rows)
-    schema.meta["splits"] = {"train": {"rows": train_rows, "files": writer.close()}}
+    files = writer.close()
+    schema.meta["splits"] = {"train": {"rows": train_rows, "files": files}}
     schema.save(directory)
+    write_manifest(directory, {f"train/{name}": n for name, n in zip(files, writer.file_rows, strict=True)})
     stamp.write_text(json.dumps(wanted))
     return directory

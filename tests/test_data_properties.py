@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from engagerec.config import SplitConfig, config_from_dict
 from engagerec.data.errors import DataError
 from engagerec.data.history import build_history_table
+from engagerec.data.manifest import write_manifest
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
 from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
@@ -63,6 +64,7 @@ def _write_shards(directory: Path, rows, rows_per_file: int, row_group: int) -> 
         vocab_sizes={"item": 50},
         meta={"splits": {"train": {"rows": len(rows), "files": files}}},
     ).save(directory)
+    write_manifest(directory, {f"train/{name}": n for name, n in zip(files, writer.file_rows, strict=True)})
 
 
 @SLOW

@@ -36,6 +36,7 @@ from engagerec import checkpoint
 from engagerec.batch import Batch
 from engagerec.config import prepared_dir
 from engagerec.data.errors import DataError
+from engagerec.data.manifest import check_prepared
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
@@ -326,6 +327,7 @@ def _copy_encoding(data_dir: Path, target: Path) -> List[str]:
     """What a client needs to encode raw rows as training did, beside the program: schema.json
     (normalisation, bucket edges, hashing, token types, id statistics' priors), the
     vocabularies (index = file row + 1) and the id statistics' per-id sums. Returns the files."""
+    check_prepared(data_dir)  # copies of damaged vocabularies would serve wrong ids
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     shutil.copy2(data_dir / SCHEMA_FILE, target / SCHEMA_FILE)

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from engagerec.data.manifest import check_prepared
 from engagerec.data.schema import DatasetSchema
 
 FIT_MODULE = "engagerec_study.gbdt_fit"
@@ -92,6 +93,7 @@ def gbdt_reference(
         7.0
     """
     data_dir = Path(data_dir)  # the process starts in this one's working directory
+    check_prepared(data_dir)  # sizes and files, before the fitting process reads every shard
     request = {
         "data_dir": str(data_dir),
         "layout": data_layout(DatasetSchema.load(data_dir)),

@@ -42,7 +42,7 @@ def _matrix(
     data_dir: Path, split: str, layout: Dict[str, Any]
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(feature columns, label columns) of one prepared split."""
-    table = pq.read_table(data_dir / split)
+    table = pq.read_table(data_dir / split, page_checksum_verification=True)  # damaged pages fail
     columns: Dict[str, np.ndarray] = {}
     for feature in layout["sparse"]:
         column = table.column(feature["name"])

@@ -8,15 +8,19 @@ Output directory layout::
     train/part-*.parquet rows in a seeded random order, so that streaming reads are mixed
     val/part-*.parquet
     test/part-*.parquet
+    stats/<feature>.parquet  per-id sums and counts of the id statistics (engagerec.data.target_stats)
+    manifest.json        every file's size, CRC-32 and rows (engagerec.data.manifest), written last
 
-Memory is bounded by DuckDB's ``data.memory_limit`` (it spills to a scratch directory inside
-the output directory) and by one record batch in Python, never by the number of rows.
+The whole directory is written beside the output directory and swapped in once complete
+(engagerec.data.staging). Memory is bounded by DuckDB's ``data.memory_limit`` (it spills to a
+scratch directory inside the staging directory) and by one record batch in Python, never by
+the number of rows.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,34 +29,48 @@ from typing import Any, Dict, Optional
 import duckdb
 
 from engagerec.config import DataConfig
+from engagerec.data import staging
 from engagerec.data.adapters import load_tables
-from engagerec.data.errors import DataError
+from engagerec.data.errors import DataError, disk_full_error, is_disk_full
 from engagerec.data.events import Events, FilterReport, build_events
 from engagerec.data.fitting import Fitter
 from engagerec.data.history import build_history_table, has_ties
+from engagerec.data.manifest import write_manifest
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
-from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
+from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
 from engagerec.data.tables import connect, quote, single_thread
-from engagerec.data.target_stats import STATS_DIR, drop_stat_tables, stat_sql
+from engagerec.data.target_stats import drop_stat_tables, stat_sql
 
 SPLITS = SPLIT_NAMES
+SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging directory
 BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet writer
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> Dict[str, Any]:
     """Build a prepared dataset in ``out_dir``; returns the summary also stored in schema.json.
 
+    The new preparation is written beside ``out_dir`` and swapped in whole once complete
+    (engagerec.data.staging): a prepare that fails or is killed leaves an earlier preparation
+    there as it was. One prepare at a time writes a directory, and scratch that dead prepares
+    left is removed first (``summary["stale_scratch_freed_bytes"]``). The manifest
+    (engagerec.data.manifest), written last, lets every reader check the files.
+
     Args:
         cfg: the ``data`` section of an experiment config (source, features, labels, filters,
             split, shard sizes, the engine's memory limit).
-        out_dir: the output directory (created; earlier splits in it are replaced).
-        overwrite: replace the splits of an earlier prepare in ``out_dir``.
+        out_dir: the output directory: new, empty, or an earlier preparation (replaced whole).
+        overwrite: replace an earlier preparation in ``out_dir``; when False, one there is an error.
 
     Returns:
         The summary: rows read, dropped per reason, kept; per-label statistics per split;
         constant baselines on test; table sizes; seconds per stage.
+
+    Raises:
+        DataError: bad input (named by file, column and row), a full output disk (the output
+            and its free space named), another prepare writing ``out_dir``, or an ``out_dir``
+            holding files that are not a preparation.
 
     Example (run from the repository, where the bundled KuaiRand data lives)::
 
@@ -65,27 +83,43 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         [21397, 2377, 10189]
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with staging.PrepareLock(out_dir):
+        freed = staging.clean_stale(out_dir)
+        if freed:
+            print(f"removed the scratch of an earlier, dead prepare beside {out_dir}: "
+                  f"{freed / 2**20:,.1f} MiB freed", file=sys.stderr, flush=True)  # fmt: skip
+        staging.check_replaceable(out_dir)
+        if not overwrite and (out_dir / SCHEMA_FILE).exists():
+            raise DataError("holds a preparation and overwrite is off", file=str(out_dir))
+        stage = staging.new_staging(out_dir)
+        try:
+            summary = _prepare_into(cfg, stage, out_dir)
+            summary["stale_scratch_freed_bytes"] = freed
+            staging.swap_in(stage, out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # a failed prepare leaves nothing behind
+    return summary
+
+
+def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]:
+    """Write a whole preparation into ``stage`` (its scratch inside), manifest last; errors name
+    ``out_dir``, the directory the user gave."""
     timings: Dict[str, float] = {}
     clock = time.perf_counter()
 
-    def lap(stage: str) -> None:
+    def lap(stage_name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[stage] = round(now - clock, 2)
+        timings[stage_name] = round(now - clock, 2)
         clock = now
 
-    work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    work = stage / SCRATCH
     try:
         con = connect(work, cfg.memory_limit, cfg.threads)
         raw = load_tables(cfg.source, work)
         events = build_events(con, raw, cfg)
         lap("load, join, labels, filters, split")
-        if overwrite:  # schema.json first: a half-replaced directory never looks prepared
-            (out_dir / SCHEMA_FILE).unlink(missing_ok=True)
-            for name in (*SPLITS, VOCAB_DIR, STATS_DIR):
-                shutil.rmtree(out_dir / name, ignore_errors=True)
-        fitter = Fitter(con, events, cfg.features, out_dir)
+        fitter = Fitter(con, events, cfg.features, stage)
         fitter.fit_ids()
         lap("fit vocabularies (train)")
         build_history(con, fitter, events, cfg)
@@ -93,28 +127,43 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         with single_thread(con):  # float sums in a fixed order: the same stats on every run
             schema = fitter.fit_numbers()
         lap("fit normalisation, buckets (train)")
-        files = write_splits(con, fitter, events, cfg, out_dir)
+        files = write_splits(con, fitter, events, cfg, stage)
         lap("encode, shuffle, write shards")
         with single_thread(con):
             summary = _summary(con, cfg, events, schema, raw.notes)
-        summary["seconds"] = timings
         con.close()
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as err:
-        raise DataError(
-            f"the dataset writer ran out of memory or disk: {str(err).strip().splitlines()[0]}",
-            file=str(out_dir),
-            expected="a larger data.memory_limit or more free disk in the output directory",
-        ) from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    schema.meta = {
-        "summary": summary,
-        "splits": files,
-        "config": asdict(cfg),
-        "engine": f"duckdb {duckdb.__version__}",
-    }
-    schema.save(out_dir)
+        shutil.rmtree(work)
+        summary["seconds"] = timings
+        schema.meta = {
+            "summary": summary,
+            "splits": files,
+            "config": asdict(cfg),
+            "engine": f"duckdb {duckdb.__version__}",
+        }
+        schema.save(stage)
+        lap("schema")
+        write_manifest(stage, shard_rows(files))  # last: it marks the preparation complete
+        lap("manifest (CRC-32 of every file)")  # in the returned summary only: it follows schema.json
+    except (duckdb.Error, OSError) as err:
+        if is_disk_full(err):
+            raise disk_full_error(out_dir) from None
+        if isinstance(err, (duckdb.OutOfMemoryException, duckdb.IOException)):
+            raise DataError(
+                f"the dataset writer ran out of memory or disk: {str(err).strip().splitlines()[0]}",
+                file=str(out_dir),
+                expected="a larger data.memory_limit or more free disk in the output directory",
+            ) from None
+        raise
     return summary
+
+
+def shard_rows(files: Dict[str, Any]) -> Dict[str, int]:
+    """Rows per shard, by path relative to the prepared directory, from ``write_splits``' result."""
+    return {
+        f"{split}/{name}": rows
+        for split, spec in files.items()
+        for name, rows in zip(spec["files"], spec["file_rows"], strict=True)
+    }
 
 
 def build_history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig) -> None:
@@ -192,7 +241,7 @@ def write_splits(
         for batch in reader:
             writer.write_batch(batch)
         writer.close(layout)
-        files[name] = {"rows": writer.rows, "files": writer.files}
+        files[name] = {"rows": writer.rows, "files": writer.files, "file_rows": writer.file_rows}
     return files
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from engagerec.batch import Batch
 from engagerec.data.errors import DataError
 from engagerec.data.jagged import gather_rows, list_array_parts
+from engagerec.data.manifest import check_prepared, shard_rows
 from engagerec.data.schema import DatasetSchema
 
 
@@ -122,12 +124,19 @@ class ShardReader(IterableDataset):
         self.single_names = [f.name for f in self.schema.sparse if not f.multi]
         self.multi_names = [f.name for f in self.schema.sparse if f.multi]
         self.keys = self.single_names + self.multi_names
+        written = shard_rows(check_prepared(self.data_dir), split)  # sizes: before anything is read
         self.chunks: List[Tuple[Path, int, int]] = []  # (file, row group, rows)
         for name in splits[split]["files"]:
             path = self.data_dir / split / name
-            if not path.is_file():
-                raise DataError("shard listed in schema.json is missing", file=str(path))
-            metadata = pq.ParquetFile(path).metadata
+            if name not in written:
+                raise DataError("shard listed in schema.json is not in manifest.json", file=str(path))
+            metadata = _footer(path)
+            if metadata.num_rows != written[name]:
+                raise DataError(
+                    f"holds {metadata.num_rows:,} rows, but engagerec prepare wrote {written[name]:,}",
+                    file=str(path),
+                    expected="the shard as prepare wrote it: run `engagerec prepare` again",
+                )
             self.chunks += [(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
         self.total_rows = sum(rows for _, _, rows in self.chunks)
         self._files: dict = {}
@@ -175,9 +184,17 @@ class ShardReader(IterableDataset):
 
     def _load(self, chunk_id: int) -> _Chunk:
         path, group, rows = self.chunks[chunk_id]
-        if path not in self._files:
-            self._files = {path: pq.ParquetFile(path)}  # one open file per worker
-        table = self._files[path].read_row_group(group, use_threads=False)
+        try:
+            if path not in self._files:  # one open file per worker; every page's CRC checked
+                self._files = {path: pq.ParquetFile(path, page_checksum_verification=True)}
+            table = self._files[path].read_row_group(group, use_threads=False)
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(
+                f"row group {group} cannot be read ({_first_line(err)}): the shard is damaged",
+                file=str(path),
+                expected=f"an intact shard: `engagerec prepare --verify {self.data_dir}` checks every "
+                "file, and `engagerec prepare` writes them again",
+            ) from None
         order = (
             np.random.default_rng([self.seed, self.epoch, chunk_id]).permutation(rows)
             if self.shuffle
@@ -287,6 +304,22 @@ class ShardReader(IterableDataset):
                 position, offset = locate(rank_end - 1 if rank_end > rank_start else 0)
                 pieces.append((chunk_at(position), offset, offset + 1, pad, 0.0))
             yield self._make_batch(pieces)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _footer(path: Path) -> pq.FileMetaData:
+    """A shard's parquet footer; a damaged one is a DataError naming the file."""
+    try:
+        return pq.ParquetFile(path).metadata
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(
+            f"the parquet footer cannot be read ({_first_line(err)}): the shard is damaged",
+            file=str(path),
+            expected="an intact shard: run `engagerec prepare` again",
+        ) from None
 
 
 def make_loader(reader: ShardReader, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -141,7 +141,11 @@ class DatasetSchema:
         """
         path = Path(directory) / SCHEMA_FILE
         if not path.is_file():
-            raise DataError("schema not found; run `engagerec prepare` first", file=str(path))
+            # imported here: staging needs fcntl, which a serving client on another OS may lack
+            from engagerec.data.staging import incomplete_note
+
+            note = incomplete_note(directory) if not path.parent.exists() else None
+            raise DataError(note or "schema not found; run `engagerec prepare` first", file=str(path))
         raw = json.loads(path.read_text())
         if raw.pop("version", None) != SCHEMA_VERSION:
             raise DataError(

@@ -24,13 +24,14 @@ import duckdb
 
 from engagerec.config import DataConfig, FeatureConfig
 from engagerec.data.adapters import load_tables
-from engagerec.data.errors import DataError
+from engagerec.data.errors import DataError, disk_full_error, is_disk_full
 from engagerec.data.events import SOURCE_ROW, Events, build_scoring_events, feature_column
 from engagerec.data.fitting import Fitter
-from engagerec.data.prepare import build_history, write_splits
+from engagerec.data.manifest import check_prepared, write_manifest
+from engagerec.data.prepare import build_history, shard_rows, write_splits
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema
-from engagerec.data.tables import canonical_columns, connect, is_numeric, literal, quote
+from engagerec.data.tables import canonical_columns, connect, has_rows, is_numeric, literal, quote
 from engagerec.data.target_stats import live_counters, load_stat_tables
 
 IDS_FILE = "ids.parquet"
@@ -243,6 +244,7 @@ def encode_for_scoring(
         DataError: a feature column missing or of another type than in training, or any bad
             value prepare itself refuses (named by file, column and row).
     """
+    check_prepared(fitted_dir)  # its vocabularies and statistics encode the rows
     fitted = DatasetSchema.load(fitted_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +258,16 @@ def encode_for_scoring(
             raw.interactions, required=tuple(c for c in raw.interactions.required if c != WATCH_TIME)
         )
         raw = dataclasses.replace(raw, interactions=log)
-        check_drift(con, raw, fitted)
+        with_rows = [file for file in log.files if has_rows(con, file)]
+        if not with_rows:
+            raise DataError(
+                "no rows to score: the input holds a header and nothing below it",
+                file=log.label,
+                expected="at least one interaction row",
+            )
+        # a header-only file among others has no value types to compare: the drift check reads the rest
+        with_values = dataclasses.replace(log, files=with_rows)
+        check_drift(con, dataclasses.replace(raw, interactions=with_values), fitted)
         data = dataclasses.replace(cfg, source=source)
         events = build_scoring_events(con, raw, data)
         applier = SchemaApplier(con, events, data.features, out_dir, fitted, Path(fitted_dir))
@@ -271,7 +282,11 @@ def encode_for_scoring(
             f"TO {literal(str(out_dir / IDS_FILE))} (FORMAT parquet)"
         )
         con.close()
-    except (duckdb.OutOfMemoryException, duckdb.IOException) as err:
+    except (duckdb.OutOfMemoryException, duckdb.IOException, OSError) as err:
+        if is_disk_full(err):
+            raise disk_full_error(out_dir, "encoding the rows to score") from None
+        if isinstance(err, OSError):
+            raise
         raise DataError(
             f"encoding the rows to score ran out of memory or disk: {str(err).strip().splitlines()[0]}",
             file=str(out_dir),
@@ -290,6 +305,7 @@ def encode_for_scoring(
     }
     schema.meta = {"splits": files, "summary": {"scoring": summary}, "fitted": str(fitted_dir)}
     schema.save(out_dir)
+    write_manifest(out_dir, shard_rows(files))  # read by ShardReader like any preparation
     return summary
 
 

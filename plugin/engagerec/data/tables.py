@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import duckdb
 
-from engagerec.data.errors import DataError
+from engagerec.data.errors import DataError, is_disk_full
 from engagerec.data.raw import TableSource
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -120,6 +120,22 @@ def file_columns(con: duckdb.DuckDBPyConnection, path: str | Path) -> Dict[str, 
     except duckdb.Error as err:
         raise DataError(f"cannot be parsed: {_first_line(err)}", file=str(path)) from None
     return {row[0]: row[1] for row in described}
+
+
+def has_rows(con: duckdb.DuckDBPyConnection, path: str | Path) -> bool:
+    """Whether a CSV/TSV/Parquet file holds at least one row below its header (reads one row).
+
+    Args:
+        con: a DuckDB connection.
+        path: the file.
+
+    Raises:
+        DataError: the file cannot be parsed.
+    """
+    try:
+        return con.execute(f"SELECT 1 FROM {_scan(Path(path))} LIMIT 1").fetchone() is not None
+    except duckdb.Error as err:
+        raise DataError(f"cannot be parsed: {_first_line(err)}", file=str(path)) from None
 
 
 def _first_line(err: Exception) -> str:
@@ -261,6 +277,8 @@ def load_table(
         try:
             con.execute(f"{verb} SELECT {', '.join(select) or '1 AS __empty'} FROM {scan}")
         except duckdb.Error as err:
+            if is_disk_full(err):  # the scratch disk, not the input: the caller names its output
+                raise
             raise DataError(f"cannot be read: {_first_line(err)}", file=file) from None
         if not parquet:
             _raise_rejected(con, rejects, file)
