@@ -30,10 +30,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from engagerec.data.errors import free_space, is_disk_full
 from engagerec.distributed import any_rank, is_rank_zero, rank
 from engagerec.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
 BEST_PATTERN = re.compile(r"^best-step-(\d+)$")
 
@@ -136,6 +138,9 @@ def save(
         except (OSError, RuntimeError) as err:
             error = err
     if failed or any_rank(error is not None):
+        # measured before the partial write is removed: torch's zip writer reports a full disk as
+        # "unexpected pos ...", so the disk's state, not the message, tells
+        full = error is not None and (is_disk_full(error) or shutil.disk_usage(root).free < FULL_BELOW)
         if is_rank_zero():
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(root, checked=False)
@@ -143,6 +148,8 @@ def save(
             f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         )
         reason = _last_line(error) if error is not None else "another rank could not write its part"
+        if full:
+            reason = f"no space left on the disk: {free_space(root)} at {root}; {reason}"
         raise CheckpointError(f"writing checkpoint {final} failed ({reason}); {kept}") from error
     if is_rank_zero():
         shutil.rmtree(final, ignore_errors=True)

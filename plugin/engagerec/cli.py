@@ -43,6 +43,14 @@ class Command:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        if args.config or args.out or args.set:
+            raise ConfigError(
+                "prepare --verify DIR checks a preparation: give it no --config, --out or --set"
+            )
+        return commands.verify(args.verify, as_json=args.json)
+    if not args.config:
+        raise ConfigError("prepare needs --config (or --verify DIR to check a preparation)")
     return commands.prepare(args.config, args.set, args.out, as_json=args.json)
 
 
@@ -53,6 +61,7 @@ def _train(args: argparse.Namespace) -> int:
         args.out,
         resume=not args.no_resume,
         allow_config_change=args.allow_config_change,
+        verify_data=args.verify_data,
     )
 
 
@@ -105,8 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep = subcommands.add_parser(
         "prepare", help="tables -> labelled, split, encoded parquet shards + schema.json"
     )
-    prep.add_argument("--config", required=True)
+    prep.add_argument("--config", help="the config whose data to prepare")
     prep.add_argument("--out", help="output directory (default prepared/<name>)")
+    prep.add_argument(
+        "--verify",
+        metavar="DIR",
+        help="prepare nothing: check the preparation in DIR against its manifest (every file's size "
+        "and CRC-32, every shard's rows)",
+    )
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     prep.add_argument("--json", action="store_true", help="also print the summary as JSON")
     prep.set_defaults(handler=_prepare)
@@ -122,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-config-change",
         action="store_true",
         help="resume although the config differs from the checkpoint's (beyond run length and logging)",
+    )
+    train.add_argument(
+        "--verify-data",
+        action="store_true",
+        help="check every file of the prepared data against its CRC-32 before training "
+        "(sizes and rows are always checked)",
     )
     train.set_defaults(handler=_train)
 
@@ -236,6 +257,16 @@ def quiet_library_noise() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # is_fx_tracing, once per trace
 
 
+def _message(err: BaseException) -> str:
+    """The error's own message. One raised in a DataLoader worker comes back re-raised by torch
+    with the worker's traceback as its text: its last line holds the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.partition(f"{type(err).__name__}: ")[2] or last
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``).
 
@@ -262,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         CheckpointError,
         TrainingError,
     ) as err:  # anything else is a bug: a traceback
-        print(f"engagerec {args.command}: error: {err}", file=sys.stderr)
+        print(f"engagerec {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     except ImportError as err:  # a package an extra installs: one line naming the extra
         message = missing_extra(err, f"engagerec {args.command}")

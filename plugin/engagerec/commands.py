@@ -36,9 +36,32 @@ def prepare(config: str, sets: List[str], out: Optional[str] = None, as_json: bo
     return 0
 
 
+def verify(data_dir: str, as_json: bool = False) -> int:
+    """``engagerec prepare --verify DIR``: every file of a preparation against its manifest
+    (size, CRC-32) and every shard's rows against its footer; prints what was checked.
+
+    Args:
+        data_dir: the prepared directory.
+        as_json: also print the counts as JSON.
+
+    Raises:
+        DataError: naming the first file that differs, and how.
+    """
+    from engagerec.data.manifest import verify_prepared
+
+    checked = verify_prepared(data_dir)
+    print(
+        f"{data_dir}: intact ({checked['files']} files, {checked['bytes'] / 2**20:,.1f} MiB, "
+        f"{checked['rows']:,} rows; sizes, CRC-32 and rows match manifest.json) in {checked['seconds']:g} s"
+    )
+    if as_json:
+        print(json.dumps(checked, indent=1))
+    return 0
+
+
 def train(
     config: str, sets: List[str], out: Optional[str] = None, resume: bool = True,
-    allow_config_change: bool = False,
+    allow_config_change: bool = False, verify_data: bool = False,
 ) -> int:  # fmt: skip
     """``engagerec train``: one run (one process, or every rank under torchrun); rank 0 prints its
     test metrics and directory.
@@ -49,6 +72,8 @@ def train(
         out: the run directory (default ``runs.seed_run_dir("runs/<name>", tower, seed)``).
         resume: continue from the run directory's checkpoint.
         allow_config_change: resume although the config differs from the checkpoint's.
+        verify_data: check every file of the prepared data against its CRC-32 first (each
+            rank checks before any step).
 
     Returns:
         int: 0, or ``preemption.PREEMPTED`` (75) when SIGTERM stopped it after a checkpoint.
@@ -59,6 +84,10 @@ def train(
     from engagerec.train import train as train_run
 
     cfg = load_config(config, sets)
+    if verify_data:
+        from engagerec.data.manifest import verify_prepared
+
+        verify_prepared(prepared_dir(cfg))
     run_dir = out or seed_run_dir(f"runs/{cfg.name}", cfg.model.tower.name, cfg.train.seed)
     results = train_run(cfg, run_dir, resume=resume, allow_config_change=allow_config_change)
     if results.get("preempted"):

@@ -141,7 +141,7 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
             "engine": f"duckdb {duckdb.__version__}",
         }
         schema.save(stage)
-        lap("schema")
+        lap("summary, schema.json")
         write_manifest(stage, shard_rows(files))  # last: it marks the preparation complete
         lap("manifest (CRC-32 of every file)")  # in the returned summary only: it follows schema.json
     except (duckdb.Error, OSError) as err:

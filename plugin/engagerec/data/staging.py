@@ -270,7 +270,13 @@ def new_staging(out_dir: str | Path) -> Path:
     """
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{_sibling(out_dir, 'prepare')}{os.getpid()}-", dir=out_dir.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{_sibling(out_dir, 'prepare')}{os.getpid()}-", dir=out_dir.parent)
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the preparation's own mode
+    return staging
 
 
 def _exchange(a: Path, b: Path) -> bool:
