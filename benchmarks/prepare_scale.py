@@ -9,7 +9,13 @@ For each scale S (1 = KuaiRand-1K: 1,000 users, 4,369,953 videos, 11,713,045 vie
    features, four labels, temporal split) prepares it: wall time per stage and the peak
    RSS of that process (DuckDB's threads included);
 3. the prepared train split is streamed to Batches on one core (ShardReader, batch 8192,
-   shuffled order as in training): rows/s (median of 3 epochs) and peak RSS.
+   shuffled order as in training): rows/s (median of 3 epochs) and peak RSS;
+4. what trusting the prepared data costs (engagerec.data.manifest): the check every reader
+   makes on open (sizes against the manifest, shard rows against the footers: opening the three
+   splits, median of 5), the full verification (`engagerec prepare --verify`: CRC-32 of every
+   byte, with the files in the page cache as after a prepare), and decoding every row group of
+   the validation split with the parquet page checksums verified (as ShardReader reads) against
+   without (median of 3 each, alternating).
 
 Each step runs in a fresh process whose own high-water mark (VmHWM) is its peak RSS.
 Writes benchmarks/RESULTS.md (section "prepare") with the machine, versions and command.
@@ -78,6 +84,44 @@ print(json.dumps({"rows": rows, "seconds": rows / rate, "import_rss_kb": import_
 """
 )
 
+CHECKS = r"""
+import sys, json, time
+import pyarrow.parquet as pq
+from engagerec.data.manifest import check_prepared, verify_prepared
+from engagerec.data.reader import ShardReader
+data = sys.argv[1]
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+def open_all():
+    start = time.perf_counter()
+    check_prepared(data)  # what ShardReader does first, once per split it opens
+    for split in ("train", "val", "test"):
+        ShardReader(data, split, batch_size=8192, rank=0, world_size=1)
+    return time.perf_counter() - start
+
+on_open = median([open_all() for _ in range(5)])
+full = verify_prepared(data)
+shards = sorted(__import__("pathlib").Path(data, "val").glob("part-*.parquet"))
+
+def decode(verify):
+    start = time.perf_counter()
+    for path in shards:
+        handle = pq.ParquetFile(path, page_checksum_verification=verify)
+        for group in range(handle.metadata.num_row_groups):
+            handle.read_row_group(group, use_threads=False)
+    return time.perf_counter() - start
+
+decode(True)  # warm the page cache
+timed = {True: [], False: []}
+for _ in range(3):
+    for verify in (True, False):
+        timed[verify].append(decode(verify))
+print(json.dumps({"on_open_s": on_open, "verify": full, "decode_checked_s": median(timed[True]),
+                  "decode_unchecked_s": median(timed[False])}))
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,7 +132,7 @@ def main() -> None:
     command = "make bench  (= .venv/bin/python benchmarks/prepare_scale.py --scales " + " ".join(
         f"{s:g}" for s in args.scales
     )
-    rows = []
+    rows, checks = [], {}
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         for scale in args.scales:
             raw, prepared = Path(tmp) / f"raw_{scale:g}", Path(tmp) / f"prepared_{scale:g}"
@@ -97,6 +141,7 @@ def main() -> None:
             done = run_child(PREPARE, str(raw), str(prepared), args.config, cwd=REPO)
             wall = time.perf_counter() - started
             streamed = run_child(STREAM, str(prepared), cwd=REPO)
+            checks[scale] = run_child(CHECKS, str(prepared), cwd=REPO)
             rows.append((scale, generated, done, wall, streamed))
             peak = done["peak_rss_kb"] / 1024
             rate = streamed["rows"] / streamed["seconds"]
@@ -131,6 +176,22 @@ def main() -> None:
     for scale, _, done, _, _ in rows:
         lines.append(
             f"| {scale:g} | " + " | ".join(f"{v:.1f}" for v in done["summary"]["seconds"].values()) + " |"
+        )
+    lines += [
+        "",
+        "What trusting the prepared data costs (the manifest written last is the stage above):",
+        "",
+        "| scale | files | MiB | check on open, 3 splits (ms) | full verification s (MiB/s) "
+        "| val decode with page checksums / without (s) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scale, check in checks.items():
+        full = check["verify"]
+        mib = full["bytes"] / 2**20
+        lines.append(
+            f"| {scale:g} | {full['files']} | {mib:,.0f} | {check['on_open_s'] * 1000:.1f} "
+            f"| {full['seconds']:.2f} ({mib / full['seconds']:,.0f}) "
+            f"| {check['decode_checked_s']:.3f} / {check['decode_unchecked_s']:.3f} |"
         )
     scale, generated, done, _, _ = rows[-1]
     summary, floors = done["summary"], generated["floors"]
