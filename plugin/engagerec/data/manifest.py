@@ -117,7 +117,7 @@ def read_manifest(directory: str | Path) -> Dict[str, Dict[str, Any]]:
     except FileNotFoundError:
         raise DataError(
             "incomplete preparation: it has no manifest.json, which engagerec prepare writes last "
-            "(the prepare was interrupted, or the data was prepared by an engagerec before 0.3)",
+            "(the prepare was interrupted, or an earlier engagerec, which wrote none, prepared it)",
             file=str(path),
             expected="a complete preparation: run `engagerec prepare` again",
         ) from None

@@ -34,7 +34,7 @@ from typing import List, Optional
 from engagerec.data.errors import DataError
 
 # what a preparation holds at its top level (engagerec.data.prepare, .manifest, .target_stats);
-# ".prepare-*" is the scratch that prepares before 0.3 kept inside the output directory
+# ".prepare-*" is the scratch that earlier prepares kept inside the output directory
 PREPARED_ENTRIES = {"schema.json", "manifest.json", "train", "val", "test", "vocabs", "stats"}
 LEGACY_SCRATCH = ".prepare-"
 _AT_FDCWD = -100
