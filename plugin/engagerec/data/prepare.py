@@ -158,7 +158,20 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
 
 
 def shard_rows(files: Dict[str, Any]) -> Dict[str, int]:
-    """Rows per shard, by path relative to the prepared directory, from ``write_splits``' result."""
+    """
+    Rows per shard, by path relative to the prepared directory: what the manifest records.
+
+    Args:
+        files (Dict[str, Any]): ``write_splits``' result (per split: ``files`` and ``file_rows``).
+
+    Returns:
+        Dict[str, int]: ``"<split>/<file>"`` -> rows written into it.
+
+    Example::
+
+        >>> shard_rows({"val": {"rows": 5, "files": ["part-00000.parquet"], "file_rows": [5]}})
+        {'val/part-00000.parquet': 5}
+    """
     return {
         f"{split}/{name}": rows
         for split, spec in files.items()
