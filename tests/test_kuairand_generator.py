@@ -251,3 +251,28 @@ def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         write_kuairand_1k(tmp_path, **{"scale": SCALE, **kwargs})
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("skew", [1.3, 0.65])
+def test_the_popularity_skew_shapes_how_many_distinct_videos_the_log_holds(written, tables, tmp_path, skew):
+    _, floors = written
+    _, _, log, _, _ = tables
+    default_distinct = log["video_id"].nunique()
+    assert floors["popularity_skew"] == 1.05
+    assert default_distinct == pytest.approx(floors["expected_distinct_videos"], rel=0.02)
+    shaped = write_kuairand_1k(tmp_path, scale=SCALE, seed=0, chunk_rows=CHUNK, popularity_skew=skew)
+    distinct = pd.concat([pd.read_csv(tmp_path / name, usecols=["video_id"]) for name in LOGS])["video_id"]
+    assert distinct.nunique() == pytest.approx(shaped["expected_distinct_videos"], rel=0.02)
+    # a stronger head (1.3) repeats popular videos: fewer distinct; a flatter one (0.65): more
+    assert (distinct.nunique() < default_distinct) == (skew > 1.05)
+    assert shaped["rows"] == floors["rows"] and shaped["videos"] == floors["videos"]
+    assert f"popularity_skew={skew!r}" in (tmp_path / "README.txt").read_text()
+
+
+def test_the_catalogue_size_can_be_set_and_bad_shape_options_are_refused(tmp_path):
+    floors = write_kuairand_1k(tmp_path, scale=0.001, seed=0, videos=500)
+    videos = pd.read_csv(tmp_path / "video_features_basic_1k.csv", usecols=["video_id"])["video_id"]
+    assert floors["videos"] == 500 and len(videos) == 500 and videos.max() < 500
+    for bad in ({"popularity_skew": -0.1}, {"popularity_skew": float("inf")}, {"videos": 3}):
+        with pytest.raises(ValueError, match="popularity_skew|videos"):
+            write_kuairand_1k(tmp_path / "bad", scale=0.001, **bad)

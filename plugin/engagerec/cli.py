@@ -97,7 +97,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    return commands.synthesize(args.out, args.config, args.set, args.shape, args.scale, args.seed)
+    return commands.synthesize(
+        args.out, args.config, args.set, args.shape, args.scale, args.seed, args.popularity_skew, args.videos
+    )
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -201,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shape", choices=["kuairand-1k"], help="KuaiRand's official layout and sizes")
     synth.add_argument("--scale", type=float, default=1.0, help="with --shape: fraction of the real sizes")
     synth.add_argument("--seed", type=int, default=0, help="with --shape")
+    synth.add_argument(
+        "--popularity-skew",
+        type=float,
+        help="with --shape: the exponent of the videos' popularity power law (default 1.05, about 1.9M "
+        "distinct videos at scale 1; 1.3 a stronger head, about 1.1M; 0.65 flatter, about 3.2M)",
+    )
+    synth.add_argument(
+        "--videos", type=int, help="with --shape: the catalogue's size (default 4,369,953 x scale)"
+    )
     synth.add_argument("--out", required=True)
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     synth.set_defaults(handler=_synthesize)

@@ -170,7 +170,14 @@ def export(run_dir: str, out: str, **options) -> int:
 
 
 def synthesize(
-    out: str, config: Optional[str], sets: List[str], shape: Optional[str], scale: float, seed: int
+    out: str,
+    config: Optional[str],
+    sets: List[str],
+    shape: Optional[str],
+    scale: float,
+    seed: int,
+    popularity_skew: Optional[float] = None,
+    videos: Optional[int] = None,
 ) -> int:
     """``engagerec synthesize``: a config's synthetic source tables, or KuaiRand-1K-shaped files.
 
@@ -181,22 +188,29 @@ def synthesize(
         shape: ``kuairand-1k`` for KuaiRand's official layout and sizes (or None).
         scale: with ``shape``: the fraction of the real sizes.
         seed: with ``shape``: the generator's seed.
+        popularity_skew: with ``shape``: the videos' popularity power law's exponent (None:
+            the generator's default, 1.05).
+        videos: with ``shape``: the catalogue's size (None: KuaiRand-1K's times ``scale``).
 
     Raises:
-        ConfigError: both or neither of ``config`` and ``shape``.
+        ConfigError: both or neither of ``config`` and ``shape``, or a shape's option without it.
     """
     if shape:
         if config:
             raise ConfigError("synthesize takes --config or --shape, not both")
-        from engagerec.data.kuairand_generator import write_kuairand_1k
+        from engagerec.data.kuairand_generator import ZIPF_EXPONENT, write_kuairand_1k
 
-        floors = write_kuairand_1k(out, scale=scale, seed=seed)
+        skew = ZIPF_EXPONENT if popularity_skew is None else popularity_skew
+        floors = write_kuairand_1k(out, scale=scale, seed=seed, popularity_skew=skew, videos=videos)
         print(
-            f"wrote a KuaiRand-1K-shaped dataset (scale {scale:g}, seed {seed}) to {out}: "
-            f"{floors['rows']:,} rows, {floors['users']:,} users, {floors['videos']:,} videos; "
-            f"noise floors in {out}/noise_floor.json"
+            f"wrote a KuaiRand-1K-shaped dataset (scale {scale:g}, seed {seed}, popularity skew {skew:g}) "
+            f"to {out}: {floors['rows']:,} rows, {floors['users']:,} users, {floors['videos']:,} videos "
+            f"(about {floors['expected_distinct_videos']:,.0f} of them viewed); noise floors in "
+            f"{out}/noise_floor.json"
         )
         return 0
+    if popularity_skew is not None or videos is not None:
+        raise ConfigError("--popularity-skew and --videos shape the --shape kuairand-1k data only")
     if not config:
         raise ConfigError("synthesize needs --config (a synthetic source) or --shape kuairand-1k")
     from engagerec.data.synthetic import synthetic_tables

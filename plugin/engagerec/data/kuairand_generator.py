@@ -14,10 +14,12 @@ The model of the data (the hidden truth is drawn once per (scale, seed)):
   the UTC calendar values of time_ms. The first log file holds the first 14 days (45% of
   the rows), the second the last 17 days.
 * Videos. A view's popularity rank k is drawn by inverse CDF from a truncated power law,
-  p(k) ~ (k + k0)^-1.05 over all videos; a seeded permutation maps ranks to ids. k0 (1,000
-  at scale 1, proportional to the number of videos) flattens only the head, so that the top
-  video gets ~0.01% of the views instead of ~9%, which would make each user watch it
-  about a thousand times. Durations are log-normal (median 40 s).
+  p(k) ~ (k + k0)^-s over all videos (s = ``popularity_skew``, 1.05 by default); a seeded
+  permutation maps ranks to ids. k0 (1,000 at scale 1, proportional to the number of videos)
+  flattens only the head, so that the top video gets ~0.01% of the views instead of ~9%,
+  which would make each user watch it about a thousand times. At scale 1 the log then holds
+  about 1.9M distinct videos; s = 1.3 gives about 1.1M (a stronger head), s = 0.65 about
+  3.2M (flatter); ``videos`` sets the catalogue's size. Durations are log-normal (median 40 s).
 * Watch ratio. score = mu + user bias + video bias + <user factors, video factors> (dim 6)
   + the user's preference for the video's first genre (0 for an untagged video)
   - 0.3 * log(duration / 40 s) + 0.1 * cos(2 pi (hour - 21) / 24); m = sigmoid(score) and
@@ -46,7 +48,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Sequence, Tuple, Union
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -178,13 +180,65 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
-def kuairand_1k_sizes(scale: float) -> Tuple[int, int, int]:
-    """(users, videos, log rows) at ``scale``; KuaiRand-1K's sizes at scale 1."""
+def kuairand_1k_sizes(scale: float, videos: Optional[int] = None) -> Tuple[int, int, int]:
+    """(users, videos, log rows) at ``scale``; KuaiRand-1K's sizes at scale 1; ``videos`` sets the
+    catalogue's size instead of scaling KuaiRand-1K's.
+
+    Example:
+        >>> kuairand_1k_sizes(0.5), kuairand_1k_sizes(0.5, videos=1000)
+        ((500, 2184976, 5856522), (500, 1000, 5856522))
+    """
     return (
         max(2, round(FULL_USERS * scale)),
-        max(10, round(FULL_VIDEOS * scale)),
+        int(videos) if videos is not None else max(10, round(FULL_VIDEOS * scale)),
         max(100, round(FULL_ROWS * scale)),
     )
+
+
+def popularity(videos: int, skew: float = ZIPF_EXPONENT) -> np.ndarray:
+    """
+    The share of views of each popularity rank: (k + k0)^-skew, normalised, with k0 = 1,000
+    per KuaiRand-1K catalogue (see the module docstring).
+
+    Args:
+        videos (int): the catalogue's size.
+        skew (float): the power law's exponent; 0 is uniform. Default: 1.05.
+
+    Returns:
+        np.ndarray: float64 [videos], summing to 1, by rank.
+
+    Example:
+        >>> shares = popularity(4, skew=0.0)
+        >>> shares.tolist()
+        [0.25, 0.25, 0.25, 0.25]
+    """
+    weight = _popularity_weights(videos, skew)
+    return weight / weight.sum()
+
+
+def _popularity_weights(videos: int, skew: float) -> np.ndarray:
+    offset = ZIPF_OFFSET_AT_SCALE_1 * videos / FULL_VIDEOS
+    return (np.arange(1, videos + 1) + offset) ** -float(skew)
+
+
+def expected_distinct_videos(rows: int, videos: int, skew: float = ZIPF_EXPONENT) -> float:
+    """
+    The expected number of distinct videos among ``rows`` views: sum over ranks of
+    1 - (1 - p_k)^rows.
+
+    Args:
+        rows (int): views drawn.
+        videos (int): the catalogue's size.
+        skew (float): the popularity skew. Default: 1.05.
+
+    Returns:
+        float: the expectation.
+
+    Example:
+        >>> round(expected_distinct_videos(2, 2, skew=0.0), 3)  # 1 + P(the second differs)
+        1.5
+    """
+    return float(-np.expm1(rows * np.log1p(-popularity(videos, skew))).sum())
 
 
 @dataclass(frozen=True)
@@ -194,6 +248,7 @@ class KuaiRandWorld:
     scale: float
     seed: int
     rows: int
+    popularity_skew: float  # the power law's exponent over popularity ranks
     user_views: np.ndarray  # int64 [U]: the user's rows in the log
     user_bias: np.ndarray  # float32 [U]
     user_factors: np.ndarray  # float32 [U, FACTOR_DIM]
@@ -237,16 +292,19 @@ class KuaiRandWorld:
         return expit(self.score(user_id, video_id, hourmin))
 
 
-def kuairand_world(scale: float = 1.0, seed: int = 0) -> KuaiRandWorld:
-    """Draw the hidden truth of ``write_kuairand_1k(out_dir, scale, seed)``; independent of chunking.
+def kuairand_world(
+    scale: float = 1.0, seed: int = 0, popularity_skew: float = ZIPF_EXPONENT, videos: Optional[int] = None
+) -> KuaiRandWorld:
+    """Draw the hidden truth of ``write_kuairand_1k(out_dir, scale, seed, ...)``; independent of
+    chunking. ``popularity_skew`` and ``videos`` are ``write_kuairand_1k``'s.
 
     Example:
         >>> world = kuairand_world(scale=0.001, seed=0)
         >>> (world.users, world.videos, world.rows)
         (2, 4370, 11713)
     """
-    _check(scale, seed, 1)
-    n_users, n_videos, n_rows = kuairand_1k_sizes(scale)
+    _check(scale, seed, 1, popularity_skew, videos)
+    n_users, n_videos, n_rows = kuairand_1k_sizes(scale, videos)
     rng = _rng(seed, _USERS)
     activity = rng.lognormal(0.0, USER_ACTIVITY_LOG_SD, n_users)
     floor = min(MIN_USER_VIEWS, n_rows // n_users)
@@ -268,6 +326,7 @@ def kuairand_world(scale: float = 1.0, seed: int = 0) -> KuaiRandWorld:
         scale=float(scale),
         seed=int(seed),
         rows=n_rows,
+        popularity_skew=float(popularity_skew),
         user_views=user_views.astype(np.int64),
         user_bias=user_bias,
         user_factors=user_factors,
@@ -301,7 +360,13 @@ def _exactly(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
     return mask
 
 
-def _check(scale: float, seed: int, chunk_rows: int) -> None:
+def _check(
+    scale: float, seed: int, chunk_rows: int, skew: float = ZIPF_EXPONENT, videos: Optional[int] = None
+) -> None:
+    if not (isinstance(skew, (int, float)) and math.isfinite(skew) and skew >= 0):
+        raise ConfigError(f"popularity_skew must be a number >= 0 (0: uniform), got {skew!r}")
+    if videos is not None and not (isinstance(videos, (int, np.integer)) and videos >= 10):
+        raise ConfigError(f"videos must be an integer >= 10, got {videos!r}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ConfigError(f"scale must be a positive number, got {scale!r}")
     if not (isinstance(seed, (int, np.integer)) and seed >= 0):
@@ -545,9 +610,7 @@ class _LogStream:
         self.world, self.chunk_rows = world, chunk_rows
         self.order_rng = _rng(world.seed, _LOG_ORDER)
         self.remaining = world.user_views.copy()
-        offset = ZIPF_OFFSET_AT_SCALE_1 * world.videos / FULL_VIDEOS
-        weight = (np.arange(1, world.videos + 1) + offset) ** -ZIPF_EXPONENT
-        self.popularity_cdf = np.cumsum(weight)
+        self.popularity_cdf = np.cumsum(_popularity_weights(world.videos, world.popularity_skew))
         self.popularity_cdf /= self.popularity_cdf[-1]
         self.knots, self.traffic = _hourly_traffic()
         self.days = _calendar_days()
@@ -671,7 +734,12 @@ NOTES = (
 
 
 def write_kuairand_1k(
-    out_dir: Union[str, Path], scale: float = 1.0, seed: int = 0, chunk_rows: int = 1_000_000
+    out_dir: Union[str, Path],
+    scale: float = 1.0,
+    seed: int = 0,
+    chunk_rows: int = 1_000_000,
+    popularity_skew: float = ZIPF_EXPONENT,
+    videos: Optional[int] = None,
 ) -> dict:
     """Write KuaiRand-1K-shaped synthetic files, in KuaiRand's layout, under ``out_dir``.
 
@@ -691,9 +759,14 @@ def write_kuairand_1k(
         seed: non-negative integer; with scale it fixes the hidden truth and every row.
         chunk_rows: log and video-table rows generated per step; bounds memory. The
             output depends on it, so keep it fixed for reproducible files.
+        popularity_skew: the exponent of the videos' popularity power law (the data's shape):
+            1.05 (default) gives about 1.9M distinct videos at scale 1, 1.3 a stronger head
+            (about 1.1M), 0.65 a flatter one (about 3.2M); 0 is uniform.
+        videos: the catalogue's size (default: KuaiRand-1K's 4,369,953 times ``scale``).
 
     Returns:
-        The content of noise_floor.json: per-label Bayes losses, sizes, scale, seed, kappa.
+        The content of noise_floor.json: per-label Bayes losses, sizes, scale, seed, kappa,
+        the popularity skew and the expected number of distinct videos in the log.
 
     Example:
         >>> import tempfile
@@ -704,13 +777,13 @@ def write_kuairand_1k(
         >>> 0 < floor["watch_ratio"]["mse"] < floor["watch_ratio"]["constant_mse"]
         True
     """
-    _check(scale, seed, chunk_rows)
+    _check(scale, seed, chunk_rows, popularity_skew, videos)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # stale files from an earlier run would mix with this one's if it crashed
     for name in (NOISE_FLOOR_FILE, README_FILE, USER_FILE, VIDEO_FILE, *LOG_FILES):
         (out / name).unlink(missing_ok=True)
-    world = kuairand_world(scale, seed)
+    world = kuairand_world(scale, seed, popularity_skew, videos)
 
     with _atomic(out / USER_FILE) as handle:
         handle.write(_header(USER_COLUMNS))
@@ -742,6 +815,8 @@ def write_kuairand_1k(
         "videos": world.videos,
         "scale": float(scale),
         "seed": int(seed),
+        "popularity_skew": world.popularity_skew,
+        "expected_distinct_videos": expected_distinct_videos(world.rows, world.videos, world.popularity_skew),
         "kappa": KAPPA,
         "skip_threshold": SKIP_THRESHOLD,
         "ratio_cap": 1.0,
@@ -759,7 +834,8 @@ def _readme(world: KuaiRandWorld, chunk_rows: int) -> str:
     return (
         "SYNTHETIC DATA - not KuaiRand. Generated by engagerec "
         "(engagerec.data.kuairand_generator.write_kuairand_1k) with "
-        f"scale={world.scale!r}, seed={world.seed}, chunk_rows={chunk_rows}.\n"
+        f"scale={world.scale!r}, seed={world.seed}, chunk_rows={chunk_rows}, "
+        f"popularity_skew={world.popularity_skew!r}.\n"
         "The files follow the layout and column names of KuaiRand-1K (Gao et al., CIKM 2022):\n"
         f"  {LOG_FILES[0]}, {LOG_FILES[1]}: {world.rows:,} views in time order\n"
         f"  {USER_FILE}: {world.users:,} users; {VIDEO_FILE}: {world.videos:,} videos\n"
