@@ -109,9 +109,17 @@ def read_manifest(directory: str | Path) -> Dict[str, Dict[str, Any]]:
         Dict[str, Dict[str, Any]]: the entries.
 
     Raises:
-        DataError: the manifest is missing (an incomplete preparation) or unreadable.
+        DataError: the directory does not exist, the manifest is missing (an incomplete
+            preparation) or unreadable.
     """
     path = Path(directory) / MANIFEST_FILE
+    if not path.parent.is_dir():
+        from engagerec.data.staging import incomplete_note  # here: it needs fcntl (POSIX)
+
+        raise DataError(
+            incomplete_note(path.parent) or "no prepared data here; run `engagerec prepare` first",
+            file=str(path.parent),
+        )
     try:
         return json.loads(path.read_text())["files"]
     except FileNotFoundError:
