@@ -356,3 +356,25 @@ def test_the_manifest_and_staging_modules_import_no_pyarrow_duckdb_or_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_without_an_atomic_exchange_two_renames_swap_and_a_kill_between_them_is_repaired(
+    tmp_path, monkeypatch
+):
+    from engagerec.data import staging
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "schema.json").write_text("old")
+    monkeypatch.setattr(staging, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    new = staging.new_staging(out)
+    (new / "schema.json").write_text("new")
+    staging.swap_in(new, out)
+    assert (out / "schema.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "data"
+    ]
+    # killed between the renames: the old preparation aside, none in place; the next prepare restores it
+    out.rename(tmp_path / ".data.replaced-123")
+    with staging.PrepareLock(out):
+        staging.clean_stale(out)
+    assert (out / "schema.json").read_text() == "new" and not list(tmp_path.glob(".data.replaced-*"))
