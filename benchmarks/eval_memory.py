@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS_CHILD = (
     PEAK_RSS
     + r"""
-import gc, json, sys, time
+import gc, inspect, json, sys, time
 import torch
 from engagerec.config import TaskConfig
-from engagerec.metrics import TaskMetrics
+from engagerec.metrics import TaskMetrics, build_metric_module
 
 def rss():
     for line in open("/proc/self/status"):
@@ -47,8 +47,12 @@ rows, batch = int(sys.argv[1]), 8192
 torch.set_num_threads(1)
 tasks = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", "binary"),
          TaskConfig("long_view", "long_view", "binary"), TaskConfig("click", "click", "binary")]
-# as evaluate() builds it; the window argument is what the earlier code passed (the whole split)
-metrics = TaskMetrics(tasks, batch, window_size=rows + batch, gauc_group="user_id")
+# as the evaluate() of the code measured builds it: the earlier code (no auc= switch) passed a
+# torchrec window as large as the split; this one keeps torchrec's default window
+if "auc" in inspect.signature(build_metric_module).parameters:
+    metrics = TaskMetrics(tasks, batch, gauc_group="user_id")
+else:
+    metrics = TaskMetrics(tasks, batch, window_size=rows + batch, gauc_group="user_id")
 g = torch.Generator().manual_seed(0)
 gc.collect()
 base = rss()

@@ -453,15 +453,20 @@ class _TaskRows:
         self.weights: Dict[str, Optional[_Column]] = {name: None for name in names}
 
     def keep(self, name: str, weights: torch.Tensor, **values: torch.Tensor) -> None:
-        keep = weights > 0
+        # numpy views of CPU tensors, copied once into the columns; rows are masked only in a
+        # batch that has rows of weight 0 (padding, missing labels): no per-batch temporaries
+        w = weights.detach().cpu().numpy()
+        keep = w > 0
+        every = bool(keep.all())
+        kept = w if every else w[keep]
         columns = self.columns[name]
-        kept = weights[keep].detach().cpu().numpy()
         if self.weights[name] is None and bool((kept != 1).any()):
             self.weights[name] = next(iter(columns.values())).fill(1.0)
         if self.weights[name] is not None:
-            self.weights[name].append(kept.astype(np.float32))
+            self.weights[name].append(kept)
         for column, value in values.items():  # the column casts (and widens ids that need it)
-            columns[column].append(value.detach()[keep].cpu().numpy())
+            array = value.detach().cpu().numpy()
+            columns[column].append(array if every else array[keep])
 
     def gathered(self, name: str) -> Dict[str, Optional[np.ndarray]]:
         """Every rank's rows of ``name``'s columns (and weights: None where every row weighs 1
