@@ -64,6 +64,8 @@ bench: install
 		--section train_kuairand_1k --towers mmoe --batch-size 4096 --steps 40 --warmup 5
 	# engagerec train as shipped: where a step's time goes, malloc defaults against engagerec's setting
 	$(PY) benchmarks/profile_train.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k
+	# evaluation's memory against the rows of a split (10^5 to 10^7): held and peak bytes a row
+	$(PY) benchmarks/eval_memory.py --rows 100000 1000000 10000000
 	# video tables of 10^5 to 10^8 rows, end to end from shards, beside the plain references;
 	# per-rank table memory on 1 process and 2 gloo ranks; a plot
 	$(PY) benchmarks/scale.py --rows 100000 1000000 10000000 100000000

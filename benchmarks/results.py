@@ -18,11 +18,57 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "numpy")
 
 
+# the instruction sets that decide CPU kernels here (/proc/cpuinfo flag -> the name we print):
+# FBGEMM and oneDNN pick AVX2 or AVX-512 paths; bf16 matmuls want AVX512-BF16 or AMX
+ISA_FLAGS = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx512_bf16": "AVX512-BF16",
+    "amx_tile": "AMX",
+    "amx_bf16": "AMX-BF16",
+}
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    r"""
+    The CPU's relevant instruction sets, from /proc/cpuinfo's flags (``ISA_FLAGS``): e.g.
+    ``"AVX2, AVX-512, AVX512-BF16, AMX"``; ``"none of AVX2/AVX-512/AMX"`` when it has none of them,
+    ``"ISA unknown"`` off Linux.
+
+    Args:
+        cpuinfo (str | None): the text of /proc/cpuinfo. Default: read it.
+
+    Returns:
+        str: the names, comma-separated.
+
+    Example::
+
+        >>> cpu_isa("flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+        'AVX2, AVX-512, AVX512-BF16, AMX'
+        >>> cpu_isa("flags\t\t: fpu sse\n")
+        'none of AVX2/AVX-512/AMX'
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return "ISA unknown"
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None
+    )
+    if flags is None:
+        return "ISA unknown"
+    found = [name for flag, name in ISA_FLAGS.items() if flag in flags]
+    return ", ".join(found) if found else "none of AVX2/AVX-512/AMX"
+
+
 def machine_block(command: str) -> str:
+    """The lines every section starts with: date, machine (CPU model, ISA, cores), versions, command."""
     return "\n".join(
         [
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- machine: {cpu_name()}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
+            f"- machine: {cpu_name()} ({cpu_isa()}), {os.cpu_count()} logical cores, "
+            f"Python {platform.python_version()}",
             f"- versions: {package_versions(PACKAGES)}",
             f"- command: `{command}`",
         ]

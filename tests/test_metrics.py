@@ -218,3 +218,111 @@ def test_ne_calibration_log_loss_and_accuracy_equal_their_formulas_with_row_weig
     assert expected["click/ne"] < 0.9 and expected["click/calibration"] > 1.1  # no value is trivial
     for key, value in expected.items():
         assert values[key] == pytest.approx(value, rel=1e-9), key
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_auc_equals_scikit_learn_with_ties_weights_and_blocks(seed, monkeypatch):
+    """The AUC kernel against scikit-learn: rounded scores (many ties), fractional weights, and
+    blocks of 7 rows, so runs of equal scores and groups cross block ends."""
+    from sklearn.metrics import roc_auc_score
+
+    import engagerec.metrics as metrics
+
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(2000) < 0.35).astype(np.float32)
+    scores = np.round(0.3 * labels + rng.random(2000), 2).astype(np.float32)
+    weights = rng.uniform(0.1, 3.0, 2000)
+    expected = roc_auc_score(labels, scores, sample_weight=weights)
+    assert metrics.binary_auc(scores, labels, weights) == pytest.approx(expected, abs=1e-12)
+    monkeypatch.setattr(metrics, "AUC_BLOCK_ROWS", 7)
+    assert metrics.binary_auc(scores, labels, weights) == pytest.approx(expected, abs=1e-12)
+    assert metrics.binary_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    groups = rng.integers(0, 30, 2000) * 1_000_003
+    assert metrics.grouped_auc(groups, scores, labels) == pytest.approx(
+        _gauc_by_groups(groups, scores, labels), abs=1e-12
+    )
+    assert metrics.grouped_auc(-groups - 1, scores, labels) == pytest.approx(  # ids that need codes
+        _gauc_by_groups(groups, scores, labels), abs=1e-12
+    )
+
+
+def test_exact_auc_orders_negative_scores_and_signed_zeros_as_numbers():
+    """Scores are compared through their float32 bits: negative scores (logits) sort below positive
+    ones, and -0.0 ties with 0.0."""
+    scores = np.array([-2.5, -0.0, 0.0, 1.5, -7.0, 3.0], dtype=np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    # positives -0.0, 1.5, 3.0 against negatives -2.5, 0.0, -7.0: 8 wins and one tie of 9 pairs
+    assert float(np.float32(8.5 / 9)) == pytest.approx(8.5 / 9)
+    from engagerec.metrics import binary_auc
+
+    assert binary_auc(scores, labels) == pytest.approx(8.5 / 9, abs=1e-12)
+    assert binary_auc(scores.astype(np.float64), labels) == pytest.approx(8.5 / 9, abs=1e-12)
+
+
+def test_evaluation_auc_equals_torchrecs_window_auc():
+    """Evaluation's exact AUC (compact columns) equals what torchrec's AUC gives with a window as
+    large as the rows (the earlier route), on distinct scores, over several batches."""
+    tasks = [TaskConfig("click", "click", kind="binary")]
+    rng = np.random.default_rng(3)
+    exact = TaskMetrics(tasks, batch_size=500)
+    windowed = TaskMetrics(tasks, batch_size=500, window_size=5000, exact=False)
+    for _ in range(6):
+        y = torch.tensor(rng.random(500) < 0.3).float()
+        p = torch.tensor(rng.permutation(10**6)[:500] / 10**6 * 0.7 + 0.3 * y.numpy()).float()
+        w = torch.tensor(rng.random(500) > 0.1).float()  # padding and missing labels weigh 0
+        for metrics in (exact, windowed):
+            metrics.update({"click": p}, {"click": y}, {"click": w})
+    assert exact.compute()["click/auc"] == pytest.approx(windowed.compute()["click/auc"], abs=2e-6)
+
+
+def test_exact_xauc_in_blocks_equals_one_block(monkeypatch):
+    import engagerec.xauc as xauc
+
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 21, 5000) / 20
+    predictions = np.round(labels * 0.5 + rng.random(5000), 2).astype(np.float32)
+    whole = xauc.exact_xauc(predictions, labels)
+    monkeypatch.setattr(xauc, "BLOCK_ROWS", 13)  # 16 blocks at least: 313 rows each
+    assert xauc.exact_xauc(predictions, labels) == pytest.approx(whole, abs=1e-15)
+    assert whole == pytest.approx(_xauc_by_kendall(predictions, labels), abs=1e-9)
+
+
+def test_gauc_widens_group_ids_that_stop_fitting_int32_midway():
+    metrics = TaskMetrics([TaskConfig("click", "click", kind="binary")], batch_size=4, gauc_group="u")
+    scores, labels = torch.tensor([0.9, 0.1, 0.2, 0.8]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    ones = {"click": torch.ones(4)}
+    metrics.update({"click": scores}, {"click": labels}, ones, groups=torch.tensor([1, 1, 2, 2]))
+    metrics.update({"click": scores}, {"click": labels}, ones, groups=torch.tensor([1, 1, 2**40, 2**40]))
+    # user 1: AUC 1 over 4 rows; users 2 and 2^40: AUC 0 over 2 rows each (merged, they would be 0)
+    assert metrics.compute()["click/gauc"] == pytest.approx(0.5)
+
+
+def test_evaluation_metrics_hold_a_few_bytes_a_row(monkeypatch):
+    """The memory guard: evaluation's TaskMetrics (exact) holds no torchrec AUC window (the sums
+    it keeps are O(1)), and its numpy columns are 8 bytes a row for a regression task and 9 for a
+    binary task with GAUC (traced allocations: exact, not the allocator's RSS; the RSS figures
+    are benchmarks/eval_memory.py's)."""
+    import tracemalloc
+
+    import engagerec.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._Column, "BLOCK", 1 << 16)
+    tasks = [
+        TaskConfig("ratio", "ratio"),
+        TaskConfig("skip", "skip", "binary"),
+        TaskConfig("click", "click", "binary"),
+    ]
+    metrics = TaskMetrics(tasks, batch_size=8192, gauc_group="user")
+    from torchrec.metrics.auc import AUCMetric
+
+    assert not [m for m in metrics.module.rec_metrics.rec_metrics if isinstance(m, AUCMetric)]
+    rows, names = 1 << 18, ("ratio", "skip", "click")  # whole column blocks: what is held is used
+    tracemalloc.start()
+    for _ in range(rows // 8192):
+        p, y, w = torch.rand(8192), (torch.rand(8192) < 0.5).float(), torch.ones(8192)
+        predictions, labels, weights = (dict.fromkeys(names, t) for t in (p, y, w))
+        metrics.xauc.update(predictions, labels, weights)  # the row stores; the sums are O(1)
+        metrics.auc.update(predictions, labels, weights, torch.randint(0, 100, (8192,)))
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held / rows < 8 + 2 * 9 + 1, f"{held / rows:.1f} bytes a row"

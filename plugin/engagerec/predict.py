@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -270,7 +271,7 @@ class _Scored:
             for batch in pq.ParquetFile(self.data_dir / self.split / name).iter_batches(
                 batch_size=STITCH_ROWS, columns=kept
             ):
-                rows = pa.array(range(start, start + batch.num_rows), pa.int64())
+                rows = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))  # no int objects
                 start += batch.num_rows
                 yield pa.record_batch([rows, *batch.columns], names=[ROW, *(f"{k}_index" for k in kept)])
 
