@@ -154,6 +154,9 @@ def test_a_third_task_is_config(study_data):
 @pytest.mark.parametrize("tower", sorted(SMALL))
 def test_gradients_reach_experts_gates_and_embedding_tables(study_data, tower):
     reader = ShardReader(study_data, "train", batch_size=256)
+    # seeded: about 1 initialisation in 200 leaves every ReLU of one small PLE expert dead on this
+    # batch (its gradient exactly 0), which depends on what ran before in the test process
+    torch.manual_seed(0)
     model = _model(reader.schema, tower)
     loss, _ = model(next(iter(reader)))
     loss.backward()
