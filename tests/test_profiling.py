@@ -28,7 +28,9 @@ def test_a_profiled_run_writes_a_breakdown_whose_step_time_matches_clocks_outsid
     trace = json.loads((tmp_path / "run" / "profile_trace.json").read_text())
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"] if e.get("ph") == "X"]
     span_ms = (max(end for _, end in spans) - min(start for start, _ in spans)) / 1000.0
-    assert 0.8 * window_ms <= span_ms <= 1.02 * window_ms, (span_ms, window_ms)
+    # it may reach up to one step past the window: the profiler records until it stops, at the
+    # next step's boundary (under a loaded CI machine 0.3 step was seen)
+    assert 0.8 * window_ms <= span_ms <= window_ms + parts["step"], (span_ms, window_ms)
     # the trainer's clocks: the window lies inside the first two logged windows (steps 1..10,
     # timed by samples/s) and inside the run's training time
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["phase"] == "train"]
