@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo lint format test test-fast bench results clean
+.PHONY: install demo lint format test test-fast bench bench-scale results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,11 @@ bench: install
 	ENGAGEREC_MALLOC_TUNING=0 $(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --no-memory \
 		--section scale_10m_malloc_defaults
 	$(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --no-memory --section scale_10m_malloc_tuned
+
+# KuaiRand-1K-shaped data end to end at 0.1x, 1x and 5x (58.6M rows): synthesize, prepare, one
+# epoch of engagerec train with its evaluation; time, peak RSS, disk, test quality; a plot
+bench-scale: install
+	$(PY) benchmarks/end_to_end_scale.py --scales 0.1 1 5
 
 clean:
 	rm -rf $(VENV) prepared runs
