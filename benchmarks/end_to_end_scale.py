@@ -164,9 +164,11 @@ def main() -> None:
     scales = " ".join(f"{s:g}" for s in args.scales)
     command = f".venv/bin/python benchmarks/end_to_end_scale.py --scales {scales}"
     found = []
-    with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.keep) if args.keep else Path(scratch)  # --keep: left there afterwards
+        work.mkdir(parents=True, exist_ok=True)
         for scale in args.scales:
-            row = one_scale(scale, Path(tmp))
+            row = one_scale(scale, work)
             found.append(row)
             print(
                 f"scale {scale:g}: prepare {row['prepare_s']:.0f} s, train {row['train_wall_s']:.0f} s "
