@@ -185,7 +185,9 @@ def _kill_prepare_at(out: Path, moment: str, delay: float = 0.0) -> bool:
     started = time.monotonic()
     try:
         while process.poll() is None and time.monotonic() - started < 120:
-            staged = sorted(out.parent.glob(f".{out.name}.prepare-*"))
+            staged = sorted(
+                out.parent.glob(f".{out.name}.prepare-{process.pid}-*")
+            )  # its own, not a dead one's
             if moment == "after" and time.monotonic() - started >= delay:
                 break
             if moment in STAGES and staged and STAGES[moment](staged[-1]):
@@ -253,17 +255,65 @@ def test_a_first_prepare_killed_leaves_an_incomplete_preparation_that_every_read
     verify_prepared(out)
 
 
-def test_scratch_an_older_prepare_left_inside_the_output_is_removed_and_counted(tmp_path, capsys):
-    from conftest import prepare_synthetic
+def _tiny_config():
+    from engagerec.config import config_from_dict
 
-    out = prepare_synthetic(tmp_path / "data")
+    synthetic = {"num_rows": 2000, "num_users": 50, "num_contents": 40}
+    return config_from_dict(
+        {"name": "tiny", "data": {"source": {"adapter": "synthetic", "synthetic": synthetic},
+                                  "features": [{"name": "user_id"}, {"name": "rating", "kind": "numeric"}]}}
+    ).data  # fmt: skip
+
+
+def test_scratch_an_older_prepare_left_inside_the_output_is_removed_and_counted(tmp_path):
+    from engagerec.data.prepare import prepare
+
+    out = tmp_path / "data"
+    prepare(_tiny_config(), out)
     scratch = out / ".prepare-q85pdktl"  # where prepares before the manifest kept DuckDB's spill
     scratch.mkdir()
     (scratch / "spill.tmp").write_bytes(b"\0" * 3 * 2**20)
-    prepare_synthetic(out)
-    assert "3.0 MiB freed" in capsys.readouterr().err
+    summary = prepare(_tiny_config(), out)
+    assert summary["stale_scratch_freed_bytes"] == 3 * 2**20  # `engagerec prepare` prints "3.0 MiB freed"
     assert not scratch.exists()
     verify_prepared(out)
+
+
+def test_killed_after_the_atomic_exchange_the_new_preparation_is_in_place_and_the_old_one_is_scratch(
+    tmp_path,
+):
+    from engagerec.data import staging
+    from engagerec.data.prepare import prepare
+
+    out = tmp_path / "data"
+    prepare(_tiny_config(), out)
+    new = staging.new_staging(out)
+    shutil.copytree(out, new, dirs_exist_ok=True)
+    (new / "marker").write_text("new")  # which of the two is in place
+    with pytest.MonkeyPatch.context() as patch:  # the process dies right after the exchange
+        patch.setattr(staging.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            staging.swap_in(new, out)
+    assert (out / "marker").read_text() == "new" and not (new / "marker").exists()
+    with staging.PrepareLock(out):
+        assert staging.clean_stale(out) > 0  # the old preparation, left as a dead staging directory
+    assert not new.exists()
+
+
+def test_the_working_directory_and_a_symlinked_output_are_handled(tmp_path, monkeypatch):
+    from engagerec.data.prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="is the working directory or holds it"):
+        prepare(_tiny_config(), ".")
+    with pytest.raises(DataError, match="is the working directory or holds it"):
+        prepare(_tiny_config(), "..")
+    target = tmp_path / "real"
+    prepare(_tiny_config(), target)
+    (tmp_path / "link").symlink_to(target)
+    prepare(_tiny_config(), tmp_path / "link")  # a re-prepare through the link replaces its target
+    assert (tmp_path / "link").is_symlink() and verify_prepared(tmp_path / "link")["rows"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["link", "real"]
 
 
 def test_a_second_prepare_into_the_same_directory_is_refused_naming_the_first(tmp_path):

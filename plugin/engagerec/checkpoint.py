@@ -20,7 +20,6 @@ import random
 import re
 import shutil
 import sys
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -31,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from engagerec.data.errors import free_space, is_disk_full
+from engagerec.data.manifest import crc32
 from engagerec.distributed import any_rank, is_rank_zero, rank
 from engagerec.errors import CheckpointError
 
@@ -140,7 +140,12 @@ def save(
     if failed or any_rank(error is not None):
         # measured before the partial write is removed: torch's zip writer reports a full disk as
         # "unexpected pos ...", so the disk's state, not the message, tells
-        full = error is not None and (is_disk_full(error) or shutil.disk_usage(root).free < FULL_BELOW)
+        free = free_space(root)
+        try:
+            nearly_full = shutil.disk_usage(root).free < FULL_BELOW
+        except OSError:
+            nearly_full = False
+        full = error is not None and (is_disk_full(error) or nearly_full)
         if is_rank_zero():
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(root, checked=False)
@@ -149,7 +154,7 @@ def save(
         )
         reason = _last_line(error) if error is not None else "another rank could not write its part"
         if full:
-            reason = f"no space left on the disk: {free_space(root)} at {root}; {reason}"
+            reason = f"no space left on the disk: {free} at {root}; {reason}"
         raise CheckpointError(f"writing checkpoint {final} failed ({reason}); {kept}") from error
     if is_rank_zero():
         shutil.rmtree(final, ignore_errors=True)
@@ -161,17 +166,9 @@ def save(
     return final
 
 
-def _crc32(path: Path) -> int:
-    value = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            value = zlib.crc32(block, value)
-    return value
-
-
 def _write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": crc32(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
 
 
@@ -203,7 +200,7 @@ def verify(path: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path}: {name} has {size:,} bytes, expected {expected['bytes']:,} (truncated?)"
             )
-        if _crc32(file) != expected["crc32"]:
+        if crc32(file) != expected["crc32"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (damaged)")
 
 

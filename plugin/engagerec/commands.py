@@ -7,6 +7,7 @@ it runs when it runs, so that ``engagerec --help`` stays quick."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,6 +31,12 @@ def prepare(config: str, sets: List[str], out: Optional[str] = None, as_json: bo
     cfg = load_config(config, sets)
     out = out or prepared_dir(cfg)
     summary = prepare_data(cfg.data, out)
+    if summary["stale_scratch_freed_bytes"]:
+        freed = summary["stale_scratch_freed_bytes"] / 2**20
+        print(
+            f"removed the scratch of an earlier, dead prepare beside {out}: {freed:,.1f} MiB freed",
+            file=sys.stderr,
+        )
     print(format_summary(summary, out))
     if as_json:
         print(json.dumps(summary, indent=1))

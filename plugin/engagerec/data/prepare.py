@@ -20,7 +20,6 @@ the number of rows.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -49,7 +48,8 @@ BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> Dict[str, Any]:
-    """Build a prepared dataset in ``out_dir``; returns the summary also stored in schema.json.
+    """Build a prepared dataset in ``out_dir``; returns its summary (schema.json stores it, but
+    for the manifest stage's seconds and ``stale_scratch_freed_bytes``, which come after it).
 
     The new preparation is written beside ``out_dir`` and swapped in whole once complete
     (engagerec.data.staging): a prepare that fails or is killed leaves an earlier preparation
@@ -83,19 +83,22 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         [21397, 2377, 10189]
     """
     out_dir = Path(out_dir)
+    staging.check_replaceable(out_dir)
     with staging.PrepareLock(out_dir):
         freed = staging.clean_stale(out_dir)
-        if freed:
-            print(f"removed the scratch of an earlier, dead prepare beside {out_dir}: "
-                  f"{freed / 2**20:,.1f} MiB freed", file=sys.stderr, flush=True)  # fmt: skip
-        staging.check_replaceable(out_dir)
         if not overwrite and (out_dir / SCHEMA_FILE).exists():
             raise DataError("holds a preparation and overwrite is off", file=str(out_dir))
         stage = staging.new_staging(out_dir)
         try:
             summary = _prepare_into(cfg, stage, out_dir)
             summary["stale_scratch_freed_bytes"] = freed
-            staging.swap_in(stage, out_dir)
+            try:
+                staging.swap_in(stage, out_dir)
+            except OSError as err:
+                raise DataError(
+                    f"the new preparation could not be put in place ({err}); the earlier one is as it was",
+                    file=str(out_dir),
+                ) from None
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # a failed prepare leaves nothing behind
     return summary
@@ -142,7 +145,7 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
         }
         schema.save(stage)
         lap("summary, schema.json")
-        write_manifest(stage, shard_rows(files))  # last: it marks the preparation complete
+        write_manifest(stage, rows_by_shard(files))  # last: it marks the preparation complete
         lap("manifest (CRC-32 of every file)")  # in the returned summary only: it follows schema.json
     except (duckdb.Error, OSError) as err:
         if is_disk_full(err):
@@ -157,7 +160,7 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
     return summary
 
 
-def shard_rows(files: Dict[str, Any]) -> Dict[str, int]:
+def rows_by_shard(files: Dict[str, Any]) -> Dict[str, int]:
     """
     Rows per shard, by path relative to the prepared directory: what the manifest records.
 
@@ -169,7 +172,7 @@ def shard_rows(files: Dict[str, Any]) -> Dict[str, int]:
 
     Example::
 
-        >>> shard_rows({"val": {"rows": 5, "files": ["part-00000.parquet"], "file_rows": [5]}})
+        >>> rows_by_shard({"val": {"rows": 5, "files": ["part-00000.parquet"], "file_rows": [5]}})
         {'val/part-00000.parquet': 5}
     """
     return {

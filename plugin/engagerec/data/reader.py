@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from engagerec.batch import Batch
 from engagerec.data.errors import DataError
 from engagerec.data.jagged import gather_rows, list_array_parts
-from engagerec.data.manifest import check_prepared, shard_rows
+from engagerec.data.manifest import check_prepared, written_rows
 from engagerec.data.schema import DatasetSchema
 
 
@@ -99,6 +99,7 @@ class ShardReader(IterableDataset):
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
+        written = check_prepared(self.data_dir)  # sizes and checksums: before anything is read
         self.schema = DatasetSchema.load(self.data_dir)
         splits = self.schema.meta.get("splits", {})
         if split not in splits:
@@ -124,7 +125,7 @@ class ShardReader(IterableDataset):
         self.single_names = [f.name for f in self.schema.sparse if not f.multi]
         self.multi_names = [f.name for f in self.schema.sparse if f.multi]
         self.keys = self.single_names + self.multi_names
-        written = shard_rows(check_prepared(self.data_dir), split)  # sizes: before anything is read
+        written = written_rows(written, split)
         self.chunks: List[Tuple[Path, int, int]] = []  # (file, row group, rows)
         for name in splits[split]["files"]:
             path = self.data_dir / split / name

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from engagerec.data.errors import DataError
+from engagerec.data.staging import incomplete_note
 
 SCHEMA_FILE = "schema.json"
 VOCAB_DIR = "vocabs"
@@ -141,13 +142,13 @@ class DatasetSchema:
         """
         path = Path(directory) / SCHEMA_FILE
         if not path.is_file():
-            # imported here: staging needs fcntl, which a serving client on another OS may lack
-            from engagerec.data.staging import incomplete_note
-
             note = incomplete_note(directory) if not path.parent.exists() else None
             raise DataError(note or "schema not found; run `engagerec prepare` first", file=str(path))
-        raw = json.loads(path.read_text())
-        if raw.pop("version", None) != SCHEMA_VERSION:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot be read ({err})", file=str(path)) from None
+        if not isinstance(raw, dict) or raw.pop("version", None) != SCHEMA_VERSION:
             raise DataError(
                 "unsupported schema version (prepared by another engagerec release): prepare the data again",
                 file=str(path),

@@ -28,7 +28,7 @@ from engagerec.data.errors import DataError, disk_full_error, is_disk_full
 from engagerec.data.events import SOURCE_ROW, Events, build_scoring_events, feature_column
 from engagerec.data.fitting import Fitter
 from engagerec.data.manifest import check_prepared, write_manifest
-from engagerec.data.prepare import build_history, shard_rows, write_splits
+from engagerec.data.prepare import build_history, rows_by_shard, write_splits
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema
 from engagerec.data.tables import canonical_columns, connect, has_rows, is_numeric, literal, quote
@@ -282,10 +282,10 @@ def encode_for_scoring(
             f"TO {literal(str(out_dir / IDS_FILE))} (FORMAT parquet)"
         )
         con.close()
-    except (duckdb.OutOfMemoryException, duckdb.IOException, OSError) as err:
+    except (duckdb.Error, OSError) as err:
         if is_disk_full(err):
             raise disk_full_error(out_dir, "encoding the rows to score") from None
-        if isinstance(err, OSError):
+        if not isinstance(err, (duckdb.OutOfMemoryException, duckdb.IOException)):
             raise
         raise DataError(
             f"encoding the rows to score ran out of memory or disk: {str(err).strip().splitlines()[0]}",
@@ -304,8 +304,13 @@ def encode_for_scoring(
         "unseen_ids": unseen,
     }
     schema.meta = {"splits": files, "summary": {"scoring": summary}, "fitted": str(fitted_dir)}
-    schema.save(out_dir)
-    write_manifest(out_dir, shard_rows(files))  # read by ShardReader like any preparation
+    try:
+        schema.save(out_dir)
+        write_manifest(out_dir, rows_by_shard(files))  # read by ShardReader like any preparation
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(out_dir, "encoding the rows to score") from None
+        raise
     return summary
 
 

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,7 +63,7 @@ def staging_dirs(out_dir: str | Path) -> List[Path]:
         >>> [p.name for p in staging_dirs(parent / "data")]
         ['.data.prepare-12-ab']
     """
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(out_dir).resolve()
     if not out_dir.parent.is_dir():
         return []
     return sorted(p for p in out_dir.parent.glob(_sibling(out_dir, "prepare") + "*") if p.is_dir())
@@ -93,6 +92,15 @@ def incomplete_note(out_dir: str | Path) -> Optional[str]:
         True
     """
     staged = staging_dirs(out_dir)
+    out_dir = Path(out_dir).resolve()
+    replaced = (
+        sorted(out_dir.parent.glob(_sibling(out_dir, "replaced") + "*")) if out_dir.parent.is_dir() else []
+    )
+    if replaced and not out_dir.exists():
+        return (
+            f"incomplete preparation: a prepare was killed while swapping in a new preparation (the "
+            f"earlier one is in {replaced[-1]}); run `engagerec prepare` again, which puts it back first"
+        )
     if not staged:
         return None
     return (
@@ -135,19 +143,32 @@ class PrepareLock:
     """
 
     def __init__(self, out_dir: str | Path) -> None:
-        self.out_dir = Path(out_dir).absolute()
+        self.out_dir = Path(out_dir).resolve()
         self.path = self.out_dir.parent / f".{self.out_dir.name}.prepare.lock"
         self._handle = None
 
     def __enter__(self) -> "PrepareLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        import fcntl  # POSIX, as prepare's DuckDB is here; readers import this module without it
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as err:
+            raise DataError(
+                f"cannot create the lock file {self.path} beside the output directory ({err.strerror})",
+                file=str(self.out_dir),
+                expected="an output directory whose parent directory can be written",
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 handle.close()
-                raise
+                raise DataError(
+                    f"cannot lock {self.path} ({err.strerror}): this file system offers no flock",
+                    file=str(self.out_dir),
+                    expected="an output directory on a local file system",
+                ) from None
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
             handle.close()
@@ -192,7 +213,7 @@ def clean_stale(out_dir: str | Path) -> int:
         ...     clean_stale(out)
         100
     """
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(out_dir).resolve()
     replaced = sorted(out_dir.parent.glob(_sibling(out_dir, "replaced") + "*"))
     if replaced and not out_dir.exists():
         replaced[-1].rename(out_dir)  # killed between the two renames: the old preparation goes back
@@ -202,21 +223,23 @@ def clean_stale(out_dir: str | Path) -> int:
         stale += [p for p in out_dir.iterdir() if p.is_dir() and p.name.startswith(LEGACY_SCRATCH)]
     freed = 0
     for path in stale:
-        freed += _size(path)
+        before = _size(path)
         shutil.rmtree(path, ignore_errors=True)
+        freed += before - (_size(path) if path.exists() else 0)  # what really went
     return freed
 
 
 def check_replaceable(out_dir: str | Path) -> None:
     """
-    Refuse an output directory that holds anything but a preparation: replacing it would delete
-    files that prepare did not write.
+    Refuse an output directory that prepare cannot replace whole: one holding anything but a
+    preparation (replacing it would delete files prepare did not write), the working directory
+    or a directory above it, a mount point (the swap renames within one file system), or a file.
 
     Args:
         out_dir (str | Path): the output directory.
 
     Raises:
-        DataError: naming the first entries that are not a preparation's.
+        DataError: naming the first entries that are not a preparation's, or why else.
 
     Example::
 
@@ -231,11 +254,24 @@ def check_replaceable(out_dir: str | Path) -> None:
         ...
         engagerec.data.errors.DataError: file ...: holds files that are not a preparation (notes.txt)...
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    here = Path.cwd().resolve()
+    if here == out_dir or out_dir in here.parents:
+        raise DataError(
+            "is the working directory or holds it: prepare replaces its output directory whole",
+            file=str(out_dir),
+            expected="an output directory beside or below the working directory (e.g. prepared/<name>)",
+        )
     if not out_dir.is_dir():
         if out_dir.exists():
             raise DataError("is a file, not a directory", file=str(out_dir), expected="a directory")
         return
+    if os.path.ismount(out_dir):
+        raise DataError(
+            "is a mount point: a new preparation is put in place by renaming it beside the old one",
+            file=str(out_dir),
+            expected="an output directory inside the mounted file system",
+        )
     foreign = sorted(
         p.name
         for p in out_dir.iterdir()
@@ -268,14 +304,12 @@ def new_staging(out_dir: str | Path) -> Path:
         >>> new_staging(out).name.startswith(".data.prepare-")
         True
     """
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f"{_sibling(out_dir, 'prepare')}{os.getpid()}-", dir=out_dir.parent)
-    )
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the preparation's own mode
+    staging = out_dir.parent / f"{_sibling(out_dir, 'prepare')}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # the umask's mode, as a plain mkdir of the output would have
+    if out_dir.is_dir():  # a re-prepare keeps the directory's mode
+        staging.chmod(out_dir.stat().st_mode & 0o7777)
     return staging
 
 
@@ -315,14 +349,18 @@ def swap_in(staging: Path, out_dir: str | Path) -> None:
         >>> (out / "schema.json").read_text(), staging.exists()
         ('new', False)
     """
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(out_dir).resolve()
     if not out_dir.exists():
         staging.rename(out_dir)
         return
     if _exchange(staging, out_dir):
         shutil.rmtree(staging, ignore_errors=True)  # now the old preparation
         return
-    aside = out_dir.parent / f"{_sibling(out_dir, 'replaced')}{os.getpid()}"
+    aside = out_dir.parent / f"{_sibling(out_dir, 'replaced')}{os.getpid()}-{secrets.token_hex(4)}"
     out_dir.rename(aside)
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        aside.rename(out_dir)  # the old preparation back in place
+        raise
     shutil.rmtree(aside, ignore_errors=True)
