@@ -34,11 +34,6 @@ import torch
 from engagerec.config import TaskConfig
 from engagerec.metrics import TaskMetrics, build_metric_module
 
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-
 def reset_peak():  # VmHWM from here on (Linux: clear_refs 5)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -79,11 +74,6 @@ EVALUATE_CHILD = (
 import json, sys, time
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.runs import open_run
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
 
 with open_run(sys.argv[1], "best", "cpu") as run:
     tc = run.cfg.train
