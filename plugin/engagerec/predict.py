@@ -268,9 +268,8 @@ class _Scored:
         kept = [name for name in ID_COLUMNS if name in schema.sparse_names]
         start = 0
         for name in schema.meta["splits"][self.split]["files"]:  # the reader's order, unshuffled
-            for batch in pq.ParquetFile(self.data_dir / self.split / name).iter_batches(
-                batch_size=STITCH_ROWS, columns=kept
-            ):
+            shard = pq.ParquetFile(self.data_dir / self.split / name, page_checksum_verification=True)
+            for batch in shard.iter_batches(batch_size=STITCH_ROWS, columns=kept):
                 rows = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))  # no int objects
                 start += batch.num_rows
                 yield pa.record_batch([rows, *batch.columns], names=[ROW, *(f"{k}_index" for k in kept)])

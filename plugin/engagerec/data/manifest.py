@@ -278,7 +278,7 @@ def verify_prepared(directory: str | Path) -> Dict[str, Any]:
         >>> import tempfile
         >>> from pathlib import Path
         >>> out = Path(tempfile.mkdtemp())
-        >>> _ = (out / "schema.json").write_text("{}")
+        >>> _ = (out / "ids.parquet").write_bytes(b"not checked as parquet: not a shard")
         >>> _ = write_manifest(out, {})
         >>> verify_prepared(out)["files"]
         1
@@ -289,6 +289,14 @@ def verify_prepared(directory: str | Path) -> Dict[str, Any]:
     start = time.perf_counter()
     directory = Path(directory)
     entries = check_prepared(directory, full=True)
+    if (directory / "schema.json").is_file():  # every shard schema.json lists is in the manifest
+        from engagerec.data.schema import DatasetSchema
+
+        for split, spec in DatasetSchema.load(directory).meta.get("splits", {}).items():
+            for name in spec.get("files", []):
+                if f"{split}/{name}" not in entries:
+                    listed = directory / split / name
+                    raise DataError("is listed in schema.json but not in manifest.json", file=str(listed))
     rows = 0
     for name, entry in entries.items():
         if "rows" not in entry:
