@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from engagerec.data.errors import free_space, is_disk_full
 from engagerec.data.manifest import crc32
+from engagerec.disk import free_space, is_disk_full
 from engagerec.distributed import any_rank, is_rank_zero, rank
 from engagerec.errors import CheckpointError
 

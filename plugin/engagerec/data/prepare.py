@@ -30,7 +30,7 @@ import duckdb
 from engagerec.config import DataConfig
 from engagerec.data import staging
 from engagerec.data.adapters import load_tables
-from engagerec.data.errors import DataError, disk_full_error, is_disk_full
+from engagerec.data.errors import DataError, disk_full_error
 from engagerec.data.events import Events, FilterReport, build_events
 from engagerec.data.fitting import Fitter
 from engagerec.data.history import build_history_table, has_ties
@@ -41,6 +41,7 @@ from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
 from engagerec.data.tables import connect, quote, single_thread
 from engagerec.data.target_stats import drop_stat_tables, stat_sql
+from engagerec.disk import is_disk_full
 
 SPLITS = SPLIT_NAMES
 SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging directory

@@ -24,7 +24,7 @@ import duckdb
 
 from engagerec.config import DataConfig, FeatureConfig
 from engagerec.data.adapters import load_tables
-from engagerec.data.errors import DataError, disk_full_error, is_disk_full
+from engagerec.data.errors import DataError, disk_full_error
 from engagerec.data.events import SOURCE_ROW, Events, build_scoring_events, feature_column
 from engagerec.data.fitting import Fitter
 from engagerec.data.manifest import check_prepared, write_manifest
@@ -33,6 +33,7 @@ from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTa
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema
 from engagerec.data.tables import canonical_columns, connect, has_rows, is_numeric, literal, quote
 from engagerec.data.target_stats import live_counters, load_stat_tables
+from engagerec.disk import is_disk_full
 
 IDS_FILE = "ids.parquet"
 ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for

@@ -17,8 +17,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import duckdb
 
-from engagerec.data.errors import DataError, is_disk_full
+from engagerec.data.errors import DataError
 from engagerec.data.raw import TableSource
+from engagerec.disk import is_disk_full
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 NUMERIC_TYPES = (
