@@ -7,6 +7,7 @@ it runs when it runs, so that ``engagerec --help`` stays quick."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -79,8 +80,8 @@ def train(
         out: the run directory (default ``runs.seed_run_dir("runs/<name>", tower, seed)``).
         resume: continue from the run directory's checkpoint.
         allow_config_change: resume although the config differs from the checkpoint's.
-        verify_data: check every file of the prepared data against its CRC-32 first (each
-            rank checks before any step).
+        verify_data: check every file of the prepared data against its CRC-32 first (the first
+            rank of each machine, before any step).
 
     Returns:
         int: 0, or ``preemption.PREEMPTED`` (75) when SIGTERM stopped it after a checkpoint.
@@ -91,7 +92,9 @@ def train(
     from engagerec.train import train as train_run
 
     cfg = load_config(config, sets)
-    if verify_data:
+    if verify_data and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        # one read per machine: the other ranks wait for this one at the process group's start,
+        # and torchrun stops them if it fails
         from engagerec.data.manifest import verify_prepared
 
         verify_prepared(prepared_dir(cfg))
