@@ -163,12 +163,19 @@ def main() -> None:
     args = parser.parse_args()
     scales = " ".join(f"{s:g}" for s in args.scales)
     command = f".venv/bin/python benchmarks/end_to_end_scale.py --scales {scales}"
-    found = []
+    found: List[Dict] = []
+    failed: List[Tuple[float, str]] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.keep) if args.keep else Path(scratch)  # --keep: left there afterwards
         work.mkdir(parents=True, exist_ok=True)
         for scale in args.scales:
-            row = one_scale(scale, work)
+            try:
+                row = one_scale(scale, work)
+            except (subprocess.CalledProcessError, RuntimeError) as err:  # recorded, not lost
+                output = getattr(err, "stderr", None) or str(err)
+                failed.append((scale, output.strip().splitlines()[-1][:300]))
+                print(f"scale {scale:g} failed:\n{output[-3000:]}", flush=True)
+                continue
             found.append(row)
             print(
                 f"scale {scale:g}: prepare {row['prepare_s']:.0f} s, train {row['train_wall_s']:.0f} s "
@@ -176,7 +183,8 @@ def main() -> None:
                 flush=True,
             )
     plot = Path(__file__).with_name("end_to_end_scale.png")
-    _plot(found, plot)
+    if found:
+        _plot(found, plot)
     gib = 2**30
     lines = [
         machine_block(command),
@@ -201,6 +209,8 @@ def main() -> None:
             f"| {row['train_peak'] / gib:.2f} "
             f"| {disk['generated'] / 1e9:.2f} / {disk['prepared'] / 1e9:.2f} / {disk['run'] / 1e9:.3f} |"
         )
+    for scale, reason in failed:
+        lines.append(f"| {scale:g} | failed: {reason.replace('|', '/')} |" + " |" * 8)
     lines += [
         "",
         "Test quality after that one epoch (watch ratio: the share of the explainable variance "
