@@ -428,3 +428,10 @@ def test_without_an_atomic_exchange_two_renames_swap_and_a_kill_between_them_is_
     with staging.PrepareLock(out):
         staging.clean_stale(out)
     assert (out / "schema.json").read_text() == "new" and not list(tmp_path.glob(".data.replaced-*"))
+
+
+def test_a_damaged_vocabulary_is_refused_when_the_data_is_opened(prepared_copy):
+    vocab = max((prepared_copy / "vocabs").glob("*.parquet"), key=lambda p: p.stat().st_size)
+    _flip(vocab, 0.5, count=8)  # same size: only its CRC-32, checked on open for the small files, tells
+    with pytest.raises(DataError, match=rf"{vocab}: does not match its CRC-32 in manifest.json"):
+        ShardReader(prepared_copy, "test")

@@ -205,7 +205,7 @@ def check_prepared(directory: str | Path, full: bool = False) -> Dict[str, Dict[
                 expected="the file as engagerec prepare wrote it: run `engagerec prepare` again",
             )
         # shards carry page checksums, checked as they are read; the rest is small: checked now
-        if (full or "rows" not in expected) and _crc32_or_error(path) != expected["crc32"]:
+        if (full or "rows" not in expected) and _crc32_or_error(path, cached=not full) != expected["crc32"]:
             raise DataError(
                 "does not match its CRC-32 in manifest.json (the file is damaged)",
                 file=str(path),
@@ -220,9 +220,22 @@ def check_prepared(directory: str | Path, full: bool = False) -> Dict[str, Dict[
     return entries
 
 
-def _crc32_or_error(path: Path) -> int:
+# (file, inode, size, mtime) -> CRC-32: a process opens the same preparation once per split and
+# per evaluation; an unchanged file is read once
+_CHECKED: Dict[tuple, int] = {}
+
+
+def _crc32_or_error(path: Path, cached: bool) -> int:
+    """The file's CRC-32; ``cached``: reuse this process's reading of an unchanged file (a full
+    verification reads every byte again: damage on disk changes no mtime)."""
     try:
-        return crc32(path)
+        if not cached:
+            return crc32(path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in _CHECKED:
+            _CHECKED[key] = crc32(path)
+        return _CHECKED[key]
     except OSError as err:
         raise DataError(f"cannot be read ({err})", file=str(path)) from None
 
