@@ -43,6 +43,25 @@ class DataError(ValueError):
         super().__init__(text)
 
 
+def first_line(error: BaseException) -> str:
+    """
+    The first line of an error's message (DuckDB's and pyarrow's run to several), or its type's
+    name when the message is empty: what a one-line DataError quotes.
+
+    Args:
+        error (BaseException): the error.
+
+    Returns:
+        str: one line.
+
+    Example::
+
+        >>> first_line(ValueError("bad value\\nmore detail")), first_line(OSError())
+        ('bad value', 'OSError')
+    """
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def disk_full_error(path: str | Path, what: str = "writing the prepared data") -> DataError:
     """
     The error for a write that failed because the output disk is full: it names the output

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from engagerec.batch import Batch
-from engagerec.data.errors import DataError
+from engagerec.data.errors import DataError, first_line
 from engagerec.data.jagged import gather_rows, list_array_parts
 from engagerec.data.manifest import check_prepared, written_rows
 from engagerec.data.schema import DatasetSchema
@@ -191,7 +191,7 @@ class ShardReader(IterableDataset):
             table = self._files[path].read_row_group(group, use_threads=False)
         except (OSError, pa.ArrowException) as err:
             raise DataError(
-                f"row group {group} cannot be read ({_first_line(err)}): the shard is damaged",
+                f"row group {group} cannot be read ({first_line(err)}): the shard is damaged",
                 file=str(path),
                 expected=f"an intact shard: `engagerec prepare --verify {self.data_dir}` checks every "
                 "file, and `engagerec prepare` writes them again",
@@ -307,17 +307,13 @@ class ShardReader(IterableDataset):
             yield self._make_batch(pieces)
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _footer(path: Path) -> pq.FileMetaData:
     """A shard's parquet footer; a damaged one is a DataError naming the file."""
     try:
         return pq.ParquetFile(path).metadata
     except (OSError, pa.ArrowException) as err:
         raise DataError(
-            f"the parquet footer cannot be read ({_first_line(err)}): the shard is damaged",
+            f"the parquet footer cannot be read ({first_line(err)}): the shard is damaged",
             file=str(path),
             expected="an intact shard: run `engagerec prepare` again",
         ) from None

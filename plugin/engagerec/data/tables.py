@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import duckdb
 
-from engagerec.data.errors import DataError
+from engagerec.data.errors import DataError, first_line
 from engagerec.data.raw import TableSource
 from engagerec.disk import is_disk_full
 
@@ -119,7 +119,7 @@ def file_columns(con: duckdb.DuckDBPyConnection, path: str | Path) -> Dict[str, 
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {_scan(path)}").fetchall()
     except duckdb.Error as err:
-        raise DataError(f"cannot be parsed: {_first_line(err)}", file=str(path)) from None
+        raise DataError(f"cannot be parsed: {first_line(err)}", file=str(path)) from None
     return {row[0]: row[1] for row in described}
 
 
@@ -136,11 +136,7 @@ def has_rows(con: duckdb.DuckDBPyConnection, path: str | Path) -> bool:
     try:
         return con.execute(f"SELECT 1 FROM {_scan(Path(path))} LIMIT 1").fetchone() is not None
     except duckdb.Error as err:
-        raise DataError(f"cannot be parsed: {_first_line(err)}", file=str(path)) from None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]
+        raise DataError(f"cannot be parsed: {first_line(err)}", file=str(path)) from None
 
 
 @dataclass
@@ -280,7 +276,7 @@ def load_table(
         except duckdb.Error as err:
             if is_disk_full(err):  # the scratch disk, not the input: the caller names its output
                 raise
-            raise DataError(f"cannot be read: {_first_line(err)}", file=file) from None
+            raise DataError(f"cannot be read: {first_line(err)}", file=file) from None
         if not parquet:
             _raise_rejected(con, rejects, file)
         if index == 0:
