@@ -155,6 +155,31 @@ def test_engagerec_errors_are_messages_and_anything_else_is_a_traceback(tmp_path
         main(["train", "--config", _study_config(tmp_path, data), "--out", str(tmp_path / "run2")])
 
 
+def test_the_program_exits_with_mains_status_and_a_torchrun_rank_runs_its_exit_handlers(tmp_path):
+    """``engagerec`` (``cli.run``): main's status is the process's, alone or as one of torchrun's
+    ranks (which skips the interpreter's teardown, but not the exit handlers or the output)."""
+    import os
+    import subprocess
+    import sys
+
+    program = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('exit handlers ran'))\n"
+        "from engagerec.cli import run\n"
+        "sys.argv = ['engagerec', 'evaluate', '--run-dir', sys.argv[1]]\n"
+        "run()\n"
+    )
+    for world in ("1", "2"):
+        env = {**os.environ, "WORLD_SIZE": world}
+        done = subprocess.run(
+            [sys.executable, "-c", program, str(tmp_path / "nowhere")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 2, (world, done.stderr[-2000:])
+        assert "has no config.json" in done.stderr and "Traceback" not in done.stderr
+        assert done.stdout.strip() == "exit handlers ran"
+
+
 def _study_config(tmp_path, data, tower=None):
     from conftest import write_study_config
 

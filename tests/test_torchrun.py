@@ -137,12 +137,12 @@ NAN_ON_RANK_1 = f"""
 import os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import engagerec.train as training
-from engagerec.cli import main
+from engagerec.cli import run
 from nan_injection import pipeline_with_nan_at
 
 if os.environ["RANK"] == "1":
     training.TrainPipelineSparseDist = pipeline_with_nan_at(5)
-sys.exit(main(sys.argv[1:]))
+run()
 """
 
 

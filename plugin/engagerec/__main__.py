@@ -1,7 +1,5 @@
 """``python -m engagerec``: the same command line as ``engagerec``."""
 
-import sys
+from engagerec.cli import run
 
-from engagerec.cli import main
-
-sys.exit(main())
+run()

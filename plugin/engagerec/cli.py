@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -276,6 +278,28 @@ def _message(err: BaseException) -> str:
         last = text.strip().splitlines()[-1]
         text = last.partition(f"{type(err).__name__}: ")[2] or last
     return text
+
+
+def run() -> None:
+    """The ``engagerec`` program: runs ``main`` on ``sys.argv`` and exits with its status.
+
+    A rank that torchrun started beside others ends without the interpreter's teardown, once
+    its exit handlers have run and its output is flushed. Rarely, under load, a rank aborted
+    in that teardown after its work was done ("terminate called without an active exception":
+    a SIGABRT that torchrun reports as the whole job's failure). Everything a command writes
+    is closed before ``main`` returns, so nothing is lost by skipping it.
+
+    Example::
+
+        $ torchrun --nproc-per-node 2 -m engagerec train --config configs/kuairand_ple.yaml
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit._run_exitfuncs()  # logging, multiprocessing children, temporary files
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
