@@ -63,19 +63,35 @@ def build_history_table(
                             "skip AS __v0 FROM events", [("recent_skip", "avg", 20, "NULL")])
     """
     inner, outer = [], []
+    by_user = f"PARTITION BY __u ORDER BY __t, {ORDER}"
+    by_moment = f"PARTITION BY __u, __t ORDER BY {ORDER}"
+
+    def at_moment(window: str, alias: str) -> str:
+        """``window`` (over the user's rows) as the first row of this row's moment has it."""
+        if not ties:
+            return window
+        inner.append(f"{window} AS {alias}")
+        return f"first_value({alias}) OVER ({by_moment})"
+
+    earlier = None  # the user's rows before this one (before its moment, with ties)
     for i, (name, aggregate, length, empty) in enumerate(columns):
         if length <= 0:
             raise DataError(f"history feature '{name}': length {length}", expected="a positive integer")
-        frame = f"ROWS BETWEEN {int(length)} PRECEDING AND 1 PRECEDING"
-        window = f"{aggregate}(__v{i}) OVER (PARTITION BY __u ORDER BY __t, {ORDER} {frame})"
-        if ties:
-            inner.append(f"{window} AS __h{i}")
-            first = f"first_value(__h{i}) OVER (PARTITION BY __u, __t ORDER BY {ORDER})"
-            outer.append(f"coalesce({first}, {empty}) AS {quote(name)}")
+        if aggregate == "list":
+            # the last `length` values from `length` lags, oldest first: scalar windows, which DuckDB
+            # spills to disk; a list aggregate over the frame held every list in memory (it failed a
+            # 1 GB limit at 5x the KuaiRand-1K shape)
+            earlier = earlier or f"({at_moment(f'row_number() OVER ({by_user})', '__n')} - 1)"
+            lags = [
+                at_moment(f"lag(__v{i}, {k}) OVER ({by_user})", f"__h{i}_{k}") for k in range(length, 0, -1)
+            ]
+            value = f"list_slice([{', '.join(lags)}], {length + 1} - least({earlier}, {length}), {length})"
         else:
-            outer.append(f"coalesce({window}, {empty}) AS {quote(name)}")
+            frame = f"ROWS BETWEEN {int(length)} PRECEDING AND 1 PRECEDING"
+            value = at_moment(f"{aggregate}(__v{i}) OVER ({by_user} {frame})", f"__h{i}")
+        outer.append(f"coalesce({value}, {empty}) AS {quote(name)}")
     outer += [quote(name) for name in keep]
-    body = f"SELECT *, {', '.join(inner)} FROM ({source})" if ties else source
+    body = f"SELECT *, {', '.join(inner)} FROM ({source})" if inner else source
     con.execute(
         f"CREATE OR REPLACE TABLE {target} AS SELECT {ORDER}, __split, {', '.join(outer)} FROM ({body})"
     )
