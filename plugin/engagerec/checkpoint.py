@@ -21,13 +21,15 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from engagerec.data.manifest import crc32
 from engagerec.disk import free_space, is_disk_full
@@ -288,3 +290,102 @@ def load(
     if restore_rng and own.exists():
         set_rng_state(extra["rng"])
     return extra["progress"]
+
+
+def warm_start(path: Path, model: torch.nn.Module, optimizer: Any) -> Dict[str, Tuple[int, int]]:
+    """
+    Start a new run from another run's checkpoint: every tensor of the model and of the optimiser
+    is loaded, whatever the sharding and world size either run had; the progress and RNG are not.
+
+    A table grown since (more rows, the same columns: a vocabulary with new ids appended) gets
+    the checkpoint's rows and optimiser state in its first rows and keeps its fresh initialisation
+    in the others. Each rank reads a grown table's saved rows whole, so that costs the table's
+    size in memory per rank while it loads.
+
+    Args:
+        path (Path): a checkpoint directory (``<run>/checkpoints/<name>``).
+        model (torch.nn.Module): the new run's model (DistributedModelParallel), freshly built.
+        optimizer: the new run's optimiser (a torchrec ``KeyedOptimizer``).
+
+    Returns:
+        Dict[str, Tuple[int, int]]: per grown tensor (its state-dict key), its saved and its rows.
+
+    Raises:
+        CheckpointError: the checkpoint fails its manifest, or holds other tensors: each
+            missing, extra or reshaped tensor is named (another tower, tasks or features).
+
+    Example::
+
+        >>> # grown = warm_start(Path("runs/day1/checkpoints/best-step-800"), dmp, optimizer)
+        >>> # {'model.sparse_arch.embedding_bags.t_content_id.weight': (5746, 6102), ...}
+    """
+    verify(path)
+    optimizer.init_state()  # as in load: DCP fills only the state that exists
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    saved = {
+        key: meta
+        for key, meta in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    ours = dict(_tensor_leaves(state))
+    differences = [f"{key} is not in the checkpoint" for key in ours if key not in saved]
+    # the model's keys are the same on every rank; a fused optimiser's state is only on the ranks
+    # that hold its table, and follows from the model's tensors
+    differences += [
+        f"{key} is in the checkpoint only" for key in saved if key.startswith("model.") and key not in ours
+    ]
+    grown: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor, Tuple[int, ...]]] = {}
+    for key, (parent, name, tensor) in ours.items():
+        if key not in saved or tuple(saved[key].size) == tuple(tensor.shape):
+            continue
+        old, new = tuple(saved[key].size), tuple(tensor.shape)
+        if len(old) == len(new) and old[1:] == new[1:] and old[0] < new[0]:
+            grown[key] = (parent, name, tensor, old)
+            parent[name] = torch.zeros(old, dtype=tensor.dtype)  # DCP reads the saved rows into it
+        else:
+            differences.append(f"{key} has shape {list(old)} in the checkpoint, {list(new)} here")
+    if differences:
+        shown = "; ".join(differences[:8]) + (
+            f"; and {len(differences) - 8} more" if len(differences) > 8 else ""
+        )
+        raise CheckpointError(
+            f"cannot start from {path}: it was written by a model with other tensors "
+            f"(another tower, tasks or features): {shown}"
+        )
+    dcp.load(state, checkpoint_id=str(path))
+    for parent, name, tensor, _ in grown.values():
+        _copy_leading_rows(parent[name], tensor)
+        parent[name] = tensor
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return {key: (old[0], int(tensor.shape[0])) for key, (_, _, tensor, old) in grown.items()}
+
+
+def _tensor_leaves(tree: Dict[str, Any], prefix: str = ""):
+    """(DCP key, (parent dict, key in it, tensor)) of every tensor in nested dicts: DCP names a
+    nested value by its keys joined with dots."""
+    for name, value in tree.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, dict):
+            yield from _tensor_leaves(value, key)
+        elif isinstance(value, torch.Tensor):
+            yield key, (tree, name, value)
+
+
+def _copy_leading_rows(saved: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy the whole ``saved`` tensor into the first rows of ``target`` (this rank's part of
+    it, for a ShardedTensor: each shard takes the rows and columns it holds)."""
+    if not isinstance(target, ShardedTensor):
+        with torch.no_grad():
+            target[: saved.shape[0]].copy_(saved)
+        return
+    for shard in target.local_shards():
+        offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        rows = min(sizes[0], saved.shape[0] - offsets[0])
+        if rows <= 0:
+            continue  # a shard of new rows only
+        region = (slice(offsets[0], offsets[0] + rows),) + tuple(
+            slice(start, start + size) for start, size in zip(offsets[1:], sizes[1:], strict=True)
+        )
+        with torch.no_grad():
+            shard.tensor[:rows].copy_(saved[region])

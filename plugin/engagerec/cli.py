@@ -57,9 +57,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    overrides = args.set + ([f"train.init_from={args.init_from}"] if args.init_from else [])
     return commands.train(
         args.config,
-        args.set,
+        overrides,
         args.out,
         resume=not args.no_resume,
         allow_config_change=args.allow_config_change,
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check every file of the prepared data against its CRC-32 before training "
         "(sizes and rows are always checked)",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="a warm start: begin from this run's best checkpoint (its model and optimiser state) "
+        "instead of a fresh initialisation; sets train.init_from",
     )
     train.set_defaults(handler=_train)
 

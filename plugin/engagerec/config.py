@@ -312,6 +312,9 @@ class TrainConfig:
     # by part goes to the run's profile.json (engagerec.profiling)
     profile_steps: int = 0
     profile_start_step: int = 20
+    # a warm start: begin from this run directory's best checkpoint (or a checkpoint directory)
+    # instead of a fresh initialisation (engagerec.warm_start); a resume ignores it
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -330,7 +333,7 @@ RESUMABLE_CHANGES = {
     f"train.{key}"
     for key in ("max_steps", "epochs", "patience", "progress_bar", "log_every_steps", "num_workers",
                 "profile_steps", "profile_start_step", "checkpoint_every_steps", "data_dir",
-                "eval_batch_size", "device", "train_metrics_every_steps")
+                "eval_batch_size", "device", "train_metrics_every_steps", "init_from")
 }  # fmt: skip
 
 

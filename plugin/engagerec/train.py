@@ -58,6 +58,7 @@ from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
 from engagerec.runs import sharded_model
+from engagerec.warm_start import warm_start
 
 TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
 
@@ -137,6 +138,7 @@ class TrainState:
             metrics (none without validation rows).
         done (bool): the run has finished (epochs, early stop, max_steps or preemption).
         train_seconds (float): time spent in training steps, checkpoints and evaluation left out.
+        init_from (Dict[str, Any]): a warm start's checkpoint and grown tables (empty: a fresh start).
 
     Example::
 
@@ -158,15 +160,16 @@ class TrainState:
     history: List[Dict[str, float]] = field(default_factory=list)
     done: bool = False
     train_seconds: float = 0.0
+    init_from: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def restore(cls, saved: Dict[str, Any]) -> "TrainState":
         """The state a checkpoint saved (``checkpoint.load``'s progress)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in saved]
+        missing = [name for name in names if name not in saved and name != "init_from"]  # added since
         if missing:
             raise CheckpointError(f"the checkpoint's progress lacks {missing}: written by another version")
-        return cls(**{name: saved[name] for name in names})
+        return cls(**{name: saved[name] for name in names if name in saved})
 
 
 def train(
@@ -415,6 +418,8 @@ class Trainer:
             "history": state.history,
             "preempted": self.preempted,
         }
+        if state.init_from:
+            results["init_from"] = state.init_from
         best = checkpoint.latest(self.ckpt_root, checkpoint.BEST_PATTERN) if state.done else None
         if best is not None:
             checkpoint.load(best, self.dmp, restore_rng=False, checked=True)  # latest has just verified it
@@ -453,7 +458,19 @@ class Trainer:
                 "--no-resume (it removes them) or another --out"
             )
         if last is None:
-            return TrainState(config=config, world_size=runtime.world_size)
+            state = TrainState(config=config, world_size=runtime.world_size)
+            if tc.init_from:
+                state.init_from = warm_start(tc.init_from, self.cfg, self.dmp, self.optimizer)
+                if is_rank_zero():
+                    grown = ", ".join(
+                        f"{t} {a:,} -> {b:,} rows" for t, (a, b) in state.init_from["grown"].items()
+                    )
+                    print(
+                        f"warm start from {state.init_from['checkpoint']}"
+                        + (f" (grown: {grown})" if grown else ""),
+                        flush=True,
+                    )
+            return state
         _check_resume(last, checkpoint.read_progress(last), self.cfg, runtime, allow_change)  # before loading
         state = TrainState.restore(checkpoint.load(last, self.dmp, self.optimizer, checked=True))
         state.world_size, state.config = runtime.world_size, config
