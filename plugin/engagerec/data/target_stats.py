@@ -158,8 +158,8 @@ def _cross_fitted_sums(
 def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
     """The rows of the id strictly before this row's moment (training rows only, or with
     ``scheme: online`` every split's, ``lag`` before), as windows over ``events e`` (ordered
-    target statistics): the running sums up to and including the moment, less the moment's own
-    rows (a row never sees itself or anything simultaneous)."""
+    target statistics): the running sums up to the moment, its own rows excluded (a row never
+    sees itself or anything simultaneous)."""
     time = f"e.{quote(TIMESTAMP)}"
     label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
     counted = "TRUE" if feature.scheme == "online" else TRAINING_ROW
@@ -174,9 +174,9 @@ def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
         if feature.lag > 0:  # rows at least lag before: strictly earlier, the moment left out
             lag = f"{float(feature.lag)!r} PRECEDING"
             return f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND {lag}), 0)"
-        upto = f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW), 0)"
-        moment = f"coalesce({aggregate} OVER ({order} CURRENT ROW AND CURRENT ROW), 0)"
-        return f"({upto} - {moment})"
+        # everything up to the row's moment, the moment's own rows excluded: one window (the
+        # same sums as "up to and including" less "the moment", which took two)
+        return f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 0)"
 
     return {"s": before(f"sum({y})"), "c": before(f"count({y})"), "n": before(f"count({row})")}
 
