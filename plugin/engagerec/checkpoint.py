@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
 
 from engagerec.data.manifest import crc32
 from engagerec.disk import free_space, is_disk_full
@@ -292,58 +293,86 @@ def load(
     return extra["progress"]
 
 
-def warm_start(path: Path, model: torch.nn.Module, optimizer: Any) -> Dict[str, Tuple[int, int]]:
+def warm_start(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Any,
+    source_rows: Optional[Dict[str, np.ndarray]] = None,
+) -> Dict[str, Any]:
     """
-    Start a new run from another run's checkpoint: every tensor of the model and of the optimiser
-    is loaded, whatever the sharding and world size either run had; the progress and RNG are not.
+    Start a new run from another run's checkpoint (already verified, as ``latest`` does): the
+    model and optimiser tensors are loaded, whatever the sharding and world size either run had;
+    the progress and RNG are not.
 
-    A table grown since (more rows, the same columns: a vocabulary with new ids appended) gets
-    the checkpoint's rows and optimiser state in its first rows and keeps its fresh initialisation
-    in the others. Each rank reads a grown table's saved rows whole, so that costs the table's
-    size in memory per rank while it loads.
+    A table whose rows moved (its vocabulary changed) is given as ``source_rows[table]``: for
+    each of its rows, the saved row it takes, or -1 for a row that starts fresh (a new id). Its
+    weights, and optimiser state laid out by row, are moved accordingly. Each rank reads such a
+    tensor's saved rows whole: that costs its saved size in memory per rank while it loads.
+
+    The optimiser state of a table starts fresh, and is reported, where it cannot be carried
+    over: another sparse optimiser, or state laid out per column shard (row-wise state of a
+    column-wise table) whose rows moved or whose shards differ.
 
     Args:
-        path (Path): a checkpoint directory (``<run>/checkpoints/<name>``).
+        path (Path): a checkpoint directory (``<run>/checkpoints/<name>``), verified.
         model (torch.nn.Module): the new run's model (DistributedModelParallel), freshly built.
         optimizer: the new run's optimiser (a torchrec ``KeyedOptimizer``).
+        source_rows (Optional[Dict[str, np.ndarray]]): table name -> saved row per row (-1: fresh).
 
     Returns:
-        Dict[str, Tuple[int, int]]: per grown tensor (its state-dict key), its saved and its rows.
+        Dict[str, Any]: ``moved``: per moved table, its saved and its rows and the rows kept;
+        ``fresh_optimizer_state``: the state-dict keys whose optimiser state starts fresh.
 
     Raises:
-        CheckpointError: the checkpoint fails its manifest, or holds other tensors: each
-            missing, extra or reshaped tensor is named (another tower, tasks or features).
+        CheckpointError: the model's tensors differ from the checkpoint's (a missing, extra or
+            reshaped one is named: another tower, tasks or features).
 
     Example::
 
-        >>> # grown = warm_start(Path("runs/day1/checkpoints/best-step-800"), dmp, optimizer)
-        >>> # {'model.sparse_arch.embedding_bags.t_content_id.weight': (5746, 6102), ...}
+        >>> # warm_start(Path("runs/day1/checkpoints/best-step-800"), dmp, optimizer,
+        >>> #            {"t_content_id": np.array([0, 1, -1, 2, ...])})
     """
-    verify(path)
+    source_rows = source_rows or {}
     optimizer.init_state()  # as in load: DCP fills only the state that exists
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     saved = {
-        key: meta
+        key: tuple(meta.size)
         for key, meta in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
     ours = dict(_tensor_leaves(state))
-    differences = [f"{key} is not in the checkpoint" for key in ours if key not in saved]
-    # the model's keys are the same on every rank; a fused optimiser's state is only on the ranks
-    # that hold its table, and follows from the model's tensors
-    differences += [
+    differences = [
         f"{key} is in the checkpoint only" for key in saved if key.startswith("model.") and key not in ours
     ]
-    grown: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor, Tuple[int, ...]]] = {}
+    moved: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor, np.ndarray]] = {}
+    skipped: Dict[str, Tuple[Dict[str, Any], str, torch.Tensor]] = {}
     for key, (parent, name, tensor) in ours.items():
-        if key not in saved or tuple(saved[key].size) == tuple(tensor.shape):
-            continue
-        old, new = tuple(saved[key].size), tuple(tensor.shape)
-        if len(old) == len(new) and old[1:] == new[1:] and old[0] < new[0]:
-            grown[key] = (parent, name, tensor, old)
+        if isinstance(tensor, DTensor):
+            raise CheckpointError(
+                f"cannot start from {path}: {key} is a DTensor, which a warm start does not load"
+            )
+        table = _table_of(key)
+        rows = source_rows.get(table) if table else None
+        shape, old = tuple(tensor.shape), saved.get(key)
+        # a tensor laid out by row (weights, row-wise or element-wise optimiser state) of a moved table
+        by_row = (
+            rows is not None
+            and old is not None
+            and len(shape) > 0
+            and shape[0] == len(rows)
+            and old[1:] == shape[1:]
+        )
+        if by_row:
+            moved[key] = (parent, name, tensor, rows)
             parent[name] = torch.zeros(old, dtype=tensor.dtype)  # DCP reads the saved rows into it
-        else:
-            differences.append(f"{key} has shape {list(old)} in the checkpoint, {list(new)} here")
+        elif old == shape and (rows is None or len(shape) == 0):
+            continue  # loaded as it is, resharded by DCP (a step count of a moved table too)
+        elif key.startswith("model."):
+            seen = "not in the checkpoint" if old is None else f"shape {list(old)} in the checkpoint"
+            differences.append(f"{key}: {seen}, {list(shape)} here")
+        else:  # optimiser state that cannot be carried over: this table's starts fresh
+            skipped[key] = (parent, name, tensor)
+            del parent[name]
     if differences:
         shown = "; ".join(differences[:8]) + (
             f"; and {len(differences) - 8} more" if len(differences) > 8 else ""
@@ -352,13 +381,44 @@ def warm_start(path: Path, model: torch.nn.Module, optimizer: Any) -> Dict[str, 
             f"cannot start from {path}: it was written by a model with other tensors "
             f"(another tower, tasks or features): {shown}"
         )
+    emptied = _prune_empty(state)  # DCP would take an emptied dict for a missing value
     dcp.load(state, checkpoint_id=str(path))
-    for parent, name, tensor, _ in grown.values():
-        _copy_leading_rows(parent[name], tensor)
+    for parent, name, value in reversed(emptied):
+        parent[name] = value
+    for parent, name, tensor, rows in moved.values():
+        _copy_rows(parent[name], tensor, rows)
         parent[name] = tensor
+    for parent, name, tensor in skipped.values():
+        parent[name] = tensor  # the fresh state, as initialised
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
-    return {key: (old[0], int(tensor.shape[0])) for key, (_, _, tensor, old) in grown.items()}
+    return {
+        "moved": {
+            _table_of(key): {"rows": [int(saved[key][0]), len(rows)], "kept": int((rows >= 0).sum())}
+            for key, (_, _, _, rows) in moved.items()
+            if key.startswith("model.")
+        },
+        "fresh_optimizer_state": sorted(skipped),
+    }
+
+
+def _table_of(key: str) -> Optional[str]:
+    """The embedding table a state-dict key belongs to (its weight or its optimiser state)."""
+    found = re.search(r"embedding_bags\.(t_[^.]+)\.weight", key)
+    return found.group(1) if found else None
+
+
+def _prune_empty(tree: Dict[str, Any]) -> List[Tuple[Dict[str, Any], str, Dict[str, Any]]]:
+    """Remove the dicts left empty under ``tree`` (deepest first); returns (parent, key, dict)
+    of each, to put back in reverse order."""
+    removed: List[Tuple[Dict[str, Any], str, Dict[str, Any]]] = []
+    for name, value in list(tree.items()):
+        if isinstance(value, dict):
+            removed += _prune_empty(value)
+            if not value:
+                removed.append((tree, name, value))
+                del tree[name]
+    return removed
 
 
 def _tensor_leaves(tree: Dict[str, Any], prefix: str = ""):
@@ -372,20 +432,19 @@ def _tensor_leaves(tree: Dict[str, Any], prefix: str = ""):
             yield key, (tree, name, value)
 
 
-def _copy_leading_rows(saved: torch.Tensor, target: torch.Tensor) -> None:
-    """Copy the whole ``saved`` tensor into the first rows of ``target`` (this rank's part of
-    it, for a ShardedTensor: each shard takes the rows and columns it holds)."""
-    if not isinstance(target, ShardedTensor):
+def _copy_rows(saved: torch.Tensor, target: torch.Tensor, rows: np.ndarray) -> None:
+    """Row ``i`` of ``target`` (this rank's part of it, for a ShardedTensor: each shard takes the
+    rows and columns it holds) becomes saved row ``rows[i]``; rows of -1 keep their value."""
+    shards = (
+        [(shard.tensor, shard.metadata.shard_offsets) for shard in target.local_shards()]
+        if isinstance(target, ShardedTensor)
+        else [(target, [0] * target.dim())]
+    )
+    for local, offsets in shards:
+        wanted = torch.from_numpy(rows[offsets[0] : offsets[0] + local.shape[0]])
+        here = torch.nonzero(wanted >= 0).flatten()
+        values = saved[wanted[here]]
+        for dim, start in enumerate(offsets[1:], start=1):  # a column shard: its columns
+            values = values.narrow(dim, start, local.shape[dim])
         with torch.no_grad():
-            target[: saved.shape[0]].copy_(saved)
-        return
-    for shard in target.local_shards():
-        offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-        rows = min(sizes[0], saved.shape[0] - offsets[0])
-        if rows <= 0:
-            continue  # a shard of new rows only
-        region = (slice(offsets[0], offsets[0] + rows),) + tuple(
-            slice(start, start + size) for start, size in zip(offsets[1:], sizes[1:], strict=True)
-        )
-        with torch.no_grad():
-            shard.tensor[:rows].copy_(saved[region])
+            local[here] = values.to(local.device, local.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import logging
 import os
 import sys
@@ -57,7 +58,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = args.set + ([f"train.init_from={args.init_from}"] if args.init_from else [])
+    # quoted: a run named like a date or a number stays a path, not a YAML value
+    overrides = args.set + ([f"train.init_from={json.dumps(args.init_from)}"] if args.init_from else [])
     return commands.train(
         args.config,
         overrides,

@@ -58,7 +58,7 @@ from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
 from engagerec.runs import sharded_model
-from engagerec.warm_start import warm_start
+from engagerec.warm_start import WarmStartPlan, apply_warm_start, plan_warm_start, record_vocabularies
 
 TRAIN_METRIC_WINDOW = 100_000  # rows in the moving window of the training metrics
 
@@ -138,7 +138,8 @@ class TrainState:
             metrics (none without validation rows).
         done (bool): the run has finished (epochs, early stop, max_steps or preemption).
         train_seconds (float): time spent in training steps, checkpoints and evaluation left out.
-        init_from (Dict[str, Any]): a warm start's checkpoint and grown tables (empty: a fresh start).
+        init_from (Dict[str, Any]): what a warm start loaded (``warm_start.apply_warm_start``;
+            empty: a fresh start).
 
     Example::
 
@@ -266,6 +267,7 @@ class Trainer:
         self.run_dir, self.ckpt_root = run_dir, run_dir / "checkpoints"
         self.runtime, self.preemption = runtime, preemption
         self.data_dir = prepared_dir(cfg)
+        self.warm_plan = self._plan_warm_start(resume)  # checked before anything is built or written
         seed_everything(self.tc.seed)
         self.dmp, self.model = sharded_model(cfg, runtime)
         self.tasks = self.model.tasks
@@ -282,6 +284,7 @@ class Trainer:
         if is_rank_zero():  # after the resume check: a refused resume leaves the run's files alone
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
+            record_vocabularies(run_dir, self.data_dir)  # what a later warm start from this run matches
             print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
         self.means = train_label_means(self.data_dir, [t.label for t in self.tasks])
         # no validation rows (a refit on train + val): no early stopping, the last epoch is kept;
@@ -459,17 +462,10 @@ class Trainer:
             )
         if last is None:
             state = TrainState(config=config, world_size=runtime.world_size)
-            if tc.init_from:
-                state.init_from = warm_start(tc.init_from, self.cfg, self.dmp, self.optimizer)
+            if self.warm_plan is not None:
+                state.init_from = apply_warm_start(self.warm_plan, self.dmp, self.optimizer)
                 if is_rank_zero():
-                    grown = ", ".join(
-                        f"{t} {a:,} -> {b:,} rows" for t, (a, b) in state.init_from["grown"].items()
-                    )
-                    print(
-                        f"warm start from {state.init_from['checkpoint']}"
-                        + (f" (grown: {grown})" if grown else ""),
-                        flush=True,
-                    )
+                    print(_warm_start_line(state.init_from), flush=True)
             return state
         _check_resume(last, checkpoint.read_progress(last), self.cfg, runtime, allow_change)  # before loading
         state = TrainState.restore(checkpoint.load(last, self.dmp, self.optimizer, checked=True))
@@ -482,6 +478,20 @@ class Trainer:
         if is_rank_zero():
             print(f"resumed from {last} (epoch {state.epoch}, step {state.step})", flush=True)
         return state
+
+    def _plan_warm_start(self, resume: bool) -> Optional[WarmStartPlan]:
+        """``train.init_from``'s checked plan; None without one, or when the run resumes its own
+        checkpoint (a resume continues the run, whatever it started from)."""
+        if not self.tc.init_from:
+            return None
+        if resume and checkpoint.latest(self.ckpt_root, checked=False) is not None:
+            if is_rank_zero():
+                print(
+                    f"train.init_from {self.tc.init_from} is not loaded: the run resumes its own checkpoint",
+                    flush=True,
+                )
+            return None
+        return plan_warm_start(self.tc.init_from, self.cfg, self.run_dir)
 
     def _after_step(self, task_losses, predictions, labels, weights) -> bool:
         """Count, check, measure, log and checkpoint one step; True when the run must stop."""
@@ -541,6 +551,18 @@ class Trainer:
     def _stop_clock(self) -> None:
         state = self.state
         state.train_seconds += time.perf_counter() - self._clock
+
+
+def _warm_start_line(loaded: Dict[str, Any]) -> str:
+    """What a warm start loaded, in one line: the checkpoint, the tables whose ids moved, and
+    the optimiser state that starts fresh."""
+    parts = [f"warm start from {loaded['checkpoint']}"]
+    for table, moved in loaded["moved"].items():
+        old, new = moved["rows"]
+        parts.append(f"{table}: {moved['kept']:,} of {new:,} rows kept from {old:,} (new ids start fresh)")
+    if loaded["fresh_optimizer_state"]:
+        parts.append(f"optimiser state starts fresh for {len(loaded['fresh_optimizer_state'])} tensor(s)")
+    return "; ".join(parts)
 
 
 def _check_resume(

@@ -2,34 +2,47 @@
 from another run's model and optimiser state instead of a fresh initialisation, as a team that
 retrains every day on the next day's log does.
 
-What is checked before anything is loaded, so that a refused start changes nothing:
+Each id keeps what it learned, wherever the new preparation put it: every run records the
+vocabularies it trained with (``vocabularies.json``: each file's CRC-32 from the prepared data's
+manifest), and a warm start matches the earlier run's vocabulary with this run's, id by id. An id
+of both gets its saved row; a new id starts fresh; an id no longer in the vocabulary is dropped.
+Hashed id spaces keep their rows when they keep their bucket count.
 
-* the two runs learn the same thing from the same inputs: the same features, tasks, tower and
-  embedding settings (each difference is named);
-* every id keeps its row: each table's vocabulary starts with the earlier run's vocabulary, in
-  the same order (a table may only grow by ids appended at its end), and a hashed id space keeps
-  its number of buckets.
+Refused before anything is built or written, each reason named:
+
+* another feature set, labels, tasks, tower or embedding settings (``COMPARED``);
+* an earlier run whose prepared data changed since it trained (its vocabularies are needed to
+  move the rows), or that recorded none (trained by an earlier engagerec);
+* a hashed id space whose bucket count changed, or an id space the earlier run did not have;
+* an ``init_from`` inside this run's own directory.
 
 Then ``engagerec.checkpoint.warm_start`` loads every tensor, resharding onto this run's plan and
-world size; grown tables keep their fresh initialisation in their new rows. The run's progress
-starts at zero (its own epochs, steps, early stopping and RNG); a warm-started run checkpoints and
-resumes like any run, and ``predict`` and ``export`` treat it like any run.
+world size. The run's progress starts at zero (its own epochs, steps, early stopping and RNG); a
+warm-started run checkpoints and resumes like any run (a resume ignores ``init_from``), and
+``predict`` and ``export`` treat it like any run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch.distributed as dist
 
 from engagerec import checkpoint
 from engagerec.config import ExperimentConfig, config_changes, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.manifest import check_prepared
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema
-from engagerec.errors import CheckpointError, ConfigError
+from engagerec.distributed import is_rank_zero
+from engagerec.errors import ConfigError
+from engagerec.features import table_name
 from engagerec.runs import run_config
 
 # what must match for the saved tensors to mean the same thing in the new run
@@ -41,57 +54,69 @@ COMPARED = (
     "model.tasks",
     "model.target_attention",
 )
+VOCABULARIES_FILE = "vocabularies.json"  # in a run directory: the vocabularies it trained with
 
 
-def source_checkpoint(source: str | Path) -> Path:
+def record_vocabularies(run_dir: Path, data_dir: str | Path) -> None:
     """
-    The checkpoint a warm start loads: a checkpoint directory as given, or a run directory's best
-    checkpoint (the model its ``predict`` uses), else its newest step checkpoint.
+    Write ``run_dir/vocabularies.json``: where the run's prepared data is, and the size and CRC-32
+    of each of its vocabulary files (from its manifest): what a later warm start checks that the
+    data still holds.
 
     Args:
-        source (str | Path): a run directory, or one of its ``checkpoints/<name>`` directories.
-
-    Returns:
-        Path: the checkpoint directory (its manifest is checked when it is loaded).
-
-    Raises:
-        CheckpointError: no checkpoint there.
+        run_dir (Path): the run directory.
+        data_dir (str | Path): its prepared data.
 
     Example::
 
-        >>> # source_checkpoint("runs/day1")  ->  runs/day1/checkpoints/best-step-800
+        >>> # record_vocabularies(Path("runs/day1"), "prepared/kuairand_1k")
     """
-    path = Path(source)
-    if (path / checkpoint.MANIFEST).is_file() and path.parent.name == "checkpoints":
-        return path
-    root = path / "checkpoints"
-    found = checkpoint.latest(root, checkpoint.BEST_PATTERN) or checkpoint.latest(root)
-    if found is None:
-        raise CheckpointError(f"train.init_from {source}: no checkpoint that checks out under {root}")
-    return found
+    entries = check_prepared(data_dir)
+    vocabularies = {name: entry for name, entry in entries.items() if name.startswith(f"{VOCAB_DIR}/")}
+    record = {"data_dir": str(Path(data_dir).resolve()), "files": vocabularies}
+    (run_dir / VOCABULARIES_FILE).write_text(json.dumps(record, indent=1))
 
 
-def check_compatible(source_run: Path, cfg: ExperimentConfig) -> DatasetSchema:
+@dataclass
+class WarmStartPlan:
+    """What a checked warm start loads: the checkpoint, and for each table whose rows moved,
+    the saved row of each of its rows (-1: a new id, fresh)."""
+
+    checkpoint: Path
+    source_rows: Dict[str, np.ndarray]
+
+
+def plan_warm_start(source: str | Path, cfg: ExperimentConfig, run_dir: Path) -> WarmStartPlan:
     """
-    Refuse a warm start whose saved tensors would mean something else in this run: another
-    feature set, tasks, tower or embedding settings, or ids that moved to other rows.
+    Check a warm start and match its ids, before any model is built (the same on every rank:
+    rank 0 picks the checkpoint, so a source run that is still writing cannot split the ranks).
 
     Args:
-        source_run (Path): the run directory the checkpoint belongs to.
+        source (str | Path): ``train.init_from``: a run directory (its best checkpoint, else its
+            newest) or one of its ``checkpoints/<name>`` directories.
         cfg (ExperimentConfig): the new run's config (its prepared data must exist).
+        run_dir (Path): the new run's directory.
 
     Returns:
-        DatasetSchema: the new run's data schema (checked).
+        WarmStartPlan: the checkpoint and the row maps of the tables whose ids moved.
 
     Raises:
-        ConfigError: the configs differ in what the model learns (each difference named), or a
-            table's ids do not keep their rows (the table and the first differing row named).
+        ConfigError: a reason above, named.
+        CheckpointError: no checkpoint that checks out.
 
     Example::
 
-        >>> # cfg = load_config("kuairand_1k", ["train.data_dir=prepared/day2"])
-        >>> # check_compatible(Path("runs/day1"), cfg)  # the schema of prepared/day2
+        >>> # plan = plan_warm_start("runs/day1", cfg, Path("runs/day2"))
+        >>> # plan.checkpoint, {t: (rows >= 0).sum() for t, rows in plan.source_rows.items()}
     """
+    where = f"train.init_from {source}"
+    if Path(source).resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(f"{where}: it lies inside this run's directory {run_dir}; start from another run")
+    chosen = [str(_source_checkpoint(source)) if is_rank_zero() else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    path = Path(chosen[0])
+    source_run = path.parent.parent
     theirs = run_config(source_run)
     old, new = dataclasses.asdict(theirs), dataclasses.asdict(cfg)
     changes: List[str] = []
@@ -100,75 +125,125 @@ def check_compatible(source_run: Path, cfg: ExperimentConfig) -> DatasetSchema:
         changes += config_changes({key: old[section][key]}, {key: new[section][key]}, f"{section}.")
     if changes:
         raise ConfigError(
-            f"train.init_from {source_run}: that run learned from other inputs or with another model: "
-            + "; ".join(changes)
+            f"{where}: that run learned from other inputs or with another model: " + "; ".join(changes)
         )
-    source_data, data = Path(prepared_dir(theirs)), Path(prepared_dir(cfg))
-    try:
-        check_prepared(source_data)  # its vocabularies are read below
-        before = DatasetSchema.load(source_data)
-    except DataError as err:  # the earlier preparation removed or damaged
-        raise ConfigError(
-            f"train.init_from {source_run}: its prepared data {source_data} is needed to check that "
-            f"every id keeps its row, and cannot be used ({err})"
-        ) from None
-    check_prepared(data)
-    schema = DatasetSchema.load(data)
-    for space in sorted({f.id_space for f in schema.sparse}):
-        _check_rows_kept(space, before, source_data, schema, data, source_run)
-    return schema
+    before_dir = _trained_data(source_run, where)
+    before, now_dir = DatasetSchema.load(before_dir), Path(prepared_dir(cfg))
+    check_prepared(now_dir)
+    now = DatasetSchema.load(now_dir)
+    source_rows = {}
+    for space in sorted({f.id_space for f in now.sparse}):
+        rows = _source_rows(space, before, before_dir, now, now_dir, where)
+        if rows is not None:
+            source_rows[table_name(space)] = rows
+    return WarmStartPlan(path, source_rows)
 
 
-def _check_rows_kept(
-    space: str, before: DatasetSchema, source_data: Path, now: DatasetSchema, data: Path, source_run: Path
-) -> None:
-    """An id space's ids keep their rows: the earlier vocabulary is this one's beginning (a
-    hashed space: the same buckets)."""
-    where = f"train.init_from {source_run}: id space '{space}'"
-    if space not in before.vocab_sizes:
-        raise ConfigError(f"{where} is not in that run's data ({source_data})")
-    old_rows, rows = before.num_embeddings(space), now.num_embeddings(space)
-    old_file, new_file = source_data / VOCAB_DIR / f"{space}.parquet", data / VOCAB_DIR / f"{space}.parquet"
-    if not (old_file.is_file() and new_file.is_file()):  # hashed: rows are buckets, not ids
-        if rows != old_rows:
-            raise ConfigError(f"{where}: {old_rows:,} hash buckets there, {rows:,} here; ids would move")
-        return
-    if rows < old_rows:
-        raise ConfigError(f"{where}: {old_rows:,} rows there, {rows:,} here; a table may only grow")
-    earlier = pq.read_table(old_file).column(0)
-    current = pq.read_table(new_file).column(0).slice(0, len(earlier))
-    if not current.equals(earlier):
-        first = next(i for i in range(len(earlier)) if current[i] != earlier[i])
-        raise ConfigError(
-            f"{where}: row {first + 1} holds id {current[first].as_py()!r} here and "
-            f"{earlier[first].as_py()!r} there; a warm start needs each earlier id at its row "
-            "(new ids appended at the end)"
-        )
-
-
-def warm_start(source: str | Path, cfg: ExperimentConfig, dmp: Any, optimizer: Any) -> Dict[str, Any]:
+def apply_warm_start(plan: WarmStartPlan, dmp: Any, optimizer: Any) -> Dict[str, Any]:
     """
-    Load ``source``'s model and optimiser state into a freshly built run, after the checks.
+    Load a planned warm start into a freshly built run.
 
     Args:
-        source (str | Path): a run directory or one of its checkpoints (``train.init_from``).
-        cfg (ExperimentConfig): the new run's config.
+        plan (WarmStartPlan): from ``plan_warm_start``.
         dmp: the new run's DistributedModelParallel model.
         optimizer: its optimiser.
 
     Returns:
-        Dict[str, Any]: what was loaded: ``checkpoint`` and, per grown table, its rows before
-        and now (results.json keeps it as ``init_from``).
+        Dict[str, Any]: ``checkpoint``, ``moved`` (per table whose ids moved: its saved and its
+        rows, and the rows that kept a saved value) and ``fresh_optimizer_state`` (what starts
+        fresh); results.json keeps it as ``init_from``.
 
     Example::
 
-        >>> # warm_start("runs/day1", cfg, dmp, optimizer)
-        >>> # {'checkpoint': 'runs/day1/checkpoints/best-step-800', 'grown': {'t_content_id': [5746, 6102]}}
+        >>> # apply_warm_start(plan, dmp, optimizer)["moved"]
+        >>> # {'t_content_id': {'rows': [5746, 6102], 'kept': 5500}}
     """
-    path = source_checkpoint(source)
-    check_compatible(path.parent.parent, cfg)
-    grown = checkpoint.warm_start(path, dmp, optimizer)
-    tables = {
-        key.split(".")[-2]: list(rows) for key, rows in grown.items() if key.startswith("model.")
-    }  # model.<...>.t_<space>.weight -> t_<space>
-    return {"checkpoint": str(path), "grown": tables}
+    loaded = checkpoint.warm_start(plan.checkpoint, dmp, optimizer, plan.source_rows)
+    return {"checkpoint": str(plan.checkpoint), **loaded}
+
+
+def _source_checkpoint(source: str | Path) -> Path:
+    """A checkpoint directory as given, or a run's best checkpoint, else its newest step one."""
+    path = Path(source)
+    if (path / checkpoint.MANIFEST).is_file() and path.parent.name == "checkpoints":
+        checkpoint.verify(path)
+        return path
+    root = path / "checkpoints"
+    found = checkpoint.latest(root, checkpoint.BEST_PATTERN) or checkpoint.latest(root)
+    if found is None:
+        raise ConfigError(f"train.init_from {source}: no checkpoint that checks out under {root}")
+    return found
+
+
+def _trained_data(source_run: Path, where: str) -> Path:
+    """The prepared directory the source run trained on, checked to still hold the vocabularies
+    it recorded."""
+    record_path = source_run / VOCABULARIES_FILE
+    if not record_path.is_file():
+        raise ConfigError(
+            f"{where}: that run recorded no vocabularies ({VOCABULARIES_FILE}: trained by an earlier "
+            "engagerec), so its ids cannot be matched with this run's"
+        )
+    record = json.loads(record_path.read_text())
+    data_dir = Path(record["data_dir"])
+    try:
+        entries = check_prepared(data_dir)
+    except DataError as err:
+        raise ConfigError(
+            f"{where}: the prepared data it trained on, {data_dir}, is needed to match its ids and cannot "
+            f"be used ({err})"
+        ) from None
+    changed = sorted(
+        name
+        for name, entry in record["files"].items()
+        if (entries.get(name) or {}).get("crc32") != entry["crc32"]
+    )
+    changed += sorted(
+        name for name in entries if name.startswith(f"{VOCAB_DIR}/") and name not in record["files"]
+    )
+    if changed:
+        raise ConfigError(
+            f"{where}: the prepared data it trained on, {data_dir}, was prepared again since "
+            f"({', '.join(changed)} differ): its ids can no longer be matched. Keep each day's "
+            "preparation until the next day's run has started from it"
+        )
+    return data_dir
+
+
+def _source_rows(
+    space: str, before: DatasetSchema, before_dir: Path, now: DatasetSchema, now_dir: Path, where: str
+) -> Optional[np.ndarray]:
+    """For each row of ``space``'s table here, the earlier run's row of the same id (-1: a new
+    id); None when no row moved."""
+    if space not in before.vocab_sizes and space not in before.hashed:
+        raise ConfigError(f"{where}: id space '{space}' is not in that run's data")
+    if (space in before.hashed) != (space in now.hashed):
+        raise ConfigError(
+            f"{where}: id space '{space}' is hashed in one run and has a vocabulary in the other"
+        )
+    if space in now.hashed:
+        if now.hashed[space] != before.hashed[space]:
+            raise ConfigError(
+                f"{where}: id space '{space}' has {before.hashed[space]:,} hash buckets there and "
+                f"{now.hashed[space]:,} here; ids would move to other buckets"
+            )
+        return None
+    earlier_file, current_file = (d / VOCAB_DIR / f"{space}.parquet" for d in (before_dir, now_dir))
+    if not (earlier_file.is_file() or current_file.is_file()):  # rows are buckets of a number
+        rows, old_rows = now.num_embeddings(space), before.num_embeddings(space)
+        if rows != old_rows:
+            raise ConfigError(f"{where}: id space '{space}' has {old_rows:,} rows there and {rows:,} here")
+        return None
+    earlier, current = (pq.read_table(path).column(0) for path in (earlier_file, current_file))
+    if earlier.type != current.type:
+        raise ConfigError(
+            f"{where}: id space '{space}' holds {earlier.type} ids there and {current.type} here"
+        )
+    if current.equals(earlier):
+        return None
+    found = pc.index_in(current, value_set=earlier)  # position in the earlier vocabulary, or null
+    positions = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.empty(len(current) + 1, dtype=np.int64)
+    rows[0] = 0  # the out-of-vocabulary row stays the out-of-vocabulary row
+    rows[1:] = np.where(positions >= 0, positions + 1, -1)
+    return rows
