@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import json
 import logging
 import os
@@ -293,10 +294,11 @@ def run() -> None:
     """The ``engagerec`` program: runs ``main`` on ``sys.argv`` and exits with its status.
 
     A rank that torchrun started beside others ends without the interpreter's teardown, once
-    its exit handlers have run and its output is flushed. Rarely, under load, a rank aborted
-    in that teardown after its work was done ("terminate called without an active exception":
-    a SIGABRT that torchrun reports as the whole job's failure). Everything a command writes
-    is closed before ``main`` returns, so nothing is lost by skipping it.
+    its exit handlers have run and its output (Python's and C's) is flushed. Rarely, under load,
+    a rank aborted in that teardown after its work was done ("terminate called without an
+    active exception": a SIGABRT that torchrun reports as the whole job's failure; which C++
+    destructor aborts is not known). Everything a command writes is closed before ``main``
+    returns, so nothing is lost by skipping it. A library caller's own process is left alone.
 
     Example::
 
@@ -307,6 +309,7 @@ def run() -> None:
         atexit._run_exitfuncs()  # logging, multiprocessing children, temporary files
         sys.stdout.flush()
         sys.stderr.flush()
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers of the libraries (C++ logging to a pipe)
         os._exit(code)
     sys.exit(code)
 
