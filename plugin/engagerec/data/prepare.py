@@ -30,7 +30,7 @@ import duckdb
 from engagerec.config import DataConfig
 from engagerec.data import staging
 from engagerec.data.adapters import load_tables
-from engagerec.data.errors import DataError, disk_full_error
+from engagerec.data.errors import DataError
 from engagerec.data.events import Events, FilterReport, build_events
 from engagerec.data.fitting import Fitter
 from engagerec.data.history import build_history_table, has_ties
@@ -39,9 +39,8 @@ from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
-from engagerec.data.tables import connect, quote, single_thread
+from engagerec.data.tables import connect, quote, single_thread, write_failure
 from engagerec.data.target_stats import drop_stat_tables, stat_sql
-from engagerec.disk import is_disk_full
 
 SPLITS = SPLIT_NAMES
 SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging directory
@@ -149,15 +148,10 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
         write_manifest(stage, rows_by_shard(files))  # last: it marks the preparation complete
         lap("manifest (CRC-32 of every file)")  # in the returned summary only: it follows schema.json
     except (duckdb.Error, OSError) as err:
-        if is_disk_full(err):
-            raise disk_full_error(out_dir) from None
-        if isinstance(err, (duckdb.OutOfMemoryException, duckdb.IOException)):
-            raise DataError(
-                f"the dataset writer ran out of memory or disk: {str(err).strip().splitlines()[0]}",
-                file=str(out_dir),
-                expected="a larger data.memory_limit or more free disk in the output directory",
-            ) from None
-        raise
+        failure = write_failure(err, out_dir, "writing the prepared data")
+        if failure is None:
+            raise
+        raise failure from None
     return summary
 
 

@@ -31,7 +31,15 @@ from engagerec.data.manifest import check_prepared, write_manifest
 from engagerec.data.prepare import build_history, rows_by_shard, write_splits
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID, WATCH_TIME, RawTables
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema
-from engagerec.data.tables import canonical_columns, connect, has_rows, is_numeric, literal, quote
+from engagerec.data.tables import (
+    canonical_columns,
+    connect,
+    has_rows,
+    is_numeric,
+    literal,
+    quote,
+    write_failure,
+)
 from engagerec.data.target_stats import live_counters, load_stat_tables
 from engagerec.disk import is_disk_full
 
@@ -284,14 +292,10 @@ def encode_for_scoring(
         )
         con.close()
     except (duckdb.Error, OSError) as err:
-        if is_disk_full(err):
-            raise disk_full_error(out_dir, "encoding the rows to score") from None
-        if not isinstance(err, (duckdb.OutOfMemoryException, duckdb.IOException)):
+        failure = write_failure(err, out_dir, "encoding the rows to score")
+        if failure is None:
             raise
-        raise DataError(
-            f"encoding the rows to score ran out of memory or disk: {str(err).strip().splitlines()[0]}",
-            file=str(out_dir),
-        ) from None
+        raise failure from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = events.report

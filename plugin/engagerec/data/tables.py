@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import duckdb
 
-from engagerec.data.errors import DataError, first_line
+from engagerec.data.errors import DataError, disk_full_error, first_line
 from engagerec.data.raw import TableSource
 from engagerec.disk import is_disk_full
 
@@ -74,6 +74,37 @@ def connect(workdir: Path, memory_limit: str = "1GB", threads: int = 0) -> duckd
     con.execute("SET TimeZone = 'UTC'")  # date-times with an offset convert the same on every machine
     con.execute("SET enable_progress_bar = false")  # it would write into stdout: the summary is ours
     return con
+
+
+def write_failure(err: BaseException, out_dir: str | Path, what: str) -> Optional[DataError]:
+    """
+    The error to raise for a DuckDB or OS error met while ``what`` wrote into ``out_dir``: a full
+    disk names the output and its free space; DuckDB out of memory or disk names its limit; any
+    other error is a bug (None: re-raise it).
+
+    Args:
+        err (BaseException): the error caught.
+        out_dir (str | Path): the output directory being written.
+        what (str): what was writing, as the message's subject ("encoding the rows to score").
+
+    Returns:
+        Optional[DataError]: the error to raise, or None.
+
+    Example::
+
+        >>> error = write_failure(duckdb.OutOfMemoryException("Out of Memory Error: x"), "/tmp/o", "prepare")
+        >>> str(error).startswith("file /tmp/o: prepare ran out of memory or disk: Out of Memory Error: x")
+        True
+    """
+    if is_disk_full(err):
+        return disk_full_error(out_dir, what)
+    if isinstance(err, (duckdb.OutOfMemoryException, duckdb.IOException)):
+        return DataError(
+            f"{what} ran out of memory or disk: {first_line(err)}",
+            file=str(out_dir),
+            expected="a larger data.memory_limit or more free disk in the output directory",
+        )
+    return None
 
 
 @contextlib.contextmanager
