@@ -194,11 +194,18 @@ class Fitter:
     def _lookup_sql(self, info: Dict[str, Any], token: str) -> str:
         """token -> index (0: unseen or missing) as an expression; vocabulary joins are added
         by the caller through ``self.joins``."""
+        self.last_join = None
         if info["hashed"]:
             hashed = f"1 + hash({token}) % {info['hashed']}"
             return f"CAST(CASE WHEN {token} IS NULL THEN 0 ELSE {hashed} END AS INTEGER)"
-        alias = f"j{len(self.joins)}"
-        self.joins.append(f"LEFT JOIN {info['table']} {alias} ON {alias}.token = {token}")
+        # one join per (vocabulary, token): a feature and a history of the same ids share it (each
+        # join holds its vocabulary as a hash table, and a large one twice ran out of memory)
+        key = (info["table"], token)
+        if key not in self._join_alias:
+            alias = self._join_alias[key] = f"j{len(self.joins)}"
+            self.joins.append(f"LEFT JOIN {info['table']} {alias} ON {alias}.token = {token}")
+        alias = self._join_alias[key]
+        self.last_join = self.joins[int(alias[1:])]
         return f"coalesce({alias}.idx, 0)"
 
     def _id_lookup(self, space: str, column: str, feature: FeatureConfig) -> str:
@@ -266,6 +273,8 @@ class Fitter:
         and ``histories`` ([(feature, encoded id expression)]) for the history windows.
         """
         self.joins: List[str] = []
+        self._join_alias: Dict[Tuple[str, str], str] = {}  # (vocabulary table, token) -> its join's alias
+        self.last_join: Optional[str] = None  # the join the last lookup reads (None: hashed)
         self.sparse_sql: Dict[str, Optional[str]] = {}
         self.histories: List[Any] = []
         self.history_joins: List[str] = []
@@ -302,9 +311,9 @@ class Fitter:
                 self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
             elif feature.kind == "history":
                 space = feature.id_space or feature.of
-                before = len(self.joins)
                 lookup = self._id_lookup(space, feature.of, feature)
-                self.history_joins += self.joins[before:]
+                if self.last_join is not None and self.last_join not in self.history_joins:
+                    self.history_joins.append(self.last_join)  # the history's query joins it too
                 self.histories.append((feature, lookup))
                 if feature.positions:  # position p of the window: a bag of 0 or 1 id
                     names = position_names(feature.name, feature.length)
