@@ -24,7 +24,7 @@ import duckdb
 
 from engagerec.config import DataConfig, FeatureConfig
 from engagerec.data.adapters import load_tables
-from engagerec.data.errors import DataError, disk_full_error
+from engagerec.data.errors import DataError
 from engagerec.data.events import SOURCE_ROW, Events, build_scoring_events, feature_column
 from engagerec.data.fitting import Fitter
 from engagerec.data.manifest import check_prepared, write_manifest
@@ -41,7 +41,6 @@ from engagerec.data.tables import (
     write_failure,
 )
 from engagerec.data.target_stats import live_counters, load_stat_tables
-from engagerec.disk import is_disk_full
 
 IDS_FILE = "ids.parquet"
 ROW = "row"  # the input row (0-based, over the interaction files in order) a prediction is for
@@ -313,9 +312,10 @@ def encode_for_scoring(
         schema.save(out_dir)
         write_manifest(out_dir, rows_by_shard(files))  # read by ShardReader like any preparation
     except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(out_dir, "encoding the rows to score") from None
-        raise
+        failure = write_failure(err, out_dir, "encoding the rows to score")
+        if failure is None:
+            raise
+        raise failure from None
     return summary
 
 
