@@ -48,14 +48,14 @@ class Command:
 
 def _prepare(args: argparse.Namespace) -> int:
     if args.verify is not None:
-        if args.config or args.out or args.set:
+        if args.config or args.out or args.set or args.base:
             raise ConfigError(
-                "prepare --verify DIR checks a preparation: give it no --config, --out or --set"
+                "prepare --verify DIR checks a preparation: give it no --config, --out, --set or --base"
             )
         return commands.verify(args.verify, as_json=args.json)
     if not args.config:
         raise ConfigError("prepare needs --config (or --verify DIR to check a preparation)")
-    return commands.prepare(args.config, args.set, args.out, as_json=args.json)
+    return commands.prepare(args.config, args.set, args.out, as_json=args.json, base=args.base)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="prepare nothing: check the preparation in DIR against its manifest (every file's size "
         "and CRC-32, every shard's rows)",
+    )
+    prep.add_argument(
+        "--base",
+        metavar="DIR",
+        help="an earlier preparation of this config that the source's rows (the log's next window) "
+        "continue: its vocabularies grow, its normalisation stays, its id statistics and histories carry on",
     )
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     prep.add_argument("--json", action="store_true", help="also print the summary as JSON")

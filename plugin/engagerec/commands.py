@@ -16,7 +16,9 @@ from engagerec.config import load_config, prepared_dir
 from engagerec.errors import ConfigError
 
 
-def prepare(config: str, sets: List[str], out: Optional[str] = None, as_json: bool = False) -> int:
+def prepare(
+    config: str, sets: List[str], out: Optional[str] = None, as_json: bool = False, base: Optional[str] = None
+) -> int:
     """``engagerec prepare``: a config's tables -> prepared data; prints the summary.
 
     Args:
@@ -25,13 +27,14 @@ def prepare(config: str, sets: List[str], out: Optional[str] = None, as_json: bo
         out: the output directory (default: where train reads, ``train.data_dir`` else
             ``prepared/<name>``).
         as_json: also print the summary as JSON.
+        base: an earlier preparation that this one continues (engagerec.data.growth).
     """
     from engagerec.data.prepare import format_summary
     from engagerec.data.prepare import prepare as prepare_data
 
     cfg = load_config(config, sets)
     out = out or prepared_dir(cfg)
-    summary = prepare_data(cfg.data, out)
+    summary = prepare_data(cfg.data, out, base=base)
     if summary["stale_scratch_freed_bytes"]:
         freed = summary["stale_scratch_freed_bytes"] / 2**20
         print(

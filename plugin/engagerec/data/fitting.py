@@ -259,6 +259,12 @@ class Fitter:
                 meta["counted_until"] = self.log_end
             self.schema.target_stats[feature.name] = meta
 
+    def carried_stats(self, group, table: str, key: str) -> Tuple[List[str], Dict[str, Dict[str, str]]]:
+        """Sums that every row's statistics start from, per feature of ``group`` (``s``, ``c``,
+        ``n`` as SQL), and the joins they read: none here; a window prepared against a base
+        carries on from the base's (engagerec.data.growth)."""
+        return [], {}
+
     @functools.cached_property
     def log_end(self) -> float:
         """The log's last timestamp: the moment live counters are saved at (one scan for every

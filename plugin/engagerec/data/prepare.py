@@ -9,6 +9,8 @@ Output directory layout::
     val/part-*.parquet
     test/part-*.parquet
     stats/<feature>.parquet  per-id sums and counts of the id statistics (engagerec.data.target_stats)
+    history_tail.parquet  with history features: each user's last views, which a window
+                         prepared against this one (``--base``) continues (engagerec.data.growth)
     manifest.json        every file's size, CRC-32 and rows (engagerec.data.manifest), written last
 
 The whole directory is written beside the output directory and swapped in once complete
@@ -24,12 +26,12 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import duckdb
 
 from engagerec.config import DataConfig
-from engagerec.data import staging
+from engagerec.data import growth, staging
 from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
 from engagerec.data.events import Events, FilterReport, build_events
@@ -48,7 +50,9 @@ SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging director
 BATCH_ROWS = 65_536  # rows per record batch streamed from DuckDB to the parquet writer
 
 
-def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> Dict[str, Any]:
+def prepare(
+    cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True, base: Optional[str | Path] = None
+) -> Dict[str, Any]:
     """Build a prepared dataset in ``out_dir``; returns its summary (schema.json stores it, but
     for the manifest stage's seconds and ``stale_scratch_freed_bytes``, which come after it).
 
@@ -63,6 +67,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
             split, shard sizes, the engine's memory limit).
         out_dir: the output directory: new, empty, or an earlier preparation (replaced whole).
         overwrite: replace an earlier preparation in ``out_dir``; when False, one there is an error.
+        base: an earlier preparation of the same config that this one continues: its vocabularies
+            grow, its normalisation stays, its id statistics and histories carry on
+            (engagerec.data.growth); the source then holds the next window of the log.
 
     Returns:
         The summary: rows read, dropped per reason, kept; per-label statistics per split;
@@ -70,8 +77,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
 
     Raises:
         DataError: bad input (named by file, column and row), a full output disk (the output
-            and its free space named), another prepare writing ``out_dir``, or an ``out_dir``
-            holding files that are not a preparation.
+            and its free space named), another prepare writing ``out_dir``, an ``out_dir``
+            holding files that are not a preparation, or a base this window cannot continue
+            (engagerec.data.growth says which).
 
     Example (run from the repository, where the bundled KuaiRand data lives)::
 
@@ -84,6 +92,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
         [21397, 2377, 10189]
     """
     out_dir = Path(out_dir)
+    base_schema = growth.check_base(cfg, base, out_dir) if base is not None else None
     staging.check_replaceable(out_dir)
     with staging.PrepareLock(out_dir):
         freed = staging.clean_stale(out_dir)
@@ -91,7 +100,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
             raise DataError("holds a preparation and overwrite is off", file=str(out_dir))
         stage = staging.new_staging(out_dir)
         try:
-            summary = _prepare_into(cfg, stage, out_dir)
+            summary = _prepare_into(cfg, stage, out_dir, base and (Path(base), base_schema))
             summary["stale_scratch_freed_bytes"] = freed
             try:
                 staging.swap_in(stage, out_dir)
@@ -105,9 +114,11 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, overwrite: bool = True) -> 
     return summary
 
 
-def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]:
+def _prepare_into(
+    cfg: DataConfig, stage: Path, out_dir: Path, base: Optional[Tuple[Path, DatasetSchema]]
+) -> Dict[str, Any]:
     """Write a whole preparation into ``stage`` (its scratch inside), manifest last; errors name
-    ``out_dir``, the directory the user gave."""
+    ``out_dir``, the directory the user gave. ``base``: the directory and schema it continues."""
     timings: Dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -123,10 +134,17 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
         raw = load_tables(cfg.source, work)
         events = build_events(con, raw, cfg)
         lap("load, join, labels, filters, split")
-        fitter = Fitter(con, events, cfg.features, stage)
+        if base is None:
+            fitter, rows = Fitter(con, events, cfg.features, stage), "events"
+        else:
+            growth.check_window(con, events, base[1], base[0])
+            fitter = growth.GrowingFitter(con, events, cfg.features, stage, base[1], base[0])
+            rows = growth.load_tail(con, base[0], cfg.features, events.columns) or "events"
         fitter.fit_ids()
         lap("fit vocabularies (train)")
-        build_history(con, fitter, events, cfg)
+        build_history(con, fitter, events, cfg, rows)
+        if growth.history_length(cfg.features) and {USER_ID, TIMESTAMP} <= set(events.columns):
+            growth.write_tail(con, rows, cfg.features, stage / growth.TAIL_FILE)
         lap("history windows, id statistics")
         with single_thread(con):  # float sums in a fixed order: the same stats on every run
             schema = fitter.fit_numbers()
@@ -135,6 +153,7 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
         lap("encode, shuffle, write shards")
         with single_thread(con):
             summary = _summary(con, cfg, events, schema, raw.notes)
+        time_range = _time_range(con, events)
         con.close()
         shutil.rmtree(work)
         summary["seconds"] = timings
@@ -144,6 +163,10 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path) -> Dict[str, Any]
             "config": asdict(cfg),
             "engine": f"duckdb {duckdb.__version__}",
         }
+        if time_range is not None:
+            schema.meta["time_range"] = time_range
+        if base is not None:
+            schema.meta["base"] = summary["base"] = fitter.base_record()
         schema.save(stage)
         lap("summary, schema.json")
         write_manifest(stage, rows_by_shard(files))  # last: it marks the preparation complete
@@ -178,10 +201,13 @@ def rows_by_shard(files: Dict[str, Any]) -> Dict[str, int]:
     }
 
 
-def build_history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig) -> None:
+def build_history(
+    con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events, cfg: DataConfig, rows: str = "events"
+) -> None:
     """The ``history`` table: per event, its id histories (encoded ids of earlier views), its
     history_mean features (means of earlier labels) and its id statistics (target_mean,
-    id_count: computed in the same pass, so the writer joins one per-row table)."""
+    id_count: computed in the same pass, so the writer joins one per-row table). ``rows``: the
+    events, or a subquery adding a base's last views before them (engagerec.data.growth)."""
     values, windows = [], []
     for feature, lookup in fitter.histories:
         values.append(lookup)
@@ -195,14 +221,15 @@ def build_history(con: duckdb.DuckDBPyConnection, fitter: Fitter, events: Events
     joins = " ".join(fitter.history_joins + stat_joins)
     if not windows:
         select = ", ".join(["e.__src", "e.__split"] + stats)
-        con.execute(f"CREATE OR REPLACE TABLE history AS SELECT {select} FROM events e {joins}")
+        con.execute(f"CREATE OR REPLACE TABLE history AS SELECT {select} FROM {rows} e {joins}")
     else:
         source = (
             f"SELECT e.__src, e.__split, e.{quote(USER_ID)} AS __u, e.{quote(TIMESTAMP)} AS __t, "
             + ", ".join([f"{value} AS __v{i}" for i, value in enumerate(values)] + stats)
-            + f" FROM events e {joins}"
+            + f" FROM {rows} e {joins}"
         )
-        build_history_table(con, "history", source, windows, ties=has_ties(con), keep=list(stat_columns))
+        ties = has_ties(con, rows)
+        build_history_table(con, "history", source, windows, ties=ties, keep=list(stat_columns))
     drop_stat_tables(con, cfg.features)
 
 
@@ -281,6 +308,15 @@ _HISTORY_COLUMN = re.compile(r"\bh\.")  # an expression that reads the history t
 
 
 # ------------------------------------------------------------------- summary
+
+
+def _time_range(con, events: Events) -> Optional[List[float]]:
+    """The kept rows' first and last timestamps (a window prepared against this one must start
+    after the last); None without timestamps."""
+    if TIMESTAMP not in events.columns:
+        return None
+    low, high = con.execute(f"SELECT min({quote(TIMESTAMP)}), max({quote(TIMESTAMP)}) FROM events").fetchone()
+    return None if low is None else [float(low), float(high)]
 
 
 def _stats(con, events: Events) -> Dict[str, Dict[str, Any]]:
@@ -420,6 +456,12 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
     )
     lines.append(f"  sparse features (table rows incl. OOV): {tables}")
     lines.append(f"  dense features: {', '.join(summary['dense_features']) or '-'}")
+    if "base" in summary:
+        grown = ", ".join(
+            f"{space} {g['rows_before']:,} -> {g['rows_after']:,}"
+            for space, g in summary["base"]["growth"].items()
+        )
+        lines.append(f"  continues {summary['base']['dir']}; table rows: {grown or '-'}")
     if "seconds" in summary:
         lines.append("  seconds: " + ", ".join(f"{k} {v:g}" for k, v in summary["seconds"].items()))
     return "\n".join(lines)

@@ -32,9 +32,12 @@ from typing import List, Optional
 
 from engagerec.data.errors import DataError
 
-# what a preparation holds at its top level (engagerec.data.prepare, .manifest, .target_stats);
-# ".prepare-*" is the scratch that earlier prepares kept inside the output directory
-PREPARED_ENTRIES = {"schema.json", "manifest.json", "train", "val", "test", "vocabs", "stats"}
+# what a preparation holds at its top level (engagerec.data.prepare, .manifest, .target_stats,
+# .growth's history tail); ".prepare-*" is the scratch that earlier prepares kept inside the
+# output directory
+PREPARED_ENTRIES = {
+    "schema.json", "manifest.json", "train", "val", "test", "vocabs", "stats", "history_tail.parquet"
+}  # fmt: skip
 LEGACY_SCRATCH = ".prepare-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

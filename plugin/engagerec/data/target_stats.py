@@ -91,6 +91,9 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
         key = fitter.token_sql(column, token_type)
         # one table per id column, one pass over the training rows for all of its features
         fitter.fit_stats(group, f"stat_{c}", key, token_type, seed)
+        # a base's sums, which the window's rows carry on from (engagerec.data.growth)
+        carried_joins, carried = fitter.carried_stats(group, f"stat_{c}", key)
+        joins += carried_joins
         joined = False
         for i, feature in group:
             meta = fitter.schema.target_stats[feature.name]
@@ -101,6 +104,8 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
                     joins.append(f"LEFT JOIN stat_{c} a{c} ON a{c}.token = {key}")
                     joined = True
                 sums = _cross_fitted_sums(feature, f"a{c}", f"_{i}", fold_sql(feature, seed), key)
+            if feature.name in carried:
+                sums = {x: f"({sql}) + {carried[feature.name].get(x, 0)}" for x, sql in sums.items()}
             values[feature.name] = _value(feature, sums, key, meta)
     return joins, values
 
@@ -135,6 +140,9 @@ def drop_stat_tables(con: duckdb.DuckDBPyConnection, features: List[FeatureConfi
 
 
 TRAINING_ROW = "e.__split = 0"
+# a row of the log (train, val or test): live counters count these, never a base's last views,
+# which only feed the history windows (their split is engagerec.data.growth.BASE_ROWS, 3)
+LOGGED_ROW = "e.__split <= 2"
 
 
 def _cross_fitted_sums(
@@ -162,7 +170,7 @@ def _ordered_sums(feature: FeatureConfig, key: str) -> Dict[str, str]:
     sees itself or anything simultaneous)."""
     time = f"e.{quote(TIMESTAMP)}"
     label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
-    counted = "TRUE" if feature.scheme == "online" else TRAINING_ROW
+    counted = LOGGED_ROW if feature.scheme == "online" else TRAINING_ROW
     y, row = (
         f"CASE WHEN {counted} THEN CAST({label} AS DOUBLE) END",
         f"CASE WHEN {counted} THEN 1 END",

@@ -1,0 +1,257 @@
+"""Preparing the next window of a log against an earlier preparation (``prepare --base``): known
+ids keep their rows, new ids are appended, the base's normalisation stays, id statistics and
+histories carry on from the base, and a base the window cannot continue is refused."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import study_config, study_files
+from engagerec.config import config_from_dict
+from engagerec.data.errors import DataError
+from engagerec.data.growth import TAIL_FILE
+from engagerec.data.prepare import prepare
+from engagerec.data.reader import ShardReader
+from engagerec.data.schema import DatasetSchema
+
+SMOOTHING = 2.0
+FEATURES = [
+    {"name": "user_id"},
+    {"name": "content_id"},
+    {"name": "genres", "kind": "multi_hot"},
+    {"name": "rating", "kind": "numeric"},
+    {"name": "recent", "kind": "history", "of": "content_id", "length": 3},
+    {"name": "recent_ratio", "kind": "history_mean", "of": "watch_ratio", "length": 4},
+    {"name": "views", "kind": "id_count", "column": "content_id", "scheme": "ordered"},
+    {"name": "mean_ratio", "kind": "target_mean", "column": "content_id", "of": "watch_ratio",
+     "scheme": "ordered", "smoothing": SMOOTHING},
+    {"name": "user_live", "kind": "id_count", "column": "user_id", "scheme": "online"},
+    {"name": "user_train_views", "kind": "id_count", "column": "user_id"},
+]  # fmt: skip
+
+
+def _log(seed=0, users=12, items=15, rows=480):
+    """A log whose later views bring new users and new videos: ids grow with time."""
+    rng = np.random.default_rng(seed)
+    time = np.sort(rng.choice(100_000, size=rows, replace=False))
+    grown = np.arange(rows) / rows  # the share of the log before this view
+    user = (rng.random(rows) * users * (0.5 + grown / 2)).astype(int)
+    item = (rng.random(rows) * items * (0.4 + 0.6 * grown)).astype(int)
+    content = pd.DataFrame(
+        {
+            "content_id": range(items),
+            "genres": [",".join(str(g) for g in range(i % 4, i % 4 + 1 + i % 2)) for i in range(items)],
+            "rating": rng.uniform(1, 5, items).round(2),
+            "duration": rng.integers(20, 300, items),
+        }
+    )
+    users_table = pd.DataFrame(
+        {"user_id": range(users), "age": 20 + np.arange(users), "gender": ["F", "M"] * (users // 2)}
+    )
+    watch = rng.uniform(0.0, 1.2, rows) * content.duration.to_numpy()[item]
+    log = pd.DataFrame({"user_id": user, "content_id": item, "watch_time": watch.round(1), "timestamp": time})
+    return log, users_table, content
+
+
+def _config(files, split, features=FEATURES):
+    cfg = study_config(
+        files,
+        features=features,
+        filters={"min_user_views": 0, "drop_zero_watch_time": False},
+        split={"kind": "temporal", **split},
+    )
+    return cfg.data
+
+
+def _prepared(tmp_path, name, log, users, content, split, base=None, features=FEATURES):
+    folder = tmp_path / f"{name}_files"
+    folder.mkdir()
+    files = study_files(folder, interactions=log, users=users, content=content)
+    prepare(_config(files, split, features), tmp_path / name, base=base)
+    return tmp_path / name
+
+
+def _decoded(data_dir, split):
+    """The split's rows with ids back as tokens and dense values de-standardised."""
+    schema = DatasetSchema.load(data_dir)
+    table = pq.read_table(sorted((data_dir / split).glob("*.parquet")))
+    out = {}
+    for feature in schema.sparse:
+        vocab = [None] + schema.vocab(data_dir, feature.id_space)
+        column = table.column(feature.name).to_pylist()
+        out[feature.name] = (
+            [tuple(vocab[i] for i in row) for row in column] if feature.multi else [vocab[i] for i in column]
+        )
+    for dense in schema.dense:
+        out[dense.name] = table.column(dense.name).to_numpy().astype(np.float64) * dense.std + dense.mean
+    for label in schema.label_names:
+        out[label] = table.column(label).to_numpy()
+    return out
+
+
+@pytest.mark.slow
+def test_a_window_continues_its_base_as_a_preparation_of_the_whole_log_would(tmp_path):
+    """The window's held-out rows, prepared against a base, hold what a preparation of base and
+    window together gives them (histories and statistics over both, the same ids), up to what a
+    base fixes: row order of the vocabularies, normalisation and the statistics' prior."""
+    log, users, content = _log()
+    cut = int(len(log) * 0.6)
+    base_log, window_log = log.iloc[:cut], log.iloc[cut:]
+    base = _prepared(tmp_path, "base", base_log, users, content, {"test_fraction": 0.0, "val_fraction": 0.0})
+    split = {"test_fraction": 0.3, "val_fraction": 0.2}
+    window = _prepared(tmp_path, "window", window_log, users, content, split, base=base)
+    # the whole log, split so that its validation and test rows are the window's
+    counts = json.loads((window / "schema.json").read_text())["meta"]["summary"]["split"]
+    n_test, n_val = counts["test"]["rows"], counts["val"]["rows"]
+    whole_split = {"test_fraction": n_test / len(log), "val_fraction": n_val / (len(log) - n_test)}
+    whole = _prepared(tmp_path, "whole", log, users, content, whole_split)
+
+    grown, before, everything = (DatasetSchema.load(d) for d in (window, base, whole))
+    for space, size in before.vocab_sizes.items():
+        tokens = grown.vocab(window, space)
+        assert tokens[:size] == before.vocab(base, space), space  # known ids keep their rows
+        appended = tokens[size:]
+        assert appended == sorted(appended) and not set(appended) & set(tokens[:size])
+        assert set(tokens) == set(everything.vocab(whole, space)), space  # the same ids as the whole log's
+        assert grown.meta["base"]["growth"][space] == {
+            "rows_before": size + 1, "rows_after": len(tokens) + 1, "appended": len(appended)
+        }  # fmt: skip
+    assert grown.vocab_sizes["content_id"] > before.vocab_sizes["content_id"]  # the log brought new videos
+    assert grown.vocab_sizes["user_id"] > before.vocab_sizes["user_id"]
+    assert [(d.mean, d.std) for d in grown.dense] == [(d.mean, d.std) for d in before.dense]
+    assert {n: m["prior"] for n, m in grown.target_stats.items()} == {
+        n: m["prior"] for n, m in before.target_stats.items()
+    }
+    assert grown.meta["base"]["time_range"] == before.meta["time_range"]
+    assert grown.meta["time_range"][0] > before.meta["time_range"][1]
+
+    firsts = 0  # held-out first views of a user
+    for split_name in ("val", "test"):
+        ours, theirs = _decoded(window, split_name), _decoded(whole, split_name)
+        assert len(ours["content_id"]) == (n_val if split_name == "val" else n_test)
+        for name in ("user_id", "content_id", "genres", "recent"):
+            assert ours[name] == theirs[name], name
+        assert any(len(h) == 3 for h in ours["recent"][:5])  # the first views already see the base's
+        for name in ("rating", "views", "user_live", "user_train_views", "watch_ratio"):
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-4, err_msg=name)
+        # a user's first view has no earlier ratio: it gets the fill, the base's training mean
+        first = np.array([not h for h in ours["recent"]])
+        firsts += int(first.sum())
+        np.testing.assert_allclose(ours["recent_ratio"][~first], theirs["recent_ratio"][~first], atol=1e-4)
+        fill = next(d.fill for d in before.dense if d.name == "recent_ratio")
+        np.testing.assert_allclose(ours["recent_ratio"][first], fill, atol=1e-4)
+        # a smoothed mean with the base's prior: (s + m p_whole) / (c + m), moved by
+        # m (p_base - p_whole) / (c + m)
+        rows = ours["views"]  # every view has a watch ratio: c = n
+        shift = SMOOTHING * (
+            before.target_stats["mean_ratio"]["prior"] - everything.target_stats["mean_ratio"]["prior"]
+        )
+        np.testing.assert_allclose(
+            ours["mean_ratio"], theirs["mean_ratio"] + shift / (rows + SMOOTHING), atol=1e-4
+        )
+
+    assert firsts > 0
+    # the saved statistics carry on: the next window starts from the base's and this window's sums
+    for feature in ("views", "mean_ratio", "user_live", "user_train_views"):
+        ours = pq.read_table(window / "stats" / f"{feature}.parquet").to_pandas().set_index("token")
+        theirs = pq.read_table(whole / "stats" / f"{feature}.parquet").to_pandas().set_index("token")
+        if feature != "user_live":  # live counters count every row; the others the training rows
+            theirs = theirs[theirs.n > 0]
+        pd.testing.assert_frame_equal(ours.sort_index(), theirs.sort_index(), check_dtype=False, atol=1e-9)
+    tail = pq.read_table(window / TAIL_FILE).to_pandas()
+    assert tail.groupby("user_id").size().max() <= 4  # the longest history
+    assert set(tail.user_id) == set(log.user_id)  # base users with no view in the window too
+    assert ShardReader(window, "train").total_rows == counts["train"]["rows"]  # an ordinary preparation
+
+
+@pytest.mark.slow
+def test_a_chain_of_windows_carries_on(tmp_path):
+    """A window prepared against a window of a base: the base's ids keep their rows throughout."""
+    log, users, content = _log(seed=1)
+    thirds = np.array_split(np.arange(len(log)), 3)
+    split = {"test_fraction": 0.2, "val_fraction": 0.1}
+    day1 = _prepared(tmp_path, "day1", log.iloc[thirds[0]], users, content, split)
+    day2 = _prepared(tmp_path, "day2", log.iloc[thirds[1]], users, content, split, base=day1)
+    day3 = _prepared(tmp_path, "day3", log.iloc[thirds[2]], users, content, split, base=day2)
+    first, third = DatasetSchema.load(day1), DatasetSchema.load(day3)
+    size = first.vocab_sizes["content_id"]
+    assert third.vocab(day3, "content_id")[:size] == first.vocab(day1, "content_id")
+    assert third.meta["base"]["dir"] == str(day2.resolve())
+    counted = pq.read_table(day3 / "stats" / "user_live.parquet").column("n").to_numpy().sum()
+    assert counted == len(log)  # live counters over all three windows
+
+
+def _base_and_window(tmp_path, **log_options):
+    log, users, content = _log(**log_options)
+    cut = int(len(log) * 0.6)
+    split = {"test_fraction": 0.2, "val_fraction": 0.1}
+    base = _prepared(tmp_path, "base", log.iloc[:cut], users, content, split)
+    folder = tmp_path / "window_files"
+    folder.mkdir()
+    files = study_files(folder, interactions=log.iloc[cut:], users=users, content=content)
+    return base, files, split
+
+
+def _refused(cfg, out, base, match):
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else None
+    with pytest.raises(DataError, match=match) as caught:
+        prepare(cfg, out, base=base)
+    after = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else None
+    assert after == before  # nothing written, nothing replaced
+    return caught.value
+
+
+def test_a_base_the_window_cannot_continue_is_refused_naming_why(tmp_path):
+    base, files, split = _base_and_window(tmp_path)
+    out = tmp_path / "window"
+    good = _config(files, split)
+    prepare(good, out, base=base)  # an earlier window's preparation there stays as it was below
+
+    other = [dict(f, length=5) if f["name"] == "recent" else f for f in FEATURES]
+    err = _refused(_config(files, split, other), out, base, r"another config: data.features")
+    assert "data.features.recent.length: 3 -> 5" in str(err) and err.file.endswith("schema.json")
+
+    _refused(good, base, base, r"the base is the output directory")
+
+    overlapping = pd.read_csv(files["interactions"])
+    overlapping.loc[7, "timestamp"] = 0
+    overlapping.to_csv(files["interactions"], index=False)
+    err = _refused(good, out, base, r"the window overlaps its base")
+    assert err.row == 7 and err.column == "timestamp" and err.got == 0  # the data row, 0-based
+    overlapping.loc[7, "timestamp"] = 10**6
+    overlapping.to_csv(files["interactions"], index=False)
+
+    vocab = base / "vocabs" / "content_id.parquet"
+    data = bytearray(vocab.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    vocab.write_bytes(bytes(data))
+    err = _refused(good, out, base, r"CRC-32")
+    assert err.file.endswith("content_id.parquet")
+
+
+def test_a_vocabulary_that_would_outgrow_its_table_is_refused_with_the_policy(tmp_path):
+    base, files, split = _base_and_window(tmp_path)
+    known = DatasetSchema.load(base).vocab_sizes["content_id"]
+    capped = [dict(f, hash_buckets=known) if f["name"] == "content_id" else f for f in FEATURES]
+    # the base had no more ids than the cap, so it kept a vocabulary; the window would pass it
+    base_capped = tmp_path / "base_capped"
+    prepare(config_from_dict({"name": "x", "data": {**_raw(base), "features": capped}}).data, base_capped)
+    err = _refused(_config(files, split, capped), tmp_path / "window", base_capped, r"would grow from")
+    assert "never turns into hashing" in str(err) and err.file.endswith("content_id.parquet")
+
+
+def _raw(prepared_dir):
+    return json.loads((prepared_dir / "schema.json").read_text())["meta"]["config"]
+
+
+def test_a_window_with_no_rows_left_is_refused(tmp_path):
+    base, files, split = _base_and_window(tmp_path)
+    cfg = _config(files, split)
+    empty = pd.read_csv(files["interactions"]).iloc[:0]
+    empty.to_csv(files["interactions"], index=False)
+    with pytest.raises(DataError, match=r"no rows left after filtering \(0 read"):
+        prepare(cfg, tmp_path / "window", base=base)
+    assert not (tmp_path / "window").exists()
