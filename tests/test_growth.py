@@ -3,9 +3,11 @@ ids keep their rows, new ids are appended, the base's normalisation stays, id st
 histories carry on from the base, and a base the window cannot continue is refused."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -255,3 +257,86 @@ def test_a_window_with_no_rows_left_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"no rows left after filtering \(0 read"):
         prepare(cfg, tmp_path / "window", base=base)
     assert not (tmp_path / "window").exists()
+
+
+@pytest.mark.slow
+def test_an_earlier_run_scores_a_later_window_with_the_ids_added_since_on_its_oov_row(tmp_path):
+    """A model trained on the base scores the window (a frozen model on the next day): exactly
+    as it scores the same rows with every id appended since put on row 0 by hand."""
+    from engagerec.data.manifest import write_manifest
+    from engagerec.predict import predict
+    from engagerec.train import train
+
+    base, files, split = _base_and_window(tmp_path)
+    window = tmp_path / "window"
+    prepare(_config(files, split), window, base=base)
+    run = tmp_path / "run"
+    train_section = {
+        "data_dir": str(base),
+        "batch_size": 64,
+        "epochs": 1,
+        "progress_bar": False,
+        "device": "cpu",
+    }
+    train(config_from_dict({"name": "growth", "data": _raw(base), "train": train_section}), run)
+    later = predict(run, window, tmp_path / "later.parquet", split="test")
+
+    # the oracle: the window's test rows with the appended ids set to 0, its tables the run's
+    frozen = tmp_path / "frozen"
+    shutil.copytree(window, frozen)
+    earlier, grown = DatasetSchema.load(base), DatasetSchema.load(window)
+    limits = {f.name: earlier.num_embeddings(f.id_space) for f in grown.sparse}
+    appended = {}
+    for shard in sorted((frozen / "test").glob("*.parquet")):
+        table = pq.read_table(shard)
+        for name, limit in limits.items():
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type):
+                values = column.values.to_numpy()
+                fixed = pa.ListArray.from_arrays(
+                    column.offsets, pa.array(np.where(values >= limit, 0, values), column.type.value_type)
+                )
+            else:
+                values = column.to_numpy()
+                appended[name] = appended.get(name, 0) + int((values >= limit).sum())
+                fixed = pa.array(np.where(values >= limit, 0, values), column.type)
+            table = table.set_column(table.schema.get_field_index(name), name, fixed)
+        pq.write_table(table, shard)
+    raw = json.loads((frozen / "schema.json").read_text())
+    raw["vocab_sizes"] = {**raw["vocab_sizes"], **earlier.vocab_sizes}
+    shutil.rmtree(frozen / "vocabs")
+    shutil.copytree(base / "vocabs", frozen / "vocabs")  # the run's vocabularies: no id appended
+    (frozen / "schema.json").write_text(json.dumps(raw))
+    (frozen / "manifest.json").unlink()
+    write_manifest(
+        frozen,
+        {f"test/{p.name}": pq.ParquetFile(p).metadata.num_rows for p in (frozen / "test").glob("*.parquet")},
+    )
+    expected = predict(run, frozen, tmp_path / "frozen.parquet", split="test")
+
+    columns = [c for c in pq.read_schema(tmp_path / "later.parquet").names if not c.endswith("_index")]
+    assert pq.read_table(tmp_path / "later.parquet", columns=columns).equals(
+        pq.read_table(tmp_path / "frozen.parquet", columns=columns)
+    )
+    assert (
+        later["unseen_ids"] == {name: n for name, n in appended.items() if n}
+        and later["unseen_ids"]["content_id"] > 0
+    )
+    assert "unseen_ids" not in expected or not any(expected["unseen_ids"].values())
+
+
+def test_a_run_refuses_data_that_does_not_continue_its_own(tmp_path):
+    """Data prepared again from scratch (another vocabulary order) is refused: its ids would be
+    read as other ids."""
+    from engagerec.data.growth import known_rows
+
+    base, files, split = _base_and_window(tmp_path)
+    window = tmp_path / "window"
+    prepare(_config(files, split), window, base=base)
+    assert known_rows(window, base)["content_id"] == DatasetSchema.load(base).num_embeddings("content_id")
+    scratch = tmp_path / "scratch"
+    log = pd.read_csv(files["interactions"])
+    log[log.content_id != 0].to_csv(files["interactions"], index=False)  # a known id missing
+    prepare(_config(files, split), scratch)  # the window alone: its own vocabularies
+    with pytest.raises(DataError, match=r"id space 'content_id': the run's vocabulary .* is not the start"):
+        known_rows(scratch, base)

@@ -12,9 +12,10 @@ rows (the same reader as evaluation), so the output is the same on 1 process or 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -23,8 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from engagerec.data.errors import DataError
+from engagerec.data.growth import known_rows
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
@@ -99,7 +102,9 @@ def predict(
         work = _shared_workdir(out)
         try:
             scored, summary = _scoring_input(run, Path(input_path), split, users, content, work)
-            parts = _score(run, scored, threshold, batch_size, work)
+            parts, unseen = _score(run, scored, threshold, batch_size, work)
+            if unseen:
+                summary["unseen_ids"] = unseen
             if dist.is_initialized():
                 dist.barrier()  # every rank's part is closed before rank 0 reads them
             if is_rank_zero():
@@ -257,6 +262,11 @@ class _Scored:
     data_dir: Path
     split: str
     raw: bool
+    # a later window of the run's data: per sparse feature whose table grew, the run's table
+    # rows (ids appended since score on row 0, as a frozen vocabulary would put them), and the
+    # single-id features whose rows on row 0 are counted
+    limits: Dict[str, int] = field(default_factory=dict)
+    counted: List[str] = field(default_factory=list)
 
     def ids(self) -> Iterator[pa.RecordBatch]:
         """The rows' ids in row order: ``row`` and the id columns (a prepared split holds
@@ -291,11 +301,15 @@ def _scoring_input(
     on rank 0 reaches every rank (all raise it)."""
     if (path / SCHEMA_FILE).is_file():
         given = DatasetSchema.load(path)
-        _check_prepared(given, DatasetSchema.load(run.data_dir), path, run.model.tasks)
+        limits = _check_prepared(
+            given, DatasetSchema.load(run.data_dir), path, Path(run.data_dir), run.model.tasks
+        )
         if split not in given.meta.get("splits", {}):
             raise DataError(f"split '{split}' is not in this prepared data", file=str(path / SCHEMA_FILE))
         rows = given.meta["splits"][split]["rows"]
-        return _Scored(path, split, raw=False), {"input": f"{path} ({split})", "rows_read": rows}
+        single = {f.name for f in given.sparse if not f.multi}
+        scored = _Scored(path, split, raw=False, limits=limits, counted=sorted(single & set(limits)))
+        return scored, {"input": f"{path} ({split})", "rows_read": rows}
     outcome: List[Any] = [None]
     if is_rank_zero():
         try:
@@ -313,15 +327,29 @@ def _scoring_input(
     return _Scored(work / "encoded", "test", raw=True), {"input": str(path), **outcome[0]}
 
 
-def _check_prepared(given: DatasetSchema, trained: DatasetSchema, path: Path, tasks: List[Task]) -> None:
+def _check_prepared(
+    given: DatasetSchema, trained: DatasetSchema, path: Path, trained_dir: Path, tasks: List[Task]
+) -> Dict[str, int]:
     """A prepared input must be encoded as the run's data was: the same sparse features over
-    tables of the same sizes, the same dense features, and the tasks' label columns."""
+    tables of the same sizes (or a later window of the run's data, whose tables grew: returns
+    per sparse feature the run's table rows, ids past them to score on row 0), the same dense
+    features, and the tasks' label columns."""
     where = str(path / SCHEMA_FILE)
 
     def tables(schema: DatasetSchema) -> Dict[str, int]:
         return {f.name: schema.num_embeddings(f.id_space) for f in schema.sparse}
 
-    if tables(given) != tables(trained):
+    limits: Dict[str, int] = {}
+    if path.resolve() != trained_dir.resolve() and set(tables(given)) == set(tables(trained)):
+        try:  # the run's data again, or a later window of it: the run's ids keep their rows
+            known = known_rows(path, trained_dir)
+        except DataError as err:
+            raise DataError(
+                f"this prepared data is encoded differently from the run's, and does not continue it ({err})",
+                file=where,
+            ) from None
+        limits = {f.name: known[f.id_space] for f in given.sparse if f.id_space in known}
+    if {name: limits.get(name, rows) for name, rows in tables(given).items()} != tables(trained):
         raise DataError(
             "this prepared data is encoded differently from the run's (sparse features or their table sizes)",
             file=where,
@@ -349,13 +377,15 @@ def _check_prepared(given: DatasetSchema, trained: DatasetSchema, path: Path, ta
     missing = [t.label for t in tasks if t.label not in given.label_names]
     if missing:
         raise DataError(f"label columns {missing} of the run's tasks are missing", file=where)
+    return limits
 
 
 def _score(
     run: OpenedRun, scored: _Scored, threshold: float, batch_size: Optional[int], work: Path
-) -> List[Path]:
+) -> Tuple[List[Path], Dict[str, int]]:
     """Every rank scores its rows into ``work/part-<rank>.parquet``; returns all ranks' parts in
-    rank order (= row order)."""
+    rank order (= row order), and over all ranks, per feature of ``scored.counted``, the rows
+    whose id was appended after the run's data (scored on row 0)."""
     tasks = run.model.tasks
     device = run.runtime.device
     size = batch_size or run.cfg.train.eval_batch_size
@@ -368,9 +398,12 @@ def _score(
     )
     own = work / f"part-{run.runtime.rank:05d}.parquet"
     cuda = device.type == "cuda"
+    unseen = torch.zeros(len(scored.counted), dtype=torch.int64)
     with pq.ParquetWriter(own, layout) as writer, torch.no_grad():
         for batch in make_loader(reader, pin_memory=cuda):
             real = int(batch.weights.gt(0).sum())  # padding (even_batches) comes last, at weight 0
+            if scored.limits:
+                batch = _on_known_rows(batch, scored.limits, scored.counted, real, unseen)
             _, (_, predictions, _, _) = run.dmp(batch.to(device, non_blocking=cuda))
             arrays = []
             for task in tasks:
@@ -379,7 +412,31 @@ def _score(
                 if task.kind == "binary":
                     arrays.append(pa.array(values >= threshold))
             writer.write_batch(pa.record_batch(arrays, schema=layout))
-    return [work / f"part-{rank:05d}.parquet" for rank in range(run.runtime.world_size)]
+    if dist.is_initialized() and dist.get_world_size() > 1 and len(unseen):
+        dist.all_reduce(unseen)
+    parts = [work / f"part-{rank:05d}.parquet" for rank in range(run.runtime.world_size)]
+    return parts, {name: int(n) for name, n in zip(scored.counted, unseen.tolist(), strict=True)}
+
+
+def _on_known_rows(batch, limits: Dict[str, int], counted: List[str], real: int, unseen: torch.Tensor):
+    """``batch`` with every id at or past its feature's limit on row 0 (the out-of-vocabulary
+    row), counting, per feature of ``counted`` (one id a row), the real rows moved there."""
+    kjt = batch.sparse_features
+    keys, lengths = kjt.keys(), kjt.length_per_key()
+    limit = torch.repeat_interleave(
+        torch.tensor([limits.get(key, 2**62) for key in keys]), torch.tensor(lengths)
+    )
+    values = kjt.values()
+    past = values >= limit
+    for i, name in enumerate(counted):
+        start = sum(lengths[: keys.index(name)])
+        unseen[i] += int(past[start : start + real].sum())  # one id a row: the first ``real`` values
+    moved = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.where(past, torch.zeros_like(values), values),
+        lengths=kjt.lengths(),
+    )
+    return dataclasses.replace(batch, sparse_features=moved)
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:

@@ -354,3 +354,64 @@ def load_tail(con, base_dir: Path, features: List[FeatureConfig], columns: Dict[
         f"FROM read_parquet({literal(str(path))})"
     )
     return "(SELECT * FROM events UNION ALL BY NAME SELECT * FROM base_tail)"
+
+
+def known_rows(later_dir: str | Path, earlier_dir: str | Path) -> Dict[str, int]:
+    """
+    The table rows an earlier preparation had, per id space whose table grew since, when
+    ``later_dir`` continues ``earlier_dir`` (prepared against it, or against a window that did):
+    a model trained on the earlier data scores the later rows with every id appended since on
+    its out-of-vocabulary row 0, as a model whose vocabulary stayed frozen would.
+
+    Args:
+        later_dir (str | Path): the later preparation.
+        earlier_dir (str | Path): the data the model trained on.
+
+    Returns:
+        Dict[str, int]: id space -> the earlier table's rows (OOV row included); empty when no
+        table grew.
+
+    Raises:
+        DataError: an id space whose earlier vocabulary is not the start of the later one
+            (prepared again, or not from this lineage), or a hashed space or bucket feature whose
+            rows differ.
+
+    Example::
+
+        >>> # known_rows("prepared/day3", "prepared/day1")
+        >>> # {'content_id': 4461, 'user_id': 615}
+    """
+    import pyarrow.parquet as pq  # here: prepare itself reads vocabularies with DuckDB
+
+    later, earlier = DatasetSchema.load(later_dir), DatasetSchema.load(earlier_dir)
+    rows: Dict[str, int] = {}
+    for space in sorted({f.id_space for f in later.sparse}):
+        now, then = later.num_embeddings(space), earlier.num_embeddings(space)
+        path = Path(later_dir) / VOCAB_DIR / f"{space}.parquet"
+        if space in later.hashed or space in earlier.hashed or space in later.buckets:
+            if later.hashed.get(space) != earlier.hashed.get(space) or now != then:
+                raise DataError(
+                    f"id space '{space}' has {now:,} rows here and {then:,} in the run's data {earlier_dir}",
+                    file=str(Path(later_dir) / SCHEMA_FILE),
+                    expected="the run's own data, or a window prepared against it (prepare --base)",
+                )
+            continue  # hashed ids and buckets keep their rows
+        tokens = pq.read_table(path).column("token")
+        known = pq.read_table(Path(earlier_dir) / VOCAB_DIR / path.name).column("token")
+        if len(tokens) != now - 1:
+            raise DataError(
+                f"id space '{space}': schema.json counts {now - 1:,} ids, its vocabulary "
+                f"holds {len(tokens):,}",
+                file=str(path),
+            )
+        if now < then or not tokens.slice(0, then - 1).equals(known):
+            raise DataError(
+                f"id space '{space}': the run's vocabulary ({then - 1:,} ids) is not the start of this "
+                f"one ({now - 1:,} ids): prepared again, or not continuing the run's data, its ids "
+                "would be read as other ids",
+                file=str(path),
+                expected=f"the run's data {earlier_dir}, or a window prepared against it (prepare --base)",
+            )
+        if now > then:
+            rows[space] = then
+    return rows
