@@ -303,3 +303,30 @@ def test_correlation_replicates_give_each_seed_its_own_block_of_runs():
     spec = correlation.section("synthetic_mmoe", replicates=3).spec([0, 1])
     assert spec["seeds"] == [0, 1, 2, 3, 4, 5]
     assert correlation.section("synthetic_mmoe").spec([0, 1])["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_model(tmp_path):
+    """Two days of KuaiRand train the first model; days 3 and 4 are scored by all three lines."""
+    from engagerec_study.sections import replay
+
+    catalogue = [replay.section(overrides=["train.epochs=1"], first_days=2, last_day=4)]
+    out = tmp_path / "docs" / "RESULTS.md"
+    make_results(out, tmp_path / "cache", tmp_path / "work", seeds=[0, 1], catalogue=catalogue)
+    days = SectionCache(tmp_path / "cache").load_any("replay")["days"]
+    assert sorted(days) == ["3", "4"]
+    first, second = days["3"], days["4"]
+    # day 3: every line is still the first model, on the same rows
+    for line in ("warm", "scratch"):
+        assert [r["mse"] for r in first[line]] == [r["mse"] for r in first["frozen"]]
+    # day 4: the warm model trained on day 3 alone, the scratch model on days 1..3
+    for warm, scratch, frozen in zip(second["warm"], second["scratch"], second["frozen"], strict=True):
+        assert warm["samples"] < scratch["samples"]
+        assert warm["mse"] != frozen["mse"] and scratch["mse"] != frozen["mse"]
+        assert frozen["unseen"] > warm["unseen"] > 0  # the frozen model misses day 3's new videos too
+        assert warm["rows"] == frozen["rows"] == scratch["rows"]  # all of day 4, whichever line
+    text = out.read_text()
+    assert (
+        "| day | new videos | MSE frozen |" in text and "![quality against day](figures/replay.png)" in text
+    )
+    assert (tmp_path / "docs" / "figures" / "replay.png").stat().st_size > 0

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from engagerec.errors import ConfigError
 from engagerec.machine import cpu_name, package_versions
-from engagerec_study.sections import comparisons, correlation, ensemble, gates, threshold
+from engagerec_study.sections import comparisons, correlation, ensemble, gates, replay, threshold
 from engagerec_study.sections.cache import SectionCache
 from engagerec_study.sections.common import TARGETS, Section
 
@@ -116,6 +116,7 @@ SECTIONS: List[Section] = [
     correlation.SECTION,
     correlation.SMALL_SECTION,
     gates.SECTION,
+    replay.SECTION,
 ]
 
 

@@ -1,0 +1,301 @@
+"""The day-by-day replay: how fast a model left alone decays on a growing log, and what a daily
+warm start buys against a daily retrain from scratch.
+
+The bundled KuaiRand log spans 14 days (24-hour days of ``time_ms`` from its first view). A
+first model trains on the first ``FIRST_DAYS``; then, for each later day d, three models score
+all of day d's rows:
+
+  frozen   the first model, never retrained: every id first seen after its days scores on
+           the out-of-vocabulary row (``engagerec predict`` on a later window);
+  warm     yesterday's warm model trained on day d-1 alone, started from its own yesterday's
+           (``engagerec train --init-from``; the first one is the first model);
+  scratch  a model trained from scratch on days 1..d-1.
+
+Every day's data is prepared against the day before's (``engagerec prepare --base``), so the
+warm and frozen lines share one chain of preparations whose vocabularies only grow; each
+scratch model has its own preparation of days 1..d-1, and day d prepared against it. Features,
+statistics and histories therefore carry across days in every line, as a serving system's
+would. Each training preparation keeps its day's last 10% by time to validate (early stopping)
+and has no test split: the next day is the test.
+
+Per day and line: the watch-ratio MSE and the skip AUC on day d, mean ± 95% CI over seeds; the
+share of day d's rows whose video the model never trained on; the samples the line's newest
+model trained on and its training seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from engagerec.config import load_config
+from engagerec_study.report import saved_figure
+from engagerec_study.sections.common import Section, cell, config_spec, mean_ci
+
+BASE = "kuairand_temporal"
+# one day's views from a user count (no minimum per window); the next day is the test
+OVERRIDES = ["data.filters.min_user_views=0", "data.split.test_fraction=0.0", "data.split.val_fraction=0.1"]
+FIRST_DAYS = 7
+LINES = (
+    ("frozen", "frozen"),
+    ("warm", "warm start on the day before"),
+    ("scratch", "from scratch on every day before"),
+)
+DAY_MS = 86_400_000
+
+
+def day_files(log: str | Path, out: Path) -> List[Path]:
+    """
+    The log cut into one file per day (24 hours of ``time_ms`` from the first view; the log's
+    ``date`` column overlaps by up to half an hour between dates), in order, plus for every day
+    the file of all days up to it (``upto_<k>.csv``, for the from-scratch models).
+
+    Args:
+        log (str | Path): the KuaiRand log (tab-separated, with ``time_ms``).
+        out (Path): where the files go.
+
+    Returns:
+        List[Path]: the day files, oldest first.
+
+    Example::
+
+        >>> # day_files("datasets/kuairand/processed_standard_kcore_15.csv", Path("runs/replay/days"))
+    """
+    import pandas as pd
+
+    frame = pd.read_csv(log, sep="\t")
+    since = frame["time_ms"] - frame["time_ms"].min()
+    # 24-hour days from the first view; the log spans 14 days and a few minutes, which go to the last
+    days = max(1, int(round(since.max() / DAY_MS)))
+    day = (since // DAY_MS).clip(upper=days - 1)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k, value in enumerate(sorted(day.unique())):
+        files.append(out / f"day_{k + 1:02d}.csv")
+        frame[day == value].to_csv(files[-1], sep="\t", index=False)
+        frame[day <= value].to_csv(out / f"upto_{k + 1:02d}.csv", sep="\t", index=False)
+    return files
+
+
+def _prepare(config: List[str], log: Path, out: Path, base: Optional[Path] = None) -> Path:
+    """``config`` (a config and its overrides) prepared from ``log`` into ``out``, against
+    ``base`` (kept when done before: the replay resumes)."""
+    from engagerec.data.prepare import prepare
+
+    if not (out / "manifest.json").is_file():
+        cfg = load_config(config[0], config[1:] + [f"data.source.interactions={log}"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            prepare(cfg.data, out, base=base)
+    return out
+
+
+def _train(
+    config: List[str], data: Path, run: Path, seed: int, init_from: Optional[Path] = None
+) -> Dict[str, Any]:
+    """One run (kept when it finished before: the replay resumes), and what it cost."""
+    from engagerec.train import train
+
+    results = run / "results.json"
+    if not results.is_file():
+        sets = [f"train.data_dir={data}", f"train.seed={seed}", "train.progress_bar=false"]
+        if init_from is not None:
+            sets.append(f"train.init_from={json.dumps(str(init_from))}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(load_config(config[0], config[1:] + sets), run)
+    done = json.loads(results.read_text())
+    batch = load_config(config[0], config[1:]).train.batch_size
+    return {"samples": int(done["steps"]) * batch, "seconds": float(done["train_seconds"])}
+
+
+def _score(run: Path, data: Path, out: Path) -> Dict[str, float]:
+    """A run's metrics on every row of a day's preparation (its train and val splits), and the
+    share of rows whose video the run never trained on."""
+    import pyarrow.parquet as pq
+    from sklearn.metrics import roc_auc_score
+
+    from engagerec.data.schema import DatasetSchema
+    from engagerec.predict import predict
+
+    schema = DatasetSchema.load(data)
+    ratio, skip, truth_ratio, truth_skip, unseen, rows = [], [], [], [], 0, 0
+    for split in ("train", "val"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = predict(run, data, out / f"{split}.parquet", split=split)
+        scores = pq.read_table(out / f"{split}.parquet")
+        files = [data / split / name for name in schema.meta["splits"][split]["files"]]
+        labels = pq.read_table(files, columns=["watch_ratio", "skip"])
+        ratio.append(scores.column("watch_ratio").to_numpy())
+        skip.append(scores.column("skip_probability").to_numpy())
+        truth_ratio.append(labels.column("watch_ratio").to_numpy())
+        truth_skip.append(labels.column("skip").to_numpy())
+        unseen += summary.get("unseen_ids", {}).get("content_id", 0)
+        rows += scores.num_rows
+    predicted, truth = np.concatenate(ratio), np.concatenate(truth_ratio)
+    return {
+        "mse": float(np.mean((predicted - truth) ** 2)),
+        "auc": float(roc_auc_score(np.concatenate(truth_skip), np.concatenate(skip))),
+        "unseen": unseen / rows,
+        "rows": rows,
+    }
+
+
+def _compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
+    """Every day's preparations, every line's runs for every seed, and their scores."""
+    config = spec["config_args"]
+    cfg = load_config(config[0], config[1:])
+    days = day_files(cfg.data.source.interactions, work / "days")[: spec["last_day"]]
+    first = spec["first_days"]
+
+    def upto(k: int) -> Path:  # days 1..k in one file
+        return work / "days" / f"upto_{k:02d}.csv"
+
+    # the chain (warm, frozen): the first days, then each day against the day before
+    chain = {first: _prepare(config, upto(first), work / "data" / f"chain_{first:02d}")}
+    for d in range(first + 1, len(days) + 1):
+        chain[d] = _prepare(config, days[d - 1], work / "data" / f"chain_{d:02d}", chain[d - 1])
+    # the scratch line: days 1..k from scratch, and day k + 1 against it
+    scratch, scored_by_scratch = {first: chain[first]}, {first + 1: chain[first + 1]}
+    for k in range(first + 1, len(days)):
+        scratch[k] = _prepare(config, upto(k), work / "data" / f"scratch_{k:02d}")
+        scored_by_scratch[k + 1] = _prepare(
+            config, days[k], work / "data" / f"scratch_{k:02d}_next", scratch[k]
+        )
+    per_day: Dict[int, Dict[str, List[Dict[str, float]]]] = {}
+    for seed in spec["seeds"]:
+        runs = work / "runs" / f"seed{seed}"
+        first_run = runs / f"first_{first:02d}"
+        first_cost = _train(config, chain[first], first_run, seed)
+        warm, warm_cost = first_run, first_cost
+        for d in range(first + 1, len(days) + 1):
+            scratch_run, scratch_cost = first_run, first_cost
+            if d > first + 1:  # yesterday's warm model (trained on yesterday alone), and scratch model
+                warm_cost = _train(config, chain[d - 1], runs / f"warm_{d - 1:02d}", seed, init_from=warm)
+                warm = runs / f"warm_{d - 1:02d}"
+                scratch_run = runs / f"scratch_{d - 1:02d}"
+                scratch_cost = _train(config, scratch[d - 1], scratch_run, seed)
+            day = per_day.setdefault(d, {name: [] for name, _ in LINES})
+            for name, run, data, cost in (
+                ("frozen", first_run, chain[d], first_cost),
+                ("warm", warm, chain[d], warm_cost),
+                ("scratch", scratch_run, scored_by_scratch[d], scratch_cost),
+            ):
+                scores = _score(run, data, work / "scores" / f"seed{seed}" / f"{name}_{d:02d}")
+                day[name].append({**scores, **cost, "seed": seed})
+    return {"days": {str(d): lines for d, lines in sorted(per_day.items())}, "first_days": first}
+
+
+def _summary(values: List[Dict[str, float]], key: str) -> Dict[str, float]:
+    return mean_ci([v[key] for v in values])
+
+
+def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) -> str:
+    """The per-day table, the headline (warm against scratch and frozen on the last days) and
+    the plot."""
+    days = {int(d): lines for d, lines in data["days"].items()}
+    header = (
+        "| day | new videos | "
+        + " | ".join(f"MSE {name}" for name, _ in LINES)
+        + " | "
+        + " | ".join(f"AUC {name}" for name, _ in LINES)
+        + " | samples warm / scratch |"
+    )
+    lines = [header, "|" + "---|" * (2 + 2 * len(LINES) + 1)]
+    for d, day in days.items():
+        warm = _summary(day["warm"], "samples")["mean"]
+        scratch = _summary(day["scratch"], "samples")["mean"]
+        lines.append(
+            f"| {d} | {_summary(day['scratch'], 'unseen')['mean']:.1%} | "
+            + " | ".join(cell(_summary(day[name], "mse")) for name, _ in LINES)
+            + " | "
+            + " | ".join(cell(_summary(day[name], "auc")) for name, _ in LINES)
+            + f" | {warm:,.0f} / {scratch:,.0f} |"
+        )
+    last = max(days)
+    retrained = [d for d in days if d > data["first_days"] + 1]  # the days whose lines differ
+    paragraphs = [
+        _versus(days, [last], f"On day {last}"),
+        _versus(days, retrained, f"Over days {retrained[0]}..{last}, each seed's mean over the days")
+        if retrained
+        else "",
+    ]
+    n = len(days[last]["warm"])
+    _plot(days, figures / "replay.png")
+    return "\n".join(
+        [
+            f"The first model trains on days 1..{data['first_days']}; each later day is scored by the "
+            "three lines below (module docstring of `engagerec_study.sections.replay`). "
+            f'Mean ± 95% CI over {n} seeds; "new videos": the share of the day\'s rows whose video '
+            "the from-scratch model never trained on.",
+            "",
+            *lines,
+            "",
+            *(f"{text}\n" for text in paragraphs if text),
+            "![quality against day](figures/replay.png)",
+        ]
+    )
+
+
+def _versus(days: Dict[int, Dict[str, List[Dict[str, float]]]], chosen: List[int], what: str) -> str:
+    """Warm against scratch and frozen over the ``chosen`` days, paired by seed (each seed's mean
+    over the days, then mean ± 95% CI over seeds), and the samples each line trained on."""
+
+    def per_seed(line: str, metric: str) -> np.ndarray:
+        return np.mean([[r[metric] for r in days[d][line]] for d in chosen], axis=0)
+
+    gap = {m: mean_ci(per_seed("warm", m) - per_seed("scratch", m)) for m in ("mse", "auc")}
+    ahead = {m: mean_ci(per_seed("frozen", m) - per_seed("warm", m)) for m in ("mse", "auc")}
+    ratio = per_seed("scratch", "samples").mean() / per_seed("warm", "samples").mean()
+    return (
+        f"{what}, warm minus scratch: MSE {cell(gap['mse'])}, AUC {cell(gap['auc'])} (goal: within "
+        f"+0.002 MSE and -0.003 AUC) for {ratio:.1f}x fewer training samples (goal: 5x); frozen minus "
+        f"warm: MSE {cell(ahead['mse'])}, AUC {cell(ahead['auc'])} (positive MSE: warm is ahead)."
+    )
+
+
+def _plot(days: Dict[int, Dict[str, List[Dict[str, float]]]], path: Path) -> None:
+    x = sorted(days)
+    with saved_figure(path, (10, 3.6), ncols=2) as (_, axes):
+        for axis, metric, title in (
+            (axes[0], "mse", "watch-ratio MSE (lower is better)"),
+            (axes[1], "auc", "skip AUC"),
+        ):
+            for name, text in LINES:
+                stats = [_summary(days[d][name], metric) for d in x]
+                mean = np.array([s["mean"] for s in stats])
+                ci = np.array([s["ci95"] for s in stats])
+                axis.plot(x, mean, marker="o", label=text)
+                axis.fill_between(x, mean - ci, mean + ci, alpha=0.2)
+            axis.set_xlabel("day scored")
+            axis.set_title(title)
+        axes[0].legend(fontsize=8)
+
+
+def section(
+    base: str = BASE, overrides: Optional[List[str]] = None, first_days: int = FIRST_DAYS,
+    last_day: Optional[int] = None,
+) -> Section:  # fmt: skip
+    """The replay as a Section.
+
+    Args:
+        base: a KuaiRand config (its log read by ``day_files``; labels watch_ratio, then skip).
+        overrides: ``key=value`` changes to it (after ``OVERRIDES``).
+        first_days: the first model's days.
+        last_day: the last day scored (default: the log's last).
+    """
+    config = [base, *OVERRIDES, *(overrides or [])]
+
+    def spec(seeds: List[int]) -> Dict[str, Any]:
+        return {"config": config_spec(load_config(config[0], config[1:])), "config_args": config,
+                "first_days": first_days, "last_day": last_day, "seeds": list(seeds)}  # fmt: skip
+
+    return Section(
+        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render
+    )
+
+
+SECTION = section()
