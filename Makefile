@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo lint format test test-fast bench bench-scale results clean
+.PHONY: install demo lint format test test-fast bench bench-scale bench-shapes results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,10 @@ bench: install
 # epoch of engagerec train with its evaluation; time, peak RSS, disk, test quality; a plot
 bench-scale: install
 	$(PY) benchmarks/end_to_end_scale.py --scales 0.1 1 5
+
+# the same at scale 1 on three data shapes: a strong head, the default, a flat popularity
+bench-shapes: install
+	$(PY) benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65
 
 clean:
 	rm -rf $(VENV) prepared runs

@@ -2,6 +2,7 @@
 then `engagerec train` for one epoch with its validation and test evaluation.
 
     .venv/bin/python benchmarks/end_to_end_scale.py --scales 0.1 1 5 [--keep DIR]
+    .venv/bin/python benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65   # data shapes
 
 For each scale S (1 = KuaiRand-1K: 11.7M views, 4.37M videos):
 
@@ -18,7 +19,9 @@ For each scale S (1 = KuaiRand-1K: 11.7M views, 4.37M videos):
 
 Each step runs in a fresh process. Writes the section ``end_to_end_scale`` of
 benchmarks/RESULTS.md and benchmarks/end_to_end_scale.png (RSS over time per scale; stage seconds
-against rows).
+against rows). With ``--skews``, each scale runs once per popularity skew of the generator (the
+power law's exponent: 1.3 a strong head, about 1.1M distinct videos at scale 1; 1.05 the default,
+1.9M; 0.65 flat, 3.2M) into the section ``data_shapes`` and data_shapes.png instead.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -90,9 +93,11 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def one_scale(scale: float, tmp: Path) -> Dict:
-    raw, prepared, run = tmp / f"raw_{scale:g}", tmp / f"prepared_{scale:g}", tmp / f"run_{scale:g}"
-    generated = run_child(GENERATE, str(raw), str(scale), cwd=REPO)
+def one_scale(scale: float, tmp: Path, skew: Optional[float] = None) -> Dict:
+    name = f"{scale:g}" + ("" if skew is None else f"_skew{skew:g}")
+    raw, prepared, run = tmp / f"raw_{name}", tmp / f"prepared_{name}", tmp / f"run_{name}"
+    shape = [] if skew is None else [str(skew)]
+    generated = run_child(GENERATE, str(raw), str(scale), *shape, cwd=REPO)
     done = run_child(PREPARE, str(raw), str(prepared), str(CONFIG), cwd=REPO)
     train = [
         sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run), "--no-resume",
@@ -110,8 +115,10 @@ def one_scale(scale: float, tmp: Path) -> Dict:
     model = results["test"]["watch_ratio/mse"]
     return {
         "scale": scale,
+        "skew": floors["popularity_skew"],
         "rows": floors["rows"],
         "videos": floors["videos"],
+        "train_videos": summary["split"]["train"]["items"],
         "split": {k: summary["split"][k]["rows"] for k in ("train", "val", "test")},
         "generate_s": generated["seconds"],
         "prepare_s": done["seconds"],
@@ -139,7 +146,7 @@ def _plot(found: List[Dict], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in found:
         times, rss = zip(*row["timeline"], strict=True)
-        left.plot(times, [r / 2**30 for r in rss], label=f"scale {row['scale']:g}")
+        left.plot(times, [r / 2**30 for r in rss], label=_label(row))
     left.axhline(1.5, color="grey", linestyle="--", linewidth=1, label="1.5 GiB")
     left.set(xlabel="seconds since `engagerec train` started", ylabel="RSS of the process tree (GiB)")
     left.set_title("engagerec train, one epoch + evaluation")
@@ -156,33 +163,46 @@ def _plot(found: List[Dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _label(row: Dict) -> str:
+    return f"scale {row['scale']:g}" + (f", skew {row['skew']:g}" if row.get("shaped") else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=float, nargs="+", default=[0.1, 1.0, 5.0])
+    parser.add_argument(
+        "--skews", type=float, nargs="+", help="run each scale once per popularity skew (section data_shapes)"
+    )
     parser.add_argument("--keep", help="keep the generated data, preparations and runs under this directory")
     args = parser.parse_args()
     scales = " ".join(f"{s:g}" for s in args.scales)
     command = f".venv/bin/python benchmarks/end_to_end_scale.py --scales {scales}"
+    if args.skews:
+        command += " --skews " + " ".join(f"{s:g}" for s in args.skews)
+    section = "data_shapes" if args.skews else "end_to_end_scale"
     found: List[Dict] = []
-    failed: List[Tuple[float, str]] = []
+    failed: List[Tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.keep) if args.keep else Path(scratch)  # --keep: left there afterwards
         work.mkdir(parents=True, exist_ok=True)
         for scale in args.scales:
-            try:
-                row = one_scale(scale, work)
-            except (subprocess.CalledProcessError, RuntimeError) as err:  # recorded, not lost
-                output = getattr(err, "stderr", None) or str(err)
-                failed.append((scale, output.strip().splitlines()[-1][:300]))
-                print(f"scale {scale:g} failed:\n{output[-3000:]}", flush=True)
-                continue
-            found.append(row)
-            print(
-                f"scale {scale:g}: prepare {row['prepare_s']:.0f} s, train {row['train_wall_s']:.0f} s "
-                f"({row['samples_per_s']:,.0f} samples/s), peak {row['train_peak'] / 2**30:.2f} GiB",
-                flush=True,
-            )
-    plot = Path(__file__).with_name("end_to_end_scale.png")
+            for skew in args.skews or [None]:
+                what = f"scale {scale:g}" + ("" if skew is None else f", skew {skew:g}")
+                try:
+                    row = one_scale(scale, work, skew)
+                except (subprocess.CalledProcessError, RuntimeError) as err:  # recorded, not lost
+                    output = getattr(err, "stderr", None) or str(err)
+                    failed.append((what, output.strip().splitlines()[-1][:300]))
+                    print(f"{what} failed:\n{output[-3000:]}", flush=True)
+                    continue
+                row["shaped"] = skew is not None
+                found.append(row)
+                print(
+                    f"{what}: prepare {row['prepare_s']:.0f} s, train {row['train_wall_s']:.0f} s "
+                    f"({row['samples_per_s']:,.0f} samples/s), peak {row['train_peak'] / 2**30:.2f} GiB",
+                    flush=True,
+                )
+    plot = Path(__file__).with_name(f"{section}.png")
     if found:
         _plot(found, plot)
     gib = 2**30
@@ -194,38 +214,39 @@ def main() -> None:
         "evaluation), each in a fresh process. Train peak: the RSS of the whole process tree, sampled "
         f"every second (over time: {plot.name}).",
         "",
-        "| scale | log rows | train / val / test rows | generate s | prepare s | prepare peak GiB "
-        "| train command s (training s) | samples/s (median of log windows) | train peak GiB "
-        "| disk GB: generated / prepared / run |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| scale | popularity skew | log rows | distinct train videos | train / val / test rows | generate s "
+        "| prepare s | prepare peak GiB | train command s (training s) | samples/s (median of log windows) "
+        "| train peak GiB | disk GB: generated / prepared / run |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in found:
         split, disk = row["split"], row["disk"]
         lines.append(
-            f"| {row['scale']:g} | {row['rows']:,} "
+            f"| {row['scale']:g} | {row['skew']:g} | {row['rows']:,} | {row['train_videos']:,} "
             f"| {split['train']:,} / {split['val']:,} / {split['test']:,} "
             f"| {row['generate_s']:.0f} | {row['prepare_s']:.0f} | {row['prepare_peak'] / gib:.2f} "
             f"| {row['train_wall_s']:.0f} ({row['train_s']:.0f}) | {row['samples_per_s']:,.0f} "
             f"| {row['train_peak'] / gib:.2f} "
             f"| {disk['generated'] / 1e9:.2f} / {disk['prepared'] / 1e9:.2f} / {disk['run'] / 1e9:.3f} |"
         )
-    for scale, reason in failed:
-        lines.append(f"| {scale:g} | failed: {reason.replace('|', '/')} |" + " |" * 8)
+    for what, reason in failed:
+        lines.append(f"| {what} | failed: {reason.replace('|', '/')} |" + " |" * 10)
     lines += [
         "",
         "Test quality after that one epoch (watch ratio: the share of the explainable variance "
         "recovered is (constant - model) / (constant - noise floor)):",
         "",
-        "| scale | watch-ratio MSE | train-mean constant | noise floor "
+        "| scale | popularity skew | watch-ratio MSE | train-mean constant | noise floor "
         "| explainable variance recovered | skip AUC |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in found:
         lines.append(
-            f"| {row['scale']:g} | {row['mse']:.4f} | {row['constant_mse']:.4f} | {row['floor_mse']:.4f} "
+            f"| {row['scale']:g} | {row['skew']:g} | {row['mse']:.4f} | {row['constant_mse']:.4f} "
+            f"| {row['floor_mse']:.4f} "
             f"| {row['explained']:.1%} | {row['skip_auc']:.4f} |"
         )
-    write_section("end_to_end_scale", "\n".join(lines))
+    write_section(section, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -41,7 +41,8 @@ GENERATE = (
 import sys, json, time
 from engagerec.data.kuairand_generator import write_kuairand_1k
 start = time.perf_counter()
-floors = write_kuairand_1k(sys.argv[1], scale=float(sys.argv[2]), seed=0)
+shape = {"popularity_skew": float(sys.argv[3])} if len(sys.argv) > 3 else {}  # the generator's default
+floors = write_kuairand_1k(sys.argv[1], scale=float(sys.argv[2]), seed=0, **shape)
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_kb": hwm_kb(), "floors": floors}))
 """
 )
