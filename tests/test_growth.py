@@ -156,6 +156,27 @@ def test_a_window_continues_its_base_as_a_preparation_of_the_whole_log_would(tmp
         )
 
     assert firsts > 0
+    # the window's training rows: ordered statistics and live counters over both (a cross-fitted
+    # statistic differs by design: its folds are drawn from another log's rows)
+    ours, theirs = _decoded(window, "train"), _decoded(whole, "train")
+
+    def keys(rows):
+        return list(
+            zip(
+                rows["user_id"], rows["content_id"], rows["recent"], rows["watch_ratio"].round(6), strict=True
+            )
+        )
+
+    where = {key: i for i, key in enumerate(keys(theirs))}
+    matched = np.array([where[key] for key in keys(ours)])  # the whole log's rows of the window
+    assert len(set(matched)) == len(matched) == counts["train"]["rows"]
+    for name in ("views", "user_live"):
+        np.testing.assert_allclose(ours[name], theirs[name][matched], atol=1e-4, err_msg=name)
+    shift = SMOOTHING * (
+        before.target_stats["mean_ratio"]["prior"] - everything.target_stats["mean_ratio"]["prior"]
+    )
+    expected = theirs["mean_ratio"][matched] + shift / (ours["views"] + SMOOTHING)
+    np.testing.assert_allclose(ours["mean_ratio"], expected, atol=1e-4)
     # the saved statistics carry on: the next window starts from the base's and this window's sums
     for feature in ("views", "mean_ratio", "user_live", "user_train_views"):
         ours = pq.read_table(window / "stats" / f"{feature}.parquet").to_pandas().set_index("token")
@@ -286,7 +307,7 @@ def test_an_earlier_run_scores_a_later_window_with_the_ids_added_since_on_its_oo
     shutil.copytree(window, frozen)
     earlier, grown = DatasetSchema.load(base), DatasetSchema.load(window)
     limits = {f.name: earlier.num_embeddings(f.id_space) for f in grown.sparse}
-    appended = {}
+    on_row_0 = {}  # per single-id feature: rows scored on the OOV row (appended since, or unseen)
     for shard in sorted((frozen / "test").glob("*.parquet")):
         table = pq.read_table(shard)
         for name, limit in limits.items():
@@ -298,7 +319,7 @@ def test_an_earlier_run_scores_a_later_window_with_the_ids_added_since_on_its_oo
                 )
             else:
                 values = column.to_numpy()
-                appended[name] = appended.get(name, 0) + int((values >= limit).sum())
+                on_row_0[name] = on_row_0.get(name, 0) + int(((values >= limit) | (values == 0)).sum())
                 fixed = pa.array(np.where(values >= limit, 0, values), column.type)
             table = table.set_column(table.schema.get_field_index(name), name, fixed)
         pq.write_table(table, shard)
@@ -318,11 +339,27 @@ def test_an_earlier_run_scores_a_later_window_with_the_ids_added_since_on_its_oo
     assert pq.read_table(tmp_path / "later.parquet", columns=columns).equals(
         pq.read_table(tmp_path / "frozen.parquet", columns=columns)
     )
-    assert (
-        later["unseen_ids"] == {name: n for name, n in appended.items() if n}
-        and later["unseen_ids"]["content_id"] > 0
+    assert later["oov_rows"] == on_row_0 == expected["oov_rows"]
+    tokens = pq.read_table(window / "test", columns=["content_id"]).column(0).to_numpy()
+    assert 0 < np.sum(tokens >= limits["content_id"]) <= later["oov_rows"]["content_id"]
+
+    # the run's tables with another vocabulary (prepared again): refused, not read with other ids
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(base, shuffled)
+    vocab = shuffled / "vocabs" / "content_id.parquet"
+    table = pq.read_table(vocab)
+    pq.write_table(table.take(np.arange(table.num_rows)[::-1]), vocab)
+    (shuffled / "manifest.json").unlink()
+    write_manifest(
+        shuffled,
+        {
+            f"{split}/{p.name}": pq.ParquetFile(p).metadata.num_rows
+            for split in ("train", "val", "test")
+            for p in (shuffled / split).glob("*.parquet")
+        },
     )
-    assert "unseen_ids" not in expected or not any(expected["unseen_ids"].values())
+    with pytest.raises(DataError, match=r"encoded differently from the run's, and does not continue it"):
+        predict(run, shuffled, tmp_path / "shuffled.parquet", split="test")
 
 
 def test_a_run_refuses_data_that_does_not_continue_its_own(tmp_path):
@@ -340,3 +377,24 @@ def test_a_run_refuses_data_that_does_not_continue_its_own(tmp_path):
     prepare(_config(files, split), scratch)  # the window alone: its own vocabularies
     with pytest.raises(DataError, match=r"id space 'content_id': the run's vocabulary .* is not the start"):
         known_rows(scratch, base)
+
+
+def test_labels_relative_to_a_group_cannot_continue_a_base(tmp_path):
+    log, users, content = _log()
+    split = {"test_fraction": 0.2, "val_fraction": 0.1}
+    cut = int(len(log) * 0.6)
+    configs = []
+    for name, rows in (("base", log.iloc[:cut]), ("window", log.iloc[cut:])):
+        (tmp_path / f"{name}_files").mkdir()
+        cfg = _config(
+            study_files(tmp_path / f"{name}_files", interactions=rows, users=users, content=content), split
+        )
+        cfg.labels[1].relative_to = "user"  # skip: below the user's own median (training cuts, not stored)
+        configs.append(cfg)
+    prepare(configs[0], tmp_path / "base")
+    _refused(
+        configs[1],
+        tmp_path / "out",
+        tmp_path / "base",
+        r"relative to a group: their training cuts are not stored",
+    )

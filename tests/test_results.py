@@ -325,6 +325,14 @@ def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_mod
         assert warm["mse"] != frozen["mse"] and scratch["mse"] != frozen["mse"]
         assert frozen["unseen"] > warm["unseen"] > 0  # the frozen model misses day 3's new videos too
         assert warm["rows"] == frozen["rows"] == scratch["rows"]  # all of day 4, whichever line
+    # both lines validate on the same rows: the last of their newest day
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "work" / "replay" / "data"
+    chain, scratch = (
+        pq.read_table(data / name / "val").column("watch_ratio") for name in ("chain_03", "scratch_03")
+    )
+    assert len(chain) > 0 and chain.equals(scratch)
     text = out.read_text()
     assert (
         "| day | new videos | MSE frozen |" in text and "![quality against day](figures/replay.png)" in text

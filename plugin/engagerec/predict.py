@@ -102,9 +102,9 @@ def predict(
         work = _shared_workdir(out)
         try:
             scored, summary = _scoring_input(run, Path(input_path), split, users, content, work)
-            parts, unseen = _score(run, scored, threshold, batch_size, work)
-            if unseen:
-                summary["unseen_ids"] = unseen
+            parts, oov = _score(run, scored, threshold, batch_size, work)
+            if oov:
+                summary["oov_rows"] = oov
             if dist.is_initialized():
                 dist.barrier()  # every rank's part is closed before rank 0 reads them
             if is_rank_zero():
@@ -263,8 +263,8 @@ class _Scored:
     split: str
     raw: bool
     # a later window of the run's data: per sparse feature whose table grew, the run's table
-    # rows (ids appended since score on row 0, as a frozen vocabulary would put them), and the
-    # single-id features whose rows on row 0 are counted
+    # rows (ids appended since score on row 0, as a frozen vocabulary would put them); and the
+    # single-id features whose rows scored on row 0 are counted (a prepared input's)
     limits: Dict[str, int] = field(default_factory=dict)
     counted: List[str] = field(default_factory=list)
 
@@ -308,7 +308,7 @@ def _scoring_input(
             raise DataError(f"split '{split}' is not in this prepared data", file=str(path / SCHEMA_FILE))
         rows = given.meta["splits"][split]["rows"]
         single = {f.name for f in given.sparse if not f.multi}
-        scored = _Scored(path, split, raw=False, limits=limits, counted=sorted(single & set(limits)))
+        scored = _Scored(path, split, raw=False, limits=limits, counted=sorted(single))
         return scored, {"input": f"{path} ({split})", "rows_read": rows}
     outcome: List[Any] = [None]
     if is_rank_zero():
@@ -385,7 +385,7 @@ def _score(
 ) -> Tuple[List[Path], Dict[str, int]]:
     """Every rank scores its rows into ``work/part-<rank>.parquet``; returns all ranks' parts in
     rank order (= row order), and over all ranks, per feature of ``scored.counted``, the rows
-    whose id was appended after the run's data (scored on row 0)."""
+    scored on row 0 (an id unseen in the run's training, or appended after its data, or missing)."""
     tasks = run.model.tasks
     device = run.runtime.device
     size = batch_size or run.cfg.train.eval_batch_size
@@ -398,12 +398,12 @@ def _score(
     )
     own = work / f"part-{run.runtime.rank:05d}.parquet"
     cuda = device.type == "cuda"
-    unseen = torch.zeros(len(scored.counted), dtype=torch.int64)
+    oov = torch.zeros(len(scored.counted), dtype=torch.int64)
     with pq.ParquetWriter(own, layout) as writer, torch.no_grad():
         for batch in make_loader(reader, pin_memory=cuda):
             real = int(batch.weights.gt(0).sum())  # padding (even_batches) comes last, at weight 0
-            if scored.limits:
-                batch = _on_known_rows(batch, scored.limits, scored.counted, real, unseen)
+            if scored.counted:
+                batch = _on_known_rows(batch, scored.limits, scored.counted, real, oov)
             _, (_, predictions, _, _) = run.dmp(batch.to(device, non_blocking=cuda))
             arrays = []
             for task in tasks:
@@ -412,15 +412,19 @@ def _score(
                 if task.kind == "binary":
                     arrays.append(pa.array(values >= threshold))
             writer.write_batch(pa.record_batch(arrays, schema=layout))
-    if dist.is_initialized() and dist.get_world_size() > 1 and len(unseen):
-        dist.all_reduce(unseen)
+    if dist.is_initialized() and dist.get_world_size() > 1 and len(oov):
+        # a tensor on the process group's device (NCCL reduces CUDA tensors only)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        total = oov.to(device)
+        dist.all_reduce(total)
+        oov = total.cpu()
     parts = [work / f"part-{rank:05d}.parquet" for rank in range(run.runtime.world_size)]
-    return parts, {name: int(n) for name, n in zip(scored.counted, unseen.tolist(), strict=True)}
+    return parts, {name: int(n) for name, n in zip(scored.counted, oov.tolist(), strict=True)}
 
 
-def _on_known_rows(batch, limits: Dict[str, int], counted: List[str], real: int, unseen: torch.Tensor):
+def _on_known_rows(batch, limits: Dict[str, int], counted: List[str], real: int, oov: torch.Tensor):
     """``batch`` with every id at or past its feature's limit on row 0 (the out-of-vocabulary
-    row), counting, per feature of ``counted`` (one id a row), the real rows moved there."""
+    row), counting, per feature of ``counted`` (one id a row), the real rows on row 0 then."""
     kjt = batch.sparse_features
     keys, lengths = kjt.keys(), kjt.length_per_key()
     limit = torch.repeat_interleave(
@@ -430,7 +434,10 @@ def _on_known_rows(batch, limits: Dict[str, int], counted: List[str], real: int,
     past = values >= limit
     for i, name in enumerate(counted):
         start = sum(lengths[: keys.index(name)])
-        unseen[i] += int(past[start : start + real].sum())  # one id a row: the first ``real`` values
+        row = values[start : start + real]  # one id a row: the first ``real`` values are the real rows
+        oov[i] += int(((row == 0) | past[start : start + real]).sum())
+    if not limits:
+        return batch
     moved = KeyedJaggedTensor(
         keys=keys,
         values=torch.where(past, torch.zeros_like(values), values),
@@ -495,6 +502,11 @@ def format_summary(summary: Dict[str, Any]) -> str:
     counts += [(f"counted: {k}", v) for k, v in summary.get("counted_not_dropped", {}).items() if v]
     counts += [
         (f"id unseen in training (OOV row): {k}", v) for k, v in summary.get("unseen_ids", {}).items() if v
+    ]
+    counts += [
+        (f"scored on the OOV row (id unseen in training, or missing): {k}", v)
+        for k, v in summary.get("oov_rows", {}).items()
+        if v
     ]
     width = max(len(name) for name, _ in counts)
     lines += [f"  {name:<{width}} {value:>12,}" for name, value in counts if value is not None]

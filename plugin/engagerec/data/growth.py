@@ -21,6 +21,13 @@ model trained on the base goes on meaning the same thing (``engagerec train --in
 * ``schema.json``'s ``meta.base`` records the base (its path, its manifest's CRC-32, its time
   range) and per id space the table's rows before and after.
 
+What a window does not carry over, by the same rules as any preparation: the filters (such as
+``min_user_views``) and ``min_count`` count the window's rows alone; ids first seen in a base's
+validation or test rows join a vocabulary only when they reappear in a later window's training
+rows, and those rows add to the carried statistics only as live counters (the other schemes
+count training rows). A daily chain that keeps every row prepares each day with
+``val_fraction`` and ``test_fraction`` 0.
+
 Refused before anything is written, each with its reason: a base from another config (its
 features, labels or watch-ratio definition; each difference named), a base whose files changed
 since (every file's CRC-32 against its manifest), a base prepared by an earlier release (no
@@ -40,7 +47,7 @@ from engagerec.config import DataConfig, FeatureConfig, config_changes
 from engagerec.data.applier import SchemaApplier
 from engagerec.data.errors import DataError
 from engagerec.data.fitting import Fitter
-from engagerec.data.manifest import MANIFEST_FILE, verify_prepared
+from engagerec.data.manifest import MANIFEST_FILE, check_prepared
 from engagerec.data.raw import TIMESTAMP, USER_ID
 from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.tables import literal, quote
@@ -108,6 +115,13 @@ def write_tail(con, source: str, features: List[FeatureConfig], path: Path) -> i
         source (str): a table or subquery with ``__src`` and ``tail_columns(features)``.
         features (List[FeatureConfig]): ``data.features``.
         path (Path): the parquet file to write.
+
+    Returns:
+        int: the rows written.
+
+    Example::
+
+        >>> # write_tail(con, "events", cfg.features, stage / TAIL_FILE)
     """
     columns = ", ".join(quote(c) for c in tail_columns(features))
     user, time = quote(USER_ID), quote(TIMESTAMP)
@@ -123,7 +137,17 @@ def write_tail(con, source: str, features: List[FeatureConfig], path: Path) -> i
     return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(path))})").fetchone()[0])
 
 
-def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> DatasetSchema:
+@dataclasses.dataclass
+class Base:
+    """A checked base: its directory, its schema, and its manifest's CRC-32 when it was checked
+    (compared again once the window is written: a base replaced meanwhile is an error)."""
+
+    dir: Path
+    schema: DatasetSchema
+    manifest_crc32: int
+
+
+def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Base:
     """
     Everything about a base that can be checked before its window is read: another directory
     than the output, intact (every file's CRC-32), prepared with this config's features, labels
@@ -135,14 +159,14 @@ def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Da
         out_dir (str | Path): where the window's preparation goes.
 
     Returns:
-        DatasetSchema: the base's schema.
+        Base: the base's directory, schema and manifest CRC-32.
 
     Raises:
         DataError: naming the base's file and the reason.
 
     Example::
 
-        >>> # check_base(load_config("kuairand_temporal").data, "prepared/day1", "prepared/day2")
+        >>> # check_base(load_config("kuairand_temporal").data, "prepared/day1", "prepared/day2").schema
     """
     base = Path(base_dir)
     if base.resolve() == Path(out_dir).resolve():
@@ -152,7 +176,10 @@ def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Da
             file=str(base),
             expected="another --out than the base",
         )
-    verify_prepared(base)  # every byte: its vocabularies, statistics and tail are read as they are
+    # the files growth reads (schema, vocabularies, statistics, tail) against their CRC-32; the
+    # shards, never read here, against their sizes (prepare --verify checks every byte)
+    check_prepared(base)
+    crc = zlib.crc32((base / MANIFEST_FILE).read_bytes())
     schema = DatasetSchema.load(base)
     where = str(base / SCHEMA_FILE)
     theirs = schema.meta.get("config", {})
@@ -160,11 +187,17 @@ def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Da
     changes = []
     for key in COMPARED:
         changes += config_changes({key: _by_name(theirs.get(key))}, {key: _by_name(ours[key])}, "data.")
+    source = ("adapter", "columns")  # what a raw column means (the files themselves differ by design)
+    changes += config_changes(
+        {"source": {k: theirs.get("source", {}).get(k) for k in source}},
+        {"source": {k: ours["source"][k] for k in source}},
+        "data.",
+    )
     if changes:
         raise DataError(
             "the base was prepared from another config: " + "; ".join(changes),
             file=where,
-            expected="the base's data.features, data.labels and data.watch_ratio",
+            expected="the base's data.features, labels, watch_ratio, source.adapter and source.columns",
         )
     relative = [label.name for label in cfg.labels if label.relative_to]
     if relative:
@@ -186,7 +219,7 @@ def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Da
             "the base keeps no history tail (prepared by an earlier engagerec): prepare it again",
             file=str(base / TAIL_FILE),
         )
-    return schema
+    return Base(base, schema, crc)
 
 
 def _by_name(value: Any) -> Any:
@@ -197,7 +230,7 @@ def _by_name(value: Any) -> Any:
     return value
 
 
-def check_window(con, events, base: DatasetSchema, base_dir: Path) -> None:
+def check_window(con, events, base: Base) -> None:
     """
     Every row of the window must follow the base's last moment (a window left with no rows
     is refused earlier, by engagerec.data.events, with the count each filter dropped).
@@ -205,12 +238,15 @@ def check_window(con, events, base: DatasetSchema, base_dir: Path) -> None:
     Args:
         con: the DuckDB connection holding ``events`` (the window's kept rows).
         events: their engagerec.data.events.Events.
-        base (DatasetSchema): the base's schema (its ``meta.time_range``).
-        base_dir (Path): the base (named in messages).
+        base (Base): the checked base (its schema's ``meta.time_range``).
 
     Raises:
         DataError: the first row at or before the base's end (its file and row), or a window
             without timestamps.
+
+    Example::
+
+        >>> # check_window(con, build_events(con, raw, cfg), check_base(cfg, "prepared/day1", out))
     """
     if TIMESTAMP not in events.columns:
         raise DataError(
@@ -218,13 +254,13 @@ def check_window(con, events, base: DatasetSchema, base_dir: Path) -> None:
             file=events.log.source.label,
             column=TIMESTAMP,
         )
-    end = base.meta["time_range"][1]
+    end = base.schema.meta["time_range"][1]
     time = quote(TIMESTAMP)
     row = con.execute(f"SELECT min(__src) FROM events WHERE {time} <= {end!r}").fetchone()[0]
     if row is not None:
         got = con.execute(f"SELECT {time} FROM events WHERE __src = {row}").fetchone()[0]
         raise events.log.error(
-            f"the window overlaps its base {base_dir}, which ends at {end!r}: this view would be "
+            f"the window overlaps its base {base.dir}, which ends at {end!r}: this view would be "
             "counted twice (in the base's statistics and histories, and here)",
             row,
             column=TIMESTAMP,
@@ -239,14 +275,19 @@ class GrowingFitter(SchemaApplier):
 
     Args:
         con, events, features, out_dir: as for ``Fitter`` (``events`` holds the window).
-        fitted (DatasetSchema): the base's schema.
-        fitted_dir (Path): the base's directory.
+        base (Base): the checked base (``check_base``).
+
+    Example::
+
+        >>> # fitter = GrowingFitter(con, events, cfg.features, stage, check_base(cfg, "prepared/day1", out))
+        >>> # fitter.fit_ids(); fitter.growth["content_id"]
     """
 
     fitting = True  # the window's own statistics are fitted (ordered, cross-fitted or live)
 
-    def __init__(self, con, events, features, out_dir: Path, fitted: DatasetSchema, fitted_dir: Path):
-        super().__init__(con, events, features, out_dir, fitted, fitted_dir)
+    def __init__(self, con, events, features, out_dir: Path, base: Base):
+        super().__init__(con, events, features, out_dir, base.schema, base.dir)
+        self.base = base
         self.growth: Dict[str, Dict[str, int]] = {}  # id space -> rows before, after, appended
         self._base_tables: Dict[str, str] = {}  # statistics table -> the base's sums loaded beside it
 
@@ -321,13 +362,37 @@ class GrowingFitter(SchemaApplier):
             sums[feature.name] = carried
         return [f"LEFT JOIN {base} {alias} ON {alias}.token = {key}"], sums
 
+    def forget_base(self) -> None:
+        """Free what the window's rows needed of the base once the history table holds their
+        values: the base's statistics and tail, and the tail's rows of the history table (the
+        writer joins the window's rows only; the numbers' checks then see only those)."""
+        for table in self._base_tables.values():
+            self.con.execute(f"DROP TABLE IF EXISTS {table}")
+        self.con.execute("DROP TABLE IF EXISTS base_tail")
+        self.con.execute(f"DELETE FROM history WHERE __split = {BASE_ROWS}")
+
     def base_record(self) -> Dict[str, Any]:
         """What ``schema.json``'s ``meta.base`` keeps: the base, its manifest's CRC-32 and time
-        range, and the growth of each id space's table."""
+        range, and the growth of each id space's table.
+
+        Raises:
+            DataError: the base was replaced while the window was prepared (its manifest differs
+                from the one checked first).
+        """
         manifest = self.fitted_dir / MANIFEST_FILE
+        try:
+            crc = zlib.crc32(manifest.read_bytes())
+        except OSError:
+            crc = None
+        if crc != self.base.manifest_crc32:
+            raise DataError(
+                "the base was replaced or removed while this window was prepared against it",
+                file=str(manifest),
+                expected="a base left as it is until the window's prepare ends",
+            )
         return {
             "dir": str(self.fitted_dir.resolve()),
-            "manifest_crc32": zlib.crc32(manifest.read_bytes()),
+            "manifest_crc32": crc,
             "time_range": self.fitted.meta["time_range"],
             "growth": self.growth,
         }
@@ -344,6 +409,13 @@ def load_tail(con, base_dir: Path, features: List[FeatureConfig], columns: Dict[
         base_dir (Path): the base.
         features (List[FeatureConfig]): ``data.features``.
         columns (Dict[str, str]): the window's ``events`` columns and their types.
+
+    Returns:
+        Optional[str]: the SQL of the window's rows and the base's last views, or None.
+
+    Example::
+
+        >>> # rows = load_tail(con, Path("prepared/day1"), cfg.features, events.columns) or "events"
     """
     if not history_length(features):
         return None
@@ -381,7 +453,8 @@ def known_rows(later_dir: str | Path, earlier_dir: str | Path) -> Dict[str, int]
         >>> # known_rows("prepared/day3", "prepared/day1")
         >>> # {'content_id': 4461, 'user_id': 615}
     """
-    import pyarrow.parquet as pq  # here: prepare itself reads vocabularies with DuckDB
+    import pyarrow as pa  # here: prepare itself reads vocabularies with DuckDB
+    import pyarrow.parquet as pq
 
     later, earlier = DatasetSchema.load(later_dir), DatasetSchema.load(earlier_dir)
     rows: Dict[str, int] = {}
@@ -389,15 +462,22 @@ def known_rows(later_dir: str | Path, earlier_dir: str | Path) -> Dict[str, int]
         now, then = later.num_embeddings(space), earlier.num_embeddings(space)
         path = Path(later_dir) / VOCAB_DIR / f"{space}.parquet"
         if space in later.hashed or space in earlier.hashed or space in later.buckets:
-            if later.hashed.get(space) != earlier.hashed.get(space) or now != then:
+            # hashed ids keep their rows only with the bucket count and the token type hashed
+            kind = (later.hashed.get(space), later.token_types.get(space))
+            if kind != (earlier.hashed.get(space), earlier.token_types.get(space)) or now != then:
                 raise DataError(
                     f"id space '{space}' has {now:,} rows here and {then:,} in the run's data {earlier_dir}",
                     file=str(Path(later_dir) / SCHEMA_FILE),
                     expected="the run's own data, or a window prepared against it (prepare --base)",
                 )
             continue  # hashed ids and buckets keep their rows
-        tokens = pq.read_table(path).column("token")
-        known = pq.read_table(Path(earlier_dir) / VOCAB_DIR / path.name).column("token")
+        try:
+            tokens = pq.read_table(path).column("token")
+            known = pq.read_table(Path(earlier_dir) / VOCAB_DIR / path.name).column("token")
+        except (OSError, KeyError, pa.ArrowException) as err:
+            raise DataError(
+                f"id space '{space}': a vocabulary cannot be read ({err})", file=str(path)
+            ) from None
         if len(tokens) != now - 1:
             raise DataError(
                 f"id space '{space}': schema.json counts {now - 1:,} ids, its vocabulary "

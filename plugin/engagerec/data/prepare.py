@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import duckdb
 
@@ -92,7 +92,7 @@ def prepare(
         [21397, 2377, 10189]
     """
     out_dir = Path(out_dir)
-    base_schema = growth.check_base(cfg, base, out_dir) if base is not None else None
+    checked = growth.check_base(cfg, base, out_dir) if base is not None else None
     staging.check_replaceable(out_dir)
     with staging.PrepareLock(out_dir):
         freed = staging.clean_stale(out_dir)
@@ -100,7 +100,7 @@ def prepare(
             raise DataError("holds a preparation and overwrite is off", file=str(out_dir))
         stage = staging.new_staging(out_dir)
         try:
-            summary = _prepare_into(cfg, stage, out_dir, base and (Path(base), base_schema))
+            summary = _prepare_into(cfg, stage, out_dir, checked)
             summary["stale_scratch_freed_bytes"] = freed
             try:
                 staging.swap_in(stage, out_dir)
@@ -114,9 +114,7 @@ def prepare(
     return summary
 
 
-def _prepare_into(
-    cfg: DataConfig, stage: Path, out_dir: Path, base: Optional[Tuple[Path, DatasetSchema]]
-) -> Dict[str, Any]:
+def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path, base: Optional[growth.Base]) -> Dict[str, Any]:
     """Write a whole preparation into ``stage`` (its scratch inside), manifest last; errors name
     ``out_dir``, the directory the user gave. ``base``: the directory and schema it continues."""
     timings: Dict[str, float] = {}
@@ -137,14 +135,16 @@ def _prepare_into(
         if base is None:
             fitter, rows = Fitter(con, events, cfg.features, stage), "events"
         else:
-            growth.check_window(con, events, base[1], base[0])
-            fitter = growth.GrowingFitter(con, events, cfg.features, stage, base[1], base[0])
-            rows = growth.load_tail(con, base[0], cfg.features, events.columns) or "events"
+            growth.check_window(con, events, base)
+            fitter = growth.GrowingFitter(con, events, cfg.features, stage, base)
+            rows = growth.load_tail(con, base.dir, cfg.features, events.columns) or "events"
         fitter.fit_ids()
         lap("fit vocabularies (train)")
         build_history(con, fitter, events, cfg, rows)
         if growth.history_length(cfg.features) and {USER_ID, TIMESTAMP} <= set(events.columns):
             growth.write_tail(con, rows, cfg.features, stage / growth.TAIL_FILE)
+        if base is not None:
+            fitter.forget_base()
         lap("history windows, id statistics")
         with single_thread(con):  # float sums in a fixed order: the same stats on every run
             schema = fitter.fit_numbers()
