@@ -479,3 +479,22 @@ def test_a_ratio_trained_with_cross_entropy_learns_and_reports_the_ratio(study_d
     schema.meta["summary"]["split"]["train"]["labels"]["watch_ratio"]["max"] = 1.7
     with pytest.raises(ConfigError, match=r"training values lie in \[0.\d+, 1.7\], expected \[0, 1\]"):
         build_model(schema, cfg.model)
+
+
+def test_the_gbdt_fits_on_a_seeded_sample_of_the_training_rows_when_asked(study_data):
+    """At millions of rows the GBDT may fit on a sample: the same rows for the same seed,
+    other rows for another, and all of them when the sample would be as large."""
+    from engagerec.data.schema import DatasetSchema
+    from engagerec_study.gbdt import gbdt_reference
+
+    tasks, iterations = [("watch_ratio", "watch_ratio", "regression")], {"watch_ratio": 20}
+    rows = DatasetSchema.load(study_data).meta["splits"]["train"]["rows"]
+    whole = gbdt_reference(study_data, 0, tasks, iterations)
+    sample = gbdt_reference(study_data, 0, tasks, iterations, train_rows=rows // 4)
+    assert "train_rows" not in whole and sample["train_rows"] == rows // 4
+    assert sample == gbdt_reference(study_data, 0, tasks, iterations, train_rows=rows // 4)
+    assert sample["watch_ratio/mse"] != whole["watch_ratio/mse"]
+    other = gbdt_reference(study_data, 1, tasks, iterations, train_rows=rows // 4)
+    assert other["watch_ratio/mse"] != sample["watch_ratio/mse"]
+    everything = gbdt_reference(study_data, 0, tasks, iterations, train_rows=rows * 2)
+    assert everything["train_rows"] == rows and everything["watch_ratio/mse"] == whole["watch_ratio/mse"]

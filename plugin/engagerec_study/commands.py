@@ -42,6 +42,12 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference", help="the model the others are paired with by seed (default: the GBDT, else the first)"
     )
+    parser.add_argument(
+        "--gbdt-rows",
+        type=int,
+        help="fit the GBDT on a seeded sample of this many training rows (default all; at millions of "
+        "rows its time grows with them)",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -57,6 +63,7 @@ def _compare(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         gbdt=args.gbdt,
         reference=args.reference,
+        gbdt_rows=args.gbdt_rows,
     )
 
 

@@ -47,6 +47,7 @@ def run_comparison(
     resume: bool = True,
     gbdt: bool = False,
     reference: Optional[str] = None,
+    gbdt_rows: Optional[int] = None,
 ) -> str:
     """
     Train every tower with every seed (and the GBDT reference), then write the report (paired
@@ -61,6 +62,7 @@ def run_comparison(
             .json, .png).
         resume: continue runs found in ``out_dir``; False starts each afresh.
         gbdt: also fit the scikit-learn GBDT reference per seed (engagerec_study.gbdt).
+        gbdt_rows: the GBDT fits on a seeded sample of this many training rows (default all).
         reference: the model the others are paired with (default the GBDT, else the first).
 
     Returns:
@@ -130,7 +132,13 @@ def run_comparison(
         tasks = [(t.name, t.label, t.kind) for t in configured_tasks(cfg)]
 
         for seed in tqdm(seeds, desc=GBDT, unit="seed", file=sys.__stdout__, leave=False):
-            runs.append({"tower": GBDT, "seed": seed, "test": gbdt_reference(prepared_dir(cfg), seed, tasks)})
+            runs.append(
+                {
+                    "tower": GBDT,
+                    "seed": seed,
+                    "test": gbdt_reference(prepared_dir(cfg), seed, tasks, train_rows=gbdt_rows),
+                }
+            )
         print(_tower_line(GBDT, [r for r in runs if r["tower"] == GBDT]), file=sys.__stdout__, flush=True)
     return write_report(runs, out_dir, f"{cfg.name}: towers x seeds", reference)
 
@@ -144,6 +152,7 @@ def compare(
     resume: bool = True,
     gbdt: bool = False,
     reference: Optional[str] = None,
+    gbdt_rows: Optional[int] = None,
 ) -> int:
     """``engagerec compare``: ``run_comparison`` on a config file, the table printed with where
     the report went.
@@ -157,6 +166,7 @@ def compare(
         resume: continue runs found in the output directory.
         gbdt: also fit the GBDT reference.
         reference: the model the others are paired with (see ``run_comparison``).
+        gbdt_rows: the GBDT's training rows (a seeded sample; default all).
 
     Returns:
         int: 0.
@@ -165,7 +175,14 @@ def compare(
     out_dir = Path(out or f"runs/{cfg.name}/compare")
     started = time.perf_counter()
     table = run_comparison(
-        cfg, towers or [cfg.model.tower.name], seeds, out_dir, resume=resume, gbdt=gbdt, reference=reference
+        cfg,
+        towers or [cfg.model.tower.name],
+        seeds,
+        out_dir,
+        resume=resume,
+        gbdt=gbdt,
+        reference=reference,
+        gbdt_rows=gbdt_rows,
     )
     print(table)
     print(f"wrote {out_dir}/compare.md, compare.json, compare.png in {time.perf_counter() - started:.0f} s")

@@ -58,6 +58,7 @@ def gbdt_reference(
     seed: int = 0,
     tasks: Optional[List[Tuple[str, str, str]]] = None,
     iterations: Optional[Dict[str, int]] = None,
+    train_rows: Optional[int] = None,
 ) -> Dict[str, float]:
     """Test metrics of the GBDT reference, under the towers' metric names (and each task's
     ``<task>/iterations``), fitted in a fresh Python process that never imports torch (its
@@ -72,6 +73,8 @@ def gbdt_reference(
         iterations: task name -> boosting iterations, chosen beforehand (an earlier call's
             ``<task>/iterations`` on data with validation rows); the validation split is then
             not read, so ``data_dir`` may have none. Default: chosen on ``data_dir``'s own.
+        train_rows: fit on a seeded sample of this many training rows (default all; see
+            ``engagerec_study.gbdt_fit.fit_reference``); the result's ``train_rows`` says how many.
 
     Raises:
         ValueError: ``data_dir`` has no validation rows and ``iterations`` lacks a task.
@@ -100,6 +103,7 @@ def gbdt_reference(
         "seed": seed,
         "tasks": tasks,
         "iterations": iterations,
+        "train_rows": train_rows,
     }
     with tempfile.TemporaryDirectory(prefix="engagerec-gbdt-") as work:
         request_path, result_path = Path(work) / "request.json", Path(work) / "result.json"
