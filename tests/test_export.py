@@ -39,7 +39,7 @@ def eager(kuairand_run, tmp_path_factory):
 def _client_code():
     """The client in docs/SERVING.md, as the document shows it."""
     text = (REPO / "docs" / "SERVING.md").read_text()
-    return re.search(r"## A client.*?```python\n(.*?)```", text, re.S).group(1)
+    return re.search(r"## A client of encoded rows.*?```python\n(.*?)```", text, re.S).group(1)
 
 
 def test_the_fp32_program_predicts_what_the_sharded_model_predicts(kuairand_run, exported, eager):

@@ -6,13 +6,20 @@ model (DCP gathers whatever sharding the run trained with: table-wise over N ran
 of ATen operators: embedding bags, the tower's matmuls, the heads. A serving process loads it
 with ``torch.export.load`` alone: no engagerec, no torchrec, no fbgemm-gpu.
 
+``model_raw_<kind>.pt2`` is the same model behind prepare's encoding (engagerec.raw_inputs):
+it takes raw values (integer ids, numbers, the user's recent views and outcomes) and encodes
+them inside the graph, so a client re-implements no vocabulary, normalisation or id statistic.
+Inputs a tensor program cannot encode (text tokens, hashed id spaces) it takes encoded, and
+inputs.json says which.
+
 int8 is row-wise: every embedding row is stored as 8-bit codes plus its own fp32 scale and
 offset (PyTorch's ``quantized::embedding_bag_byte_*`` operators, the CPU counterpart of the
 FBGEMM kernels torchrec.inference uses), a quarter of the fp32 table bytes. The tower stays fp32.
 
 Output directory::
 
-    model_fp32.pt2  [model_int8.pt2]  inputs.json  export.json
+    model_fp32.pt2  model_raw_fp32.pt2  [model_int8.pt2  model_raw_int8.pt2]
+    inputs.json  export.json  encoding/
 """
 
 from __future__ import annotations
@@ -45,11 +52,13 @@ from engagerec.errors import CheckpointError, ConfigError
 from engagerec.metrics import binary_auc
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model
+from engagerec.raw_inputs import MISSING_ID, RawEncoder, RawServingModel
 from engagerec.runs import for_cpu, run_config
 
 ENCODING_DIR = "encoding"  # beside the programs: the training data's encoding, for clients
 
 ServingInputs = Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
+RAW_CALL = "program(ids, numbers, recent, recent_lengths, dense, sparse_ids, sparse_offsets) -> [B, tasks]"
 MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
 
@@ -316,8 +325,16 @@ def export_run(
                 exported = loaded(*example)
             eager = torch.stack([eager[t] for t in serving.task_names], dim=1)
             record["max_abs_difference_fp32_vs_eager"] = float((exported - eager).abs().max())
-    _write_inputs(out_dir, schema, model)
     record["encoding"] = _copy_encoding(Path(data_dir), out_dir / ENCODING_DIR)
+    # the raw programs encode with the copy that ships beside them
+    encoder = RawEncoder(schema, out_dir / ENCODING_DIR, names)
+    record["raw_programs"] = {
+        kind: _export_raw(
+            RawServingModel(encoder, ServingModel(model, int8=kind == "int8")).eval(), out_dir, kind
+        )
+        for kind in record["programs"]
+    }
+    _write_inputs(out_dir, schema, model, encoder)
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(record, indent=1))
     return record
@@ -337,7 +354,111 @@ def _copy_encoding(data_dir: Path, target: Path) -> List[str]:
     return sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
 
 
-def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel) -> None:
+def raw_example(encoder: RawEncoder, batch: int = 4, recent: int = 3) -> Tuple[Any, ...]:
+    """Inputs of the right kinds and shapes for ``RawServingModel`` (what torch.export traces
+    with): zeros, every row with ``recent`` earlier views but the first, which has none, and two
+    ids per row for the sparse features the client encodes.
+
+    Args:
+        encoder: the raw program's encoder (which inputs it takes).
+        batch: rows (2 or more).
+        recent: earlier views per row (2 or more).
+
+    Returns:
+        ``(ids, numbers, recent, recent_lengths, dense, sparse_ids, sparse_offsets)``.
+
+    Example::
+
+        >>> import tempfile
+        >>> from engagerec.data.schema import DenseFeature, LabelSpec
+        >>> schema = DatasetSchema(features=[{"name": "age", "kind": "numeric"}], sparse=[],
+        ...     dense=[DenseFeature("age", "age", "none", 30.0, 10.0, 30.0)],
+        ...     labels=[LabelSpec("skip", "binary")], vocab_sizes={})
+        >>> example = raw_example(RawEncoder(schema, tempfile.mkdtemp(), []))
+        >>> example[1]["age"].dtype, example[3].tolist()
+        (torch.float64, [0, 3, 3, 3])
+    """
+    long, double = torch.int64, torch.float64
+    outcomes = set(encoder.recent_outcomes())
+    lengths = torch.full((batch,), recent, dtype=long)
+    lengths[0] = 0
+    return (
+        {column: torch.zeros(batch, dtype=long) for column in encoder.id_columns()},
+        {column: torch.zeros(batch, dtype=double) for column in encoder.number_columns()},
+        {
+            column: torch.zeros(batch, recent, dtype=double if column in outcomes else long)
+            for column in encoder.recent_ids() + encoder.recent_outcomes()
+        },
+        lengths,
+        {name: torch.zeros(batch) for name in encoder.encoded_dense()},
+        {name: torch.zeros(2 * batch, dtype=long) for name in encoder.encoded_sparse()},
+        {name: torch.arange(0, 2 * batch, 2) for name in encoder.encoded_sparse()},
+    )
+
+
+def _raw_dynamic_shapes(encoder: RawEncoder) -> Tuple[Any, ...]:
+    """The batch, the earlier views per row and every client-encoded feature's id count vary."""
+    batch, recent = Dim("batch", min=2), Dim("recent", min=1)
+    rows = {0: batch}
+    return (
+        {column: rows for column in encoder.id_columns()},
+        {column: rows for column in encoder.number_columns()},
+        {column: {0: batch, 1: recent} for column in encoder.recent_ids() + encoder.recent_outcomes()},
+        rows,
+        {name: rows for name in encoder.encoded_dense()},
+        {name: {0: Dim(f"ids_{i}", min=1)} for i, name in enumerate(encoder.encoded_sparse())},
+        {name: rows for name in encoder.encoded_sparse()},
+    )
+
+
+def _export_raw(raw: RawServingModel, out_dir: Path, kind: str) -> Dict[str, Any]:
+    """Save ``raw`` as ``model_raw_<kind>.pt2``; its file, size, and the loaded program's largest
+    difference from the module on ``raw_example``."""
+    example = raw_example(raw.encoder)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+        program = torch.export.export(raw, example, dynamic_shapes=_raw_dynamic_shapes(raw.encoder))
+        file = out_dir / f"model_raw_{kind}.pt2"
+        torch.export.save(program, str(file))
+        difference = (torch.export.load(str(file)).module()(*example) - raw(*example)).abs().max()
+    return {
+        "file": file.name,
+        "bytes": file.stat().st_size,
+        "max_abs_difference_vs_module": float(difference),
+    }
+
+
+def _raw_inputs(encoder: RawEncoder, programs: List[str]) -> Dict[str, Any]:
+    """inputs.json's ``raw`` section: the raw programs' call, and per input raw or encoded."""
+    return {
+        "programs": programs,
+        "call": RAW_CALL,
+        "ids": {"columns": encoder.id_columns(), "dtype": "int64", "shape": "[B]", "missing": MISSING_ID},
+        "numbers": {
+            "columns": encoder.number_columns(),
+            "dtype": "float64",
+            "shape": "[B]",
+            "missing": "NaN",
+        },
+        "recent": {
+            "ids": encoder.recent_ids(),
+            "outcomes": encoder.recent_outcomes(),
+            "shape": "[B, N]: the user's N most recent earlier views, oldest first (ids int64; "
+            "outcomes float64, the label as the run derives it, NaN when unknown)",
+        },
+        "recent_lengths": "int64 [B]: how many of each row's N entries are views (the first ones)",
+        "dense": {"features": encoder.encoded_dense(), "dtype": "float32", "shape": "[B]"},
+        "sparse": {
+            "features": encoder.encoded_sparse(),
+            "ids": "per feature: int64, every row's ids concatenated",
+            "offsets": "per feature: int64 [B], where each row's ids start",
+        },
+        "features": {name: plan.to_json() for name, plan in encoder.plans.items()},
+        "encode_with": "engagerec.data.scoring.encode_for_scoring (or encoding/: schema.json, vocabs/)",
+    }
+
+
+def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel, encoder: RawEncoder) -> None:
     """inputs.json: what a client passes and gets back, and the encoding the inputs need."""
     spec = {
         "call": "program(dense, ids, offsets) -> predictions [B, tasks]",
@@ -351,6 +472,7 @@ def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel) -
         "predictions": "regression: the estimate; binary: the probability of the positive class",
         "encoding": f"as `engagerec prepare` writes shards; {ENCODING_DIR}/ holds the training data's "
         "schema.json, vocabs/ and stats/ (what `engagerec predict` encodes raw rows with)",
+        "raw": _raw_inputs(encoder, sorted(p.name for p in out_dir.glob("model_raw_*.pt2"))),
         "torch": torch.__version__,
     }
     (out_dir / "inputs.json").write_text(json.dumps(spec, indent=1))
@@ -369,6 +491,8 @@ def format_record(record: Dict[str, Any], out_dir: str | Path) -> str:
         )
     difference = record["max_abs_difference_fp32_vs_eager"]
     lines.append(f"  fp32 program vs the eager model: largest difference {difference:.2e}")
+    for program in record.get("raw_programs", {}).values():
+        lines.append(f"  {program['file']:<20} {program['bytes'] / 2**20:8.2f} MiB  raw values in")
     lines.append(f"  inputs and outputs: {Path(out_dir) / 'inputs.json'}; a client: docs/SERVING.md")
     return "\n".join(lines)
 
