@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo lint format test test-fast bench bench-scale bench-shapes results clean
+.PHONY: install demo lint format test test-fast bench bench-scale bench-shapes bench-quality results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,10 @@ bench-scale: install
 # the same at scale 1 on three data shapes: a strong head, the default, a flat popularity
 bench-shapes: install
 	$(PY) benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65
+
+# quality at KuaiRand-1K scale, 5 seeds against the GBDT, on the data `make bench` generates and prepares
+bench-quality: install
+	$(PY) benchmarks/quality_at_scale.py --data-dir prepared/kuairand_1k --noise-floor generated/kuairand_1k/noise_floor.json
 
 clean:
 	rm -rf $(VENV) prepared runs
