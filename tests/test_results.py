@@ -313,7 +313,11 @@ def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_mod
     catalogue = [replay.section(overrides=["train.epochs=1"], first_days=2, last_day=4)]
     out = tmp_path / "docs" / "RESULTS.md"
     make_results(out, tmp_path / "cache", tmp_path / "work", seeds=[0, 1], catalogue=catalogue)
-    days = SectionCache(tmp_path / "cache").load_any("replay")["days"]
+    cached = SectionCache(tmp_path / "cache").load_any("replay")
+    days = cached["days"]
+    # the warm line's settings: the candidate of lowest validation loss, never the next day's
+    assert set(cached["warm_val_loss"]) == {"first", "lr_third", "one_epoch"}
+    assert cached["warm_chosen"] == min(cached["warm_val_loss"], key=cached["warm_val_loss"].get)
     assert sorted(days) == ["3", "4"]
     first, second = days["3"], days["4"]
     # day 3: every line is still the first model, on the same rows

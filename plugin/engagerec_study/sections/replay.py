@@ -11,7 +11,10 @@ all of day d's rows:
            freeze: histories and id statistics carry on through the days, as a serving
            system's live feature pipeline would;
   warm     yesterday's warm model trained on day d-1 alone, started from its own yesterday's
-           (``engagerec train --init-from``; the first one is the first model);
+           (``engagerec train --init-from``; the first one is the first model), with the
+           retraining settings chosen on validation among a few candidates (the first model's
+           learning rates and early stopping, a third of both learning rates, one epoch): the
+           candidate whose daily runs have the lowest mean validation loss is the one scored;
   scratch  a model trained from scratch on days 1..d-1.
 
 Every day's data is prepared against the day before's (``engagerec prepare --base``), so the
@@ -129,7 +132,11 @@ def _train(
             train(load_config(config[0], config[1:] + sets), run)
     done = json.loads(results.read_text())
     batch = load_config(config[0], config[1:]).train.batch_size
-    return {"samples": int(done["steps"]) * batch, "seconds": float(done["train_seconds"])}
+    return {
+        "samples": int(done["steps"]) * batch,
+        "seconds": float(done["train_seconds"]),
+        "val_loss": float(done["history"][done["best_epoch"]]["loss"]),  # at the epoch validation chose
+    }
 
 
 def _score(run: Path, data: Path, out: Path) -> Dict[str, float]:
@@ -191,17 +198,34 @@ def _compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
         scored_by_scratch[k + 1] = _prepare(
             scratch_config[k], days[k], work / "data" / f"scratch_{k:02d}_next", scratch[k]
         )
+    # the warm line's retraining settings, chosen on validation: every candidate's daily chain is
+    # trained, and the one with the lowest mean validation loss (each day's last rows) is scored
+    warm_runs: Dict[str, Dict[int, Dict[int, Any]]] = {}  # candidate -> seed -> day scored -> (run, cost)
+    for candidate, changes in spec["warm_candidates"].items():
+        for seed in spec["seeds"]:
+            runs = work / "runs" / f"seed{seed}"
+            run = runs / f"first_{first:02d}"
+            chained = warm_runs.setdefault(candidate, {}).setdefault(seed, {})
+            chained[first + 1] = (run, _train(config, chain[first], run, seed))
+            for d in range(first + 2, len(days) + 1):  # the model that scores day d trained on d - 1
+                name = f"warm_{d - 1:02d}" if not changes else f"warm_{candidate}_{d - 1:02d}"
+                cost = _train(config + changes, chain[d - 1], runs / name, seed, init_from=run)
+                run = runs / name
+                chained[d] = (run, cost)
+    val_loss = {
+        candidate: float(np.mean([cost["val_loss"] for by_day in seeds.values()
+                                  for d, (_, cost) in by_day.items() if d > first + 1]))
+        for candidate, seeds in warm_runs.items()
+    }  # fmt: skip
+    chosen = min(val_loss, key=val_loss.get)
     per_day: Dict[int, Dict[str, List[Dict[str, float]]]] = {}
     for seed in spec["seeds"]:
         runs = work / "runs" / f"seed{seed}"
-        first_run = runs / f"first_{first:02d}"
-        first_cost = _train(config, chain[first], first_run, seed)
-        warm, warm_cost = first_run, first_cost
+        first_run, first_cost = warm_runs[chosen][seed][first + 1]
         for d in range(first + 1, len(days) + 1):
+            warm, warm_cost = warm_runs[chosen][seed][d]
             scratch_run, scratch_cost = first_run, first_cost
-            if d > first + 1:  # yesterday's warm model (trained on yesterday alone), and scratch model
-                warm_cost = _train(config, chain[d - 1], runs / f"warm_{d - 1:02d}", seed, init_from=warm)
-                warm = runs / f"warm_{d - 1:02d}"
+            if d > first + 1:  # yesterday's scratch model
                 scratch_run = runs / f"scratch_{d - 1:02d}"
                 scratch_cost = _train(scratch_config[d - 1], scratch[d - 1], scratch_run, seed)
             day = per_day.setdefault(d, {name: [] for name, _ in LINES})
@@ -212,7 +236,12 @@ def _compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
             ):
                 scores = _score(run, data, work / "scores" / f"seed{seed}" / f"{name}_{d:02d}")
                 day[name].append({**scores, **cost, "seed": seed})
-    return {"days": {str(d): lines for d, lines in sorted(per_day.items())}, "first_days": first}
+    return {
+        "days": {str(d): lines for d, lines in sorted(per_day.items())},
+        "first_days": first,
+        "warm_val_loss": val_loss,
+        "warm_chosen": chosen,
+    }
 
 
 def _split_rows(data: Path, split: Optional[str] = None) -> int:
@@ -259,6 +288,14 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
     ]
     n = len(days[last]["warm"])
     _plot(days, figures / "replay.png")
+    choice = ", ".join(f"{name} {loss:.4f}" for name, loss in data["warm_val_loss"].items())
+    paragraphs.insert(
+        0,
+        "The warm line's retraining settings were chosen on validation (the mean validation loss "
+        f"of its daily runs: {choice}; `first`: the first model's learning rates and early "
+        f"stopping, `lr_third`: a third of both learning rates, `one_epoch`: one epoch): "
+        f"**{data['warm_chosen']}**.",
+    )
     return "\n".join(
         [
             f"The first model trains on days 1..{data['first_days']}; each later day is scored by the "
@@ -326,11 +363,15 @@ def section(
     config = [base, *OVERRIDES, *(overrides or [])]
 
     def spec(seeds: List[int]) -> Dict[str, Any]:
+        train = load_config(config[0], config[1:]).train
+        lower = [f"train.dense_lr={train.dense_lr / 3!r}", f"train.sparse_lr={train.sparse_lr / 3!r}"]
+        candidates = {"first": [], "lr_third": lower, "one_epoch": ["train.epochs=1"]}
         return {"config": config_spec(load_config(config[0], config[1:])), "config_args": config,
-                "first_days": first_days, "last_day": last_day, "seeds": list(seeds)}  # fmt: skip
+                "first_days": first_days, "last_day": last_day, "seeds": list(seeds),
+                "warm_candidates": candidates}  # fmt: skip
 
     return Section(
-        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render
+        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render, version=2
     )
 
 
