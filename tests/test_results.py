@@ -307,34 +307,43 @@ def test_correlation_replicates_give_each_seed_its_own_block_of_runs():
 
 @pytest.mark.slow
 def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_model(tmp_path):
-    """Two days of KuaiRand train the first model; days 3 and 4 are scored by all three lines."""
+    """Three days of KuaiRand train the first model; days 4 and 5 are scored by all three lines."""
     from engagerec_study.sections import replay
 
-    catalogue = [replay.section(overrides=["train.epochs=1"], first_days=2, last_day=4)]
+    catalogue = [replay.section(overrides=["train.epochs=1"], first_days=3, last_day=5)]
     out = tmp_path / "docs" / "RESULTS.md"
     make_results(out, tmp_path / "cache", tmp_path / "work", seeds=[0, 1], catalogue=catalogue)
     cached = SectionCache(tmp_path / "cache").load_any("replay")
     days = cached["days"]
-    # the warm line's settings: the candidate of lowest validation loss, never the next day's
+    # the warm line's settings were chosen on the first days' runs only (days 2 and 3 warm-started
+    # from a model of day 1), never on a scored day's rows
+    runs = tmp_path / "work" / "replay" / "runs"
+    for candidate, loss in cached["warm_val_loss"].items():
+        tuned = [json.loads((runs / f"seed{s}" / f"tune_{candidate}_{d:02d}" / "results.json").read_text())
+                 for s in (0, 1) for d in (2, 3)]  # fmt: skip
+        assert loss == pytest.approx(np.mean([r["history"][r["best_epoch"]]["loss"] for r in tuned]))
+        for d in (2, 3):
+            data_dir = json.loads((runs / "seed0" / f"tune_{candidate}_{d:02d}" / "config.json").read_text())
+            assert data_dir["train"]["data_dir"].endswith(f"tune_{d:02d}")
     assert set(cached["warm_val_loss"]) == {"first", "lr_third", "one_epoch"}
     assert cached["warm_chosen"] == min(cached["warm_val_loss"], key=cached["warm_val_loss"].get)
-    assert sorted(days) == ["3", "4"]
-    first, second = days["3"], days["4"]
-    # day 3: every line is still the first model, on the same rows
+    assert sorted(days) == ["4", "5"]
+    first, second = days["4"], days["5"]
+    # day 4: every line is still the first model, on the same rows
     for line in ("warm", "scratch"):
         assert [r["mse"] for r in first[line]] == [r["mse"] for r in first["frozen"]]
-    # day 4: the warm model trained on day 3 alone, the scratch model on days 1..3
+    # day 5: the warm model trained on day 4 alone, the scratch model on days 1..4
     for warm, scratch, frozen in zip(second["warm"], second["scratch"], second["frozen"], strict=True):
         assert warm["samples"] < scratch["samples"]
         assert warm["mse"] != frozen["mse"] and scratch["mse"] != frozen["mse"]
-        assert frozen["unseen"] > warm["unseen"] > 0  # the frozen model misses day 3's new videos too
-        assert warm["rows"] == frozen["rows"] == scratch["rows"]  # all of day 4, whichever line
+        assert frozen["unseen"] > warm["unseen"] > 0  # the frozen model misses day 4's new videos too
+        assert warm["rows"] == frozen["rows"] == scratch["rows"]  # all of day 5, whichever line
     # both lines validate on the same rows: the last of their newest day
     import pyarrow.parquet as pq
 
     data = tmp_path / "work" / "replay" / "data"
     chain, scratch = (
-        pq.read_table(data / name / "val").column("watch_ratio") for name in ("chain_03", "scratch_03")
+        pq.read_table(data / name / "val").column("watch_ratio") for name in ("chain_04", "scratch_04")
     )
     assert len(chain) > 0 and chain.equals(scratch)
     text = out.read_text()

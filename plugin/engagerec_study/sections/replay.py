@@ -12,9 +12,10 @@ all of day d's rows:
            system's live feature pipeline would;
   warm     yesterday's warm model trained on day d-1 alone, started from its own yesterday's
            (``engagerec train --init-from``; the first one is the first model), with the
-           retraining settings chosen on validation among a few candidates (the first model's
-           learning rates and early stopping, a third of both learning rates, one epoch): the
-           candidate whose daily runs have the lowest mean validation loss is the one scored;
+           retraining settings chosen among a few candidates (the first model's learning rates
+           and early stopping, a third of both learning rates, one epoch) before the replay, on
+           rows it never scores: a model of days 1..first-2 warm-started on days first-1 and
+           first with each, the lowest mean validation loss chosen;
   scratch  a model trained from scratch on days 1..d-1.
 
 Every day's data is prepared against the day before's (``engagerec prepare --base``), so the
@@ -50,6 +51,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from engagerec.config import load_config
+from engagerec.errors import ConfigError
 from engagerec_study.report import saved_figure
 from engagerec_study.sections.common import Section, cell, config_spec, mean_ci
 
@@ -198,32 +200,45 @@ def _compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
         scored_by_scratch[k + 1] = _prepare(
             scratch_config[k], days[k], work / "data" / f"scratch_{k:02d}_next", scratch[k]
         )
-    # the warm line's retraining settings, chosen on validation: every candidate's daily chain is
-    # trained, and the one with the lowest mean validation loss (each day's last rows) is scored
-    warm_runs: Dict[str, Dict[int, Dict[int, Any]]] = {}  # candidate -> seed -> day scored -> (run, cost)
+    # the warm line's retraining settings, chosen before the replay on rows it never scores: a model
+    # of days 1..first-2 is warm-started on day first-1, then on day first, with each candidate;
+    # the candidate whose runs have the lowest mean validation loss (each day's last rows) is replayed
+    tune_days = (first - 1, first)
+    tuning = {first - 2: _prepare(config, upto(first - 2), work / "data" / f"tune_{first - 2:02d}")}
+    for d in tune_days:
+        tuning[d] = _prepare(config, days[d - 1], work / "data" / f"tune_{d:02d}", tuning[d - 1])
+    val_loss: Dict[str, float] = {}
     for candidate, changes in spec["warm_candidates"].items():
+        losses = []
         for seed in spec["seeds"]:
             runs = work / "runs" / f"seed{seed}"
-            run = runs / f"first_{first:02d}"
-            chained = warm_runs.setdefault(candidate, {}).setdefault(seed, {})
-            chained[first + 1] = (run, _train(config, chain[first], run, seed))
-            for d in range(first + 2, len(days) + 1):  # the model that scores day d trained on d - 1
-                name = f"warm_{d - 1:02d}" if not changes else f"warm_{candidate}_{d - 1:02d}"
-                cost = _train(config + changes, chain[d - 1], runs / name, seed, init_from=run)
+            run = runs / f"tune_first_{first - 2:02d}"
+            _train(config, tuning[first - 2], run, seed)
+            for d in tune_days:
+                name = f"tune_{candidate}_{d:02d}"
+                losses.append(
+                    _train(config + changes, tuning[d], runs / name, seed, init_from=run)["val_loss"]
+                )
                 run = runs / name
-                chained[d] = (run, cost)
-    val_loss = {
-        candidate: float(np.mean([cost["val_loss"] for by_day in seeds.values()
-                                  for d, (_, cost) in by_day.items() if d > first + 1]))
-        for candidate, seeds in warm_runs.items()
-    }  # fmt: skip
+        val_loss[candidate] = float(np.mean(losses))
     chosen = min(val_loss, key=val_loss.get)
+    changes = spec["warm_candidates"][chosen]
+    warm_runs: Dict[int, Dict[int, Any]] = {}  # seed -> day scored -> (the run scoring it, its cost)
+    for seed in spec["seeds"]:
+        runs = work / "runs" / f"seed{seed}"
+        run = runs / f"first_{first:02d}"
+        warm_runs[seed] = {first + 1: (run, _train(config, chain[first], run, seed))}
+        for d in range(first + 2, len(days) + 1):  # the model that scores day d trained on d - 1
+            name = f"warm_{d - 1:02d}" if not changes else f"warm_{chosen}_{d - 1:02d}"
+            cost = _train(config + changes, chain[d - 1], runs / name, seed, init_from=run)
+            run = runs / name
+            warm_runs[seed][d] = (run, cost)
     per_day: Dict[int, Dict[str, List[Dict[str, float]]]] = {}
     for seed in spec["seeds"]:
         runs = work / "runs" / f"seed{seed}"
-        first_run, first_cost = warm_runs[chosen][seed][first + 1]
+        first_run, first_cost = warm_runs[seed][first + 1]
         for d in range(first + 1, len(days) + 1):
-            warm, warm_cost = warm_runs[chosen][seed][d]
+            warm, warm_cost = warm_runs[seed][d]
             scratch_run, scratch_cost = first_run, first_cost
             if d > first + 1:  # yesterday's scratch model
                 scratch_run = runs / f"scratch_{d - 1:02d}"
@@ -291,10 +306,11 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
     choice = ", ".join(f"{name} {loss:.4f}" for name, loss in data["warm_val_loss"].items())
     paragraphs.insert(
         0,
-        "The warm line's retraining settings were chosen on validation (the mean validation loss "
-        f"of its daily runs: {choice}; `first`: the first model's learning rates and early "
-        f"stopping, `lr_third`: a third of both learning rates, `one_epoch`: one epoch): "
-        f"**{data['warm_chosen']}**.",
+        "The warm line's retraining settings were chosen before the replay, on rows it never "
+        f"scores: a model of days 1..{data['first_days'] - 2} warm-started on each of days "
+        f"{data['first_days'] - 1} and {data['first_days']} with each candidate, mean validation loss "
+        f"{choice} (`first`: the first model's learning rates and early stopping, `lr_third`: a third "
+        f"of both learning rates, `one_epoch`: one epoch); chosen: **{data['warm_chosen']}**.",
     )
     return "\n".join(
         [
@@ -357,9 +373,15 @@ def section(
     Args:
         base: a KuaiRand config (its log read by ``day_files``; labels watch_ratio, then skip).
         overrides: ``key=value`` changes to it (after ``OVERRIDES``).
-        first_days: the first model's days.
+        first_days: the first model's days (at least 3: the warm line's settings are chosen on
+            the last two of them, from a model of the others).
         last_day: the last day scored (default: the log's last).
+
+    Raises:
+        ConfigError: ``first_days`` below 3.
     """
+    if first_days < 3:
+        raise ConfigError(f"the replay's first model needs at least 3 days, got {first_days}")
     config = [base, *OVERRIDES, *(overrides or [])]
 
     def spec(seeds: List[int]) -> Dict[str, Any]:
@@ -371,7 +393,7 @@ def section(
                 "warm_candidates": candidates}  # fmt: skip
 
     return Section(
-        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render, version=2
+        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render, version=3
     )
 
 
