@@ -6,7 +6,8 @@ one prepared KuaiRand-1K-shaped dataset (the generator's noise floor known).
 
 For each seed: `engagerec train --config configs/kuairand_1k.yaml` on D for ``--epochs`` epochs in
 a fresh process (the best epoch on validation is tested; a run directory under ``--runs`` with a
-results.json is read instead of trained again), and the GBDT reference
+results.json of the same data and seed is read instead of trained again, whatever its epochs:
+its validation chose its best), and the GBDT reference
 (engagerec_study.gbdt: one HistGradientBoosting model per task, ids target-encoded, iterations
 chosen on validation) fitted on a seeded sample of ``--gbdt-rows`` training rows. Reports per
 model and task the test metrics, mean ± 95% CI over seeds, beside the train-mean constant, and
@@ -43,7 +44,11 @@ METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
 def tower_run(data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:
     """One seed's run (trained unless ``run`` already holds its results.json): test metrics,
     the epoch validation chose, and the seconds it trained."""
-    if not (run / "results.json").is_file():
+    if (run / "results.json").is_file():  # read back only if it trained on these data with this seed
+        done = json.loads((run / "config.json").read_text())["train"]
+        if Path(done["data_dir"]).resolve() != data_dir or done["seed"] != seed:
+            raise SystemExit(f"{run} holds a run of other data or another seed: give another --runs")
+    else:
         subprocess.run(
             [sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run),
              "--set", f"train.data_dir={data_dir}", "--set", f"train.seed={seed}",

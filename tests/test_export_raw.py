@@ -221,6 +221,8 @@ def test_inputs_json_says_which_features_are_raw_and_which_the_client_encodes(sc
     assert {"user_views", "video_mean_skip", "author_mean_watch_ratio"} <= raw  # integer-keyed statistics
     assert "content_id" in spec["raw"]["recent"]["ids"]
     assert {"watch_ratio", "skip"} == set(spec["raw"]["recent"]["outcomes"])
+    assert spec["raw"]["recent"]["views_needed"] == 200  # longer_watch_ratio: the last 200 views
+    assert spec["raw"]["programs"] == ["model_raw_fp32.pt2"]  # this export's, never an earlier one's
     if "author_hashed" in features:  # the every-kind config
         assert "hash()" in features["author_hashed"]["why"]
         assert features["degree_mean_skip"] == {**features["degree_mean_skip"], "input": "encoded"}
@@ -305,3 +307,23 @@ def test_predicts_encoder_runs_on_its_own_for_the_inputs_left_to_the_client(kuai
     assert done.returncode == 0, done.stderr[-3000:]
     encoded = pq.read_table(tmp_path / "e" / "test").to_pandas()
     assert {"genres", "user_active_degree"} <= set(encoded.columns) and len(encoded) > 1000
+
+
+def test_a_negative_number_of_a_log1p_feature_scores_nan_never_a_guess(tmp_path):
+    """predict refuses x < 0 for log1p; the program cannot raise per row, so the row's input is
+    NaN (and with it the score), even where the feature fills missing values with the mean."""
+    from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec
+    from engagerec.raw_inputs import RawEncoder
+
+    schema = DatasetSchema(
+        features=[{"name": "followers", "kind": "numeric", "transform": "log1p", "missing": "mean"}],
+        sparse=[],
+        dense=[DenseFeature("followers", "followers", "log1p", 2.0, 1.0, 2.0)],
+        labels=[LabelSpec("skip", "binary")],
+        vocab_sizes={},
+    )
+    encoder = RawEncoder(schema, tmp_path, [])
+    values = torch.tensor([np.e - 1, float("nan"), -0.5, -3.0], dtype=torch.float64)
+    dense, _, _ = encoder({}, {"followers": values}, {}, torch.zeros(4, dtype=torch.int64), {}, {}, {})
+    assert dense[:2, 0].tolist() == pytest.approx([-1.0, 0.0])  # ln(e) = 1 standardised; missing: the mean
+    assert torch.isnan(dense[2:, 0]).all()

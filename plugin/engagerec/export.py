@@ -41,7 +41,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec import checkpoint
 from engagerec.batch import Batch
-from engagerec.config import prepared_dir
+from engagerec.config import FeatureConfig, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.manifest import check_prepared
 from engagerec.data.reader import ShardReader, make_loader
@@ -334,7 +334,7 @@ def export_run(
         )
         for kind in record["programs"]
     }
-    _write_inputs(out_dir, schema, model, encoder)
+    _write_inputs(out_dir, schema, model, encoder, [p["file"] for p in record["raw_programs"].values()])
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(record, indent=1))
     return record
@@ -428,8 +428,9 @@ def _export_raw(raw: RawServingModel, out_dir: Path, kind: str) -> Dict[str, Any
     }
 
 
-def _raw_inputs(encoder: RawEncoder, programs: List[str]) -> Dict[str, Any]:
-    """inputs.json's ``raw`` section: the raw programs' call, and per input raw or encoded."""
+def _raw_inputs(encoder: RawEncoder, programs: List[str], views: int) -> Dict[str, Any]:
+    """inputs.json's ``raw`` section: the raw programs' call, and per input raw or encoded
+    (``views``: the earlier views the longest history reads)."""
     return {
         "programs": programs,
         "call": RAW_CALL,
@@ -445,6 +446,9 @@ def _raw_inputs(encoder: RawEncoder, programs: List[str]) -> Dict[str, Any]:
             "outcomes": encoder.recent_outcomes(),
             "shape": "[B, N]: the user's N most recent earlier views, oldest first (ids int64; "
             "outcomes float64, the label as the run derives it, NaN when unknown)",
+            "views_needed": views,
+            "views_note": "the longest history reads this many earlier views; fewer (a short "
+            "history, a new user) are encoded as training encoded them, more are cut",
         },
         "recent_lengths": "int64 [B]: how many of each row's N entries are views (the first ones)",
         "dense": {"features": encoder.encoded_dense(), "dtype": "float32", "shape": "[B]"},
@@ -458,8 +462,11 @@ def _raw_inputs(encoder: RawEncoder, programs: List[str]) -> Dict[str, Any]:
     }
 
 
-def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel, encoder: RawEncoder) -> None:
-    """inputs.json: what a client passes and gets back, and the encoding the inputs need."""
+def _write_inputs(
+    out_dir: Path, schema: DatasetSchema, model: MultiTaskModel, encoder: RawEncoder, raw_programs: List[str]
+) -> None:
+    """inputs.json: what a client passes and gets back, and the encoding the inputs need
+    (``raw_programs``: the raw programs this export wrote, never an earlier export's left there)."""
     spec = {
         "call": "program(dense, ids, offsets) -> predictions [B, tasks]",
         "dense": {"columns": schema.dense_names, "dtype": "float32", "shape": "[B, len(columns)]"},
@@ -472,10 +479,31 @@ def _write_inputs(out_dir: Path, schema: DatasetSchema, model: MultiTaskModel, e
         "predictions": "regression: the estimate; binary: the probability of the positive class",
         "encoding": f"as `engagerec prepare` writes shards; {ENCODING_DIR}/ holds the training data's "
         "schema.json, vocabs/ and stats/ (what `engagerec predict` encodes raw rows with)",
-        "raw": _raw_inputs(encoder, sorted(p.name for p in out_dir.glob("model_raw_*.pt2"))),
+        "raw": _raw_inputs(encoder, sorted(raw_programs), history_length(schema)),
         "torch": torch.__version__,
     }
     (out_dir / "inputs.json").write_text(json.dumps(spec, indent=1))
+
+
+def history_length(schema: DatasetSchema) -> int:
+    """The earlier views the data's longest history reads (0 without history features).
+
+    Args:
+        schema (DatasetSchema): the training data's schema.
+
+    Example::
+
+        >>> from engagerec.data.schema import DatasetSchema
+        >>> schema = DatasetSchema([{"name": "recent", "kind": "history", "length": 20}], [], [], [], {})
+        >>> history_length(schema)
+        20
+    """
+    lengths = [
+        f.get("length", FeatureConfig.length)
+        for f in schema.features
+        if f.get("kind") in ("history", "history_mean")
+    ]
+    return max(lengths, default=0)
 
 
 def format_record(record: Dict[str, Any], out_dir: str | Path) -> str:

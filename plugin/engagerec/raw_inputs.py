@@ -226,7 +226,9 @@ class RawEncoder(nn.Module):
         >>> from engagerec.data.schema import DenseFeature, LabelSpec, SparseFeature
         >>> folder = Path(tempfile.mkdtemp())
         >>> (folder / "vocabs").mkdir()
-        >>> pq.write_table(pa.table({"token": [3, 7, 9]}), folder / "vocabs" / "item.parquet")
+        >>> # a vocabulary lists tokens by index (index = row + 1); one grown by prepare --base is
+        >>> # not sorted: its appended ids follow the base's
+        >>> pq.write_table(pa.table({"token": [7, 9, 3]}), folder / "vocabs" / "item.parquet")
         >>> schema = DatasetSchema(
         ...     features=[{"name": "item"}, {"name": "age", "kind": "numeric", "buckets": 2}],
         ...     sparse=[SparseFeature("item", "item", False),
@@ -236,11 +238,11 @@ class RawEncoder(nn.Module):
         ...     buckets={"age_bucket": [30.0]}, token_types={"item": "BIGINT"})
         >>> encoder = RawEncoder(schema, folder, ["item", "age_bucket"])
         >>> dense, ids, offsets = encoder(
-        ...     {"item": torch.tensor([7, 5, MISSING_ID])},
+        ...     {"item": torch.tensor([3, 5, MISSING_ID])},
         ...     {"age": torch.tensor([50.0, float("nan"), 20.0], dtype=torch.float64)},
         ...     {}, torch.zeros(3, dtype=torch.int64), {}, {}, {})
         >>> ids["item"].tolist(), ids["age_bucket"].tolist(), dense[:, 0].tolist()
-        ([2, 0, 0], [2, 0, 1], [2.0, 0.0, -1.0])
+        ([3, 0, 0], [2, 0, 1], [2.0, 0.0, -1.0])
     """
 
     def __init__(self, schema: DatasetSchema, directory: str | Path, feature_names: List[str]) -> None:
@@ -383,6 +385,7 @@ class RawEncoder(nn.Module):
                 columns.append(dense[name].to(torch.float32))
                 continue
             value = self._number(spec, ids, numbers, recent, recent_lengths)
+            negative = value < 0 if log1p else None  # prepare refuses these: a NaN score, never a guess
             if log1p:
                 value = torch.log(1 + value)  # ln(1 + x), as prepare's SQL writes it
             missing[name] = torch.isnan(value)
@@ -390,9 +393,10 @@ class RawEncoder(nn.Module):
             filled[name] = (
                 value if fill is None else torch.where(missing[name], torch.full_like(value, mean), value)
             )
-            columns.append(
-                ((filled[name] - mean) / std).to(torch.float32)
-            )  # float64, then float32: as the SQL
+            standard = (filled[name] - mean) / std  # float64, then float32: as the SQL
+            if negative is not None:
+                standard = torch.where(negative, torch.full_like(standard, float("nan")), standard)
+            columns.append(standard.to(torch.float32))
         batch = recent_lengths.shape[0]
         out_dense = torch.stack(columns, dim=1) if columns else torch.zeros(batch, 0)
         out_ids, out_offsets = {}, {}

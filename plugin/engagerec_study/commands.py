@@ -29,6 +29,20 @@ def require_extra() -> None:
             raise ModuleNotFoundError(f"No module named '{module}'", name=module)
 
 
+def _positive(text: str) -> int:
+    """An argument that must be a whole number above 0.
+
+    Example::
+
+        >>> _positive("300000")
+        300000
+    """
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of rows above 0, got {value}")
+    return value
+
+
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--towers", help="comma-separated (default: the config's tower)")
@@ -44,7 +58,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gbdt-rows",
-        type=int,
+        type=_positive,
         help="fit the GBDT on a seeded sample of this many training rows (default all; at millions of "
         "rows its time grows with them)",
     )
