@@ -39,10 +39,13 @@ NATIVE_CATEGORICAL_MAX = 250  # HistGradientBoosting's categorical features allo
 
 
 def _matrix(
-    data_dir: Path, split: str, layout: Dict[str, Any]
+    data_dir: Path, split: str, layout: Dict[str, Any], rows: Optional[np.ndarray] = None
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(feature columns, label columns) of one prepared split."""
+    """(feature columns, label columns) of one prepared split (only ``rows`` of it, when given:
+    taken before any column becomes a float64 array)."""
     table = pq.read_table(data_dir / split, page_checksum_verification=True)  # damaged pages fail
+    if rows is not None:
+        table = table.take(rows)
     columns: Dict[str, np.ndarray] = {}
     for feature in layout["sparse"]:
         column = table.column(feature["name"])
@@ -89,13 +92,12 @@ def fit_reference(
     """
     data_dir = Path(data_dir)
     splits = ("train", "test") if iterations is not None else ("train", "val", "test")
-    parts = {split: _matrix(data_dir, split, layout) for split in splits}
-    columns, labels = parts["train"]
-    rows = len(next(iter(labels.values())))
+    rows = sum(fragment.metadata.num_rows for fragment in pq.ParquetDataset(data_dir / "train").fragments)
+    keep = None
     if train_rows is not None and train_rows < rows:  # a seeded sample, in the shards' order
         keep = np.sort(np.random.default_rng(seed).choice(rows, size=train_rows, replace=False))
-        parts["train"] = ({n: v[keep] for n, v in columns.items()}, {n: v[keep] for n, v in labels.items()})
         rows = train_rows
+    parts = {split: _matrix(data_dir, split, layout, keep if split == "train" else None) for split in splits}
     if iterations is None and not any(len(values) for values in parts["val"][1].values()):
         raise ValueError(
             f"gbdt: {data_dir} has no validation rows to choose the iterations on; pass iterations"
