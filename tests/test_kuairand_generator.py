@@ -276,3 +276,33 @@ def test_the_catalogue_size_can_be_set_and_bad_shape_options_are_refused(tmp_pat
     for bad in ({"popularity_skew": -0.1}, {"popularity_skew": float("inf")}, {"videos": 3}):
         with pytest.raises(ValueError, match="popularity_skew|videos"):
             write_kuairand_1k(tmp_path / "bad", scale=0.001, **bad)
+
+
+def test_videos_can_arrive_during_the_log_and_are_viewed_only_from_their_upload_on(written, tables, tmp_path):
+    """With video_arrival, a share of the catalogue is uploaded during the 31 days (its
+    upload_dt that day) and no view precedes its video's upload; the rest of the world (users,
+    times, every other draw) is the default's."""
+    _, floors = written
+    _, _, log, _, videos = tables
+    grown = write_kuairand_1k(tmp_path, scale=SCALE, seed=0, chunk_rows=CHUNK, video_arrival=0.3)
+    assert grown["video_arrival"] == 0.3 and "video_arrival" not in floors
+    table = pd.read_csv(tmp_path / "video_features_basic_1k.csv", usecols=["video_id", "upload_dt"])
+    day = pd.to_datetime(table.set_index("video_id")["upload_dt"])
+    during = day >= pd.Timestamp("2022-04-08")
+    assert during.mean() == pytest.approx(0.3, abs=0.02)
+    new_log = pd.concat([pd.read_csv(tmp_path / name) for name in LOGS])
+    viewed = pd.to_datetime(new_log["time_ms"], unit="ms").dt.normalize()
+    assert (viewed.to_numpy() >= day.loc[new_log["video_id"]].to_numpy()).all()  # never before its upload day
+    late = during.loc[new_log["video_id"]].to_numpy()
+    assert 0.02 < late.mean() < 0.3  # new videos are viewed, fewer times than their share: less time
+    # the daily share of views of videos new that day or the day before grows from none
+    first_day = viewed == viewed.min()
+    assert not late[first_day.to_numpy()].any() or late[first_day.to_numpy()].mean() < 0.01
+    pd.testing.assert_series_equal(
+        new_log["time_ms"].reset_index(drop=True), log["time_ms"].reset_index(drop=True)
+    )
+    pd.testing.assert_series_equal(
+        new_log["user_id"].reset_index(drop=True), log["user_id"].reset_index(drop=True)
+    )
+    with pytest.raises(ValueError, match="video_arrival"):
+        write_kuairand_1k(tmp_path / "bad", scale=0.001, video_arrival=1.0)

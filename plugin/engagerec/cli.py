@@ -104,8 +104,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _synthesize(args: argparse.Namespace) -> int:
     return commands.synthesize(
-        args.out, args.config, args.set, args.shape, args.scale, args.seed, args.popularity_skew, args.videos
-    )
+        args.out, args.config, args.set, args.shape, args.scale, args.seed, args.popularity_skew, args.videos,
+        args.video_arrival,
+    )  # fmt: skip
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument(
         "--videos", type=int, help="with --shape: the catalogue's size (default 4,369,953 x scale)"
+    )
+    synth.add_argument(
+        "--video-arrival",
+        type=float,
+        help="with --shape: the share of the catalogue uploaded during the log's 31 days, each video "
+        "viewed only from its upload on (default 0: all before; a growing catalogue for retraining)",
     )
     synth.add_argument("--out", required=True)
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -191,6 +191,7 @@ def synthesize(
     seed: int,
     popularity_skew: Optional[float] = None,
     videos: Optional[int] = None,
+    video_arrival: Optional[float] = None,
 ) -> int:
     """``engagerec synthesize``: a config's synthetic source tables, or KuaiRand-1K-shaped files.
 
@@ -204,6 +205,7 @@ def synthesize(
         popularity_skew: with ``shape``: the videos' popularity power law's exponent (None:
             the generator's default, 1.05).
         videos: with ``shape``: the catalogue's size (None: KuaiRand-1K's times ``scale``).
+        video_arrival: with ``shape``: the share of videos uploaded during the log (None: 0).
 
     Raises:
         ConfigError: both or neither of ``config`` and ``shape``, or a shape's option without it.
@@ -214,7 +216,14 @@ def synthesize(
         from engagerec.data.kuairand_generator import ZIPF_EXPONENT, write_kuairand_1k
 
         skew = ZIPF_EXPONENT if popularity_skew is None else popularity_skew
-        floors = write_kuairand_1k(out, scale=scale, seed=seed, popularity_skew=skew, videos=videos)
+        floors = write_kuairand_1k(
+            out,
+            scale=scale,
+            seed=seed,
+            popularity_skew=skew,
+            videos=videos,
+            video_arrival=video_arrival or 0.0,
+        )
         print(
             f"wrote a KuaiRand-1K-shaped dataset (scale {scale:g}, seed {seed}, popularity skew {skew:g}) "
             f"to {out}: {floors['rows']:,} rows, {floors['users']:,} users, {floors['videos']:,} videos "
@@ -222,8 +231,10 @@ def synthesize(
             f"{out}/noise_floor.json"
         )
         return 0
-    if popularity_skew is not None or videos is not None:
-        raise ConfigError("--popularity-skew and --videos shape the --shape kuairand-1k data only")
+    if popularity_skew is not None or videos is not None or video_arrival is not None:
+        raise ConfigError(
+            "--popularity-skew, --videos and --video-arrival shape the --shape kuairand-1k data only"
+        )
     if not config:
         raise ConfigError("synthesize needs --config (a synthetic source) or --shape kuairand-1k")
     from engagerec.data.synthetic import synthetic_tables

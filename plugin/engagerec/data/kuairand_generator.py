@@ -171,7 +171,8 @@ WEEKEND_TRAFFIC = 1.15
 MAX_ROWS = 999_999_999  # numpy's multivariate hypergeometric sampler needs fewer than 1e9
 
 # independent random streams, so that changing one part never shifts another
-_USERS, _VIDEOS, _USER_TABLE, _VIDEO_TABLE, _LOG_ORDER, _LOG_ROWS = range(6)
+_USERS, _VIDEOS, _USER_TABLE, _VIDEO_TABLE, _LOG_ORDER, _LOG_ROWS, _ARRIVAL, _ARRIVAL_DRAWS = range(8)
+BEFORE_WINDOW = np.iinfo(np.int64).min  # the upload time of a video uploaded before the log starts
 
 _TEXT_SLICE_ROWS = 1 << 20  # keeps each joined line array far below pyarrow's 2 GiB string limit
 
@@ -258,6 +259,8 @@ class KuaiRandWorld:
     video_genres: np.ndarray  # int8 [V, MAX_GENRES_PER_VIDEO]; -1 = none, the first drives the score
     duration_ms: np.ndarray  # int32 [V]
     popularity_order: np.ndarray  # int32 [V]: the video id at each popularity rank
+    # int64 [V]: when each video is uploaded (BEFORE_WINDOW for most); None: all before the log
+    video_upload_ms: Optional[np.ndarray] = None
 
     @property
     def users(self) -> int:
@@ -293,17 +296,21 @@ class KuaiRandWorld:
 
 
 def kuairand_world(
-    scale: float = 1.0, seed: int = 0, popularity_skew: float = ZIPF_EXPONENT, videos: Optional[int] = None
+    scale: float = 1.0,
+    seed: int = 0,
+    popularity_skew: float = ZIPF_EXPONENT,
+    videos: Optional[int] = None,
+    video_arrival: float = 0.0,
 ) -> KuaiRandWorld:
     """Draw the hidden truth of ``write_kuairand_1k(out_dir, scale, seed, ...)``; independent of
-    chunking. ``popularity_skew`` and ``videos`` are ``write_kuairand_1k``'s.
+    chunking. ``popularity_skew``, ``videos`` and ``video_arrival`` are ``write_kuairand_1k``'s.
 
     Example:
         >>> world = kuairand_world(scale=0.001, seed=0)
         >>> (world.users, world.videos, world.rows)
         (2, 4370, 11713)
     """
-    _check(scale, seed, 1, popularity_skew, videos)
+    _check(scale, seed, 1, popularity_skew, videos, video_arrival)
     n_users, n_videos, n_rows = kuairand_1k_sizes(scale, videos)
     rng = _rng(seed, _USERS)
     activity = rng.lognormal(0.0, USER_ACTIVITY_LOG_SD, n_users)
@@ -322,6 +329,12 @@ def kuairand_world(
     duration_ms = np.clip(np.round(duration), MIN_DURATION_MS, MAX_DURATION_MS).astype(np.int32)
     del duration
     popularity_order = rng.permutation(n_videos).astype(np.int32)
+    upload = None
+    if video_arrival > 0:  # its own stream: the rest of the world is the same with or without arrival
+        arrival = _rng(seed, _ARRIVAL)
+        arrives = arrival.random(n_videos) < video_arrival
+        during = START_MS + np.floor(arrival.random(n_videos) * (END_MS - START_MS)).astype(np.int64)
+        upload = np.where(arrives, during, BEFORE_WINDOW)
     return KuaiRandWorld(
         scale=float(scale),
         seed=int(seed),
@@ -336,6 +349,7 @@ def kuairand_world(
         video_genres=_video_genres(rng, n_videos),
         duration_ms=duration_ms,
         popularity_order=popularity_order,
+        video_upload_ms=upload,
     )
 
 
@@ -361,8 +375,15 @@ def _exactly(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
 
 
 def _check(
-    scale: float, seed: int, chunk_rows: int, skew: float = ZIPF_EXPONENT, videos: Optional[int] = None
+    scale: float,
+    seed: int,
+    chunk_rows: int,
+    skew: float = ZIPF_EXPONENT,
+    videos: Optional[int] = None,
+    arrival: float = 0.0,
 ) -> None:
+    if not (isinstance(arrival, (int, float)) and 0 <= arrival < 1):
+        raise ConfigError(f"video_arrival must be a share in [0, 1), got {arrival!r}")
     if not (isinstance(skew, (int, float)) and math.isfinite(skew) and skew >= 0):
         raise ConfigError(f"popularity_skew must be a number >= 0 (0: uniform), got {skew!r}")
     if videos is not None and not (isinstance(videos, (int, np.integer)) and videos >= 10):
@@ -531,6 +552,7 @@ MAX_UPLOAD_AGE_DAYS = 3_650
 UPLOAD_DATES = tuple(
     (WINDOW_START - dt.timedelta(days=age)).isoformat() for age in range(MAX_UPLOAD_AGE_DAYS + 1)
 )
+WINDOW_DATES = tuple((WINDOW_START + dt.timedelta(days=day)).isoformat() for day in range(WINDOW_DAYS))
 GENRE_TEXT = tuple(str(g) for g in range(NUM_GENRES)) + ("",)
 LATER_GENRE_TEXT = tuple("," + str(g) for g in range(NUM_GENRES)) + ("",)
 
@@ -549,8 +571,13 @@ def _video_columns(world: KuaiRandWorld, start: int, stop: int, rng: np.random.G
     music_id = np.where(no_music, 0, 1_000_000_007 + song * 7_919)
     music_type = np.where(no_music, len(MUSIC_TYPES), _weighted(rng, MUSIC_TYPE_WEIGHTS, n))
     resolution = _weighted(rng, RESOLUTION_WEIGHTS, n)
-    # uploaded before the log window starts, so no view precedes its video
+    # uploaded before the log window starts, so no view precedes its video; a video that arrives
+    # during the window (``video_arrival``) carries its upload day instead
     age = np.clip(np.floor(rng.lognormal(math.log(30), 1.3, n)), 1, MAX_UPLOAD_AGE_DAYS).astype(np.int64)
+    if world.video_upload_ms is not None:
+        upload = world.video_upload_ms[start:stop]
+        during = upload != BEFORE_WINDOW
+        age = np.where(during, len(UPLOAD_DATES) + (upload - START_MS) // DAY_MS, age)
     genres = world.video_genres[start:stop].astype(np.int64)
     genres[genres < 0] = NUM_GENRES  # index of the "" label
     tag = pc.binary_join_element_wise(
@@ -563,7 +590,7 @@ def _video_columns(world: KuaiRandWorld, start: int, stop: int, rng: np.random.G
         _text(np.arange(start, stop)),
         _text(author),
         _pick(("NORMAL", "AD"), (rng.random(n) < 0.01).astype(np.int64)),
-        _pick(UPLOAD_DATES, age),
+        _pick(UPLOAD_DATES + WINDOW_DATES, age),
         _pick(UPLOAD_TYPES, _weighted(rng, UPLOAD_TYPE_WEIGHTS, n)),
         _pick(("0.0",), np.zeros(n, dtype=np.int64)),
         _float_text(world.duration_ms[start:stop], missing=rng.random(n) < 0.03),
@@ -647,6 +674,8 @@ class _LogStream:
         rank = np.searchsorted(self.popularity_cdf, rng.random(n), side="right")
         video = world.popularity_order[np.minimum(rank, world.videos - 1)].astype(np.int64)
         time_ms = self._times(rng, start, n)
+        if world.video_upload_ms is not None:
+            video = self._uploaded(video, time_ms, index)
         within_day = (time_ms - START_MS) % DAY_MS
         hourmin = (within_day // HOUR_MS) * 100 + (within_day % HOUR_MS) // MINUTE_MS
         date = self.days[(time_ms - START_MS) // DAY_MS]
@@ -692,6 +721,18 @@ class _LogStream:
             "tab": _weighted(rng, TAB_WEIGHTS, n).astype(np.int64),
         }
         return pa.table([pa.array(columns[c]) for c in LOG_COLUMNS], names=list(LOG_COLUMNS))
+
+    def _uploaded(self, video: np.ndarray, time_ms: np.ndarray, index: int) -> np.ndarray:
+        """``video`` with each view of a video not yet uploaded at its time drawn again, from the
+        same popularity law (its own random stream), until every video exists: a new video's
+        views start at its upload."""
+        world, rng = self.world, _rng(self.world.seed, _ARRIVAL_DRAWS, index)
+        late = np.flatnonzero(world.video_upload_ms[video] > time_ms)
+        while late.size:
+            rank = np.searchsorted(self.popularity_cdf, rng.random(late.size), side="right")
+            video[late] = world.popularity_order[np.minimum(rank, world.videos - 1)]
+            late = late[world.video_upload_ms[video[late]] > time_ms[late]]
+        return video
 
     def _add(self, label: str, sums: Dict[str, float]) -> None:
         into = self.sums.setdefault(label, {})
@@ -740,6 +781,7 @@ def write_kuairand_1k(
     chunk_rows: int = 1_000_000,
     popularity_skew: float = ZIPF_EXPONENT,
     videos: Optional[int] = None,
+    video_arrival: float = 0.0,
 ) -> dict:
     """Write KuaiRand-1K-shaped synthetic files, in KuaiRand's layout, under ``out_dir``.
 
@@ -763,6 +805,10 @@ def write_kuairand_1k(
             1.05 (default) gives about 1.9M distinct videos at scale 1, 1.3 a stronger head
             (about 1.1M), 0.65 a flatter one (about 3.2M); 0 is uniform.
         videos: the catalogue's size (default: KuaiRand-1K's 4,369,953 times ``scale``).
+        video_arrival: the share of the catalogue uploaded during the log's 31 days, at a
+            uniformly random moment (``upload_dt`` its day), each viewed only from then on; the
+            others, as by default (0), before the log starts. A growing catalogue, for the
+            retraining replay: each day brings videos no earlier day had.
 
     Returns:
         The content of noise_floor.json: per-label Bayes losses, sizes, scale, seed, kappa,
@@ -777,13 +823,13 @@ def write_kuairand_1k(
         >>> 0 < floor["watch_ratio"]["mse"] < floor["watch_ratio"]["constant_mse"]
         True
     """
-    _check(scale, seed, chunk_rows, popularity_skew, videos)
+    _check(scale, seed, chunk_rows, popularity_skew, videos, video_arrival)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # stale files from an earlier run would mix with this one's if it crashed
     for name in (NOISE_FLOOR_FILE, README_FILE, USER_FILE, VIDEO_FILE, *LOG_FILES):
         (out / name).unlink(missing_ok=True)
-    world = kuairand_world(scale, seed, popularity_skew, videos)
+    world = kuairand_world(scale, seed, popularity_skew, videos, video_arrival)
 
     with _atomic(out / USER_FILE) as handle:
         handle.write(_header(USER_COLUMNS))
@@ -823,6 +869,8 @@ def write_kuairand_1k(
         "long_view_threshold": LONG_VIEW_THRESHOLD,
         "notes": NOTES,
     }
+    if video_arrival:  # recorded where set: the default files stay as they were
+        floor["video_arrival"] = float(video_arrival)
     with _atomic(out / README_FILE) as handle:
         handle.write(_readme(world, chunk_rows).encode())
     with _atomic(out / NOISE_FLOOR_FILE) as handle:
