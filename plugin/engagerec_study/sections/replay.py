@@ -43,6 +43,7 @@ they reappear in a later day's training rows (engagerec.data.growth).
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 from pathlib import Path
@@ -81,7 +82,8 @@ def day_files(log: str | Path, out: Path) -> List[Path]:
     the file of all days up to it (``upto_<k>.csv``, for the from-scratch models).
 
     Args:
-        log (str | Path): the KuaiRand log (tab-separated, with ``time_ms``).
+        log (str | Path): the KuaiRand log (a file or a glob of files in time order, tab- or
+            comma-separated, with ``time_ms``); the day files keep its separator.
         out (Path): where the files go.
 
     Returns:
@@ -93,18 +95,22 @@ def day_files(log: str | Path, out: Path) -> List[Path]:
     """
     import pandas as pd
 
-    frame = pd.read_csv(log, sep="\t")
+    files = sorted(glob.glob(str(log))) or [str(log)]
+    with open(files[0]) as handle:
+        sep = "\t" if "\t" in handle.readline() else ","
+    frame = pd.concat([pd.read_csv(name, sep=sep) for name in files], ignore_index=True)
     since = frame["time_ms"] - frame["time_ms"].min()
-    # 24-hour days from the first view; the log spans 14 days and a few minutes, which go to the last
+    # 24-hour days from the first view; minutes past the last whole day (the bundled log spans 14
+    # days and 7 minutes) go to the last day
     days = max(1, int(round(since.max() / DAY_MS)))
     day = (since // DAY_MS).clip(upper=days - 1)
     out.mkdir(parents=True, exist_ok=True)
-    files = []
+    days_out = []
     for k, value in enumerate(sorted(day.unique())):
-        files.append(out / f"day_{k + 1:02d}.csv")
-        frame[day == value].to_csv(files[-1], sep="\t", index=False)
-        frame[day <= value].to_csv(out / f"upto_{k + 1:02d}.csv", sep="\t", index=False)
-    return files
+        days_out.append(out / f"day_{k + 1:02d}.csv")
+        frame[day == value].to_csv(days_out[-1], sep=sep, index=False)
+        frame[day <= value].to_csv(out / f"upto_{k + 1:02d}.csv", sep=sep, index=False)
+    return days_out
 
 
 def _prepare(config: List[str], log: Path, out: Path, base: Optional[Path] = None) -> Path:
