@@ -2,18 +2,21 @@
 whose catalogue grows: the generator uploads a share of its videos during the log
 (``--video-arrival``), so every day brings videos no earlier day had.
 
-    .venv/bin/python benchmarks/replay_1k.py [--scale 0.02] [--video-arrival 0.3] [--seeds 0 1 2 3 4]
+    .venv/bin/python benchmarks/replay_1k.py [--scale 0.1] [--video-arrival 0.3] [--seeds 0 1 2 3 4]
         [--first-days 7] [--last-day 14] [--work DIR]
 
 Generates the data (configs/kuairand_1k.yaml's layout) under ``--work``, cuts it into days, and
 runs the replay's three lines (frozen, a daily warm start, a daily retrain from scratch) with
-configs/kuairand_1k.yaml's model. Writes the section ``replay_1k`` of benchmarks/RESULTS.md and
+configs/kuairand_1k.yaml's model, in batches of 256 for up to 5 epochs (early stopping): its own
+batch of 4096 and single epoch would give a day's window a handful of steps, and the comparison
+would measure steps, not staleness. Writes the section ``replay_1k`` of benchmarks/RESULTS.md and
 benchmarks/replay_1k.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -25,6 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from results import machine_block, write_section  # noqa: E402
 
 CONFIG = REPO / "configs" / "kuairand_1k.yaml"
+TRAINING = ["train.batch_size=256", "train.eval_batch_size=4096", "train.epochs=5"]
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
     from engagerec_study.sections import replay
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=0.02)
+    parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--video-arrival", type=float, default=0.3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--first-days", type=int, default=7)
@@ -43,12 +47,17 @@ def main() -> None:
     raw = work / "raw"
     if not (raw / "noise_floor.json").is_file():
         write_kuairand_1k(raw, scale=args.scale, seed=0, video_arrival=args.video_arrival)
+    made = json.loads((raw / "noise_floor.json").read_text())
+    if (made["scale"], made.get("video_arrival", 0.0)) != (args.scale, args.video_arrival):
+        raise SystemExit(f"{args.work} holds data of another --scale or --video-arrival: give another --work")
     sources = [
         f"data.source.interactions={raw / 'log_standard_*.csv'}",
         f"data.source.users={raw / 'user_features_1k.csv'}",
         f"data.source.content={raw / 'video_features_basic_1k.csv'}",
     ]
-    section = replay.section(str(CONFIG), sources, first_days=args.first_days, last_day=args.last_day)
+    section = replay.section(
+        str(CONFIG), sources + TRAINING, first_days=args.first_days, last_day=args.last_day
+    )
     data = section.compute(section.spec(args.seeds), work / "replay")
     figures = work / "figures"
     figures.mkdir(exist_ok=True)
@@ -56,8 +65,9 @@ def main() -> None:
     plot = Path(__file__).with_name("replay_1k.png")
     shutil.copyfile(figures / "replay.png", plot)
     command = (
-        f".venv/bin/python benchmarks/replay_1k.py --scale {args.scale:g} --video-arrival {args.video_arrival:g} "
-        f"--seeds {' '.join(map(str, args.seeds))} --first-days {args.first_days} --last-day {args.last_day}"
+        f".venv/bin/python benchmarks/replay_1k.py --scale {args.scale:g} "
+        f"--video-arrival {args.video_arrival:g} --seeds {' '.join(map(str, args.seeds))} "
+        f"--first-days {args.first_days} --last-day {args.last_day}"
     )
     body = "\n".join(
         [
@@ -65,7 +75,8 @@ def main() -> None:
             "",
             f"KuaiRand-1K-shaped data at scale {args.scale:g} (`write_kuairand_1k`, seed 0), "
             f"{args.video_arrival:.0%} of the videos uploaded during the log; configs/kuairand_1k.yaml's "
-            "model and features, with the replay's overrides (engagerec_study.sections.replay).",
+            f"model and features with {', '.join(TRAINING)}, and the replay's overrides "
+            "(engagerec_study.sections.replay).",
             "",
             text.replace("figures/replay.png", plot.name),
         ]

@@ -279,30 +279,38 @@ def test_the_catalogue_size_can_be_set_and_bad_shape_options_are_refused(tmp_pat
 
 
 def test_videos_can_arrive_during_the_log_and_are_viewed_only_from_their_upload_on(written, tables, tmp_path):
-    """With video_arrival, a share of the catalogue is uploaded during the 31 days (its
-    upload_dt that day) and no view precedes its video's upload; the rest of the world (users,
-    times, every other draw) is the default's."""
+    """With video_arrival, a share of the catalogue is uploaded during the 31 days (upload_dt its
+    day) and no view precedes its video's upload; users and view times are the default's."""
+    from engagerec.data.kuairand_generator import BEFORE_WINDOW, DAY_MS, START_MS, kuairand_world
+
     _, floors = written
-    _, _, log, _, videos = tables
+    _, _, log, _, _ = tables
     grown = write_kuairand_1k(tmp_path, scale=SCALE, seed=0, chunk_rows=CHUNK, video_arrival=0.3)
+    world = kuairand_world(SCALE, 0, video_arrival=0.3)
     assert grown["video_arrival"] == 0.3 and "video_arrival" not in floors
+    assert grown["expected_distinct_videos"] is None  # the formula assumes no arrival
+    share = round(float((world.video_upload_ms != BEFORE_WINDOW).mean()), 4)
+    assert f"video_arrival={share!r}" in (tmp_path / "README.txt").read_text()  # the drawn share
+    upload = world.video_upload_ms
+    during = upload != BEFORE_WINDOW
+    assert during.mean() == pytest.approx(0.3 * 0.9, abs=0.02)  # the most popular tenth never arrives
+    assert not during[world.popularity_order[: world.videos // 10]].any()
     table = pd.read_csv(tmp_path / "video_features_basic_1k.csv", usecols=["video_id", "upload_dt"])
-    day = pd.to_datetime(table.set_index("video_id")["upload_dt"])
-    during = day >= pd.Timestamp("2022-04-08")
-    assert during.mean() == pytest.approx(0.3, abs=0.02)
-    new_log = pd.concat([pd.read_csv(tmp_path / name) for name in LOGS])
-    viewed = pd.to_datetime(new_log["time_ms"], unit="ms").dt.normalize()
-    assert (viewed.to_numpy() >= day.loc[new_log["video_id"]].to_numpy()).all()  # never before its upload day
-    late = during.loc[new_log["video_id"]].to_numpy()
-    assert 0.02 < late.mean() < 0.3  # new videos are viewed, fewer times than their share: less time
-    # the daily share of views of videos new that day or the day before grows from none
-    first_day = viewed == viewed.min()
-    assert not late[first_day.to_numpy()].any() or late[first_day.to_numpy()].mean() < 0.01
-    pd.testing.assert_series_equal(
-        new_log["time_ms"].reset_index(drop=True), log["time_ms"].reset_index(drop=True)
-    )
-    pd.testing.assert_series_equal(
-        new_log["user_id"].reset_index(drop=True), log["user_id"].reset_index(drop=True)
-    )
+    day = pd.to_datetime(table.sort_values("video_id")["upload_dt"]).to_numpy()
+    start = np.datetime64("2022-04-08")
+    uploaded = start + ((upload[during] - START_MS) // DAY_MS).astype("timedelta64[D]")
+    assert (day[during] == uploaded).all() and (day[~during] < start).all()  # upload_dt: the upload day
+    assert len(set(day[during])) == 31  # arrivals spread over the whole window
+    new_log = pd.concat([pd.read_csv(tmp_path / name) for name in LOGS], ignore_index=True)
+    video, time_ms = new_log["video_id"].to_numpy(), new_log["time_ms"].to_numpy()
+    assert (upload[video] <= time_ms).all()  # to the millisecond: never before its upload
+    assert (
+        new_log["duration_ms"].to_numpy() == world.duration_ms[video]
+    ).all()  # labels of the redrawn video
+    late = during[video]
+    week = (time_ms - time_ms.min()) // (7 * 86_400_000)
+    assert late[week == 0].mean() < late[week == 3].mean()  # the share of new videos' views grows
+    np.testing.assert_array_equal(time_ms, log["time_ms"].to_numpy())
+    np.testing.assert_array_equal(new_log["user_id"].to_numpy(), log["user_id"].to_numpy())
     with pytest.raises(ValueError, match="video_arrival"):
-        write_kuairand_1k(tmp_path / "bad", scale=0.001, video_arrival=1.0)
+        write_kuairand_1k(tmp_path / "bad", scale=0.001, video_arrival=0.95)

@@ -227,7 +227,12 @@ def synthesize(
         print(
             f"wrote a KuaiRand-1K-shaped dataset (scale {scale:g}, seed {seed}, popularity skew {skew:g}) "
             f"to {out}: {floors['rows']:,} rows, {floors['users']:,} users, {floors['videos']:,} videos "
-            f"(about {floors['expected_distinct_videos']:,.0f} of them viewed); noise floors in "
+            + (
+                f"(about {floors['expected_distinct_videos']:,.0f} of them viewed)"
+                if floors["expected_distinct_videos"] is not None
+                else f"({floors['video_arrival']:.0%} of them uploaded during the log)"
+            )
+            + "; noise floors in "
             f"{out}/noise_floor.json"
         )
         return 0

@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from engagerec.config import load_config
+from engagerec.data.tables import sniff_separator
 from engagerec.errors import ConfigError
 from engagerec_study.report import saved_figure
 from engagerec_study.sections.common import Section, cell, config_spec, mean_ci
@@ -75,16 +76,17 @@ LINES = (
 DAY_MS = 86_400_000
 
 
-def day_files(log: str | Path, out: Path) -> List[Path]:
+def day_files(log: str | Path, out: Path, last_day: Optional[int] = None) -> List[Path]:
     """
     The log cut into one file per day (24 hours of ``time_ms`` from the first view; the log's
     ``date`` column overlaps by up to half an hour between dates), in order, plus for every day
     the file of all days up to it (``upto_<k>.csv``, for the from-scratch models).
 
     Args:
-        log (str | Path): the KuaiRand log (a file or a glob of files in time order, tab- or
-            comma-separated, with ``time_ms``); the day files keep its separator.
+        log (str | Path): the KuaiRand log (a file, a directory of them or a glob, in time order,
+            tab- or comma-separated, with ``time_ms``); the day files keep its separator.
         out (Path): where the files go.
+        last_day (Optional[int]): the last day written (default: every day).
 
     Returns:
         List[Path]: the day files, oldest first.
@@ -95,9 +97,9 @@ def day_files(log: str | Path, out: Path) -> List[Path]:
     """
     import pandas as pd
 
-    files = sorted(glob.glob(str(log))) or [str(log)]
-    with open(files[0]) as handle:
-        sep = "\t" if "\t" in handle.readline() else ","
+    pattern = Path(log) / "*.csv" if Path(log).is_dir() else Path(log)
+    files = sorted(glob.glob(str(pattern))) or [str(log)]
+    sep = sniff_separator(Path(files[0]))
     frame = pd.concat([pd.read_csv(name, sep=sep) for name in files], ignore_index=True)
     since = frame["time_ms"] - frame["time_ms"].min()
     # 24-hour days from the first view; minutes past the last whole day (the bundled log spans 14
@@ -106,7 +108,7 @@ def day_files(log: str | Path, out: Path) -> List[Path]:
     day = (since // DAY_MS).clip(upper=days - 1)
     out.mkdir(parents=True, exist_ok=True)
     days_out = []
-    for k, value in enumerate(sorted(day.unique())):
+    for k, value in enumerate(sorted(day.unique())[:last_day]):
         days_out.append(out / f"day_{k + 1:02d}.csv")
         frame[day == value].to_csv(days_out[-1], sep=sep, index=False)
         frame[day <= value].to_csv(out / f"upto_{k + 1:02d}.csv", sep=sep, index=False)
@@ -139,6 +141,8 @@ def _train(
         with contextlib.redirect_stdout(io.StringIO()):
             train(load_config(config[0], config[1:] + sets), run)
     done = json.loads(results.read_text())
+    if not done["steps"]:  # its model would be the one it started from: no retraining to compare
+        raise RuntimeError(f"{run} trained no step: {data}'s training rows are fewer than a batch")
     batch = load_config(config[0], config[1:]).train.batch_size
     return {
         "samples": int(done["steps"]) * batch,
@@ -183,7 +187,7 @@ def _compute(spec: Dict[str, Any], work: Path) -> Dict[str, Any]:
     """Every day's preparations, every line's runs for every seed, and their scores."""
     config = spec["config_args"]
     cfg = load_config(config[0], config[1:])
-    days = day_files(cfg.data.source.interactions, work / "days")[: spec["last_day"]]
+    days = day_files(cfg.data.source.interactions, work / "days", spec["last_day"])
     first = spec["first_days"]
 
     def upto(k: int) -> Path:  # days 1..k in one file
@@ -343,7 +347,7 @@ def _versus(days: Dict[int, Dict[str, List[Dict[str, float]]]], chosen: List[int
 
     gap = {m: mean_ci(per_seed("warm", m) - per_seed("scratch", m)) for m in ("mse", "auc")}
     ahead = {m: mean_ci(per_seed("frozen", m) - per_seed("warm", m)) for m in ("mse", "auc")}
-    ratio = per_seed("scratch", "samples").mean() / per_seed("warm", "samples").mean()
+    ratio = per_seed("scratch", "samples").mean() / max(per_seed("warm", "samples").mean(), 1)
     return (
         f"{what}, warm minus scratch: MSE {cell(gap['mse'])}, AUC {cell(gap['auc'])} (goal: within "
         f"+0.002 MSE and -0.003 AUC) for {ratio:.1f}x fewer training samples (goal: 5x); frozen minus "
