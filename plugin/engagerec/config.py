@@ -369,6 +369,28 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -
     return changes
 
 
+def history_length(features: List[FeatureConfig]) -> int:
+    """
+    The longest history window (history and history_mean features): the earlier views per
+    user a preparation keeps for the next window (engagerec.data.growth) and a raw program's
+    client gives (engagerec.export). 0 without history features.
+
+    Args:
+        features (List[FeatureConfig]): ``data.features``.
+
+    Returns:
+        int: the longest ``length``.
+
+    Example::
+
+        >>> from engagerec.config import FeatureConfig
+        >>> history_length([FeatureConfig("h", kind="history", of="content_id", length=20),
+        ...                 FeatureConfig("r", kind="history_mean", of="skip", length=200)])
+        200
+    """
+    return max((f.length for f in features if f.kind in ("history", "history_mean")), default=0)
+
+
 def prepared_dir(cfg: ExperimentConfig) -> str:
     """Where the run reads its prepared data: ``train.data_dir``, else ``prepared/<name>``
     (where ``engagerec prepare`` writes by default)."""

@@ -41,7 +41,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec import checkpoint
 from engagerec.batch import Batch
-from engagerec.config import FeatureConfig, prepared_dir
+from engagerec.config import FeatureConfig, history_length, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.manifest import check_prepared
 from engagerec.data.reader import ShardReader, make_loader
@@ -479,31 +479,12 @@ def _write_inputs(
         "predictions": "regression: the estimate; binary: the probability of the positive class",
         "encoding": f"as `engagerec prepare` writes shards; {ENCODING_DIR}/ holds the training data's "
         "schema.json, vocabs/ and stats/ (what `engagerec predict` encodes raw rows with)",
-        "raw": _raw_inputs(encoder, sorted(raw_programs), history_length(schema)),
+        "raw": _raw_inputs(
+            encoder, sorted(raw_programs), history_length([FeatureConfig(**f) for f in schema.features])
+        ),
         "torch": torch.__version__,
     }
     (out_dir / "inputs.json").write_text(json.dumps(spec, indent=1))
-
-
-def history_length(schema: DatasetSchema) -> int:
-    """The earlier views the data's longest history reads (0 without history features).
-
-    Args:
-        schema (DatasetSchema): the training data's schema.
-
-    Example::
-
-        >>> from engagerec.data.schema import DatasetSchema
-        >>> schema = DatasetSchema([{"name": "recent", "kind": "history", "length": 20}], [], [], [], {})
-        >>> history_length(schema)
-        20
-    """
-    lengths = [
-        f.get("length", FeatureConfig.length)
-        for f in schema.features
-        if f.get("kind") in ("history", "history_mean")
-    ]
-    return max(lengths, default=0)
 
 
 def format_record(record: Dict[str, Any], out_dir: str | Path) -> str:

@@ -28,7 +28,13 @@ from engagerec.data.schema import (
     position_names,
 )
 from engagerec.data.tables import is_numeric, literal, quote, single_thread
-from engagerec.data.target_stats import STAT_KINDS, fit_stat_tables, live_counters, stat_meta
+from engagerec.data.target_stats import (
+    STAT_KINDS,
+    fit_stat_tables,
+    live_counters,
+    save_stat_files,
+    stat_meta,
+)
 
 FEATURE_KINDS = ("categorical", "multi_hot", "numeric", "history", "history_mean", *STAT_KINDS)
 TRANSFORMS = ("none", "log1p")
@@ -133,6 +139,8 @@ class Fitter:
             labels=[LabelSpec(label.name, label.kind) for label in events.labels],
             vocab_sizes={},
         )
+        # statistics table -> a base's sums the saved statistics add (engagerec.data.growth)
+        self.carried_tables: Dict[str, str] = {}
 
     # ----------------------------------------------------------------- tokens
     def token_sql(self, column: str, token_type: str) -> str:
@@ -183,13 +191,18 @@ class Fitter:
             self.schema.hashed[space] = int(feature.hash_buckets)
         else:
             self.schema.vocab_sizes[space] = int(size)
-            (self.out_dir / VOCAB_DIR).mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / VOCAB_DIR / f"{space}.parquet"
-            self.con.execute(
-                f"COPY (SELECT token FROM {table} ORDER BY idx) TO {literal(str(path))} (FORMAT parquet)"
-            )
+            self.save_vocabulary(space, table)
         self.spaces[space] = info
         return info
+
+    def save_vocabulary(self, space: str, table: str) -> None:
+        """``vocabs/<space>.parquet``: the vocabulary table's tokens in index order (index = file
+        row + 1), what scoring and a later window read back."""
+        (self.out_dir / VOCAB_DIR).mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / VOCAB_DIR / f"{space}.parquet"
+        self.con.execute(
+            f"COPY (SELECT token FROM {table} ORDER BY idx) TO {literal(str(path))} (FORMAT parquet)"
+        )
 
     def _lookup_sql(self, info: Dict[str, Any], token: str) -> str:
         """token -> index (0: unseen or missing) as an expression; vocabulary joins are added
@@ -252,7 +265,8 @@ class Fitter:
         column) as DuckDB ``table``, saved beside the schema for scoring
         (engagerec.data.target_stats)."""
         with single_thread(self.con):  # label sums in a fixed order: the same values on every run
-            priors = fit_stat_tables(self.con, group, table, key, seed, self.out_dir)
+            priors = fit_stat_tables(self.con, group, table, key, seed)
+            save_stat_files(self.con, group, table, self.out_dir, self.carried_tables.get(table))
         for _, feature in group:
             meta = stat_meta(feature, priors[feature.name], token_type)
             if live_counters(group):  # saved as they stand at the log's end: scoring's rows come after

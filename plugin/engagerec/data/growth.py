@@ -43,7 +43,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from engagerec.config import DataConfig, FeatureConfig, config_changes
+from engagerec.config import DataConfig, FeatureConfig, config_changes, history_length
 from engagerec.data.applier import SchemaApplier
 from engagerec.data.errors import DataError
 from engagerec.data.fitting import Fitter
@@ -51,32 +51,11 @@ from engagerec.data.manifest import MANIFEST_FILE, check_prepared
 from engagerec.data.raw import TIMESTAMP, USER_ID
 from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.tables import literal, quote
-from engagerec.data.target_stats import STATS_DIR, load_stat_tables
+from engagerec.data.target_stats import load_stat_tables
 
 TAIL_FILE = "history_tail.parquet"  # per user, the last views the history windows read
 BASE_ROWS = 3  # the __split of a base's tail rows: history windows read them, nothing writes them
 COMPARED = ("features", "labels", "watch_ratio")  # what gives a base's encoding its meaning
-
-
-def history_length(features: List[FeatureConfig]) -> int:
-    """
-    The longest history window (history and history_mean features): the views per user a
-    preparation keeps for the next window. 0 without history features.
-
-    Args:
-        features (List[FeatureConfig]): ``data.features``.
-
-    Returns:
-        int: the longest ``length``.
-
-    Example::
-
-        >>> from engagerec.config import FeatureConfig
-        >>> history_length([FeatureConfig("h", kind="history", of="content_id", length=20),
-        ...                 FeatureConfig("r", kind="history_mean", of="skip", length=200)])
-        200
-    """
-    return max((f.length for f in features if f.kind in ("history", "history_mean")), default=0)
 
 
 def tail_columns(features: List[FeatureConfig]) -> List[str]:
@@ -104,20 +83,17 @@ def tail_columns(features: List[FeatureConfig]) -> List[str]:
     return columns
 
 
-def write_tail(con, source: str, features: List[FeatureConfig], path: Path) -> int:
+def write_tail(con, source: str, features: List[FeatureConfig], path: Path) -> None:
     """
     Write each user's last views of ``source`` (at most ``history_length`` of them, by time and
     then source row) to ``path``, with new negative source rows in the same order: the rows the
-    next window's history windows read. Returns the rows written.
+    next window's history windows read.
 
     Args:
         con: the DuckDB connection holding ``source``.
         source (str): a table or subquery with ``__src`` and ``tail_columns(features)``.
         features (List[FeatureConfig]): ``data.features``.
         path (Path): the parquet file to write.
-
-    Returns:
-        int: the rows written.
 
     Example::
 
@@ -134,7 +110,6 @@ def write_tail(con, source: str, features: List[FeatureConfig], path: Path) -> i
         f"FROM {source}) WHERE __k <= {history_length(features)} ORDER BY {user}, {time}, __src) "
         f"TO {literal(str(path))} (FORMAT parquet)"
     )
-    return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(path))})").fetchone()[0])
 
 
 @dataclasses.dataclass
@@ -289,7 +264,6 @@ class GrowingFitter(SchemaApplier):
         super().__init__(con, events, features, out_dir, base.schema, base.dir)
         self.base = base
         self.growth: Dict[str, Dict[str, int]] = {}  # id space -> rows before, after, appended
-        self._base_tables: Dict[str, str] = {}  # statistics table -> the base's sums loaded beside it
 
     def _fit_space(self, space: str, tokens_sql: str, feature, multi: bool) -> Dict[str, Any]:
         if space in self.spaces or space in self.fitted.hashed:
@@ -316,43 +290,25 @@ class GrowingFitter(SchemaApplier):
             )
         self.schema.vocab_sizes[space] = after
         self.growth[space] = {"rows_before": before + 1, "rows_after": after + 1, "appended": after - before}
-        (self.out_dir / VOCAB_DIR).mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / VOCAB_DIR / f"{space}.parquet"
-        self.con.execute(
-            f"COPY (SELECT token FROM {table} ORDER BY idx) TO {literal(str(path))} (FORMAT parquet)"
-        )
+        self.save_vocabulary(space, table)
         return info
 
     def fit_stats(self, group, table: str, key: str, token_type: str, seed: int) -> None:
-        """The window's statistics (``Fitter.fit_stats``), the base's sums loaded beside them
-        (``carried_stats`` adds them to every row), and ``stats/`` saved with both."""
-        Fitter.fit_stats(self, group, table, key, token_type, seed)
-        base = self._base_tables[table] = f"base_{table}"
+        """The base's sums loaded beside the window's statistics (``carried_stats`` adds them to
+        every row, and ``stats/`` is saved with both: ``Fitter.fit_stats``), with the base's prior."""
+        base = self.carried_tables[table] = f"base_{table}"
         load_stat_tables(self.con, group, base, self.fitted_dir, token_type)
-        for i, feature in group:
+        Fitter.fit_stats(self, group, table, key, token_type, seed)
+        for _, feature in group:
             meta = dict(self.fitted.target_stats[feature.name])  # the base's prior
             if "counted_until" in meta:
                 meta["counted_until"] = self.log_end
             self.schema.target_stats[feature.name] = meta
-            path = self.out_dir / STATS_DIR / f"{feature.name}.parquet"
-            s, c = (f"s_{i}", f"c_{i}") if feature.kind == "target_mean" else (None, None)
-            both = (
-                "SELECT coalesce(w.token, b.token) AS token, "
-                + (
-                    f"CAST(coalesce(w.{s}, 0) + coalesce(b.{s}, 0) AS DOUBLE) AS s, "
-                    f"CAST(coalesce(w.{c}, 0) + coalesce(b.{c}, 0) AS BIGINT) AS c, "
-                    if s
-                    else "NULL::DOUBLE AS s, 0 AS c, "
-                )
-                + f"CAST(coalesce(w.n, 0) + coalesce(b.n, 0) AS BIGINT) AS n "
-                f"FROM {table} w FULL OUTER JOIN {base} b ON w.token = b.token ORDER BY token"
-            )
-            self.con.execute(f"COPY ({both}) TO {literal(str(path))} (FORMAT parquet)")
 
     def carried_stats(self, group, table: str, key: str) -> Tuple[List[str], Dict[str, Dict[str, str]]]:
         """The base's sums of each feature of ``group``, joined on the id: added to what the
         window's own rows give."""
-        base = self._base_tables[table]
+        base = self.carried_tables[table]
         alias = f"b_{table}"
         sums = {}
         for i, feature in group:
@@ -366,7 +322,7 @@ class GrowingFitter(SchemaApplier):
         """Free what the window's rows needed of the base once the history table holds their
         values: the base's statistics and tail, and the tail's rows of the history table (the
         writer joins the window's rows only; the numbers' checks then see only those)."""
-        for table in self._base_tables.values():
+        for table in self.carried_tables.values():
             self.con.execute(f"DROP TABLE IF EXISTS {table}")
         self.con.execute("DROP TABLE IF EXISTS base_tail")
         self.con.execute(f"DELETE FROM history WHERE __split = {BASE_ROWS}")

@@ -44,7 +44,7 @@ table (one row per event, keyed by the source row), which the shard writer joins
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import duckdb
 
@@ -212,14 +212,12 @@ def fit_stat_tables(
     table: str,
     key: str,
     seed: int,
-    out_dir: Path,
 ) -> Dict[str, float]:
     """
     Per id over the training rows (every row for a group of live counters), in one pass for
     every statistic feature ``i`` on one id column: DuckDB ``table(token, n, s_i, c_i, s_i_0,
     c_i_0, ...)`` (rows; the feature's label sum and labelled rows; those of each cross-fitting
-    fold), and per feature its ``(token, s, c, n)`` in ``out_dir/stats/<feature>.parquet`` for
-    scoring.
+    fold); ``save_stat_files`` writes them for scoring.
 
     Args:
         con: the prepare connection (holds ``events``).
@@ -227,7 +225,6 @@ def fit_stat_tables(
         table: the DuckDB table to create.
         key: the SQL of the id's token on ``events e``.
         seed: the cross-fitting folds' seed.
-        out_dir: the prepared directory (``stats/`` goes there).
 
     Returns:
         Dict[str, float]: per feature its prior (the label's training mean; 0 for id_count).
@@ -260,13 +257,50 @@ def fit_stat_tables(
                     expected="at least one labelled training row",
                 )
             priors[feature.name] = float(mean)
+    return priors
+
+
+def save_stat_files(
+    con: duckdb.DuckDBPyConnection,
+    group: List[Tuple[int, FeatureConfig]],
+    table: str,
+    out_dir: Path,
+    carried: Optional[str] = None,
+) -> None:
+    """
+    Per feature of ``group`` its ``(token, s, c, n)`` in ``out_dir/stats/<feature>.parquet``, what
+    scoring (``load_stat_tables``) and a later window read back.
+
+    Args:
+        con: the prepare connection.
+        group: (index, feature) of one id column's features.
+        table: their sums (``fit_stat_tables``'s table).
+        out_dir: the prepared directory (``stats/`` goes there).
+        carried: a table with ``load_stat_tables``'s columns whose sums are added per id (a base's,
+            which a window carries on from: engagerec.data.growth); None: ``table``'s alone.
+
+    Example::
+
+        save_stat_files(con, [(0, video_views)], "stat_0", Path("prepared/day2"), carried="base_stat_0")
+    """
     (out_dir / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    rows = f"{table} w" if carried is None else f"{table} w FULL OUTER JOIN {carried} b ON w.token = b.token"
+    token = "w.token" if carried is None else "coalesce(w.token, b.token)"
+
+    def total(column: str, sql_type: str) -> str:
+        if carried is None:
+            return f"w.{column}"
+        return f"CAST(coalesce(w.{column}, 0) + coalesce(b.{column}, 0) AS {sql_type})"
+
     for i, feature in group:
         path = out_dir / STATS_DIR / f"{feature.name}.parquet"
-        sums = f"s_{i} AS s, c_{i} AS c" if feature.kind == "target_mean" else "NULL::DOUBLE AS s, 0 AS c"
-        per_id = f"SELECT token, {sums}, n FROM {table} ORDER BY token"
+        sums = (
+            f"{total(f's_{i}', 'DOUBLE')} AS s, {total(f'c_{i}', 'BIGINT')} AS c"
+            if feature.kind == "target_mean"
+            else "NULL::DOUBLE AS s, 0 AS c"
+        )
+        per_id = f"SELECT {token} AS token, {sums}, {total('n', 'BIGINT')} AS n FROM {rows} ORDER BY token"
         con.execute(f"COPY ({per_id}) TO {literal(str(path))} (FORMAT parquet)")
-    return priors
 
 
 def load_stat_tables(
