@@ -63,6 +63,12 @@ class FeatureConfig:
     # categorical / history: id spaces larger than this many rows are hashed into this many
     # buckets (row 0 stays the OOV/missing row) instead of keeping a vocabulary; 0: never
     hash_buckets: int = 0
+    # categorical / history: rows of a table whose ids torchrec's managed-collision module
+    # (MCH) assigns while training, so ids first seen after prepare get rows of their own
+    # (engagerec.managed_ids); the last row is shared by ids without one. 0: a vocabulary
+    managed_collisions: int = 0
+    eviction_policy: Literal["distance_lfu", "lfu", "lru"] = "distance_lfu"  # managed_collisions
+    eviction_interval: int = 1  # managed_collisions: training steps between admissions
     smoothing: float = 10.0  # target_mean: weight of the training mean, in rows
     folds: int = 5  # target_mean: cross-fitting folds of the training rows
     # target_mean, id_count: cross_fit (other folds' training rows) | ordered (training rows

@@ -28,6 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from engagerec.errors import ConfigError
+from engagerec.managed_ids import managed_tables
 from engagerec.model import MultiTaskModel
 
 SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel", "row_wise", "table_row_wise")
@@ -359,7 +360,7 @@ def shard_model(
     )
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg) if model.has_sparse else ShardingPlan(plan={})
-    return DistributedModelParallel(
+    dmp = DistributedModelParallel(
         model,
         env=ShardingEnv.from_process_group(pg),
         device=runtime.device,
@@ -367,6 +368,9 @@ def shard_model(
         sharders=sharders,
         data_parallel_wrapper=_OneRankDataParallel() if runtime.world_size == 1 else None,
     )
+    for tables in managed_tables(model):
+        tables.remap.place(runtime.device)  # DMP materialises parameters; the remapping is buffers
+    return dmp
 
 
 def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:

@@ -49,6 +49,7 @@ from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
 from engagerec.distributed import world_size
 from engagerec.errors import CheckpointError, ConfigError
+from engagerec.managed_ids import ManagedCollisionTables, remap_frozen
 from engagerec.metrics import binary_auc
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model
@@ -108,7 +109,16 @@ class ServingModel(nn.Module):
         self.tasks = list(model.tasks)
         self.task_names = [t.name for t in model.tasks]
         self.features: List[Tuple[str, str, str]] = []  # (feature, its table's buffer, sum | mean)
+        # a managed-collision table's remapping, frozen: feature -> (ids buffer, rows buffer, shared row)
+        self.remapped: Dict[str, Tuple[str, str, int]] = {}
+        managed = model.sparse_arch if isinstance(model.sparse_arch, ManagedCollisionTables) else None
         for table in model.tables:
+            if managed is not None and table.name in managed.remap.modules_by_table():
+                sorted_ids, rows, shared = managed.frozen_rows(table.name)
+                self.register_buffer(f"remap_ids_{table.name}", sorted_ids)
+                self.register_buffer(f"remap_rows_{table.name}", rows)
+                for name in table.feature_names:
+                    self.remapped[name] = (f"remap_ids_{table.name}", f"remap_rows_{table.name}", shared)
             weight = model.sparse_arch.embedding_bags[table.name].weight.detach().float().cpu()
             buffer = f"table_{table.name}"
             self.register_buffer(
@@ -132,9 +142,13 @@ class ServingModel(nn.Module):
         for name, buffer, mode in self.features:
             table = getattr(self, buffer)
             mean = mode == "mean"
+            rows = ids[name]
+            if name in self.remapped:  # managed collisions: hashed ids -> rows, as training left them
+                sorted_ids, mapping, shared = self.remapped[name]
+                rows = remap_frozen(rows, getattr(self, sorted_ids), getattr(self, mapping), shared)
             if self.int8:  # the operator sums whatever its mode says: a mean divides by the bag sizes
                 summed = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                    table, ids[name], offsets[name], False, 0, False, None, None, False
+                    table, rows, offsets[name], False, 0, False, None, None, False
                 )
                 if mean:
                     end = torch.full_like(offsets[name][:1], ids[name].shape[0])
@@ -142,7 +156,7 @@ class ServingModel(nn.Module):
                     summed = summed / sizes.unsqueeze(1).to(summed.dtype)
                 pooled.append(summed)
             else:
-                pooled.append(F.embedding_bag(ids[name], table, offsets[name], mode=mode))
+                pooled.append(F.embedding_bag(rows, table, offsets[name], mode=mode))
         if self.input_arch is not None:  # e.g. target attention over the history's positions
             pooled = [self.input_arch(torch.cat(pooled, dim=1))]
         representations = self.tower(torch.cat([*pooled, dense], dim=1))

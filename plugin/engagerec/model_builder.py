@@ -17,6 +17,7 @@ from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
 from engagerec.losses import build_loss_weighting
+from engagerec.managed_ids import ManagedCollisionTables, managed_specs
 from engagerec.model import MultiTaskModel
 from engagerec.tasks import Task
 from engagerec.towers.registry import build_tower
@@ -77,6 +78,10 @@ def build_model(
         raise ConfigError(f"model.tower '{cfg.tower.name}' with params {cfg.tower.params}: {err}") from None
     # the tables after the tower: the order seeded runs have always drawn their initial weights in
     tables = EmbeddingBagCollection(tables=spec.tables, device=device) if spec.tables else None
+    if tables is not None and schema.managed:  # id spaces whose rows are assigned while training
+        histories = [f for f in schema.features if f["kind"] == "history" and not f.get("positions")]
+        lengths = {f["name"]: f["length"] for f in histories}
+        tables = ManagedCollisionTables(tables, managed_specs(schema, spec.tables, lengths))
     return MultiTaskModel(
         tables,
         dense_in_features=spec.dense_dim,

@@ -32,6 +32,7 @@ from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
 from engagerec.distributed import close_runtime, init_runtime, is_rank_zero
+from engagerec.managed_ids import managed_tables, remap_frozen
 from engagerec.model_builder import configured_tasks
 from engagerec.runs import OpenedRun, open_run, run_config
 from engagerec.tasks import Task
@@ -399,11 +400,12 @@ def _score(
     own = work / f"part-{run.runtime.rank:05d}.parquet"
     cuda = device.type == "cuda"
     oov = torch.zeros(len(scored.counted), dtype=torch.int64)
+    shared = _shared_rows(run.model)
     with pq.ParquetWriter(own, layout) as writer, torch.no_grad():
         for batch in make_loader(reader, pin_memory=cuda):
             real = int(batch.weights.gt(0).sum())  # padding (even_batches) comes last, at weight 0
             if scored.counted:
-                batch = _on_known_rows(batch, scored.limits, scored.counted, real, oov)
+                batch = _on_known_rows(batch, scored.limits, scored.counted, real, oov, shared)
             _, (_, predictions, _, _) = run.dmp(batch.to(device, non_blocking=cuda))
             arrays = []
             for task in tasks:
@@ -422,9 +424,29 @@ def _score(
     return parts, {name: int(n) for name, n in zip(scored.counted, oov.tolist(), strict=True)}
 
 
-def _on_known_rows(batch, limits: Dict[str, int], counted: List[str], real: int, oov: torch.Tensor):
+def _shared_rows(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per feature of a managed-collision table, its remapping (``frozen_rows``): what tells
+    the ids it never admitted, which score on the table's shared row."""
+    found = {}
+    for tables in managed_tables(model):
+        for table in tables.remap.managed_collision_collection.embedding_configs():
+            frozen = tables.frozen_rows(table.name)
+            found.update({name: frozen for name in table.feature_names})
+    return found
+
+
+def _on_known_rows(
+    batch,
+    limits: Dict[str, int],
+    counted: List[str],
+    real: int,
+    oov: torch.Tensor,
+    shared: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]] = None,
+):
     """``batch`` with every id at or past its feature's limit on row 0 (the out-of-vocabulary
-    row), counting, per feature of ``counted`` (one id a row), the real rows on row 0 then."""
+    row), counting, per feature of ``counted`` (one id a row), the real rows on row 0 then (on
+    the shared row for a managed-collision feature of ``shared``)."""
+    shared = shared or {}
     kjt = batch.sparse_features
     keys, lengths = kjt.keys(), kjt.length_per_key()
     limit = torch.repeat_interleave(
@@ -435,6 +457,10 @@ def _on_known_rows(batch, limits: Dict[str, int], counted: List[str], real: int,
     for i, name in enumerate(counted):
         start = sum(lengths[: keys.index(name)])
         row = values[start : start + real]  # one id a row: the first ``real`` values are the real rows
+        if name in shared:  # an id the remapping never admitted
+            sorted_ids, rows, shared_row = shared[name]
+            oov[i] += int((remap_frozen(row.long(), sorted_ids, rows, shared_row) == shared_row).sum())
+            continue
         oov[i] += int(((row == 0) | past[start : start + real]).sum())
     if not limits:
         return batch

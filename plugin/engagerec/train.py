@@ -54,6 +54,7 @@ from engagerec.distributed import (
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.evaluate import evaluate, groups_gauc, train_label_means
 from engagerec.extras import missing_extra
+from engagerec.managed_ids import check_world_size
 from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
 from engagerec.profiling import METRICS, StepProfiler, labelled_batches
@@ -270,6 +271,7 @@ class Trainer:
         self.warm_plan = self._plan_warm_start(resume)  # checked before anything is built or written
         seed_everything(self.tc.seed)
         self.dmp, self.model = sharded_model(cfg, runtime)
+        check_world_size(self.model, runtime.world_size)
         self.tasks = self.model.tasks
         # the tasks are known now (from schema.json when the config names none): check before training
         check_monitor(self.tc.monitor, self.tc.monitor_mode, {t.name: t.kind for t in self.tasks})

@@ -56,6 +56,8 @@ class SchemaApplier(Fitter):
         if space in self.fitted.hashed:
             info["hashed"] = self.fitted.hashed[space]
             self.schema.hashed[space] = info["hashed"]
+            if space in self.fitted.managed:
+                self.schema.managed[space] = self.fitted.managed[space]
         else:
             path = self.fitted_dir / VOCAB_DIR / f"{space}.parquet"
             if not path.is_file():

@@ -20,11 +20,13 @@ from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.schema import (
+    MANAGED_INPUT_BUCKETS,
     VOCAB_DIR,
     DatasetSchema,
     DenseFeature,
     LabelSpec,
     SparseFeature,
+    managed_spec,
     position_names,
 )
 from engagerec.data.tables import is_numeric, literal, quote, single_thread
@@ -81,6 +83,8 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
         if feature.positions and feature.kind != "history":
             raise DataError(f"{where}: positions: true on a {feature.kind} feature", expected="kind: history")
+        if feature.managed_collisions:
+            _check_managed(feature, where)
         if feature.kind in ("history_mean", "target_mean") and feature.of not in labels:
             raise DataError(
                 f"{where}: {feature.kind} averages a label ("
@@ -113,6 +117,42 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             raise DataError(
                 f"{where}: reads column '{column}', which no table has", expected=f"one of {visible}"
             )
+    _check_shared_spaces(features)
+
+
+def _check_shared_spaces(features: List[FeatureConfig]) -> None:
+    """Features sharing an id space share its table: they must agree on managed collisions."""
+    first: Dict[str, Tuple[int, Optional[Dict[str, Any]]]] = {}
+    for i, feature in enumerate(features):
+        if feature.kind not in ("categorical", "multi_hot", "history"):
+            continue
+        column = feature.of if feature.kind == "history" else (feature.column or feature.name)
+        space = feature.id_space or column
+        managed = managed_spec(feature) if feature.managed_collisions else None
+        j, theirs = first.setdefault(space, (i, managed))
+        if theirs != managed:
+            raise DataError(
+                f"data.features[{i}] ('{feature.name}') shares id space '{space}' with "
+                f"data.features[{j}] ('{features[j].name}'), with other managed_collisions settings",
+                expected=f"the same settings as data.features[{j}]: {theirs or 'none'}",
+                got=managed or "none",
+            )
+
+
+def _check_managed(feature: FeatureConfig, where: str) -> None:
+    """A managed-collision id space's settings: rows for its ids and at least the shared row,
+    on a feature kind that holds ids, and no second way of bounding the table."""
+    if feature.kind not in ("categorical", "history"):
+        raise DataError(
+            f"{where}: managed_collisions on a {feature.kind} feature",
+            expected="kind: categorical or history",
+        )
+    if feature.managed_collisions < 2 or feature.eviction_interval < 1 or feature.hash_buckets:
+        raise DataError(
+            f"{where}: managed_collisions {feature.managed_collisions}, eviction_interval "
+            f"{feature.eviction_interval}, hash_buckets {feature.hash_buckets}",
+            expected="managed_collisions >= 2 rows, eviction_interval >= 1, and no hash_buckets",
+        )
 
 
 class Fitter:
@@ -175,6 +215,11 @@ class Fitter:
         """Vocabulary (or hashing) of an id space from its train tokens; the first feature of a
         space fits it, later features share it."""
         if space in self.spaces:
+            return self.spaces[space]
+        if feature.managed_collisions:  # no vocabulary: every id as a 31-bit hash, which MCH remaps
+            self.schema.hashed[space] = MANAGED_INPUT_BUCKETS
+            self.schema.managed[space] = managed_spec(feature)
+            self.spaces[space] = {"table": f"vocab_{len(self.spaces)}", "hashed": MANAGED_INPUT_BUCKETS}
             return self.spaces[space]
         table = f"vocab_{len(self.spaces)}"
         source = f"unnest({tokens_sql})" if multi else tokens_sql

@@ -7,6 +7,9 @@ Encoding conventions:
 * every id space has a vocabulary; row 0 of its table is the out-of-vocabulary /
   missing row, known ids are 1..len(vocab) in sorted token order. An id space bigger than
   the feature's ``hash_buckets`` is hashed instead: row 1 + hash(id) % hash_buckets;
+* a managed-collision id space (``managed_collisions``) has no vocabulary: its ids are stored
+  hashed as above into ``MANAGED_INPUT_BUCKETS`` values, and the model's managed-collision
+  module (engagerec.managed_ids) gives them rows of its table while it trains;
 * numeric features become standardised float32 dense columns (train mean / std);
   ``buckets`` > 0 adds ``<name>_bucket``, a sparse feature over exact train quantiles;
 * labels are float32 columns, NaN where a raw label is missing (weight 0 for that task).
@@ -29,6 +32,20 @@ from engagerec.data.staging import incomplete_note
 SCHEMA_FILE = "schema.json"
 VOCAB_DIR = "vocabs"
 SCHEMA_VERSION = 2
+# a managed-collision space's stored ids: 1 + hash(id) % this (< 2^31, so int32 holds them);
+# 10^7 distinct ids collide in about 0.5% of cases
+MANAGED_INPUT_BUCKETS = 2**31 - 2
+
+
+def managed_spec(feature: Any) -> Dict[str, Any]:
+    """What ``DatasetSchema.managed`` records of a feature with ``managed_collisions``: its
+    table's rows, eviction policy and interval (a FeatureConfig or its dict)."""
+    get = feature.get if isinstance(feature, dict) else lambda key: getattr(feature, key)
+    return {
+        "rows": int(get("managed_collisions")),
+        "eviction_policy": str(get("eviction_policy")),
+        "eviction_interval": int(get("eviction_interval")),
+    }
 
 
 @dataclass
@@ -79,6 +96,9 @@ class DatasetSchema:
     labels: List[LabelSpec]
     vocab_sizes: Dict[str, int]  # id space -> known ids (table rows = size + 1)
     hashed: Dict[str, int] = field(default_factory=dict)  # id space -> hash buckets
+    # id space -> managed_spec (rows, eviction_policy, eviction_interval); such a space is also
+    # in ``hashed``, with MANAGED_INPUT_BUCKETS
+    managed: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     buckets: Dict[str, List[float]] = field(default_factory=dict)  # feature -> boundaries
     input_columns: Dict[str, str] = field(default_factory=dict)  # column -> "number" | "text"
     token_types: Dict[str, str] = field(default_factory=dict)  # id space -> BIGINT | VARCHAR tokens
@@ -103,7 +123,10 @@ class DatasetSchema:
         return [label.name for label in self.labels]
 
     def num_embeddings(self, id_space: str) -> int:
-        """Rows of the id space's table: its vocabulary (or hash buckets) plus the OOV row 0."""
+        """Rows of the id space's table: its vocabulary (or hash buckets) plus the OOV row 0;
+        a managed-collision space's configured rows."""
+        if id_space in self.managed:
+            return self.managed[id_space]["rows"]
         if id_space in self.hashed:
             return self.hashed[id_space] + 1
         return self.vocab_sizes[id_space] + 1
@@ -161,6 +184,7 @@ class DatasetSchema:
             labels=[LabelSpec(**label) for label in raw["labels"]],
             vocab_sizes=raw["vocab_sizes"],
             hashed=raw.get("hashed", {}),
+            managed=raw.get("managed", {}),
             buckets=raw.get("buckets", {}),
             input_columns=raw.get("input_columns", {}),
             token_types=raw.get("token_types", {}),

@@ -172,7 +172,8 @@ def _score(run: Path, data: Path, out: Path) -> Dict[str, float]:
         skip.append(scores.column("skip_probability").to_numpy())
         truth_ratio.append(labels.column("watch_ratio").to_numpy())
         truth_skip.append(labels.column("skip").to_numpy())
-        oov += summary["oov_rows"]["content_id"]  # a video unseen in the run's training (or missing)
+        # a video unseen in the run's training (or missing); none where the space has no vocabulary
+        oov += summary.get("oov_rows", {}).get("content_id", 0)
         rows += scores.num_rows
     predicted, truth = np.concatenate(ratio), np.concatenate(truth_ratio)
     return {
