@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCHREC := torchrec==1.8.0
 
-.PHONY: install demo lint format test test-fast bench bench-scale bench-shapes bench-quality results clean
+.PHONY: install demo lint format test test-fast cpp-client bench bench-scale bench-shapes bench-quality results clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,21 @@ test: install lint
 # the inner loop: the tests not marked slow (each under about 3 s), without the docstring examples
 test-fast: install
 	$(PYTEST) tests -m "not slow"
+
+# the C++ client of the AOTInductor package `engagerec export --aoti` writes: g++ (installed with
+# apt when the machine has none) against the libtorch inside the installed torch wheel
+CPP_CLIENT := build/cpp/score_raw
+
+cpp-client: $(CPP_CLIENT)
+
+$(CPP_CLIENT): clients/cpp/score_raw.cpp $(STAMP)
+	@command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++)
+	mkdir -p $(dir $@)
+	TORCH=$$($(PY) -c "import os, torch; print(os.path.dirname(torch.__file__))"); \
+	ABI=$$($(PY) -c "import torch; print(int(torch.compiled_with_cxx11_abi()))"); \
+	g++ -std=c++20 -O2 -D_GLIBCXX_USE_CXX11_ABI=$$ABI $< -o $@ \
+		-I$$TORCH/include -I$$TORCH/include/torch/csrc/api/include \
+		-L$$TORCH/lib -Wl,-rpath,$$TORCH/lib -ltorch -ltorch_cpu -lc10
 
 bench: install
 	$(PY) benchmarks/prepare_scale.py --scales 0.1 1

@@ -327,3 +327,44 @@ def test_a_negative_number_of_a_log1p_feature_scores_nan_never_a_guess(tmp_path)
     dense, _, _ = encoder({}, {"followers": values}, {}, torch.zeros(4, dtype=torch.int64), {}, {}, {})
     assert dense[:2, 0].tolist() == pytest.approx([-1.0, 0.0])  # ln(e) = 1 standardised; missing: the mean
     assert torch.isnan(dense[2:, 0]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scored", ["bundled"], indirect=True)
+def test_the_aoti_package_scores_from_cpp_what_predict_scores(scored, tmp_path):
+    """``export --aoti``'s package, run by the C++ client (``make cpp-client``, g++ against the
+    wheel's libtorch) on the raw rows' tensors in inputs.json's flat order, scores what
+    `engagerec predict` scores, to 1e-5; so does Python's loader."""
+    from engagerec.aoti import compile_package, flat_inputs, package_name
+
+    export, _, inputs, expected, raw, _ = scored
+    record = compile_package(export)
+    assert record["max_abs_difference_vs_program"] < 1e-5
+    spec = json.loads((export / "inputs.json").read_text())["raw"]["aoti"]
+    assert spec["package"] == package_name() and len(spec["inputs"]) == sum(
+        len(part) if isinstance(part, dict) else 1 for part in inputs
+    )
+    built = subprocess.run(["make", "-s", "cpp-client"], cwd=REPO, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    torch.save(flat_inputs(inputs, spec["inputs"]), tmp_path / "inputs.pt")
+    client = [str(REPO / "build" / "cpp" / "score_raw"), str(export / spec["package"])]
+    done = subprocess.run(
+        [*client, str(tmp_path / "inputs.pt"), str(tmp_path / "scores.pt")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    from_cpp = torch.load(tmp_path / "scores.pt").numpy()
+    truth = expected[["watch_ratio", "skip_probability"]].to_numpy()
+    difference = np.abs(from_cpp - truth).max()
+    print(f"C++ client vs predict: max abs difference {difference:.2e} over {len(truth)} rows")
+    assert from_cpp.shape == truth.shape and difference < 1e-5
+    assert np.abs(from_cpp - raw).max() < 1e-5  # and the Python program's
+    with torch.no_grad():
+        in_python = torch._inductor.aoti_load_package(str(export / spec["package"]))(*inputs).numpy()
+    assert np.abs(in_python - truth).max() < 1e-5
+    # a wrong order of inputs is no silent success: swapped id columns move the scores
+    swapped = flat_inputs(inputs, spec["inputs"])
+    first, second = [i for i, entry in enumerate(spec["inputs"]) if entry["argument"] == "ids"][:2]
+    swapped[first], swapped[second] = swapped[second], swapped[first]
+    torch.save(swapped, tmp_path / "swapped.pt")
+    subprocess.run([*client, str(tmp_path / "swapped.pt"), str(tmp_path / "swapped_scores.pt")], check=True)
+    assert np.abs(torch.load(tmp_path / "swapped_scores.pt").numpy() - truth).max() > 1e-3

@@ -96,6 +96,7 @@ def _export(args: argparse.Namespace) -> int:
         args.run_dir,
         args.out,
         int8=args.int8,
+        aoti=args.aoti,
         checkpoint_name=args.checkpoint,
         check_split=args.check_split,
         check_rows=args.check_rows,
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-dir", required=True, help="run directory written by `engagerec train`")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--int8", action="store_true", help="also export row-wise int8 embedding tables")
+    export.add_argument(
+        "--aoti",
+        action="store_true",
+        help="also compile the raw-values fp32 program with AOTInductor (model_raw_fp32.aoti.pt2), "
+        "which C++ loads (clients/cpp/score_raw.cpp, make cpp-client); about a minute",
+    )
     export.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     export.add_argument(
         "--check-split", default="test", choices=["train", "val", "test"], help="where quality is measured"

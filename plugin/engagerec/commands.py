@@ -173,7 +173,7 @@ def export(run_dir: str, out: str, **options) -> int:
     Args:
         run_dir: the run directory.
         out: the output directory.
-        **options: ``export.export_run``'s keyword arguments (int8, checkpoint_name,
+        **options: ``export.export_run``'s keyword arguments (int8, aoti, checkpoint_name,
             check_split, check_rows).
     """
     from engagerec.export import export_run, format_record

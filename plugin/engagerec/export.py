@@ -40,6 +40,7 @@ from torch.export import Dim
 from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec import checkpoint
+from engagerec.aoti import compile_package
 from engagerec.batch import Batch
 from engagerec.config import FeatureConfig, history_length, prepared_dir
 from engagerec.data.errors import DataError
@@ -279,6 +280,7 @@ def export_run(
     out_dir: str | Path,
     *,
     int8: bool = False,
+    aoti: bool = False,
     checkpoint_name: str = "best",
     check_split: str = "test",
     check_rows: int = 200_000,
@@ -289,6 +291,8 @@ def export_run(
         run_dir: a directory written by ``engagerec train`` (any world size).
         out_dir: the output directory (created).
         int8: also export row-wise int8 tables.
+        aoti: also compile the raw fp32 program into an AOTInductor package for C++
+            (engagerec.aoti.compile_package).
         checkpoint_name: "best" or "latest".
         check_split: the split on which the exported programs' quality is measured.
         check_rows: at most this many rows of it.
@@ -351,6 +355,8 @@ def export_run(
     _write_inputs(out_dir, schema, model, encoder, [p["file"] for p in record["raw_programs"].values()])
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(record, indent=1))
+    if aoti:  # records itself in export.json and inputs.json
+        record["aoti"] = {"fp32": compile_package(out_dir, "fp32")}
     return record
 
 
@@ -516,6 +522,12 @@ def format_record(record: Dict[str, Any], out_dir: str | Path) -> str:
     lines.append(f"  fp32 program vs the eager model: largest difference {difference:.2e}")
     for program in record.get("raw_programs", {}).values():
         lines.append(f"  {program['file']:<20} {program['bytes'] / 2**20:8.2f} MiB  raw values in")
+    for package in record.get("aoti", {}).values():
+        size, gap = package["bytes"] / 2**20, package["max_abs_difference_vs_program"]
+        lines.append(
+            f"  {package['file']:<20} {size:8.2f} MiB  AOTInductor ({package['cpu_isa']}, compiled in "
+            f"{package['compile_seconds']} s; largest difference from the program {gap:.1e})"
+        )
     lines.append(f"  inputs and outputs: {Path(out_dir) / 'inputs.json'}; a client: docs/SERVING.md")
     return "\n".join(lines)
 
