@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from engagerec.errors import ConfigError
 from engagerec.machine import cpu_name, package_versions
-from engagerec_study.sections import comparisons, correlation, ensemble, gates, replay, threshold
+from engagerec_study.sections import comparisons, correlation, ensemble, gates, replay, replay_ids, threshold
 from engagerec_study.sections.cache import SectionCache
 from engagerec_study.sections.common import TARGETS, Section
 
@@ -117,6 +117,7 @@ SECTIONS: List[Section] = [
     correlation.SMALL_SECTION,
     gates.SECTION,
     replay.SECTION,
+    replay_ids.SECTION,
 ]
 
 
