@@ -91,6 +91,21 @@ def _predict(args: argparse.Namespace) -> int:
     )
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from engagerec.serve import serve
+
+    return serve(
+        args.export,
+        host=args.host,
+        port=args.port,
+        max_rows=args.max_rows,
+        max_batch=args.max_batch,
+        batch_timeout=args.batch_timeout,
+        max_in_flight=args.max_in_flight,
+        workers=args.workers,
+    )
+
+
 def _export(args: argparse.Namespace) -> int:
     return commands.export(
         args.run_dir,
@@ -221,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--check-rows", type=int, default=200_000, help="at most this many rows of it")
     export.set_defaults(handler=_export)
+
+    serve = subcommands.add_parser(
+        "serve", help="score JSON rows of raw values over HTTP with an export's raw program (LitServe)"
+    )
+    serve.add_argument("--export", required=True, help="an `engagerec export` directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-rows", type=int, default=4096, help="rows a request may hold (more: 413)")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests a worker scores together")
+    serve.add_argument(
+        "--batch-timeout", type=float, default=0.005, help="seconds a worker waits to fill a batch"
+    )
+    serve.add_argument(
+        "--max-in-flight", type=int, default=256, help="requests in flight before it sheds with 503"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="inference processes")
+    serve.set_defaults(handler=_serve)
 
     synth = subcommands.add_parser(
         "synthesize", help="write synthetic source tables (a config's generator, or KuaiRand-1K-shaped files)"

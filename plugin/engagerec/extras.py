@@ -17,6 +17,7 @@ EXTRA_OF_MODULE = {
     "sklearn": "study",
     "matplotlib": "study",
     "tensorboard": "tensorboard",
+    "litserve": "serve",  # engagerec serve
 }
 
 

@@ -1,0 +1,178 @@
+"""engagerec serve: JSON rows of raw values in, the raw program's scores out, over HTTP (LitServe);
+each bad request a 4xx naming its field while the service keeps serving, overload shed with 503."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import free_port
+from engagerec.export import export_run
+from engagerec.serve import rows_to_inputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(kuairand_run, tmp_path_factory):
+    """The bundled run exported and served on a free port, at most 2 requests in flight and
+    batches gathered for 0.4 s: (base URL, the export's inputs.json, the process)."""
+    run, _ = kuairand_run
+    export = tmp_path_factory.mktemp("serve") / "export"
+    export_run(run, export, check_rows=1000)
+    port = free_port()
+    command = [sys.executable, "-m", "engagerec", "serve", "--export", str(export), "--port", str(port)]
+    command += ["--max-in-flight", "2", "--batch-timeout", "0.4", "--max-rows", "50"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.read() == b"ok":
+                    break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the service did not start: {process.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    yield url, json.loads((export / "inputs.json").read_text()), export
+    process.terminate()
+    assert process.wait(timeout=60) is not None  # it stops when asked
+
+
+def _post(url, body=None, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}/predict", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _rows(spec, count, seed, views):
+    """``count`` rows of raw values, each with ``views`` earlier views."""
+    rng = np.random.default_rng(seed)
+    raw = spec["raw"]
+    return [
+        {
+            "ids": {c: int(rng.integers(0, 5000)) for c in raw["ids"]["columns"]},
+            "numbers": {c: float(rng.random() * 10) for c in raw["numbers"]["columns"]},
+            "recent": {
+                **{c: [int(v) for v in rng.integers(0, 5000, views)] for c in raw["recent"]["ids"]},
+                **{c: [float(v) for v in rng.random(views)] for c in raw["recent"]["outcomes"]},
+            },
+            "dense": {f: 0.0 for f in raw["dense"]["features"]},
+            "sparse": {f: [1] for f in raw["sparse"]["features"]},
+        }
+        for _ in range(count)
+    ]
+
+
+def _program_scores(export, spec, rows):
+    program = torch.export.load(str(export / "model_raw_fp32.pt2")).module()
+    with torch.no_grad():
+        return program(*rows_to_inputs(rows, spec["raw"])).numpy()
+
+
+def test_concurrent_requests_are_batched_and_scored_as_the_raw_program_scores_them(service):
+    """Two requests at once, with histories of different lengths, share a batch (the second
+    arrives within the first's 0.4 s): each gets its own rows' scores, those of the program."""
+    url, spec, export = service
+    requests = [_rows(spec, 3, seed=0, views=5), _rows(spec, 4, seed=1, views=0)]
+    replies = [None, None]
+
+    def send(i):
+        replies[i] = _post(url, {"rows": requests[i]})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - started < 2.0  # one batch window, not two in a row
+    version = replies[0][1]["model_version"]
+    for (status, reply), rows in zip(replies, requests, strict=True):
+        assert (
+            status == 200 and reply["model_version"] == version and reply["tasks"] == ["watch_ratio", "skip"]
+        )
+        np.testing.assert_allclose(
+            np.array(reply["predictions"]), _program_scores(export, spec, rows), atol=1e-6
+        )
+    assert version.startswith("best-step-")
+
+
+def test_each_bad_request_gets_a_4xx_naming_the_field_and_the_service_keeps_serving(service):
+    url, spec, _ = service
+    good = _rows(spec, 1, seed=2, views=2)[0]
+    column = spec["raw"]["numbers"]["columns"][0]
+    id_column = spec["raw"]["ids"]["columns"][0]
+
+    def changed(part, key, value):
+        row = json.loads(json.dumps(good))
+        if value is None and key in row[part]:
+            del row[part][key]
+        else:
+            row[part][key] = value
+        return {"rows": [row]}
+
+    cases = [
+        (changed("ids", id_column, None), 422, f"rows[0].ids.{id_column}: missing"),
+        (changed("numbers", column, "7"), 422, f"rows[0].numbers.{column}: expected a number or null"),
+        (changed("ids", id_column, 1.5), 422, f"rows[0].ids.{id_column}: expected an integer"),
+        (changed("numbers", "no_such_column", 1.0), 422, "rows[0].numbers.no_such_column: unknown feature"),
+        ({"rows": []}, 422, "rows: expected a list of one row or more"),
+        ({"rows": [good] * 51}, 413, "rows: 51 rows, more than the 50"),
+        ({"rows": [good], "extra": 1}, 422, 'body: expected {"rows"'),
+    ]
+    for body, status, message in cases:
+        code, reply = _post(url, body)
+        assert (code, reply["error"][: len(message)]) == (status, message), reply
+        assert reply["model_version"]
+    code, reply = _post(url, raw=b"this is not json")
+    assert code == 400 and reply["error"].startswith("body: not JSON")
+    for constant, shown in (("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")):
+        text = json.dumps(changed("numbers", column, 12345.5)).replace("12345.5", constant)
+        code, reply = _post(url, raw=text.encode())
+        assert (code, reply["error"]) == (
+            422,
+            f"rows[0].numbers.{column}: expected a finite number, got {shown}",
+        )
+    code, reply = _post(url, {"rows": [good]})  # still serving
+    assert code == 200 and len(reply["predictions"]) == 1
+
+
+def test_past_its_requests_in_flight_the_service_sheds_with_503_and_recovers(service):
+    """Two requests wait in their batch window (0.4 s); a third, sent meanwhile, is shed at once
+    rather than queued; afterwards the service answers again."""
+    url, spec, _ = service
+    rows = _rows(spec, 1, seed=3, views=1)
+    replies = []
+
+    def send():
+        replies.append(_post(url, {"rows": rows}))
+
+    waiting = [threading.Thread(target=send) for _ in range(2)]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.15)
+    started = time.monotonic()
+    code, reply = _post(url, {"rows": rows})
+    shed_in = time.monotonic() - started
+    for thread in waiting:
+        thread.join()
+    assert code == 503 and "overloaded" in reply["error"] and shed_in < 0.3
+    assert sorted(status for status, _ in replies) == [200, 200]
+    assert _post(url, {"rows": rows})[0] == 200
