@@ -45,8 +45,15 @@ def service(kuairand_run, tmp_path_factory):
             pytest.fail(f"the service did not start: {process.stdout.read()[-3000:]}")
         time.sleep(0.5)
     yield url, json.loads((export / "inputs.json").read_text()), export
-    process.terminate()
-    assert process.wait(timeout=60) is not None  # it stops when asked
+    process.terminate()  # SIGTERM, as a supervisor stops it
+    assert process.wait(timeout=60) == 0
+    # and takes its server and inference processes with it: none is left running
+    for _ in range(60):
+        if subprocess.run(["pgrep", "-f", str(export)], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("engagerec serve left processes running after it stopped")
 
 
 def _post(url, body=None, raw=None):

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -406,6 +408,15 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, **options:
         **options: ``build_server``'s keyword arguments.
     """
     server = build_server(export_dir, **options)
+
+    main = os.getpid()
+
+    def stop(signum, frame):  # SIGTERM (a supervisor's stop) shuts down as Ctrl-C does: no orphaned workers
+        if os.getpid() != main:  # a server process that inherited the handler, stopped by the main one
+            raise SystemExit(0)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     print(
         f"engagerec serve: {export_dir} on http://{host}:{port}{PREDICT_PATH} (health: /health)", flush=True
     )
