@@ -17,8 +17,8 @@ intra-op threads (the machine's cores), each form on the same rows:
 Encoded inputs are the first rows of the run's test split; raw inputs are drawn at random from
 the run's vocabularies (ids), a standard normal (numbers) and each row with the longest history
 the model reads, so every table is read at random rows, as a stream of users would. Warm-up
-calls first (10), then ``--calls`` timed calls (fewer at large batches: at most 200,000 rows, at least 20 calls).
-Writes the section ``serving_latency`` of benchmarks/RESULTS.md.
+calls first (10), then ``--calls`` timed calls (fewer at large batches: at most 200,000 rows,
+at least 20 calls). Writes the section ``serving_latency`` of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
