@@ -121,6 +121,7 @@ def _cpp(export: Path, package: str, inputs, calls: int) -> Dict[str, float]:
 
 def _measure(run: Path, export: Path, batches: List[int], calls: int) -> Dict[str, Any]:
     from engagerec.export import ServingModel, unsharded_model
+    from engagerec.runs import run_config
 
     if not (export / "export.json").is_file() or "aoti" not in json.loads(
         (export / "export.json").read_text()
@@ -169,18 +170,15 @@ def _measure(run: Path, export: Path, batches: List[int], calls: int) -> Dict[st
             + ", ".join(f"{f} {r[batch]['p50_ms']:.2f} ms" for f, r in rows.items())
         )
     tables = {t.name: t.num_embeddings for t in model.tables}
-    return {
-        "rows": rows,
-        "sizes": sizes,
-        "largest_table": max(tables.values()),
-        "isa": record["aoti"]["fp32"]["cpu_isa"],
-    }
+    cfg = run_config(run)
+    trained = f"config {cfg.name}, {cfg.train.epochs} epoch(s) on {cfg.train.data_dir}"
+    return {"rows": rows, "sizes": sizes, "largest_table": max(tables.values()), "trained": trained}
 
 
 def _table(name: str, measured: Dict[str, Any], batches: List[int]) -> List[str]:
     header = "| form | " + " | ".join(f"batch {b}: p50 / p99 ms" for b in batches) + " | on disk |"
     lines = [
-        f"**{name}** (largest table: {measured['largest_table']:,} rows)",
+        f"**{name}** ({measured['trained']}; largest table: {measured['largest_table']:,} rows)",
         "",
         header,
         "|" + "---|" * (len(batches) + 2),
@@ -213,8 +211,12 @@ def main() -> None:
         "",
         "Per call, in one process with torch's default threads; encoded forms on the test split's first "
         "rows, raw forms on raw values drawn from the run's vocabularies with each row's longest "
-        "history (module docstring). eager fp32's size: its checkpoint; the AOTI package holds the raw "
-        "program's code and weights.",
+        "history (module docstring): the raw forms' time includes the encoding (vocabulary lookups, "
+        "history windows, id statistics) that the encoded forms were given done. eager fp32's size: its "
+        "checkpoint; the AOTI package holds the raw program's code and weights. The runs: the bundled "
+        "data under configs/kuairand_random.yaml, one epoch (`engagerec prepare` and `engagerec train "
+        "--set train.epochs=1`), and KuaiRand-1K-shaped data at scale 1 under configs/kuairand_1k.yaml, "
+        "one epoch (benchmarks/end_to_end_scale.py's run at scale 1).",
         "",
     ]
     write_section("serving_latency", "\n".join(notes + body))

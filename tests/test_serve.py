@@ -22,11 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def service(kuairand_run, tmp_path_factory):
-    """The bundled run exported and served on a free port, at most 2 requests in flight and
-    batches gathered for 0.4 s: (base URL, the export's inputs.json, the process)."""
+    """The bundled run exported with its AOTInductor package (what the workers serve) and served
+    on a free port, at most 2 requests in flight and batches gathered for 0.4 s: (base URL, the
+    export's inputs.json, the export directory)."""
     run, _ = kuairand_run
     export = tmp_path_factory.mktemp("serve") / "export"
-    export_run(run, export, check_rows=1000)
+    export_run(run, export, check_rows=1000, aoti=True)
     port = free_port()
     command = [sys.executable, "-m", "engagerec", "serve", "--export", str(export), "--port", str(port)]
     command += ["--max-in-flight", "2", "--batch-timeout", "0.4", "--max-rows", "50"]
@@ -95,7 +96,8 @@ def _program_scores(export, spec, rows):
 
 def test_concurrent_requests_are_batched_and_scored_as_the_raw_program_scores_them(service):
     """Two requests at once, with histories of different lengths, share a batch (the second
-    arrives within the first's 0.4 s): each gets its own rows' scores, those of the program."""
+    arrives within the first's 0.4 s): each gets its own rows' scores, those of the torch.export
+    program (which the served AOTInductor package was compiled from)."""
     url, spec, export = service
     requests = [_rows(spec, 3, seed=0, views=5), _rows(spec, 4, seed=1, views=0)]
     replies = [None, None]

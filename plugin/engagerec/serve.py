@@ -15,7 +15,8 @@ What a request goes through, in order:
   the field, e.g. ``rows[2].numbers.duration``; more rows than ``max_rows`` is a 413. Bad
   requests never reach the workers: LitServe answers every request of a batch with the error of
   any one of them, so one bad request must not join a batch.
-* ``RawScoringAPI`` (LitServe's LitAPI, in the worker): rows to the raw program's tensors,
+* ``RawScoringAPI`` (LitServe's LitAPI, in the worker): rows to the raw program's tensors
+  (the AOTInductor package when ``export --aoti`` wrote one, else the torch.export program),
   requests batched together (up to ``max_batch`` requests, waiting at most ``batch_timeout``),
   the program, one reply per request: ``{"model_version", "tasks", "predictions"}``.
 
@@ -39,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import litserve as ls
 import torch
 
+from engagerec.aoti import package_name
 from engagerec.errors import ConfigError
 
 PREDICT_PATH = "/predict"
@@ -288,6 +290,28 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": payload})
 
 
+def load_program(export_dir: Path):
+    """The raw program a worker serves: the AOTInductor package when the export has one
+    (``export --aoti``: compiled, 5-20x faster per call at small batches, benchmarks/RESULTS.md
+    serving_latency) and it loads on this machine, else the torch.export program.
+
+    Args:
+        export_dir (Path): an ``engagerec export`` directory.
+
+    Returns:
+        A callable taking the raw program's inputs.
+    """
+    package = export_dir / package_name("fp32")
+    if package.is_file():
+        try:
+            return torch._inductor.aoti_load_package(str(package))
+        except RuntimeError as err:  # compiled for another CPU or torch: the program still serves
+            print(
+                f"engagerec serve: {package.name} does not load here ({err}); serving the program", flush=True
+            )
+    return torch.export.load(str(export_dir / "model_raw_fp32.pt2")).module()
+
+
 class RawScoringAPI(ls.LitAPI):
     """
     The raw program in a LitServe worker: checked rows in, predictions out (one reply per
@@ -308,8 +332,10 @@ class RawScoringAPI(ls.LitAPI):
 
     def setup(self, device) -> None:
         """Load the program (once per worker process)."""
-        torch.set_num_threads(max(1, torch.get_num_threads() // self.workers))
-        self.program = torch.export.load(str(self.export_dir / "model_raw_fp32.pt2")).module()
+        # the cores but one (the API process parses and checks requests), shared by the workers:
+        # on 2 cores one thread served 1.4x the requests of two, whose OpenMP spinning starved the API
+        torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // self.workers))
+        self.program = load_program(self.export_dir)
         self.tasks = [t["name"] for t in self.inputs["tasks"]]
 
     def decode_request(self, request) -> List[Dict[str, Any]]:  # unannotated: LitServe reads the body as JSON
