@@ -174,7 +174,14 @@ def _finite(value: Any, at: str) -> None:
 def _check_list(value: Any, at: str, check, allow_none: bool = True) -> None:
     if not isinstance(value, list):
         raise BadRequest(422, f"{at}: expected a list, got {type(value).__name__}")
-    for j, item in enumerate(value):
+    # the common case in one pass: every item an int, or (for numbers) a finite float or int
+    if check is _integer and all(type(item) is int for item in value):
+        return
+    if check is _number and all(
+        type(item) is int or (type(item) is float and math.isfinite(item)) for item in value
+    ):
+        return
+    for j, item in enumerate(value):  # else find the first bad item, to name it
         if item is None and not allow_none:
             raise BadRequest(422, f"{at}[{j}]: expected an integer, got null")
         check(item, f"{at}[{j}]")
@@ -204,10 +211,14 @@ def rows_to_inputs(rows: List[Dict[str, Any]], spec: Dict[str, Any]) -> Tuple[An
     lengths = torch.tensor([len(r["recent"][views[0]]) if views else 0 for r in rows], dtype=torch.int64)
     width = max(1, int(lengths.max()))
     recent = {}
-    for c in views:
+    for c in views:  # one flat list per column, padded after each row's views: one tensor, no stack
         dtype, none = (torch.int64, missing) if c in spec["recent"]["ids"] else (torch.float64, math.nan)
-        padded = [r["recent"][c] + [None] * (width - len(r["recent"][c])) for r in rows]
-        recent[c] = torch.stack([column(values, dtype, none) for values in padded])
+        flat: List[Any] = []
+        for r in rows:
+            values = r["recent"][c]
+            flat.extend(none if v is None else v for v in values)
+            flat.extend([none] * (width - len(values)))
+        recent[c] = torch.tensor(flat, dtype=dtype).view(len(rows), width)
     dense = {
         f: column([r["dense"][f] for r in rows], torch.float32, math.nan) for f in spec["dense"]["features"]
     }
