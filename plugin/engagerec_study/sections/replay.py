@@ -313,7 +313,7 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
         else "",
     ]
     n = len(days[last]["warm"])
-    _plot(days, figures / "replay.png")
+    plot_by_day(days, LINES, figures / "replay.png")
     choice = ", ".join(f"{name} {loss:.4f}" for name, loss in data["warm_val_loss"].items())
     paragraphs.insert(
         0,
@@ -357,14 +357,22 @@ def _versus(days: Dict[int, Dict[str, List[Dict[str, float]]]], chosen: List[int
     )
 
 
-def _plot(days: Dict[int, Dict[str, List[Dict[str, float]]]], path: Path) -> None:
+def plot_by_day(days: Dict[int, Dict[str, List[Dict[str, float]]]], lines, path: Path) -> None:
+    """Watch-ratio MSE and skip AUC against the day scored, one curve per line (mean and its
+    95% CI over seeds).
+
+    Args:
+        days: day -> line -> one result per seed (``mse``, ``auc``).
+        lines: (line, its label) pairs, in legend order.
+        path (Path): the PNG to write.
+    """
     x = sorted(days)
     with saved_figure(path, (10, 3.6), ncols=2) as (_, axes):
         for axis, metric, title in (
             (axes[0], "mse", "watch-ratio MSE (lower is better)"),
             (axes[1], "auc", "skip AUC"),
         ):
-            for name, text in LINES:
+            for name, text in lines:
                 stats = [_summary(days[d][name], metric) for d in x]
                 mean = np.array([s["mean"] for s in stats])
                 ci = np.array([s["ci95"] for s in stats])

@@ -35,9 +35,17 @@ import numpy as np
 from engagerec.config import load_config
 from engagerec.data.schema import DatasetSchema
 from engagerec.errors import ConfigError
-from engagerec_study.report import saved_figure
 from engagerec_study.sections.common import Section, cell, config_spec, mean_ci
-from engagerec_study.sections.replay import BASE, FIRST_DAYS, OVERRIDES, _prepare, _score, _train, day_files
+from engagerec_study.sections.replay import (
+    BASE,
+    FIRST_DAYS,
+    OVERRIDES,
+    _prepare,
+    _score,
+    _train,
+    day_files,
+    plot_by_day,
+)
 
 # below the first days' vocabulary (1,073 videos seen twice in days 1..7): hash_buckets hashes only
 # an id space larger than it, and both bounded tables hold fewer rows than the videos to place
@@ -124,7 +132,7 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
     samples = {n: np.mean([r["samples"] for d in scored for r in days[d][n]]) for n in names}
     seconds = {n: np.mean([r["seconds"] for d in scored for r in days[d][n]]) for n in names}
     cost = ", ".join(f"{n} {samples[n]:,.0f} samples in {seconds[n]:.1f} s" for n in names)
-    _plot(days, names, figures / "replay_ids.png")
+    plot_by_day(days, [(name, name) for name in names], figures / "replay_ids.png")
     n = len(days[scored[-1]]["vocabulary"])
     return "\n".join(
         [
@@ -147,24 +155,6 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
             "![quality against day by id space](figures/replay_ids.png)",
         ]
     )
-
-
-def _plot(days: Dict[int, Dict[str, List[Dict[str, float]]]], names: List[str], path: Path) -> None:
-    x = sorted(days)
-    with saved_figure(path, (10, 3.6), ncols=2) as (_, axes):
-        for axis, metric, title in (
-            (axes[0], "mse", "watch-ratio MSE (lower is better)"),
-            (axes[1], "auc", "skip AUC"),
-        ):
-            for name in names:
-                stats = [mean_ci([r[metric] for r in days[d][name]]) for d in x]
-                mean = np.array([s["mean"] for s in stats])
-                ci = np.array([s["ci95"] for s in stats])
-                axis.plot(x, mean, marker="o", label=name)
-                axis.fill_between(x, mean - ci, mean + ci, alpha=0.2)
-            axis.set_xlabel("day scored")
-            axis.set_title(title)
-        axes[0].legend(fontsize=8)
 
 
 def _spec(seeds: List[int]) -> Dict[str, Any]:
