@@ -62,7 +62,7 @@ cpp-client: $(CPP_CLIENT)
 $(CPP_CLIENT): clients/cpp/score_raw.cpp $(STAMP)
 	@command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++)
 	mkdir -p $(dir $@)
-	TORCH=$$($(PY) -c "import os, torch; print(os.path.dirname(torch.__file__))"); \
+	set -e; TORCH=$$($(PY) -c "import os, torch; print(os.path.dirname(torch.__file__))"); \
 	ABI=$$($(PY) -c "import torch; print(int(torch.compiled_with_cxx11_abi()))"); \
 	g++ -std=c++20 -O2 -D_GLIBCXX_USE_CXX11_ABI=$$ABI $< -o $@ \
 		-I$$TORCH/include -I$$TORCH/include/torch/csrc/api/include \

@@ -79,9 +79,10 @@ def _client(port: int, bodies: List[bytes], rows: int, latencies: List[float], f
             connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
             reply = connection.getresponse()
             payload = reply.read()
-            latencies.append(time.perf_counter() - start)
             if reply.status != 200 or len(json.loads(payload)["predictions"]) != rows:
                 failures.append(f"{reply.status}: {payload[:200]!r}")
+            else:  # latencies of answered requests only
+                latencies.append(time.perf_counter() - start)
         except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
             failures.append(repr(err))
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -144,7 +145,10 @@ def main() -> None:
         measured = {c: _run(port, bodies, args.rows, c) for c in args.concurrency}
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
     for c, m in measured.items():
         latency = f"p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms"
         print(f"{c} clients: {m['qps']:.0f} requests/s, {latency}, {m['failed']} failed")

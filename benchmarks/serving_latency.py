@@ -71,7 +71,10 @@ def _encoded_inputs(run: Path, names: List[str], rows: int):
 
     data_dir = run_config(run).train.data_dir
     reader = ShardReader(data_dir, "test", batch_size=rows, rank=0, world_size=1)
-    return serving_inputs(next(iter(make_loader(reader))), names)
+    batch = next(iter(make_loader(reader)))
+    if batch.dense_features.shape[0] != rows:
+        raise SystemExit(f"{data_dir}'s test split has fewer than {rows} rows: drop that batch size")
+    return serving_inputs(batch, names)
 
 
 def _raw_inputs(export: Path, rows: int, seed: int = 0):

@@ -335,11 +335,12 @@ def test_the_aoti_package_scores_from_cpp_what_predict_scores(scored, tmp_path):
     """``export --aoti``'s package, run by the C++ client (``make cpp-client``, g++ against the
     wheel's libtorch) on the raw rows' tensors in inputs.json's flat order, scores what
     `engagerec predict` scores, to 1e-5; so does Python's loader."""
-    from engagerec.aoti import compile_package, flat_inputs, package_name
+    from engagerec.aoti import compile_package, flat_inputs, package_name, usable_package
 
     export, _, inputs, expected, raw, _ = scored
     record = compile_package(export)
     assert record["max_abs_difference_vs_program"] < 1e-5
+    assert usable_package(export) == export / package_name()  # compiled from this program, for this CPU
     spec = json.loads((export / "inputs.json").read_text())["raw"]["aoti"]
     assert spec["package"] == package_name() and len(spec["inputs"]) == sum(
         len(part) if isinstance(part, dict) else 1 for part in inputs
@@ -368,3 +369,11 @@ def test_the_aoti_package_scores_from_cpp_what_predict_scores(scored, tmp_path):
     torch.save(swapped, tmp_path / "swapped.pt")
     subprocess.run([*client, str(tmp_path / "swapped.pt"), str(tmp_path / "swapped_scores.pt")], check=True)
     assert np.abs(torch.load(tmp_path / "swapped_scores.pt").numpy() - truth).max() > 1e-3
+    # a package that no longer matches its program (the program exported again) is not served
+    inputs_file = export / "inputs.json"
+    kept = inputs_file.read_text()
+    changed = json.loads(kept)
+    changed["raw"]["aoti"]["source_crc32"] = "00000000"
+    inputs_file.write_text(json.dumps(changed))
+    assert usable_package(export) is None
+    inputs_file.write_text(kept)

@@ -273,3 +273,20 @@ def test_managed_ids_train_on_one_gpu_and_score_alike_on_cpu(managed_data, tmp_p
     on_cpu = evaluate_run(tmp_path / "run", "test", device="cpu")
     for key in EQUAL_METRICS:
         assert on_cpu[key] == pytest.approx(results["test"][key], rel=1e-3, abs=1e-4), key
+
+
+def test_a_batch_with_more_ids_than_the_first_has_every_id_counted():
+    """torchrec sizes its buffer of counted ids from the first batch and drops what a fuller
+    batch brings past it; here the buffer grows: admitted every 2 steps, a first batch of 1 id
+    and a second of 6 new ones put all 7 in the table."""
+    table = EmbeddingBagConfig(name="t", num_embeddings=16, embedding_dim=2, feature_names=["video"])
+    spec = {"eviction_policy": "lfu", "eviction_interval": 2, "ids_per_row": 1}
+    tables = ManagedCollisionTables(EmbeddingBagCollection(tables=[table]), {"t": spec})
+    for ids in ([5], [11, 12, 13, 14, 15, 16]):
+        tables(
+            KeyedJaggedTensor.from_lengths_sync(
+                ["video"], torch.tensor(ids), torch.ones(len(ids), dtype=torch.int32)
+            )
+        )
+    sorted_ids, _, _ = tables.frozen_rows("t")
+    assert set(sorted_ids.tolist()) >= {5, 11, 12, 13, 14, 15, 16}

@@ -1,6 +1,7 @@
 """engagerec serve: JSON rows of raw values in, the raw program's scores out, over HTTP (LitServe);
 each bad request a 4xx naming its field while the service keeps serving, overload shed with 503."""
 
+import http.client
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ def service(kuairand_run, tmp_path_factory):
     port = free_port()
     command = [sys.executable, "-m", "engagerec", "serve", "--export", str(export), "--port", str(port)]
     command += ["--max-in-flight", "2", "--batch-timeout", "0.4", "--max-rows", "50"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(export.parent / "serve.log", "w")  # a file, never a pipe nobody reads while it runs
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -43,18 +46,38 @@ def service(kuairand_run, tmp_path_factory):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the service did not start: {process.stdout.read()[-3000:]}")
+            pytest.fail(f"the service did not start: {(export.parent / 'serve.log').read_text()[-3000:]}")
         time.sleep(0.5)
+    children = _descendants(process.pid)
+    assert len(children) >= 2  # its API server and inference processes
     yield url, json.loads((export / "inputs.json").read_text()), export
     process.terminate()  # SIGTERM, as a supervisor stops it
     assert process.wait(timeout=60) == 0
+    log.close()
     # and takes its server and inference processes with it: none is left running
     for _ in range(60):
-        if subprocess.run(["pgrep", "-f", str(export)], capture_output=True).returncode == 1:
+        if not [pid for pid in children if Path(f"/proc/{pid}").exists()]:
             break
         time.sleep(0.5)
     else:
-        pytest.fail("engagerec serve left processes running after it stopped")
+        pytest.fail(f"engagerec serve left processes {children} running after it stopped")
+
+
+def _descendants(pid):
+    """Every process started by ``pid``, at any depth (from /proc)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = entry.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                child = int(entry.parent.name)
+                found.append(child)
+                frontier.append(child)
+    return found
 
 
 def _post(url, body=None, raw=None):
@@ -111,8 +134,10 @@ def test_concurrent_requests_are_batched_and_scored_as_the_raw_program_scores_th
         thread.start()
     for thread in threads:
         thread.join()
-    assert time.monotonic() - started < 2.0  # one batch window, not two in a row
+    assert time.monotonic() - started < 2.0
     version = replies[0][1]["model_version"]
+    for _, reply in replies:
+        assert reply["batch_rows"] == 7 and reply["program"] == "aoti"  # one batch of both; compiled
     for (status, reply), rows in zip(replies, requests, strict=True):
         assert (
             status == 200 and reply["model_version"] == version and reply["tasks"] == ["watch_ratio", "skip"]
@@ -145,13 +170,32 @@ def test_each_bad_request_gets_a_4xx_naming_the_field_and_the_service_keeps_serv
         ({"rows": []}, 422, "rows: expected a list of one row or more"),
         ({"rows": [good] * 51}, 413, "rows: 51 rows, more than the 50"),
         ({"rows": [good], "extra": 1}, 422, 'body: expected {"rows"'),
+        (changed("ids", id_column, 2**70), 422, f"rows[0].ids.{id_column}: expected a 64-bit integer"),
+        (changed("numbers", column, 10**400), 422, f"rows[0].numbers.{column}: expected a finite number"),
     ]
+    sparse = spec["raw"]["sparse"]["features"]
+    if sparse:  # an id past the table's last row would fail the whole batch in the worker
+        largest = spec["raw"]["sparse"]["max_id"][sparse[0]]
+        cases.append(
+            (changed("sparse", sparse[0], [1, largest + 1]), 422, f"rows[0].sparse.{sparse[0]}: ids lie in")
+        )
     for body, status, message in cases:
         code, reply = _post(url, body)
         assert (code, reply["error"][: len(message)]) == (status, message), reply
         assert reply["model_version"]
-    code, reply = _post(url, raw=b"this is not json")
-    assert code == 400 and reply["error"].startswith("body: not JSON")
+    for raw in (b"this is not json", b'{"rows": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        code, reply = _post(url, raw=raw)  # the second nests past Python's recursion limit
+        assert code == 400 and reply["error"].startswith("body: not JSON"), reply
+    # past 50 rows' bytes: refused by its declared length, before any of the body is sent
+    connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", "2000000")
+    connection.endheaders()
+    answer = connection.getresponse()
+    reply = json.loads(answer.read())
+    connection.close()
+    assert answer.status == 413 and reply["error"].startswith("body: 2000000 bytes, more than")
     for constant, shown in (("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")):
         text = json.dumps(changed("numbers", column, 12345.5)).replace("12345.5", constant)
         code, reply = _post(url, raw=text.encode())

@@ -45,8 +45,9 @@ double percentile(const std::vector<double>& sorted, double p) {
 
 int main(int argc, char** argv) {
   const bool timed = argc == 6 && std::string(argv[4]) == "--time";
-  if (argc != 4 && !timed) {
-    std::cerr << "usage: " << argv[0] << " PACKAGE INPUTS OUTPUT [--time CALLS]\n";
+  const int calls = timed ? std::atoi(argv[5]) : 0;
+  if ((argc != 4 && !timed) || (timed && calls < 1)) {
+    std::cerr << "usage: " << argv[0] << " PACKAGE INPUTS OUTPUT [--time CALLS (1 or more)]\n";
     return 2;
   }
   try {
@@ -61,12 +62,12 @@ int main(int argc, char** argv) {
     std::vector<char> bytes = torch::pickle_save(outputs.at(0));
     std::ofstream out(argv[3], std::ios::binary);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.close();
     if (!out) {
       throw std::runtime_error(std::string("cannot write ") + argv[3]);
     }
     std::cout << "scored " << outputs.at(0).size(0) << " rows into " << argv[3] << "\n";
     if (timed) {
-      const int calls = std::max(1, std::atoi(argv[5]));
       std::vector<double> milliseconds;
       for (int i = 0; i < calls; ++i) {
         const auto start = std::chrono::steady_clock::now();

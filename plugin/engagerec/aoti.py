@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path, tree_unflatten
@@ -30,9 +31,68 @@ ARGUMENTS = ("ids", "numbers", "recent", "recent_lengths", "dense", "sparse_ids"
 CLIENT = "clients/cpp/score_raw.cpp"
 
 
+TOLERANCE = 1e-5  # the package's largest difference from its program, checked when compiled
+
+
 def package_name(kind: str = "fp32") -> str:
-    """The AOTInductor package's file name for a raw program of ``kind`` (fp32 | int8)."""
+    """The AOTInductor package's file name for a raw program of ``kind``.
+
+    Args:
+        kind (str): fp32 or int8. Default: fp32.
+
+    Example::
+
+        >>> package_name()
+        'model_raw_fp32.aoti.pt2'
+    """
     return f"model_raw_{kind}.aoti.pt2"
+
+
+def file_crc32(path: str | Path) -> str:
+    """A file's CRC-32 as 8 hex digits, read in blocks (programs of hundreds of MiB).
+
+    Args:
+        path (str | Path): the file.
+
+    Example::
+
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "f"
+        >>> _ = path.write_bytes(b"engagerec")
+        >>> file_crc32(path)
+        '048b730a'
+    """
+    crc = 0
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def usable_package(export_dir: str | Path, kind: str = "fp32") -> Optional[Path]:
+    """The export's AOTInductor package if it may serve here: compiled from the raw program
+    that is beside it now (the CRC-32 inputs.json recorded) and for this machine's CPU
+    capability (a package for AVX-512 would stop an AVX2 machine with an illegal instruction,
+    which no exception handler sees). None otherwise.
+
+    Args:
+        export_dir (str | Path): an ``engagerec export`` directory.
+        kind (str): fp32 or int8. Default: fp32.
+
+    Example::
+
+        >>> # usable_package("export/kuairand")  # -> Path("export/kuairand/model_raw_fp32.aoti.pt2")
+    """
+    export_dir = Path(export_dir)
+    package, program = export_dir / package_name(kind), export_dir / f"model_raw_{kind}.pt2"
+    if not package.is_file() or not program.is_file():
+        return None
+    recorded = json.loads((export_dir / "inputs.json").read_text())["raw"].get("aoti", {})
+    if recorded.get("package") != package.name or recorded.get("source_crc32") != file_crc32(program):
+        return None
+    if recorded.get("cpu_isa") != torch.backends.cpu.get_cpu_capability():
+        return None
+    return package
 
 
 def input_order(program: torch.export.ExportedProgram) -> List[Dict[str, Any]]:
@@ -119,12 +179,18 @@ def compile_package(export_dir: str | Path, kind: str = "fp32") -> Dict[str, Any
     args, kwargs = program.example_inputs
     loaded = torch._inductor.aoti_load_package(str(package))
     with torch.no_grad():
-        difference = (loaded(*args, **kwargs) - program.module()(*args, **kwargs)).abs().max()
+        difference = float((loaded(*args, **kwargs) - program.module()(*args, **kwargs)).abs().max())
+    if not difference <= TOLERANCE:  # NaN too
+        package.unlink()
+        raise ConfigError(
+            f"the AOTInductor package of {source.name} scores {difference:.2e} away from the program "
+            f"(tolerance {TOLERANCE}); not kept"
+        )
     record = {
         "file": package.name,
         "bytes": package.stat().st_size,
         "compile_seconds": round(seconds, 1),
-        "max_abs_difference_vs_program": float(difference),
+        "max_abs_difference_vs_program": difference,
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
     }
     inputs_file = export_dir / "inputs.json"
@@ -135,6 +201,8 @@ def compile_package(export_dir: str | Path, kind: str = "fp32") -> Dict[str, Any
         "call": "AOTIModelPackageLoader(package).run(inputs) -> [predictions [B, tasks] float32]",
         "client": CLIENT,
         "compiled_for": f"{record['cpu_isa']} CPUs, torch {torch.__version__}",
+        "cpu_isa": record["cpu_isa"],
+        "source_crc32": file_crc32(source),  # the program it was compiled from
     }
     inputs_file.write_text(json.dumps(spec, indent=1))
     export_file = export_dir / "export.json"

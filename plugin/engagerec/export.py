@@ -40,13 +40,13 @@ from torch.export import Dim
 from torchrec.modules.embedding_configs import PoolingType
 
 from engagerec import checkpoint
-from engagerec.aoti import compile_package
+from engagerec.aoti import compile_package, package_name
 from engagerec.batch import Batch
 from engagerec.config import FeatureConfig, history_length, prepared_dir
 from engagerec.data.errors import DataError
 from engagerec.data.manifest import check_prepared
 from engagerec.data.reader import ShardReader, make_loader
-from engagerec.data.schema import SCHEMA_FILE, VOCAB_DIR, DatasetSchema
+from engagerec.data.schema import MANAGED_INPUT_BUCKETS, SCHEMA_FILE, VOCAB_DIR, DatasetSchema
 from engagerec.data.target_stats import STATS_DIR
 from engagerec.distributed import world_size
 from engagerec.errors import CheckpointError, ConfigError
@@ -355,6 +355,8 @@ def export_run(
     _write_inputs(out_dir, schema, model, encoder, [p["file"] for p in record["raw_programs"].values()])
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(record, indent=1))
+    for kind in ("fp32", "int8"):  # an earlier export's package would not match these programs
+        (out_dir / package_name(kind)).unlink(missing_ok=True)
     if aoti:  # records itself in export.json and inputs.json
         record["aoti"] = {"fp32": compile_package(out_dir, "fp32")}
     return record
@@ -492,7 +494,8 @@ def _write_inputs(
         "dense": {"columns": schema.dense_names, "dtype": "float32", "shape": "[B, len(columns)]"},
         "sparse": {
             "features": model.feature_names if model.has_sparse else [],
-            "ids": "per feature: int64, every row's ids concatenated (0 = unseen/missing)",
+            "ids": "per feature: int64, every row's ids concatenated (0 = unseen/missing; a "
+            "managed-collision feature's ids hashed as prepare stores them)",
             "offsets": "per feature: int64 [B], where each row's ids start",
         },
         "tasks": [{"name": t.name, "kind": t.kind, "label": t.label} for t in model.tasks],
@@ -503,6 +506,19 @@ def _write_inputs(
             encoder, sorted(raw_programs), history_length([FeatureConfig(**f) for f in schema.features])
         ),
         "torch": torch.__version__,
+    }
+    # the largest id each client-encoded feature may hold (a table's last row; a managed
+    # table's hashed ids before its remapping), what engagerec serve checks a request against
+    managed = (
+        model.sparse_arch.remap.modules_by_table()
+        if isinstance(model.sparse_arch, ManagedCollisionTables)
+        else {}
+    )
+    spec["raw"]["sparse"]["max_id"] = {
+        name: (MANAGED_INPUT_BUCKETS if table.name in managed else table.num_embeddings - 1)
+        for table in model.tables
+        for name in table.feature_names
+        if name in encoder.encoded_sparse()
     }
     (out_dir / "inputs.json").write_text(json.dumps(spec, indent=1))
 

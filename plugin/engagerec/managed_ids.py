@@ -74,6 +74,28 @@ class _BoundedMCH(MCHManagedCollisionModule):
             self._current_iter, self._last_eviction_iter = restored["iteration"], restored["last_admission"]
         self._restored = restored if restored["pending"] is not None else None
 
+    def profile(self, features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+        """torchrec's counting, after making room for this batch's ids (torchrec drops the ids
+        past its buffer's end)."""
+        if self.training and self._input_history_buffer_size != -1:
+            incoming = sum(f.values().numel() for f in features.values())
+            needed = self._current_history_buffer_offset + incoming
+            if needed > self._input_history_buffer_size:
+                self._grow(2 * needed)
+        return super().profile(features)
+
+    def _grow(self, size: int) -> None:
+        """The counting buffers, ``size`` long, keeping the ids counted so far."""
+        kept = self._current_history_buffer_offset
+        accumulator = torch.empty(size, dtype=torch.int64, device=self.device)
+        accumulator[:kept] = self._history_accumulator[:kept]
+        self._history_accumulator, self._input_history_buffer_size = accumulator, size
+        for name in list(self._history_metadata):
+            grown = torch.zeros(size, dtype=torch.int64, device=self.device)
+            grown[:kept] = self._history_metadata[name][:kept]
+            setattr(self, "_history_" + name, grown)
+            self._history_metadata[name] = grown
+
     def _init_history_buffers(self, features: Dict[str, JaggedTensor]) -> None:
         super()._init_history_buffers(features)
         rows = sum(f.lengths().numel() for f in features.values()) // self._features
@@ -104,6 +126,8 @@ class ManagedIdRemap(nn.Module):
         specs (Dict[str, Dict[str, Any]]): per table, ``DatasetSchema.managed``'s entry (rows,
             eviction_policy, eviction_interval) and ``ids_per_row``: the most ids a row brings
             to the table (1 per single-id feature, the length of a history).
+
+    Example: ``ManagedCollisionTables``' example (it builds one).
     """
 
     def __init__(self, tables: List[EmbeddingBagConfig], specs: Dict[str, Dict[str, Any]]) -> None:
@@ -322,39 +346,58 @@ def _reset_in_group(group: nn.Module, name: str, rows: torch.Tensor, draw) -> bo
     optimiser state of fused tables; a data-parallel table's state lives in the dense optimiser,
     which keeps it); False if the group holds none of the table."""
     tables = group.config.embedding_tables
-    index = next((i for i, t in enumerate(tables) if t.name == name), None)
-    if index is None:
-        return False
-    shard = tables[index]
+    found = [i for i, t in enumerate(tables) if t.name == name]  # column shards: one entry each
+    for index in found:
+        _reset_shard(group, index, rows, draw)
+    return bool(found)
+
+
+def _reset_shard(group: nn.Module, index: int, rows: torch.Tensor, draw) -> None:
+    """Reset ``rows`` in the ``index``-th table shard of a group: its rows and columns only."""
+    shard = group.config.embedding_tables[index]
     start = shard.local_metadata.shard_offsets[0] if shard.local_metadata is not None else 0
-    columns = shard.local_metadata.shard_offsets[1] if shard.local_metadata is not None else 0
     weight = group.split_embedding_weights()[index]
     local = rows.to(weight.device) - start
     local = local[(local >= 0) & (local < weight.shape[0])]
     if local.numel() == 0:
-        return True
-    # drawn for the table's full width, then this shard's columns: column shards agree
-    drawn = draw(local.numel(), shard.embedding_dim)
-    weight[local] = drawn[:, columns : columns + weight.shape[1]].to(weight.device, weight.dtype)
+        return
+    width = weight.shape[1]  # this shard's columns of the table
+    weight[local] = draw(local.numel(), width).to(weight.device, weight.dtype)
     if not hasattr(group.emb_module, "split_optimizer_states"):
-        return True
+        return  # a data-parallel table: its state is the dense optimiser's
     states = group.emb_module.split_optimizer_states()[index]
     for state in states if isinstance(states, (list, tuple)) else [states]:
         if state.dim() > 0 and state.shape[0] == weight.shape[0]:
             state[local] = 0
-    return True
 
 
 def managed_tables(model: nn.Module) -> List[ManagedCollisionTables]:
-    """Every ManagedCollisionTables inside ``model`` (a DistributedModelParallel too)."""
+    """Every ManagedCollisionTables inside ``model`` (a DistributedModelParallel too).
+
+    Args:
+        model (nn.Module): any module.
+
+    Example::
+
+        >>> managed_tables(torch.nn.Linear(2, 2))
+        []
+    """
     return [m for m in model.modules() if isinstance(m, ManagedCollisionTables)]
 
 
 def check_world_size(model: nn.Module, world_size: int) -> None:
     """Refuse to train managed collisions on several ranks.
 
+    Args:
+        model (nn.Module): the model to train (its managed tables are looked for).
+        world_size (int): the ranks it would train on.
+
     Raises:
         ConfigError: ``model`` has managed tables and ``world_size`` > 1.
+
+    Example::
+
+        >>> check_world_size(torch.nn.Linear(2, 2), 4)  # no managed tables: any world size
     """
     if world_size > 1 and managed_tables(model):
         names = sorted(name for m in managed_tables(model) for name in m._configs)
@@ -379,6 +422,17 @@ def managed_specs(
 
     Returns:
         Dict[str, Dict[str, Any]]: table name -> rows, eviction_policy, eviction_interval, ids_per_row.
+
+    Example::
+
+        >>> from engagerec.data.schema import DatasetSchema, SparseFeature
+        >>> schema = DatasetSchema(features=[], sparse=[SparseFeature("video", "video", multi=False)],
+        ...     dense=[], labels=[], vocab_sizes={},
+        ...     managed={"video": {"rows": 8, "eviction_policy": "lfu", "eviction_interval": 1}})
+        >>> table = EmbeddingBagConfig(name="t_video", num_embeddings=8, embedding_dim=2,
+        ...     feature_names=["video"])
+        >>> managed_specs(schema, [table])["t_video"]["ids_per_row"]
+        1
     """
     lengths = lengths or {}
     space_of = {f.name: f.id_space for f in schema.sparse}

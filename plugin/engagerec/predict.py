@@ -430,8 +430,8 @@ def _shared_rows(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
     found = {}
     for tables in managed_tables(model):
         for table in tables.remap.managed_collision_collection.embedding_configs():
-            frozen = tables.frozen_rows(table.name)
-            found.update({name: frozen for name in table.feature_names})
+            ids, rows, shared = tables.frozen_rows(table.name)  # on CPU, where the batch's ids are counted
+            found.update({name: (ids.cpu(), rows.cpu(), shared) for name in table.feature_names})
     return found
 
 

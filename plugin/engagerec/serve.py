@@ -33,14 +33,14 @@ import json
 import math
 import os
 import signal
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import litserve as ls
+import numpy as np
 import torch
 
-from engagerec.aoti import package_name
+from engagerec.aoti import file_crc32, usable_package
 from engagerec.errors import ConfigError
 
 PREDICT_PATH = "/predict"
@@ -54,14 +54,14 @@ def model_version(export_dir: str | Path) -> str:
 
     Returns:
         str: e.g. ``best-step-83/1a2b3c4d``.
+
+    Example::
+
+        >>> # model_version("export/kuairand")  # -> 'best-step-83/f719a79a'
     """
     export_dir = Path(export_dir)
-    crc = 0
-    with open(export_dir / "model_raw_fp32.pt2", "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
     checkpoint = Path(json.loads((export_dir / "export.json").read_text())["checkpoint"]).name
-    return f"{checkpoint}/{crc:08x}"
+    return f"{checkpoint}/{file_crc32(export_dir / 'model_raw_fp32.pt2')}"
 
 
 class BadRequest(ValueError):
@@ -141,6 +141,10 @@ def check_rows(body: Any, spec: Dict[str, Any], max_rows: int) -> List[Dict[str,
                     _check_list(value, at, _number if column in outcomes else _integer)
                 elif name == "sparse":
                     _check_list(value, at, _integer, allow_none=False)
+                    largest = spec["sparse"].get("max_id", {}).get(column, INT64[1])
+                    if value and not 0 <= min(value) <= max(value) <= largest:
+                        bad = next(v for v in value if not 0 <= v <= largest)
+                        raise BadRequest(422, f"{at}: ids lie in [0, {largest}], got {bad}")
                 else:
                     check(value, at)
         recent = [len(row["recent"][c]) for c in fields["recent"][0]] if fields["recent"][0] else []
@@ -151,18 +155,33 @@ def check_rows(body: Any, spec: Dict[str, Any], max_rows: int) -> List[Dict[str,
     return rows
 
 
+INT64 = (-(2**63), 2**63 - 1)
+
+
 def _integer(value: Any, at: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BadRequest(422, f"{at}: expected an integer or null, got {value!r}")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(422, f"{at}: expected an integer or null, got {_shown(value)}")
+    if not INT64[0] <= value <= INT64[1]:
+        raise BadRequest(422, f"{at}: expected a 64-bit integer, got {_shown(value)}")
 
 
 def _number(value: Any, at: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(422, f"{at}: expected a number or null, got {value!r}")
+        raise BadRequest(422, f"{at}: expected a number or null, got {_shown(value)}")
+    if isinstance(value, int) and abs(value) > 1e308:  # past float64: math.isfinite would overflow
+        raise BadRequest(422, f"{at}: expected a finite number, got an integer of {len(str(value))} digits")
     if not math.isfinite(value):
         raise BadRequest(422, f"{at}: expected a finite number, got {value!r}")
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _finite(value: Any, at: str) -> None:
@@ -175,7 +194,7 @@ def _check_list(value: Any, at: str, check, allow_none: bool = True) -> None:
     if not isinstance(value, list):
         raise BadRequest(422, f"{at}: expected a list, got {type(value).__name__}")
     # the common case in one pass: every item an int, or (for numbers) a finite float or int
-    if check is _integer and all(type(item) is int for item in value):
+    if check is _integer and all(type(item) is int and INT64[0] <= item <= INT64[1] for item in value):
         return
     if check is _number and all(
         type(item) is int or (type(item) is float and math.isfinite(item)) for item in value
@@ -196,6 +215,17 @@ def rows_to_inputs(rows: List[Dict[str, Any]], spec: Dict[str, Any]) -> Tuple[An
 
     Returns:
         ``(ids, numbers, recent, recent_lengths, dense, sparse_ids, sparse_offsets)``.
+
+    Example::
+
+        >>> spec = {"ids": {"columns": ["user_id"], "missing": -124}, "numbers": {"columns": []},
+        ...         "recent": {"ids": ["video_id"], "outcomes": [], "views_needed": 3},
+        ...         "dense": {"features": []}, "sparse": {"features": []}}
+        >>> rows = [{"ids": {"user_id": None}, "recent": {"video_id": [4, 5, 6, 7]}},
+        ...         {"ids": {"user_id": 9}, "recent": {"video_id": []}}]
+        >>> ids, _, recent, lengths, *_ = rows_to_inputs(rows, spec)
+        >>> ids["user_id"].tolist(), recent["video_id"].tolist(), lengths.tolist()
+        ([-124, 9], [[5, 6, 7], [-124, -124, -124]], [3, 0])
     """
     missing = spec["ids"]["missing"]
 
@@ -208,14 +238,19 @@ def rows_to_inputs(rows: List[Dict[str, Any]], spec: Dict[str, Any]) -> Tuple[An
         for c in spec["numbers"]["columns"]
     }
     views = spec["recent"]["ids"] + spec["recent"]["outcomes"]
-    lengths = torch.tensor([len(r["recent"][views[0]]) if views else 0 for r in rows], dtype=torch.int64)
+    # the longest history reads this many earlier views; the program cuts more, so do we, before
+    # one row's long list pads every row of the batch to its length
+    keep = max(1, int(spec["recent"].get("views_needed") or 1))
+    lengths = torch.tensor(
+        [min(len(r["recent"][views[0]]), keep) if views else 0 for r in rows], dtype=torch.int64
+    )
     width = max(1, int(lengths.max()))
     recent = {}
     for c in views:  # one flat list per column, padded after each row's views: one tensor, no stack
         dtype, none = (torch.int64, missing) if c in spec["recent"]["ids"] else (torch.float64, math.nan)
         flat: List[Any] = []
         for r in rows:
-            values = r["recent"][c]
+            values = r["recent"][c][-keep:]  # the latest views
             flat.extend(none if v is None else v for v in values)
             flat.extend([none] * (width - len(values)))
         recent[c] = torch.tensor(flat, dtype=dtype).view(len(rows), width)
@@ -226,7 +261,7 @@ def rows_to_inputs(rows: List[Dict[str, Any]], spec: Dict[str, Any]) -> Tuple[An
     for f in spec["sparse"]["features"]:
         sizes = [len(r["sparse"][f]) for r in rows]
         sparse_ids[f] = torch.tensor([i for r in rows for i in r["sparse"][f]], dtype=torch.int64)
-        sparse_offsets[f] = torch.tensor([sum(sizes[:k]) for k in range(len(rows))], dtype=torch.int64)
+        sparse_offsets[f] = torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.int64)
     return ids, numbers, recent, lengths, dense, sparse_ids, sparse_offsets
 
 
@@ -263,18 +298,24 @@ class RequestGuard:
             return
         self.in_flight += 1
         try:
-            body, more = b"", True
+            declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+            if declared.isdigit() and int(declared) > self.max_bytes:  # refused before it is read
+                await self._answer(send, 413, f"body: {int(declared)} bytes, more than {self.max_bytes}")
+                return
+            chunks, size, more = [], 0, True
             while more:
                 message = await receive()
-                body += message.get("body", b"")
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
                 more = message.get("more_body", False)
-                if len(body) > self.max_bytes:
+                if size > self.max_bytes:
                     await self._answer(send, 413, f"body: more than {self.max_bytes} bytes")
                     return
+            body = b"".join(chunks)
             try:  # NaN and Infinity parse (as Python's json reads them): the field check names them
                 parsed = json.loads(body)
-            except ValueError as err:
-                await self._answer(send, 400, f"body: not JSON ({err})")
+            except (ValueError, RecursionError) as err:  # RecursionError: nested past Python's limit
+                await self._answer(send, 400, f"body: not JSON ({type(err).__name__}: {str(err)[:200]})")
                 return
             try:
                 check_rows(parsed, self.spec, self.max_rows)
@@ -301,26 +342,38 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": payload})
 
 
-def load_program(export_dir: Path):
-    """The raw program a worker serves: the AOTInductor package when the export has one
-    (``export --aoti``: compiled, 5-20x faster per call at small batches, benchmarks/RESULTS.md
-    serving_latency) and it loads on this machine, else the torch.export program.
+def load_program(path: Path):
+    """A raw program to serve: an AOTInductor package (``*.aoti.pt2``) or a torch.export one.
+
+    Args:
+        path (Path): the file (``served_program`` chose it).
+
+    Returns:
+        A callable taking the raw program's inputs.
+
+    Example::
+
+        >>> # load_program(Path("export/kuairand/model_raw_fp32.aoti.pt2"))(*inputs)
+    """
+    if path.name.endswith(".aoti.pt2"):
+        return torch._inductor.aoti_load_package(str(path))
+    return torch.export.load(str(path)).module()
+
+
+def served_program(export_dir: Path) -> Path:
+    """What the workers serve: the AOTInductor package when the export has one that was
+    compiled from the raw program beside it and for this CPU (``aoti.usable_package``; 2-10x
+    faster per call at small batches, benchmarks/RESULTS.md serving_latency), else the
+    torch.export program.
 
     Args:
         export_dir (Path): an ``engagerec export`` directory.
 
-    Returns:
-        A callable taking the raw program's inputs.
+    Example::
+
+        >>> # served_program(Path("export/kuairand")).name  # -> 'model_raw_fp32.aoti.pt2'
     """
-    package = export_dir / package_name("fp32")
-    if package.is_file():
-        try:
-            return torch._inductor.aoti_load_package(str(package))
-        except RuntimeError as err:  # compiled for another CPU or torch: the program still serves
-            print(
-                f"engagerec serve: {package.name} does not load here ({err}); serving the program", flush=True
-            )
-    return torch.export.load(str(export_dir / "model_raw_fp32.pt2")).module()
+    return usable_package(export_dir) or export_dir / "model_raw_fp32.pt2"
 
 
 class RawScoringAPI(ls.LitAPI):
@@ -329,24 +382,25 @@ class RawScoringAPI(ls.LitAPI):
     request, its rows' predictions in order).
 
     Args:
-        export_dir (Path): the export directory (its model_raw_fp32.pt2).
+        program_file (Path): what to serve (``served_program``).
         spec (Dict[str, Any]): the export's inputs.json.
         version (str): the model version every reply names.
         workers (int): inference processes on this machine (each takes its share of threads).
         **options: LitAPI's (max_batch_size, batch_timeout, api_path).
     """
 
-    def __init__(self, export_dir: Path, spec: Dict[str, Any], version: str, workers: int, **options: Any):
+    def __init__(self, program_file: Path, spec: Dict[str, Any], version: str, workers: int, **options: Any):
         super().__init__(**options)
         # not ``spec``: LitAPI's own attribute (an API spec such as OpenAI's)
-        self.export_dir, self.inputs, self.version, self.workers = export_dir, spec, version, workers
+        self.program_file, self.inputs, self.version, self.workers = program_file, spec, version, workers
+        self.program_kind = "aoti" if program_file.name.endswith(".aoti.pt2") else "torch.export"
 
     def setup(self, device) -> None:
         """Load the program (once per worker process)."""
         # the cores but one (the API process parses and checks requests), shared by the workers:
         # on 2 cores one thread served 1.4x the requests of two, whose OpenMP spinning starved the API
         torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // self.workers))
-        self.program = load_program(self.export_dir)
+        self.program = load_program(self.program_file)
         self.tasks = [t["name"] for t in self.inputs["tasks"]]
 
     def decode_request(self, request) -> List[Dict[str, Any]]:  # unannotated: LitServe reads the body as JSON
@@ -357,21 +411,29 @@ class RawScoringAPI(ls.LitAPI):
         """Several requests' rows as one batch, with each request's row count."""
         return [len(rows) for rows in requests], [row for rows in requests for row in rows]
 
-    def predict(self, batched: Tuple[List[int], List[Dict[str, Any]]]) -> List[List[List[float]]]:
-        """One program call for the batch; each request's predictions."""
+    def predict(self, batched: Tuple[List[int], List[Dict[str, Any]]]) -> List[Tuple[List[List[float]], int]]:
+        """One program call for the batch; each request's predictions, with the batch's rows."""
         sizes, rows = batched
         with torch.no_grad():
             scores = self.program(*rows_to_inputs(rows, self.inputs["raw"])).tolist()
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        return [scores[start : start + size] for start, size in zip(starts, sizes, strict=True)]
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
+        return [(scores[start : start + size], len(rows)) for start, size in zip(starts, sizes, strict=True)]
 
-    def unbatch(self, output: List[List[List[float]]]) -> List[List[List[float]]]:
+    def unbatch(self, output: List[Tuple[List[List[float]], int]]) -> List[Tuple[List[List[float]], int]]:
         """Already one entry per request."""
         return output
 
-    def encode_response(self, output: List[List[float]]):  # unannotated: FastAPI would read it as a model
-        """The reply: the model version, the tasks' names and one prediction row per row."""
-        return {"model_version": self.version, "tasks": self.tasks, "predictions": output}
+    def encode_response(self, output: Tuple[List[List[float]], int]):  # unannotated return: FastAPI reads it
+        """The reply: the model version, the program kind, the tasks' names, one prediction row per
+        row, and the rows of the batch it was scored in (dynamic batching, observable)."""
+        predictions, batch_rows = output
+        return {
+            "model_version": self.version,
+            "program": self.program_kind,
+            "tasks": self.tasks,
+            "predictions": predictions,
+            "batch_rows": batch_rows,
+        }
 
 
 def build_server(
@@ -399,8 +461,24 @@ def build_server(
         litserve.LitServer: call ``.run(host=..., port=...)``.
 
     Raises:
-        ConfigError: the directory holds no raw program.
+        ConfigError: the directory holds no raw program, or a limit below 1.
+
+    Example::
+
+        >>> # build_server("export/kuairand", max_batch=64).run(host="0.0.0.0", port=8000)
     """
+    limits = {
+        "max_rows": max_rows,
+        "max_batch": max_batch,
+        "max_in_flight": max_in_flight,
+        "workers": workers,
+    }
+    low = {name: value for name, value in limits.items() if not value >= 1}
+    if low or not (batch_timeout >= 0 and timeout > 0):
+        raise ConfigError(
+            f"engagerec serve: {low or {'batch_timeout': batch_timeout, 'timeout': timeout}}: expected "
+            "max_rows, max_batch, max_in_flight and workers >= 1, batch_timeout >= 0 and timeout > 0"
+        )
     export_dir = Path(export_dir)
     if not (export_dir / "model_raw_fp32.pt2").is_file() or not (export_dir / "inputs.json").is_file():
         raise ConfigError(
@@ -414,10 +492,12 @@ def build_server(
         "version": version,
         "max_rows": max_rows,
         "max_in_flight": max_in_flight,
-        "max_bytes": max_rows * 64 * 1024,
+        # a row of the raw client's JSON with the longest history the model reads: a few KiB
+        "max_bytes": max_rows * 16 * 1024 + 65536,
     }
+    program = served_program(export_dir)
     api = RawScoringAPI(
-        export_dir,
+        program,
         spec,
         version,
         workers,
@@ -431,7 +511,7 @@ def build_server(
         workers_per_device=workers,
         timeout=timeout,
         middlewares=[(RequestGuard, guard)],
-        model_metadata={"model_version": version, "export": str(export_dir)},
+        model_metadata={"model_version": version, "export": str(export_dir), "program": program.name},
     )
 
 
@@ -443,6 +523,13 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, **options:
         host (str): the interface to listen on. Default: 127.0.0.1.
         port (int): the port. Default: 8000.
         **options: ``build_server``'s keyword arguments.
+
+    Returns:
+        int: 0 once stopped (Ctrl-C or SIGTERM).
+
+    Example::
+
+        $ engagerec serve --export export/kuairand --port 8000
     """
     server = build_server(export_dir, **options)
 
@@ -457,5 +544,6 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, **options:
     print(
         f"engagerec serve: {export_dir} on http://{host}:{port}{PREDICT_PATH} (health: /health)", flush=True
     )
-    server.run(host=host, port=port, generate_client_file=False)
+    # one API process: RequestGuard's in-flight count is the server's, not one of several
+    server.run(host=host, port=port, num_api_servers=1, generate_client_file=False)
     return 0
