@@ -80,6 +80,25 @@ def test_a_killed_run_resumes_to_the_same_metrics(study_data, tmp_path, capsys):
         assert resumed["test"][key] == pytest.approx(uninterrupted["test"][key], rel=1e-5, abs=1e-6), key
 
 
+def test_a_run_with_dropout_stopped_mid_epoch_resumes_to_the_metrics_of_one_never_stopped(
+    study_data, tmp_path
+):
+    """Dropout draws from torch's global RNG, which a checkpoint saves and a resume restores; the
+    resumed run's masks are the uninterrupted run's only if nothing else draws from it in
+    between (the data loader once did, as its iterator started)."""
+    cfg = study_run_config(study_data, epochs=1)
+    tower = dataclasses.replace(cfg.model.tower, params={**cfg.model.tower.params, "dropout": 0.3})
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tower=tower))
+    uninterrupted = train(cfg, tmp_path / "a")
+    stopped = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, max_steps=uninterrupted["steps"] // 2)
+    )
+    assert "test" not in train(stopped, tmp_path / "b")  # mid-epoch: a step checkpoint, no test yet
+    resumed = train(cfg, tmp_path / "b")
+    for key in EQUAL_METRICS:
+        assert resumed["test"][key] == pytest.approx(uninterrupted["test"][key], rel=1e-5, abs=1e-6), key
+
+
 def test_a_half_written_checkpoint_is_never_taken(study_data, tmp_path):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=10), run)

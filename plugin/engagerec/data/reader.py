@@ -337,4 +337,8 @@ def make_loader(reader: ShardReader, num_workers: int = 0, pin_memory: bool = Fa
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        # the loader draws its workers' base seed when an iterator starts: from its own generator,
+        # never torch's global one, which a resume has just restored (a draw there moved every
+        # later dropout mask of a resumed run off an uninterrupted one's)
+        generator=torch.Generator(),
     )
