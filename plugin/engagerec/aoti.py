@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path, tree_unflatten
 
+from engagerec.data.manifest import crc32
 from engagerec.errors import ConfigError
 
 # the raw program's positional arguments (export.RAW_CALL)
@@ -48,27 +48,6 @@ def package_name(kind: str = "fp32") -> str:
     return f"model_raw_{kind}.aoti.pt2"
 
 
-def file_crc32(path: str | Path) -> str:
-    """A file's CRC-32 as 8 hex digits, read in blocks (programs of hundreds of MiB).
-
-    Args:
-        path (str | Path): the file.
-
-    Example::
-
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "f"
-        >>> _ = path.write_bytes(b"engagerec")
-        >>> file_crc32(path)
-        '048b730a'
-    """
-    crc = 0
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
-
-
 def usable_package(export_dir: str | Path, kind: str = "fp32") -> Optional[Path]:
     """The export's AOTInductor package if it may serve here: compiled from the raw program
     that is beside it now (the CRC-32 inputs.json recorded) and for this machine's CPU
@@ -88,7 +67,7 @@ def usable_package(export_dir: str | Path, kind: str = "fp32") -> Optional[Path]
     if not package.is_file() or not program.is_file():
         return None
     recorded = json.loads((export_dir / "inputs.json").read_text())["raw"].get("aoti", {})
-    if recorded.get("package") != package.name or recorded.get("source_crc32") != file_crc32(program):
+    if recorded.get("package") != package.name or recorded.get("source_crc32") != f"{crc32(program):08x}":
         return None
     if recorded.get("cpu_isa") != torch.backends.cpu.get_cpu_capability():
         return None
@@ -202,7 +181,7 @@ def compile_package(export_dir: str | Path, kind: str = "fp32") -> Dict[str, Any
         "client": CLIENT,
         "compiled_for": f"{record['cpu_isa']} CPUs, torch {torch.__version__}",
         "cpu_isa": record["cpu_isa"],
-        "source_crc32": file_crc32(source),  # the program it was compiled from
+        "source_crc32": f"{crc32(source):08x}",  # the program it was compiled from
     }
     inputs_file.write_text(json.dumps(spec, indent=1))
     export_file = export_dir / "export.json"

@@ -50,7 +50,7 @@ from engagerec.data.schema import MANAGED_INPUT_BUCKETS, SCHEMA_FILE, VOCAB_DIR,
 from engagerec.data.target_stats import STATS_DIR
 from engagerec.distributed import world_size
 from engagerec.errors import CheckpointError, ConfigError
-from engagerec.managed_ids import ManagedCollisionTables, remap_frozen
+from engagerec.managed_ids import frozen_remaps, remap_frozen
 from engagerec.metrics import binary_auc
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model
@@ -112,10 +112,10 @@ class ServingModel(nn.Module):
         self.features: List[Tuple[str, str, str]] = []  # (feature, its table's buffer, sum | mean)
         # a managed-collision table's remapping, frozen: feature -> (ids buffer, rows buffer, shared row)
         self.remapped: Dict[str, Tuple[str, str, int]] = {}
-        managed = model.sparse_arch if isinstance(model.sparse_arch, ManagedCollisionTables) else None
+        remaps = frozen_remaps(model)
         for table in model.tables:
-            if managed is not None and table.name in managed.remap.modules_by_table():
-                sorted_ids, rows, shared = managed.frozen_rows(table.name)
+            if table.name in remaps:
+                sorted_ids, rows, shared = remaps[table.name]
                 self.register_buffer(f"remap_ids_{table.name}", sorted_ids)
                 self.register_buffer(f"remap_rows_{table.name}", rows)
                 for name in table.feature_names:
@@ -509,11 +509,7 @@ def _write_inputs(
     }
     # the largest id each client-encoded feature may hold (a table's last row; a managed
     # table's hashed ids before its remapping), what engagerec serve checks a request against
-    managed = (
-        model.sparse_arch.remap.modules_by_table()
-        if isinstance(model.sparse_arch, ManagedCollisionTables)
-        else {}
-    )
+    managed = frozen_remaps(model)
     spec["raw"]["sparse"]["max_id"] = {
         name: (MANAGED_INPUT_BUCKETS if table.name in managed else table.num_embeddings - 1)
         for table in model.tables

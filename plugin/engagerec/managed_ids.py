@@ -103,12 +103,7 @@ class _BoundedMCH(MCHManagedCollisionModule):
         waiting = restored["pending"].numel() if restored is not None else 0
         wanted = rows * self._ids_per_row * self._eviction_interval + waiting
         if wanted > self._input_history_buffer_size:
-            self._input_history_buffer_size = wanted
-            self._history_accumulator = torch.empty(wanted, dtype=torch.int64, device=self.device)
-            for name in list(self._history_metadata):
-                grown = torch.zeros(wanted, dtype=torch.int64, device=self.device)
-                setattr(self, "_history_" + name, grown)
-                self._history_metadata[name] = grown
+            self._grow(wanted)  # nothing counted yet: offset 0, nothing to keep
         if restored is not None:  # a checkpoint's pending ids go back where they were
             self._history_accumulator[:waiting] = restored["pending"].to(self.device)
             for name, values in restored["metadata"].items():
@@ -369,6 +364,25 @@ def _reset_shard(group: nn.Module, index: int, rows: torch.Tensor, draw) -> None
     for state in states if isinstance(states, (list, tuple)) else [states]:
         if state.dim() > 0 and state.shape[0] == weight.shape[0]:
             state[local] = 0
+
+
+def frozen_remaps(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
+    """Every managed table's remapping inside ``model``, as it stands (``frozen_rows``), by
+    table name: what export freezes into its program and predict counts unadmitted ids with.
+
+    Args:
+        model (nn.Module): any module (a MultiTaskModel, a DistributedModelParallel).
+
+    Example::
+
+        >>> frozen_remaps(torch.nn.Linear(2, 2))
+        {}
+    """
+    return {
+        name: tables.frozen_rows(name)
+        for tables in managed_tables(model)
+        for name in tables.remap.modules_by_table()
+    }
 
 
 def managed_tables(model: nn.Module) -> List[ManagedCollisionTables]:

@@ -32,7 +32,7 @@ from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
 from engagerec.distributed import close_runtime, init_runtime, is_rank_zero
-from engagerec.managed_ids import managed_tables, remap_frozen
+from engagerec.managed_ids import frozen_remaps, remap_frozen
 from engagerec.model_builder import configured_tasks
 from engagerec.runs import OpenedRun, open_run, run_config
 from engagerec.tasks import Task
@@ -427,10 +427,10 @@ def _score(
 def _shared_rows(model) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
     """Per feature of a managed-collision table, its remapping (``frozen_rows``): what tells
     the ids it never admitted, which score on the table's shared row."""
-    found = {}
-    for tables in managed_tables(model):
-        for table in tables.remap.managed_collision_collection.embedding_configs():
-            ids, rows, shared = tables.frozen_rows(table.name)  # on CPU, where the batch's ids are counted
+    remaps, found = frozen_remaps(model), {}
+    for table in model.tables:
+        if table.name in remaps:
+            ids, rows, shared = remaps[table.name]  # on CPU, where the batch's ids are counted
             found.update({name: (ids.cpu(), rows.cpu(), shared) for name in table.feature_names})
     return found
 

@@ -40,7 +40,8 @@ import litserve as ls
 import numpy as np
 import torch
 
-from engagerec.aoti import file_crc32, usable_package
+from engagerec.aoti import usable_package
+from engagerec.data.manifest import crc32
 from engagerec.errors import ConfigError
 
 PREDICT_PATH = "/predict"
@@ -61,7 +62,7 @@ def model_version(export_dir: str | Path) -> str:
     """
     export_dir = Path(export_dir)
     checkpoint = Path(json.loads((export_dir / "export.json").read_text())["checkpoint"]).name
-    return f"{checkpoint}/{file_crc32(export_dir / 'model_raw_fp32.pt2')}"
+    return f"{checkpoint}/{crc32(export_dir / 'model_raw_fp32.pt2'):08x}"
 
 
 class BadRequest(ValueError):
