@@ -1,9 +1,10 @@
 """The day-by-day retraining replay (engagerec_study.sections.replay) on KuaiRand-1K-shaped data
-whose catalogue grows: the generator uploads a share of its videos during the log
-(``--video-arrival``), so every day brings videos no earlier day had.
+whose catalogue and audience grow: the generator uploads a share of its videos during the log
+(``--video-arrival``) and lets a share of its users join during it (``--user-arrival``), so every
+day brings videos, and most days users, that no earlier day had.
 
-    .venv/bin/python benchmarks/replay_1k.py [--scale 0.1] [--video-arrival 0.3] [--seeds 0 1 2 3 4]
-        [--first-days 7] [--last-day 14] [--work DIR]
+    .venv/bin/python benchmarks/replay_1k.py [--scale 0.1] [--video-arrival 0.3] [--user-arrival 0.3]
+        [--seeds 0 1 2 3 4] [--first-days 7] [--last-day 14] [--work DIR]
 
 Generates the data (configs/kuairand_1k.yaml's layout) under ``--work``, cuts it into days, and
 runs the replay's three lines (frozen, a daily warm start, a daily retrain from scratch) with
@@ -38,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--video-arrival", type=float, default=0.3)
+    parser.add_argument("--user-arrival", type=float, default=0.3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--first-days", type=int, default=7)
     parser.add_argument("--last-day", type=int, default=14)
@@ -46,10 +48,16 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="replay_1k-"))
     raw = work / "raw"
     if not (raw / "noise_floor.json").is_file():
-        write_kuairand_1k(raw, scale=args.scale, seed=0, video_arrival=args.video_arrival)
+        write_kuairand_1k(
+            raw, scale=args.scale, seed=0, video_arrival=args.video_arrival, user_arrival=args.user_arrival
+        )
     made = json.loads((raw / "noise_floor.json").read_text())
-    if (made["scale"], made.get("video_arrival", 0.0)) != (args.scale, args.video_arrival):
-        raise SystemExit(f"{args.work} holds data of another --scale or --video-arrival: give another --work")
+    asked = (args.scale, args.video_arrival, args.user_arrival)
+    if (made["scale"], made.get("video_arrival", 0.0), made.get("user_arrival", 0.0)) != asked:
+        raise SystemExit(
+            f"{args.work} holds data of another --scale, --video-arrival or --user-arrival: "
+            "give another --work"
+        )
     sources = [
         f"data.source.interactions={raw / 'log_standard_*.csv'}",
         f"data.source.users={raw / 'user_features_1k.csv'}",
@@ -66,7 +74,8 @@ def main() -> None:
     shutil.copyfile(figures / "replay.png", plot)
     command = (
         f".venv/bin/python benchmarks/replay_1k.py --scale {args.scale:g} "
-        f"--video-arrival {args.video_arrival:g} --seeds {' '.join(map(str, args.seeds))} "
+        f"--video-arrival {args.video_arrival:g} --user-arrival {args.user_arrival:g} "
+        f"--seeds {' '.join(map(str, args.seeds))} "
         f"--first-days {args.first_days} --last-day {args.last_day}"
     )
     body = "\n".join(
@@ -74,7 +83,8 @@ def main() -> None:
             machine_block(command),
             "",
             f"KuaiRand-1K-shaped data at scale {args.scale:g} (`write_kuairand_1k`, seed 0), "
-            f"{args.video_arrival:.0%} of the videos uploaded during the log; configs/kuairand_1k.yaml's "
+            f"{args.video_arrival:.0%} of the videos uploaded and {args.user_arrival:.0%} of the users "
+            "joining during the log; configs/kuairand_1k.yaml's "
             f"model and features with {', '.join(TRAINING)}, and the replay's overrides "
             "(engagerec_study.sections.replay).",
             "",

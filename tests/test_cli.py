@@ -1,5 +1,7 @@
 """The CLI is a thin wrapper: prepare prints the summary, synthesize writes readable data."""
 
+import json
+
 import pytest
 
 from engagerec.cli import main
@@ -62,6 +64,19 @@ def test_synthesize_kuairand_shape(tmp_path, capsys):
         "user_features_1k.csv",
         "video_features_basic_1k.csv",
     }
+
+
+def test_synthesize_kuairand_shape_with_arrivals_and_refuses_them_without_the_shape(repo, tmp_path, capsys):
+    out = tmp_path / "k"
+    shape = ["synthesize", "--shape", "kuairand-1k", "--scale", "0.001", "--out", str(out)]
+    assert main([*shape, "--video-arrival", "0.3", "--user-arrival", "0.5"]) == 0
+    said = capsys.readouterr().out
+    assert "of them uploaded during the log" in said and "50% of the users join during the log" in said
+    floors = json.loads((out / "noise_floor.json").read_text())
+    assert (floors["video_arrival"], floors["user_arrival"]) == (0.3, 0.5)
+    config = ["synthesize", "--config", str(repo / "configs/synthetic_mmoe.yaml"), "--out", str(out)]
+    assert main([*config, "--user-arrival", "0.5"]) == 2
+    assert "--user-arrival shape the --shape kuairand-1k data only" in capsys.readouterr().err
 
 
 def test_describe_counts_parameters_per_part(repo, kuairand_random, capsys, monkeypatch):

@@ -314,3 +314,35 @@ def test_videos_can_arrive_during_the_log_and_are_viewed_only_from_their_upload_
     np.testing.assert_array_equal(new_log["user_id"].to_numpy(), log["user_id"].to_numpy())
     with pytest.raises(ValueError, match="video_arrival"):
         write_kuairand_1k(tmp_path / "bad", scale=0.001, video_arrival=0.95)
+
+
+def test_users_can_join_during_the_log_and_view_only_from_their_join_on(written, tables, tmp_path):
+    """With user_arrival, a share of the users join during the 31 days: no view precedes its
+    user's join, the views go to users already there, register_days counts from the join, and
+    the videos and view times are the default's."""
+    from engagerec.data.kuairand_generator import BEFORE_WINDOW, DAY_MS, END_MS, kuairand_world
+
+    _, default_floors = written
+    _, _, log, _, _ = tables
+    floors = write_kuairand_1k(tmp_path, scale=SCALE, seed=0, chunk_rows=CHUNK, user_arrival=0.5)
+    world = kuairand_world(SCALE, 0, user_arrival=0.5)
+    join = world.user_join_ms
+    joined = join != BEFORE_WINDOW
+    assert floors["user_arrival"] == 0.5 and world.video_upload_ms is None
+    assert joined.sum() >= 1 and not joined[np.argmax(world.user_views)]  # the most active is there
+    share = round(float(joined.mean()), 4)
+    assert f"user_arrival={share!r}" in (tmp_path / "README.txt").read_text()
+    new_log = pd.concat([pd.read_csv(tmp_path / name) for name in LOGS], ignore_index=True)
+    user, time_ms = new_log["user_id"].to_numpy(), new_log["time_ms"].to_numpy()
+    assert (join[user] <= time_ms).all()  # to the millisecond: never before the user joins
+    assert (user != log["user_id"].to_numpy()).any()  # the joiners' earlier views went to others
+    np.testing.assert_array_equal(time_ms, log["time_ms"].to_numpy())
+    np.testing.assert_array_equal(new_log["video_id"].to_numpy(), log["video_id"].to_numpy())
+    # the labels are drawn for the user who viewed: the noise floor moves with the users
+    assert floors["watch_ratio"]["mse"] != default_floors["watch_ratio"]["mse"]
+    users = pd.read_csv(tmp_path / "user_features_1k.csv").sort_values("user_id")
+    register = users["register_days"].to_numpy()
+    np.testing.assert_array_equal(register[joined], 1 + (END_MS - 1 - join[joined]) // DAY_MS)
+    assert (register[joined] <= 31).all() and (register[~joined] >= 15).all()
+    with pytest.raises(ValueError, match="user_arrival"):
+        write_kuairand_1k(tmp_path / "bad", scale=0.001, user_arrival=0.95)

@@ -121,7 +121,7 @@ def _export(args: argparse.Namespace) -> int:
 def _synthesize(args: argparse.Namespace) -> int:
     return commands.synthesize(
         args.out, args.config, args.set, args.shape, args.scale, args.seed, args.popularity_skew, args.videos,
-        args.video_arrival,
+        args.video_arrival, args.user_arrival,
     )  # fmt: skip
 
 
@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="with --shape: the share of the catalogue uploaded during the log's 31 days, each video "
         "viewed only from its upload on (default 0: all before; a growing catalogue for retraining)",
+    )
+    synth.add_argument(
+        "--user-arrival",
+        type=float,
+        help="with --shape: the share of users who join during the log's 31 days, each viewing only "
+        "from the join on (default 0: all before; new users every day for retraining)",
     )
     synth.add_argument("--out", required=True)
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -192,6 +192,7 @@ def synthesize(
     popularity_skew: Optional[float] = None,
     videos: Optional[int] = None,
     video_arrival: Optional[float] = None,
+    user_arrival: Optional[float] = None,
 ) -> int:
     """``engagerec synthesize``: a config's synthetic source tables, or KuaiRand-1K-shaped files.
 
@@ -206,6 +207,7 @@ def synthesize(
             the generator's default, 1.05).
         videos: with ``shape``: the catalogue's size (None: KuaiRand-1K's times ``scale``).
         video_arrival: with ``shape``: the share of videos uploaded during the log (None: 0).
+        user_arrival: with ``shape``: the share of users who join during the log (None: 0).
 
     Raises:
         ConfigError: both or neither of ``config`` and ``shape``, or a shape's option without it.
@@ -223,6 +225,7 @@ def synthesize(
             popularity_skew=skew,
             videos=videos,
             video_arrival=video_arrival or 0.0,
+            user_arrival=user_arrival or 0.0,
         )
         print(
             f"wrote a KuaiRand-1K-shaped dataset (scale {scale:g}, seed {seed}, popularity skew {skew:g}) "
@@ -232,13 +235,15 @@ def synthesize(
                 if floors["expected_distinct_videos"] is not None
                 else f"({floors['video_arrival']:.0%} of them uploaded during the log)"
             )
+            + (f"; {floors['user_arrival']:.0%} of the users join during the log" if user_arrival else "")
             + "; noise floors in "
             f"{out}/noise_floor.json"
         )
         return 0
-    if popularity_skew is not None or videos is not None or video_arrival is not None:
+    if any(option is not None for option in (popularity_skew, videos, video_arrival, user_arrival)):
         raise ConfigError(
-            "--popularity-skew, --videos and --video-arrival shape the --shape kuairand-1k data only"
+            "--popularity-skew, --videos, --video-arrival and --user-arrival shape the --shape "
+            "kuairand-1k data only"
         )
     if not config:
         raise ConfigError("synthesize needs --config (a synthetic source) or --shape kuairand-1k")

@@ -171,9 +171,22 @@ WEEKEND_TRAFFIC = 1.15
 MAX_ROWS = 999_999_999  # numpy's multivariate hypergeometric sampler needs fewer than 1e9
 
 # independent random streams, so that changing one part never shifts another
-_USERS, _VIDEOS, _USER_TABLE, _VIDEO_TABLE, _LOG_ORDER, _LOG_ROWS, _ARRIVAL, _ARRIVAL_DRAWS = range(8)
-BEFORE_WINDOW = np.iinfo(np.int64).min  # the upload time of a video uploaded before the log starts
-MAX_VIDEO_ARRIVAL = 0.9  # the most popular tenth of the catalogue is always there from the start
+(
+    _USERS,
+    _VIDEOS,
+    _USER_TABLE,
+    _VIDEO_TABLE,
+    _LOG_ORDER,
+    _LOG_ROWS,
+    _ARRIVAL,
+    _ARRIVAL_DRAWS,
+    _USER_ARRIVAL,
+    _USER_ARRIVAL_DRAWS,
+) = range(10)
+BEFORE_WINDOW = np.iinfo(np.int64).min  # the upload (join) time of a video (user) there from the start
+# the most popular tenth of the catalogue and the most active tenth of the users are always there
+# from the start: a view always finds a video and a user, and redrawing ends quickly
+MAX_ARRIVAL = 0.9
 
 _TEXT_SLICE_ROWS = 1 << 20  # keeps each joined line array far below pyarrow's 2 GiB string limit
 
@@ -262,6 +275,8 @@ class KuaiRandWorld:
     popularity_order: np.ndarray  # int32 [V]: the video id at each popularity rank
     # int64 [V]: when each video is uploaded (BEFORE_WINDOW for most); None: all before the log
     video_upload_ms: Optional[np.ndarray] = None
+    # int64 [U]: when each user joins (BEFORE_WINDOW for most); None: all before the log
+    user_join_ms: Optional[np.ndarray] = None
 
     @property
     def users(self) -> int:
@@ -302,16 +317,18 @@ def kuairand_world(
     popularity_skew: float = ZIPF_EXPONENT,
     videos: Optional[int] = None,
     video_arrival: float = 0.0,
+    user_arrival: float = 0.0,
 ) -> KuaiRandWorld:
     """Draw the hidden truth of ``write_kuairand_1k(out_dir, scale, seed, ...)``; independent of
-    chunking. ``popularity_skew``, ``videos`` and ``video_arrival`` are ``write_kuairand_1k``'s.
+    chunking. ``popularity_skew``, ``videos``, ``video_arrival`` and ``user_arrival`` are
+    ``write_kuairand_1k``'s.
 
     Example:
         >>> world = kuairand_world(scale=0.001, seed=0)
         >>> (world.users, world.videos, world.rows)
         (2, 4370, 11713)
     """
-    _check(scale, seed, 1, popularity_skew, videos, video_arrival)
+    _check(scale, seed, 1, popularity_skew, videos, video_arrival, user_arrival)
     n_users, n_videos, n_rows = kuairand_1k_sizes(scale, videos)
     rng = _rng(seed, _USERS)
     activity = rng.lognormal(0.0, USER_ACTIVITY_LOG_SD, n_users)
@@ -330,15 +347,10 @@ def kuairand_world(
     duration_ms = np.clip(np.round(duration), MIN_DURATION_MS, MAX_DURATION_MS).astype(np.int32)
     del duration
     popularity_order = rng.permutation(n_videos).astype(np.int32)
-    upload = None
-    if video_arrival > 0:  # its own stream: the rest of the world is the same with or without arrival
-        arrival = _rng(seed, _ARRIVAL)
-        arrives = arrival.random(n_videos) < video_arrival
-        during = START_MS + np.floor(arrival.random(n_videos) * (END_MS - START_MS)).astype(np.int64)
-        upload = np.where(arrives, during, BEFORE_WINDOW)
-        # the most popular tenth of the catalogue is there from the start: a view before any
-        # upload always finds a video, and redrawing ends quickly whatever the skew
-        upload[popularity_order[: max(1, n_videos // 10)]] = BEFORE_WINDOW
+    # each on its own stream: the rest of the world is the same with or without arrival
+    upload = _arrivals(_rng(seed, _ARRIVAL), video_arrival, popularity_order) if video_arrival > 0 else None
+    most_active = np.argsort(-user_views, kind="stable")
+    join = _arrivals(_rng(seed, _USER_ARRIVAL), user_arrival, most_active) if user_arrival > 0 else None
     return KuaiRandWorld(
         scale=float(scale),
         seed=int(seed),
@@ -354,7 +366,20 @@ def kuairand_world(
         duration_ms=duration_ms,
         popularity_order=popularity_order,
         video_upload_ms=upload,
+        user_join_ms=join,
     )
+
+
+def _arrivals(rng: np.random.Generator, share: float, leading: np.ndarray) -> np.ndarray:
+    """When each of ``len(leading)`` users or videos arrives: a ``share`` of them at a uniformly
+    random moment of the log, the rest (always the first tenth of ``leading``, the most active
+    or popular first) before it starts."""
+    n = len(leading)
+    arrives = rng.random(n) < share
+    during = START_MS + np.floor(rng.random(n) * (END_MS - START_MS)).astype(np.int64)
+    moment = np.where(arrives, during, BEFORE_WINDOW)
+    moment[leading[: max(1, n // 10)]] = BEFORE_WINDOW
+    return moment
 
 
 def _video_genres(rng: np.random.Generator, n_videos: int) -> np.ndarray:
@@ -384,10 +409,12 @@ def _check(
     chunk_rows: int,
     skew: float = ZIPF_EXPONENT,
     videos: Optional[int] = None,
-    arrival: float = 0.0,
+    video_arrival: float = 0.0,
+    user_arrival: float = 0.0,
 ) -> None:
-    if not (isinstance(arrival, (int, float)) and 0 <= arrival <= MAX_VIDEO_ARRIVAL):
-        raise ConfigError(f"video_arrival must be a share in [0, {MAX_VIDEO_ARRIVAL}], got {arrival!r}")
+    for name, share in (("video_arrival", video_arrival), ("user_arrival", user_arrival)):
+        if not (isinstance(share, (int, float)) and 0 <= share <= MAX_ARRIVAL):
+            raise ConfigError(f"{name} must be a share in [0, {MAX_ARRIVAL}], got {share!r}")
     if not (isinstance(skew, (int, float)) and math.isfinite(skew) and skew >= 0):
         raise ConfigError(f"popularity_skew must be a number >= 0 (0: uniform), got {skew!r}")
     if videos is not None and not (isinstance(videos, (int, np.integer)) and videos >= 10):
@@ -508,6 +535,9 @@ def _user_columns(world: KuaiRandWorld) -> List[pa.Array]:
     fans = _skewed_count(rng, n, 40, 1.8, 0.04, 2_000_000)
     friends = _skewed_count(rng, n, 15, 1.5, 0.12, 5_000)
     register = np.minimum(15 + np.floor(rng.lognormal(math.log(900), 0.9, n)), 3_650).astype(np.int64)
+    if world.user_join_ms is not None:  # the table is a snapshot at the log's end
+        joined = world.user_join_ms != BEFORE_WINDOW
+        register[joined] = 1 + (END_MS - 1 - world.user_join_ms[joined]) // DAY_MS
     columns = [
         _text(np.arange(n)),
         _pick(("full_active", "high_active", "middle_active", "UNKNOWN"), degree),
@@ -680,6 +710,8 @@ class _LogStream:
         time_ms = self._times(rng, start, n)
         if world.video_upload_ms is not None:
             video = self._uploaded(video, time_ms, index)
+        if world.user_join_ms is not None:
+            user = self._joined(user, time_ms, index)
         within_day = (time_ms - START_MS) % DAY_MS
         hourmin = (within_day // HOUR_MS) * 100 + (within_day % HOUR_MS) // MINUTE_MS
         date = self.days[(time_ms - START_MS) // DAY_MS]
@@ -738,6 +770,19 @@ class _LogStream:
             late = late[world.video_upload_ms[video[late]] > time_ms[late]]
         return video
 
+    def _joined(self, user: np.ndarray, time_ms: np.ndarray, index: int) -> np.ndarray:
+        """``user`` with each view by a user who has not joined yet at its time given to another,
+        drawn by activity (its own random stream), until every user has joined: a new user's views
+        start when the user joins, and the views of the days before go to the others."""
+        world, rng = self.world, _rng(self.world.seed, _USER_ARRIVAL_DRAWS, index)
+        activity_cdf = np.cumsum(world.user_views) / world.user_views.sum()
+        late = np.flatnonzero(world.user_join_ms[user] > time_ms)
+        while late.size:
+            drawn = np.searchsorted(activity_cdf, rng.random(late.size), side="right")
+            user[late] = np.minimum(drawn, world.users - 1)
+            late = late[world.user_join_ms[user[late]] > time_ms[late]]
+        return user
+
     def _add(self, label: str, sums: Dict[str, float]) -> None:
         into = self.sums.setdefault(label, {})
         for key, value in sums.items():
@@ -786,6 +831,7 @@ def write_kuairand_1k(
     popularity_skew: float = ZIPF_EXPONENT,
     videos: Optional[int] = None,
     video_arrival: float = 0.0,
+    user_arrival: float = 0.0,
 ) -> dict:
     """Write KuaiRand-1K-shaped synthetic files, in KuaiRand's layout, under ``out_dir``.
 
@@ -815,6 +861,11 @@ def write_kuairand_1k(
             tenth (so at most 0.9). A growing catalogue, for the retraining replay: each day
             brings videos no earlier day had. Users and view times are the default's; labels
             are drawn for the videos viewed (``expected_distinct_videos`` is then None).
+        user_arrival: the share of users who join during the log, at a uniformly random moment,
+            each viewing only from then on (the views drawn for a user before that go to users
+            already there, by activity); the most active tenth is always there from the start
+            (so at most 0.9). A joiner's ``register_days`` counts from the join to the log's end.
+            New users every day, for the retraining replay; view times are the default's.
 
     Returns:
         The content of noise_floor.json: per-label Bayes losses, sizes, scale, seed, kappa,
@@ -829,13 +880,13 @@ def write_kuairand_1k(
         >>> 0 < floor["watch_ratio"]["mse"] < floor["watch_ratio"]["constant_mse"]
         True
     """
-    _check(scale, seed, chunk_rows, popularity_skew, videos, video_arrival)
+    _check(scale, seed, chunk_rows, popularity_skew, videos, video_arrival, user_arrival)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # stale files from an earlier run would mix with this one's if it crashed
     for name in (NOISE_FLOOR_FILE, README_FILE, USER_FILE, VIDEO_FILE, *LOG_FILES):
         (out / name).unlink(missing_ok=True)
-    world = kuairand_world(scale, seed, popularity_skew, videos, video_arrival)
+    world = kuairand_world(scale, seed, popularity_skew, videos, video_arrival, user_arrival)
 
     with _atomic(out / USER_FILE) as handle:
         handle.write(_header(USER_COLUMNS))
@@ -880,8 +931,11 @@ def write_kuairand_1k(
         "long_view_threshold": LONG_VIEW_THRESHOLD,
         "notes": NOTES,
     }
-    if video_arrival:  # recorded where set: the default files stay as they were
+    # recorded where set: the default files stay as they were
+    if video_arrival:
         floor["video_arrival"] = float(video_arrival)
+    if user_arrival:
+        floor["user_arrival"] = float(user_arrival)
     with _atomic(out / README_FILE) as handle:
         handle.write(_readme(world, chunk_rows).encode())
     with _atomic(out / NOISE_FLOOR_FILE) as handle:
@@ -889,18 +943,21 @@ def write_kuairand_1k(
     return floor
 
 
-def _arrival_share(world: KuaiRandWorld) -> float:
-    """The share of the catalogue uploaded during the log (drawn: near the asked one)."""
-    return round(float(np.mean(world.video_upload_ms != BEFORE_WINDOW)), 4)
+def _arrival_share(moments: np.ndarray) -> float:
+    """The share of videos (users) arriving during the log (drawn: near the asked one)."""
+    return round(float(np.mean(moments != BEFORE_WINDOW)), 4)
 
 
 def _readme(world: KuaiRandWorld, chunk_rows: int) -> str:
+    arrivals = (("video_arrival", world.video_upload_ms), ("user_arrival", world.user_join_ms))
     return (
         "SYNTHETIC DATA - not KuaiRand. Generated by engagerec "
         "(engagerec.data.kuairand_generator.write_kuairand_1k) with "
         f"scale={world.scale!r}, seed={world.seed}, chunk_rows={chunk_rows}, "
         f"popularity_skew={world.popularity_skew!r}"
-        + ("" if world.video_upload_ms is None else f", video_arrival={_arrival_share(world)!r}")
+        + "".join(
+            f", {name}={_arrival_share(moments)!r}" for name, moments in arrivals if moments is not None
+        )
         + ".\n"
         "The files follow the layout and column names of KuaiRand-1K (Gao et al., CIKM 2022):\n"
         f"  {LOG_FILES[0]}, {LOG_FILES[1]}: {world.rows:,} views in time order\n"
