@@ -337,6 +337,7 @@ def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_mod
         assert warm["samples"] < scratch["samples"]
         assert warm["mse"] != frozen["mse"] and scratch["mse"] != frozen["mse"]
         assert frozen["unseen"] > warm["unseen"] > 0  # the frozen model misses day 4's new videos too
+        assert frozen["unseen_users"] >= warm["unseen_users"] >= 0
         assert warm["rows"] == frozen["rows"] == scratch["rows"]  # all of day 5, whichever line
     # both lines validate on the same rows: the last of their newest day
     import pyarrow.parquet as pq
@@ -347,7 +348,6 @@ def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_mod
     )
     assert len(chain) > 0 and chain.equals(scratch)
     text = out.read_text()
-    assert (
-        "| day | new videos | MSE frozen |" in text and "![quality against day](figures/replay.png)" in text
-    )
+    assert "| day | new videos | new users | MSE frozen |" in text
+    assert "![quality against day](figures/replay.png)" in text
     assert (tmp_path / "docs" / "figures" / "replay.png").stat().st_size > 0

@@ -153,7 +153,7 @@ def _train(
 
 def _score(run: Path, data: Path, out: Path) -> Dict[str, float]:
     """A run's metrics on every row of a day's preparation (its train and val splits), and the
-    share of rows whose video the run never trained on."""
+    shares of rows whose video, and whose user, the run never trained on."""
     import pyarrow.parquet as pq
     from sklearn.metrics import roc_auc_score
 
@@ -161,7 +161,8 @@ def _score(run: Path, data: Path, out: Path) -> Dict[str, float]:
     from engagerec.predict import predict
 
     schema = DatasetSchema.load(data)
-    ratio, skip, truth_ratio, truth_skip, oov, rows = [], [], [], [], 0, 0
+    ratio, skip, truth_ratio, truth_skip, rows = [], [], [], [], 0
+    oov = {"content_id": 0, "user_id": 0}
     for split in ("train", "val"):
         with contextlib.redirect_stdout(io.StringIO()):
             summary = predict(run, data, out / f"{split}.parquet", split=split)
@@ -172,14 +173,16 @@ def _score(run: Path, data: Path, out: Path) -> Dict[str, float]:
         skip.append(scores.column("skip_probability").to_numpy())
         truth_ratio.append(labels.column("watch_ratio").to_numpy())
         truth_skip.append(labels.column("skip").to_numpy())
-        # a video unseen in the run's training (or missing); none where the space has no vocabulary
-        oov += summary.get("oov_rows", {}).get("content_id", 0)
+        # an id unseen in the run's training (or missing); none where the space has no vocabulary
+        for space in oov:
+            oov[space] += summary.get("oov_rows", {}).get(space, 0)
         rows += scores.num_rows
     predicted, truth = np.concatenate(ratio), np.concatenate(truth_ratio)
     return {
         "mse": float(np.mean((predicted - truth) ** 2)),
         "auc": float(roc_auc_score(np.concatenate(truth_skip), np.concatenate(skip))),
-        "unseen": oov / rows,
+        "unseen": oov["content_id"] / rows,
+        "unseen_users": oov["user_id"] / rows,
         "rows": rows,
     }
 
@@ -287,18 +290,19 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
     the plot."""
     days = {int(d): lines for d, lines in data["days"].items()}
     header = (
-        "| day | new videos | "
+        "| day | new videos | new users | "
         + " | ".join(f"MSE {name}" for name, _ in LINES)
         + " | "
         + " | ".join(f"AUC {name}" for name, _ in LINES)
         + " | samples warm / scratch |"
     )
-    lines = [header, "|" + "---|" * (2 + 2 * len(LINES) + 1)]
+    lines = [header, "|" + "---|" * (3 + 2 * len(LINES) + 1)]
     for d, day in days.items():
         warm = _summary(day["warm"], "samples")["mean"]
         scratch = _summary(day["scratch"], "samples")["mean"]
         lines.append(
             f"| {d} | {_summary(day['scratch'], 'unseen')['mean']:.1%} | "
+            f"{_summary(day['scratch'], 'unseen_users')['mean']:.1%} | "
             + " | ".join(cell(_summary(day[name], "mse")) for name, _ in LINES)
             + " | "
             + " | ".join(cell(_summary(day[name], "auc")) for name, _ in LINES)
@@ -327,8 +331,9 @@ def render(data: Dict[str, Any], _: Dict[str, Dict[str, Any]], figures: Path) ->
         [
             f"The first model trains on days 1..{data['first_days']}; each later day is scored by the "
             "three lines below (module docstring of `engagerec_study.sections.replay`). "
-            f'Mean ± 95% CI over {n} seeds; "new videos": the share of the day\'s rows whose video '
-            "the from-scratch model never trained on (its out-of-vocabulary row); samples: what the "
+            f'Mean ± 95% CI over {n} seeds; "new videos" ("new users"): the share of the day\'s rows '
+            "whose video (user) the from-scratch model never trained on (its out-of-vocabulary row); "
+            "samples: what the "
             "newest model of the line trained on (one retraining).",
             "",
             *lines,
@@ -412,7 +417,7 @@ def section(
                 "warm_candidates": candidates}  # fmt: skip
 
     return Section(
-        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render, version=3
+        "replay", "Retraining day by day: frozen, warm start, from scratch", spec, _compute, render, version=4
     )
 
 
