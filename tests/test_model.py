@@ -166,6 +166,40 @@ def test_gradients_reach_experts_gates_and_embedding_tables(study_data, tower):
     assert len(embedding_grads) == len(model.tables)
 
 
+@pytest.mark.parametrize("tower", ["mmoe", "ple", "cross_stitch", "shared_bottom"])
+def test_train_autocast_runs_the_tower_in_bf16_while_training_and_float32_otherwise(study_data, tower):
+    """train_autocast=bf16: in training mode the tower's matmuls run in bf16 while its weights,
+    their gradients, the heads and the loss stay float32; in eval mode nothing changes."""
+    reader = ShardReader(study_data, "train", batch_size=256)
+    batch = next(iter(reader))
+    torch.manual_seed(0)
+    plain = _model(reader.schema, tower)
+    torch.manual_seed(0)
+    mixed = _model(reader.schema, tower)
+    mixed.train_autocast = torch.bfloat16
+    seen = []
+    linears = [m for m in mixed.tower.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in linears]
+    loss, (_, predictions, _, _) = mixed(batch)
+    reference, (_, expected, _, _) = plain(batch)
+    assert linears and set(seen) == {torch.bfloat16}  # every tower matmul in bf16
+    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in predictions.values())
+    assert loss != reference and torch.isclose(loss, reference, rtol=2e-2)  # bf16 rounding, no more
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in mixed.tower.parameters())
+    seen.clear()
+    mixed.eval()
+    plain.eval()
+    with torch.no_grad():
+        _, (_, evaluated, _, _) = mixed(batch)
+        _, (_, expected, _, _) = plain(batch)
+    assert set(seen) == {torch.float32}
+    for name in expected:  # evaluation, predict and export see the float32 model
+        assert torch.equal(evaluated[name], expected[name])
+    for hook in hooks:
+        hook.remove()
+
+
 def test_forward_fx_traces_with_the_kjt_going_straight_into_the_embeddings(study_data):
     reader = ShardReader(study_data, "train", batch_size=16)
     model = _model(reader.schema, "ple")

@@ -99,6 +99,20 @@ def test_a_run_with_dropout_stopped_mid_epoch_resumes_to_the_metrics_of_one_neve
         assert resumed["test"][key] == pytest.approx(uninterrupted["test"][key], rel=1e-5, abs=1e-6), key
 
 
+def test_a_bf16_tower_trains_through_the_pipeline_to_the_float32_runs_quality(study_data, tmp_path):
+    """train.tower_precision=bf16 through DMP and TrainPipelineSparseDist (whose FX trace sees the
+    autocast): it learns as the float32 run does, its numbers differ by bf16 rounding only, and a
+    resume may not switch precision."""
+    cfg = study_run_config(study_data, epochs=1)
+    mixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tower_precision="bf16"))
+    plain, bf16 = train(cfg, tmp_path / "fp32")["test"], train(mixed, tmp_path / "bf16")["test"]
+    assert bf16["watch_ratio/mse"] != plain["watch_ratio/mse"]  # it did compute in bf16
+    assert bf16["watch_ratio/mse"] == pytest.approx(plain["watch_ratio/mse"], rel=0.02)
+    assert bf16["skip/auc"] == pytest.approx(plain["skip/auc"], abs=0.01) and bf16["skip/auc"] > 0.7
+    with pytest.raises(ConfigError, match="tower_precision"):
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2)), tmp_path / "bf16")
+
+
 def test_a_half_written_checkpoint_is_never_taken(study_data, tmp_path):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=10), run)

@@ -255,6 +255,11 @@ class MultiTaskModel(nn.Module):
             None is FixedWeighting with the tasks' weights. Default: None.
         input_arch (Optional[nn.Module]): maps the pooled features [B, sum of widths] to the
             tower's sparse part (e.g. ``TargetAttention``). Default: None.
+        train_autocast (Optional[torch.dtype]): the dtype the tower computes in while the model
+            is in training mode (``torch.autocast``: ``torch.bfloat16`` runs its matmuls on
+            AMX / AVX512-BF16 CPUs and on GPUs in half the bytes). Its parameters, the heads,
+            the losses, and every forward in eval mode (evaluation, predict, export) stay
+            float32. Default: None (float32 throughout).
 
     Call Args:
         batch: engagerec's ``Batch`` (labels by name, weights for missing labels) or
@@ -316,6 +321,7 @@ class MultiTaskModel(nn.Module):
         label_columns: Optional[Dict[str, int]] = None,
         loss_weighting: Optional[nn.Module] = None,
         input_arch: Optional[nn.Module] = None,
+        train_autocast: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         tasks = [task if isinstance(task, Task) else Task(task) for task in tasks]
@@ -343,6 +349,7 @@ class MultiTaskModel(nn.Module):
             task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
         )
         self.loss_weighting = loss_weighting or FixedWeighting([t.weight for t in tasks])
+        self.train_autocast = train_autocast
 
     @property
     def embedding_bag_collection(self) -> Optional[nn.Module]:
@@ -372,7 +379,7 @@ class MultiTaskModel(nn.Module):
     def forward(self, batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
         shared = self.tower_input(batch)
-        representations = self.tower(shared)
+        representations = self._tower(shared)
         read = task_labels(batch, self.label_spec)  # ([label per task], [weight per task])
         losses, predictions, labels, weights = [], {}, {}, {}
         for i in range(self.num_tasks):  # concrete ints: the lists are opaque under FX tracing
@@ -386,6 +393,16 @@ class MultiTaskModel(nn.Module):
         task_losses = torch.stack(losses)
         loss = self.loss_weighting(task_losses, shared)  # fixed weights: the study's eq. 12
         return loss, (task_losses.detach(), predictions, labels, weights)
+
+    def _tower(self, shared: torch.Tensor) -> List[torch.Tensor]:
+        """The tower's representations, float32; computed in ``train_autocast`` while training."""
+        if not (self.training and self.train_autocast is not None):
+            return self.tower(shared)
+        # the device from a weight: under the train pipeline's FX trace, shared is a proxy
+        device = next(self.tower.parameters()).device
+        with torch.autocast(device_type=device.type, dtype=self.train_autocast):
+            representations = self.tower(shared)
+        return [representations[i].float() for i in range(self.num_tasks)]
 
 
 def _table_configs(module: Optional[nn.Module]) -> List[EmbeddingBagConfig]:

@@ -73,6 +73,7 @@ def sharded_model(
     schema = DatasetSchema.load(prepared_dir(cfg))
     model = build_model(schema, cfg.model, device=torch.device("meta"))
     tc = cfg.train
+    model.train_autocast = torch.bfloat16 if tc.tower_precision == "bf16" else None
     return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 
 
