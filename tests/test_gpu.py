@@ -105,6 +105,17 @@ def test_fused_adam_and_lamb_train_on_gpu(study_data, tmp_path):
 
 
 @pytest.mark.gpu
+def test_a_bf16_tower_trains_on_gpu_and_evaluates_on_cpu_alike(study_data, tmp_path):
+    """train.tower_precision=bf16 on CUDA: the tower computes in bf16 while training; the
+    checkpoint holds float32 weights that evaluate on CPU to the GPU's own test metrics."""
+    results = _gpu_run(study_data, tmp_path / "run", tower_precision="bf16")
+    assert results["test"]["skip/auc"] > 0.7
+    on_cpu = evaluate_run(tmp_path / "run", "test", device="cpu")
+    for key in EQUAL_METRICS:  # evaluation is float32 on both
+        assert on_cpu[key] == pytest.approx(results["test"][key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.gpu
 def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):
     results = _gpu_run(study_data, tmp_path / "run", sharding={"*": ["row_wise"]})
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())

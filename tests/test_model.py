@@ -178,11 +178,13 @@ def test_train_autocast_runs_the_tower_in_bf16_while_training_and_float32_otherw
     mixed = _model(reader.schema, tower)
     mixed.train_autocast = torch.bfloat16
     seen = []
-    linears = [m for m in mixed.tower.modules() if isinstance(m, torch.nn.Linear)]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in linears]
+    from engagerec.towers.common import ExpertGroup
+
+    matmuls = [m for m in mixed.tower.modules() if isinstance(m, (torch.nn.Linear, ExpertGroup))]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in matmuls]
     loss, (_, predictions, _, _) = mixed(batch)
     reference, (_, expected, _, _) = plain(batch)
-    assert linears and set(seen) == {torch.bfloat16}  # every tower matmul in bf16
+    assert matmuls and set(seen) == {torch.bfloat16}  # every tower matmul in bf16
     assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in predictions.values())
     assert loss != reference and torch.isclose(loss, reference, rtol=2e-2)  # bf16 rounding, no more
     loss.backward()
