@@ -46,6 +46,7 @@ from prepare_scale import GENERATE, PREPARE  # noqa: E402
 from results import machine_block, run_child, write_section  # noqa: E402
 
 CONFIG = REPO / "configs" / "kuairand_1k.yaml"
+KUAIRAND_27K_ROWS = 322_278_385  # its standard and random logs (DESIGN.md: 32M videos, 27,285 users)
 
 
 def tree_rss(pid: int) -> int:
@@ -246,8 +247,44 @@ def main() -> None:
             f"| {row['floor_mse']:.4f} "
             f"| {row['explained']:.1%} | {row['skip_auc']:.4f} |"
         )
+    if not args.skews:
+        lines += _extrapolation(found)
     write_section(section, "\n".join(lines))
     print("\n".join(lines))
+
+
+def _extrapolation(found: List[Dict]) -> List[str]:
+    """Each stage's cost per million rows at every scale (flat when it grows linearly), and a
+    least-squares line in rows through the scales, read at KuaiRand-27K's rows."""
+    if len(found) < 2:
+        return []
+    import numpy as np
+
+    rows = np.array([row["rows"] for row in found], dtype=float)
+    stages = {
+        "prepare s": [row["prepare_s"] for row in found],
+        "train command s": [row["train_wall_s"] for row in found],
+        "prepare peak GiB": [row["prepare_peak"] / 2**30 for row in found],
+        "train peak GiB": [row["train_peak"] / 2**30 for row in found],
+        "disk GB (generated + prepared + run)": [sum(row["disk"].values()) / 1e9 for row in found],
+    }
+    lines = [
+        "",
+        f"Growth in rows, and a line read at KuaiRand-27K's {KUAIRAND_27K_ROWS:,} rows (a least-squares "
+        "line in rows through the scales above; one process on this machine, the generator's catalogue "
+        "growing with the rows, where 27K's 32M videos grow slower: docs/ARCHITECTURE.md's KuaiRand-27K "
+        "plan says what changes there):",
+        "",
+        "| stage | per million rows at scale "
+        + " / ".join(f"{row['scale']:g}" for row in found)
+        + " | the line at 27K's rows |",
+        "|---|---|---:|",
+    ]
+    for stage, values in stages.items():
+        slope, intercept = np.polyfit(rows, np.array(values), 1)
+        per_million = " / ".join(f"{v / r * 1e6:.3g}" for v, r in zip(values, rows, strict=True))
+        lines.append(f"| {stage} | {per_million} | {intercept + slope * KUAIRAND_27K_ROWS:,.1f} |")
+    return lines
 
 
 if __name__ == "__main__":
