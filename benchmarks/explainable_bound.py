@@ -36,7 +36,7 @@ from scipy.special import expit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import record_section  # noqa: E402
 
 TRAIN_SHARE, TEST_SHARE = 0.75, 0.20  # configs/kuairand_1k.yaml: test 20%, validation 5%, by time
 
@@ -128,10 +128,7 @@ def main() -> None:
         lines.append(
             f"\nA model with test MSE {mse:.4f} recovers {(constant - mse) / (constant - floor):.1%}."
         )
-    command = ".venv/bin/python benchmarks/explainable_bound.py " + " ".join(sys.argv[1:])
-    text = "\n".join([machine_block(command), "", *lines])
-    write_section("explainable_bound", text)
-    print(text)
+    record_section("explainable_bound", lines)
 
 
 if __name__ == "__main__":

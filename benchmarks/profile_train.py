@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import record_section  # noqa: E402
 
 VARIANTS = {"before (glibc malloc defaults)": "0", "after (engagerec.host_memory)": "1"}
 
@@ -90,10 +90,7 @@ def main() -> None:
         f"| {part} | {' | '.join(f'{median[label][part]:.2f}' for label in labels)} |" for part in parts
     ]
     lines.append(f"| **samples/s (log.csv)** | {' | '.join(f'{speed[label]:,.0f}' for label in labels)} |")
-    command = ".venv/bin/python benchmarks/profile_train.py " + " ".join(sys.argv[1:])
-    text = "\n".join([machine_block(command), "", *lines])
-    write_section(args.section, text)
-    print(text)
+    record_section(args.section, lines)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,16 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     path.write_text(text)
 
 
+def record_section(name: str, lines: list[str]) -> str:
+    """Write ``lines`` as the section ``name`` of RESULTS.md under the machine block, with the
+    command that ran (this script and its arguments), print it and return it."""
+    command = f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    text = "\n".join([machine_block(command.strip()), "", *lines])
+    write_section(name, text)
+    print(text)
+    return text
+
+
 # Peak RSS is read from /proc/self/status (VmHWM, this process's own high-water mark):
 # getrusage's ru_maxrss would carry over the parent's peak across fork+exec on Linux.
 PEAK_RSS = r"""

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import record_section  # noqa: E402
 
 SHARDING = ("table_wise", "column_wise")
 
@@ -108,10 +108,7 @@ def main() -> None:
             f"| {world} | {sharding if world > 1 else '-'} | {' / '.join(f'{t / mib:,.0f}' for t in tables)} "
             f"| {max(tables) / one['tables']:.2f} | {' / '.join(f'{s / mib:,.1f}' for s in state)} |"
         )
-    command = ".venv/bin/python benchmarks/table_memory.py " + " ".join(sys.argv[1:])
-    text = "\n".join([machine_block(command), "", *lines])
-    write_section("table_memory", text)
-    print(text)
+    record_section("table_memory", lines)
 
 
 if __name__ == "__main__":

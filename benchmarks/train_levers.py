@@ -40,7 +40,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
 BATCH = 4096
@@ -151,10 +151,7 @@ def main() -> None:
     )
     for name, seeds in val.items() if args.quality_seeds else ():
         lines.append(f"| {name} | {' | '.join(cell(mean_ci([s[key] for s in seeds])) for key in VAL_KEYS)} |")
-    command = ".venv/bin/python benchmarks/train_levers.py " + " ".join(sys.argv[1:])
-    text = "\n".join([machine_block(command), "", *lines])
-    write_section("train_levers", text)
-    print(text)
+    record_section("train_levers", lines)
 
 
 if __name__ == "__main__":
