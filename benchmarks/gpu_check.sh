@@ -10,7 +10,9 @@
 #    requirements.txt the image lacks. Without it, uses the Python environment as it is.
 # 2. Records the machine (nvidia-smi, versions) in OUT_DIR/gpu_check.md. Where torch sees no
 #    CUDA device it says so there, runs nothing else and exits 0: a dry run.
-# 3. Runs the tests marked `gpu` (tests/test_gpu.py) -> OUT_DIR/gpu_tests.log.
+# 3. Runs the tests marked `gpu` (tests/test_gpu.py: one GPU, fused Adam and LAMB, row-wise tables,
+#    a bf16 tower (train.tower_precision), each run's streamed evaluation against CPU's, two GPUs
+#    under torchrun where there are two) -> OUT_DIR/gpu_tests.log.
 # 4. Runs benchmarks/scale.py on the GPU (pre-built batches, then shards) at 10^5-10^7 rows and
 #    at the KuaiRand-1K catalogue size (4.37M videos) with batch 65,536: samples/s, peak device
 #    memory and the HBM roofline fraction -> OUT_DIR/RESULTS_gpu.md and its plots.
