@@ -46,7 +46,8 @@ from prepare_scale import GENERATE, PREPARE  # noqa: E402
 from results import machine_block, run_child, write_section  # noqa: E402
 
 CONFIG = REPO / "configs" / "kuairand_1k.yaml"
-KUAIRAND_27K_ROWS = 322_278_385  # its standard and random logs (DESIGN.md: 32M videos, 27,285 users)
+# KuaiRand-27K's interactions as its release counts them (Gao et al., CIKM 2022; 32M videos, 27,285 users)
+KUAIRAND_27K_ROWS = 322_278_385
 
 
 def tree_rss(pid: int) -> int:

@@ -109,6 +109,9 @@ def test_a_bf16_tower_trains_on_gpu_and_evaluates_on_cpu_alike(study_data, tmp_p
     """train.tower_precision=bf16 on CUDA: the tower computes in bf16 while training; the
     checkpoint holds float32 weights that evaluate on CPU to the GPU's own test metrics."""
     results = _gpu_run(study_data, tmp_path / "run", tower_precision="bf16")
+    plain = _gpu_run(study_data, tmp_path / "fp32")
+    assert results["test"]["watch_ratio/mse"] != plain["test"]["watch_ratio/mse"]  # it did compute in bf16
+    assert results["test"]["watch_ratio/mse"] == pytest.approx(plain["test"]["watch_ratio/mse"], rel=0.02)
     assert results["test"]["skip/auc"] > 0.7
     on_cpu = evaluate_run(tmp_path / "run", "test", device="cpu")
     for key in EQUAL_METRICS:  # evaluation is float32 on both

@@ -273,8 +273,9 @@ class MultiTaskModel(nn.Module):
         (0 where the task's label is missing or the row is padding).
 
     Raises:
-        ValueError: the tower's number of representations is not the number of tasks, or a
-            feature name is not one of the module's.
+        ValueError: the tower's number of representations is not the number of tasks, a
+            feature name is not one of the module's, or ``train_autocast`` is another dtype
+            (float16 would need a gradient scaler).
 
     Example::
 
@@ -349,6 +350,8 @@ class MultiTaskModel(nn.Module):
             task.build_head(dim) for task, dim in zip(tasks, tower.output_dims, strict=True)
         )
         self.loss_weighting = loss_weighting or FixedWeighting([t.weight for t in tasks])
+        if train_autocast not in (None, torch.bfloat16):  # float16 would need a gradient scaler
+            raise ValueError(f"train_autocast must be None or torch.bfloat16, got {train_autocast}")
         self.train_autocast = train_autocast
 
     @property

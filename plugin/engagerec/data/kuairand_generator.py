@@ -8,8 +8,9 @@ KuaiRand-1K's: 1,000 users, 4,369,953 videos and 11,713,045 log rows.
 The model of the data (the hidden truth is drawn once per (scale, seed)):
 
 * Users. Activity weights are log-normal, so a few users have tens of thousands of views;
-  every user gets at least 20 views and the rest are shared out by weight. The views of
-  all users are interleaved uniformly at random and spread over 2022-04-08 .. 2022-05-08
+  every user is drawn at least 20 views and the rest are shared out by weight (with
+  ``user_arrival``, a user who joins during the log keeps only the views after the join). The
+  views of all users are interleaved uniformly at random and spread over 2022-04-08 .. 2022-05-08
   (31 days, UTC) with a daily rhythm; time_ms increases row by row, and date / hourmin are
   the UTC calendar values of time_ms. The first log file holds the first 14 days (45% of
   the rows), the second the last 17 days.
@@ -264,7 +265,9 @@ class KuaiRandWorld:
     seed: int
     rows: int
     popularity_skew: float  # the power law's exponent over popularity ranks
-    user_views: np.ndarray  # int64 [U]: the user's rows in the log
+    # int64 [U]: the user's rows in the log; with user_join_ms, the views drawn for the user,
+    # of which a joiner keeps those after the join (the rest go to others)
+    user_views: np.ndarray
     user_bias: np.ndarray  # float32 [U]
     user_factors: np.ndarray  # float32 [U, FACTOR_DIM]
     genre_preference: np.ndarray  # float32 [U, NUM_GENRES + 1]; the last column, 0, is "no genre"
@@ -503,8 +506,9 @@ FANS_LABELS = (
 )
 FRIEND_EDGES = (0, 4, 29, 59, 119, 249)
 FRIEND_LABELS = ("0", "[1,5)", "[5,30)", "[30,60)", "[60,120)", "[120,250)", "250+")
-REGISTER_EDGES = (30, 60, 90, 180, 365, 730)
-REGISTER_LABELS = ("15-30", "31-60", "61-90", "91-180", "181-365", "366-730", "730+")
+# KuaiRand's labels; "1-14" only for users who join during the log (user_arrival)
+REGISTER_EDGES = (14, 30, 60, 90, 180, 365, 730)
+REGISTER_LABELS = ("1-14", "15-30", "31-60", "61-90", "91-180", "181-365", "366-730", "730+")
 
 
 def _bucket(values: np.ndarray, edges: Sequence[int], labels: Sequence[str]) -> pa.Array:
