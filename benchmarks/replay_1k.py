@@ -3,7 +3,7 @@ whose catalogue and audience grow: the generator uploads a share of its videos d
 (``--video-arrival``) and lets a share of its users join during it (``--user-arrival``), so every
 day brings videos, and most days users, that no earlier day had.
 
-    .venv/bin/python benchmarks/replay_1k.py [--scale 0.1] [--video-arrival 0.3] [--user-arrival 0.3]
+    .venv/bin/python benchmarks/replay_1k.py [--scale 0.1] [--video-arrival 0.3] [--user-arrival 0]
         [--seeds 0 1 2 3 4] [--first-days 7] [--last-day 14] [--work DIR]
 
 Generates the data (configs/kuairand_1k.yaml's layout) under ``--work``, cuts it into days, and
@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--video-arrival", type=float, default=0.3)
-    parser.add_argument("--user-arrival", type=float, default=0.3)
+    # 0 as in the recorded run; 0.3 gives new users most days too (not run yet)
+    parser.add_argument("--user-arrival", type=float, default=0.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--first-days", type=int, default=7)
     parser.add_argument("--last-day", type=int, default=14)
