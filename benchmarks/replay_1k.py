@@ -1,7 +1,7 @@
 """The day-by-day retraining replay (engagerec_study.sections.replay) on KuaiRand-1K-shaped data
-whose catalogue and audience grow: the generator uploads a share of its videos during the log
-(``--video-arrival``) and lets a share of its users join during it (``--user-arrival``), so every
-day brings videos, and most days users, that no earlier day had.
+whose catalogue grows: the generator uploads a share of its videos during the log
+(``--video-arrival``), so every day brings videos no earlier day had; with ``--user-arrival`` (0
+by default) a share of its users joins during the log too.
 
     .venv/bin/python benchmarks/replay_1k.py [--scale 0.1] [--video-arrival 0.3] [--user-arrival 0]
         [--seeds 0 1 2 3 4] [--first-days 7] [--last-day 14] [--work DIR]
