@@ -1,7 +1,9 @@
-"""Where `engagerec train`'s step time goes, as shipped, with the host-memory setting off and on.
+"""Where `engagerec train`'s step time goes, as shipped, with the host-memory setting off and on
+(or, with ``--compare precision``, with the tower in float32 and in bf16).
 
     .venv/bin/python benchmarks/profile_train.py --config configs/kuairand_1k.yaml \\
-        --data-dir prepared/kuairand_1k [--steps 200] [--profile-steps 30] [--rounds 2]
+        --data-dir prepared/kuairand_1k [--steps 200] [--profile-steps 30] [--rounds 2] \\
+        [--compare malloc|precision] [--section profile]
 
 Runs the `engagerec train` command (metrics on, as a user runs it) for ``--steps`` steps with
 ``train.profile_steps`` (engagerec.profiling: torch.profiler over steps 21-50 by default), once
@@ -29,11 +31,22 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from results import record_section  # noqa: E402
 
-VARIANTS = {"before (glibc malloc defaults)": "0", "after (engagerec.host_memory)": "1"}
+# what --compare sets side by side: label -> (environment, --set overrides)
+COMPARISONS = {
+    "malloc": {
+        "before (glibc malloc defaults)": ({"ENGAGEREC_MALLOC_TUNING": "0"}, []),
+        "after (engagerec.host_memory)": ({"ENGAGEREC_MALLOC_TUNING": "1"}, []),
+    },
+    "precision": {
+        "float32 tower": ({}, []),
+        "bf16 tower (train.tower_precision)": ({}, ["train.tower_precision=bf16"]),
+    },
+}
 
 
-def one_run(args: argparse.Namespace, tuning: str, run_dir: Path) -> dict:
-    """One `engagerec train` run; returns its profile breakdown and last logged samples/s."""
+def one_run(args: argparse.Namespace, environment: dict, sets: list, run_dir: Path) -> dict:
+    """One `engagerec train` run with ``environment`` and ``--set`` ``sets`` added; returns its
+    profile breakdown and last logged samples/s."""
     command = [
         sys.executable, "-m", "engagerec", "train", "--config", args.config,
         "--out", str(run_dir), "--no-resume",
@@ -41,7 +54,8 @@ def one_run(args: argparse.Namespace, tuning: str, run_dir: Path) -> dict:
         "--set", f"train.profile_steps={args.profile_steps}", "--set", "train.progress_bar=false",
         "--set", f"train.batch_size={args.batch_size}", "--set", f"train.log_every_steps={args.log_every}",
     ]  # fmt: skip
-    env = {**os.environ, "ENGAGEREC_MALLOC_TUNING": tuning}
+    command += [arg for kv in sets for arg in ("--set", kv)]
+    env = {**os.environ, **environment}
     subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=env)
     parts = json.loads((run_dir / "profile.json").read_text())["ms_per_step"]
     rows = [r for r in csv.DictReader(open(run_dir / "log.csv")) if r["phase"] == "train"]
@@ -60,14 +74,16 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="malloc")
     parser.add_argument("--section", default="profile")
     args = parser.parse_args()
 
-    found = {label: [] for label in VARIANTS}
+    variants = COMPARISONS[args.compare]
+    found = {label: [] for label in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            for label, tuning in VARIANTS.items():
-                found[label].append(one_run(args, tuning, Path(tmp) / f"{round_}-{tuning}"))
+            for index, (label, (environment, sets)) in enumerate(variants.items()):
+                found[label].append(one_run(args, environment, sets, Path(tmp) / f"{round_}-{index}"))
                 print(label, found[label][-1], flush=True)
     parts = list(next(iter(found.values()))[0]["parts"])
     median = {
@@ -75,7 +91,7 @@ def main() -> None:
         for label, runs in found.items()
     }
     speed = {label: statistics.median(r["samples_per_s"] for r in runs) for label, runs in found.items()}
-    labels = list(VARIANTS)
+    labels = list(variants)
     lines = [
         f"`engagerec train --config {args.config}` on `{args.data_dir}`, batch {args.batch_size}, "
         f"metrics on, {args.steps} steps; torch.profiler over {args.profile_steps} steps (after 20) in "
