@@ -402,8 +402,9 @@ class MultiTaskModel(nn.Module):
         if not (self.training and self.train_autocast is not None):
             return self.tower(shared)
         # the device from a weight: under the train pipeline's FX trace, shared is a proxy
-        device = next(self.tower.parameters()).device
-        with torch.autocast(device_type=device.type, dtype=self.train_autocast):
+        weight = next(self.tower.parameters(), None)
+        device_type = "cpu" if weight is None else weight.device.type
+        with torch.autocast(device_type=device_type, dtype=self.train_autocast):
             representations = self.tower(shared)
         return [representations[i].float() for i in range(self.num_tasks)]
 
