@@ -347,6 +347,23 @@ def test_the_replay_scores_each_day_with_the_frozen_the_warm_and_the_scratch_mod
         pq.read_table(data / name / "val").column("watch_ratio") for name in ("chain_04", "scratch_04")
     )
     assert len(chain) > 0 and chain.equals(scratch)
+
+    # "new users", counted from the files: day 5's scored rows (its preparation's train and val
+    # splits) whose user, decoded through day 5's grown vocabulary, the first model's vocabulary
+    # (days 1..3's training rows) lacks; against what the frozen model's scoring reported
+    def tokens(name):
+        return pq.read_table(data / name / "vocabs" / "user_id.parquet").column("token").to_pylist()
+
+    known, grown = set(tokens("chain_03")), ["(missing)", *tokens("chain_05")]  # index 0: none
+    rows = np.concatenate(
+        [
+            pq.read_table(data / "chain_05" / split, columns=["user_id"]).column(0).to_numpy()
+            for split in ("train", "val")
+        ]
+    )
+    unseen = float(np.mean([grown[index] not in known for index in rows]))
+    assert unseen > 0  # day 5 brings users days 1..3 never had
+    assert [r["unseen_users"] for r in second["frozen"]] == pytest.approx([unseen, unseen])
     text = out.read_text()
     assert "| day | new videos | new users | MSE frozen |" in text
     assert "![quality against day](figures/replay.png)" in text
