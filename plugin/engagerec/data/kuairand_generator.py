@@ -352,8 +352,10 @@ def kuairand_world(
     popularity_order = rng.permutation(n_videos).astype(np.int32)
     # each on its own stream: the rest of the world is the same with or without arrival
     upload = _arrivals(_rng(seed, _ARRIVAL), video_arrival, popularity_order) if video_arrival > 0 else None
-    most_active = np.argsort(-user_views, kind="stable")
-    join = _arrivals(_rng(seed, _USER_ARRIVAL), user_arrival, most_active) if user_arrival > 0 else None
+    join = None
+    if user_arrival > 0:
+        most_active = np.argsort(-user_views, kind="stable")
+        join = _arrivals(_rng(seed, _USER_ARRIVAL), user_arrival, most_active)
     return KuaiRandWorld(
         scale=float(scale),
         seed=int(seed),
@@ -668,6 +670,22 @@ def _binary_losses(p: np.ndarray) -> Dict[str, float]:
     return {"log_loss": float(np.sum(entr(p) + entr(1 - p))), "brier": float(np.sum(p * (1 - p)))}
 
 
+def _inverse_cdf(cdf: np.ndarray, uniforms: np.ndarray, order: Optional[np.ndarray] = None) -> np.ndarray:
+    """The index each uniform draw falls in under ``cdf`` (through ``order`` when given)."""
+    index = np.minimum(np.searchsorted(cdf, uniforms, side="right"), len(cdf) - 1)
+    return index if order is None else order[index]
+
+
+def _arrived(drawn: np.ndarray, time_ms: np.ndarray, arrival_ms: np.ndarray, redraw) -> np.ndarray:
+    """``drawn`` (video or user ids) with each one not there yet at its view's time replaced by
+    ``redraw(k)``'s, again until every one has arrived."""
+    late = np.flatnonzero(arrival_ms[drawn] > time_ms)
+    while late.size:
+        drawn[late] = redraw(late.size)
+        late = late[arrival_ms[drawn[late]] > time_ms[late]]
+    return drawn
+
+
 class _LogStream:
     """Produces the log chunk by chunk, in time order, and sums the noise floor as it goes."""
 
@@ -677,6 +695,9 @@ class _LogStream:
         self.remaining = world.user_views.copy()
         self.popularity_cdf = np.cumsum(_popularity_weights(world.videos, world.popularity_skew))
         self.popularity_cdf /= self.popularity_cdf[-1]
+        # who views a redrawn view when its user has not joined yet (user_arrival): by activity
+        joining = world.user_join_ms is not None
+        self.activity_cdf = np.cumsum(world.user_views) / world.user_views.sum() if joining else None
         self.knots, self.traffic = _hourly_traffic()
         self.days = _calendar_days()
         self.last_gap = np.iinfo(np.int64).min  # max of time_ms - row index so far
@@ -709,13 +730,23 @@ class _LogStream:
     def _chunk(self, index: int, start: int, n: int) -> pa.Table:
         world, rng = self.world, _rng(self.world.seed, _LOG_ROWS, index)
         user = self._users(n)
-        rank = np.searchsorted(self.popularity_cdf, rng.random(n), side="right")
-        video = world.popularity_order[np.minimum(rank, world.videos - 1)].astype(np.int64)
+        video = _inverse_cdf(self.popularity_cdf, rng.random(n), world.popularity_order).astype(np.int64)
         time_ms = self._times(rng, start, n)
+        # a view of a video not uploaded yet, or by a user who has not joined yet, is drawn again
+        # from the same law, on its own random stream: new videos' and users' views start on arrival
         if world.video_upload_ms is not None:
-            video = self._uploaded(video, time_ms, index)
+            draws = _rng(world.seed, _ARRIVAL_DRAWS, index)
+            video = _arrived(
+                video,
+                time_ms,
+                world.video_upload_ms,
+                lambda k: _inverse_cdf(self.popularity_cdf, draws.random(k), world.popularity_order),
+            )
         if world.user_join_ms is not None:
-            user = self._joined(user, time_ms, index)
+            draws = _rng(world.seed, _USER_ARRIVAL_DRAWS, index)
+            user = _arrived(
+                user, time_ms, world.user_join_ms, lambda k: _inverse_cdf(self.activity_cdf, draws.random(k))
+            )
         within_day = (time_ms - START_MS) % DAY_MS
         hourmin = (within_day // HOUR_MS) * 100 + (within_day % HOUR_MS) // MINUTE_MS
         date = self.days[(time_ms - START_MS) // DAY_MS]
@@ -761,31 +792,6 @@ class _LogStream:
             "tab": _weighted(rng, TAB_WEIGHTS, n).astype(np.int64),
         }
         return pa.table([pa.array(columns[c]) for c in LOG_COLUMNS], names=list(LOG_COLUMNS))
-
-    def _uploaded(self, video: np.ndarray, time_ms: np.ndarray, index: int) -> np.ndarray:
-        """``video`` with each view of a video not yet uploaded at its time drawn again, from the
-        same popularity law (its own random stream), until every video exists: a new video's
-        views start at its upload."""
-        world, rng = self.world, _rng(self.world.seed, _ARRIVAL_DRAWS, index)
-        late = np.flatnonzero(world.video_upload_ms[video] > time_ms)
-        while late.size:
-            rank = np.searchsorted(self.popularity_cdf, rng.random(late.size), side="right")
-            video[late] = world.popularity_order[np.minimum(rank, world.videos - 1)]
-            late = late[world.video_upload_ms[video[late]] > time_ms[late]]
-        return video
-
-    def _joined(self, user: np.ndarray, time_ms: np.ndarray, index: int) -> np.ndarray:
-        """``user`` with each view by a user who has not joined yet at its time given to another,
-        drawn by activity (its own random stream), until every user has joined: a new user's views
-        start when the user joins, and the views of the days before go to the others."""
-        world, rng = self.world, _rng(self.world.seed, _USER_ARRIVAL_DRAWS, index)
-        activity_cdf = np.cumsum(world.user_views) / world.user_views.sum()
-        late = np.flatnonzero(world.user_join_ms[user] > time_ms)
-        while late.size:
-            drawn = np.searchsorted(activity_cdf, rng.random(late.size), side="right")
-            user[late] = np.minimum(drawn, world.users - 1)
-            late = late[world.user_join_ms[user[late]] > time_ms[late]]
-        return user
 
     def _add(self, label: str, sums: Dict[str, float]) -> None:
         into = self.sums.setdefault(label, {})
