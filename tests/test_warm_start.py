@@ -158,6 +158,11 @@ def test_a_warm_start_from_another_model_or_from_data_prepared_again_is_refused_
     with pytest.raises(ConfigError, match=r"model\.tower\.name: '\w+' -> 'cross_stitch'"):
         train(other, tmp_path / "other")
     assert not (tmp_path / "other").exists()  # refused before the run directory was made
+    dots = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dot_interactions=[["user_id", "content_id"]])
+    )
+    with pytest.raises(ConfigError, match=r"model\.dot_interactions"):
+        train(dots, tmp_path / "dots")
 
     # a copy of the run and of its data; the data is then prepared again (a vocabulary changed)
     copy_run, copy_data = tmp_path / "copy_run", tmp_path / "copy_data"

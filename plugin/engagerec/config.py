@@ -267,8 +267,9 @@ class TargetAttentionConfig:
 
 @dataclass
 class ModelConfig:
-    """The model: its embedding tables, its tower, its tasks, how their losses combine, and an
-    optional target attention over the viewing history in front of the tower."""
+    """The model: its embedding tables, its tower, its tasks, how their losses combine, and
+    optional input arches in front of the tower: a target attention over the viewing history,
+    and dot products of chosen feature pairs."""
 
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
@@ -276,6 +277,9 @@ class ModelConfig:
     tasks: List[TaskConfig] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
     target_attention: Optional[TargetAttentionConfig] = None
+    # pairs of pooled features whose dot products join the tower's input (DLRM's interaction,
+    # engagerec.interactions.DotInteraction), e.g. [[user_id, content_id], [user_id, genres]]
+    dot_interactions: List[List[str]] = field(default_factory=list)
 
 
 @dataclass

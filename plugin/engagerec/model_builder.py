@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from engagerec.attention import TargetAttention
@@ -16,6 +17,7 @@ from engagerec.config import ExperimentConfig, ModelConfig, TargetAttentionConfi
 from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
+from engagerec.interactions import DotInteraction
 from engagerec.losses import build_loss_weighting
 from engagerec.managed_ids import ManagedCollisionTables, managed_specs
 from engagerec.model import MultiTaskModel
@@ -69,6 +71,8 @@ def build_model(
         )
     _check_soft_labels(tasks, schema)
     input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
+    if cfg.dot_interactions:
+        input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch)
     input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
     try:
         tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
@@ -131,6 +135,53 @@ def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttent
     return TargetAttention(
         list(widths.values()), list(widths), cfg.candidate, positions, hidden_sizes=cfg.hidden_sizes
     )
+
+
+def dot_interaction(
+    spec: FeatureSpec, pairs: List[List[str]], inner: Optional[nn.Module] = None
+) -> DotInteraction:
+    """The DotInteraction ``model.dot_interactions`` describes, over the pooled columns of ``spec``.
+
+    Args:
+        spec (FeatureSpec): the model's tables (their feature order is the pooled columns').
+        pairs (List[List[str]]): the pairs of pooled features (two names each).
+        inner (Optional[nn.Module]): the input arch before it (the target attention), if any.
+
+    Returns:
+        DotInteraction: its ``output_dim`` replaces the sparse width in the tower's input.
+
+    Raises:
+        ConfigError: a pair is not two names, or names a feature the model does not embed,
+            or two features of different widths.
+
+    Example::
+
+        >>> from engagerec.config import EmbeddingConfig
+        >>> from engagerec.data.schema import DatasetSchema, SparseFeature
+        >>> schema = DatasetSchema(
+        ...     features=[],
+        ...     sparse=[SparseFeature(name, name, multi=False) for name in ("user", "item")],
+        ...     dense=[],
+        ...     labels=[],
+        ...     vocab_sizes={"user": 5, "item": 9},
+        ... )
+        >>> spec = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4))
+        >>> dot_interaction(spec, [["user", "item"]]).output_dim  # 4 + 4 pooled columns and one product
+        9
+    """
+    bad = [pair for pair in pairs if len(pair) != 2]
+    if bad:
+        raise ConfigError(f"model.dot_interactions: each entry is a pair of two feature names, got {bad}")
+    widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
+    try:
+        return DotInteraction(
+            [widths[name] for name in spec.feature_names],
+            spec.feature_names,
+            [(a, b) for a, b in pairs],
+            inner=inner,
+        )
+    except ValueError as err:
+        raise ConfigError(f"model.dot_interactions: {err}") from None
 
 
 def tasks_from_schema(schema: DatasetSchema) -> List[TaskConfig]:

@@ -53,6 +53,7 @@ COMPARED = (
     "model.tower",
     "model.tasks",
     "model.target_attention",
+    "model.dot_interactions",
 )
 VOCABULARIES_FILE = "vocabularies.json"  # in a run directory: the vocabularies it trained with
 

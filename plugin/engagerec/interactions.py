@@ -1,0 +1,110 @@
+"""Explicit dot products between pooled embeddings: an input arch in front of any tower.
+
+An MLP fed the concatenation [u, v] learns a dot product <u, v> only approximately and slowly
+(Rendle et al., "Neural Collaborative Filtering vs. Matrix Factorization Revisited", RecSys
+2020), while a watch ratio is largely such products: how this user likes this video, this
+genre. DLRM (Naumov et al., 2019) hands the top MLP the pairwise dot products of its
+embeddings for that reason; this arch hands the tower the dot products of chosen pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class DotInteraction(nn.Module):
+    """
+    Appends the dot product of each chosen pair of pooled features to the tower's input: for
+    the pairs ``(a, b)`` the output is ``[inner(pooled), <e_a, e_b>, ...]``, one column per pair,
+    where ``inner`` is another input arch (e.g. ``TargetAttention``) or the identity. No
+    parameters: the gradient of each product reaches both embeddings directly, as in matrix
+    factorisation.
+
+    Args:
+        widths (Sequence[int]): the width of each column block of the pooled input, in order
+            (one per pooled feature, ``FeatureSpec.feature_names`` order).
+        names (Sequence[str]): the name of each block.
+        pairs (Sequence[Tuple[str, str]]): the pairs of features whose dot products are
+            appended; the two of a pair must be equally wide.
+        inner (Optional[nn.Module]): an input arch whose output comes first (it must have
+            ``output_dim``). Default: None (the pooled input as it is).
+        device (Optional[torch.device]): where the column indices are created. Default: None.
+
+    Call Args:
+        pooled (torch.Tensor): [B, sum(widths)], the pooled embeddings.
+
+    Returns:
+        torch.Tensor: [B, output_dim]: ``inner(pooled)`` (or ``pooled``), then one dot product
+        per pair, in ``pairs`` order.
+
+    Raises:
+        ValueError: a pair names an unknown feature, a feature twice, or two features of
+            different widths, or there are no pairs.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.interactions import DotInteraction
+        >>> arch = DotInteraction([2, 2, 1], ["user", "item", "hour"], [("user", "item")])
+        >>> arch.output_dim  # the 5 pooled columns, then one product
+        6
+        >>> pooled = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+        >>> arch(pooled)  # 1 * 3 + 2 * 4 = 11
+        tensor([[ 1.,  2.,  3.,  4.,  5., 11.]])
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        names: Sequence[str],
+        pairs: Sequence[Tuple[str, str]],
+        inner: Optional[nn.Module] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if not pairs:
+            raise ValueError("dot interaction: no pairs given")
+        blocks: Dict[str, Tuple[int, int]] = {}
+        start = 0
+        for name, width in zip(names, widths, strict=True):
+            blocks[name] = (start, width)
+            start += width
+        left, right = [], []
+        for a, b in pairs:
+            unknown = [n for n in (a, b) if n not in blocks]
+            if unknown:
+                raise ValueError(
+                    f"dot interaction: features {unknown} are not embedded (have {list(blocks)})"
+                )
+            if a == b:
+                raise ValueError(f"dot interaction: the pair ({a}, {b}) names one feature twice")
+            if blocks[a][1] != blocks[b][1]:
+                raise ValueError(
+                    f"dot interaction: '{a}' is {blocks[a][1]} wide and '{b}' {blocks[b][1]}: a pair's "
+                    "features must be equally wide (model.embeddings.dims)"
+                )
+            left += range(blocks[a][0], sum(blocks[a]))
+            right += range(blocks[b][0], sum(blocks[b]))
+        self.pairs = [tuple(pair) for pair in pairs]
+        self.pair_widths = [blocks[a][1] for a, _ in pairs]
+        # every pair's columns side by side: one gather per side, one multiply, one segment sum
+        self.register_buffer("left_columns", torch.tensor(left, device=device), persistent=False)
+        self.register_buffer("right_columns", torch.tensor(right, device=device), persistent=False)
+        self.register_buffer(
+            "pair_of_column",
+            torch.repeat_interleave(torch.arange(len(pairs), device=device), torch.tensor(self.pair_widths)),
+            persistent=False,
+        )
+        self.inner = inner
+        self.output_dim = (inner.output_dim if inner is not None else start) + len(pairs)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, sum(widths)] -> [B, output_dim]: inner(pooled) (or pooled), then the products."""
+        products = pooled.index_select(1, self.left_columns) * pooled.index_select(1, self.right_columns)
+        dots = products.new_zeros(products.shape[0], len(self.pairs))
+        dots = dots.index_add(1, self.pair_of_column, products)  # [B, pairs]
+        first = self.inner(pooled) if self.inner is not None else pooled
+        return torch.cat([first, dots], dim=1)
