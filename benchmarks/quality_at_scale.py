@@ -6,7 +6,7 @@ one prepared KuaiRand-1K-shaped dataset (the generator's noise floor known).
 
 For each seed: `engagerec train --config configs/kuairand_1k.yaml` on D for ``--epochs`` epochs in
 a fresh process (the best epoch on validation is tested; a run directory under ``--runs`` with a
-results.json of the same data and seed is read instead of trained again, whatever its epochs:
+results.json of the same data, seed and model is read instead of trained again, whatever its epochs:
 its validation chose its best), and the GBDT reference
 (engagerec_study.gbdt: one HistGradientBoosting model per task, ids target-encoded, iterations
 chosen on validation) fitted on a seeded sample of ``--gbdt-rows`` training rows. Reports per
@@ -18,6 +18,7 @@ for the watch ratio the share of the explainable variance recovered, (constant -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -44,10 +45,20 @@ METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
 def tower_run(data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:
     """One seed's run (trained unless ``run`` already holds its results.json): test metrics,
     the epoch validation chose, and the seconds it trained."""
-    if (run / "results.json").is_file():  # read back only if it trained on these data with this seed
-        done = json.loads((run / "config.json").read_text())["train"]
-        if Path(done["data_dir"]).resolve() != data_dir or done["seed"] != seed:
-            raise SystemExit(f"{run} holds a run of other data or another seed: give another --runs")
+    from engagerec.config import load_config
+
+    if (run / "results.json").is_file():  # read back only if the config's model on these data and seed
+        done = json.loads((run / "config.json").read_text())
+        model = dataclasses.asdict(load_config(str(CONFIG)).model)
+        if (
+            Path(done["train"]["data_dir"]).resolve() != data_dir
+            or done["train"]["seed"] != seed
+            or done["model"] != model
+        ):
+            raise SystemExit(
+                f"{run} holds a run of other data, another seed or another model than "
+                f"{CONFIG.name}'s: give another --runs"
+            )
     else:
         subprocess.run(
             [sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run),
