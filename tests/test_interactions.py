@@ -7,6 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_attention import SMALL  # 4,000 synthetic rows, batches of 128
 
 from engagerec.attention import TargetAttention
 from engagerec.config import load_config
@@ -16,15 +17,6 @@ from engagerec.errors import ConfigError
 from engagerec.interactions import DotInteraction
 from engagerec.model_builder import build_model
 
-SMALL = [
-    "data.source.synthetic.num_rows=4000",
-    "data.source.synthetic.num_users=200",
-    "data.source.synthetic.num_contents=300",
-    "train.progress_bar=false",
-    "train.epochs=1",
-    "train.batch_size=128",
-    "train.dense_lr=0.003",
-]
 DOTS = "model.dot_interactions=[[user_id, content_id], [user_id, genres], [content_id, history]]"
 
 
