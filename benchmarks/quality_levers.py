@@ -1,7 +1,7 @@
 """Levers on quality at the KuaiRand-1K shape, chosen on the validation split only.
 
     .venv/bin/python benchmarks/quality_levers.py --data-dir D --noise-floor RAW/noise_floor.json \\
-        [--seeds 0 1 2] [--variants NAME ...] [--runs DIR]
+        --runs DIR [--seeds 0 1 2] [--variants NAME ...] [--section quality_levers]
 
 Each variant is `engagerec train --config configs/kuairand_1k.yaml` on D with its overrides
 (``VARIANTS``), one fresh process per seed; validation picks each run's best epoch, and only that
@@ -10,7 +10,7 @@ quality_at_scale.py tests the chosen variant beside the GBDT). Reported per vari
 CI over seeds: validation loss, watch-ratio MSE, the share of the explainable watch-ratio
 variance recovered on validation, (train-mean constant - MSE) / (constant - the generator's
 noise floor), the AUCs, the epoch chosen and the seconds trained. Runs under ``--runs`` holding a
-results.json are read, not trained again. Writes the section ``quality_levers`` of
+results.json are read, not trained again. Writes the section ``--section`` (``quality_levers``) of
 benchmarks/RESULTS.md.
 """
 
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--runs", required=True, help="where the runs go (kept; read again if there)")
+    parser.add_argument("--section", default="quality_levers", help="the RESULTS.md section written")
     args = parser.parse_args()
     data_dir, runs = Path(args.data_dir).resolve(), Path(args.runs)
     floor = json.loads(Path(args.noise_floor).read_text())["watch_ratio"]["mse"]
@@ -115,7 +116,7 @@ def main() -> None:
         )
     best = min(found, key=lambda name: sum(s["loss"] for s in found[name]))
     lines += ["", f"Lowest mean validation loss: **{best}**."]
-    record_section("quality_levers", lines)
+    record_section(args.section, lines)
 
 
 if __name__ == "__main__":
