@@ -2,9 +2,10 @@
 one prepared KuaiRand-1K-shaped dataset (the generator's noise floor known).
 
     .venv/bin/python benchmarks/quality_at_scale.py --data-dir D --noise-floor RAW/noise_floor.json \\
-        [--seeds 0 1 2 3 4] [--epochs 1] [--gbdt-rows 300000] [--runs DIR]
+        [--config configs/kuairand_1k.yaml] [--seeds 0 1 2 3 4] [--epochs 1] [--gbdt-rows 300000]
+        [--runs DIR] [--section quality_at_scale]
 
-For each seed: `engagerec train --config configs/kuairand_1k.yaml` on D for ``--epochs`` epochs in
+For each seed: `engagerec train --config C` (``--config``) on D for ``--epochs`` epochs in
 a fresh process (the best epoch on validation is tested; a run directory under ``--runs`` with a
 results.json of the same data, seed and model is read instead of trained again, whatever its epochs:
 its validation chose its best), and the GBDT reference
@@ -12,7 +13,7 @@ its validation chose its best), and the GBDT reference
 chosen on validation) fitted on a seeded sample of ``--gbdt-rows`` training rows. Reports per
 model and task the test metrics, mean ± 95% CI over seeds, beside the train-mean constant, and
 for the watch ratio the share of the explainable variance recovered, (constant - model) /
-(constant - noise floor). Writes the section ``quality_at_scale`` of benchmarks/RESULTS.md.
+(constant - noise floor). Writes the section ``--section`` of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from results import machine_block, write_section  # noqa: E402
 
-CONFIG = REPO / "configs" / "kuairand_1k.yaml"
 TASKS = [
     ("watch_ratio", "watch_ratio", "regression"),
     ("skip", "skip", "binary"),
@@ -42,14 +42,14 @@ TASKS = [
 METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
 
 
-def tower_run(data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:
+def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:
     """One seed's run (trained unless ``run`` already holds its results.json): test metrics,
     the epoch validation chose, and the seconds it trained."""
     from engagerec.config import load_config
 
     if (run / "results.json").is_file():  # read back only if the config's model on these data and seed
         done = json.loads((run / "config.json").read_text())
-        model = dataclasses.asdict(load_config(str(CONFIG)).model)
+        model = dataclasses.asdict(load_config(str(config)).model)
         if (
             Path(done["train"]["data_dir"]).resolve() != data_dir
             or done["train"]["seed"] != seed
@@ -57,11 +57,11 @@ def tower_run(data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:
         ):
             raise SystemExit(
                 f"{run} holds a run of other data, another seed or another model than "
-                f"{CONFIG.name}'s: give another --runs"
+                f"{config.name}'s: give another --runs"
             )
     else:
         subprocess.run(
-            [sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run),
+            [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run),
              "--set", f"train.data_dir={data_dir}", "--set", f"train.seed={seed}",
              "--set", f"train.epochs={epochs}", "--set", "train.progress_bar=false"],
             check=True, cwd=REPO,
@@ -81,20 +81,25 @@ def interval(values: List[float]) -> str:
 
 
 def main() -> None:
+    from engagerec.config import load_config
     from engagerec.data.schema import DatasetSchema
     from engagerec_study.gbdt import gbdt_reference
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/kuairand_1k.yaml", help="the tower's config")
     parser.add_argument("--data-dir", required=True, help="a KuaiRand-1K-shaped preparation")
     parser.add_argument("--noise-floor", required=True, help="the generator's noise_floor.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=1, help="at most this many (validation picks the best)")
     parser.add_argument("--gbdt-rows", type=int, default=300_000)
     parser.add_argument("--runs", help="where the tower's runs go (and are read back from)")
+    parser.add_argument("--section", default="quality_at_scale", help="the RESULTS.md section written")
     args = parser.parse_args()
-    data_dir = Path(args.data_dir).resolve()
-    runs = Path(args.runs or REPO / "runs" / "quality_at_scale")
-    towers = {seed: tower_run(data_dir, runs / f"seed{seed}", seed, args.epochs) for seed in args.seeds}
+    data_dir, config = Path(args.data_dir).resolve(), REPO / args.config
+    runs = Path(args.runs or REPO / "runs" / args.section)
+    towers = {
+        seed: tower_run(config, data_dir, runs / f"seed{seed}", seed, args.epochs) for seed in args.seeds
+    }
     gbdt = {seed: gbdt_reference(data_dir, seed, TASKS, train_rows=args.gbdt_rows) for seed in args.seeds}
     summary = DatasetSchema.load(data_dir).meta["summary"]
     constant = summary["baselines_on_test"]["watch_ratio"]["mse_train_mean"]
@@ -104,22 +109,24 @@ def main() -> None:
         return (constant - mse) / (constant - floor)
 
     command = (
-        ".venv/bin/python benchmarks/quality_at_scale.py "
+        f".venv/bin/python benchmarks/quality_at_scale.py --config {args.config} --section {args.section} "
         f"--data-dir <{summary['rows_kept']:,}-row preparation> --noise-floor <its noise_floor.json> "
         f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs} --gbdt-rows {args.gbdt_rows}"
     )
     split = summary["split"]
+    model = load_config(str(config)).model
+    tower = model.tower.name + (", dot interactions" if model.dot_interactions else "")
     lines = [
         machine_block(command),
         "",
-        f"configs/kuairand_1k.yaml (MMoE) on {split['train']['rows']:,} / {split['val']['rows']:,} / "
+        f"{args.config} ({tower}) on {split['train']['rows']:,} / {split['val']['rows']:,} / "
         f"{split['test']['rows']:,} train / val / test rows (temporal split), {len(args.seeds)} seeds; "
         f"the GBDT fits on {args.gbdt_rows:,} training rows drawn per seed. Test metrics, mean ± 95% CI.",
         "",
         "| model | watch-ratio MSE | explainable variance recovered | skip AUC | long_view AUC | click AUC |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, found in (("mmoe", towers), ("gbdt (scikit-learn)", gbdt)):
+    for name, found in ((tower, towers), ("gbdt (scikit-learn)", gbdt)):
         runs_test = [f["test"] if "test" in f else f for f in found.values()]
         mse = [r["watch_ratio/mse"] for r in runs_test]
         lines.append(
@@ -134,7 +141,7 @@ def main() -> None:
         for s, t in towers.items()
     )
     lines += ["", f"Epochs chosen on validation: {chosen}."]
-    write_section("quality_at_scale", "\n".join(lines))
+    write_section(args.section, "\n".join(lines))
     print("\n".join(lines))
 
 
