@@ -11,7 +11,7 @@ runs the replay's three lines (frozen, a daily warm start, a daily retrain from 
 configs/kuairand_1k.yaml's model, in batches of 256 for up to 5 epochs (early stopping): its own
 batch of 4096 and single epoch would give a day's window a handful of steps, and the comparison
 would measure steps, not staleness. Writes the section ``replay_1k`` of benchmarks/RESULTS.md and
-benchmarks/replay_1k.png.
+benchmarks/replay_1k.png (``replay_1k_users`` and its plot when users join).
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def main() -> None:
     figures = work / "figures"
     figures.mkdir(exist_ok=True)
     text = section.render(data, {}, figures)
-    plot = Path(__file__).with_name("replay_1k.png")
+    # the run with users joining keeps its own section and plot beside the one without
+    name = "replay_1k" if args.user_arrival == 0 else "replay_1k_users"
+    plot = Path(__file__).with_name(f"{name}.png")
     shutil.copyfile(figures / "replay.png", plot)
     command = (
         f".venv/bin/python benchmarks/replay_1k.py --scale {args.scale:g} "
@@ -92,7 +94,7 @@ def main() -> None:
             text.replace("figures/replay.png", plot.name),
         ]
     )
-    write_section("replay_1k", body)
+    write_section(name, body)
     print(body)
 
 
