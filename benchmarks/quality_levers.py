@@ -35,16 +35,16 @@ DOTS = (
     "model.dot_interactions=[[user_id, content_id], [user_id, genres], [user_id, history], "
     "[content_id, history], [user_id, author_id]]"
 )
+# the tables of the dotted features (history shares content_id's); auto_dim would keep genres at 16
+WIDE = "model.embeddings.dims={user_id: 32, content_id: 32, author_id: 32, genres: 32}"
 VARIANTS: Dict[str, List[str]] = {
     "as shipped": [],
     "dot interactions": [DOTS],
     "dot interactions, sparse lr 0.03": [DOTS, "train.sparse_lr=0.03"],
     "dot interactions, sparse lr 0.1": [DOTS, "train.sparse_lr=0.1"],
     "dot interactions, up to 3 epochs": [DOTS, "train.epochs=3"],
-    "dot interactions, id embeddings 32 wide": [
-        DOTS,
-        "model.embeddings.dims={user_id: 32, content_id: 32, author_id: 32, genres: 32}",
-    ],
+    "dot interactions, id embeddings 32 wide": [DOTS, WIDE],
+    "dot interactions, id embeddings 32 wide, sparse lr 0.1": [DOTS, WIDE, "train.sparse_lr=0.1"],
 }
 KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
