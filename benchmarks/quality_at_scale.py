@@ -7,7 +7,7 @@ one prepared KuaiRand-1K-shaped dataset (the generator's noise floor known).
 
 For each seed: `engagerec train --config C` (``--config``) on D for ``--epochs`` epochs in
 a fresh process (the best epoch on validation is tested; a run directory under ``--runs`` with a
-results.json of the same data, seed and model is read instead of trained again, whatever its epochs:
+results.json of the same data, seed and settings is read instead of trained again, whatever its epochs:
 its validation chose its best), and the GBDT reference
 (engagerec_study.gbdt: one HistGradientBoosting model per task, ids target-encoded, iterations
 chosen on validation) fitted on a seeded sample of ``--gbdt-rows`` training rows. Reports per
@@ -39,6 +39,9 @@ TASKS = [
     ("long_view", "long_view", "binary"),
     ("click", "click", "binary"),
 ]
+# what may differ in a run read back: where its data is (checked apart), its seed, how many
+# epochs it was allowed (validation chose the best), its progress bar
+RUN_KEYS = ("data_dir", "seed", "epochs", "progress_bar")
 METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
 
 
@@ -47,17 +50,19 @@ def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -
     the epoch validation chose, and the seconds it trained."""
     from engagerec.config import load_config
 
-    if (run / "results.json").is_file():  # read back only if the config's model on these data and seed
+    if (run / "results.json").is_file():  # read back only if the config's run on these data and seed
         done = json.loads((run / "config.json").read_text())
-        model = dataclasses.asdict(load_config(str(config)).model)
-        if (
-            Path(done["train"]["data_dir"]).resolve() != data_dir
-            or done["train"]["seed"] != seed
-            or done["model"] != model
-        ):
+        wanted = dataclasses.asdict(load_config(str(config)))
+        other = [
+            f"{section}.{key}"
+            for section in ("model", "train")
+            for key in wanted[section]
+            if key not in RUN_KEYS and done[section].get(key) != wanted[section][key]
+        ]
+        if Path(done["train"]["data_dir"]).resolve() != data_dir or done["train"]["seed"] != seed or other:
             raise SystemExit(
-                f"{run} holds a run of other data, another seed or another model than "
-                f"{config.name}'s: give another --runs"
+                f"{run} holds a run of other data, another seed or other settings than {config.name}'s "
+                f"({', '.join(other) or 'data_dir, seed'}): give another --runs"
             )
     else:
         subprocess.run(
