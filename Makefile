@@ -102,9 +102,20 @@ bench-scale: install
 bench-shapes: install
 	$(PY) benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65
 
-# quality at KuaiRand-1K scale, 5 seeds against the GBDT, on the data `make bench` generates and prepares
+# quality at KuaiRand-1K scale, 5 seeds against the GBDT, on the data `make bench` generates and prepares;
+# then the levers chosen on validation (dot interactions, widths, learning rates, epochs), and the
+# chosen config (configs/kuairand_1k_dots.yaml) tested the same way, its validation runs read back
+KUAIRAND_1K := --data-dir prepared/kuairand_1k --noise-floor generated/kuairand_1k/noise_floor.json
+LEVERS := runs/quality_levers
 bench-quality: install
-	$(PY) benchmarks/quality_at_scale.py --data-dir prepared/kuairand_1k --noise-floor generated/kuairand_1k/noise_floor.json
+	$(PY) benchmarks/quality_at_scale.py $(KUAIRAND_1K)
+	$(PY) benchmarks/quality_levers.py $(KUAIRAND_1K) --runs $(LEVERS) --variants "as shipped" \
+		"dot interactions" "dot interactions, sparse lr 0.03" "dot interactions, sparse lr 0.1" \
+		"dot interactions, id embeddings 32 wide" "dot interactions, id embeddings 32 wide, sparse lr 0.1"
+	$(PY) benchmarks/quality_levers.py $(KUAIRAND_1K) --runs $(LEVERS) --seeds 0 \
+		--variants "dot interactions, up to 3 epochs" --section quality_levers_epochs
+	$(PY) benchmarks/quality_at_scale.py $(KUAIRAND_1K) --config configs/kuairand_1k_dots.yaml \
+		--section quality_at_scale_dots --runs $(LEVERS)/dot_interactions_id_embeddings_32_wide_sparse_lr_0.1
 
 clean:
 	rm -rf $(VENV) prepared runs
