@@ -57,7 +57,7 @@ def run_dir(runs: Path, name: str, seed: int) -> Path:
 
 def validation(name: str, data_dir: Path, seed: int, runs: Path) -> Dict:
     """Variant ``name``'s run of ``seed`` (trained if missing): its best epoch's validation
-    metrics, that epoch (from 1) and how many it trained."""
+    metrics, that epoch (from 1), how many it trained and the validation loss after each."""
     out = run_dir(runs, name, seed)
     if not (out / "results.json").is_file():
         sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", "train.progress_bar=false"]
@@ -73,6 +73,7 @@ def validation(name: str, data_dir: Path, seed: int, runs: Path) -> Dict:
         **best,
         "epoch": results["best_epoch"] + 1,
         "epochs": len(results["history"]),
+        "val_loss": [round(epoch["loss"], 4) for epoch in results["history"]],
     }
 
 
@@ -117,8 +118,17 @@ def main() -> None:
             f"| {name} | {overrides} | {' | '.join(metrics[:2])} | {cell(mean_ci(explained))} | "
             f"{' | '.join(metrics[2:])} | {epochs} |"
         )
-    best = min(found, key=lambda name: sum(s["loss"] for s in found[name]))
-    lines += ["", f"Lowest mean validation loss: **{best}**."]
+    longer = [
+        f"{name}, seed {seed}: {runs_[i]['val_loss']}"
+        for name, runs_ in found.items()
+        for i, seed in enumerate(args.seeds)
+        if runs_[i]["epochs"] > 1
+    ]
+    if longer:
+        lines += ["", f"Validation loss after each epoch: {'; '.join(longer)}."]
+    if len(found) > 1:
+        best = min(found, key=lambda name: sum(s["loss"] for s in found[name]))
+        lines += ["", f"Lowest mean validation loss: **{best}**."]
     record_section(args.section, lines)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,7 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
 def record_section(name: str, lines: list[str]) -> str:
     """Write ``lines`` as the section ``name`` of RESULTS.md under the machine block, with the
     command that ran (this script and its arguments), print it and return it."""
-    command = f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    command = f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:])
     text = "\n".join([machine_block(command.strip()), "", *lines])
     write_section(name, text)
     print(text)
