@@ -19,7 +19,6 @@ for the watch ratio the share of the explainable variance recovered, (constant -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import machine_block, other_settings, write_section  # noqa: E402
 
 TASKS = [
     ("watch_ratio", "watch_ratio", "regression"),
@@ -39,9 +38,6 @@ TASKS = [
     ("long_view", "long_view", "binary"),
     ("click", "click", "binary"),
 ]
-# what may differ in a run read back: where its data is (checked apart), its seed, how many
-# epochs it was allowed (validation chose the best), its progress bar
-RUN_KEYS = ("data_dir", "seed", "epochs", "progress_bar")
 METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
 
 
@@ -51,18 +47,13 @@ def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -
     from engagerec.config import load_config
 
     if (run / "results.json").is_file():  # read back only if the config's run on these data and seed
-        done = json.loads((run / "config.json").read_text())
-        wanted = dataclasses.asdict(load_config(str(config)))
-        other = [
-            f"{section}.{key}"
-            for section in ("model", "train")
-            for key in wanted[section]
-            if key not in RUN_KEYS and done[section].get(key) != wanted[section][key]
-        ]
-        if Path(done["train"]["data_dir"]).resolve() != data_dir or done["train"]["seed"] != seed or other:
+        done = json.loads((run / "config.json").read_text())["train"]
+        wanted = load_config(str(config), [f"train.seed={seed}"])
+        other = other_settings(run, wanted, ignored=("epochs", "progress_bar"))
+        if Path(done["data_dir"]).resolve() != data_dir or other:
             raise SystemExit(
-                f"{run} holds a run of other data, another seed or other settings than {config.name}'s "
-                f"({', '.join(other) or 'data_dir, seed'}): give another --runs"
+                f"{run} holds a run of other data or other settings than {config.name}'s with seed "
+                f"{seed} ({', '.join(other) or 'train.data_dir'}): give another --runs"
             )
     else:
         subprocess.run(
@@ -100,7 +91,7 @@ def main() -> None:
     parser.add_argument("--runs", help="where the tower's runs go (and are read back from)")
     parser.add_argument("--section", default="quality_at_scale", help="the RESULTS.md section written")
     args = parser.parse_args()
-    data_dir, config = Path(args.data_dir).resolve(), REPO / args.config
+    data_dir, config = Path(args.data_dir).resolve(), Path(args.config).resolve()
     runs = Path(args.runs or REPO / "runs" / args.section)
     towers = {
         seed: tower_run(config, data_dir, runs / f"seed{seed}", seed, args.epochs) for seed in args.seeds

@@ -26,7 +26,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import record_section  # noqa: E402
+from results import other_settings, record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
 # the products an MLP learns poorly from concatenated embeddings: how this user likes this
@@ -58,6 +58,8 @@ def run_dir(runs: Path, name: str, seed: int) -> Path:
 def validation(name: str, data_dir: Path, seed: int, runs: Path) -> Dict:
     """Variant ``name``'s run of ``seed`` (trained if missing): its best epoch's validation
     metrics, that epoch (from 1), how many it trained and the validation loss after each."""
+    from engagerec.config import load_config
+
     out = run_dir(runs, name, seed)
     if not (out / "results.json").is_file():
         sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", "train.progress_bar=false"]
@@ -65,8 +67,13 @@ def validation(name: str, data_dir: Path, seed: int, runs: Path) -> Dict:
         command = [sys.executable, "-m", "engagerec", "train", "--config", CONFIG, "--out", str(out)]
         subprocess.run(command + [a for kv in sets for a in ("--set", kv)], check=True, cwd=REPO)
     done = json.loads((out / "config.json").read_text())["train"]
-    if Path(done["data_dir"]).resolve() != data_dir or done["seed"] != seed:
-        raise SystemExit(f"{out} holds a run of other data or another seed: give another --runs")
+    wanted = load_config(str(REPO / CONFIG), VARIANTS[name] + [f"train.seed={seed}"])
+    other = other_settings(out, wanted, ignored=("progress_bar",))
+    if Path(done["data_dir"]).resolve() != data_dir or other:
+        raise SystemExit(
+            f"{out} holds a run of other data or other settings than variant '{name}' with seed {seed} "
+            f"({', '.join(other) or 'train.data_dir'}): give another --runs"
+        )
     results = json.loads((out / "results.json").read_text())
     best = results["history"][results["best_epoch"]]
     return {
@@ -91,7 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="where the runs go (kept; read again if there)")
     parser.add_argument("--section", default="quality_levers", help="the RESULTS.md section written")
     args = parser.parse_args()
-    data_dir, runs = Path(args.data_dir).resolve(), Path(args.runs)
+    data_dir, runs = Path(args.data_dir).resolve(), Path(args.runs).resolve()
     floor = json.loads(Path(args.noise_floor).read_text())["watch_ratio"]["mse"]
     found = {name: [validation(name, data_dir, s, runs) for s in args.seeds] for name in args.variants}
     lines = [

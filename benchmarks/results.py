@@ -103,6 +103,40 @@ def record_section(name: str, lines: list[str]) -> str:
     return text
 
 
+def other_settings(run_dir: Path, wanted, ignored: tuple[str, ...] = ()) -> list[str]:
+    """
+    What a finished run's model and training settings differ in from the config ``wanted``
+    (both with every default filled in, so a run written before a setting existed compares by
+    that setting's default): what a benchmark checks before it reads a run back instead of
+    training it again. ``train.data_dir`` is never compared (the same data may be reached by
+    another path: compare it resolved).
+
+    Args:
+        run_dir (Path): the run directory (its config.json).
+        wanted (ExperimentConfig): the config the benchmark would train.
+        ignored (tuple[str, ...]): ``train`` keys allowed to differ (e.g. ``"epochs"``).
+
+    Returns:
+        list[str]: the differing keys as ``section.key``; empty when the run is the one wanted.
+
+    Example::
+
+        >>> # other_settings(Path("runs/x/seed0"), load_config("configs/kuairand_1k.yaml"), ("epochs",))
+    """
+    import dataclasses
+
+    from engagerec.runs import run_config
+
+    done, want = dataclasses.asdict(run_config(run_dir)), dataclasses.asdict(wanted)
+    skip = {("train", key) for key in (*ignored, "data_dir")}
+    return [
+        f"{section}.{key}"
+        for section in ("model", "train")
+        for key in want[section]
+        if (section, key) not in skip and done[section][key] != want[section][key]
+    ]
+
+
 # Peak RSS is read from /proc/self/status (VmHWM, this process's own high-water mark):
 # getrusage's ru_maxrss would carry over the parent's peak across fork+exec on Linux.
 PEAK_RSS = r"""

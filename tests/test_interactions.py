@@ -51,7 +51,7 @@ def test_after_a_target_attention_the_products_follow_its_output_and_read_the_po
     torch.testing.assert_close(out[:, -1], (pooled[:, 0:2] * pooled[:, 4:6]).sum(1))
 
 
-def test_a_pair_of_unknown_or_unequal_features_or_not_a_pair_is_a_config_error_naming_it(tmp_path):
+def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_config_error_naming_it(tmp_path):
     cfg = load_config("synthetic_study", SMALL)
     prepare(cfg.data, tmp_path / "data")
     schema = DatasetSchema.load(tmp_path / "data")
@@ -60,6 +60,7 @@ def test_a_pair_of_unknown_or_unequal_features_or_not_a_pair_is_a_config_error_n
         "[[user_id, user_id]]": "names one feature twice",
         "[[user_id, content_id, genres]]": "each entry is a pair of two feature names",
         "[[user_id, gender]]": r"'user_id' is 16 wide and 'gender' 4",
+        "[[user_id, content_id], [content_id, user_id]]": r"the pair \(content_id, user_id\) is given twice",
     }
     for pairs, message in bad.items():
         changed = load_config(

@@ -278,7 +278,9 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     target_attention: Optional[TargetAttentionConfig] = None
     # pairs of pooled features whose dot products join the tower's input (DLRM's interaction,
-    # engagerec.interactions.DotInteraction), e.g. [[user_id, content_id], [user_id, genres]]
+    # engagerec.interactions.DotInteraction), e.g. [[user_id, content_id], [user_id, genres]];
+    # a pair's tables must be equally wide: pin them in embeddings.dims, since auto_dim's widths
+    # follow the vocabularies' sizes and so the data
     dot_interactions: List[List[str]] = field(default_factory=list)
 
 

@@ -42,7 +42,7 @@ class DotInteraction(nn.Module):
 
     Raises:
         ValueError: a pair names an unknown feature, a feature twice, or two features of
-            different widths, or there are no pairs.
+            different widths; a pair is given twice (in either order); or there are no pairs.
 
     Example::
 
@@ -72,8 +72,8 @@ class DotInteraction(nn.Module):
         for name, width in zip(names, widths, strict=True):
             blocks[name] = (start, width)
             start += width
-        left, right = [], []
-        for a, b in pairs:
+        left, right, pair_of_column, seen = [], [], [], set()
+        for index, (a, b) in enumerate(pairs):
             unknown = [n for n in (a, b) if n not in blocks]
             if unknown:
                 raise ValueError(
@@ -81,6 +81,9 @@ class DotInteraction(nn.Module):
                 )
             if a == b:
                 raise ValueError(f"dot interaction: the pair ({a}, {b}) names one feature twice")
+            if frozenset((a, b)) in seen:  # <a, b> = <b, a>: a repeat adds the same column
+                raise ValueError(f"dot interaction: the pair ({a}, {b}) is given twice")
+            seen.add(frozenset((a, b)))
             if blocks[a][1] != blocks[b][1]:
                 raise ValueError(
                     f"dot interaction: '{a}' is {blocks[a][1]} wide and '{b}' {blocks[b][1]}: a pair's "
@@ -88,23 +91,21 @@ class DotInteraction(nn.Module):
                 )
             left += range(blocks[a][0], sum(blocks[a]))
             right += range(blocks[b][0], sum(blocks[b]))
+            pair_of_column += [index] * blocks[a][1]
         self.pairs = [tuple(pair) for pair in pairs]
-        self.pair_widths = [blocks[a][1] for a, _ in pairs]
-        # every pair's columns side by side: one gather per side, one multiply, one segment sum
+        # every pair's columns side by side: one gather per side, one multiply, then a fixed 0/1
+        # matrix sums each pair's columns (a matmul: deterministic on GPUs, unlike index_add)
         self.register_buffer("left_columns", torch.tensor(left, device=device), persistent=False)
         self.register_buffer("right_columns", torch.tensor(right, device=device), persistent=False)
-        self.register_buffer(
-            "pair_of_column",
-            torch.repeat_interleave(torch.arange(len(pairs), device=device), torch.tensor(self.pair_widths)),
-            persistent=False,
-        )
+        summing = torch.zeros(len(left), len(pairs), device=device)
+        summing[torch.arange(len(left), device=device), torch.tensor(pair_of_column, device=device)] = 1.0
+        self.register_buffer("pair_sums", summing, persistent=False)
         self.inner = inner
         self.output_dim = (inner.output_dim if inner is not None else start) + len(pairs)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, sum(widths)] -> [B, output_dim]: inner(pooled) (or pooled), then the products."""
         products = pooled.index_select(1, self.left_columns) * pooled.index_select(1, self.right_columns)
-        dots = products.new_zeros(products.shape[0], len(self.pairs))
-        dots = dots.index_add(1, self.pair_of_column, products)  # [B, pairs]
+        dots = products @ self.pair_sums.to(products.dtype)  # [B, pairs]
         first = self.inner(pooled) if self.inner is not None else pooled
         return torch.cat([first, dots], dim=1)
