@@ -47,13 +47,12 @@ def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -
     from engagerec.config import load_config
 
     if (run / "results.json").is_file():  # read back only if the config's run on these data and seed
-        done = json.loads((run / "config.json").read_text())["train"]
-        wanted = load_config(str(config), [f"train.seed={seed}"])
+        wanted = load_config(str(config), [f"train.seed={seed}", f"train.data_dir={data_dir}"])
         other = other_settings(run, wanted, ignored=("epochs", "progress_bar"))
-        if Path(done["data_dir"]).resolve() != data_dir or other:
+        if other:
             raise SystemExit(
-                f"{run} holds a run of other data or other settings than {config.name}'s with seed "
-                f"{seed} ({', '.join(other) or 'train.data_dir'}): give another --runs"
+                f"{run} holds a run of other data or settings than {config.name}'s with seed {seed} "
+                f"({', '.join(other)}): give another --runs"
             )
     else:
         subprocess.run(

@@ -61,18 +61,16 @@ def validation(name: str, data_dir: Path, seed: int, runs: Path) -> Dict:
     from engagerec.config import load_config
 
     out = run_dir(runs, name, seed)
+    sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", *VARIANTS[name]]
     if not (out / "results.json").is_file():
-        sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", "train.progress_bar=false"]
-        sets += VARIANTS[name]
         command = [sys.executable, "-m", "engagerec", "train", "--config", CONFIG, "--out", str(out)]
-        subprocess.run(command + [a for kv in sets for a in ("--set", kv)], check=True, cwd=REPO)
-    done = json.loads((out / "config.json").read_text())["train"]
-    wanted = load_config(str(REPO / CONFIG), VARIANTS[name] + [f"train.seed={seed}"])
-    other = other_settings(out, wanted, ignored=("progress_bar",))
-    if Path(done["data_dir"]).resolve() != data_dir or other:
+        command += [a for kv in [*sets, "train.progress_bar=false"] for a in ("--set", kv)]
+        subprocess.run(command, check=True, cwd=REPO)
+    other = other_settings(out, load_config(str(REPO / CONFIG), sets), ignored=("progress_bar",))
+    if other:
         raise SystemExit(
-            f"{out} holds a run of other data or other settings than variant '{name}' with seed {seed} "
-            f"({', '.join(other) or 'train.data_dir'}): give another --runs"
+            f"{out} holds a run of other data or settings than variant '{name}' with seed {seed} "
+            f"({', '.join(other)}): give another --runs"
         )
     results = json.loads((out / "results.json").read_text())
     best = results["history"][results["best_epoch"]]

@@ -108,12 +108,12 @@ def other_settings(run_dir: Path, wanted, ignored: tuple[str, ...] = ()) -> list
     What a finished run's model and training settings differ in from the config ``wanted``
     (both with every default filled in, so a run written before a setting existed compares by
     that setting's default): what a benchmark checks before it reads a run back instead of
-    training it again. ``train.data_dir`` is never compared (the same data may be reached by
-    another path: compare it resolved).
+    training it again. ``train.data_dir`` is compared resolved (the same data may be reached by
+    another path).
 
     Args:
         run_dir (Path): the run directory (its config.json).
-        wanted (ExperimentConfig): the config the benchmark would train.
+        wanted (ExperimentConfig): the config the benchmark would train, its data_dir and seed set.
         ignored (tuple[str, ...]): ``train`` keys allowed to differ (e.g. ``"epochs"``).
 
     Returns:
@@ -128,7 +128,9 @@ def other_settings(run_dir: Path, wanted, ignored: tuple[str, ...] = ()) -> list
     from engagerec.runs import run_config
 
     done, want = dataclasses.asdict(run_config(run_dir)), dataclasses.asdict(wanted)
-    skip = {("train", key) for key in (*ignored, "data_dir")}
+    for config in (done, want):
+        config["train"]["data_dir"] = str(Path(config["train"]["data_dir"] or "").resolve())
+    skip = {("train", key) for key in ignored}
     return [
         f"{section}.{key}"
         for section in ("model", "train")
