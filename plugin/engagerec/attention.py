@@ -3,10 +3,34 @@ Click-Through Rate Prediction", KDD 2018): an input arch between the embeddings 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+
+def column_blocks(widths: Sequence[int], names: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """
+    Where each pooled feature's columns lie in the input arches' input (the pooled embeddings,
+    one block per feature, in order).
+
+    Args:
+        widths (Sequence[int]): each block's width, in order.
+        names (Sequence[str]): each block's name.
+
+    Returns:
+        Dict[str, Tuple[int, int]]: name -> (first column, width).
+
+    Example::
+
+        >>> column_blocks([2, 3], ["user", "item"])
+        {'user': (0, 2), 'item': (2, 3)}
+    """
+    blocks, start = {}, 0
+    for name, width in zip(names, widths, strict=True):
+        blocks[name] = (start, width)
+        start += width
+    return blocks
 
 
 class TargetAttention(nn.Module):
@@ -65,10 +89,7 @@ class TargetAttention(nn.Module):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        starts, start = {}, 0
-        for name, width in zip(names, widths, strict=True):
-            starts[name] = (start, width)
-            start += width
+        starts = column_blocks(widths, names)
         unknown = [n for n in [candidate, *history] if n not in starts]
         if unknown:
             raise ValueError(f"target attention: features {unknown} are not embedded (have {list(starts)})")

@@ -9,10 +9,12 @@ embeddings for that reason; this arch hands the tower the dot products of chosen
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from engagerec.attention import column_blocks
 
 
 class DotInteraction(nn.Module):
@@ -67,11 +69,7 @@ class DotInteraction(nn.Module):
         super().__init__()
         if not pairs:
             raise ValueError("dot interaction: no pairs given")
-        blocks: Dict[str, Tuple[int, int]] = {}
-        start = 0
-        for name, width in zip(names, widths, strict=True):
-            blocks[name] = (start, width)
-            start += width
+        blocks = column_blocks(widths, names)
         left, right, pair_of_column, seen = [], [], [], set()
         for index, (a, b) in enumerate(pairs):
             unknown = [n for n in (a, b) if n not in blocks]
@@ -101,7 +99,7 @@ class DotInteraction(nn.Module):
         summing[torch.arange(len(left), device=device), torch.tensor(pair_of_column, device=device)] = 1.0
         self.register_buffer("pair_sums", summing, persistent=False)
         self.inner = inner
-        self.output_dim = (inner.output_dim if inner is not None else start) + len(pairs)
+        self.output_dim = (inner.output_dim if inner is not None else sum(widths)) + len(pairs)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, sum(widths)] -> [B, output_dim]: inner(pooled) (or pooled), then the products."""
