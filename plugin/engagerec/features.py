@@ -109,6 +109,11 @@ class FeatureSpec:
         """The sparse features, table by table: the order of the pooled embeddings in the tower input."""
         return [name for table in self.tables for name in table.feature_names]
 
+    @property
+    def feature_widths(self) -> Dict[str, int]:
+        """Each sparse feature's pooled width (its table's), in ``feature_names`` order."""
+        return {name: table.embedding_dim for table in self.tables for name in table.feature_names}
+
     @classmethod
     def from_schema(cls, schema: DatasetSchema, cfg: EmbeddingConfig) -> "FeatureSpec":
         """

@@ -121,7 +121,7 @@ def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttent
             f"model.target_attention.history '{cfg.history}' is no history feature with positions: true "
             "in the prepared data (prepare it with that feature)"
         )
-    widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
+    widths = spec.feature_widths
     positions = position_names(cfg.history, history["length"])
     table = next((t for t in spec.tables if positions[0] in t.feature_names), None)
     if table is None:
@@ -172,11 +172,11 @@ def dot_interaction(
     bad = [pair for pair in pairs if len(pair) != 2]
     if bad:
         raise ConfigError(f"model.dot_interactions: each entry is a pair of two feature names, got {bad}")
-    widths = {name: t.embedding_dim for t in spec.tables for name in t.feature_names}
+    widths = spec.feature_widths
     try:
         return DotInteraction(
-            [widths[name] for name in spec.feature_names],
-            spec.feature_names,
+            list(widths.values()),
+            list(widths),
             [(a, b) for a, b in pairs],
             inner=inner,
         )
