@@ -37,6 +37,7 @@ DOTS = (
 )
 # the tables of the dotted features (history shares content_id's); auto_dim would keep genres at 16
 WIDE = "model.embeddings.dims={user_id: 32, content_id: 32, author_id: 32, genres: 32}"
+WIDER = "model.embeddings.dims={user_id: 64, content_id: 64, author_id: 64, genres: 64}"
 VARIANTS: Dict[str, List[str]] = {
     "as shipped": [],
     "dot interactions": [DOTS],
@@ -45,6 +46,8 @@ VARIANTS: Dict[str, List[str]] = {
     "dot interactions, up to 3 epochs": [DOTS, "train.epochs=3"],
     "dot interactions, id embeddings 32 wide": [DOTS, WIDE],
     "dot interactions, id embeddings 32 wide, sparse lr 0.1": [DOTS, WIDE, "train.sparse_lr=0.1"],
+    "dot interactions, id embeddings 32 wide, sparse lr 0.3": [DOTS, WIDE, "train.sparse_lr=0.3"],
+    "dot interactions, id embeddings 64 wide, sparse lr 0.1": [DOTS, WIDER, "train.sparse_lr=0.1"],
 }
 KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
