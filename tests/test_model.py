@@ -396,6 +396,42 @@ def test_the_model_uses_the_callers_own_tables_and_any_stated_subset_of_their_fe
         MultiTaskModel(_user_tables(), 2, tower, tasks, feature_names=["genre"])
 
 
+def test_embedding_l2_adds_the_pooled_features_squared_norms_while_training_only():
+    """The penalty is embedding_l2 x the batch mean of each row's squared pooled norm (the chosen
+    features only), so each looked-up row gets 2 x embedding_l2 x its pooled value / B more
+    gradient; in eval mode the loss is the task losses' alone."""
+    tasks = [TaskConfig("click", "click", kind="binary")]
+    batch = _torchrec_batch(torch.tensor([1, 0, 1, 1, 0]))
+
+    def model_with(l2):
+        torch.manual_seed(0)
+        tower = build_tower("shared_bottom", 6 + 4 + 2, 1, layer_sizes=[8])
+        return MultiTaskModel(
+            _user_tables(), 2, tower, tasks, feature_names=["item", "user"], embedding_l2=l2
+        )
+
+    plain, penalised = model_with(0.0), model_with(0.5)
+    pooled = plain.embedding_bag_collection(batch.sparse_features).to_dict()
+    squared = (pooled["item"].square().sum(1) + pooled["user"].square().sum(1)).mean()  # not "seen"
+    reference, _ = plain(batch)
+    loss, _ = penalised(batch)
+    torch.testing.assert_close(loss, reference + 0.5 * squared)
+    reference.backward()
+    loss.backward()
+    user_rows = batch.sparse_features["user"].values()  # each user id once in this batch
+    weights, unpenalised = (
+        m.embedding_bag_collection.embedding_bags["t_user"].weight for m in (penalised, plain)
+    )
+    extra = weights.grad[user_rows] - unpenalised.grad[user_rows]
+    torch.testing.assert_close(extra, 2 * 0.5 * weights.detach()[user_rows] / 5)
+    penalised.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(penalised(batch)[0], plain(batch)[0])
+    with pytest.raises(ValueError, match="embedding_l2 must be 0 or more"):
+        model_with(-0.1)
+
+
 def test_torchrec_batch_labels_that_do_not_fit_the_tasks_are_refused_naming_the_task():
     tasks = [TaskConfig("dwell", "dwell", output="identity"), TaskConfig("click", "click", kind="binary")]
     tower = build_tower("shared_bottom", 16 + 2, 2, layer_sizes=[8])

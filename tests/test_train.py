@@ -113,6 +113,28 @@ def test_a_bf16_tower_trains_through_the_pipeline_to_the_float32_runs_quality(st
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2)), tmp_path / "bf16")
 
 
+def test_embedding_l2_shrinks_the_trained_rows_through_the_fused_optimiser(study_data, tmp_path):
+    """train.embedding_l2 through DMP, the train pipeline and FBGEMM's fused row-wise Adagrad: the
+    same run with the penalty ends with smaller id embeddings (every row starts equal, by seed) and
+    still learns; a negative penalty is refused when the config loads."""
+    from engagerec.config import load_config
+    from engagerec.runs import open_run
+
+    def norm(run):
+        with open_run(run, "best", device="cpu") as opened:
+            state = opened.dmp.module.state_dict()
+            table = state["sparse_arch.embedding_bags.t_content_id.weight"].local_shards()[0].tensor
+            return float(table.norm())
+
+    plain = train(study_run_config(study_data, epochs=1), tmp_path / "plain")["test"]
+    penalised = train(study_run_config(study_data, epochs=1, embedding_l2=0.1), tmp_path / "l2")["test"]
+    assert norm(tmp_path / "l2") < 0.7 * norm(tmp_path / "plain")
+    assert penalised["skip/auc"] > 0.6
+    assert penalised["watch_ratio/mse"] < plain["watch_ratio/baseline_mse_train_mean"]
+    with pytest.raises(ConfigError, match="train.embedding_l2 -0.5, expected 0 or more"):
+        load_config("synthetic_study", ["train.embedding_l2=-0.5"])
+
+
 def test_a_half_written_checkpoint_is_never_taken(study_data, tmp_path):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=10), run)

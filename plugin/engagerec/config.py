@@ -302,6 +302,11 @@ class TrainConfig:
         "rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam", "lamb", "partial_rowwise_lamb"
     ] = "rowwise_adagrad"
     sparse_lr: float = 0.05
+    # an L2 penalty on each looked-up embedding, per occurrence: this times the batch mean of the
+    # pooled features' squared norms joins the training loss (MultiTaskModel.embedding_l2). It
+    # lets rarely seen ids shrink toward 0 instead of fitting their few labels' noise; the fused
+    # optimiser's own weight_decay is not offered, as FBGEMM's CPU kernels ignore it
+    embedding_l2: float = 0.0
     # early stopping on a validation metric: "loss" (sum of task weight x MSE | log loss)
     # or any reported metric such as "skip/auc" (with monitor_mode: max)
     monitor: str = "loss"
@@ -491,6 +496,8 @@ def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
             f"train.train_metrics_every_steps {tc.train_metrics_every_steps}, expected 1 to "
             f"train.log_every_steps ({tc.log_every_steps}): each logged window needs batches"
         )
+    if not tc.embedding_l2 >= 0:
+        raise ConfigError(f"train.embedding_l2 {tc.embedding_l2}, expected 0 or more")
     tasks = {t.name: t.kind for t in cfg.model.tasks} or None  # none named: the data's labels
     check_monitor(tc.monitor, tc.monitor_mode, tasks)
     return cfg

@@ -260,6 +260,12 @@ class MultiTaskModel(nn.Module):
             AMX / AVX512-BF16 CPUs and on GPUs in half the bytes). Its parameters, the heads,
             the losses, and every forward in eval mode (evaluation, predict, export) stay
             float32. Default: None (float32 throughout).
+        embedding_l2 (float): while training, adds ``embedding_l2`` times the batch mean of the
+            squared norm of each row's pooled features (before ``input_arch``) to the loss: an L2
+            penalty on every looked-up embedding, per occurrence, as matrix factorisation
+            regularises its factors. It reaches the rows through the fused sparse optimiser, on
+            any device (FBGEMM's CPU kernels ignore a fused optimiser's ``weight_decay``). Not
+            in eval mode: evaluation, predict and export see the task losses alone. Default: 0.
 
     Call Args:
         batch: engagerec's ``Batch`` (labels by name, weights for missing labels) or
@@ -274,8 +280,8 @@ class MultiTaskModel(nn.Module):
 
     Raises:
         ValueError: the tower's number of representations is not the number of tasks, a
-            feature name is not one of the module's, or ``train_autocast`` is another dtype
-            (float16 would need a gradient scaler).
+            feature name is not one of the module's, ``train_autocast`` is another dtype
+            (float16 would need a gradient scaler), or ``embedding_l2`` is negative.
 
     Example::
 
@@ -323,6 +329,7 @@ class MultiTaskModel(nn.Module):
         loss_weighting: Optional[nn.Module] = None,
         input_arch: Optional[nn.Module] = None,
         train_autocast: Optional[torch.dtype] = None,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         tasks = [task if isinstance(task, Task) else Task(task) for task in tasks]
@@ -353,6 +360,9 @@ class MultiTaskModel(nn.Module):
         if train_autocast not in (None, torch.bfloat16):  # float16 would need a gradient scaler
             raise ValueError(f"train_autocast must be None or torch.bfloat16, got {train_autocast}")
         self.train_autocast = train_autocast
+        if not embedding_l2 >= 0:
+            raise ValueError(f"embedding_l2 must be 0 or more, got {embedding_l2}")
+        self.embedding_l2 = float(embedding_l2)
 
     @property
     def embedding_bag_collection(self) -> Optional[nn.Module]:
@@ -369,19 +379,26 @@ class MultiTaskModel(nn.Module):
     def tower_input(self, batch) -> torch.Tensor:
         """x: pooled embeddings (``feature_names`` order; through the input arch if any),
         then dense features."""
+        return self._tower_input(batch, self._pooled(batch))
+
+    def _pooled(self, batch) -> Optional[torch.Tensor]:
+        """The pooled embeddings [B, sparse_dim] in ``feature_names`` order (None without tables)."""
         if not self.has_sparse:
-            return batch.dense_features
-        pooled = self.sparse_arch(batch.sparse_features)
+            return None
         # By name, never pooled.values(): a sharded collection returns its keys in the plan's
         # order, which changes with the world size and would scramble the tower's inputs.
-        sparse = self.pooled_by_name(pooled)
-        if self.input_arch is not None:
-            sparse = self.input_arch(sparse)
+        return self.pooled_by_name(self.sparse_arch(batch.sparse_features))
+
+    def _tower_input(self, batch, pooled: Optional[torch.Tensor]) -> torch.Tensor:
+        if pooled is None:
+            return batch.dense_features
+        sparse = pooled if self.input_arch is None else self.input_arch(pooled)
         return torch.cat([sparse, batch.dense_features], dim=1)
 
     def forward(self, batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
-        shared = self.tower_input(batch)
+        pooled = self._pooled(batch)
+        shared = self._tower_input(batch, pooled)
         representations = self._tower(shared)
         read = task_labels(batch, self.label_spec)  # ([label per task], [weight per task])
         losses, predictions, labels, weights = [], {}, {}, {}
@@ -395,6 +412,8 @@ class MultiTaskModel(nn.Module):
             weights[task.name] = weight
         task_losses = torch.stack(losses)
         loss = self.loss_weighting(task_losses, shared)  # fixed weights: the study's eq. 12
+        if self.training and self.embedding_l2 > 0 and pooled is not None:
+            loss = loss + self.embedding_l2 * pooled.square().sum(dim=1).mean()
         return loss, (task_losses.detach(), predictions, labels, weights)
 
     def _tower(self, shared: torch.Tensor) -> List[torch.Tensor]:

@@ -74,6 +74,7 @@ def sharded_model(
     model = build_model(schema, cfg.model, device=torch.device("meta"))
     tc = cfg.train
     model.train_autocast = torch.bfloat16 if tc.tower_precision == "bf16" else None
+    model.embedding_l2 = tc.embedding_l2  # check_config refused a negative one
     return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 
 
