@@ -48,6 +48,16 @@ VARIANTS: Dict[str, List[str]] = {
     "dot interactions, id embeddings 32 wide, sparse lr 0.1": [DOTS, WIDE, "train.sparse_lr=0.1"],
     "dot interactions, id embeddings 32 wide, sparse lr 0.3": [DOTS, WIDE, "train.sparse_lr=0.3"],
     "dot interactions, id embeddings 64 wide, sparse lr 0.1": [DOTS, WIDER, "train.sparse_lr=0.1"],
+    **{
+        f"dots, 32 wide, sparse lr 0.1, embedding l2 {l2:g}, up to 3 epochs": [
+            DOTS,
+            WIDE,
+            "train.sparse_lr=0.1",
+            f"train.embedding_l2={l2:g}",
+            "train.epochs=3",
+        ]
+        for l2 in (0.003, 0.01, 0.03, 0.1)
+    },
 }
 KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
