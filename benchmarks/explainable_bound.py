@@ -26,6 +26,12 @@ posterior). It is a reference point, not a bound: the Beta likelihood itself say
 per view than least squares, and a model must also learn the users; but it is what a model
 trained with a squared loss could reach if it learned every video as well as the data allow.
 
+With ``--predictions`` (``engagerec predict --input <the preparation> --split test`` of runs
+trained on the config's preparation of this log, with ``--prepared`` for its vocabularies), a
+second table says where each model loses: the test rows grouped by how many training views their
+video has, and in each group the excess squared error over the noise floor, E[(prediction - m)^2],
+of the train-mean constant, the learner and each model.
+
 Reported on the test rows, in expectation over the labels' Beta noise: the noise floor F
 (E[Var(r | x)]), the train-mean constant's MSE C, the oracle's MSE and its share of the
 explainable variance, (C - oracle) / (C - F); with ``--model-mse``, a model's share on the same
@@ -164,6 +170,37 @@ def learned_videos(
     return ids, theta, np.linalg.inv(curvature((kappa + 1) * m * (1 - m)))
 
 
+VIEW_GROUPS = ((0, 0), (1, 1), (2, 4), (5, 19), (20, 99), (100, None))
+
+
+def decoded_predictions(path: Path, prepared: Path, user: np.ndarray, video: np.ndarray) -> np.ndarray:
+    """A predict output's watch ratios, checked to be the test rows in the log's order.
+
+    Args:
+        path: ``engagerec predict --split test`` output (columns row, user_id_index,
+            content_id_index, watch_ratio).
+        prepared: the preparation it scored (its vocabularies decode the indices; index 0 is OOV).
+        user: int [T], the log's test rows' users, in order.
+        video: int [T], their videos.
+
+    Returns:
+        np.ndarray: float64 [T], the predicted watch ratio of each test row.
+
+    Raises:
+        SystemExit: the file holds other rows, or rows in another order.
+    """
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["row", "user_id_index", "content_id_index", "watch_ratio"])
+    for column, raw, vocab in (("user_id_index", user, "user_id"), ("content_id_index", video, "content_id")):
+        tokens = pq.read_table(prepared / "vocabs" / f"{vocab}.parquet").column(0).to_numpy()
+        index = table.column(column).to_numpy()
+        seen = index > 0  # 0: out of vocabulary (a video never trained on), nothing to decode
+        if len(index) != len(raw) or not (tokens[index[seen] - 1] == raw[seen]).all():
+            raise SystemExit(f"{path}: not the test rows of {prepared}'s log in order ({column} differs)")
+    return table.column("watch_ratio").to_numpy().astype(np.float64)
+
+
 def main() -> None:
     """Score the test rows with the oracle for each ``--min-views`` and write the table."""
     from engagerec.config import load_config
@@ -182,6 +219,9 @@ def main() -> None:
     parser.add_argument("--raw", default="generated/kuairand_1k", help="write_kuairand_1k's directory")
     parser.add_argument("--model-mse", type=float, nargs="*", default=[], help="test MSEs to put beside")
     parser.add_argument("--min-views", type=int, nargs="+", default=[1, 2, 5, 20])
+    parser.add_argument("--predictions", nargs="*", default=[], help="predict outputs on the test split")
+    parser.add_argument("--names", nargs="*", default=[], help="a name for each predictions file")
+    parser.add_argument("--prepared", help="the preparation the predictions scored (its vocabularies)")
     args = parser.parse_args()
     raw = Path(args.raw)
     made = json.loads((raw / "noise_floor.json").read_text())
@@ -265,6 +305,29 @@ def main() -> None:
         f"| least squares weighted by the Beta noise, the generator's prior, Laplace posterior "
         f"(`learned_videos`) | {trained.mean():.1%} | {mse:.4f} | {share:.1%} |",
     ]
+    if args.predictions:
+        names = args.names or [Path(p).stem for p in args.predictions]
+        test_users = user[test_start:]
+        models = [
+            decoded_predictions(Path(p), Path(args.prepared), test_users, video) for p in args.predictions
+        ]
+        lines += [
+            "",
+            "Where the error lies: the test rows by their video's training views; in each group the "
+            "excess squared error over the noise floor, E[(prediction - m)^2], x 1000.",
+            "",
+            "| training views | test rows | train-mean constant | learner | " + " | ".join(names) + " |",
+            "|---|---:|---:|---:|" + "---:|" * len(names),
+        ]
+        trained_views = views[video]
+        for low, high in VIEW_GROUPS:
+            group = (trained_views >= low) & (trained_views <= (high if high is not None else np.inf))
+            label = f"{low}+" if high is None else (f"{low}" if low == high else f"{low}-{high}")
+            excess = [
+                float(np.mean((p[group] - m[group]) ** 2)) * 1000
+                for p in (np.full_like(m, train_mean), learned, *models)
+            ]
+            lines.append(f"| {label} | {group.mean():.1%} | " + " | ".join(f"{e:.2f}" for e in excess) + " |")
     for mse in args.model_mse:
         lines.append(
             f"\nA model with test MSE {mse:.4f} recovers {(constant - mse) / (constant - floor):.1%}."

@@ -48,6 +48,19 @@ VARIANTS: Dict[str, List[str]] = {
     "dot interactions, id embeddings 32 wide, sparse lr 0.1": [DOTS, WIDE, "train.sparse_lr=0.1"],
     "dot interactions, id embeddings 32 wide, sparse lr 0.3": [DOTS, WIDE, "train.sparse_lr=0.3"],
     "dot interactions, id embeddings 64 wide, sparse lr 0.1": [DOTS, WIDER, "train.sparse_lr=0.1"],
+    "dot interactions, id embeddings 64 wide, sparse lr 0.3": [DOTS, WIDER, "train.sparse_lr=0.3"],
+    "dots, 32 wide, element-wise adagrad, sparse lr 0.1": [
+        DOTS,
+        WIDE,
+        "train.sparse_optimizer=adagrad",
+        "train.sparse_lr=0.1",
+    ],
+    "dots, 32 wide, sparse lr 0.1, experts 4 x [256, 64]": [
+        DOTS,
+        WIDE,
+        "train.sparse_lr=0.1",
+        "model.tower.params.expert_sizes=[256, 64]",
+    ],
     **{
         f"dots, 32 wide, sparse lr 0.1, embedding l2 {l2:g}, up to 3 epochs": [
             DOTS,
