@@ -307,6 +307,10 @@ class TrainConfig:
     # lets rarely seen ids shrink toward 0 instead of fitting their few labels' noise; the fused
     # optimiser's own weight_decay is not offered, as FBGEMM's CPU kernels ignore it
     embedding_l2: float = 0.0
+    # both learning rates over the run's train.epochs x batches per epoch (engagerec.lr_schedule):
+    # constant, or linear / cosine decay from each rate to lr_final times it at the last step
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_final: float = 0.0
     # early stopping on a validation metric: "loss" (sum of task weight x MSE | log loss)
     # or any reported metric such as "skip/auc" (with monitor_mode: max)
     monitor: str = "loss"
@@ -498,6 +502,8 @@ def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     if not tc.embedding_l2 >= 0:
         raise ConfigError(f"train.embedding_l2 {tc.embedding_l2}, expected 0 or more")
+    if not 0 <= tc.lr_final <= 1:
+        raise ConfigError(f"train.lr_final {tc.lr_final}, expected 0 to 1 (a fraction of each learning rate)")
     tasks = {t.name: t.kind for t in cfg.model.tasks} or None  # none named: the data's labels
     check_monitor(tc.monitor, tc.monitor_mode, tasks)
     return cfg

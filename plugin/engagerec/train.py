@@ -54,6 +54,7 @@ from engagerec.distributed import (
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.evaluate import evaluate, groups_gauc, train_label_means
 from engagerec.extras import missing_extra
+from engagerec.lr_schedule import LearningRateSchedule
 from engagerec.managed_ids import check_world_size
 from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
@@ -282,7 +283,20 @@ class Trainer:
                 f"'{self.tc.gauc_group}', which is not a sparse feature (one id per row) of the prepared data"
             )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
+        self.reader = ShardReader(
+            self.data_dir,
+            "train",
+            batch_size=self.tc.batch_size,
+            shuffle=True,
+            seed=self.tc.seed,
+            drop_last=True,
+        )
+        # built before a resume loads the optimiser: its base rates are the config's
+        self.lr_schedule = LearningRateSchedule(
+            self.optimizer, self.tc.lr_schedule, self.tc.epochs * self.reader.num_batches(), self.tc.lr_final
+        )
         self.state = self._start(resume, allow_config_change)
+        self.lr_schedule.apply(self.state.step)  # a resume continues the schedule from its step
         if is_rank_zero():  # after the resume check: a refused resume leaves the run's files alone
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
@@ -294,14 +308,6 @@ class Trainer:
         self.validating = ShardReader(self.data_dir, "val").total_rows > 0
         self.testing = ShardReader(self.data_dir, "test").total_rows > 0
         self.log = RunLog(run_dir, is_rank_zero())
-        self.reader = ShardReader(
-            self.data_dir,
-            "train",
-            batch_size=self.tc.batch_size,
-            shuffle=True,
-            seed=self.tc.seed,
-            drop_last=True,
-        )
         self.pipeline = TrainPipelineSparseDist(
             self.dmp, self.optimizer, runtime.device, execute_all_batches=True
         )
@@ -499,6 +505,7 @@ class Trainer:
         """Count, check, measure, log and checkpoint one step; True when the run must stop."""
         state, tc, world = self.state, self.tc, self.runtime.world_size
         state.step += 1
+        self.lr_schedule.apply(state.step)
         state.batch_in_epoch += 1
         state.samples_in_epoch += tc.batch_size * world
         self._window_rows += tc.batch_size * world
@@ -574,7 +581,13 @@ def _check_resume(
     size in the middle of an epoch (each rank reads a contiguous share of the epoch's rows, so
     the rest of the epoch would be other rows)."""
     # the saved config with this release's defaults: a key added since is not a change
-    changes = config_changes(normalised_config(progress["config"]), dataclasses.asdict(cfg))
+    saved = normalised_config(progress["config"])
+    changes = config_changes(saved, dataclasses.asdict(cfg))
+    if cfg.train.lr_schedule != "constant" and saved["train"]["epochs"] != cfg.train.epochs:
+        changes.append(
+            f"train.epochs: {saved['train']['epochs']} -> {cfg.train.epochs} (it sets the length of "
+            "train.lr_schedule)"
+        )
     if changes and not allow_change:
         raise ConfigError(
             f"resuming from {last} with a config that differs from the one it was written under: "
