@@ -55,6 +55,15 @@ VARIANTS: Dict[str, List[str]] = {
         "train.sparse_optimizer=adagrad",
         "train.sparse_lr=0.1",
     ],
+    **{
+        f"dots, 32 wide, sparse lr {lr:g}, linear decay": [
+            DOTS,
+            WIDE,
+            f"train.sparse_lr={lr:g}",
+            "train.lr_schedule=linear",
+        ]
+        for lr in (0.1, 0.3)
+    },
     "dots, 32 wide, sparse lr 0.1, experts 4 x [256, 64]": [
         DOTS,
         WIDE,
