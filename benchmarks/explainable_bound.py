@@ -173,6 +173,35 @@ def learned_videos(
 VIEW_GROUPS = ((0, 0), (1, 1), (2, 4), (5, 19), (20, 99), (100, None))
 
 
+def partial_oracles(
+    world, user: np.ndarray, video: np.ndarray, score: np.ndarray, inputs: np.ndarray
+) -> "tuple[np.ndarray, np.ndarray]":
+    """Two oracles that know all of each row's logit but one part.
+
+    Args:
+        world: the generator's hidden truth (``KuaiRandWorld``).
+        user: int [T], the rows' users.
+        video: int [T], their videos.
+        score: float64 [T], their logits.
+        inputs: float64 [T, 1 + factors], 1 and the user's factors (as ``learned_videos`` reads).
+
+    Returns:
+        (E[sigmoid] with the video's factors drawn from the prior instead of known; sigmoid with
+        the user's mean preference over the video's listed genres in place of the first genre's).
+    """
+    from engagerec.data.kuairand_generator import FACTOR_SD, NUM_GENRES
+
+    factors = inputs[:, 1:]
+    interaction = np.einsum("ij,ij->i", factors, world.video_factors[video])
+    without_factors = prior_expectation(score - interaction, FACTOR_SD**2 * (factors**2).sum(axis=1))
+    listed = world.video_genres[video].astype(np.int64)  # -1: none; the last column is 0, "no genre"
+    prefs = world.genre_preference[user[:, None], np.where(listed >= 0, listed, NUM_GENRES)]
+    tagged = (listed >= 0).sum(axis=1)
+    bag = np.where(tagged > 0, (prefs * (listed >= 0)).sum(axis=1) / np.maximum(tagged, 1), 0.0)
+    first = world.genre_preference[user, listed[:, 0]]  # -1 reads the "no genre" column
+    return without_factors, expit(score - first + bag)
+
+
 def decoded_predictions(path: Path, prepared: Path, user: np.ndarray, video: np.ndarray) -> np.ndarray:
     """A predict output's watch ratios, checked to be the test rows in the log's order.
 
@@ -311,13 +340,19 @@ def main() -> None:
         models = [
             decoded_predictions(Path(p), Path(args.prepared), test_users, video) for p in args.predictions
         ]
+        oracles = partial_oracles(world, test_users, video, score, inputs)
         lines += [
             "",
             "Where the error lies: the test rows by their video's training views; in each group the "
-            "excess squared error over the noise floor, E[(prediction - m)^2], x 1000.",
+            "excess squared error over the noise floor, E[(prediction - m)^2], x 1000. Beside the "
+            "constant and the learner, two oracles that know everything but one part: the video's "
+            "factors (their interaction with the user's, E over the prior instead), or the genre "
+            "(the user's mean preference over the video's listed genres instead of the first "
+            "genre's: what a pooled genre bag offers).",
             "",
-            "| training views | test rows | train-mean constant | learner | " + " | ".join(names) + " |",
-            "|---|---:|---:|---:|" + "---:|" * len(names),
+            "| training views | test rows | train-mean constant | learner | oracle without the factors "
+            "| oracle with a genre bag | " + " | ".join(names) + " |",
+            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(names),
         ]
         trained_views = views[video]
         for low, high in VIEW_GROUPS:
@@ -325,7 +360,7 @@ def main() -> None:
             label = f"{low}+" if high is None else (f"{low}" if low == high else f"{low}-{high}")
             excess = [
                 float(np.mean((p[group] - m[group]) ** 2)) * 1000
-                for p in (np.full_like(m, train_mean), learned, *models)
+                for p in (np.full_like(m, train_mean), learned, *oracles, *models)
             ]
             lines.append(f"| {label} | {group.mean():.1%} | " + " | ".join(f"{e:.2f}" for e in excess) + " |")
     for mse in args.model_mse:
