@@ -26,8 +26,9 @@ posterior). It is a reference point, not a bound: the Beta likelihood itself say
 per view than least squares, and a model must also learn the users; but it is what a model
 trained with a squared loss could reach if it learned every video as well as the data allow.
 
-With ``--predictions`` (``engagerec predict --input <the preparation> --split test`` of runs
-trained on the config's preparation of this log, with ``--prepared`` for its vocabularies), a
+With ``--predictions`` (``engagerec predict --input <a preparation> --split test`` of runs
+trained on a preparation of this log split as the config splits it, with ``--prepared`` naming
+the preparation of each file, or one for all, for its vocabularies), a
 second table says where each model loses: the test rows grouped by how many training views their
 video has, and in each group the excess squared error over the noise floor, E[(prediction - m)^2],
 of the train-mean constant, the learner and each model.
@@ -250,7 +251,9 @@ def main() -> None:
     parser.add_argument("--min-views", type=int, nargs="+", default=[1, 2, 5, 20])
     parser.add_argument("--predictions", nargs="*", default=[], help="predict outputs on the test split")
     parser.add_argument("--names", nargs="*", default=[], help="a name for each predictions file")
-    parser.add_argument("--prepared", help="the preparation the predictions scored (its vocabularies)")
+    parser.add_argument(
+        "--prepared", nargs="*", default=[], help="the preparation each predictions file scored (one for all)"
+    )
     args = parser.parse_args()
     raw = Path(args.raw)
     made = json.loads((raw / "noise_floor.json").read_text())
@@ -337,8 +340,12 @@ def main() -> None:
     if args.predictions:
         names = args.names or [Path(p).stem for p in args.predictions]
         test_users = user[test_start:]
+        prepared = args.prepared * len(args.predictions) if len(args.prepared) == 1 else args.prepared
+        if len(prepared) != len(args.predictions):
+            raise SystemExit("--prepared: give one preparation, or one per --predictions file")
         models = [
-            decoded_predictions(Path(p), Path(args.prepared), test_users, video) for p in args.predictions
+            decoded_predictions(Path(p), Path(d), test_users, video)
+            for p, d in zip(args.predictions, prepared, strict=True)
         ]
         oracles = partial_oracles(world, test_users, video, score, inputs)
         lines += [
