@@ -104,7 +104,8 @@ bench-shapes: install
 
 # quality at KuaiRand-1K scale, 5 seeds against the GBDT, on the data `make bench` generates and prepares;
 # then the levers chosen on validation (dot interactions, widths, learning rates, epochs), and the
-# chosen config (configs/kuairand_1k_dots.yaml) tested the same way, its validation runs read back
+# chosen config (configs/kuairand_1k_dots.yaml) tested the same way, its validation runs read back;
+# then a one-seed screen of further levers, and where the test error lies (explainable_bound)
 KUAIRAND_1K := --data-dir prepared/kuairand_1k --noise-floor generated/kuairand_1k/noise_floor.json
 LEVERS := runs/quality_levers
 bench-quality: install
@@ -116,6 +117,29 @@ bench-quality: install
 		--variants "dot interactions, up to 3 epochs" --section quality_levers_epochs
 	$(PY) benchmarks/quality_at_scale.py $(KUAIRAND_1K) --config configs/kuairand_1k_dots.yaml \
 		--section quality_at_scale_dots --runs $(LEVERS)/dot_interactions_id_embeddings_32_wide_sparse_lr_0.1
+	$(PY) benchmarks/quality_levers.py $(KUAIRAND_1K) --runs $(LEVERS) --seeds 0 --section quality_levers_screen \
+		--variants "dot interactions, id embeddings 32 wide, sparse lr 0.1" \
+		"dot interactions, id embeddings 32 wide, sparse lr 0.3" "dot interactions, id embeddings 64 wide, sparse lr 0.1" \
+		"dot interactions, id embeddings 64 wide, sparse lr 0.3" "dots, 32 wide, sparse lr 0.1, experts 4 x [256, 64]" \
+		"dots, 32 wide, sparse lr 0.1, batch 1024" "dots, 32 wide, sparse lr 0.1, linear decay" \
+		"dots, 32 wide, sparse lr 0.3, linear decay" "dots, 32 wide, sparse lr 0.1, embedding l2 0.01, up to 3 epochs" \
+		"dots, 32 wide, sparse lr 0.1, then up to 3 embedding-only epochs"
+	$(VENV)/bin/engagerec prepare --config configs/kuairand_1k.yaml --out prepared/kuairand_1k_min5 \
+		--set data.features.content_id.min_count=5 --set data.features.author_id.min_count=5
+	$(PY) benchmarks/quality_levers.py --data-dir prepared/kuairand_1k_min5 \
+		--noise-floor generated/kuairand_1k/noise_floor.json --runs $(LEVERS) --seeds 0 \
+		--section quality_levers_min_count --variants "dots, 32 wide, sparse lr 0.1, ids seen 5+ times, up to 3 epochs"
+	$(VENV)/bin/engagerec predict --run-dir $(LEVERS)/dot_interactions_id_embeddings_32_wide_sparse_lr_0.1/seed0 \
+		--input prepared/kuairand_1k --split test --out $(LEVERS)/test_dots.parquet
+	$(VENV)/bin/engagerec predict --checkpoint latest --input prepared/kuairand_1k --split test \
+		--run-dir $(LEVERS)/dots_32_wide_sparse_lr_0.1_embedding_l2_0.01_up_to_3_epochs/seed0 --out $(LEVERS)/test_l2.parquet
+	$(VENV)/bin/engagerec predict --checkpoint latest --input prepared/kuairand_1k_min5 --split test \
+		--run-dir "$(LEVERS)/dots_32_wide_sparse_lr_0.1_ids_seen_5+_times_up_to_3_epochs/seed0" \
+		--out $(LEVERS)/test_min5.parquet
+	$(PY) benchmarks/explainable_bound.py --raw generated/kuairand_1k --model-mse 0.0624 0.0582 \
+		--min-views 1 2 5 20 100 --predictions $(LEVERS)/test_dots.parquet $(LEVERS)/test_l2.parquet \
+		$(LEVERS)/test_min5.parquet --names "dots config, 1 epoch" "3 epochs, embedding l2 0.01" \
+		"3 epochs, ids seen 5+ times" --prepared prepared/kuairand_1k prepared/kuairand_1k prepared/kuairand_1k_min5
 
 clean:
 	rm -rf $(VENV) prepared runs
