@@ -222,6 +222,8 @@ def decoded_predictions(path: Path, prepared: Path, user: np.ndarray, video: np.
     import pyarrow.parquet as pq
 
     table = pq.read_table(path, columns=["row", "user_id_index", "content_id_index", "watch_ratio"])
+    if not np.array_equal(table.column("row").to_numpy(), np.arange(len(user))):
+        raise SystemExit(f"{path}: not the test rows of {prepared}'s log in order (its row column)")
     for column, raw, vocab in (("user_id_index", user, "user_id"), ("content_id_index", video, "content_id")):
         tokens = pq.read_table(prepared / "vocabs" / f"{vocab}.parquet").column(0).to_numpy()
         index = table.column(column).to_numpy()
@@ -339,6 +341,8 @@ def main() -> None:
     ]
     if args.predictions:
         names = args.names or [Path(p).stem for p in args.predictions]
+        if len(names) != len(args.predictions):
+            raise SystemExit("--names: give one name per --predictions file")
         test_users = user[test_start:]
         prepared = args.prepared * len(args.predictions) if len(args.prepared) == 1 else args.prepared
         if len(prepared) != len(args.predictions):

@@ -1,6 +1,7 @@
 """train.lr_schedule: the factor on every learning rate by step, and a run whose Adam groups and
 FBGEMM's fused embedding kernels follow it, resume included."""
 
+import csv
 import dataclasses
 import math
 
@@ -12,16 +13,16 @@ from engagerec.lr_schedule import lr_multiplier
 
 
 def test_linear_and_cosine_decay_from_one_to_the_final_factor_and_stay_there():
-    assert [lr_multiplier("linear", s, 10, final=0.2) for s in (0, 5, 10, 15)] == pytest.approx(
+    assert [lr_multiplier("linear", p, final=0.2) for p in (0.0, 0.5, 1.0, 1.5)] == pytest.approx(
         [1.0, 0.6, 0.2, 0.2]
     )
-    cosine = [lr_multiplier("cosine", s, 10) for s in range(11)]
+    cosine = [lr_multiplier("cosine", s / 10) for s in range(11)]
     assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0)
     assert all(a > b for a, b in zip(cosine[:-1], cosine[1:], strict=True))  # falls at every step
     assert cosine[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
-    assert lr_multiplier("constant", 7, 10) == 1.0
+    assert lr_multiplier("constant", 0.7) == 1.0
     with pytest.raises(ValueError, match="schedule 'step', expected one of constant, linear, cosine"):
-        lr_multiplier("step", 0, 10)
+        lr_multiplier("step", 0.0)
 
 
 def _fused_rates(optimizer):
@@ -32,8 +33,8 @@ def _fused_rates(optimizer):
 
 
 def _trainer_after(cfg, run_dir, resume=False):
-    """A Trainer over ``cfg`` after ``run()`` (it stops at ``train.max_steps``): its dense rates and
-    its fused kernels' rates, and its step."""
+    """A Trainer over ``cfg`` run until ``train.max_steps``: its step when it started, its dense
+    (Adam) rates then and at the end, its fused kernels' rates at the end, and the trainer."""
     from engagerec.distributed import close_runtime, init_runtime
     from engagerec.preemption import Preemption
     from engagerec.train import Trainer
@@ -42,46 +43,63 @@ def _trainer_after(cfg, run_dir, resume=False):
     try:
         with Preemption() as preemption:
             trainer = Trainer(cfg, run_dir, runtime, preemption, resume=resume)
-            started = trainer.state.step
-            dense_at_start = [g["lr"] for g in trainer.optimizer.param_groups if g["lr"] < 0.01]
+            dense = trainer.optimizer.optimizers[-1][1]  # build_optimizer: [fused sparse, dense]
+            started, dense_at_start = trainer.state.step, [g["lr"] for g in dense.param_groups]
             trainer.run()
-            dense = [g["lr"] for g in trainer.optimizer.param_groups if g["lr"] < 0.01]
-            return started, dense_at_start, dense, _fused_rates(trainer.dmp.fused_optimizer), trainer
+            dense_now = [g["lr"] for g in dense.param_groups]
+            return started, dense_at_start, dense_now, _fused_rates(trainer.dmp.fused_optimizer), trainer
     finally:
         close_runtime(runtime)
 
 
 def test_a_linear_schedule_reaches_adam_and_the_fused_kernels_and_a_resume_continues_it(study_data, tmp_path):
-    """Both rates follow the schedule over epochs x batches; the fused kernels get each step's rate
-    one step late (a fused optimiser hands it over in step()); a resume continues at its saved step,
-    and changing train.epochs, which sets the schedule's length, is refused."""
+    """Both rates follow the schedule over the run's epochs; after a step the Adam groups hold
+    the next step's rate and the fused kernels the rate they trained with (TrainPipelineSparseDist's
+    zero_grad() hands the group's rate over before each step); a resume continues at its saved
+    progress, and changing train.epochs, which sets the schedule's length, is refused."""
     from engagerec.train import train
 
     cfg = study_run_config(
         study_data, epochs=2, lr_schedule="linear", lr_final=0.1, dense_lr=0.001, sparse_lr=0.05,
         max_steps=20, progress_bar=False,
     )  # fmt: skip
+
+    def factor(step):
+        return lr_multiplier("linear", step / total, 0.1)
+
     started, _, dense, fused, trainer = _trainer_after(cfg, tmp_path / "run")
     total = 2 * trainer.reader.num_batches()
     assert started == 0 and trainer.state.step == 20 and total > 40
-    assert dense and all(
-        rate == pytest.approx(0.001 * lr_multiplier("linear", 20, total, 0.1)) for rate in dense
-    )
-    assert fused and all(
-        rate == pytest.approx(0.05 * lr_multiplier("linear", 19, total, 0.1)) for rate in fused
-    )
+    assert dense and all(rate == pytest.approx(0.001 * factor(20)) for rate in dense)
+    assert fused and all(rate == pytest.approx(0.05 * factor(19)) for rate in fused)
+    logged = [r for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["phase"] == "train"]
+    assert float(logged[-1]["lr_factor"]) == pytest.approx(factor(20))
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=30))
-    started, dense_at_start, dense, _, _ = _trainer_after(longer, tmp_path / "run", resume=True)
-    assert started == 20  # resumed, and at the saved step's rate, not the base one
-    assert all(
-        rate == pytest.approx(0.001 * lr_multiplier("linear", 20, total, 0.1)) for rate in dense_at_start
-    )
-    assert all(rate == pytest.approx(0.001 * lr_multiplier("linear", 30, total, 0.1)) for rate in dense)
+    started, dense_at_start, dense, fused, _ = _trainer_after(longer, tmp_path / "run", resume=True)
+    assert started == 20 and dense_at_start  # resumed, at the saved progress's rate, not the base one
+    assert all(rate == pytest.approx(0.001 * factor(20)) for rate in dense_at_start)
+    assert all(rate == pytest.approx(0.001 * factor(30)) for rate in dense)
+    assert fused and all(rate == pytest.approx(0.05 * factor(29)) for rate in fused)
     three = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, max_steps=40))
     with pytest.raises(
         ConfigError, match=r"train.epochs: 2 -> 3 \(it sets the length of train.lr_schedule\)"
     ):
         train(three, tmp_path / "run")
+
+
+def test_progress_is_counted_in_epochs_so_a_resume_on_other_ranks_keeps_its_place():
+    """The factor depends on the share of the epochs done, not on steps: one rank's 50 of 100
+    batches and two ranks' 25 of 50 are the same place; the cosine reaches its final factor."""
+    import torch
+
+    from engagerec.lr_schedule import LearningRateSchedule, run_progress
+
+    assert run_progress(1, 50, 100, 4) == run_progress(1, 25, 50, 4) == pytest.approx(1.5 / 4)
+    assert run_progress(0, 0, 100, 4) == 0.0 and run_progress(4, 0, 100, 4) == 1.0
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    schedule = LearningRateSchedule(adam, "cosine", final=0.5)
+    schedule.apply(run_progress(4, 0, 100, 4))
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.01) and schedule.factor == pytest.approx(0.5)
 
 
 def test_a_final_factor_outside_zero_to_one_is_refused():

@@ -398,10 +398,17 @@ def test_the_model_uses_the_callers_own_tables_and_any_stated_subset_of_their_fe
 
 def test_embedding_l2_adds_the_pooled_features_squared_norms_while_training_only():
     """The penalty is embedding_l2 x the batch mean of each row's squared pooled norm (the chosen
-    features only), so each looked-up row gets 2 x embedding_l2 x its pooled value / B more
-    gradient; in eval mode the loss is the task losses' alone."""
+    features only; a bag's pooled mean, not its rows one by one), so a one-id feature's row gets
+    2 x embedding_l2 x its value / B more gradient; in eval mode the loss is the task losses'."""
+    from torchrec import KeyedJaggedTensor
+    from torchrec.datasets.utils import Batch as TorchRecBatch
+
     tasks = [TaskConfig("click", "click", kind="binary")]
-    batch = _torchrec_batch(torch.tensor([1, 0, 1, 1, 0]))
+    # user: one id per row; item: a bag of two ids per row (t_item pools by mean); seen: unused
+    lengths = torch.tensor([1] * 5 + [2] * 5 + [1] * 5, dtype=torch.int32)
+    ids = torch.cat([torch.arange(5), torch.arange(10) % 7 + 5, torch.arange(5)])
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user", "item", "seen"], ids, lengths)
+    batch = TorchRecBatch(torch.randn(5, 2), kjt, torch.tensor([1, 0, 1, 1, 0]))
 
     def model_with(l2):
         torch.manual_seed(0)

@@ -302,13 +302,15 @@ class TrainConfig:
         "rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam", "lamb", "partial_rowwise_lamb"
     ] = "rowwise_adagrad"
     sparse_lr: float = 0.05
-    # an L2 penalty on each looked-up embedding, per occurrence: this times the batch mean of the
-    # pooled features' squared norms joins the training loss (MultiTaskModel.embedding_l2). It
-    # lets rarely seen ids shrink toward 0 instead of fitting their few labels' noise; the fused
-    # optimiser's own weight_decay is not offered, as FBGEMM's CPU kernels ignore it
+    # an L2 penalty on the pooled features: this times the batch mean of their squared norms
+    # joins the training loss (MultiTaskModel.embedding_l2); for a one-id feature, on its row
+    # per occurrence, for a bag on the pooled sum or mean. It lets rarely seen ids shrink toward 0
+    # instead of fitting their few labels' noise; the fused optimiser's own weight_decay is not
+    # offered, as FBGEMM's CPU kernels ignore it
     embedding_l2: float = 0.0
-    # both learning rates over the run's train.epochs x batches per epoch (engagerec.lr_schedule):
-    # constant, or linear / cosine decay from each rate to lr_final times it at the last step
+    # both learning rates over the run's train.epochs (engagerec.lr_schedule): constant, or a
+    # linear / cosine decay from each rate to lr_final times it as the last epoch ends (a run cut
+    # short by max_steps stops on the way); a resume continues it, a warm start begins it again
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     lr_final: float = 0.0
     # early stopping on a validation metric: "loss" (sum of task weight x MSE | log loss)

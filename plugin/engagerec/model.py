@@ -261,11 +261,12 @@ class MultiTaskModel(nn.Module):
             the losses, and every forward in eval mode (evaluation, predict, export) stay
             float32. Default: None (float32 throughout).
         embedding_l2 (float): while training, adds ``embedding_l2`` times the batch mean of the
-            squared norm of each row's pooled features (before ``input_arch``) to the loss: an L2
-            penalty on every looked-up embedding, per occurrence, as matrix factorisation
-            regularises its factors. It reaches the rows through the fused sparse optimiser, on
-            any device (FBGEMM's CPU kernels ignore a fused optimiser's ``weight_decay``). Not
-            in eval mode: evaluation, predict and export see the task losses alone. Default: 0.
+            squared norm of each row's pooled features (before ``input_arch``) to the loss. For a
+            one-id feature that is an L2 penalty on the looked-up embedding, per occurrence, as
+            matrix factorisation regularises its factors; for a bag it is on the pooled sum or
+            mean. It reaches the rows through the fused sparse optimiser, on any device
+            (FBGEMM's CPU kernels ignore a fused optimiser's ``weight_decay``). Not in eval mode:
+            evaluation, predict and export see the task losses alone. Default: 0.
 
     Call Args:
         batch: engagerec's ``Batch`` (labels by name, weights for missing labels) or

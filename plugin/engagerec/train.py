@@ -54,7 +54,7 @@ from engagerec.distributed import (
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.evaluate import evaluate, groups_gauc, train_label_means
 from engagerec.extras import missing_extra
-from engagerec.lr_schedule import LearningRateSchedule
+from engagerec.lr_schedule import LearningRateSchedule, run_progress
 from engagerec.managed_ids import check_world_size
 from engagerec.metrics import TaskMetrics
 from engagerec.preemption import Preemption
@@ -283,20 +283,9 @@ class Trainer:
                 f"'{self.tc.gauc_group}', which is not a sparse feature (one id per row) of the prepared data"
             )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
-        self.reader = ShardReader(
-            self.data_dir,
-            "train",
-            batch_size=self.tc.batch_size,
-            shuffle=True,
-            seed=self.tc.seed,
-            drop_last=True,
-        )
-        # built before a resume loads the optimiser: its base rates are the config's
-        self.lr_schedule = LearningRateSchedule(
-            self.optimizer, self.tc.lr_schedule, self.tc.epochs * self.reader.num_batches(), self.tc.lr_final
-        )
+        # its base rates are the config's, taken before a resume or a warm start loads anything
+        self.rates = LearningRateSchedule(self.optimizer, self.tc.lr_schedule, self.tc.lr_final)
         self.state = self._start(resume, allow_config_change)
-        self.lr_schedule.apply(self.state.step)  # a resume continues the schedule from its step
         if is_rank_zero():  # after the resume check: a refused resume leaves the run's files alone
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
@@ -308,6 +297,15 @@ class Trainer:
         self.validating = ShardReader(self.data_dir, "val").total_rows > 0
         self.testing = ShardReader(self.data_dir, "test").total_rows > 0
         self.log = RunLog(run_dir, is_rank_zero())
+        self.reader = ShardReader(
+            self.data_dir,
+            "train",
+            batch_size=self.tc.batch_size,
+            shuffle=True,
+            seed=self.tc.seed,
+            drop_last=True,
+        )
+        self.rates.apply(self._progress())  # a resume continues the schedule where it was
         self.pipeline = TrainPipelineSparseDist(
             self.dmp, self.optimizer, runtime.device, execute_all_batches=True
         )
@@ -505,8 +503,8 @@ class Trainer:
         """Count, check, measure, log and checkpoint one step; True when the run must stop."""
         state, tc, world = self.state, self.tc, self.runtime.world_size
         state.step += 1
-        self.lr_schedule.apply(state.step)
         state.batch_in_epoch += 1
+        self.rates.apply(self._progress())  # the next step's
         state.samples_in_epoch += tc.batch_size * world
         self._window_rows += tc.batch_size * world
         at_log_step = state.step % tc.log_every_steps == 0
@@ -543,11 +541,17 @@ class Trainer:
         weights_now = self.model.loss_weighting.current_weights()  # moves under uncertainty / GradNorm
         values.update({f"{t.name}/loss_weight": float(weights_now[i]) for i, t in enumerate(self.tasks)})
         values["samples_per_s"] = self._window_rows / (time.perf_counter() - self._window_started)
+        values["lr_factor"] = self.rates.factor  # train.lr_schedule's, on both learning rates
         self.log.write(self.state.step, "train", values)
         if self.bar is not None:
             shown = {k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))}
             self.bar.set_postfix(shown)
         self._window_started, self._window_rows = time.perf_counter(), 0  # the log's writing counts next
+
+    def _progress(self) -> float:
+        """The share of the run done, which train.lr_schedule follows (``run_progress``)."""
+        state = self.state
+        return run_progress(state.epoch, state.batch_in_epoch, self.reader.num_batches(), self.tc.epochs)
 
     def _at_max_steps(self, state: Optional[TrainState] = None) -> bool:
         state = state or self.state
