@@ -165,8 +165,9 @@ def main() -> None:
     lines = [
         f"`engagerec train --config {CONFIG}` on one KuaiRand-1K-shaped preparation with each "
         f"variant's overrides, seeds {', '.join(map(str, args.seeds))}; the validation split's metrics "
-        "at the epoch validation chose (the test split is not read), mean ± 95% CI over seeds. "
-        "Explainable: (the train-mean constant's MSE - the model's) / (the constant's - the "
+        "at the epoch validation chose (the test split is not read)"
+        + (", mean ± 95% CI over seeds. " if len(args.seeds) > 1 else ". ")
+        + "Explainable: (the train-mean constant's MSE - the model's) / (the constant's - the "
         f"generator's noise floor, {floor:.4f}).",
         "",
         "| variant | overrides | " + " | ".join(KEYS[:2]) + " | explainable | " + " | ".join(KEYS[2:])

@@ -146,13 +146,15 @@ def mean_ci(values) -> Dict[str, float]:
 
 
 def cell(stats: Dict[str, float], digits: int = 4) -> str:
-    """``mean ± ci`` for a table.
+    """``mean ± ci`` for a table; the value alone from one seed, which has no interval.
 
     Example::
 
-        >>> cell({"mean": 0.81234, "ci95": 0.0012, "n": 5})
-        '0.8123 ± 0.0012'
+        >>> cell({"mean": 0.81234, "ci95": 0.0012, "n": 5}), cell({"mean": 0.5, "ci95": 0.0, "n": 1})
+        ('0.8123 ± 0.0012', '0.5000')
     """
+    if stats.get("n", 2) < 2:
+        return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f}"
 
 
