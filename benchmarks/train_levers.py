@@ -2,7 +2,7 @@
 validation check of those that change the numbers.
 
     .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k \\
-        [--steps 400] [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR]
+        [--steps 400] [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers]
 
 Each variant is `engagerec train --config configs/kuairand_1k.yaml` as shipped (metrics on, the
 reader included, a fresh process), with a global batch of 4096 rows a step:
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--runs", help="where the quality runs go (kept; read again if there)")
+    parser.add_argument("--section", default="train_levers", help="the RESULTS.md section written")
     args = parser.parse_args()
     found: Dict[str, List[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +152,7 @@ def main() -> None:
     )
     for name, seeds in val.items() if args.quality_seeds else ():
         lines.append(f"| {name} | {' | '.join(cell(mean_ci([s[key] for s in seeds])) for key in VAL_KEYS)} |")
-    record_section("train_levers", lines)
+    record_section(args.section, lines)
 
 
 if __name__ == "__main__":
