@@ -152,23 +152,26 @@ def learned_videos(
     pairs = [(a, b) for a in range(params) for b in range(a, params)]
     theta = np.zeros((len(ids), params))
 
-    def curvature(weight: np.ndarray) -> np.ndarray:
-        # sum over a video's views of weight x x^T, one bincount per entry of the upper triangle
+    def mean_ratio() -> np.ndarray:  # each view's expected ratio under the current theta
+        return expit(known + np.einsum("ij,ij->i", inputs, theta[index]))
+
+    def curvature(m: np.ndarray) -> np.ndarray:
+        # sum over a video's views of (kappa + 1) m (1 - m) x x^T, one bincount per upper-triangle entry
+        weight = (kappa + 1) * m * (1 - m)
         h = np.empty((len(ids), params, params))
         for a, b in pairs:
             h[:, a, b] = h[:, b, a] = np.bincount(index, weight * inputs[:, a] * inputs[:, b], len(ids))
         return h + precision
 
     for _ in range(iterations):
-        m = expit(known + np.einsum("ij,ij->i", inputs, theta[index]))
+        m = mean_ratio()
         residual = (kappa + 1) * (ratio - m)
         gradient = (
             np.stack([np.bincount(index, residual * inputs[:, a], len(ids)) for a in range(params)], axis=1)
             - theta @ precision
         )
-        theta += np.linalg.solve(curvature((kappa + 1) * m * (1 - m)), gradient[..., None])[..., 0]
-    m = expit(known + np.einsum("ij,ij->i", inputs, theta[index]))
-    return ids, theta, np.linalg.inv(curvature((kappa + 1) * m * (1 - m)))
+        theta += np.linalg.solve(curvature(m), gradient[..., None])[..., 0]
+    return ids, theta, np.linalg.inv(curvature(mean_ratio()))
 
 
 VIEW_GROUPS = ((0, 0), (1, 1), (2, 4), (5, 19), (20, 99), (100, None))
@@ -293,16 +296,15 @@ def main() -> None:
     )
     del train_inputs, train_known
     inputs, known, score = inputs_and_known(slice(test_start, None))
-    video = video[test_start:]
+    test_user, test_video = user[test_start:], video[test_start:]
     m = expit(score)
     floor = float(np.mean(m * (1 - m)) / (KAPPA + 1))
     constant = float(np.mean((m - train_mean) ** 2)) + floor
     # the hidden part's prior variance given the user, and the expectation over it
     unseen_mean = prior_expectation(known, inputs**2 @ prior)
     # the learner: the posterior over a trained-on video's part, the prior for any other
-    where = np.minimum(np.searchsorted(ids, video), len(ids) - 1)
-    trained = ids[where] == video
-    at = where[trained]
+    trained = views[test_video] > 0  # exactly the videos learned_videos saw (ids, sorted)
+    at = np.searchsorted(ids, test_video[trained])
     learned = unseen_mean.copy()
     learned[trained] = prior_expectation(
         known[trained] + np.einsum("ij,ij->i", inputs[trained], mean[at]),
@@ -322,7 +324,7 @@ def main() -> None:
         "|---:|---:|---:|---:|",
     ]
     for k in args.min_views:
-        known_video = views[video] >= k
+        known_video = views[test_video] >= k
         predicted = np.where(known_video, m, unseen_mean)
         mse = float(np.mean((predicted - m) ** 2)) + floor
         lines.append(
@@ -343,15 +345,14 @@ def main() -> None:
         names = args.names or [Path(p).stem for p in args.predictions]
         if len(names) != len(args.predictions):
             raise SystemExit("--names: give one name per --predictions file")
-        test_users = user[test_start:]
         prepared = args.prepared * len(args.predictions) if len(args.prepared) == 1 else args.prepared
         if len(prepared) != len(args.predictions):
             raise SystemExit("--prepared: give one preparation, or one per --predictions file")
         models = [
-            decoded_predictions(Path(p), Path(d), test_users, video)
+            decoded_predictions(Path(p), Path(d), test_user, test_video)
             for p, d in zip(args.predictions, prepared, strict=True)
         ]
-        oracles = partial_oracles(world, test_users, video, score, inputs)
+        oracles = partial_oracles(world, test_user, test_video, score, inputs)
         lines += [
             "",
             "Where the error lies: the test rows by their video's training views; in each group the "
@@ -365,7 +366,7 @@ def main() -> None:
             "| oracle with a genre bag | " + " | ".join(names) + " |",
             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(names),
         ]
-        trained_views = views[video]
+        trained_views = views[test_video]
         for low, high in VIEW_GROUPS:
             group = (trained_views >= low) & (trained_views <= (high if high is not None else np.inf))
             label = f"{low}+" if high is None else (f"{low}" if low == high else f"{low}-{high}")
