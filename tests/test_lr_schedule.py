@@ -1,5 +1,5 @@
-"""train.lr_schedule: the factor on every learning rate by step, and a run whose Adam groups and
-FBGEMM's fused embedding kernels follow it, resume included."""
+"""train.lr_schedule: the factor on every learning rate by the run's progress in epochs, and a run
+whose Adam groups and FBGEMM's fused embedding kernels follow it, resume included."""
 
 import csv
 import dataclasses
