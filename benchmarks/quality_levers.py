@@ -96,6 +96,30 @@ VARIANTS: Dict[str, List[str]] = {
         "train.embedding_l2=0.01",
         "train.epochs=3",
     ],
+    # a learned table holds the video's bias but none of its user-by-video factors (linear R^2
+    # about 0 at scale 1): row-wise Adagrad scales a row's whole step by one norm, which the bias
+    # signal dominates; element-wise Adagrad scales each column alone
+    "dots, 32 wide, sparse lr 0.1, element-wise adagrad": [
+        DOTS,
+        WIDE,
+        "train.sparse_lr=0.1",
+        "train.sparse_optimizer=adagrad",
+    ],
+    # the tower's weight on a dot product is what passes its gradient back to the rows
+    "dots, 32 wide, sparse lr 0.1, dense lr 1e-3": [DOTS, WIDE, "train.sparse_lr=0.1", "train.dense_lr=1e-3"],
+    # the dotted tables' rows start in [-s, s], not TorchRec's [-1/sqrt(rows), 1/sqrt(rows)]
+    # (7e-4 for the video table): matrix factorisation grows its factors out of that start
+    **{
+        f"dots, 32 wide, sparse lr 0.1, id rows start in +-{scale:g}": [
+            DOTS,
+            WIDE,
+            "train.sparse_lr=0.1",
+            "model.embeddings.init_scale={"
+            + ", ".join(f"{table}: {scale:g}" for table in ("user_id", "content_id", "author_id", "genres"))
+            + "}",
+        ]
+        for scale in (0.03, 0.1, 0.3)
+    },
 }
 KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 

@@ -135,6 +135,39 @@ def test_embedding_l2_shrinks_the_trained_rows_through_the_fused_optimiser(study
         load_config("synthetic_study", ["train.embedding_l2=-0.5"])
 
 
+def test_init_scale_sets_where_the_fused_tables_rows_start(study_data, tmp_path):
+    """model.embeddings.init_scale reaches the rows DMP materialises in FBGEMM's fused kernel:
+    after one step at a negligible sparse rate the scaled table's rows span about [-s, s],
+    the other tables keep TorchRec's default [-1/sqrt(rows), 1/sqrt(rows)]; a scale of 0 or
+    an unknown id space is refused when the spec is built."""
+    import dataclasses
+
+    from engagerec.data.schema import DatasetSchema
+    from engagerec.features import FeatureSpec
+    from engagerec.runs import open_run
+
+    config = study_run_config(study_data, max_steps=1, sparse_lr=1e-9)
+    embeddings = dataclasses.replace(config.model.embeddings, init_scale={"content_id": 0.5})
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, embeddings=embeddings))
+    train(config, tmp_path / "run")
+    with open_run(tmp_path / "run", "last", device="cpu") as opened:
+        state = opened.dmp.module.state_dict()
+
+    def table(name):
+        return state[f"sparse_arch.embedding_bags.t_{name}.weight"].local_shards()[0].tensor
+
+    content, user = table("content_id"), table("user_id")
+    assert 0.45 < float(content.abs().max()) <= 0.5 + 1e-6
+    assert float(user.abs().max()) <= user.shape[0] ** -0.5 + 1e-6
+    schema = DatasetSchema.load(opened.data_dir)
+    for bad, message in (
+        ({"content_id": 0.0}, "init_scale.content_id: 0.0, expected a number > 0"),
+        ({"nope": 0.1}, r"unknown features or id spaces: \['nope'\]"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            FeatureSpec.from_schema(schema, dataclasses.replace(embeddings, init_scale=bad))
+
+
 def test_a_half_written_checkpoint_is_never_taken(study_data, tmp_path):
     run = tmp_path / "run"
     train(study_run_config(study_data, max_steps=10), run)

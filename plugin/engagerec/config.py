@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,6 +211,10 @@ class EmbeddingConfig:
     # per feature: sum | mean. A table has one pooling, so multi-valued features sharing
     # a table must agree; defaults: history -> mean, everything else -> sum.
     pooling: Dict[str, Literal["sum", "mean"]] = field(default_factory=dict)
+    # per id space: rows start uniform in [-s, s] instead of TorchRec's [-1/sqrt(rows),
+    # 1/sqrt(rows)] (about 7e-4 for a 2M-row table). A dot interaction grows its factors out of
+    # that start, as matrix factorisation does, and from so small a start not within an epoch
+    init_scale: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -518,6 +523,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# a number in exponent form without a dot, e.g. 1e-3 or 5E4
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -548,6 +557,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it needs "1.0e-3"
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -136,13 +136,16 @@ class FeatureSpec:
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         unknown = (
-            (set(cfg.pooling) | set(cfg.dims))
+            (set(cfg.pooling) | set(cfg.dims) | set(cfg.init_scale))
             - set(kinds)
             - {f.id_space for f in schema.sparse}
             - set(schema.sparse_names)
         )
         if unknown:
             raise ConfigError(f"model.embeddings names unknown features or id spaces: {sorted(unknown)}")
+        for name, scale in cfg.init_scale.items():
+            if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+                raise ConfigError(f"model.embeddings.init_scale.{name}: {scale!r}, expected a number > 0")
         spaces: Dict[str, List] = {}
         for feature in schema.sparse:
             spaces.setdefault(feature.id_space, []).append(feature)
@@ -166,6 +169,8 @@ class FeatureSpec:
                     )
                 pooling = wanted
             rows = schema.num_embeddings(space)
+            scale = cfg.init_scale.get(space)  # None: TorchRec's default, +-1/sqrt(rows)
+            init = {} if scale is None else {"weight_init_min": -scale, "weight_init_max": scale}
             tables.append(
                 EmbeddingBagConfig(
                     name=table_name(space),
@@ -173,6 +178,7 @@ class FeatureSpec:
                     embedding_dim=cfg.dims.get(space, auto_dim(rows, cfg.dim) if cfg.auto_dim else cfg.dim),
                     feature_names=[f.name for f in features],
                     pooling=POOLINGS[pooling or "sum"],
+                    **init,
                 )
             )
         return cls(tables=tables, dense_dim=len(schema.dense))
