@@ -14,7 +14,7 @@ from engagerec.config import load_config
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
 from engagerec.errors import ConfigError
-from engagerec.interactions import DotInteraction
+from engagerec.interactions import DotInteraction, DotLogits
 from engagerec.model_builder import build_model
 
 DOTS = "model.dot_interactions=[[user_id, content_id], [user_id, genres], [content_id, history]]"
@@ -51,6 +51,66 @@ def test_after_a_target_attention_the_products_follow_its_output_and_read_the_po
     torch.testing.assert_close(out[:, -1], (pooled[:, 0:2] * pooled[:, 4:6]).sum(1))
 
 
+def test_dot_logits_add_the_products_to_the_chosen_tasks_logits_which_pass_their_gradient_at_full_strength():
+    """DotLogits reads the products' columns of the tower input; a chosen task's logit adds each
+    times its scale (1 at the start, so d logit / d product = 1, as in matrix factorisation), the
+    others add 0 and keep 0 however the scales are trained; in MultiTaskModel the offset joins the
+    output unit before the head's sigmoid."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.datasets.utils import Batch
+
+    from engagerec.config import TaskConfig
+    from engagerec.model import MultiTaskModel
+    from engagerec.towers import build_tower
+
+    torch.manual_seed(0)
+    logits = DotLogits(start=3, pairs=2, num_tasks=3, tasks=[0, 2])
+    tower_input = torch.randn(4, 6, requires_grad=True)
+    out = logits(tower_input)
+    products = tower_input[:, 3:5].sum(1)
+    torch.testing.assert_close(out, torch.stack([products, torch.zeros(4), products], dim=1))
+    out[:, 0].sum().backward()
+    assert torch.equal(tower_input.grad[:, 3:5], torch.ones(4, 2))  # full strength, the products alone
+    assert torch.equal(tower_input.grad[:, [0, 1, 2, 5]], torch.zeros(4, 4))
+    optimiser = torch.optim.Adam(logits.parameters(), lr=0.1)
+    for _ in range(3):
+        optimiser.zero_grad()
+        logits(tower_input.detach()).sum().backward()
+        optimiser.step()
+    trained = logits.scale * logits.chosen
+    assert torch.equal(trained[:, 1], torch.zeros(2)) and not torch.equal(trained[:, 0], torch.ones(2))
+    for bad in ({"tasks": []}, {"tasks": [3]}, {"pairs": 0, "tasks": [0]}):
+        with pytest.raises(ValueError, match="dot logits"):
+            DotLogits(**{"start": 0, "pairs": 1, "num_tasks": 3, **bad})
+
+    # in the model: the head's output unit plus <user, item>, then the regression head's sigmoid
+    tables = [
+        EmbeddingBagConfig(name=f"t_{name}", num_embeddings=5, embedding_dim=2, feature_names=[name])
+        for name in ("user", "item")
+    ]
+    tasks = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", kind="binary")]
+    model = MultiTaskModel(
+        EmbeddingBagCollection(tables=tables),
+        dense_in_features=1,
+        tower=build_tower("mmoe", 4 + 1 + 1, 2, num_experts=2, expert_sizes=[4]),
+        tasks=tasks,
+        input_arch=DotInteraction([2, 2], ["user", "item"], [("user", "item")]),
+        logit_offsets=DotLogits(start=4, pairs=1, num_tasks=2, tasks=[0]),
+    )
+    ids = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user", "item"],
+        values=torch.tensor([1, 2, 3, 4, 0, 1]),
+        lengths=torch.ones(6, dtype=torch.int32),
+    )
+    batch = Batch(torch.randn(3, 1), ids, torch.tensor([[0.2, 1.0], [0.9, 0.0], [0.5, 0.0]]))
+    _, (_, predictions, _, _) = model(batch)
+    user, item = model.tower_input(batch)[:, :4].detach().split(2, dim=1)
+    representations = model.tower(model.tower_input(batch))
+    unit = [model.heads[i].out(representations[i]).squeeze(-1) for i in range(2)]
+    torch.testing.assert_close(predictions["watch_ratio"], torch.sigmoid(unit[0] + (user * item).sum(1)))
+    torch.testing.assert_close(predictions["skip"], torch.sigmoid(unit[1]))
+
+
 def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_config_error_naming_it(tmp_path):
     cfg = load_config("synthetic_study", SMALL)
     prepare(cfg.data, tmp_path / "data")
@@ -69,16 +129,26 @@ def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_confi
         )
         with pytest.raises(ConfigError, match=r"model\.dot_interactions: .*" + message):
             build_model(schema, changed.model)
+    for sets, message in (
+        (["model.dot_logits=[watch_ratio]"], "it needs model.dot_interactions"),
+        ([DOTS, "model.dot_logits=[watch]"], r"\['watch'\], expected distinct task names of \['watch_ratio'"),
+        ([DOTS, "model.dot_logits=[skip, skip]"], "expected distinct task names"),
+    ):
+        with pytest.raises(ConfigError, match=r"model\.dot_logits.*" + message):
+            build_model(schema, load_config("synthetic_study", SMALL + sets).model)
 
 
 @pytest.mark.slow
-def test_a_model_with_dot_interactions_trains_exports_and_predicts_what_it_exported(tmp_path):
+def test_a_model_with_dot_interactions_and_dot_logits_trains_exports_and_predicts_what_it_exported(tmp_path):
     from engagerec.export import export_run
     from engagerec.predict import predict
+    from engagerec.runs import open_run
     from engagerec.train import train
 
     data = tmp_path / "data"
-    cfg = load_config("synthetic_study", SMALL + [DOTS, f"train.data_dir={data}"])
+    cfg = load_config(
+        "synthetic_study", SMALL + [DOTS, "model.dot_logits=[watch_ratio]", f"train.data_dir={data}"]
+    )
     prepare(cfg.data, data)
     run = tmp_path / "run"
     results = train(cfg, run)
@@ -88,6 +158,11 @@ def test_a_model_with_dot_interactions_trains_exports_and_predicts_what_it_expor
     model = build_model(DatasetSchema.load(data), cfg.model)
     assert isinstance(model.input_arch, DotInteraction)
     assert model.input_arch.output_dim == model.sparse_dim + 3
+    # the watch ratio's logit adds the 3 products, each scale trained away from its start at 1
+    with open_run(run, "best", device="cpu") as opened:
+        scale = opened.model.logit_offsets.scale.detach()
+    assert scale.shape == (3, 2) and torch.equal(scale[:, 1], torch.zeros(3))
+    assert float((scale[:, 0] - 1).abs().min()) > 1e-4
     record = export_run(run, tmp_path / "export")
     assert record["max_abs_difference_fp32_vs_eager"] < 1e-5  # the program computes the products too
     summary = predict(run, data, tmp_path / "preds.parquet")

@@ -287,6 +287,11 @@ class ModelConfig:
     # a pair's tables must be equally wide: pin them in embeddings.dims, since auto_dim's widths
     # follow the vocabularies' sizes and so the data
     dot_interactions: List[List[str]] = field(default_factory=list)
+    # tasks whose logits also add those dot products, each times a learned scale that starts at 1
+    # (a factorisation machine's term beside the tower, engagerec.interactions.DotLogits): the
+    # tables then learn the user-by-item factors within an epoch. Name tasks whose logit rises
+    # with the affinity (a watch ratio, not a skip): the others read the products in the tower
+    dot_logits: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -134,6 +134,7 @@ class ServingModel(nn.Module):
         self.input_arch = model.input_arch
         self.tower = model.tower
         self.heads = model.heads
+        self.logit_offsets = model.logit_offsets
 
     def forward(
         self, dense: torch.Tensor, ids: Dict[str, torch.Tensor], offsets: Dict[str, torch.Tensor]
@@ -160,10 +161,12 @@ class ServingModel(nn.Module):
                 pooled.append(F.embedding_bag(rows, table, offsets[name], mode=mode))
         if self.input_arch is not None:  # e.g. target attention over the history's positions
             pooled = [self.input_arch(torch.cat(pooled, dim=1))]
-        representations = self.tower(torch.cat([*pooled, dense], dim=1))
+        tower_input = torch.cat([*pooled, dense], dim=1)
+        representations = self.tower(tower_input)
+        offsets = self.logit_offsets(tower_input) if self.logit_offsets is not None else None
         outputs = []
         for i, head in enumerate(self.heads):
-            output = head(representations[i])
+            output = head(representations[i], None if offsets is None else offsets[:, i])
             outputs.append(self.tasks[i].prediction(output))
         return torch.stack(outputs, dim=1)
 

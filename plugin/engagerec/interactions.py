@@ -107,3 +107,55 @@ class DotInteraction(nn.Module):
         dots = products @ self.pair_sums.to(products.dtype)  # [B, pairs]
         first = self.inner(pooled) if self.inner is not None else pooled
         return torch.cat([first, dots], dim=1)
+
+
+class DotLogits(nn.Module):
+    """
+    Adds the dot products straight to chosen tasks' logits, each weighed by a learned scale that
+    starts at 1: the second-order term of a factorisation machine (Rendle, ICDM 2010) beside the
+    deep part, as DeepFM (Guo et al., IJCAI 2017) places it. Through the tower alone, a product's
+    gradient reaches the embeddings scaled by the tower's small weights on it, and within one epoch
+    the tables learn the ids' biases but hardly the user-by-item factors; added to the logit, it
+    reaches them at full strength, as in matrix factorisation.
+
+    Args:
+        start (int): the first dot-product column of the tower's input
+            (``DotInteraction.output_dim - len(pairs)``).
+        pairs (int): how many dot-product columns follow ``start``.
+        num_tasks (int): the model's tasks.
+        tasks (Sequence[int]): the tasks whose logits add the products; the others get 0.
+
+    Call Args:
+        tower_input (torch.Tensor): [B, columns], the tower's input.
+
+    Returns:
+        torch.Tensor: [B, num_tasks], the amounts added to each task's head output before its
+        transform (0 for a task not chosen).
+
+    Raises:
+        ValueError: no task, a task index out of range, or fewer than one pair.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.interactions import DotLogits
+        >>> logits = DotLogits(start=2, pairs=2, num_tasks=2, tasks=[0])
+        >>> logits(torch.tensor([[9.0, 9.0, 0.5, 0.25, 7.0]]))  # columns 2 and 3: 0.5 + 0.25
+        tensor([[0.7500, 0.0000]], grad_fn=<MmBackward0>)
+    """
+
+    def __init__(self, start: int, pairs: int, num_tasks: int, tasks: Sequence[int]) -> None:
+        super().__init__()
+        if pairs < 1 or not tasks or not all(0 <= t < num_tasks for t in tasks):
+            raise ValueError(f"dot logits: tasks {list(tasks)} of {num_tasks}, over {pairs} pairs")
+        self.start, self.pairs = start, pairs
+        chosen = torch.zeros(pairs, num_tasks)
+        chosen[:, list(tasks)] = 1.0
+        # [pairs, tasks]: a product's weight in a task's logit; the mask keeps the others at 0
+        self.scale = nn.Parameter(chosen.clone())
+        self.register_buffer("chosen", chosen, persistent=False)
+
+    def forward(self, tower_input: torch.Tensor) -> torch.Tensor:
+        """tower_input [B, columns] -> [B, num_tasks]."""
+        products = tower_input[:, self.start : self.start + self.pairs]
+        return products @ (self.scale * self.chosen)

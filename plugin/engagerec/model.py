@@ -267,6 +267,9 @@ class MultiTaskModel(nn.Module):
             mean. It reaches the rows through the fused sparse optimiser, on any device
             (FBGEMM's CPU kernels ignore a fused optimiser's ``weight_decay``). Not in eval mode:
             evaluation, predict and export see the task losses alone. Default: 0.
+        logit_offsets (Optional[nn.Module]): maps the tower's input [B, columns] to [B, tasks],
+            added to each head's output unit before its transform, in training, evaluation and
+            export alike (e.g. ``engagerec.interactions.DotLogits``). Default: None.
 
     Call Args:
         batch: engagerec's ``Batch`` (labels by name, weights for missing labels) or
@@ -331,6 +334,7 @@ class MultiTaskModel(nn.Module):
         input_arch: Optional[nn.Module] = None,
         train_autocast: Optional[torch.dtype] = None,
         embedding_l2: float = 0.0,
+        logit_offsets: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         tasks = [task if isinstance(task, Task) else Task(task) for task in tasks]
@@ -364,6 +368,7 @@ class MultiTaskModel(nn.Module):
         if not embedding_l2 >= 0:
             raise ValueError(f"embedding_l2 must be 0 or more, got {embedding_l2}")
         self.embedding_l2 = float(embedding_l2)
+        self.logit_offsets = logit_offsets  # e.g. DotLogits: the tower input -> [B, tasks]
 
     @property
     def embedding_bag_collection(self) -> Optional[nn.Module]:
@@ -401,11 +406,12 @@ class MultiTaskModel(nn.Module):
         pooled = self._pooled(batch)
         shared = self._tower_input(batch, pooled)
         representations = self._tower(shared)
+        offsets = self.logit_offsets(shared) if self.logit_offsets is not None else None
         read = task_labels(batch, self.label_spec)  # ([label per task], [weight per task])
         losses, predictions, labels, weights = [], {}, {}, {}
         for i in range(self.num_tasks):  # concrete ints: the lists are opaque under FX tracing
             task = self.tasks[i]
-            output = self.heads[i](representations[i])
+            output = self.heads[i](representations[i], None if offsets is None else offsets[:, i])
             label, weight = read[0][i], read[1][i]  # weight 0: label missing or padding
             losses.append(task.loss(output, label, weight))
             predictions[task.name] = task.prediction(output).detach()

@@ -17,7 +17,7 @@ from engagerec.config import ExperimentConfig, ModelConfig, TargetAttentionConfi
 from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
-from engagerec.interactions import DotInteraction
+from engagerec.interactions import DotInteraction, DotLogits
 from engagerec.losses import build_loss_weighting
 from engagerec.managed_ids import ManagedCollisionTables, managed_specs
 from engagerec.model import MultiTaskModel
@@ -74,6 +74,7 @@ def build_model(
     if cfg.dot_interactions:
         input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch)
     input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
+    logit_offsets = dot_logits(input_arch, tasks, cfg.dot_logits) if cfg.dot_logits else None
     try:
         tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
     except KeyError as err:  # an unknown name, with the nearest registered one
@@ -94,7 +95,44 @@ def build_model(
         feature_names=spec.feature_names if spec.tables else None,
         loss_weighting=build_loss_weighting(cfg.loss, [t.weight for t in tasks]),
         input_arch=input_arch,
+        logit_offsets=logit_offsets,
     )
+
+
+def dot_logits(input_arch: Optional[nn.Module], tasks: List[Task], names: List[str]) -> DotLogits:
+    """The DotLogits ``model.dot_logits`` describes: the named tasks' logits add the products
+    that ``input_arch`` (a DotInteraction) appends to the tower's input.
+
+    Args:
+        input_arch (Optional[nn.Module]): the model's input arch.
+        tasks (List[Task]): the model's tasks, in order.
+        names (List[str]): the tasks whose logits add the products.
+
+    Returns:
+        DotLogits: over the products' columns, its ``start`` at the DotInteraction's first one.
+
+    Raises:
+        ConfigError: no ``model.dot_interactions``, or a name that is no task or repeats.
+
+    Example::
+
+        >>> from engagerec.config import TaskConfig
+        >>> from engagerec.interactions import DotInteraction
+        >>> arch = DotInteraction([2, 2], ["user", "item"], [("user", "item")])
+        >>> configs = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", "binary")]
+        >>> tasks = [Task(config) for config in configs]
+        >>> logits = dot_logits(arch, tasks, ["watch_ratio"])
+        >>> logits.start, logits.pairs  # the product follows the 4 pooled columns
+        (4, 1)
+    """
+    if not isinstance(input_arch, DotInteraction):
+        raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
+    known = [task.name for task in tasks]
+    unknown = [name for name in names if name not in known]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"model.dot_logits: {names}, expected distinct task names of {known}")
+    pairs = len(input_arch.pairs)
+    return DotLogits(input_arch.output_dim - pairs, pairs, len(tasks), [known.index(name) for name in names])
 
 
 def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class TaskHead(nn.Module):
 
     Call Args:
         representation (torch.Tensor): [B, input_dim], the tower's output for this task.
+        offset (Optional[torch.Tensor]): [B], added to the output unit before the transform.
+            Default: None.
 
     Returns:
         torch.Tensor: [B], one output per sample.
@@ -54,9 +56,12 @@ class TaskHead(nn.Module):
         self.out = nn.Linear(out_dim(input_dim, hidden), 1)
         self.transform = transform
 
-    def forward(self, representation: torch.Tensor) -> torch.Tensor:
-        """representation [B, input_dim] -> [B]."""
+    def forward(self, representation: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """representation [B, input_dim] -> [B]; ``offset`` [B], if given, joins the output unit
+        before the transform (e.g. ``engagerec.interactions.DotLogits``)."""
         value = self.out(self.hidden(representation)).squeeze(-1)
+        if offset is not None:
+            value = value + offset
         return torch.sigmoid(value) if self.transform == "sigmoid" else value
 
 
