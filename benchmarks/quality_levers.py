@@ -105,8 +105,6 @@ VARIANTS: Dict[str, List[str]] = {
         "train.sparse_lr=0.1",
         "train.sparse_optimizer=adagrad",
     ],
-    # the tower's weight on a dot product is what passes its gradient back to the rows
-    "dots, 32 wide, sparse lr 0.1, dense lr 1e-3": [DOTS, WIDE, "train.sparse_lr=0.1", "train.dense_lr=1e-3"],
     # the dotted tables' rows start in [-s, s], not TorchRec's [-1/sqrt(rows), 1/sqrt(rows)]
     # (7e-4 for the video table): matrix factorisation grows its factors out of that start
     **{
