@@ -105,6 +105,21 @@ VARIANTS: Dict[str, List[str]] = {
         "train.sparse_lr=0.1",
         "train.sparse_optimizer=adagrad",
     ],
+    # the products also added to the watch ratio's logit (a factorisation machine's term), and
+    # the user, video and history embeddings trained by that path alone: the tower reads them and
+    # their products without passing its gradient back (model.dot_logits)
+    "dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio": [
+        DOTS,
+        WIDE,
+        "train.sparse_lr=0.1",
+        "model.dot_logits.tasks=[watch_ratio]",
+    ],
+    "dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio, user, video and history detached": [
+        DOTS,
+        WIDE,
+        "train.sparse_lr=0.1",
+        "model.dot_logits={tasks: [watch_ratio], detached: [user_id, content_id, history]}",
+    ],
     # the dotted tables' rows start in [-s, s], not TorchRec's [-1/sqrt(rows), 1/sqrt(rows)]
     # (7e-4 for the video table): matrix factorisation grows its factors out of that start
     **{

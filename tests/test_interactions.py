@@ -51,11 +51,36 @@ def test_after_a_target_attention_the_products_follow_its_output_and_read_the_po
     torch.testing.assert_close(out[:, -1], (pooled[:, 0:2] * pooled[:, 4:6]).sum(1))
 
 
+def test_detached_features_and_their_products_reach_the_tower_as_they_are_but_pass_no_gradient_back():
+    torch.manual_seed(0)
+    names, widths = ["user", "hour", "item", "genre"], [2, 1, 2, 2]
+    pairs = [("user", "item"), ("item", "genre")]
+    plain = DotInteraction(widths, names, pairs)
+    detached = DotInteraction(widths, names, pairs, detached=["user"])
+    pooled = torch.randn(3, 7, requires_grad=True)
+    out = detached(pooled)
+    torch.testing.assert_close(out, plain(pooled))  # the same values
+    out.sum().backward()
+    grad_user, grad_hour, grad_item, grad_genre = pooled.grad.split(widths, dim=1)
+    item, genre = pooled.detach()[:, 3:5], pooled.detach()[:, 5:7]
+    assert torch.equal(grad_user, torch.zeros(3, 2))  # neither its columns nor <user, item> pass it
+    assert torch.equal(grad_hour, torch.ones(3, 1))
+    torch.testing.assert_close(grad_item, 1 + genre)  # its own columns and <item, genre>
+    torch.testing.assert_close(grad_genre, 1 + item)
+    with pytest.raises(ValueError, match=r"detached features \['nope'\] must be embedded"):
+        DotInteraction(widths, names, pairs, detached=["nope"])
+    blocks = ["user", "item", "h@0", "h@1"]
+    attention = TargetAttention([2] * 4, blocks, "item", ["h@0", "h@1"])
+    with pytest.raises(ValueError, match="no inner arch to detach them in"):
+        DotInteraction([2] * 4, blocks, [("user", "item")], attention, detached=["user"])
+
+
 def test_dot_logits_add_the_products_to_the_chosen_tasks_logits_which_pass_their_gradient_at_full_strength():
-    """DotLogits reads the products' columns of the tower input; a chosen task's logit adds each
-    times its scale (1 at the start, so d logit / d product = 1, as in matrix factorisation), the
-    others add 0 and keep 0 however the scales are trained; in MultiTaskModel the offset joins the
-    output unit before the head's sigmoid."""
+    """DotLogits computes its interaction's products from the pooled embeddings; a chosen task's
+    logit adds each times its scale (1 at the start, so d logit / d <u, v> = 1 and the gradient
+    reaches u and v at full strength, as in matrix factorisation), the others add 0 and keep 0
+    however the scales are trained; in MultiTaskModel the offset joins the output unit before
+    the head's sigmoid."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from torchrec.datasets.utils import Batch
 
@@ -64,24 +89,29 @@ def test_dot_logits_add_the_products_to_the_chosen_tasks_logits_which_pass_their
     from engagerec.towers import build_tower
 
     torch.manual_seed(0)
-    logits = DotLogits(start=3, pairs=2, num_tasks=3, tasks=[0, 2])
-    tower_input = torch.randn(4, 6, requires_grad=True)
-    out = logits(tower_input)
-    products = tower_input[:, 3:5].sum(1)
+    names, widths = ["user", "hour", "item", "genre"], [2, 1, 2, 2]
+    interaction = DotInteraction(widths, names, [("user", "item"), ("item", "genre")])
+    logits = DotLogits(interaction, num_tasks=3, tasks=[0, 2])
+    pooled = torch.randn(4, 7, requires_grad=True)
+    out = logits(pooled)
+    user, hour, item, genre = pooled.split(widths, dim=1)
+    products = (user * item).sum(1) + (item * genre).sum(1)
     torch.testing.assert_close(out, torch.stack([products, torch.zeros(4), products], dim=1))
     out[:, 0].sum().backward()
-    assert torch.equal(tower_input.grad[:, 3:5], torch.ones(4, 2))  # full strength, the products alone
-    assert torch.equal(tower_input.grad[:, [0, 1, 2, 5]], torch.zeros(4, 4))
+    grad_user, grad_hour, grad_item, grad_genre = pooled.grad.split(widths, dim=1)
+    torch.testing.assert_close(grad_user, item.detach())
+    torch.testing.assert_close(grad_item, (user + genre).detach())
+    assert torch.equal(grad_hour, torch.zeros(4, 1))
     optimiser = torch.optim.Adam(logits.parameters(), lr=0.1)
     for _ in range(3):
         optimiser.zero_grad()
-        logits(tower_input.detach()).sum().backward()
+        logits(pooled.detach()).sum().backward()
         optimiser.step()
     trained = logits.scale * logits.chosen
     assert torch.equal(trained[:, 1], torch.zeros(2)) and not torch.equal(trained[:, 0], torch.ones(2))
-    for bad in ({"tasks": []}, {"tasks": [3]}, {"pairs": 0, "tasks": [0]}):
+    for bad in ([], [3]):
         with pytest.raises(ValueError, match="dot logits"):
-            DotLogits(**{"start": 0, "pairs": 1, "num_tasks": 3, **bad})
+            DotLogits(interaction, num_tasks=3, tasks=bad)
 
     # in the model: the head's output unit plus <user, item>, then the regression head's sigmoid
     tables = [
@@ -95,7 +125,7 @@ def test_dot_logits_add_the_products_to_the_chosen_tasks_logits_which_pass_their
         tower=build_tower("mmoe", 4 + 1 + 1, 2, num_experts=2, expert_sizes=[4]),
         tasks=tasks,
         input_arch=DotInteraction([2, 2], ["user", "item"], [("user", "item")]),
-        logit_offsets=DotLogits(start=4, pairs=1, num_tasks=2, tasks=[0]),
+        logit_offsets=DotLogits(DotInteraction([2, 2], ["user", "item"], [("user", "item")]), 2, [0]),
     )
     ids = KeyedJaggedTensor.from_lengths_sync(
         keys=["user", "item"],
@@ -130,9 +160,20 @@ def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_confi
         with pytest.raises(ConfigError, match=r"model\.dot_interactions: .*" + message):
             build_model(schema, changed.model)
     for sets, message in (
-        (["model.dot_logits=[watch_ratio]"], "it needs model.dot_interactions"),
-        ([DOTS, "model.dot_logits=[watch]"], r"\['watch'\], expected distinct task names of \['watch_ratio'"),
-        ([DOTS, "model.dot_logits=[skip, skip]"], "expected distinct task names"),
+        (["model.dot_logits.tasks=[watch_ratio]"], "it needs model.dot_interactions"),
+        (
+            [DOTS, "model.dot_logits.tasks=[watch]"],
+            r"\['watch'\], expected distinct task names of \['watch_ratio'",
+        ),
+        ([DOTS, "model.dot_logits.tasks=[skip, skip]"], "expected distinct task names"),
+        (
+            [DOTS, "model.dot_logits.detached=[user_id]"],
+            "without dot_logits.tasks their tables learn nothing",
+        ),
+        (
+            [DOTS, "model.dot_logits={tasks: [skip], detached: [nope]}"],
+            r"detached: \['nope'\] are not embedded",
+        ),
     ):
         with pytest.raises(ConfigError, match=r"model\.dot_logits.*" + message):
             build_model(schema, load_config("synthetic_study", SMALL + sets).model)
@@ -147,7 +188,9 @@ def test_a_model_with_dot_interactions_and_dot_logits_trains_exports_and_predict
 
     data = tmp_path / "data"
     cfg = load_config(
-        "synthetic_study", SMALL + [DOTS, "model.dot_logits=[watch_ratio]", f"train.data_dir={data}"]
+        "synthetic_study",
+        SMALL
+        + [DOTS, "model.dot_logits={tasks: [watch_ratio], detached: [user_id]}", f"train.data_dir={data}"],
     )
     prepare(cfg.data, data)
     run = tmp_path / "run"

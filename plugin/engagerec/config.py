@@ -218,6 +218,21 @@ class EmbeddingConfig:
 
 
 @dataclass
+class DotLogitsConfig:
+    """The dot products of ``model.dot_interactions`` added straight to tasks' logits, each times a
+    learned scale that starts at 1 (engagerec.interactions.DotLogits): matrix factorisation's
+    path from a product to the loss, beside the tower's."""
+
+    # the tasks whose logits add the products: ones whose logit rises with the affinity (a
+    # watch ratio, not a skip); the others read the products in the tower
+    tasks: List[str] = field(default_factory=list)
+    # pooled features the tower reads without passing its gradient back, with the products they
+    # are in: their tables learn from these logits alone. Within one epoch the tower's gradient,
+    # every task's mixed in, otherwise drowns the factors' (docs/EXPERIMENTS.md)
+    detached: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TowerConfig:
     """Which registered tower the model uses (``name``) and the keyword arguments to build it."""
 
@@ -287,11 +302,8 @@ class ModelConfig:
     # a pair's tables must be equally wide: pin them in embeddings.dims, since auto_dim's widths
     # follow the vocabularies' sizes and so the data
     dot_interactions: List[List[str]] = field(default_factory=list)
-    # tasks whose logits also add those dot products, each times a learned scale that starts at 1
-    # (a factorisation machine's term beside the tower, engagerec.interactions.DotLogits): the
-    # tables then learn the user-by-item factors within an epoch. Name tasks whose logit rises
-    # with the affinity (a watch ratio, not a skip): the others read the products in the tower
-    dot_logits: List[str] = field(default_factory=list)
+    # the products also added to tasks' logits, a factorisation machine's term beside the tower
+    dot_logits: DotLogitsConfig = field(default_factory=DotLogitsConfig)
 
 
 @dataclass

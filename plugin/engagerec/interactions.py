@@ -17,6 +17,33 @@ from torch import nn
 from engagerec.attention import column_blocks
 
 
+def pair_products(
+    pooled: torch.Tensor, left: torch.Tensor, right: torch.Tensor, pair_sums: torch.Tensor
+) -> torch.Tensor:
+    """
+    The dot products of column pairs: one gather per side, one multiply, then a fixed 0/1 matrix
+    sums each pair's columns (a matmul: deterministic on GPUs, unlike index_add).
+
+    Args:
+        pooled (torch.Tensor): [B, columns].
+        left (torch.Tensor): the left column of each multiplied pair of columns.
+        right (torch.Tensor): the right column, likewise.
+        pair_sums (torch.Tensor): [len(left), pairs], 1 where a multiplied column belongs to a pair.
+
+    Returns:
+        torch.Tensor: [B, pairs].
+
+    Example::
+
+        >>> import torch
+        >>> pooled = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # <(1, 2), (3, 4)>
+        >>> pair_products(pooled, torch.tensor([0, 1]), torch.tensor([2, 3]), torch.ones(2, 1))
+        tensor([[11.]])
+    """
+    products = pooled.index_select(1, left) * pooled.index_select(1, right)
+    return products @ pair_sums.to(products.dtype)
+
+
 class DotInteraction(nn.Module):
     """
     Appends the dot product of each chosen pair of pooled features to the tower's input: for
@@ -34,6 +61,9 @@ class DotInteraction(nn.Module):
         inner (Optional[nn.Module]): an input arch whose output comes first (it must have
             ``output_dim``). Default: None (the pooled input as it is).
         device (Optional[torch.device]): where the column indices are created. Default: None.
+        detached (Sequence[str]): features whose columns, and the products they are in, reach
+            the output without passing its gradient back: their tables then learn from other
+            paths alone, e.g. ``DotLogits``. Default: () (every column passes it).
 
     Call Args:
         pooled (torch.Tensor): [B, sum(widths)], the pooled embeddings.
@@ -44,7 +74,8 @@ class DotInteraction(nn.Module):
 
     Raises:
         ValueError: a pair names an unknown feature, a feature twice, or two features of
-            different widths; a pair is given twice (in either order); or there are no pairs.
+            different widths; a pair is given twice (in either order); there are no pairs; or a
+            detached feature is unknown or comes with an inner arch.
 
     Example::
 
@@ -65,11 +96,18 @@ class DotInteraction(nn.Module):
         pairs: Sequence[Tuple[str, str]],
         inner: Optional[nn.Module] = None,
         device: Optional[torch.device] = None,
+        detached: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not pairs:
             raise ValueError("dot interaction: no pairs given")
         blocks = column_blocks(widths, names)
+        unknown = [n for n in detached if n not in blocks]
+        if unknown or (detached and inner is not None):
+            raise ValueError(
+                f"dot interaction: detached features {list(detached)} must be embedded (have "
+                f"{list(blocks)}), and there is no inner arch to detach them in"
+            )
         left, right, pair_of_column, seen = [], [], [], set()
         for index, (a, b) in enumerate(pairs):
             unknown = [n for n in (a, b) if n not in blocks]
@@ -91,8 +129,7 @@ class DotInteraction(nn.Module):
             right += range(blocks[b][0], sum(blocks[b]))
             pair_of_column += [index] * blocks[a][1]
         self.pairs = [tuple(pair) for pair in pairs]
-        # every pair's columns side by side: one gather per side, one multiply, then a fixed 0/1
-        # matrix sums each pair's columns (a matmul: deterministic on GPUs, unlike index_add)
+        # every pair's columns side by side (pair_products)
         self.register_buffer("left_columns", torch.tensor(left, device=device), persistent=False)
         self.register_buffer("right_columns", torch.tensor(right, device=device), persistent=False)
         summing = torch.zeros(len(left), len(pairs), device=device)
@@ -100,62 +137,77 @@ class DotInteraction(nn.Module):
         self.register_buffer("pair_sums", summing, persistent=False)
         self.inner = inner
         self.output_dim = (inner.output_dim if inner is not None else sum(widths)) + len(pairs)
+        # 1 where the output passes its gradient back: the columns of features not detached, and
+        # the products of two such features
+        self.detached = list(detached)
+        passes = torch.ones(sum(widths), device=device)
+        for name in detached:
+            passes[blocks[name][0] : sum(blocks[name])] = 0.0
+        pair_passes = [float(a not in detached and b not in detached) for a, b in pairs]
+        self.register_buffer(
+            "passes", torch.cat([passes, torch.tensor(pair_passes, device=device)]), persistent=False
+        )
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, sum(widths)] -> [B, output_dim]: inner(pooled) (or pooled), then the products."""
-        products = pooled.index_select(1, self.left_columns) * pooled.index_select(1, self.right_columns)
-        dots = products @ self.pair_sums.to(products.dtype)  # [B, pairs]
+        dots = pair_products(pooled, self.left_columns, self.right_columns, self.pair_sums)
         first = self.inner(pooled) if self.inner is not None else pooled
-        return torch.cat([first, dots], dim=1)
+        out = torch.cat([first, dots], dim=1)
+        if not self.detached:
+            return out
+        # the same values; the gradient reaches only the columns that pass it
+        return out * self.passes + out.detach() * (1.0 - self.passes)
 
 
 class DotLogits(nn.Module):
     """
-    Adds the dot products straight to chosen tasks' logits, each weighed by a learned scale that
-    starts at 1: the second-order term of a factorisation machine (Rendle, ICDM 2010) beside the
-    deep part, as DeepFM (Guo et al., IJCAI 2017) places it. Through the tower alone, a product's
-    gradient reaches the embeddings scaled by the tower's small weights on it, and within one epoch
-    the tables learn the ids' biases but hardly the user-by-item factors; added to the logit, it
-    reaches them at full strength, as in matrix factorisation.
+    Adds the dot products of a ``DotInteraction``'s pairs straight to chosen tasks' logits, each
+    times a learned scale that starts at 1: the second-order term of a factorisation machine
+    (Rendle, ICDM 2010) beside the deep part, as DeepFM (Guo et al., IJCAI 2017) places it.
+    Through the tower, a product's gradient reaches the embeddings scaled by the tower's small
+    weights on it and mixed with every task's; here it reaches them at full strength, as in
+    matrix factorisation. With the interaction's ``detached`` features, those tables learn from
+    these logits alone.
 
     Args:
-        start (int): the first dot-product column of the tower's input
-            (``DotInteraction.output_dim - len(pairs)``).
-        pairs (int): how many dot-product columns follow ``start``.
+        interaction (DotInteraction): the pairs, over the pooled columns it reads.
         num_tasks (int): the model's tasks.
         tasks (Sequence[int]): the tasks whose logits add the products; the others get 0.
 
     Call Args:
-        tower_input (torch.Tensor): [B, columns], the tower's input.
+        pooled (torch.Tensor): [B, sum(widths)], the pooled embeddings the interaction reads.
 
     Returns:
         torch.Tensor: [B, num_tasks], the amounts added to each task's head output before its
         transform (0 for a task not chosen).
 
     Raises:
-        ValueError: no task, a task index out of range, or fewer than one pair.
+        ValueError: no task, or a task index out of range.
 
     Example::
 
         >>> import torch
-        >>> from engagerec.interactions import DotLogits
-        >>> logits = DotLogits(start=2, pairs=2, num_tasks=2, tasks=[0])
-        >>> logits(torch.tensor([[9.0, 9.0, 0.5, 0.25, 7.0]]))  # columns 2 and 3: 0.5 + 0.25
-        tensor([[0.7500, 0.0000]], grad_fn=<MmBackward0>)
+        >>> from engagerec.interactions import DotInteraction, DotLogits
+        >>> pairs = DotInteraction([2, 2, 1], ["user", "item", "hour"], [("user", "item")])
+        >>> logits = DotLogits(pairs, num_tasks=2, tasks=[0])
+        >>> logits(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]))  # 1 * 3 + 2 * 4 = 11, to task 0
+        tensor([[11.,  0.]], grad_fn=<MmBackward0>)
     """
 
-    def __init__(self, start: int, pairs: int, num_tasks: int, tasks: Sequence[int]) -> None:
+    def __init__(self, interaction: DotInteraction, num_tasks: int, tasks: Sequence[int]) -> None:
         super().__init__()
-        if pairs < 1 or not tasks or not all(0 <= t < num_tasks for t in tasks):
-            raise ValueError(f"dot logits: tasks {list(tasks)} of {num_tasks}, over {pairs} pairs")
-        self.start, self.pairs = start, pairs
-        chosen = torch.zeros(pairs, num_tasks)
+        if not tasks or not all(0 <= t < num_tasks for t in tasks):
+            raise ValueError(f"dot logits: tasks {list(tasks)}, expected some of 0..{num_tasks - 1}")
+        # the interaction's column indices, copied: the interaction itself stays the input arch's
+        for name in ("left_columns", "right_columns", "pair_sums"):
+            self.register_buffer(name, getattr(interaction, name).clone(), persistent=False)
+        chosen = torch.zeros(len(interaction.pairs), num_tasks)
         chosen[:, list(tasks)] = 1.0
         # [pairs, tasks]: a product's weight in a task's logit; the mask keeps the others at 0
         self.scale = nn.Parameter(chosen.clone())
         self.register_buffer("chosen", chosen, persistent=False)
 
-    def forward(self, tower_input: torch.Tensor) -> torch.Tensor:
-        """tower_input [B, columns] -> [B, num_tasks]."""
-        products = tower_input[:, self.start : self.start + self.pairs]
-        return products @ (self.scale * self.chosen)
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, sum(widths)] -> [B, num_tasks]."""
+        dots = pair_products(pooled, self.left_columns, self.right_columns, self.pair_sums)
+        return dots @ (self.scale * self.chosen)

@@ -267,9 +267,10 @@ class MultiTaskModel(nn.Module):
             mean. It reaches the rows through the fused sparse optimiser, on any device
             (FBGEMM's CPU kernels ignore a fused optimiser's ``weight_decay``). Not in eval mode:
             evaluation, predict and export see the task losses alone. Default: 0.
-        logit_offsets (Optional[nn.Module]): maps the tower's input [B, columns] to [B, tasks],
-            added to each head's output unit before its transform, in training, evaluation and
-            export alike (e.g. ``engagerec.interactions.DotLogits``). Default: None.
+        logit_offsets (Optional[nn.Module]): maps the pooled embeddings [B, sparse_dim]
+            (``feature_names`` order, before ``input_arch``) to [B, tasks], added to each head's
+            output unit before its transform, in training, evaluation and export alike (e.g.
+            ``engagerec.interactions.DotLogits``). Needs an embedding module. Default: None.
 
     Call Args:
         batch: engagerec's ``Batch`` (labels by name, weights for missing labels) or
@@ -285,7 +286,8 @@ class MultiTaskModel(nn.Module):
     Raises:
         ValueError: the tower's number of representations is not the number of tasks, a
             feature name is not one of the module's, ``train_autocast`` is another dtype
-            (float16 would need a gradient scaler), or ``embedding_l2`` is negative.
+            (float16 would need a gradient scaler), ``embedding_l2`` is negative, or
+            ``logit_offsets`` come without an embedding module.
 
     Example::
 
@@ -368,7 +370,9 @@ class MultiTaskModel(nn.Module):
         if not embedding_l2 >= 0:
             raise ValueError(f"embedding_l2 must be 0 or more, got {embedding_l2}")
         self.embedding_l2 = float(embedding_l2)
-        self.logit_offsets = logit_offsets  # e.g. DotLogits: the tower input -> [B, tasks]
+        if logit_offsets is not None and not self.has_sparse:
+            raise ValueError("logit_offsets read the pooled embeddings: the model has no embedding module")
+        self.logit_offsets = logit_offsets  # e.g. DotLogits: pooled -> [B, tasks]
 
     @property
     def embedding_bag_collection(self) -> Optional[nn.Module]:
@@ -406,7 +410,7 @@ class MultiTaskModel(nn.Module):
         pooled = self._pooled(batch)
         shared = self._tower_input(batch, pooled)
         representations = self._tower(shared)
-        offsets = self.logit_offsets(shared) if self.logit_offsets is not None else None
+        offsets = self.logit_offsets(pooled) if self.logit_offsets is not None else None
         read = task_labels(batch, self.label_spec)  # ([label per task], [weight per task])
         losses, predictions, labels, weights = [], {}, {}, {}
         for i in range(self.num_tasks):  # concrete ints: the lists are opaque under FX tracing

@@ -71,10 +71,20 @@ def build_model(
         )
     _check_soft_labels(tasks, schema)
     input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
+    logits = cfg.dot_logits
+    unknown = sorted(set(logits.detached) - set(spec.feature_widths))
+    if unknown:
+        raise ConfigError(
+            f"model.dot_logits.detached: {unknown} are not embedded (have {list(spec.feature_widths)})"
+        )
+    if logits.detached and not logits.tasks:
+        raise ConfigError("model.dot_logits.detached: without dot_logits.tasks their tables learn nothing")
     if cfg.dot_interactions:
-        input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch)
+        input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch, detached=logits.detached)
+    elif logits.tasks:
+        raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
     input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
-    logit_offsets = dot_logits(input_arch, tasks, cfg.dot_logits) if cfg.dot_logits else None
+    logit_offsets = dot_logits(input_arch, tasks, logits.tasks) if logits.tasks else None
     try:
         tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
     except KeyError as err:  # an unknown name, with the nearest registered one
@@ -99,20 +109,20 @@ def build_model(
     )
 
 
-def dot_logits(input_arch: Optional[nn.Module], tasks: List[Task], names: List[str]) -> DotLogits:
-    """The DotLogits ``model.dot_logits`` describes: the named tasks' logits add the products
-    that ``input_arch`` (a DotInteraction) appends to the tower's input.
+def dot_logits(input_arch: DotInteraction, tasks: List[Task], names: List[str]) -> DotLogits:
+    """The DotLogits ``model.dot_logits.tasks`` describes: the named tasks' logits add the
+    products of ``input_arch``'s pairs.
 
     Args:
-        input_arch (Optional[nn.Module]): the model's input arch.
+        input_arch (DotInteraction): the model's input arch.
         tasks (List[Task]): the model's tasks, in order.
         names (List[str]): the tasks whose logits add the products.
 
     Returns:
-        DotLogits: over the products' columns, its ``start`` at the DotInteraction's first one.
+        DotLogits: over the interaction's pairs.
 
     Raises:
-        ConfigError: no ``model.dot_interactions``, or a name that is no task or repeats.
+        ConfigError: a name that is no task, or repeats.
 
     Example::
 
@@ -120,19 +130,15 @@ def dot_logits(input_arch: Optional[nn.Module], tasks: List[Task], names: List[s
         >>> from engagerec.interactions import DotInteraction
         >>> arch = DotInteraction([2, 2], ["user", "item"], [("user", "item")])
         >>> configs = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", "binary")]
-        >>> tasks = [Task(config) for config in configs]
-        >>> logits = dot_logits(arch, tasks, ["watch_ratio"])
-        >>> logits.start, logits.pairs  # the product follows the 4 pooled columns
-        (4, 1)
+        >>> logits = dot_logits(arch, [Task(config) for config in configs], ["watch_ratio"])
+        >>> logits.scale.tolist()  # the one product's weight in each task's logit
+        [[1.0, 0.0]]
     """
-    if not isinstance(input_arch, DotInteraction):
-        raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
     known = [task.name for task in tasks]
     unknown = [name for name in names if name not in known]
     if unknown or len(set(names)) != len(names):
-        raise ConfigError(f"model.dot_logits: {names}, expected distinct task names of {known}")
-    pairs = len(input_arch.pairs)
-    return DotLogits(input_arch.output_dim - pairs, pairs, len(tasks), [known.index(name) for name in names])
+        raise ConfigError(f"model.dot_logits.tasks: {names}, expected distinct task names of {known}")
+    return DotLogits(input_arch, len(tasks), [known.index(name) for name in names])
 
 
 def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:
@@ -176,7 +182,7 @@ def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttent
 
 
 def dot_interaction(
-    spec: FeatureSpec, pairs: List[List[str]], inner: Optional[nn.Module] = None
+    spec: FeatureSpec, pairs: List[List[str]], inner: Optional[nn.Module] = None, detached: List[str] = ()
 ) -> DotInteraction:
     """The DotInteraction ``model.dot_interactions`` describes, over the pooled columns of ``spec``.
 
@@ -184,6 +190,8 @@ def dot_interaction(
         spec (FeatureSpec): the model's tables (their feature order is the pooled columns').
         pairs (List[List[str]]): the pairs of pooled features (two names each).
         inner (Optional[nn.Module]): the input arch before it (the target attention), if any.
+        detached (List[str]): features the tower reads without passing its gradient back
+            (``model.dot_logits.detached``).
 
     Returns:
         DotInteraction: its ``output_dim`` replaces the sparse width in the tower's input.
@@ -217,6 +225,7 @@ def dot_interaction(
             list(widths),
             [(a, b) for a, b in pairs],
             inner=inner,
+            detached=detached,
         )
     except ValueError as err:
         raise ConfigError(f"model.dot_interactions: {err}") from None
