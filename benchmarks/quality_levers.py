@@ -38,6 +38,9 @@ DOTS = (
 # the tables of the dotted features (history shares content_id's); auto_dim would keep genres at 16
 WIDE = "model.embeddings.dims={user_id: 32, content_id: 32, author_id: 32, genres: 32}"
 WIDER = "model.embeddings.dims={user_id: 64, content_id: 64, author_id: 64, genres: 64}"
+# the products also added to the watch ratio's logit, and the user, video and history embeddings
+# trained by that path alone (model.dot_logits; configs/kuairand_1k_factors.yaml)
+FACTORS = "model.dot_logits={tasks: [watch_ratio], detached: [user_id, content_id, history]}"
 FIRST = "dot interactions, id embeddings 32 wide, sparse lr 0.1"  # the dots config's variant
 MIN_COUNT_5 = ("data.features.content_id.min_count=5", "data.features.author_id.min_count=5")
 VARIANTS: Dict[str, List[str]] = {
@@ -118,8 +121,12 @@ VARIANTS: Dict[str, List[str]] = {
         DOTS,
         WIDE,
         "train.sparse_lr=0.1",
-        "model.dot_logits={tasks: [watch_ratio], detached: [user_id, content_id, history]}",
+        FACTORS,
     ],
+    # the same (configs/kuairand_1k_factors.yaml) with one change each
+    "factors, sparse lr 0.05": [DOTS, WIDE, FACTORS, "train.sparse_lr=0.05"],
+    "factors, up to 3 epochs": [DOTS, WIDE, FACTORS, "train.sparse_lr=0.1", "train.epochs=3"],
+    "factors, 64 wide": [DOTS, WIDER, FACTORS, "train.sparse_lr=0.1"],
     # the dotted tables' rows start in [-s, s], not TorchRec's [-1/sqrt(rows), 1/sqrt(rows)]
     # (7e-4 for the video table): matrix factorisation grows its factors out of that start
     **{
