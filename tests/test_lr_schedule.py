@@ -102,8 +102,12 @@ def test_progress_is_counted_in_epochs_so_a_resume_on_other_ranks_keeps_its_plac
     assert adam.param_groups[0]["lr"] == pytest.approx(0.01) and schedule.factor == pytest.approx(0.5)
 
 
-def test_a_final_factor_outside_zero_to_one_is_refused():
+def test_a_final_factor_outside_zero_to_one_or_without_a_schedule_is_refused():
     from engagerec.config import load_config
 
     with pytest.raises(ConfigError, match="train.lr_final 1.5, expected 0 to 1"):
         load_config("synthetic_study", ["train.lr_schedule=linear", "train.lr_final=1.5"])
+    with pytest.raises(
+        ConfigError, match=r"train.lr_final 0.1 decays nothing under train.lr_schedule: constant"
+    ):
+        load_config("synthetic_study", ["train.lr_final=0.1"])

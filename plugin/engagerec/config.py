@@ -528,6 +528,11 @@ def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"train.embedding_l2 {tc.embedding_l2}, expected 0 or more")
     if not 0 <= tc.lr_final <= 1:
         raise ConfigError(f"train.lr_final {tc.lr_final}, expected 0 to 1 (a fraction of each learning rate)")
+    if tc.lr_schedule == "constant" and tc.lr_final != 0:  # a forgotten schedule, not a choice
+        raise ConfigError(
+            f"train.lr_final {tc.lr_final} decays nothing under train.lr_schedule: constant "
+            "(set lr_schedule: linear or cosine)"
+        )
     tasks = {t.name: t.kind for t in cfg.model.tasks} or None  # none named: the data's labels
     check_monitor(tc.monitor, tc.monitor_mode, tasks)
     return cfg
