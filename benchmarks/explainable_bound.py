@@ -36,7 +36,7 @@ of the train-mean constant, the learner and each model.
 Reported on the test rows, in expectation over the labels' Beta noise: the noise floor F
 (E[Var(r | x)]), the train-mean constant's MSE C, the oracle's MSE and its share of the
 explainable variance, (C - oracle) / (C - F); with ``--model-mse``, a model's share on the same
-footing. Writes the section ``explainable_bound`` of benchmarks/RESULTS.md.
+footing. Writes the section ``--section`` (``explainable_bound``) of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--min-views", type=int, nargs="+", default=[1, 2, 5, 20])
     parser.add_argument("--predictions", nargs="*", default=[], help="predict outputs on the test split")
     parser.add_argument("--names", nargs="*", default=[], help="a name for each predictions file")
+    parser.add_argument("--section", default="explainable_bound", help="the RESULTS.md section written")
     parser.add_argument(
         "--prepared", nargs="*", default=[], help="the preparation each predictions file scored (one for all)"
     )
@@ -379,7 +380,7 @@ def main() -> None:
         lines.append(
             f"\nA model with test MSE {mse:.4f} recovers {(constant - mse) / (constant - floor):.1%}."
         )
-    record_section("explainable_bound", lines)
+    record_section(args.section, lines)
 
 
 if __name__ == "__main__":
