@@ -105,7 +105,9 @@ bench-shapes: install
 # quality at KuaiRand-1K scale, 5 seeds against the GBDT, on the data `make bench` generates and prepares;
 # then the levers chosen on validation (dot interactions, widths, learning rates, epochs), and the
 # chosen config (configs/kuairand_1k_dots.yaml) tested the same way, its validation runs read back;
-# then a one-seed screen of further levers, and where the test error lies (explainable_bound)
+# then a one-seed screen of further levers, and where the test error lies (explainable_bound); then the
+# factors config (configs/kuairand_1k_factors.yaml): its screen, what its tables hold (factor_recovery),
+# 5 seeds against the GBDT and where its error lies
 KUAIRAND_1K := --data-dir prepared/kuairand_1k --noise-floor generated/kuairand_1k/noise_floor.json
 LEVERS := runs/quality_levers
 bench-quality: install
@@ -140,6 +142,27 @@ bench-quality: install
 		--min-views 1 2 5 20 100 --predictions $(LEVERS)/test_dots.parquet $(LEVERS)/test_l2.parquet \
 		$(LEVERS)/test_min5.parquet --names "dots config, 1 epoch" "3 epochs, embedding l2 0.01" \
 		"3 epochs, ids seen 5+ times" --prepared prepared/kuairand_1k prepared/kuairand_1k prepared/kuairand_1k_min5
+	$(PY) benchmarks/quality_levers.py $(KUAIRAND_1K) --runs $(LEVERS) --seeds 0 --section quality_levers_factors \
+		--variants "dot interactions, id embeddings 32 wide, sparse lr 0.1" \
+		"dots, 32 wide, sparse lr 0.1, element-wise adagrad" "dots, 32 wide, sparse lr 0.1, id rows start in +-0.1" \
+		"dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio" \
+		"dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio, user, video and history detached" \
+		"factors, only the user detached" "factors, every dotted feature detached" "factors, 64 wide" \
+		"factors, up to 2 epochs"
+	$(PY) benchmarks/factor_recovery.py --raw generated/kuairand_1k --prepared prepared/kuairand_1k --mf \
+		--runs $(LEVERS)/dot_interactions_id_embeddings_32_wide_sparse_lr_0.1/seed0 \
+		$(LEVERS)/dots_32_wide_sparse_lr_0.1_dot_logits_on_the_watch_ratio/seed0 \
+		$(LEVERS)/dots_32_wide_sparse_lr_0.1_dot_logits_on_the_watch_ratio_user_video_and_history_detached/seed0 \
+		--names "dots config" "dots config, dot logits on the watch ratio" \
+		"configs/kuairand_1k_factors.yaml (dot logits, user, video and history detached)"
+	$(PY) benchmarks/quality_at_scale.py $(KUAIRAND_1K) --config configs/kuairand_1k_factors.yaml \
+		--section quality_at_scale_factors --runs $(LEVERS)/factors
+	$(VENV)/bin/engagerec predict --run-dir $(LEVERS)/factors/seed0 --input prepared/kuairand_1k --split test \
+		--out $(LEVERS)/test_factors.parquet
+	$(PY) benchmarks/explainable_bound.py --raw generated/kuairand_1k --min-views 1 2 5 20 100 \
+		--predictions $(LEVERS)/test_dots.parquet $(LEVERS)/test_factors.parquet \
+		--names "dots config, 1 epoch" "factors config, 1 epoch" --prepared prepared/kuairand_1k \
+		--section explainable_bound_factors
 
 clean:
 	rm -rf $(VENV) prepared runs
