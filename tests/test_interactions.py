@@ -174,6 +174,10 @@ def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_confi
             [DOTS, "model.dot_logits={tasks: [skip], detached: [nope]}"],
             r"detached: \['nope'\] are not embedded",
         ),
+        (
+            [DOTS, "model.dot_logits={tasks: [skip], detached: [gender]}"],
+            r"detached: \['gender'\] are in no pair of model.dot_interactions",
+        ),
     ):
         with pytest.raises(ConfigError, match=r"model\.dot_logits.*" + message):
             build_model(schema, load_config("synthetic_study", SMALL + sets).model)

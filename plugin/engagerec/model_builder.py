@@ -79,6 +79,13 @@ def build_model(
         )
     if logits.detached and not logits.tasks:
         raise ConfigError("model.dot_logits.detached: without dot_logits.tasks their tables learn nothing")
+    dotted = {name for pair in cfg.dot_interactions for name in pair}
+    undotted = [name for name in logits.detached if name not in dotted]
+    if undotted:  # the tower is their only path: detached, they would learn nothing
+        raise ConfigError(
+            f"model.dot_logits.detached: {undotted} are in no pair of model.dot_interactions, so their "
+            "tables would learn nothing"
+        )
     if cfg.dot_interactions:
         input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch, detached=logits.detached)
     elif logits.tasks:
