@@ -90,8 +90,11 @@ def run_tables(run: Path) -> Dict[str, np.ndarray]:
     }
 
 
-def one_pass_mf(prepared: Path, dim: int = 32, lr: float = 0.1, batch: int = 4096) -> Tuple[Dict, float]:
-    """Plain matrix factorisation, one pass over the training split (see the module docstring).
+def one_pass_mf(
+    prepared: Path, rows: Tuple[int, int], dim: int = 32, lr: float = 0.1, batch: int = 4096
+) -> Tuple[Dict, float]:
+    """Plain matrix factorisation, one pass over the training split (see the module docstring), its
+    tables ``rows`` (users, videos) long as the preparation's; the global mean mu by Adam.
 
     Returns:
         (the user and video factor tables, row 0 out-of-vocabulary; the validation MSE).
@@ -103,9 +106,9 @@ def one_pass_mf(prepared: Path, dim: int = 32, lr: float = 0.1, batch: int = 409
     label = torch.from_numpy(train.column("watch_ratio").to_numpy())
     torch.manual_seed(0)
     tables = []
-    for rows in (int(user.max()) + 1, int(video.max()) + 1):
-        table = torch.nn.Embedding(rows, dim + 1, sparse=True)  # the last column: the bias
-        torch.nn.init.uniform_(table.weight, -(rows**-0.5), rows**-0.5)  # TorchRec's default start
+    for length in rows:
+        table = torch.nn.Embedding(length, dim + 1, sparse=True)  # the last column: the bias
+        torch.nn.init.uniform_(table.weight, -(length**-0.5), length**-0.5)  # TorchRec's default start
         tables.append(table)
     sums = [torch.zeros(t.weight.shape[0]) for t in tables]  # row-wise Adagrad's accumulators
     mu = torch.zeros((), requires_grad=True)
@@ -179,7 +182,7 @@ def main() -> None:
     ]
     mf_line = []
     if args.mf:
-        tables, mse = one_pass_mf(prepared)
+        tables, mse = one_pass_mf(prepared, (len(users) + 1, len(videos) + 1))
         rows.append(
             (
                 "plain matrix factorisation, one pass (reference)",

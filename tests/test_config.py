@@ -22,9 +22,9 @@ def test_a_float_in_exponent_form_without_a_dot_is_a_float(repo):
     """PyYAML follows YAML 1.1, which reads 1e-3 as a string (it wants 1.0e-3); a float key takes it
     as the number a user meant, in the file and in --set, and still refuses other strings."""
     config = repo / "configs" / "kuairand_random.yaml"
-    cfg = load_config(config, ["train.dense_lr=1e-3", "train.sparse_lr=5E-2"])
-    assert (cfg.train.dense_lr, cfg.train.sparse_lr) == (0.001, 0.05)
-    assert config_from_dict({"train": {"lr_final": "+5e-1"}}).train.lr_final == 0.5
+    cfg = load_config(config, ["train.dense_lr=1e-3", "train.sparse_lr=5E-2", "train.embedding_l2=1.5e1"])
+    assert (cfg.train.dense_lr, cfg.train.sparse_lr, cfg.train.embedding_l2) == (0.001, 0.05, 15.0)
+    assert config_from_dict({"train": {"lr_schedule": "linear", "lr_final": "+5e-1"}}).train.lr_final == 0.5
     with pytest.raises(ConfigError, match=r"train.dense_lr: expected float, got '1e-3x'"):
         load_config(config, ["train.dense_lr=1e-3x"])
     with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got '1e3'"):

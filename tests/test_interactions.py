@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_attention import SMALL  # 4,000 synthetic rows, batches of 128
+from test_attention import ATTENTION, SMALL  # 4,000 synthetic rows, batches of 128
 
 from engagerec.attention import TargetAttention
 from engagerec.config import load_config
@@ -67,11 +67,11 @@ def test_detached_features_and_their_products_reach_the_tower_as_they_are_but_pa
     assert torch.equal(grad_hour, torch.ones(3, 1))
     torch.testing.assert_close(grad_item, 1 + genre)  # its own columns and <item, genre>
     torch.testing.assert_close(grad_genre, 1 + item)
-    with pytest.raises(ValueError, match=r"detached features \['nope'\] must be embedded"):
+    with pytest.raises(ValueError, match=r"detached features \['nope'\] are not embedded"):
         DotInteraction(widths, names, pairs, detached=["nope"])
     blocks = ["user", "item", "h@0", "h@1"]
     attention = TargetAttention([2] * 4, blocks, "item", ["h@0", "h@1"])
-    with pytest.raises(ValueError, match="no inner arch to detach them in"):
+    with pytest.raises(ValueError, match="cannot be detached after an inner arch"):
         DotInteraction([2] * 4, blocks, [("user", "item")], attention, detached=["user"])
 
 
@@ -107,8 +107,11 @@ def test_dot_logits_add_the_products_to_the_chosen_tasks_logits_which_pass_their
         optimiser.zero_grad()
         logits(pooled.detach()).sum().backward()
         optimiser.step()
-    trained = logits.scale * logits.chosen
-    assert torch.equal(trained[:, 1], torch.zeros(2)) and not torch.equal(trained[:, 0], torch.ones(2))
+    # the unchosen task's scale never moves (its gradient is masked) and its logit stays 0
+    assert torch.equal(logits.scale[:, 1], torch.zeros(2)) and not torch.equal(
+        logits.scale[:, 0], torch.ones(2)
+    )
+    assert torch.equal(logits(pooled.detach())[:, 1], torch.zeros(4))
     for bad in ([], [3]):
         with pytest.raises(ValueError, match="dot logits"):
             DotLogits(interaction, num_tasks=3, tasks=bad)
@@ -175,12 +178,24 @@ def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_confi
             r"detached: \['nope'\] are not embedded",
         ),
         (
+            [DOTS, "model.dot_logits={tasks: [skip], detached: [user_id]}", ATTENTION],
+            "cannot be combined with model.target_attention",
+        ),
+        (
             [DOTS, "model.dot_logits={tasks: [skip], detached: [gender]}"],
             r"detached: \['gender'\] are in no pair of model.dot_interactions",
         ),
     ):
         with pytest.raises(ConfigError, match=r"model\.dot_logits.*" + message):
             build_model(schema, load_config("synthetic_study", SMALL + sets).model)
+    # (init_scale, beside: a table's start is set by its id space, which a history shares)
+    with pytest.raises(
+        ConfigError, match=r"init_scale.history: not an id space \(its table is id space 'content_id'\)"
+    ):
+        build_model(
+            schema,
+            load_config("synthetic_study", SMALL + ["model.embeddings.init_scale={history: 0.1}"]).model,
+        )
 
 
 @pytest.mark.slow

@@ -162,7 +162,7 @@ def test_init_scale_sets_where_the_fused_tables_rows_start(study_data, tmp_path)
     schema = DatasetSchema.load(opened.data_dir)
     for bad, message in (
         ({"content_id": 0.0}, "init_scale.content_id: 0.0, expected a number > 0"),
-        ({"nope": 0.1}, r"unknown features or id spaces: \['nope'\]"),
+        ({"nope": 0.1}, r"init_scale.nope: not an id space; id spaces: \['content_id', "),
     ):
         with pytest.raises(ConfigError, match=message):
             FeatureSpec.from_schema(schema, dataclasses.replace(embeddings, init_scale=bad))

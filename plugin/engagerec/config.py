@@ -227,8 +227,10 @@ class DotLogitsConfig:
     # watch ratio, not a skip); the others read the products in the tower
     tasks: List[str] = field(default_factory=list)
     # pooled features the tower reads without passing its gradient back, with the products they
-    # are in: their tables learn from these logits alone. Within one epoch the tower's gradient,
-    # every task's mixed in, otherwise drowns the factors' (docs/EXPERIMENTS.md)
+    # are in: their tables learn from these logits alone (and train.embedding_l2; a table shared
+    # with a feature not listed still learns through it: list every feature of the table). Within
+    # one epoch the tower's gradient, every task's mixed in, otherwise drowns the factors'
+    # (docs/EXPERIMENTS.md)
     detached: List[str] = field(default_factory=list)
 
 
@@ -545,8 +547,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-# a number in exponent form without a dot, e.g. 1e-3 or 5E4
-_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+# a number in exponent form that YAML 1.1 leaves a string: no dot (1e-3) or no exponent sign (1.5e3)
+_YAML11_EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -580,7 +582,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it needs "1.0e-3"
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 and 1.5e3 as strings: it wants 1.0e-3
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

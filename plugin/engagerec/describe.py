@@ -11,13 +11,16 @@ from engagerec.model import MultiTaskModel
 
 def parameter_counts(model: MultiTaskModel) -> Dict[str, int]:
     """Parameters per part: ``embeddings/<table>`` (rows x dim), ``input arch`` (e.g. target
-    attention, when the model has one), ``tower`` and ``head/<task>``."""
+    attention, when the model has one), ``logit offsets`` (e.g. DotLogits, when it has them), ``tower``
+    and ``head/<task>``."""
     counts: Dict[str, int] = {}
     if model.has_sparse:
         for table in model.tables:
             counts[f"embeddings/{table.name}"] = table.num_embeddings * table.embedding_dim
     if model.input_arch is not None:
         counts["input arch"] = _count(model.input_arch)
+    if model.logit_offsets is not None:
+        counts["logit offsets"] = _count(model.logit_offsets)
     counts["tower"] = _count(model.tower)
     for task, head in zip(model.tasks, model.heads, strict=True):
         counts[f"head/{task.name}"] = _count(head)

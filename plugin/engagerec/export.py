@@ -159,13 +159,13 @@ class ServingModel(nn.Module):
                 pooled.append(summed)
             else:
                 pooled.append(F.embedding_bag(rows, table, offsets[name], mode=mode))
-        offsets = self.logit_offsets(torch.cat(pooled, dim=1)) if self.logit_offsets is not None else None
+        shifts = self.logit_offsets(torch.cat(pooled, dim=1)) if self.logit_offsets is not None else None
         if self.input_arch is not None:  # e.g. target attention over the history's positions
             pooled = [self.input_arch(torch.cat(pooled, dim=1))]
         representations = self.tower(torch.cat([*pooled, dense], dim=1))
         outputs = []
         for i, head in enumerate(self.heads):
-            output = head(representations[i], None if offsets is None else offsets[:, i])
+            output = head(representations[i], None if shifts is None else shifts[:, i])
             outputs.append(self.tasks[i].prediction(output))
         return torch.stack(outputs, dim=1)
 

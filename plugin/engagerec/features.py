@@ -136,14 +136,21 @@ class FeatureSpec:
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         unknown = (
-            (set(cfg.pooling) | set(cfg.dims) | set(cfg.init_scale))
+            (set(cfg.pooling) | set(cfg.dims))
             - set(kinds)
             - {f.id_space for f in schema.sparse}
             - set(schema.sparse_names)
         )
         if unknown:
             raise ConfigError(f"model.embeddings names unknown features or id spaces: {sorted(unknown)}")
+        spaces_of = {f.name: f.id_space for f in schema.sparse}
         for name, scale in cfg.init_scale.items():
+            if name not in set(spaces_of.values()):  # a table's start: by its id space, not a feature
+                hint = f" (its table is id space '{spaces_of[name]}')" if name in spaces_of else ""
+                raise ConfigError(
+                    f"model.embeddings.init_scale.{name}: not an id space{hint}; id spaces: "
+                    f"{sorted(set(spaces_of.values()))}"
+                )
             if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
                 raise ConfigError(f"model.embeddings.init_scale.{name}: {scale!r}, expected a number > 0")
         spaces: Dict[str, List] = {}

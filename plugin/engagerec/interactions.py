@@ -63,7 +63,8 @@ class DotInteraction(nn.Module):
         device (Optional[torch.device]): where the column indices are created. Default: None.
         detached (Sequence[str]): features whose columns, and the products they are in, reach
             the output without passing its gradient back: their tables then learn from other
-            paths alone, e.g. ``DotLogits``. Default: () (every column passes it).
+            paths alone, e.g. ``DotLogits`` (a table shared with a feature not detached still
+            learns through that feature). Default: () (every column passes it).
 
     Call Args:
         pooled (torch.Tensor): [B, sum(widths)], the pooled embeddings.
@@ -103,10 +104,13 @@ class DotInteraction(nn.Module):
             raise ValueError("dot interaction: no pairs given")
         blocks = column_blocks(widths, names)
         unknown = [n for n in detached if n not in blocks]
-        if unknown or (detached and inner is not None):
+        if unknown:
             raise ValueError(
-                f"dot interaction: detached features {list(detached)} must be embedded (have "
-                f"{list(blocks)}), and there is no inner arch to detach them in"
+                f"dot interaction: detached features {unknown} are not embedded (have {list(blocks)})"
+            )
+        if detached and inner is not None:
+            raise ValueError(
+                "dot interaction: features cannot be detached after an inner arch, which mixes them"
             )
         left, right, pair_of_column, seen = [], [], [], set()
         for index, (a, b) in enumerate(pairs):

@@ -70,12 +70,16 @@ def build_model(
             f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
         )
     _check_soft_labels(tasks, schema)
-    input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
     logits = cfg.dot_logits
     unknown = sorted(set(logits.detached) - set(spec.feature_widths))
     if unknown:
         raise ConfigError(
             f"model.dot_logits.detached: {unknown} are not embedded (have {list(spec.feature_widths)})"
+        )
+    if logits.detached and cfg.target_attention:
+        raise ConfigError(
+            "model.dot_logits.detached cannot be combined with model.target_attention: the attention's "
+            "output mixes the features, so none can reach the tower detached"
         )
     if logits.detached and not logits.tasks:
         raise ConfigError("model.dot_logits.detached: without dot_logits.tasks their tables learn nothing")
@@ -86,6 +90,7 @@ def build_model(
             f"model.dot_logits.detached: {undotted} are in no pair of model.dot_interactions, so their "
             "tables would learn nothing"
         )
+    input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
     if cfg.dot_interactions:
         input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch, detached=logits.detached)
     elif logits.tasks:

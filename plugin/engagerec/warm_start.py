@@ -54,6 +54,7 @@ COMPARED = (
     "model.tasks",
     "model.target_attention",
     "model.dot_interactions",
+    "model.dot_logits",
 )
 VOCABULARIES_FILE = "vocabularies.json"  # in a run directory: the vocabularies it trained with
 
