@@ -125,7 +125,6 @@ VARIANTS: Dict[str, List[str]] = {
     ],
     # the same (configs/kuairand_1k_factors.yaml) with one change each
     "factors, up to 2 epochs": [DOTS, WIDE, FACTORS, "train.sparse_lr=0.1", "train.epochs=2"],
-    "factors, 64 wide": [DOTS, WIDER, FACTORS, "train.sparse_lr=0.1"],
     # the user table alone learns from the dot logits only: the video and history columns, and
     # their product, pass the tower's gradient (a video's bias through the tower, as before)
     "factors, only the user detached": [
@@ -133,14 +132,6 @@ VARIANTS: Dict[str, List[str]] = {
         WIDE,
         "train.sparse_lr=0.1",
         "model.dot_logits={tasks: [watch_ratio], detached: [user_id]}",
-    ],
-    # the author and genre tables too learn from the dot logits alone
-    "factors, every dotted feature detached": [
-        DOTS,
-        WIDE,
-        "train.sparse_lr=0.1",
-        "model.dot_logits.tasks=[watch_ratio]",
-        "model.dot_logits.detached=[user_id, content_id, history, author_id, genres]",
     ],
     # the dotted tables' rows start in [-s, s], not TorchRec's [-1/sqrt(rows), 1/sqrt(rows)]
     # (7e-4 for the video table): matrix factorisation grows its factors out of that start
