@@ -147,7 +147,7 @@ bench-quality: install
 		"dots, 32 wide, sparse lr 0.1, element-wise adagrad" "dots, 32 wide, sparse lr 0.1, id rows start in +-0.1" \
 		"dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio" \
 		"dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio, user, video and history detached" \
-		"factors, only the user detached" "factors, up to 2 epochs"
+		"factors, only the user detached" "factors, up to 2 epochs" "factors, 64 wide"
 	$(PY) benchmarks/factor_recovery.py --raw generated/kuairand_1k --prepared prepared/kuairand_1k --mf \
 		--runs $(LEVERS)/dot_interactions_id_embeddings_32_wide_sparse_lr_0.1/seed0 \
 		$(LEVERS)/dots_32_wide_sparse_lr_0.1_dot_logits_on_the_watch_ratio/seed0 \

@@ -125,6 +125,7 @@ VARIANTS: Dict[str, List[str]] = {
     ],
     # the same (configs/kuairand_1k_factors.yaml) with one change each
     "factors, up to 2 epochs": [DOTS, WIDE, FACTORS, "train.sparse_lr=0.1", "train.epochs=2"],
+    "factors, 64 wide": [DOTS, WIDER, FACTORS, "train.sparse_lr=0.1"],
     # the user table alone learns from the dot logits only: the video and history columns, and
     # their product, pass the tower's gradient (a video's bias through the tower, as before)
     "factors, only the user detached": [
