@@ -141,12 +141,12 @@ def one_pass_mf(
 
 
 def recovery(
-    tables: Dict[str, np.ndarray], world, users: np.ndarray, videos: np.ndarray, views
+    tables: Dict[str, np.ndarray], world, users: np.ndarray, videos: np.ndarray, groups: List[np.ndarray]
 ) -> List[float]:
-    """R^2 of the users' factors, then of the videos' factors and biases per ``VIDEO_GROUPS``."""
+    """R^2 of the users' factors, then of the videos' factors and biases in each group of
+    vocabulary positions (``groups``: one per ``VIDEO_GROUPS``)."""
     out = [r_squared(tables["user"][1 : len(users) + 1], world.user_factors[users])]
-    for low, high in VIDEO_GROUPS:
-        rows = np.nonzero((views[1:] >= low) & (views[1:] <= (high or np.inf)))[0]
+    for rows in groups:
         learned = tables["video"][rows + 1]
         out += [
             r_squared(learned, world.video_factors[videos[rows]]),
@@ -175,9 +175,10 @@ def main() -> None:
     world = kuairand_world(made["scale"], made["seed"], made["popularity_skew"], made["videos"])
     prepared = Path(args.prepared)
     users, videos = vocabulary(prepared, "user_id"), vocabulary(prepared, "content_id")
-    views = training_views(prepared, len(videos) + 1)
+    views = training_views(prepared, len(videos) + 1)[1:]  # by vocabulary position
+    groups = [np.nonzero((views >= low) & (views <= (high or np.inf)))[0] for low, high in VIDEO_GROUPS]
     rows = [
-        (name, recovery(run_tables(Path(run)), world, users, videos, views))
+        (name, recovery(run_tables(Path(run)), world, users, videos, groups))
         for name, run in zip(args.names, args.runs, strict=True)
     ]
     mf_line = []
@@ -186,7 +187,7 @@ def main() -> None:
         rows.append(
             (
                 "plain matrix factorisation, one pass (reference)",
-                recovery(tables, world, users, videos, views),
+                recovery(tables, world, users, videos, groups),
             )
         )
         mf_line = [
@@ -194,10 +195,10 @@ def main() -> None:
             "the fit (its factor columns alone are read), so its bias R^2 is about 0 by construction.",
             "",
         ]
-    groups = [f"{low}+" if high is None else f"{low}-{high}" for low, high in VIDEO_GROUPS]
-    counts = [int(((views[1:] >= low) & (views[1:] <= (high or np.inf))).sum()) for low, high in VIDEO_GROUPS]
+    labels = [f"{low}+" if high is None else f"{low}-{high}" for low, high in VIDEO_GROUPS]
     header = "| tables of | users: factors | " + " | ".join(
-        f"videos seen {g} times ({n:,}): factors / bias" for g, n in zip(groups, counts, strict=True)
+        f"videos seen {label} times ({len(rows):,}): factors / bias"
+        for label, rows in zip(labels, groups, strict=True)
     )
     lines = [
         f"Data: `{args.raw}` (scale {made['scale']}, seed {made['seed']}), preparation `{args.prepared}`. "

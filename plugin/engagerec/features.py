@@ -135,21 +135,17 @@ class FeatureSpec:
                 poolings.
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
-        unknown = (
-            (set(cfg.pooling) | set(cfg.dims))
-            - set(kinds)
-            - {f.id_space for f in schema.sparse}
-            - set(schema.sparse_names)
-        )
+        space_of = {f.name: f.id_space for f in schema.sparse}
+        id_spaces = set(space_of.values())
+        unknown = (set(cfg.pooling) | set(cfg.dims)) - set(kinds) - id_spaces - set(schema.sparse_names)
         if unknown:
             raise ConfigError(f"model.embeddings names unknown features or id spaces: {sorted(unknown)}")
-        spaces_of = {f.name: f.id_space for f in schema.sparse}
         for name, scale in cfg.init_scale.items():
-            if name not in set(spaces_of.values()):  # a table's start: by its id space, not a feature
-                hint = f" (its table is id space '{spaces_of[name]}')" if name in spaces_of else ""
+            if name not in id_spaces:  # a table's start: by its id space, not a feature
+                hint = f" (its table is id space '{space_of[name]}')" if name in space_of else ""
                 raise ConfigError(
-                    f"model.embeddings.init_scale.{name}: not an id space{hint}; id spaces: "
-                    f"{sorted(set(spaces_of.values()))}"
+                    f"model.embeddings.init_scale.{name}: not an id space{hint}; "
+                    f"id spaces: {sorted(id_spaces)}"
                 )
             if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
                 raise ConfigError(f"model.embeddings.init_scale.{name}: {scale!r}, expected a number > 0")

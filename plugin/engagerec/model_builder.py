@@ -70,33 +70,14 @@ def build_model(
             f"model.tasks: labels {missing} are not in the prepared data (labels: {schema.label_names})"
         )
     _check_soft_labels(tasks, schema)
-    logits = cfg.dot_logits
-    unknown = sorted(set(logits.detached) - set(spec.feature_widths))
-    if unknown:
-        raise ConfigError(
-            f"model.dot_logits.detached: {unknown} are not embedded (have {list(spec.feature_widths)})"
-        )
-    if logits.detached and cfg.target_attention:
-        raise ConfigError(
-            "model.dot_logits.detached cannot be combined with model.target_attention: the attention's "
-            "output mixes the features, so none can reach the tower detached"
-        )
-    if logits.detached and not logits.tasks:
-        raise ConfigError("model.dot_logits.detached: without dot_logits.tasks their tables learn nothing")
-    dotted = {name for pair in cfg.dot_interactions for name in pair}
-    undotted = [name for name in logits.detached if name not in dotted]
-    if undotted:  # the tower is their only path: detached, they would learn nothing
-        raise ConfigError(
-            f"model.dot_logits.detached: {undotted} are in no pair of model.dot_interactions, so their "
-            "tables would learn nothing"
-        )
+    _check_dot_logits(cfg, spec)
     input_arch = target_attention(spec, schema, cfg.target_attention) if cfg.target_attention else None
     if cfg.dot_interactions:
-        input_arch = dot_interaction(spec, cfg.dot_interactions, inner=input_arch, detached=logits.detached)
-    elif logits.tasks:
-        raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
+        input_arch = dot_interaction(
+            spec, cfg.dot_interactions, inner=input_arch, detached=cfg.dot_logits.detached
+        )
     input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
-    logit_offsets = dot_logits(input_arch, tasks, logits.tasks) if logits.tasks else None
+    logit_offsets = dot_logits(input_arch, tasks, cfg.dot_logits.tasks) if cfg.dot_logits.tasks else None
     try:
         tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
     except KeyError as err:  # an unknown name, with the nearest registered one
@@ -119,6 +100,34 @@ def build_model(
         input_arch=input_arch,
         logit_offsets=logit_offsets,
     )
+
+
+def _check_dot_logits(cfg: ModelConfig, spec: FeatureSpec) -> None:
+    """Refuse a ``model.dot_logits`` that cannot work: detached features not embedded, detached
+    under target attention, or in no dot pair, or with no task to learn from; tasks without
+    ``model.dot_interactions``."""
+    logits = cfg.dot_logits
+    unknown = sorted(set(logits.detached) - set(spec.feature_widths))
+    if unknown:
+        raise ConfigError(
+            f"model.dot_logits.detached: {unknown} are not embedded (have {list(spec.feature_widths)})"
+        )
+    if logits.detached and cfg.target_attention:
+        raise ConfigError(
+            "model.dot_logits.detached cannot be combined with model.target_attention: the attention's "
+            "output mixes the features, so none can reach the tower detached"
+        )
+    if logits.detached and not logits.tasks:
+        raise ConfigError("model.dot_logits.detached: without dot_logits.tasks their tables learn nothing")
+    dotted = {name for pair in cfg.dot_interactions for name in pair}
+    undotted = [name for name in logits.detached if name not in dotted]
+    if undotted:  # the tower is their only path: detached, they would learn nothing
+        raise ConfigError(
+            f"model.dot_logits.detached: {undotted} are in no pair of model.dot_interactions, so their "
+            "tables would learn nothing"
+        )
+    if logits.tasks and not cfg.dot_interactions:
+        raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
 
 
 def dot_logits(input_arch: DotInteraction, tasks: List[Task], names: List[str]) -> DotLogits:
