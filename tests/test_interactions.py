@@ -144,6 +144,41 @@ def test_dot_logits_add_the_products_to_the_chosen_tasks_logits_which_pass_their
     torch.testing.assert_close(predictions["skip"], torch.sigmoid(unit[1]))
 
 
+def test_first_order_features_add_a_learned_linear_term_whose_gradient_reaches_their_columns():
+    """With first-order features a chosen task's logit adds <w_t, e_f> beside the products, so
+    a detached row learns a per-id bias along w_t: d logit / d e_f = w_t. Unchosen tasks add 0,
+    however the weights are trained; a model without first-order features has no such weight."""
+    torch.manual_seed(0)
+    names, widths = ["user", "hour", "item"], [2, 1, 2]
+    interaction = DotInteraction(widths, names, [("user", "item")], detached=["user", "item"])
+    logits = DotLogits(interaction, num_tasks=2, tasks=[1], first_order=["item", "user"])
+    assert logits.linear.shape == (4, 2)  # the item's 2 columns, then the user's 2
+    pooled = torch.randn(5, 5, requires_grad=True)
+    user, _, item = pooled.split(widths, dim=1)
+    w_item, w_user = logits.linear.detach()[:, 1].clone().split(2)
+    expected = (user * item).sum(1) + item @ w_item + user @ w_user
+    out = logits(pooled)
+    torch.testing.assert_close(out, torch.stack([torch.zeros(5), expected], dim=1))
+    out[:, 1].sum().backward()
+    grad_user, grad_hour, grad_item = pooled.grad.split(widths, dim=1)
+    torch.testing.assert_close(grad_item, user.detach() + w_item)
+    torch.testing.assert_close(grad_user, item.detach() + w_user)
+    assert torch.equal(grad_hour, torch.zeros(5, 1))
+    untrained = logits.linear.detach()[:, 0].clone()
+    optimiser = torch.optim.Adam(logits.parameters(), lr=0.1)
+    for _ in range(3):
+        optimiser.zero_grad()
+        logits(pooled.detach()).sum().backward()
+        optimiser.step()
+    assert torch.equal(logits.linear[:, 0], untrained) and torch.equal(logits(pooled)[:, 0], torch.zeros(5))
+    assert not torch.equal(logits.linear[:, 1].detach(), torch.cat([w_item, w_user]))
+    assert DotLogits(interaction, 2, [1]).linear is None
+    assert "linear" not in DotLogits(interaction, 2, [1]).state_dict()
+    for bad in (["nope"], ["item", "item"]):
+        with pytest.raises(ValueError, match="first-order features"):
+            DotLogits(interaction, 2, [1], first_order=bad)
+
+
 def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_config_error_naming_it(tmp_path):
     cfg = load_config("synthetic_study", SMALL)
     prepare(cfg.data, tmp_path / "data")
@@ -185,6 +220,15 @@ def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_confi
             [DOTS, "model.dot_logits={tasks: [skip], detached: [gender]}"],
             r"detached: \['gender'\] are in no pair of model.dot_interactions",
         ),
+        (
+            [DOTS, "model.dot_logits={tasks: [skip], first_order: [nope]}"],
+            r"first_order: \['nope'\] are not embedded",
+        ),
+        (
+            [DOTS, "model.dot_logits={tasks: [skip], first_order: [user_id, user_id]}"],
+            r"first_order: \['user_id', 'user_id'\] names a feature twice",
+        ),
+        ([DOTS, "model.dot_logits.first_order=[user_id]"], "without dot_logits.tasks there is no logit"),
     ):
         with pytest.raises(ConfigError, match=r"model\.dot_logits.*" + message):
             build_model(schema, load_config("synthetic_study", SMALL + sets).model)
@@ -209,7 +253,11 @@ def test_a_model_with_dot_interactions_and_dot_logits_trains_exports_and_predict
     cfg = load_config(
         "synthetic_study",
         SMALL
-        + [DOTS, "model.dot_logits={tasks: [watch_ratio], detached: [user_id]}", f"train.data_dir={data}"],
+        + [
+            DOTS,
+            "model.dot_logits={tasks: [watch_ratio], detached: [user_id], first_order: [user_id]}",
+            f"train.data_dir={data}",
+        ],
     )
     prepare(cfg.data, data)
     run = tmp_path / "run"
@@ -223,8 +271,11 @@ def test_a_model_with_dot_interactions_and_dot_logits_trains_exports_and_predict
     # the watch ratio's logit adds the 3 products, each scale trained away from its start at 1
     with open_run(run, "best", device="cpu") as opened:
         scale = opened.model.logit_offsets.scale.detach()
+        linear = opened.model.logit_offsets.linear.detach()
     assert scale.shape == (3, 2) and torch.equal(scale[:, 1], torch.zeros(3))
     assert float((scale[:, 0] - 1).abs().min()) > 1e-4
+    # and the user's first-order weights, one per user column, for the watch ratio alone
+    assert linear.shape == (model.input_arch.blocks["user_id"][1], 2) and linear[:, 0].abs().min() > 0
     record = export_run(run, tmp_path / "export")
     assert record["max_abs_difference_fp32_vs_eager"] < 1e-5  # the program computes the products too
     summary = predict(run, data, tmp_path / "preds.parquet")

@@ -232,6 +232,10 @@ class DotLogitsConfig:
     # one epoch the tower's gradient, every task's mixed in, otherwise drowns the factors'
     # (docs/EXPERIMENTS.md)
     detached: List[str] = field(default_factory=list)
+    # pooled features whose embeddings also add a learned linear term, <w, e>, to those logits: a
+    # factorisation machine's first-order term, each id's bias held in its own row. A detached
+    # table has no other path to learn a per-id bias (docs/EXPERIMENTS.md)
+    first_order: List[str] = field(default_factory=list)
 
 
 @dataclass

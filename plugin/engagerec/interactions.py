@@ -133,6 +133,7 @@ class DotInteraction(nn.Module):
             right += range(blocks[b][0], sum(blocks[b]))
             pair_of_column += [index] * blocks[a][1]
         self.pairs = [tuple(pair) for pair in pairs]
+        self.blocks = blocks  # name -> (first column, width) of each pooled feature
         # every pair's columns side by side (pair_products)
         self.register_buffer("left_columns", torch.tensor(left, device=device), persistent=False)
         self.register_buffer("right_columns", torch.tensor(right, device=device), persistent=False)
@@ -173,10 +174,18 @@ class DotLogits(nn.Module):
     matrix factorisation. With the interaction's ``detached`` features, those tables learn from
     these logits alone.
 
+    ``first_order`` features add the machine's first-order term too: ``<w_t, e_f>`` per chosen
+    task, a learned vector over the feature's pooled embedding, so each id's bias is held in its
+    own row, along ``w_t``. A detached table learns a bias by no other path: the tower reads it
+    without passing its gradient back, and a product with a user's factors is no per-video
+    constant.
+
     Args:
         interaction (DotInteraction): the pairs, over the pooled columns it reads.
         num_tasks (int): the model's tasks.
         tasks (Sequence[int]): the tasks whose logits add the products; the others get 0.
+        first_order (Sequence[str]): pooled features whose embeddings also add a learned linear
+            term to the chosen tasks' logits. Default: () (none).
 
     Call Args:
         pooled (torch.Tensor): [B, sum(widths)], the pooled embeddings the interaction reads.
@@ -186,7 +195,8 @@ class DotLogits(nn.Module):
         transform (0 for a task not chosen).
 
     Raises:
-        ValueError: no task, or a task index out of range.
+        ValueError: no task, a task index out of range, or a first-order feature that is not
+            one of the interaction's pooled features, or is given twice.
 
     Example::
 
@@ -196,12 +206,28 @@ class DotLogits(nn.Module):
         >>> logits = DotLogits(pairs, num_tasks=2, tasks=[0])
         >>> logits(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]))  # 1 * 3 + 2 * 4 = 11, to task 0
         tensor([[11.,  0.]], grad_fn=<MmBackward0>)
+        >>> biased = DotLogits(pairs, num_tasks=2, tasks=[0], first_order=["item"])
+        >>> biased.linear.shape  # one weight per item column and task
+        torch.Size([2, 2])
     """
 
-    def __init__(self, interaction: DotInteraction, num_tasks: int, tasks: Sequence[int]) -> None:
+    def __init__(
+        self,
+        interaction: DotInteraction,
+        num_tasks: int,
+        tasks: Sequence[int],
+        first_order: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         if not tasks or not all(0 <= t < num_tasks for t in tasks):
             raise ValueError(f"dot logits: tasks {list(tasks)}, expected some of 0..{num_tasks - 1}")
+        blocks = interaction.blocks
+        unknown = [name for name in first_order if name not in blocks]
+        if unknown or len(set(first_order)) != len(first_order):
+            raise ValueError(
+                f"dot logits: first-order features {list(first_order)}, expected distinct pooled features "
+                f"of {list(blocks)}"
+            )
         # the interaction's column indices, copied: the interaction itself stays the input arch's
         for name in ("left_columns", "right_columns", "pair_sums"):
             self.register_buffer(name, getattr(interaction, name).clone(), persistent=False)
@@ -210,8 +236,23 @@ class DotLogits(nn.Module):
         # [pairs, tasks]: a product's weight in a task's logit; the mask keeps the others at 0
         self.scale = nn.Parameter(chosen.clone())
         self.register_buffer("chosen", chosen, persistent=False)
+        self.first_order = list(first_order)
+        columns = [c for name in first_order for c in range(blocks[name][0], sum(blocks[name]))]
+        self.register_buffer("linear_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.register_buffer("linear_chosen", chosen[:1].expand(len(columns), -1).clone(), persistent=False)
+        # [columns, tasks], drawn as nn.Linear draws its weights: a row's bias starts to be learned
+        # at once (at 0, an embedding's gradient through this term would start at 0 too). Without
+        # first-order features there is no parameter: a model's state and random draws stay as
+        # they were before the term existed
+        self.register_parameter("linear", None)
+        if columns:
+            bound = 1.0 / len(columns) ** 0.5
+            self.linear = nn.Parameter(torch.empty(len(columns), num_tasks).uniform_(-bound, bound))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, sum(widths)] -> [B, num_tasks]."""
         dots = pair_products(pooled, self.left_columns, self.right_columns, self.pair_sums)
-        return dots @ (self.scale * self.chosen)
+        logits = dots @ (self.scale * self.chosen)
+        if self.linear is None:
+            return logits
+        return logits + pooled.index_select(1, self.linear_columns) @ (self.linear * self.linear_chosen)

@@ -13,7 +13,14 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from engagerec.attention import TargetAttention
-from engagerec.config import ExperimentConfig, ModelConfig, TargetAttentionConfig, TaskConfig, prepared_dir
+from engagerec.config import (
+    DotLogitsConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TargetAttentionConfig,
+    TaskConfig,
+    prepared_dir,
+)
 from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
@@ -77,7 +84,7 @@ def build_model(
             spec, cfg.dot_interactions, inner=input_arch, detached=cfg.dot_logits.detached
         )
     input_dim = input_arch.output_dim + spec.dense_dim if input_arch else spec.input_dim
-    logit_offsets = dot_logits(input_arch, tasks, cfg.dot_logits.tasks) if cfg.dot_logits.tasks else None
+    logit_offsets = dot_logits(input_arch, tasks, cfg.dot_logits) if cfg.dot_logits.tasks else None
     try:
         tower = build_tower(cfg.tower.name, input_dim, len(tasks), **cfg.tower.params)
     except KeyError as err:  # an unknown name, with the nearest registered one
@@ -103,14 +110,22 @@ def build_model(
 
 
 def _check_dot_logits(cfg: ModelConfig, spec: FeatureSpec) -> None:
-    """Refuse a ``model.dot_logits`` that cannot work: detached features not embedded, detached
-    under target attention, or in no dot pair, or with no task to learn from; tasks without
+    """Refuse a ``model.dot_logits`` that cannot work: detached or first-order features not
+    embedded; detached features under target attention, or in no dot pair; first-order features
+    named twice; detached or first-order features with no task; tasks without
     ``model.dot_interactions``."""
     logits = cfg.dot_logits
-    unknown = sorted(set(logits.detached) - set(spec.feature_widths))
-    if unknown:
+    for key in ("detached", "first_order"):
+        unknown = sorted(set(getattr(logits, key)) - set(spec.feature_widths))
+        if unknown:
+            raise ConfigError(
+                f"model.dot_logits.{key}: {unknown} are not embedded (have {list(spec.feature_widths)})"
+            )
+    if len(set(logits.first_order)) != len(logits.first_order):
+        raise ConfigError(f"model.dot_logits.first_order: {logits.first_order} names a feature twice")
+    if logits.first_order and not logits.tasks:
         raise ConfigError(
-            f"model.dot_logits.detached: {unknown} are not embedded (have {list(spec.feature_widths)})"
+            "model.dot_logits.first_order: without dot_logits.tasks there is no logit to add to"
         )
     if logits.detached and cfg.target_attention:
         raise ConfigError(
@@ -130,36 +145,37 @@ def _check_dot_logits(cfg: ModelConfig, spec: FeatureSpec) -> None:
         raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
 
 
-def dot_logits(input_arch: DotInteraction, tasks: List[Task], names: List[str]) -> DotLogits:
-    """The DotLogits ``model.dot_logits.tasks`` describes: the named tasks' logits add the
-    products of ``input_arch``'s pairs.
+def dot_logits(input_arch: DotInteraction, tasks: List[Task], cfg: DotLogitsConfig) -> DotLogits:
+    """The DotLogits ``model.dot_logits`` describes: the named tasks' logits add the products of
+    ``input_arch``'s pairs, and the first-order terms of its ``first_order`` features.
 
     Args:
         input_arch (DotInteraction): the model's input arch.
         tasks (List[Task]): the model's tasks, in order.
-        names (List[str]): the tasks whose logits add the products.
+        cfg (DotLogitsConfig): ``model.dot_logits``.
 
     Returns:
         DotLogits: over the interaction's pairs.
 
     Raises:
-        ConfigError: a name that is no task, or repeats.
+        ConfigError: a task name that is no task, or repeats.
 
     Example::
 
-        >>> from engagerec.config import TaskConfig
+        >>> from engagerec.config import DotLogitsConfig, TaskConfig
         >>> from engagerec.interactions import DotInteraction
         >>> arch = DotInteraction([2, 2], ["user", "item"], [("user", "item")])
         >>> configs = [TaskConfig("watch_ratio", "watch_ratio"), TaskConfig("skip", "skip", "binary")]
-        >>> logits = dot_logits(arch, [Task(config) for config in configs], ["watch_ratio"])
+        >>> logits = dot_logits(arch, [Task(config) for config in configs], DotLogitsConfig(["watch_ratio"]))
         >>> logits.scale.tolist()  # the one product's weight in each task's logit
         [[1.0, 0.0]]
     """
     known = [task.name for task in tasks]
+    names = cfg.tasks
     unknown = [name for name in names if name not in known]
     if unknown or len(set(names)) != len(names):
         raise ConfigError(f"model.dot_logits.tasks: {names}, expected distinct task names of {known}")
-    return DotLogits(input_arch, len(tasks), [known.index(name) for name in names])
+    return DotLogits(input_arch, len(tasks), [known.index(name) for name in names], cfg.first_order)
 
 
 def target_attention(spec: FeatureSpec, schema: DatasetSchema, cfg: TargetAttentionConfig) -> TargetAttention:
