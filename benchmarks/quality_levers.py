@@ -1,10 +1,11 @@
 """Levers on quality at the KuaiRand-1K shape, chosen on the validation split only.
 
     .venv/bin/python benchmarks/quality_levers.py --data-dir D --noise-floor RAW/noise_floor.json \\
-        --runs DIR [--seeds 0 1 2] [--variants NAME ...] [--section quality_levers]
+        --runs DIR [--config C] [--seeds 0 1 2] [--variants NAME ...] [--section quality_levers]
 
-Each variant is `engagerec train --config configs/kuairand_1k.yaml` on D with its overrides
-(``VARIANTS``), one fresh process per seed; validation picks each run's best epoch, and only that
+Each variant is `engagerec train --config C` (``--config``, configs/kuairand_1k.yaml unless
+given) on D, a preparation of C, with the variant's overrides (``VARIANTS``), one fresh process
+per seed; validation picks each run's best epoch, and only that
 epoch's validation metrics are read: the test split decides nothing here (benchmarks/
 quality_at_scale.py tests the chosen variant beside the GBDT). Reported per variant, mean ± 95%
 CI over seeds: validation loss, watch-ratio MSE, the share of the explainable watch-ratio
@@ -38,6 +39,7 @@ DOTS = (
 # the tables of the dotted features (history shares content_id's); auto_dim would keep genres at 16
 WIDE = "model.embeddings.dims={user_id: 32, content_id: 32, author_id: 32, genres: 32}"
 WIDER = "model.embeddings.dims={user_id: 64, content_id: 64, author_id: 64, genres: 64}"
+WIDEST = "model.embeddings.dims={user_id: 128, content_id: 128, author_id: 128, genres: 128}"
 # the products also added to the watch ratio's logit, and the user, video and history embeddings
 # trained by that path alone (model.dot_logits; configs/kuairand_1k_factors.yaml)
 FACTORS = "model.dot_logits={tasks: [watch_ratio], detached: [user_id, content_id, history]}"
@@ -126,6 +128,8 @@ VARIANTS: Dict[str, List[str]] = {
     # the same (configs/kuairand_1k_factors.yaml) with one change each
     "factors, up to 2 epochs": [DOTS, WIDE, FACTORS, "train.sparse_lr=0.1", "train.epochs=2"],
     "factors, 64 wide": [DOTS, WIDER, FACTORS, "train.sparse_lr=0.1"],
+    "factors, 64 wide, sparse lr 0.3": [DOTS, WIDER, FACTORS, "train.sparse_lr=0.3"],
+    "factors, 128 wide": [DOTS, WIDEST, FACTORS, "train.sparse_lr=0.1"],
     # the user's and the video's embeddings also add a learned linear term to the watch ratio's
     # logit (the machine's first-order term): detached, the video table had no path to its bias
     # (factor_recovery: bias R^2 0.045 for videos seen 100+ times, against 0.733 through the tower)
@@ -138,6 +142,18 @@ VARIANTS: Dict[str, List[str]] = {
             "model.dot_logits.first_order=[user_id, content_id]",
         ]
         for width, dims in ((32, WIDE), (64, WIDER))
+    },
+    # with --config configs/kuairand_1k_factors_genre.yaml (and its preparation): the factors
+    # config plus the video's first listed genre dotted with the user, at two table widths
+    **{
+        f"genre config, {width} wide": [
+            "model.embeddings.dims={"
+            + ", ".join(
+                f"{t}: {width}" for t in ("user_id", "content_id", "author_id", "genres", "first_genre")
+            )
+            + "}"
+        ]
+        for width in (64, 128)
     },
     # the user table alone learns from the dot logits only: the video and history columns, and
     # their product, pass the tower's gradient (a video's bias through the tower, as before)
@@ -171,21 +187,21 @@ def run_dir(runs: Path, name: str, seed: int) -> Path:
     return runs / slug / f"seed{seed}"
 
 
-def validation(name: str, data_dir: Path, seed: int, runs: Path) -> Dict:
-    """Variant ``name``'s run of ``seed`` (trained if missing): its best epoch's validation
+def validation(name: str, config: str, data_dir: Path, seed: int, runs: Path) -> Dict:
+    """Variant ``name``'s run of ``seed`` on ``config`` (trained if missing): its best epoch's validation
     metrics, that epoch (from 1), how many it trained and the validation loss after each."""
     from engagerec.config import load_config
 
     out = run_dir(runs, name, seed)
     if any("{first}" in o for o in VARIANTS[name]):  # a warm start from the dots config's run
-        validation(FIRST, data_dir, seed, runs)  # trained first if missing
+        validation(FIRST, config, data_dir, seed, runs)  # trained first if missing
     variant = [o.replace("{first}", str(run_dir(runs, FIRST, seed))) for o in VARIANTS[name]]
     sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", *variant]
     if not (out / "results.json").is_file():
-        command = [sys.executable, "-m", "engagerec", "train", "--config", CONFIG, "--out", str(out)]
+        command = [sys.executable, "-m", "engagerec", "train", "--config", config, "--out", str(out)]
         command += [a for kv in [*sets, "train.progress_bar=false"] for a in ("--set", kv)]
         subprocess.run(command, check=True, cwd=REPO)
-    other = other_settings(out, load_config(str(REPO / CONFIG), sets), ignored=("progress_bar",))
+    other = other_settings(out, load_config(str(REPO / config), sets), ignored=("progress_bar",))
     if other:
         raise SystemExit(
             f"{out} holds a run of other data or settings than variant '{name}' with seed {seed} "
@@ -208,7 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-dir", required=True, help="a KuaiRand-1K-shaped preparation")
+    parser.add_argument("--config", default=CONFIG, help="the config the variants' overrides change")
+    parser.add_argument("--data-dir", required=True, help="a KuaiRand-1K-shaped preparation of it")
     parser.add_argument("--noise-floor", required=True, help="the generator's noise_floor.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -217,9 +234,11 @@ def main() -> None:
     args = parser.parse_args()
     data_dir, runs = Path(args.data_dir).resolve(), Path(args.runs).resolve()
     floor = json.loads(Path(args.noise_floor).read_text())["watch_ratio"]["mse"]
-    found = {name: [validation(name, data_dir, s, runs) for s in args.seeds] for name in args.variants}
+    found = {
+        name: [validation(name, args.config, data_dir, s, runs) for s in args.seeds] for name in args.variants
+    }
     lines = [
-        f"`engagerec train --config {CONFIG}` on one KuaiRand-1K-shaped preparation with each "
+        f"`engagerec train --config {args.config}` on one KuaiRand-1K-shaped preparation with each "
         f"variant's overrides, seeds {', '.join(map(str, args.seeds))}; the validation split's metrics "
         "at the epoch validation chose (the test split is not read)"
         + (", mean ± 95% CI over seeds. " if len(args.seeds) > 1 else ". ")

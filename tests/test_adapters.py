@@ -1,8 +1,10 @@
 """Adapters: KuaiRand's official file layout, the generic tables adapter with a column mapping."""
 
 import shutil
+from dataclasses import replace
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import KUAIRAND
@@ -79,7 +81,9 @@ def test_kuairand_official_layout_reads_every_log_file_and_refuses_leaks(tmp_pat
     assert summary["all"]["labels"]["click"]["mean"] == pytest.approx(kept.is_click.mean(), rel=1e-9)
 
 
-def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
+def test_kuairand_official_layout_prepares_with_multi_hot_genres_and_the_first_genre_alone(tmp_path):
+    """genres is the video's whole tag list as one bag; first_genre (max_items: 1) the list's
+    first tag only, with an id space of its own; max_items on another kind is refused."""
     data, _ = _official_layout(tmp_path)
     cfg = config_from_dict(
         {
@@ -95,6 +99,13 @@ def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
                     {"name": "content_id"},
                     {"name": "tab"},
                     {"name": "genres", "kind": "multi_hot"},
+                    {
+                        "name": "first_genre",
+                        "kind": "multi_hot",
+                        "column": "genres",
+                        "max_items": 1,
+                        "id_space": "first_genre",
+                    },
                     {"name": "duration", "kind": "numeric", "transform": "log1p"},
                 ],
                 "filters": {"min_user_views": 0},
@@ -105,6 +116,19 @@ def test_kuairand_official_layout_prepares_with_multi_hot_genres(tmp_path):
     assert summary["rows_read"] == 200
     assert summary["rows_kept"] + summary["rows_dropped"] == 200
     assert summary["sparse_features"]["genres"] > 2
+    schema = DatasetSchema.load(tmp_path / "out")
+    tags, firsts = (schema.vocab(tmp_path / "out", space) for space in ("genres", "first_genre"))
+    train = pq.read_table(tmp_path / "out" / "train", columns=["genres", "first_genre"]).to_pydict()
+    several = 0
+    for bag, first in zip(train["genres"], train["first_genre"], strict=True):
+        assert len(first) == min(len(bag), 1)  # (ids are vocabulary positions + 1)
+        assert [firsts[i - 1] for i in first] == [tags[i - 1] for i in bag[:1]]
+        several += len(bag) > 1
+    assert several > 0 and len(firsts) < len(tags)  # later tags are in the bag, not in first_genre
+    features = cfg.data.features
+    features[1] = replace(features[1], max_items=1)
+    with pytest.raises(DataError, match=r"'tab'\): max_items 1 on a categorical feature"):
+        prepare(cfg.data, tmp_path / "refused")
 
 
 def _tables_config(path, **source):

@@ -53,6 +53,10 @@ class FeatureConfig:
     id_space: Optional[str] = None  # features sharing an id space share a vocab/table
     min_count: int = 1  # rarer ids map to the out-of-vocabulary row
     separator: str = ","
+    # multi_hot: keep only a row's first this many ids (0: all of them), e.g. a video's first
+    # listed genre, its primary one, as a feature of its own beside the whole bag (which shares
+    # the bag's id space and table, as any feature of the same column, unless id_space is set)
+    max_items: int = 0
     transform: Literal["none", "log1p"] = "none"  # numeric, id_count
     missing: Literal["error", "mean"] = "error"  # numeric: mean imputes the train mean
     buckets: int = 0  # numeric: exact train quantiles (DuckDB quantile_cont), then a sparse bucket id

@@ -83,6 +83,11 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             raise DataError(f"{where}: unknown missing policy '{feature.missing}'", expected="error or mean")
         if feature.positions and feature.kind != "history":
             raise DataError(f"{where}: positions: true on a {feature.kind} feature", expected="kind: history")
+        if feature.max_items < 0 or (feature.max_items and feature.kind != "multi_hot"):
+            raise DataError(
+                f"{where}: max_items {feature.max_items} on a {feature.kind} feature",
+                expected="max_items >= 1 on a multi_hot feature (0: every id of the list)",
+            )
         if feature.managed_collisions:
             _check_managed(feature, where)
         if feature.kind in ("history_mean", "target_mean") and feature.of not in labels:
@@ -358,6 +363,8 @@ class Fitter:
                     f"coalesce(CAST(e.{quote(column)} AS VARCHAR), ''), {sep}), lambda t: trim(t)), "
                     "lambda t: t <> '')"
                 )
+                if feature.max_items:  # the list's first ids, in the order the row gives them
+                    tokens = f"list_slice({tokens}, 1, {int(feature.max_items)})"
                 info = self._fit_space(space, tokens, feature, multi=True)
                 info.setdefault("token_type", "VARCHAR")
                 self.schema.token_types[space] = info["token_type"]
