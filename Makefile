@@ -107,8 +107,10 @@ bench-shapes: install
 # chosen config (configs/kuairand_1k_dots.yaml) tested the same way, its validation runs read back;
 # then a one-seed screen of further levers, and where the test error lies (explainable_bound); then the
 # factors config (configs/kuairand_1k_factors.yaml): its screen, what its tables hold (factor_recovery),
-# 5 seeds against the GBDT and where its error lies
+# 5 seeds against the GBDT and where its error lies; then its next levers, and the genre config
+# (configs/kuairand_1k_factors_genre.yaml) chosen on validation and tested the same way (about 9 h in all)
 KUAIRAND_1K := --data-dir prepared/kuairand_1k --noise-floor generated/kuairand_1k/noise_floor.json
+KUAIRAND_1K_GENRE := --data-dir prepared/kuairand_1k_factors_genre --noise-floor generated/kuairand_1k/noise_floor.json
 LEVERS := runs/quality_levers
 bench-quality: install
 	$(PY) benchmarks/quality_at_scale.py $(KUAIRAND_1K)
@@ -162,6 +164,25 @@ bench-quality: install
 		--predictions $(LEVERS)/test_dots.parquet $(LEVERS)/test_factors.parquet \
 		--names "dots config, 1 epoch" "factors config, 1 epoch" --prepared prepared/kuairand_1k \
 		--section explainable_bound_factors
+	# the factors config's next levers on validation: first-order terms, a higher rate, wider tables
+	$(PY) benchmarks/quality_levers.py $(KUAIRAND_1K) --runs $(LEVERS) --seeds 0 --section quality_levers_first_order \
+		--variants "dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio, user, video and history detached" \
+		"factors, 64 wide" "factors, 64 wide, first-order user and video" "factors, 32 wide, first-order user and video" \
+		"factors, 64 wide, sparse lr 0.3" "factors, 128 wide"
+	$(PY) benchmarks/factor_recovery.py --raw generated/kuairand_1k --prepared prepared/kuairand_1k \
+		--runs $(LEVERS)/dots_32_wide_sparse_lr_0.1_dot_logits_on_the_watch_ratio_user_video_and_history_detached/seed0 \
+		$(LEVERS)/factors_64_wide/seed0 $(LEVERS)/factors_64_wide_first-order_user_and_video/seed0 \
+		$(LEVERS)/factors_128_wide/seed0 --names "factors config (32 wide)" "factors config, 64 wide" \
+		"factors config, 64 wide, first-order user and video" "factors config, 128 wide" \
+		--section factor_recovery_first_order
+	# the video's first genre as a feature of its own (configs/kuairand_1k_factors_genre.yaml, its own
+	# preparation): its width chosen on validation, then 5 seeds on test beside the GBDT
+	$(VENV)/bin/engagerec prepare --config configs/kuairand_1k_factors_genre.yaml
+	$(PY) benchmarks/quality_levers.py --config configs/kuairand_1k_factors_genre.yaml $(KUAIRAND_1K_GENRE) \
+		--runs $(LEVERS)/genre --seeds 0 --section quality_levers_genre \
+		--variants "genre config, 64 wide" "genre config, 128 wide"
+	$(PY) benchmarks/quality_at_scale.py --config configs/kuairand_1k_factors_genre.yaml $(KUAIRAND_1K_GENRE) \
+		--section quality_at_scale_genre --runs $(LEVERS)/genre/genre_config_128_wide
 
 clean:
 	rm -rf $(VENV) prepared runs

@@ -4,7 +4,7 @@
         --runs DIR [--config C] [--seeds 0 1 2] [--variants NAME ...] [--section quality_levers]
 
 Each variant is `engagerec train --config C` (``--config``, configs/kuairand_1k.yaml unless
-given) on D, a preparation of C, with the variant's overrides (``VARIANTS``), one fresh process
+given) on D, a preparation of C, with the variant's overrides (``VARIANTS_OF[C]``), one fresh process
 per seed; validation picks each run's best epoch, and only that
 epoch's validation metrics are read: the test split decides nothing here (benchmarks/
 quality_at_scale.py tests the chosen variant beside the GBDT). Reported per variant, mean ± 95%
@@ -143,18 +143,6 @@ VARIANTS: Dict[str, List[str]] = {
         ]
         for width, dims in ((32, WIDE), (64, WIDER))
     },
-    # with --config configs/kuairand_1k_factors_genre.yaml (and its preparation): the factors
-    # config plus the video's first listed genre dotted with the user, at two table widths
-    **{
-        f"genre config, {width} wide": [
-            "model.embeddings.dims={"
-            + ", ".join(
-                f"{t}: {width}" for t in ("user_id", "content_id", "author_id", "genres", "first_genre")
-            )
-            + "}"
-        ]
-        for width in (64, 128)
-    },
     # the user table alone learns from the dot logits only: the video and history columns, and
     # their product, pass the tower's gradient (a video's bias through the tower, as before)
     "factors, only the user detached": [
@@ -178,6 +166,18 @@ VARIANTS: Dict[str, List[str]] = {
         for scale in (0.1,)
     },
 }
+GENRE_CONFIG = "configs/kuairand_1k_factors_genre.yaml"
+# the variants of --config GENRE_CONFIG (on its preparation): the factors config plus the video's
+# first listed genre dotted with the user, at two table widths
+GENRE_VARIANTS: Dict[str, List[str]] = {
+    f"genre config, {width} wide": [
+        "model.embeddings.dims={"
+        + ", ".join(f"{t}: {width}" for t in ("user_id", "content_id", "author_id", "genres", "first_genre"))
+        + "}"
+    ]
+    for width in (64, 128)
+}
+VARIANTS_OF = {CONFIG: VARIANTS, GENRE_CONFIG: GENRE_VARIANTS}  # --config -> the variants it takes
 KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
 
@@ -193,9 +193,10 @@ def validation(name: str, config: str, data_dir: Path, seed: int, runs: Path) ->
     from engagerec.config import load_config
 
     out = run_dir(runs, name, seed)
-    if any("{first}" in o for o in VARIANTS[name]):  # a warm start from the dots config's run
+    overrides = VARIANTS_OF[config][name]
+    if any("{first}" in o for o in overrides):  # a warm start from the dots config's run
         validation(FIRST, config, data_dir, seed, runs)  # trained first if missing
-    variant = [o.replace("{first}", str(run_dir(runs, FIRST, seed))) for o in VARIANTS[name]]
+    variant = [o.replace("{first}", str(run_dir(runs, FIRST, seed))) for o in overrides]
     sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", *variant]
     if not (out / "results.json").is_file():
         command = [sys.executable, "-m", "engagerec", "train", "--config", config, "--out", str(out)]
@@ -224,14 +225,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=CONFIG, help="the config the variants' overrides change")
+    parser.add_argument(
+        "--config",
+        default=CONFIG,
+        choices=list(VARIANTS_OF),
+        help="the config the variants' overrides change",
+    )
     parser.add_argument("--data-dir", required=True, help="a KuaiRand-1K-shaped preparation of it")
     parser.add_argument("--noise-floor", required=True, help="the generator's noise_floor.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", help="names of the config's variants (default: all of them)")
     parser.add_argument("--runs", required=True, help="where the runs go (kept; read again if there)")
     parser.add_argument("--section", default="quality_levers", help="the RESULTS.md section written")
     args = parser.parse_args()
+    variants = VARIANTS_OF[args.config]
+    unknown = [name for name in args.variants or [] if name not in variants]
+    if unknown:  # before anything trains
+        parser.error(f"--variants {unknown} are not variants of {args.config}: {list(variants)}")
+    args.variants = args.variants or list(variants)
     data_dir, runs = Path(args.data_dir).resolve(), Path(args.runs).resolve()
     floor = json.loads(Path(args.noise_floor).read_text())["watch_ratio"]["mse"]
     found = {
@@ -255,7 +266,7 @@ def main() -> None:
             / (s["watch_ratio/baseline_mse_train_mean"] - floor)
             for s in seeds
         ]
-        overrides = "; ".join(f"`{o}`" for o in VARIANTS[name]) or "none"
+        overrides = "; ".join(f"`{o}`" for o in variants[name]) or "none"
         metrics = [cell(mean_ci([s[key] for s in seeds])) for key in KEYS]
         epochs = ", ".join(f"{s['epoch']}/{s['epochs']}" for s in seeds)
         lines.append(

@@ -125,10 +125,17 @@ def test_kuairand_official_layout_prepares_with_multi_hot_genres_and_the_first_g
         assert [firsts[i - 1] for i in first] == [tags[i - 1] for i in bag[:1]]
         several += len(bag) > 1
     assert several > 0 and len(firsts) < len(tags)  # later tags are in the bag, not in first_genre
-    features = cfg.data.features
-    features[1] = replace(features[1], max_items=1)
-    with pytest.raises(DataError, match=r"'tab'\): max_items 1 on a categorical feature"):
-        prepare(cfg.data, tmp_path / "refused")
+    features = list(cfg.data.features)  # content_id, tab, genres, first_genre, duration
+    refused = {
+        1: (dict(max_items=1), r"\('tab'\): max_items 1 on a categorical feature"),
+        2: (dict(max_items=-1), r"\('genres'\): max_items -1; expected max_items >= 1"),
+        # in the bag's id space a shorter list would fit the vocabulary the bag reads
+        3: (dict(id_space=None), r"\('first_genre'\) shares id space 'genres' with .* another max_items"),
+    }
+    for index, (change, message) in refused.items():
+        cfg.data.features = [replace(f, **change) if i == index else f for i, f in enumerate(features)]
+        with pytest.raises(DataError, match=message):
+            prepare(cfg.data, tmp_path / "refused")
 
 
 def _tables_config(path, **source):

@@ -255,6 +255,28 @@ def test_a_base_the_window_cannot_continue_is_refused_naming_why(tmp_path):
     assert err.file.endswith("content_id.parquet")
 
 
+def test_a_base_from_before_a_feature_key_existed_continues_as_at_that_keys_default(tmp_path):
+    """A release that adds a feature key (max_items) reads older bases, whose schema.json does not
+    record it, as prepared at its default; a different value is still a change."""
+    from engagerec.data.manifest import MANIFEST_FILE, crc32
+
+    base, files, split = _base_and_window(tmp_path)
+    schema_file = base / "schema.json"
+    schema = json.loads(schema_file.read_text())
+    for feature in schema["meta"]["config"]["features"]:
+        assert feature.pop("max_items") == 0
+    schema_file.write_text(json.dumps(schema))
+    manifest = json.loads((base / MANIFEST_FILE).read_text())
+    entry = manifest["files"]["schema.json"]
+    entry.update(bytes=schema_file.stat().st_size, crc32=crc32(schema_file))
+    (base / MANIFEST_FILE).write_text(json.dumps(manifest))
+    summary = prepare(_config(files, split), tmp_path / "window", base=base)
+    assert summary["rows_kept"] > 0
+    other = [dict(f, max_items=2) if f["name"] == "genres" else f for f in FEATURES]
+    err = _refused(_config(files, split, other), tmp_path / "window2", base, r"another config")
+    assert "data.features.genres.max_items: 0 -> 2" in str(err)
+
+
 def test_a_vocabulary_that_would_outgrow_its_table_is_refused_with_the_policy(tmp_path):
     base, files, split = _base_and_window(tmp_path)
     known = DatasetSchema.load(base).vocab_sizes["content_id"]

@@ -165,6 +165,7 @@ def test_first_order_features_add_a_learned_linear_term_whose_gradient_reaches_t
     torch.testing.assert_close(grad_user, item.detach() + w_user)
     assert torch.equal(grad_hour, torch.zeros(5, 1))
     untrained = logits.linear.detach()[:, 0].clone()
+    assert torch.equal(untrained, torch.zeros(4))  # an unchosen task's weights are 0 from the start
     optimiser = torch.optim.Adam(logits.parameters(), lr=0.1)
     for _ in range(3):
         optimiser.zero_grad()
@@ -274,8 +275,10 @@ def test_a_model_with_dot_interactions_and_dot_logits_trains_exports_and_predict
         linear = opened.model.logit_offsets.linear.detach()
     assert scale.shape == (3, 2) and torch.equal(scale[:, 1], torch.zeros(3))
     assert float((scale[:, 0] - 1).abs().min()) > 1e-4
-    # and the user's first-order weights, one per user column, for the watch ratio alone
+    # and the user's first-order weights, one per user column, for the watch ratio alone: the
+    # skip's column starts at 0 and stays there through training
     assert linear.shape == (model.input_arch.blocks["user_id"][1], 2) and linear[:, 0].abs().min() > 0
+    assert torch.equal(linear[:, 1], torch.zeros(len(linear)))
     record = export_run(run, tmp_path / "export")
     assert record["max_abs_difference_fp32_vs_eager"] < 1e-5  # the program computes the products too
     summary = predict(run, data, tmp_path / "preds.parquet")

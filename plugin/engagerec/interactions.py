@@ -247,7 +247,8 @@ class DotLogits(nn.Module):
         self.register_parameter("linear", None)
         if columns:
             bound = 1.0 / len(columns) ** 0.5
-            self.linear = nn.Parameter(torch.empty(len(columns), num_tasks).uniform_(-bound, bound))
+            drawn = torch.empty(len(columns), num_tasks).uniform_(-bound, bound)
+            self.linear = nn.Parameter(drawn * self.linear_chosen)  # 0 for the tasks not chosen
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, sum(widths)] -> [B, num_tasks]."""

@@ -135,11 +135,11 @@ def _check_dot_logits(cfg: ModelConfig, spec: FeatureSpec) -> None:
     if logits.detached and not logits.tasks:
         raise ConfigError("model.dot_logits.detached: without dot_logits.tasks their tables learn nothing")
     dotted = {name for pair in cfg.dot_interactions for name in pair}
-    undotted = [name for name in logits.detached if name not in dotted]
+    undotted = [name for name in logits.detached if name not in dotted and name not in logits.first_order]
     if undotted:  # the tower is their only path: detached, they would learn nothing
         raise ConfigError(
-            f"model.dot_logits.detached: {undotted} are in no pair of model.dot_interactions, so their "
-            "tables would learn nothing"
+            f"model.dot_logits.detached: {undotted} are in no pair of model.dot_interactions (nor in "
+            "dot_logits.first_order), so their tables would learn nothing"
         )
     if logits.tasks and not cfg.dot_interactions:
         raise ConfigError("model.dot_logits adds the dot products to logits: it needs model.dot_interactions")
@@ -159,6 +159,8 @@ def dot_logits(input_arch: DotInteraction, tasks: List[Task], cfg: DotLogitsConf
 
     Raises:
         ConfigError: a task name that is no task, or repeats.
+        ValueError: a first-order feature that is not pooled, or repeats (``build_model`` refuses
+            both as a ConfigError first).
 
     Example::
 

@@ -85,7 +85,8 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
             raise DataError(f"{where}: positions: true on a {feature.kind} feature", expected="kind: history")
         if feature.max_items < 0 or (feature.max_items and feature.kind != "multi_hot"):
             raise DataError(
-                f"{where}: max_items {feature.max_items} on a {feature.kind} feature",
+                f"{where}: max_items {feature.max_items}"
+                + (f" on a {feature.kind} feature" if feature.kind != "multi_hot" else ""),
                 expected="max_items >= 1 on a multi_hot feature (0: every id of the list)",
             )
         if feature.managed_collisions:
@@ -126,7 +127,9 @@ def validate_features(features: List[FeatureConfig], columns: Dict[str, str], la
 
 
 def _check_shared_spaces(features: List[FeatureConfig]) -> None:
-    """Features sharing an id space share its table: they must agree on managed collisions."""
+    """Features sharing an id space share its table: they must agree on managed collisions, and
+    on max_items (the space's first feature fits its vocabulary: a shorter list would leave the
+    other's later ids out of it, unseen)."""
     first: Dict[str, Tuple[int, Optional[Dict[str, Any]]]] = {}
     for i, feature in enumerate(features):
         if feature.kind not in ("categorical", "multi_hot", "history"):
@@ -141,6 +144,13 @@ def _check_shared_spaces(features: List[FeatureConfig]) -> None:
                 f"data.features[{j}] ('{features[j].name}'), with other managed_collisions settings",
                 expected=f"the same settings as data.features[{j}]: {theirs or 'none'}",
                 got=managed or "none",
+            )
+        if feature.max_items != features[j].max_items:
+            raise DataError(
+                f"data.features[{i}] ('{feature.name}') shares id space '{space}' with "
+                f"data.features[{j}] ('{features[j].name}'), with another max_items",
+                expected=f"an id_space of its own, or max_items {features[j].max_items}",
+                got=feature.max_items,
             )
 
 

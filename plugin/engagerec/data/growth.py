@@ -157,7 +157,11 @@ def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Ba
     crc = zlib.crc32((base / MANIFEST_FILE).read_bytes())
     schema = DatasetSchema.load(base)
     where = str(base / SCHEMA_FILE)
-    theirs = schema.meta.get("config", {})
+    theirs = dict(schema.meta.get("config", {}))
+    # a base written before a feature key existed does not record it: it was at its default
+    theirs["features"] = [
+        {**dataclasses.asdict(FeatureConfig(f["name"])), **f} for f in theirs.get("features") or []
+    ]
     ours = dataclasses.asdict(cfg)
     changes = []
     for key in COMPARED:
