@@ -186,6 +186,7 @@ def test_a_pair_of_unknown_or_unequal_features_a_repeat_or_not_a_pair_is_a_confi
     schema = DatasetSchema.load(tmp_path / "data")
     bad = {
         "[[user_id, nope]]": r"features \['nope'\] are not embedded",
+        "[[user, content_id]]": r"features \['user'\] are not embedded .*; did you mean 'user_id'\?",
         "[[user_id, user_id]]": "names one feature twice",
         "[[user_id, content_id, genres]]": "each entry is a pair of two feature names",
         "[[user_id, gender]]": r"'user_id' is 16 wide and 'gender' 4",

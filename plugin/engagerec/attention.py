@@ -3,10 +3,33 @@ Click-Through Rate Prediction", KDD 2018): an input arch between the embeddings 
 
 from __future__ import annotations
 
+import difflib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+
+def not_embedded(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """
+    The end of an error about feature names that are not pooled embeddings: which, the ones
+    that are, and the nearest known name when one unknown name is close to it (a typo).
+
+    Args:
+        unknown (Sequence[str]): the names not found.
+        known (Sequence[str]): the pooled features' names.
+
+    Returns:
+        str: ``"['x'] are not embedded (have [...])"``, with ``"; did you mean 'y'?"`` when apt.
+
+    Example::
+
+        >>> not_embedded(["user"], ["user_id", "content_id"])
+        "['user'] are not embedded (have ['user_id', 'content_id']); did you mean 'user_id'?"
+    """
+    message = f"{list(unknown)} are not embedded (have {list(known)})"
+    near = difflib.get_close_matches(unknown[0], list(known), n=1) if len(unknown) == 1 else []
+    return message + (f"; did you mean '{near[0]}'?" if near else "")
 
 
 def column_blocks(widths: Sequence[int], names: Sequence[str]) -> Dict[str, Tuple[int, int]]:
@@ -92,7 +115,7 @@ class TargetAttention(nn.Module):
         starts = column_blocks(widths, names)
         unknown = [n for n in [candidate, *history] if n not in starts]
         if unknown:
-            raise ValueError(f"target attention: features {unknown} are not embedded (have {list(starts)})")
+            raise ValueError(f"target attention: features {not_embedded(unknown, list(starts))}")
         dim = starts[candidate][1]
         if any(starts[n][1] != dim for n in history):
             raise ValueError(f"target attention: history positions must be {dim} wide, as '{candidate}'")

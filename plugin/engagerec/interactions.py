@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from engagerec.attention import column_blocks
+from engagerec.attention import column_blocks, not_embedded
 
 
 def pair_products(
@@ -105,9 +105,7 @@ class DotInteraction(nn.Module):
         blocks = column_blocks(widths, names)
         unknown = [n for n in detached if n not in blocks]
         if unknown:
-            raise ValueError(
-                f"dot interaction: detached features {unknown} are not embedded (have {list(blocks)})"
-            )
+            raise ValueError(f"dot interaction: detached features {not_embedded(unknown, list(blocks))}")
         if detached and inner is not None:
             raise ValueError(
                 "dot interaction: features cannot be detached after an inner arch, which mixes them"
@@ -116,9 +114,7 @@ class DotInteraction(nn.Module):
         for index, (a, b) in enumerate(pairs):
             unknown = [n for n in (a, b) if n not in blocks]
             if unknown:
-                raise ValueError(
-                    f"dot interaction: features {unknown} are not embedded (have {list(blocks)})"
-                )
+                raise ValueError(f"dot interaction: features {not_embedded(unknown, list(blocks))}")
             if a == b:
                 raise ValueError(f"dot interaction: the pair ({a}, {b}) names one feature twice")
             if frozenset((a, b)) in seen:  # <a, b> = <b, a>: a repeat adds the same column

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from engagerec.attention import TargetAttention
+from engagerec.attention import TargetAttention, not_embedded
 from engagerec.config import (
     DotLogitsConfig,
     ExperimentConfig,
@@ -118,9 +118,7 @@ def _check_dot_logits(cfg: ModelConfig, spec: FeatureSpec) -> None:
     for key in ("detached", "first_order"):
         unknown = sorted(set(getattr(logits, key)) - set(spec.feature_widths))
         if unknown:
-            raise ConfigError(
-                f"model.dot_logits.{key}: {unknown} are not embedded (have {list(spec.feature_widths)})"
-            )
+            raise ConfigError(f"model.dot_logits.{key}: {not_embedded(unknown, list(spec.feature_widths))}")
     if len(set(logits.first_order)) != len(logits.first_order):
         raise ConfigError(f"model.dot_logits.first_order: {logits.first_order} names a feature twice")
     if logits.first_order and not logits.tasks:
