@@ -183,6 +183,13 @@ bench-quality: install
 		--variants "genre config, 64 wide" "genre config, 128 wide"
 	$(PY) benchmarks/quality_at_scale.py --config configs/kuairand_1k_factors_genre.yaml $(KUAIRAND_1K_GENRE) \
 		--section quality_at_scale_genre --runs $(LEVERS)/genre/genre_config_128_wide
+	$(VENV)/bin/engagerec predict --run-dir $(LEVERS)/genre/genre_config_128_wide/seed0 \
+		--input prepared/kuairand_1k_factors_genre --split test --out $(LEVERS)/test_genre.parquet
+	$(PY) benchmarks/explainable_bound.py --raw generated/kuairand_1k --min-views 1 2 5 20 100 \
+		--predictions $(LEVERS)/test_dots.parquet $(LEVERS)/test_factors.parquet $(LEVERS)/test_genre.parquet \
+		--names "dots config, 1 epoch" "factors config, 1 epoch" "genre config, 1 epoch" \
+		--prepared prepared/kuairand_1k prepared/kuairand_1k prepared/kuairand_1k_factors_genre \
+		--section explainable_bound_genre
 
 clean:
 	rm -rf $(VENV) prepared runs
