@@ -427,6 +427,25 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -
     return changes
 
 
+def feature_with_defaults(recorded: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    A feature as a preparation recorded it (schema.json), with every FeatureConfig key: one the
+    record lacks, written before the key existed, at its default, which is what it was then.
+
+    Args:
+        recorded (Dict[str, Any]): a recorded feature's keys (``name`` at least).
+
+    Returns:
+        Dict[str, Any]: every FeatureConfig key, the record's values where it has them.
+
+    Example::
+
+        >>> feature_with_defaults({"name": "genres", "kind": "multi_hot"})["max_items"]
+        0
+    """
+    return {**dataclasses.asdict(FeatureConfig(recorded["name"])), **recorded}
+
+
 def history_length(features: List[FeatureConfig]) -> int:
     """
     The longest history window (history and history_mean features): the earlier views per

@@ -232,10 +232,8 @@ class DotLogits(nn.Module):
         # [pairs, tasks]: a product's weight in a task's logit; the mask keeps the others at 0
         self.scale = nn.Parameter(chosen.clone())
         self.register_buffer("chosen", chosen, persistent=False)
-        self.first_order = list(first_order)
         columns = [c for name in first_order for c in range(blocks[name][0], sum(blocks[name]))]
         self.register_buffer("linear_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
-        self.register_buffer("linear_chosen", chosen[:1].expand(len(columns), -1).clone(), persistent=False)
         # [columns, tasks], drawn as nn.Linear draws its weights: a row's bias starts to be learned
         # at once (at 0, an embedding's gradient through this term would start at 0 too). Without
         # first-order features there is no parameter: a model's state and random draws stay as
@@ -244,7 +242,7 @@ class DotLogits(nn.Module):
         if columns:
             bound = 1.0 / len(columns) ** 0.5
             drawn = torch.empty(len(columns), num_tasks).uniform_(-bound, bound)
-            self.linear = nn.Parameter(drawn * self.linear_chosen)  # 0 for the tasks not chosen
+            self.linear = nn.Parameter(drawn * chosen[0])  # 0 for the tasks not chosen
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, sum(widths)] -> [B, num_tasks]."""
@@ -252,4 +250,5 @@ class DotLogits(nn.Module):
         logits = dots @ (self.scale * self.chosen)
         if self.linear is None:
             return logits
-        return logits + pooled.index_select(1, self.linear_columns) @ (self.linear * self.linear_chosen)
+        # every row of ``chosen`` is the same task mask (one per pair): row 0 masks the weights
+        return logits + pooled.index_select(1, self.linear_columns) @ (self.linear * self.chosen[0])

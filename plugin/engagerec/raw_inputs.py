@@ -21,7 +21,7 @@ strings), and hashed id spaces (DuckDB's ``hash()``). engagerec.data.scoring enc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engagerec.config import FeatureConfig
+from engagerec.config import feature_with_defaults
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema, position_names
 from engagerec.data.target_stats import STAT_KINDS, STATS_DIR
 
@@ -74,7 +74,7 @@ class InputPlan:
 
 def _features(schema: DatasetSchema) -> List[Dict[str, Any]]:
     """The FeatureConfigs the data was prepared with, a field it does not record at its default."""
-    return [{**asdict(FeatureConfig(feature["name"])), **feature} for feature in schema.features]
+    return [feature_with_defaults(feature) for feature in schema.features]
 
 
 def _int_tokens(directory: Path, name: str, folder: str = VOCAB_DIR) -> Optional[np.ndarray]:

@@ -43,7 +43,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from engagerec.config import DataConfig, FeatureConfig, config_changes, history_length
+from engagerec.config import DataConfig, FeatureConfig, config_changes, feature_with_defaults, history_length
 from engagerec.data.applier import SchemaApplier
 from engagerec.data.errors import DataError
 from engagerec.data.fitting import Fitter
@@ -159,9 +159,7 @@ def check_base(cfg: DataConfig, base_dir: str | Path, out_dir: str | Path) -> Ba
     where = str(base / SCHEMA_FILE)
     theirs = dict(schema.meta.get("config", {}))
     # a base written before a feature key existed does not record it: it was at its default
-    theirs["features"] = [
-        {**dataclasses.asdict(FeatureConfig(f["name"])), **f} for f in theirs.get("features") or []
-    ]
+    theirs["features"] = [feature_with_defaults(f) for f in theirs.get("features") or []]
     ours = dataclasses.asdict(cfg)
     changes = []
     for key in COMPARED:
