@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engagerec.machine import cpu_name, package_versions
+from engagerec.machine import cpu_flags, cpu_name, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "numpy")
@@ -50,13 +50,7 @@ def cpu_isa(cpuinfo: str | None = None) -> str:
         >>> cpu_isa("flags\t\t: fpu sse\n")
         'none of AVX2/AVX-512/AMX'
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        return "ISA unknown"
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None
-    )
+    flags = cpu_flags(cpuinfo)
     if flags is None:
         return "ISA unknown"
     found = [name for flag, name in ISA_FLAGS.items() if flag in flags]

@@ -2,26 +2,31 @@
 validation check of those that change the numbers.
 
     .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k \\
-        [--steps 400] [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers]
+        [--history-table-data prepared/kuairand_1k_history_table] [--steps 400] [--rounds 3] \\
+        [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers]
 
-Each variant is `engagerec train --config configs/kuairand_1k.yaml` as shipped (metrics on, the
-reader included, a fresh process), with a global batch of 4096 rows a step:
+Each variant is `engagerec train` as shipped (metrics on, the reader included, a fresh process)
+with a global batch of 4096 rows a step, on configs/kuairand_1k.yaml:
 
-- ``default``: float32, one process;
-- ``bf16 tower``: ``train.tower_precision=bf16`` (the tower's matmuls under torch.autocast);
-- ``loader worker``: ``train.num_workers=1`` (batches read in a worker process);
-- ``2 ranks``: ``torchrun --nproc-per-node 2`` (gloo), 2048 rows per rank;
-- ``2 ranks, bf16 tower``: both.
+- ``float32``: ``train.tower_precision=fp32``, one process (the reference);
+- ``bf16 tower``: ``train.tower_precision=bf16`` (the tower's matmuls under torch.autocast;
+  what the config's ``auto`` picks on a CPU with AVX512-BF16 or AMX);
+- ``2 ranks, bf16 tower``: the same under ``torchrun --nproc-per-node 2`` (gloo), 2048 rows per rank;
+
+and, given ``--history-table-data`` (a preparation of configs/kuairand_1k_history_table.yaml), on
+that config, whose viewing history has an embedding table of its own:
+
+- ``bf16 tower, history table`` and ``2 ranks, bf16 tower, history table``.
 
 Speed: ``--steps`` steps per run; its samples/s is the median of its log.csv windows of 50 steps
 after the first (start-up excluded); the variants alternate for ``--rounds`` rounds, and each
-ratio to ``default`` is taken within a round (the machine's speed drifts between rounds).
+ratio to ``float32`` is taken within a round (the machine's speed drifts between rounds).
 
-Quality: ``bf16 tower``, the one lever that changes the numbers and could be a setting's
-default, trains one whole epoch per seed in ``--quality-seeds`` (the config's epochs) beside
-``default``; both are compared on the validation split: loss and per-task metrics, mean ± 95%
-CI over seeds; the test split is not read for this choice. Runs under ``--runs`` with a
-results.json are read, not trained again. Writes the section ``train_levers`` of benchmarks/RESULTS.md.
+Quality: the one-process variants, which change the numbers, each train one whole epoch per
+seed in ``--quality-seeds`` (the config's epochs); they are compared on the validation split:
+loss and per-task metrics, mean ± 95% CI over seeds; the test split is not read for this choice.
+Runs under ``--runs`` with a results.json are read, not trained again. Writes the section
+``--section`` of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -43,24 +48,25 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from results import record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
+HISTORY_CONFIG = "configs/kuairand_1k_history_table.yaml"
 BATCH = 4096
-# name -> (processes, --set overrides)
+BF16 = ["train.tower_precision=bf16"]
+# name -> (processes, config, --set overrides); REFERENCE first, the others' ratios are to it
 VARIANTS = {
-    "default": (1, []),
-    "bf16 tower": (1, ["train.tower_precision=bf16"]),
-    "loader worker": (1, ["train.num_workers=1"]),
-    "2 ranks": (2, []),
-    "2 ranks, bf16 tower": (2, ["train.tower_precision=bf16"]),
+    "float32": (1, CONFIG, ["train.tower_precision=fp32"]),
+    "bf16 tower": (1, CONFIG, BF16),
+    "2 ranks, bf16 tower": (2, CONFIG, BF16),
+    "bf16 tower, history table": (1, HISTORY_CONFIG, BF16),
+    "2 ranks, bf16 tower, history table": (2, HISTORY_CONFIG, BF16),
 }
-# the levers engagerec train could turn on by itself: a worker reads the same batches in the
-# same order; 2 ranks are a launch choice (torchrun), not a setting
-CHECKED = ("default", "bf16 tower")
+REFERENCE = "float32"
 VAL_KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
 
-def train_command(name: str, data_dir: str, out: Path, extra: List[str]) -> List[str]:
-    """The `engagerec train` command line of variant ``name`` (under torchrun for 2 ranks)."""
-    processes, sets = VARIANTS[name]
+def train_command(name: str, data_dirs: Dict[str, str], out: Path, extra: List[str]) -> List[str]:
+    """The `engagerec train` command line of variant ``name`` (under torchrun for 2 ranks), on
+    ``data_dirs[its config]``."""
+    processes, config, sets = VARIANTS[name]
     python = Path(sys.executable)
     launcher = (
         [str(python.parent / "torchrun"), "--nproc-per-node", str(processes), "--master-port", "29731"]
@@ -69,31 +75,31 @@ def train_command(name: str, data_dir: str, out: Path, extra: List[str]) -> List
         else [str(python), "-m", "engagerec"]
     )
     overrides = [
-        f"train.data_dir={data_dir}",
+        f"train.data_dir={data_dirs[config]}",
         f"train.batch_size={BATCH // processes}",
         "train.progress_bar=false",
     ]
     overrides += sets + extra
-    return [*launcher, "train", "--config", CONFIG, "--out", str(out), "--no-resume"] + [
+    return [*launcher, "train", "--config", config, "--out", str(out), "--no-resume"] + [
         arg for kv in overrides for arg in ("--set", kv)
     ]
 
 
-def speed(name: str, data_dir: str, steps: int, work: Path) -> float:
+def speed(name: str, data_dirs: Dict[str, str], steps: int, work: Path) -> float:
     """The median samples/s of a ``steps``-step run's log windows after the first."""
     out = work / "speed"
     shutil.rmtree(out, ignore_errors=True)
     extra = [f"train.max_steps={steps}", "train.log_every_steps=50"]
-    subprocess.run(train_command(name, data_dir, out, extra), check=True, capture_output=True, cwd=REPO)
+    subprocess.run(train_command(name, data_dirs, out, extra), check=True, capture_output=True, cwd=REPO)
     rows = [r for r in csv.DictReader(open(out / "log.csv")) if r["phase"] == "train"]
     return statistics.median(float(r["samples_per_s"]) for r in rows[1:])
 
 
-def validation(name: str, data_dir: str, seed: int, runs: Path) -> Dict[str, float]:
+def validation(name: str, data_dirs: Dict[str, str], seed: int, runs: Path) -> Dict[str, float]:
     """Validation metrics of the best epoch of variant ``name`` with ``seed`` (trained if missing)."""
     out = runs / name.replace(" ", "_").replace(",", "") / f"seed{seed}"
     if not (out / "results.json").is_file():
-        command = train_command(name, data_dir, out, [f"train.seed={seed}"])
+        command = train_command(name, data_dirs, out, [f"train.seed={seed}"])
         subprocess.run(command, check=True, capture_output=True, cwd=REPO)
     results = json.loads((out / "results.json").read_text())
     return results["history"][results["best_epoch"]]
@@ -107,33 +113,38 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", default="prepared/kuairand_1k")
+    parser.add_argument("--history-table-data", help=f"a preparation of {HISTORY_CONFIG}: adds its variants")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--runs", help="where the quality runs go (kept; read again if there)")
     parser.add_argument("--section", default="train_levers", help="the RESULTS.md section written")
     args = parser.parse_args()
-    found: Dict[str, List[float]] = {name: [] for name in VARIANTS}
+    data_dirs = {CONFIG: args.data_dir, HISTORY_CONFIG: args.history_table_data}
+    names = [name for name, (_, config, _) in VARIANTS.items() if data_dirs[config]]
+    found: Dict[str, List[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            for name in VARIANTS:
-                found[name].append(speed(name, args.data_dir, args.steps, Path(tmp)))
+            for name in names:
+                found[name].append(speed(name, data_dirs, args.steps, Path(tmp)))
                 print(f"round {round_}: {name} {found[name][-1]:,.0f} samples/s", flush=True)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="train_levers-"))
-    val = {
-        name: [validation(name, args.data_dir, seed, runs) for seed in args.quality_seeds] for name in CHECKED
-    }
+    checked = [name for name in names if VARIANTS[name][0] == 1]  # 2 ranks: the same numerics
+    val = {name: [validation(name, data_dirs, seed, runs) for seed in args.quality_seeds] for name in checked}
+    history = ""
+    if args.history_table_data:
+        history = f" (history table: `{HISTORY_CONFIG}` on `{args.history_table_data}`)"
     lines = [
-        f"`engagerec train --config {CONFIG}` on `{args.data_dir}`, {BATCH} rows a step, metrics on, "
-        f"{args.steps} steps a run; samples/s: the median of a run's log windows after the first; "
-        f"{args.rounds} alternating rounds (median over rounds; ratio to default within each round: "
-        "min / median / max).",
+        f"`engagerec train --config {CONFIG}` on `{args.data_dir}`{history}, {BATCH} rows a step, "
+        f"metrics on, {args.steps} steps a run; samples/s: the median of a run's log windows after "
+        f"the first; {args.rounds} alternating rounds (median over rounds; ratio to {REFERENCE} "
+        "within each round: min / median / max).",
         "",
-        "| variant | samples/s | ratio to default |",
+        f"| variant | samples/s | ratio to {REFERENCE} |",
         "|---|---:|---|",
     ]
     for name, values in found.items():
-        ratios = sorted(v / d for v, d in zip(values, found["default"], strict=True))
+        ratios = sorted(v / d for v, d in zip(values, found[REFERENCE], strict=True))
         lines.append(
             f"| {name} | {statistics.median(values):,.0f} | "
             f"{ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f} |"
@@ -143,7 +154,7 @@ def main() -> None:
         if not args.quality_seeds
         else [
             "",
-            f"Validation split, the best epoch of one epoch's training (configs/kuairand_1k.yaml), "
+            "Validation split, the best epoch of one epoch's training, "
             f"mean ± 95% CI over seeds {', '.join(map(str, args.quality_seeds))}:",
             "",
             f"| variant | {' | '.join(VAL_KEYS)} |",

@@ -44,6 +44,36 @@ def test_gate_weights_differ_per_task():
     assert not torch.allclose(tower.gate_weights["task0"], tower.gate_weights["task1"])
 
 
+def test_mmoe_mixes_every_task_as_study_eq_4_writes_it():
+    """The batched mixture (one bmm for all tasks) is f_k(x) = sum_i g_k(x)_i f_i(x) per task,
+    with g_k = softmax(W_k x + b_k) and f_i expert i's MLP, computed here one expert at a time;
+    gradients reach every expert and gate weight."""
+    torch.manual_seed(0)
+    tower = MMoE(12, 3, num_experts=4, expert_sizes=[8])
+    x = torch.randn(6, 12)
+    outputs = tower(x)
+    experts = tower.experts
+    per_expert = [torch.relu(x @ experts.weights[0][i] + experts.biases[0][i]) for i in range(4)]
+    logits = tower.gates.linear(x)
+    for task in range(3):
+        gate = torch.softmax(logits[:, task * 4 : (task + 1) * 4], dim=-1)
+        expected = sum(gate[:, i : i + 1] * per_expert[i] for i in range(4))
+        assert torch.allclose(outputs[task], expected, atol=1e-6)
+        assert torch.equal(tower.gate_weights[f"task{task}"], gate.detach())
+    sum(o.sum() * (k + 1) for k, o in enumerate(outputs)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+
+
+def test_stacked_gates_equal_the_per_gate_softmaxes_and_need_equal_sizes():
+    from engagerec.towers.common import GateBank
+
+    bank, x = GateBank(12, [3, 3, 3]), torch.randn(5, 12)
+    stacked, listed = bank.stacked(x), bank(x)
+    assert all(torch.allclose(stacked[:, k], listed[k]) for k in range(3))
+    with pytest.raises(ValueError, match="same number of experts"):
+        GateBank(12, [3, 5]).stacked(x)
+
+
 def test_ple_gate_layout():
     tower = PLE(12, 2, num_levels=2, num_shared=2, num_specific=3, expert_sizes=[8])
     tower(torch.randn(4, 12))

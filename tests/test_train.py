@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import EQUAL_METRICS, study_run_config, synthetic_mmoe_config, write_study_config
 from engagerec.config import TASK_METRICS, TaskConfig, apply_override, config_from_dict
@@ -105,12 +106,30 @@ def test_a_bf16_tower_trains_through_the_pipeline_to_the_float32_runs_quality(st
     resume may not switch precision."""
     cfg = study_run_config(study_data, epochs=1)
     mixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tower_precision="bf16"))
-    plain, bf16 = train(cfg, tmp_path / "fp32")["test"], train(mixed, tmp_path / "bf16")["test"]
+    plain_run, bf16_run = train(cfg, tmp_path / "fp32"), train(mixed, tmp_path / "bf16")
+    assert (plain_run["tower_precision"], bf16_run["tower_precision"]) == ("fp32", "bf16")
+    plain, bf16 = plain_run["test"], bf16_run["test"]
     assert bf16["watch_ratio/mse"] != plain["watch_ratio/mse"]  # it did compute in bf16
     assert bf16["watch_ratio/mse"] == pytest.approx(plain["watch_ratio/mse"], rel=0.02)
     assert bf16["skip/auc"] == pytest.approx(plain["skip/auc"], abs=0.01) and bf16["skip/auc"] > 0.7
     with pytest.raises(ConfigError, match="tower_precision"):
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2)), tmp_path / "bf16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_exactly_where_the_cpu_multiplies_bf16_natively(monkeypatch, native):
+    """tower_precision auto: bf16 on a CPU with AVX512-BF16 / AMX-BF16 (read from its flags),
+    float32 on one without, where emulated bf16 would be slower; fp32 and bf16 are what they say."""
+    import engagerec.runs
+    from engagerec.machine import cpu_has_bf16_matmuls
+    from engagerec.runs import tower_autocast
+
+    cpuinfo = "flags\t\t: fpu avx2 avx512f" + (" avx512_bf16" if native else "") + "\n"
+    monkeypatch.setattr(engagerec.runs, "cpu_has_bf16_matmuls", lambda: cpu_has_bf16_matmuls(cpuinfo))
+    cpu = torch.device("cpu")
+    assert tower_autocast("auto", cpu) == (torch.bfloat16 if native else None)
+    assert (tower_autocast("bf16", cpu), tower_autocast("fp32", cpu)) == (torch.bfloat16, None)
+    assert cpu_has_bf16_matmuls("flags\t\t: avx2 amx_tile amx_bf16\n")
 
 
 def test_embedding_l2_shrinks_the_trained_rows_through_the_fused_optimiser(study_data, tmp_path):

@@ -368,8 +368,10 @@ class TrainConfig:
     profile_steps: int = 0
     profile_start_step: int = 20
     # what the tower computes in while training: bf16 autocasts its matmuls (AMX / AVX512-BF16
-    # CPUs, GPUs); its weights, heads, losses and every evaluation stay fp32 (MultiTaskModel)
-    tower_precision: Literal["fp32", "bf16"] = "fp32"
+    # CPUs, GPUs); its weights, heads, losses and every evaluation stay fp32 (MultiTaskModel).
+    # auto: bf16 where the device multiplies bf16 natively, else fp32 (runs.tower_autocast);
+    # results.json records what a run used
+    tower_precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # a warm start: begin from this run directory's best checkpoint (or a checkpoint directory)
     # instead of a fresh initialisation (engagerec.warm_start); a resume ignores it
     init_from: Optional[str] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable
+from typing import FrozenSet, Iterable, Optional
 
 
 def cpu_name() -> str:
@@ -23,6 +23,53 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[FrozenSet[str]]:
+    r"""The CPU's feature flags (/proc/cpuinfo's ``flags`` line), or None where they are unknown
+    (off Linux).
+
+    Args:
+        cpuinfo (Optional[str]): the text of /proc/cpuinfo. Default: read it.
+
+    Returns:
+        Optional[FrozenSet[str]]: the flags, e.g. ``{"avx2", "avx512f", "amx_bf16", ...}``.
+
+    Example::
+
+        >>> sorted(cpu_flags("flags\t\t: fpu avx2 avx512_bf16\n"))
+        ['avx2', 'avx512_bf16', 'fpu']
+        >>> cpu_flags("processor\t: 0\n") is None
+        True
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return None
+    line = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    return None if line is None else frozenset(line.split(":", 1)[1].split())
+
+
+def cpu_has_bf16_matmuls(cpuinfo: Optional[str] = None) -> bool:
+    r"""Whether the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16), where
+    oneDNN's bf16 matmuls run at about twice float32's rate; elsewhere they are emulated and
+    slower than float32.
+
+    Args:
+        cpuinfo (Optional[str]): the text of /proc/cpuinfo. Default: read it.
+
+    Returns:
+        bool: True with ``avx512_bf16`` or ``amx_bf16`` among the flags.
+
+    Example::
+
+        >>> cpu_has_bf16_matmuls("flags\t\t: avx2 avx512f avx512_bf16\n")
+        True
+        >>> cpu_has_bf16_matmuls("flags\t\t: avx2 avx512f\n")
+        False
+    """
+    flags = cpu_flags(cpuinfo) or frozenset()
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def package_versions(packages: Iterable[str]) -> str:

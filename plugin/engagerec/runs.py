@@ -35,9 +35,45 @@ from engagerec.distributed import (
 )
 from engagerec.errors import CheckpointError, ConfigError
 from engagerec.evaluate import evaluate, train_label_means
+from engagerec.machine import cpu_has_bf16_matmuls
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model
 from engagerec.towers import TOWERS
+
+
+def tower_autocast(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """
+    The dtype a ``train.tower_precision`` setting trains the tower in on ``device``
+    (``MultiTaskModel.train_autocast``): ``"bf16"`` always bf16; ``"auto"`` bf16 where the device
+    multiplies bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), where it
+    costs about half of float32's matmul time, and float32 elsewhere, where emulated bf16 would
+    be slower; ``"fp32"`` float32.
+
+    Args:
+        precision (str): ``"fp32"``, ``"bf16"`` or ``"auto"``.
+        device (torch.device): where the model trains.
+
+    Returns:
+        Optional[torch.dtype]: ``torch.bfloat16``, or None for float32 throughout.
+
+    Example::
+
+        >>> import torch
+        >>> from engagerec.runs import tower_autocast
+        >>> tower_autocast("bf16", torch.device("cpu")), tower_autocast("fp32", torch.device("cpu"))
+        (torch.bfloat16, None)
+        >>> tower_autocast("auto", torch.device("cpu")) in (torch.bfloat16, None)  # by the CPU
+        True
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        return None
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and cpu_has_bf16_matmuls()
+    return torch.bfloat16 if native else None
 
 
 def sharded_model(
@@ -73,7 +109,7 @@ def sharded_model(
     schema = DatasetSchema.load(prepared_dir(cfg))
     model = build_model(schema, cfg.model, device=torch.device("meta"))
     tc = cfg.train
-    model.train_autocast = torch.bfloat16 if tc.tower_precision == "bf16" else None
+    model.train_autocast = tower_autocast(tc.tower_precision, runtime.device)
     model.embedding_l2 = tc.embedding_l2  # check_config refused a negative one
     return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 

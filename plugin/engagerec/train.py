@@ -422,6 +422,8 @@ class Trainer:
             "tower": self.cfg.model.tower.name,
             "seed": tc.seed,
             "world_size": self.runtime.world_size,
+            # what tower_precision resolved to here (auto depends on the machine)
+            "tower_precision": "fp32" if self.model.train_autocast is None else "bf16",
             "steps": state.step,
             "train_seconds": state.train_seconds,
             "history": state.history,

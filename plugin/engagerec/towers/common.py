@@ -238,6 +238,38 @@ class GateBank(nn.Module):
         self.gate_sizes = list(gate_sizes)
         self.linear = nn.Linear(input_dim, sum(gate_sizes), device=device)
 
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Every gate at once, for a bank whose gates all weigh the same number of experts.
+
+        Args:
+            x (torch.Tensor): [B, input_dim].
+
+        Returns:
+            torch.Tensor: [B, num_gates, size], gate k at ``[:, k]`` (equal to ``forward``'s
+            k-th tensor).
+
+        Raises:
+            ValueError: if the gates differ in size.
+
+        Example::
+
+            >>> import torch
+            >>> from engagerec.towers.common import GateBank
+            >>> bank = GateBank(12, [3, 3])
+            >>> x = torch.randn(4, 12)
+            >>> bank.stacked(x).shape
+            torch.Size([4, 2, 3])
+            >>> torch.allclose(bank.stacked(x)[:, 1], bank(x)[1])
+            True
+        """
+        size = self.gate_sizes[0]
+        if any(other != size for other in self.gate_sizes):
+            raise ValueError(
+                f"stacked gates must all weigh the same number of experts, got {self.gate_sizes}"
+            )
+        return torch.softmax(self.linear(x).view(-1, len(self.gate_sizes), size), dim=-1)
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """x [B, input_dim] -> one [B, size] softmax per gate."""
         logits = self.linear(x)

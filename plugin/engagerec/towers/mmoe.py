@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from engagerec.towers.common import ExpertGroup, GateBank, mix, out_dim
+from engagerec.towers.common import ExpertGroup, GateBank, out_dim
 from engagerec.towers.registry import register_tower
 
 
@@ -78,9 +78,12 @@ class MMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """x [B, input_dim] -> one [B, output_dims[k]] per task; records ``gate_weights``."""
         experts = self.experts(x)  # [B, E, H]
-        gates = self.gates(x)
+        gates = self.gates.stacked(x)  # [B, tasks, E]
+        # every task's mixture sum_i g_k(x)_i f_i(x) at once: one batched matmul forward and two
+        # backward, where a mixture per task costs a [B, E, H] product and reduction each
+        mixtures = torch.bmm(gates, experts)  # [B, tasks, H]
         outputs = []
         for task in range(self.num_tasks):  # index with ints: traceable whether gates is a leaf or not
-            self.gate_weights[f"task{task}"] = gates[task].detach()
-            outputs.append(mix(gates[task], experts))
+            self.gate_weights[f"task{task}"] = gates[:, task].detach()
+            outputs.append(mixtures[:, task])
         return outputs
