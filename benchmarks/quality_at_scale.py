@@ -39,6 +39,8 @@ TASKS = [
     ("click", "click", "binary"),
 ]
 METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
+# every quality figure here is float32's (benchmarks/train_levers.py checks the bf16 tower apart)
+FLOAT32 = "train.tower_precision=fp32"
 
 
 def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:
@@ -47,7 +49,7 @@ def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -
     from engagerec.config import load_config
 
     if (run / "results.json").is_file():  # read back only if the config's run on these data and seed
-        wanted = load_config(str(config), [f"train.seed={seed}", f"train.data_dir={data_dir}"])
+        wanted = load_config(str(config), [f"train.seed={seed}", f"train.data_dir={data_dir}", FLOAT32])
         other = other_settings(run, wanted, ignored=("epochs", "progress_bar"))
         if other:
             raise SystemExit(
@@ -58,7 +60,7 @@ def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -
         subprocess.run(
             [sys.executable, "-m", "engagerec", "train", "--config", str(config), "--out", str(run),
              "--set", f"train.data_dir={data_dir}", "--set", f"train.seed={seed}",
-             "--set", f"train.epochs={epochs}", "--set", "train.progress_bar=false"],
+             "--set", f"train.epochs={epochs}", "--set", "train.progress_bar=false", "--set", FLOAT32],
             check=True, cwd=REPO,
         )  # fmt: skip
     results = json.loads((run / "results.json").read_text())

@@ -197,7 +197,8 @@ def validation(name: str, config: str, data_dir: Path, seed: int, runs: Path) ->
     if any("{first}" in o for o in overrides):  # a warm start from the dots config's run
         validation(FIRST, config, data_dir, seed, runs)  # trained first if missing
     variant = [o.replace("{first}", str(run_dir(runs, FIRST, seed))) for o in overrides]
-    sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", *variant]
+    # float32, as every quality figure here was measured (train_levers.py checks bf16 on its own)
+    sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", "train.tower_precision=fp32", *variant]
     if not (out / "results.json").is_file():
         command = [sys.executable, "-m", "engagerec", "train", "--config", config, "--out", str(out)]
         command += [a for kv in [*sets, "train.progress_bar=false"] for a in ("--set", kv)]

@@ -92,3 +92,31 @@ def test_a_label_column_missing_from_one_log_file_is_an_error_naming_it(repo, ge
         prepare(_config(repo, data).data, tmp_path / "out")
     message = str(caught.value)
     assert log.name in message and "is_click" in message
+
+
+def test_the_history_table_config_gives_the_history_a_table_of_its_own(repo, generated, tmp_path):
+    """configs/kuairand_1k_history_table.yaml: the history gets its own vocabulary (of video
+    tokens) and table, so FBGEMM sees one feature per table; kuairand_1k.yaml shares the video's."""
+    from engagerec.data.schema import DatasetSchema
+    from engagerec.model_builder import build_model
+
+    def tables(config_name, out):
+        cfg = load_config(
+            repo / "configs" / config_name,
+            [
+                f"data.source.interactions={generated}",
+                f"data.source.users={generated}/user_features_1k.csv",
+                f"data.source.content={generated}/video_features_basic_1k.csv",
+            ],
+        )
+        prepare(cfg.data, out)
+        model = build_model(DatasetSchema.load(out), cfg.model)
+        return {t.name: list(t.feature_names) for t in model.sparse_arch.embedding_bag_configs()}
+
+    shared = tables("kuairand_1k.yaml", tmp_path / "shared")
+    assert shared["t_content_id"] == ["content_id", "history"] and "t_history" not in shared
+    own = tables("kuairand_1k_history_table.yaml", tmp_path / "own")
+    assert own["t_content_id"] == ["content_id"] and own["t_history"] == ["history"]
+    schema = DatasetSchema.load(tmp_path / "own")
+    history, videos = schema.vocab(tmp_path / "own", "history"), schema.vocab(tmp_path / "own", "content_id")
+    assert history and set(history) <= set(videos)  # videos viewed before, in training
