@@ -51,14 +51,16 @@ class PlainEmbeddingBagModel(nn.Module):
     def __init__(self, reference, sparse: bool = False) -> None:
         super().__init__()
         self.reference_tasks = reference.tasks
-        self.features = []  # (feature, table) in the reference's concatenation order
         self.tables = nn.ModuleDict()
-        for table in reference.spec.tables:
+        table_of = {}
+        for table in reference.tables:  # its EmbeddingBagConfigs
             mode = "mean" if table.pooling.name == "MEAN" else "sum"
             self.tables[table.name] = nn.EmbeddingBag(
                 table.num_embeddings, table.embedding_dim, mode=mode, include_last_offset=True, sparse=sparse
             )
-            self.features += [(name, table.name) for name in table.feature_names]
+            table_of.update({name: table.name for name in table.feature_names})
+        # (feature, table) in the order the reference concatenates its pooled features
+        self.features = [(name, table_of[name]) for name in reference.feature_names]
         self.tower = reference.tower
         self.heads = reference.heads
 
