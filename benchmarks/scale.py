@@ -1,11 +1,12 @@
 """Scale: engagerec's TorchRec path beside the plain-PyTorch references as the tables grow.
 
     .venv/bin/python benchmarks/scale.py [--rows 100000 1000000 10000000] [--source shards]
-        [--device cpu] [--batch-size 4096] [--steps 30] [--warmup 5] [--repeats 3]
+        [--device cpu] [--batch-size 4096] [--steps 30] [--warmup 5] [--repeats 3] [--history-table]
 
 For each video-table size R (author table R / 5, 1,000 users, a 20-long history sharing the
-video table; benchmarks/synthetic_tables.py), the MMoE model of configs/kuairand_random.yaml is
-trained by three sides, each in a fresh process (so its peak RSS is its own), alternating over
+video table, or with ``--history-table`` a table of R rows of its own;
+benchmarks/synthetic_tables.py), the MMoE model of configs/kuairand_random.yaml is trained by
+three sides, each in a fresh process (so its peak RSS is its own), alternating over
 ``--repeats`` rounds so that this machine's drift hits every side alike, every side with the
 malloc setting the `engagerec` command applies (engagerec.host_memory):
 
@@ -79,8 +80,12 @@ def measure_side(job: Dict) -> Dict:
     batch, device = job["batch_size"], job["device"]
     cuda = device == "cuda"
     if job["source"] == "shards":
+        own = job.get("history_table", False)
         data = write_synthetic_shards(
-            Path(job["work_dir"]) / f"rows_{job['rows']}", job["rows"], job["train_rows"]
+            Path(job["work_dir"]) / f"rows_{job['rows']}{'_history_table' if own else ''}",
+            job["rows"],
+            job["train_rows"],
+            history_table=own,
         )
         source = ShardSource(data, batch, pin_memory=cuda)
     else:
@@ -203,18 +208,26 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5, help="steps per throughput sample")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-max-rows", type=int, default=10_000_000)
+    parser.add_argument(
+        "--history-table",
+        action="store_true",
+        help="the history in a table of its own on every side (shards only): no table read by two features",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank table memory")
     parser.add_argument("--no-plot", action="store_true", help="write the table only")
     parser.add_argument("--work-dir", default=str(REPO / "generated" / "scale"), help="where shards go")
     parser.add_argument("--results", default=str(RESULTS), help="the markdown file to write the section in")
     parser.add_argument("--section", help="its name (default: scale, or scale_<device> off CPU); the plot's")
     args = parser.parse_args()
+    if args.history_table and args.source != "shards":
+        parser.error("--history-table reads shards (--source shards)")
 
     results: Dict[int, Dict] = {rows: {} for rows in args.rows}
     for rows in args.rows:
         sides = [s for s in SIDES if not (s == "plain dense" and rows > args.dense_max_rows)]
         for side in list(sides):
-            need = _table_rows(rows) * BYTES_PER_ROW[side] * (1.0 if args.device == "cuda" else 1.3)
+            tables = _table_rows(rows) + (rows if args.history_table else 0)
+            need = tables * BYTES_PER_ROW[side] * (1.0 if args.device == "cuda" else 1.3)
             if need > 0.8 * _available_bytes(args.device):
                 print(f"{rows:,} rows, {side}: not run (needs ~{need / 2**30:.1f} GiB)", flush=True)
                 sides.remove(side)
@@ -224,7 +237,7 @@ def main() -> None:
                 job = {"side": side, "rows": rows, "source": args.source, "train_rows": args.train_rows,
                        "device": args.device, "tower": args.tower, "batch_size": args.batch_size,
                        "steps": args.steps, "warmup": args.warmup, "window": args.window,
-                       "work_dir": args.work_dir}  # fmt: skip
+                       "work_dir": args.work_dir, "history_table": args.history_table}  # fmt: skip
                 runs[side].append(run_child(CHILD, str(REPO / "benchmarks"), json.dumps(job)))
         for side, rounds in runs.items():
             samples = [s for r in rounds for s in r["samples_per_s"]]
@@ -236,6 +249,15 @@ def main() -> None:
                 "peak_device_bytes": max(r["peak_device_bytes"] for r in rounds),
             }
             print(f"{rows:,} rows, {side}: {results[rows][side]}", flush=True)
+        # engagerec's sample over a reference's at the same round and window: the spread of the
+        # ratio itself (its P10), not only the ratio of the medians
+        for side in [s for s in sides if s != "engagerec"] if "engagerec" in runs else []:
+            paired = [
+                ours / theirs
+                for our_round, their_round in zip(runs["engagerec"], runs[side], strict=True)
+                for ours, theirs in zip(our_round["samples_per_s"], their_round["samples_per_s"], strict=True)
+            ]
+            results[rows][side]["paired_ratio_p10"] = _percentile(paired, 0.1)
 
     memory: Dict[int, Dict] = {}
     if not args.no_memory:
@@ -251,10 +273,13 @@ def main() -> None:
     if not args.no_plot:
         _plot(results, memory, plot, args.device)
     what = "end to end from shards (reader included)" if args.source == "shards" else "pre-built batches"
+    if args.history_table:
+        what += ", the history in a table of its own on every side"
     lines = [
         f"samples/s training {args.tower}, batch {args.batch_size}, {what}, device {args.device}; "
         f"P10 / P50 / P90 over {args.steps // args.window} samples of {args.window} steps x {args.repeats} "
-        f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s."
+        f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s "
+        "(in brackets, the P10 of engagerec's sample over the reference's at the same round and window)."
         + ("" if args.no_plot else f" Plot: {plot.name}."),
         "",
         "| video-table rows | engagerec | plain sparse | plain dense | engagerec / sparse "
@@ -268,11 +293,9 @@ def main() -> None:
         return f"{row[side]['p10']:,.0f} / **{row[side]['p50']:,.0f}** / {row[side]['p90']:,.0f}"
 
     def ratio(row: Dict, side: str) -> str:
-        return (
-            f"{row['engagerec']['p50'] / row[side]['p50']:.2f}x"
-            if side in row and "engagerec" in row
-            else "-"
-        )
+        if side not in row or "engagerec" not in row:
+            return "-"
+        return f"{row['engagerec']['p50'] / row[side]['p50']:.2f}x ({row[side]['paired_ratio_p10']:.2f}x)"
 
     for rows in args.rows:
         row = results[rows]

@@ -4,7 +4,9 @@ batches (the model alone) or as prepared shards (read by engagerec's reader, end
 The shape: user (1,000 ids), video (``rows`` ids) and author (rows / 5) ids, a 20-long viewing
 history sharing the video table, 4 dense features, a watch ratio and a skip label. Ids are
 skewed as real popularity is (id = 1 + floor(u^3 * size), u uniform: a few ids are hot, most
-are rare), so a batch touches a realistic share of distinct rows.
+are rare), so a batch touches a realistic share of distinct rows. With ``history_table`` the
+history has a table of its own (its id space ``history``, as configs/kuairand_1k_history_table.yaml
+gives it): every table is then read by one feature.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ LABEL_STATS = {
 }
 
 
-def synthetic_schema(rows: int):
-    """The DatasetSchema of the synthetic input with a ``rows``-row video table."""
+def synthetic_schema(rows: int, history_table: bool = False):
+    """The DatasetSchema of the synthetic input with a ``rows``-row video table (and a history
+    table of ``rows`` rows of its own with ``history_table``)."""
     from engagerec.data.schema import DatasetSchema, DenseFeature, LabelSpec, SparseFeature
 
     return DatasetSchema(
@@ -32,11 +35,16 @@ def synthetic_schema(rows: int):
             SparseFeature("user_id", "user_id", multi=False),
             SparseFeature("content_id", "content_id", multi=False),
             SparseFeature("author_id", "author_id", multi=False),
-            SparseFeature("history", "content_id", multi=True),
+            SparseFeature("history", "history" if history_table else "content_id", multi=True),
         ],
         dense=[DenseFeature(f"x{i}", f"x{i}", "none", 0.0, 1.0, None) for i in range(DENSE)],
         labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
-        vocab_sizes={"user_id": USERS, "content_id": rows, "author_id": max(rows // 5, 1)},
+        vocab_sizes={
+            "user_id": USERS,
+            "content_id": rows,
+            "author_id": max(rows // 5, 1),
+            **({"history": rows} if history_table else {}),
+        },
         # the labels' train statistics (uniform ratio; skip = ratio < 0.5), as prepare records them
         meta={"summary": {"split": {"train": {"labels": LABEL_STATS}}}},
     )
@@ -100,7 +108,12 @@ class SyntheticSource:
 
 
 def write_synthetic_shards(
-    directory: Path, rows: int, train_rows: int, seed: int = 0, rows_per_group: int = 131_072
+    directory: Path,
+    rows: int,
+    train_rows: int,
+    seed: int = 0,
+    rows_per_group: int = 131_072,
+    history_table: bool = False,
 ) -> Path:
     """A prepared dataset (schema.json + train/part-*.parquet, as ``engagerec prepare`` writes
     them) of ``train_rows`` synthetic rows over a ``rows``-row video table, for reading with
@@ -114,7 +127,7 @@ def write_synthetic_shards(
 
     directory = Path(directory)
     stamp = directory / "synthetic.json"
-    wanted = {"rows": rows, "train_rows": train_rows, "seed": seed}
+    wanted = {"rows": rows, "train_rows": train_rows, "seed": seed, "history_table": history_table}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (directory / MANIFEST_FILE).is_file():
         return directory
     writer = ShardWriter(directory / "train", rows_per_file=8 * rows_per_group, row_group_size=rows_per_group)
@@ -135,7 +148,7 @@ def write_synthetic_shards(
         columns.update({name: pa.array(c[name].numpy()) for name in ("watch_ratio", "skip")})
         writer.write(pa.table(columns))
         done += n
-    schema = synthetic_schema(rows)
+    schema = synthetic_schema(rows, history_table)
     files = writer.close()
     schema.meta["splits"] = {"train": {"rows": train_rows, "files": files}}
     schema.save(directory)
