@@ -97,6 +97,12 @@ bench: install
 	ENGAGEREC_MALLOC_TUNING=0 $(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --no-memory \
 		--section scale_10m_malloc_defaults
 	$(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --no-memory --section scale_10m_malloc_tuned
+	# at 10^7 rows, 5 rounds, with the spread of the paired ratio: the history sharing the video table
+	# (FBGEMM's scalar CPU backward for a table read by two features), then in a table of its own on every side
+	$(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --repeats 5 --steps 60 --no-memory \
+		--section scale_10m_batched_mixture
+	$(PY) benchmarks/scale.py --rows 10000000 --dense-max-rows 0 --repeats 5 --steps 60 --no-memory \
+		--history-table --section scale_10m_history_table
 
 # KuaiRand-1K-shaped data end to end at 0.1x, 1x and 5x (58.6M rows): synthesize, prepare, one
 # epoch of engagerec train with its evaluation; time, peak RSS, disk, test quality; a plot
