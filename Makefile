@@ -83,7 +83,7 @@ bench: install
 	# tower, 2 ranks, and the viewing history in a table of its own (its own preparation)
 	$(VENV)/bin/engagerec prepare --config configs/kuairand_1k_history_table.yaml
 	$(PY) benchmarks/train_levers.py --data-dir prepared/kuairand_1k \
-		--history-table-data prepared/kuairand_1k_history_table --section train_levers_history
+		--history-table-data prepared/kuairand_1k_history_table --rounds 5 --section train_levers_history
 	# evaluation's memory against the rows of a split (10^5 to 10^7): held and peak bytes a row
 	$(PY) benchmarks/eval_memory.py --rows 100000 1000000 10000000
 	# video tables of 10^5 to 10^8 rows, end to end from shards, beside the plain references;

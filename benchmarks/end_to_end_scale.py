@@ -104,6 +104,7 @@ def one_scale(scale: float, tmp: Path, skew: Optional[float] = None) -> Dict:
     train = [
         sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run), "--no-resume",
         "--set", f"train.data_dir={prepared}", "--set", "train.progress_bar=false", "--set", "train.epochs=1",
+        "--set", "train.tower_precision=fp32",  # as its sections were measured; train_levers.py has bf16
     ]  # fmt: skip
     wall, peak, timeline = run_sampled(train)
     results = json.loads((run / "results.json").read_text())

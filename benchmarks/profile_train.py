@@ -38,7 +38,7 @@ COMPARISONS = {
         "after (engagerec.host_memory)": ({"ENGAGEREC_MALLOC_TUNING": "1"}, []),
     },
     "precision": {
-        "float32 tower": ({}, []),
+        "float32 tower": ({}, ["train.tower_precision=fp32"]),
         "bf16 tower (train.tower_precision)": ({}, ["train.tower_precision=bf16"]),
     },
 }

@@ -29,7 +29,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from results import machine_block, write_section  # noqa: E402
 
 CONFIG = REPO / "configs" / "kuairand_1k.yaml"
-TRAINING = ["train.batch_size=256", "train.eval_batch_size=4096", "train.epochs=5"]
+# float32, as its figures were measured (train_levers.py checks the bf16 tower apart)
+TRAINING = [
+    "train.batch_size=256",
+    "train.eval_batch_size=4096",
+    "train.epochs=5",
+    "train.tower_precision=fp32",
+]
 
 
 def main() -> None:

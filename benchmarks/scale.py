@@ -249,9 +249,11 @@ def main() -> None:
                 "peak_device_bytes": max(r["peak_device_bytes"] for r in rounds),
             }
             print(f"{rows:,} rows, {side}: {results[rows][side]}", flush=True)
-        # engagerec's sample over a reference's at the same round and window: the spread of the
-        # ratio itself (its P10), not only the ratio of the medians
-        for side in [s for s in sides if s != "engagerec"] if "engagerec" in runs else []:
+        # engagerec's window over a reference's window at the same round and position (the sides
+        # run one after another): a low P10 says some of one side's windows were slow, which the
+        # ratio of the medians hides
+        references = [s for s in sides if s != "engagerec"] if "engagerec" in runs else []
+        for side in references:
             paired = [
                 ours / theirs
                 for our_round, their_round in zip(runs["engagerec"], runs[side], strict=True)
@@ -279,7 +281,8 @@ def main() -> None:
         f"samples/s training {args.tower}, batch {args.batch_size}, {what}, device {args.device}; "
         f"P10 / P50 / P90 over {args.steps // args.window} samples of {args.window} steps x {args.repeats} "
         f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s "
-        "(in brackets, the P10 of engagerec's sample over the reference's at the same round and window)."
+        "(in brackets, the P10 of engagerec's window over the reference's at the same round and position; "
+        "the sides run one after another, so it holds both sides' window-to-window spread)."
         + ("" if args.no_plot else f" Plot: {plot.name}."),
         "",
         "| video-table rows | engagerec | plain sparse | plain dense | engagerec / sparse "

@@ -117,7 +117,7 @@ def write_synthetic_shards(
 ) -> Path:
     """A prepared dataset (schema.json + train/part-*.parquet, as ``engagerec prepare`` writes
     them) of ``train_rows`` synthetic rows over a ``rows``-row video table, for reading with
-    engagerec's ShardReader. Written once per (rows, train_rows, seed): an existing complete
+    engagerec's ShardReader. Written once per (rows, train_rows, seed, history_table): an existing complete
     one is kept. `engagerec train` reads it too (``train.data_dir``, with ``train.max_steps``:
     it has no val split)."""
     import pyarrow as pa
@@ -127,7 +127,9 @@ def write_synthetic_shards(
 
     directory = Path(directory)
     stamp = directory / "synthetic.json"
-    wanted = {"rows": rows, "train_rows": train_rows, "seed": seed, "history_table": history_table}
+    wanted = {"rows": rows, "train_rows": train_rows, "seed": seed}
+    if history_table:  # only then: the stamps of shards written before stay valid
+        wanted["history_table"] = True
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (directory / MANIFEST_FILE).is_file():
         return directory
     writer = ShardWriter(directory / "train", rows_per_file=8 * rows_per_group, row_group_size=rows_per_group)

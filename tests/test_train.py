@@ -116,6 +116,23 @@ def test_a_bf16_tower_trains_through_the_pipeline_to_the_float32_runs_quality(st
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2)), tmp_path / "bf16")
 
 
+def test_a_resume_compares_the_precision_auto_resolved_to(study_data, tmp_path, monkeypatch):
+    """tower_precision auto on resume: refused where it resolves to another precision than the
+    run trained in (another machine), and no change where it resolves to the same (fp32 -> auto
+    on a CPU without native bf16)."""
+    import engagerec.runs
+
+    cfg = study_run_config(study_data, epochs=1)
+    first = train(cfg, tmp_path / "run")  # fp32
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2, tower_precision="auto"))
+    monkeypatch.setattr(engagerec.runs, "cpu_has_bf16_matmuls", lambda: True)
+    with pytest.raises(ConfigError, match="tower_precision: trained in fp32, here bf16"):
+        train(more, tmp_path / "run")
+    monkeypatch.setattr(engagerec.runs, "cpu_has_bf16_matmuls", lambda: False)
+    resumed = train(more, tmp_path / "run")
+    assert resumed["tower_precision"] == "fp32" and resumed["steps"] == 2 * first["steps"]
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_exactly_where_the_cpu_multiplies_bf16_natively(monkeypatch, native):
     """tower_precision auto: bf16 on a CPU with AVX512-BF16 / AMX-BF16 (read from its flags),
@@ -130,6 +147,7 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_multiplies_bf16_natively(m
     assert tower_autocast("auto", cpu) == (torch.bfloat16 if native else None)
     assert (tower_autocast("bf16", cpu), tower_autocast("fp32", cpu)) == (torch.bfloat16, None)
     assert cpu_has_bf16_matmuls("flags\t\t: avx2 amx_tile amx_bf16\n")
+    assert not cpu_has_bf16_matmuls("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # no flags line: fp32
 
 
 def test_embedding_l2_shrinks_the_trained_rows_through_the_fused_optimiser(study_data, tmp_path):

@@ -26,8 +26,9 @@ def cpu_name() -> str:
 
 
 def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[FrozenSet[str]]:
-    r"""The CPU's feature flags (/proc/cpuinfo's ``flags`` line), or None where they are unknown
-    (off Linux).
+    r"""The CPU's feature flags (/proc/cpuinfo's ``flags`` line, as Linux on x86 writes it), or
+    None where they are unknown: off Linux, or on ARM (whose ``Features`` line this does not
+    read), so bf16 is then never assumed.
 
     Args:
         cpuinfo (Optional[str]): the text of /proc/cpuinfo. Default: read it.

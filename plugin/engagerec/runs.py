@@ -62,15 +62,17 @@ def tower_autocast(precision: str, device: torch.device) -> Optional[torch.dtype
         >>> from engagerec.runs import tower_autocast
         >>> tower_autocast("bf16", torch.device("cpu")), tower_autocast("fp32", torch.device("cpu"))
         (torch.bfloat16, None)
-        >>> tower_autocast("auto", torch.device("cpu")) in (torch.bfloat16, None)  # by the CPU
+        >>> from engagerec.machine import cpu_has_bf16_matmuls
+        >>> picked = tower_autocast("auto", torch.device("cpu"))  # by this CPU's flags
+        >>> picked == (torch.bfloat16 if cpu_has_bf16_matmuls() else None)
         True
     """
     if precision == "bf16":
         return torch.bfloat16
     if precision != "auto":
         return None
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (compute capability 8) and later; older cards emulate bf16
+        native = torch.cuda.get_device_capability(device)[0] >= 8
     else:
         native = device.type == "cpu" and cpu_has_bf16_matmuls()
     return torch.bfloat16 if native else None

@@ -142,6 +142,8 @@ class TrainState:
         train_seconds (float): time spent in training steps, checkpoints and evaluation left out.
         init_from (Dict[str, Any]): what a warm start loaded (``warm_start.apply_warm_start``;
             empty: a fresh start).
+        tower_precision (str): what ``train.tower_precision`` resolved to, ``"fp32"`` or
+            ``"bf16"`` (``auto`` resolves by the machine); empty in checkpoints written before.
 
     Example::
 
@@ -164,12 +166,14 @@ class TrainState:
     done: bool = False
     train_seconds: float = 0.0
     init_from: Dict[str, Any] = field(default_factory=dict)
+    tower_precision: str = ""
 
     @classmethod
     def restore(cls, saved: Dict[str, Any]) -> "TrainState":
         """The state a checkpoint saved (``checkpoint.load``'s progress)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in saved and name != "init_from"]  # added since
+        added_since = ("init_from", "tower_precision")
+        missing = [name for name in names if name not in saved and name not in added_since]
         if missing:
             raise CheckpointError(f"the checkpoint's progress lacks {missing}: written by another version")
         return cls(**{name: saved[name] for name in names if name in saved})
@@ -272,6 +276,8 @@ class Trainer:
         self.warm_plan = self._plan_warm_start(resume)  # checked before anything is built or written
         seed_everything(self.tc.seed)
         self.dmp, self.model = sharded_model(cfg, runtime)
+        # what train.tower_precision picked here
+        self.precision = "fp32" if self.model.train_autocast is None else "bf16"
         check_world_size(self.model, runtime.world_size)
         self.tasks = self.model.tasks
         # the tasks are known now (from schema.json when the config names none): check before training
@@ -422,8 +428,7 @@ class Trainer:
             "tower": self.cfg.model.tower.name,
             "seed": tc.seed,
             "world_size": self.runtime.world_size,
-            # what tower_precision resolved to here (auto depends on the machine)
-            "tower_precision": "fp32" if self.model.train_autocast is None else "bf16",
+            "tower_precision": self.precision,  # what it resolved to (auto depends on the machine)
             "steps": state.step,
             "train_seconds": state.train_seconds,
             "history": state.history,
@@ -469,15 +474,16 @@ class Trainer:
                 "--no-resume (it removes them) or another --out"
             )
         if last is None:
-            state = TrainState(config=config, world_size=runtime.world_size)
+            state = TrainState(config=config, world_size=runtime.world_size, tower_precision=self.precision)
             if self.warm_plan is not None:
                 state.init_from = apply_warm_start(self.warm_plan, self.dmp, self.optimizer)
                 if is_rank_zero():
                     print(_warm_start_line(state.init_from), flush=True)
             return state
-        _check_resume(last, checkpoint.read_progress(last), self.cfg, runtime, allow_change)  # before loading
+        progress = checkpoint.read_progress(last)
+        _check_resume(last, progress, self.cfg, runtime, allow_change, self.precision)  # before loading
         state = TrainState.restore(checkpoint.load(last, self.dmp, self.optimizer, checked=True))
-        state.world_size, state.config = runtime.world_size, config
+        state.world_size, state.config, state.tower_precision = runtime.world_size, config, self.precision
         # a run that ended at its epoch count goes on when resumed with more epochs (not one that
         # stopped early, or at max_steps)
         more = state.epoch < tc.epochs and not self._at_max_steps(state)
@@ -580,15 +586,24 @@ def _warm_start_line(loaded: Dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+PRECISION_KEY = "train.tower_precision"
+
+
 def _check_resume(
-    last: Path, progress: Dict[str, Any], cfg: ExperimentConfig, runtime, allow_change: bool
+    last: Path, progress: Dict[str, Any], cfg: ExperimentConfig, runtime, allow_change: bool, precision: str
 ) -> None:
-    """Refuse a resume that would not continue the same run: another config, or another world
-    size in the middle of an epoch (each rank reads a contiguous share of the epoch's rows, so
-    the rest of the epoch would be other rows)."""
+    """Refuse a resume that would not continue the same run: another config, a tower precision
+    that resolves otherwise here (``precision``), or another world size in the middle of an
+    epoch (each rank reads a contiguous share of the epoch's rows, so the rest of the epoch would
+    be other rows)."""
     # the saved config with this release's defaults: a key added since is not a change
     saved = normalised_config(progress["config"])
-    changes = config_changes(saved, dataclasses.asdict(cfg))
+    # the precision compares by what it resolved to: auto may resolve otherwise on another
+    # machine, and fp32 -> auto is no change where auto resolves to fp32
+    changes = [c for c in config_changes(saved, dataclasses.asdict(cfg)) if not c.startswith(PRECISION_KEY)]
+    trained_in = progress.get("tower_precision") or saved["train"]["tower_precision"]  # older: fp32/bf16
+    if trained_in != precision:
+        changes.append(f"{PRECISION_KEY}: trained in {trained_in}, here {precision} (auto picks by device)")
     if cfg.train.lr_schedule != "constant" and saved["train"]["epochs"] != cfg.train.epochs:
         changes.append(
             f"train.epochs: {saved['train']['epochs']} -> {cfg.train.epochs} (it sets the length of "
