@@ -119,6 +119,16 @@ def test_a_bf16_tower_trains_on_gpu_and_evaluates_on_cpu_alike(study_data, tmp_p
 
 
 @pytest.mark.gpu
+def test_auto_precision_on_gpu_is_bf16_from_compute_capability_8():
+    """tower_precision auto on CUDA: bf16 on Ampere and later (native bf16 matmuls), float32 on
+    older cards, which only emulate bf16."""
+    from engagerec.runs import tower_autocast
+
+    native = torch.cuda.get_device_capability()[0] >= 8
+    assert tower_autocast("auto", torch.device("cuda")) == (torch.bfloat16 if native else None)
+
+
+@pytest.mark.gpu
 def test_row_wise_sharding_trains_on_gpu(study_data, tmp_path):
     results = _gpu_run(study_data, tmp_path / "run", sharding={"*": ["row_wise"]})
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
