@@ -3,7 +3,7 @@ validation check of those that change the numbers.
 
     .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k \\
         [--history-table-data prepared/kuairand_1k_history_table] [--steps 400] [--rounds 3] \\
-        [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers]
+        [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...]
 
 Each variant is `engagerec train` as shipped (metrics on, the reader included, a fresh process)
 with a global batch of 4096 rows a step, on configs/kuairand_1k.yaml:
@@ -17,6 +17,9 @@ and, given ``--history-table-data`` (a preparation of configs/kuairand_1k_histor
 that config, whose viewing history has an embedding table of its own:
 
 - ``bf16 tower, history table`` and ``2 ranks, bf16 tower, history table``.
+
+``--variants`` picks among these, and the earlier sections' ``loader worker``
+(``train.num_workers=1``) and ``2 ranks`` (float32), which run only when named.
 
 Speed: ``--steps`` steps per run; its samples/s is the median of its log.csv windows of 50 steps
 after the first (start-up excluded); the variants alternate for ``--rounds`` rounds, and each
@@ -58,7 +61,11 @@ VARIANTS = {
     "2 ranks, bf16 tower": (2, CONFIG, BF16),
     "bf16 tower, history table": (1, HISTORY_CONFIG, BF16),
     "2 ranks, bf16 tower, history table": (2, HISTORY_CONFIG, BF16),
+    # measured in earlier sections (train_levers, train_levers_amd), on request (--variants)
+    "loader worker": (1, CONFIG, ["train.tower_precision=fp32", "train.num_workers=1"]),
+    "2 ranks": (2, CONFIG, ["train.tower_precision=fp32"]),
 }
+DEFAULT_VARIANTS = [name for name in VARIANTS if name not in ("loader worker", "2 ranks")]
 REFERENCE = "float32"
 VAL_KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
@@ -119,9 +126,13 @@ def main() -> None:
     parser.add_argument("--quality-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--runs", help="where the quality runs go (kept; read again if there)")
     parser.add_argument("--section", default="train_levers", help="the RESULTS.md section written")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS, help="float32 always runs"
+    )
     args = parser.parse_args()
     data_dirs = {CONFIG: args.data_dir, HISTORY_CONFIG: args.history_table_data}
-    names = [name for name, (_, config, _) in VARIANTS.items() if data_dirs[config]]
+    wanted = [REFERENCE] + [name for name in args.variants if name != REFERENCE]
+    names = [name for name in wanted if data_dirs[VARIANTS[name][1]]]
     found: Dict[str, List[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
@@ -131,7 +142,8 @@ def main() -> None:
     runs = Path(args.runs or tempfile.mkdtemp(prefix="train_levers-"))
     # one process only: the 2-rank variants (each rank reads its own half of the epoch) are not
     # checked on validation here
-    checked = [name for name in names if VARIANTS[name][0] == 1]
+    # nor the loader worker, which reads float32's batches in float32's order
+    checked = [name for name in names if VARIANTS[name][0] == 1 and name != "loader worker"]
     val = {name: [validation(name, data_dirs, seed, runs) for seed in args.quality_seeds] for name in checked}
     history = ""
     if args.history_table_data:
