@@ -83,6 +83,29 @@ def test_ranks_partition_the_rows(multi_chunk, world_size):
     assert max(sizes) - min(sizes) <= 1
 
 
+def test_chunks_are_decoded_ahead_on_one_thread_once_each_and_only_this_ranks(multi_chunk):
+    """The next row group decodes on the reader's own thread while batches come from the current
+    one: every chunk holding this rank's rows is decoded exactly once, off the caller's thread,
+    and none that holds only another rank's rows."""
+    import threading
+
+    reader = ShardReader(multi_chunk, "train", batch_size=64, shuffle=True, seed=1, rank=0, world_size=2)
+    loads, load = [], reader._load
+    reader._load = lambda chunk: (loads.append((chunk, threading.current_thread().name)), load(chunk))[1]
+    rows = sum(batch.batch_size for batch in reader)
+    order = reader._chunk_order()
+    start, end = reader._rank_rows(0)
+    sizes = np.array([reader.chunks[c][2] for c in order])
+    firsts = np.cumsum(sizes) - sizes  # each chunk's first row in the epoch's order
+    mine = [
+        int(c)
+        for c, first, size in zip(order, firsts, sizes, strict=True)
+        if first < end and first + size > start
+    ]
+    assert rows == end - start and [chunk for chunk, _ in loads] == mine
+    assert all(name.startswith("engagerec-decode") for _, name in loads)  # off the caller's thread
+
+
 def test_drop_last_gives_every_rank_the_same_number_of_full_batches(multi_chunk):
     parts = [
         ShardReader(multi_chunk, "train", batch_size=64, rank=r, world_size=3, drop_last=True)

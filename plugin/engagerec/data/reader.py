@@ -10,12 +10,14 @@ Order is defined once per epoch and does not depend on the number of loader work
    ``w, w+W, ...``, which a torch DataLoader hands out round-robin, i.e. in order.
 
 So batch ``k`` of an epoch is the same whatever the worker count, which is what an
-exact resume needs (``start_batch``). Memory holds one decoded chunk per worker,
-whatever the dataset size.
+exact resume needs (``start_batch``). Memory holds two decoded chunks per worker (the one
+read and the next, decoded ahead on a thread of its own while batches are made from the
+first), whatever the dataset size.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -186,9 +188,10 @@ class ShardReader(IterableDataset):
     def _load(self, chunk_id: int) -> _Chunk:
         path, group, rows = self.chunks[chunk_id]
         try:
-            if path not in self._files:  # one open file per worker; every page's CRC checked
-                self._files = {path: pq.ParquetFile(path, page_checksum_verification=True)}
-            table = self._files[path].read_row_group(group, use_threads=False)
+            files = self._files  # one open file per worker; every page's CRC checked
+            if path not in files:  # a local dict: another iterator's decoding thread may swap it
+                files = self._files = {path: pq.ParquetFile(path, page_checksum_verification=True)}
+            table = files[path].read_row_group(group, use_threads=False)
         except (OSError, pa.ArrowException) as err:
             raise DataError(
                 f"row group {group} cannot be read ({first_line(err)}): the shard is damaged",
@@ -280,6 +283,11 @@ class ShardReader(IterableDataset):
         ends = np.cumsum(sizes)
         rank_start, rank_end = self._rank_rows(self.rank)
         cache: dict = {}
+        # every chunk is decoded on one thread of its own, the next one ahead while batches are
+        # made from the current: decoding (parquet pages, the shuffle's gathers) mostly releases
+        # the GIL, so it overlaps training steps instead of stalling the step that needs the chunk
+        decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagerec-decode")
+        ahead: Tuple[int, Optional[Future]] = (-1, None)
 
         def locate(row: int) -> Tuple[int, int]:
             """(position in the epoch's chunk order, row within that chunk) of a rank-global row."""
@@ -287,24 +295,31 @@ class ShardReader(IterableDataset):
             return position, row - int(ends[position] - sizes[position])
 
         def chunk_at(position: int) -> _Chunk:
-            nonlocal cache
+            nonlocal cache, ahead
             chunk_id = int(order[position])
             if chunk_id not in cache:
-                cache = {chunk_id: self._load(chunk_id)}  # keep one decoded chunk
+                pending = ahead[1] if ahead[0] == chunk_id else decoder.submit(self._load, chunk_id)
+                cache = {chunk_id: pending.result()}  # keep one decoded chunk (its errors raise here)
+                # the next chunk, when it holds rows of this rank
+                following = int(order[position + 1]) if ends[position] < rank_end else -1
+                ahead = (following, decoder.submit(self._load, following) if following >= 0 else None)
             return cache[chunk_id]
 
-        for b in range(self.start_batch + worker_id, self.num_batches(), num_workers):
-            lo, hi, pad = self._batch_rows(b)
-            pieces = []
-            while lo < hi:  # gather [lo, hi) from the chunks it spans
-                position, offset = locate(lo)
-                take = min(hi - lo, int(sizes[position]) - offset)
-                pieces.append((chunk_at(position), offset, offset + take, 1, 1.0))
-                lo += take
-            if pad:  # repeat one row (this rank's last, or row 0 if it has none) at weight 0
-                position, offset = locate(rank_end - 1 if rank_end > rank_start else 0)
-                pieces.append((chunk_at(position), offset, offset + 1, pad, 0.0))
-            yield self._make_batch(pieces)
+        try:
+            for b in range(self.start_batch + worker_id, self.num_batches(), num_workers):
+                lo, hi, pad = self._batch_rows(b)
+                pieces = []
+                while lo < hi:  # gather [lo, hi) from the chunks it spans
+                    position, offset = locate(lo)
+                    take = min(hi - lo, int(sizes[position]) - offset)
+                    pieces.append((chunk_at(position), offset, offset + take, 1, 1.0))
+                    lo += take
+                if pad:  # repeat one row (this rank's last, or row 0 if it has none) at weight 0
+                    position, offset = locate(rank_end - 1 if rank_end > rank_start else 0)
+                    pieces.append((chunk_at(position), offset, offset + 1, pad, 0.0))
+                yield self._make_batch(pieces)
+        finally:  # the iterator is done or dropped: no decoding left running for it
+            decoder.shutdown(wait=False, cancel_futures=True)
 
 
 def _footer(path: Path) -> pq.FileMetaData:
