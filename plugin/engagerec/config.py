@@ -388,12 +388,13 @@ class ExperimentConfig:
 
 
 # what a resumed run may change: how long it runs, how it logs, where it reads and computes;
-# not what it learns (model, data, optimisers, batch size, seed)
+# not what it learns (model, data, optimisers, batch size, seed). tower_precision is compared
+# by what it resolves to instead (auto depends on the device: train._check_resume)
 RESUMABLE_CHANGES = {
     f"train.{key}"
     for key in ("max_steps", "epochs", "patience", "progress_bar", "log_every_steps", "num_workers",
                 "profile_steps", "profile_start_step", "checkpoint_every_steps", "data_dir",
-                "eval_batch_size", "device", "train_metrics_every_steps", "init_from")
+                "eval_batch_size", "device", "train_metrics_every_steps", "init_from", "tower_precision")
 }  # fmt: skip
 
 

@@ -586,9 +586,6 @@ def _warm_start_line(loaded: Dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-PRECISION_KEY = "train.tower_precision"
-
-
 def _check_resume(
     last: Path, progress: Dict[str, Any], cfg: ExperimentConfig, runtime, allow_change: bool, precision: str
 ) -> None:
@@ -598,12 +595,14 @@ def _check_resume(
     be other rows)."""
     # the saved config with this release's defaults: a key added since is not a change
     saved = normalised_config(progress["config"])
-    # the precision compares by what it resolved to: auto may resolve otherwise on another
-    # machine, and fp32 -> auto is no change where auto resolves to fp32
-    changes = [c for c in config_changes(saved, dataclasses.asdict(cfg)) if not c.startswith(PRECISION_KEY)]
+    changes = config_changes(saved, dataclasses.asdict(cfg))
+    # the precision compares by what it resolved to (config_changes leaves the setting out): auto
+    # may resolve otherwise on another machine, and fp32 -> auto is no change where it gives fp32
     trained_in = progress.get("tower_precision") or saved["train"]["tower_precision"]  # older: fp32/bf16
     if trained_in != precision:
-        changes.append(f"{PRECISION_KEY}: trained in {trained_in}, here {precision} (auto picks by device)")
+        changes.append(
+            f"train.tower_precision: trained in {trained_in}, here {precision} (auto picks by device)"
+        )
     if cfg.train.lr_schedule != "constant" and saved["train"]["epochs"] != cfg.train.epochs:
         changes.append(
             f"train.epochs: {saved['train']['epochs']} -> {cfg.train.epochs} (it sets the length of "
