@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from prepare_scale import GENERATE, PREPARE  # noqa: E402
-from results import machine_block, run_child, write_section  # noqa: E402
+from results import FLOAT32, machine_block, run_child, write_section  # noqa: E402
 
 CONFIG = REPO / "configs" / "kuairand_1k.yaml"
 # KuaiRand-27K's interactions as its release counts them (Gao et al., CIKM 2022; 32M videos, 27,285 users)
@@ -104,7 +104,7 @@ def one_scale(scale: float, tmp: Path, skew: Optional[float] = None) -> Dict:
     train = [
         sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run), "--no-resume",
         "--set", f"train.data_dir={prepared}", "--set", "train.progress_bar=false", "--set", "train.epochs=1",
-        "--set", "train.tower_precision=fp32",  # as its sections were measured; train_levers.py has bf16
+        "--set", FLOAT32,
     ]  # fmt: skip
     wall, peak, timeline = run_sampled(train)
     results = json.loads((run / "results.json").read_text())

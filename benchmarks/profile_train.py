@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import record_section  # noqa: E402
+from results import FLOAT32, record_section  # noqa: E402
 
 # what --compare sets side by side: label -> (environment, --set overrides)
 COMPARISONS = {
@@ -38,7 +38,7 @@ COMPARISONS = {
         "after (engagerec.host_memory)": ({"ENGAGEREC_MALLOC_TUNING": "1"}, []),
     },
     "precision": {
-        "float32 tower": ({}, ["train.tower_precision=fp32"]),
+        "float32 tower": ({}, [FLOAT32]),
         "bf16 tower (train.tower_precision)": ({}, ["train.tower_precision=bf16"]),
     },
 }

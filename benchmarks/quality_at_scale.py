@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, other_settings, write_section  # noqa: E402
+from results import FLOAT32, machine_block, other_settings, write_section  # noqa: E402
 
 TASKS = [
     ("watch_ratio", "watch_ratio", "regression"),
@@ -39,8 +39,6 @@ TASKS = [
     ("click", "click", "binary"),
 ]
 METRICS = ["watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc"]
-# every quality figure here is float32's (benchmarks/train_levers.py checks the bf16 tower apart)
-FLOAT32 = "train.tower_precision=fp32"
 
 
 def tower_run(config: Path, data_dir: Path, run: Path, seed: int, epochs: int) -> Dict:

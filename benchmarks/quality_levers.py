@@ -27,7 +27,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import other_settings, record_section  # noqa: E402
+from results import FLOAT32, other_settings, record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
 # the products an MLP learns poorly from concatenated embeddings: how this user likes this
@@ -197,8 +197,7 @@ def validation(name: str, config: str, data_dir: Path, seed: int, runs: Path) ->
     if any("{first}" in o for o in overrides):  # a warm start from the dots config's run
         validation(FIRST, config, data_dir, seed, runs)  # trained first if missing
     variant = [o.replace("{first}", str(run_dir(runs, FIRST, seed))) for o in overrides]
-    # float32, as every quality figure here was measured (train_levers.py checks bf16 on its own)
-    sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", "train.tower_precision=fp32", *variant]
+    sets = [f"train.data_dir={data_dir}", f"train.seed={seed}", FLOAT32, *variant]
     if not (out / "results.json").is_file():
         command = [sys.executable, "-m", "engagerec", "train", "--config", config, "--out", str(out)]
         command += [a for kv in [*sets, "train.progress_bar=false"] for a in ("--set", kv)]

@@ -26,16 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import machine_block, write_section  # noqa: E402
+from results import FLOAT32, machine_block, write_section  # noqa: E402
 
 CONFIG = REPO / "configs" / "kuairand_1k.yaml"
-# float32, as its figures were measured (train_levers.py checks the bf16 tower apart)
-TRAINING = [
-    "train.batch_size=256",
-    "train.eval_batch_size=4096",
-    "train.epochs=5",
-    "train.tower_precision=fp32",
-]
+TRAINING = ["train.batch_size=256", "train.eval_batch_size=4096", "train.epochs=5", FLOAT32]
 
 
 def main() -> None:

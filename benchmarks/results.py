@@ -17,6 +17,9 @@ from engagerec.machine import cpu_flags, cpu_name, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "numpy")
+# the tower in float32 whatever the config's tower_precision (configs/kuairand_1k.yaml: auto): the
+# quality, replay and end-to-end figures were measured so; train_levers.py checks bf16 apart
+FLOAT32 = "train.tower_precision=fp32"
 
 
 # the instruction sets that decide CPU kernels here (/proc/cpuinfo flag -> the name we print):

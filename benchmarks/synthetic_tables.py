@@ -72,12 +72,14 @@ class SyntheticSource:
     """``count`` pre-built batches over a ``rows``-row video table, cycled: the model alone,
     without the reader."""
 
-    def __init__(self, rows: int, batch_size: int, count: int = 16, seed: int = 0) -> None:
+    def __init__(
+        self, rows: int, batch_size: int, count: int = 16, seed: int = 0, history_table: bool = False
+    ) -> None:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         from engagerec.batch import Batch
 
-        self.schema = synthetic_schema(rows)
+        self.schema = synthetic_schema(rows, history_table)
         generator = torch.Generator().manual_seed(seed)
         self.prebuilt = []
         b = batch_size

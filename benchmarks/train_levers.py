@@ -48,7 +48,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import record_section  # noqa: E402
+from results import FLOAT32, record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
 HISTORY_CONFIG = "configs/kuairand_1k_history_table.yaml"
@@ -56,14 +56,14 @@ BATCH = 4096
 BF16 = ["train.tower_precision=bf16"]
 # name -> (processes, config, --set overrides); REFERENCE first, the others' ratios are to it
 VARIANTS = {
-    "float32": (1, CONFIG, ["train.tower_precision=fp32"]),
+    "float32": (1, CONFIG, [FLOAT32]),
     "bf16 tower": (1, CONFIG, BF16),
     "2 ranks, bf16 tower": (2, CONFIG, BF16),
     "bf16 tower, history table": (1, HISTORY_CONFIG, BF16),
     "2 ranks, bf16 tower, history table": (2, HISTORY_CONFIG, BF16),
     # measured in earlier sections (train_levers, train_levers_amd), on request (--variants)
-    "loader worker": (1, CONFIG, ["train.tower_precision=fp32", "train.num_workers=1"]),
-    "2 ranks": (2, CONFIG, ["train.tower_precision=fp32"]),
+    "loader worker": (1, CONFIG, [FLOAT32, "train.num_workers=1"]),
+    "2 ranks": (2, CONFIG, [FLOAT32]),
 }
 DEFAULT_VARIANTS = [name for name in VARIANTS if name not in ("loader worker", "2 ranks")]
 REFERENCE = "float32"

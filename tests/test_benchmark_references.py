@@ -27,11 +27,7 @@ def _study(study_data):
 
 def _scale(history_table):
     """scale.py's input: the history sharing the video table (or in its own), its model."""
-    source = SyntheticSource(rows=300, batch_size=64, count=1)
-    if history_table:
-        from synthetic_tables import synthetic_schema
-
-        source.schema = synthetic_schema(300, history_table=True)
+    source = SyntheticSource(rows=300, batch_size=64, count=1, history_table=history_table)
     config = load_config(BENCHMARKS.parent / "configs" / "kuairand_random.yaml")
     return source.schema, config.model, source.prebuilt[0]
 

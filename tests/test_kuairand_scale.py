@@ -21,9 +21,9 @@ def generated(tmp_path_factory):
     return out
 
 
-def _config(repo, data, *overrides):
+def _config(repo, data, *overrides, name="kuairand_1k.yaml"):
     return load_config(
-        repo / "configs" / "kuairand_1k.yaml",
+        repo / "configs" / name,
         [
             f"data.source.interactions={data}",
             f"data.source.users={data}/user_features_1k.csv",
@@ -101,14 +101,7 @@ def test_the_history_table_config_gives_the_history_a_table_of_its_own(repo, gen
     from engagerec.model_builder import build_model
 
     def tables(config_name, out):
-        cfg = load_config(
-            repo / "configs" / config_name,
-            [
-                f"data.source.interactions={generated}",
-                f"data.source.users={generated}/user_features_1k.csv",
-                f"data.source.content={generated}/video_features_basic_1k.csv",
-            ],
-        )
+        cfg = _config(repo, generated, name=config_name)
         prepare(cfg.data, out)
         model = build_model(DatasetSchema.load(out), cfg.model)
         return {t.name: list(t.feature_names) for t in model.sparse_arch.embedding_bag_configs()}
