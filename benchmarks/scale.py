@@ -260,6 +260,13 @@ def main() -> None:
                 for ours, theirs in zip(our_round["samples_per_s"], their_round["samples_per_s"], strict=True)
             ]
             results[rows][side]["paired_ratio_p10"] = _percentile(paired, 0.1)
+            # each round's ratio of the two sides' median windows: the spread of the ratio itself
+            # over rounds, without each side's window-to-window jitter
+            results[rows][side]["round_ratios"] = [
+                _percentile(ours["samples_per_s"], 0.5) / _percentile(theirs["samples_per_s"], 0.5)
+                for ours, theirs in zip(runs["engagerec"], runs[side], strict=True)
+            ]
+            results[rows][side]["round_ratio_p10"] = _percentile(results[rows][side]["round_ratios"], 0.1)
 
     memory: Dict[int, Dict] = {}
     if not args.no_memory:
@@ -281,8 +288,9 @@ def main() -> None:
         f"samples/s training {args.tower}, batch {args.batch_size}, {what}, device {args.device}; "
         f"P10 / P50 / P90 over {args.steps // args.window} samples of {args.window} steps x {args.repeats} "
         f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s "
-        "(in brackets, the P10 of engagerec's window over the reference's at the same round and position; "
-        "the sides run one after another, so it holds both sides' window-to-window spread)."
+        "(in brackets: the P10 over rounds of each round's ratio of the two sides' median windows; then "
+        "the P10 of engagerec's window over the reference's at the same round and position, which, as "
+        "the sides run one after another, also holds both sides' window-to-window spread)."
         + ("" if args.no_plot else f" Plot: {plot.name}."),
         "",
         "| video-table rows | engagerec | plain sparse | plain dense | engagerec / sparse "
@@ -298,7 +306,10 @@ def main() -> None:
     def ratio(row: Dict, side: str) -> str:
         if side not in row or "engagerec" not in row:
             return "-"
-        return f"{row['engagerec']['p50'] / row[side]['p50']:.2f}x ({row[side]['paired_ratio_p10']:.2f}x)"
+        return (
+            f"{row['engagerec']['p50'] / row[side]['p50']:.2f}x "
+            f"(rounds {row[side]['round_ratio_p10']:.2f}x; windows {row[side]['paired_ratio_p10']:.2f}x)"
+        )
 
     for rows in args.rows:
         row = results[rows]

@@ -76,8 +76,12 @@ def test_evaluation_metrics_do_not_depend_on_the_batch_size(stopped_run):
         assert metrics["test", size]["rows"] == one_batch["rows"]
         for key in keys:
             # a row's score can differ in its last bits between batch sizes (the matmuls block
-            # differently), which can flip a near-tie of two scores: a rank metric (AUC, GAUC,
-            # XAUC) may then move by one pair's share, some 1e-4 here (seen on a 2-core AMD EPYC);
-            # a dropped or double-counted row moves it by far more, and "rows" is checked above
-            close = dict(abs=2e-4) if key.endswith("auc") else dict(rel=1e-5, abs=1e-6)
+            # differently), which can flip a near-tie of two scores: a rank metric (AUC, XAUC)
+            # may then move by one pair's share, some 1e-4 here (seen on a 2-core AMD EPYC), and
+            # a per-user GAUC more, as a user holds few pairs (2.5e-4 seen on another AMD EPYC);
+            # "rows" above and the non-rank metrics at 1e-5 catch a dropped or double-counted row
+            if key.endswith("gauc"):
+                close = dict(abs=1e-3)
+            else:
+                close = dict(abs=2e-4) if key.endswith("auc") else dict(rel=1e-5, abs=1e-6)
             assert metrics["test", size][key] == pytest.approx(one_batch[key], **close), (size, key)

@@ -399,6 +399,33 @@ def test_the_model_uses_the_callers_own_tables_and_any_stated_subset_of_their_fe
         MultiTaskModel(_user_tables(), 2, tower, tasks, feature_names=["genre"])
 
 
+@pytest.mark.parametrize("names", [["seen", "item", "user"], ["item", "user"]])
+def test_pooled_by_name_orders_columns_and_appends_dense_with_autograds_gradient(names):
+    """A reordering of every feature (a permutation: one copy each way) and a subset (a plain
+    gather) give the values and the embedding gradients of indexing the pooled dict by name."""
+    from engagerec.model import PooledByName
+
+    torch.manual_seed(0)
+    ebc = _user_tables()
+    batch = _torchrec_batch(torch.tensor([1, 0, 1, 1, 0]))
+    pooled = ebc(batch.sparse_features)
+    dense = batch.dense_features
+    made = PooledByName(names)(pooled, dense)
+    by_name = pooled.to_dict()
+    expected = torch.cat([*(by_name[n] for n in names), dense], dim=1)
+    torch.testing.assert_close(made, expected, rtol=0, atol=0)
+    permutation = len(names) == len(pooled.keys())
+    assert (type(made.grad_fn).__name__ == "_PermuteColumnsBackward") == permutation
+    weights = [t.weight for t in ebc.embedding_bags.values()]
+    upstream = torch.randn_like(made)
+    got = torch.autograd.grad(made, weights, upstream, allow_unused=True, retain_graph=True)
+    want = torch.autograd.grad(expected, weights, upstream, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
+    with torch.no_grad():  # no gradient wanted: the plain gather, same values
+        torch.testing.assert_close(PooledByName(names)(pooled, dense), expected, rtol=0, atol=0)
+
+
 def test_embedding_l2_adds_the_pooled_features_squared_norms_while_training_only():
     """The penalty is embedding_l2 x the batch mean of each row's squared pooled norm (the chosen
     features only; a bag's pooled mean, not its rows one by one), so a one-id feature's row gets

@@ -35,21 +35,27 @@ ModelOutput = Tuple[
 class PooledByName(nn.Module):
     """
     The pooled embeddings as [B, sum of widths], features in ``names`` order, whatever order
-    the (sharded) collection returns them in: the plan's, which changes with the world size.
-    Free when the collection already returns that order (one rank); else one column gather,
-    whose index is worked out on the first batch of a key order and kept in this module, on the
-    values' device. TorchRec's pipelines trace it as a leaf (it holds no sharded module).
-    (torchrec's KTRegroupAsDict does the same job; on CPU it made a KuaiRand-1K-shaped training
-    step 5x slower, 18.7k against 88k samples/s, so it is not used here.)
+    the (sharded) collection returns them in: the plan's, which changes with the world size;
+    optionally followed by the dense features, so that the tower input is made in one copy.
+    Free when the collection already returns that order (one rank, no dense features); else
+    one column gather, whose blocks are worked out on the first batch of a key order and kept
+    in this module, on the values' device. When the gather is a permutation (every pooled
+    column used once) and the values need a gradient, the backward is one gather by the
+    inverse permutation instead of autograd's zero fill and scatter-add: on a 2-core CPU at the
+    KuaiRand-1K shape the tower input and its gradient are the largest tensors a step copies.
+    TorchRec's pipelines trace it as a leaf (it holds no sharded module). (torchrec's
+    KTRegroupAsDict does the same job; on CPU it made a KuaiRand-1K-shaped training step 5x
+    slower, 18.7k against 88k samples/s, so it is not used here.)
 
     Args:
         names (List[str]): the wanted feature order (``FeatureSpec.feature_names``).
 
     Call Args:
         pooled (KeyedTensor): an EmbeddingBagCollection's output, keys in any order.
+        dense (Optional[torch.Tensor]): [B, dense width] columns to append. Default: None.
 
     Returns:
-        torch.Tensor: [B, sum of the features' widths].
+        torch.Tensor: [B, sum of the features' widths (+ dense width)].
 
     Example::
 
@@ -60,26 +66,96 @@ class PooledByName(nn.Module):
         >>> pooled = KeyedTensor(keys=["a", "b"], length_per_key=[2, 1], values=values)
         >>> PooledByName(["b", "a"])(pooled)
         tensor([[3., 1., 2.]])
+        >>> PooledByName(["b", "a"])(pooled, dense=torch.tensor([[9.0]]))
+        tensor([[3., 1., 2., 9.]])
     """
 
     def __init__(self, names: List[str]) -> None:
         super().__init__()
         self.names = list(names)
-        self._index: Dict[Tuple, torch.Tensor] = {}  # (keys, widths, device) -> column index
+        # (keys, widths, device) -> the gather: column blocks, index, inverse (None unless a permutation)
+        self._gathers: Dict[Tuple, _ColumnGather] = {}
 
-    def forward(self, pooled: KeyedTensor) -> torch.Tensor:
-        """pooled -> [B, sum of widths] in ``names`` order."""
+    def forward(self, pooled: KeyedTensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """pooled (and dense) -> [B, sum of widths (+ dense width)] in ``names`` order."""
         keys = pooled.keys()
-        if keys == self.names:
-            return pooled.values()
         values = pooled.values()
+        if keys == self.names:
+            return values if dense is None else torch.cat([values, dense], dim=1)
         signature = (tuple(keys), tuple(pooled.length_per_key()), values.device)
-        if signature not in self._index:
-            starts = dict(zip(keys, pooled.offset_per_key()[:-1], strict=True))
-            widths = dict(zip(keys, pooled.length_per_key(), strict=True))
-            index = torch.cat([torch.arange(starts[n], starts[n] + widths[n]) for n in self.names])
-            self._index[signature] = index.to(values.device)
-        return values.index_select(1, self._index[signature])
+        if signature not in self._gathers:
+            self._gathers[signature] = _ColumnGather.plan(
+                keys, pooled.offset_per_key(), pooled.length_per_key(), self.names, values.device
+            )
+        gather = self._gathers[signature]
+        if (
+            gather.inverse is not None
+            and torch.is_grad_enabled()
+            and values.requires_grad
+            and (dense is None or not dense.requires_grad)
+            and not torch.compiler.is_compiling()
+        ):
+            return _PermuteColumns.apply(values, dense, gather)
+        ordered = values.index_select(1, gather.index)
+        return ordered if dense is None else torch.cat([ordered, dense], dim=1)
+
+
+class _ColumnGather:
+    """Where each wanted feature's columns sit in a pooled KeyedTensor's values: ``blocks``
+    (start, width) in wanted order, adjacent ones merged; ``index`` the same columns one by one;
+    ``inverse`` the blocks (start, width) of the gathered columns that put them back in the
+    values' order, when the gather is a permutation (else None)."""
+
+    def __init__(
+        self, blocks: List[Tuple[int, int]], index: torch.Tensor, inverse: Optional[List[Tuple[int, int]]]
+    ) -> None:
+        self.blocks, self.index, self.inverse = blocks, index, inverse
+
+    @classmethod
+    def plan(
+        cls,
+        keys: List[str],
+        offsets: List[int],
+        widths: List[int],
+        names: List[str],
+        device: torch.device,
+    ) -> "_ColumnGather":
+        start = dict(zip(keys, offsets[:-1], strict=True))
+        width = dict(zip(keys, widths, strict=True))
+        blocks: List[Tuple[int, int]] = []
+        for name in names:
+            if blocks and blocks[-1][0] + blocks[-1][1] == start[name]:  # continues the last block
+                blocks[-1] = (blocks[-1][0], blocks[-1][1] + width[name])
+            else:
+                blocks.append((start[name], width[name]))
+        index = torch.cat([torch.arange(s, s + w) for s, w in blocks]).to(device)
+        # block k lands at gathered column sum(widths before k); sorted by source start, the
+        # blocks tile the values exactly when every column is used once
+        placed = sorted((s, sum(w for _, w in blocks[:k]), w) for k, (s, w) in enumerate(blocks))
+        covered = 0
+        for s, _, w in placed:
+            covered = covered + w if s == covered else -1
+        inverse = [(at, w) for _, at, w in placed] if covered == offsets[-1] else None
+        return cls(blocks, index, inverse)
+
+
+class _PermuteColumns(torch.autograd.Function):
+    """values [B, V] (and dense [B, D]) -> [B, V (+ D)]: values' columns permuted by a
+    _ColumnGather, then dense, in one copy; the backward puts the gradient's first V columns
+    back in the values' order, again in one copy (dense gets no gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx, values: torch.Tensor, dense: Optional[torch.Tensor], gather: _ColumnGather
+    ) -> torch.Tensor:
+        ctx.gather = gather
+        parts = [values.narrow(1, start, width) for start, width in gather.blocks]
+        return torch.cat(parts if dense is None else [*parts, dense], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        parts = [grad.narrow(1, start, width) for start, width in ctx.gather.inverse]
+        return torch.cat(parts, dim=1), None, None
 
 
 # (task name, label name, kind, label column): what reading a task's labels needs, as constants
@@ -389,26 +465,26 @@ class MultiTaskModel(nn.Module):
     def tower_input(self, batch) -> torch.Tensor:
         """x: pooled embeddings (``feature_names`` order; through the input arch if any),
         then dense features."""
-        return self._tower_input(batch, self._pooled(batch))
+        return self._pooled_and_input(batch)[1]
 
-    def _pooled(self, batch) -> Optional[torch.Tensor]:
-        """The pooled embeddings [B, sparse_dim] in ``feature_names`` order (None without tables)."""
+    def _pooled_and_input(self, batch) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(the pooled embeddings [B, sparse_dim] in ``feature_names`` order, None without
+        tables; the tower input x)."""
         if not self.has_sparse:
-            return None
+            return None, batch.dense_features
         # By name, never pooled.values(): a sharded collection returns its keys in the plan's
         # order, which changes with the world size and would scramble the tower's inputs.
-        return self.pooled_by_name(self.sparse_arch(batch.sparse_features))
-
-    def _tower_input(self, batch, pooled: Optional[torch.Tensor]) -> torch.Tensor:
-        if pooled is None:
-            return batch.dense_features
-        sparse = pooled if self.input_arch is None else self.input_arch(pooled)
-        return torch.cat([sparse, batch.dense_features], dim=1)
+        pooled = self.sparse_arch(batch.sparse_features)
+        if self.input_arch is not None:
+            ordered = self.pooled_by_name(pooled)
+            return ordered, torch.cat([self.input_arch(ordered), batch.dense_features], dim=1)
+        # x in one copy; the pooled part is a view of it
+        shared = self.pooled_by_name(pooled, batch.dense_features)
+        return shared.narrow(1, 0, shared.size(1) - self.dense_in_features), shared
 
     def forward(self, batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
-        pooled = self._pooled(batch)
-        shared = self._tower_input(batch, pooled)
+        pooled, shared = self._pooled_and_input(batch)
         representations = self._tower(shared)
         offsets = self.logit_offsets(pooled) if self.logit_offsets is not None else None
         read = task_labels(batch, self.label_spec)  # ([label per task], [weight per task])
@@ -435,7 +511,9 @@ class MultiTaskModel(nn.Module):
         weight = next(self.tower.parameters(), None)
         device_type = "cpu" if weight is None else weight.device.type
         with torch.autocast(device_type=device_type, dtype=self.train_autocast):
-            representations = self.tower(shared)
+            # cast once here rather than at each of the tower's first matmuls (MMoE's experts and
+            # gates both read x): one conversion of x forward and of its gradient backward
+            representations = self.tower(shared.to(self.train_autocast))
         return [representations[i].float() for i in range(self.num_tasks)]
 
 

@@ -82,8 +82,11 @@ class MMoE(nn.Module):
         # every task's mixture sum_i g_k(x)_i f_i(x) at once: one batched matmul forward and two
         # backward, where a mixture per task costs a [B, E, H] product and reduction each
         mixtures = torch.bmm(gates, experts)  # [B, tasks, H]
+        # unbind, not a select per task: one backward copy instead of a zero-filled [B, tasks, H]
+        # gradient per task
+        unbound = mixtures.unbind(1)
         outputs = []
         for task in range(self.num_tasks):  # index with ints: traceable whether gates is a leaf or not
             self.gate_weights[f"task{task}"] = gates[:, task].detach()
-            outputs.append(mixtures[:, task])
+            outputs.append(unbound[task])
         return outputs
