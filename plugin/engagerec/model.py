@@ -512,7 +512,8 @@ class MultiTaskModel(nn.Module):
         device_type = "cpu" if weight is None else weight.device.type
         with torch.autocast(device_type=device_type, dtype=self.train_autocast):
             # cast once here rather than at each of the tower's first matmuls (MMoE's experts and
-            # gates both read x): one conversion of x forward and of its gradient backward
+            # gates both read x): one conversion of x forward and of its gradient backward (the
+            # readers' bf16 gradients then add in bf16; validation: docs/EXPERIMENTS.md)
             representations = self.tower(shared.to(self.train_autocast))
         return [representations[i].float() for i in range(self.num_tasks)]
 
