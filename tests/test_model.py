@@ -192,6 +192,17 @@ def test_train_autocast_runs_the_tower_in_bf16_while_training_and_float32_otherw
     assert torch.isclose(loss, reference, rtol=2e-2)
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in mixed.tower.parameters())
+    # the tower's input is cast once, so its readers' gradients add in bf16: the embedding
+    # gradients still point where float32's do
+    reference.backward()
+    for table, plain_table in zip(
+        mixed.embedding_bag_collection.embedding_bags.values(),
+        plain.embedding_bag_collection.embedding_bags.values(),
+        strict=True,
+    ):
+        got, want = table.weight.grad.flatten(), plain_table.weight.grad.flatten()
+        assert got.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99, table
     seen.clear()
     mixed.eval()
     plain.eval()
@@ -399,7 +410,7 @@ def test_the_model_uses_the_callers_own_tables_and_any_stated_subset_of_their_fe
         MultiTaskModel(_user_tables(), 2, tower, tasks, feature_names=["genre"])
 
 
-@pytest.mark.parametrize("names", [["seen", "item", "user"], ["item", "user"]])
+@pytest.mark.parametrize("names", [["seen", "item", "user"], ["item", "seen", "user"], ["item", "user"]])
 def test_pooled_by_name_orders_columns_and_appends_dense_with_autograds_gradient(names):
     """A reordering of every feature (a permutation: one copy each way) and a subset (a plain
     gather) give the values and the embedding gradients of indexing the pooled dict by name."""
@@ -424,6 +435,10 @@ def test_pooled_by_name_orders_columns_and_appends_dense_with_autograds_gradient
         assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
     with torch.no_grad():  # no gradient wanted: the plain gather, same values
         torch.testing.assert_close(PooledByName(names)(pooled, dense), expected, rtol=0, atol=0)
+    # dense features that want a gradient get it, through the plain gather
+    wanting = dense.clone().requires_grad_()
+    (dense_grad,) = torch.autograd.grad(PooledByName(names)(pooled, wanting), wanting, upstream)
+    torch.testing.assert_close(dense_grad, upstream[:, -dense.shape[1] :], rtol=0, atol=0)
 
 
 def test_embedding_l2_adds_the_pooled_features_squared_norms_while_training_only():

@@ -14,6 +14,7 @@ trace it whatever the sharding.
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,9 +41,10 @@ class PooledByName(nn.Module):
     Free when the collection already returns that order (one rank, no dense features); else
     one column gather, whose blocks are worked out on the first batch of a key order and kept
     in this module, on the values' device. When the gather is a permutation (every pooled
-    column used once) and the values need a gradient, the backward is one gather by the
-    inverse permutation instead of autograd's zero fill and scatter-add: on a 2-core CPU at the
-    KuaiRand-1K shape the tower input and its gradient are the largest tensors a step copies.
+    column used once), the values need a gradient and the dense features do not, the backward
+    is one copy by the inverse permutation instead of autograd's zero fill and scatter-add: on
+    a 2-core CPU at the KuaiRand-1K shape the tower input and its gradient are the largest
+    tensors a step copies.
     TorchRec's pipelines trace it as a leaf (it holds no sharded module). (torchrec's
     KTRegroupAsDict does the same job; on CPU it made a KuaiRand-1K-shaped training step 5x
     slower, 18.7k against 88k samples/s, so it is not used here.)
@@ -131,7 +133,8 @@ class _ColumnGather:
         index = torch.cat([torch.arange(s, s + w) for s, w in blocks]).to(device)
         # block k lands at gathered column sum(widths before k); sorted by source start, the
         # blocks tile the values exactly when every column is used once
-        placed = sorted((s, sum(w for _, w in blocks[:k]), w) for k, (s, w) in enumerate(blocks))
+        lands = list(itertools.accumulate((w for _, w in blocks), initial=0))[:-1]
+        placed = sorted((s, at, w) for (s, w), at in zip(blocks, lands, strict=True))
         covered = 0
         for s, _, w in placed:
             covered = covered + w if s == covered else -1
@@ -333,9 +336,11 @@ class MultiTaskModel(nn.Module):
             tower's sparse part (e.g. ``TargetAttention``). Default: None.
         train_autocast (Optional[torch.dtype]): the dtype the tower computes in while the model
             is in training mode (``torch.autocast``: ``torch.bfloat16`` runs its matmuls on
-            AMX / AVX512-BF16 CPUs and on GPUs in half the bytes). Its parameters, the heads,
-            the losses, and every forward in eval mode (evaluation, predict, export) stay
-            float32. Default: None (float32 throughout).
+            AMX / AVX512-BF16 CPUs and on GPUs in half the bytes). The tower receives its input
+            x already in that dtype (one cast, so x's readers' gradients add in it too); its
+            representations go back to float32. Its parameters, the heads, the losses, and
+            every forward in eval mode (evaluation, predict, export) stay float32.
+            Default: None (float32 throughout).
         embedding_l2 (float): while training, adds ``embedding_l2`` times the batch mean of the
             squared norm of each row's pooled features (before ``input_arch``) to the loss. For a
             one-id feature that is an L2 penalty on the looked-up embedding, per occurrence, as
@@ -475,12 +480,15 @@ class MultiTaskModel(nn.Module):
         # By name, never pooled.values(): a sharded collection returns its keys in the plan's
         # order, which changes with the world size and would scramble the tower's inputs.
         pooled = self.sparse_arch(batch.sparse_features)
-        if self.input_arch is not None:
-            ordered = self.pooled_by_name(pooled)
-            return ordered, torch.cat([self.input_arch(ordered), batch.dense_features], dim=1)
-        # x in one copy; the pooled part is a view of it
-        shared = self.pooled_by_name(pooled, batch.dense_features)
-        return shared.narrow(1, 0, shared.size(1) - self.dense_in_features), shared
+        if self.input_arch is None and self.logit_offsets is None and self.embedding_l2 == 0:
+            # nothing but the tower reads the pooled part: x in one copy, the pooled part a view
+            # of it (a reader of that view would add its gradient to x's, which GradNorm's
+            # gradient norms on x must not see)
+            shared = self.pooled_by_name(pooled, batch.dense_features)
+            return shared.narrow(1, 0, shared.size(1) - batch.dense_features.size(1)), shared
+        ordered = self.pooled_by_name(pooled)
+        sparse = ordered if self.input_arch is None else self.input_arch(ordered)
+        return ordered, torch.cat([sparse, batch.dense_features], dim=1)
 
     def forward(self, batch) -> ModelOutput:
         """batch -> ``(loss, (task_losses, predictions, labels, weights))`` (see the class docstring)."""
