@@ -135,6 +135,11 @@ def _percentile(values: List[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def _overall_rate(window_rates: List[float]) -> float:
+    """Samples/s over windows of equal rows: their harmonic mean (total rows over total time)."""
+    return len(window_rates) / sum(1.0 / rate for rate in window_rates)
+
+
 def _table_rows(rows: int) -> int:
     return rows + rows // 5 + 1_000 + 3  # video, author, user tables (+ their OOV rows)
 
@@ -260,10 +265,11 @@ def main() -> None:
                 for ours, theirs in zip(our_round["samples_per_s"], their_round["samples_per_s"], strict=True)
             ]
             results[rows][side]["paired_ratio_p10"] = _percentile(paired, 0.1)
-            # each round's ratio of the two sides' median windows: the spread of the ratio itself
-            # over rounds, without each side's window-to-window jitter
+            # each round's ratio of the two sides' overall rates (all its windows' rows over their
+            # time, slow windows included): the spread of the ratio itself over rounds, without
+            # the pairing of one side's window k with the other's, which were not run together
             results[rows][side]["round_ratios"] = [
-                _percentile(ours["samples_per_s"], 0.5) / _percentile(theirs["samples_per_s"], 0.5)
+                _overall_rate(ours["samples_per_s"]) / _overall_rate(theirs["samples_per_s"])
                 for ours, theirs in zip(runs["engagerec"], runs[side], strict=True)
             ]
             results[rows][side]["round_ratio_p10"] = _percentile(results[rows][side]["round_ratios"], 0.1)
@@ -288,10 +294,10 @@ def main() -> None:
         f"samples/s training {args.tower}, batch {args.batch_size}, {what}, device {args.device}; "
         f"P10 / P50 / P90 over {args.steps // args.window} samples of {args.window} steps x {args.repeats} "
         f"rounds per side, after {args.warmup} warm-up steps; each side in a fresh process. Ratio: P50s "
-        "(in brackets: the P10 over rounds of each round's ratio of the two sides' median windows; then "
-        "the P10 of engagerec's window over the reference's at the same round and position, which, as "
-        "the sides run one after another, also holds both sides' window-to-window spread)."
-        + ("" if args.no_plot else f" Plot: {plot.name}."),
+        "(in brackets: the P10 over rounds of each round's ratio of the two sides' overall rates, all "
+        "windows' rows over their time; then the P10 of engagerec's window over the reference's at the "
+        "same round and position, which, as the sides run one after another, also holds both sides' "
+        "window-to-window spread)." + ("" if args.no_plot else f" Plot: {plot.name}."),
         "",
         "| video-table rows | engagerec | plain sparse | plain dense | engagerec / sparse "
         "| engagerec / dense | peak RSS GiB (engagerec / sparse / dense) | HBM roofline |",
