@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,11 +134,6 @@ def _percentile(values: List[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def _overall_rate(window_rates: List[float]) -> float:
-    """Samples/s over windows of equal rows: their harmonic mean (total rows over total time)."""
-    return len(window_rates) / sum(1.0 / rate for rate in window_rates)
 
 
 def _table_rows(rows: int) -> int:
@@ -268,8 +264,9 @@ def main() -> None:
             # each round's ratio of the two sides' overall rates (all its windows' rows over their
             # time, slow windows included): the spread of the ratio itself over rounds, without
             # the pairing of one side's window k with the other's, which were not run together
+            rate = statistics.harmonic_mean  # of windows of equal rows: total rows over total time
             results[rows][side]["round_ratios"] = [
-                _overall_rate(ours["samples_per_s"]) / _overall_rate(theirs["samples_per_s"])
+                rate(ours["samples_per_s"]) / rate(theirs["samples_per_s"])
                 for ours, theirs in zip(runs["engagerec"], runs[side], strict=True)
             ]
             results[rows][side]["round_ratio_p10"] = _percentile(results[rows][side]["round_ratios"], 0.1)
