@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from engagerec.config import SplitConfig, config_from_dict
 from engagerec.data.errors import DataError
 from engagerec.data.history import build_history_table
+from engagerec.data.jagged import gather_rows
 from engagerec.data.manifest import write_manifest
 from engagerec.data.prepare import prepare
 from engagerec.data.reader import ShardReader
@@ -65,6 +66,30 @@ def _write_shards(directory: Path, rows, rows_per_file: int, row_group: int) -> 
         meta={"splits": {"train": {"rows": len(rows), "files": files}}},
     ).save(directory)
     write_manifest(directory, {f"train/{name}": n for name, n in zip(files, writer.file_rows, strict=True)})
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    lists=st.lists(st.lists(st.integers(-5, 99), max_size=5), max_size=30),
+    length=st.one_of(st.none(), st.integers(0, 4)),
+    picks=st.lists(st.integers(0, 10**6), max_size=40),
+    prefix=st.integers(0, 3),
+)
+def test_gather_rows_selects_exactly_the_rows_asked_for(lists, length, picks, prefix):
+    if length is not None:  # every list as long as the others: the whole-row copy path
+        lists = [(ids + [7] * length)[:length] for ids in lists]
+    # values before offsets[0] belong to no row and must never come out
+    values = np.array([-1] * prefix + [v for ids in lists for v in ids], dtype=np.int32)
+    offsets = prefix + np.concatenate([[0], np.cumsum([len(ids) for ids in lists])]).astype(np.int64)
+    rows = np.array([p % len(lists) for p in picks] if lists else [], dtype=np.int64)
+
+    new_offsets, new_values = gather_rows(offsets, values, rows)
+
+    wanted = [lists[r] for r in rows]  # any order, repeats included
+    assert new_offsets.tolist() == np.concatenate([[0], np.cumsum([len(ids) for ids in wanted])]).tolist()
+    assert new_values.dtype == values.dtype
+    got = [new_values[a:b].tolist() for a, b in zip(new_offsets[:-1], new_offsets[1:], strict=True)]
+    assert got == wanted
 
 
 @SLOW
