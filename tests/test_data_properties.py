@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,6 +91,39 @@ def test_gather_rows_selects_exactly_the_rows_asked_for(lists, length, picks, pr
     assert new_values.dtype == values.dtype
     got = [new_values[a:b].tolist() for a, b in zip(new_offsets[:-1], new_offsets[1:], strict=True)]
     assert got == wanted
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    batches=st.lists(st.integers(0, 30), max_size=8),
+    rows_per_file=st.integers(1, 40),
+    row_group_size=st.integers(1, 12),
+)
+def test_the_shard_writer_cuts_row_groups_of_the_configured_size_from_batches_of_any_size(
+    batches, rows_per_file, row_group_size
+):
+    directory = Path(tempfile.mkdtemp())
+    try:
+        writer = ShardWriter(directory, rows_per_file, row_group_size)
+        total = 0
+        for rows in batches:  # as DuckDB streams them: any sizes, empty ones included
+            writer.write(pa.table({"x": np.arange(total, total + rows, dtype=np.int64)}))
+            total += rows
+        files = writer.close(pa.schema([("x", pa.int64())]))
+
+        def cut(rows: int, size: int) -> list:
+            return [size] * (rows // size) + ([rows % size] if rows % size else [])
+
+        assert writer.file_rows == (cut(total, rows_per_file) or [0])  # an empty split: one empty file
+        values = []
+        for name, rows in zip(files, writer.file_rows, strict=True):
+            shard = pq.ParquetFile(directory / name)
+            groups = [shard.metadata.row_group(g).num_rows for g in range(shard.metadata.num_row_groups)]
+            assert groups == cut(rows, row_group_size)  # only each file's last group may be short
+            values += shard.read().column("x").to_pylist()
+        assert values == list(range(total))
+    finally:
+        shutil.rmtree(directory)
 
 
 @SLOW

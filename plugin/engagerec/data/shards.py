@@ -48,20 +48,19 @@ class ShardWriter:
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
         self._tmp: Path | None = None
+        # rows not yet in a row group: the tables handed in come in any size (DuckDB streams
+        # batches of up to 65,536 rows, often fewer), the row groups are cut to row_group_size
+        self._pending: List[pa.Table] = []
+        self._pending_rows = 0
 
     def write(self, table: pa.Table) -> None:
-        """Append ``table``, starting a new file whenever the current one reaches ``rows_per_file``."""
-        start = 0
-        while start < table.num_rows:
-            if self._writer is None:
-                self._open(table.schema)
-            take = min(table.num_rows - start, self.rows_per_file - self._rows_in_file)
-            self._writer.write_table(table.slice(start, take), row_group_size=self.row_group_size)
-            self._rows_in_file += take
-            self.rows += take
-            start += take
-            if self._rows_in_file >= self.rows_per_file:
-                self._close_file()
+        """Append ``table``. Row groups hold exactly ``row_group_size`` rows, whatever the sizes of
+        the tables appended, except each file's last, which holds what is left of
+        ``rows_per_file`` (and the very last, what is left of the split)."""
+        if table.num_rows:
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+        self._write_groups(final=False)
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
         """Append one record batch."""
@@ -74,10 +73,30 @@ class ShardWriter:
             schema: the columns of the one empty file written when nothing was, so that an empty
                 split still has a file to read.
         """
+        self._write_groups(final=True)
         if self._writer is None and not self.files and schema is not None:
             self._open(schema)  # an empty split still gets one (empty) file with the right columns
         self._close_file()
         return self.files
+
+    def _write_groups(self, final: bool) -> None:
+        """Write the pending rows as full row groups (and, when ``final``, the rest as one more),
+        starting a new file whenever the current one reaches ``rows_per_file``."""
+        while self._pending_rows:
+            wanted = min(self.row_group_size, self.rows_per_file - self._rows_in_file)
+            if self._pending_rows < wanted and not final:
+                return
+            pending = pa.concat_tables(self._pending)  # no copy: the tables become chunks
+            take = min(wanted, self._pending_rows)
+            if self._writer is None:
+                self._open(pending.schema)
+            self._writer.write_table(pending.slice(0, take), row_group_size=take)
+            rest = pending.slice(take)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            self._rows_in_file += take
+            self.rows += take
+            if self._rows_in_file >= self.rows_per_file:
+                self._close_file()
 
     def _open(self, schema: pa.Schema) -> None:
         name = f"part-{len(self.files):05d}.parquet"
@@ -93,4 +112,4 @@ class ShardWriter:
         os.replace(self._tmp, final)
         self.files.append(final.name)
         self.file_rows.append(self._rows_in_file)
-        self._writer = None
+        self._writer, self._rows_in_file = None, 0
