@@ -29,8 +29,8 @@ def gather_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> Tu
 
     Where every list has the same length (a fixed-length history), the values are an ``[rows,
     length]`` matrix and the rows are copied whole: one contiguous copy per row instead of one
-    random read per value, about 10x faster on a shuffled 131,072-row group of 20-long lists
-    (the reader's decode thread spends its time here).
+    random read per value, which on a shuffled row group of 20-long lists is most of the reader's
+    decoding time (docs/EXPERIMENTS.md).
 
     Args:
         offsets: ``len(column) + 1`` non-decreasing positions in ``values``; row ``i`` is
