@@ -1,5 +1,7 @@
 """Inputs that once slipped through the writer: each gives the right rows or a clear error."""
 
+import importlib
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -72,6 +74,44 @@ def test_nan_in_a_raw_label_is_a_missing_label(tmp_path):
     assert summary["label_missing"] == {"watch_ratio": 0, "lv": 3}
     assert summary["all"]["labels"]["lv"]["mean"] == pytest.approx(6 / 9)
     assert "missing 3 (weight 0)" in format_summary(summary)
+
+
+def test_shards_dictionary_encode_small_vocabularies_and_binary_labels_only(tmp_path, monkeypatch):
+    """A dictionary where it pays (few distinct values); plain values for the ids of a large table,
+    dense features and regression labels, whose dictionaries cost time and bytes."""
+    tags, words = ["a,b", "b"] * 6, [f"w{i},w{i + 12}" for i in range(12)]
+    _log(long_view=[1, 0, 0, 1] * 3, creator=np.arange(12), tags=tags, words=words).to_csv(
+        tmp_path / "log.csv", index=False
+    )
+    # a "large" table here: one of more than 2 rows (the threshold, 32,768 ids, made small)
+    # (the module by import_module: engagerec.data exports the function prepare under its name)
+    monkeypatch.setattr(importlib.import_module("engagerec.data.prepare"), "DICTIONARY_MAX_IDS", 4)
+    features = [
+        {"name": "content_id"},
+        {"name": "creator"},
+        {"name": "tags", "kind": "multi_hot"},
+        {"name": "words", "kind": "multi_hot"},
+        {"name": "when", "column": "timestamp", "kind": "numeric"},
+    ]
+    labels = [{"name": "watch_ratio"}, {"name": "lv", "kind": "binary", "column": "long_view"}]
+    prepare(_config(tmp_path / "log.csv", features, labels=labels).data, tmp_path / "out")
+    shard = pq.ParquetFile(next((tmp_path / "out" / "train").glob("*.parquet")))
+    row_group = shard.metadata.row_group(0)
+    dictionary = {
+        row_group.column(i).path_in_schema: any("DICTIONARY" in e for e in row_group.column(i).encodings)
+        for i in range(row_group.num_columns)
+    }
+    # content_id: 3 videos + the OOV row fit 4 rows, as do 2 tags; 9 training creators and 18
+    # words do not (a list column's values are named by their path)
+    assert dictionary == {
+        "content_id": True,
+        "creator": False,
+        "tags.list.element": True,
+        "words.list.element": False,
+        "when": False,
+        "watch_ratio": False,
+        "lv": True,
+    }
 
 
 def test_nan_in_a_float_id_column_is_a_missing_id(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +26,10 @@ class ShardWriter:
         directory: the split's directory (created).
         rows_per_file: rows per file; the last file holds the rest.
         row_group_size: rows per row group (the reader's unit of decoding).
+        dictionary: the columns to dictionary-encode (True: every column, parquet's default).
+            A dictionary pays for a column of few distinct values (a small vocabulary, a 0/1
+            label); for the ids of a large table or continuous numbers it costs a hash lookup per
+            value and writes more bytes than the plain values (``dictionary_columns``).
 
     Example::
 
@@ -37,8 +41,15 @@ class ShardWriter:
         (['part-00000.parquet', 'part-00001.parquet', 'part-00002.parquet'], [3, 3, 1])
     """
 
-    def __init__(self, directory: str | Path, rows_per_file: int, row_group_size: int) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        rows_per_file: int,
+        row_group_size: int,
+        dictionary: bool | Sequence[str] = True,
+    ) -> None:
         self.directory = Path(directory)
+        self.dictionary = dictionary if isinstance(dictionary, bool) else list(dictionary)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rows_per_file = rows_per_file
         self.row_group_size = row_group_size
@@ -101,7 +112,13 @@ class ShardWriter:
     def _open(self, schema: pa.Schema) -> None:
         name = f"part-{len(self.files):05d}.parquet"
         self._tmp = self.directory / f".{name}.tmp"
-        self._writer = pq.ParquetWriter(self._tmp, schema, compression="snappy", write_page_checksum=True)
+        dictionary = self.dictionary
+        if not isinstance(dictionary, bool):  # parquet names a list column's values by their path
+            lists = {field.name for field in schema if pa.types.is_list(field.type)}
+            dictionary = [f"{name}.list.element" if name in lists else name for name in dictionary]
+        self._writer = pq.ParquetWriter(
+            self._tmp, schema, compression="snappy", use_dictionary=dictionary, write_page_checksum=True
+        )
         self._rows_in_file = 0
 
     def _close_file(self) -> None:
