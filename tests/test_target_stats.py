@@ -215,40 +215,47 @@ def test_ordered_statistics_see_only_training_rows_strictly_before_the_row(tmp_p
     np.testing.assert_allclose(every.gender_views[every.gender_id == 0], 0, atol=1e-3)
 
 
-def test_ordered_means_count_only_the_rows_that_have_the_label(tmp_path):
-    """A training row without the label adds to its video's views but not to the rows of its
-    label mean (where every counted row has the label, one windowed count serves both)."""
+@pytest.mark.parametrize("scheme", ["ordered", "online"])
+@pytest.mark.parametrize("missing", ["every fourth row", "the last tenth"])
+def test_statistic_means_count_only_the_rows_that_have_the_label(tmp_path, scheme, missing):
+    """A counted row without the label adds to its video's views but not to the rows of its label
+    mean; where every counted row has the label (here: training rows, when only the last tenth of
+    the log, all test rows, misses it), one windowed count serves both."""
     files = _files(tmp_path)
     log = pd.read_csv(files["interactions"])
     log["timestamp"] //= 200
     log["liked"] = (np.arange(len(log)) % 3 == 0).astype(float)
-    log.loc[log.index[::4], "liked"] = np.nan  # a quarter of the rows: the label is missing
+    gone = log.index[::4] if missing == "every fourth row" else log.timestamp >= log.timestamp.quantile(0.9)
+    log.loc[gone, "liked"] = np.nan
     log.to_csv(files["interactions"], index=False)
-    cfg = _config(files, scheme="ordered")
+    cfg = _config(files, scheme=scheme)
     liked_mean = dataclasses.replace(cfg.data.features[2], name="content_liked", of="liked")
     moment = dataclasses.replace(cfg.data.features[0], name="moment", column="timestamp", kind="numeric")
-    cfg.data.features += [liked_mean, moment]
+    # the raw video id (the encoded one is 0 for every video training never saw)
+    video = dataclasses.replace(moment, name="video", column="content_id")
+    cfg.data.features += [liked_mean, moment, video]
     cfg.data.labels = [*cfg.data.labels, LabelConfig(name="liked", kind="binary", column="liked")]
     cfg.data.split.kind = "temporal"
     prepare(cfg.data, tmp_path / "prepared")
     splits = {s: _split(tmp_path / "prepared", s) for s in ("train", "val", "test")}
     train = splits["train"]
-    assert train.liked.isna().any()  # kept, weighing 0 for that task only
-    prior = float(train.liked.mean())  # the missing labels left out
-    wr_prior = float(train.watch_ratio.mean())
+    counted = train if scheme == "ordered" else pd.concat(splits.values())  # online: every split's
+    assert counted.liked.isna().any() == (scheme == "online" or missing == "every fourth row")
+    prior, wr_prior = float(train.liked.mean()), float(train.watch_ratio.mean())  # NaN left out
     fewer = 0
     for name, rows in splits.items():
         for row in rows.itertuples():
-            earlier = train[(train.content_id == row.content_id) & (train.moment < row.moment - 0.5)]
+            same_video = counted.video.round() == round(row.video)
+            earlier = counted[same_video & (counted.moment < row.moment - 0.5)]
             labelled = earlier.liked.dropna()
             expected = (labelled.sum() + SMOOTHING * prior) / (len(labelled) + SMOOTHING)
             assert row.content_liked == pytest.approx(expected, abs=1e-4), name
             assert row.content_views == pytest.approx(len(earlier), abs=1e-3), name
-            # the watch ratio is never missing here: its mean counts every earlier row
+            # the watch ratio is never missing: its mean counts every earlier row
             wr = (earlier.watch_ratio.sum() + SMOOTHING * wr_prior) / (len(earlier) + SMOOTHING)
             assert row.content_wr == pytest.approx(wr, abs=1e-4), name
             fewer += len(labelled) < len(earlier)
-    assert fewer > 100  # rows whose mean counts fewer rows than their views: the check had teeth
+    assert (fewer > 20) == counted.liked.isna().any()  # means that count fewer rows: the check had teeth
 
 
 @pytest.mark.parametrize("lag", [0.0, 7.0])

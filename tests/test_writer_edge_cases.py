@@ -1,7 +1,5 @@
 """Inputs that once slipped through the writer: each gives the right rows or a clear error."""
 
-import importlib
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -12,6 +10,7 @@ from engagerec.config import config_from_dict
 from engagerec.data.errors import DataError
 from engagerec.data.prepare import format_summary, prepare
 from engagerec.data.schema import DatasetSchema
+from engagerec.data.shards import ShardWriter
 
 
 def _log(n=12, **columns):
@@ -76,16 +75,13 @@ def test_nan_in_a_raw_label_is_a_missing_label(tmp_path):
     assert "missing 3 (weight 0)" in format_summary(summary)
 
 
-def test_shards_dictionary_encode_small_vocabularies_and_binary_labels_only(tmp_path, monkeypatch):
+def test_shards_dictionary_encode_small_vocabularies_and_binary_labels_only(tmp_path):
     """A dictionary where it pays (few distinct values); plain values for the ids of a large table,
     dense features and regression labels, whose dictionaries cost time and bytes."""
     tags, words = ["a,b", "b"] * 6, [f"w{i},w{i + 12}" for i in range(12)]
     _log(long_view=[1, 0, 0, 1] * 3, creator=np.arange(12), tags=tags, words=words).to_csv(
         tmp_path / "log.csv", index=False
     )
-    # a "large" table here: one of more than 2 rows (the threshold, 32,768 ids, made small)
-    # (the module by import_module: engagerec.data exports the function prepare under its name)
-    monkeypatch.setattr(importlib.import_module("engagerec.data.prepare"), "DICTIONARY_MAX_IDS", 4)
     features = [
         {"name": "content_id"},
         {"name": "creator"},
@@ -94,7 +90,8 @@ def test_shards_dictionary_encode_small_vocabularies_and_binary_labels_only(tmp_
         {"name": "when", "column": "timestamp", "kind": "numeric"},
     ]
     labels = [{"name": "watch_ratio"}, {"name": "lv", "kind": "binary", "column": "long_view"}]
-    prepare(_config(tmp_path / "log.csv", features, labels=labels).data, tmp_path / "out")
+    # row groups of 8 rows: a table of up to 4 rows is small
+    prepare(_config(tmp_path / "log.csv", features, labels=labels, row_group_size=8).data, tmp_path / "out")
     shard = pq.ParquetFile(next((tmp_path / "out" / "train").glob("*.parquet")))
     row_group = shard.metadata.row_group(0)
     dictionary = {
@@ -112,6 +109,23 @@ def test_shards_dictionary_encode_small_vocabularies_and_binary_labels_only(tmp_
         "watch_ratio": False,
         "lv": True,
     }
+
+
+def test_the_shard_writer_refuses_dictionary_columns_it_does_not_write(tmp_path):
+    # any list type's values are named by their path (pyarrow would ignore the bare name)
+    table = pa.table({"x": [1, 2], "ids": pa.array([[1], [2, 3]], type=pa.large_list(pa.int32()))})
+    writer = ShardWriter(tmp_path / "d", rows_per_file=10, row_group_size=10, dictionary=["ids"])
+    writer.write(table)
+    column = pq.ParquetFile(tmp_path / "d" / writer.close()[0]).metadata.row_group(0).column(1)
+    assert column.path_in_schema == "ids.list.element" and any("DICTIONARY" in e for e in column.encodings)
+    writer = ShardWriter(tmp_path / "a", rows_per_file=10, row_group_size=10, dictionary=["ids", "y"])
+    with pytest.raises(ValueError, match="'y' is not among the columns written"):
+        writer.write(table)
+        writer.close()
+    with pytest.raises(TypeError, match="not one string"):
+        ShardWriter(tmp_path / "b", rows_per_file=10, row_group_size=10, dictionary="ids")
+    with pytest.raises(ValueError, match="must be positive"):
+        ShardWriter(tmp_path / "c", rows_per_file=0, row_group_size=10)
 
 
 def test_nan_in_a_float_id_column_is_a_missing_id(tmp_path):

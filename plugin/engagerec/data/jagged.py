@@ -49,12 +49,13 @@ def gather_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> Tu
         ([0, 3, 5, 8, 8], [20, 21, 22, 10, 11, 20, 21, 22])
     """
     lengths = np.diff(offsets)
-    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths[rows], out=new_offsets[1:])
     flat = values[offsets[0] : offsets[-1]] if lengths.size else values[:0]
     width = int(lengths[0]) if lengths.size else 0
     if width and (lengths == width).all():
+        new_offsets = np.arange(len(rows) + 1, dtype=np.int64) * width
         return new_offsets, np.take(flat.reshape(lengths.size, width), rows, axis=0).reshape(-1)
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths[rows], out=new_offsets[1:])
     # position of each output value = its row's start in the source + its rank within the row
     starts = offsets[rows] - offsets[0]
     source = np.repeat(starts - new_offsets[:-1], lengths[rows]) + np.arange(new_offsets[-1], dtype=np.int64)

@@ -286,7 +286,7 @@ def write_splits(
         for name in columns
     )
     files: Dict[str, Any] = {}
-    dictionary = dictionary_columns(schema)
+    dictionary = dictionary_columns(schema, cfg.row_group_size)
     for code, name in enumerate(SPLITS):
         if name not in splits:
             continue
@@ -307,20 +307,18 @@ def write_splits(
 
 _HISTORY_COLUMN = re.compile(r"\bh\.")  # an expression that reads the history table (alias h)
 
-# ids of a table up to this size are dictionary-encoded in the shards: the dictionary and its
-# indices then take fewer bytes than the plain values of a 65,536-row group
-DICTIONARY_MAX_IDS = 1 << 15
 
-
-def dictionary_columns(schema: DatasetSchema) -> List[str]:
+def dictionary_columns(schema: DatasetSchema, row_group_size: int) -> List[str]:
     """
-    The columns of the shards worth a parquet dictionary: ids of a table of at most
-    ``DICTIONARY_MAX_IDS`` rows, and binary labels. The other ids, the dense features and the
-    regression labels are written plain: at KuaiRand-1K scale, dictionary-encoding every column
-    wrote the shuffled training split about 1.7x slower and 5% larger (docs/EXPERIMENTS.md).
+    The columns of the shards worth a parquet dictionary: ids of a table of at most half a row
+    group's rows (where a row group's dictionary and its indices take fewer bytes than the plain
+    values), and binary labels. The other ids, the dense features and the regression labels are
+    written plain: at KuaiRand-1K scale, dictionary-encoding every column wrote the shuffled
+    training split about 1.7x slower and 5% larger (docs/EXPERIMENTS.md).
 
     Args:
         schema (DatasetSchema): the prepared data's schema (its tables' sizes).
+        row_group_size (int): rows per row group of the shards.
 
     Returns:
         List[str]: the column names to dictionary-encode.
@@ -332,10 +330,10 @@ def dictionary_columns(schema: DatasetSchema) -> List[str]:
         ...     SparseFeature("content_id", "content_id", False)], dense=[],
         ...     labels=[LabelSpec("watch_ratio", "regression"), LabelSpec("skip", "binary")],
         ...     vocab_sizes={"user_id": 1_000, "content_id": 4_000_000})
-        >>> dictionary_columns(schema)
+        >>> dictionary_columns(schema, row_group_size=65_536)
         ['user_id', 'skip']
     """
-    small = [f.name for f in schema.sparse if schema.num_embeddings(f.id_space) <= DICTIONARY_MAX_IDS]
+    small = [f.name for f in schema.sparse if schema.num_embeddings(f.id_space) <= row_group_size // 2]
     return small + [label.name for label in schema.labels if label.kind == "binary"]
 
 

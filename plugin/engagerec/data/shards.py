@@ -28,8 +28,12 @@ class ShardWriter:
         row_group_size: rows per row group (the reader's unit of decoding).
         dictionary: the columns to dictionary-encode (True: every column, parquet's default).
             A dictionary pays for a column of few distinct values (a small vocabulary, a 0/1
-            label); for the ids of a large table or continuous numbers it costs a hash lookup per
-            value and writes more bytes than the plain values (``dictionary_columns``).
+            label); for the ids of a large table or continuous numbers it costs a hash lookup
+            per value, and in a shuffled order writes more bytes than the plain values
+            (``engagerec.data.prepare.dictionary_columns``).
+
+    Besides what the parquet writer holds, the writer keeps up to one row group's rows (and the
+    table they came in) until the group is full.
 
     Example::
 
@@ -48,6 +52,12 @@ class ShardWriter:
         row_group_size: int,
         dictionary: bool | Sequence[str] = True,
     ) -> None:
+        if rows_per_file < 1 or row_group_size < 1:
+            raise ValueError(
+                f"rows_per_file and row_group_size must be positive, got {rows_per_file}, {row_group_size}"
+            )
+        if isinstance(dictionary, str):  # list("abc") would name three columns
+            raise TypeError("dictionary: True, False or a sequence of column names, not one string")
         self.directory = Path(directory)
         self.dictionary = dictionary if isinstance(dictionary, bool) else list(dictionary)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -112,14 +122,32 @@ class ShardWriter:
     def _open(self, schema: pa.Schema) -> None:
         name = f"part-{len(self.files):05d}.parquet"
         self._tmp = self.directory / f".{name}.tmp"
-        dictionary = self.dictionary
-        if not isinstance(dictionary, bool):  # parquet names a list column's values by their path
-            lists = {field.name for field in schema if pa.types.is_list(field.type)}
-            dictionary = [f"{name}.list.element" if name in lists else name for name in dictionary]
         self._writer = pq.ParquetWriter(
-            self._tmp, schema, compression="snappy", use_dictionary=dictionary, write_page_checksum=True
+            self._tmp,
+            schema,
+            compression="snappy",
+            use_dictionary=self._dictionary_paths(schema),
+            write_page_checksum=True,
         )
         self._rows_in_file = 0
+
+    def _dictionary_paths(self, schema: pa.Schema) -> bool | List[str]:
+        """``dictionary`` as the parquet writer takes it: a list column's values by their path
+        (pyarrow silently ignores a name it does not find, so an unknown column is refused)."""
+        if isinstance(self.dictionary, bool):
+            return self.dictionary
+        paths = []
+        for column in self.dictionary:
+            if column not in schema.names:
+                raise ValueError(
+                    f"dictionary column {column!r} is not among the columns written: {schema.names}"
+                )
+            kind = schema.field(column).type
+            lists = (
+                pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+            )
+            paths.append(f"{column}.list.element" if lists else column)
+        return paths
 
     def _close_file(self) -> None:
         if self._writer is None:
