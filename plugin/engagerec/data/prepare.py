@@ -351,9 +351,17 @@ def _time_range(con, events: Events) -> Optional[List[float]]:
 
 def _stats(con, events: Events) -> Dict[str, Dict[str, Any]]:
     """Per split and for all rows: rows, users, items, and per label mean, variance, missing."""
+    # the distinct counts in a query of their own: beside the other aggregates, the same
+    # grouping took 3.9 s against 2.4 s for the two queries at KuaiRand-1K scale, on one thread
+    distinct = [
+        f"count(DISTINCT {quote(column)})" if column in events.columns else "NULL"
+        for column in (USER_ID, CONTENT_ID)
+    ]
+    by_split = "FROM events GROUP BY GROUPING SETS ((__split), ())"
+    counts = {
+        row[0]: row[1:] for row in con.execute(f"SELECT __split, {', '.join(distinct)} {by_split}").fetchall()
+    }
     parts = ["count(*)"]
-    parts.append(f"count(DISTINCT {quote(USER_ID)})" if USER_ID in events.columns else "NULL")
-    parts.append(f"count(DISTINCT {quote(CONTENT_ID)})" if CONTENT_ID in events.columns else "NULL")
     for label in events.labels:
         q = quote(label.name)
         parts += [
@@ -363,20 +371,19 @@ def _stats(con, events: Events) -> Dict[str, Dict[str, Any]]:
             f"min({q})",
             f"max({q})",
         ]
-    rows = con.execute(
-        f"SELECT __split, {', '.join(parts)} FROM events GROUP BY GROUPING SETS ((__split), ())"
-    ).fetchall()
+    rows = con.execute(f"SELECT __split, {', '.join(parts)} {by_split}").fetchall()
     out: Dict[str, Dict[str, Any]] = {name: {"rows": 0} for name in (*SPLITS, "all")}
     for row in rows:
         key = "all" if row[0] is None else SPLITS[row[0]]
         stats: Dict[str, Any] = {"rows": int(row[1])}
-        if row[2] is not None:
-            stats["users"] = int(row[2])
-        if row[3] is not None:
-            stats["items"] = int(row[3])
+        users, items = counts[row[0]]
+        if users is not None:
+            stats["users"] = int(users)
+        if items is not None:
+            stats["items"] = int(items)
         stats["labels"] = {}
         for i, label in enumerate(events.labels):
-            mean, var, missing, low, high = row[4 + 5 * i : 9 + 5 * i]
+            mean, var, missing, low, high = row[2 + 5 * i : 7 + 5 * i]
             stats["labels"][label.name] = {
                 "mean": None if mean is None else float(mean),
                 "var": None if var is None else float(var),
