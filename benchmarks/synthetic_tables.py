@@ -5,8 +5,8 @@ The shape: user (1,000 ids), video (``rows`` ids) and author (rows / 5) ids, a 2
 history sharing the video table, 4 dense features, a watch ratio and a skip label. Ids are
 skewed as real popularity is (id = 1 + floor(u^3 * size), u uniform: a few ids are hot, most
 are rare), so a batch touches a realistic share of distinct rows. With ``history_table`` the
-history has a table of its own (its id space ``history``, as configs/kuairand_1k_history_table.yaml
-gives it): every table is then read by one feature.
+history has a table of its own (an id space ``history`` of as many rows; configs/kuairand_1k.yaml
+gives it one with ``model.embeddings.own_table``): every table is then read by one feature.
 """
 
 from __future__ import annotations

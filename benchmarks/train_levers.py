@@ -1,22 +1,20 @@
 """Levers on `engagerec train`'s speed at the KuaiRand-1K shape, side by side in one run, and the
 validation check of those that change the numbers.
 
-    .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k \\
-        [--history-table-data prepared/kuairand_1k_history_table] [--steps 400] [--rounds 3] \\
-        [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...]
+    .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k [--steps 400] \
+        [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...]
 
 Each variant is `engagerec train` as shipped (metrics on, the reader included, a fresh process)
-with a global batch of 4096 rows a step, on configs/kuairand_1k.yaml:
+with a global batch of 4096 rows a step, on configs/kuairand_1k.yaml (whose viewing history has
+an embedding table of its own, ``model.embeddings.own_table``):
 
 - ``float32``: ``train.tower_precision=fp32``, one process (the reference);
-- ``bf16 tower``: ``train.tower_precision=bf16`` (the tower's matmuls under torch.autocast;
-  what the config's ``auto`` picks on a CPU with AVX512-BF16 or AMX);
-- ``2 ranks, bf16 tower``: the same under ``torchrun --nproc-per-node 2`` (gloo), 2048 rows per rank;
-
-and, given ``--history-table-data`` (a preparation of configs/kuairand_1k_history_table.yaml), on
-that config, whose viewing history has an embedding table of its own:
-
-- ``bf16 tower, history table`` and ``2 ranks, bf16 tower, history table``.
+- ``bf16 tower``: ``train.tower_precision=bf16`` (the tower's matmuls in bf16; what the
+  config's ``auto`` picks on a CPU with AVX512-BF16 or AMX);
+- ``bf16 tower, shared video table``: the same with ``model.embeddings.own_table=[]``, the
+  history read from the video's table (FBGEMM's scalar backward for a shared table);
+- ``2 ranks, bf16 tower``: the bf16 tower under ``torchrun --nproc-per-node 2`` (gloo), 2048
+  rows per rank.
 
 ``--variants`` picks among these, and the earlier sections' ``loader worker``
 (``train.num_workers=1``) and ``2 ranks`` (float32), which run only when named.
@@ -51,29 +49,27 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from results import FLOAT32, record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
-HISTORY_CONFIG = "configs/kuairand_1k_history_table.yaml"
 BATCH = 4096
 BF16 = ["train.tower_precision=bf16"]
-# name -> (processes, config, --set overrides); REFERENCE first, the others' ratios are to it
+# name -> (processes, --set overrides of CONFIG); REFERENCE first, the others' ratios are to it
 VARIANTS = {
-    "float32": (1, CONFIG, [FLOAT32]),
-    "bf16 tower": (1, CONFIG, BF16),
-    "2 ranks, bf16 tower": (2, CONFIG, BF16),
-    "bf16 tower, history table": (1, HISTORY_CONFIG, BF16),
-    "2 ranks, bf16 tower, history table": (2, HISTORY_CONFIG, BF16),
+    "float32": (1, [FLOAT32]),
+    "bf16 tower": (1, BF16),
+    "bf16 tower, shared video table": (1, BF16 + ["model.embeddings.own_table=[]"]),
+    "2 ranks, bf16 tower": (2, BF16),
     # measured in earlier sections (train_levers, train_levers_amd), on request (--variants)
-    "loader worker": (1, CONFIG, [FLOAT32, "train.num_workers=1"]),
-    "2 ranks": (2, CONFIG, [FLOAT32]),
+    "loader worker": (1, [FLOAT32, "train.num_workers=1"]),
+    "2 ranks": (2, [FLOAT32]),
 }
 DEFAULT_VARIANTS = [name for name in VARIANTS if name not in ("loader worker", "2 ranks")]
 REFERENCE = "float32"
 VAL_KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
 
-def train_command(name: str, data_dirs: Dict[str, str], out: Path, extra: List[str]) -> List[str]:
+def train_command(name: str, data_dir: str, out: Path, extra: List[str]) -> List[str]:
     """The `engagerec train` command line of variant ``name`` (under torchrun for 2 ranks), on
-    ``data_dirs[its config]``."""
-    processes, config, sets = VARIANTS[name]
+    ``data_dir``."""
+    processes, sets = VARIANTS[name]
     python = Path(sys.executable)
     launcher = (
         [str(python.parent / "torchrun"), "--nproc-per-node", str(processes), "--master-port", "29731"]
@@ -82,31 +78,31 @@ def train_command(name: str, data_dirs: Dict[str, str], out: Path, extra: List[s
         else [str(python), "-m", "engagerec"]
     )
     overrides = [
-        f"train.data_dir={data_dirs[config]}",
+        f"train.data_dir={data_dir}",
         f"train.batch_size={BATCH // processes}",
         "train.progress_bar=false",
     ]
     overrides += sets + extra
-    return [*launcher, "train", "--config", config, "--out", str(out), "--no-resume"] + [
+    return [*launcher, "train", "--config", CONFIG, "--out", str(out), "--no-resume"] + [
         arg for kv in overrides for arg in ("--set", kv)
     ]
 
 
-def speed(name: str, data_dirs: Dict[str, str], steps: int, work: Path) -> float:
+def speed(name: str, data_dir: str, steps: int, work: Path) -> float:
     """The median samples/s of a ``steps``-step run's log windows after the first."""
     out = work / "speed"
     shutil.rmtree(out, ignore_errors=True)
     extra = [f"train.max_steps={steps}", "train.log_every_steps=50"]
-    subprocess.run(train_command(name, data_dirs, out, extra), check=True, capture_output=True, cwd=REPO)
+    subprocess.run(train_command(name, data_dir, out, extra), check=True, capture_output=True, cwd=REPO)
     rows = [r for r in csv.DictReader(open(out / "log.csv")) if r["phase"] == "train"]
     return statistics.median(float(r["samples_per_s"]) for r in rows[1:])
 
 
-def validation(name: str, data_dirs: Dict[str, str], seed: int, runs: Path) -> Dict[str, float]:
+def validation(name: str, data_dir: str, seed: int, runs: Path) -> Dict[str, float]:
     """Validation metrics of the best epoch of variant ``name`` with ``seed`` (trained if missing)."""
     out = runs / name.replace(" ", "_").replace(",", "") / f"seed{seed}"
     if not (out / "results.json").is_file():
-        command = train_command(name, data_dirs, out, [f"train.seed={seed}"])
+        command = train_command(name, data_dir, out, [f"train.seed={seed}"])
         subprocess.run(command, check=True, capture_output=True, cwd=REPO)
     results = json.loads((out / "results.json").read_text())
     return results["history"][results["best_epoch"]]
@@ -120,7 +116,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", default="prepared/kuairand_1k")
-    parser.add_argument("--history-table-data", help=f"a preparation of {HISTORY_CONFIG}: adds its variants")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality-seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -130,26 +125,21 @@ def main() -> None:
         "--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS, help="float32 always runs"
     )
     args = parser.parse_args()
-    data_dirs = {CONFIG: args.data_dir, HISTORY_CONFIG: args.history_table_data}
-    wanted = [REFERENCE] + [name for name in args.variants if name != REFERENCE]
-    names = [name for name in wanted if data_dirs[VARIANTS[name][1]]]
+    names = [REFERENCE] + [name for name in args.variants if name != REFERENCE]
     found: Dict[str, List[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for name in names:
-                found[name].append(speed(name, data_dirs, args.steps, Path(tmp)))
+                found[name].append(speed(name, args.data_dir, args.steps, Path(tmp)))
                 print(f"round {round_}: {name} {found[name][-1]:,.0f} samples/s", flush=True)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="train_levers-"))
     # one process only: the 2-rank variants (each rank reads its own half of the epoch) are not
     # checked on validation here
     # nor the loader worker, which reads float32's batches in float32's order
     checked = [name for name in names if VARIANTS[name][0] == 1 and name != "loader worker"]
-    val = {name: [validation(name, data_dirs, seed, runs) for seed in args.quality_seeds] for name in checked}
-    history = ""
-    if args.history_table_data:
-        history = f" (history table: `{HISTORY_CONFIG}` on `{args.history_table_data}`)"
+    val = {name: [validation(name, args.data_dir, s, runs) for s in args.quality_seeds] for name in checked}
     lines = [
-        f"`engagerec train --config {CONFIG}` on `{args.data_dir}`{history}, {BATCH} rows a step, "
+        f"`engagerec train --config {CONFIG}` on `{args.data_dir}`, {BATCH} rows a step, "
         f"metrics on, {args.steps} steps a run; samples/s: the median of a run's log windows after "
         f"the first; {args.rounds} alternating rounds (median over rounds; ratio to {REFERENCE} "
         "within each round: min / median / max).",

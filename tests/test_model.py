@@ -53,10 +53,10 @@ def test_one_table_per_id_space_with_its_vocabulary_size(study_data):
     assert spec.input_dim == 4 + 8 * (len(schema.sparse) - 1) + len(schema.dense)
 
 
-def test_features_sharing_an_id_space_share_one_table(repo):
+def _video_and_history_schema(**managed):
     from engagerec.data.schema import DatasetSchema, SparseFeature
 
-    schema = DatasetSchema(
+    return DatasetSchema(
         features=[{"name": "content_id", "kind": "categorical"}, {"name": "history", "kind": "history"}],
         sparse=[
             SparseFeature("content_id", "content_id", False),
@@ -65,11 +65,59 @@ def test_features_sharing_an_id_space_share_one_table(repo):
         dense=[],
         labels=[],
         vocab_sizes={"content_id": 10},
+        **managed,
     )
-    spec = FeatureSpec.from_schema(schema, EmbeddingConfig())
+
+
+def test_features_sharing_an_id_space_share_one_table():
+    spec = FeatureSpec.from_schema(_video_and_history_schema(), EmbeddingConfig())
     assert len(spec.tables) == 1 and spec.tables[0].feature_names == ["content_id", "history"]
     assert spec.tables[0].pooling == PoolingType.MEAN  # history's default; a single id is unaffected
     assert spec.input_dim == 2 * 16
+
+
+def test_a_feature_named_in_own_table_reads_a_table_of_its_own_with_its_spaces_rows():
+    """own_table: the history gets a table of the video space's rows and width, read by it
+    alone; the video's table no longer serves it, so changing that table leaves the history's
+    pooled embedding as it was."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    spec = FeatureSpec.from_schema(
+        _video_and_history_schema(), EmbeddingConfig(dim=4, dims={"content_id": 6}, own_table=["history"])
+    )
+    assert [(t.name, t.num_embeddings, t.embedding_dim, t.feature_names) for t in spec.tables] == [
+        ("t_content_id", 11, 6, ["content_id"]),
+        ("t_content_id__history", 11, 6, ["history"]),
+    ]
+    assert spec.spaces == {"t_content_id": "content_id", "t_content_id__history": "content_id"}
+    assert spec.tables[1].pooling == PoolingType.MEAN and spec.input_dim == 12
+    tables = EmbeddingBagCollection(tables=spec.tables)
+    batch = KeyedJaggedTensor.from_lengths_sync(
+        keys=["content_id", "history"],
+        values=torch.tensor([3, 5, 3, 7, 1]),
+        lengths=torch.tensor([1, 1, 2, 1]),  # two rows: videos 3 and 5; histories [3, 7] and [1]
+    )
+    own = tables.embedding_bags["t_content_id__history"].weight
+    before = tables(batch).to_dict()["history"].detach().clone()
+    assert torch.allclose(before[0], own[[3, 7]].mean(0)) and torch.allclose(before[1], own[1])
+    with torch.no_grad():
+        tables.embedding_bags["t_content_id"].weight.zero_()
+    after = tables(batch).to_dict()
+    assert torch.equal(after["history"], before) and not after["content_id"].any()
+
+
+def test_own_table_refuses_what_it_cannot_give_a_table():
+    refused = [
+        (["history", "history"], {}, "names a feature twice"),
+        (["recent_views"], {}, "'recent_views' is no sparse feature of the prepared data"),
+        (["history"], {"content_id": {"rows": 8}}, "assigned while training \\(managed_collisions\\)"),
+    ]
+    for own_table, managed, expected in refused:
+        with pytest.raises(ConfigError, match=expected):
+            FeatureSpec.from_schema(
+                _video_and_history_schema(managed=managed), EmbeddingConfig(own_table=own_table)
+            )
 
 
 def test_forward_shapes_and_study_loss(study_data):

@@ -60,10 +60,10 @@ def _next_day(data_dir, out):
     return out, tokens.column(0).to_pylist(), ids
 
 
-def _table(run_dir, name="latest"):
-    """A run's content table (one process: the whole table)."""
+def _table(run_dir, name="latest", key=CONTENT):
+    """A run's content table, or the table of state-dict ``key`` (one process: the whole table)."""
     with open_run(run_dir, name, device="cpu") as opened:
-        return opened.dmp.module.state_dict()[CONTENT].local_shards()[0].tensor.clone()
+        return opened.dmp.module.state_dict()[key].local_shards()[0].tensor.clone()
 
 
 def test_a_warm_start_loads_every_tensor_and_scores_as_the_run_it_came_from(kuairand_run, tmp_path):
@@ -139,6 +139,31 @@ def test_each_id_keeps_its_learned_row_and_optimiser_state_where_the_next_days_v
     warm_table, fresh_table = _table(tmp_path / "warm"), _table(tmp_path / "fresh")
     assert torch.equal(warm_table, weights)
     assert torch.equal(warm_table[new_ids], fresh_table[new_ids])
+
+
+def test_a_features_own_table_moves_its_rows_with_its_id_space(kuairand_random, tmp_path):
+    """model.embeddings.own_table: the history's table follows the video vocabulary as the
+    video table does; each id keeps its learned history row at its new row."""
+    data_dir, _, cfg = kuairand_random
+    embeddings = dataclasses.replace(cfg.model.embeddings, own_table=["history"])
+    changes = {"data_dir": str(data_dir), "epochs": 1, "progress_bar": False, "device": "cpu"}
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, embeddings=embeddings),
+        train=dataclasses.replace(cfg.train, **changes),
+    )
+    train(cfg, tmp_path / "source")
+    day2, before, after = _next_day(data_dir, tmp_path / "day2")
+    warm = train(_warm(tmp_path / "source", data_dir=str(day2)), tmp_path / "warm")
+    moved = {"rows": [len(before) + 1, len(after) + 1], "kept": len(after) - 1}
+    assert warm["init_from"]["moved"] == {"t_content_id": moved, "t_content_id__history": moved}
+    key = "sparse_arch.embedding_bags.t_content_id__history.weight"
+    saved, loaded = _table(tmp_path / "source", "best", key), _table(tmp_path / "warm", key=key)
+    assert not torch.equal(saved, _table(tmp_path / "source", "best"))  # two tables, not one
+    saved_row = {token: i + 1 for i, token in enumerate(before)}
+    for row, token in enumerate(after, start=1):
+        if token in saved_row:
+            assert torch.equal(loaded[row], saved[saved_row[token]]), token
 
 
 def test_a_warm_start_from_another_model_or_from_data_prepared_again_is_refused_naming_why(

@@ -204,7 +204,8 @@ class DataConfig:
 
 @dataclass
 class EmbeddingConfig:
-    """One embedding table per id space (features sharing an id space share a table)."""
+    """One embedding table per id space (features sharing an id space share a table, unless
+    ``own_table`` names them)."""
 
     dim: int = 16
     dims: Dict[str, int] = field(default_factory=dict)  # per id space
@@ -219,6 +220,14 @@ class EmbeddingConfig:
     # 1/sqrt(rows)] (about 7e-4 for a 2M-row table). Not what held back the dot interactions'
     # factors at the KuaiRand-1K shape: +-0.1 changed nothing there (docs/EXPERIMENTS.md)
     init_scale: Dict[str, float] = field(default_factory=dict)
+    # sparse features that get a table of their own, keeping their id space's vocabulary (its
+    # ids, rows, width and init_scale): FBGEMM's CPU backward with the fused row-wise Adagrad
+    # runs its vectorised, multi-threaded kernel only for a table read by one feature, and a
+    # scalar one-thread loop for a shared table (a video id and its 20-long history: about twice
+    # the time, docs/EXPERIMENTS.md). The cost: another table of the space's rows, which the
+    # space's other features do not train. Not for managed-collision spaces (one remapping per
+    # table would give one id two rows)
+    own_table: List[str] = field(default_factory=list)
 
 
 @dataclass

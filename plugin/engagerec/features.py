@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
@@ -14,23 +14,26 @@ from engagerec.errors import ConfigError
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
-def table_name(id_space: str) -> str:
+def table_name(id_space: str, feature: Optional[str] = None) -> str:
     """
-    The name of the embedding table of an id space (features sharing an id space share it).
+    The name of an embedding table: an id space's (features sharing an id space share it), or
+    one feature's own table of that space (``EmbeddingConfig.own_table``).
 
     Args:
         id_space (str): the id space, e.g. ``"content_id"``.
+        feature (Optional[str]): the feature with a table of its own; None for the space's
+            shared table. Default: None.
 
     Returns:
-        str: ``"t_" + id_space``.
+        str: ``"t_" + id_space``, with ``"__" + feature`` for a feature's own table.
 
     Example::
 
         >>> from engagerec.features import table_name
-        >>> table_name("content_id")
-        't_content_id'
+        >>> table_name("content_id"), table_name("content_id", "history")
+        ('t_content_id', 't_content_id__history')
     """
-    return f"t_{id_space}"
+    return f"t_{id_space}" if feature is None else f"t_{id_space}__{feature}"
 
 
 def auto_dim(rows: int, largest: int) -> int:
@@ -60,14 +63,17 @@ class FeatureSpec:
     """
     Which prepared sparse features become which TorchRec embedding tables, and how wide the
     tower input is: one table per id space (``table_name(id_space)``), holding every
-    feature of that space, then the dense features. ``feature_names`` is the order of the
+    feature of that space but those with a table of their own (``EmbeddingConfig.own_table``),
+    then the dense features. ``feature_names`` is the order of the
     pooled embeddings in the tower input, which is ``[pooled (sparse_dim) | dense (dense_dim)]``,
     ``input_dim`` wide. Usually built with ``from_schema``.
 
     Args:
-        tables (List[EmbeddingBagConfig]): one config per id space, for the
+        tables (List[EmbeddingBagConfig]): one config per table, for the
             EmbeddingBagCollection.
         dense_dim (int): number of dense features (one column each).
+        spaces (Dict[str, str]): each table's id space, by table name (whose vocabulary its
+            rows follow). Default: each table's name without its ``t_``.
 
     Example::
 
@@ -89,10 +95,20 @@ class FeatureSpec:
         [('t_item', 10, 4, ['item', 'history'])]
         >>> spec.feature_names, spec.sparse_dim, spec.dense_dim, spec.input_dim
         (['item', 'history'], 8, 1, 9)
+        >>> own = FeatureSpec.from_schema(schema, EmbeddingConfig(dim=4, own_table=["history"]))
+        >>> [(t.name, t.num_embeddings, t.feature_names) for t in own.tables]
+        [('t_item', 10, ['item']), ('t_item__history', 10, ['history'])]
+        >>> own.spaces
+        {'t_item': 'item', 't_item__history': 'item'}
     """
 
     tables: List[EmbeddingBagConfig]
     dense_dim: int
+    spaces: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for table in self.tables:
+            self.spaces.setdefault(table.name, table.name.removeprefix("t_"))
 
     @property
     def sparse_dim(self) -> int:
@@ -117,10 +133,10 @@ class FeatureSpec:
     @classmethod
     def from_schema(cls, schema: DatasetSchema, cfg: EmbeddingConfig) -> "FeatureSpec":
         """
-        The spec for prepared data: one table per id space with ``schema.num_embeddings``
-        rows (the known ids plus the out-of-vocabulary row), ``cfg.dims[space]`` wide, else
-        ``auto_dim`` or ``cfg.dim``; pooling per ``cfg.pooling`` (default: mean for history
-        features, sum for the rest).
+        The spec for prepared data: one table per id space, and one per feature of
+        ``cfg.own_table``, with the space's ``schema.num_embeddings`` rows (the known ids plus
+        the out-of-vocabulary row), ``cfg.dims[space]`` wide, else ``auto_dim`` or ``cfg.dim``;
+        pooling per ``cfg.pooling`` (default: mean for history features, sum for the rest).
 
         Args:
             schema (DatasetSchema): the prepared data's schema.
@@ -130,9 +146,10 @@ class FeatureSpec:
             FeatureSpec: the tables and the dense width.
 
         Raises:
-            ValueError: if ``cfg`` names an unknown feature or id space, a pooling other than
+            ConfigError: if ``cfg`` names an unknown feature or id space, a pooling other than
                 sum and mean, or two multi-valued features sharing a table ask for different
-                poolings.
+                poolings; or ``cfg.own_table`` names a feature twice, one that is not sparse,
+                or one of a managed-collision space.
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         space_of = {f.name: f.id_space for f in schema.sparse}
@@ -149,11 +166,16 @@ class FeatureSpec:
                 )
             if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
                 raise ConfigError(f"model.embeddings.init_scale.{name}: {scale!r}, expected a number > 0")
-        spaces: Dict[str, List] = {}
+        own = _own_table_features(schema, cfg)
+        groups: Dict[str, List] = {}  # table name -> its features, in the schema's order
+        spaces = {}
         for feature in schema.sparse:
-            spaces.setdefault(feature.id_space, []).append(feature)
+            name = table_name(feature.id_space, feature.name if feature.name in own else None)
+            groups.setdefault(name, []).append(feature)
+            spaces[name] = feature.id_space
         tables = []
-        for space, features in spaces.items():
+        for name, features in groups.items():
+            space = spaces[name]
             pooling = None
             for feature in features:
                 wanted = cfg.pooling.get(
@@ -168,7 +190,8 @@ class FeatureSpec:
                 if pooling not in (None, wanted):
                     raise ConfigError(
                         f"features {[f.name for f in features]} share the table of id space '{space}' "
-                        f"but ask for different poolings; a table has one"
+                        f"but ask for different poolings; a table has one (or name one in "
+                        "model.embeddings.own_table)"
                     )
                 pooling = wanted
             rows = schema.num_embeddings(space)
@@ -176,7 +199,7 @@ class FeatureSpec:
             init = {} if scale is None else {"weight_init_min": -scale, "weight_init_max": scale}
             tables.append(
                 EmbeddingBagConfig(
-                    name=table_name(space),
+                    name=name,
                     num_embeddings=rows,
                     embedding_dim=cfg.dims.get(space, auto_dim(rows, cfg.dim) if cfg.auto_dim else cfg.dim),
                     feature_names=[f.name for f in features],
@@ -184,4 +207,25 @@ class FeatureSpec:
                     **init,
                 )
             )
-        return cls(tables=tables, dense_dim=len(schema.dense))
+        return cls(tables=tables, dense_dim=len(schema.dense), spaces=spaces)
+
+
+def _own_table_features(schema: DatasetSchema, cfg: EmbeddingConfig) -> set:
+    """``cfg.own_table``, checked against the prepared features: each a sparse feature of a
+    vocabulary or hashed id space, named once."""
+    named = set(cfg.own_table)
+    if len(named) != len(cfg.own_table):
+        raise ConfigError(f"model.embeddings.own_table names a feature twice: {cfg.own_table}")
+    space_of = {f.name: f.id_space for f in schema.sparse}
+    for name in cfg.own_table:
+        if name not in space_of:
+            raise ConfigError(
+                f"model.embeddings.own_table: '{name}' is no sparse feature of the prepared data; "
+                f"its sparse features: {sorted(space_of)}"
+            )
+        if space_of[name] in schema.managed:
+            raise ConfigError(
+                f"model.embeddings.own_table: '{name}' is in id space '{space_of[name]}', whose rows "
+                "are assigned while training (managed_collisions): each table would assign its own"
+            )
+    return named

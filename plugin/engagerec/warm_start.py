@@ -42,7 +42,7 @@ from engagerec.data.manifest import check_prepared
 from engagerec.data.schema import VOCAB_DIR, DatasetSchema
 from engagerec.distributed import is_rank_zero
 from engagerec.errors import ConfigError
-from engagerec.features import table_name
+from engagerec.features import FeatureSpec
 from engagerec.runs import run_config
 
 # what must match for the saved tensors to mean the same thing in the new run
@@ -133,11 +133,12 @@ def plan_warm_start(source: str | Path, cfg: ExperimentConfig, run_dir: Path) ->
     before, now_dir = DatasetSchema.load(before_dir), Path(prepared_dir(cfg))
     check_prepared(now_dir)
     now = DatasetSchema.load(now_dir)
-    source_rows = {}
-    for space in sorted({f.id_space for f in now.sparse}):
-        rows = _source_rows(space, before, before_dir, now, now_dir, where)
-        if rows is not None:
-            source_rows[table_name(space)] = rows
+    moved = {
+        space: _source_rows(space, before, before_dir, now, now_dir, where)
+        for space in sorted({f.id_space for f in now.sparse})
+    }
+    tables = FeatureSpec.from_schema(now, cfg.model.embeddings).spaces  # a space may have several
+    source_rows = {table: moved[space] for table, space in tables.items() if moved[space] is not None}
     return WarmStartPlan(path, source_rows)
 
 
