@@ -1,7 +1,7 @@
 """Levers on `engagerec train`'s speed at the KuaiRand-1K shape, side by side in one run, and the
 validation check of those that change the numbers.
 
-    .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k [--steps 400] \
+    .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k [--steps 400] \\
         [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...]
 
 Each variant is `engagerec train` as shipped (metrics on, the reader included, a fresh process)

@@ -107,8 +107,8 @@ class FeatureSpec:
     spaces: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for table in self.tables:
-            self.spaces.setdefault(table.name, table.name.removeprefix("t_"))
+        given = self.spaces
+        self.spaces = {t.name: given.get(t.name, t.name.removeprefix("t_")) for t in self.tables}
 
     @property
     def sparse_dim(self) -> int:
@@ -190,7 +190,7 @@ class FeatureSpec:
                 if pooling not in (None, wanted):
                     raise ConfigError(
                         f"features {[f.name for f in features]} share the table of id space '{space}' "
-                        f"but ask for different poolings; a table has one (or name one in "
+                        "but ask for different poolings; a table has one (or name one in "
                         "model.embeddings.own_table)"
                     )
                 pooling = wanted
