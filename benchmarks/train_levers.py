@@ -46,7 +46,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import FLOAT32, record_section  # noqa: E402
+from results import FLOAT32, other_settings, record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
 BATCH = 4096
@@ -104,6 +104,14 @@ def validation(name: str, data_dir: str, seed: int, runs: Path) -> Dict[str, flo
     if not (out / "results.json").is_file():
         command = train_command(name, data_dir, out, [f"train.seed={seed}"])
         subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    from engagerec.config import load_config
+
+    processes, sets = VARIANTS[name]
+    wanted = [f"train.data_dir={data_dir}", f"train.batch_size={BATCH // processes}", *sets]
+    wanted.append(f"train.seed={seed}")
+    other = other_settings(out, load_config(str(REPO / CONFIG), wanted), ignored=("progress_bar",))
+    if other:  # e.g. a run of this name from before the config changed
+        raise SystemExit(f"{out} holds a run of other settings than variant '{name}' ({', '.join(other)})")
     results = json.loads((out / "results.json").read_text())
     return results["history"][results["best_epoch"]]
 

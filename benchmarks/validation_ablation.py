@@ -71,6 +71,10 @@ def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
     on = cfg.model.target_attention is None
     features = [dataclasses.replace(f, positions=on) if f.kind == "history" else f for f in cfg.data.features]
     model = dataclasses.replace(cfg.model, target_attention=TargetAttentionConfig() if on else None)
+    if on:  # the positions and the candidate share one table: no history table of its own
+        histories = {f.name for f in features if f.kind == "history"}
+        own = [name for name in cfg.model.embeddings.own_table if name not in histories]
+        model.embeddings = dataclasses.replace(cfg.model.embeddings, own_table=own)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
 

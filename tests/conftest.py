@@ -326,3 +326,21 @@ def synthetic_mmoe_config(data_dir, num_rows, input_dim, overrides=()):
     )
     cfg.data.features = cfg.data.features[:input_dim]
     return cfg
+
+
+def video_and_history_schema(**managed):
+    """A prepared schema of two sparse features in one id space: a video id and its history
+    (``managed``: DatasetSchema's managed-collision spaces)."""
+    from engagerec.data.schema import DatasetSchema, SparseFeature
+
+    return DatasetSchema(
+        features=[{"name": "content_id", "kind": "categorical"}, {"name": "history", "kind": "history"}],
+        sparse=[
+            SparseFeature("content_id", "content_id", False),
+            SparseFeature("history", "content_id", True),
+        ],
+        dense=[],
+        labels=[],
+        vocab_sizes={"content_id": 10},
+        **managed,
+    )

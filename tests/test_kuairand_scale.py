@@ -121,3 +121,33 @@ def test_the_kuairand_1k_config_gives_the_history_a_table_of_its_own_and_the_dot
         rows,
     )
     assert tables("kuairand_1k_dots.yaml")["t_content_id"] == (["content_id", "history"], rows)
+
+
+@pytest.mark.parametrize(
+    "variant, config",
+    [
+        ("dot interactions, id embeddings 32 wide, sparse lr 0.1", "kuairand_1k_dots.yaml"),
+        (
+            "dots, 32 wide, sparse lr 0.1, dot logits on the watch ratio, user, video and history detached",
+            "kuairand_1k_factors.yaml",
+        ),
+    ],
+)
+def test_the_quality_levers_variants_the_make_targets_test_are_the_configs_they_stand_for(
+    repo, variant, config
+):
+    """`make bench-quality` tests these configs beside the GBDT on runs benchmarks/quality_levers.py
+    trained as its variants on kuairand_1k.yaml: each variant's model and training settings are
+    its config's (quality_at_scale.py refuses runs of other settings)."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(repo / "benchmarks"))
+    import quality_levers
+
+    sets = ["train.data_dir=prepared/kuairand_1k", quality_levers.FLOAT32, quality_levers.SHARED_TABLE]
+    sets += quality_levers.VARIANTS[variant]  # as quality_levers.validation trains it (the seed aside)
+    trained = load_config(repo / "configs" / "kuairand_1k.yaml", sets)
+    standing_for = load_config(repo / "configs" / config)
+    assert dataclasses.asdict(trained.model) == dataclasses.asdict(standing_for.model)
+    assert dataclasses.asdict(trained.train) == dataclasses.asdict(standing_for.train)

@@ -9,7 +9,7 @@ from test_towers import SMALL
 from torchrec.distributed.train_pipeline.tracing import Tracer
 from torchrec.modules.embedding_configs import PoolingType
 
-from conftest import prepare_synthetic, synthetic_mmoe_config
+from conftest import prepare_synthetic, synthetic_mmoe_config, video_and_history_schema
 from engagerec.batch import Batch
 from engagerec.config import EmbeddingConfig, ModelConfig, TaskConfig, TowerConfig
 from engagerec.data.prepare import prepare
@@ -53,24 +53,8 @@ def test_one_table_per_id_space_with_its_vocabulary_size(study_data):
     assert spec.input_dim == 4 + 8 * (len(schema.sparse) - 1) + len(schema.dense)
 
 
-def _video_and_history_schema(**managed):
-    from engagerec.data.schema import DatasetSchema, SparseFeature
-
-    return DatasetSchema(
-        features=[{"name": "content_id", "kind": "categorical"}, {"name": "history", "kind": "history"}],
-        sparse=[
-            SparseFeature("content_id", "content_id", False),
-            SparseFeature("history", "content_id", True),
-        ],
-        dense=[],
-        labels=[],
-        vocab_sizes={"content_id": 10},
-        **managed,
-    )
-
-
 def test_features_sharing_an_id_space_share_one_table():
-    spec = FeatureSpec.from_schema(_video_and_history_schema(), EmbeddingConfig())
+    spec = FeatureSpec.from_schema(video_and_history_schema(), EmbeddingConfig())
     assert len(spec.tables) == 1 and spec.tables[0].feature_names == ["content_id", "history"]
     assert spec.tables[0].pooling == PoolingType.MEAN  # history's default; a single id is unaffected
     assert spec.input_dim == 2 * 16
@@ -84,7 +68,7 @@ def test_a_feature_named_in_own_table_reads_a_table_of_its_own_with_its_spaces_r
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     spec = FeatureSpec.from_schema(
-        _video_and_history_schema(), EmbeddingConfig(dim=4, dims={"content_id": 6}, own_table=["history"])
+        video_and_history_schema(), EmbeddingConfig(dim=4, dims={"content_id": 6}, own_table=["history"])
     )
     assert [(t.name, t.num_embeddings, t.embedding_dim, t.feature_names) for t in spec.tables] == [
         ("t_content_id", 11, 6, ["content_id"]),
@@ -108,16 +92,37 @@ def test_a_feature_named_in_own_table_reads_a_table_of_its_own_with_its_spaces_r
 
 
 def test_own_table_refuses_what_it_cannot_give_a_table():
+    from engagerec.data.schema import DatasetSchema, SparseFeature
+
+    def schema(*pairs):  # (name, id space), one id per row
+        features = [{"name": name, "kind": "categorical"} for name, _ in pairs]
+        sparse = [SparseFeature(name, space, False) for name, space in pairs]
+        return DatasetSchema(features, sparse, [], [], vocab_sizes={space: 4 for _, space in pairs})
+
+    video, history = ("content_id", "content_id"), ("history", "content_id")
     refused = [
-        (["history", "history"], {}, "names a feature twice"),
-        (["recent_views"], {}, "'recent_views' is no sparse feature of the prepared data"),
-        (["history"], {"content_id": {"rows": 8}}, "assigned while training \\(managed_collisions\\)"),
+        (video_and_history_schema(), ["history", "history"], "names a feature twice"),
+        (
+            video_and_history_schema(),
+            ["recent_views"],
+            "'recent_views' is no sparse feature of the prepared data",
+        ),
+        (
+            video_and_history_schema(managed={"content_id": {"rows": 8}}),
+            ["history"],
+            "assigned while training \\(managed_collisions\\)",
+        ),
+        (schema(video, ("user_id", "user_id")), ["user_id"], "is the only feature of id space 'user_id'"),
+        (schema(video, ("history@0", "content_id")), ["history"], "is a history with positions"),
+        (
+            schema(video, history, ("x", "content_id__history")),
+            ["history"],
+            "would read as another id space's",
+        ),
     ]
-    for own_table, managed, expected in refused:
+    for prepared, own_table, expected in refused:
         with pytest.raises(ConfigError, match=expected):
-            FeatureSpec.from_schema(
-                _video_and_history_schema(managed=managed), EmbeddingConfig(own_table=own_table)
-            )
+            FeatureSpec.from_schema(prepared, EmbeddingConfig(own_table=own_table))
 
 
 def test_forward_shapes_and_study_loss(study_data):

@@ -3,15 +3,18 @@ choose the plans TorchRec's default planner chooses, in a fraction of the time; 
 where they would not, the grid search stays."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.sharding_plan import get_default_sharders
 
-from conftest import study_run_config
+from conftest import study_run_config, video_and_history_schema
+from engagerec.config import EmbeddingConfig
 from engagerec.data.schema import DatasetSchema
 from engagerec.distributed import Runtime, _constraints, planner_proposers, topology
+from engagerec.features import FeatureSpec
 from engagerec.model_builder import build_model
 
 
@@ -59,3 +62,16 @@ def test_on_two_ranks_the_grid_search_stays_as_the_greedy_proposers_alone_would_
 def _model(data_dir):
     schema = DatasetSchema.load(data_dir)
     return build_model(schema, study_run_config(data_dir).model, torch.device("meta"))
+
+
+def test_sharding_keyed_by_an_id_space_holds_for_its_features_own_tables_too():
+    """train.sharding by id space: the space's table and every own table of its features
+    (model.embeddings.own_table); by table name: that table alone."""
+    spec = FeatureSpec.from_schema(video_and_history_schema(), EmbeddingConfig(own_table=["history"]))
+    model = SimpleNamespace(tables=spec.tables)  # what _constraints reads of a MultiTaskModel
+    by_space = _constraints(model, {"content_id": ["column_wise"]}, 2, "cpu")
+    assert set(by_space) == {"t_content_id", "t_content_id__history"}
+    assert all(c.sharding_types == ["column_wise"] for c in by_space.values())
+    assert set(_constraints(model, {"t_content_id__history": ["table_wise"]}, 2, "cpu")) == {
+        "t_content_id__history"
+    }

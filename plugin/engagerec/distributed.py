@@ -28,6 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from engagerec.errors import ConfigError
+from engagerec.features import table_space
 from engagerec.managed_ids import managed_tables
 from engagerec.model import MultiTaskModel
 
@@ -219,7 +220,9 @@ def _constraints(
     model: MultiTaskModel, sharding: Dict[str, List[str]], world_size: int = 1, device_type: str = "cpu"
 ) -> Dict[str, ParameterConstraints]:
     tables = {t.name: t for t in model.tables}
-    by_space = {name[2:]: name for name in tables}  # t_<id space>
+    by_space: Dict[str, List[str]] = {}  # a space's tables: its own, and its features' own tables
+    for table in model.tables:
+        by_space.setdefault(table_space(table), []).append(table.name)
     out = {}
     for key, types in sharding.items():
         unknown = [t for t in types if t not in SHARDING_TYPES]
@@ -236,7 +239,7 @@ def _constraints(
         if key == "*":
             names = list(tables)
         elif key in tables or key in by_space:
-            names = [key if key in tables else by_space[key]]
+            names = [key] if key in tables else by_space[key]
         else:
             raise ConfigError(
                 f"train.sharding names '{key}', which is no table or id space ({sorted(by_space)})"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from engagerec.config import EmbeddingConfig
-from engagerec.data.schema import DatasetSchema
+from engagerec.data.schema import DatasetSchema, position_names
 from engagerec.errors import ConfigError
 
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
@@ -34,6 +34,32 @@ def table_name(id_space: str, feature: Optional[str] = None) -> str:
         ('t_content_id', 't_content_id__history')
     """
     return f"t_{id_space}" if feature is None else f"t_{id_space}__{feature}"
+
+
+def table_space(table: EmbeddingBagConfig) -> str:
+    """
+    The id space of a table named by ``table_name``: its name without ``t_``, and for a
+    feature's own table (one feature, named ``t_<space>__<feature>``) without that suffix.
+    ``FeatureSpec.from_schema`` refuses tables whose names would read otherwise.
+
+    Args:
+        table (EmbeddingBagConfig): the table.
+
+    Returns:
+        str: its id space.
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> from engagerec.features import table_space
+        >>> own = EmbeddingBagConfig(num_embeddings=4, embedding_dim=4, name="t_item__history",
+        ...     feature_names=["history"])
+        >>> table_space(own)
+        'item'
+    """
+    name = table.name.removeprefix("t_")
+    suffix = f"__{table.feature_names[0]}" if len(table.feature_names) == 1 else ""
+    return name[: -len(suffix)] if suffix and name.endswith(suffix) else name
 
 
 def auto_dim(rows: int, largest: int) -> int:
@@ -72,8 +98,6 @@ class FeatureSpec:
         tables (List[EmbeddingBagConfig]): one config per table, for the
             EmbeddingBagCollection.
         dense_dim (int): number of dense features (one column each).
-        spaces (Dict[str, str]): each table's id space, by table name (whose vocabulary its
-            rows follow). Default: each table's name without its ``t_``.
 
     Example::
 
@@ -104,11 +128,11 @@ class FeatureSpec:
 
     tables: List[EmbeddingBagConfig]
     dense_dim: int
-    spaces: Dict[str, str] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        given = self.spaces
-        self.spaces = {t.name: given.get(t.name, t.name.removeprefix("t_")) for t in self.tables}
+    @property
+    def spaces(self) -> Dict[str, str]:
+        """Each table's id space (whose vocabulary its rows follow), by table name."""
+        return {table.name: table_space(table) for table in self.tables}
 
     @property
     def sparse_dim(self) -> int:
@@ -149,7 +173,8 @@ class FeatureSpec:
             ConfigError: if ``cfg`` names an unknown feature or id space, a pooling other than
                 sum and mean, or two multi-valued features sharing a table ask for different
                 poolings; or ``cfg.own_table`` names a feature twice, one that is not sparse,
-                or one of a managed-collision space.
+                a positional history, the only feature of its space, one of a
+                managed-collision space, or one whose table name another space gives.
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         space_of = {f.name: f.id_space for f in schema.sparse}
@@ -168,11 +193,13 @@ class FeatureSpec:
                 raise ConfigError(f"model.embeddings.init_scale.{name}: {scale!r}, expected a number > 0")
         own = _own_table_features(schema, cfg)
         groups: Dict[str, List] = {}  # table name -> its features, in the schema's order
-        spaces = {}
+        spaces: Dict[str, Optional[str]] = {}
         for feature in schema.sparse:
             name = table_name(feature.id_space, feature.name if feature.name in own else None)
             groups.setdefault(name, []).append(feature)
-            spaces[name] = feature.id_space
+            if spaces.setdefault(name, feature.id_space) != feature.id_space:
+                spaces[name] = None  # e.g. an own table t_a__b of space a beside a space named a__b
+        _refuse_ambiguous_names(sorted(name for name, space in spaces.items() if space is None))
         tables = []
         for name, features in groups.items():
             space = spaces[name]
@@ -207,21 +234,43 @@ class FeatureSpec:
                     **init,
                 )
             )
-        return cls(tables=tables, dense_dim=len(schema.dense), spaces=spaces)
+        if own:  # without own tables every name reads as its space's, whatever the space's name
+            _refuse_ambiguous_names([t.name for t in tables if table_space(t) != spaces[t.name]])
+        return cls(tables=tables, dense_dim=len(schema.dense))
+
+
+def _refuse_ambiguous_names(names: List[str]) -> None:
+    """Tables whose names two id spaces give, or that ``table_space`` reads as another space."""
+    if names:
+        raise ConfigError(
+            f"model.embeddings.own_table: the table names {names} would read as another id space's "
+            "(t_<id space>__<feature>); rename the id spaces that hold '__'"
+        )
 
 
 def _own_table_features(schema: DatasetSchema, cfg: EmbeddingConfig) -> set:
     """``cfg.own_table``, checked against the prepared features: each a sparse feature of a
-    vocabulary or hashed id space, named once."""
+    vocabulary or hashed id space that other features share, named once."""
     named = set(cfg.own_table)
     if len(named) != len(cfg.own_table):
         raise ConfigError(f"model.embeddings.own_table names a feature twice: {cfg.own_table}")
     space_of = {f.name: f.id_space for f in schema.sparse}
     for name in cfg.own_table:
+        if position_names(name, 1)[0] in space_of:
+            raise ConfigError(
+                f"model.embeddings.own_table: '{name}' is a history with positions ({name}@0, ...), "
+                "whose positions and the candidate share a table for target attention; "
+                "set model.embeddings.own_table: []"
+            )
         if name not in space_of:
             raise ConfigError(
                 f"model.embeddings.own_table: '{name}' is no sparse feature of the prepared data; "
                 f"its sparse features: {sorted(space_of)}"
+            )
+        if sum(space == space_of[name] for space in space_of.values()) == 1:
+            raise ConfigError(
+                f"model.embeddings.own_table: '{name}' is the only feature of id space "
+                f"'{space_of[name]}': its table is its own already"
             )
         if space_of[name] in schema.managed:
             raise ConfigError(
