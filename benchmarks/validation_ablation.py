@@ -44,7 +44,12 @@ Change = Callable[[ExperimentConfig], ExperimentConfig]
 def _features(keep: Callable) -> Change:
     def change(cfg: ExperimentConfig) -> ExperimentConfig:
         features = [f for f in cfg.data.features if keep(f)]
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+        kept = {f.name for f in features}  # a dropped feature's own table goes with it
+        own = [name for name in cfg.model.embeddings.own_table if name in kept]
+        model = dataclasses.replace(
+            cfg.model, embeddings=dataclasses.replace(cfg.model.embeddings, own_table=own)
+        )
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
     return change
 

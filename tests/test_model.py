@@ -112,7 +112,6 @@ def test_own_table_refuses_what_it_cannot_give_a_table():
             ["history"],
             "assigned while training \\(managed_collisions\\)",
         ),
-        (schema(video, ("user_id", "user_id")), ["user_id"], "is the only feature of id space 'user_id'"),
         (schema(video, ("history@0", "content_id")), ["history"], "is a history with positions"),
         (
             schema(video, history, ("x", "content_id__history")),
@@ -123,6 +122,12 @@ def test_own_table_refuses_what_it_cannot_give_a_table():
     for prepared, own_table, expected in refused:
         with pytest.raises(ConfigError, match=expected):
             FeatureSpec.from_schema(prepared, EmbeddingConfig(own_table=own_table))
+    # alone in its space (a derived config dropped the features it shared it with): its table is
+    # its own already, and keeps the space's name
+    alone = FeatureSpec.from_schema(
+        schema(video, ("user_id", "user_id")), EmbeddingConfig(own_table=["user_id"])
+    )
+    assert [t.name for t in alone.tables] == ["t_content_id", "t_user_id"]
 
 
 def test_forward_shapes_and_study_loss(study_data):

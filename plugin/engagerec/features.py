@@ -173,8 +173,8 @@ class FeatureSpec:
             ConfigError: if ``cfg`` names an unknown feature or id space, a pooling other than
                 sum and mean, or two multi-valued features sharing a table ask for different
                 poolings; or ``cfg.own_table`` names a feature twice, one that is not sparse,
-                a positional history, the only feature of its space, one of a
-                managed-collision space, or one whose table name another space gives.
+                a positional history, one of a managed-collision space, or one whose table
+                name another space gives (a feature alone in its space keeps its space's table).
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         space_of = {f.name: f.id_space for f in schema.sparse}
@@ -249,8 +249,8 @@ def _refuse_ambiguous_names(names: List[str]) -> None:
 
 
 def _own_table_features(schema: DatasetSchema, cfg: EmbeddingConfig) -> set:
-    """``cfg.own_table``, checked against the prepared features: each a sparse feature of a
-    vocabulary or hashed id space that other features share, named once."""
+    """``cfg.own_table``, checked against the prepared features (each a sparse feature of a
+    vocabulary or hashed id space, named once), less those alone in their id space."""
     named = set(cfg.own_table)
     if len(named) != len(cfg.own_table):
         raise ConfigError(f"model.embeddings.own_table names a feature twice: {cfg.own_table}")
@@ -267,14 +267,11 @@ def _own_table_features(schema: DatasetSchema, cfg: EmbeddingConfig) -> set:
                 f"model.embeddings.own_table: '{name}' is no sparse feature of the prepared data; "
                 f"its sparse features: {sorted(space_of)}"
             )
-        if sum(space == space_of[name] for space in space_of.values()) == 1:
-            raise ConfigError(
-                f"model.embeddings.own_table: '{name}' is the only feature of id space "
-                f"'{space_of[name]}': its table is its own already"
-            )
         if space_of[name] in schema.managed:
             raise ConfigError(
                 f"model.embeddings.own_table: '{name}' is in id space '{space_of[name]}', whose rows "
                 "are assigned while training (managed_collisions): each table would assign its own"
             )
-    return named
+    # the only feature of its space keeps the space's table, its own already (a derived config may
+    # have dropped the features it shared it with)
+    return {name for name in named if sum(space == space_of[name] for space in space_of.values()) > 1}
