@@ -66,10 +66,21 @@ REFERENCE = "float32"
 VAL_KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
 
+def overrides_of(name: str, data_dir: str, extra: List[str]) -> List[str]:
+    """The ``--set`` overrides of CONFIG that variant ``name`` trains with on ``data_dir``, then ``extra``."""
+    processes, sets = VARIANTS[name]
+    common = [
+        f"train.data_dir={data_dir}",
+        f"train.batch_size={BATCH // processes}",
+        "train.progress_bar=false",
+    ]
+    return common + sets + extra
+
+
 def train_command(name: str, data_dir: str, out: Path, extra: List[str]) -> List[str]:
     """The `engagerec train` command line of variant ``name`` (under torchrun for 2 ranks), on
     ``data_dir``."""
-    processes, sets = VARIANTS[name]
+    processes = VARIANTS[name][0]
     python = Path(sys.executable)
     launcher = (
         [str(python.parent / "torchrun"), "--nproc-per-node", str(processes), "--master-port", "29731"]
@@ -77,14 +88,8 @@ def train_command(name: str, data_dir: str, out: Path, extra: List[str]) -> List
         if processes > 1
         else [str(python), "-m", "engagerec"]
     )
-    overrides = [
-        f"train.data_dir={data_dir}",
-        f"train.batch_size={BATCH // processes}",
-        "train.progress_bar=false",
-    ]
-    overrides += sets + extra
     return [*launcher, "train", "--config", CONFIG, "--out", str(out), "--no-resume"] + [
-        arg for kv in overrides for arg in ("--set", kv)
+        arg for kv in overrides_of(name, data_dir, extra) for arg in ("--set", kv)
     ]
 
 
@@ -100,16 +105,15 @@ def speed(name: str, data_dir: str, steps: int, work: Path) -> float:
 
 def validation(name: str, data_dir: str, seed: int, runs: Path) -> Dict[str, float]:
     """Validation metrics of the best epoch of variant ``name`` with ``seed`` (trained if missing)."""
-    out = runs / name.replace(" ", "_").replace(",", "") / f"seed{seed}"
-    if not (out / "results.json").is_file():
-        command = train_command(name, data_dir, out, [f"train.seed={seed}"])
-        subprocess.run(command, check=True, capture_output=True, cwd=REPO)
     from engagerec.config import load_config
 
-    processes, sets = VARIANTS[name]
-    wanted = [f"train.data_dir={data_dir}", f"train.batch_size={BATCH // processes}", *sets]
-    wanted.append(f"train.seed={seed}")
-    other = other_settings(out, load_config(str(REPO / CONFIG), wanted), ignored=("progress_bar",))
+    out = runs / name.replace(" ", "_").replace(",", "") / f"seed{seed}"
+    seeded = [f"train.seed={seed}"]
+    if not (out / "results.json").is_file():
+        command = train_command(name, data_dir, out, seeded)
+        subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    wanted = load_config(str(REPO / CONFIG), overrides_of(name, data_dir, seeded))
+    other = other_settings(out, wanted, ignored=("progress_bar",))
     if other:  # e.g. a run of this name from before the config changed
         raise SystemExit(f"{out} holds a run of other settings than variant '{name}' ({', '.join(other)})")
     results = json.loads((out / "results.json").read_text())

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from engagerec.config import ExperimentConfig, TargetAttentionConfig, TaskConfig, load_config
+from engagerec.config import ExperimentConfig, ModelConfig, TargetAttentionConfig, TaskConfig, load_config
 from engagerec.data.prepare import prepare
 from engagerec.data.target_stats import STAT_KINDS
 from engagerec.runs import seed_run_dir
@@ -45,13 +45,16 @@ def _features(keep: Callable) -> Change:
     def change(cfg: ExperimentConfig) -> ExperimentConfig:
         features = [f for f in cfg.data.features if keep(f)]
         kept = {f.name for f in features}  # a dropped feature's own table goes with it
-        own = [name for name in cfg.model.embeddings.own_table if name in kept]
-        model = dataclasses.replace(
-            cfg.model, embeddings=dataclasses.replace(cfg.model.embeddings, own_table=own)
-        )
+        model = _own_tables(cfg.model, lambda name: name in kept)
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
     return change
+
+
+def _own_tables(model: ModelConfig, keep: Callable[[str], bool]) -> ModelConfig:
+    """``model`` with only the entries of ``model.embeddings.own_table`` that ``keep`` holds for."""
+    own = [name for name in model.embeddings.own_table if keep(name)]
+    return dataclasses.replace(model, embeddings=dataclasses.replace(model.embeddings, own_table=own))
 
 
 def _train(**changes) -> Change:
@@ -78,8 +81,7 @@ def _toggle_attention(cfg: ExperimentConfig) -> ExperimentConfig:
     model = dataclasses.replace(cfg.model, target_attention=TargetAttentionConfig() if on else None)
     if on:  # the positions and the candidate share one table: no history table of its own
         histories = {f.name for f in features if f.kind == "history"}
-        own = [name for name in cfg.model.embeddings.own_table if name not in histories]
-        model.embeddings = dataclasses.replace(cfg.model.embeddings, own_table=own)
+        model = _own_tables(model, lambda name: name not in histories)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features), model=model)
 
 

@@ -57,8 +57,13 @@ def table_space(table: EmbeddingBagConfig) -> str:
         >>> table_space(own)
         'item'
     """
-    name = table.name.removeprefix("t_")
-    suffix = f"__{table.feature_names[0]}" if len(table.feature_names) == 1 else ""
+    return _space_in_name(table.name, table.feature_names)
+
+
+def _space_in_name(name: str, feature_names: List[str]) -> str:
+    """``table_space`` of a table called ``name`` that holds ``feature_names``."""
+    name = name.removeprefix("t_")
+    suffix = f"__{feature_names[0]}" if len(feature_names) == 1 else ""
     return name[: -len(suffix)] if suffix and name.endswith(suffix) else name
 
 
@@ -193,16 +198,25 @@ class FeatureSpec:
                 raise ConfigError(f"model.embeddings.init_scale.{name}: {scale!r}, expected a number > 0")
         own = _own_table_features(schema, cfg)
         groups: Dict[str, List] = {}  # table name -> its features, in the schema's order
-        spaces: Dict[str, Optional[str]] = {}
         for feature in schema.sparse:
             name = table_name(feature.id_space, feature.name if feature.name in own else None)
             groups.setdefault(name, []).append(feature)
-            if spaces.setdefault(name, feature.id_space) != feature.id_space:
-                spaces[name] = None  # e.g. an own table t_a__b of space a beside a space named a__b
-        _refuse_ambiguous_names(sorted(name for name, space in spaces.items() if space is None))
+        # with own tables, each name must read back (table_space) as the one space of its features:
+        # not so for an own table t_a__b of space a beside a space named a__b (one name, two
+        # spaces); without them every name is t_<its space>
+        ambiguous = [
+            name
+            for name, features in groups.items()
+            if own and {f.id_space for f in features} != {_space_in_name(name, [f.name for f in features])}
+        ]
+        if ambiguous:
+            raise ConfigError(
+                f"model.embeddings.own_table: the table names {ambiguous} would read as another id "
+                "space's (t_<id space>__<feature>); rename the id spaces that hold '__'"
+            )
         tables = []
         for name, features in groups.items():
-            space = spaces[name]
+            space = features[0].id_space
             pooling = None
             for feature in features:
                 wanted = cfg.pooling.get(
@@ -234,18 +248,7 @@ class FeatureSpec:
                     **init,
                 )
             )
-        if own:  # without own tables every name reads as its space's, whatever the space's name
-            _refuse_ambiguous_names([t.name for t in tables if table_space(t) != spaces[t.name]])
         return cls(tables=tables, dense_dim=len(schema.dense))
-
-
-def _refuse_ambiguous_names(names: List[str]) -> None:
-    """Tables whose names two id spaces give, or that ``table_space`` reads as another space."""
-    if names:
-        raise ConfigError(
-            f"model.embeddings.own_table: the table names {names} would read as another id space's "
-            "(t_<id space>__<feature>); rename the id spaces that hold '__'"
-        )
 
 
 def _own_table_features(schema: DatasetSchema, cfg: EmbeddingConfig) -> set:
