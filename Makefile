@@ -75,6 +75,9 @@ bench: install
 	# the same three sides at KuaiRand-1K shape (a 1.9M-row video table), from generated files
 	$(PY) -m engagerec synthesize --shape kuairand-1k --scale 1 --out generated/kuairand_1k
 	$(PY) -m engagerec prepare --config configs/kuairand_1k.yaml
+	# the same preparation with each DuckDB statement timed: the costliest, and peak RSS (compare at 5x)
+	$(PY) benchmarks/prepare_queries.py --data generated/kuairand_1k --out generated/prepare_queries
+	rm -rf generated/prepare_queries
 	$(PY) benchmarks/train_throughput.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k \
 		--section train_kuairand_1k --towers mmoe --batch-size 4096 --steps 40 --warmup 5
 	# engagerec train as shipped: where a step's time goes, malloc defaults against engagerec's setting
@@ -107,9 +110,12 @@ bench: install
 bench-scale: install
 	$(PY) benchmarks/end_to_end_scale.py --scales 0.1 1 5
 
-# the same at scale 1 on three data shapes: a strong head, the default, a flat popularity
+# the same at scale 1 on three data shapes: a strong head, the default, a flat popularity (kept in
+# generated/shapes, about 11 GB); then where a step's time goes on the default and the flat shape
 bench-shapes: install
-	$(PY) benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65
+	$(PY) benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65 --keep generated/shapes
+	$(PY) benchmarks/profile_train.py --compare data --rounds 3 --section profile_shapes \
+		--data-dir generated/shapes/prepared_1_skew1.05 generated/shapes/prepared_1_skew0.65
 
 # quality at KuaiRand-1K scale, 5 seeds against the GBDT, on the data `make bench` generates and prepares;
 # then the levers chosen on validation (dot interactions, widths, learning rates, epochs), and the

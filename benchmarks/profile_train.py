@@ -1,9 +1,13 @@
 """Where `engagerec train`'s step time goes, as shipped, with the host-memory setting off and on
-(or, with ``--compare precision``, with the tower in float32 and in bf16).
+(or, with ``--compare precision``, with the tower in float32 and in bf16; with ``--compare data``,
+as shipped on each of several preparations, e.g. two data shapes, with the distinct ids a
+training batch holds of each large id space).
 
     .venv/bin/python benchmarks/profile_train.py --config configs/kuairand_1k.yaml \\
         --data-dir prepared/kuairand_1k [--steps 200] [--profile-steps 30] [--rounds 2] \\
         [--compare malloc|precision] [--section profile]
+    .venv/bin/python benchmarks/profile_train.py --compare data \\
+        --data-dir prepared/kuairand_1k PREPARED_FLAT --section profile_shapes
 
 Runs the `engagerec train` command (metrics on, as a user runs it) for ``--steps`` steps with
 ``train.profile_steps`` (engagerec.profiling: torch.profiler over steps 21-50 by default), once
@@ -41,16 +45,28 @@ COMPARISONS = {
         "float32 tower": ({}, [FLOAT32]),
         "bf16 tower (train.tower_precision)": ({}, ["train.tower_precision=bf16"]),
     },
+    "data": {},  # one variant per --data-dir, as shipped
 }
 
 
-def one_run(args: argparse.Namespace, environment: dict, sets: list, run_dir: Path) -> dict:
-    """One `engagerec train` run with ``environment`` and ``--set`` ``sets`` added; returns its
-    profile breakdown and last logged samples/s."""
+def variants_of(args: argparse.Namespace) -> dict:
+    """label -> (environment, --set overrides, data directory) for ``args.compare``."""
+    if args.compare == "data":
+        if len(args.data_dir) < 2:
+            raise SystemExit("--compare data needs two or more --data-dir preparations")
+        return {f"`{path}`": ({}, [], path) for path in args.data_dir}
+    if len(args.data_dir) != 1:
+        raise SystemExit(f"--compare {args.compare} runs on one --data-dir")
+    return {label: (env, sets, args.data_dir[0]) for label, (env, sets) in COMPARISONS[args.compare].items()}
+
+
+def one_run(args: argparse.Namespace, environment: dict, sets: list, data_dir: str, run_dir: Path) -> dict:
+    """One `engagerec train` run on ``data_dir`` with ``environment`` and ``--set`` ``sets``
+    added; returns its profile breakdown and last logged samples/s."""
     command = [
         sys.executable, "-m", "engagerec", "train", "--config", args.config,
         "--out", str(run_dir), "--no-resume",
-        "--set", f"train.data_dir={args.data_dir}", "--set", f"train.max_steps={args.steps}",
+        "--set", f"train.data_dir={data_dir}", "--set", f"train.max_steps={args.steps}",
         "--set", f"train.profile_steps={args.profile_steps}", "--set", "train.progress_bar=false",
         "--set", f"train.batch_size={args.batch_size}", "--set", f"train.log_every_steps={args.log_every}",
     ]  # fmt: skip
@@ -62,13 +78,35 @@ def one_run(args: argparse.Namespace, environment: dict, sets: list, run_dir: Pa
     return {"parts": parts, "samples_per_s": float(rows[-1]["samples_per_s"])}
 
 
+def distinct_rows(data_dir: str, batch_size: int, batches: int = 20, min_rows: int = 100_000) -> dict:
+    """feature -> (ids, distinct ids) per training batch, the means over the first ``batches``
+    shuffled batches, for the sparse features of id spaces of at least ``min_rows`` rows: the rows
+    the fused optimiser updates per step (row-wise Adagrad touches each distinct row once)."""
+    import torch
+
+    from engagerec.data.reader import ShardReader
+    from engagerec.data.schema import DatasetSchema
+
+    schema = DatasetSchema.load(data_dir)
+    wanted = [f.name for f in schema.sparse if schema.vocab_sizes.get(f.id_space, 0) >= min_rows]
+    found = {name: [0, 0] for name in wanted}
+    stream = iter(ShardReader(data_dir, "train", batch_size=batch_size, shuffle=True))
+    for _ in range(batches):
+        features = next(stream).sparse_features
+        for name in wanted:
+            ids = features[name].values()
+            found[name][0] += ids.numel()
+            found[name][1] += torch.unique(ids).numel()
+    return {name: (count / batches, distinct / batches) for name, (count, distinct) in found.items()}
+
+
 def main() -> None:
     """Alternate the two variants, then write the table."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/kuairand_1k.yaml")
-    parser.add_argument("--data-dir", default="prepared/kuairand_1k")
+    parser.add_argument("--data-dir", nargs="+", default=["prepared/kuairand_1k"])
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--profile-steps", type=int, default=30)
@@ -78,12 +116,13 @@ def main() -> None:
     parser.add_argument("--section", default="profile")
     args = parser.parse_args()
 
-    variants = COMPARISONS[args.compare]
+    variants = variants_of(args)
     found = {label: [] for label in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            for index, (label, (environment, sets)) in enumerate(variants.items()):
-                found[label].append(one_run(args, environment, sets, Path(tmp) / f"{round_}-{index}"))
+            for index, (label, (environment, sets, data_dir)) in enumerate(variants.items()):
+                run_dir = Path(tmp) / f"{round_}-{index}"
+                found[label].append(one_run(args, environment, sets, data_dir, run_dir))
                 print(label, found[label][-1], flush=True)
     parts = list(next(iter(found.values()))[0]["parts"])
     median = {
@@ -93,19 +132,28 @@ def main() -> None:
     speed = {label: statistics.median(r["samples_per_s"] for r in runs) for label, runs in found.items()}
     labels = list(variants)
     lines = [
-        f"`engagerec train --config {args.config}` on `{args.data_dir}`, batch {args.batch_size}, "
-        f"metrics on, {args.steps} steps; torch.profiler over {args.profile_steps} steps (after 20) in "
-        f"each run; medians of {args.rounds} alternating rounds. ms per step by part "
+        f"`engagerec train --config {args.config}` on `{'` and `'.join(args.data_dir)}`, "
+        f"batch {args.batch_size}, metrics on, {args.steps} steps; torch.profiler over "
+        f"{args.profile_steps} steps (after 20) in each run; medians of {args.rounds} alternating rounds. "
+        "ms per step by part "
         "(engagerec.profiling); samples/s from the command's own log.csv (its last window of "
         f"{args.log_every} steps, not profiled).",
         "",
         f"| part | {' | '.join(labels)} |",
-        "|---|---:|---:|",
+        "|---|" + "---:|" * len(labels),
     ]
     lines += [
         f"| {part} | {' | '.join(f'{median[label][part]:.2f}' for label in labels)} |" for part in parts
     ]
     lines.append(f"| **samples/s (log.csv)** | {' | '.join(f'{speed[label]:,.0f}' for label in labels)} |")
+    if args.compare == "data":
+        touched = [distinct_rows(data_dir, args.batch_size) for _, _, data_dir in variants.values()]
+        lines += [
+            f"| distinct `{name}` ids per batch (of all its ids; mean of 20 training batches) | "
+            + " | ".join(f"{rows[name][1]:,.0f} (of {rows[name][0]:,.0f})" for rows in touched)
+            + " |"
+            for name in touched[0]
+        ]
     record_section(args.section, lines)
 
 

@@ -2,7 +2,8 @@
 validation check of those that change the numbers.
 
     .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k [--steps 400] \\
-        [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...]
+        [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...] \\
+        [--reference NAME]
 
 Each variant is `engagerec train` as shipped (metrics on, the reader included, a fresh process)
 with a global batch of 4096 rows a step, on configs/kuairand_1k.yaml (whose viewing history has
@@ -14,14 +15,17 @@ an embedding table of its own, ``model.embeddings.own_table``):
 - ``bf16 tower, shared video table``: the same with ``model.embeddings.own_table=[]``, the
   history read from the video's table (FBGEMM's scalar backward for a shared table);
 - ``2 ranks, bf16 tower``: the bf16 tower under ``torchrun --nproc-per-node 2`` (gloo), 2048
-  rows per rank.
-
+  rows per rank;
 ``--variants`` picks among these, and the earlier sections' ``loader worker``
-(``train.num_workers=1``) and ``2 ranks`` (float32), which run only when named.
+(``train.num_workers=1``) and ``2 ranks`` (float32), and ``bf16 tower, small tables fused`` and
+its 2-rank twin (the planner not offered ``data_parallel`` by ``train.sharding``, so the 32
+small bucket tables it would replicate into FBGEMM's dense kernel join the fused kernel of the
+id tables), which run only when named.
 
 Speed: ``--steps`` steps per run; its samples/s is the median of its log.csv windows of 50 steps
 after the first (start-up excluded); the variants alternate for ``--rounds`` rounds, and each
-ratio to ``float32`` is taken within a round (the machine's speed drifts between rounds).
+ratio to the reference (``--reference``, default ``float32``) is taken within a round (the
+machine's speed drifts between rounds).
 
 Quality: the one-process variants, which change the numbers, each train one whole epoch per
 seed in ``--quality-seeds`` (the config's epochs); they are compared on the validation split:
@@ -51,17 +55,25 @@ from results import FLOAT32, other_settings, record_section  # noqa: E402
 CONFIG = "configs/kuairand_1k.yaml"
 BATCH = 4096
 BF16 = ["train.tower_precision=bf16"]
+NOT_REPLICATED = 'train.sharding={"*": [table_wise, column_wise]}'
 # name -> (processes, --set overrides of CONFIG); REFERENCE first, the others' ratios are to it
 VARIANTS = {
     "float32": (1, [FLOAT32]),
     "bf16 tower": (1, BF16),
     "bf16 tower, shared video table": (1, BF16 + ["model.embeddings.own_table=[]"]),
     "2 ranks, bf16 tower": (2, BF16),
-    # measured in earlier sections (train_levers, train_levers_amd), on request (--variants)
-    "loader worker": (1, [FLOAT32, "train.num_workers=1"]),
-    "2 ranks": (2, [FLOAT32]),
 }
-DEFAULT_VARIANTS = [name for name in VARIANTS if name not in ("loader worker", "2 ranks")]
+# measured in earlier sections and not taken, run on request (--variants)
+ON_REQUEST = {
+    "loader worker": (1, [FLOAT32, "train.num_workers=1"]),  # train_levers, train_levers_amd
+    "2 ranks": (2, [FLOAT32]),
+    # the planner not offered data_parallel: the small bucket tables, which it replicates into
+    # FBGEMM's dense kernel, join the id tables' fused kernel (train_levers_small_tables)
+    "bf16 tower, small tables fused": (1, BF16 + [NOT_REPLICATED]),
+    "2 ranks, bf16 tower, small tables fused": (2, BF16 + [NOT_REPLICATED]),
+}
+DEFAULT_VARIANTS = list(VARIANTS)
+VARIANTS.update(ON_REQUEST)
 REFERENCE = "float32"
 VAL_KEYS = ("loss", "watch_ratio/mse", "skip/auc", "long_view/auc", "click/auc")
 
@@ -134,10 +146,18 @@ def main() -> None:
     parser.add_argument("--runs", help="where the quality runs go (kept; read again if there)")
     parser.add_argument("--section", default="train_levers", help="the RESULTS.md section written")
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS, help="float32 always runs"
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=DEFAULT_VARIANTS,
+        help="the reference always runs",
+    )
+    parser.add_argument(
+        "--reference", choices=list(VARIANTS), default=REFERENCE, help="the variant the ratios are to"
     )
     args = parser.parse_args()
-    names = [REFERENCE] + [name for name in args.variants if name != REFERENCE]
+    reference = args.reference
+    names = [reference] + [name for name in args.variants if name != reference]
     found: Dict[str, List[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
@@ -153,14 +173,14 @@ def main() -> None:
     lines = [
         f"`engagerec train --config {CONFIG}` on `{args.data_dir}`, {BATCH} rows a step, "
         f"metrics on, {args.steps} steps a run; samples/s: the median of a run's log windows after "
-        f"the first; {args.rounds} alternating rounds (median over rounds; ratio to {REFERENCE} "
+        f"the first; {args.rounds} alternating rounds (median over rounds; ratio to {reference} "
         "within each round: min / median / max).",
         "",
-        f"| variant | samples/s | ratio to {REFERENCE} |",
+        f"| variant | samples/s | ratio to {reference} |",
         "|---|---:|---|",
     ]
     for name, values in found.items():
-        ratios = sorted(v / d for v, d in zip(values, found[REFERENCE], strict=True))
+        ratios = sorted(v / d for v, d in zip(values, found[reference], strict=True))
         lines.append(
             f"| {name} | {statistics.median(values):,.0f} | "
             f"{ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f} |"
