@@ -11,8 +11,9 @@ training batch holds of each large id space).
 
 Runs the `engagerec train` command (metrics on, as a user runs it) for ``--steps`` steps with
 ``train.profile_steps`` (engagerec.profiling: torch.profiler over steps 21-50 by default), once
-with ``ENGAGEREC_MALLOC_TUNING=0`` (glibc's default malloc: "before") and once with the setting
-engagerec applies ("after"; engagerec.host_memory), alternating ``--rounds`` times. Reports the
+per variant, alternating ``--rounds`` times. With ``--compare malloc`` (the default) the variants
+are ``ENGAGEREC_MALLOC_TUNING=0`` (glibc's default malloc: "before") and the setting engagerec
+applies ("after"; engagerec.host_memory); with ``--compare data``, the preparations. Reports the
 per-part breakdown (ms per step, the medians over rounds) and the command's own samples/s from
 its log.csv (its last logged window, which the profiler does not overlap). Writes the section
 ``--section`` (default ``profile``) of benchmarks/RESULTS.md.
@@ -101,7 +102,7 @@ def distinct_rows(data_dir: str, batch_size: int, batches: int = 20, min_rows: i
 
 
 def main() -> None:
-    """Alternate the two variants, then write the table."""
+    """Alternate the variants, then write the table."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -153,6 +154,7 @@ def main() -> None:
             + " | ".join(f"{rows[name][1]:,.0f} (of {rows[name][0]:,.0f})" for rows in touched)
             + " |"
             for name in touched[0]
+            if all(name in rows for rows in touched)  # an id space large in every preparation
         ]
     record_section(args.section, lines)
 

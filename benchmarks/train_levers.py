@@ -15,7 +15,8 @@ an embedding table of its own, ``model.embeddings.own_table``):
 - ``bf16 tower, shared video table``: the same with ``model.embeddings.own_table=[]``, the
   history read from the video's table (FBGEMM's scalar backward for a shared table);
 - ``2 ranks, bf16 tower``: the bf16 tower under ``torchrun --nproc-per-node 2`` (gloo), 2048
-  rows per rank;
+  rows per rank.
+
 ``--variants`` picks among these, and the earlier sections' ``loader worker``
 (``train.num_workers=1``) and ``2 ranks`` (float32), and ``bf16 tower, small tables fused`` and
 its 2-rank twin (the planner not offered ``data_parallel`` by ``train.sharding``, so the 32

@@ -195,8 +195,8 @@ class DataConfig:
     row_group_size: int = 65_536
     rows_per_file: int = 1_048_576
     # The out-of-core engine (DuckDB) spills to disk past this; "" lets DuckDB choose (80% of RAM).
-    # 1GB keeps KuaiRand-1K (11.7M rows) at 1.36 GiB; a larger log prepares in time linear in its
-    # rows with about 0.7 GB per 10M rows (4GB at 58.6M: docs/EXPERIMENTS.md), slower under less
+    # 1GB keeps KuaiRand-1K (11.7M rows) at 1.36 GiB; a larger log wants more, or its joins and
+    # windows spill and prepare grows faster than the rows (4GB at 58.6M rows: docs/EXPERIMENTS.md)
     memory_limit: str = "1GB"
     threads: int = 0  # 0: one per core
 
