@@ -3,6 +3,8 @@ then `engagerec train` for one epoch with its validation and test evaluation.
 
     .venv/bin/python benchmarks/end_to_end_scale.py --scales 0.1 1 5 [--keep DIR]
     .venv/bin/python benchmarks/end_to_end_scale.py --scales 1 --skews 1.3 1.05 0.65   # data shapes
+    .venv/bin/python benchmarks/end_to_end_scale.py --scales 5 --prepare-set data.memory_limit=4GB \
+        --section end_to_end_scale_4gb   # prepare with config overrides, into its own section
 
 For each scale S (1 = KuaiRand-1K: 11.7M views, 4.37M videos):
 
@@ -38,7 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -96,12 +98,16 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def one_scale(scale: float, tmp: Path, skew: Optional[float] = None) -> Dict:
+def one_scale(
+    scale: float, tmp: Path, skew: Optional[float] = None, prepare_sets: Sequence[str] = ()
+) -> Dict:
+    """Generate, prepare (with the config overrides ``prepare_sets``) and train at ``scale``
+    (and popularity ``skew``) under ``tmp``; returns what was measured."""
     name = f"{scale:g}" + ("" if skew is None else f"_skew{skew:g}")
     raw, prepared, run = tmp / f"raw_{name}", tmp / f"prepared_{name}", tmp / f"run_{name}"
     shape = [] if skew is None else [str(skew)]
     generated = run_child(GENERATE, str(raw), str(scale), *shape, cwd=REPO)
-    done = run_child(PREPARE, str(raw), str(prepared), str(CONFIG), cwd=REPO)
+    done = run_child(PREPARE, str(raw), str(prepared), str(CONFIG), *prepare_sets, cwd=REPO)
     train = [
         sys.executable, "-m", "engagerec", "train", "--config", str(CONFIG), "--out", str(run), "--no-resume",
         "--set", f"train.data_dir={prepared}", "--set", "train.progress_bar=false", "--set", "train.epochs=1",
@@ -178,12 +184,19 @@ def main() -> None:
         "--skews", type=float, nargs="+", help="run each scale once per popularity skew (section data_shapes)"
     )
     parser.add_argument("--keep", help="keep the generated data, preparations and runs under this directory")
+    parser.add_argument(
+        "--prepare-set", action="append", default=[], help="a config override for prepare, KEY=VALUE"
+    )
+    parser.add_argument("--section", help="the RESULTS.md section (default: end_to_end_scale or data_shapes)")
     args = parser.parse_args()
     scales = " ".join(f"{s:g}" for s in args.scales)
     command = f".venv/bin/python benchmarks/end_to_end_scale.py --scales {scales}"
     if args.skews:
         command += " --skews " + " ".join(f"{s:g}" for s in args.skews)
-    section = "data_shapes" if args.skews else "end_to_end_scale"
+    command += "".join(f" --prepare-set {kv}" for kv in args.prepare_set)
+    section = args.section or ("data_shapes" if args.skews else "end_to_end_scale")
+    if args.section:
+        command += f" --section {args.section}"
     found: List[Dict] = []
     failed: List[Tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -193,7 +206,7 @@ def main() -> None:
             for skew in args.skews or [None]:
                 what = f"scale {scale:g}" + ("" if skew is None else f", skew {skew:g}")
                 try:
-                    row = one_scale(scale, work, skew)
+                    row = one_scale(scale, work, skew, args.prepare_set)
                 except (subprocess.CalledProcessError, RuntimeError) as err:  # recorded, not lost
                     output = getattr(err, "stderr", None) or str(err)
                     failed.append((what, output.strip().splitlines()[-1][:300]))
@@ -213,8 +226,10 @@ def main() -> None:
     lines = [
         machine_block(command),
         "",
-        "`engagerec synthesize --shape kuairand-1k --scale S`, `engagerec prepare` and `engagerec train` "
-        "(configs/kuairand_1k.yaml as shipped: MMoE, batch 4096, one epoch, metrics on, then validation "
+        "`engagerec synthesize --shape kuairand-1k --scale S`, `engagerec prepare`"
+        + "".join(f" `--set {kv}`" for kv in args.prepare_set)
+        + " and `engagerec train` (configs/kuairand_1k.yaml as shipped: MMoE, batch 4096, one epoch, "
+        "metrics on, then validation "
         f"and test evaluation; the tower in {', '.join(sorted({row['precision'] for row in found}))} "
         "here), each in a fresh process. Train peak: the RSS of the whole process tree, sampled "
         f"every second (over time: {plot.name}).",

@@ -56,7 +56,8 @@ from engagerec.data.prepare import prepare
 data = sys.argv[1]
 cfg = load_config(sys.argv[3], [f"data.source.interactions={data}",
                                 f"data.source.users={data}/user_features_1k.csv",
-                                f"data.source.content={data}/video_features_basic_1k.csv"])
+                                f"data.source.content={data}/video_features_basic_1k.csv"]
+                  + sys.argv[4:])  # further overrides, e.g. data.memory_limit=4GB
 start = time.perf_counter()
 summary = prepare(cfg.data, sys.argv[2])
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_kb": hwm_kb(), "summary": summary}))
