@@ -27,7 +27,7 @@ from typing import List, Tuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import record_section  # noqa: E402
+from results import hwm_kb, record_section  # noqa: E402
 
 
 class TimedConnection:
@@ -89,12 +89,11 @@ def main() -> None:
     started = time.perf_counter()
     summary, statements = timed_prepare(args.config, args.data, args.out, args.set)
     seconds = time.perf_counter() - started
-    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     rows = sum(summary["split"][name]["rows"] for name in ("train", "val", "test"))
     lines = [
         f"`engagerec prepare` of `{args.data}` ({rows:,} kept rows) with `{args.config}`"
         + (f" and {', '.join(f'`{s}`' for s in args.set)}" if args.set else "")
-        + f", in one process: {seconds:.1f} s, peak RSS {peak / 2**20:.2f} GiB.",
+        + f", in one process: {seconds:.1f} s, peak RSS {hwm_kb() / 2**20:.2f} GiB.",
         "",
         "| stage | seconds |",
         "|---|---:|",

@@ -46,13 +46,13 @@ COMPARISONS = {
         "float32 tower": ({}, [FLOAT32]),
         "bf16 tower (train.tower_precision)": ({}, ["train.tower_precision=bf16"]),
     },
-    "data": {},  # one variant per --data-dir, as shipped
 }
+DATA = "data"  # --compare data: one variant per --data-dir, as shipped
 
 
 def variants_of(args: argparse.Namespace) -> dict:
     """label -> (environment, --set overrides, data directory) for ``args.compare``."""
-    if args.compare == "data":
+    if args.compare == DATA:
         if len(args.data_dir) < 2:
             raise SystemExit("--compare data needs two or more --data-dir preparations")
         return {f"`{path}`": ({}, [], path) for path in args.data_dir}
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="malloc")
+    parser.add_argument("--compare", choices=sorted([*COMPARISONS, DATA]), default="malloc")
     parser.add_argument("--section", default="profile")
     args = parser.parse_args()
 
@@ -147,7 +147,7 @@ def main() -> None:
         f"| {part} | {' | '.join(f'{median[label][part]:.2f}' for label in labels)} |" for part in parts
     ]
     lines.append(f"| **samples/s (log.csv)** | {' | '.join(f'{speed[label]:,.0f}' for label in labels)} |")
-    if args.compare == "data":
+    if args.compare == DATA:
         touched = [distinct_rows(data_dir, args.batch_size) for _, _, data_dir in variants.values()]
         lines += [
             f"| distinct `{name}` ids per batch (of all its ids; mean of 20 training batches) | "
