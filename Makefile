@@ -72,6 +72,8 @@ bench: install
 	$(PY) benchmarks/prepare_scale.py --scales 0.1 1
 	$(PY) benchmarks/reader_throughput.py
 	$(PY) benchmarks/train_throughput.py --batch-size 4096 --steps 60
+	# FBGEMM's two CPU backward paths on KuaiRand-1K's history table (train.embedding_backward)
+	$(PY) benchmarks/backward_paths.py
 	# the same three sides at KuaiRand-1K shape (a 1.9M-row video table), from generated files
 	$(PY) -m engagerec synthesize --shape kuairand-1k --scale 1 --out generated/kuairand_1k
 	$(PY) -m engagerec prepare --config configs/kuairand_1k.yaml

@@ -56,12 +56,13 @@ from results import FLOAT32, other_settings, record_section  # noqa: E402
 CONFIG = "configs/kuairand_1k.yaml"
 BATCH = 4096
 BF16 = ["train.tower_precision=bf16"]
+SHARED_VIDEO_TABLE = "model.embeddings.own_table=[]"
 NOT_REPLICATED = 'train.sharding={"*": [table_wise, column_wise]}'
 # name -> (processes, --set overrides of CONFIG); REFERENCE first, the others' ratios are to it
 VARIANTS = {
     "float32": (1, [FLOAT32]),
     "bf16 tower": (1, BF16),
-    "bf16 tower, shared video table": (1, BF16 + ["model.embeddings.own_table=[]"]),
+    "bf16 tower, shared video table": (1, BF16 + [SHARED_VIDEO_TABLE]),
     "2 ranks, bf16 tower": (2, BF16),
 }
 # measured in earlier sections and not taken, run on request (--variants)
@@ -72,6 +73,10 @@ ON_REQUEST = {
     # FBGEMM's dense kernel, join the id tables' fused kernel (train_levers_small_tables)
     "bf16 tower, small tables fused": (1, BF16 + [NOT_REPLICATED]),
     "2 ranks, bf16 tower, small tables fused": (2, BF16 + [NOT_REPLICATED]),
+    "2 ranks, bf16 tower, shared video table": (2, BF16 + [SHARED_VIDEO_TABLE]),
+    # FBGEMM's JIT kernel for the large tables whatever train.embedding_backward's auto picks
+    "bf16 tower, kernel backward": (1, BF16 + ["train.embedding_backward=kernel"]),
+    "bf16 tower, loop backward": (1, BF16 + ["train.embedding_backward=loop"]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 VARIANTS.update(ON_REQUEST)

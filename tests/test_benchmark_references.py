@@ -50,3 +50,28 @@ def test_the_plain_reference_computes_engagerecs_loss_from_the_same_weights(stud
         # a feature read in the wrong place moves the loss
         plain.features = plain.features[::-1]
         assert not torch.allclose(plain(batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_backwards_two_fbgemm_paths_make_the_same_update():
+    """benchmarks/backward_paths.py times FBGEMM's JIT kernel against its loop on one table:
+    the loop's empty second feature must leave the update as it is, or it times other work."""
+    from backward_paths import JIT, LOOP, LOOP_FP16, VARIANTS, batch_of, make_variant
+
+    torch.manual_seed(0)
+    rows, dim, bag = 50, 8, 4
+    tables = {name: make_variant(name, rows, dim, learning_rate=0.5) for name in VARIANTS}
+    start = torch.rand(rows, dim) - 0.5  # FBGEMM's tables start at zero, where this loss has no gradient
+    for table in tables.values():
+        table.split_embedding_weights()[0].detach().copy_(start)
+    ids = torch.randint(0, rows // 2, (16 * bag,))  # rows 25-49 never read
+    for name, table in tables.items():
+        indices, offsets = batch_of(name, ids, bag)
+        pooled = table(indices, offsets)
+        assert pooled.shape == (16, dim * (2 if name == LOOP else 1))
+        (pooled[:, :dim] ** 2).sum().backward()
+    after = {name: table.split_embedding_weights()[0].detach().float() for name, table in tables.items()}
+    read = torch.unique(ids)
+    assert not torch.allclose(after[JIT][read], start[read], atol=1e-3)  # an update happened
+    assert torch.equal(after[JIT][rows // 2 :], start[rows // 2 :])  # rows not read stay
+    torch.testing.assert_close(after[LOOP], after[JIT], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[LOOP_FP16], after[JIT], rtol=0, atol=2e-2)  # fp16 storage

@@ -383,6 +383,11 @@ class TrainConfig:
     # auto: bf16 where the device multiplies bf16 natively, else fp32 (runs.tower_autocast);
     # results.json records what a run used
     tower_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # FBGEMM's CPU backward for the tables of 100k rows or more that one feature reads: its JIT
+    # kernel, or its loop (7.6x faster on an Intel Xeon with AMX, about half as fast on an AMD
+    # EPYC: benchmarks/backward_paths.py). The same update either way; auto times both once per
+    # process on CPU (engagerec.embedding_backward); results.json records what a run used
+    embedding_backward: Literal["auto", "kernel", "loop"] = "auto"
     # a warm start: begin from this run directory's best checkpoint (or a checkpoint directory)
     # instead of a fresh initialisation (engagerec.warm_start); a resume ignores it
     init_from: Optional[str] = None
@@ -400,12 +405,14 @@ class ExperimentConfig:
 
 # what a resumed run may change: how long it runs, how it logs, where it reads and computes;
 # not what it learns (model, data, optimisers, batch size, seed). tower_precision is compared
-# by what it resolves to instead (auto depends on the device: train._check_resume)
+# by what it resolves to instead (auto depends on the device: train._check_resume);
+# embedding_backward makes the same updates either way
 RESUMABLE_CHANGES = {
     f"train.{key}"
     for key in ("max_steps", "epochs", "patience", "progress_bar", "log_every_steps", "num_workers",
                 "profile_steps", "profile_start_step", "checkpoint_every_steps", "data_dir",
-                "eval_batch_size", "device", "train_metrics_every_steps", "init_from", "tower_precision")
+                "eval_batch_size", "device", "train_metrics_every_steps", "init_from", "tower_precision",
+                "embedding_backward")
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import torch
 from engagerec.data.errors import DataError
 from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import DatasetSchema
+from engagerec.embedding_backward import model_loop_keys
 from engagerec.metrics import LossAndBaselines, TaskMetrics
 from engagerec.tasks import Task
 
@@ -78,7 +79,9 @@ def evaluate(
         DataError: the split has no rows (data prepared for a refit has no validation rows):
             its metrics would be zeros, not measurements.
     """
-    reader = ShardReader(data_dir, split, batch_size=batch_size, even_batches=True)
+    reader = ShardReader(
+        data_dir, split, batch_size=batch_size, even_batches=True, empty_keys=model_loop_keys(model)
+    )
     if reader.total_rows == 0:
         raise DataError(
             f"split '{split}' has no rows to evaluate",

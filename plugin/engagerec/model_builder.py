@@ -22,6 +22,7 @@ from engagerec.config import (
     prepared_dir,
 )
 from engagerec.data.schema import DatasetSchema, position_names
+from engagerec.embedding_backward import loop_tables
 from engagerec.errors import ConfigError
 from engagerec.features import FeatureSpec
 from engagerec.interactions import DotInteraction, DotLogits
@@ -33,7 +34,10 @@ from engagerec.towers.registry import build_tower
 
 
 def build_model(
-    schema: DatasetSchema, cfg: ModelConfig, device: Optional[torch.device] = None
+    schema: DatasetSchema,
+    cfg: ModelConfig,
+    device: Optional[torch.device] = None,
+    loop_backward: bool = False,
 ) -> MultiTaskModel:
     """
     The model a config describes for prepared data: an EmbeddingBagCollection of the spec
@@ -45,6 +49,10 @@ def build_model(
         cfg (ModelConfig): the model section of a config.
         device (Optional[torch.device]): where the embedding tables are created
             (``torch.device("meta")`` lets DistributedModelParallel materialise them). Default: None.
+        loop_backward (bool): give the large tables that one feature reads an empty companion
+            feature, so that FBGEMM's CPU backward runs its loop for them
+            (engagerec.embedding_backward; the same model and updates). Not with managed id
+            spaces, whose tables stay as built. Default: False.
 
     Returns:
         MultiTaskModel: the model, its pooled features in ``FeatureSpec.feature_names`` order.
@@ -92,7 +100,8 @@ def build_model(
     except (TypeError, ValueError) as err:  # a parameter the tower does not take, or a bad value
         raise ConfigError(f"model.tower '{cfg.tower.name}' with params {cfg.tower.params}: {err}") from None
     # the tables after the tower: the order seeded runs have always drawn their initial weights in
-    tables = EmbeddingBagCollection(tables=spec.tables, device=device) if spec.tables else None
+    configs = loop_tables(spec.tables) if loop_backward and not schema.managed else spec.tables
+    tables = EmbeddingBagCollection(tables=configs, device=device) if spec.tables else None
     if tables is not None and schema.managed:  # id spaces whose rows are assigned while training
         histories = [f for f in schema.features if f["kind"] == "history" and not f.get("positions")]
         lengths = {f["name"]: f["length"] for f in histories}

@@ -29,12 +29,15 @@ from engagerec.distributed import (
     CPU_SPARSE_OPTIMIZERS,
     CUDA_ONLY_SHARDING,
     Runtime,
+    any_rank,
     close_runtime,
     init_runtime,
     shard_model,
 )
+from engagerec.embedding_backward import loop_keys, loop_tables, uses_loop
 from engagerec.errors import CheckpointError, ConfigError
 from engagerec.evaluate import evaluate, train_label_means
+from engagerec.features import FeatureSpec
 from engagerec.machine import cpu_has_bf16_matmuls
 from engagerec.model import MultiTaskModel
 from engagerec.model_builder import build_model
@@ -109,11 +112,46 @@ def sharded_model(
         >>> close_runtime(runtime)
     """
     schema = DatasetSchema.load(prepared_dir(cfg))
-    model = build_model(schema, cfg.model, device=torch.device("meta"))
     tc = cfg.train
+    loop = loop_backward(cfg, schema, runtime)
+    model = build_model(schema, cfg.model, device=torch.device("meta"), loop_backward=loop)
     model.train_autocast = tower_autocast(tc.tower_precision, runtime.device)
     model.embedding_l2 = tc.embedding_l2  # check_config refused a negative one
     return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
+
+
+def loop_backward(cfg: ExperimentConfig, schema: DatasetSchema, runtime: Runtime) -> bool:
+    """
+    Whether ``cfg``'s model trains with ``build_model(loop_backward=True)`` here: some table is
+    concerned (``loop_tables`` changes it; managed id spaces never are) and
+    ``train.embedding_backward`` picks the loop on this device (``uses_loop``). With no table
+    concerned nothing is timed. A collective where one is: every rank builds the same tables,
+    though ``auto``'s timing could differ between ranks.
+
+    Args:
+        cfg (ExperimentConfig): the experiment.
+        schema (DatasetSchema): its prepared data's schema.
+        runtime (Runtime): this process's group and device.
+
+    Returns:
+        bool: the same on every rank.
+
+    Example::
+
+        >>> from engagerec.config import load_config
+        >>> from engagerec.data.schema import DatasetSchema, LabelSpec, SparseFeature
+        >>> from engagerec.distributed import Runtime
+        >>> from engagerec.runs import loop_backward
+        >>> item = SparseFeature("item", "item", multi=False)
+        >>> schema = DatasetSchema(features=[], sparse=[item], dense=[], labels=[LabelSpec("skip", "binary")],
+        ...                        vocab_sizes={"item": 10**6})
+        >>> cfg = load_config("kuairand_mmoe", ["train.embedding_backward=loop"])
+        >>> loop_backward(cfg, schema, Runtime(0, 1, torch.device("cpu"), owns_group=False))
+        True
+    """
+    tables = FeatureSpec.from_schema(schema, cfg.model.embeddings).tables
+    concerned = not schema.managed and loop_tables(tables) != tables
+    return concerned and any_rank(uses_loop(cfg.train.embedding_backward, runtime.device))
 
 
 @dataclass
@@ -303,7 +341,12 @@ def split_outputs(run_dir: str | Path, split: str = "test", checkpoint_name: str
     with open_run(run_dir, checkpoint_name, device="cpu") as run:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise ValueError("split_outputs runs on one process (it returns every row of the split)")
-        reader = ShardReader(run.data_dir, split, batch_size=run.cfg.train.eval_batch_size)
+        reader = ShardReader(
+            run.data_dir,
+            split,
+            batch_size=run.cfg.train.eval_batch_size,
+            empty_keys=loop_keys(run.model.tables),
+        )
         gates = getattr(run.model.tower, "gate_weights", None)
         with torch.no_grad():
             for batch in make_loader(reader, num_workers=0, pin_memory=False):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +64,9 @@ class ShardReader(IterableDataset):
             of one row at weight 0. Lock-step evaluation over sharded tables needs both, and
             every real row is still seen exactly once (weight 1).
         start_batch: skip this many batches of the epoch (resume).
+        empty_keys: sparse feature keys every batch carries with no ids, after the data's own:
+            the companions a model built with ``loop_backward`` reads
+            (engagerec.embedding_backward.loop_keys).
 
     Example::
 
@@ -98,6 +101,7 @@ class ShardReader(IterableDataset):
         drop_last: bool = False,
         even_batches: bool = False,
         start_batch: int = 0,
+        empty_keys: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -126,7 +130,8 @@ class ShardReader(IterableDataset):
         self.rank, self.world_size = int(rank or 0), int(world_size)
         self.single_names = [f.name for f in self.schema.sparse if not f.multi]
         self.multi_names = [f.name for f in self.schema.sparse if f.multi]
-        self.keys = self.single_names + self.multi_names
+        self.empty_keys = list(empty_keys)
+        self.keys = self.single_names + self.multi_names + self.empty_keys
         written = written_rows(written, split)
         self.chunks: List[Tuple[Path, int, int]] = []  # (file, row group, rows)
         for name in splits[split]["files"]:
@@ -244,6 +249,7 @@ class ShardReader(IterableDataset):
                 values.append(np.tile(flat[offsets[lo] : offsets[hi]], times))
                 lengths.append(np.tile(np.diff(offsets[lo : hi + 1]).astype(np.int32), times))
         labels = cat([rows(c.labels, lo, hi, n) for c, lo, hi, n, _ in pieces])
+        lengths.append(np.zeros(len(labels) * len(self.empty_keys), dtype=np.int32))
         weights = np.concatenate([np.full((hi - lo) * n, w, dtype=np.float32) for _, lo, hi, n, w in pieces])
         present = ~np.isnan(labels)  # a missing raw label (NaN in the shard) weighs 0 for its task only
         label_weights = torch.from_numpy(np.where(present, weights[:, None], np.float32(0)))
