@@ -44,7 +44,6 @@ import torch  # noqa: E402
 from results import machine_block, write_section  # noqa: E402
 from synthetic_tables import SyntheticSource  # noqa: E402
 from torch import nn  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 
 class PlainEmbeddingBagModel(nn.Module):
@@ -123,14 +122,15 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from engagerec.distributed import build_optimizer, close_runtime, init_runtime, shard_model
-    from engagerec.embedding_backward import loop_keys
+    from engagerec.embedding_backward import add_empty_keys, loop_keys
     from engagerec.model_builder import build_model
-    from engagerec.runs import loop_backward
+    from engagerec.runs import resolve_loop_backward
 
     runtime = init_runtime(device)
     torch.manual_seed(0)
     # train.embedding_backward as `engagerec train` resolves it (engagerec.runs.sharded_model)
-    model = build_model(schema, cfg.model, torch.device("meta"), loop_backward(cfg, schema, runtime))
+    loop = resolve_loop_backward(cfg, schema, runtime)
+    model = build_model(schema, cfg.model, device=torch.device("meta"), loop_backward=loop)
     dmp = shard_model(
         model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
     )
@@ -140,25 +140,20 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
     keys = loop_keys(model.tables)
     if not keys:
         return pipeline.progress, lambda: close_runtime(runtime)
-    adapted: dict = {}  # the caller's batch iterator -> it with the empty keys added
+    adapted: dict = {}  # the caller's batch iterator -> it with the companions' keys added
 
     def step(batches: Iterator) -> None:
-        # the companions' keys, which engagerec's reader adds itself, added here to batches from
-        # any source: a KJT rebuilt around the same values, inside engagerec's timing
+        # the keys engagerec's reader adds itself, added to batches from any source: a KJT
+        # rebuilt around the same values, inside engagerec's timing
         if adapted.get("from") is not batches:
-            adapted.update({"from": batches, "to": (with_empty_keys(b, keys) for b in batches)})
+            extended = (
+                dataclasses.replace(b, sparse_features=add_empty_keys(b.sparse_features, keys))
+                for b in batches
+            )
+            adapted.update({"from": batches, "to": extended})
         pipeline.progress(adapted["to"])
 
     return step, lambda: close_runtime(runtime)
-
-
-def with_empty_keys(batch, keys: List[str]):
-    """``batch`` with ``keys`` added to its sparse features, holding no ids."""
-    features = batch.sparse_features
-    rows = features.stride()
-    lengths = torch.cat([features.lengths(), torch.zeros(rows * len(keys), dtype=features.lengths().dtype)])
-    extended = KeyedJaggedTensor(keys=features.keys() + list(keys), values=features.values(), lengths=lengths)
-    return dataclasses.replace(batch, sparse_features=extended)
 
 
 def plain_stepper(cfg, schema, sparse: bool = False, device: str = "cpu"):

@@ -14,6 +14,7 @@ from conftest import study_run_config, video_and_history_schema
 from engagerec.config import EmbeddingConfig
 from engagerec.data.schema import DatasetSchema
 from engagerec.distributed import Runtime, _constraints, planner_proposers, topology
+from engagerec.embedding_backward import loop_tables
 from engagerec.features import FeatureSpec
 from engagerec.model_builder import build_model
 
@@ -75,3 +76,7 @@ def test_sharding_keyed_by_an_id_space_holds_for_its_features_own_tables_too():
     assert set(_constraints(model, {"t_content_id__history": ["table_wise"]}, 2, "cpu")) == {
         "t_content_id__history"
     }
+    # the same with train.embedding_backward's companions on both tables
+    looped = SimpleNamespace(tables=loop_tables(spec.tables, min_rows=1))
+    assert [len(t.feature_names) for t in looped.tables] == [2, 2]
+    assert set(_constraints(looped, {"content_id": ["column_wise"]}, 2, "cpu")) == set(by_space)

@@ -384,9 +384,10 @@ class TrainConfig:
     # results.json records what a run used
     tower_precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # FBGEMM's CPU backward for the tables of 100k rows or more that one feature reads: its JIT
-    # kernel, or its loop (7.6x faster on an Intel Xeon with AMX, about half as fast on an AMD
-    # EPYC: benchmarks/backward_paths.py). The same update either way; auto times both once per
-    # process on CPU (engagerec.embedding_backward); results.json records what a run used
+    # kernel, or its loop (7.8x faster on an Intel Xeon with AMX: benchmarks/backward_paths.py;
+    # slower on an AMD EPYC, docs/EXPERIMENTS.md). The same updates either way; auto times both
+    # once per process on CPU and takes the loop where clearly faster (engagerec.embedding_backward);
+    # results.json records what a run used
     embedding_backward: Literal["auto", "kernel", "loop"] = "auto"
     # a warm start: begin from this run directory's best checkpoint (or a checkpoint directory)
     # instead of a fresh initialisation (engagerec.warm_start); a resume ignores it

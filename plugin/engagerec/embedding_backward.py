@@ -3,19 +3,21 @@
 FBGEMM's CPU backward with row-wise Adagrad (the fused optimizer of engagerec's id tables) runs
 an asmjit-generated kernel for a float32 table read by one feature, and a plain C++ loop for a
 table read by several (fbgemm_gpu's embedding_backward_split_cpu_template.cpp). Which is faster
-depends on the CPU. benchmarks/backward_paths.py times both on KuaiRand-1K's history table:
-on an Intel Xeon with AMX the loop took 4.6 ms against the kernel's 33.6 ms; on an AMD EPYC the
-kernel was about twice as fast as the loop (docs/EXPERIMENTS.md).
+depends on the CPU. benchmarks/backward_paths.py times both on KuaiRand-1K's history table: on a
+2-core Intel Xeon with AMX the loop took 4.8 ms against the kernel's 36.9 ms. On a 2-core AMD
+EPYC a table shared by the video id and the history, which takes the loop, made the embedding
+backward about twice as slow as two tables of their own (docs/EXPERIMENTS.md).
 
 ``train.embedding_backward: loop`` gives each table of at least ``MIN_ROWS`` rows that one
 feature reads a second feature that never holds an id, ``<feature>__loop``: FBGEMM then treats
 the table as shared and runs its loop. The update is the same (an empty feature adds no
 gradient; tests/test_embedding_backward.py). Nothing else changes: the tables, their names and
-weights, checkpoints and exports are the model's own; only the sharded model of a run (its
-training, evaluation and scoring) has the companions, its batches carry their keys with no ids
+weights, checkpoints and exports are the model's own. Only a model sharded to train
+(engagerec.runs.sharded_model) has the companions; its batches carry their keys with no ids
 (``ShardReader(empty_keys=...)``), and the model never reads their pooled columns (it takes its
 features by name). ``auto`` (the default) times both paths once per process on a small table and
-takes the faster on CPU; on GPU FBGEMM's CUDA kernels run either way, so the tables stay as built.
+takes the loop on CPU where it is clearly faster; on GPU FBGEMM's CUDA kernels run either way,
+so the tables stay as built.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from typing import List, Optional, Sequence
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 LOOP_SUFFIX = "__loop"
 # smaller tables see few distinct rows a step, so the path hardly matters, and the planner
 # replicates the smallest (FBGEMM's dense kernel, neither path)
 MIN_ROWS = 100_000
 SETTINGS = ("auto", "kernel", "loop")
+# auto takes the loop under this share of the kernel's time: 0.13 on an Intel Xeon with AMX
+# (benchmarks/backward_paths.py), about 2 on an AMD EPYC
+LOOP_MARGIN = 0.8
 
 
 def loop_tables(
@@ -111,6 +117,61 @@ def model_loop_keys(model: torch.nn.Module) -> List[str]:
     return loop_keys(getattr(model, "tables", []))
 
 
+def loop_features(tables: Sequence[EmbeddingBagConfig]) -> List[str]:
+    """
+    The features whose tables ``loop_tables`` gave a companion: each companion's name without
+    ``LOOP_SUFFIX``.
+
+    Args:
+        tables (Sequence[EmbeddingBagConfig]): a model's tables.
+
+    Returns:
+        List[str]: the features, in table order.
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> from engagerec.embedding_backward import loop_features, loop_tables
+        >>> big = EmbeddingBagConfig(name="t_v", num_embeddings=10**6, embedding_dim=4, feature_names=["v"])
+        >>> loop_features(loop_tables([big]))
+        ['v']
+    """
+    return [name.removesuffix(LOOP_SUFFIX) for name in loop_keys(tables)]
+
+
+def add_empty_keys(features: KeyedJaggedTensor, keys: Sequence[str]) -> KeyedJaggedTensor:
+    """
+    ``features`` with ``keys`` after its own, holding no ids: a batch from a source other than
+    engagerec's reader (which adds them itself, ``ShardReader(empty_keys=...)``) made ready for
+    a model built with companions.
+
+    Args:
+        features (KeyedJaggedTensor): a batch's sparse features.
+        keys (Sequence[str]): the keys to add (``loop_keys``).
+
+    Returns:
+        KeyedJaggedTensor: the same values, the lengths followed by zeros.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> from engagerec.embedding_backward import add_empty_keys
+        >>> kjt = KeyedJaggedTensor(keys=["v"], values=torch.tensor([3, 5]), lengths=torch.tensor([1, 1]))
+        >>> added = add_empty_keys(kjt, ["v__loop"])
+        >>> added.keys(), added["v__loop"].lengths().tolist(), added["v"].values().tolist()
+        (['v', 'v__loop'], [0, 0], [3, 5])
+    """
+    lengths = features.lengths()
+    zeros = torch.zeros(features.stride() * len(keys), dtype=lengths.dtype, device=lengths.device)
+    return KeyedJaggedTensor(
+        keys=features.keys() + list(keys),
+        values=features.values(),
+        lengths=torch.cat([lengths, zeros]),
+        weights=None if features.weights_or_none() is None else features.weights(),
+    )
+
+
 def uses_loop(setting: str, device: torch.device) -> bool:
     """
     Whether ``train.embedding_backward``'s ``setting`` routes the large tables through FBGEMM's
@@ -140,27 +201,27 @@ def uses_loop(setting: str, device: torch.device) -> bool:
     return setting == "loop" or loop_is_faster()
 
 
-@functools.lru_cache(maxsize=1)
-def loop_is_faster(rows: int = 200_000, dim: int = 16, ids: int = 40_000, repeats: int = 5) -> bool:
+def backward_seconds(rows: int = 200_000, dim: int = 16, ids: int = 40_000, repeats: int = 5) -> dict:
     """
-    Time FBGEMM's two CPU backward paths on this machine, once per process: a ``rows`` x ``dim``
-    row-wise Adagrad table, a batch of ``ids`` ids in bags of 20 (most of them distinct, as a
-    history's are), the best of ``repeats`` backward passes each (about 0.1 s in all).
+    Time FBGEMM's two CPU backward paths on this machine: a ``rows`` x ``dim`` row-wise Adagrad
+    table, a batch of ``ids`` ids in bags of 20 (most of them distinct, as a history's are),
+    the best of ``repeats`` backward passes each, after one that builds the kernels.
 
     Args:
-        rows (int): the probe table's rows. Default: 200,000.
+        rows (int): the table's rows. Default: 200,000.
         dim (int): its width. Default: 16.
         ids (int): the ids a batch holds. Default: 40,000.
         repeats (int): backward passes timed per path. Default: 5.
 
     Returns:
-        bool: whether the loop was faster.
+        dict: ``{"kernel": seconds, "loop": seconds}``.
 
     Example::
 
-        >>> from engagerec.embedding_backward import loop_is_faster
-        >>> loop_is_faster(rows=1000, ids=400, repeats=1) in (True, False)
-        True
+        >>> from engagerec.embedding_backward import backward_seconds
+        >>> times = backward_seconds(rows=1000, ids=400, repeats=1)
+        >>> sorted(times), all(seconds > 0 for seconds in times.values())
+        (['kernel', 'loop'], True)
     """
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -170,10 +231,10 @@ def loop_is_faster(rows: int = 200_000, dim: int = 16, ids: int = 40_000, repeat
     )
 
     generator = torch.Generator().manual_seed(0)  # the caller's random streams stay as they were
-    indices = torch.randint(0, rows, (ids // 20 * 20,), generator=generator)
-    bags = indices.numel() // 20
+    bags = ids // 20
+    indices = torch.randint(0, rows, (bags * 20,), generator=generator)
     best = {}
-    for features in (1, 2):  # one feature: the kernel; a second, empty one: the loop
+    for path, features in (("kernel", 1), ("loop", 2)):  # loop: a second feature, always empty
         table = SplitTableBatchedEmbeddingBagsCodegen(
             [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
             feature_table_map=[0] * features,
@@ -183,13 +244,33 @@ def loop_is_faster(rows: int = 200_000, dim: int = 16, ids: int = 40_000, repeat
         lengths = torch.cat([torch.full((bags,), 20), torch.zeros(bags * (features - 1), dtype=torch.long)])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         times = []
-        for _ in range(repeats + 1):  # the first builds the kernels
+        for _ in range(repeats + 1):
             pooled = table(indices, offsets)
             start = time.perf_counter()
             pooled.sum().backward()
             times.append(time.perf_counter() - start)
-        best[features] = min(times[1:] or times)
-    return best[2] < best[1]
+        best[path] = min(times[1:])
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def loop_is_faster() -> bool:
+    """
+    Whether FBGEMM's loop is clearly faster than its kernel here: under ``LOOP_MARGIN`` of the
+    kernel's time in ``backward_seconds()``, timed once per process (then remembered). The
+    margin keeps a close or noisy timing on the kernel, FBGEMM's own choice.
+
+    Returns:
+        bool: whether to take the loop.
+
+    Example::
+
+        >>> from engagerec.embedding_backward import loop_is_faster
+        >>> loop_is_faster() == loop_is_faster()  # timed once
+        True
+    """
+    seconds = backward_seconds()
+    return seconds["loop"] < LOOP_MARGIN * seconds["kernel"]
 
 
 def _with_features(table: EmbeddingBagConfig, names: List[str]) -> EmbeddingBagConfig:

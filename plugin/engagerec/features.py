@@ -9,6 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from engagerec.config import EmbeddingConfig
 from engagerec.data.schema import DatasetSchema, position_names
+from engagerec.embedding_backward import LOOP_SUFFIX
 from engagerec.errors import ConfigError
 
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
@@ -61,9 +62,11 @@ def table_space(table: EmbeddingBagConfig) -> str:
 
 
 def _space_in_name(name: str, feature_names: List[str]) -> str:
-    """``table_space`` of a table called ``name`` that holds ``feature_names``."""
+    """``table_space`` of a table called ``name`` that holds ``feature_names`` (a companion
+    feature of engagerec.embedding_backward aside: it reads no ids)."""
     name = name.removeprefix("t_")
-    suffix = f"__{feature_names[0]}" if len(feature_names) == 1 else ""
+    features = [f for f in feature_names if not f.endswith(LOOP_SUFFIX)]
+    suffix = f"__{features[0]}" if len(features) == 1 else ""
     return name[: -len(suffix)] if suffix and name.endswith(suffix) else name
 
 
@@ -179,10 +182,14 @@ class FeatureSpec:
                 sum and mean, or two multi-valued features sharing a table ask for different
                 poolings; or ``cfg.own_table`` names a feature twice, one that is not sparse,
                 a positional history, one of a managed-collision space, or one whose table
-                name another space gives (a feature alone in its space keeps its space's table).
+                name another space gives (a feature alone in its space keeps its space's table);
+                or a sparse feature's name ends in ``__loop`` (engagerec.embedding_backward's).
         """
         kinds = {f["name"]: f["kind"] for f in schema.features}
         space_of = {f.name: f.id_space for f in schema.sparse}
+        reserved = [name for name in space_of if name.endswith(LOOP_SUFFIX)]
+        if reserved:  # engagerec.embedding_backward's companions are named so
+            raise ConfigError(f"sparse features {reserved}: names ending in '{LOOP_SUFFIX}' are reserved")
         id_spaces = set(space_of.values())
         unknown = (set(cfg.pooling) | set(cfg.dims)) - set(kinds) - id_spaces - set(schema.sparse_names)
         if unknown:

@@ -51,8 +51,8 @@ def build_model(
             (``torch.device("meta")`` lets DistributedModelParallel materialise them). Default: None.
         loop_backward (bool): give the large tables that one feature reads an empty companion
             feature, so that FBGEMM's CPU backward runs its loop for them
-            (engagerec.embedding_backward; the same model and updates). Not with managed id
-            spaces, whose tables stay as built. Default: False.
+            (engagerec.embedding_backward; the same model and updates). A schema with a
+            managed id space keeps every table as built. Default: False.
 
     Returns:
         MultiTaskModel: the model, its pooled features in ``FeatureSpec.feature_names`` order.

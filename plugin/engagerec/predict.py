@@ -32,7 +32,6 @@ from engagerec.data.reader import ShardReader, make_loader
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.scoring import IDS_FILE, ROW, encode_for_scoring
 from engagerec.distributed import close_runtime, init_runtime, is_rank_zero
-from engagerec.embedding_backward import loop_keys
 from engagerec.managed_ids import frozen_remaps, remap_frozen
 from engagerec.model_builder import configured_tasks
 from engagerec.runs import OpenedRun, open_run, run_config
@@ -391,13 +390,7 @@ def _score(
     tasks = run.model.tasks
     device = run.runtime.device
     size = batch_size or run.cfg.train.eval_batch_size
-    reader = ShardReader(
-        scored.data_dir,
-        scored.split,
-        batch_size=size,
-        even_batches=True,
-        empty_keys=loop_keys(run.model.tables),
-    )
+    reader = ShardReader(scored.data_dir, scored.split, batch_size=size, even_batches=True)
     if reader.total_rows == 0:  # every rank sees it: no rank is left waiting for the others
         raise DataError(f"no rows to score in split '{scored.split}'", file=str(scored.data_dir))
     columns = output_columns(tasks)

@@ -34,7 +34,7 @@ from engagerec.distributed import (
     init_runtime,
     shard_model,
 )
-from engagerec.embedding_backward import loop_keys, loop_tables, uses_loop
+from engagerec.embedding_backward import loop_tables, uses_loop
 from engagerec.errors import CheckpointError, ConfigError
 from engagerec.evaluate import evaluate, train_label_means
 from engagerec.features import FeatureSpec
@@ -82,7 +82,7 @@ def tower_autocast(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 def sharded_model(
-    cfg: ExperimentConfig, runtime: Runtime
+    cfg: ExperimentConfig, runtime: Runtime, training: bool = True
 ) -> "tuple[DistributedModelParallel, MultiTaskModel]":
     """The configured model, built on the meta device for the prepared data and sharded; the
     planner gets the training batch size, so a run's plan is the same wherever it is rebuilt
@@ -91,6 +91,9 @@ def sharded_model(
     Args:
         cfg: the experiment; its prepared data (``prepared_dir(cfg)``) must exist.
         runtime: this process's group and device (``distributed.init_runtime``).
+        training: whether it will train: only then may ``train.embedding_backward`` add
+            companion features (``resolve_loop_backward``), as they serve the backward only;
+            a model opened to evaluate or score reads plain batches. Default: True.
 
     Returns:
         (the DistributedModelParallel, the MultiTaskModel it wraps).
@@ -113,20 +116,21 @@ def sharded_model(
     """
     schema = DatasetSchema.load(prepared_dir(cfg))
     tc = cfg.train
-    loop = loop_backward(cfg, schema, runtime)
+    loop = training and resolve_loop_backward(cfg, schema, runtime)
     model = build_model(schema, cfg.model, device=torch.device("meta"), loop_backward=loop)
     model.train_autocast = tower_autocast(tc.tower_precision, runtime.device)
     model.embedding_l2 = tc.embedding_l2  # check_config refused a negative one
     return shard_model(model, runtime, tc.batch_size, tc.sharding, tc.sparse_optimizer, tc.sparse_lr), model
 
 
-def loop_backward(cfg: ExperimentConfig, schema: DatasetSchema, runtime: Runtime) -> bool:
+def resolve_loop_backward(cfg: ExperimentConfig, schema: DatasetSchema, runtime: Runtime) -> bool:
     """
     Whether ``cfg``'s model trains with ``build_model(loop_backward=True)`` here: some table is
-    concerned (``loop_tables`` changes it; managed id spaces never are) and
-    ``train.embedding_backward`` picks the loop on this device (``uses_loop``). With no table
-    concerned nothing is timed. A collective where one is: every rank builds the same tables,
-    though ``auto``'s timing could differ between ranks.
+    concerned (``loop_tables`` would change it; a schema with a managed id space keeps every
+    table as built) and ``train.embedding_backward`` picks the loop on this device
+    (``uses_loop``), as rank 0 decides: under ``auto`` only rank 0 times the two paths, and every
+    rank builds the same tables. With no table concerned nothing is timed, and no collective
+    runs (every rank knows that from the schema).
 
     Args:
         cfg (ExperimentConfig): the experiment.
@@ -138,20 +142,22 @@ def loop_backward(cfg: ExperimentConfig, schema: DatasetSchema, runtime: Runtime
 
     Example::
 
+        >>> import torch
         >>> from engagerec.config import load_config
         >>> from engagerec.data.schema import DatasetSchema, LabelSpec, SparseFeature
         >>> from engagerec.distributed import Runtime
-        >>> from engagerec.runs import loop_backward
+        >>> from engagerec.runs import resolve_loop_backward
         >>> item = SparseFeature("item", "item", multi=False)
         >>> schema = DatasetSchema(features=[], sparse=[item], dense=[], labels=[LabelSpec("skip", "binary")],
         ...                        vocab_sizes={"item": 10**6})
         >>> cfg = load_config("kuairand_mmoe", ["train.embedding_backward=loop"])
-        >>> loop_backward(cfg, schema, Runtime(0, 1, torch.device("cpu"), owns_group=False))
+        >>> resolve_loop_backward(cfg, schema, Runtime(0, 1, torch.device("cpu"), owns_group=False))
         True
     """
     tables = FeatureSpec.from_schema(schema, cfg.model.embeddings).tables
-    concerned = not schema.managed and loop_tables(tables) != tables
-    return concerned and any_rank(uses_loop(cfg.train.embedding_backward, runtime.device))
+    if schema.managed or loop_tables(tables) == tables:
+        return False
+    return any_rank(runtime.rank == 0 and uses_loop(cfg.train.embedding_backward, runtime.device))
 
 
 @dataclass
@@ -237,7 +243,7 @@ def open_run(
     try:
         if runtime.device.type == "cpu":
             cfg = for_cpu(cfg)
-        dmp, model = sharded_model(cfg, runtime)
+        dmp, model = sharded_model(cfg, runtime, training=False)
         pattern = checkpoint.BEST_PATTERN if checkpoint_name == "best" else checkpoint.STEP_PATTERN
         root = Path(run_dir) / "checkpoints"
         path = checkpoint.latest(root, pattern)
@@ -341,12 +347,7 @@ def split_outputs(run_dir: str | Path, split: str = "test", checkpoint_name: str
     with open_run(run_dir, checkpoint_name, device="cpu") as run:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise ValueError("split_outputs runs on one process (it returns every row of the split)")
-        reader = ShardReader(
-            run.data_dir,
-            split,
-            batch_size=run.cfg.train.eval_batch_size,
-            empty_keys=loop_keys(run.model.tables),
-        )
+        reader = ShardReader(run.data_dir, split, batch_size=run.cfg.train.eval_batch_size)
         gates = getattr(run.model.tower, "gate_weights", None)
         with torch.no_grad():
             for batch in make_loader(reader, num_workers=0, pin_memory=False):

@@ -51,7 +51,7 @@ from engagerec.distributed import (
     is_rank_zero,
     plan_table,
 )
-from engagerec.embedding_backward import LOOP_SUFFIX, loop_keys
+from engagerec.embedding_backward import loop_features, loop_keys
 from engagerec.errors import CheckpointError, ConfigError, TrainingError
 from engagerec.evaluate import evaluate, groups_gauc, train_label_means
 from engagerec.extras import missing_extra
@@ -280,7 +280,7 @@ class Trainer:
         # what train.tower_precision picked here
         self.precision = "fp32" if self.model.train_autocast is None else "bf16"
         # what train.embedding_backward picked here: FBGEMM's loop for these features' tables
-        self.loop_backward = [name[: -len(LOOP_SUFFIX)] for name in loop_keys(self.model.tables)]
+        self.loop_features = loop_features(self.model.tables)
         check_world_size(self.model, runtime.world_size)
         self.tasks = self.model.tasks
         # the tasks are known now (from schema.json when the config names none): check before training
@@ -300,8 +300,8 @@ class Trainer:
             (run_dir / "plan.json").write_text(json.dumps(plan_table(self.dmp), indent=1))
             record_vocabularies(run_dir, self.data_dir)  # what a later warm start from this run matches
             print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
-            if self.loop_backward:
-                print(f"embedding backward: FBGEMM's loop for the tables of {self.loop_backward}", flush=True)
+            if self.loop_features:
+                print(f"embedding backward: FBGEMM's loop for the tables of {self.loop_features}", flush=True)
         self.means = train_label_means(self.data_dir, [t.label for t in self.tasks])
         # no validation rows (a refit on train + val): no early stopping, the last epoch is kept;
         # no test rows (every row trains a model to ship): no test metrics
@@ -435,7 +435,7 @@ class Trainer:
             "seed": tc.seed,
             "world_size": self.runtime.world_size,
             "tower_precision": self.precision,  # what it resolved to (auto depends on the machine)
-            "embedding_backward": "loop" if self.loop_backward else "kernel",  # as tower_precision
+            "embedding_backward": "loop" if self.loop_features else "kernel",  # as tower_precision
             "steps": state.step,
             "train_seconds": state.train_seconds,
             "history": state.history,
