@@ -40,11 +40,12 @@ class PooledByName(nn.Module):
     optionally followed by the dense features, so that the tower input is made in one copy.
     Free when the collection already returns that order (one rank, no dense features); else
     one column gather, whose blocks are worked out on the first batch of a key order and kept
-    in this module, on the values' device. When the gather is a permutation (every pooled
-    column used once), the values need a gradient and the dense features do not, the backward
-    is one copy by the inverse permutation instead of autograd's zero fill and scatter-add: on
-    a 2-core CPU at the KuaiRand-1K shape the tower input and its gradient are the largest
-    tensors a step copies.
+    in this module, on the values' device. When no pooled column is used twice, the values need
+    a gradient and the dense features do not, the backward is one copy by the inverse
+    permutation, with zeros for the columns not used (a feature the model does not read, e.g.
+    engagerec.embedding_backward's companions), instead of autograd's zero fill and
+    scatter-add: on a 2-core CPU at the KuaiRand-1K shape the tower input and its gradient are
+    the largest tensors a step copies.
     TorchRec's pipelines trace it as a leaf (it holds no sharded module). (torchrec's
     KTRegroupAsDict does the same job; on CPU it made a KuaiRand-1K-shaped training step 5x
     slower, 18.7k against 88k samples/s, so it is not used here.)
@@ -75,7 +76,7 @@ class PooledByName(nn.Module):
     def __init__(self, names: List[str]) -> None:
         super().__init__()
         self.names = list(names)
-        # (keys, widths, device) -> the gather: column blocks, index, inverse (None unless a permutation)
+        # (keys, widths, device) -> the gather: column blocks, index, inverse (None if a column repeats)
         self._gathers: Dict[Tuple, _ColumnGather] = {}
 
     def forward(self, pooled: KeyedTensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -106,10 +107,14 @@ class _ColumnGather:
     """Where each wanted feature's columns sit in a pooled KeyedTensor's values: ``blocks``
     (start, width) in wanted order, adjacent ones merged; ``index`` the same columns one by one;
     ``inverse`` the blocks (start, width) of the gathered columns that put them back in the
-    values' order, when the gather is a permutation (else None)."""
+    values' order, a start of None for columns not gathered (their gradient is zero), when no
+    column is gathered twice (else None)."""
 
     def __init__(
-        self, blocks: List[Tuple[int, int]], index: torch.Tensor, inverse: Optional[List[Tuple[int, int]]]
+        self,
+        blocks: List[Tuple[int, int]],
+        index: torch.Tensor,
+        inverse: Optional[List[Tuple[Optional[int], int]]],
     ) -> None:
         self.blocks, self.index, self.inverse = blocks, index, inverse
 
@@ -132,20 +137,29 @@ class _ColumnGather:
                 blocks.append((start[name], width[name]))
         index = torch.cat([torch.arange(s, s + w) for s, w in blocks]).to(device)
         # block k lands at gathered column sum(widths before k); sorted by source start, the
-        # blocks tile the values exactly when every column is used once
+        # blocks and the gaps between them tile the values when no column is used twice
         lands = list(itertools.accumulate((w for _, w in blocks), initial=0))[:-1]
         placed = sorted((s, at, w) for (s, w), at in zip(blocks, lands, strict=True))
+        inverse: Optional[List[Tuple[Optional[int], int]]] = []
         covered = 0
-        for s, _, w in placed:
-            covered = covered + w if s == covered else -1
-        inverse = [(at, w) for _, at, w in placed] if covered == offsets[-1] else None
+        for s, at, w in placed:
+            if s < covered:  # overlaps the block before: a column used twice
+                inverse = None
+                break
+            if s > covered:
+                inverse.append((None, s - covered))
+            inverse.append((at, w))
+            covered = s + w
+        if inverse is not None and covered < offsets[-1]:
+            inverse.append((None, offsets[-1] - covered))
         return cls(blocks, index, inverse)
 
 
 class _PermuteColumns(torch.autograd.Function):
-    """values [B, V] (and dense [B, D]) -> [B, V (+ D)]: values' columns permuted by a
-    _ColumnGather, then dense, in one copy; the backward puts the gradient's first V columns
-    back in the values' order, again in one copy (dense gets no gradient)."""
+    """values [B, V] (and dense [B, D]) -> [B, W (+ D)]: W of values' columns, each used once, in
+    a _ColumnGather's order, then dense, in one copy; the backward puts the gradient's first W
+    columns back in the values' order, zeros for the others, again in one copy (dense gets no
+    gradient)."""
 
     @staticmethod
     def forward(
@@ -157,7 +171,10 @@ class _PermuteColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        parts = [grad.narrow(1, start, width) for start, width in ctx.gather.inverse]
+        parts = [
+            grad.new_zeros(grad.shape[0], width) if start is None else grad.narrow(1, start, width)
+            for start, width in ctx.gather.inverse
+        ]
         return torch.cat(parts, dim=1), None, None
 
 
