@@ -155,7 +155,12 @@ def main() -> None:
         "`configs/kuairand_1k.yaml`: 36 sparse features (user, video and author ids, a 20-long history",
         "sharing the video table, user and video attributes, genres), 17 dense (3 history_mean, 9 ordered "
         "id statistics: views and label means per user, video and author), 4 labels",
-        "(watch_ratio, skip, long_view, click), temporal split. DuckDB memory_limit 1GB, 2 threads.",
+        "(watch_ratio, skip, long_view, click), temporal split. DuckDB memory_limit (data.memory_limit "
+        "as resolved): "
+        + ", ".join(
+            f"{scale:g}x {done['summary'].get('memory_limit', '1GB')}" for scale, _, done, _, _ in rows
+        )
+        + "; 2 threads.",
         "",
         "| scale | log rows | videos | generate s | prepare s (process) "
         "| prepare peak RSS (MiB) | reader rows/s, 1 core (median of 3 epochs) | reader peak RSS (MiB) |",

@@ -174,3 +174,19 @@ def test_a_split_seed_out_of_range_is_refused(tmp_path):
     cfg = _config(tmp_path / "log.csv", split={"kind": "random", "seed": 2**40})
     with pytest.raises(DataError, match="seed"):
         prepare(cfg.data, tmp_path / "out")
+
+
+def test_an_auto_memory_limit_follows_the_source_files_bytes_and_is_recorded(tmp_path):
+    """data.memory_limit: auto resolves from the source files' bytes (at least 1 GB for small
+    data); a size given passes through; schema.json's summary and the printed one say which."""
+    from conftest import prepare_synthetic
+    from engagerec.data.tables import resolve_memory_limit
+
+    auto = DatasetSchema.load(prepare_synthetic(tmp_path / "auto")).meta["summary"]
+    assert auto["memory_limit"] == "1000MB"
+    assert "DuckDB memory limit: 1000MB" in format_summary(auto)
+    given = DatasetSchema.load(prepare_synthetic(tmp_path / "given", memory_limit="700MB"))
+    assert given.meta["summary"]["memory_limit"] == "700MB"
+    # larger sources get more, up to half the machine
+    assert resolve_memory_limit("auto", 5 * 10**9, 64 * 10**9) == "3000MB"
+    assert resolve_memory_limit("auto", 5 * 10**9, 4 * 10**9) == "2000MB"

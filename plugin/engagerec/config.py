@@ -195,9 +195,11 @@ class DataConfig:
     row_group_size: int = 65_536
     rows_per_file: int = 1_048_576
     # The out-of-core engine (DuckDB) spills to disk past this; "" lets DuckDB choose (80% of RAM).
-    # 1GB keeps KuaiRand-1K (11.7M rows) at 1.36 GiB; a larger log wants more, or its joins and
-    # windows spill and prepare grows faster than the rows (4GB at 58.6M rows: docs/EXPERIMENTS.md)
-    memory_limit: str = "1GB"
+    # auto: 0.6 x the source files' bytes, at least 1GB, at most half the machine's memory
+    # (data.tables.resolve_memory_limit; schema.json's summary records it). 1GB keeps KuaiRand-1K
+    # (11.7M rows, 1.26 GB of files) at 1.36 GiB; a larger log wants more, or its joins and windows
+    # spill and prepare grows faster than the rows (4GB at 58.6M rows: docs/EXPERIMENTS.md)
+    memory_limit: str = "auto"
     threads: int = 0  # 0: one per core
 
 

@@ -42,7 +42,14 @@ from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
 from engagerec.data.schema import SCHEMA_FILE, DatasetSchema
 from engagerec.data.shards import ShardWriter
 from engagerec.data.split import SPLIT_NAMES, seeded_order
-from engagerec.data.tables import connect, quote, single_thread, write_failure
+from engagerec.data.tables import (
+    connect,
+    quote,
+    resolve_memory_limit,
+    single_thread,
+    source_bytes,
+    write_failure,
+)
 from engagerec.data.target_stats import drop_stat_tables, stat_sql
 
 SPLITS = SPLIT_NAMES
@@ -128,8 +135,12 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path, base: Optional[gr
 
     work = stage / SCRATCH
     try:
-        con = connect(work, cfg.memory_limit, cfg.threads)
+        work.mkdir(parents=True, exist_ok=True)
         raw = load_tables(cfg.source, work)
+        memory_limit = resolve_memory_limit(
+            cfg.memory_limit, source_bytes([raw.interactions, raw.users, raw.content])
+        )
+        con = connect(work, memory_limit, cfg.threads)
         events = build_events(con, raw, cfg)
         lap("load, join, labels, filters, split")
         if base is None:
@@ -157,6 +168,7 @@ def _prepare_into(cfg: DataConfig, stage: Path, out_dir: Path, base: Optional[gr
         con.close()
         shutil.rmtree(work)
         summary["seconds"] = timings
+        summary["memory_limit"] = memory_limit  # what data.memory_limit resolved to
         schema.meta = {
             "summary": summary,
             "splits": files,
@@ -501,4 +513,6 @@ def format_summary(summary: Dict[str, Any], out_dir: Optional[str | Path] = None
         lines.append(f"  continues {summary['base']['dir']}; table rows: {grown or '-'}")
     if "seconds" in summary:
         lines.append("  seconds: " + ", ".join(f"{k} {v:g}" for k, v in summary["seconds"].items()))
+    if "memory_limit" in summary:
+        lines.append(f"  DuckDB memory limit: {summary['memory_limit'] or 'its own (80% of RAM)'}")
     return "\n".join(lines)

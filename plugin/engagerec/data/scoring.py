@@ -37,6 +37,8 @@ from engagerec.data.tables import (
     is_numeric,
     literal,
     quote,
+    resolve_memory_limit,
+    source_bytes,
     write_failure,
 )
 
@@ -143,8 +145,9 @@ def encode_for_scoring(
     source = scoring_source(cfg, interactions, users, content)
     work = Path(tempfile.mkdtemp(prefix=".score-", dir=out_dir))
     try:
-        con = connect(work, cfg.memory_limit, cfg.threads)
         raw = load_tables(source, work)
+        tables = [raw.interactions, raw.users, raw.content]
+        con = connect(work, resolve_memory_limit(cfg.memory_limit, source_bytes(tables)), cfg.threads)
         # rows to score need no watch time: without one, the derived labels are NULL (counted)
         log = dataclasses.replace(
             raw.interactions, required=tuple(c for c in raw.interactions.required if c != WATCH_TIME)

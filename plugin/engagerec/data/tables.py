@@ -59,14 +59,92 @@ def is_numeric(sql_type: str) -> bool:
     return sql_type.split("(")[0] in NUMERIC_TYPES
 
 
+# data.memory_limit: auto: this share of the source files' bytes, at least 1 GB (KuaiRand-1K's
+# 1.26 GB of files prepare at 1.36 GiB peak under 1 GB) and at most half the machine's memory.
+# 5x KuaiRand-1K (6.43 GB of files) spilled and grew superlinearly under 1 GB, not under 4 GB
+# (docs/EXPERIMENTS.md)
+AUTO_MEMORY_SHARE = 0.6
+AUTO_MEMORY_FLOOR = 10**9
+
+
+def resolve_memory_limit(setting: str, input_bytes: int = 0, machine_bytes: Optional[int] = None) -> str:
+    """
+    DuckDB's memory limit for ``data.memory_limit``: the setting itself (a size such as ``"4GB"``,
+    or ``""`` for DuckDB's own 80% of RAM), or for ``"auto"`` ``AUTO_MEMORY_SHARE`` of the
+    source files' ``input_bytes``, at least ``AUTO_MEMORY_FLOOR`` and at most half of
+    ``machine_bytes``.
+
+    Args:
+        setting (str): ``data.memory_limit``.
+        input_bytes (int): the source files' bytes (``source_bytes``). Default: 0.
+        machine_bytes (Optional[int]): the machine's memory. Default: this one's (Linux sysconf).
+
+    Returns:
+        str: a size DuckDB's ``memory_limit`` takes, in MB for ``auto``.
+
+    Example::
+
+        >>> from engagerec.data.tables import resolve_memory_limit
+        >>> resolve_memory_limit("4GB", 10**12)
+        '4GB'
+        >>> resolve_memory_limit("auto", 1_260_000_000, 24 * 2**30)  # KuaiRand-1K: the floor
+        '1000MB'
+        >>> resolve_memory_limit("auto", 6_430_000_000, 24 * 2**30)  # its 5x log
+        '3858MB'
+        >>> resolve_memory_limit("auto", 10**12, 16 * 10**9)  # half the machine at most
+        '8000MB'
+    """
+    if setting != "auto":
+        return setting
+    if machine_bytes is None:
+        machine_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    wanted = max(AUTO_MEMORY_FLOOR, AUTO_MEMORY_SHARE * input_bytes)
+    return f"{round(min(wanted, machine_bytes / 2) / 10**6)}MB"
+
+
+def source_bytes(tables: Iterable[Optional[TableSource]]) -> int:
+    r"""
+    The bytes of ``tables``' files (a directory's files summed; a path not there counts 0: its
+    reader names it).
+
+    Args:
+        tables (Iterable[Optional[TableSource]]): source tables; None ones are skipped.
+
+    Returns:
+        int: their bytes.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from engagerec.data.raw import TableSource
+        >>> from engagerec.data.tables import source_bytes
+        >>> path = Path(tempfile.mkdtemp()) / "log.csv"
+        >>> _ = path.write_text("user_id,content_id\n1,2\n")
+        >>> source_bytes([TableSource("interactions", [str(path)]), None])
+        23
+    """
+    total = 0
+    for table in tables:
+        for name in table.files if table is not None else ():
+            path = Path(name)
+            if path.is_dir():
+                total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            elif path.is_file():
+                total += path.stat().st_size
+    return total
+
+
 def connect(workdir: Path, memory_limit: str = "1GB", threads: int = 0) -> duckdb.DuckDBPyConnection:
-    """A DuckDB database in ``workdir`` that spills to disk past ``memory_limit``.
+    """A DuckDB database in ``workdir`` that spills to disk past ``memory_limit`` (a size,
+    ``""`` for DuckDB's own, or ``"auto"``: ``resolve_memory_limit`` without the input's size).
 
     Insertion order is preserved, so a table's rowid is the row's position in its files.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(workdir / "prepare.duckdb"))
     con.execute(f"SET temp_directory = {literal(str(workdir / 'spill'))}")
+    memory_limit = resolve_memory_limit(memory_limit)
     if memory_limit:
         con.execute(f"SET memory_limit = {literal(memory_limit)}")
     con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
