@@ -93,7 +93,8 @@ def main() -> None:
     lines = [
         f"`engagerec prepare` of `{args.data}` ({rows:,} kept rows) with `{args.config}`"
         + (f" and {', '.join(f'`{s}`' for s in args.set)}" if args.set else "")
-        + f", in one process: {seconds:.1f} s, peak RSS {hwm_kb() / 2**20:.2f} GiB.",
+        + f", in one process: {seconds:.1f} s, peak RSS {hwm_kb() / 2**20:.2f} GiB, DuckDB memory limit "
+        + f"{summary.get('memory_limit', 'not recorded')}.",
         "",
         "| stage | seconds |",
         "|---|---:|",

@@ -37,7 +37,7 @@ LOOP_SUFFIX = "__loop"
 MIN_ROWS = 100_000
 SETTINGS = ("auto", "kernel", "loop")
 # auto takes the loop under this share of the kernel's time: 0.13 on an Intel Xeon with AMX
-# (benchmarks/backward_paths.py), about 2 on an AMD EPYC
+# (benchmarks/backward_paths.py); about 2 on an AMD EPYC, as a shared table's backward measured
 LOOP_MARGIN = 0.8
 
 
