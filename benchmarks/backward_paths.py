@@ -39,13 +39,9 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    OptimType,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+from engagerec.embedding_backward import bag_offsets, fbgemm_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,31 +51,17 @@ JIT, LOOP, LOOP_FP16 = "JIT kernel", "loop", "loop, fp16 weights"
 VARIANTS = (JIT, LOOP, LOOP_FP16)
 
 
-def make_variant(
-    name: str, rows: int, dim: int, learning_rate: float = 0.01
-) -> SplitTableBatchedEmbeddingBagsCodegen:
+def make_variant(name: str, rows: int, dim: int, learning_rate: float = 0.01):
     """The table of variant ``name`` (``VARIANTS``): ``rows`` x ``dim``, row-wise Adagrad, on CPU.
     ``LOOP``'s table is read by a second, always empty feature (``batch_of``): FBGEMM then treats
     it as shared and runs its loop."""
-    return SplitTableBatchedEmbeddingBagsCodegen(
-        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        feature_table_map=[0, 0] if name == LOOP else [0],
-        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
-        learning_rate=learning_rate,
-        pooling_mode=PoolingMode.SUM,
-        weights_precision=SparseType.FP16 if name == LOOP_FP16 else SparseType.FP32,
-        output_dtype=SparseType.FP32,
-    )
+    return fbgemm_table(rows, dim, loop=name == LOOP, fp16=name == LOOP_FP16, learning_rate=learning_rate)
 
 
 def batch_of(name: str, ids: torch.Tensor, bag: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(indices, offsets) of one batch for variant ``name``: ``ids`` in bags of ``bag``, then,
     for ``LOOP``, as many empty bags of the second feature."""
-    rows = ids.numel() // bag
-    lengths = torch.full((rows,), bag, dtype=torch.long)
-    if name == LOOP:
-        lengths = torch.cat([lengths, torch.zeros(rows, dtype=torch.long)])
-    return ids, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return ids, bag_offsets(ids.numel() // bag, bag, loop=name == LOOP)
 
 
 def one_round(

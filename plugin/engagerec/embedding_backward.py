@@ -201,6 +201,73 @@ def uses_loop(setting: str, device: torch.device) -> bool:
     return setting == "loop" or loop_is_faster()
 
 
+def fbgemm_table(rows: int, dim: int, loop: bool, fp16: bool = False, learning_rate: float = 0.01):
+    """
+    One FBGEMM table of ``rows`` x ``dim``, row-wise Adagrad, on CPU, sum pooling, read by one
+    feature, or with ``loop`` by that feature and an always-empty second one (``bag_offsets``),
+    so that its backward takes FBGEMM's loop; ``fp16`` stores its weights in fp16 (the loop too).
+
+    Args:
+        rows (int): the table's rows.
+        dim (int): its width.
+        loop (bool): add the empty second feature.
+        fp16 (bool): fp16 weights and momentum (float32 output). Default: False.
+        learning_rate (float): the fused optimizer's rate. Default: 0.01.
+
+    Returns:
+        SplitTableBatchedEmbeddingBagsCodegen: the table.
+
+    Example::
+
+        >>> from engagerec.embedding_backward import bag_offsets, fbgemm_table
+        >>> table = fbgemm_table(100, 4, loop=True)
+        >>> table(torch.tensor([1, 2, 3, 4]), bag_offsets(2, 2, loop=True)).shape  # 2 rows, 2 features
+        torch.Size([2, 8])
+    """
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        OptimType,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        feature_table_map=[0, 0] if loop else [0],
+        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=learning_rate,
+        pooling_mode=PoolingMode.SUM,
+        weights_precision=SparseType.FP16 if fp16 else SparseType.FP32,
+        output_dtype=SparseType.FP32,
+    )
+
+
+def bag_offsets(rows: int, bag: int, loop: bool) -> torch.Tensor:
+    """
+    The offsets of a batch of ``rows`` bags of ``bag`` ids each for an ``fbgemm_table``: then,
+    with ``loop``, ``rows`` empty bags of its second feature.
+
+    Args:
+        rows (int): the batch's rows.
+        bag (int): ids a row.
+        loop (bool): the table has the empty second feature.
+
+    Returns:
+        torch.Tensor: [rows (x 2 with loop) + 1] offsets.
+
+    Example::
+
+        >>> from engagerec.embedding_backward import bag_offsets
+        >>> bag_offsets(2, 3, loop=False).tolist(), bag_offsets(2, 3, loop=True).tolist()
+        ([0, 3, 6], [0, 3, 6, 6, 6])
+    """
+    lengths = torch.full((rows,), bag, dtype=torch.long)
+    if loop:
+        lengths = torch.cat([lengths, torch.zeros(rows, dtype=torch.long)])
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
 def backward_seconds(rows: int = 200_000, dim: int = 16, ids: int = 40_000, repeats: int = 5) -> dict:
     """
     Time FBGEMM's two CPU backward paths on this machine: a ``rows`` x ``dim`` row-wise Adagrad
@@ -223,26 +290,13 @@ def backward_seconds(rows: int = 200_000, dim: int = 16, ids: int = 40_000, repe
         >>> sorted(times), all(seconds > 0 for seconds in times.values())
         (['kernel', 'loop'], True)
     """
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice,
-        OptimType,
-        SplitTableBatchedEmbeddingBagsCodegen,
-    )
-
     generator = torch.Generator().manual_seed(0)  # the caller's random streams stay as they were
     bags = ids // 20
     indices = torch.randint(0, rows, (bags * 20,), generator=generator)
     best = {}
-    for path, features in (("kernel", 1), ("loop", 2)):  # loop: a second feature, always empty
-        table = SplitTableBatchedEmbeddingBagsCodegen(
-            [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-            feature_table_map=[0] * features,
-            optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
-            pooling_mode=PoolingMode.SUM,
-        )
-        lengths = torch.cat([torch.full((bags,), 20), torch.zeros(bags * (features - 1), dtype=torch.long)])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    for path in ("kernel", "loop"):
+        table = fbgemm_table(rows, dim, loop=path == "loop")
+        offsets = bag_offsets(bags, 20, loop=path == "loop")
         times = []
         for _ in range(repeats + 1):
             pooled = table(indices, offsets)
