@@ -1,11 +1,12 @@
 """Where `engagerec train`'s step time goes, as shipped, with the host-memory setting off and on
-(or, with ``--compare precision``, with the tower in float32 and in bf16; with ``--compare data``,
-as shipped on each of several preparations, e.g. two data shapes, with the distinct ids a
-training batch holds of each large id space).
+(or, with ``--compare precision``, with the tower in float32 and in bf16; with ``--compare
+thread``, with the fused tables' backward on the main thread and on a worker thread; with
+``--compare data``, as shipped on each of several preparations, e.g. two data shapes, with the
+distinct ids a training batch holds of each large id space).
 
     .venv/bin/python benchmarks/profile_train.py --config configs/kuairand_1k.yaml \\
         --data-dir prepared/kuairand_1k [--steps 200] [--profile-steps 30] [--rounds 2] \\
-        [--compare malloc|precision] [--section profile]
+        [--compare malloc|precision|thread] [--section profile]
     .venv/bin/python benchmarks/profile_train.py --compare data \\
         --data-dir prepared/kuairand_1k PREPARED_FLAT --section profile_shapes
 
@@ -45,6 +46,10 @@ COMPARISONS = {
     "precision": {
         "float32 tower": ({}, [FLOAT32]),
         "bf16 tower (train.tower_precision)": ({}, ["train.tower_precision=bf16"]),
+    },
+    "thread": {
+        "embedding backward, main thread": ({}, ["train.embedding_backward_thread=main"]),
+        "worker thread (train.embedding_backward_thread)": ({}, ["train.embedding_backward_thread=worker"]),
     },
 }
 DATA = "data"  # --compare data: one variant per --data-dir, as shipped

@@ -21,7 +21,8 @@ an embedding table of its own, ``model.embeddings.own_table``):
 (``train.num_workers=1``) and ``2 ranks`` (float32), and ``bf16 tower, small tables fused`` and
 its 2-rank twin (the planner not offered ``data_parallel`` by ``train.sharding``, so the 32
 small bucket tables it would replicate into FBGEMM's dense kernel join the fused kernel of the
-id tables), which run only when named.
+id tables), and FBGEMM's kernel or loop backward on the main or a worker thread
+(``train.embedding_backward``, ``train.embedding_backward_thread``), which run only when named.
 
 Speed: ``--steps`` steps per run; its samples/s is the median of its log.csv windows of 50 steps
 after the first (start-up excluded); the variants alternate for ``--rounds`` rounds, and each
@@ -58,6 +59,7 @@ BATCH = 4096
 BF16 = ["train.tower_precision=bf16"]
 SHARED_VIDEO_TABLE = "model.embeddings.own_table=[]"
 NOT_REPLICATED = 'train.sharding={"*": [table_wise, column_wise]}'
+MAIN_THREAD, WORKER = "train.embedding_backward_thread=main", "train.embedding_backward_thread=worker"
 # name -> (processes, --set overrides of CONFIG); REFERENCE first, the others' ratios are to it
 VARIANTS = {
     "float32": (1, [FLOAT32]),
@@ -74,9 +76,13 @@ ON_REQUEST = {
     "bf16 tower, small tables fused": (1, BF16 + [NOT_REPLICATED]),
     "2 ranks, bf16 tower, small tables fused": (2, BF16 + [NOT_REPLICATED]),
     "2 ranks, bf16 tower, shared video table": (2, BF16 + [SHARED_VIDEO_TABLE]),
-    # FBGEMM's JIT kernel for the large tables whatever train.embedding_backward's auto picks
-    "bf16 tower, kernel backward": (1, BF16 + ["train.embedding_backward=kernel"]),
-    "bf16 tower, loop backward": (1, BF16 + ["train.embedding_backward=loop"]),
+    # FBGEMM's JIT kernel or its loop for the large tables whatever train.embedding_backward's
+    # auto picks, their backward on the main thread (train_levers_intel_backward) or on a worker
+    # thread beside the rest of the step (train.embedding_backward_thread; the same updates)
+    "bf16 tower, kernel backward": (1, BF16 + ["train.embedding_backward=kernel", MAIN_THREAD]),
+    "bf16 tower, loop backward": (1, BF16 + ["train.embedding_backward=loop", MAIN_THREAD]),
+    "bf16 tower, kernel backward, worker thread": (1, BF16 + ["train.embedding_backward=kernel", WORKER]),
+    "bf16 tower, loop backward, worker thread": (1, BF16 + ["train.embedding_backward=loop", WORKER]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 VARIANTS.update(ON_REQUEST)

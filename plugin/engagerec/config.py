@@ -391,6 +391,11 @@ class TrainConfig:
     # once per process on CPU and takes the loop where clearly faster (engagerec.embedding_backward);
     # results.json records what a run used
     embedding_backward: Literal["auto", "kernel", "loop"] = "auto"
+    # where the fused tables' backward (and their optimizer update) runs on CPU: the main thread,
+    # or a worker thread started when its gradient is ready, beside the rest of the step (the
+    # next lookup waits for it: the same updates, engagerec.backward_overlap). auto: the worker
+    # when the one-thread loop above was taken and this process has two threads or more
+    embedding_backward_thread: Literal["auto", "main", "worker"] = "auto"
     # a warm start: begin from this run directory's best checkpoint (or a checkpoint directory)
     # instead of a fresh initialisation (engagerec.warm_start); a resume ignores it
     init_from: Optional[str] = None
@@ -409,13 +414,13 @@ class ExperimentConfig:
 # what a resumed run may change: how long it runs, how it logs, where it reads and computes;
 # not what it learns (model, data, optimisers, batch size, seed). tower_precision is compared
 # by what it resolves to instead (auto depends on the device: train._check_resume);
-# embedding_backward makes the same updates either way
+# embedding_backward and embedding_backward_thread make the same updates either way
 RESUMABLE_CHANGES = {
     f"train.{key}"
     for key in ("max_steps", "epochs", "patience", "progress_bar", "log_every_steps", "num_workers",
                 "profile_steps", "profile_start_step", "checkpoint_every_steps", "data_dir",
                 "eval_batch_size", "device", "train_metrics_every_steps", "init_from", "tower_precision",
-                "embedding_backward")
+                "embedding_backward", "embedding_backward_thread")
 }  # fmt: skip
 
 

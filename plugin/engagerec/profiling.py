@@ -9,7 +9,10 @@ warm-up) and writes, in the run directory, ``profile.json`` (the breakdown below
 The parts, in milliseconds per step, come from TorchRec's own ``record_function`` scopes
 (``## start_sparse_data_dist ##``, ``[lookup]_...``, ``## backward ##``, ``## optimizer ##``), FBGEMM's
 kernels, and scopes this module adds around the reader, the tower, the heads and the metrics.
-What no scope covers is reported as ``other`` so the parts add up to the measured step.
+What no scope covers is reported as ``other`` so the parts add up to the measured step. With the
+fused tables' backward on a worker thread (train.embedding_backward_thread), the main thread's
+wait for it is ``embedding_backward_wait``, and the worker's own time, beside the step and
+outside its sum, ``embedding_backward_on_worker``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ READ = "engagerec:read_batch"
 TOWER = "engagerec:tower"
 HEADS = "engagerec:heads"
 METRICS = "engagerec:train_metrics"
+WAIT = "engagerec:wait_embedding_backward"  # engagerec.backward_overlap's waits for its worker
 
 # part -> how its time is found: (event-name prefix, whether self time is summed instead of total)
 PARTS = {
@@ -39,6 +43,7 @@ PARTS = {
     "backward_all": ("## backward", False),
     "dense_optimizer": ("## optimizer", False),
     "train_metrics": (METRICS, False),
+    "embedding_backward_wait": (WAIT, False),
 }
 
 
@@ -114,18 +119,26 @@ def label_modules(model: nn.Module) -> Callable[[], None]:
     return remove
 
 
-def breakdown(profiler: torch.profiler.profile, steps: int, wall_seconds: float) -> Dict[str, float]:
+def breakdown(
+    profiler: torch.profiler.profile, steps: int, wall_seconds: float, worker_seconds: float = 0.0
+) -> Dict[str, float]:
     """
     The profiled window's time per step, in milliseconds, by part (see the module docstring).
 
     ``backward_dense`` is TorchRec's backward scope less FBGEMM's embedding backward (which
     applies the fused optimiser); ``other`` is the step less every part (the pipeline's own
-    work, Python, waits).
+    work, Python, waits). With the fused tables' backward on a worker thread
+    (engagerec.backward_overlap), the profiler sees only the main thread:
+    ``embedding_backward_wait`` is the main thread's wait for the worker (taken out of
+    ``embedding_lookup``, whose lookups wait), and ``embedding_backward_on_worker`` the worker's
+    own time, which runs beside the step and is not part of its sum.
 
     Args:
         profiler (torch.profiler.profile): a finished profiler.
         steps (int): steps it covered.
         wall_seconds (float): their wall-clock time.
+        worker_seconds (float): the worker thread's embedding backward time in the window.
+            Default: 0.
 
     Returns:
         Dict[str, float]: ``step`` and each part, ms per step.
@@ -138,13 +151,16 @@ def breakdown(profiler: torch.profiler.profile, steps: int, wall_seconds: float)
     ms = {part: value / 1000.0 / steps for part, value in totals.items()}
     out = {"step": wall_seconds * 1000.0 / steps}
     out.update({"reader": ms["reader"], "input_dist": ms["input_dist"] + ms["input_dist_wait"]})
-    out.update({k: ms[k] for k in ("embedding_lookup", "tower_forward")})
+    out["embedding_lookup"] = max(ms["embedding_lookup"] - ms["embedding_backward_wait"], 0.0)
+    out["tower_forward"] = ms["tower_forward"]
     out["heads_forward"] = ms["heads_forward"]
     out["embedding_backward_and_fused_optimizer"] = ms["embedding_backward_and_fused_optimizer"]
     out["backward_dense"] = max(ms["backward_all"] - ms["embedding_backward_and_fused_optimizer"], 0.0)
     out["dense_optimizer"] = ms["dense_optimizer"]
     out["train_metrics"] = ms["train_metrics"]
+    out["embedding_backward_wait"] = ms["embedding_backward_wait"]
     out["other"] = max(out["step"] - sum(v for k, v in out.items() if k != "step"), 0.0)
+    out["embedding_backward_on_worker"] = worker_seconds * 1000.0 / steps  # beside the step
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -158,6 +174,9 @@ class StepProfiler:
         start_step (int): steps to let pass first (warm-up).
         steps (int): steps to profile; 0 turns profiling off.
         enabled (bool): False on every rank but the one that writes.
+        worker_seconds (Optional[Callable[[], float]]): the seconds the fused tables' backward
+            has run on a worker thread so far (``EmbeddingBackwardOverlap.worker_seconds``),
+            when it runs there. Default: None.
 
     Example::
 
@@ -178,9 +197,17 @@ class StepProfiler:
     """
 
     def __init__(
-        self, model: nn.Module, run_dir: Path, start_step: int, steps: int, enabled: bool = True
+        self,
+        model: nn.Module,
+        run_dir: Path,
+        start_step: int,
+        steps: int,
+        enabled: bool = True,
+        worker_seconds: Optional[Callable[[], float]] = None,
     ) -> None:
         self.model, self.run_dir = model, Path(run_dir)
+        self.worker_seconds = worker_seconds or (lambda: 0.0)
+        self._worker_started = 0.0
         self.first, self.last = start_step + 1, start_step + steps
         self.enabled = enabled and steps > 0
         self._profiler: Optional[torch.profiler.profile] = None
@@ -196,6 +223,7 @@ class StepProfiler:
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self._profiler.__enter__()
             self._started = time.perf_counter()
+            self._worker_started = self.worker_seconds()
 
     def after_step(self, step: int) -> None:
         """Stop after the last profiled step and write the results."""
@@ -207,7 +235,7 @@ class StepProfiler:
         self._profiler.__exit__(None, None, None)
         self._remove()
         steps = self.last - self.first + 1
-        parts = breakdown(self._profiler, steps, wall)
+        parts = breakdown(self._profiler, steps, wall, self.worker_seconds() - self._worker_started)
         (self.run_dir / "profile.json").write_text(
             json.dumps({"steps": steps, "ms_per_step": parts}, indent=1)
         )

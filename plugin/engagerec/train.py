@@ -33,6 +33,7 @@ from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
+from engagerec.backward_overlap import EmbeddingBackwardOverlap, uses_worker
 from engagerec.config import (
     ExperimentConfig,
     check_config,
@@ -291,6 +292,12 @@ class Trainer:
                 f"train.monitor '{self.tc.monitor}': GAUC groups by train.gauc_group "
                 f"'{self.tc.gauc_group}', which is not a sparse feature (one id per row) of the prepared data"
             )
+        # train.embedding_backward_thread: the fused tables' backward on a worker thread
+        self.overlap = (
+            EmbeddingBackwardOverlap(self.dmp)
+            if uses_worker(self.tc.embedding_backward_thread, runtime.device, bool(self.loop_features))
+            else None
+        )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
         # its base rates are the config's, taken before a resume or a warm start loads anything
         self.rates = LearningRateSchedule(self.optimizer, self.tc.lr_schedule, self.tc.lr_final)
@@ -302,6 +309,8 @@ class Trainer:
             print(f"sharding plan ({runtime.world_size} rank(s)):\n{self.dmp.plan}", flush=True)
             if self.loop_features:
                 print(f"embedding backward: FBGEMM's loop for the tables of {self.loop_features}", flush=True)
+            if self.overlap is not None:
+                print("embedding backward: on a worker thread, beside the rest of the step", flush=True)
         self.means = train_label_means(self.data_dir, [t.label for t in self.tasks])
         # no validation rows (a refit on train + val): no early stopping, the last epoch is kept;
         # no test rows (every row trains a model to ship): no test metrics
@@ -326,7 +335,12 @@ class Trainer:
             self.tasks, self.tc.batch_size, runtime.device, TRAIN_METRIC_WINDOW, exact=False
         )
         self.profiler = StepProfiler(
-            self.model, run_dir, self.tc.profile_start_step, self.tc.profile_steps, is_rank_zero()
+            self.model,
+            run_dir,
+            self.tc.profile_start_step,
+            self.tc.profile_steps,
+            is_rank_zero(),
+            worker_seconds=None if self.overlap is None else lambda: self.overlap.worker_seconds,
         )
         self.preempted = False
         self.bar = None  # the current epoch's progress bar (rank 0, train.progress_bar)
@@ -368,6 +382,7 @@ class Trainer:
                 if self._after_step(task_losses, predictions, labels, weights):
                     return True
         finally:
+            self._embedding_backward_done()  # the epoch's last update, before anything reads the tables
             self._stop_clock()
             if self.bar is not None:
                 self.bar.close()
@@ -416,6 +431,7 @@ class Trainer:
     def checkpoint(self, best: bool = False) -> Path:
         """Save the model, optimiser and ``state`` as ``step-<n>`` (the newest two kept), or as
         ``best-step-<n>`` (only the newest kept)."""
+        self._embedding_backward_done()
         if best:
             name, keep, keep_last = f"best-step-{self.state.step}", checkpoint.BEST_PATTERN, 1
         else:
@@ -427,6 +443,8 @@ class Trainer:
         """The run's results (written to results.json); a finished run's best checkpoint is
         evaluated on the test split (when it has rows)."""
         state, tc = self.state, self.tc
+        if self.overlap is not None:
+            self.overlap.close()  # no training step follows
         # resumed with fewer epochs than it has run: nothing left to train, so it is finished
         state.done = state.done or (state.epoch >= tc.epochs and not self.preempted)
         results: Dict[str, Any] = {
@@ -436,6 +454,7 @@ class Trainer:
             "world_size": self.runtime.world_size,
             "tower_precision": self.precision,  # what it resolved to (auto depends on the machine)
             "embedding_backward": "loop" if self.loop_features else "kernel",  # as tower_precision
+            "embedding_backward_thread": "main" if self.overlap is None else "worker",
             "steps": state.step,
             "train_seconds": state.train_seconds,
             "history": state.history,
@@ -562,6 +581,11 @@ class Trainer:
             shown = {k: f"{v:.4g}" for k, v in values.items() if k.endswith(("loss", "/auc", "per_s"))}
             self.bar.set_postfix(shown)
         self._window_started, self._window_rows = time.perf_counter(), 0  # the log's writing counts next
+
+    def _embedding_backward_done(self) -> None:
+        """Wait for the fused tables' backward when it runs on a worker thread."""
+        if self.overlap is not None:
+            self.overlap.wait()
 
     def _progress(self) -> float:
         """The share of the run done, which train.lr_schedule follows (``run_progress``)."""
