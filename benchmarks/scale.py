@@ -94,10 +94,16 @@ def measure_side(job: Dict) -> Dict:
         if cuda:  # page-locked, as engagerec's loader makes them for a GPU: asynchronous copies
             source.prebuilt = [b.pin_memory() for b in source.prebuilt]
     if job["side"] == "engagerec":
-        step, close = engagerec_stepper(cfg, source.schema, batch, device)
+        step, close, settle = engagerec_stepper(cfg, source.schema, batch, device)
     else:
         step, close = plain_stepper(cfg, source.schema, job["side"] == "plain sparse", device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+        settle = lambda: None  # noqa: E731
+    device_sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def sync() -> None:  # a window ends when the device and engagerec's embedding worker are done
+        device_sync()
+        settle()
+
     batches = source.batches()
     try:
         for _ in range(job["warmup"]):

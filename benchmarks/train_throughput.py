@@ -106,23 +106,30 @@ class ShardSource:
             epoch += 1
 
 
-def _timed(step_fn, batches: Iterator, steps: int, warmup: int, batch_size: int) -> float:
+def _timed(step_fn, batches: Iterator, steps: int, warmup: int, batch_size: int, settle=None) -> float:
+    """Samples/s of ``steps`` steps after ``warmup``; ``settle`` waits for what a step left running."""
+    settle = settle or (lambda: None)
     for _ in range(warmup):
         step_fn(batches)
+    settle()
     start = time.perf_counter()
     for _ in range(steps):
         step_fn(batches)
+    settle()
     return steps * batch_size / (time.perf_counter() - start)
 
 
 def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
     """engagerec's training step as users run it: the model on the meta device, sharded by DMP
-    (FBGEMM kernels, fused sparse optimiser), driven by TrainPipelineSparseDist. Returns
-    (step(batches), close())."""
+    (FBGEMM kernels, fused sparse optimiser), driven by TrainPipelineSparseDist, with
+    train.embedding_backward and train.embedding_backward_thread as `engagerec train` resolves
+    them. Returns (step(batches), close(), settle()): settle waits for the embedding backward a
+    step left running on the worker thread, which a timed window must include."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+    from engagerec.backward_overlap import EmbeddingBackwardOverlap, uses_worker
     from engagerec.distributed import build_optimizer, close_runtime, init_runtime, shard_model
-    from engagerec.embedding_backward import add_empty_keys, loop_keys
+    from engagerec.embedding_backward import add_empty_keys, loop_features, loop_keys
     from engagerec.model_builder import build_model
     from engagerec.runs import resolve_loop_backward
 
@@ -134,12 +141,26 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
     dmp = shard_model(
         model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
     )
+    # train.embedding_backward_thread as engagerec.train.Trainer resolves it
+    thread = cfg.train.embedding_backward_thread
+    overlap = (
+        EmbeddingBackwardOverlap(dmp)
+        if uses_worker(thread, runtime.device, bool(loop_features(model.tables)))
+        else None
+    )
+    settle = overlap.wait if overlap is not None else (lambda: None)
+
+    def close() -> None:
+        if overlap is not None:
+            overlap.close()
+        close_runtime(runtime)
+
     pipeline = TrainPipelineSparseDist(
         dmp, build_optimizer(dmp, cfg.train.dense_lr), runtime.device, execute_all_batches=True
     )
     keys = loop_keys(model.tables)
     if not keys:
-        return pipeline.progress, lambda: close_runtime(runtime)
+        return pipeline.progress, close, settle
     adapted: dict = {}  # the caller's batch iterator -> it with the companions' keys added
 
     def step(batches: Iterator) -> None:
@@ -153,7 +174,7 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
             adapted.update({"from": batches, "to": extended})
         pipeline.progress(adapted["to"])
 
-    return step, lambda: close_runtime(runtime)
+    return step, close, settle
 
 
 def plain_stepper(cfg, schema, sparse: bool = False, device: str = "cpu"):
@@ -186,9 +207,9 @@ def plain_stepper(cfg, schema, sparse: bool = False, device: str = "cpu"):
 
 
 def engagerec_rate(cfg, source, batch_size: int, steps: int, warmup: int) -> float:
-    step, close = engagerec_stepper(cfg, source.schema, batch_size)
+    step, close, settle = engagerec_stepper(cfg, source.schema, batch_size)
     try:
-        return _timed(step, source.batches(), steps, warmup, batch_size)
+        return _timed(step, source.batches(), steps, warmup, batch_size, settle)
     finally:
         close()
 

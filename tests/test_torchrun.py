@@ -101,6 +101,69 @@ def test_column_wise_and_data_parallel_tables_train_over_two_ranks_and_evaluate_
             assert on_one[key] == pytest.approx(on_two_ranks[key], rel=1e-5, abs=1e-5), (split, key)
 
 
+# engagerec with FBGEMM's loop given to every table one feature reads (the study's tables are far
+# below engagerec.embedding_backward.MIN_ROWS), and a worker thread slowed down, so that a lookup
+# that did not wait for its backward would read the tables before their update
+LOOP_FOR_SMALL_TABLES = """
+import threading, time
+import torch
+import engagerec.embedding_backward as paths
+from engagerec.cli import run
+
+paths.MIN_ROWS = 1
+backward = torch.autograd.backward
+
+def slow_in_the_worker(*args, **kwargs):
+    if threading.current_thread().name.startswith("engagerec-embedding-backward"):
+        time.sleep(0.01)
+    return backward(*args, **kwargs)
+
+torch.autograd.backward = slow_in_the_worker
+run()
+"""
+
+
+def test_the_loop_on_a_worker_thread_trains_over_two_ranks_as_on_the_main_thread(study_data, tmp_path):
+    """train.embedding_backward: loop (empty companion features, in every rank's batches) over 2
+    ranks trains as the kernel does; with train.embedding_backward_thread: worker (the fused
+    tables' backward beside the step, the collectives on the main thread) exactly as without."""
+    script = tmp_path / "loop_for_small_tables.py"
+    script.write_text(LOOP_FOR_SMALL_TABLES)
+    found = {}
+    for path, thread in (("kernel", "main"), ("loop", "main"), ("loop", "worker")):
+        name = f"{path}_{thread}"
+        config = _write_config(
+            tmp_path / f"{name}.yaml",
+            study_data,
+            epochs=1,
+            embedding_backward=path,
+            embedding_backward_thread=thread,
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        train = ["train", "--config", str(config), "--out", str(tmp_path / name)]
+        done = subprocess.run(
+            [*torchrun(2), str(script), *train],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        found[name] = json.loads((tmp_path / name / "results.json").read_text())
+        assert found[name]["world_size"] == 2
+        assert (found[name]["embedding_backward"], found[name]["embedding_backward_thread"]) == (path, thread)
+    plan = json.loads((tmp_path / "loop_worker" / "plan.json").read_text())
+    assert {tuple(t["ranks"]) for t in plan.values()} == {(0,), (1,)}  # each rank backs its own tables
+    assert found["loop_worker"]["history"] == found["loop_main"]["history"]  # exactly
+    assert found["loop_worker"]["test"] == found["loop_main"]["test"]
+    for key in EQUAL_METRICS:
+        for split in ("val", "test"):
+            kernel = found["kernel_main"]["history"][-1] if split == "val" else found["kernel_main"]["test"]
+            loop = found["loop_main"]["history"][-1] if split == "val" else found["loop_main"]["test"]
+            assert loop[key] == pytest.approx(kernel[key], rel=1e-5, abs=1e-5), (split, key)
+
+
 def _ranks(launcher_pid):
     """rank -> pid of the processes a torchrun launcher started (each in a session of its own)."""
     out = {}

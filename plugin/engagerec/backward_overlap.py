@@ -32,6 +32,8 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
+from torch.utils.hooks import RemovableHandle
+from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbeddingBag
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.optim.fused import FusedOptimizerModule
 
@@ -66,7 +68,11 @@ def fused_lookups(model: nn.Module) -> List[nn.Module]:
             for lookup in module._lookups:
                 if isinstance(lookup, nn.parallel.DistributedDataParallel):
                     continue
-                if any(isinstance(inner, FusedOptimizerModule) for inner in lookup.modules()):
+                inner = list(lookup.modules())
+                fused = any(isinstance(m, FusedOptimizerModule) for m in inner)
+                # a dense-kernel table's gradient feeds the dense optimizer on the main thread
+                dense = any(isinstance(m, BatchedDenseEmbeddingBag) for m in inner)
+                if fused and not dense:
                     found.append(lookup)
     return found
 
@@ -111,12 +117,12 @@ class EmbeddingBackwardOverlap:
     worker thread, started when the gradient of their pooled output is ready; their next
     lookup waits for it (see the module docstring).
 
+    Call ``wait()`` before anything else reads the tables or their optimizer state (a
+    checkpoint, an export), and ``close()`` when done: it waits and removes the hooks.
+
     Args:
         model (nn.Module): a DistributedModelParallel (or any module) with sharded
             EmbeddingBagCollections of fused tables.
-
-    Call ``wait()`` before anything else reads the tables or their optimizer state (a
-    checkpoint, an export), and ``close()`` when done: it waits and removes the hooks.
 
     Example::
 
@@ -136,7 +142,7 @@ class EmbeddingBackwardOverlap:
         self._pending: List[concurrent.futures.Future] = []
         self.backward_passes = 0  # submitted to the worker so far
         self.worker_seconds = 0.0  # the worker's time in them (the profiler's window reads it)
-        self._handles = []
+        self._handles: List[RemovableHandle] = []
         for lookup in self.lookups:
             self._handles.append(lookup.register_forward_pre_hook(self._before_lookup))
             self._handles.append(lookup.register_forward_hook(self._after_lookup))
@@ -147,12 +153,13 @@ class EmbeddingBackwardOverlap:
         return len(self._pending)
 
     def wait(self) -> None:
-        """Wait for every submitted backward; re-raise the first error one of them met."""
+        """Wait for every submitted backward; then re-raise the first error one of them met."""
         pending, self._pending = self._pending, []
         if pending:
             with record_function(WAIT):
-                for future in pending:
-                    future.result()
+                concurrent.futures.wait(pending)
+            for future in pending:
+                future.result()
 
     def close(self) -> None:
         """Wait, then remove the hooks and stop the worker."""

@@ -176,7 +176,8 @@ class StepProfiler:
         enabled (bool): False on every rank but the one that writes.
         worker_seconds (Optional[Callable[[], float]]): the seconds the fused tables' backward
             has run on a worker thread so far (``EmbeddingBackwardOverlap.worker_seconds``),
-            when it runs there. Default: None.
+            when it runs there. Read at the window's edges, where a backward may be running: the
+            window's worker time is right to about one backward. Default: None.
 
     Example::
 

@@ -293,11 +293,12 @@ class Trainer:
                 f"'{self.tc.gauc_group}', which is not a sparse feature (one id per row) of the prepared data"
             )
         # train.embedding_backward_thread: the fused tables' backward on a worker thread
-        self.overlap = (
-            EmbeddingBackwardOverlap(self.dmp)
-            if uses_worker(self.tc.embedding_backward_thread, runtime.device, bool(self.loop_features))
-            else None
-        )
+        self.overlap: Optional[EmbeddingBackwardOverlap] = None
+        if uses_worker(self.tc.embedding_backward_thread, runtime.device, bool(self.loop_features)):
+            self.overlap = EmbeddingBackwardOverlap(self.dmp)
+            if not self.overlap.lookups:  # no fused tables (all replicated): nothing to move
+                self.overlap.close()
+                self.overlap = None
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
         # its base rates are the config's, taken before a resume or a warm start loads anything
         self.rates = LearningRateSchedule(self.optimizer, self.tc.lr_schedule, self.tc.lr_final)
@@ -352,14 +353,18 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         """Train until the epochs, early stopping, ``max_steps`` or SIGTERM end it; then ``finish``."""
-        stopped = self.state.done
-        while not stopped and self.state.epoch < self.tc.epochs:
-            stopped = self.train_epoch()
-            if stopped and self.state.batch_in_epoch < self.reader.num_batches():
-                self.checkpoint()  # stopped mid-epoch (max_steps, SIGTERM): resumable from here
-                break
-            stopped = self.end_epoch(self.validate() if self.validating else {})
-        return self.finish()
+        try:
+            stopped = self.state.done
+            while not stopped and self.state.epoch < self.tc.epochs:
+                stopped = self.train_epoch()
+                if stopped and self.state.batch_in_epoch < self.reader.num_batches():
+                    self.checkpoint()  # stopped mid-epoch (max_steps, SIGTERM): resumable from here
+                    break
+                stopped = self.end_epoch(self.validate() if self.validating else {})
+            return self.finish()
+        finally:
+            if self.overlap is not None:  # an error too: the hooks off the model, the worker stopped
+                self.overlap.close()
 
     def train_epoch(self) -> bool:
         """Train on the rest of the current epoch; True when the run must stop before its end
@@ -382,10 +387,12 @@ class Trainer:
                 if self._after_step(task_losses, predictions, labels, weights):
                     return True
         finally:
-            self._embedding_backward_done()  # the epoch's last update, before anything reads the tables
-            self._stop_clock()
-            if self.bar is not None:
-                self.bar.close()
+            try:
+                self._embedding_backward_done()  # the epoch's last update, before anything reads the tables
+            finally:
+                self._stop_clock()
+                if self.bar is not None:
+                    self.bar.close()
 
     def validate(self) -> Dict[str, float]:
         """The model's metrics on the val split (every row once), logged."""
@@ -563,6 +570,7 @@ class Trainer:
             self.preempted = True
             return True
         if saving:
+            self._embedding_backward_done()  # the step's own time: its update counts before the clock stops
             self._stop_clock()
             self.checkpoint()
             self._restart_clock()
