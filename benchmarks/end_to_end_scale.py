@@ -135,6 +135,11 @@ def one_scale(
         "train_wall_s": wall,
         "train_s": results["train_seconds"],
         "precision": results["tower_precision"],
+        # FBGEMM's backward path and its thread, as the run resolved them (older runs: neither)
+        "backward": (
+            results.get("embedding_backward", "?"),
+            results.get("embedding_backward_thread", "main"),
+        ),
         "samples_per_s": statistics.median(rates),
         "train_peak": peak,
         "timeline": timeline,
@@ -231,7 +236,11 @@ def main() -> None:
         + " and `engagerec train` (configs/kuairand_1k.yaml as shipped: MMoE, batch 4096, one epoch, "
         "metrics on, then validation "
         f"and test evaluation; the tower in {', '.join(sorted({row['precision'] for row in found}))} "
-        "here), each in a fresh process. Train peak: the RSS of the whole process tree, sampled "
+        "here; the large tables' embedding backward: "
+        + ", ".join(
+            sorted({f"{path}, on the {thread} thread" for path, thread in (r["backward"] for r in found)})
+        )
+        + "), each in a fresh process. Train peak: the RSS of the whole process tree, sampled "
         f"every second (over time: {plot.name}).",
         "",
         "| scale | popularity skew | log rows | distinct train videos | train / val / test rows | generate s "

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py [--rows 100000 1000000 10000000] [--source shards]
         [--device cpu] [--batch-size 4096] [--steps 30] [--warmup 5] [--repeats 3] [--history-table]
+        [--set KEY=VALUE ...]
 
 For each video-table size R (author table R / 5, 1,000 users, a 20-long history sharing the
 video table, or with ``--history-table`` a table of R rows of its own;
@@ -77,7 +78,9 @@ def measure_side(job: Dict) -> Dict:
     quiet_library_noise()
     keep_freed_memory()  # what the engagerec command sets; every side gets the same allocator
     os.chdir(REPO)
-    cfg = with_tower(load_config(REPO / "configs" / "kuairand_random.yaml"), job["tower"])
+    cfg = with_tower(
+        load_config(REPO / "configs" / "kuairand_random.yaml", job.get("sets", [])), job["tower"]
+    )
     batch, device = job["batch_size"], job["device"]
     cuda = device == "cuda"
     if job["source"] == "shards":
@@ -221,6 +224,10 @@ def main() -> None:
         help="the history in a table of its own on every side (shards only): no table read by two features",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank table memory")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override for every side, e.g. train.embedding_backward_thread=main",
+    )  # fmt: skip
     parser.add_argument("--no-plot", action="store_true", help="write the table only")
     parser.add_argument("--work-dir", default=str(REPO / "generated" / "scale"), help="where shards go")
     parser.add_argument("--results", default=str(RESULTS), help="the markdown file to write the section in")
@@ -244,7 +251,8 @@ def main() -> None:
                 job = {"side": side, "rows": rows, "source": args.source, "train_rows": args.train_rows,
                        "device": args.device, "tower": args.tower, "batch_size": args.batch_size,
                        "steps": args.steps, "warmup": args.warmup, "window": args.window,
-                       "work_dir": args.work_dir, "history_table": args.history_table}  # fmt: skip
+                       "work_dir": args.work_dir, "history_table": args.history_table,
+                       "sets": args.set}  # fmt: skip
                 runs[side].append(run_child(CHILD, str(REPO / "benchmarks"), json.dumps(job)))
         for side, rounds in runs.items():
             samples = [s for r in rounds for s in r["samples_per_s"]]
