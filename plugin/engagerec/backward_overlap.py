@@ -8,14 +8,17 @@ tables), the dense optimizer step, the training metrics, the next batch's read a
 distribution. The next lookup of the tables waits for the worker first, so every lookup reads
 the weights it would read without the overlap: the updates are the same, bit for bit
 (tests/test_backward_overlap.py). On a 2-core Intel Xeon with AMX the embedding backward was a
-fifth of a KuaiRand-1K step (benchmarks/RESULTS.md, profile_precision_intel_loop).
+fifth of a KuaiRand-1K step (benchmarks/RESULTS.md, profile_precision_intel_loop); with the
+worker, whole epochs ran 1.43x as fast (train_levers_intel_worker).
 
 How: a forward hook on each lookup of a sharded EmbeddingBagCollection that holds fused tables
 (FBGEMM's TBEs, their optimizer applied in backward) hands the rest of the model a detached
 view of the pooled output, a leaf of the autograd graph. When autograd has accumulated the
 leaf's gradient, a hook submits the backward of the lookup's own graph to a one-thread executor.
 Collectives stay on the main thread: the output distribution's backward runs there, before the
-leaf's gradient is complete. A forward pre-hook on the same lookups waits for the worker.
+leaf's gradient is complete. While the worker runs, the main thread's ops use one intra-op
+thread fewer, so that the worker has a core. A forward pre-hook on the same lookups waits for
+the worker and gives the thread back.
 
 The fused optimizers' ``zero_grad`` and ``step`` pass the learning rate (train.lr_schedule) to
 FBGEMM while the worker may still run the last backward: that is safe because FBGEMM's CPU
@@ -181,8 +184,9 @@ class EmbeddingBackwardOverlap:
 
     def _give_the_worker_a_core(self) -> None:
         # the main thread's ops run on one thread fewer while the worker runs: on 2 cores, 2
-        # intra-op threads beside the worker made a KuaiRand-1K step 9-22% slower (OpenMP's
-        # threads wait for work spinning, on the core the worker needs)
+        # intra-op threads beside it (OpenMP's threads wait for work spinning, on the core the
+        # worker needs) left the worker 1.28x over whole KuaiRand-1K epochs, against 1.43x
+        # (benchmarks/RESULTS.md, train_levers_intel_worker_no_core_sharing and train_levers_intel_worker)
         threads = torch.get_num_threads()
         if self._main_threads is None and threads > 1:
             self._main_threads = threads
