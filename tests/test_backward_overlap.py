@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-import engagerec.backward_overlap
 import engagerec.embedding_backward
 from conftest import study_run_config
 from engagerec.backward_overlap import SETTINGS, EmbeddingBackwardOverlap, uses_worker
@@ -56,11 +55,13 @@ def test_the_worker_thread_trains_bit_for_bit_as_the_main_thread(
         **extra,
     )
     runs, weights = {}, {}
+    threads = torch.get_num_threads()
     for thread in ("main", "worker"):
         changed = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, embedding_backward_thread=thread)
         )
         runs[thread] = train(changed, tmp_path / thread)
+        assert torch.get_num_threads() == threads  # the core lent to the worker came back
         assert (runs[thread]["embedding_backward"], runs[thread]["embedding_backward_thread"]) == (
             path,
             thread,
