@@ -1,7 +1,9 @@
 import json
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -53,6 +55,21 @@ def torchrun(nproc: int) -> list:
 
     launcher = str(Path(sys.executable).with_name("torchrun"))
     return [launcher, "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+
+
+PORT_TAKEN = "address already in use"  # the rendezvous store's bind error (errno 98), lowercased
+
+
+def run_on_a_free_port(command: Callable[[], list], tries: int = 3, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command(), capture_output=True, text=True, **kwargs)``, again with a new
+    command (so a new port, as ``torchrun`` picks one) when the launch failed because another
+    process took its port between ``free_port``'s probe and the bind: concurrent launches and
+    gloo's own connections take ports from the same range. Any other failure is returned as it is."""
+    for _ in range(tries):
+        done = subprocess.run(command(), capture_output=True, text=True, **kwargs)
+        if done.returncode == 0 or PORT_TAKEN not in (done.stdout + done.stderr).lower():
+            return done
+    return done
 
 
 @pytest.fixture(scope="session")

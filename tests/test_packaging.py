@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import free_port
+from conftest import free_port, run_on_a_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -193,9 +193,13 @@ def test_the_core_install_trains_a_torchrec_job_without_any_extra(dist, tmp_path
     )
     assert done.stdout.split("\n")[0] == "7 []"  # none of them installed, none loaded
     example = REPO / "docs" / "examples" / "torchrec_job.py"
-    launch = ["--nproc-per-node", "2", "--master-port", str(free_port())]
-    run = [python, "-m", "torch.distributed.run", *launch, str(example)]
-    done = subprocess.run(run, check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
+
+    def launch():
+        return [python, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), str(example)]  # fmt: skip
+
+    done = run_on_a_free_port(launch, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # each rank's dict, wherever it starts: the ranks share one stdout, and unbuffered (as under
     # pytest-xdist) a print writes its newline apart, so two lines can run together
     printed = sorted(re.findall(r"(rank \d): (\{[^{}]*\})", done.stdout))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EQUAL_METRICS, torchrun, write_study_config
+from conftest import EQUAL_METRICS, run_on_a_free_port, torchrun, write_study_config
 from engagerec import checkpoint
 from engagerec.runs import evaluate_run
 
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 
 def _torchrun(nproc, *args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*torchrun(nproc), "-m", "engagerec", *args]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_on_a_free_port(
+        lambda: [*torchrun(nproc), "-m", "engagerec", *args], cwd=cwd, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -141,13 +142,8 @@ def test_the_loop_on_a_worker_thread_trains_over_two_ranks_as_on_the_main_thread
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         train = ["train", "--config", str(config), "--out", str(tmp_path / name)]
-        done = subprocess.run(
-            [*torchrun(2), str(script), *train],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        done = run_on_a_free_port(
+            lambda train=train: [*torchrun(2), str(script), *train], cwd=tmp_path, env=env, timeout=600
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         found[name] = json.loads((tmp_path / name / "results.json").read_text())
