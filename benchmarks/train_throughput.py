@@ -127,7 +127,7 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
     step left running on the worker thread, which a timed window must include."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from engagerec.backward_overlap import EmbeddingBackwardOverlap, uses_worker
+    from engagerec.backward_overlap import overlap_if_used
     from engagerec.distributed import build_optimizer, close_runtime, init_runtime, shard_model
     from engagerec.embedding_backward import add_empty_keys, loop_features, loop_keys
     from engagerec.model_builder import build_model
@@ -142,11 +142,8 @@ def engagerec_stepper(cfg, schema, batch_size: int, device: str = "cpu"):
         model, runtime, batch_size, cfg.train.sharding, cfg.train.sparse_optimizer, cfg.train.sparse_lr
     )
     # train.embedding_backward_thread as engagerec.train.Trainer resolves it
-    thread = cfg.train.embedding_backward_thread
-    overlap = (
-        EmbeddingBackwardOverlap(dmp)
-        if uses_worker(thread, runtime.device, bool(loop_features(model.tables)))
-        else None
+    overlap = overlap_if_used(
+        dmp, cfg.train.embedding_backward_thread, runtime.device, bool(loop_features(model.tables))
     )
     settle = overlap.wait if overlap is not None else (lambda: None)
 

@@ -114,6 +114,40 @@ def uses_worker(setting: str, device: torch.device, loop_path: bool) -> bool:
     return setting == "worker" or (loop_path and torch.get_num_threads() >= 2)
 
 
+def overlap_if_used(
+    model: nn.Module, setting: str, device: torch.device, loop_path: bool
+) -> Optional["EmbeddingBackwardOverlap"]:
+    """
+    The ``EmbeddingBackwardOverlap`` of ``model`` when ``uses_worker`` says so and ``model`` has
+    fused lookups to move; else None (the main thread runs the backward).
+
+    Args:
+        model (nn.Module): the DistributedModelParallel that will train.
+        setting (str): ``train.embedding_backward_thread``.
+        device (torch.device): where it trains.
+        loop_path (bool): whether FBGEMM's one-thread loop backward was taken.
+
+    Returns:
+        Optional[EmbeddingBackwardOverlap]: the overlap, hooked into ``model``, or None.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from engagerec.backward_overlap import overlap_if_used
+        >>> cpu = torch.device("cpu")
+        >>> overlap_if_used(nn.Linear(2, 1), "worker", cpu, loop_path=True) is None  # no fused tables
+        True
+    """
+    if not uses_worker(setting, device, loop_path):
+        return None
+    overlap = EmbeddingBackwardOverlap(model)
+    if not overlap.lookups:  # no fused tables (all replicated, say): nothing to move
+        overlap.close()
+        return None
+    return overlap
+
+
 class EmbeddingBackwardOverlap:
     """
     Runs the backward of ``model``'s fused embedding lookups (and so their optimizer update) on a

@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from engagerec import checkpoint
-from engagerec.backward_overlap import EmbeddingBackwardOverlap, uses_worker
+from engagerec.backward_overlap import overlap_if_used
 from engagerec.config import (
     ExperimentConfig,
     check_config,
@@ -292,13 +292,10 @@ class Trainer:
                 f"train.monitor '{self.tc.monitor}': GAUC groups by train.gauc_group "
                 f"'{self.tc.gauc_group}', which is not a sparse feature (one id per row) of the prepared data"
             )
-        # train.embedding_backward_thread: the fused tables' backward on a worker thread
-        self.overlap: Optional[EmbeddingBackwardOverlap] = None
-        if uses_worker(self.tc.embedding_backward_thread, runtime.device, bool(self.loop_features)):
-            self.overlap = EmbeddingBackwardOverlap(self.dmp)
-            if not self.overlap.lookups:  # no fused tables (all replicated): nothing to move
-                self.overlap.close()
-                self.overlap = None
+        # train.embedding_backward_thread: the fused tables' backward on a worker thread, or None
+        self.overlap = overlap_if_used(
+            self.dmp, self.tc.embedding_backward_thread, runtime.device, bool(self.loop_features)
+        )
         self.optimizer = build_optimizer(self.dmp, self.tc.dense_lr)
         # its base rates are the config's, taken before a resume or a warm start loads anything
         self.rates = LearningRateSchedule(self.optimizer, self.tc.lr_schedule, self.tc.lr_final)
@@ -450,8 +447,6 @@ class Trainer:
         """The run's results (written to results.json); a finished run's best checkpoint is
         evaluated on the test split (when it has rows)."""
         state, tc = self.state, self.tc
-        if self.overlap is not None:
-            self.overlap.close()  # no training step follows
         # resumed with fewer epochs than it has run: nothing left to train, so it is finished
         state.done = state.done or (state.epoch >= tc.epochs and not self.preempted)
         results: Dict[str, Any] = {
