@@ -56,6 +56,22 @@ def test_labels_match_the_definition(kuairand_random):
     assert table["watch_ratio"].between(0, 1).all()
 
 
+def test_constant_baselines_are_train_fitted_and_scored_on_test(kuairand_random):
+    """Every label's constant predictor (one scan of the test rows for all of them): the training
+    mean's MSE for a regression label, the majority class's accuracy for a binary one."""
+    out, summary, _ = kuairand_random
+    test = pq.read_table(out / "test").to_pandas()
+    baselines, train = summary["baselines_on_test"], summary["split"]["train"]["labels"]
+    error = test["watch_ratio"].astype(np.float64) - train["watch_ratio"]["mean"]
+    assert baselines["watch_ratio"] == {"mse_train_mean": pytest.approx((error**2).mean(), rel=1e-6)}
+    rate = train["skip"]["mean"]
+    majority = 1.0 if rate >= 0.5 else 0.0
+    assert baselines["skip"] == {
+        "accuracy_majority": pytest.approx((test["skip"] == majority).mean(), rel=1e-9),
+        "positive_rate_train": rate,
+    }
+
+
 def test_no_post_exposure_column_is_a_feature(kuairand_random):
     out, _, _ = kuairand_random
     schema = DatasetSchema.load(out)

@@ -122,9 +122,9 @@ class SchemaApplier(Fitter):
     def _fitted_dense(self, feature: FeatureConfig):
         return next(d for d in self.fitted.dense if d.name == feature.name)
 
-    def _moments(self, feature, value, source, table) -> Tuple[float, float]:
-        dense = self._fitted_dense(feature)
-        return dense.mean, dense.std
+    def _moments(self, numeric) -> Dict[str, Tuple[float, float]]:
+        fitted = (self._fitted_dense(feature) for feature, _, _ in numeric)
+        return {dense.name: (dense.mean, dense.std) for dense in fitted}  # training's, never refitted
 
     def _bucket_edges(self, feature, bucket, value, source, table) -> List[float]:
         return list(self.fitted.buckets[bucket])
