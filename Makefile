@@ -80,6 +80,8 @@ bench: install
 	# the same preparation with each DuckDB statement timed: the costliest, and peak RSS (compare at 5x)
 	$(PY) benchmarks/prepare_queries.py --data generated/kuairand_1k --out generated/prepare_queries
 	rm -rf generated/prepare_queries
+	# the same preparation twice: whether the two are the same bytes (exact sums in any row order)
+	$(PY) benchmarks/prepare_twice.py --data generated/kuairand_1k --out generated/prepare_twice
 	$(PY) benchmarks/train_throughput.py --config configs/kuairand_1k.yaml --data-dir prepared/kuairand_1k \
 		--section train_kuairand_1k --towers mmoe --batch-size 4096 --steps 40 --warmup 5
 	# engagerec train as shipped: where a step's time goes, malloc defaults against engagerec's setting

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
+from engagerec.data.exact_sums import exact_moments
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.schema import (
     MANAGED_INPUT_BUCKETS,
@@ -29,7 +30,7 @@ from engagerec.data.schema import (
     managed_spec,
     position_names,
 )
-from engagerec.data.tables import is_numeric, literal, quote, single_thread
+from engagerec.data.tables import is_numeric, literal, quote
 from engagerec.data.target_stats import (
     STAT_KINDS,
     fit_stat_tables,
@@ -324,9 +325,8 @@ class Fitter:
         """The per-id training statistics of the features ``group`` ([(index, feature)], one id
         column) as DuckDB ``table``, saved beside the schema for scoring
         (engagerec.data.target_stats)."""
-        with single_thread(self.con):  # label sums in a fixed order: the same values on every run
-            priors = fit_stat_tables(self.con, group, table, key, seed)
-            save_stat_files(self.con, group, table, self.out_dir, self.carried_tables.get(table))
+        priors = fit_stat_tables(self.con, group, table, key, seed)  # exact sums: any thread count
+        save_stat_files(self.con, group, table, self.out_dir, self.carried_tables.get(table))
         for _, feature in group:
             meta = stat_meta(feature, priors[feature.name], token_type)
             if live_counters(group):  # saved as they stand at the log's end: scoring's rows come after
@@ -410,31 +410,26 @@ class Fitter:
         """(mean, std) of every numeric feature's train values (std 1 when they are constant), by
         feature name. ``numeric``: (feature, its value as SQL, the alias it reads: e or h).
 
-        One scan per table for every feature it holds, on one thread: DuckDB's parallel float
-        aggregates add in an order that varies between runs. Each aggregate sees the rows in the
-        scan's order whatever else the scan computes, so these are the values a scan per feature
-        gave, at a fraction of the single-threaded time (one scan per feature took 4.4 s of
-        KuaiRand-1K's preparation, 30 s at 5x, with a core idle)."""
+        Exact sums on every thread (engagerec.data.exact_sums), for every feature of a table at
+        once: DuckDB's float aggregates gave means that differed in their last bits from run to
+        run, even on one thread, as the rows' order follows the parallel statements that wrote
+        the tables."""
         moments: Dict[str, Tuple[float, float]] = {}
         for table, source in SOURCES.items():
             group = [(feature, value) for feature, value, alias in numeric if alias == table]
             if not group:
                 continue
-            values = ", ".join(f"{value} AS v{i}" for i, (_, value) in enumerate(group))
-            aggregates = ", ".join(f"avg(v{i}), stddev_pop(v{i}), count(v{i})" for i in range(len(group)))
-            with single_thread(self.con):
-                row = self.con.execute(
-                    f"SELECT {aggregates} FROM (SELECT {values} FROM {source} WHERE {table}.__split = 0)"
-                ).fetchone()
-            for i, (feature, _) in enumerate(group):
-                mean, std, count = row[3 * i : 3 * i + 3]
-                if not count:
+            values = [value for _, value in group]
+            found = exact_moments(self.con, values, f"{source} WHERE {table}.__split = 0")
+            for (feature, _), fitted in zip(group, found[None], strict=True):
+                if not fitted.count:
                     raise DataError(
                         "numeric feature has no values in the training split",
                         column=feature.column or feature.name,
                         expected="at least one number",
                     )
-                moments[feature.name] = (float(mean), (float(std) if std and std > 0 else 1.0))
+                std = math.sqrt(fitted.var)
+                moments[feature.name] = (fitted.mean, std if std > 0 else 1.0)
         return moments
 
     def _bucket_edges(

@@ -9,11 +9,10 @@ missing id) is found by a query and reported with its row.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import duckdb
 
@@ -183,18 +182,6 @@ def write_failure(err: BaseException, out_dir: str | Path, what: str) -> Optiona
             expected="a larger data.memory_limit or more free disk in the output directory",
         )
     return None
-
-
-@contextlib.contextmanager
-def single_thread(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """Run the enclosed queries on one thread: DuckDB's parallel float aggregates (avg, stddev)
-    add in an order that varies between runs, so the last bits of a mean could differ."""
-    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
-    con.execute("SET threads = 1")
-    try:
-        yield
-    finally:
-        con.execute(f"SET threads = {int(threads)}")
 
 
 def sniff_separator(path: Path) -> str:

@@ -50,6 +50,7 @@ import duckdb
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
+from engagerec.data.exact_sums import fixed_total, from_grid, grid_bits
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.split import seeded_key
 from engagerec.data.tables import literal, quote
@@ -87,6 +88,8 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
     """
     joins, values = [], {}
     labelled: Dict[Tuple[str, str], bool] = {}  # (label, counted rows) -> every counted row has it
+    summed = [feature.of for feature in stat_features(features) if feature.kind == "target_mean"]
+    bits = label_bits(fitter.con, summed) if fitter.fitting else {}
     for c, ((column, _), group) in enumerate(_groups(features).items()):
         token_type = fitter.stat_token_type(group[0][1])
         key = fitter.token_sql(column, token_type)
@@ -99,7 +102,8 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
         for i, feature in group:
             meta = fitter.schema.target_stats[feature.name]
             if fitter.fitting and feature.scheme in ("ordered", "online"):
-                sums = _ordered_sums(feature, key, _every_counted_row_labelled(fitter.con, feature, labelled))
+                every_row_labelled = _every_counted_row_labelled(fitter.con, feature, labelled)
+                sums = _ordered_sums(feature, key, bits.get(feature.of, 0), every_row_labelled)
             else:  # cross-fitted, or read back for scoring (never training rows: no fold of their own)
                 if not joined:
                     joins.append(f"LEFT JOIN stat_{c} a{c} ON a{c}.token = {key}")
@@ -186,13 +190,16 @@ def _every_counted_row_labelled(
     return known[feature.of, counted]
 
 
-def _ordered_sums(feature: FeatureConfig, key: str, every_row_labelled: bool = False) -> Dict[str, str]:
+def _ordered_sums(
+    feature: FeatureConfig, key: str, bits: int, every_row_labelled: bool = False
+) -> Dict[str, str]:
     """The rows of the id strictly before this row's moment (training rows only, or with
     ``scheme: online`` every split's, ``lag`` before), as windows over ``events e`` (ordered
     target statistics): the running sums up to the moment, its own rows excluded (a row never
-    sees itself or anything simultaneous). ``every_row_labelled``: no counted row lacks the
-    label, so the labelled rows are counted by the rows' own window (the same count: DuckDB
-    computes one window for the identical expressions)."""
+    sees itself or anything simultaneous). The label sums are exact on the grid of ``bits``
+    (``label_bits``): simultaneous rows come in either order. ``every_row_labelled``: no counted
+    row lacks the label, so the labelled rows are counted by the rows' own window (the same
+    count: DuckDB computes one window for the identical expressions)."""
     time = f"e.{quote(TIMESTAMP)}"
     label = f"e.{quote(feature.of)}" if feature.kind == "target_mean" else "NULL"
     counted = _counted_rows(feature)
@@ -200,19 +207,44 @@ def _ordered_sums(feature: FeatureConfig, key: str, every_row_labelled: bool = F
         f"CASE WHEN {counted} THEN CAST({label} AS DOUBLE) END",
         f"CASE WHEN {counted} THEN 1 END",
     )
-
-    def before(aggregate: str) -> str:
-        # one window order (one sort per id column); the frames differ only in their bounds
-        order = f"PARTITION BY {key} ORDER BY {time} RANGE BETWEEN"
-        if feature.lag > 0:  # rows at least lag before: strictly earlier, the moment left out
-            lag = f"{float(feature.lag)!r} PRECEDING"
-            return f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND {lag}), 0)"
+    # one window order (one sort per id column); the frames differ only in their bounds
+    order = f"PARTITION BY {key} ORDER BY {time} RANGE BETWEEN"
+    if feature.lag > 0:  # rows at least lag before: strictly earlier, the moment left out
+        window = f"OVER ({order} UNBOUNDED PRECEDING AND {float(feature.lag)!r} PRECEDING)"
+    else:
         # everything up to the row's moment, the moment's own rows excluded: one window (the
         # same sums as "up to and including" less "the moment", which took two)
-        return f"coalesce({aggregate} OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 0)"
-
+        window = f"OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP)"
     labelled = row if every_row_labelled else y
-    return {"s": before(f"sum({y})"), "c": before(f"count({labelled})"), "n": before(f"count({row})")}
+    return {
+        "s": f"coalesce({from_grid(fixed_total(y, bits, window), bits)}, 0)",
+        "c": f"coalesce(count({labelled}) {window}, 0)",
+        "n": f"coalesce(count({row}) {window}, 0)",
+    }
+
+
+def label_bits(con: duckdb.DuckDBPyConnection, labels: List[str]) -> Dict[str, int]:
+    """
+    The exact-sum grid (engagerec.data.exact_sums) of each label the target means sum, from its
+    largest magnitude and the rows of ``events`` (which hold every row any statistic counts).
+
+    Args:
+        con: the prepare connection (holds ``events``).
+        labels: the labels' columns (repeats are read once).
+
+    Returns:
+        Dict[str, int]: label -> the grid's bits.
+
+    Example::
+
+        bits = label_bits(con, ["watch_ratio"])  # {'watch_ratio': 28}: ratios up to 1, 11.7M rows
+    """
+    labels = sorted(set(labels))
+    if not labels:
+        return {}
+    bounds = ", ".join(f"max(abs(CAST({quote(label)} AS DOUBLE)))" for label in labels)
+    rows, *found = con.execute(f"SELECT count(*), {bounds} FROM events").fetchone()
+    return {label: grid_bits(bound, rows) for label, bound in zip(labels, found, strict=True)}
 
 
 def _value(feature: FeatureConfig, sums: Dict[str, str], key: str, meta: Dict[str, Any]) -> str:
@@ -256,15 +288,24 @@ def fit_stat_tables(
         Dict[str, float]: per feature its prior (the label's training mean; 0 for id_count).
     """
     means = [(i, f) for i, f in group if f.kind == "target_mean"]
+    bits = label_bits(con, [feature.of for _, feature in means])
     columns = [f"{key} AS token"]
     aggregates = ["count(*) AS n"]
+
+    def label_sum(i: int, feature: FeatureConfig, where: str = "") -> str:
+        """Exact (engagerec.data.exact_sums): an id's rows come in any order."""
+        return from_grid(fixed_total(f"y_{i}", bits[feature.of], where), bits[feature.of])
+
     for i, feature in means:
         columns += [f"CAST(e.{quote(feature.of)} AS DOUBLE) AS y_{i}", f"{fold_sql(feature, seed)} AS f_{i}"]
-        aggregates += [f"sum(y_{i}) AS s_{i}", f"count(y_{i}) AS c_{i}"]
+        aggregates += [f"{label_sum(i, feature)} AS s_{i}", f"count(y_{i}) AS c_{i}"]
         if feature.scheme == "cross_fit":
             for k in range(feature.folds):
                 where = f"FILTER (WHERE f_{i} = {k})"
-                aggregates += [f"sum(y_{i}) {where} AS s_{i}_{k}", f"count(y_{i}) {where} AS c_{i}_{k}"]
+                aggregates += [
+                    f"{label_sum(i, feature, where)} AS s_{i}_{k}",
+                    f"count(y_{i}) {where} AS c_{i}_{k}",
+                ]
     rows = f"SELECT {', '.join(columns)} FROM events e WHERE e.__split = 0"
     # what scoring reads back: the training rows' sums, or every row's for live counters; the
     # prior is the training mean either way
@@ -275,7 +316,8 @@ def fit_stat_tables(
     )
     priors = {feature.name: 0.0 for _, feature in group}
     if means:
-        found = con.execute(f"SELECT {', '.join(f'avg(y_{i})' for i, _ in means)} FROM ({rows})").fetchone()
+        averages = ", ".join(f"{label_sum(i, feature)} / count(y_{i})" for i, feature in means)
+        found = con.execute(f"SELECT {averages} FROM ({rows})").fetchone()
         for (_, feature), mean in zip(means, found, strict=True):
             if mean is None:
                 raise DataError(
