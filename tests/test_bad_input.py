@@ -58,6 +58,15 @@ def test_infinite_value(tmp_path):
         _prepare(tmp_path, interactions=_interactions({("watch_time", 3): np.inf}))
 
 
+def test_a_numeric_feature_too_large_to_normalise(tmp_path):
+    """Its squares would overflow a double: an error naming the column, not a NaN std."""
+    users = pd.DataFrame(
+        {"user_id": [0, 1, 2, 3], "age": [20, 1e300, 30, 40], "gender": ["F", "M", "F", "M"]}
+    )
+    with pytest.raises(DataError, match=r"users\.csv, column 'age', row 1 .*numeric feature 'age'.*1e\+?150"):
+        _prepare(tmp_path, users=users)
+
+
 def test_nan_in_a_numeric_feature_without_imputation(tmp_path):
     users = pd.DataFrame(
         {"user_id": [0, 1, 2, 3], "age": [20, np.nan, 30, 40], "gender": ["F", "M", "F", "M"]}

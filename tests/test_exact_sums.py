@@ -1,114 +1,129 @@
 """Float sums that do not depend on the order DuckDB adds rows in (engagerec.data.exact_sums)."""
 
-from fractions import Fraction
+import math
 
 import duckdb
 import numpy as np
 import pytest
 
-from engagerec.data.exact_sums import exact_moments, fixed_sum, fixed_total, grid_bits
+from engagerec.data.exact_sums import (
+    FLOAT_BITS,
+    UnsummableError,
+    exact_moments,
+    fixed_sum,
+    fixed_total,
+    grid_bits,
+)
+
+ROWS = 300_000  # three of DuckDB's 122,880-row groups: two threads split a scan between them
+
+# three groups DuckDB's float sums get wrong in different ways: a large mean with a tiny spread,
+# magnitudes 10^8 apart, and a tight group beside them
+VALUES = f"""
+    SELECT range AS i, CAST(range % 3 AS INTEGER) AS g,
+        CASE range % 3
+            WHEN 0 THEN 1e6 + ((hash(range) % 2001) - 1000.0) * 1e-6
+            WHEN 1 THEN (hash(range) % 1000) / 1000.0 * pow(10, (hash(range * 7) % 9) - 8.0)
+            ELSE 5 + ((hash(range * 3) % 31) - 15.0) * 0.001
+        END AS x
+    FROM range({ROWS})
+"""
 
 
-def _table(con, name: str, values: np.ndarray, groups: np.ndarray, order: np.ndarray) -> None:
-    """``name``(g, x) holding the rows in ``order``, in row groups DuckDB's threads share out."""
-    con.execute(f"CREATE TABLE {name} (g INTEGER, x DOUBLE)")
-    con.executemany(f"INSERT INTO {name} VALUES (?, ?)", [(int(groups[i]), float(values[i])) for i in order])
-
-
-def _exact(values) -> tuple:
-    """Mean and population variance of doubles in exact arithmetic, rounded once."""
-    exact = [Fraction(float(v)) for v in values]
-    mean = sum(exact) / len(exact)
-    return float(mean), float(sum((v - mean) ** 2 for v in exact) / len(exact))
-
-
-@pytest.fixture
-def adversarial():
-    """Values whose float sum depends on the order they are added in: a large mean with a small
-    spread, and magnitudes 10^8 apart."""
-    rng = np.random.default_rng(0)
-    values = np.concatenate(
-        [1e6 + rng.normal(0, 1e-3, 3000), rng.normal(0, 1e-2, 3000) * 10.0 ** rng.integers(-8, 1, 3000)]
-    )
-    groups = rng.integers(0, 3, len(values))
-    return values, groups
-
-
-def test_moments_are_the_same_bits_in_any_row_order_and_thread_count(adversarial):
-    values, groups = adversarial
+@pytest.fixture(scope="module")
+def orders():
+    """The same rows in four insertion orders (t0 .. t3)."""
     con = duckdb.connect()
-    rng = np.random.default_rng(1)
+    con.execute(f"CREATE TABLE base AS {VALUES}")
+    for k in range(4):
+        con.execute(f"CREATE TABLE t{k} AS SELECT g, x FROM base ORDER BY hash(i + {k * 1_000_003})")
+    return con
+
+
+def _reference(x: np.ndarray):
+    """Mean and population variance from correctly rounded sums (math.fsum)."""
+    mean = math.fsum(x) / len(x)
+    return mean, math.fsum((x - mean) ** 2) / len(x)
+
+
+def test_moments_are_the_same_bits_in_any_row_order_and_thread_count(orders):
     results, plain = [], set()
     for k in range(4):
-        order = rng.permutation(len(values))
-        _table(con, f"t{k}", values, groups, order)
-        con.execute(f"SET threads = {1 + k % 2}")
-        results.append(exact_moments(con, ["x"], f"t{k}", group="g"))
-        plain.add(con.execute(f"SELECT sum(x) FROM t{k}").fetchone()[0])
-    assert len(plain) > 1, "the data should make DuckDB's float sum depend on the order"
+        orders.execute(f"SET threads = {1 + k % 2}")
+        results.append(exact_moments(orders, ["x", "x * x"], f"t{k}", group="g"))
+        plain.add(orders.execute(f"SELECT sum(x), var_pop(x) FROM t{k}").fetchone())
+    assert len(plain) > 1, "the data should make DuckDB's float sums depend on the order"
     assert all(result == results[0] for result in results[1:])
 
 
-def test_moments_are_within_the_grid_of_exact_arithmetic(adversarial):
-    """A mean is the exact mean of the values rounded onto their grid: within half a step of the
-    values' own; a variance is taken about that mean, so a large mean leaves a small spread's
-    variance accurate."""
-    values, groups = adversarial
-    con = duckdb.connect()
-    _table(con, "t", values, groups, np.arange(len(values)))
-    found = exact_moments(con, ["x", "x * 2", "CASE WHEN g = 0 THEN NULL ELSE x END"], "t", group="g")
-    step = 2.0 ** -grid_bits(np.abs(values).max(), len(values))
-    everything = found[None]
-    mean, var = _exact(values)
-    assert everything[0].count == len(values)
-    assert (everything[0].low, everything[0].high) == (values.min(), values.max())
-    assert abs(everything[0].mean - mean) <= step / 2 and everything[1].mean == 2 * everything[0].mean
-    assert everything[0].var == pytest.approx(var, rel=1e-9)
-    for g in range(3):
-        mean_g, var_g = _exact(values[groups == g])
-        assert found[g][0].count == int((groups == g).sum())
-        assert abs(found[g][0].mean - mean_g) <= step / 2 and found[g][0].var == pytest.approx(
-            var_g, rel=1e-9
-        )
+def test_moments_match_correctly_rounded_sums(orders):
+    """A large mean leaves a tiny spread's variance accurate (two passes); a tight group keeps
+    its variance beside a wide one."""
+    found = exact_moments(orders, ["x", "CASE WHEN g = 0 THEN NULL ELSE x END"], "t0", group="g")
+    x, g = (
+        np.asarray(column) for column in zip(*orders.execute("SELECT x, g FROM t0").fetchall(), strict=True)
+    )
+    for key, rows in [(None, slice(None)), *((k, g == k) for k in range(3))]:
+        mean, var = _reference(x[rows])
+        moments = found[key][0]
+        assert moments.count == len(x[rows]) and (moments.low, moments.high) == (x[rows].min(), x[rows].max())
+        assert moments.mean == pytest.approx(mean, rel=1e-15) and moments.var == pytest.approx(var, rel=1e-12)
+    assert found[0][0].var < 1e-6 and found[2][0].var == pytest.approx(8e-5, rel=0.1)
     # NULLs are skipped, as SQL aggregates skip them; a group with none of a value has no moments
-    assert everything[2].count == int((groups != 0).sum())
-    assert abs(everything[2].mean - _exact(values[groups != 0])[0]) <= step / 2
-    assert found[0][2].count == 0 and found[0][2].mean is None and found[0][2].var is None
-    # a large mean with a tiny spread: the variance is still right to 1e-6
-    tight = values[:3000]
-    _table(con, "tight", tight, np.zeros(len(tight)), np.arange(len(tight)))
-    (moments,) = exact_moments(con, ["x"], "tight")[None]
-    assert moments.var == pytest.approx(_exact(tight)[1], rel=1e-6) and moments.var < 2e-6
+    assert found[None][1].count == int((g != 0).sum())
+    assert found[None][1].mean == pytest.approx(_reference(x[g != 0])[0], rel=1e-15)
+    assert found[0][1].count == 0 and found[0][1].mean is None and found[0][1].var is None
 
 
-def test_moments_without_rows_or_groups():
+def test_a_constant_has_its_own_value_as_mean_and_no_variance():
+    """0.1 is not a multiple of any power of two: its grid must keep it whole."""
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE t AS SELECT range % 2 AS g, 0.1::DOUBLE AS x FROM range({ROWS})")
+    for moments in exact_moments(con, ["x"], "t", group="g").values():
+        assert (moments[0].mean, moments[0].var, moments[0].low) == (0.1, 0.0, 0.1)
+
+
+def test_moments_without_rows_and_bad_values():
     con = duckdb.connect()
     con.execute("CREATE TABLE t (g INTEGER, x DOUBLE)")
     assert exact_moments(con, ["x"], "t")[None][0].count == 0
     assert list(exact_moments(con, ["x"], "t", group="g")) == [None]
-    con.execute("INSERT INTO t VALUES (1, 2.5), (1, 2.5)")
-    (moments,) = exact_moments(con, ["x"], "t")[None]
-    assert (moments.mean, moments.var, moments.low, moments.high) == (2.5, 0.0, 2.5, 2.5)
+    con.execute("INSERT INTO t VALUES (1, 1.0), (1, 'inf'), (NULL, 2.0)")
+    with pytest.raises(UnsummableError, match="inf") as caught:
+        exact_moments(con, ["1", "x"], "t WHERE g = 1")
+    assert caught.value.index == 1
+    with pytest.raises(ValueError, match="NULL"):
+        exact_moments(con, ["1"], "t", group="g")
+    with pytest.raises(UnsummableError, match="NaN"):
+        exact_moments(con, ["CAST('nan' AS DOUBLE)"], "t")
 
 
-def test_grid_sums_are_the_same_in_any_order_windows_included():
-    """What the ordered target statistics sum: running sums over rows whose order among equal
-    timestamps is arbitrary."""
-    rng = np.random.default_rng(2)
-    values = rng.random(2000) * 10.0 ** rng.integers(-6, 3, 2000)
+def test_the_float_grid_is_as_fine_as_exactness_allows():
+    """The largest rows (2^20 - 1) of the largest value (just under 2) sum exactly below 2^53;
+    one bit finer, and they would not fit."""
+    rows, bound = 2**20 - 1, 2.0 - 2.0**-52
+    bits = grid_bits(bound, rows)
     con = duckdb.connect()
-    bits = grid_bits(values.max(), len(values))
-    running = "OVER (ORDER BY g RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP)"
-    grid, plain = set(), set()
-    for k in range(3):
-        _table(con, f"t{k}", values, np.arange(len(values)) // 500, rng.permutation(len(values)))
-        grid.add(con.execute(f"SELECT {fixed_sum('x', bits)} FROM t{k}").fetchone())
-        # every row's running sum over the earlier groups, keyed by the row's value
-        grid.add(
-            tuple(sorted(con.execute(f"SELECT x, {fixed_total('x', bits, running)} FROM t{k}").fetchall()))
-        )
-        plain.add(con.execute(f"SELECT sum(x) FROM t{k}").fetchone())
-    assert len(plain) > 1, "the data should make DuckDB's float sum depend on the order"
-    assert len(grid) == 2  # one total and one set of running sums, whatever the order
-    with pytest.raises(ValueError, match="inf"):
+    value = f"CAST({bound!r} AS DOUBLE)"
+    total = con.execute(f"SELECT {fixed_total(value, bits)} FROM range({rows})").fetchone()[0]
+    assert total == rows * math.ceil(bound * 2.0**bits) < 2**FLOAT_BITS
+    assert rows * math.ceil(bound * 2.0 ** (bits + 1)) >= 2**FLOAT_BITS
+    with pytest.raises(UnsummableError, match="inf"):
         grid_bits(float("inf"), 3)
+
+
+def test_grid_sums_are_the_same_in_any_order_windows_included(orders):
+    """What the ordered target statistics sum: running sums over rows whose order among equal
+    keys is arbitrary."""
+    bits = grid_bits(orders.execute("SELECT max(abs(x)) FROM base").fetchone()[0], ROWS)
+    running = "OVER (ORDER BY g RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP)"
+    totals, windows, plain = set(), set(), set()
+    for k in range(4):
+        orders.execute(f"SET threads = {1 + k % 2}")
+        totals.add(orders.execute(f"SELECT {fixed_sum('x', bits)} FROM t{k}").fetchone())
+        # each group's running sum over the groups before it
+        window = f"SELECT DISTINCT g, {fixed_total('x', bits, running)} FROM t{k} ORDER BY g"
+        windows.add(tuple(orders.execute(window).fetchall()))
+        plain.add(orders.execute(f"SELECT sum(x) FROM t{k}").fetchone())
+    assert len(plain) > 1, "the data should make DuckDB's float sum depend on the order"
+    assert len(totals) == 1 and len(windows) == 1

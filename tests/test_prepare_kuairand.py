@@ -57,7 +57,7 @@ def test_labels_match_the_definition(kuairand_random):
 
 
 def test_constant_baselines_are_train_fitted_and_scored_on_test(kuairand_random):
-    """Every label's constant predictor (one scan of the test rows for all of them): the training
+    """Every label's constant predictor (the same scans of the test rows for all of them): the training
     mean's MSE for a regression label, the majority class's accuracy for a binary one."""
     out, summary, _ = kuairand_random
     test = pq.read_table(out / "test").to_pandas()

@@ -4,13 +4,18 @@ DuckDB adds a float column's rows in the order its threads reach them, and the o
 table's rows follows the parallel statement that wrote it. Two preparations of the same
 KuaiRand-1K-shaped files gave normalisation means, label statistics and target means that
 differed in their last bits, and so 12 of 53 prepared files, even with those aggregates on one
-thread (docs/EXPERIMENTS.md). Here each value is first rounded onto a grid of step ``2**-bits``
-(the same rounding for a row whatever else runs), with ``bits`` chosen so that any sum of the
-rows' grid values stays an integer below 2**53. Doubles add such integers exactly, so DuckDB's
-own float sums, windowed ones included, give the same bits in any order and on any number of
-threads, at the speed of a float sum. The price is the grid: about 53 - log2(rows) significant
-bits per value (29 at KuaiRand-1K's 11.7M rows, 23 at 10^9 rows), still finer than the float32
-the shards hold; the means moved by about 5e-10 of their value at KuaiRand-1K scale.
+thread (docs/EXPERIMENTS.md, "Same files, same bytes"). Here each value is first rounded onto a
+grid of step ``2**-bits`` (the same rounding for a row whatever else runs), with ``bits`` chosen
+from the values' largest magnitude and the rows summed so that every sum of grid steps is an
+integer that the sum's type holds exactly:
+
+* in doubles (below 2**53), which DuckDB's own float sums, windowed ones included, add exactly
+  in any order at their usual speed: the running sums of the target statistics, where 128-bit
+  integers made the windows 1.3x slower. About 53 - log2(rows) significant bits are kept per
+  value (28 for ratios up to 1 at KuaiRand-1K's 11.7M rows, 22 at 10^9 rows), finer than the
+  float32 of the shards;
+* in DuckDB's 128-bit HUGEINT (below 2**126): means and variances (``exact_moments``), where a
+  variance needs the squares' low bits; values keep their full precision there.
 """
 
 from __future__ import annotations
@@ -22,38 +27,67 @@ from typing import Dict, List, Optional, Sequence
 
 import duckdb
 
-FLOAT_BITS = 53  # doubles hold every integer below 2**53 exactly
+FLOAT_BITS = 53  # a double holds every integer below 2**53 exactly
+HUGEINT_BITS = 126  # a HUGEINT holds every integer below 2**127: one bit spare
 MAX_BITS = 1000  # 2.0 ** bits stays a finite double
 
 
-def grid_bits(bound: Optional[float], rows: int) -> int:
+class UnsummableError(ValueError):
+    """Values no grid can sum: not finite, or of a magnitude near the double's limit.
+
+    Args:
+        message (str): what was found.
+        index (int): which of the values summed (``exact_moments``' ``values``).
+
+    Example::
+
+        >>> from engagerec.data.exact_sums import UnsummableError
+        >>> UnsummableError("an infinite value", 2).index
+        2
+    """
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def grid_bits(bound: Optional[float], rows: int, total_bits: int = FLOAT_BITS) -> int:
     """
     The grid for ``rows`` values of magnitude at most ``bound``: ``bits`` such that any sum of
-    them, each rounded to a multiple of ``2**-bits``, is an integer multiple below 2**53.
+    them, each rounded to a multiple of ``2**-bits``, is an integer number of steps below
+    ``2**total_bits``.
 
     Args:
         bound (Optional[float]): the values' largest magnitude (None or 0: none, or all zero).
         rows (int): how many values a sum may add.
+        total_bits (int): ``FLOAT_BITS`` for sums in doubles, ``HUGEINT_BITS`` for sums in
+            DuckDB's HUGEINT. Default: ``FLOAT_BITS``.
 
     Returns:
         int: the grid's bits.
 
     Raises:
-        ValueError: ``bound`` is not finite (an infinite value cannot be summed).
+        UnsummableError: ``bound`` is not finite, or so large that the grid's step overflows.
 
     Example::
 
-        >>> from engagerec.data.exact_sums import grid_bits
+        >>> from engagerec.data.exact_sums import HUGEINT_BITS, grid_bits
         >>> grid_bits(1.0, 11_713_045), grid_bits(1000.0, 11_713_045), grid_bits(0.0, 5)
         (28, 19, 0)
+        >>> grid_bits(1.0, 11_713_045, HUGEINT_BITS)
+        101
     """
     if not bound or rows <= 0:
         return 0
     if not math.isfinite(bound):
-        raise ValueError(f"cannot sum values of magnitude {bound}")
-    # bound < 2**bound_bits and rows < 2**rows_bits: rows * bound * 2**bits < 2**FLOAT_BITS
+        raise UnsummableError(f"a value of magnitude {bound}")
+    # bound < 2**bound_bits and rows < 2**rows_bits; a value rounds to at most
+    # ceil(bound * 2**bits) <= 2**(total_bits - rows_bits) steps, so rows of them stay below 2**total_bits
     bound_bits, rows_bits = math.frexp(abs(bound))[1], int(rows).bit_length()
-    return max(-MAX_BITS, min(MAX_BITS, FLOAT_BITS - bound_bits - rows_bits))
+    bits = total_bits - bound_bits - rows_bits
+    if bits < -MAX_BITS:
+        raise UnsummableError(f"{rows} values of magnitude up to {bound}")
+    return min(MAX_BITS, bits)
 
 
 def fixed_sum(value: str, bits: int) -> str:
@@ -77,18 +111,20 @@ def fixed_sum(value: str, bits: int) -> str:
     return from_grid(fixed_total(value, bits), bits)
 
 
-def fixed_total(value: str, bits: int, suffix: str = "") -> str:
+def fixed_total(value: str, bits: int, suffix: str = "", integer: bool = False) -> str:
     """
-    SQL: the sum of ``value``'s rows in grid steps (an integer-valued DOUBLE); ``suffix`` follows
-    the aggregate (``FILTER (WHERE ...)`` or ``OVER (...)``). ``from_grid`` scales it back.
+    SQL: the sum of ``value``'s rows in grid steps; ``suffix`` follows the aggregate (``FILTER
+    (WHERE ...)`` or ``OVER (...)``). ``from_grid`` scales it back.
 
     Args:
         value (str): the SQL of a DOUBLE.
         bits (int): ``grid_bits`` of the values' largest magnitude and the rows summed.
         suffix (str): what follows ``sum(...)``. Default: nothing.
+        integer (bool): sum HUGEINTs (``bits`` from ``HUGEINT_BITS``) instead of integer-valued
+            doubles (``FLOAT_BITS``). Default: False.
 
     Returns:
-        str: SQL of a DOUBLE.
+        str: SQL of a DOUBLE, or of a HUGEINT when ``integer``.
 
     Example::
 
@@ -96,7 +132,10 @@ def fixed_total(value: str, bits: int, suffix: str = "") -> str:
         >>> fixed_total("y", 28, "OVER (ORDER BY t)")
         'sum(round((y) * 268435456.0)) OVER (ORDER BY t)'
     """
-    return f"sum(round(({value}) * {2.0**bits!r})){' ' + suffix if suffix else ''}"
+    steps = f"round(({value}) * {2.0**bits!r})"
+    if integer:
+        steps = f"CAST({steps} AS HUGEINT)"
+    return f"sum({steps}){' ' + suffix if suffix else ''}"
 
 
 def from_grid(total: str, bits: int) -> str:
@@ -121,8 +160,22 @@ def from_grid(total: str, bits: int) -> str:
 
 @dataclass
 class Moments:
-    """One value's count (non-NULL rows), minimum, maximum, mean and population variance; the
-    last three None without rows."""
+    """
+    One value's moments over some rows (``exact_moments``).
+
+    Args:
+        count (int): rows with the value (not NULL).
+        low (Optional[float]): its minimum; None without rows.
+        high (Optional[float]): its maximum; None without rows.
+        mean (Optional[float]): its mean; None without rows.
+        var (Optional[float]): its population variance; None without rows.
+
+    Example::
+
+        >>> from engagerec.data.exact_sums import Moments
+        >>> Moments(2, 1.0, 3.0, 2.0, 1.0).var
+        1.0
+    """
 
     count: int
     low: Optional[float]
@@ -137,22 +190,23 @@ def exact_moments(
     """
     Count, range, mean and population variance of each of ``values`` over ``rows``, the same to
     the last bit on any thread count and in any row order, in three scans on every thread: the
-    ranges (which set each value's grid), the grid sums (the means), and the grid sums of the
-    squared deviations from the means (the variances: two passes, so a large mean costs the
+    ranges (which set each value's grid), the sums in HUGEINT grid steps (the means, exact), and
+    the sums of the squared deviations from the means (two passes, so a large mean costs the
     variance no precision).
 
     Args:
         con (duckdb.DuckDBPyConnection): the connection holding ``rows``' tables.
-        values (Sequence[str]): SQL of DOUBLE values over ``rows`` (NULLs skipped).
+        values (Sequence[str]): SQL of numbers over ``rows`` (NULLs skipped).
         rows (str): what follows FROM: tables, joins, a WHERE clause.
-        group (Optional[str]): SQL of an integer to group by, or None for every row.
+        group (Optional[str]): SQL of an integer, never NULL, to group by; None for every row.
 
     Returns:
         Dict[Optional[int], List[Moments]]: per group (and under None, every row) one ``Moments``
         per value, in ``values``' order. Groups without rows are absent.
 
     Raises:
-        ValueError: a value is infinite.
+        UnsummableError: a value is NaN, infinite, or too large to square (its ``index`` says
+            which).
 
     Example::
 
@@ -175,19 +229,21 @@ def exact_moments(
     by = "GROUP BY GROUPING SETS ((__g), ())" if keyed else ""
 
     def scan(aggregates: List[str]) -> Dict[Optional[int], tuple]:
-        key = "__g" if keyed else "NULL"
+        """One row of ``aggregates`` per group, and under None one over every row."""
+        key = "GROUPING(__g), __g" if keyed else "1, NULL"
         found = con.execute(f"SELECT {key}, {', '.join(aggregates)} FROM {source} {by}").fetchall()
-        return {row[0]: row[1:] for row in found}
+        if any(total == 0 and g is None for total, g, *_ in found):
+            raise ValueError(f"exact_moments: the group {group} is NULL on some rows")
+        return {(None if total else g): found_row for total, g, *found_row in found}
 
     ranges = scan([f"count(__v{i}), min(__v{i}), max(__v{i})" for i in range(n)])
     counts = {key: found[0::3] for key, found in ranges.items()}
     lows = {key: found[1::3] for key, found in ranges.items()}
     highs = {key: found[2::3] for key, found in ranges.items()}
-    total_rows = counts[None]
-    largest = [max(abs(lows[None][i] or 0.0), abs(highs[None][i] or 0.0)) for i in range(n)]
-    bits = [grid_bits(largest[i], total_rows[i]) for i in range(n)]
-    totals = scan([fixed_total(f"__v{i}", bits[i]) for i in range(n)])
-    means = {  # exact: the grid sums over the counts
+    largest = [_largest(lows[None][i], highs[None][i], i) for i in range(n)]
+    bits = [_bits(largest[i], counts[None][i], i) for i in range(n)]
+    totals = scan([fixed_total(f"__v{i}", bits[i], integer=True) for i in range(n)])
+    means = {  # exact: the values on their grid, summed as integers, over the counts
         key: [_scaled(totals[key][i], bits[i]) / counts[key][i] if counts[key][i] else None for i in range(n)]
         for key in ranges
     }
@@ -201,15 +257,31 @@ def exact_moments(
         return f"(CASE __g {cases} END)"
 
     def spread(i: int) -> float:
-        """The largest deviation of a row from its group's mean rounded to a double: the group's
-        range plus that rounding."""
-        ranged = [g for g in groups if counts[g][i]]
+        """The largest deviation of a value on its grid from its group's mean rounded to a
+        double: the group's range, a grid step at either end, and that rounding."""
+        step = 2.0 ** -bits[i]
         return max(
-            (highs[g][i] - lows[g][i] + abs(float(means[g][i])) * 2.0**-52 for g in ranged), default=0.0
+            (
+                highs[g][i] - lows[g][i] + 2 * step + abs(float(means[g][i])) * 2.0**-52
+                for g in groups
+                if counts[g][i]
+            ),
+            default=0.0,
         )
 
-    square_bits = [grid_bits(spread(i) ** 2, total_rows[i]) for i in range(n)]
-    squares = scan([fixed_total(f"(__v{i} - {row_mean(i)}) ^ 2", square_bits[i]) for i in range(n)])
+    # squares of the values on their grid (exactly what the means summed), with slack for the
+    # doubles' rounding in the subtraction and the square
+    def square_bound(i: int) -> float:
+        bound = spread(i) * spread(i) * (1 + 2.0**-40)  # a product overflows to inf, ** would raise
+        if not math.isfinite(bound):
+            raise UnsummableError(f"a value of magnitude up to {largest[i]:g}, too large to square", i)
+        return bound
+
+    square_bits = [_bits(square_bound(i), counts[None][i], i) for i in range(n)]
+    on_grid = [f"(round(__v{i} * {2.0 ** bits[i]!r}) / {2.0 ** bits[i]!r})" for i in range(n)]
+    squares = scan(
+        [fixed_total(f"({on_grid[i]} - {row_mean(i)}) ^ 2", square_bits[i], integer=True) for i in range(n)]
+    )
     out: Dict[Optional[int], List[Moments]] = {}
     for key in ranges:
         moments = []
@@ -219,8 +291,9 @@ def exact_moments(
                 moments.append(Moments(0, None, None, None, None))
                 continue
             mean = means[key][i]
-            # the squares were taken about each row's group mean m_g rounded to a double d_g; about
-            # the mean M of these rows, a group's rows add n_g ((m_g - M)^2 - (m_g - d_g)^2) to them
+            # squares about each row's group mean m_g rounded to a double d_g; about the mean M of
+            # these rows a group's rows add n_g ((m_g - M)^2 - (m_g - d_g)^2), as the values on the
+            # grid sum to n_g m_g exactly
             deviations = _scaled(squares[key][i], square_bits[i])
             for g in groups if key is None else [key]:
                 m_g = means[g][i]
@@ -232,6 +305,22 @@ def exact_moments(
     return out
 
 
+def _largest(low: Optional[float], high: Optional[float], index: int) -> float:
+    """The largest magnitude of values within [low, high]; NaN is refused (it compares with nothing)."""
+    ends = [x for x in (low, high) if x is not None]
+    if any(math.isnan(x) for x in ends):
+        raise UnsummableError("a NaN value", index)
+    return max((abs(x) for x in ends), default=0.0)
+
+
+def _bits(bound: float, rows: int, index: int) -> int:
+    """``grid_bits`` in HUGEINT steps, naming the value on failure."""
+    try:
+        return grid_bits(bound, rows, HUGEINT_BITS)
+    except UnsummableError as err:
+        raise UnsummableError(str(err), index) from None
+
+
 def _scaled(total: float, bits: int) -> Fraction:
-    """A sum in grid steps (an integer-valued double) as the exact number it stands for."""
+    """A sum in grid steps as the exact number it stands for."""
     return Fraction(total) / Fraction(2) ** bits

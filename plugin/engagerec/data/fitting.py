@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
-from engagerec.data.exact_sums import exact_moments
+from engagerec.data.exact_sums import UnsummableError, exact_moments
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.schema import (
     MANAGED_INPUT_BUCKETS,
@@ -408,7 +408,8 @@ class Fitter:
 
     def _moments(self, numeric: List[Tuple[FeatureConfig, str, str]]) -> Dict[str, Tuple[float, float]]:
         """(mean, std) of every numeric feature's train values (std 1 when they are constant), by
-        feature name. ``numeric``: (feature, its value as SQL, the alias it reads: e or h).
+        feature name; a feature without a value is absent. ``numeric``: (feature, its value as
+        SQL, the alias it reads: e or h).
 
         Exact sums on every thread (engagerec.data.exact_sums), for every feature of a table at
         once: DuckDB's float aggregates gave means that differed in their last bits from run to
@@ -420,16 +421,26 @@ class Fitter:
             if not group:
                 continue
             values = [value for _, value in group]
-            found = exact_moments(self.con, values, f"{source} WHERE {table}.__split = 0")
+            try:
+                found = exact_moments(self.con, values, f"{source} WHERE {table}.__split = 0")
+            except UnsummableError as err:
+                feature, value = group[err.index]
+                column = feature.column or feature.name
+                bad = self.con.execute(
+                    f"SELECT min(__src) FROM {source} WHERE {table}.__split = 0 AND NOT abs({value}) < 1e150"
+                ).fetchone()[0]
+                where = self.events.locate(column, bad) if bad is not None and table == "e" else None
+                raise DataError(
+                    f"numeric feature '{feature.name}': {err} in the training split",
+                    file=where.file if where else None,
+                    column=column,
+                    row=where.row if where else None,
+                    expected="finite numbers below about 1e150 in magnitude",
+                ) from None
             for (feature, _), fitted in zip(group, found[None], strict=True):
-                if not fitted.count:
-                    raise DataError(
-                        "numeric feature has no values in the training split",
-                        column=feature.column or feature.name,
-                        expected="at least one number",
-                    )
-                std = math.sqrt(fitted.var)
-                moments[feature.name] = (fitted.mean, std if std > 0 else 1.0)
+                if fitted.count:
+                    std = math.sqrt(fitted.var)
+                    moments[feature.name] = (fitted.mean, std if std > 0 else 1.0)
         return moments
 
     def _bucket_edges(
@@ -460,6 +471,12 @@ class Fitter:
         moments = self._moments([(feature, value, table) for _, feature, _, table, value in numeric])
         for index, feature, column, table, value in numeric:
             computed = table == "h"
+            if feature.name not in moments:
+                raise DataError(
+                    "numeric feature has no values in the training split",
+                    column=column,
+                    expected="at least one number",
+                )
             mean, std = moments[feature.name]
             fill = float(mean) if feature.missing == "mean" or computed else None
             if fill is None:

@@ -35,7 +35,7 @@ from engagerec.data import growth, staging
 from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
 from engagerec.data.events import Events, FilterReport, build_events
-from engagerec.data.exact_sums import exact_moments
+from engagerec.data.exact_sums import UnsummableError, exact_moments
 from engagerec.data.fitting import Fitter
 from engagerec.data.history import build_history_table, has_ties
 from engagerec.data.manifest import write_manifest
@@ -373,7 +373,14 @@ def _stats(con, events: Events) -> Dict[str, Dict[str, Any]]:
     ).fetchall()
     counts = {row[0]: row[1:] for row in found}
     names = [quote(label.name) for label in events.labels]
-    labels = exact_moments(con, names, "events", group="__split") if names else {}
+    try:
+        labels = exact_moments(con, names, "events", group="__split") if names else {}
+    except UnsummableError as err:
+        raise DataError(
+            f"label '{events.labels[err.index].name}': {err}",
+            column=events.labels[err.index].name,
+            expected="finite numbers below about 1e150 in magnitude",
+        ) from None
     out: Dict[str, Dict[str, Any]] = {name: {"rows": 0} for name in (*SPLITS, "all")}
     for key, (rows, users, items) in counts.items():
         stats: Dict[str, Any] = {"rows": int(rows)}
@@ -397,7 +404,7 @@ def _stats(con, events: Events) -> Dict[str, Dict[str, Any]]:
 
 def _baselines(con, events: Events, stats: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Constant predictors fitted on train, scored on test: the floor every model must beat
-    (every label's in one pass over the test rows)."""
+    (every label's in the same scans of the test rows)."""
     if stats["test"]["rows"] == 0:
         return {}
     scored, errors = [], []
