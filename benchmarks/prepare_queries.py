@@ -53,6 +53,25 @@ class TimedConnection:
         return self._connection.__exit__(*exc)
 
 
+def kuairand_sources(data: str) -> List[str]:
+    """The overrides that point a config's ``data.source`` at KuaiRand-layout files in ``data``."""
+    return [
+        f"data.source.interactions={data}/log_standard_*.csv",  # not log_random_*, as the config
+        f"data.source.users={data}/user_features_1k.csv",
+        f"data.source.content={data}/video_features_basic_1k.csv",
+    ]
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser, out_help: str, section: str) -> None:
+    """The options every prepare benchmark takes: the files, the output, the config and its
+    overrides, and the RESULTS.md section."""
+    parser.add_argument("--data", default="generated/kuairand_1k")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--config", default="configs/kuairand_1k.yaml")
+    parser.add_argument("--set", action="append", default=[], help="a config override, KEY=VALUE")
+    parser.add_argument("--section", default=section)
+
+
 def timed_prepare(config: str, data: str, out: str, sets: List[str]) -> Tuple[dict, List[Tuple[float, str]]]:
     """Prepare ``data`` into ``out`` with ``config`` and ``sets``; returns (the summary, the timed
     statements, costliest first)."""
@@ -62,13 +81,8 @@ def timed_prepare(config: str, data: str, out: str, sets: List[str]) -> Tuple[di
     log: List[Tuple[float, str]] = []
     connect = prepare_module.connect
     prepare_module.connect = lambda *args, **kwargs: TimedConnection(connect(*args, **kwargs), log)
-    sources = [
-        f"data.source.interactions={data}/log_standard_*.csv",  # not log_random_*, as the config
-        f"data.source.users={data}/user_features_1k.csv",
-        f"data.source.content={data}/video_features_basic_1k.csv",
-    ]
     try:
-        summary = prepare_module.prepare(load_config(config, sources + sets).data, out)
+        summary = prepare_module.prepare(load_config(config, kuairand_sources(data) + sets).data, out)
     finally:
         prepare_module.connect = connect
     return summary, sorted(log, reverse=True)
@@ -79,12 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="generated/kuairand_1k")
-    parser.add_argument("--out", required=True, help="the preparation's directory (written)")
-    parser.add_argument("--config", default="configs/kuairand_1k.yaml")
-    parser.add_argument("--set", action="append", default=[], help="a config override, KEY=VALUE")
+    add_prepare_arguments(parser, "the preparation's directory (written)", "prepare_queries")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--section", default="prepare_queries")
     args = parser.parse_args()
     started = time.perf_counter()
     summary, statements = timed_prepare(args.config, args.data, args.out, args.set)

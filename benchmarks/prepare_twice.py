@@ -25,18 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from prepare_queries import add_prepare_arguments, kuairand_sources  # noqa: E402
 from results import record_section  # noqa: E402
 
 
 def prepare_once(config: str, data: str, out: Path, sets: list[str]) -> float:
     """`engagerec prepare` of ``data`` into ``out`` in a fresh process; returns its seconds."""
-    sources = [
-        f"data.source.interactions={data}/log_standard_*.csv",  # not log_random_*, as the config
-        f"data.source.users={data}/user_features_1k.csv",
-        f"data.source.content={data}/video_features_basic_1k.csv",
-    ]
     command = [sys.executable, "-m", "engagerec", "prepare", "--config", config, "--out", str(out)]
-    for override in sources + sets:
+    for override in kuairand_sources(data) + sets:
         command += ["--set", override]
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
@@ -62,11 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="generated/kuairand_1k")
-    parser.add_argument("--out", required=True, help="a directory for the two preparations (written)")
-    parser.add_argument("--config", default="configs/kuairand_1k.yaml")
-    parser.add_argument("--set", action="append", default=[], help="a config override, KEY=VALUE")
-    parser.add_argument("--section", default="prepare_twice")
+    add_prepare_arguments(parser, "a directory for the two preparations (written)", "prepare_twice")
     parser.add_argument("--keep", action="store_true", help="keep the two preparations")
     args = parser.parse_args()
     out = Path(args.out)
