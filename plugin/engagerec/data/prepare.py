@@ -420,7 +420,15 @@ def _baselines(con, events: Events, stats: Dict[str, Dict[str, Any]]) -> Dict[st
         scored.append((label, mean))
     if not errors:
         return {}
-    found = exact_moments(con, errors, "events WHERE __split = 2")[None]
+    try:
+        found = exact_moments(con, errors, "events WHERE __split = 2")[None]
+    except UnsummableError as err:  # a label so large that its error's square overflows
+        label = scored[err.index][0]
+        raise DataError(
+            f"label '{label.name}': its constant baseline's error: {err}",
+            column=label.name,
+            expected="finite numbers below about 1e75 in magnitude",
+        ) from None
     return {
         label.name: (
             {"accuracy_majority": moments.mean, "positive_rate_train": mean}
