@@ -90,13 +90,15 @@ def grid_bits(bound: Optional[float], rows: int, total_bits: int = FLOAT_BITS) -
     return min(MAX_BITS, bits)
 
 
-def fixed_sum(value: str, bits: int) -> str:
+def fixed_sum(value: str, bits: int, suffix: str = "") -> str:
     """
-    SQL: the exact sum of ``value``'s rows rounded onto the grid of ``bits``, as a DOUBLE.
+    SQL: the exact sum of ``value``'s rows rounded onto the grid of ``bits``, as a DOUBLE;
+    ``suffix`` follows the aggregate (``FILTER (WHERE ...)`` or ``OVER (...)``).
 
     Args:
         value (str): the SQL of a DOUBLE (NULLs are skipped, as ``sum`` skips them).
         bits (int): ``grid_bits`` of the values' largest magnitude and the rows summed.
+        suffix (str): what follows ``sum(...)``. Default: nothing.
 
     Returns:
         str: SQL of a DOUBLE (NULL when no row has a value).
@@ -108,7 +110,7 @@ def fixed_sum(value: str, bits: int) -> str:
         >>> duckdb.execute(f"SELECT {fixed_sum('x', 20)} FROM (VALUES (0.5), (0.25), (1e-9)) t(x)").fetchall()
         [(0.75,)]
     """
-    return from_grid(fixed_total(value, bits), bits)
+    return from_grid(fixed_total(value, bits, suffix), bits)
 
 
 def fixed_total(value: str, bits: int, suffix: str = "", integer: bool = False) -> str:

@@ -34,8 +34,10 @@ from engagerec.data.tables import is_numeric, literal, quote
 from engagerec.data.target_stats import (
     STAT_KINDS,
     fit_stat_tables,
+    label_bits,
     live_counters,
     save_stat_files,
+    stat_features,
     stat_meta,
 )
 
@@ -325,7 +327,7 @@ class Fitter:
         """The per-id training statistics of the features ``group`` ([(index, feature)], one id
         column) as DuckDB ``table``, saved beside the schema for scoring
         (engagerec.data.target_stats)."""
-        priors = fit_stat_tables(self.con, group, table, key, seed)  # exact sums: any thread count
+        priors = fit_stat_tables(self.con, group, table, key, seed, self.label_grid)  # exact sums
         save_stat_files(self.con, group, table, self.out_dir, self.carried_tables.get(table))
         for _, feature in group:
             meta = stat_meta(feature, priors[feature.name], token_type)
@@ -338,6 +340,12 @@ class Fitter:
         ``n`` as SQL), and the joins they read: none here; a window prepared against a base
         carries on from the base's (engagerec.data.growth)."""
         return [], {}
+
+    @functools.cached_property
+    def label_grid(self) -> Dict[str, int]:
+        """The exact-sum grid of every label a target mean sums (``label_bits``): one scan of the
+        events for every id column's statistics and their windows."""
+        return label_bits(self.con, [f.of for f in stat_features(self.features) if f.kind == "target_mean"])
 
     @functools.cached_property
     def log_end(self) -> float:

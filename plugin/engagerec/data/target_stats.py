@@ -50,7 +50,7 @@ import duckdb
 
 from engagerec.config import FeatureConfig
 from engagerec.data.errors import DataError
-from engagerec.data.exact_sums import fixed_total, from_grid, grid_bits
+from engagerec.data.exact_sums import fixed_sum, grid_bits
 from engagerec.data.raw import TIMESTAMP
 from engagerec.data.split import seeded_key
 from engagerec.data.tables import literal, quote
@@ -88,8 +88,7 @@ def stat_sql(fitter, features: List[FeatureConfig], seed: int) -> Tuple[List[str
     """
     joins, values = [], {}
     labelled: Dict[Tuple[str, str], bool] = {}  # (label, counted rows) -> every counted row has it
-    summed = [feature.of for feature in stat_features(features) if feature.kind == "target_mean"]
-    bits = label_bits(fitter.con, summed) if fitter.fitting else {}
+    bits = fitter.label_grid if fitter.fitting else {}  # read back for scoring: no sums
     for c, ((column, _), group) in enumerate(_groups(features).items()):
         token_type = fitter.stat_token_type(group[0][1])
         key = fitter.token_sql(column, token_type)
@@ -217,7 +216,7 @@ def _ordered_sums(
         window = f"OVER ({order} UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP)"
     labelled = row if every_row_labelled else y
     return {
-        "s": f"coalesce({from_grid(fixed_total(y, bits, window), bits)}, 0)",
+        "s": f"coalesce({fixed_sum(y, bits, window)}, 0)",
         "c": f"coalesce(count({labelled}) {window}, 0)",
         "n": f"coalesce(count({row}) {window}, 0)",
     }
@@ -277,6 +276,7 @@ def fit_stat_tables(
     table: str,
     key: str,
     seed: int,
+    bits: Dict[str, int],
 ) -> Dict[str, float]:
     """
     Per id over the training rows (every row for a group of live counters), in one pass for
@@ -290,18 +290,19 @@ def fit_stat_tables(
         table: the DuckDB table to create.
         key: the SQL of the id's token on ``events e``.
         seed: the cross-fitting folds' seed.
+        bits: the exact-sum grid of each label summed (``label_bits``, read once for every id
+            column).
 
     Returns:
         Dict[str, float]: per feature its prior (the label's training mean; 0 for id_count).
     """
     means = [(i, f) for i, f in group if f.kind == "target_mean"]
-    bits = label_bits(con, [feature.of for _, feature in means])
     columns = [f"{key} AS token"]
     aggregates = ["count(*) AS n"]
 
     def label_sum(i: int, feature: FeatureConfig, where: str = "") -> str:
         """Exact (engagerec.data.exact_sums): an id's rows come in any order."""
-        return from_grid(fixed_total(f"y_{i}", bits[feature.of], where), bits[feature.of])
+        return fixed_sum(f"y_{i}", bits[feature.of], where)
 
     for i, feature in means:
         columns += [f"CAST(e.{quote(feature.of)} AS DOUBLE) AS y_{i}", f"{fold_sql(feature, seed)} AS f_{i}"]
