@@ -1,12 +1,15 @@
 """Labels, filters, splits and history on small hand-made tables, through the one writer."""
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import study_config, study_files
+from conftest import study_config, study_files, write_csv
+from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
+from engagerec.data.events import build_events
 from engagerec.data.prepare import prepare
 from engagerec.data.schema import DatasetSchema
 
@@ -103,6 +106,34 @@ def test_rows_dropped_are_counted_by_reason(tmp_path):
         summary["rows_read"] == 26 and summary["rows_read"] - summary["rows_dropped"] == summary["rows_kept"]
     )
     assert summary["rows_kept"] == len(_all_rows(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("text_keys", [False, True])
+def test_each_row_reads_its_own_users_columns(tmp_path, text_keys):
+    """The users table's columns reach the events by a join at read time: every row gets its
+    user's values, a user missing from the table (kept) gets NULLs, and no row is added or lost.
+    With text_keys the table's ids are text while the log's are numbers (matched as text)."""
+    files = study_files(tmp_path)
+    log = pd.read_csv(files["interactions"])
+    log = pd.concat([log, log.head(5).assign(user_id=7)], ignore_index=True)  # user 7: no row
+    users = pd.read_csv(files["users"])
+    if text_keys:  # a non-numeric id makes the column text
+        users = pd.concat([users, pd.DataFrame({"user_id": ["x9"], "age": [60], "gender": ["F"]})])
+    files["interactions"] = write_csv(tmp_path / "interactions.csv", log)
+    files["users"] = write_csv(tmp_path / "users.csv", users)
+    cfg = study_config(
+        files,
+        filters={"min_user_views": 0, "drop_zero_watch_time": False},
+        source={"adapter": "study", **files, "unjoined_users": "keep"},
+    ).data
+    con = duckdb.connect()
+    events = build_events(con, load_tables(cfg.source, tmp_path / "work"), cfg)
+    got = con.execute("SELECT user_id, age, gender FROM events ORDER BY __src").fetchall()
+    by_user = {str(u): (a, g) for u, a, g in users[["user_id", "age", "gender"]].itertuples(index=False)}
+    expected = [(u, *by_user.get(str(u), (None, None))) for u in log.user_id]
+    assert [(int(u), a, g) for u, a, g in got] == [(u, a, g) for u, a, g in expected]
+    assert events.rows == len(log)
+    assert events.report.notes["user_id not in its table (kept, features missing)"] == 5
 
 
 def test_min_user_views_keeps_users_with_more_than_n(tmp_path):
