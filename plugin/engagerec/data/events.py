@@ -33,6 +33,7 @@ from engagerec.data.tables import (
     load_table,
     quote,
 )
+from engagerec.data.user_grain import UserGrain
 
 OVER_CAP_POLICIES = ("clip", "drop", "keep")
 UNJOINED_POLICIES = ("error", "keep", "drop")
@@ -70,6 +71,7 @@ class Events:
     report: FilterReport
     labels: List[LabelConfig]
     rows: int
+    users: Optional[UserGrain] = None  # the users table's columns, at the user's grain
 
     def locate(self, column: str, src: int) -> DataError:
         """A DataError pointing at the row of the file that gave event ``src`` its ``column``."""
@@ -482,7 +484,7 @@ def _needed_columns(cfg: DataConfig) -> List[str]:
 def _row_columns(cfg: DataConfig, sources: _Sources, timestamp: Optional[str]) -> List[str]:
     """SELECT items of a joined row: its source row, every feature's source column (and the
     ids) from the log or the content table, and the parsed timestamp. The users table's
-    columns are left to the events view (``_user_columns``)."""
+    columns are left to the events view (``_user_grain``)."""
     select = [f"l.rowid AS {SOURCE_ROW}"]
     log = sources.log
     for joined in _needed_columns(cfg):
@@ -503,27 +505,20 @@ def _row_columns(cfg: DataConfig, sources: _Sources, timestamp: Optional[str]) -
 _ALIASES = {"log": "l", "users": "u", "content": "c"}  # the tables' aliases in the staged query
 
 
-def _user_columns(cfg: DataConfig, sources: _Sources) -> Tuple[List[str], str]:
-    """The users table's feature columns as the events view reads them: (SELECT items, its
-    LEFT JOIN clause), or ([], "") when no feature reads one.
-
-    A user's columns stay at the user's grain until a query reads them: copied onto each of
-    11.7M rows, KuaiRand-1K's 30 user columns had made the staged table's statement take 14.7
-    s against 6 s without them, while a join against 1,000 users costs a scan little
-    (docs/EXPERIMENTS.md). The keys are unique (``_check_sources``), so the join neither adds
-    nor drops a row."""
+def _user_grain(cfg: DataConfig, sources: _Sources) -> Optional[UserGrain]:
+    """The users table's feature columns, left at the user's grain (engagerec.data.user_grain):
+    the events view joins them, or None when no feature reads one."""
     users = sources.users
+    if users is None:
+        return None
     wanted = [c for c in _needed_columns(cfg) if c != USER_ID and sources.origin.get(c) is users]
     if not wanted:
-        return [], ""
+        return None
     space = sources.spaces[users.name]
-    key, left = quote(USER_ID), f"staged.{quote(USER_ID)}"
-    if sources.log.columns[USER_ID] != users.columns[USER_ID]:  # as _join_sql matches them
-        key, left = f"CAST({key} AS VARCHAR)", f"CAST({left} AS VARCHAR)"
+    text_keys = sources.log.columns[USER_ID] != users.columns[USER_ID]  # as _join_sql matches them
+    key = f"CAST({quote(USER_ID)} AS VARCHAR)" if text_keys else quote(USER_ID)
     columns = ", ".join(f"{quote(space[c][0])} AS {quote(c)}" for c in wanted)
-    table = f"(SELECT {key} AS __user_key, {columns} FROM {users.name})"
-    join = f"LEFT JOIN {table} __users ON __users.__user_key = {left}"
-    return [f"__users.{quote(c)}" for c in wanted], join
+    return UserGrain(tuple(wanted), f"SELECT {key} AS __user_key, {columns} FROM {users.name}", text_keys)
 
 
 def _watch_ratio(cfg: DataConfig, sources: _Sources) -> Optional[_Ratio]:
@@ -666,7 +661,9 @@ def _events_view(
     source row left out), the labels and the split; returns its Events."""
     columns = [c[0] for c in con.execute("DESCRIBE staged").fetchall()]
     keep_columns = [f"staged.{quote(c)}" for c in columns if not c.startswith("__")] + [SOURCE_ROW]
-    user_columns, user_join = _user_columns(cfg, sources)
+    grain = _user_grain(cfg, sources)
+    user_columns = [f"__users.{quote(c)}" for c in grain.columns] if grain else []
+    user_join = grain.view_join("staged") if grain else ""
     # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
     # columns of it at a time, and the writer streams it once per split.
     con.execute(
@@ -674,7 +671,9 @@ def _events_view(
         f"{', '.join(labels)}, {split} AS __split FROM staged {user_join} WHERE {kept}"
     )
     described = {row[0]: row[1] for row in con.execute("DESCRIBE events").fetchall()}
-    return Events(con, described, sources.origin, sources.log, sources.report, list(cfg.labels), int(rows))
+    return Events(
+        con, described, sources.origin, sources.log, sources.report, list(cfg.labels), int(rows), grain
+    )
 
 
 def _unscored_relative_label(features: List[FeatureConfig], label: LabelConfig) -> str:

@@ -51,6 +51,7 @@ from engagerec.data.tables import (
     write_failure,
 )
 from engagerec.data.target_stats import drop_stat_tables, stat_sql
+from engagerec.data.user_grain import USER_ENCODED, USER_MISSING, encode_per_user, joins_used, per_user_joins
 
 SPLITS = SPLIT_NAMES
 SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging directory
@@ -267,10 +268,11 @@ def write_splits(
     """Encode and write each split, in two passes that each fit DuckDB's memory limit:
 
     1. ``encoded``: every row's columns that need no history (vocabulary lookups, standardised
-       numbers, labels), with its source row and timestamp;
+       numbers, labels), with its source row and timestamp; the columns that read only the
+       users table are encoded once per user instead (engagerec.data.user_grain);
     2. per split, one streaming query: those columns joined with the history table on the
-       source row, in the split's order (``order``, an ORDER BY over ``e``, replaces it:
-       scoring keeps the input's order).
+       source row (and the per-user codes on the user), in the split's order (``order``, an
+       ORDER BY over ``e``, replaces it: scoring keeps the input's order).
 
     One query for everything held every vocabulary's hash table and the history join at once,
     and ran out of 1 GB at 5x the KuaiRand-1K shape. Returns per split its rows and files.
@@ -282,19 +284,30 @@ def write_splits(
         {label: f"CAST(coalesce(e.{quote(label)}, 'NaN'::DOUBLE) AS FLOAT)" for label in schema.label_names}
     )
     from_history = {name for name, sql in columns.items() if _HISTORY_COLUMN.search(sql)}
-    encoded = {name: f"__c{i}" for i, name in enumerate(n for n in columns if n not in from_history)}
-    kept = ["__src", "__split"] + ([quote(TIMESTAMP)] if TIMESTAMP in events.columns else [])
+    per_user = (
+        encode_per_user(con, events.users, events.columns, columns, fitter.joins) if events.users else {}
+    )
+    encoded = {
+        name: f"__c{i}"
+        for i, name in enumerate(n for n in columns if n not in from_history and n not in per_user)
+    }
+    kept = [
+        f"e.{k}" for k in ["__src", "__split"] + ([quote(TIMESTAMP)] if TIMESTAMP in events.columns else [])
+    ]
+    if per_user:
+        kept.append(f"{events.users.key('e')} AS __user_key")
+    joins = joins_used([columns[name] for name in encoded], fitter.joins)
     con.execute(
         "CREATE OR REPLACE TABLE encoded AS SELECT "
-        + ", ".join(
-            [f"e.{k}" for k in kept] + [f"{columns[name]} AS {alias}" for name, alias in encoded.items()]
-        )
-        + f" FROM events e {' '.join(fitter.joins)}"
+        + ", ".join(kept + [f"{columns[name]} AS {alias}" for name, alias in encoded.items()])
+        + f" FROM events e {' '.join(joins)}"
     )
-    select = ", ".join(
-        f"{columns[name] if name in from_history else 'e.' + encoded[name]} AS {quote(name)}"
+    read = {
+        name: per_user.get(name) or (columns[name] if name in from_history else f"e.{encoded[name]}")
         for name in columns
-    )
+    }
+    select = ", ".join(f"{read[name]} AS {quote(name)}" for name in columns)
+    user_joins = per_user_joins("e") if per_user else ""
     files: Dict[str, Any] = {}
     dictionary = dictionary_columns(schema, cfg.row_group_size)
     for code, name in enumerate(SPLITS):
@@ -302,7 +315,8 @@ def write_splits(
             continue
         writer = ShardWriter(out_dir / name, cfg.rows_per_file, cfg.row_group_size, dictionary)
         query = (
-            f"SELECT {select} FROM encoded e JOIN history h ON h.__src = e.__src WHERE e.__split = {code} "
+            f"SELECT {select} FROM encoded e JOIN history h ON h.__src = e.__src {user_joins} "
+            f"WHERE e.__split = {code} "
             f"ORDER BY {order or _split_order(cfg, name)}"
         )
         reader = con.cursor().sql(query).to_arrow_reader(BATCH_ROWS)  # own cursor: streams alone
@@ -312,6 +326,8 @@ def write_splits(
         writer.close(layout)
         files[name] = {"rows": writer.rows, "files": writer.files, "file_rows": writer.file_rows}
     con.execute("DROP TABLE encoded")
+    if per_user:
+        con.execute(f"DROP TABLE {USER_ENCODED}; DROP TABLE {USER_MISSING}")
     return files
 
 
