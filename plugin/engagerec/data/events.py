@@ -71,7 +71,7 @@ class Events:
     report: FilterReport
     labels: List[LabelConfig]
     rows: int
-    users: Optional[UserGrain] = None  # the users table's columns, at the user's grain
+    user_grain: Optional[UserGrain] = None  # the users table's columns, at the user's grain
 
     def locate(self, column: str, src: int) -> DataError:
         """A DataError pointing at the row of the file that gave event ``src`` its ``column``."""

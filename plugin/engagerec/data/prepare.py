@@ -285,7 +285,9 @@ def write_splits(
     )
     from_history = {name for name, sql in columns.items() if _HISTORY_COLUMN.search(sql)}
     per_user = (
-        encode_per_user(con, events.users, events.columns, columns, fitter.joins) if events.users else {}
+        encode_per_user(con, events.user_grain, events.columns, columns, fitter.joins)
+        if events.user_grain
+        else {}
     )
     encoded = {
         name: f"__c{i}"
@@ -295,7 +297,7 @@ def write_splits(
         f"e.{k}" for k in ["__src", "__split"] + ([quote(TIMESTAMP)] if TIMESTAMP in events.columns else [])
     ]
     if per_user:
-        kept.append(f"{events.users.key('e')} AS __user_key")
+        kept.append(f"{events.user_grain.key('e')} AS __user_key")
     joins = joins_used([columns[name] for name in encoded], fitter.joins)
     con.execute(
         "CREATE OR REPLACE TABLE encoded AS SELECT "

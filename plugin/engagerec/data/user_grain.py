@@ -104,7 +104,7 @@ def encode_per_user(
 
     Args:
         con: the DuckDB connection holding the users table and the vocabularies.
-        grain: the users table's columns (``Events.users``).
+        grain: the users table's columns (``Events.user_grain``).
         column_types: the events' column -> DuckDB type (``Events.columns``).
         expressions: output name -> SQL over the events (alias ``e``) and ``joins``.
         joins: the fitter's vocabulary joins (``LEFT JOIN vocab_k j<index> ON ...``).
@@ -116,7 +116,7 @@ def encode_per_user(
 
     Example::
 
-        per_user = encode_per_user(con, events.users, events.columns, {"age": 'e."age" / 10'}, [])
+        per_user = encode_per_user(con, events.user_grain, events.columns, {"age": 'e."age" / 10'}, [])
         # per_user == {"age": "CASE WHEN u.__user_key IS NULL THEN m.__u0 ELSE u.__u0 END"}
     """
     columns = frozenset(grain.columns)
