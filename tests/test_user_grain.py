@@ -3,7 +3,7 @@
 import duckdb
 import pytest
 
-from engagerec.data.user_grain import UserGrain, encode_per_user, per_user_joins
+from engagerec.data.user_grain import UserGrain, encode_per_user, per_user_join
 
 GENDER = "CAST(coalesce(j0.idx, 0) AS INTEGER)"  # a vocabulary lookup of a user column
 AGE = 'CAST((coalesce(e."age", 30.0) - 30.0) / 10.0 AS FLOAT)'  # a standardised user number
@@ -31,7 +31,7 @@ def test_per_user_codes_equal_the_per_row_expressions(text_keys):
         text_keys,
     )
     con.execute(
-        "CREATE VIEW events AS SELECT staged.*, __users.gender, __users.age "
+        f"CREATE VIEW events AS SELECT staged.*, {', '.join(grain.view_columns())} "
         f"FROM staged {grain.view_join('staged')}"
     )
     con.execute("CREATE TABLE vocab_0 AS SELECT * FROM (VALUES ('F', 1), ('M', 2)) t(token, idx)")
@@ -41,7 +41,7 @@ def test_per_user_codes_equal_the_per_row_expressions(text_keys):
     expected = con.execute(f"SELECT e.__src, {GENDER}, {AGE} FROM events e {JOINS[0]} ORDER BY 1").fetchall()
     got = con.execute(
         f"SELECT e.__src, {per_user['gender']}, {per_user['age']} FROM "
-        f"(SELECT __src, {grain.key('staged')} AS __user_key FROM staged) e {per_user_joins('e')} ORDER BY 1"
+        f"(SELECT __src, __user_key FROM events) e {per_user_join('e')} ORDER BY 1"
     ).fetchall()
     assert got == expected
     assert [row[1:] for row in got] == [(1, -1.0), (2, 0.0), (0, 1.0), (0, 0.0), (1, -1.0), (0, 0.0)]

@@ -662,7 +662,7 @@ def _events_view(
     columns = [c[0] for c in con.execute("DESCRIBE staged").fetchall()]
     keep_columns = [f"staged.{quote(c)}" for c in columns if not c.startswith("__")] + [SOURCE_ROW]
     grain = _user_grain(cfg, sources)
-    user_columns = [f"__users.{quote(c)}" for c in grain.columns] if grain else []
+    user_columns = grain.view_columns() if grain else []
     user_join = grain.view_join("staged") if grain else ""
     # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
     # columns of it at a time, and the writer streams it once per split.

@@ -51,7 +51,7 @@ from engagerec.data.tables import (
     write_failure,
 )
 from engagerec.data.target_stats import drop_stat_tables, stat_sql
-from engagerec.data.user_grain import USER_ENCODED, USER_MISSING, encode_per_user, joins_used, per_user_joins
+from engagerec.data.user_grain import USER_ENCODED, encode_per_user, joins_used, per_user_join
 
 SPLITS = SPLIT_NAMES
 SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging directory
@@ -297,7 +297,7 @@ def write_splits(
         f"e.{k}" for k in ["__src", "__split"] + ([quote(TIMESTAMP)] if TIMESTAMP in events.columns else [])
     ]
     if per_user:
-        kept.append(f"{events.user_grain.key('e')} AS __user_key")
+        kept.append("e.__user_key")
     joins = joins_used([columns[name] for name in encoded], fitter.joins)
     con.execute(
         "CREATE OR REPLACE TABLE encoded AS SELECT "
@@ -309,7 +309,7 @@ def write_splits(
         for name in columns
     }
     select = ", ".join(f"{read[name]} AS {quote(name)}" for name in columns)
-    user_joins = per_user_joins("e") if per_user else ""
+    user_join = per_user_join("e") if per_user else ""
     files: Dict[str, Any] = {}
     dictionary = dictionary_columns(schema, cfg.row_group_size)
     for code, name in enumerate(SPLITS):
@@ -317,8 +317,8 @@ def write_splits(
             continue
         writer = ShardWriter(out_dir / name, cfg.rows_per_file, cfg.row_group_size, dictionary)
         query = (
-            f"SELECT {select} FROM encoded e JOIN history h ON h.__src = e.__src {user_joins} "
-            f"WHERE e.__split = {code} "
+            f"SELECT {select} FROM encoded e JOIN history h ON h.__src = e.__src {user_join} "
+            f"WHERE e.__split = {code} AND h.__split = {code} "  # both sides filtered before the join
             f"ORDER BY {order or _split_order(cfg, name)}"
         )
         reader = con.cursor().sql(query).to_arrow_reader(BATCH_ROWS)  # own cursor: streams alone
@@ -329,7 +329,7 @@ def write_splits(
         files[name] = {"rows": writer.rows, "files": writer.files, "file_rows": writer.file_rows}
     con.execute("DROP TABLE encoded")
     if per_user:
-        con.execute(f"DROP TABLE {USER_ENCODED}; DROP TABLE {USER_MISSING}")
+        con.execute(f"DROP TABLE {USER_ENCODED}")
     return files
 
 

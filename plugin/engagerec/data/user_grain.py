@@ -21,7 +21,6 @@ from engagerec.data.raw import USER_ID
 from engagerec.data.tables import quote
 
 USER_ENCODED = "user_encoded"  # the writer's table: one row per user, its features encoded
-USER_MISSING = "user_missing"  # one row: the encoding of a user the users table lacks
 
 _EVENT_COLUMN = re.compile(r'\be\.("(?:[^"]|"")*"|[A-Za-z_]\w*)')  # a column of the events (alias e)
 _JOIN_ALIAS = re.compile(r"\b(j\d+)\.")  # a vocabulary join of the fitter (alias j<index>)
@@ -40,7 +39,7 @@ class UserGrain:
     Example::
 
         grain = UserGrain(("age",), 'SELECT "user_id" AS __user_key, "age" AS "age" FROM users', False)
-        con.execute(f"SELECT s.*, __users.age FROM staged s {grain.view_join('s')}")
+        con.execute(f"SELECT s.*, {', '.join(grain.view_columns())} FROM staged s {grain.view_join('s')}")
     """
 
     columns: Tuple[str, ...]
@@ -56,6 +55,12 @@ class UserGrain:
     def view_join(self, alias: str) -> str:
         """The LEFT JOIN that gives rows under ``alias`` their user's columns, as ``__users``."""
         return f"LEFT JOIN ({self.rows}) __users ON __users.__user_key = {self.key(alias)}"
+
+    def view_columns(self) -> List[str]:
+        """What the events view selects through ``view_join``: the columns, and the user's key
+        in the users table as ``__user_key`` (NULL where the table lacks the user), which
+        ``per_user_join`` matches."""
+        return [f"__users.{quote(c)}" for c in self.columns] + ["__users.__user_key"]
 
 
 def _event_columns(sql: str) -> set:
@@ -97,10 +102,10 @@ def encode_per_user(
     joins: List[str],
 ) -> Dict[str, str]:
     """
-    Encode, once per user, every expression that reads nothing but user columns: the tables
-    ``user_encoded`` (``__user_key`` and one column per expression) and ``user_missing`` (one
-    row: the expressions over NULL columns, what a user the table lacks reads under
-    ``unjoined_users: keep``).
+    Encode, once per user, every expression that reads nothing but user columns: the table
+    ``user_encoded``, ``__user_key`` and one column per expression, for every user of the users
+    table and one more, of key NULL, whose columns are all NULL: what a row whose user the
+    table lacks reads (``unjoined_users: keep``; such a row's ``__user_key`` is NULL).
 
     Args:
         con: the DuckDB connection holding the users table and the vocabularies.
@@ -110,14 +115,14 @@ def encode_per_user(
         joins: the fitter's vocabulary joins (``LEFT JOIN vocab_k j<index> ON ...``).
 
     Returns:
-        Dict[str, str]: output name -> SQL over a row's ``user_encoded`` (alias ``u``) and
-        ``user_missing`` (alias ``m``), for the expressions encoded here (none: ``{}``, and no
-        table is written).
+        Dict[str, str]: output name -> SQL over a row's ``user_encoded`` (alias ``u``,
+        ``per_user_join``), for the expressions encoded here (none: ``{}``, and no table is
+        written).
 
     Example::
 
         per_user = encode_per_user(con, events.user_grain, events.columns, {"age": 'e."age" / 10'}, [])
-        # per_user == {"age": "CASE WHEN u.__user_key IS NULL THEN m.__u0 ELSE u.__u0 END"}
+        # per_user == {"age": "u.__u0"}
     """
     columns = frozenset(grain.columns)
     chosen = {name: sql for name, sql in expressions.items() if _reads_users_only(sql, joins, columns)}
@@ -125,23 +130,17 @@ def encode_per_user(
         return {}
     aliases = {name: f"__u{i}" for i, name in enumerate(chosen)}
     select = ", ".join(f"{sql} AS {aliases[name]}" for name, sql in chosen.items())
-    vocabularies = " ".join(joins_used(chosen.values(), joins))
+    nulls = ", ".join(f"CAST(NULL AS {column_types[c]}) AS {quote(c)}" for c in grain.columns)
+    users = f"({grain.rows}) UNION ALL (SELECT NULL AS __user_key, {nulls})"
     con.execute(
         f"CREATE OR REPLACE TABLE {USER_ENCODED} AS SELECT e.__user_key, {select} "
-        f"FROM ({grain.rows}) e {vocabularies}"
+        f"FROM ({users}) e {' '.join(joins_used(chosen.values(), joins))}"
     )
-    nulls = ", ".join(f"CAST(NULL AS {column_types[c]}) AS {quote(c)}" for c in grain.columns)
-    con.execute(
-        f"CREATE OR REPLACE TABLE {USER_MISSING} AS SELECT {select} FROM (SELECT {nulls}) e {vocabularies}"
-    )
-    # a user absent from the table has no row in user_encoded: it reads user_missing's
-    return {
-        name: f"CASE WHEN u.__user_key IS NULL THEN m.{alias} ELSE u.{alias} END"
-        for name, alias in aliases.items()
-    }
+    return {name: f"u.{alias}" for name, alias in aliases.items()}
 
 
-def per_user_joins(alias: str) -> str:
-    """The joins that give the rows under ``alias`` (which carry their user's ``__user_key``)
-    the ``encode_per_user`` tables, as ``u`` and ``m``."""
-    return f"LEFT JOIN {USER_ENCODED} u ON u.__user_key = {alias}.__user_key CROSS JOIN {USER_MISSING} m"
+def per_user_join(alias: str) -> str:
+    """The join that gives the rows under ``alias`` (which carry the events' ``__user_key``)
+    their user's row of ``user_encoded`` (alias ``u``): the NULL key's row where the users
+    table lacks the user, so every row finds exactly one."""
+    return f"LEFT JOIN {USER_ENCODED} u ON u.__user_key IS NOT DISTINCT FROM {alias}.__user_key"
