@@ -7,6 +7,10 @@ user (``encode_per_user``: vocabulary lookups, standardised numbers) into a tabl
 while streaming the shards. The keys are unique in the users table (checked when it is
 loaded), so neither join adds or drops a row, and the values are those the per-row
 expressions give: the same shards, byte for byte.
+
+Each scan of the events then builds a hash table of the users table: cheap while it is far
+smaller than the log (KuaiRand's 1,000 or 27,000 users); a users table close to the log's
+size was not measured.
 """
 
 from __future__ import annotations
@@ -142,5 +146,14 @@ def encode_per_user(
 def per_user_join(alias: str) -> str:
     """The join that gives the rows under ``alias`` (which carry the events' ``__user_key``)
     their user's row of ``user_encoded`` (alias ``u``): the NULL key's row where the users
-    table lacks the user, so every row finds exactly one."""
+    table lacks the user, so every row finds exactly one.
+
+    Args:
+        alias: the rows' alias in the query.
+
+    Example::
+
+        >>> per_user_join("e")
+        'LEFT JOIN user_encoded u ON u.__user_key IS NOT DISTINCT FROM e.__user_key'
+    """
     return f"LEFT JOIN {USER_ENCODED} u ON u.__user_key IS NOT DISTINCT FROM {alias}.__user_key"
