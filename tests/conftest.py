@@ -20,9 +20,17 @@ def pytest_configure(config):
     training 30x slower than one worker alone."""
     import os
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
         os.environ["OMP_NUM_THREADS"] = "1"  # before torch starts its thread pool, and for subprocesses
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # an inductor cache of its own per worker: two workers compiling the same AOTI package
+        # shared one directory, and one worker once loaded a package's file while it was empty
+        import tempfile
+
+        os.environ.setdefault(
+            "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{worker}")
+        )
 
 
 def pytest_collection_modifyitems(config, items):
