@@ -284,15 +284,13 @@ def write_splits(
         {label: f"CAST(coalesce(e.{quote(label)}, 'NaN'::DOUBLE) AS FLOAT)" for label in schema.label_names}
     )
     from_history = {name for name, sql in columns.items() if _HISTORY_COLUMN.search(sql)}
+    per_row = {name: sql for name, sql in columns.items() if name not in from_history}
     per_user = (
-        encode_per_user(con, events.user_grain, events.columns, columns, fitter.joins)
+        encode_per_user(con, events.user_grain, events.columns, per_row, fitter.joins)
         if events.user_grain
         else {}
     )
-    encoded = {
-        name: f"__c{i}"
-        for i, name in enumerate(n for n in columns if n not in from_history and n not in per_user)
-    }
+    encoded = {name: f"__c{i}" for i, name in enumerate(n for n in per_row if n not in per_user)}
     kept = [
         f"e.{k}" for k in ["__src", "__split"] + ([quote(TIMESTAMP)] if TIMESTAMP in events.columns else [])
     ]

@@ -28,7 +28,6 @@ USER_ENCODED = "user_encoded"  # the writer's table: one row per user, its featu
 
 _EVENT_COLUMN = re.compile(r'\be\.("(?:[^"]|"")*"|[A-Za-z_]\w*)')  # a column of the events (alias e)
 _JOIN_ALIAS = re.compile(r"\b(j\d+)\.")  # a vocabulary join of the fitter (alias j<index>)
-_HISTORY = re.compile(r"\bh\.")  # the history table (alias h)
 
 
 @dataclass(frozen=True)
@@ -76,9 +75,8 @@ def _event_columns(sql: str) -> set:
 
 
 def _reads_users_only(sql: str, joins: List[str], columns: frozenset) -> bool:
-    """Whether ``sql`` reads user columns and nothing else, through its vocabulary joins too."""
-    if _HISTORY.search(sql):
-        return False
+    """Whether ``sql`` reads user columns and nothing else, through its vocabulary joins too
+    (the writer passes no expression of the history table's)."""
     read = _event_columns(sql)
     for alias in _JOIN_ALIAS.findall(sql):
         read |= _event_columns(joins[int(alias[1:])])
