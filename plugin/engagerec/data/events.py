@@ -494,8 +494,8 @@ def _row_columns(cfg: DataConfig, sources: _Sources, timestamp: Optional[str]) -
         canon = sources.spaces[table.name][joined][0]
         if joined in (USER_ID, CONTENT_ID) and table is not log:
             continue
-        if joined == TIMESTAMP or (joined == DURATION and WATCH_TIME in log.columns):
-            continue  # selected below, parsed (timestamps) and from the table the ratio uses
+        if _selected_apart(joined, log):
+            continue
         select.append(f"{_ALIASES[table.name]}.{quote(canon)} AS {quote(joined)}")
     if timestamp is not None:
         select.append(f"{timestamp} AS {quote(TIMESTAMP)}")
@@ -505,13 +505,23 @@ def _row_columns(cfg: DataConfig, sources: _Sources, timestamp: Optional[str]) -
 _ALIASES = {"log": "l", "users": "u", "content": "c"}  # the tables' aliases in the staged query
 
 
+def _selected_apart(joined: str, log: LoadedTable) -> bool:
+    """Whether a joined column is selected apart from the others, whichever table it comes
+    from: the timestamp (parsed) and the duration the watch ratio reads (from its table)."""
+    return joined == TIMESTAMP or (joined == DURATION and WATCH_TIME in log.columns)
+
+
 def _user_grain(cfg: DataConfig, sources: _Sources) -> Optional[UserGrain]:
     """The users table's feature columns, left at the user's grain (engagerec.data.user_grain):
     the events view joins them, or None when no feature reads one."""
     users = sources.users
     if users is None:
         return None
-    wanted = [c for c in _needed_columns(cfg) if c != USER_ID and sources.origin.get(c) is users]
+    wanted = [
+        c
+        for c in _needed_columns(cfg)
+        if c != USER_ID and sources.origin.get(c) is users and not _selected_apart(c, sources.log)
+    ]
     if not wanted:
         return None
     space = sources.spaces[users.name]
@@ -664,6 +674,14 @@ def _events_view(
     grain = _user_grain(cfg, sources)
     user_columns = grain.view_columns() if grain else []
     user_join = grain.view_join("staged") if grain else ""
+    names = [c for c in columns if not c.startswith("__")] + list(grain.columns if grain else [])
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # DuckDB would rename the second silently (name_1), and features read the first
+        raise DataError(
+            f"column '{twice[0]}' would reach the events from both the users table and another table",
+            column=twice[0],
+            expected="a column name that one table gives (rename one with data.source.columns)",
+        )
     # A view, not a table: the wide rows are materialised once (staged); fitting reads a few
     # columns of it at a time, and the writer streams it once per split.
     con.execute(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -46,6 +46,27 @@ TRANSFORMS = ("none", "log1p")
 # where a dense feature's values are read: the joined rows, or the history table that holds
 # the history windows and id statistics (the aliases the shard writer gives them)
 SOURCES = {"e": "events e", "h": "history h"}
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one encoded column's SQL (``Fitter.sparse_sql`` / ``dense_sql``) reads, recorded as
+    the fitter writes it, so the shard writer can tell which columns to encode once per user and
+    which read the history table without parsing SQL (a token such as ``'h.264'`` in a
+    vocabulary literal would fool a pattern).
+
+    Args:
+        column: the events' column it reads (alias ``e``); None: the history table (alias ``h``).
+        joins: the indices in ``Fitter.joins`` of the vocabulary joins it reads.
+
+    Example::
+
+        >>> Reads("gender", (0,)).column, Reads(None).joins
+        ('gender', ())
+    """
+
+    column: Optional[str]
+    joins: Tuple[int, ...] = ()
 
 
 def validate_features(features: List[FeatureConfig], columns: Dict[str, str], labels: List[str]) -> None:
@@ -270,7 +291,7 @@ class Fitter:
     def _lookup_sql(self, info: Dict[str, Any], token: str) -> str:
         """token -> index (0: unseen or missing) as an expression; vocabulary joins are added
         by the caller through ``self.joins``."""
-        self.last_join = None
+        self.last_join: Optional[int] = None
         if info["hashed"]:
             hashed = f"1 + hash({token}) % {info['hashed']}"
             return f"CAST(CASE WHEN {token} IS NULL THEN 0 ELSE {hashed} END AS INTEGER)"
@@ -281,7 +302,7 @@ class Fitter:
             alias = self._join_alias[key] = f"j{len(self.joins)}"
             self.joins.append(f"LEFT JOIN {info['table']} {alias} ON {alias}.token = {token}")
         alias = self._join_alias[key]
-        self.last_join = self.joins[int(alias[1:])]
+        self.last_join = int(alias[1:])
         return f"coalesce({alias}.idx, 0)"
 
     def _id_lookup(self, space: str, column: str, feature: FeatureConfig) -> str:
@@ -357,13 +378,15 @@ class Fitter:
     def fit_ids(self) -> None:
         """Phase 1: vocabularies (or hashing) of every sparse feature, on train rows.
 
-        Leaves ``sparse_sql`` (feature -> SELECT expression over ``events e`` and ``joins``)
-        and ``histories`` ([(feature, encoded id expression)]) for the history windows.
+        Leaves ``sparse_sql`` (feature -> SELECT expression over ``events e`` and ``joins``),
+        ``reads`` (feature -> what that expression reads) and ``histories`` ([(feature, encoded
+        id expression)]) for the history windows.
         """
         self.joins: List[str] = []
         self._join_alias: Dict[Tuple[str, str], str] = {}  # (vocabulary table, token) -> its join's alias
-        self.last_join: Optional[str] = None  # the join the last lookup reads (None: hashed)
+        self.last_join: Optional[int] = None  # the index of the join the last lookup reads (None: hashed)
         self.sparse_sql: Dict[str, Optional[str]] = {}
+        self.reads: Dict[str, Reads] = {}  # encoded column -> what its SQL reads
         self.histories: List[Any] = []
         self.history_joins: List[str] = []
         self._entries: Dict[int, List[SparseFeature]] = {}
@@ -372,6 +395,7 @@ class Fitter:
             if feature.kind == "categorical":
                 space = feature.id_space or column
                 self.sparse_sql[feature.name] = self._id_lookup(space, column, feature)
+                self.reads[feature.name] = Reads(column, () if self.last_join is None else (self.last_join,))
                 self._entries[index] = [SparseFeature(feature.name, space, multi=False)]
             elif feature.kind == "multi_hot":
                 space = feature.id_space or column
@@ -398,20 +422,24 @@ class Fitter:
                     position = f"CAST(coalesce(list_position({vocab_sql}, t), 0) AS INTEGER)"
                     mapped = f"list_transform({tokens}, lambda t: {position})"
                 self.sparse_sql[feature.name] = mapped
+                self.reads[feature.name] = Reads(column)  # the vocabulary is a literal list, no join
                 self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
             elif feature.kind == "history":
                 space = feature.id_space or feature.of
                 lookup = self._id_lookup(space, feature.of, feature)
-                if self.last_join is not None and self.last_join not in self.history_joins:
-                    self.history_joins.append(self.last_join)  # the history's query joins it too
+                join = None if self.last_join is None else self.joins[self.last_join]
+                if join is not None and join not in self.history_joins:
+                    self.history_joins.append(join)  # the history's query joins it too
                 self.histories.append((feature, lookup))
                 if feature.positions:  # position p of the window: a bag of 0 or 1 id
                     names = position_names(feature.name, feature.length)
                     for p, name in enumerate(names):
                         self.sparse_sql[name] = f"h.{quote(feature.name)}[{p + 1}:{p + 1}]"
+                        self.reads[name] = Reads(None)
                     self._entries[index] = [SparseFeature(name, space, multi=True) for name in names]
                 else:
                     self.sparse_sql[feature.name] = f"h.{quote(feature.name)}"  # from the history table
+                    self.reads[feature.name] = Reads(None)
                     self._entries[index] = [SparseFeature(feature.name, space, multi=True)]
 
     def _moments(self, numeric: List[Tuple[FeatureConfig, str, str]]) -> Dict[str, Tuple[float, float]]:
@@ -500,6 +528,7 @@ class Fitter:
                     )
             filled = f"coalesce({value}, {float(mean)!r})"
             self.dense_sql[feature.name] = f"CAST(({filled} - {float(mean)!r}) / {std!r} AS FLOAT)"
+            self.reads[feature.name] = Reads(None if computed else column)
             dense[index] = DenseFeature(feature.name, column, feature.transform, float(mean), std, fill)
             if feature.buckets > 0:
                 bucket = f"{feature.name}_bucket"
@@ -511,6 +540,7 @@ class Fitter:
                     f"CAST(CASE WHEN {value} IS NULL THEN 0 "
                     f"ELSE 1 + len(list_filter({edge_sql}, lambda b: b <= {filled})) END AS INTEGER)"
                 )
+                self.reads[bucket] = self.reads[feature.name]
                 self._entries.setdefault(index, []).append(SparseFeature(bucket, bucket, multi=False))
         order = sorted(self._entries)
         self.schema.sparse = [entry for index in order for entry in self._entries[index]]

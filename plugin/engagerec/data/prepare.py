@@ -21,7 +21,6 @@ the number of rows.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from dataclasses import asdict
@@ -36,7 +35,7 @@ from engagerec.data.adapters import load_tables
 from engagerec.data.errors import DataError
 from engagerec.data.events import Events, FilterReport, build_events
 from engagerec.data.exact_sums import UnsummableError, exact_moments
-from engagerec.data.fitting import Fitter
+from engagerec.data.fitting import Fitter, Reads
 from engagerec.data.history import build_history_table, has_ties
 from engagerec.data.manifest import write_manifest
 from engagerec.data.raw import CONTENT_ID, TIMESTAMP, USER_ID
@@ -283,10 +282,12 @@ def write_splits(
     columns.update(
         {label: f"CAST(coalesce(e.{quote(label)}, 'NaN'::DOUBLE) AS FLOAT)" for label in schema.label_names}
     )
-    from_history = {name for name, sql in columns.items() if _HISTORY_COLUMN.search(sql)}
+    reads = dict(fitter.reads)
+    reads.update({label: Reads(label) for label in schema.label_names})
+    from_history = {name for name in columns if reads[name].column is None}
     per_row = {name: sql for name, sql in columns.items() if name not in from_history}
     per_user = (
-        encode_per_user(con, events.user_grain, events.columns, per_row, fitter.joins)
+        encode_per_user(con, events.user_grain, events.columns, per_row, reads, fitter.joins)
         if events.user_grain
         else {}
     )
@@ -296,7 +297,7 @@ def write_splits(
     ]
     if per_user:
         kept.append("e.__user_key")
-    joins = joins_used([columns[name] for name in encoded], fitter.joins)
+    joins = joins_used([reads[name] for name in encoded], fitter.joins)
     con.execute(
         "CREATE OR REPLACE TABLE encoded AS SELECT "
         + ", ".join(kept + [f"{columns[name]} AS {alias}" for name, alias in encoded.items()])
@@ -329,9 +330,6 @@ def write_splits(
     if per_user:
         con.execute(f"DROP TABLE {USER_ENCODED}")
     return files
-
-
-_HISTORY_COLUMN = re.compile(r"\bh\.")  # an expression that reads the history table (alias h)
 
 
 def dictionary_columns(schema: DatasetSchema, row_group_size: int) -> List[str]:

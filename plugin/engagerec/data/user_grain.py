@@ -3,10 +3,11 @@
 Copied onto every event, a user's columns cost a log's size in rows for a table's size in
 values: KuaiRand-1K's 30 user columns over 11.7M views, for 1,000 users. So the ``events``
 view joins them at read time (``UserGrain.view_join``), and the writer encodes them once per
-user (``encode_per_user``: vocabulary lookups, standardised numbers) into a table it joins
-while streaming the shards. The keys are unique in the users table (checked when it is
-loaded), so neither join adds or drops a row, and the values are those the per-row
-expressions give: the same shards, byte for byte.
+user the events hold (``encode_per_user``: vocabulary lookups, standardised numbers) into a
+table it joins while streaming the shards. Which columns read the users table is what the
+fitter recorded as it wrote their SQL (``Fitter.reads``), never read off the SQL. The keys are
+unique in the users table (checked when it is loaded), so neither join adds or drops a row,
+and the values are those the per-row expressions give: the same shards, byte for byte.
 
 Each scan of the events then builds a hash table of the users table: cheap while it is far
 smaller than the log (KuaiRand's 1,000 or 27,000 users); a users table close to the log's
@@ -15,19 +16,16 @@ size was not measured.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Tuple
 
 import duckdb
 
+from engagerec.data.fitting import Reads
 from engagerec.data.raw import USER_ID
 from engagerec.data.tables import quote
 
 USER_ENCODED = "user_encoded"  # the writer's table: one row per user, its features encoded
-
-_EVENT_COLUMN = re.compile(r'\be\.("(?:[^"]|"")*"|[A-Za-z_]\w*)')  # a column of the events (alias e)
-_JOIN_ALIAS = re.compile(r"\b(j\d+)\.")  # a vocabulary join of the fitter (alias j<index>)
 
 
 @dataclass(frozen=True)
@@ -66,34 +64,16 @@ class UserGrain:
         return [f"__users.{quote(c)}" for c in self.columns] + ["__users.__user_key"]
 
 
-def _event_columns(sql: str) -> set:
-    """The events' columns an expression reads (its ``e.<column>`` references)."""
-    names = set()
-    for name in _EVENT_COLUMN.findall(sql):
-        names.add(name[1:-1].replace('""', '"') if name.startswith('"') else name)
-    return names
-
-
-def _reads_users_only(sql: str, joins: List[str], columns: frozenset) -> bool:
-    """Whether ``sql`` reads user columns and nothing else, through its vocabulary joins too
-    (the writer passes no expression of the history table's)."""
-    read = _event_columns(sql)
-    for alias in _JOIN_ALIAS.findall(sql):
-        read |= _event_columns(joins[int(alias[1:])])
-    return bool(read) and read <= columns
-
-
-def joins_used(expressions: Iterable[str], joins: List[str]) -> List[str]:
-    """The vocabulary joins (``joins[k]`` has the alias ``j<k>``) that ``expressions`` read, in order.
+def joins_used(reads: Iterable[Reads], joins: List[str]) -> List[str]:
+    """The vocabulary joins (``joins[k]``, alias ``j<k>``) that columns reading ``reads`` need, in order.
 
     Example::
 
-        >>> joins_used(["coalesce(j1.idx, 0)"], ["LEFT JOIN vocab_0 j0 ON j0.token = e.a",
-        ...                                       "LEFT JOIN vocab_1 j1 ON j1.token = e.b"])
+        >>> joins_used([Reads("b", (1,)), Reads("a")], ["LEFT JOIN vocab_0 j0 ON j0.token = e.a",
+        ...                                             "LEFT JOIN vocab_1 j1 ON j1.token = e.b"])
         ['LEFT JOIN vocab_1 j1 ON j1.token = e.b']
     """
-    used = sorted({int(alias[1:]) for sql in expressions for alias in _JOIN_ALIAS.findall(sql)})
-    return [joins[k] for k in used]
+    return [joins[k] for k in sorted({k for read in reads for k in read.joins})]
 
 
 def encode_per_user(
@@ -101,19 +81,25 @@ def encode_per_user(
     grain: UserGrain,
     column_types: Mapping[str, str],
     expressions: Mapping[str, str],
+    reads: Mapping[str, Reads],
     joins: List[str],
 ) -> Dict[str, str]:
     """
-    Encode, once per user, every expression that reads nothing but user columns: the table
-    ``user_encoded``, ``__user_key`` and one column per expression, for every user of the users
-    table and one more, of key NULL, whose columns are all NULL: what a row whose user the
-    table lacks reads (``unjoined_users: keep``; such a row's ``__user_key`` is NULL).
+    Encode, once per user, every expression that reads a user column: the table
+    ``user_encoded``, ``__user_key`` and one column per expression, for every user the events
+    hold and one more, of key NULL, whose columns are all NULL: what a row whose user the table
+    lacks reads (``unjoined_users: keep``; such a row's ``__user_key`` is NULL).
+
+    Only the users the events hold: a user without a kept row is never evaluated, as it never
+    was per row (its values may not even convert: an id space's type, a FLOAT's range).
 
     Args:
-        con: the DuckDB connection holding the users table and the vocabularies.
+        con: the DuckDB connection holding the ``events`` view and the vocabularies.
         grain: the users table's columns (``Events.user_grain``).
         column_types: the events' column -> DuckDB type (``Events.columns``).
         expressions: output name -> SQL over the events (alias ``e``) and ``joins``.
+        reads: output name -> what its SQL reads (``Fitter.reads``); an expression reads one
+            column, so one that reads a user column reads nothing else.
         joins: the fitter's vocabulary joins (``LEFT JOIN vocab_k j<index> ON ...``).
 
     Returns:
@@ -123,20 +109,24 @@ def encode_per_user(
 
     Example::
 
-        per_user = encode_per_user(con, events.user_grain, events.columns, {"age": 'e."age" / 10'}, [])
+        per_user = encode_per_user(con, events.user_grain, events.columns, {"age": 'e."age" / 10'},
+                                   {"age": Reads("age")}, [])
         # per_user == {"age": "u.__u0"}
     """
-    columns = frozenset(grain.columns)
-    chosen = {name: sql for name, sql in expressions.items() if _reads_users_only(sql, joins, columns)}
+    chosen = [name for name in expressions if reads[name].column in grain.columns]
     if not chosen:
         return {}
     aliases = {name: f"__u{i}" for i, name in enumerate(chosen)}
-    select = ", ".join(f"{sql} AS {aliases[name]}" for name, sql in chosen.items())
+    select = ", ".join(f"{expressions[name]} AS {aliases[name]}" for name in chosen)
     nulls = ", ".join(f"CAST(NULL AS {column_types[c]}) AS {quote(c)}" for c in grain.columns)
-    users = f"({grain.rows}) UNION ALL (SELECT NULL AS __user_key, {nulls})"
+    users = (
+        f"(SELECT * FROM ({grain.rows}) WHERE __user_key IN (SELECT __user_key FROM events)) "
+        f"UNION ALL (SELECT NULL AS __user_key, {nulls})"
+    )
+    used = joins_used([reads[name] for name in chosen], joins)
     con.execute(
         f"CREATE OR REPLACE TABLE {USER_ENCODED} AS SELECT e.__user_key, {select} "
-        f"FROM ({users}) e {' '.join(joins_used(chosen.values(), joins))}"
+        f"FROM ({users}) e {' '.join(used)}"
     )
     return {name: f"u.{alias}" for name, alias in aliases.items()}
 
