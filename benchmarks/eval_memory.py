@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from results import PEAK_RSS, machine_block, run_child, write_section
+from results import PEAK_RSS, exported, machine_block, run_child, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,15 +89,6 @@ print(json.dumps({"base": base, "peak": peak, "rows": values["rows"], "seconds":
                   "skip_auc": values["skip/auc"], "watch_ratio_xauc": values["watch_ratio/xauc"]}))
 """
 )
-
-
-def exported(revision: str, into: Path) -> Path:
-    """``plugin/`` of ``revision`` written under ``into``; returns the directory to import from."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "plugin"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into / "plugin"
 
 
 def child_env(plugin: Path | None) -> dict:

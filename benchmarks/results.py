@@ -16,6 +16,7 @@ from pathlib import Path
 from engagerec.machine import cpu_flags, cpu_name, package_versions
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+REPO = RESULTS.parent.parent
 PACKAGES = ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "numpy")
 # the tower in float32 whatever the config's tower_precision (configs/kuairand_1k.yaml: auto): the
 # quality, replay and end-to-end figures were measured so; train_levers.py checks bf16 apart
@@ -160,3 +161,13 @@ def run_child(code: str, *args: str, **options) -> dict:
         [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, **options
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def exported(revision: str, into: Path) -> Path:
+    """``plugin/`` of git ``revision`` written under ``into``; returns the directory to import
+    from (on ``PYTHONPATH`` it shadows the editable install): a before/after in one run."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "plugin"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "plugin"

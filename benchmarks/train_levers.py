@@ -3,7 +3,7 @@ validation check of those that change the numbers.
 
     .venv/bin/python benchmarks/train_levers.py --data-dir prepared/kuairand_1k [--steps 400] \\
         [--rounds 3] [--quality-seeds 0 1 2] [--runs DIR] [--section train_levers] [--variants NAME ...] \\
-        [--reference NAME]
+        [--reference NAME] [--before REV]
 
 Each variant is `engagerec train` as shipped (metrics on, the reader included, a fresh process)
 with a global batch of 4096 rows a step, on configs/kuairand_1k.yaml (whose viewing history has
@@ -34,6 +34,10 @@ seed in ``--quality-seeds`` (the config's epochs); they are compared on the vali
 loss and per-task metrics, mean ± 95% CI over seeds; the test split is not read for this choice.
 Runs under ``--runs`` with a results.json are read, not trained again. Writes the section
 ``--section`` of benchmarks/RESULTS.md.
+
+``--before REV`` also runs the reference with the code of git revision REV (its ``plugin/``
+exported, on ``PYTHONPATH``), alternating with the others, and takes every ratio to it: a code
+change's speed, side by side.
 """
 
 from __future__ import annotations
@@ -41,18 +45,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import FLOAT32, other_settings, record_section  # noqa: E402
+from results import FLOAT32, exported, other_settings, record_section  # noqa: E402
 
 CONFIG = "configs/kuairand_1k.yaml"
 BATCH = 4096
@@ -117,12 +122,15 @@ def train_command(name: str, data_dir: str, out: Path, extra: List[str]) -> List
     ]
 
 
-def speed(name: str, data_dir: str, steps: int, work: Path) -> float:
-    """The median samples/s of a ``steps``-step run's log windows after the first."""
+def speed(name: str, data_dir: str, steps: int, work: Path, plugin: Optional[Path] = None) -> float:
+    """The median samples/s of a ``steps``-step run's log windows after the first; with the code
+    of ``plugin`` (an exported revision) when given."""
     out = work / "speed"
     shutil.rmtree(out, ignore_errors=True)
     extra = [f"train.max_steps={steps}", "train.log_every_steps=50"]
-    subprocess.run(train_command(name, data_dir, out, extra), check=True, capture_output=True, cwd=REPO)
+    env = None if plugin is None else {**os.environ, "PYTHONPATH": str(plugin)}
+    command = train_command(name, data_dir, out, extra)
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=env)
     rows = [r for r in csv.DictReader(open(out / "log.csv")) if r["phase"] == "train"]
     return statistics.median(float(r["samples_per_s"]) for r in rows[1:])
 
@@ -167,15 +175,25 @@ def main() -> None:
     parser.add_argument(
         "--reference", choices=list(VARIANTS), default=REFERENCE, help="the variant the ratios are to"
     )
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run the reference with the code of git revision REV, and take the ratios to it",
+    )
     args = parser.parse_args()
     reference = args.reference
     names = [reference] + [name for name in args.variants if name != reference]
-    found: Dict[str, List[float]] = {name: [] for name in names}
+    before = f"{reference}, the code of {args.before}" if args.before else None
+    found: Dict[str, List[float]] = {name: [] for name in ([before] if before else []) + names}
     with tempfile.TemporaryDirectory() as tmp:
+        plugin = exported(args.before, Path(tmp)) if args.before else None
         for round_ in range(args.rounds):
-            for name in names:
-                found[name].append(speed(name, args.data_dir, args.steps, Path(tmp)))
+            for name in found:
+                code = plugin if name == before else None
+                variant = reference if name == before else name
+                found[name].append(speed(variant, args.data_dir, args.steps, Path(tmp), code))
                 print(f"round {round_}: {name} {found[name][-1]:,.0f} samples/s", flush=True)
+    base = before or reference
     runs = Path(args.runs or tempfile.mkdtemp(prefix="train_levers-"))
     # one process only: the 2-rank variants (each rank reads its own half of the epoch) are not
     # checked on validation here
@@ -185,14 +203,14 @@ def main() -> None:
     lines = [
         f"`engagerec train --config {CONFIG}` on `{args.data_dir}`, {BATCH} rows a step, "
         f"metrics on, {args.steps} steps a run; samples/s: the median of a run's log windows after "
-        f"the first; {args.rounds} alternating rounds (median over rounds; ratio to {reference} "
+        f"the first; {args.rounds} alternating rounds (median over rounds; ratio to {base} "
         "within each round: min / median / max).",
         "",
-        f"| variant | samples/s | ratio to {reference} |",
+        f"| variant | samples/s | ratio to {base} |",
         "|---|---:|---|",
     ]
     for name, values in found.items():
-        ratios = sorted(v / d for v, d in zip(values, found[reference], strict=True))
+        ratios = sorted(v / d for v, d in zip(values, found[base], strict=True))
         lines.append(
             f"| {name} | {statistics.median(values):,.0f} | "
             f"{ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f} |"
