@@ -11,17 +11,14 @@ the weights it would read without the overlap: the updates are the same, bit for
 fifth of a KuaiRand-1K step (benchmarks/RESULTS.md, profile_precision_intel_loop); with the
 worker, whole epochs ran 1.43x as fast (train_levers_intel_worker).
 
-How: a forward hook on each TBE (FBGEMM's batch of tables) of each lookup of a sharded
-EmbeddingBagCollection that holds fused tables (their optimizer applied in backward) hands the
-rest of the model a detached view of the TBE's pooled output, a leaf of the autograd graph.
-When autograd has accumulated the gradients of all of a lookup's leaves, hooks make one backward
-per TBE ready. The worker takes them the largest first (by ids); the main thread, when it
-reaches the next lookup (a forward pre-hook) with backward passes the worker has not started,
-runs them itself, the smallest first, rather than wait: on KuaiRand-1K the history's TBE takes
-the worker, and the main thread the ids' TBE. Collectives stay on the main thread: the output
-distribution's backward runs there, before the leaves' gradients are complete. While the
-worker runs, the main thread's ops use one intra-op thread fewer, so that the worker has a
-core; the worker's own parallel regions run on its one thread.
+How: a forward hook on each lookup of a sharded EmbeddingBagCollection that holds fused tables
+(FBGEMM's TBEs, their optimizer applied in backward) hands the rest of the model a detached
+view of the pooled output, a leaf of the autograd graph. When autograd has accumulated the
+leaf's gradient, a hook submits the backward of the lookup's own graph to a one-thread executor.
+Collectives stay on the main thread: the output distribution's backward runs there, before the
+leaf's gradient is complete. While the worker runs, the main thread's ops use one intra-op
+thread fewer, so that the worker has a core. A forward pre-hook on the same lookups waits for
+the worker and gives the thread back.
 
 The fused optimizers' ``zero_grad`` and ``step`` pass the learning rate (train.lr_schedule) to
 FBGEMM while the worker may still run the last backward: that is safe because FBGEMM's CPU
@@ -31,12 +28,9 @@ tests/test_backward_overlap.py).
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
-import functools
-import threading
+import concurrent.futures
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
@@ -49,7 +43,6 @@ from torchrec.optim.fused import FusedOptimizerModule
 from engagerec.profiling import WAIT
 
 SETTINGS = ("auto", "main", "worker")
-WORKER_NAME = "engagerec-embedding-backward"
 
 
 def fused_lookups(model: nn.Module) -> List[nn.Module]:
@@ -155,35 +148,11 @@ def overlap_if_used(
     return overlap
 
 
-@dataclasses.dataclass
-class _Backward:
-    """One TBE's backward, ready to run: its pooled output, that output's gradient, and its ids
-    (the work's size)."""
-
-    ids: int
-    output: torch.Tensor
-    gradient: torch.Tensor
-
-
-@dataclasses.dataclass
-class _Gathering:
-    """A lookup's TBE backward passes of one forward: ready together once every TBE's gradient
-    has come (they come together, from the backward of the lookup's one concatenation), so that
-    the worker can take the largest."""
-
-    awaited: int = 0  # TBEs whose gradient has not come yet
-    passes: List[_Backward] = dataclasses.field(default_factory=list)
-
-
 class EmbeddingBackwardOverlap:
     """
     Runs the backward of ``model``'s fused embedding lookups (and so their optimizer update) on a
     worker thread, started when the gradient of their pooled output is ready; their next
     lookup waits for it (see the module docstring).
-
-    Each TBE of a lookup (FBGEMM's batch of tables) is a backward of its own. The worker takes the
-    one with the most ids first; the main thread, when it reaches the next lookup with backward
-    passes the worker has not started, runs them itself, the fewest ids first, rather than wait.
 
     Call ``wait()`` before anything else reads the tables or their optimizer state (a
     checkpoint, an export), and ``close()`` when done: it waits and removes the hooks.
@@ -204,62 +173,32 @@ class EmbeddingBackwardOverlap:
 
     def __init__(self, model: nn.Module) -> None:
         self.lookups = fused_lookups(model)
-        self._lock = threading.Condition()
-        self._ready: List[_Backward] = []  # not started, in order of ids
-        self._gatherings: Dict[int, _Gathering] = {}  # lookup -> its last forward's passes
-        self._running = 0  # started on either thread, not finished
-        self._errors: List[BaseException] = []
-        self._closed = False
-        self.backward_passes = 0  # TBE backward passes run so far, on either thread
-        self.passes_on_main = 0  # of which the main thread ran, instead of waiting
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engagerec-embedding-backward"
+        )
+        self._pending: List[concurrent.futures.Future] = []
+        self.backward_passes = 0  # submitted to the worker so far
         self._main_threads: Optional[int] = None  # the main thread's intra-op threads, while lent
         self.worker_seconds = 0.0  # the worker's time in them (the profiler's window reads it)
         self._handles: List[RemovableHandle] = []
-        for index, lookup in enumerate(self.lookups):
-            self._handles.append(
-                lookup.register_forward_pre_hook(functools.partial(self._before_lookup, index))
-            )
-            for tbe in lookup._emb_modules:  # torchrec's TBE modules, one per group of tables
-                self._handles.append(tbe.register_forward_hook(functools.partial(self._after_tbe, index)))
-        threads = torch.get_num_threads()
-        self._worker_ready = False
-        self._worker = threading.Thread(target=self._work, name=WORKER_NAME, daemon=True)
-        self._worker.start()
-        with self._lock:
-            self._lock.wait_for(lambda: self._worker_ready)
-        torch.set_num_threads(threads)  # the worker's setting also reaches MKL's, process-wide
+        for lookup in self.lookups:
+            self._handles.append(lookup.register_forward_pre_hook(self._before_lookup))
+            self._handles.append(lookup.register_forward_hook(self._after_lookup))
 
     @property
     def pending(self) -> int:
-        """Backward passes whose gradient has come and that have not finished."""
-        with self._lock:
-            gathered = sum(len(gathering.passes) for gathering in self._gatherings.values())
-            return gathered + len(self._ready) + self._running
+        """Backward passes submitted and not yet waited for."""
+        return len(self._pending)
 
     def wait(self) -> None:
-        """Finish every backward whose gradient has come: run those the worker has not started
-        on this thread, then wait for the worker; re-raise the first error one of them met."""
-        with self._lock:
-            self._release_gathered()
-            busy = bool(self._ready or self._running)
-        if busy:
+        """Wait for every submitted backward; then re-raise the first error one of them met."""
+        pending, self._pending = self._pending, []
+        if pending:
             with record_function(WAIT):
-                while True:
-                    with self._lock:
-                        if self._ready:  # the worker has not started it: run it here, not wait
-                            backward = self._ready.pop(0)  # the fewest ids first
-                            self._running += 1
-                        elif self._running:
-                            self._lock.wait()
-                            continue
-                        else:
-                            break
-                    self._run(backward, on_worker=False)
+                concurrent.futures.wait(pending)
         self._take_the_core_back()
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise errors[0]
+        for future in pending:
+            future.result()
 
     def close(self) -> None:
         """Wait, then remove the hooks and stop the worker."""
@@ -269,57 +208,13 @@ class EmbeddingBackwardOverlap:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
-            with self._lock:
-                self._closed = True
-                self._lock.notify_all()
-            self._worker.join()
+            self._executor.shutdown(wait=True)
 
-    def _work(self) -> None:
-        """The worker: run the ready backward passes, the most ids first, until closed."""
-        # one OpenMP thread of its own: FBGEMM's parallel regions run inline rather than start a
-        # second team of threads beside the main thread's on a machine of two cores
-        torch.set_num_threads(1)
-        with self._lock:
-            self._worker_ready = True
-            self._lock.notify_all()
-        while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._ready or self._closed)
-                if not self._ready:
-                    return
-                backward = self._ready.pop()  # the most ids
-                self._running += 1
-            self._run(backward, on_worker=True)
-
-    def _run(self, backward: _Backward, on_worker: bool) -> None:
-        """One TBE's backward, which applies the fused optimizer's update."""
+    def _backward(self, output: torch.Tensor, gradient: torch.Tensor) -> None:
+        """On the worker: the lookup's backward, which applies the fused optimizer's update."""
         started = time.perf_counter()
-        try:
-            torch.autograd.backward(backward.output, backward.gradient)
-        except BaseException as error:  # noqa: BLE001 - re-raised on the main thread by wait()
-            with self._lock:
-                self._errors.append(error)
-        finally:
-            with self._lock:
-                self._running -= 1
-                self.backward_passes += 1
-                if on_worker:
-                    self.worker_seconds += time.perf_counter() - started
-                else:
-                    self.passes_on_main += 1
-                self._lock.notify_all()
-
-    def _enqueue(self, backward: _Backward) -> None:
-        """Make ``backward`` ready for either thread (kept in order of ids)."""
-        bisect.insort(self._ready, backward, key=lambda b: b.ids)
-        self._lock.notify_all()
-
-    def _release_gathered(self) -> None:
-        """Ready every gathered backward, also of a lookup one of whose TBEs got no gradient."""
-        for gathering in self._gatherings.values():
-            for backward in gathering.passes:
-                self._enqueue(backward)
-            gathering.passes = []
+        torch.autograd.backward(output, gradient)
+        self.worker_seconds += time.perf_counter() - started
 
     def _give_the_worker_a_core(self) -> None:
         # the main thread's ops run on one thread fewer while the worker runs: on 2 cores, 2
@@ -336,32 +231,21 @@ class EmbeddingBackwardOverlap:
             torch.set_num_threads(self._main_threads)
             self._main_threads = None
 
-    def _before_lookup(self, lookup: int, module: nn.Module, inputs: Any) -> None:
+    def _before_lookup(self, module: nn.Module, inputs: Any) -> None:
         self.wait()  # the tables must hold the last step's update before they are read
-        with self._lock:
-            self._gatherings[lookup] = _Gathering()
 
-    def _after_tbe(self, lookup: int, module: nn.Module, inputs: Any, output: Any) -> Optional[torch.Tensor]:
+    def _after_lookup(self, module: nn.Module, inputs: Any, output: Any) -> Optional[torch.Tensor]:
         if not (module.training and torch.is_grad_enabled()):
             return None
         if not isinstance(output, torch.Tensor) or output.grad_fn is None:
             return None
         leaf = output.detach().requires_grad_()
-        values = getattr(inputs[0], "values", None) if inputs else None
-        ids = values().numel() if callable(values) else 0
-        with self._lock:
-            gathering = self._gatherings.setdefault(lookup, _Gathering())
-            gathering.awaited += 1
 
-        def gradient_ready(ready: torch.Tensor) -> None:
-            backward = _Backward(ids, output, ready.grad)
-            ready.grad = None
-            with self._lock:
-                gathering.passes.append(backward)
-                gathering.awaited -= 1
-                if gathering.awaited == 0:
-                    self._release_gathered()
+        def start_backward(ready: torch.Tensor) -> None:
+            gradient, ready.grad = ready.grad, None
+            self._pending.append(self._executor.submit(self._backward, output, gradient))
+            self.backward_passes += 1
             self._give_the_worker_a_core()
 
-        leaf.register_post_accumulate_grad_hook(gradient_ready)
+        leaf.register_post_accumulate_grad_hook(start_backward)
         return leaf
