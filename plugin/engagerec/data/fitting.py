@@ -291,7 +291,7 @@ class Fitter:
     def _lookup_sql(self, info: Dict[str, Any], token: str) -> str:
         """token -> index (0: unseen or missing) as an expression; vocabulary joins are added
         by the caller through ``self.joins``."""
-        self.last_join: Optional[int] = None
+        self.last_join = None
         if info["hashed"]:
             hashed = f"1 + hash({token}) % {info['hashed']}"
             return f"CAST(CASE WHEN {token} IS NULL THEN 0 ELSE {hashed} END AS INTEGER)"
@@ -427,9 +427,8 @@ class Fitter:
             elif feature.kind == "history":
                 space = feature.id_space or feature.of
                 lookup = self._id_lookup(space, feature.of, feature)
-                join = None if self.last_join is None else self.joins[self.last_join]
-                if join is not None and join not in self.history_joins:
-                    self.history_joins.append(join)  # the history's query joins it too
+                if self.last_join is not None and self.joins[self.last_join] not in self.history_joins:
+                    self.history_joins.append(self.joins[self.last_join])  # the history's query joins it too
                 self.histories.append((feature, lookup))
                 if feature.positions:  # position p of the window: a bag of 0 or 1 id
                     names = position_names(feature.name, feature.length)

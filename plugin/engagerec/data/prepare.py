@@ -50,7 +50,7 @@ from engagerec.data.tables import (
     write_failure,
 )
 from engagerec.data.target_stats import drop_stat_tables, stat_sql
-from engagerec.data.user_grain import USER_ENCODED, encode_per_user, joins_used, per_user_join
+from engagerec.data.user_grain import USER_ENCODED, encode_per_user, joins_used, per_user_join, read_per_user
 
 SPLITS = SPLIT_NAMES
 SCRATCH = ".scratch"  # DuckDB's database and spill, inside the staging directory
@@ -286,22 +286,23 @@ def write_splits(
     reads.update({label: Reads(label) for label in schema.label_names})
     from_history = {name for name in columns if reads[name].column is None}
     per_row = {name: sql for name, sql in columns.items() if name not in from_history}
-    per_user = (
-        encode_per_user(con, events.user_grain, events.columns, per_row, reads, fitter.joins)
-        if events.user_grain
-        else {}
-    )
-    encoded = {name: f"__c{i}" for i, name in enumerate(n for n in per_row if n not in per_user)}
+    on_user = read_per_user(events.user_grain, per_row, reads) if events.user_grain else []
+    encoded = {name: f"__c{i}" for i, name in enumerate(n for n in per_row if n not in on_user)}
     kept = [
         f"e.{k}" for k in ["__src", "__split"] + ([quote(TIMESTAMP)] if TIMESTAMP in events.columns else [])
     ]
-    if per_user:
+    if on_user:
         kept.append("e.__user_key")
     joins = joins_used([reads[name] for name in encoded], fitter.joins)
     con.execute(
         "CREATE OR REPLACE TABLE encoded AS SELECT "
         + ", ".join(kept + [f"{columns[name]} AS {alias}" for name, alias in encoded.items()])
         + f" FROM events e {' '.join(joins)}"
+    )
+    per_user = (  # the users to encode read off encoded's keys: no second scan of the events
+        encode_per_user(con, events.user_grain, events.columns, per_row, reads, fitter.joins, keys="encoded")
+        if on_user
+        else {}
     )
     read = {
         name: per_user.get(name) or (columns[name] if name in from_history else f"e.{encoded[name]}")

@@ -76,6 +76,19 @@ def joins_used(reads: Iterable[Reads], joins: List[str]) -> List[str]:
     return [joins[k] for k in sorted({k for read in reads for k in read.joins})]
 
 
+def read_per_user(grain: UserGrain, names: Iterable[str], reads: Mapping[str, Reads]) -> List[str]:
+    """The ``names`` whose SQL reads a user column, in order: what ``encode_per_user`` encodes.
+    An expression reads one column, so one that reads a user column reads nothing else.
+
+    Example::
+
+        >>> grain = UserGrain(("age",), "SELECT ...", False)
+        >>> read_per_user(grain, ["age", "rating"], {"age": Reads("age"), "rating": Reads("rating")})
+        ['age']
+    """
+    return [name for name in names if reads[name].column in grain.columns]
+
+
 def encode_per_user(
     con: duckdb.DuckDBPyConnection,
     grain: UserGrain,
@@ -83,6 +96,7 @@ def encode_per_user(
     expressions: Mapping[str, str],
     reads: Mapping[str, Reads],
     joins: List[str],
+    keys: str = "events",
 ) -> Dict[str, str]:
     """
     Encode, once per user, every expression that reads a user column: the table
@@ -98,9 +112,10 @@ def encode_per_user(
         grain: the users table's columns (``Events.user_grain``).
         column_types: the events' column -> DuckDB type (``Events.columns``).
         expressions: output name -> SQL over the events (alias ``e``) and ``joins``.
-        reads: output name -> what its SQL reads (``Fitter.reads``); an expression reads one
-            column, so one that reads a user column reads nothing else.
+        reads: output name -> what its SQL reads (``Fitter.reads``; ``read_per_user``).
         joins: the fitter's vocabulary joins (``LEFT JOIN vocab_k j<index> ON ...``).
+        keys: a table or view whose ``__user_key`` column holds the events' users (the writer
+            passes its ``encoded`` table, already written, rather than scan the events again).
 
     Returns:
         Dict[str, str]: output name -> SQL over a row's ``user_encoded`` (alias ``u``,
@@ -113,14 +128,14 @@ def encode_per_user(
                                    {"age": Reads("age")}, [])
         # per_user == {"age": "u.__u0"}
     """
-    chosen = [name for name in expressions if reads[name].column in grain.columns]
+    chosen = read_per_user(grain, expressions, reads)
     if not chosen:
         return {}
     aliases = {name: f"__u{i}" for i, name in enumerate(chosen)}
     select = ", ".join(f"{expressions[name]} AS {aliases[name]}" for name in chosen)
     nulls = ", ".join(f"CAST(NULL AS {column_types[c]}) AS {quote(c)}" for c in grain.columns)
     users = (
-        f"(SELECT * FROM ({grain.rows}) WHERE __user_key IN (SELECT __user_key FROM events)) "
+        f"(SELECT * FROM ({grain.rows}) WHERE __user_key IN (SELECT __user_key FROM {keys})) "
         f"UNION ALL (SELECT NULL AS __user_key, {nulls})"
     )
     used = joins_used([reads[name] for name in chosen], joins)
